@@ -1,0 +1,36 @@
+"""The ``qlora`` command. Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``
+and sets ``func`` on its parser; this file only collects them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: modules that contribute a subcommand, in the order ``qlora --help`` lists them
+SUBCOMMAND_MODULES: list[str] = []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora", description="QLoRA: fine-tune a frozen 4-bit model through LoRA adapters")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"qlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
