@@ -8,7 +8,7 @@ import importlib
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,132 @@
+"""The 4-bit data types of QLoRA (paper, section 3) and the dynamic 8-bit type used for double quantization.
+
+A *codebook* is the list of values a k-bit code can stand for, normalised to [-1, 1]. Quantization maps a
+(scaled) value to the index of its nearest codebook entry; dequantization looks the value up again.
+
+- NF4, NormalFloat (section 3, "4-bit NormalFloat Quantization"): pretrained weights are roughly N(0, σ), and
+  after absmax scaling every block lives in [-1, 1]. The information-theoretically optimal codes for normal data
+  are its quantiles: each of the 2^k bins then holds the same share of the values. NF4 uses the quantiles of
+  N(0, 1), but asymmetrically so that zero is represented exactly: 2^(k-1) positive levels from the upper half
+  and 2^(k-1) - 1 negative levels from the lower half, plus 0.
+- FP4 (E2M1 and E3M0) and Int4: the baselines of the paper's Table 2.
+- The dynamic 8-bit map (Dettmers 2015, "8-bit approximations"): a sign, a run of zeros giving a decimal
+  exponent, then a linear fraction. Double quantization stores the 4-bit absmax constants with it.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+from scipy.stats import norm
+
+#: the paper's quantile offset δ for 4 bits: halfway between 1 - 1/(2·15) and 1 - 1/(2·16)
+NF4_OFFSET = 0.9677083
+
+#: bitsandbytes' E2M1 FP4 table, indexed by nibble (sign bit, 2 exponent bits, 1 mantissa bit), before
+#: normalisation. Nibble 8 is the sign bit with a zero magnitude: bitsandbytes' table holds +0.0 there too
+#: (its source writes the integer ``-0``), so both zeros dequantize to +0.0.
+_FP4_E2M1 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
+#: bitsandbytes' symmetric Int4 table, indexed by nibble (7..0, 0..-7; two codes for zero)
+_INT4 = [7, 6, 5, 4, 3, 2, 1, 0, 0.0, -1, -2, -3, -4, -5, -6, -7]
+
+
+def linspace_float32(start: float, stop: float, num: int) -> np.ndarray:
+    """``num`` evenly spaced float32 values, rounded exactly as ``torch.linspace(..., dtype=torch.float32)``.
+
+    The codebooks are defined by such grids, and the bitsandbytes tables were built with torch; reproducing its
+    rounding (a float32 step, then start + step·i for the first half and stop - step·(num-1-i) for the second, each
+    fused and rounded once) gives bit-identical codebooks.
+    """
+    start32, stop32 = np.float32(start), np.float32(stop)
+    step = np.float64(np.float32((stop32 - start32) / np.float32(num - 1))) if num > 1 else 0.0
+    i = np.arange(num)
+    first_half = start32 + step * i
+    second_half = stop32 - step * (num - 1 - i)
+    return np.where(i < num // 2, first_half, second_half).astype(np.float32)
+
+
+def normal_float_offset(bits: int) -> float:
+    """The quantile offset δ for k-bit NormalFloat (section 3).
+
+    N(0,1) has infinite quantiles at 0 and 1, so the outermost levels are taken at δ and 1 - δ: the average of
+    the centres of the outermost bins of a 2^k - 1 and a 2^k grid, ½(1 - 1/(2(2^k - 1)) + 1 - 1/(2·2^k)).
+    For k = 4 this is 0.9677083, the constant bitsandbytes uses.
+    """
+    if bits == 4:
+        return NF4_OFFSET
+    n = 2**bits
+    return 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
+
+
+@cache
+def normal_float_codebook(bits: int = 4) -> np.ndarray:
+    """k-bit NormalFloat (NFk) codebook, k = 2..8, ascending float32 values in [-1, 1] (section 3, eq. 4).
+
+    q_i = ½ (Q_X(i / (2^k + 1)) + Q_X((i + 1) / (2^k + 1))) in the paper's notation is realised as in its code:
+    2^(k-1) quantiles of N(0, 1) on an even grid from δ down to ½ (the positive half) and 2^(k-1) - 1 for the
+    negative half, plus an exact 0 so that zero padding and zero weights quantize without error; then divided by
+    the largest value so the codebook spans [-1, 1].
+    """
+    if not isinstance(bits, int | np.integer) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    half = 2 ** (bits - 1)
+    delta = normal_float_offset(bits)
+    positive = norm.ppf(linspace_float32(delta, 0.5, half + 1)[:-1])  # half levels, largest first
+    negative = -norm.ppf(linspace_float32(delta, 0.5, half)[:-1])  # half - 1 levels
+    values = np.sort(np.concatenate([positive, [0.0], negative]).astype(np.float32))
+    values = values / values.max()
+    values.setflags(write=False)
+    return values
+
+
+@cache
+def codebook(name: str) -> np.ndarray:
+    """The 16 float32 values of a 4-bit data type, indexed by the 4-bit code (nibble).
+
+    ``"nf4"`` (ascending, so nibble order is value order), ``"fp4"`` (bitsandbytes' E2M1 layout: the nibble is
+    sign · exponent · mantissa, so value order differs from nibble order), ``"int4"`` (symmetric integers / 7),
+    ``"fp4_e3m0"`` (FP4 with 3 exponent bits and no mantissa: ±{0, 0.0625 .. 1} powers of two, for Table 2).
+    """
+    if name == "nf4":
+        return normal_float_codebook(4)
+    if name == "fp4":
+        table = np.array(_FP4_E2M1, dtype=np.float32)
+    elif name == "int4":
+        table = np.array(_INT4, dtype=np.float32)
+    elif name == "fp4_e3m0":
+        # sign bit + 3 exponent bits; exponent 0 is zero, the others are 2^(e-7) of the largest power
+        magnitudes = [0.0] + [2.0 ** (e - 7) for e in range(1, 8)]
+        table = np.array(magnitudes + [-m or 0.0 for m in magnitudes], dtype=np.float32)  # +0, not -0
+    else:
+        raise ValueError(f"quant_type must be one of 'nf4', 'fp4', 'int4', 'fp4_e3m0', got {name!r}")
+    table = table / np.abs(table).max()
+    table.setflags(write=False)
+    return table
+
+
+@cache
+def dynamic_map(signed: bool = True) -> np.ndarray:
+    """The dynamic 8-bit data type: 256 ascending float32 values in [-1, 1] (Dettmers 2015; QLoRA section 3,
+    "Double Quantization", quantizes the absmax constants with it).
+
+    For each decimal exponent e = -6 .. 0 the code has 2^(e+6) (signed) linear fraction steps in [0.1, 1]
+    times 10^e: small magnitudes get few, coarse levels and magnitudes near 1 many fine ones — relative
+    precision rather than absolute. The signed map has 127 levels per sign, 0 and +1 (no -1).
+    """
+    exponent_bits, value_bits = 7, 7  # total 8 bits with the sign
+    data: list[np.ndarray] = []
+    for i in range(exponent_bits):
+        steps = 2 ** (i + value_bits - exponent_bits) if signed else 2 ** (i + value_bits - exponent_bits + 1)
+        boundaries = linspace_float32(0.1, 1.0, steps + 1)
+        means = (boundaries[:-1] + boundaries[1:]) / np.float32(2)  # fraction levels: centres of the bins
+        scale = np.float32(10.0 ** (i - (exponent_bits - 1)))
+        data.append(scale * means)
+        if signed:
+            data.append(-scale * means)
+    data.append(np.array([0.0, 1.0], dtype=np.float32))
+    values = np.sort(np.concatenate(data).astype(np.float32))
+    if values.size < 256:  # unsigned map: pad with zeros like bitsandbytes
+        values = np.sort(np.concatenate([values, np.zeros(256 - values.size, dtype=np.float32)]))
+    values.setflags(write=False)
+    return values

@@ -1,0 +1,97 @@
+"""The on-disk layout of a 4-bit weight: exactly the keys and tensors that transformers writes for a
+bitsandbytes ``Linear4bit`` (``QuantState.as_dict(packed=True)``), so checkpoints move between the two backends and
+the Hugging Face ecosystem.
+
+    <prefix>weight                                   uint8 packed codes, shape ((n + 1) // 2, 1)
+    <prefix>weight.absmax                            float32 per block, or uint8 codes when double-quantized
+    <prefix>weight.quant_map                         float32[16], the data type
+    <prefix>weight.nested_absmax                     float32, second-level constants     (double quantization)
+    <prefix>weight.nested_quant_map                  float32[256], the dynamic 8-bit map  (double quantization)
+    <prefix>weight.quant_state.bitsandbytes__nf4     uint8: UTF-8 JSON of quant_type, blocksize, dtype, shape
+                                                     (+ nested_blocksize, nested_dtype, nested_offset)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+
+from .checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+from .dtypes import dtype_name
+
+_PACKED_KEY = "quant_state.bitsandbytes__"
+
+
+def to_state_dict(q, prefix: str, to_numpy: Callable) -> dict[str, np.ndarray]:
+    """NumPy arrays under bitsandbytes' keys for a ``Quantized4bit`` (the JSON fields in bitsandbytes' order, so
+    the bytes equal those transformers writes)."""
+    if q.quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"only nf4 and fp4 have a bitsandbytes storage format, this weight is {q.quant_type!r}")
+    w = prefix + "weight"
+    meta = {"quant_type": q.quant_type, "blocksize": q.blocksize, "dtype": q.dtype, "shape": list(q.shape)}
+    d = {w: to_numpy(q.packed), w + ".absmax": to_numpy(q.absmax), w + ".quant_map": to_numpy(q.code)}
+    if q.state2 is not None:
+        d[w + ".nested_absmax"] = to_numpy(q.state2.absmax)
+        d[w + ".nested_quant_map"] = to_numpy(q.state2.code)
+        meta.update(nested_blocksize=q.state2.blocksize, nested_dtype=q.state2.dtype, nested_offset=float(q.offset))
+    d[w + "." + _PACKED_KEY + q.quant_type] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8).copy()
+    return d
+
+
+def _require(d: dict, key: str, dtype, size: int | None = None) -> np.ndarray:
+    if key not in d:
+        raise ValueError(f"state dict has no {key!r} (keys present: {sorted(d)})")
+    a = np.asarray(d[key])
+    if a.dtype != dtype:
+        raise ValueError(f"{key!r} must be {np.dtype(dtype).name}, got {a.dtype}")
+    if size is not None and a.size != size:
+        raise ValueError(f"{key!r} must have {size} elements, got {a.size}")
+    return a
+
+
+def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
+    """The fields of a ``Quantized4bit`` from a state dict, each key and size checked against the JSON metadata."""
+    from .quantize import Quantized8bit  # imported here: quantize.py imports this module lazily
+
+    w = prefix + "weight"
+    meta_keys = [k for k in d if k.startswith(w + "." + _PACKED_KEY)]
+    if len(meta_keys) != 1:
+        raise ValueError(
+            f"state dict must hold exactly one {w + '.' + _PACKED_KEY}<nf4|fp4> entry, found {meta_keys or 'none'}"
+        )
+    meta_key = meta_keys[0]
+    try:
+        meta = json.loads(bytes(np.asarray(d[meta_key], dtype=np.uint8).reshape(-1)).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_key!r} is not UTF-8 JSON: {e}") from e
+    for k in ("quant_type", "blocksize", "dtype", "shape"):
+        if k not in meta:
+            raise ValueError(f"{meta_key!r} lacks the field {k!r}")
+    quant_type = check_quant_type(meta["quant_type"])
+    if meta_key != w + "." + _PACKED_KEY + quant_type:
+        raise ValueError(f"{meta_key!r} disagrees with its quant_type {quant_type!r}")
+    blocksize = check_blocksize(meta["blocksize"])
+    shape = tuple(int(s) for s in meta["shape"])
+    n = int(np.prod(shape, dtype=np.int64))
+    nblocks = -(-n // blocksize)
+    packed = _require(d, w, np.uint8, (n + 1) // 2).reshape(-1, 1)
+    code = _require(d, w + ".quant_map", np.float32, 16)
+    nested = "nested_offset" in meta
+    if nested != (w + ".nested_absmax" in d):
+        raise ValueError(f"{meta_key!r} and the presence of {w + '.nested_absmax'!r} disagree about double quantization")
+    fields = dict(packed=packed, shape=shape, dtype=dtype_name(meta["dtype"]), blocksize=blocksize,
+                  quant_type=quant_type, code=code)
+    if not nested:
+        fields["absmax"] = _require(d, w + ".absmax", np.float32, nblocks)
+        return fields
+    nested_blocksize = check_blocksize(meta.get("nested_blocksize"), BLOCKSIZES_8BIT, "nested_blocksize")
+    codes = _require(d, w + ".absmax", np.uint8, nblocks)
+    nested_absmax = _require(d, w + ".nested_absmax", np.float32, -(-nblocks // nested_blocksize))
+    nested_code = _require(d, w + ".nested_quant_map", np.float32, 256)
+    fields["absmax"] = codes
+    fields["offset"] = float(np.float32(meta["nested_offset"]))
+    fields["state2"] = Quantized8bit(codes, nested_absmax, nested_code, nested_blocksize, (nblocks,),
+                                     dtype_name(meta.get("nested_dtype", "float32")))
+    return fields

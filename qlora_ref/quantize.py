@@ -1,0 +1,211 @@
+"""4-bit NormalFloat quantization with double quantization: the storage data type of QLoRA (paper, section 3).
+
+``quantize_4bit`` turns a float weight into packed 4-bit codes plus per-block constants; ``dequantize_4bit``
+turns it back (QLoRA does so on the fly, layer by layer, in every forward and backward pass: eq. 5-6).
+Double quantization (section 3, "Double Quantization") quantizes the float32 absmax constants themselves with
+the dynamic 8-bit type in blocks of 256, after subtracting their mean so the signed map is used symmetrically:
+constants then cost 8/64 + 32/(64·256) = 0.127 bits per parameter instead of 32/64 = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import blockwise, kernels
+from .checks import (
+    BLOCKSIZES_8BIT,
+    REFERENCE_QUANT_TYPES_4BIT,
+    check_blocksize,
+    check_float_input,
+    check_quant_type,
+)
+from .codebooks import codebook, dynamic_map
+from .dtypes import bfloat16, dtype_name, to_numpy_dtype
+
+#: block size of the second-level (double) quantization of the absmax constants (section 3)
+DOUBLE_QUANT_BLOCKSIZE = 256
+
+
+@dataclass
+class Quantized8bit:
+    """Blockwise dynamic 8-bit quantization of a tensor (used for the absmax constants and optimizer states).
+
+    ``codes`` holds one uint8 index into ``code`` per element (shape ``shape``), ``absmax`` one float32 scale per
+    block of ``blocksize`` elements of the flattened tensor.
+    """
+
+    codes: np.ndarray
+    absmax: np.ndarray
+    code: np.ndarray
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass
+class Quantized4bit:
+    """A 4-bit quantized tensor in bitsandbytes' layout (``bitsandbytes.functional.QuantState`` plus the data).
+
+    - ``packed``: uint8, shape ((n + 1) // 2, 1); element 2i in the high nibble of byte i, 2i+1 in the low one
+    - ``absmax``: one float32 constant per block — or, double-quantized, one uint8 code per block
+    - ``code``: the 16 values of the data type (``quant_map``)
+    - ``offset`` and ``state2``: with double quantization, the mean subtracted from the absmax and the
+      ``Quantized8bit`` state of (absmax - offset); None otherwise
+    - ``shape``, ``dtype`` (name of the original float type), ``blocksize``, ``quant_type``
+    """
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    shape: tuple[int, ...]
+    dtype: str
+    blocksize: int
+    quant_type: str
+    code: np.ndarray
+    offset: float | None = None
+    state2: Quantized8bit | None = field(default=None, repr=False)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def absmax_float32(self) -> np.ndarray:
+        """The float32 per-block constants, double quantization undone: c2 · dyn8[q] + mean (section 3)."""
+        if self.state2 is None:
+            return self.absmax
+        return dequantize_blockwise_8bit(self.state2) + np.float32(self.offset)
+
+    def codes(self) -> np.ndarray:
+        """One 4-bit code (uint8) per element of the flattened tensor."""
+        return blockwise.unpack_nibbles(self.packed, self.numel)
+
+    def bits_per_parameter(self) -> float:
+        """Storage cost per weight: 4 bits plus the constants (0.5 bits plain, ~0.127 with double quantization
+        at blocksize 64: the arithmetic of section 3)."""
+        total_bits = 8 * self.packed.size + 32 * (self.state2 is None) * self.absmax.size
+        if self.state2 is not None:
+            total_bits += 8 * self.absmax.size + 32 * self.state2.absmax.size + 32
+        return total_bits / self.numel
+
+    def state_dict(self, prefix: str = "") -> dict:
+        """The tensors transformers writes for a bitsandbytes ``Linear4bit`` weight, under ``prefix``.
+
+        Keys: ``weight``, ``weight.absmax``, ``weight.quant_map``, with double quantization
+        ``weight.nested_absmax`` and ``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__<type>``
+        holding the non-tensor fields as UTF-8 JSON bytes.
+        """
+        from .quant_state import to_state_dict
+
+        return {k: self._from_numpy(v) for k, v in to_state_dict(self, prefix, self._to_numpy).items()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, prefix: str = "") -> Quantized4bit:
+        """Read a quantized weight back from ``state_dict`` output (ours, transformers' or bitsandbytes')."""
+        from .quant_state import from_state_dict
+
+        fields = from_state_dict({k: cls._to_numpy(v) for k, v in d.items()}, prefix)
+        return cls._build(**fields)
+
+    @classmethod
+    def _build(cls, packed, absmax, shape, dtype, blocksize, quant_type, code, offset=None, state2=None):
+        """Construct from NumPy arrays (a backend subclass converts them to its own arrays here)."""
+        return cls(packed, absmax, tuple(shape), dtype, blocksize, quant_type, code, offset, state2)
+
+    @staticmethod
+    def _to_numpy(a) -> np.ndarray:
+        return np.asarray(a)
+
+    @staticmethod
+    def _from_numpy(a: np.ndarray):
+        return a
+
+
+def _as_float32_input(x, name: str = "x") -> tuple[np.ndarray, str]:
+    """Flat float32 copy of ``x`` (a view when it already is float32) and its dtype name, after the shared checks."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray (float32, float16 or bfloat16), got {type(x).__name__}")
+    try:
+        name_of_dtype = dtype_name(x.dtype)
+    except ValueError:
+        check_float_input(name, str(x.dtype), x.size, True)  # raises, naming the dtype
+    flat = np.ascontiguousarray(x.reshape(-1), dtype=np.float32)
+    check_float_input(name, name_of_dtype, x.size, bool(np.isfinite(flat).all()))
+    return flat, name_of_dtype
+
+
+def quantize_blockwise_8bit(x: np.ndarray, blocksize: int = 256) -> Quantized8bit:
+    """Blockwise absmax quantization with the signed dynamic 8-bit map (section 2, eq. 1; Dettmers 2015).
+
+    Each value goes to the exactly nearest code (bitsandbytes' CPU kernel uses a lookup table that is off by a
+    few steps for ~0.1 % of values: see docs/quantization.md).
+    """
+    flat, name = _as_float32_input(x)
+    check_blocksize(blocksize, BLOCKSIZES_8BIT)
+    code = dynamic_map(signed=True)
+    codes, absmax = blockwise.quantize_codes(flat, code, blocksize)
+    return Quantized8bit(codes.reshape(x.shape), absmax, code, blocksize, tuple(x.shape), name)
+
+
+def dequantize_blockwise_8bit(q: Quantized8bit) -> np.ndarray:
+    """code[q] · absmax per block, in float32 (eq. 2), shaped like the original."""
+    flat = blockwise.dequantize_codes(q.codes.reshape(-1), q.absmax, q.code, q.blocksize)
+    return flat.reshape(q.shape)
+
+
+def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, float, Quantized8bit]:
+    """Quantize the first-level constants c2 (section 3, "Double Quantization").
+
+    The absmax values are all positive, so they are centred by their mean before the signed 8-bit map is applied.
+    The mean is the exact mean rounded once to float32 (bitsandbytes uses torch's float32 summation order).
+    Returns (uint8 code per block, the offset, the 8-bit state with the second-level float32 constants).
+    """
+    offset = np.float32(absmax.astype(np.float64).mean())
+    state2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)
+    return state2.codes, float(offset), state2
+
+
+def quantize_4bit(
+    x: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, *, kernel: str = "numba"
+) -> Quantized4bit:
+    """Quantize ``x`` (any shape; float32, float16 or bfloat16) to 4 bits blockwise (section 3, eq. 1 with NF4).
+
+    ``quant_type``: "nf4" (QLoRA's), "fp4" (bitsandbytes' E2M1), or for comparisons "int4" / "fp4_e3m0".
+    ``double_quant``: quantize the absmax constants too (section 3). ``kernel``: "numba" (fast, the default) or
+    "numpy" (the readable definition in ``qlora_ref.blockwise``); both give identical bytes.
+    """
+    flat, name = _as_float32_input(x)
+    check_quant_type(quant_type, REFERENCE_QUANT_TYPES_4BIT)
+    check_blocksize(blocksize)
+    code = codebook(quant_type)
+    if kernel == "numba":
+        packed, absmax = kernels.quantize_4bit_codes(flat, code, blocksize)
+    elif kernel == "numpy":
+        codes, absmax = blockwise.quantize_codes(flat, code, blocksize)
+        pad_code = blockwise.nearest_code(np.zeros(1, np.float32), code)[0]
+        packed = blockwise.pack_nibbles(codes, pad_code)
+    else:
+        raise ValueError(f"kernel must be 'numba' or 'numpy', got {kernel!r}")
+    q = Quantized4bit(packed, absmax, tuple(x.shape), name, blocksize, quant_type, np.array(code))
+    if double_quant:
+        q.absmax, q.offset, q.state2 = double_quantize(absmax)
+    return q
+
+
+def dequantize_4bit(q: Quantized4bit, dtype=None, *, kernel: str = "numba") -> np.ndarray:
+    """Back to floats (eq. 2): ``float32(code[nibble] · absmax[block])``, rounded once to ``dtype`` (default: the
+    original dtype; bfloat16 rounds to nearest even), shaped like the original tensor."""
+    out_name = q.dtype if dtype is None else dtype_name(dtype)
+    absmax = q.absmax_float32()
+    if kernel == "numba" and out_name in ("float32", "bfloat16"):
+        values = kernels.dequantize_4bit_values(q.packed, absmax, q.code, q.blocksize, q.numel, out_name == "bfloat16")
+        values = values.view(bfloat16) if out_name == "bfloat16" else values
+    elif kernel in ("numba", "numpy"):
+        values = blockwise.dequantize_codes(q.codes(), absmax, q.code, q.blocksize).astype(to_numpy_dtype(out_name))
+    else:
+        raise ValueError(f"kernel must be 'numba' or 'numpy', got {kernel!r}")
+    return values.reshape(q.shape)
