@@ -1,0 +1,615 @@
+"""How much GPU memory fine-tuning needs: full 16-bit fine-tuning, 16-bit LoRA and QLoRA.
+
+The paper's headline (QLoRA, section 1): fine-tuning LLaMA-65B in 16 bits needs more than 780 GB of GPU memory;
+16-bit LoRA still needs the 130 GB of frozen 16-bit weights; QLoRA fits in less than 48 GB. This module counts,
+tensor by tensor, what a training step keeps in memory, so those figures can be reproduced and any other
+configuration estimated:
+
+- ``weights``           the base model: 16-bit for full fine-tuning and LoRA, 4-bit codes for QLoRA (the
+                        embeddings, LM head and norms are never quantized)
+- ``quant_constants``   the per-block scales of the quantized weights (section 3, "Double Quantization")
+- ``adapters``          the LoRA matrices (section 2, "Low-rank Adapters")
+- ``gradients``         one gradient per trainable parameter
+- ``optimizer_states``  Adam's two moments per trainable parameter (section 3, "Paged Optimizers": paged states
+                        can be evicted to CPU RAM, so they are reported as the ``paged`` part as well)
+- ``activations``       what the forward pass keeps for the backward pass, with or without gradient checkpointing
+                        (section 2, "Memory Requirement of Parameter-Efficient Finetuning")
+
+Everything here is pure Python integer arithmetic on the model's shape: no tensor is allocated and neither
+NumPy nor torch is imported. Bytes are exact integers; MB and GB are decimal (10**6, 10**9 bytes), which is the
+unit in which the paper's 780 GB works out (65.3e9 parameters x 12 bytes = 783 GB, see ``estimate_memory``).
+docs/memory.md lists the formulas, the assumptions and the paper's figures next to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MB = 10**6
+GB = 10**9
+
+#: the fine-tuning methods of the paper's Figure 1
+METHODS = ("full", "lora", "qlora")
+
+#: bytes per element of the float formats a weight, an adapter or an activation may have
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+#: 4-bit storage types of bitsandbytes (all store 4-bit codes; they differ only in the code values)
+QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
+
+#: bytes per trainable parameter of each optimizer's state, and whether that state is paged (section 3,
+#: "Paged Optimizers": the states live in NVIDIA unified memory and are evicted to CPU RAM under pressure).
+#: 32-bit Adam(W) keeps two float32 moments: 4 + 4 bytes. bitsandbytes' 8-bit Adam keeps two uint8 moments,
+#: each quantized blockwise in blocks of 256 with one float32 absmax per block: 2 x (1 + 4/256) bytes.
+OPTIMIZERS: dict[str, tuple[float, bool]] = {
+    "adamw": (8.0, False),
+    "paged_adamw": (8.0, True),
+    "adamw_8bit": (2 * (1 + 4 / 256), False),
+    "paged_adamw_8bit": (2 * (1 + 4 / 256), True),
+    "sgd": (0.0, False),
+}
+
+#: the linear layers of one Llama decoder layer, in PEFT's module names
+LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+#: named sets of LoRA target modules. "all" is the paper's recipe (section 4 / Appendix B: LoRA on all linear
+#: layers of the transformer blocks, not the LM head); "qv" is the original LoRA paper's choice.
+TARGET_PRESETS = {
+    "all": LINEAR_MODULES,
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "qv": ("q_proj", "v_proj"),
+}
+
+#: how the attention probabilities are computed: "eager" materializes the (seq x seq) softmax per head and keeps
+#: it for the backward pass (Hugging Face's LLaMA of 2023, which the paper used); "flash" (FlashAttention /
+#: PyTorch SDPA) recomputes it in the backward pass and keeps only one float32 log-sum-exp per head and token.
+ATTENTION_IMPLS = ("eager", "flash")
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model shapes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def llama_intermediate_size(hidden_size: int, multiple_of: int = 256) -> int:
+    """The SwiGLU width of a LLaMA model: 2/3 of 4 x hidden, rounded up to a multiple of 256.
+
+    LLaMA (Touvron et al. 2023, section 2.2) uses SwiGLU "with a dimension of 2/3 4d instead of 4d"; the released
+    code rounds it up to ``multiple_of`` = 256, which gives 11008 / 13824 / 17920 / 22016 for the four sizes.
+    """
+    width = int(2 * 4 * hidden_size / 3)
+    return multiple_of * math.ceil(width / multiple_of)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes of a Llama-style decoder (pre-norm RMSNorm, rotary attention, SwiGLU MLP, no biases).
+
+    ``num_kv_heads`` < ``num_heads`` describes grouped-query attention (k_proj and v_proj are narrower);
+    ``tie_word_embeddings`` shares one matrix between the input embedding and the LM head.
+    """
+
+    name: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for arg in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
+            _check_positive_int(arg, getattr(self, arg))
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        _check_positive_int("num_kv_heads", self.num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads}) "
+                    "unless head_dim is given"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        _check_positive_int("head_dim", self.head_dim)
+
+    # -- the linear layers of one decoder layer, as PEFT names them: (in_features, out_features) ------------------
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        h, f = self.hidden_size, self.intermediate_size
+        q_dim = self.num_heads * self.head_dim
+        kv_dim = self.num_kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q_dim),
+            "k_proj": (h, kv_dim),
+            "v_proj": (h, kv_dim),
+            "o_proj": (q_dim, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
+
+    # -- parameter counts ----------------------------------------------------------------------------------------
+    @property
+    def n_linear_params(self) -> int:
+        """Weights of the linear layers of all decoder layers: what QLoRA quantizes."""
+        return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
+
+    @property
+    def n_embedding_params(self) -> int:
+        """The input embedding and the LM head (one matrix when tied); never quantized (bitsandbytes skips the
+        LM head, and the embedding is not a linear layer)."""
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    @property
+    def n_norm_params(self) -> int:
+        """Two RMSNorm weight vectors per decoder layer plus the final norm."""
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def n_params(self) -> int:
+        return self.n_linear_params + self.n_embedding_params + self.n_norm_params
+
+    def lora_params(self, r: int, targets: Sequence[str]) -> int:
+        """LoRA parameters: ``lora_A`` (r x in) plus ``lora_B`` (out x r) for every target module of every layer
+        (paper, eq. 3: L1 in R^{h x r}, L2 in R^{r x o})."""
+        shapes = self.linear_shapes()
+        return self.num_layers * sum(r * (shapes[m][0] + shapes[m][1]) for m in targets)
+
+
+#: LLaMA-1 (Touvron et al. 2023, Table 2: dimension, heads, layers; vocabulary 32,000; SwiGLU width as above)
+LLAMA_SHAPES: dict[str, ModelShape] = {
+    name: ModelShape(
+        name=name,
+        hidden_size=hidden,
+        intermediate_size=llama_intermediate_size(hidden),
+        num_layers=layers,
+        num_heads=heads,
+        vocab_size=32000,
+    )
+    for name, hidden, heads, layers in (
+        ("llama-7b", 4096, 32, 32),
+        ("llama-13b", 5120, 40, 40),
+        ("llama-33b", 6656, 52, 60),
+        ("llama-65b", 8192, 64, 80),
+    )
+}
+
+
+def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
+    """A ``ModelShape`` from the dictionary of a Hugging Face ``config.json`` of a Llama-style model
+    (Llama, Mistral, SmolLM2, ...: the keys of ``transformers.LlamaConfig``)."""
+    if not isinstance(config, dict):
+        raise ValueError(f"config must be a JSON object (a dict), got {type(config).__name__}")
+    required = {
+        "hidden_size": "hidden_size",
+        "intermediate_size": "intermediate_size",
+        "num_hidden_layers": "num_layers",
+        "num_attention_heads": "num_heads",
+        "vocab_size": "vocab_size",
+    }
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(
+            f"config for model {name!r} lacks {', '.join(repr(k) for k in missing)}: the memory calculator needs "
+            f"the keys of a Llama-style config.json ({', '.join(required)})"
+        )
+    kwargs = {ours: config[theirs] for theirs, ours in required.items()}
+    return ModelShape(
+        name=name,
+        num_kv_heads=config.get("num_key_value_heads"),
+        head_dim=config.get("head_dim"),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **kwargs,
+    )
+
+
+def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
+    """The shape named by ``model``: ``llama-7b``/``13b``/``33b``/``65b`` (the ``llama-`` may be left out), a
+    Hugging Face ``config.json`` file, or a folder that holds one."""
+    if isinstance(model, ModelShape):
+        return model
+    if not isinstance(model, (str, Path)) or not str(model):
+        raise ValueError(f"model must be a name or a path, got {model!r}")
+    key = str(model).lower()
+    if key in LLAMA_SHAPES:
+        return LLAMA_SHAPES[key]
+    if f"llama-{key}" in LLAMA_SHAPES:
+        return LLAMA_SHAPES[f"llama-{key}"]
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"model must be one of {', '.join(LLAMA_SHAPES)} or a path to a Hugging Face config.json "
+            f"(file or folder), got {str(model)!r}" + (f" ({path} does not exist)" if path != Path(model) else "")
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"model: cannot read {path} as JSON ({e})") from e
+    name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+    return shape_from_hf_config(config, name=name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization constants (section 3, "Double Quantization")
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def quant_constant_bits_per_param(blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256) -> float:
+    """Average bits of quantization constants per quantized parameter, ignoring per-tensor tables.
+
+    Without double quantization every block of ``blocksize`` weights has one float32 absmax: 32/64 = 0.5 bits per
+    parameter. With it (paper, section 3) the absmax values are themselves quantized to 8 bits in blocks of 256,
+    each of which keeps one float32 second-level constant: 8/64 + 32/(64 * 256) = 0.127 bits per parameter.
+    """
+    _check_positive_int("blocksize", blocksize)
+    _check_positive_int("dq_blocksize", dq_blocksize)
+    if not double_quant:
+        return 32 / blocksize
+    return 8 / blocksize + 32 / (blocksize * dq_blocksize)
+
+
+def double_quant_saving_bits_per_param(blocksize: int = 64, dq_blocksize: int = 256) -> float:
+    """What double quantization saves per parameter: 0.5 - 0.127 = 0.373 bits at the paper's block sizes
+    (exactly 0.373046875), "approximately 3 GB for a 65B model" (section 1)."""
+    return quant_constant_bits_per_param(blocksize, False, dq_blocksize) - quant_constant_bits_per_param(
+        blocksize, True, dq_blocksize
+    )
+
+
+def quantized_tensor_bytes(
+    n: int, bits: int = 4, blocksize: int = 64, double_quant: bool = True, dq_blocksize: int = 256
+) -> tuple[int, int]:
+    """(code bytes, constant bytes) of one weight tensor of ``n`` elements quantized blockwise to ``bits`` bits.
+
+    Exactly the tensors bitsandbytes keeps for a ``Linear4bit`` weight (and writes to a checkpoint):
+    - ``weight``: the codes, two 4-bit codes per byte (``(n + 1) // 2`` bytes; k bits in general, packed densely);
+    - without double quantization: ``absmax``, one float32 per block (the last block may be partial: ceil);
+    - with double quantization: ``absmax`` as one uint8 code per block, ``nested_absmax`` (one float32 per 256
+      blocks), and the float32 offset (the mean of the absmax values that is subtracted before quantizing);
+    - ``quant_map`` (the 2^bits code values in float32) and, with double quantization, ``nested_quant_map``
+      (the 256 values of the dynamic 8-bit map in float32): small per-tensor tables.
+    """
+    _check_positive_int("n", n)
+    n_blocks = math.ceil(n / blocksize)
+    codes = math.ceil(n * bits / 8)
+    quant_map = 2**bits * 4
+    if not double_quant:
+        return codes, n_blocks * 4 + quant_map
+    nested = math.ceil(n_blocks / dq_blocksize) * 4 + 4 + 256 * 4
+    return codes, n_blocks * 1 + nested + quant_map
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations (section 2, "Memory Requirement of Parameter-Efficient Finetuning"; Appendix G)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def layer_activation_bytes_per_token(shape: ModelShape, seq: int, attention: str, act_bytes: int) -> int:
+    """Bytes one decoder layer keeps for its backward pass, per token, without LoRA.
+
+    Each tensor a Llama decoder layer's backward pass reads, counted once (a tensor read by two operations, like
+    the normed input shared by q/k/v_proj, is one tensor), all in the compute dtype:
+
+    attention half                                       MLP half
+      layer input (the RMSNorm's input)       h            RMSNorm input                      h
+      normed input (q/k/v_proj's input)       h            normed input (gate/up_proj's)      h
+      q and k after rotary embedding     q + kv            gate output (SiLU's input)         f
+      v                                      kv            SiLU output and up output         2f
+      softmax probabilities         heads x seq  (eager)   their product (down_proj's input)  f
+      attention output (o_proj's input)       q
+
+    With "flash" attention the (seq x seq) probabilities are recomputed in the backward pass and only one float32
+    log-sum-exp per head and token is kept. The same tensors are kept for full fine-tuning (they give the weight
+    gradients) and for (Q)LoRA (the frozen layers still pass gradients to their inputs, and the 4-bit matmul keeps
+    its input when that input needs a gradient), so this count does not depend on the method.
+    """
+    h = shape.hidden_size
+    f = shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    attention_half = (2 * h + q + kv + kv + q) * act_bytes
+    if attention == "eager":
+        attention_half += shape.num_heads * seq * act_bytes
+    else:
+        attention_half += shape.num_heads * 4
+    mlp_half = (2 * h + 4 * f) * act_bytes
+    return attention_half + mlp_half
+
+
+def lora_activation_bytes_per_token(
+    shape: ModelShape, r: int, targets: Sequence[str], lora_dropout: float, act_bytes: int
+) -> tuple[int, int]:
+    """(extra bytes LoRA adds to one layer's activations, the layer's "LoRA input" bytes), per token.
+
+    PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * alpha / r``. The weight gradients need
+    dL/dA = (dL/d(Ax))^T dropout(x) and dL/dB = (dL/dy)^T (A dropout(x)), so every adapter keeps
+    - its input ``dropout(x)`` (``in_features`` values): its own copy when dropout > 0, plus the dropout mask
+      (one byte per value); with dropout = 0 it is the base layer's input, already counted;
+    - the rank-r intermediate ``A dropout(x)`` (r values).
+    The second number, the input of every adapter counted once per adapter (``in_features + r`` values) whether
+    shared or not, is the paper's "LoRA input gradients" (section 2: dL/dx of an adapter has the size of x).
+    """
+    shapes = shape.linear_shapes()
+    inputs = sum(shapes[m][0] for m in targets)
+    rank_part = len(targets) * r * act_bytes
+    extra = rank_part + (inputs * (act_bytes + 1) if lora_dropout > 0 else 0)
+    return extra, inputs * act_bytes + rank_part
+
+
+def head_activation_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
+    """Bytes the final norm, the LM head and the loss keep per token (never checkpointed).
+
+    The final RMSNorm's input and the LM head's input (h values each, compute dtype); the logits, which Hugging
+    Face's LLaMA upcasts to float32 and returns (vocab x 4 bytes); and the float32 log-softmax the cross-entropy
+    keeps for its backward pass (vocab x 4 bytes).
+    """
+    return 2 * shape.hidden_size * act_bytes + 2 * shape.vocab_size * 4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The estimate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Memory of one fine-tuning configuration, in bytes.
+
+    The six parts in ``PARTS`` add up to ``total_bytes``. ``paged`` is the share of ``optimizer_states`` held in
+    paged (unified) memory that can be evicted to CPU RAM, so ``device_min_bytes`` = total - paged is what the
+    GPU must hold when every page is out. ``activations_checkpointing`` and ``activations_no_checkpointing`` give
+    both settings whichever one ``activations`` uses; ``lora_inputs`` is the paper's "LoRA input gradients" term
+    (section 2) under the chosen setting.
+    """
+
+    PARTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "activations")
+
+    model: str
+    method: str
+    settings: dict
+    n_params: int
+    n_trainable: int
+    weights: int
+    quant_constants: int
+    adapters: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    paged: int
+    activations_checkpointing: int
+    activations_no_checkpointing: int
+    lora_inputs: int
+    quantized_params: int = 0
+
+    @property
+    def parts(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.PARTS}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def device_min_bytes(self) -> int:
+        return self.total_bytes - self.paged
+
+    @property
+    def quant_constant_bits_per_param(self) -> float:
+        """Constant bits per quantized parameter, per-tensor tables included (0 when nothing is quantized)."""
+        return 8 * self.quant_constants / self.quantized_params if self.quantized_params else 0.0
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dictionary: the settings, ``total_bytes``, the ``parts`` (summing to it) and the details."""
+        return {
+            "model": self.model,
+            "method": self.method,
+            "settings": dict(self.settings),
+            "n_params": self.n_params,
+            "n_trainable": self.n_trainable,
+            "total_bytes": self.total_bytes,
+            "parts": self.parts,
+            "paged_bytes": self.paged,
+            "device_min_bytes": self.device_min_bytes,
+            "activations_checkpointing_bytes": self.activations_checkpointing,
+            "activations_no_checkpointing_bytes": self.activations_no_checkpointing,
+            "lora_inputs_bytes": self.lora_inputs,
+            "quant_constant_bits_per_param": self.quant_constant_bits_per_param,
+        }
+
+
+def resolve_targets(targets: str | Sequence[str]) -> tuple[str, ...]:
+    """LoRA target modules from a preset name (``all``, ``attention``, ``mlp``, ``qv``), a comma-separated list
+    of module names, or a sequence of them."""
+    if isinstance(targets, str):
+        if targets in TARGET_PRESETS:
+            return TARGET_PRESETS[targets]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = tuple(dict.fromkeys(targets))  # unique, order kept
+    unknown = [t for t in names if t not in LINEAR_MODULES]
+    if not names or unknown:
+        raise ValueError(
+            f"targets must be one of {', '.join(TARGET_PRESETS)} or a comma-separated list of "
+            f"{', '.join(LINEAR_MODULES)}; got {targets!r}"
+        )
+    return names
+
+
+def default_optimizer(method: str) -> str:
+    """The paper's optimizer: paged AdamW with 32-bit states for QLoRA; plain 32-bit AdamW for the 16-bit
+    baselines (Figure 1 draws paging only for QLoRA)."""
+    return "paged_adamw" if method == "qlora" else "adamw"
+
+
+def estimate_memory(
+    shape: ModelShape | str | Path,
+    method: str = "qlora",
+    *,
+    batch: int = 1,
+    seq: int = 512,
+    r: int = 64,
+    targets: str | Sequence[str] = "all",
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    blocksize: int = 64,
+    gradient_checkpointing: bool = True,
+    optimizer: str | None = None,
+    compute_dtype: str = "bfloat16",
+    adapter_dtype: str = "bfloat16",
+    unquantized_dtype: str | None = None,
+    lora_dropout: float = 0.1,
+    attention: str = "eager",
+) -> MemoryBreakdown:
+    """The memory one training step of ``method`` needs on ``shape``, part by part.
+
+    Defaults are the paper's recipe (Appendix B and its released scripts): LoRA r = 64 on all linear layers of the
+    transformer blocks, NF4 with double quantization and block size 64, bfloat16 compute and adapters, paged
+    32-bit AdamW for QLoRA, gradient checkpointing, LoRA dropout 0.1; batch 1 and sequence 512 are the setting
+    of the paper's memory figure (Appendix G). ``method`` is "full" (every weight trained in 16 bits), "lora"
+    (frozen 16-bit weights + adapters) or "qlora" (frozen ``quant_type`` weights + adapters); ``r``,
+    ``targets``, ``lora_dropout`` and ``adapter_dtype`` only apply to LoRA/QLoRA, ``quant_type``,
+    ``double_quant``, ``blocksize`` and ``unquantized_dtype`` only to QLoRA. ``unquantized_dtype`` is the dtype
+    of the parameters QLoRA leaves unquantized (embeddings, LM head, norms); it defaults to ``compute_dtype``
+    (the paper's script casts them back to bfloat16), "float32" is what PEFT's ``prepare_model_for_kbit_training``
+    leaves them in.
+    """
+    shape = load_model_shape(shape)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    _check_positive_int("batch", batch)
+    _check_positive_int("seq", seq)
+    _check_positive_int("blocksize", blocksize)
+    if compute_dtype not in DTYPE_BYTES:
+        raise ValueError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {compute_dtype!r}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
+    optimizer = default_optimizer(method) if optimizer is None else optimizer
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    uses_lora = method != "full"
+    if uses_lora:
+        _check_positive_int("r", r)
+        targets = resolve_targets(targets)
+        if adapter_dtype not in DTYPE_BYTES:
+            raise ValueError(f"adapter_dtype must be one of {', '.join(DTYPE_BYTES)}, got {adapter_dtype!r}")
+        if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if method == "qlora":
+        if quant_type not in QUANT_TYPES_4BIT:
+            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES_4BIT)}, got {quant_type!r}")
+        unquantized_dtype = compute_dtype if unquantized_dtype is None else unquantized_dtype
+        if unquantized_dtype not in DTYPE_BYTES:
+            raise ValueError(f"unquantized_dtype must be one of {', '.join(DTYPE_BYTES)}, got {unquantized_dtype!r}")
+
+    c = DTYPE_BYTES[compute_dtype]  # bytes of a 16-bit (or 32-bit) weight, activation or gradient
+    L = shape.num_layers
+    n_unquantized = shape.n_embedding_params + shape.n_norm_params  # never quantized
+
+    # --- weights and quantization constants (sections 2 and 3) --------------------------------------------------
+    quantized_params = 0
+    if method == "qlora":
+        # Every linear weight of every decoder layer is stored as 4-bit codes plus its blockwise constants; the
+        # embeddings, the LM head and the norms stay in the compute dtype (bitsandbytes replaces nn.Linear only
+        # and skips the LM head). Counted per tensor, so partial blocks and per-tensor tables are exact.
+        # At the paper's block sizes the constants come to 0.127 bits per parameter (0.5 without double
+        # quantization), see quant_constant_bits_per_param.
+        codes = consts = 0
+        for n_in, n_out in shape.linear_shapes().values():
+            code_b, const_b = quantized_tensor_bytes(n_in * n_out, 4, blocksize, double_quant)
+            codes += L * code_b
+            consts += L * const_b
+        quantized_params = shape.n_linear_params
+        weights = codes + n_unquantized * DTYPE_BYTES[unquantized_dtype]
+    else:
+        # Full fine-tuning and 16-bit LoRA keep every weight in 16 bits (2 bytes): 65.3e9 x 2 = 131 GB at 65B,
+        # the "> 130 GB" floor of 16-bit LoRA.
+        consts = 0
+        weights = shape.n_params * c
+
+    # --- trainable parameters: adapters, their gradients and optimizer states (section 2, section 3) ------------
+    if uses_lora:
+        n_trainable = shape.lora_params(r, targets)
+        adapters = n_trainable * DTYPE_BYTES[adapter_dtype]
+        grad_bytes = DTYPE_BYTES[adapter_dtype]  # a gradient has its parameter's dtype
+    else:
+        n_trainable = shape.n_params
+        adapters = 0
+        grad_bytes = c
+    gradients = n_trainable * grad_bytes
+    # Full fine-tuning: 2 (bf16 weight) + 2 (bf16 gradient) + 8 (two fp32 Adam moments) = 12 bytes per parameter,
+    # 65,285,660,672 x 12 = 783 GB for LLaMA-65B before any activation: the paper's "more than 780 GB".
+    state_bytes, paged_states = OPTIMIZERS[optimizer]
+    optimizer_states = math.ceil(n_trainable * state_bytes)
+    paged = optimizer_states if paged_states else 0
+
+    # --- activations (section 2, "Memory Requirement of Parameter-Efficient Finetuning"; Appendix G) ------------
+    tokens = batch * seq
+    per_layer = layer_activation_bytes_per_token(shape, seq, attention, c)
+    if uses_lora:
+        lora_extra, lora_in = lora_activation_bytes_per_token(shape, r, targets, lora_dropout, c)
+    else:
+        lora_extra = lora_in = 0
+    per_layer += lora_extra
+    head = head_activation_bytes_per_token(shape, c)
+    # Without checkpointing every layer keeps everything until its backward pass.
+    no_ckpt = tokens * (L * per_layer + head)
+    # With checkpointing (one segment per decoder layer, as Hugging Face does) only each layer's input, the
+    # residual stream (h values), is kept; in the backward pass one layer at a time is recomputed, so one layer's
+    # activations are live on top of the checkpoints (its input is the checkpoint itself, hence - h).
+    layer_input = shape.hidden_size * c
+    ckpt = tokens * (L * layer_input + (per_layer - layer_input) + head)
+    activations = ckpt if gradient_checkpointing else no_ckpt
+    # The paper's "LoRA input gradients": all layers' worth without checkpointing (567 MB for its 7B example),
+    # one layer's worth with it ("an average of 18 MB per sequence" = 567 MB / 32 layers).
+    lora_inputs = tokens * lora_in * (1 if gradient_checkpointing else L)
+
+    settings = {
+        "batch": batch,
+        "seq": seq,
+        "gradient_checkpointing": bool(gradient_checkpointing),
+        "optimizer": optimizer,
+        "compute_dtype": compute_dtype,
+        "attention": attention,
+    }
+    if uses_lora:
+        settings.update(r=r, targets=list(targets), lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
+    if method == "qlora":
+        settings.update(
+            quant_type=quant_type,
+            double_quant=bool(double_quant),
+            blocksize=blocksize,
+            unquantized_dtype=unquantized_dtype,
+        )
+
+    return MemoryBreakdown(
+        model=shape.name,
+        method=method,
+        settings=settings,
+        n_params=shape.n_params,
+        n_trainable=n_trainable,
+        weights=weights,
+        quant_constants=consts,
+        adapters=adapters,
+        gradients=gradients,
+        optimizer_states=optimizer_states,
+        activations=activations,
+        paged=paged,
+        activations_checkpointing=ckpt,
+        activations_no_checkpointing=no_ckpt,
+        lora_inputs=lora_inputs,
+        quantized_params=quantized_params,
+    )

@@ -1,0 +1,272 @@
+"""``qlora memory``: the memory calculator on the command line.
+
+    qlora memory --model llama-65b --method qlora            # a table, MB/GB
+    qlora memory --model path/to/config.json --method lora --batch 4 --seq 1024 --json
+    qlora memory --model llama-65b --plot memory_65b.png    # stacked bars like the paper's memory figure
+
+The arithmetic lives in ``qlora_ref.memory``; this module only parses arguments, formats and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from qlora_ref.memory import (
+    ATTENTION_IMPLS,
+    DTYPE_BYTES,
+    GB,
+    LLAMA_SHAPES,
+    MB,
+    METHODS,
+    OPTIMIZERS,
+    QUANT_TYPES_4BIT,
+    TARGET_PRESETS,
+    MemoryBreakdown,
+    estimate_memory,
+    load_model_shape,
+)
+
+#: how each part is called in the table and the plot's legend
+PART_LABELS = {
+    "weights": "weights",
+    "quant_constants": "quantization constants",
+    "adapters": "LoRA adapters",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+}
+
+#: one colour per part, shared by both panels of the plot
+PART_COLORS = {
+    "weights": "#4c72b0",
+    "quant_constants": "#8172b2",
+    "adapters": "#55a868",
+    "gradients": "#c44e52",
+    "optimizer_states": "#dd8452",
+    "activations": "#937860",
+}
+
+#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB A100/H100
+GPU_LINES_GB = (24, 48, 80)
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "memory",
+        help="estimate the GPU memory of full, LoRA or QLoRA fine-tuning",
+        description="Estimate the GPU memory one fine-tuning step needs, part by part (weights, quantization "
+        "constants, adapters, gradients, optimizer states, activations). Defaults are the QLoRA paper's recipe; "
+        "sizes are decimal (1 MB = 10^6 bytes, 1 GB = 10^9 bytes). See docs/memory.md.",
+    )
+    p.add_argument(
+        "--model",
+        default="llama-7b",
+        help=f"{', '.join(LLAMA_SHAPES)} (or 7b/13b/33b/65b), or a Hugging Face config.json / a folder holding one "
+        "(default: llama-7b)",
+    )
+    p.add_argument("--method", choices=METHODS, default="qlora", help="fine-tuning method (default: qlora)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per sequence (default: 512)")
+    p.add_argument("--r", type=int, default=64, help="LoRA rank (default: 64)")
+    p.add_argument(
+        "--targets",
+        default="all",
+        help=f"LoRA target modules: {', '.join(TARGET_PRESETS)} or a comma-separated list such as q_proj,v_proj "
+        "(default: all linear layers, the paper's recipe)",
+    )
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout; > 0 keeps a copy of each "
+                   "adapter's input (default: 0.1)")
+    p.add_argument("--quant-type", choices=QUANT_TYPES_4BIT, default="nf4", help="4-bit storage type (default: nf4)")
+    p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="keep the quantization constants in float32 (0.5 instead of 0.127 bits per parameter)")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                   help="keep every layer's activations instead of recomputing them")
+    p.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default=None,
+                   help="default: paged_adamw for qlora, adamw otherwise")
+    p.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
+                   help="dtype of 16-bit weights, activations and gradients (default: bfloat16)")
+    p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
+                   help="dtype of the LoRA weights and their gradients (default: bfloat16)")
+    p.add_argument("--unquantized-dtype", choices=tuple(DTYPE_BYTES), default=None,
+                   help="QLoRA: dtype of the embeddings, LM head and norms (default: the compute dtype)")
+    p.add_argument("--attention", choices=ATTENTION_IMPLS, default="eager",
+                   help="eager keeps the seq x seq softmax for the backward pass; flash recomputes it "
+                   "(default: eager)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (total_bytes, parts, details)")
+    p.add_argument("--plot", metavar="FILE.png", default=None,
+                   help="also write a stacked-bar figure: the three methods on this model, and this method on "
+                   "the four LLaMA sizes (needs matplotlib)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _estimate_kwargs(args) -> dict:
+    return dict(
+        batch=args.batch,
+        seq=args.seq,
+        r=args.r,
+        targets=args.targets,
+        quant_type=args.quant_type,
+        double_quant=args.double_quant,
+        blocksize=args.blocksize,
+        gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer,
+        compute_dtype=args.compute_dtype,
+        adapter_dtype=args.adapter_dtype,
+        unquantized_dtype=args.unquantized_dtype,
+        lora_dropout=args.lora_dropout,
+        attention=args.attention,
+    )
+
+
+def run(args) -> int:
+    shape = load_model_shape(args.model)
+    kwargs = _estimate_kwargs(args)
+    breakdown = estimate_memory(shape, args.method, **kwargs)
+    if args.plot:
+        write_plot(args.plot, shape, args.method, kwargs)
+    if args.json:
+        print(json.dumps(breakdown.to_dict(), indent=2))
+    else:
+        print(format_table(breakdown))
+        if args.plot:
+            print(f"\nplot written to {args.plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def format_bytes(n: int | float) -> str:
+    """Decimal units, as the paper writes them: "5,048.0 MB", "45.17 GB"."""
+    if n >= GB:
+        return f"{n / GB:,.2f} GB"
+    return f"{n / MB:,.1f} MB"
+
+
+def _describe(b: MemoryBreakdown) -> list[str]:
+    s = b.settings
+    lines = [f"{b.model}: {b.n_params / 1e9:.2f} B parameters, method {b.method}"]
+    if b.method == "qlora":
+        lines.append(
+            f"  base: {s['quant_type'].upper()} blocksize {s['blocksize']}"
+            f"{' + double quantization' if s['double_quant'] else ''}, unquantized parts in {s['unquantized_dtype']}"
+        )
+    if b.method != "full":
+        lines.append(
+            f"  LoRA r={s['r']} on {_targets_name(s['targets'])}, dropout {s['lora_dropout']}, {s['adapter_dtype']}: "
+            f"{b.n_trainable:,} trainable ({100 * b.n_trainable / b.n_params:.3g} % of the weights)"
+        )
+    lines.append(
+        f"  batch {s['batch']} x seq {s['seq']}, {s['optimizer']}, {s['compute_dtype']} compute, "
+        f"{s['attention']} attention, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+    )
+    return lines
+
+
+def _targets_name(targets: list[str]) -> str:
+    for name, modules in TARGET_PRESETS.items():
+        if tuple(targets) == modules:
+            return f"{name} ({','.join(modules)})" if name != "all" else "all linear layers"
+    return ",".join(targets)
+
+
+def format_table(b: MemoryBreakdown) -> str:
+    notes = {
+        "activations": f"checkpointing: {format_bytes(b.activations_checkpointing)}, "
+        f"without: {format_bytes(b.activations_no_checkpointing)}",
+    }
+    if b.quant_constants:
+        notes["quant_constants"] = f"{b.quant_constant_bits_per_param:.3f} bits per quantized parameter"
+    if b.paged:
+        notes["optimizer_states"] = "paged: evicted to CPU RAM under memory pressure"
+    if b.method != "full":
+        notes["adapters"] = f"LoRA inputs (the paper's 'input gradients'): {format_bytes(b.lora_inputs)}"
+    width = max(len(v) for v in PART_LABELS.values())
+    lines = _describe(b) + [""]
+    for name, value in b.parts.items():
+        note = f"   {notes[name]}" if name in notes else ""
+        lines.append(f"  {PART_LABELS[name]:<{width}}  {format_bytes(value):>12}{note}")
+    lines.append(f"  {'-' * width}  {'-' * 12}")
+    lines.append(f"  {'total':<{width}}  {format_bytes(b.total_bytes):>12}")
+    if b.paged:
+        lines.append(f"  {'of which paged':<{width}}  {format_bytes(b.paged):>12}")
+        lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(b.device_min_bytes):>12}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plot (matplotlib is optional: imported only here)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def write_plot(path: str, shape, method: str, kwargs: dict) -> None:
+    """Two panels of stacked bars, one segment per part (paged optimizer states hatched):
+    left, full / LoRA / QLoRA on ``shape`` (the paper's Figure 1 in numbers); right, ``method`` on LLaMA
+    7B-65B with the 24/48/80 GB GPU sizes (the paper's memory-footprint figure, Appendix G)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ValueError(f"--plot needs matplotlib, which is not installed ({e}): pip install matplotlib") from e
+
+    # The optimizer default depends on the method (paged only for QLoRA) unless the user fixed it.
+    by_method = [estimate_memory(shape, m, **kwargs) for m in METHODS]
+    by_size = [estimate_memory(s, method, **kwargs) for s in LLAMA_SHAPES.values()]
+
+    fig = Figure(figsize=(14, 5.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_m, ax_s = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 4]})
+    _stacked_bars(ax_m, [b.method for b in by_method], by_method, label_segments=False)
+    ax_m.set_title(f"{shape.name}: full vs LoRA vs QLoRA")
+    _stacked_bars(ax_s, [b.model.removeprefix("llama-").upper() for b in by_size], by_size, label_segments=True)
+    ax_s.set_title(f"{method} on LLaMA (segments in MB)")
+    top = max(b.total_bytes for b in by_size) / GB
+    for gb in GPU_LINES_GB:
+        if gb < 1.15 * top:
+            ax_s.axhline(gb, color="grey", linestyle="--", linewidth=0.8)
+            ax_s.text(-0.45, gb, f"{gb} GB GPU", va="bottom", fontsize=8, color="grey")
+    s = kwargs
+    fig.suptitle(
+        f"Fine-tuning memory: batch {s['batch']}, sequence {s['seq']}, r={s['r']}, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'} (qlora_ref.memory)",
+        fontsize=10,
+    )
+    handles = [
+        _patch(PART_COLORS[p], label=PART_LABELS[p]) for p in MemoryBreakdown.PARTS
+    ] + [_patch("white", hatch="//", label="paged (evictable)")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=8)
+    fig.savefig(path, dpi=120)
+
+
+def _patch(color, **kw):
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, edgecolor="black", linewidth=0.5, **kw)
+
+
+def _stacked_bars(ax, labels, breakdowns, label_segments: bool) -> None:
+    x = range(len(breakdowns))
+    bottoms = [0.0] * len(breakdowns)
+    top = max(b.total_bytes for b in breakdowns) / GB
+    for part in MemoryBreakdown.PARTS:
+        heights = [b.parts[part] / GB for b in breakdowns]
+        hatches = ["//" if part == "optimizer_states" and b.paged else "" for b in breakdowns]
+        bars = ax.bar(x, heights, bottom=bottoms, color=PART_COLORS[part], edgecolor="black", linewidth=0.5)
+        for bar, hatch, b in zip(bars, hatches, breakdowns, strict=True):
+            bar.set_hatch(hatch)
+            if label_segments and bar.get_height() > 0.035 * top:
+                ax.text(bar.get_x() + bar.get_width() / 2, bar.get_y() + bar.get_height() / 2,
+                        f"{b.parts[part] / MB:,.0f}", ha="center", va="center", fontsize=7,
+                        bbox={"facecolor": "white", "alpha": 0.75, "linewidth": 0, "pad": 1})
+        bottoms = [lo + h for lo, h in zip(bottoms, heights, strict=True)]
+    for i, b in enumerate(breakdowns):
+        ax.text(i, bottoms[i], format_bytes(b.total_bytes), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("GB")
+    ax.set_ylim(0, 1.12 * top)
+
