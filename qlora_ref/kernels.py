@@ -12,16 +12,12 @@ from .blockwise import TINY, code_midpoints
 
 @njit(inline="always")
 def _code_position(v, midpoints):
-    # count of midpoints strictly below v: a 4-step binary search over the 15 sorted midpoints
-    i = 0
-    if v > midpoints[7]:
-        i = 8
-    if v > midpoints[i + 3]:
-        i += 4
-    if v > midpoints[i + 1]:
-        i += 2
-    if v > midpoints[i]:
-        i += 1
+    # count of midpoints strictly below v: a 4-step binary search over the 15 sorted midpoints, written without
+    # branches (a comparison is 0 or 1) because data-dependent branches mispredict on random weights
+    i = (v > midpoints[7]) * 8
+    i += (v > midpoints[i + 3]) * 4
+    i += (v > midpoints[i + 1]) * 2
+    i += (v > midpoints[i]) * 1
     return i
 
 
