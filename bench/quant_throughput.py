@@ -17,7 +17,6 @@ import time
 import numpy as np
 
 
-
 def best_time(fn, repeats: int) -> float:
     fn()  # warm up: compiles, caches, page faults
     times = []

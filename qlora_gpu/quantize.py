@@ -103,7 +103,9 @@ def _check_input(x, name: str = "x") -> None:
     check_float_input(name, dname, x.numel(), finite)
 
 
-def quantize_4bit(x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> Quantized4bit:
+def quantize_4bit(
+    x: torch.Tensor, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True
+) -> Quantized4bit:
     """``qlora_ref.quantize_4bit`` on torch tensors, by ``bitsandbytes.functional.quantize_4bit``."""
     _check_input(x)
     check_quant_type(quant_type)

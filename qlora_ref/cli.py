@@ -12,7 +12,9 @@ SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qlora", description="QLoRA: fine-tune a frozen 4-bit model through LoRA adapters")
+    parser = argparse.ArgumentParser(
+        prog="qlora", description="QLoRA: fine-tune a frozen 4-bit model through LoRA adapters"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)

@@ -80,7 +80,9 @@ def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     code = _require(d, w + ".quant_map", np.float32, 16)
     nested = "nested_offset" in meta
     if nested != (w + ".nested_absmax" in d):
-        raise ValueError(f"{meta_key!r} and the presence of {w + '.nested_absmax'!r} disagree about double quantization")
+        raise ValueError(
+            f"{meta_key!r} and the presence of {w + '.nested_absmax'!r} disagree about double quantization"
+        )
     fields = dict(packed=packed, shape=shape, dtype=dtype_name(meta["dtype"]), blocksize=blocksize,
                   quant_type=quant_type, code=code)
     if not nested:

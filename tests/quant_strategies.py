@@ -65,4 +65,5 @@ def same_bits_or_both_zero(a: np.ndarray, b: np.ndarray) -> bool:
     if a.shape != b.shape:
         return False
     nonzero = (a != 0) | (b != 0)
-    return bool(np.array_equal(a.view(np.int32)[nonzero], b.view(np.int32)[nonzero]) and np.all(a[~nonzero] == b[~nonzero]))
+    same_nonzero = np.array_equal(a.view(np.int32)[nonzero], b.view(np.int32)[nonzero])
+    return bool(same_nonzero and np.all(a[~nonzero] == b[~nonzero]))

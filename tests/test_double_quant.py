@@ -113,7 +113,8 @@ def test_state_dict_prefix_and_linear4bit_keys():
     sd = {"model.q_proj." + k: v for k, v in lin.state_dict().items()}
     r = qlora_ref.Quantized4bit.from_state_dict(sd, prefix="model.q_proj.")
     assert set(r.state_dict(prefix="model.q_proj.")) == set(sd)
-    assert np.array_equal(qlora_ref.dequantize_4bit(r), bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).numpy())
+    theirs = bnbf.dequantize_4bit(lin.weight.data, lin.weight.quant_state).numpy()
+    assert np.array_equal(qlora_ref.dequantize_4bit(r), theirs)
 
 
 def _sd():
