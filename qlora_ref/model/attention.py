@@ -1,0 +1,121 @@
+"""Causal self-attention with grouped-query heads (GQA), rotary positions and a KV cache.
+
+Shapes: x (B, T, d). H query heads share Hkv key/value heads in groups of G = H / Hkv (query head h reads
+key/value head h // G, as transformers' ``repeat_kv`` arranges them). Queries are kept as (B, Hkv, G, T, D)
+so that each group multiplies its shared keys without copying them G times.
+
+Forward, per head:  S = Q K^T / sqrt(D) + M (M = -inf above the diagonal),  P = softmax(S),  O = P V.
+Backward, with dO the gradient of O (derivation in docs/transformer.md):
+
+    dV = P^T dO                    (summed over the G query heads that share the value head)
+    dP = dO V^T
+    dS = P * (dP - rowsum(dP * P))  (softmax backward)
+    dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D)   (dK summed over the group, like dV)
+
+then the rotations are undone (``apply_rope_backward``) and the q/k/v projections' backward sum into dx.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .rope import RotaryEmbedding, apply_rope, apply_rope_backward
+
+
+class KVCache:
+    """Keys and values (after rotation) of the positions seen so far, one entry per layer."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[np.ndarray | None] = [None] * num_layers
+        self.values: list[np.ndarray | None] = [None] * num_layers
+
+    def length(self, layer: int = 0) -> int:
+        """How many positions a layer has cached (the position of its next token)."""
+        return 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add (B, Hkv, T, D) keys/values of new positions; return all cached ones."""
+        if self.keys[layer] is not None:
+            k = np.concatenate([self.keys[layer], k], axis=2)
+            v = np.concatenate([self.values[layer], v], axis=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def causal_mask(t: int, s: int, past: int, sliding_window: int | None = None) -> np.ndarray:
+    """Additive (t, s) mask: query i (at position past + i) sees keys j <= past + i (and, with a sliding
+    window, only the last ``sliding_window`` of them)."""
+    q_pos = past + np.arange(t)[:, None]
+    k_pos = np.arange(s)[None, :]
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= q_pos - k_pos < sliding_window
+    return np.where(allowed, np.float32(0.0), np.float32(-np.inf))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+class Attention:
+    """Multi-head causal attention; q/k/v/o are linear layers with ``forward``/``backward`` (``QLoRALinear``)."""
+
+    def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int,
+                 rope: RotaryEmbedding, layer_idx: int = 0, sliding_window: int | None = None):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.groups = num_heads // num_kv_heads
+        self.scale = head_dim ** -0.5
+        self.rope = rope
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self._cache = None
+
+    def linears(self) -> dict:
+        return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
+
+    def forward(self, x: np.ndarray, kv_cache: KVCache | None = None) -> np.ndarray:
+        B, T, _ = x.shape
+        Hkv, G, D = self.num_kv_heads, self.groups, self.head_dim
+        past = 0 if kv_cache is None else kv_cache.length(self.layer_idx)
+        cos, sin = self.rope.cos_sin(np.arange(past, past + T))
+
+        # (B, T, H*D) -> (B, Hkv, G, T, D) for queries, (B, Hkv, T, D) for keys and values
+        q = self.q_proj.forward(x).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
+        k = self.k_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        v = self.v_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self.layer_idx, k, v)
+        S_len = k.shape[2]
+
+        scores = np.matmul(q, k[:, :, None].swapaxes(-1, -2)) * np.float32(self.scale)  # (B, Hkv, G, T, S)
+        scores += causal_mask(T, S_len, past, self.sliding_window)
+        probs = softmax(scores)
+        out = np.matmul(probs, v[:, :, None])  # (B, Hkv, G, T, D)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
+        if kv_cache is None:  # training: keep what backward needs
+            self._cache = (q, k, v, probs, cos, sin)
+        return self.o_proj.forward(out)
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        q, k, v, probs, cos, sin = self._cache
+        B, Hkv, G, T, D = q.shape
+        d_out = self.o_proj.backward(grad).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
+
+        dv = np.matmul(probs.swapaxes(-1, -2), d_out).sum(axis=2)  # (B, Hkv, T, D)
+        dp = np.matmul(d_out, v[:, :, None].swapaxes(-1, -2))  # (B, Hkv, G, T, T)
+        ds = probs * (dp - np.sum(dp * probs, axis=-1, keepdims=True))
+        ds *= np.float32(self.scale)
+        dq = np.matmul(ds, k[:, :, None])  # (B, Hkv, G, T, D)
+        dk = np.matmul(ds.swapaxes(-1, -2), q).sum(axis=2)  # (B, Hkv, T, D)
+
+        dq = apply_rope_backward(dq, cos, sin).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
+        dk = apply_rope_backward(dk, cos, sin).transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
+        dv = dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
+        return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
+
+    def clear_cache(self) -> None:
+        self._cache = None

@@ -1,0 +1,264 @@
+"""Configurations: the decoder's shape (``ModelConfig``), how its weights are stored (``QuantConfig``) and
+which LoRA adapters it carries (``LoraConfig``).
+
+``ModelConfig`` is read from a Hugging Face ``config.json`` (Llama, Mistral, Qwen2) or from a GGUF file's
+metadata; everything the reference transformer needs is an explicit field, so a reader sees the whole
+architecture in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+#: model_type in config.json -> the architecture the reference implements
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+#: the linear layers of a decoder block, by their Hugging Face / PEFT names
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """A configuration that the reference transformer cannot build, with the file it came from."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    #: None, or {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
+    #: "high_freq_factor", "original_max_position_embeddings"}
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2: biases on q, k, v (not o)
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: each query sees at most this many keys
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if rope_type not in ROPE_TYPES:
+                raise ConfigError(f"rope_scaling type must be one of {ROPE_TYPES}, got {rope_type!r}")
+
+    @property
+    def num_key_value_groups(self) -> int:
+        """How many query heads share one key/value head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list | tuple) else [self.eos_token_id]
+
+    @classmethod
+    def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
+        """From a Hugging Face config.json (as a dict). ``source`` names the file in errors."""
+        model_type = d.get("model_type")
+        if model_type is None:
+            archs = d.get("architectures") or []
+            raise ConfigError(f"{source}: no model_type (architectures: {archs}); "
+                              f"supported: {SUPPORTED_MODEL_TYPES}")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: unknown architecture model_type={model_type!r} "
+                              f"(architectures: {d.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act must be 'silu' (SwiGLU), got {act!r}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing keys {missing}")
+        heads = d["num_attention_heads"]
+        # rope: transformers >= 5 writes rope_parameters (with rope_theta inside); older files rope_theta + rope_scaling
+        rope = dict(d.get("rope_parameters") or {})
+        theta = float(rope.pop("rope_theta", d.get("rope_theta", 10000.0)))
+        scaling = rope or d.get("rope_scaling")
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        sliding = None
+        if model_type == "mistral":
+            sliding = d.get("sliding_window")
+        elif model_type == "qwen2" and d.get("use_sliding_window"):
+            raise ConfigError(f"{source}: Qwen2 use_sliding_window=true is not supported by the reference")
+        qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=d.get("num_key_value_heads") or heads,
+                head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                qkv_bias=qkv_bias,
+                o_bias=model_type != "qwen2" and bool(d.get("attention_bias", False)),
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                sliding_window=sliding,
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_id=d.get("eos_token_id"),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, source: str = "model.gguf") -> ModelConfig:
+        """From GGUF key/value metadata (``general.architecture`` and ``{arch}.*`` keys)."""
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"{source}: unknown architecture general.architecture={arch!r}; "
+                              f"supported: {SUPPORTED_MODEL_TYPES}")
+
+        def get(key, default=None, required=True):
+            full = f"{arch}.{key}"
+            if full not in meta:
+                if required and default is None:
+                    raise ConfigError(f"{source}: missing metadata {full}")
+                return default
+            return meta[full]
+
+        heads = int(get("attention.head_count"))
+        hidden = int(get("embedding_length"))
+        vocab = meta.get(f"{arch}.vocab_size")
+        if vocab is None:
+            tokens = meta.get("tokenizer.ggml.tokens")
+            if tokens is None:
+                raise ConfigError(f"{source}: missing metadata {arch}.vocab_size and tokenizer.ggml.tokens")
+            vocab = len(tokens)
+        scaling = None
+        if get("rope.scaling.type", "none", required=False) == "linear":
+            scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        try:
+            return cls(
+                model_type=arch,
+                vocab_size=int(vocab),
+                hidden_size=hidden,
+                intermediate_size=int(get("feed_forward_length")),
+                num_hidden_layers=int(get("block_count")),
+                num_attention_heads=heads,
+                num_key_value_heads=int(get("attention.head_count_kv", heads)),
+                head_dim=int(get("rope.dimension_count", hidden // heads)),
+                rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+                rope_theta=float(get("rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
+                max_position_embeddings=int(get("context_length", 2048)),
+                tie_word_embeddings=False,  # decided by the loader: no output.weight tensor means tied
+                qkv_bias=arch == "qwen2",
+                sliding_window=None,
+                bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+                eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            )
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf_dict(self) -> dict:
+        """A config.json dict that transformers reads back into the same architecture."""
+        d = {
+            "model_type": self.model_type,
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
+            "hidden_act": "silu",
+        }
+        for f in fields(self):
+            if f.name in ("model_type", "rope_scaling", "qkv_bias", "o_bias"):
+                continue
+            d[f.name] = getattr(self, f.name)
+        if self.model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dict(self.rope_scaling)
+        return d
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How the frozen weights of the linear layers are stored and computed (the paper's QLoRA recipe by default).
+
+    quant_type: "nf4" (NormalFloat, the paper's data type), "fp4" or "int4"; blocksize: weights per absmax
+    constant (64 in the paper); double_quant: quantize the absmax constants again (8-bit, blocks of 256);
+    compute_dtype: "bfloat16" (the paper) or "float32".
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.quant_type not in ("nf4", "fp4", "int4"):
+            raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int4', got {self.quant_type!r}")
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
+        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"compute_dtype must be 'bfloat16', 'float16' or 'float32', got {self.compute_dtype!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters, with PEFT's meaning: r (rank; 0 = no adapters), alpha (scaling alpha / r), dropout on the
+    adapter input, and the linear layers that carry adapters (default: all seven, as the paper does)."""
+
+    r: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = field(default=LINEAR_MODULES)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"r must be a non-negative integer, got {self.r!r}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        targets = ("all-linear",) if self.target_modules == "all-linear" else tuple(self.target_modules)
+        if targets == ("all-linear",):
+            targets = LINEAR_MODULES
+        unknown = sorted(set(targets) - set(LINEAR_MODULES))
+        if unknown:
+            raise ValueError(f"target_modules must be among {LINEAR_MODULES}, got unknown {unknown}")
+        object.__setattr__(self, "target_modules", targets)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r if self.r else 0.0

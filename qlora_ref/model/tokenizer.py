@@ -1,0 +1,128 @@
+"""The model's own tokenizer and chat template, from a Hugging Face folder or a GGUF file.
+
+Built on the ``tokenizers`` package (the ``demo`` extra): a folder's ``tokenizer.json`` is read as it is; a GGUF
+file's byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``: tokens, merges, control tokens) is turned
+into the same kind of tokenizer. The chat template (Jinja, from ``tokenizer_config.json``, ``chat_template.jinja``
+or the GGUF key ``tokenizer.chat_template``) is rendered the way transformers renders it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("loading a tokenizer needs the 'tokenizers' package: pip install 'qlora[demo]'") from e
+    return tokenizers
+
+
+class Tokenizer:
+    """encode / decode / apply_chat_template around a ``tokenizers.Tokenizer``."""
+
+    def __init__(self, backend, chat_template: str | None = None, bos_token: str | None = None,
+                 eos_token: str | None = None, add_bos_token: bool = False):
+        self.backend = backend
+        self.chat_template = chat_template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.add_bos_token = add_bos_token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            tokenize: bool = False):
+        """Render the conversation with the model's template (a string, or token ids with ``tokenize``)."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template")
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        text = env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+    # ----------------------------------------------------------------- sources
+    @classmethod
+    def from_folder(cls, folder) -> Tokenizer | None:
+        """From tokenizer.json (+ tokenizer_config.json / chat_template.jinja); None if the folder has none."""
+        folder = Path(folder)
+        if not (folder / "tokenizer.json").exists():
+            return None
+        tokenizers = _import_tokenizers()
+        backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        cfg = {}
+        if (folder / "tokenizer_config.json").exists():
+            cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+
+        def token(value):
+            return value.get("content") if isinstance(value, dict) else value
+
+        return cls(backend, template, token(cfg.get("bos_token")), token(cfg.get("eos_token")),
+                   bool(cfg.get("add_bos_token", False)))
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict, source: str = "model.gguf") -> Tokenizer | None:
+        """A byte-level BPE tokenizer from GGUF metadata; None if the file carries no tokenizer."""
+        model = meta.get("tokenizer.ggml.model")
+        if model is None:
+            return None
+        if model != "gpt2":
+            raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported (only byte-level BPE 'gpt2')")
+        tokenizers = _import_tokenizers()
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if meta.get("tokenizer.ggml.pre") == "smollm":  # llama.cpp's SmolLM pre-tokenizer: digits one by one
+            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+        else:
+            backend.pre_tokenizer = byte_level
+        backend.decoder = decoders.ByteLevel()
+        types = meta.get("tokenizer.ggml.token_type") or []
+        control = [tok for tok, kind in zip(tokens, types, strict=False) if kind == 3]  # 3 = CONTROL in llama.cpp
+        backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in control])
+
+        def tok(key):
+            i = meta.get(key)
+            return None if i is None else tokens[int(i)]
+
+        return cls(backend, meta.get("tokenizer.chat_template"), tok("tokenizer.ggml.bos_token_id"),
+                   tok("tokenizer.ggml.eos_token_id"), bool(meta.get("tokenizer.ggml.add_bos_token", False)))

@@ -1,0 +1,266 @@
+"""Every layer of the reference transformer: forward against a torch formula, hand-written backward against torch
+autograd (float32) and against finite differences (float64)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_helpers import check_finite_differences, random_linear
+
+from qlora_ref.model.attention import Attention, KVCache, causal_mask
+from qlora_ref.model.block import DecoderBlock
+from qlora_ref.model.embedding import Embedding
+from qlora_ref.model.mlp import SwiGLU
+from qlora_ref.model.rmsnorm import RMSNorm
+from qlora_ref.model.rope import RotaryEmbedding, apply_rope, apply_rope_backward, rope_inv_freq
+
+tt = torch.from_numpy
+
+
+def grads_close(a, b, rtol=1e-5):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape
+    assert np.max(np.abs(a - b)) <= rtol * max(1e-30, np.max(np.abs(b))), np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+# ----------------------------------------------------------------------------------------------- embedding
+def test_embedding_forward_backward():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((11, 5)).astype(np.float32)
+    ids = np.array([[1, 3, 3, 10], [0, 1, 7, 3]])
+    emb = Embedding(w)
+    y = emb.forward(ids)
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    gw = emb.backward(g)
+    tw = tt(w).requires_grad_()
+    ty = torch.nn.functional.embedding(tt(ids), tw)
+    ty.backward(tt(g))
+    np.testing.assert_array_equal(y, ty.detach().numpy())
+    grads_close(gw, tw.grad.numpy())
+
+
+def test_embedding_rejects_out_of_range_ids():
+    emb = Embedding(np.zeros((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        emb.forward(np.array([[0, 4]]))
+
+
+# ----------------------------------------------------------------------------------------------- RMSNorm
+def torch_rmsnorm(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7), (3, 16)])
+def test_rmsnorm_vs_autograd(shape):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    norm = RMSNorm(w, 1e-5)
+    y = norm.forward(x)
+    dx = norm.backward(g)
+    tx, tw = tt(x).requires_grad_(), tt(w).requires_grad_()
+    ty = torch_rmsnorm(tx, tw, 1e-5)
+    ty.backward(tt(g))
+    grads_close(y, ty.detach().numpy(), 1e-6)
+    grads_close(dx, tx.grad.numpy())
+    grads_close(norm.grad_weight, tw.grad.numpy())
+
+
+def test_rmsnorm_finite_differences():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, 4, 9))
+    w = 1 + 0.3 * rng.standard_normal(9)
+    g = rng.standard_normal(x.shape)
+    norm = RMSNorm(w, 1e-6)
+    norm.forward(x)
+    dx = norm.backward(g)
+    check_finite_differences(lambda z: RMSNorm(w, 1e-6).forward(z), x, g, dx, rng)
+
+
+# ----------------------------------------------------------------------------------------------- RoPE
+@pytest.mark.parametrize("scaling", [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_inv_freq_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0,
+                      rope_scaling=dict(scaling) if scaling else None)
+    rope_type = scaling["rope_type"] if scaling else "default"
+    if rope_type == "default":
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
+    else:
+        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+    got = rope_inv_freq(32, 500000.0, scaling)
+    np.testing.assert_allclose(got, expected.numpy(), rtol=2e-7)
+
+
+def test_rope_apply_and_backward_vs_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rng = np.random.default_rng(3)
+    rope = RotaryEmbedding(8, 10000.0)
+    cos, sin = rope.cos_sin(np.arange(6))
+    q = rng.standard_normal((2, 3, 6, 8)).astype(np.float32)
+    k = rng.standard_normal((2, 1, 6, 8)).astype(np.float32)
+    gq, gk = rng.standard_normal(q.shape).astype(np.float32), rng.standard_normal(k.shape).astype(np.float32)
+    tq, tk = tt(q).requires_grad_(), tt(k).requires_grad_()
+    oq, ok = apply_rotary_pos_emb(tq, tk, tt(cos)[None], tt(sin)[None])
+    (oq * tt(gq)).sum().backward()
+    (ok * tt(gk)).sum().backward()
+    grads_close(apply_rope(q, cos, sin), oq.detach().numpy(), 1e-6)
+    grads_close(apply_rope(k, cos, sin), ok.detach().numpy(), 1e-6)
+    grads_close(apply_rope_backward(gq, cos, sin), tq.grad.numpy())
+    grads_close(apply_rope_backward(gk, cos, sin), tk.grad.numpy())
+
+
+def test_rope_finite_differences():
+    rng = np.random.default_rng(4)
+    cos, sin = RotaryEmbedding(6, 100.0).cos_sin(np.arange(5))
+    x = rng.standard_normal((2, 5, 6))
+    g = rng.standard_normal(x.shape)
+    check_finite_differences(lambda z: apply_rope(z, cos, sin), x, g, apply_rope_backward(g, cos, sin), rng)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+def make_attention(rng, d=12, heads=6, kv_heads=2, head_dim=4, bias=False, dtype=np.float64, window=None):
+    q, kv = heads * head_dim, kv_heads * head_dim
+    projs = [random_linear(rng, q, d, bias, dtype), random_linear(rng, kv, d, bias, dtype),
+             random_linear(rng, kv, d, bias, dtype), random_linear(rng, d, q, False, dtype)]
+    return Attention(*projs, heads, kv_heads, head_dim, RotaryEmbedding(head_dim, 10000.0), sliding_window=window)
+
+
+def torch_attention(attn, x):
+    """The same computation in torch (transformers' eager attention)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    B, T, _ = x.shape
+    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
+
+    def lin(m, z):
+        y = z @ tt(m.weight).T
+        return y if m.bias is None else y + tt(m.bias)
+
+    q = lin(attn.q_proj, x).view(B, T, H, D).transpose(1, 2)
+    k = lin(attn.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)
+    v = lin(attn.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)
+    cos, sin = attn.rope.cos_sin(np.arange(T))
+    q, k = apply_rotary_pos_emb(q, k, tt(cos).to(x.dtype)[None], tt(sin).to(x.dtype)[None])
+    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
+    s = q @ k.transpose(2, 3) * D ** -0.5 + tt(causal_mask(T, T, 0, attn.sliding_window)).to(x.dtype)
+    o = torch.softmax(s, dim=-1) @ v
+    return lin(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))
+
+
+@pytest.mark.parametrize("bias,kv_heads,window", [(False, 2, None), (True, 3, None), (False, 6, None), (False, 1, 3)])
+def test_attention_vs_autograd(bias, kv_heads, window):
+    rng = np.random.default_rng(5)
+    attn = make_attention(rng, kv_heads=kv_heads, bias=bias, dtype=np.float32, window=window)
+    x = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    g = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    y = attn.forward(x)
+    dx = attn.backward(g)
+    tx = tt(x).requires_grad_()
+    ty = torch_attention(attn, tx)
+    ty.backward(tt(g))
+    grads_close(y, ty.detach().numpy(), 1e-5)
+    grads_close(dx, tx.grad.numpy(), 1e-5)
+
+
+def test_attention_finite_differences():
+    rng = np.random.default_rng(6)
+    attn = make_attention(rng, bias=True)
+    x = rng.standard_normal((2, 5, 12))
+    g = rng.standard_normal(x.shape)
+    attn.forward(x)
+    dx = attn.backward(g)
+    check_finite_differences(lambda z: attn.forward(z), x, g, dx, rng)
+
+
+def test_attention_kv_cache_equals_full_pass():
+    rng = np.random.default_rng(7)
+    attn = make_attention(rng, dtype=np.float32)
+    x = rng.standard_normal((1, 6, 12)).astype(np.float32)
+    full = attn.forward(x)
+    cache = KVCache(1)
+    parts = [attn.forward(x[:, :4], cache), attn.forward(x[:, 4:5], cache), attn.forward(x[:, 5:6], cache)]
+    np.testing.assert_allclose(np.concatenate(parts, axis=1), full, rtol=1e-5, atol=1e-6)
+    assert cache.length() == 6
+
+
+# ----------------------------------------------------------------------------------------------- SwiGLU
+def test_swiglu_vs_autograd_and_finite_differences():
+    rng = np.random.default_rng(8)
+    mlp = SwiGLU(random_linear(rng, 10, 6, dtype=np.float32), random_linear(rng, 10, 6, dtype=np.float32),
+                 random_linear(rng, 6, 10, dtype=np.float32))
+    x = (3 * rng.standard_normal((2, 4, 6))).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = mlp.forward(x)
+    dx = mlp.backward(g)
+    tx = tt(x).requires_grad_()
+    w = lambda m: tt(m.weight)  # noqa: E731
+    ty = (torch.nn.functional.silu(tx @ w(mlp.gate_proj).T) * (tx @ w(mlp.up_proj).T)) @ w(mlp.down_proj).T
+    ty.backward(tt(g))
+    grads_close(y, ty.detach().numpy(), 1e-6)
+    grads_close(dx, tx.grad.numpy())
+
+    mlp64 = SwiGLU(random_linear(rng, 10, 6), random_linear(rng, 10, 6), random_linear(rng, 6, 10))
+    x64, g64 = 3 * rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 4, 6))
+    mlp64.forward(x64)
+    check_finite_differences(mlp64.forward, x64, g64, mlp64.backward(g64), rng)
+
+
+# ----------------------------------------------------------------------------------------------- block
+def make_block(rng, dtype=np.float64, checkpointing=False):
+    attn = make_attention(rng, dtype=dtype)
+    mlp = SwiGLU(random_linear(rng, 20, 12, dtype=dtype), random_linear(rng, 20, 12, dtype=dtype),
+                 random_linear(rng, 12, 20, dtype=dtype))
+    n1 = RMSNorm((1 + 0.2 * rng.standard_normal(12)).astype(dtype))
+    n2 = RMSNorm((1 + 0.2 * rng.standard_normal(12)).astype(dtype))
+    return DecoderBlock(n1, attn, n2, mlp, checkpointing)
+
+
+def test_block_vs_autograd():
+    rng = np.random.default_rng(9)
+    block = make_block(rng, np.float32)
+    x = rng.standard_normal((2, 6, 12)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = block.forward(x)
+    dx = block.backward(g)
+    w = lambda m: tt(m.weight)  # noqa: E731
+    tx = tt(x).requires_grad_()
+    h = tx + torch_attention(block.self_attn, torch_rmsnorm(tx, w(block.input_layernorm), 1e-6))
+    z = torch_rmsnorm(h, w(block.post_attention_layernorm), 1e-6)
+    m = block.mlp
+    ty = h + (torch.nn.functional.silu(z @ w(m.gate_proj).T) * (z @ w(m.up_proj).T)) @ w(m.down_proj).T
+    ty.backward(tt(g))
+    grads_close(y, ty.detach().numpy(), 1e-5)
+    grads_close(dx, tx.grad.numpy(), 1e-5)
+
+
+def test_block_finite_differences_and_checkpointing():
+    rng = np.random.default_rng(10)
+    block = make_block(rng)
+    x = rng.standard_normal((1, 5, 12))
+    g = rng.standard_normal(x.shape)
+    y = block.forward(x)
+    dx = block.backward(g)
+    weight_grads = {n: m.grads["weight"].copy() for n, m in block.linears().items()}
+    check_finite_differences(block.forward, x, g, dx, rng)
+
+    block.gradient_checkpointing = True
+    y2 = block.forward(x)
+    assert block.self_attn._cache is None and block.mlp._cache is None  # only x is kept
+    dx2 = block.backward(g)
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(dx2, dx)
+    for n, m in block.linears().items():
+        np.testing.assert_array_equal(m.grads["weight"], weight_grads[n])
