@@ -1,0 +1,45 @@
+"""Instruction data for QLoRA fine-tuning: reading (JSONL in several formats, the chatterbot corpus),
+formatting with the model's chat template (Alpaca when it has none), response-only labels, length filtering
+with a report, length-grouped padded batches. Backend-neutral: ``qlora_gpu`` consumes the same NumPy batches.
+
+    examples = load_examples("train.jsonl")                 # or "chatterbot:english"
+    data = build_dataset(examples, tokenizer, max_length=512)
+    for batch in iterate_batches(data, batch_size=16, seed=0, epoch=0):
+        batch["input_ids"], batch["attention_mask"], batch["labels"]   # int64 [B, T]
+"""
+
+from .formats import (
+    DataReport,
+    Example,
+    MalformedRecordError,
+    chatterbot_data_dir,
+    load_chatterbot_corpus,
+    load_examples,
+    read_chatterbot_yaml,
+    read_jsonl,
+    record_to_example,
+)
+from .pipeline import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    IGNORE_INDEX,
+    ChatTemplateError,
+    TokenizedDataset,
+    batch_indices,
+    build_dataset,
+    collate,
+    format_example,
+    iterate_batches,
+    length_grouped_order,
+    pad_token_id_of,
+    tokenize_example,
+)
+from .tokenizer import CHATML_TEMPLATE, ByteTokenizer, encode, has_chat_template, render_chat_template
+
+__all__ = [
+    "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "CHATML_TEMPLATE", "IGNORE_INDEX", "ByteTokenizer",
+    "ChatTemplateError", "DataReport", "Example", "MalformedRecordError", "TokenizedDataset", "batch_indices",
+    "build_dataset", "chatterbot_data_dir", "collate", "encode", "format_example", "has_chat_template",
+    "iterate_batches", "length_grouped_order", "load_chatterbot_corpus", "load_examples", "pad_token_id_of",
+    "read_chatterbot_yaml", "read_jsonl", "record_to_example", "render_chat_template", "tokenize_example",
+]

@@ -1,0 +1,255 @@
+"""From examples to training batches: prompt formatting, tokenization with response-only labels, length
+filtering, length-grouped batching, padding.
+
+Formatting. With a chat template (the model's, e.g. SmolLM2-Instruct's ChatML) each assistant turn's boundary
+is found by rendering the conversation up to it twice — with ``add_generation_prompt=True`` (the prompt) and
+with the turn (prompt + response) — so the text between is the response, end-of-turn marker included. The
+template must be prefix-consistent (each rendering extends the previous one), which ChatML, Llama-2/3 and most
+templates are; otherwise a clear error. Without a template the Alpaca format of the paper's scripts is used
+(``qlora.py``'s ``ALPACA_PROMPT_DICT``): BOS + "Below is an instruction ... ### Response: " as the prompt, the
+output + EOS as the response.
+
+Labels. ``labels`` is a copy of ``input_ids`` with ``-100`` on prompt tokens (the paper trains on responses
+only; ``train_on_source=True`` is its ablation, loss on everything) and on padding, Hugging Face's convention,
+consumed by ``qlora_ref.loss`` and by transformers alike.
+
+Lengths. An example longer than ``max_length`` tokens is dropped whole (a cut response would teach the model to
+stop mid-sentence), and so is one with no response token; both are counted in the :class:`DataReport` and
+announced with a warning.
+
+Batches. ``{"input_ids", "attention_mask", "labels"}``, int64 ``[B, T]`` NumPy arrays, right-padded to the
+longest example of the batch. With ``group_by_length`` the order is transformers' ``LengthGroupedSampler``'s:
+a random permutation cut into mega-batches of 50 batches, each sorted by length, the longest batch first (a
+long batch early shows an out-of-memory at once — or, with a paged optimizer, the page-outs).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .formats import DataReport, Example
+from .tokenizer import encode, has_chat_template
+
+IGNORE_INDEX = -100
+
+#: the prompts of the paper's scripts (qlora.py, ALPACA_PROMPT_DICT)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+#: later turns of a conversation in the fallback format
+ALPACA_NEXT_TURN = "\n\n### Instruction:\n{instruction}\n\n### Response: "
+
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot be split into prompt and response for an example."""
+
+
+# ------------------------------------------------------------------------------------------------ formatting
+def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    msgs = example.messages
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False, add_generation_prompt=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise ChatTemplateError(
+                f"{example.source}: the chat template is not prefix-consistent (rendering the conversation up to "
+                f"turn {i} does not extend the rendering before it), so the response cannot be located")
+        segments.append((prompt[len(done):], False))
+        segments.append((full[len(prompt):], True))
+        done = full
+    return segments
+
+
+def _alpaca_segments(example: Example) -> list[tuple[str, bool]]:
+    segments: list[tuple[str, bool]] = []
+    msgs = list(example.messages)
+    system = ""
+    while msgs and msgs[0]["role"] == "system":
+        system += msgs.pop(0)["content"] + "\n\n"
+    first = True
+    for m in msgs:
+        if m["role"] == "user":
+            if first and example.alpaca is not None and not system:
+                instruction, extra = example.alpaca
+                template = ALPACA_PROMPT_INPUT if extra else ALPACA_PROMPT_NO_INPUT
+                text = template.format(instruction=instruction, input=extra)
+            elif first:
+                text = ALPACA_PROMPT_NO_INPUT.format(instruction=m["content"])
+                if system:
+                    text = system + text.split("\n\n", 1)[1]  # the system prompt replaces the preamble
+            else:
+                text = ALPACA_NEXT_TURN.format(instruction=m["content"])
+            segments.append((text, False))
+            first = False
+        else:
+            segments.append((m["content"], True))
+    return segments
+
+
+def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The example as text segments ``(text, is_response)``, in order (without BOS/EOS tokens)."""
+    if has_chat_template(tokenizer):
+        return _template_segments(example, tokenizer)
+    return _alpaca_segments(example)
+
+
+def tokenize_example(example: Example, tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one example; labels are -100 on the prompt unless ``train_on_source``.
+
+    Segments are tokenized separately and concatenated, as the paper's scripts tokenize source and target
+    separately. Without a chat template, BOS starts the sequence and EOS ends every response (if the
+    tokenizer has them)."""
+    templated = has_chat_template(tokenizer)
+    ids: list[int] = []
+    labels: list[int] = []
+    bos = getattr(tokenizer, "bos_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if not templated and bos is not None:
+        ids.append(int(bos))
+        labels.append(int(bos) if train_on_source else IGNORE_INDEX)
+    for text, is_response in format_example(example, tokenizer):
+        seg = encode(tokenizer, text)
+        if is_response and not templated and eos is not None:
+            seg = seg + [int(eos)]
+        ids.extend(seg)
+        labels.extend(seg if (is_response or train_on_source) else [IGNORE_INDEX] * len(seg))
+    return ids, labels
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+@dataclass
+class TokenizedDataset:
+    """Tokenized examples that passed the length filter, with the report of what did not."""
+
+    input_ids: list[np.ndarray]
+    labels: list[np.ndarray]
+    sources: list[str]
+    max_length: int
+    pad_token_id: int
+    report: DataReport = field(default_factory=DataReport)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.array([len(x) for x in self.input_ids], dtype=np.int64)
+
+    def n_response_tokens(self) -> int:
+        return int(sum((lab != IGNORE_INDEX).sum() for lab in self.labels))
+
+
+def pad_token_id_of(tokenizer) -> int:
+    """The tokenizer's pad id, else its EOS id (as the paper's scripts do for LLaMA), else 0. Padding is masked
+    out of attention and loss, so its value does not matter beyond being a valid id."""
+    for attr in ("pad_token_id", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_source: bool = False,
+                  report: DataReport | None = None, warn: bool = True) -> TokenizedDataset:
+    """Tokenize ``examples``; drop (and count) those longer than ``max_length`` tokens or without a response
+    token. ``report`` (e.g. the one the loader filled) is extended; a warning summarises any drops."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    report = report if report is not None else DataReport(records=len(examples), kept=len(examples))
+    ids_out, labels_out, sources = [], [], []
+    for ex in examples:
+        ids, labels = tokenize_example(ex, tokenizer, train_on_source)
+        if len(ids) > max_length:
+            report.drop(f"longer than max_length={max_length} tokens", ex.source)
+            continue
+        # labels[0] is never a target (nothing predicts the first token)
+        if all(lab == IGNORE_INDEX for lab in labels[1:]):
+            report.drop("no response token", ex.source)
+            continue
+        ids_out.append(np.asarray(ids, dtype=np.int64))
+        labels_out.append(np.asarray(labels, dtype=np.int64))
+        sources.append(ex.source)
+    report.kept = report.kept - (len(examples) - len(ids_out))
+    if warn and report.n_dropped:
+        warnings.warn(f"data: {report.summary()}", stacklevel=2)
+    return TokenizedDataset(ids_out, labels_out, sources, max_length, pad_token_id_of(tokenizer), report)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+def length_grouped_order(lengths, batch_size: int, rng: np.random.Generator, mega_batch_mult: int | None = None
+                         ) -> list[int]:
+    """transformers' ``get_length_grouped_indices``: shuffle, cut into mega-batches of ``mega_batch_mult``
+    batches (``min(n // (4 * batch_size), 50)``, at least 1), sort each by decreasing length, and move the
+    longest example to the front so the first batch is the longest."""
+    lengths = np.asarray(lengths)
+    n = len(lengths)
+    if mega_batch_mult is None:
+        mega_batch_mult = max(min(n // (batch_size * 4), 50), 1)
+    perm = rng.permutation(n)
+    size = mega_batch_mult * batch_size
+    megas = [sorted(perm[i:i + size].tolist(), key=lambda j: -lengths[j]) for i in range(0, n, size)]
+    if megas:
+        k = int(np.argmax([lengths[m[0]] for m in megas]))
+        megas[0][0], megas[k][0] = megas[k][0], megas[0][0]
+    return [j for m in megas for j in m]
+
+
+def collate(input_ids: list[np.ndarray], labels: list[np.ndarray], pad_token_id: int,
+            pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pad to the longest sequence (rounded up to ``pad_to_multiple_of``): int64 ``input_ids`` (pad id),
+    ``attention_mask`` (1 real, 0 pad) and ``labels`` (-100 on padding)."""
+    t = max(len(x) for x in input_ids)
+    if pad_to_multiple_of:
+        t = -(-t // pad_to_multiple_of) * pad_to_multiple_of
+    b = len(input_ids)
+    ids = np.full((b, t), pad_token_id, dtype=np.int64)
+    mask = np.zeros((b, t), dtype=np.int64)
+    labs = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
+    for i, (x, y) in enumerate(zip(input_ids, labels, strict=True)):
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+        labs[i, : len(y)] = y
+    return {"input_ids": ids, "attention_mask": mask, "labels": labs}
+
+
+def batch_indices(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, group_by_length: bool = True,
+                  seed: int = 0, epoch: int = 0, drop_last: bool = False) -> list[list[int]]:
+    """The example indices of each batch of one epoch (deterministic in ``seed`` and ``epoch``)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(dataset)
+    rng = np.random.default_rng([seed, epoch])
+    if group_by_length:
+        order = length_grouped_order(dataset.lengths, batch_size, rng)
+    elif shuffle:
+        order = rng.permutation(n).tolist()
+    else:
+        order = list(range(n))
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def iterate_batches(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, group_by_length: bool = True,
+                    seed: int = 0, epoch: int = 0, drop_last: bool = False,
+                    pad_to_multiple_of: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Padded batches for one epoch (see :func:`batch_indices` and :func:`collate`)."""
+    for idx in batch_indices(dataset, batch_size, shuffle, group_by_length, seed, epoch, drop_last):
+        yield collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx], dataset.pad_token_id,
+                      pad_to_multiple_of)

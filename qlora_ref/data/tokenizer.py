@@ -1,0 +1,124 @@
+"""The tokenizer interface the data pipeline needs, a tiny deterministic byte-level tokenizer for tests, and
+jinja2 chat templates rendered the way Hugging Face renders them.
+
+A tokenizer is any object with
+
+- ``encode(text) -> list[int]`` (if it accepts ``add_special_tokens``, it is called with ``False``: the pipeline
+  adds BOS/EOS itself),
+- optionally ``eos_token_id``, ``bos_token_id``, ``pad_token_id`` (ints or None), ``eos_token``/``bos_token``
+  (strings), and
+- optionally ``apply_chat_template(messages, tokenize=False, add_generation_prompt=False) -> str`` — a Hugging
+  Face tokenizer has it; so does :class:`ByteTokenizer` when given a template, through
+  :func:`render_chat_template` (which any tokenizer carrying a jinja2 template string, e.g. one read from a
+  GGUF file's ``tokenizer.chat_template``, can use).
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+
+#: the ChatML template (SmolLM2-Instruct's, without its default system prompt): used by the tests and examples
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=32)
+def _compile(template: str):
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover - jinja2 comes with the hf and demo extras
+        raise ImportError("rendering a chat template needs jinja2: pip install jinja2") from e
+
+    def raise_exception(message):
+        from jinja2.exceptions import TemplateError
+
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        import json
+
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    # the same environment options transformers uses for chat templates
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                         **special_tokens) -> str:
+    """Render a jinja2 chat template (Hugging Face's conventions: ``messages``, ``add_generation_prompt``,
+    ``raise_exception``, ``tojson``, and special tokens such as ``bos_token``/``eos_token`` as variables)."""
+    return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     **special_tokens)
+
+
+class ByteTokenizer:
+    """Deterministic byte-level tokenizer: token ``i < 256`` is byte ``i`` of the UTF-8 text; then ``<pad>`` (256),
+    ``<s>`` (257) and ``</s>`` (258). ``vocab_size`` is 259. With ``chat_template`` it also formats chats."""
+
+    pad_token, bos_token, eos_token = "<pad>", "<s>", "</s>"
+    pad_token_id, bos_token_id, eos_token_id = 256, 257, 258
+    vocab_size = 259
+
+    def __init__(self, chat_template: str | None = None):
+        self.chat_template = chat_template
+        if chat_template is None:
+            # no template: the pipeline falls back to the Alpaca format (formats.has_chat_template checks this)
+            self.apply_chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        special = {self.pad_token_id: "", self.bos_token_id: self.bos_token, self.eos_token_id: self.eos_token}
+        out, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if i < 256:
+                buf.append(i)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            out.append(special.get(i, ""))
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False):
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token)
+        return self.encode(text) if tokenize else text
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """``tokenizer.encode(text)`` without special tokens, for any tokenizer of the interface above."""
+    if _accepts_add_special_tokens(type(tokenizer)):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(text)
+    return [int(i) for i in ids]
+
+
+@lru_cache(maxsize=64)
+def _accepts_add_special_tokens(cls) -> bool:
+    try:
+        sig = inspect.signature(cls.encode)
+    except (TypeError, ValueError):
+        return False
+    return "add_special_tokens" in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer can format chats (a Hugging Face tokenizer without a template counts as not)."""
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        return False
+    template = getattr(tokenizer, "chat_template", "present")
+    return bool(template)

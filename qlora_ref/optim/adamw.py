@@ -1,0 +1,78 @@
+"""AdamW (Loshchilov & Hutter, "Decoupled Weight Decay Regularization"), as ``torch.optim.AdamW`` computes it.
+
+For each parameter ``p`` with gradient ``g``, at step ``t = 1, 2, ...``:
+
+    p   <- p * (1 - lr * weight_decay)            decoupled weight decay (not added to the gradient)
+    m   <- m + (1 - beta1) * (g - m)              = beta1 * m + (1 - beta1) * g   (torch's lerp)
+    v   <- beta2 * v + (1 - beta2) * g * g
+    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+
+in float32, in the order of torch's single-tensor CPU implementation (``foreach=False``), with the bias
+corrections computed in float64 like torch's Python scalars. NumPy rounds every operation once and exactly;
+torch's CPU kernels fuse two of them (``lerp`` and ``addcmul`` use a fused multiply-add) and its vectorized
+``sqrt`` is not always correctly rounded (about 1 value in 6 differs by one unit in the last place on AVX2),
+so the two agree to float32 round-off, not bit for bit (tests/test_optim.py states the bound).
+
+:func:`adamw_update` is the whole algorithm on arrays; :class:`AdamW` keeps the state per parameter; the paged
+and 8-bit optimizers call the same function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .base import Optimizer, StateSpec
+
+_F32 = np.float32
+
+
+def lerp_(a: np.ndarray, b: np.ndarray, weight: float) -> None:
+    """``a <- a + weight * (b - a)`` in place, with torch's two formulas (chosen by the weight's size)."""
+    w = _F32(weight)
+    if abs(weight) < 0.5:
+        a += w * (b - a)
+    else:
+        a[...] = b - (b - a) * (_F32(1.0) - w)
+
+
+def adamw_update(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """One AdamW step on float32 arrays of the same shape, all updated in place (``step`` counts from 1)."""
+    if weight_decay != 0.0:
+        param *= _F32(1.0 - lr * weight_decay)
+    lerp_(exp_avg, grad, 1.0 - beta1)
+    exp_avg_sq *= _F32(beta2)
+    exp_avg_sq += (_F32(1.0 - beta2) * grad) * grad  # torch's addcmul: (value * g) * g
+    bias_correction1 = 1.0 - beta1**step
+    bias_correction2 = 1.0 - beta2**step
+    step_size = lr / bias_correction1
+    denom = np.sqrt(exp_avg_sq) / _F32(math.sqrt(bias_correction2))
+    denom += _F32(eps)
+    param += (_F32(-step_size) * exp_avg) / denom  # torch's addcdiv: (value * m) / denom
+
+
+class AdamW(Optimizer):
+    """AdamW with float32 states ``exp_avg`` (m) and ``exp_avg_sq`` (v): torch's names, torch's arithmetic.
+
+    Defaults are torch's (lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight_decay 1e-2). The QLoRA recipe uses
+    lr 2e-4 (1e-4 above 13B), betas (0.9, 0.999) and weight decay 0.0 (the paper's scripts' default).
+    """
+
+    def state_layout(self, shape):
+        return {"exp_avg": StateSpec(np.dtype(np.float32)), "exp_avg_sq": StateSpec(np.dtype(np.float32))}
+
+    def update_chunk(self, param, grad, states, step):
+        adamw_update(param, grad, states["exp_avg"], states["exp_avg_sq"], step, self.lr,
+                     self.betas[0], self.betas[1], self.eps, self.weight_decay)

@@ -1,0 +1,281 @@
+"""Instruction data: formats, chat templates, response-only labels, malformed input, length drops, batching,
+and the shipped chatterbot corpus."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from qlora_ref.data import (
+    ALPACA_PROMPT_INPUT,
+    ALPACA_PROMPT_NO_INPUT,
+    CHATML_TEMPLATE,
+    IGNORE_INDEX,
+    ByteTokenizer,
+    ChatTemplateError,
+    DataReport,
+    MalformedRecordError,
+    batch_indices,
+    build_dataset,
+    chatterbot_data_dir,
+    collate,
+    iterate_batches,
+    length_grouped_order,
+    load_chatterbot_corpus,
+    load_examples,
+    read_chatterbot_yaml,
+    read_jsonl,
+    record_to_example,
+    render_chat_template,
+    tokenize_example,
+)
+
+TOK = ByteTokenizer()
+CHAT = ByteTokenizer(CHATML_TEMPLATE)
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _response_text(tok, ids, labels):
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def test_each_format_is_parsed(tmp_path):
+    records = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+        {"instruction": "Say hi.", "output": "Hi!"},
+        {"input": "Capital of France?", "output": "Paris."},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                      {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+                      {"role": "assistant", "content": "A2"}]},
+        {"messages": [{"role": "prompter", "content": "oasst q"}, {"role": "assistant", "content": "oasst a"}]},
+        {"conversations": [{"from": "human", "value": "sharegpt q"}, {"from": "gpt", "value": "sharegpt a"}]},
+        {"text": "### Human: guanaco q### Assistant: guanaco a### Human: again### Assistant: and again"},
+    ]
+    report = DataReport()
+    ex = read_jsonl(_write_jsonl(tmp_path / "d.jsonl", records), report)
+    assert report.records == 7 and report.kept == 7 and not report.dropped
+    assert ex[0].messages == [{"role": "user", "content": "Add the numbers.\n\n2 and 3"},
+                              {"role": "assistant", "content": "5"}]
+    assert ex[0].alpaca == ("Add the numbers.", "2 and 3") and ex[1].alpaca == ("Say hi.", "")
+    assert ex[2].messages[0] == {"role": "user", "content": "Capital of France?"} and ex[2].alpaca is None
+    assert [m["role"] for m in ex[3].messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert ex[4].messages[0]["role"] == "user"
+    assert ex[5].messages[1] == {"role": "assistant", "content": "sharegpt a"}
+    assert [m["content"] for m in ex[6].messages] == ["guanaco q", "guanaco a", "again", "and again"]
+    assert ex[3].source == f"{tmp_path / 'd.jsonl'}:4"
+
+
+def test_alpaca_prompt_without_template_is_the_papers(tmp_path):
+    ex = record_to_example({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "x:1")
+    ids, labels = tokenize_example(ex, TOK)
+    prompt = ALPACA_PROMPT_INPUT.format(instruction="Add.", input="2 and 3")
+    assert ids == [TOK.bos_token_id, *prompt.encode(), *b"5", TOK.eos_token_id]
+    assert labels == [IGNORE_INDEX] * (1 + len(prompt.encode())) + [*b"5", TOK.eos_token_id]
+    ex = record_to_example({"instruction": "Say hi.", "output": "Hi"}, "x:2")
+    ids, _ = tokenize_example(ex, TOK)
+    assert TOK.decode(ids) == "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.") + "Hi</s>"
+
+
+def test_labels_mask_the_prompt_and_train_on_source_does_not():
+    ex = record_to_example({"input": "question?", "output": "answer."}, "x:1")
+    for tok, response in ((TOK, "answer.</s>"), (CHAT, "answer.<|im_end|>\n")):
+        ids, labels = tokenize_example(ex, tok)
+        assert _response_text(tok, ids, labels) == response
+        assert labels[: len(ids) - len(response.replace("</s>", "x").encode())] == [IGNORE_INDEX] * (
+            len(ids) - len(response.replace("</s>", "x").encode()))
+        ids2, labels2 = tokenize_example(ex, tok, train_on_source=True)
+        assert ids2 == ids and labels2 == ids
+
+
+def test_chat_template_multi_turn_trains_on_every_assistant_turn():
+    ex = record_to_example({"messages": [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}, "x:1")
+    ids, labels = tokenize_example(ex, CHAT)
+    assert CHAT.decode(ids) == render_chat_template(CHATML_TEMPLATE, ex.messages)
+    assert _response_text(CHAT, ids, labels) == "A1<|im_end|>\nA2<|im_end|>\n"
+    # fallback format without a template: both answers trained, each closed by EOS
+    ids, labels = tokenize_example(ex, TOK)
+    assert _response_text(TOK, ids, labels) == "A1</s>A2</s>"
+    assert TOK.decode(ids).startswith("<s>S\n\n### Instruction:\nQ1")
+
+
+def test_a_template_that_is_not_prefix_consistent_is_refused():
+    odd = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>>{% endif %}"
+    ex = record_to_example({"input": "q", "output": "a"}, "f.jsonl:3")
+    with pytest.raises(ChatTemplateError, match="f.jsonl:3"):
+        tokenize_example(ex, ByteTokenizer(odd))
+
+
+def test_hf_style_tokenizer_is_used_through_the_interface():
+    """Any object with encode / apply_chat_template works; encode gets add_special_tokens=False if it takes it."""
+
+    class Tok:
+        eos_token_id, bos_token_id, pad_token_id = 1, 0, None
+        chat_template = CHATML_TEMPLATE
+
+        def encode(self, text, add_special_tokens=True):
+            return ([0] if add_special_tokens else []) + [2 + (ord(c) % 50) for c in text]
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            return render_chat_template(self.chat_template, messages, add_generation_prompt)
+
+    ex = record_to_example({"input": "hi", "output": "yo"}, "x:1")
+    ids, labels = tokenize_example(ex, Tok())
+    assert 0 not in ids  # no BOS added: the template owns the layout
+    data = build_dataset([ex], Tok(), max_length=100)
+    assert data.pad_token_id == 1  # pad falls back to EOS
+
+
+# ------------------------------------------------------------------------------------------------ malformed
+@pytest.mark.parametrize("line, message", [
+    ('{"instruction": "x", "output": "y"', "invalid JSON"),
+    ('[1, 2]', "must be a JSON object"),
+    ('{"question": "x", "answer": "y"}', "unrecognised record"),
+    ('{"instruction": "x"}', "needs 'output'"),
+    ('{"input": 3, "output": "y"}', "must be a string"),
+    ('{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}', "alternate"),
+    ('{"messages": [{"role": "wizard", "content": "a"}]}', "unknown role"),
+    ('{"messages": [{"role": "user", "content": "a"}]}', "no assistant turn"),
+    ('{"text": "no markers here"}', "Human"),
+])
+def test_malformed_record_names_file_and_line(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"input": "fine", "output": "ok"}\n\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(MalformedRecordError, match=message) as e:
+        read_jsonl(path)
+    assert str(e.value).startswith(f"{path}:3: ")
+    report = DataReport()
+    assert len(read_jsonl(path, report, on_malformed="drop")) == 1
+    assert report.dropped["malformed record"] == 1 and f"{path}:3" in report.summary()
+
+
+def test_unanswered_last_turn_is_trimmed_and_counted(tmp_path):
+    report = DataReport()
+    ex = read_jsonl(_write_jsonl(tmp_path / "d.jsonl", [{"conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "human", "value": "q2"}]}]), report)
+    assert [m["content"] for m in ex[0].messages] == ["q", "a"]
+    assert report.trimmed["unanswered last user turn"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ lengths
+def test_dropped_for_length_are_counted_and_reported(tmp_path):
+    records = [{"input": "q" * n, "output": "a"} for n in (5, 500, 10, 700)]
+    report = DataReport()
+    examples = read_jsonl(_write_jsonl(tmp_path / "d.jsonl", records), report)
+    with pytest.warns(UserWarning, match=r"2 dropped: longer than max_length=300"):
+        data = build_dataset(examples, TOK, max_length=300, report=report)
+    assert len(data) == 2 and report.kept == 2 and report.records == 4
+    assert report.dropped["longer than max_length=300 tokens"] == 2
+    assert f"{tmp_path / 'd.jsonl'}:2" in report.summary() and f"{tmp_path / 'd.jsonl'}:4" in report.summary()
+    assert all(len(x) <= 300 for x in data.input_ids)
+
+
+def test_no_response_token_is_dropped_and_counted():
+    ex = record_to_example({"input": "q", "output": ""}, "x:1")
+    tok = ByteTokenizer()
+    tok.eos_token_id = None  # empty output and no EOS: nothing to learn
+    with pytest.warns(UserWarning, match="no response token"):
+        data = build_dataset([ex], tok, max_length=1000)
+    assert len(data) == 0 and data.report.dropped["no response token"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ batches
+def _dataset(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    examples = [record_to_example({"input": "q" * int(rng.integers(1, 60)), "output": "a" * int(rng.integers(1, 30))},
+                                  f"x:{i}") for i in range(n)]
+    return build_dataset(examples, TOK, max_length=1000)
+
+
+def test_batches_are_padded_with_masks_and_ignored_labels():
+    data = _dataset()
+    seen = []
+    for batch in iterate_batches(data, batch_size=8, seed=1):
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.dtype == mask.dtype == labels.dtype == np.int64 and ids.shape == mask.shape == labels.shape
+        lengths = mask.sum(1)
+        assert ids.shape[1] == lengths.max()
+        for row in range(ids.shape[0]):
+            n = lengths[row]
+            assert mask[row, :n].all() and not mask[row, n:].any()  # right padding
+            assert (ids[row, n:] == TOK.pad_token_id).all() and (labels[row, n:] == IGNORE_INDEX).all()
+            seen.append(tuple(ids[row, :n]))
+    assert sorted(seen) == sorted(tuple(x) for x in data.input_ids)  # every example exactly once
+
+
+def test_pad_to_multiple_of():
+    b = collate([np.arange(5), np.arange(3)], [np.arange(5), np.arange(3)], pad_token_id=0, pad_to_multiple_of=8)
+    assert b["input_ids"].shape == (2, 8) and b["attention_mask"].sum() == 8
+
+
+def test_length_grouping_groups_similar_lengths_longest_first_and_is_deterministic():
+    data = _dataset(n=400)
+    lengths = data.lengths
+    grouped = batch_indices(data, batch_size=8, group_by_length=True, seed=3)
+    plain = batch_indices(data, batch_size=8, group_by_length=False, seed=3)
+    assert batch_indices(data, 8, group_by_length=True, seed=3) == grouped
+    assert batch_indices(data, 8, group_by_length=True, seed=3, epoch=1) != grouped
+    assert max(lengths[grouped[0]]) == lengths.max()  # the longest batch first, as transformers does
+
+    def padding(batches):
+        return sum(len(b) * max(lengths[b]) - sum(lengths[b]) for b in batches)
+
+    assert padding(grouped) < 0.5 * padding(plain)
+    assert sorted(i for b in grouped for i in b) == list(range(len(data)))
+
+
+def test_length_grouped_order_matches_transformers_algorithm():
+    """Same algorithm as transformers' get_length_grouped_indices, given the same permutation."""
+    trainer_pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
+    torch = pytest.importorskip("torch")
+    lengths = list(np.random.default_rng(0).integers(1, 100, size=300))
+    g = torch.Generator().manual_seed(0)
+    theirs = trainer_pt_utils.get_length_grouped_indices(lengths, batch_size=4, generator=g)
+    perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).numpy()
+
+    class FixedPerm:
+        def permutation(self, n):
+            return perm
+
+    ours = length_grouped_order(lengths, 4, FixedPerm())
+    assert [lengths[i] for i in ours] == [lengths[i] for i in theirs]
+
+
+# ------------------------------------------------------------------------------------------------ chatterbot
+def test_chatterbot_corpus_loads():
+    if chatterbot_data_dir() is None:
+        pytest.skip("chatterbot-corpus is not installed (it is in the demo and test extras: pip install 'qlora[demo]')")
+    report = DataReport()
+    examples = load_chatterbot_corpus("english", report=report)
+    assert len(examples) > 1500 and report.kept == len(examples)
+    # the one flawed entry of chatterbot-corpus 1.3.3 is counted with its file and line, not lost silently
+    assert report.records == report.kept + report.n_dropped
+    assert all(ex.messages[-1]["role"] == "assistant" for ex in examples)
+    greetings = load_examples("chatterbot:english:greetings")
+    assert greetings[0].messages == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+    assert greetings[0].source.startswith("chatterbot_corpus/english/greetings.yml:")
+    data = build_dataset(examples, CHAT, max_length=256, warn=False)
+    assert len(data) > 1000
+    with pytest.raises(ValueError, match="categories"):
+        load_chatterbot_corpus("english", ["no-such-category"])
+
+
+def test_chatterbot_style_yaml_file_errors_name_file_and_line(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "mine.yml"
+    path.write_text("categories:\n- mine\nconversations:\n- - Hello\n  - Hi\n- - Lonely\n- - a\n  - - nested\n",
+                    encoding="utf-8")
+    with pytest.raises(MalformedRecordError, match=f"{path}:8: a conversation line must be text"):
+        load_examples(path)
+    report = DataReport()
+    ex = read_chatterbot_yaml(path, report, on_malformed="drop")
+    assert len(ex) == 1 and report.dropped["chatterbot conversation with a single line"] == 1
+    assert report.dropped["malformed record"] == 1

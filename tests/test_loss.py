@@ -1,0 +1,127 @@
+"""Causal-LM loss: forward vs transformers / torch, backward vs torch autograd and finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qlora_ref.loss import IGNORE_INDEX, CausalLMLoss, causal_lm_loss, causal_lm_loss_backward, count_targets
+
+
+def _case(seed, B, T, V, ignore_frac, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal((B, T, V)) * scale).astype(np.float32)
+    labels = rng.integers(0, V, size=(B, T)).astype(np.int64)
+    labels[rng.random((B, T)) < ignore_frac] = IGNORE_INDEX
+    labels[:, 2] = rng.integers(0, V, size=B)  # at least one counted target per row (T >= 3)
+    return logits, labels
+
+
+def _torch_loss(logits, labels, num_items_in_batch=None):
+    t = torch.from_numpy(logits).requires_grad_(True)
+    shift_logits = t[:, :-1].reshape(-1, t.shape[-1])
+    shift_labels = torch.from_numpy(labels)[:, 1:].reshape(-1)
+    if num_items_in_batch is None:
+        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+    else:
+        loss = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX,
+                                                 reduction="sum") / num_items_in_batch
+    loss.backward()
+    return float(loss.detach()), t.grad.numpy()
+
+
+@given(seed=st.integers(0, 2**32 - 1), B=st.integers(1, 3), T=st.integers(3, 9), V=st.integers(2, 40),
+       ignore_frac=st.floats(0, 0.9), scale=st.floats(0.01, 20))
+def test_loss_and_gradient_match_torch_autograd(seed, B, T, V, ignore_frac, scale):
+    logits, labels = _case(seed, B, T, V, ignore_frac, scale)
+    loss, ctx = causal_lm_loss(logits, labels)
+    grad = causal_lm_loss_backward(ctx)
+    t_loss, t_grad = _torch_loss(logits, labels)
+    assert loss == pytest.approx(t_loss, rel=2e-6, abs=1e-6)
+    np.testing.assert_allclose(grad, t_grad, rtol=1e-5, atol=1e-7)
+    assert grad.dtype == np.float32 and not grad[:, -1].any()  # the last position predicts nothing
+
+
+def test_matches_transformers_for_causal_lm_loss():
+    loss_utils = pytest.importorskip("transformers.loss.loss_utils")
+    logits, labels = _case(0, 2, 7, 11, 0.4)
+    ours, _ = causal_lm_loss(logits, labels)
+    theirs = loss_utils.ForCausalLMLoss(torch.from_numpy(logits), torch.from_numpy(labels), vocab_size=11)
+    assert ours == pytest.approx(float(theirs), rel=1e-6)
+    n = count_targets(labels) + 5  # gradient accumulation: divide by the tokens of the whole accumulated batch
+    ours, ctx = causal_lm_loss(logits, labels, num_items_in_batch=n)
+    theirs = loss_utils.ForCausalLMLoss(torch.from_numpy(logits), torch.from_numpy(labels), vocab_size=11,
+                                        num_items_in_batch=torch.tensor(n))
+    assert ours == pytest.approx(float(theirs), rel=1e-6)
+    _, t_grad = _torch_loss(logits, labels, n)
+    np.testing.assert_allclose(causal_lm_loss_backward(ctx), t_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_gradient_matches_finite_differences():
+    """Central differences in float64 on a small case: the analytic gradient agrees to 1e-6 relative."""
+    logits, labels = _case(1, 2, 5, 6, 0.3, scale=1.0)
+    _, ctx = causal_lm_loss(logits, labels)
+    grad = causal_lm_loss_backward(ctx).astype(np.float64)
+
+    def f(z):
+        z = z.astype(np.float64)
+        shifted = labels[:, 1:].reshape(-1)
+        zz = z[:, :-1].reshape(-1, z.shape[-1])
+        keep = shifted != IGNORE_INDEX
+        zz, y = zz[keep], shifted[keep]
+        lse = np.log(np.exp(zz - zz.max(1, keepdims=True)).sum(1)) + zz.max(1)
+        return float(np.mean(lse - zz[np.arange(len(y)), y]))
+
+    h = 1e-5
+    fd = np.zeros_like(grad)
+    base = logits.astype(np.float64)
+    for idx in np.ndindex(base.shape):
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        fd[idx] = (f(plus) - f(minus)) / (2 * h)
+    np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-7)
+
+
+def test_grad_loss_scales_and_object_form():
+    logits, labels = _case(2, 2, 6, 5, 0.2)
+    f = CausalLMLoss()
+    loss = f.forward(logits, labels)
+    g = f.backward(grad_loss=0.5)
+    _, ctx = causal_lm_loss(logits, labels)
+    np.testing.assert_allclose(g, 0.5 * causal_lm_loss_backward(ctx), rtol=1e-6)
+    assert loss > 0
+    with pytest.raises(RuntimeError):
+        f.backward()
+
+
+def test_low_precision_logits_are_computed_in_float32():
+    from qlora_ref.dtypes import bfloat16
+
+    logits, labels = _case(3, 1, 5, 9, 0.0)
+    lb = logits.astype(bfloat16)
+    loss, ctx = causal_lm_loss(lb, labels)
+    t = torch.from_numpy(lb.astype(np.float32))
+    ref = torch.nn.functional.cross_entropy(t[0, :-1], torch.from_numpy(labels[0, 1:]))
+    assert loss == pytest.approx(float(ref), rel=1e-6)
+    assert causal_lm_loss_backward(ctx).dtype == bfloat16
+
+
+def test_no_counted_target_gives_zero_loss_and_gradient():
+    logits, _ = _case(4, 2, 4, 5, 0.0)
+    labels = np.full((2, 4), IGNORE_INDEX)
+    loss, ctx = causal_lm_loss(logits, labels)
+    assert loss == 0.0 and not causal_lm_loss_backward(ctx).any()
+
+
+def test_bad_inputs_are_refused():
+    logits, labels = _case(5, 1, 4, 5, 0.0)
+    with pytest.raises(ValueError, match="labels must be"):
+        causal_lm_loss(logits, np.full((1, 4), 7))
+    with pytest.raises(ValueError, match="shape"):
+        causal_lm_loss(logits, labels[:, :3])
+    with pytest.raises(ValueError, match="batch, time, vocab"):
+        causal_lm_loss(logits[0], labels)
