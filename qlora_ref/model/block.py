@@ -27,13 +27,13 @@ from .rmsnorm import RMSNorm
 
 def _rng_state(layer):
     """The dropout random state of a LoRA linear layer (None if it has none), to replay it on recompute."""
-    rng = getattr(layer, "rng", None)
+    rng = getattr(layer, "_dropout_rng", None)
     return None if rng is None else copy.deepcopy(rng.bit_generator.state)
 
 
 def _set_rng_state(layer, state) -> None:
     if state is not None:
-        layer.rng.bit_generator.state = state
+        layer._dropout_rng.bit_generator.state = state
 
 
 def _clear_cache(layer) -> None:

@@ -229,8 +229,8 @@ class QuantConfig:
             raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int4', got {self.quant_type!r}")
         if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
             raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
-        if self.compute_dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"compute_dtype must be 'bfloat16', 'float16' or 'float32', got {self.compute_dtype!r}")
+        if self.compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', got {self.compute_dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ def make_linear(weight, bias: np.ndarray | None, *, name: str, quant: QuantConfi
     from ..quantize import Quantized4bit
 
     adapted = lora is not None and lora.r > 0 and name in lora.target_modules
-    r = lora.r if adapted else 0
+    r = lora.r if adapted else None  # None: a frozen layer without adapter
     alpha = lora.alpha if adapted else 1.0
     dropout = lora.dropout if adapted else 0.0
     if isinstance(weight, Quantized4bit):

@@ -153,7 +153,8 @@ class LlamaModel:
                 for k, v in m.parameters().items()}
 
     def lora_grads(self) -> dict[str, np.ndarray]:
-        """The gradients filled by ``backward``, with the names of ``lora_parameters``."""
+        """The gradients accumulated by ``backward`` since the last ``zero_grad``, named like ``lora_parameters``
+        (None for a parameter that has received no gradient yet)."""
         out = {}
         for name, m in self.named_linears().items():
             for k in m.parameters():
@@ -173,10 +174,9 @@ class LlamaModel:
             own[name][...] = value
 
     def zero_grad(self) -> None:
+        """Reset the LoRA gradients (``backward`` accumulates into them, like torch's ``.grad``)."""
         for m in self.named_linears().values():
-            for g in m.grads.values():
-                if g is not None:
-                    g[...] = 0
+            m.zero_grad()
 
     def train(self) -> LlamaModel:
         for m in self.named_linears().values():

@@ -1,0 +1,191 @@
+"""The reference transformer against transformers (logits) and transformers + peft (LoRA gradients)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from model_helpers import SMALL_CONFIGS, max_rel_err, small_hf_model
+
+from qlora_ref.model import LoraConfig, QuantConfig, load_model
+from qlora_ref.quantize import dequantize_4bit, quantize_4bit
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL_CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """(name, transformers model, folder it was saved to)."""
+    model = small_hf_model(request.param)
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    return request.param, model, path
+
+
+def input_ids(vocab, shape=(2, 11), seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=shape)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def test_logits_equal_transformers_float32(hf_checkpoint):
+    _, hf, path = hf_checkpoint
+    ref = load_model(path)
+    ids = input_ids(hf.config.vocab_size)
+    logits = ref.forward(ids)
+    assert logits.dtype == np.float32 and logits.shape == (*ids.shape, hf.config.vocab_size)
+    assert max_rel_err(logits, hf_logits(hf, ids)) <= 1e-5
+
+
+def test_nf4_logits_equal_transformers_on_dequantized_weights(hf_checkpoint):
+    """quant=QuantConfig(nf4, float32 compute): the same as transformers running the dequantized weights."""
+    name, hf, path = hf_checkpoint
+    quant = QuantConfig("nf4", blocksize=64, double_quant=True, compute_dtype="float32")
+    ref = load_model(path, quant=quant)
+    hf_q = small_hf_model(name)
+    with torch.no_grad():
+        for pname, p in hf_q.named_parameters():
+            if pname.endswith(".weight") and pname.split(".")[-2] in LINEARS:
+                q = quantize_4bit(p.numpy(), "nf4", 64, double_quant=True)
+                p.copy_(torch.from_numpy(dequantize_4bit(q)))
+    ids = input_ids(hf.config.vocab_size, seed=1)
+    ours = ref.forward(ids)
+    assert max_rel_err(ours, hf_logits(hf_q, ids)) <= 1e-5
+    # and 4-bit storage really changed the model
+    assert max_rel_err(ours, hf_logits(hf, ids)) > 1e-3
+
+
+def peft_twin(hf, ref, r, alpha, targets):
+    """A peft model over ``hf`` with the reference model's adapter weights copied in."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
+                                                   target_modules=list(targets)))
+    params = ref.lora_parameters()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                key = name.removeprefix("base_model.model.").replace(".default", "")
+                p.copy_(torch.from_numpy(params[key]))
+    return peft_model
+
+
+def randomize_adapters(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for arr in model.lora_parameters().values():
+        arr[...] = rng.standard_normal(arr.shape).astype(np.float32) * 0.1
+
+
+@pytest.mark.parametrize("targets", [LINEARS, ("q_proj", "v_proj", "down_proj")])
+def test_lora_gradients_equal_peft(hf_checkpoint, targets):
+    name, _, path = hf_checkpoint
+    ref = load_model(path, lora=LoraConfig(r=4, alpha=8, target_modules=targets))
+    randomize_adapters(ref)
+    assert len(ref.lora_parameters()) == 2 * len(targets) * ref.config.num_hidden_layers
+    peft_model = peft_twin(small_hf_model(name), ref, 4, 8, targets)
+
+    ids = input_ids(ref.config.vocab_size, seed=2)
+    grad_logits = np.random.default_rng(3).standard_normal((*ids.shape, ref.config.vocab_size)).astype(np.float32)
+    logits = ref.forward(ids)
+    ref.backward(grad_logits)
+
+    out = peft_model(torch.from_numpy(ids)).logits
+    (out * torch.from_numpy(grad_logits)).sum().backward()
+    assert max_rel_err(logits, out.detach().numpy()) <= 1e-5
+    ours = ref.lora_grads()
+    theirs = {n.removeprefix("base_model.model.").replace(".default", ""): p.grad.numpy()
+              for n, p in peft_model.named_parameters() if "lora_" in n}
+    assert sorted(ours) == sorted(theirs)
+    for key in theirs:
+        assert max_rel_err(ours[key], theirs[key]) <= 1e-4, key
+
+
+def test_gradient_checkpointing_changes_no_gradient(hf_checkpoint):
+    """With LoRA dropout on (random masks), checkpointed recomputation replays the same masks."""
+    _, _, path = hf_checkpoint
+    lora = LoraConfig(r=4, alpha=8, dropout=0.1, seed=7)
+    plain = load_model(path, lora=lora)
+    ckpt = load_model(path, lora=lora, gradient_checkpointing=True)
+    for m in (plain, ckpt):
+        randomize_adapters(m)
+        m.train()
+    ids = input_ids(plain.config.vocab_size, seed=4)
+    g = np.random.default_rng(5).standard_normal((*ids.shape, plain.config.vocab_size)).astype(np.float32)
+    for _ in range(2):  # twice: the random state moves on identically
+        np.testing.assert_array_equal(plain.forward(ids), ckpt.forward(ids))
+        plain.backward(g)
+        ckpt.backward(g)
+        a, b = plain.lora_grads(), ckpt.lora_grads()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_bf16_compute_close_to_float32(hf_checkpoint):
+    """QLoRA's bfloat16 compute (NF4 weights) stays within bfloat16 precision of the float32 computation."""
+    _, _, path = hf_checkpoint
+    ids = input_ids(50, seed=6)
+    f32 = load_model(path, quant=QuantConfig(compute_dtype="float32")).forward(ids)
+    bf16 = load_model(path, quant=QuantConfig(compute_dtype="bfloat16")).forward(ids)
+    err = max_rel_err(bf16, f32)
+    assert 0 < err < 0.05
+
+
+def test_generation_with_kv_cache(hf_checkpoint):
+    """Greedy decoding with the KV cache picks, at every step, the argmax of a full forward pass, and equals
+    transformers' greedy generate; sampling is reproducible with a seed and respects top-p."""
+    _, hf, path = hf_checkpoint
+    ref = load_model(path).eval()
+    prompt = [3, 14, 15, 9, 2, 6]
+    out = ref.generate(prompt, max_new_tokens=8, eos_token_id=[])
+    full = ref.forward(np.asarray([prompt + out]))[0]
+    assert [int(np.argmax(full[len(prompt) - 1 + i])) for i in range(len(out))] == out
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    assert theirs[0, len(prompt):].tolist() == out
+
+    a = ref.generate(prompt, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
+    b = ref.generate(prompt, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
+    assert a == b and len(a) == 6
+
+
+def test_top_p_filter_keeps_the_nucleus():
+    from qlora_ref.model.generate import next_token, top_p_filter
+
+    probs = np.array([0.05, 0.5, 0.3, 0.15])
+    np.testing.assert_allclose(top_p_filter(probs, 0.7), [0, 0.625, 0.375, 0])  # 0.5 < 0.7 needs the 0.3 too
+    np.testing.assert_allclose(top_p_filter(probs, 0.5), [0, 1, 0, 0])
+    rng = np.random.default_rng(0)
+    draws = {next_token(np.log(probs), 1.0, 0.7, rng) for _ in range(200)}
+    assert draws == {1, 2}
+    assert next_token(np.log(probs), 0.0) == 1
+
+
+def test_gradient_checkpointing_saves_activation_memory(tmp_path):
+    """Peak memory allocated during forward + backward (tracemalloc sees NumPy's buffers): with checkpointing
+    only each block's input is kept between the passes. docs/transformer.md has the SmolLM2 figure."""
+    import tracemalloc
+
+    from model_helpers import make_hf_model
+
+    hf = make_hf_model("llama", vocab_size=64, hidden_size=64, intermediate_size=176, num_hidden_layers=6,
+                       num_attention_heads=4, num_key_value_heads=2)
+    hf.save_pretrained(tmp_path)
+    ids = input_ids(64, shape=(1, 128))
+    grad = np.random.default_rng(0).standard_normal((1, 128, 64)).astype(np.float32)
+    peaks = {}
+    for ckpt in (False, True):
+        model = load_model(tmp_path, lora=LoraConfig(r=4, alpha=8), gradient_checkpointing=ckpt)
+        model.forward(ids)
+        model.backward(grad)  # warm-up
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        model.forward(ids)
+        model.backward(grad)
+        peaks[ckpt] = tracemalloc.get_traced_memory()[1] - base
+        tracemalloc.stop()
+    assert peaks[True] < 0.5 * peaks[False], peaks

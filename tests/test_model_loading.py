@@ -1,0 +1,344 @@
+"""Loading checkpoints: sharded Hugging Face folders, GGUF files (written here with gguf.GGUFWriter), bitsandbytes
+4-bit state dicts, tokenizers and chat templates, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from model_helpers import max_rel_err, small_hf_model
+from safetensors.numpy import save_file
+
+from qlora_ref.model import CheckpointError, QuantConfig, load_model
+from qlora_ref.model.loading import unpermute_qk
+from qlora_ref.quantize import dequantize_4bit, quantize_4bit
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.numpy()
+
+
+def ids_for(vocab, seed=0):
+    return np.random.default_rng(seed).integers(0, vocab, size=(2, 9))
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return small_hf_model("llama-gqa")
+
+
+def state_dict_np(model) -> dict[str, np.ndarray]:
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def write_folder(path, config: dict, tensors: dict):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    save_file(tensors, str(path / "model.safetensors"))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- HF folders
+def test_sharded_folder(llama, tmp_path):
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    ids = ids_for(llama.config.vocab_size)
+    assert max_rel_err(load_model(tmp_path).forward(ids), hf_logits(llama, ids)) <= 1e-5
+
+
+def test_bfloat16_checkpoint(tmp_path):
+    small_hf_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path)
+    twin = small_hf_model("qwen2")  # float32, with the parameters rounded to bfloat16 (its rope table stays exact)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    ids = ids_for(twin.config.vocab_size)
+    assert max_rel_err(load_model(tmp_path).forward(ids), hf_logits(twin, ids)) <= 1e-5
+
+
+def test_missing_shard_names_the_file(llama, tmp_path):
+    llama.save_pretrained(tmp_path, max_shard_size="20KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=victim.name):
+        load_model(tmp_path)
+
+
+def test_unknown_or_missing_architecture(llama, tmp_path):
+    config = llama.config.to_dict()
+    config["model_type"] = "gpt_neox"
+    write_folder(tmp_path / "a", config, {"x": np.zeros(1, np.float32)})
+    with pytest.raises(CheckpointError, match=r"config\.json.*unknown architecture.*gpt_neox"):
+        load_model(tmp_path / "a")
+    del config["model_type"]
+    write_folder(tmp_path / "b", config, {"x": np.zeros(1, np.float32)})
+    with pytest.raises(CheckpointError, match=r"config\.json.*no model_type"):
+        load_model(tmp_path / "b")
+
+
+def test_shape_disagreeing_with_config_names_file_and_tensor(llama, tmp_path):
+    config = llama.config.to_dict()
+    config["intermediate_size"] += 1
+    write_folder(tmp_path, config, state_dict_np(llama))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' "
+                                              r"has shape \(67, 40\), but the config implies \(68, 40\)"):
+        load_model(tmp_path)
+
+
+def test_missing_tensor_names_it(llama, tmp_path):
+    tensors = state_dict_np(llama)
+    del tensors["model.layers.1.self_attn.v_proj.weight"]
+    write_folder(tmp_path, llama.config.to_dict(), tensors)
+    with pytest.raises(CheckpointError, match=r"missing tensor 'model\.layers\.1\.self_attn\.v_proj\.weight'"):
+        load_model(tmp_path)
+    tensors = state_dict_np(llama)
+    del tensors["lm_head.weight"]
+    write_folder(tmp_path, llama.config.to_dict(), tensors)
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight.*tie_word_embeddings=false"):
+        load_model(tmp_path)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------- bitsandbytes 4-bit
+def bnb_folder(hf, path, quant_type="nf4", double_quant=True):
+    """A pre-quantized checkpoint in the layout transformers writes for bitsandbytes Linear4bit weights."""
+    tensors = state_dict_np(hf)
+    for name in list(tensors):
+        if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+            q = quantize_4bit(tensors.pop(name), quant_type, 64, double_quant=double_quant)
+            tensors.update({k: np.asarray(v) for k, v in q.state_dict(name[: -len("weight")]).items()})
+    config = hf.config.to_dict()
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant,
+                                     "bnb_4bit_compute_dtype": "float32"}
+    return write_folder(path, config, tensors)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_bnb_4bit_checkpoint_used_as_stored(llama, tmp_path, quant_type, double_quant):
+    path = bnb_folder(llama, tmp_path, quant_type, double_quant)
+    model = load_model(path)
+    twin = small_hf_model("llama-gqa")
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            if name.endswith(".weight") and name.split(".")[-2] in LINEARS:
+                q = quantize_4bit(p.numpy(), quant_type, 64, double_quant=double_quant)
+                p.copy_(torch.from_numpy(dequantize_4bit(q)))
+    ids = ids_for(llama.config.vocab_size, 1)
+    assert max_rel_err(model.forward(ids), hf_logits(twin, ids)) <= 1e-5
+    # a QuantConfig asking for another format does not re-quantize the stored codes
+    other = load_model(path, quant=QuantConfig("int4", compute_dtype="float32"))
+    np.testing.assert_allclose(other.forward(ids), model.forward(ids), rtol=1e-6, atol=1e-6)
+
+
+def test_bnb_4bit_checkpoint_with_bad_quant_state(llama, tmp_path):
+    path = bnb_folder(llama, tmp_path)
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.0.mlp.up_proj.weight.quant_map"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight'"):
+        load_model(path)
+
+
+# ----------------------------------------------------------------------------------------------- GGUF
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf.py does to Q and K (LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.arange(48 * 5, dtype=np.float32).reshape(48, 5)
+    for heads in (1, 2, 3, 6):
+        np.testing.assert_array_equal(unpermute_qk(llama_cpp_permute(w, heads), heads), w)
+
+
+BYTE_TOKENS = None
+
+
+def tiny_vocab():
+    """A byte-level BPE vocabulary: the 256 byte symbols, a few merges, and chat control tokens."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_symbols = list(bytes_to_unicode().values())
+    merges = ["h e", "l l", "he ll", "hell o", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
+    tokens = byte_symbols + ["".join(m.split(" ")) for m in merges]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += specials
+    types = [1] * (len(tokens) - len(specials)) + [3] * len(specials)
+    return tokens, merges, types
+
+
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                 "{% endif %}")
+
+
+def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
+    import gguf
+
+    cfg = hf.config
+    sd = state_dict_np(hf)
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_vocab_size(cfg.vocab_size)
+    if with_tokenizer:
+        tokens, merges, types = tiny_vocab()
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(merges)
+        writer.add_token_types(types)
+        writer.add_bos_token_id(tokens.index("<|im_start|>"))
+        writer.add_eos_token_id(tokens.index("<|im_end|>"))
+        writer.add_chat_template(CHAT_TEMPLATE)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    block = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+             "self_attn.v_proj.bias": "attn_v.bias",
+             "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+             "mlp.down_proj.weight": "ffn_down.weight"}
+    if cfg.tie_word_embeddings:  # llama.cpp writes no output.weight for a tied head
+        sd.pop("lm_head.weight", None)
+    for name, w in sd.items():
+        if name.startswith("model.layers."):
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            gname = f"blk.{i}.{block[rest]}"
+            if arch == "llama" and rest == "self_attn.q_proj.weight":
+                w = llama_cpp_permute(w, cfg.num_attention_heads)
+            elif arch == "llama" and rest == "self_attn.k_proj.weight":
+                w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        else:
+            gname = names[name]
+        if dtype == "Q8_0" and w.ndim == 2 and w.shape[1] % 32 == 0:
+            writer.add_tensor(gname, gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(gname, w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])
+def test_gguf_logits_equal_transformers(name, tmp_path):
+    hf = small_hf_model(name)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", arch=hf.config.model_type, with_tokenizer=False)
+    model = load_model(path)
+    assert model.config.tie_word_embeddings == hf.config.tie_word_embeddings
+    ids = ids_for(hf.config.vocab_size)
+    assert max_rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-5
+    assert model.tokenizer is None
+
+
+def test_gguf_quantized_tensors_are_dequantized(tmp_path):
+    import gguf
+
+    hf = small_hf_model("llama-gqa")
+    path = write_gguf(hf, tmp_path / "q8.gguf", dtype="Q8_0", with_tokenizer=False)
+    model = load_model(tmp_path)  # a folder holding one .gguf
+    twin = small_hf_model("llama-gqa")
+    with torch.no_grad():
+        for _, p in twin.named_parameters():
+            if p.ndim == 2 and p.shape[1] % 32 == 0:
+                q = gguf.quants.quantize(p.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0)))
+    ids = ids_for(hf.config.vocab_size)
+    assert max_rel_err(model.forward(ids), hf_logits(twin, ids)) <= 1e-5
+    assert path.exists()
+
+
+def test_gguf_tokenizer_and_chat_template(tmp_path):
+    tokens, _, _ = tiny_vocab()
+    hf = small_hf_model("llama-gqa")
+    hf.resize_token_embeddings(len(tokens))
+    hf.config.vocab_size = len(tokens)
+    model = load_model(write_gguf(hf, tmp_path / "tok.gguf"))
+    tok = model.tokenizer
+    ids = tok.encode("hello world")
+    assert [tokens[i] for i in ids] == ["hello", "Ġworld"]
+    assert tok.decode(ids) == "hello world"
+    text = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    chat_ids = tok.encode(text)
+    assert chat_ids[0] == tokens.index("<|im_start|>") and tokens.index("<|im_end|>") in chat_ids
+    assert tok.eos_token_id == tokens.index("<|im_end|>")
+    # the same tokenizer as transformers builds from the GGUF file
+    from transformers import AutoTokenizer
+
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf")
+    assert theirs.encode("hello world", add_special_tokens=False) == ids
+    assert theirs.encode(text, add_special_tokens=False) == chat_ids
+
+
+def test_gguf_unknown_architecture(tmp_path):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "gpt2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"bad\.gguf: unknown architecture.*gpt2"):
+        load_model(tmp_path / "bad.gguf")
+
+
+def test_gguf_shape_mismatch_names_file_and_tensor(tmp_path):
+    hf = small_hf_model("llama-gqa")
+    path = write_gguf(hf, tmp_path / "m.gguf", with_tokenizer=False)
+    import gguf
+
+    # rewrite with a wrong feed_forward_length
+    reader = gguf.GGUFReader(str(path))
+    assert reader.fields["llama.feed_forward_length"].contents() == 67
+    hf.config.intermediate_size = 66
+    with pytest.raises(CheckpointError, match=r"m2\.gguf: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight'"):
+        load_model(write_gguf(hf, tmp_path / "m2.gguf", with_tokenizer=False))
+
+
+# ----------------------------------------------------------------------------------------------- HF tokenizer
+def test_folder_tokenizer_and_chat_template(llama, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    tokens, merges, _ = tiny_vocab()
+    backend = HFTokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split()) for m in merges]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    llama.save_pretrained(tmp_path)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "bos_token": {"content": "<|im_start|>"}}))
+    tok = load_model(tmp_path).tokenizer
+    assert tok.eos_token_id == tokens.index("<|im_end|>")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n"
+    assert load_model(tmp_path, tokenizer=False).tokenizer is None
