@@ -3,6 +3,7 @@ Everything that is not a tensor kernel (configs, checks, formats) comes from ``q
 
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 
+from .lora import QLoRALinear
 from .quantize import (
     Quantized4bit,
     Quantized8bit,
@@ -23,6 +24,7 @@ def codebook(name: str):
 
 
 __all__ = [
+    "QLoRALinear",
     "Quantized4bit",
     "Quantized8bit",
     "codebook",

@@ -3,6 +3,7 @@
 (NF4, section 3), ``blockwise`` (eq. 1-2) and ``quantize`` (double quantization)."""
 
 from .codebooks import codebook, dynamic_map, normal_float_codebook
+from .lora import QLoRALinear
 from .quantize import (
     Quantized4bit,
     Quantized8bit,
@@ -13,6 +14,7 @@ from .quantize import (
 )
 
 __all__ = [
+    "QLoRALinear",
     "Quantized4bit",
     "Quantized8bit",
     "codebook",

@@ -1,0 +1,231 @@
+"""The QLoRA linear layer on PyTorch + bitsandbytes: ``qlora_ref.lora.QLoRALinear`` as a ``torch.nn.Module``.
+
+The frozen weight is a bitsandbytes ``Params4bit``; the frozen path runs through ``bitsandbytes.matmul_4bit``;
+the adapter ``lora_A`` (r, in) and ``lora_B`` (out, r) are ``nn.Parameter``\\ s with PEFT's names, shapes and
+initialisation. Forward and backward are one custom autograd function that keeps, for the backward pass, only
+the (dropped-out) input, the dropout mask and the adapter — plus a reference to the 4-bit weight, which is
+dequantized again in backward and never stored dequantized. Saving ``H = x_d Aᵀ`` would cost r/in of the input's
+memory; it is recomputed instead.
+
+The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
+``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
+two backends differ only by the summation order inside matrix products. The rules — argument checks, scaling,
+initialisation, the dropout factor — are imported from ``qlora_ref.lora``.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import numpy as np
+import torch
+from torch import nn
+
+from qlora_ref import lora as ref
+from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
+
+from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b. torch's CPU bfloat16 GEMM without native bfloat16 instructions takes a very slow path when both
+    operands are row-major (measured: minutes for 512×4096 @ 4096×4096, against about a second otherwise);
+    giving the smaller operand column-major layout selects the fast kernel. Same float32-accumulated product."""
+    if a.device.type == "cpu" and a.dtype == torch.bfloat16 and a.is_contiguous() and b.is_contiguous():
+        if a.numel() <= b.numel():
+            a = a.t().contiguous().t()
+        else:
+            b = b.t().contiguous().t()
+    return a @ b
+
+
+def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only."""
+    return dequantize_4bit(Quantized4bit.from_bnb(weight, quant_state), dtype)
+
+
+class _QLoRALinearFunction(torch.autograd.Function):
+    """y = x Wᵀ + b + s · (x ⊙ keep·scale) Aᵀ Bᵀ, all tensors already in the compute dtype (x is (N, in))."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state):
+        if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
+            base = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
+        else:  # an unquantized frozen weight
+            base = torch.nn.functional.linear(x, weight, bias)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
+        if lora_a is None:
+            return base
+        xd = x if keep is None else x * (keep.to(x.dtype) * keep_scale)
+        h = xd @ lora_a.t()
+        y = base + (h @ lora_b.t()) * scaling
+        ctx.save_for_backward(xd, keep, lora_a, lora_b)  # the input (dropped out) and the adapter: nothing (N, out)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        weight, quant_state = ctx.weight, ctx.quant_state
+        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_b = None
+        if need_x:  # the frozen path: ∂L/∂x = G W, dequantizing the weight again
+            w = _dequantize(weight, quant_state, grad_y.dtype) if quant_state is not None else weight
+            grad_x = _mm(grad_y, w)
+            del w
+        saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
+        if saved:
+            xd, keep, lora_a, lora_b = saved
+            gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
+            if need_b:
+                grad_b = gs.t() @ (xd @ lora_a.t())  # ∂L/∂B = s Gᵀ H, H recomputed
+            gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
+            if need_a:
+                grad_a = gh.t() @ xd  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+            if need_x:
+                gxd = _mm(gh, lora_a)  # ∂L/∂x_d = (∂L/∂H) A
+                if keep is not None:
+                    gxd = gxd * (keep.to(gxd.dtype) * ctx.keep_scale)
+                grad_x = grad_x + gxd
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+
+
+class QLoRALinear(nn.Module):
+    """Frozen bitsandbytes 4-bit (or float32) weight + trainable LoRA adapter; see ``qlora_ref.lora``.
+
+    ``forward(x, dropout_mask=None)`` takes x (..., in) of any float dtype, computes in ``compute_dtype`` and
+    returns x's dtype. ``r=None`` builds a frozen layer without adapter.
+    """
+
+    def __init__(self, weight, r: int | None, alpha: float = 1.0, *, dropout: float = 0.0, bias=None,
+                 compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None):
+        super().__init__()
+        self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
+        self.compute_dtype = ref.check_compute_dtype(compute_dtype)
+        if isinstance(weight, RefQuantized4bit):
+            if not isinstance(weight, Quantized4bit):  # a NumPy state: through the shared state-dict format
+                weight = Quantized4bit.from_state_dict(weight.state_dict())
+            self.out_features, self.in_features = ref.check_weight_shape(weight.shape)
+            weight = weight.to(device) if device is not None else weight
+            self.weight = bnb.nn.Params4bit(
+                weight.packed, requires_grad=False, quant_state=weight.to_bnb(), blocksize=weight.blocksize,
+                compress_statistics=weight.double_quant, quant_type=weight.quant_type, bnb_quantized=True,
+            )
+        else:
+            weight = _float_tensor(weight, "weight", device)
+            self.out_features, self.in_features = ref.check_weight_shape(weight.shape)
+            self.register_buffer("weight", weight.float())
+        if bias is not None:
+            bias = _float_tensor(bias, "bias", device)
+            ref.check_bias_shape(tuple(bias.shape), self.out_features)
+            bias = bias.float()
+        self.register_buffer("bias", bias)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = ref.lora_scaling(self.alpha, self.r, self.use_rslora)
+        self.seed = seed
+        if self.r is None:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        else:
+            a, b = ref.init_lora_weights(self.in_features, self.out_features, self.r, seed)
+            self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
+            self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
+        self._generators: dict[torch.device, torch.Generator] = {}
+        self._initialized = True
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
+                    blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
+                    seed: int = 0, *, use_rslora: bool = False, device=None) -> QLoRALinear:
+        """Quantize ``W`` (out, in) with bitsandbytes (``quant_type=None`` keeps it float32), attach an adapter."""
+        W = _float_tensor(W, "W", device)
+        ref.check_weight_shape(W.shape)
+        weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
+        return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
+                   seed=seed, device=device)
+
+    @classmethod
+    def from_quantized(cls, q, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
+                       compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
+                       device=None) -> QLoRALinear:
+        """Use a quantized weight as stored (a ``Quantized4bit`` of either backend)."""
+        if not isinstance(q, RefQuantized4bit):
+            raise ValueError(f"q must be a Quantized4bit (qlora_ref or qlora_gpu), got {type(q).__name__}")
+        return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
+                   seed=seed, device=device)
+
+    def __setattr__(self, name, value):
+        if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
+            if self.r is None:
+                raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
+            expected = (self.r, self.in_features) if name == "lora_A" else (self.out_features, self.r)
+            ref.check_adapter_shape(name, tuple(value.shape), expected)
+        super().__setattr__(name, value)
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.weight, bnb.nn.Params4bit)
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.training and self.r is not None and self.dropout > 0.0
+
+    def extra_repr(self) -> str:
+        kind = self.weight.quant_type if self.quantized else "float32"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight={kind}, r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
+                f"compute_dtype={self.compute_dtype!r}")
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        ref.check_input_shape(tuple(x.shape), self.in_features)
+        cdt = getattr(torch, self.compute_dtype)
+        lead = x.shape[:-1]
+        xc = x.reshape(-1, self.in_features).to(cdt)
+        keep = None
+        if dropout_mask is not None:
+            ref.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
+            keep = dropout_mask.reshape(-1, self.in_features).to(device=x.device, dtype=torch.bool)
+        elif self.dropout_active:
+            keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
+        keep_scale = float(ref.dropout_scale(self.dropout, self.compute_dtype))
+        bias = None if self.bias is None else self.bias.to(cdt)
+        if self.quantized:
+            weight, quant_state = self.weight, self.weight.quant_state
+        else:
+            weight, quant_state = self.weight.to(cdt), None
+        a = None if self.r is None else self.lora_A.to(cdt)
+        b = None if self.r is None else self.lora_B.to(cdt)
+        y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    # ---------------------------------------------------------------- merging
+    @torch.no_grad()
+    def merge(self) -> torch.Tensor:
+        """dequant(W) + s · B A in float32 (out, in); see ``qlora_ref.lora.QLoRALinear.merge``."""
+        if self.quantized:
+            w = _dequantize(self.weight, self.weight.quant_state, torch.float32)
+        else:
+            w = self.weight.clone()
+        if self.r is not None:
+            w += self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        return w
+
+
+def _float_tensor(a, name: str, device=None) -> torch.Tensor:
+    """``a`` (tensor or NumPy array) as a float torch tensor on ``device`` (default: where it is)."""
+    if isinstance(a, np.ndarray):
+        if a.dtype.kind != "f" and a.dtype.name != "bfloat16":
+            raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
+        a = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        raise ValueError(f"{name} must be a float torch.Tensor or NumPy array, got {getattr(a, 'dtype', type(a))}")
+    return a.to(device) if device is not None else a
+
+
+__all__ = ["QLoRALinear"]

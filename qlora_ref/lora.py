@@ -1,0 +1,459 @@
+r"""The QLoRA linear layer (paper, section 3, eq. 5-6; Algorithm 1 of the seed walk-through).
+
+A frozen base weight stored in 4 bits, dequantized on the fly, plus a trainable low-rank update::
+
+    y = x · dequant(W)ᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ          s = alpha / r   (alpha / √r with rsLoRA)
+
+with PEFT's names and shapes: ``lora_A`` is (r, in), ``lora_B`` is (out, r), ``A`` Kaiming-uniform and ``B`` zero
+at the start, so the layer begins as exactly the frozen one. Only ``A`` and ``B`` are trained; the 4-bit weight
+and the bias never receive a gradient. Yet backpropagation still needs the weight: the gradient with respect to
+the layer's input flows through it, so the backward pass dequantizes ``W`` a second time.
+
+Gradients (the derivation, written out in docs/lora_backprop.md). Flatten the leading dimensions so that x is
+(N, in), write G = ∂L/∂y (N, out), D = diag-free dropout ``x_d = x ⊙ M · 1/(1-p)`` with the keep mask M, and
+``H = x_d Aᵀ`` (N, r). Then y = x Wᵀ + b + s H Bᵀ and, as every term is linear in each of x, A and B:
+
+    ∂L/∂B = s · Gᵀ H                      (out, r)    from y_ij = … + s Σ_k H_ik B_jk
+    ∂L/∂H = s · G B                       (N, r)
+    ∂L/∂A = (∂L/∂H)ᵀ x_d = s · Bᵀ Gᵀ x_d   (r, in)     from H_ik = Σ_l x_d,il A_kl
+    ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M · 1/(1-p)            the frozen path plus the adapter path
+    ∂L/∂W, ∂L/∂b: not computed (frozen; QLoRA never forms a weight gradient)
+
+Precision (``compute_dtype``). QLoRA stores in NF4 and computes in bfloat16 (section 3: "storage data type" and
+"computation data type"). With ``compute_dtype="bfloat16"`` the reference does what a bfloat16 PyTorch graph does,
+operation by operation (each step rounds its float32 result once to bfloat16, as torch's bfloat16 kernels do,
+products accumulating in float32)::
+
+    x_c = bf16(x)   W_c = bf16(dequant(W))   A_c = bf16(A)   B_c = bf16(B)   b_c = bf16(b)
+    base = bf16(x_c W_cᵀ + b_c)              one rounding after the bias, as torch.nn.functional.linear
+    x_d  = bf16(x_c · bf16(M / (1-p)))        torch's dropout multiplies by a mask holding bf16(1/(1-p))
+    H    = bf16(x_d A_cᵀ)    P = bf16(H B_cᵀ)    L = bf16(s · P)    y = bf16(base + L)
+
+and the backward pass rounds the same way (G_c = bf16(G), G_s = bf16(s G_c), ∂B = bf16(G_sᵀ H), …). The master
+copies of A and B stay float32 and so do their gradients (a bfloat16 gradient, widened). ``"float32"`` skips every
+rounding: the layer is then the exact float32 function of the dequantized weight.
+
+Two ways through the frozen weight: ``matmul="fused"`` (default) dequantizes tile by tile inside the matrix
+product (``qlora_ref.fused_matmul``), ``"naive"`` dequantizes the whole weight first — the readable definition.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import numpy as np
+
+from . import fused_matmul
+from .dtypes import round_to
+from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
+
+#: the computation data types: bfloat16 (QLoRA's) and float32 (exact)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+MATMUL_PATHS = ("fused", "naive")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration rules shared with qlora_gpu (checks take plain facts — numbers and shapes — never arrays)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_lora_config(r, alpha, dropout) -> tuple[int | None, float, float]:
+    """Validate (r, alpha, dropout). ``r=None`` means a frozen layer without adapter (alpha is then unused)."""
+    if r is not None:
+        if isinstance(r, bool) or not isinstance(r, int | np.integer) or r <= 0:
+            raise ValueError(f"r (the LoRA rank) must be a positive integer, or None for a layer without adapter; "
+                             f"got {r!r}")
+        r = int(r)
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    return r, float(alpha), float(dropout)
+
+
+def check_compute_dtype(compute_dtype) -> str:
+    name = str(compute_dtype).removeprefix("torch.")
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return name
+
+
+def check_weight_shape(shape) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) <= 0:
+        raise ValueError(f"the base weight must be a non-empty 2-D (out_features, in_features) matrix, got shape "
+                         f"{shape}")
+    return shape
+
+
+def check_bias_shape(shape, out_features: int) -> None:
+    if tuple(shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},) (out_features), got {tuple(shape)}")
+
+
+def check_adapter_shape(name: str, shape, expected: tuple[int, int]) -> None:
+    if tuple(shape) != tuple(expected):
+        what = "(r, in_features)" if name == "lora_A" else "(out_features, r)"
+        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(shape)}")
+
+
+def check_input_shape(shape, in_features: int) -> None:
+    if len(shape) == 0 or shape[-1] != in_features:
+        raise ValueError(f"input must have last dimension in_features={in_features}, got shape {tuple(shape)}")
+
+
+def check_grad_shape(shape, expected) -> None:
+    if tuple(shape) != tuple(expected):
+        raise ValueError(f"grad_y must have the shape of the forward output {tuple(expected)}, got {tuple(shape)}")
+
+
+def check_dropout_mask(mask_shape, x_shape, active: bool) -> None:
+    if not active:
+        raise ValueError("dropout_mask was given but dropout is inactive (dropout=0, no adapter, or eval mode)")
+    if tuple(mask_shape) != tuple(x_shape):
+        raise ValueError(f"dropout_mask must have the input's shape {tuple(x_shape)}, got {tuple(mask_shape)}")
+
+
+def lora_scaling(alpha: float, r: int | None, use_rslora: bool = False) -> float:
+    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajievic 2023; PEFT's ``use_rslora``)."""
+    if r is None:
+        return 0.0
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_a_init_bound(in_features: int) -> float:
+    """PEFT initialises A with ``kaiming_uniform_(a=√5)``: U(-bound, bound) with bound = gain·√(3/fan_in),
+    gain = √(2/(1+a²)) = √(1/3), so bound = 1/√in_features."""
+    return 1.0 / math.sqrt(in_features)
+
+
+def init_lora_weights(in_features: int, out_features: int, r: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) as PEFT initialises them — A Kaiming-uniform, B zeros — from a NumPy generator seeded by ``seed``.
+    Both backends start from these arrays, so the same seed gives the same adapter everywhere."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
+    bound = lora_a_init_bound(in_features)
+    a = rng.uniform(-bound, bound, size=(r, in_features)).astype(np.float32)
+    return a, np.zeros((out_features, r), np.float32)
+
+
+def dropout_scale(p: float, compute_dtype: str) -> np.float32:
+    """The factor a kept element is multiplied by: 1/(1-p) in float32, rounded to the compute dtype (torch's
+    dropout on a bfloat16 tensor multiplies by a bfloat16 mask holding 1/(1-p))."""
+    return np.float32(round_to(np.float32(1.0) / np.float32(1.0 - p), compute_dtype))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------------------------
+
+
+class QLoRALinear:
+    """Frozen (4-bit or float32) weight + trainable LoRA adapter, with a hand-written backward pass.
+
+    Build it with ``from_weight`` (quantizes a float weight) or ``from_quantized`` (a stored ``Quantized4bit``).
+    ``lora_A``/``lora_B`` are plain float32 arrays, assignable and updatable in place; ``parameters()`` returns
+    them by name and ``grads`` holds their gradients under the same names. Gradients accumulate across
+    ``backward`` calls, like torch's ``.grad``; ``zero_grad()`` resets them. ``r=None`` builds a frozen layer
+    without adapter: no parameters, ``backward`` still returns the input gradient.
+    """
+
+    def __init__(self, weight, r: int | None, alpha: float = 1.0, *, dropout: float = 0.0, bias=None,
+                 compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0,
+                 matmul: str = "fused", tile: int | None = None):
+        self.r, self.alpha, self.dropout = check_lora_config(r, alpha, dropout)
+        self.compute_dtype = check_compute_dtype(compute_dtype)
+        if matmul not in MATMUL_PATHS:
+            raise ValueError(f"matmul must be one of {MATMUL_PATHS}, got {matmul!r}")
+        self.matmul, self.tile = matmul, tile
+        if isinstance(weight, Quantized4bit):
+            self.out_features, self.in_features = check_weight_shape(weight.shape)
+            self.weight = weight
+            self._weight_c = None  # dequantized on the fly, in every forward and backward
+        else:
+            weight = _float_array(weight, "weight")
+            self.out_features, self.in_features = check_weight_shape(weight.shape)
+            self.weight = weight.astype(np.float32)
+            self._weight_c = round_to(self.weight, self.compute_dtype)  # frozen: round once
+        self.bias = None
+        if bias is not None:
+            bias = _float_array(bias, "bias")
+            check_bias_shape(bias.shape, self.out_features)
+            self.bias = bias.astype(np.float32)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
+        self.seed = seed
+        self._lora_A = self._lora_B = None
+        if self.r is not None:
+            self._lora_A, self._lora_B = init_lora_weights(self.in_features, self.out_features, self.r, seed)
+        self._dropout_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+        self.grads: dict[str, np.ndarray] = {}
+        self.training = True
+        self._cache = None
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
+                    blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
+                    seed: int = 0, *, use_rslora: bool = False, matmul: str = "fused",
+                    tile: int | None = None) -> QLoRALinear:
+        """Quantize ``W`` (out, in) with ``quant_type`` (``None`` keeps it float32) and attach an adapter."""
+        W = _float_array(W, "W")
+        check_weight_shape(W.shape)
+        weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
+        return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
+                   seed=seed, matmul=matmul, tile=tile)
+
+    @classmethod
+    def from_quantized(cls, q: Quantized4bit, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
+                       compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
+                       matmul: str = "fused", tile: int | None = None) -> QLoRALinear:
+        """Use a quantized weight as stored (e.g. read from a bitsandbytes checkpoint) and attach an adapter."""
+        if not isinstance(q, Quantized4bit):
+            raise ValueError(f"q must be a qlora_ref.Quantized4bit, got {type(q).__name__}")
+        return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
+                   seed=seed, matmul=matmul, tile=tile)
+
+    # ---------------------------------------------------------------- parameters
+    @property
+    def lora_A(self) -> np.ndarray | None:
+        return self._lora_A
+
+    @lora_A.setter
+    def lora_A(self, value) -> None:
+        self._lora_A = self._adapter("lora_A", value, (self.r, self.in_features))
+
+    @property
+    def lora_B(self) -> np.ndarray | None:
+        return self._lora_B
+
+    @lora_B.setter
+    def lora_B(self, value) -> None:
+        self._lora_B = self._adapter("lora_B", value, (self.out_features, self.r))
+
+    def _adapter(self, name, value, expected) -> np.ndarray:
+        if self.r is None:
+            raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
+        value = _float_array(value, name)
+        check_adapter_shape(name, value.shape, expected)
+        return np.ascontiguousarray(value, dtype=np.float32)
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        """The trainable arrays (the live ones: an optimizer may update them in place)."""
+        return {} if self.r is None else {"lora_A": self._lora_A, "lora_B": self._lora_B}
+
+    def zero_grad(self) -> None:
+        self.grads.clear()
+
+    def train(self, mode: bool = True) -> QLoRALinear:
+        """Training mode: dropout is active."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self) -> QLoRALinear:
+        """Evaluation mode: dropout is the identity."""
+        return self.train(False)
+
+    def clear_cache(self) -> None:
+        """Drop what ``forward`` kept for ``backward``."""
+        self._cache = None
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.training and self.r is not None and self.dropout > 0.0
+
+    # ---------------------------------------------------------------- the frozen weight
+    def dequantized_weight(self) -> np.ndarray:
+        """W as the layer computes with it: dequantized and rounded to the compute dtype, float32 (out, in)."""
+        if self._weight_c is not None:
+            return self._weight_c
+        return fused_matmul.dequantized_weight(self.weight, self.compute_dtype)
+
+    def _x_wt(self, x: np.ndarray) -> np.ndarray:
+        """x Wᵀ with float32 accumulation, x (N, in) already in the compute dtype."""
+        if self._weight_c is not None:
+            return x @ self._weight_c.T
+        if self.matmul == "fused":
+            return fused_matmul.fused_x_wt(x, self.weight, self.compute_dtype, self.tile)
+        return fused_matmul.naive_x_wt(x, self.weight, self.compute_dtype)
+
+    def _g_w(self, g: np.ndarray) -> np.ndarray:
+        """G W (the input gradient of the frozen path), G (N, out) already in the compute dtype."""
+        if self._weight_c is not None:
+            return g @ self._weight_c
+        if self.matmul == "fused":
+            return fused_matmul.fused_g_w(g, self.weight, self.compute_dtype, self.tile)
+        return fused_matmul.naive_g_w(g, self.weight, self.compute_dtype)
+
+    # ---------------------------------------------------------------- forward / backward
+    def forward(self, x, dropout_mask=None) -> np.ndarray:
+        """y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ for x of shape (..., in); returns float32 (..., out).
+
+        ``dropout_mask``: an explicit boolean keep-mask of x's shape (True keeps), used instead of the layer's
+        generator — so that two implementations can be run with the same mask. Only while dropout is active.
+        """
+        x = _float_array(x, "x")
+        check_input_shape(x.shape, self.in_features)
+        lead = x.shape[:-1]
+        rnd = self._round
+        xc = rnd(x.reshape(-1, self.in_features))
+
+        # the frozen path: x Wᵀ + b, one rounding
+        base = self._x_wt(xc)
+        if self.bias is not None:
+            base = base + rnd(self.bias)
+        base = rnd(base)
+
+        if self.r is None:
+            self._cache = {"shape": x.shape}
+            return base.reshape(*lead, self.out_features)
+
+        # the adapter path: s · dropout(x) Aᵀ Bᵀ
+        keep_scale = self._dropout_keep_scale(x.shape, dropout_mask)
+        xd = xc if keep_scale is None else rnd(xc * keep_scale)
+        a_c, b_c = rnd(self._lora_A), rnd(self._lora_B)
+        h = rnd(xd @ a_c.T)
+        lora = rnd(rnd(h @ b_c.T) * np.float32(self.scaling))
+        y = rnd(base + lora)
+        self._cache = {"shape": x.shape, "xd": xd, "h": h, "keep_scale": keep_scale, "A": a_c, "B": b_c}
+        return y.reshape(*lead, self.out_features)
+
+    __call__ = forward
+
+    def backward(self, grad_y) -> np.ndarray:
+        """Given ∂L/∂y (shape of the last output), accumulate ∂L/∂A and ∂L/∂B into ``grads`` and return ∂L/∂x."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first (or the cache was cleared)")
+        cache = self._cache
+        shape = cache["shape"]
+        grad_y = _float_array(grad_y, "grad_y")
+        check_grad_shape(grad_y.shape, (*shape[:-1], self.out_features))
+        rnd = self._round
+        g = rnd(grad_y.reshape(-1, self.out_features))
+
+        gx = rnd(self._g_w(g))  # frozen path: ∂L/∂x = G W (no ∂L/∂W: the weight is frozen)
+        if self.r is not None:
+            gs = rnd(g * np.float32(self.scaling))  # ∂L/∂P for P = H Bᵀ
+            grad_b = rnd(gs.T @ cache["h"])  # ∂L/∂B = s Gᵀ H
+            gh = rnd(gs @ cache["B"])  # ∂L/∂H = s G B
+            grad_a = rnd(gh.T @ cache["xd"])  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+            gxd = rnd(gh @ cache["A"])  # ∂L/∂x_d = (∂L/∂H) A
+            if cache["keep_scale"] is not None:
+                gxd = rnd(gxd * cache["keep_scale"])  # through the dropout mask
+            gx = rnd(gx + gxd)
+            self._accumulate("lora_A", grad_a)
+            self._accumulate("lora_B", grad_b)
+        return gx.reshape(shape)
+
+    def _round(self, a: np.ndarray) -> np.ndarray:
+        return round_to(a, self.compute_dtype)
+
+    def _accumulate(self, name: str, grad: np.ndarray) -> None:
+        if name in self.grads:
+            self.grads[name] += grad
+        else:
+            self.grads[name] = np.array(grad, dtype=np.float32)
+
+    def _dropout_keep_scale(self, x_shape, dropout_mask) -> np.ndarray | None:
+        """The dropout multiplier M · bf16(1/(1-p)) (N, in), or None when dropout is the identity."""
+        active = self.dropout_active
+        if dropout_mask is not None:
+            dropout_mask = np.asarray(dropout_mask)
+            check_dropout_mask(dropout_mask.shape, x_shape, active)
+            keep = dropout_mask.astype(bool)
+        elif active:
+            keep = self._dropout_rng.random(x_shape) >= self.dropout
+        else:
+            return None
+        scale = dropout_scale(self.dropout, self.compute_dtype)
+        return np.where(keep, scale, np.float32(0.0)).astype(np.float32).reshape(-1, self.in_features)
+
+    # ---------------------------------------------------------------- merging
+    def merge(self) -> np.ndarray:
+        """The adapter folded into the weight: dequant(W) + s · B A, float32 (out, in).
+
+        A float32 (or bfloat16) merged weight reproduces the adapted layer; quantizing it again does not: see
+        ``merged_layer(requantize=True)`` and docs/lora_backprop.md for how much is lost.
+        """
+        if isinstance(self.weight, Quantized4bit):
+            w = dequantize_4bit(self.weight, "float32").astype(np.float32, copy=False)
+        else:
+            w = self.weight
+        if self.r is None:
+            return w.copy()
+        return w + np.float32(self.scaling) * (self._lora_B @ self._lora_A)
+
+    def merged_layer(self, requantize: bool = False) -> QLoRALinear:
+        """A frozen layer (no adapter) whose weight is ``merge()`` — kept float32, or quantized again with this
+        layer's data type, block size and double quantization (``requantize=True``; needs a quantized weight)."""
+        merged = self.merge()
+        if requantize:
+            if not isinstance(self.weight, Quantized4bit):
+                raise ValueError("requantize=True needs a quantized base weight (this layer's weight is float32)")
+            q = self.weight
+            merged = quantize_4bit(merged, q.quant_type, q.blocksize, q.double_quant)
+        return QLoRALinear(merged, None, bias=self.bias, compute_dtype=self.compute_dtype, matmul=self.matmul,
+                           tile=self.tile)
+
+    def __repr__(self) -> str:
+        kind = "float32" if self._weight_c is not None else f"{self.weight.quant_type}"
+        return (f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}, weight={kind}, "
+                f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
+                f"compute_dtype={self.compute_dtype!r})")
+
+
+def merge_error(layer: QLoRALinear, x) -> dict[str, float]:
+    """How much merging loses, measured exactly (float64) on inputs ``x`` (..., in).
+
+    The adapted layer computes with W + ΔW, W the dequantized base weight and ΔW = s·B A. For each way to merge —
+    ``"float32"`` (``merge()``), ``"bfloat16"`` (``merge()`` rounded to bfloat16, how merged models are usually
+    saved) and ``"requantized"`` (``merge()`` quantized again with the base weight's settings) — the error of the
+    merged weight M relative to the adapter's own contribution::
+
+        ||x Mᵀ − x (W + ΔW)ᵀ|| / ||x ΔWᵀ||      0: the fine-tuning is kept; 1: as if the adapter were dropped
+
+    plus, for the re-quantized weight, ``"retained"`` = ⟨M − W, ΔW⟩ / ||ΔW||² (the share of ΔW that survives) and
+    ``"codes_changed"``, the fraction of 4-bit codes that differ from the base weight's.
+    """
+    if layer.r is None or not isinstance(layer.weight, Quantized4bit):
+        raise ValueError("merge_error needs a layer with an adapter and a quantized base weight")
+    x = _float_array(x, "x").reshape(-1, layer.in_features).astype(np.float64)
+    w = dequantize_4bit(layer.weight, "float32").astype(np.float64)
+    delta = np.float64(layer.scaling) * (layer.lora_B.astype(np.float64) @ layer.lora_A.astype(np.float64))
+    adapted = x @ (w + delta).T
+    norm = np.linalg.norm(x @ delta.T)
+    merged = layer.merge()
+    q = layer.weight
+    requantized = quantize_4bit(merged, q.quant_type, q.blocksize, q.double_quant)
+    weights = {
+        "float32": merged,
+        "bfloat16": round_to(merged, "bfloat16"),
+        "requantized": dequantize_4bit(requantized, "float32"),
+    }
+    out = {k: float(np.linalg.norm(x @ m.astype(np.float64).T - adapted) / norm) for k, m in weights.items()}
+    out["retained"] = float(np.sum((weights["requantized"] - w) * delta) / np.sum(delta * delta))
+    out["codes_changed"] = float(np.mean(requantized.codes() != q.codes()))
+    return out
+
+
+def _float_array(a, name: str) -> np.ndarray:
+    """``a`` as a NumPy float array (float16, bfloat16, float32 or float64; not converted yet)."""
+    try:
+        arr = np.asarray(a)
+    except Exception as e:  # e.g. a torch tensor that needs .numpy() on another device
+        raise ValueError(f"{name} must be a NumPy float array, got {type(a).__name__}") from e
+    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
+        raise ValueError(f"{name} must be a float array, got dtype {arr.dtype}")
+    return arr
+
+
+__all__ = [
+    "COMPUTE_DTYPES",
+    "QLoRALinear",
+    "check_lora_config",
+    "dropout_scale",
+    "init_lora_weights",
+    "lora_a_init_bound",
+    "lora_scaling",
+    "merge_error",
+]

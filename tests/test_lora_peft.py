@@ -1,0 +1,119 @@
+"""The reference layer equals PEFT's LoRA layer wrapped around a bitsandbytes ``Linear4bit`` (on CPU), given the
+same 4-bit weight, bias, adapters, input and dropout mask: outputs, the input gradient and both LoRA gradients.
+
+PEFT's bitsandbytes layer (peft.tuners.lora.bnb.Linear4bit.forward) computes
+``result = base_layer(x)`` (x cast to the layer's compute_dtype, ``bnb.matmul_4bit``, cast back to x's dtype), then
+casts x to the adapter's dtype and adds ``lora_B(lora_A(dropout(x))) * scaling`` cast to the result's dtype.
+With float32 everywhere that is the reference's float32 mode; with a bfloat16 input, bfloat16 compute dtype and
+bfloat16 adapters it is the reference's bfloat16 mode, operation for operation. (PEFT with float32 adapters under
+a bfloat16 base computes the adapter path in float32: a mix the reference does not emulate; docs/lora_backprop.md.)
+"""
+
+import bitsandbytes as bnb
+import numpy as np
+import pytest
+import torch
+from lora_helpers import assert_within_bound, magnitudes
+from peft import LoraConfig
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+import qlora_ref
+from qlora_ref.dtypes import round_to
+from qlora_ref.lora import QLoRALinear, dropout_scale
+
+
+def peft_layer(q, bias, r, alpha, dropout, use_rslora, compute_dtype):
+    """bitsandbytes Linear4bit holding the 4-bit state ``q`` (loaded from its state dict), wrapped by PEFT."""
+    out_f, in_f = q.shape
+    cdt = getattr(torch, compute_dtype)
+    base = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compute_dtype=cdt, quant_type=q.quant_type,
+                             compress_statistics=q.double_quant)
+    sd = {k.removeprefix("weight."): torch.from_numpy(np.array(v)) for k, v in q.state_dict("weight.").items()}
+    packed = sd.pop("weight")
+    base.weight = bnb.nn.Params4bit.from_prequantized(packed, sd, requires_grad=False, device="cpu", module=base)
+    if bias is not None:
+        base.bias = torch.nn.Parameter(torch.from_numpy(bias.copy()).to(cdt), requires_grad=False)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora)
+    layer = PeftLinear4bit(base, "default", config=config, r=r, lora_alpha=alpha)
+    if compute_dtype == "bfloat16":  # QLoRA's recipe: the adapters in bfloat16 too
+        layer.lora_A.to(torch.bfloat16)
+        layer.lora_B.to(torch.bfloat16)
+    return layer
+
+
+CASES = [
+    # out, in, r, alpha, dropout, rslora, bias, quant_type, blocksize, double_quant, compute dtype
+    (24, 64, 4, 8.0, 0.0, False, True, "nf4", 64, True, "float32"),
+    (40, 96, 8, 16.0, 0.1, False, False, "nf4", 32, False, "float32"),
+    (17, 130, 3, 5.0, 0.25, True, True, "fp4", 64, True, "float32"),
+    (24, 64, 4, 8.0, 0.0, False, True, "nf4", 64, True, "bfloat16"),
+    (40, 96, 8, 16.0, 0.1, False, True, "nf4", 64, True, "bfloat16"),
+    (33, 128, 6, 12.0, 0.05, True, False, "fp4", 128, False, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("out_f, in_f, r, alpha, p, rslora, has_bias, qt, bs, dq, cd", CASES)
+def test_reference_equals_peft_lora_on_bitsandbytes_linear4bit(out_f, in_f, r, alpha, p, rslora, has_bias, qt, bs,
+                                                               dq, cd):
+    rng = np.random.default_rng(out_f * in_f + r)
+    W = (rng.standard_normal((out_f, in_f)) * 0.05).astype(np.float32)
+    bias = rng.standard_normal(out_f).astype(np.float32) if has_bias else None
+    q = qlora_ref.quantize_4bit(W, qt, bs, dq)
+    ours = QLoRALinear.from_quantized(q, r, alpha, dropout=p, bias=bias, compute_dtype=cd, use_rslora=rslora)
+    theirs = peft_layer(q, bias, r, alpha, p, rslora, cd)
+    assert theirs.scaling["default"] == ours.scaling
+    # the same adapter in both: PEFT's own initial A (Kaiming-uniform) and a non-zero B
+    a = theirs.lora_A["default"].weight.detach().float().numpy()
+    b = (rng.standard_normal((out_f, r)) * 0.2).astype(np.float32)
+    ours.lora_A, ours.lora_B = a, b
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.copy_(torch.from_numpy(b))
+    assert np.abs(a).max() <= 1 / np.sqrt(in_f)  # PEFT's bound, the one qlora_ref.lora.lora_a_init_bound states
+
+    cdt = getattr(torch, cd)
+    x = rng.standard_normal((2, 3, in_f)).astype(np.float32)
+    gy = rng.standard_normal((2, 3, out_f)).astype(np.float32)
+    # run PEFT first (its nn.Dropout draws the mask), capture the mask, give it to the reference
+    seen = {}
+    theirs.lora_dropout["default"].register_forward_hook(lambda m, i, o: seen.update(x=i[0], out=o))
+    torch.manual_seed(0)
+    xt = torch.from_numpy(x).to(cdt).requires_grad_(True)
+    y = theirs(xt)
+    y.backward(torch.from_numpy(gy).to(cdt))
+    mask = None
+    if p > 0:
+        mask = (seen["out"] != 0).numpy()
+        assert (seen["x"] != 0).all() and 0 < mask.mean() < 1
+    y_ours = ours.forward(x, dropout_mask=mask)
+    gx_ours = ours.backward(gy)
+
+    if cd == "float32":
+        m = magnitudes(x.reshape(6, in_f), ours.dequantized_weight(), bias, a, b, gy.reshape(6, out_f), ours.scaling,
+                       None if mask is None else mask.reshape(6, in_f) * dropout_scale(p, cd))
+        dims = (cd, 6, in_f, out_f, r)
+        assert_within_bound("y", y_ours, y.detach().numpy(), m["y"], *dims)
+        assert_within_bound("x", gx_ours, xt.grad.numpy(), m["x"], *dims)
+        assert_within_bound("lora_A", ours.grads["lora_A"], theirs.lora_A["default"].weight.grad.numpy(),
+                            m["lora_A"], *dims)
+        assert_within_bound("lora_B", ours.grads["lora_B"], theirs.lora_B["default"].weight.grad.numpy(),
+                            m["lora_B"], *dims)
+    else:  # bfloat16: the same operations on the same bfloat16 values; torch's CPU kernels round identically
+        np.testing.assert_array_equal(y_ours, y.detach().float().numpy())
+        np.testing.assert_array_equal(gx_ours, xt.grad.float().numpy())
+        np.testing.assert_array_equal(ours.grads["lora_A"], theirs.lora_A["default"].weight.grad.float().numpy())
+        np.testing.assert_array_equal(ours.grads["lora_B"], theirs.lora_B["default"].weight.grad.float().numpy())
+        assert np.array_equal(round_to(y_ours, "bfloat16"), y_ours)  # every output value is a bfloat16
+
+
+def test_peft_default_initialisation_rule():
+    """PEFT: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0; the reference draws from the same distribution."""
+    in_f, out_f, r = 256, 32, 16
+    q = qlora_ref.quantize_4bit(np.random.default_rng(0).standard_normal((out_f, in_f)).astype(np.float32))
+    theirs = peft_layer(q, None, r, 16.0, 0.0, False, "float32")
+    ours = QLoRALinear.from_quantized(q, r, 16.0)
+    a_theirs = theirs.lora_A["default"].weight.detach().numpy()
+    bound = 1 / np.sqrt(in_f)
+    for a in (a_theirs, ours.lora_A):
+        assert a.shape == (r, in_f) and np.abs(a).max() <= bound and np.abs(a).max() > 0.98 * bound
+        assert abs(a.std() - bound / np.sqrt(3)) < 0.03 * bound  # the uniform distribution's standard deviation
+    assert not theirs.lora_B["default"].weight.detach().any() and not ours.lora_B.any()
