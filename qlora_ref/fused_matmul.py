@@ -38,21 +38,26 @@ def _round_bf16(v):
 
 
 @njit(inline="always")
-def _dequantize_one(packed, absmax, code, blocksize, i, to_bf16):
-    # element i of the flattened weight: code[nibble] * absmax[block] in float32 (eq. 2), optionally to bf16
-    byte = np.int64(packed[i >> 1])
-    nibble = (byte >> 4) if (i & 1) == 0 else (byte & 15)  # the first element sits in the high nibble
-    v = code[nibble] * absmax[i // blocksize]
-    return _round_bf16(v) if to_bf16 else v
+def _dequantize_span(packed, absmax, code, blocksize, start, stop, to_bf16, out, o):
+    # out[o + k] = W_flat[start + k] for start + k < stop: code[nibble] * absmax[block] in float32 (eq. 2),
+    # optionally rounded to bfloat16; one block (one absmax) at a time
+    i = start
+    while i < stop:
+        b = i // blocksize
+        end = min(stop, (b + 1) * blocksize)
+        a = absmax[b]
+        for j in range(i, end):
+            byte = np.int64(packed[j >> 1])
+            nibble = (byte >> 4) if (j & 1) == 0 else (byte & 15)  # the first element sits in the high nibble
+            v = code[nibble] * a
+            out[o + j - start] = _round_bf16(v) if to_bf16 else v
+        i = end
 
 
 @njit(cache=True)
 def _dequantize_rows(packed, absmax, code, blocksize, n_in, r0, r1, to_bf16, tile):
-    # tile[(r - r0) * n_in + c] = W[r, c] for rows r0 <= r < r1
-    for r in range(r1 - r0):
-        base = (r0 + r) * n_in
-        for c in range(n_in):
-            tile[r * n_in + c] = _dequantize_one(packed, absmax, code, blocksize, base + c, to_bf16)
+    # tile[(r - r0) * n_in + c] = W[r, c] for rows r0 <= r < r1: contiguous in the flattened weight
+    _dequantize_span(packed, absmax, code, blocksize, r0 * n_in, r1 * n_in, to_bf16, tile, 0)
 
 
 @njit(cache=True)
@@ -60,9 +65,7 @@ def _dequantize_cols(packed, absmax, code, blocksize, n_out, n_in, c0, c1, to_bf
     # tile[r * (c1 - c0) + j] = W[r, c0 + j] for all rows r: an (out, c1 - c0) row-major slab
     w = c1 - c0
     for r in range(n_out):
-        base = r * n_in + c0
-        for j in range(w):
-            tile[r * w + j] = _dequantize_one(packed, absmax, code, blocksize, base + j, to_bf16)
+        _dequantize_span(packed, absmax, code, blocksize, r * n_in + c0, r * n_in + c1, to_bf16, tile, r * w)
 
 
 @njit(cache=True)

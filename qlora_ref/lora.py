@@ -10,13 +10,13 @@ and the bias never receive a gradient. Yet backpropagation still needs the weigh
 the layer's input flows through it, so the backward pass dequantizes ``W`` a second time.
 
 Gradients (the derivation, written out in docs/lora_backprop.md). Flatten the leading dimensions so that x is
-(N, in), write G = ∂L/∂y (N, out), D = diag-free dropout ``x_d = x ⊙ M · 1/(1-p)`` with the keep mask M, and
-``H = x_d Aᵀ`` (N, r). Then y = x Wᵀ + b + s H Bᵀ and, as every term is linear in each of x, A and B:
+(N, in); let G = ∂L/∂y (N, out), M the dropout keep-mask, x_d = x ⊙ M / (1-p) and H = x_d Aᵀ (N, r). Then
+y = x Wᵀ + b + s H Bᵀ is affine in x and linear in A and in B, and the chain rule gives
 
     ∂L/∂B = s · Gᵀ H                      (out, r)    from y_ij = … + s Σ_k H_ik B_jk
     ∂L/∂H = s · G B                       (N, r)
     ∂L/∂A = (∂L/∂H)ᵀ x_d = s · Bᵀ Gᵀ x_d   (r, in)     from H_ik = Σ_l x_d,il A_kl
-    ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M · 1/(1-p)            the frozen path plus the adapter path
+    ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M / (1-p)             the frozen path plus the adapter path
     ∂L/∂W, ∂L/∂b: not computed (frozen; QLoRA never forms a weight gradient)
 
 Precision (``compute_dtype``). QLoRA stores in NF4 and computes in bfloat16 (section 3: "storage data type" and
@@ -309,13 +309,14 @@ class QLoRALinear:
             return base.reshape(*lead, self.out_features)
 
         # the adapter path: s · dropout(x) Aᵀ Bᵀ
-        keep_scale = self._dropout_keep_scale(x.shape, dropout_mask)
-        xd = xc if keep_scale is None else rnd(xc * keep_scale)
+        keep = self._dropout_keep(x.shape, dropout_mask)
+        scale = dropout_scale(self.dropout, self.compute_dtype)
+        xd = xc if keep is None else rnd(xc * (keep * scale))
         a_c, b_c = rnd(self._lora_A), rnd(self._lora_B)
         h = rnd(xd @ a_c.T)
         lora = rnd(rnd(h @ b_c.T) * np.float32(self.scaling))
         y = rnd(base + lora)
-        self._cache = {"shape": x.shape, "xd": xd, "h": h, "keep_scale": keep_scale, "A": a_c, "B": b_c}
+        self._cache = {"shape": x.shape, "xd": xd, "h": h, "keep": keep, "scale": scale, "A": a_c, "B": b_c}
         return y.reshape(*lead, self.out_features)
 
     __call__ = forward
@@ -338,8 +339,8 @@ class QLoRALinear:
             gh = rnd(gs @ cache["B"])  # ∂L/∂H = s G B
             grad_a = rnd(gh.T @ cache["xd"])  # ∂L/∂A = (∂L/∂H)ᵀ x_d
             gxd = rnd(gh @ cache["A"])  # ∂L/∂x_d = (∂L/∂H) A
-            if cache["keep_scale"] is not None:
-                gxd = rnd(gxd * cache["keep_scale"])  # through the dropout mask
+            if cache["keep"] is not None:
+                gxd = rnd(gxd * (cache["keep"] * cache["scale"]))  # through the dropout mask
             gx = rnd(gx + gxd)
             self._accumulate("lora_A", grad_a)
             self._accumulate("lora_B", grad_b)
@@ -354,19 +355,18 @@ class QLoRALinear:
         else:
             self.grads[name] = np.array(grad, dtype=np.float32)
 
-    def _dropout_keep_scale(self, x_shape, dropout_mask) -> np.ndarray | None:
-        """The dropout multiplier M · bf16(1/(1-p)) (N, in), or None when dropout is the identity."""
+    def _dropout_keep(self, x_shape, dropout_mask) -> np.ndarray | None:
+        """The boolean keep-mask M (N, in) — explicit or drawn: P(keep) = 1 - p — or None when dropout is off."""
         active = self.dropout_active
         if dropout_mask is not None:
             dropout_mask = np.asarray(dropout_mask)
             check_dropout_mask(dropout_mask.shape, x_shape, active)
             keep = dropout_mask.astype(bool)
         elif active:
-            keep = self._dropout_rng.random(x_shape) >= self.dropout
+            keep = self._dropout_rng.random(x_shape, dtype=np.float32) >= np.float32(self.dropout)
         else:
             return None
-        scale = dropout_scale(self.dropout, self.compute_dtype)
-        return np.where(keep, scale, np.float32(0.0)).astype(np.float32).reshape(-1, self.in_features)
+        return keep.reshape(-1, self.in_features)
 
     # ---------------------------------------------------------------- merging
     def merge(self) -> np.ndarray:

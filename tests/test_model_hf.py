@@ -189,3 +189,20 @@ def test_gradient_checkpointing_saves_activation_memory(tmp_path):
         peaks[ckpt] = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
     assert peaks[True] < 0.5 * peaks[False], peaks
+
+
+def test_mistral_sliding_window_logits(tmp_path):
+    """Mistral: each query sees only the last ``sliding_window`` keys (window 4 < sequence 11)."""
+    from model_helpers import make_hf_model
+
+    hf = make_hf_model("mistral", vocab_size=71, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    hf.save_pretrained(tmp_path)
+    ref = load_model(tmp_path)
+    assert ref.config.sliding_window == 4
+    ids = input_ids(71)
+    assert max_rel_err(ref.forward(ids), hf_logits(hf, ids)) <= 1e-5
+    full = load_model(tmp_path)
+    for layer in full.layers:
+        layer.self_attn.sliding_window = None
+    assert max_rel_err(full.forward(ids), hf_logits(hf, ids)) > 1e-3  # the window matters here

@@ -54,8 +54,11 @@ def causal_mask(t: int, s: int, past: int, sliding_window: int | None = None) ->
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - np.max(x, axis=-1, keepdims=True))
-    return e / np.sum(e, axis=-1, keepdims=True)
+    """Softmax over the last axis (max subtracted first, so exp never overflows; -inf entries become 0)."""
+    e = x - np.max(x, axis=-1, keepdims=True)
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=-1, keepdims=True)
+    return e
 
 
 class Attention:
@@ -85,34 +88,39 @@ class Attention:
         q = self.q_proj.forward(x).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
         k = self.k_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         v = self.v_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin).reshape(B, Hkv, G * T, D)  # a group's queries stacked: one matmul per kv head
         k = apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         S_len = k.shape[2]
 
-        scores = np.matmul(q, k[:, :, None].swapaxes(-1, -2)) * np.float32(self.scale)  # (B, Hkv, G, T, S)
-        scores += causal_mask(T, S_len, past, self.sliding_window)
+        scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2))) * np.float32(self.scale)  # (B,Hkv,G*T,S)
+        scores.reshape(B, Hkv, G, T, S_len)[...] += causal_mask(T, S_len, past, self.sliding_window)
         probs = softmax(scores)
-        out = np.matmul(probs, v[:, :, None])  # (B, Hkv, G, T, D)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
+        out = np.matmul(probs, v)  # (B, Hkv, G*T, D)
+        out = out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
         if kv_cache is None:  # training: keep what backward needs
             self._cache = (q, k, v, probs, cos, sin)
         return self.o_proj.forward(out)
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
         q, k, v, probs, cos, sin = self._cache
-        B, Hkv, G, T, D = q.shape
-        d_out = self.o_proj.backward(grad).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
+        B, Hkv, GT, D = q.shape
+        G, T = self.groups, GT // self.groups
+        d_out = self.o_proj.backward(grad).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, GT, D)
 
-        dv = np.matmul(probs.swapaxes(-1, -2), d_out).sum(axis=2)  # (B, Hkv, T, D)
-        dp = np.matmul(d_out, v[:, :, None].swapaxes(-1, -2))  # (B, Hkv, G, T, T)
-        ds = probs * (dp - np.sum(dp * probs, axis=-1, keepdims=True))
+        # stacking the G query heads of a group along the rows makes the sums over the group part of the matmuls
+        dv = np.matmul(probs.swapaxes(-1, -2), d_out)  # (B, Hkv, T, D)
+        dp = np.matmul(d_out, np.ascontiguousarray(v.swapaxes(-1, -2)))  # (B, Hkv, G*T, T)
+        ds = dp  # reuse the buffer: dS = P * (dP - rowsum(dP * P)) * scale
+        ds -= np.sum(dp * probs, axis=-1, keepdims=True)
+        ds *= probs
         ds *= np.float32(self.scale)
-        dq = np.matmul(ds, k[:, :, None])  # (B, Hkv, G, T, D)
-        dk = np.matmul(ds.swapaxes(-1, -2), q).sum(axis=2)  # (B, Hkv, T, D)
+        dq = np.matmul(ds, k)  # (B, Hkv, G*T, D)
+        dk = np.matmul(ds.swapaxes(-1, -2), q)  # (B, Hkv, T, D)
 
-        dq = apply_rope_backward(dq, cos, sin).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
+        dq = apply_rope_backward(dq.reshape(B, Hkv, G, T, D), cos, sin)
+        dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
         dk = apply_rope_backward(dk, cos, sin).transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         dv = dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
