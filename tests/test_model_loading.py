@@ -342,3 +342,47 @@ def test_folder_tokenizer_and_chat_template(llama, tmp_path):
     assert tok.eos_token_id == tokens.index("<|im_end|>")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) == "<|im_start|>user\nhi<|im_end|>\n"
     assert load_model(tmp_path, tokenizer=False).tokenizer is None
+
+
+# ----------------------------------------------------------------------------------------------- configs
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-llama3", "qwen2"])
+def test_model_config_round_trips_through_hf_dict(name):
+    from model_helpers import SMALL_CONFIGS
+
+    from qlora_ref.model import ModelConfig
+
+    hf = small_hf_model(name)
+    config = ModelConfig.from_hf_dict(hf.config.to_dict())
+    assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+    expected = SMALL_CONFIGS[name]
+    assert config.num_key_value_heads == expected["num_key_value_heads"]
+    assert config.tie_word_embeddings == expected["tie_word_embeddings"]
+    assert config.qkv_bias == (name == "qwen2")
+    if "rope_scaling" in expected:
+        assert config.rope_scaling["rope_type"] == "llama3" and config.rope_theta == 500000.0
+
+
+def test_config_validation():
+    from qlora_ref.model import ConfigError, LoraConfig, ModelConfig
+
+    with pytest.raises(ValueError, match="quant_type"):
+        QuantConfig("nf3")
+    with pytest.raises(ValueError, match="blocksize"):
+        QuantConfig(blocksize=48)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        QuantConfig(compute_dtype="float64")
+    with pytest.raises(ValueError, match="r must be"):
+        LoraConfig(r=-1)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraConfig(dropout=1.0)
+    with pytest.raises(ValueError, match=r"unknown \['lm_head'\]"):
+        LoraConfig(target_modules=("q_proj", "lm_head"))
+    assert LoraConfig(target_modules="all-linear").target_modules == LoraConfig().target_modules
+    base = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=3, head_dim=2)
+    with pytest.raises(ConfigError, match="multiple of num_key_value_heads"):
+        ModelConfig(**base)
+    with pytest.raises(ConfigError, match="hidden_act"):
+        ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "gelu"}, "x/config.json")
+    with pytest.raises(ConfigError, match=r"x/config\.json: missing keys \['vocab_size'"):
+        ModelConfig.from_hf_dict({"model_type": "llama"}, "x/config.json")
