@@ -152,6 +152,15 @@ def test_generation_with_kv_cache(hf_checkpoint):
     b = ref.generate(prompt, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
     assert a == b and len(a) == 6
 
+    # a model in training mode with LoRA dropout generates without dropout, and is left in training mode
+    adapted = load_model(path, lora=LoraConfig(r=4, alpha=8, dropout=0.5))
+    randomize_adapters(adapted)
+    adapted.train()
+    out = adapted.generate(prompt, max_new_tokens=5, eos_token_id=[])
+    assert all(m.training for m in adapted.named_linears().values())
+    full = adapted.eval().forward(np.asarray([prompt + out]))[0]
+    assert [int(np.argmax(full[len(prompt) - 1 + i])) for i in range(len(out))] == out
+
 
 def test_top_p_filter_keeps_the_nucleus():
     from qlora_ref.model.generate import next_token, top_p_filter

@@ -209,11 +209,19 @@ class LlamaModel:
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id=None, seed: int | None = None, stream=None) -> list[int]:
-        """Continue ``input_ids`` (a list of ids); see ``qlora_ref.model.generate.generate``."""
+        """Continue ``input_ids`` (a list of ids) and return the new ids; see ``qlora_ref.model.generate``.
+        Runs in evaluation mode (no LoRA dropout); the layers' modes are restored afterwards."""
         from .generate import generate
 
-        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                        eos_token_id=eos_token_id, seed=seed, stream=stream)
+        modes = [m.training for m in self.named_linears().values()]
+        self.eval()
+        try:
+            return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            eos_token_id=eos_token_id, seed=seed, stream=stream)
+        finally:
+            for m, mode in zip(self.named_linears().values(), modes, strict=True):
+                m.train(mode)
+            self.clear_cache()
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
