@@ -1,0 +1,278 @@
+"""The GPU model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` whose block
+linears are ``qlora_gpu.lora.QLoRALinear`` (bitsandbytes NF4 + LoRA), built from the same files as the reference.
+
+The checkpoint is read once by the reference loader (``qlora_ref.model.loading.load_model`` with float weights,
+so Hugging Face folders, GGUF files and bitsandbytes 4-bit folders all work, and every LoRA layer gets the same
+seed), and the transformers model is assembled from its tensors:
+
+- embedding, norms and LM head float32 (the paper quantizes and adapts only the block linears; norms stay in
+  float32 for stability, as ``prepare_model_for_kbit_training`` does);
+- each of the seven block linears becomes a ``QLoRALinear``: the float weight quantized by bitsandbytes with the
+  ``QuantConfig`` (or a stored 4-bit weight used as is), the adapter initialised exactly as the reference's
+  (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
+- gradient checkpointing per decoder layer (torch's checkpoint), with each LoRA layer's dropout
+  generator rewound before the recomputation so that it draws the same masks as the first forward pass.
+
+``QLoRAModel`` exposes the reference ``LlamaModel``'s adapter interface (``lora_parameters``, ``lora_grads``,
+``load_lora_parameters``, ``load_adapter``, ``save_adapter``, ``merge_and_export``) over torch tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
+from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
+
+from .lora import QLoRALinear
+from .quantize import Quantized4bit, dequantize_4bit
+
+_NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
+_HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+
+
+def _module_path(name: str) -> str:
+    return f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{name}"
+
+
+def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
+    """The transformers config of a reference ``ModelConfig`` (``ModelConfig.to_hf_dict``)."""
+    import transformers
+
+    cfg_cls = getattr(transformers, _HF_CLASSES[config.model_type][0])
+    d = config.to_hf_dict()
+    d.pop("architectures", None)
+    d.pop("model_type", None)
+    cfg = cfg_cls(**d)
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def _checkpoint_layer(layer: nn.Module, fn, *args):
+    """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: each ``QLoRALinear``
+    draws its masks from its own generator, which torch's checkpoint does not rewind, so it is rewound here.
+
+    torch's reentrant variant: ``qlora_gpu.lora``'s autograd function reads ``ctx.saved_tensors`` twice in its
+    backward, which the non-reentrant variant's saved-tensor hooks refuse. Reentrant checkpointing propagates
+    gradients only if an input requires them, so the hidden state is made a leaf that does (as PEFT's
+    ``enable_input_require_grads`` does for the embedding output); its gradient is not used anywhere."""
+    linears = [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.dropout_active]
+    hidden = args[0]
+    gens = [m._generator(hidden.device) for m in linears]
+    states = [g.get_state() for g in gens]
+
+    def run(*a):
+        for g, s in zip(gens, states, strict=True):
+            g.set_state(s)
+        return fn(*a)
+
+    if isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
+        args = (hidden.detach().requires_grad_(True), *args[1:])
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True)
+
+
+class QLoRAModel(nn.Module):
+    """A transformers causal LM with ``QLoRALinear`` block linears; ``forward(input_ids, attention_mask)``
+    returns float32 logits."""
+
+    def __init__(self, hf_model: nn.Module, config: ModelConfig, quant: QuantConfig | None, lora: LoraConfig | None,
+                 tokenizer=None):
+        super().__init__()
+        self.hf = hf_model
+        self.config = config
+        self.quant = quant
+        self.lora = lora
+        self.tokenizer = tokenizer
+        self._gradient_checkpointing = False
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_pretrained(cls, path, quant: QuantConfig | None = _NF4, lora: LoraConfig | None = None,
+                        gradient_checkpointing: bool = False, device=None, attn_implementation: str = "eager",
+                        tokenizer: bool = True) -> QLoRAModel:
+        """Load ``path`` (HF folder, GGUF, bitsandbytes 4-bit folder) with the reference loader and build the
+        torch model. ``quant`` None keeps float32 weights (plain LoRA, the exactness mode)."""
+        from qlora_ref.model.loading import load_model
+
+        ref = load_model(path, quant=None, lora=lora, tokenizer=tokenizer)
+        return cls.from_reference(ref, quant, lora, gradient_checkpointing, device, attn_implementation)
+
+    @classmethod
+    def from_reference(cls, ref, quant: QuantConfig | None, lora: LoraConfig | None,
+                       gradient_checkpointing: bool = False, device=None,
+                       attn_implementation: str = "eager") -> QLoRAModel:
+        """Build from a reference ``LlamaModel``'s tensors (its float or stored 4-bit weights, its adapters)."""
+        import transformers
+
+        config = ref.config
+        model_cls = getattr(transformers, _HF_CLASSES[config.model_type][1])
+        with torch.device("meta"):
+            hf = model_cls(hf_config(config, attn_implementation))
+        f32 = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731  (a writable copy)
+        hf.model.embed_tokens = nn.Embedding.from_pretrained(f32(ref.embed_tokens.weight), freeze=True)
+        hf.model.norm.weight = nn.Parameter(f32(ref.norm.weight), requires_grad=False)
+        if config.tie_word_embeddings:
+            hf.lm_head.weight = hf.model.embed_tokens.weight
+        else:
+            hf.lm_head.weight = nn.Parameter(f32(ref.lm_head_weight), requires_grad=False)
+        compute = quant.compute_dtype if quant is not None else "float32"
+        for layer, ref_layer in zip(hf.model.layers, ref.layers, strict=True):
+            layer.input_layernorm.weight = nn.Parameter(f32(ref_layer.input_layernorm.weight), requires_grad=False)
+            layer.post_attention_layernorm.weight = nn.Parameter(f32(ref_layer.post_attention_layernorm.weight),
+                                                                 requires_grad=False)
+            ref_linears = ref_layer.linears()
+            for name in LINEAR_MODULES:
+                r_lin = ref_linears[_module_path(name)]
+                bias = None if r_lin.bias is None else f32(r_lin.bias)
+                common = dict(r=r_lin.r, alpha=r_lin.alpha, dropout=r_lin.dropout, bias=bias, compute_dtype=compute,
+                              seed=r_lin.seed)
+                if isinstance(r_lin.weight, RefQuantized4bit):
+                    lin = QLoRALinear.from_quantized(r_lin.weight, **common)
+                elif quant is None:
+                    lin = QLoRALinear.from_weight(f32(r_lin.weight), quant_type=None, **common)
+                else:
+                    lin = QLoRALinear.from_weight(f32(r_lin.weight), quant_type=quant.quant_type,
+                                                  blocksize=quant.blocksize, double_quant=quant.double_quant, **common)
+                if r_lin.r is not None:  # the reference's adapter (the same init; also copies loaded adapters)
+                    with torch.no_grad():
+                        lin.lora_A.copy_(torch.from_numpy(np.asarray(r_lin.lora_A)))
+                        lin.lora_B.copy_(torch.from_numpy(np.asarray(r_lin.lora_B)))
+                parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+                setattr(parent, name, lin)
+        # buffers created on the meta device (rotary inverse frequencies) are rebuilt on the CPU
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
+        model = cls(hf, config, quant, lora, getattr(ref, "tokenizer", None))
+        leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers()
+                                                                           if b is not None and b.is_meta]
+        if leftover:
+            raise RuntimeError(f"tensors left uninitialised while building the model: {leftover[:5]}")
+        if device is not None:
+            model.to(device)
+        model.gradient_checkpointing = gradient_checkpointing
+        model.train()
+        return model
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+        device = self.hf.model.embed_tokens.weight.device
+        input_ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids,
+                                    device=device)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        if attention_mask is not None:
+            attention_mask = torch.as_tensor(np.asarray(attention_mask) if not isinstance(
+                attention_mask, torch.Tensor) else attention_mask, device=device)
+        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits.float()
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self._gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, value: bool) -> None:
+        self._gradient_checkpointing = bool(value)
+        for layer in self.hf.model.layers:
+            layer.gradient_checkpointing = bool(value)
+            layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, layer)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, **kwargs) -> list[int]:
+        """Greedy continuation through transformers' ``generate`` (eval mode; the training mode is restored)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = self.hf.model.embed_tokens.weight.device
+            ids = torch.tensor([list(input_ids)], device=device)
+            eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0)
+            return out[0].tolist()
+        finally:
+            self.train(was_training)
+
+    # ----------------------------------------------------------------- adapters
+    def named_linears(self) -> dict[str, QLoRALinear]:
+        """Every block linear by its Hugging Face module name (``model.layers.0.self_attn.q_proj``)."""
+        return {name: m for name, m in self.hf.named_modules() if isinstance(m, QLoRALinear)}
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable LoRA tensors (live parameters), PEFT-named like the reference's."""
+        return {f"{name}.{k}.weight": getattr(m, k) for name, m in self.named_linears().items() if m.r is not None
+                for k in ("lora_A", "lora_B")}
+
+    def lora_grads(self) -> dict[str, torch.Tensor | None]:
+        return {k: p.grad for k, p in self.lora_parameters().items()}
+
+    @torch.no_grad()
+    def load_lora_parameters(self, params) -> None:
+        """Copy adapter weights in (NumPy or torch; PEFT names with or without ``base_model.model.``)."""
+        own = self.lora_parameters()
+        for key, value in params.items():
+            name = key.removeprefix("base_model.model.")
+            if name not in own:
+                raise KeyError(f"no LoRA parameter named {key!r} in this model")
+            value = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            if tuple(own[name].shape) != tuple(value.shape):
+                raise ValueError(f"{key}: shape {tuple(value.shape)} does not match the model's "
+                                 f"{tuple(own[name].shape)}")
+            own[name].copy_(value.to(own[name].device, own[name].dtype))
+
+    def lora_state_numpy(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().float().numpy().copy() for k, v in self.lora_parameters().items()}
+
+    def save_adapter(self, folder, base_model_name_or_path: str | None = None) -> Path:
+        """PEFT's format (``qlora_ref.adapters``), the same files as the reference writes."""
+        from qlora_ref.adapters import peft_adapter_config, write_adapter_files
+
+        if self.lora is None or not self.lora_parameters():
+            raise ValueError("the model carries no LoRA adapters (built with lora=None)")
+        return write_adapter_files(folder, self.lora_state_numpy(), peft_adapter_config(self.lora,
+                                                                                          base_model_name_or_path))
+
+    def load_adapter(self, folder) -> dict:
+        """Load a PEFT adapter folder (ours or peft's) into a model built with a matching ``LoraConfig``."""
+        from qlora_ref.adapters import load_adapter
+
+        return load_adapter(self, folder)
+
+    @torch.no_grad()
+    def base_float_weights(self) -> dict[str, np.ndarray]:
+        """Every tensor under its Hugging Face name, float32, block linears dequantized, adapters left out."""
+        out = {}
+        linears = self.named_linears()
+        for name, t in self.hf.state_dict().items():
+            owner = name.rsplit(".", 1)[0]
+            if owner in linears or ".lora_" in name:
+                continue
+            out[name] = t.detach().cpu().float().numpy()
+        for name, m in linears.items():
+            if m.quantized:
+                w = dequantize_4bit(Quantized4bit.from_bnb(m.weight, m.weight.quant_state), torch.float32)
+            else:
+                w = m.weight
+            out[f"{name}.weight"] = w.detach().cpu().float().numpy()
+            if m.bias is not None:
+                out[f"{name}.bias"] = m.bias.detach().cpu().float().numpy()
+        if self.config.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+
+    def merge_and_export(self, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
+        """Merge the adapters into the dequantized weights and write a 16-bit Hugging Face folder."""
+        from qlora_ref.adapters import export_hf_folder, merge_weights
+
+        adapter = self.lora_state_numpy()
+        scaling = self.lora.scaling if (self.lora is not None and adapter) else 0.0
+        merged = merge_weights(self.base_float_weights(), adapter, scaling, dtype)
+        return export_hf_folder(folder, self.config, merged, dtype, tokenizer=self.tokenizer,
+                                tokenizer_source=tokenizer_source)
+
+
+__all__ = ["QLoRAModel", "hf_config"]

@@ -1,0 +1,161 @@
+"""The GPU backend of the training loop: ``GpuTrainer``, the ``StepBackend`` of ``qlora_ref.train.loop``.
+
+Algorithm 2 on torch: the micro-batch's forward pass through the transformers model with ``QLoRALinear`` block
+linears (bitsandbytes NF4, bfloat16 compute), the summed cross entropy of the response tokens divided by the
+step's number of response tokens, ``backward()`` into the LoRA parameters only (the 4-bit weights are frozen
+buffers), then gradient clipping and bitsandbytes' paged AdamW (Algorithm 3) through ``qlora_gpu.optim``, which
+takes the reference's optimizer names and writes the reference's state-dict keys.
+
+The loop itself — data order, accumulation, schedule, evaluation, checkpoints, exact resume, progress bar — is
+``qlora_ref.train.loop.train``, shared with the reference; the checkpoint files are the same on both backends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qlora_ref.loss import IGNORE_INDEX
+from qlora_ref.train.config import TrainConfig
+from qlora_ref.train.progress import peak_rss_bytes
+
+from .model import QLoRAModel
+from .optim import clip_grad_norm, make_optimizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_optimizer(config: TrainConfig):
+    return make_optimizer(config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                          eps=config.adam_epsilon, weight_decay=config.weight_decay)
+
+
+class GpuTrainer:
+    """Train the adapters of a ``QLoRAModel`` (built with ``config.lora_config()``)."""
+
+    def __init__(self, model: QLoRAModel, config: TrainConfig, optimizer=None):
+        if model.lora is None or not model.lora_parameters():
+            raise ValueError("the model carries no LoRA adapters: build it with lora=config.lora_config()")
+        self.model = model
+        self.lora = model.lora
+        self.config = config
+        self.device = model.hf.model.embed_tokens.weight.device
+        model.gradient_checkpointing = config.gradient_checkpointing
+        model.train()
+        self.params = model.lora_parameters()
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(config)
+        self._pending_optimizer_state = None  # a loaded state the optimizer has not built yet
+
+    @classmethod
+    def from_pretrained(cls, path, config: TrainConfig, device=None) -> GpuTrainer:
+        device = torch.device(device) if device is not None else default_device()
+        model = QLoRAModel.from_pretrained(path, quant=config.quant_config(), lora=config.lora_config(),
+                                           gradient_checkpointing=config.gradient_checkpointing, device=device)
+        return cls(model, config)
+
+    # ---------------------------------------------------------------------------------------- one step
+    def _tensors(self, batch):
+        t = lambda k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(self.device)  # noqa: E731
+        return t("input_ids"), t("attention_mask"), t("labels")
+
+    @staticmethod
+    def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross entropy over counted targets (``qlora_ref.loss``'s shift and ignore index)."""
+        targets = labels[:, 1:].reshape(-1)
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
+                              reduction="sum")
+        return nll, int((targets != IGNORE_INDEX).sum())
+
+    def forward_backward(self, batch, num_items: int) -> float:
+        self.model.train()
+        ids, mask, labels = self._tensors(batch)
+        logits = self.model(ids, mask)
+        nll, _ = self._nll_sum(logits, labels)
+        loss = nll / num_items
+        loss.backward()
+        return float(loss.detach())
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        grads = {k: p.grad for k, p in self.params.items()}
+        if max_grad_norm > 0:
+            norm = clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = clip_grad_norm(grads, float("inf"))
+        self.optimizer.lr = lr
+        self.optimizer.step(self.params, grads)
+        self._pending_optimizer_state = None
+        for p in self.params.values():
+            p.grad = None
+        return float(norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch) -> tuple[float, int]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            ids, mask, labels = self._tensors(batch)
+            nll, n = self._nll_sum(self.model(ids, mask), labels)
+            return float(nll), n
+        finally:
+            self.model.train(was_training)
+
+    def generate(self, input_ids, **kwargs) -> list[int]:
+        return self.model.generate(input_ids, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- state
+    def adapter_state(self) -> dict[str, np.ndarray]:
+        return self.model.lora_state_numpy()
+
+    def load_adapter_state(self, params) -> None:
+        missing = sorted(set(self.params) - set(params))
+        if missing:
+            raise ValueError(f"checkpoint lacks adapter tensors {missing[:3]}")
+        self.model.load_lora_parameters(params)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        state = self.optimizer.state_dict()
+        if not state and self._pending_optimizer_state is not None:  # loaded, not yet stepped
+            return dict(self._pending_optimizer_state)
+        return {k: v.detach().cpu().numpy().copy() for k, v in state.items()}
+
+    def load_optimizer_state(self, state) -> None:
+        self._pending_optimizer_state = dict(state)
+        self.optimizer.load_state_dict(state)
+
+    def _dropout_generators(self) -> dict[str, torch.Generator]:
+        return {name: m._generator(self.device) for name, m in self.model.named_linears().items()
+                if m.r is not None and m.dropout > 0}
+
+    def rng_state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """torch's global generator(s) and each LoRA layer's dropout generator, as uint8 arrays."""
+        arrays = {"torch.cpu": torch.get_rng_state().numpy().copy()}
+        if self.device.type == "cuda":
+            arrays["torch.cuda"] = torch.cuda.get_rng_state(self.device).numpy().copy()
+        for name, g in self._dropout_generators().items():
+            arrays[f"lora_dropout.{name}"] = g.get_state().numpy().copy()
+        return {"backend": "gpu"}, arrays
+
+    def set_rng_state(self, state: dict, arrays) -> None:
+        if state.get("backend") != "gpu":
+            raise ValueError("the checkpoint's random state comes from another backend (adapters and optimizer "
+                             "state move between backends, random generators do not): resume on the same backend")
+        torch.set_rng_state(torch.from_numpy(np.array(arrays["torch.cpu"])))
+        if self.device.type == "cuda" and "torch.cuda" in arrays:
+            torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["torch.cuda"])), self.device)
+        gens = self._dropout_generators()
+        saved = {k.removeprefix("lora_dropout."): v for k, v in arrays.items() if k.startswith("lora_dropout.")}
+        if set(saved) != set(gens):
+            raise ValueError("checkpoint's dropout generators do not match this model's LoRA layers")
+        for name, g in gens.items():
+            g.set_state(torch.from_numpy(np.array(saved[name])))
+
+    def memory_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return peak_rss_bytes()
+
+
+__all__ = ["GpuTrainer", "build_optimizer", "default_device"]

@@ -1,0 +1,423 @@
+"""LoRA adapters on disk in PEFT's format, and merging them into a 16-bit Hugging Face model.
+
+QLoRA trains only the adapters (paper, section 3: "gradients are backpropagated through the frozen 4-bit model
+into Low-Rank Adapters"), so the result of a fine-tune is a small adapter file. We write exactly what PEFT's
+``PeftModel.save_pretrained`` writes, so ``peft.PeftModel.from_pretrained(transformers_model, DIR)`` loads it
+and PEFT adapters load here:
+
+- ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
+  ``bias: "none"``, ``task_type: "CAUSAL_LM"``, ``fan_in_fan_out: false``, ...
+- ``adapter_model.safetensors``: for every adapted linear layer ``L`` (e.g. ``model.layers.0.self_attn.q_proj``)
+  ``base_model.model.L.lora_A.weight`` (r x in) and ``base_model.model.L.lora_B.weight`` (out x r), float32.
+
+In memory both backends name the adapters without PEFT's ``base_model.model.`` prefix
+(``model.layers.0.self_attn.q_proj.lora_A.weight``, see ``LlamaModel.lora_parameters``).
+
+Merging (LoRA, Hu et al. 2021, section 4.1: "no additional inference latency"): each adapted weight becomes
+
+    W' = W + (alpha / r) * B @ A
+
+with ``W`` the dequantized base weight (the NF4 weight as the model computes with it), in float32, rounded once
+to the export dtype (bfloat16 by default: the paper's 16-bit computation type).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .model.config import LINEAR_MODULES, LoraConfig
+from .train.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+#: the fields PEFT writes; values that we do not support must keep these defaults when reading
+_PEFT_DEFAULTS = {
+    "alpha_pattern": {},
+    "auto_mapping": None,
+    "bias": "none",
+    "eva_config": None,
+    "exclude_modules": None,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "layer_replication": None,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "modules_to_save": None,
+    "rank_pattern": {},
+    "revision": None,
+    "task_type": "CAUSAL_LM",
+    "use_dora": False,
+    "use_rslora": False,
+}
+
+
+# ---------------------------------------------------------------------------------------------- config
+def peft_adapter_config(lora: LoraConfig, base_model_name_or_path: str | None = None) -> dict:
+    """The ``adapter_config.json`` PEFT writes for a LoRA adapter with these settings."""
+    cfg = dict(_PEFT_DEFAULTS)
+    cfg.update({
+        "peft_type": "LORA",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": int(lora.r),
+        "lora_alpha": float(lora.alpha) if float(lora.alpha) != int(lora.alpha) else int(lora.alpha),
+        "lora_dropout": float(lora.dropout),
+        "target_modules": sorted(lora.target_modules, key=LINEAR_MODULES.index),
+    })
+    return cfg
+
+
+def _check_adapter_config(cfg: dict, source: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: adapter config must be a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type must be 'LORA', got {cfg.get('peft_type')!r}")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise ValueError(f"{source}: missing {key!r}")
+    unsupported = {
+        "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+    }
+    for key, ok in unsupported.items():
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if cfg.get(key):
+            raise ValueError(f"{source}: per-module {key} is not supported (one r and alpha for all layers)")
+    if cfg.get("modules_to_save"):
+        raise ValueError(f"{source}: modules_to_save={cfg['modules_to_save']!r} is not supported "
+                         "(QLoRA trains adapters only)")
+    if cfg.get("layer_replication"):
+        raise ValueError(f"{source}: layer_replication is not supported")
+
+
+def lora_config_from_adapter(adapter_config: dict, weights: Mapping[str, np.ndarray] | None = None,
+                             source: str = ADAPTER_CONFIG) -> LoraConfig:
+    """The ``LoraConfig`` a model must be built with to take this adapter. The target modules are the short
+    names (``q_proj`` ...) of the layers the weights adapt (PEFT's ``target_modules`` may be full names, a
+    regular expression or "all-linear"; the weights are what counts)."""
+    _check_adapter_config(adapter_config, source)
+    r = adapter_config["r"]
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
+    if weights:
+        targets = sorted({k.split(".")[-3] for k in weights}, key=lambda n: LINEAR_MODULES.index(n)
+                         if n in LINEAR_MODULES else len(LINEAR_MODULES))
+    else:
+        tm = adapter_config.get("target_modules") or []
+        tm = LINEAR_MODULES if tm == "all-linear" else [t.split(".")[-1] for t in ([tm] if isinstance(tm, str)
+                                                                                     else tm)]
+        targets = [t for t in LINEAR_MODULES if t in set(tm)]
+    try:
+        return LoraConfig(r=r, alpha=float(adapter_config["lora_alpha"]),
+                          dropout=float(adapter_config.get("lora_dropout", 0.0) or 0.0), target_modules=tuple(targets))
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- files
+def to_peft_keys(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``model.layers.0...lora_A.weight`` -> ``base_model.model.model.layers.0...lora_A.weight`` (float32)."""
+    out = {}
+    for k, v in params.items():
+        if not k.endswith(_LORA_SUFFIXES):
+            raise ValueError(f"adapter tensor names must end with .lora_A.weight or .lora_B.weight, got {k!r}")
+        out[k if k.startswith(PEFT_PREFIX) else PEFT_PREFIX + k] = np.ascontiguousarray(v, dtype=np.float32)
+    return out
+
+
+def from_peft_keys(tensors: Mapping[str, np.ndarray], source: str = ADAPTER_WEIGHTS) -> dict[str, np.ndarray]:
+    """PEFT's file keys -> in-memory names; checks that every layer has an A and a B of matching rank."""
+    out = {}
+    for k, v in tensors.items():
+        name = k.removeprefix(PEFT_PREFIX)
+        # PEFT writes no adapter name into the file; tolerate files saved with one (".lora_A.default.weight")
+        name = name.replace(".lora_A.default.weight", ".lora_A.weight").replace(".lora_B.default.weight",
+                                                                                 ".lora_B.weight")
+        if not name.endswith(_LORA_SUFFIXES):
+            raise ValueError(f"{source}: tensor {k!r} is not a LoRA weight (expected names ending in "
+                             ".lora_A.weight / .lora_B.weight)")
+        if np.ndim(v) != 2:
+            raise ValueError(f"{source}: tensor {k!r} must be 2-D, got shape {np.shape(v)}")
+        if name.split(".")[-3] not in LINEAR_MODULES:
+            raise ValueError(f"{source}: tensor {k!r} adapts {name.split('.')[-3]!r}, which is not one of the "
+                             f"block linears {LINEAR_MODULES}")
+        out[name] = np.asarray(v, dtype=np.float32)
+    for name, a in out.items():
+        if name.endswith(".lora_A.weight"):
+            b_name = name[: -len(".lora_A.weight")] + ".lora_B.weight"
+            if b_name not in out:
+                raise ValueError(f"{source}: {name!r} has no matching {b_name!r}")
+            if out[b_name].shape[1] != a.shape[0]:
+                raise ValueError(f"{source}: rank mismatch, {name} is {a.shape} and {b_name} is {out[b_name].shape}")
+        elif name[: -len(".lora_B.weight")] + ".lora_A.weight" not in out:
+            raise ValueError(f"{source}: {name!r} has no matching lora_A")
+    return out
+
+
+def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config: dict) -> Path:
+    """``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` (each written atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(to_peft_keys(params), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
+    return folder
+
+
+def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
+    """(in-memory-named weights, adapter config) from a PEFT adapter folder; clear errors for bad files."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: adapter folder does not exist")
+    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not cfg_path.is_file():
+        hint = " (adapter_model.bin, PEFT's old pickle format, is not read: convert it to safetensors)" if (
+            folder / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{folder}: no {ADAPTER_CONFIG}{hint}")
+    if not w_path.is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    _check_adapter_config(cfg, str(cfg_path))
+    weights = from_peft_keys(load_safetensors(w_path), str(w_path))
+    if not weights:
+        raise ValueError(f"{w_path}: holds no LoRA weights")
+    ranks = {v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")}
+    if ranks != {cfg["r"]}:
+        raise ValueError(f"{w_path}: lora_A ranks {sorted(ranks)} do not match r={cfg['r']} in {ADAPTER_CONFIG}")
+    return weights, cfg
+
+
+def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> Path:
+    """Save a model's adapters (any object with ``lora_parameters()`` and ``lora``) in PEFT's format."""
+    params = {k: np.asarray(v) for k, v in model.lora_parameters().items()}
+    if not params:
+        raise ValueError("the model carries no LoRA adapters (built with lora=None or r=0)")
+    return write_adapter_files(folder, params, peft_adapter_config(model.lora, base_model_name_or_path))
+
+
+def load_adapter(model, folder) -> dict:
+    """Load a PEFT adapter folder into a model built with a matching ``LoraConfig`` (see
+    :func:`read_adapter_lora_config`); returns the adapter config. Every adapter tensor must find its layer and
+    every layer of the model must receive its adapter."""
+    weights, cfg = read_adapter_files(folder)
+    lora = lora_config_from_adapter(cfg, weights, str(Path(folder) / ADAPTER_CONFIG))
+    own = model.lora_parameters()
+    missing = sorted(set(own) - set(weights))
+    extra = sorted(set(weights) - set(own))
+    if extra:
+        raise ValueError(f"{folder}: adapter tensors for layers this model lacks or does not adapt: {extra[:4]}"
+                         f"{' ...' if len(extra) > 4 else ''}")
+    if missing:
+        raise ValueError(f"{folder}: adapter lacks tensors the model has: {missing[:4]}"
+                         f"{' ...' if len(missing) > 4 else ''}")
+    model_lora = getattr(model, "lora", None)
+    if model_lora is not None and abs(model_lora.scaling - lora.scaling) > 0:
+        raise ValueError(f"{folder}: adapter scaling alpha/r = {lora.alpha}/{lora.r} differs from the model's "
+                         f"{model_lora.alpha}/{model_lora.r}; build the model with the adapter's LoraConfig")
+    try:
+        model.load_lora_parameters(weights)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{folder}: {e}") from None
+    return cfg
+
+
+def read_adapter_lora_config(folder) -> LoraConfig:
+    """The ``LoraConfig`` to build a model that can take the adapter in ``folder``."""
+    weights, cfg = read_adapter_files(folder)
+    return lora_config_from_adapter(cfg, weights, str(Path(folder) / ADAPTER_CONFIG))
+
+
+# ---------------------------------------------------------------------------------------------- merging
+def merge_weights(base: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray], scaling: float,
+                  dtype="bfloat16") -> dict[str, np.ndarray]:
+    """``W + scaling * B @ A`` for every adapted ``<layer>.weight`` of ``base`` (Hugging Face names, float
+    arrays), computed in float32 and rounded once to ``dtype``; unadapted tensors are only cast."""
+    from .dtypes import to_numpy_dtype
+
+    out_dtype = to_numpy_dtype(dtype)
+    out = {}
+    adapted = set()
+    for name, w in base.items():
+        w = np.asarray(w, dtype=np.float32)
+        layer = name[: -len(".weight")] if name.endswith(".weight") else None
+        a_key = f"{layer}.lora_A.weight"
+        if layer is not None and a_key in adapter:
+            a = np.asarray(adapter[a_key], dtype=np.float32)
+            b = np.asarray(adapter[f"{layer}.lora_B.weight"], dtype=np.float32)
+            if (b.shape[0], a.shape[1]) != w.shape:
+                raise ValueError(f"{layer}: adapter B @ A is {(b.shape[0], a.shape[1])}, weight is {w.shape}")
+            w = w + np.float32(scaling) * (b @ a)
+            adapted.add(a_key)
+        out[name] = w.astype(out_dtype)
+    unused = sorted(set(k for k in adapter if k.endswith(".lora_A.weight")) - adapted)
+    if unused:
+        raise ValueError(f"adapter tensors without a base weight to merge into: {unused[:4]}")
+    return out
+
+
+def base_float_weights(model) -> dict[str, np.ndarray]:
+    """Every tensor of a reference ``LlamaModel`` under its Hugging Face name, float32, with the block linears
+    dequantized exactly as the model computes with them (no adapters)."""
+    from .model.llama import _has_bias
+    from .quantize import Quantized4bit, dequantize_4bit
+
+    cfg = model.config
+    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = model.lm_head_weight
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+        out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        for path, lin in layer.linears().items():
+            w = lin.weight
+            out[f"{p}{path}.weight"] = dequantize_4bit(w, "float32") if isinstance(w, Quantized4bit) else w
+            if _has_bias(cfg, path.split(".")[-1]):
+                out[f"{p}{path}.bias"] = lin.bias
+    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def save_tokenizer(tokenizer, folder) -> None:
+    """``tokenizer.json`` + ``tokenizer_config.json`` (chat template, bos/eos) for a ``Tokenizer``."""
+    folder = Path(folder)
+    atomic_write_bytes_text = tokenizer.backend.to_str()
+    from .train.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(folder / "tokenizer.json", atomic_write_bytes_text.encode())
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "add_bos_token": bool(tokenizer.add_bos_token)}
+    if tokenizer.bos_token is not None:
+        cfg["bos_token"] = tokenizer.bos_token
+    if tokenizer.eos_token is not None:
+        cfg["eos_token"] = tokenizer.eos_token
+    if tokenizer.chat_template is not None:
+        cfg["chat_template"] = tokenizer.chat_template
+    atomic_write_json(folder / "tokenizer_config.json", cfg)
+
+
+def export_hf_folder(folder, model_config, tensors: Mapping[str, np.ndarray], dtype="bfloat16", tokenizer=None,
+                     tokenizer_source=None) -> Path:
+    """A Hugging Face model folder: ``config.json`` (``model_config.to_hf_dict()`` + ``torch_dtype``),
+    ``model.safetensors`` and the tokenizer (written from ``tokenizer``, or its files copied from
+    ``tokenizer_source``, a folder)."""
+    from .dtypes import dtype_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model_config.to_hf_dict()
+    cfg["torch_dtype"] = dtype_name(dtype)
+    atomic_save_safetensors(dict(tensors), folder / "model.safetensors", metadata={"format": "pt"})
+    atomic_write_json(folder / "config.json", cfg)
+    copied = False
+    if tokenizer_source is not None and Path(tokenizer_source).is_dir():
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                     "generation_config.json", "vocab.json", "merges.txt"):
+            src = Path(tokenizer_source) / name
+            if src.is_file():
+                shutil.copyfile(src, folder / name)
+                copied = copied or name == "tokenizer.json"
+    if not copied and tokenizer is not None:
+        save_tokenizer(tokenizer, folder)
+    return folder
+
+
+def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
+    """Merge a reference model's adapters into its (dequantized) weights and write a 16-bit Hugging Face folder
+    that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+    adapter = {k: np.asarray(v) for k, v in model.lora_parameters().items()}
+    scaling = model.lora.scaling if (model.lora is not None and adapter) else 0.0
+    merged = merge_weights(base_float_weights(model), adapter, scaling, dtype)
+    return export_hf_folder(folder, model.config, merged, dtype, tokenizer=getattr(model, "tokenizer", None),
+                            tokenizer_source=tokenizer_source)
+
+
+# ---------------------------------------------------------------------------------------------- 4-bit export
+def bnb_quantization_config(quant) -> dict:
+    """The ``quantization_config`` transformers writes into config.json for a bitsandbytes 4-bit model."""
+    return {
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": quant.quant_type,
+        "bnb_4bit_use_double_quant": bool(quant.double_quant),
+        "bnb_4bit_compute_dtype": quant.compute_dtype,
+        "bnb_4bit_quant_storage": "uint8",
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": None,
+        "llm_int8_threshold": 6.0,
+    }
+
+
+def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
+    """A Hugging Face folder -> a bitsandbytes 4-bit folder (paper, section 3: NF4 + double quantization).
+
+    The seven linear layers of every block are quantized with ``qlora_ref.quantize_4bit`` and written under
+    transformers' key names (``...q_proj.weight``, ``.weight.absmax``, ``.weight.quant_map``,
+    ``.weight.nested_absmax``, ``.weight.nested_quant_map``, ``.weight.quant_state.bitsandbytes__nf4``);
+    embeddings, norms and the LM head keep their dtype (transformers never quantizes the LM head). config.json
+    gains ``quantization_config``, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it with
+    bitsandbytes. Returns {"tensors", "bytes_in", "bytes_out"}.
+    """
+    from .model.config import ModelConfig, QuantConfig
+    from .model.llama import expected_tensors, linear_shapes
+    from .model.loading import CheckpointError, _folder_tensors
+    from .quantize import quantize_4bit
+
+    quant = quant or QuantConfig()
+    in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not (in_dir / "config.json").is_file():
+        raise ValueError(f"{in_dir}: not a Hugging Face model folder (no config.json)")
+    if out_dir.resolve() == in_dir.resolve():
+        raise ValueError("OUT_DIR must differ from IN_DIR")
+    raw = json.loads((in_dir / "config.json").read_text())
+    if raw.get("quantization_config"):
+        raise ValueError(f"{in_dir}: already quantized ({raw['quantization_config'].get('quant_method')})")
+    try:
+        config = ModelConfig.from_hf_dict(raw, str(in_dir / "config.json"))
+        tensors = _folder_tensors(in_dir)
+    except CheckpointError as e:
+        raise ValueError(str(e)) from None
+    expected = expected_tensors(config)
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise ValueError(f"{in_dir}: missing tensors {missing[:3]}")
+    linear_names = set(linear_shapes(config))
+    out: dict[str, np.ndarray] = {}
+    bytes_in = 0
+    for name in expected:
+        ref = tensors[name]
+        array = np.asarray(ref.load())
+        if tuple(array.shape) != expected[name]:
+            raise ValueError(f"{ref.file}: tensor {name!r} has shape {array.shape}, config implies {expected[name]}")
+        bytes_in += array.nbytes
+        is_linear = name.endswith(".weight") and name.split(".")[-2] in linear_names
+        if is_linear:
+            q = quantize_4bit(np.ascontiguousarray(array), quant.quant_type, quant.blocksize, quant.double_quant)
+            out.update({k: np.asarray(v) for k, v in q.state_dict(name[: -len("weight")]).items()})
+        else:
+            out[name] = np.ascontiguousarray(array)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(out, out_dir / "model.safetensors", metadata={"format": "pt"})
+    raw = dict(raw, quantization_config=bnb_quantization_config(quant))
+    atomic_write_json(out_dir / "config.json", raw)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                 "generation_config.json", "vocab.json", "merges.txt"):
+        if (in_dir / name).is_file():
+            shutil.copyfile(in_dir / name, out_dir / name)
+    return {"tensors": len(expected), "bytes_in": bytes_in, "bytes_out": sum(v.nbytes for v in out.values())}

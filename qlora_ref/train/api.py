@@ -1,0 +1,112 @@
+"""``finetune(model_path, data, config, backend=...)``: one QLoRA fine-tune from files, on either backend.
+
+The backend is found by name through the ``qlora.backends`` entry points (``qlora_ref.backends``), so the
+reference never imports ``qlora_gpu``; the GPU backend's trainer lives in ``<backend module>.train``. Data
+(``qlora_ref.data``), schedule, checkpoints and the adapter format are the same for both (``loop``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data import DataReport, build_dataset, load_examples
+from .config import TrainConfig
+from .loop import TrainResult, train
+
+
+@dataclass
+class FinetuneRun:
+    result: TrainResult
+    trainer: object  # RefTrainer or qlora_gpu.train.GpuTrainer
+    tokenizer: object | None
+    train_data: object  # TokenizedDataset
+    eval_data: object | None
+    report: DataReport
+
+
+def load_tokenizer(path):
+    """The tokenizer of a Hugging Face folder (tokenizer.json) or a GGUF file; None if there is none."""
+    from ..model.tokenizer import Tokenizer
+
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return Tokenizer.from_folder(path)
+    gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
+    if gguf is None:
+        return None
+    from ..model.loading import read_gguf
+
+    meta, _ = read_gguf(gguf)
+    return Tokenizer.from_gguf_metadata(meta, str(gguf))
+
+
+def make_trainer(model_path, config: TrainConfig, backend: str = "ref"):
+    """``(trainer, tokenizer)``: a ``StepBackend`` holding the model at ``model_path`` with fresh adapters."""
+    if backend == "ref":
+        from ..model.loading import load_model
+        from .reference import RefTrainer
+
+        model = load_model(model_path, quant=config.quant_config(), lora=config.lora_config(),
+                           gradient_checkpointing=config.gradient_checkpointing)
+        return RefTrainer(model, config), model.tokenizer
+    from ..backends import load_backend
+
+    module = load_backend(backend)
+    gpu_train = importlib.import_module(f"{module.__name__}.train")
+    return gpu_train.GpuTrainer.from_pretrained(model_path, config), load_tokenizer(model_path)
+
+
+def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded held-out split: ``ceil(eval_fraction * n)`` examples held out, in their file order."""
+    n_eval = math.ceil(eval_fraction * len(examples)) if eval_fraction > 0 else 0
+    if n_eval >= len(examples):
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training examples out of {len(examples)}")
+    held = set(np.random.default_rng([seed, 2**31 - 1]).permutation(len(examples))[:n_eval].tolist())
+    return ([e for i, e in enumerate(examples) if i not in held],
+            [e for i, e in enumerate(examples) if i in held])
+
+
+def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
+    """(train dataset, held-out dataset or None, report) from data specs (``qlora_ref.data.load_examples``)."""
+    if tokenizer is None:
+        raise ValueError("the model has no tokenizer (tokenizer.json in its folder, or GGUF tokenizer metadata), "
+                         "so text data cannot be tokenized")
+    for spec in (data, eval_data):
+        if spec is not None and not str(spec).startswith("chatterbot") and not Path(spec).exists():
+            raise ValueError(f"{spec}: data file does not exist")
+    report = DataReport()
+    examples = load_examples(data, report)
+    if not examples:
+        raise ValueError(f"{data}: no examples ({report.summary()})")
+    if eval_data is not None:
+        train_ex, eval_ex = examples, load_examples(eval_data)
+    else:
+        train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
+    train_ds = build_dataset(train_ex, tokenizer, config.max_length, config.train_on_inputs, report)
+    eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, config.train_on_inputs) if eval_ex else None
+    if len(train_ds) == 0:
+        raise ValueError(f"{data}: every example was dropped ({report.summary()})")
+    return train_ds, eval_ds, report
+
+
+def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "ref", eval_data=None,
+             output_dir=None, resume=True, stop_after: int | None = None, trainer=None) -> FinetuneRun:
+    """Fine-tune the model at ``model`` (HF folder or GGUF) on ``data`` (a .jsonl / .yml file, a folder, or
+    ``"chatterbot[:language]"``). The held-out set is ``eval_data`` if given, else ``config.eval_fraction`` of
+    ``data`` (a seeded split). ``trainer``: an already built ``(trainer, tokenizer)`` from :func:`make_trainer`.
+    """
+    config = config or TrainConfig()
+    output_dir = output_dir if output_dir is not None else config.output_dir
+    trainer, tokenizer = trainer if trainer is not None else make_trainer(model, config, backend)
+    train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+    result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
+                   base_model=str(model), stop_after=stop_after)
+    return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)
+
+
+__all__ = ["FinetuneRun", "finetune", "load_tokenizer", "make_trainer", "prepare_data", "split_examples"]

@@ -1,0 +1,176 @@
+"""``TrainConfig``: every setting of a QLoRA fine-tuning run, shared by both backends.
+
+The defaults are the paper's recipe (Dettmers et al. 2023, section 5 and appendix B; the authors' ``qlora.py``
+scripts) for models up to 13B parameters:
+
+- LoRA on all linear layers of the blocks (section 4, "LoRA on all layers is critical"), r = 64, alpha = 16,
+  dropout 0.1 (0.05 above 13B);
+- NF4 storage with double quantization, bfloat16 compute (section 3);
+- paged AdamW with 32-bit states (section 3, "Paged Optimizers"), lr 2e-4 (1e-4 above 13B), betas (0.9, 0.999),
+  no weight decay;
+- constant learning rate after a linear warmup over 3 % of the steps;
+- effective batch 16 = micro-batch 1 x 16 gradient-accumulation steps; max grad norm 0.3;
+- loss on the responses only ("train on target"), gradient checkpointing on.
+
+A config is a plain frozen dataclass; ``to_dict``/``from_dict`` round-trip it through JSON (it is stored in every
+checkpoint so that a resume can check it continues the same run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model.config import LINEAR_MODULES, LoraConfig, QuantConfig
+
+#: learning-rate schedules (``qlora_ref.optim.schedule.get_lr``)
+SCHEDULES = ("constant", "linear", "cosine")
+
+#: settings that may differ between a run and its resumption (everything else must match)
+RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_batches",
+                               "progress", "output_dir", "keep_checkpoints"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One fine-tuning run. See the module docstring for where each default comes from."""
+
+    # -- LoRA (section 4; PEFT's meaning) ----------------------------------------------------------------
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    target_modules: tuple[str, ...] = field(default=LINEAR_MODULES)
+    # -- 4-bit storage (section 3) ----------------------------------------------------------------------------
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    blocksize: int = 64
+    compute_dtype: str = "bfloat16"
+    # -- optimization (appendix B) -----------------------------------------------------------------------------
+    optimizer: str = "paged_adamw"
+    learning_rate: float = 2e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3  # 0 disables clipping
+    micro_batch_size: int = 1
+    gradient_accumulation_steps: int = 16
+    max_steps: int = 100  # optimizer steps
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    # -- data -----------------------------------------------------------------------------------------------------
+    max_length: int = 512  # tokens per example (prompt + response), longer ones are truncated
+    train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
+    eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
+    eval_batches: int = 0  # 0: evaluate on the whole held-out set
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
+    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept (older ones are deleted); 0 keeps all
+    progress: bool = True
+    output_dir: str | None = None
+
+    def __post_init__(self):
+        def positive_int(name, allow_zero=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0 or (v == 0 and not allow_zero):
+                kind = "a non-negative" if allow_zero else "a positive"
+                raise ValueError(f"{name} must be {kind} integer, got {v!r}")
+
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "blocksize"):
+            positive_int(name)
+        for name in ("lora_r", "eval_batches", "eval_every", "save_every", "keep_checkpoints", "seed"):
+            positive_int(name, allow_zero=True)
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be at least 2 (a token and its successor), got {self.max_length}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.adam_epsilon >= 0:
+            raise ValueError(f"adam_epsilon must be >= 0, got {self.adam_epsilon!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.lr_scheduler not in SCHEDULES:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
+        from ..optim import canonical_optimizer_name
+
+        object.__setattr__(self, "optimizer", canonical_optimizer_name(self.optimizer))
+        # the model package validates these (one place for each rule); re-raised naming our fields
+        try:
+            lora = self.lora_config()
+        except ValueError as e:
+            raise ValueError(f"LoRA settings: {e}") from None
+        object.__setattr__(self, "target_modules", tuple(lora.target_modules))
+        self.quant_config()
+
+    # ------------------------------------------------------------------------------------------ derived configs
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(r=self.lora_r, alpha=float(self.lora_alpha), dropout=float(self.lora_dropout),
+                          target_modules=self.target_modules, seed=self.seed)
+
+    def quant_config(self) -> QuantConfig | None:
+        """None when ``quant_type == "none"`` (float weights: plain LoRA, used by exactness tests)."""
+        if self.quant_type == "none":
+            return None
+        return QuantConfig(quant_type=self.quant_type, blocksize=self.blocksize, double_quant=self.double_quant,
+                           compute_dtype=self.compute_dtype)
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps
+
+    # ------------------------------------------------------------------------------------------ (de)serialization
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if "target_modules" in d and not isinstance(d["target_modules"], str):
+            d["target_modules"] = tuple(d["target_modules"])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path) -> TrainConfig:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: not a readable JSON training config ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: a training config must be a JSON object, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def replace(self, **changes) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resume_mismatches(self, saved: TrainConfig) -> list[str]:
+        """Fields that differ from ``saved`` and would make a resumed run a different run."""
+        mine, theirs = self.to_dict(), saved.to_dict()
+        return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k)]

