@@ -8,7 +8,7 @@ import importlib
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
-SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli", "qlora_ref.finetune_cli"]
+SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli", "qlora_ref.finetune_cli", "qlora_ref.reproduce_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

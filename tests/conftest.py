@@ -2,6 +2,8 @@ import os
 
 # bitsandbytes wraps its CPU fallback kernels in torch.compile: same arithmetic, but minutes of compiling per shape
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
+# small matrix products: BLAS threads only contend with Numba and torch threads on a 2-core machine
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import pytest
 from hypothesis import HealthCheck, settings

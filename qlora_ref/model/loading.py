@@ -219,6 +219,16 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     lora: adapters on the target linears (None: no adapters). The tokenizer (``model.tokenizer``) comes from
     the same folder or GGUF file when it has one.
     """
+    config, weights, tok = read_checkpoint(path, tokenizer)
+    model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
+                                    gradient_checkpointing=gradient_checkpointing)
+    model.tokenizer = tok
+    return model
+
+
+def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
+    """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
+    for building several models from one read (e.g. ``qlora reproduce table2``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -264,11 +274,7 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
         tensors = _folder_tensors(path)
         weights = collect_weights(config, tensors, str(path))
         tok = Tokenizer.from_folder(path) if tokenizer else None
-
-    model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
-                                    gradient_checkpointing=gradient_checkpointing)
-    model.tokenizer = tok
-    return model
+    return config, weights, tok
 
 
 def find_smollm2_gguf() -> Path | None:

