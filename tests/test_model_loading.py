@@ -157,6 +157,27 @@ def test_bnb_4bit_checkpoint_with_bad_quant_state(llama, tmp_path):
         load_model(path)
 
 
+def test_checkpoint_saved_by_transformers_bitsandbytes(tmp_path):
+    """A folder written by transformers for a model loaded in 4 bits by bitsandbytes (NF4 + double quantization):
+    the reference reads the stored codes and gives bitsandbytes' own logits. Every in_features is a multiple of
+    64, away from bitsandbytes' CPU dequantization bug on ragged rows (docs/quantization.md)."""
+    pytest.importorskip("bitsandbytes")
+    from model_helpers import make_hf_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    make_hf_model("llama", vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path / "fp32")
+    bnb = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "fp32", dtype=torch.float32, device_map="cpu",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32))
+    bnb.save_pretrained(tmp_path / "bnb")
+    model = load_model(tmp_path / "bnb")
+    assert type(model.layers[0].self_attn.q_proj.weight).__name__ == "Quantized4bit"
+    ids = ids_for(50, 2)
+    assert max_rel_err(model.forward(ids), hf_logits(bnb, ids)) <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------------- GGUF
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """What llama.cpp's convert_hf_to_gguf.py does to Q and K (LlamaModel.permute)."""
