@@ -107,8 +107,11 @@ def test_peft_adapter_loads_into_both_backends(folder, tmp_path):
     lora = read_adapter_lora_config(tmp_path / "peft_ad")
     assert (lora.r, lora.alpha, lora.target_modules) == (3, 6.0, ("q_proj", "v_proj", "down_proj"))
     ref = load_model(folder, quant=None, lora=lora)
-    load_adapter(ref, tmp_path / "peft_ad")
+    ref.load_adapter(tmp_path / "peft_ad")
     assert rel_err(ref.eval().forward(IDS), expected) < TOL
+    ref.save_adapter(tmp_path / "again_ref")
+    a, b = read_adapter_files(tmp_path / "peft_ad")[0], read_adapter_files(tmp_path / "again_ref")[0]
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
     gpu = QLoRAModel.from_pretrained(folder, quant=None, lora=lora)
     gpu.load_adapter(tmp_path / "peft_ad")

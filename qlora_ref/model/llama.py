@@ -162,6 +162,18 @@ class LlamaModel:
                 out[f"{name}.{k}.weight"] = g
         return out
 
+    def save_adapter(self, folder, base_model_name_or_path: str | None = None):
+        """Write the adapters in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        from ..adapters import save_adapter
+
+        return save_adapter(self, folder, base_model_name_or_path)
+
+    def load_adapter(self, folder) -> dict:
+        """Load a PEFT adapter folder (ours or PEFT's) into this model's adapters; returns its config."""
+        from ..adapters import load_adapter
+
+        return load_adapter(self, folder)
+
     def load_lora_parameters(self, params: Mapping[str, np.ndarray]) -> None:
         """Copy adapter weights in (PEFT names, with or without the ``base_model.model.`` prefix)."""
         own = self.lora_parameters()
