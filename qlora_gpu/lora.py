@@ -50,8 +50,8 @@ class _QLoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state):
         if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
             base = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
-        else:  # an unquantized frozen weight
-            base = torch.nn.functional.linear(x, weight, bias)
+        else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
+            base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
@@ -67,7 +67,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
         need_x, need_a, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_b = None
         if need_x:  # the frozen path: ∂L/∂x = G W, dequantizing the weight again
-            w = _dequantize(weight, quant_state, grad_y.dtype) if quant_state is not None else weight
+            w = _dequantize(weight, quant_state, grad_y.dtype) if quant_state is not None else weight.to(grad_y.dtype)
             grad_x = _mm(grad_y, w)
             del w
         saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
@@ -190,13 +190,10 @@ class QLoRALinear(nn.Module):
             keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
         keep_scale = float(ref.dropout_scale(self.dropout, self.compute_dtype))
         bias = None if self.bias is None else self.bias.to(cdt)
-        if self.quantized:
-            weight, quant_state = self.weight, self.weight.quant_state
-        else:
-            weight, quant_state = self.weight.to(cdt), None
+        quant_state = self.weight.quant_state if self.quantized else None
         a = None if self.r is None else self.lora_A.to(cdt)
         b = None if self.r is None else self.lora_B.to(cdt)
-        y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state)
+        y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -28,7 +28,7 @@ from .kernels import _bf16_bits
 from .quantize import Quantized4bit, dequantize_4bit
 
 #: default number of bytes of one dequantized tile (rows for the forward, columns for the backward)
-TILE_BYTES = 4 << 20
+TILE_BYTES = 16 << 20
 
 
 @njit(inline="always")

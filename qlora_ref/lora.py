@@ -311,7 +311,10 @@ class QLoRALinear:
         # the adapter path: s · dropout(x) Aᵀ Bᵀ
         keep = self._dropout_keep(x.shape, dropout_mask)
         scale = dropout_scale(self.dropout, self.compute_dtype)
-        xd = xc if keep is None else rnd(xc * (keep * scale))
+        if keep is not None:
+            xd = rnd(xc * (keep * scale))
+        else:  # kept for backward: a copy if it is still the caller's array, which the caller may change
+            xd = xc.copy() if np.may_share_memory(xc, x) else xc
         a_c, b_c = rnd(self._lora_A), rnd(self._lora_B)
         h = rnd(xd @ a_c.T)
         lora = rnd(rnd(h @ b_c.T) * np.float32(self.scaling))

@@ -121,6 +121,25 @@ def test_ragged_in_features_agree():
     np.testing.assert_allclose(ref.forward(x), gpu(torch.from_numpy(x)).detach().numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_torch_cpu_bfloat16_matmul_accumulates_in_float32():
+    """The bound's premise: torch's CPU bfloat16 GEMM (every operand layout qlora_gpu uses) sums in float32 and rounds
+    once, and F.linear adds the bias before that rounding. A bfloat16 accumulator would be ~40x further off."""
+    torch.manual_seed(0)
+    m, k, n = 32, 2048, 48
+    u = 2.0**-8
+    a, b = torch.randn(m, k).bfloat16(), torch.randn(k, n).bfloat16()
+    exact = a.double() @ b.double()
+    sum_abs = a.double().abs() @ b.double().abs()
+    layouts = {"row-row": (a, b), "row-col": (a, b.t().contiguous().t()), "col-row": (a.t().contiguous().t(), b)}
+    for name, (a_, b_) in layouts.items():
+        c = (a_ @ b_).double()
+        assert torch.all((c - exact).abs() <= u * exact.abs() + k * 2.0**-24 * sum_abs), name
+    bias = torch.randn(n).bfloat16()
+    linear = torch.nn.functional.linear(a, b.t().contiguous(), bias)
+    once = (a.float() @ b.float() + bias.float()).bfloat16()
+    assert (linear != once).float().mean() < 0.01  # one rounding after the bias (up to summation order)
+
+
 def test_same_seed_same_initial_adapter_and_dropout_semantics():
     W = np.random.default_rng(1).standard_normal((6, 10)).astype(np.float32)
     ref = RefLinear.from_weight(W, 3, 6.0, seed=7)
