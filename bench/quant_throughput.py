@@ -79,7 +79,10 @@ def main(argv=None) -> None:
         }),
     }
     try:
-        from torchao.dtypes.nf4tensor import to_nf4
+        try:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # torchao >= 0.15
+        except ImportError:
+            from torchao.dtypes.nf4tensor import to_nf4
 
         nf4 = to_nf4(xt.to(torch.bfloat16), 64, 256)
         cases["quantize"][1]["torchao NF4 (bf16 in)"] = lambda: to_nf4(xt.to(torch.bfloat16), 64, 256)
