@@ -28,20 +28,6 @@ from qlora_ref.adapters import (
 )
 from qlora_ref.model import LoraConfig, QuantConfig, load_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test matrices are tiny: BLAS threads only contend (a 400x64 @ 64x96 product measured 50 times slower
-    with OpenBLAS' default threads than with one, on a shared 2-core machine)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack; without it, just slower
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 peft = pytest.importorskip("peft")
 TOL = 1e-4
 

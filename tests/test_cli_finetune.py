@@ -10,20 +10,6 @@ from test_train import qa_records, write_jsonl, write_tiny_model
 
 from qlora_ref.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test matrices are tiny: BLAS threads only contend (a 400x64 @ 64x96 product measured 50 times slower
-    with OpenBLAS' default threads than with one, on a shared 2-core machine)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack; without it, just slower
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 FAST = ["--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--no-progress"]
 
 

@@ -18,20 +18,6 @@ from qlora_ref.optim.schedule import get_lr, warmup_steps
 from qlora_ref.train.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints, load_checkpoint
 from qlora_ref.train.config import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    """The test matrices are tiny: BLAS threads only contend (a 400x64 @ 64x96 product measured 50 times slower
-    with OpenBLAS' default threads than with one, on a shared 2-core machine)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scipy's stack; without it, just slower
-        yield
-        return
-    with threadpool_limits(1):
-        yield
-
-
 VOCAB = 259  # 256 byte tokens + <pad> <s> </s>
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
