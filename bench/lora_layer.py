@@ -62,12 +62,11 @@ def tracemalloc_peak_mb(fn) -> float:
     return peak / 2**20
 
 
-def sgemm_gflops(n: int, k: int, m: int, repeats: int) -> float:
+def sgemm_call(n: int, k: int, m: int):
+    """A float32 (n, k) @ (k, m) product through NumPy's BLAS: the physical limit the layer is compared with."""
     a = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32)
     b = np.random.default_rng(1).standard_normal((k, m)).astype(np.float32)
-    a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    return 2 * n * k * m / best / 1e9
+    return lambda: a @ b
 
 
 def _timed(fn) -> float:
@@ -174,15 +173,15 @@ def main(argv=None) -> None:
     n_in = n_out = args.size
     n, r = args.tokens, args.r
     flops = 2 * 2 * n * n_in * n_out + 2 * n * r * (n_in + n_out) * 3
-    peak = sgemm_gflops(n, n_in, n_out, args.repeats)
+    sgemm = sgemm_call(n, n_in, n_out)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; torch {torch.__version__} "
-          f"threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}; "
-          f"sgemm ({n}x{n_in} @ {n_in}x{n_out}, NumPy float32) {peak:.1f} GFLOP/s")
+          f"threads {torch.get_num_threads()}, numba threads {numba.get_num_threads()}")
     print(f"layer {n_out}x{n_in} NF4+DQ blocksize 64, r={r}, alpha=16, dropout 0.1, {n} tokens; "
           f"fused tile {fused_matmul.TILE_BYTES >> 20} MiB; forward + backward, best of {args.repeats}\n")
 
     for cd in args.compute_dtypes:
         impls = build(args, cd)
+        impls["sgemm"] = sgemm  # the limit, timed in the same rounds
         for fn in impls.values():
             fn()  # warm up: Numba compilation, first-touch page faults
         times = {k: [] for k in impls}
@@ -190,10 +189,12 @@ def main(argv=None) -> None:
             for k, fn in impls.items():
                 times[k].append(_timed(fn))
         del impls
+        peak = 2 * n * n_in * n_out / min(times.pop("sgemm")) / 1e9
         memory = {k: measure_memory(args, k, cd) for k in IMPLS}
         best = {k: min(v) for k, v in times.items()}
         torch_t = best[IMPLS[2]]
-        print(f"compute dtype {cd}")
+        print(f"compute dtype {cd} (sgemm {n}x{n_in} @ {n_in}x{n_out}, NumPy float32, in the same rounds: "
+              f"{peak:.1f} GFLOP/s)")
         print(f"  {'implementation':34s} {'time s':>8s} {'GFLOP/s':>8s} {'of sgemm':>9s} {'peak RSS MB':>12s} "
               f"{'NumPy MB':>9s} {'time / torch':>13s}")
         for k in IMPLS:
