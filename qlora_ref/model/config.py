@@ -225,12 +225,13 @@ class QuantConfig:
     compute_dtype: str = "bfloat16"
 
     def __post_init__(self):
-        if self.quant_type not in ("nf4", "fp4", "int4"):
-            raise ValueError(f"quant_type must be 'nf4', 'fp4' or 'int4', got {self.quant_type!r}")
-        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {self.blocksize!r}")
-        if self.compute_dtype not in ("bfloat16", "float32"):
-            raise ValueError(f"compute_dtype must be 'bfloat16' or 'float32', got {self.compute_dtype!r}")
+        # the same checks, and messages, as quantize_4bit and QLoRALinear
+        from ..checks import REFERENCE_QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+        from ..lora import check_compute_dtype
+
+        check_quant_type(self.quant_type, REFERENCE_QUANT_TYPES_4BIT)
+        check_blocksize(self.blocksize)
+        object.__setattr__(self, "compute_dtype", check_compute_dtype(self.compute_dtype))
 
 
 @dataclass(frozen=True)
