@@ -154,10 +154,7 @@ class QLoRALinear(nn.Module):
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
-            if self.r is None:
-                raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
-            expected = (self.r, self.in_features) if name == "lora_A" else (self.out_features, self.r)
-            ref.check_adapter_shape(name, tuple(value.shape), expected)
+            ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
         super().__setattr__(name, value)
 
     @property

@@ -92,10 +92,14 @@ def check_bias_shape(shape, out_features: int) -> None:
         raise ValueError(f"bias must have shape ({out_features},) (out_features), got {tuple(shape)}")
 
 
-def check_adapter_shape(name: str, shape, expected: tuple[int, int]) -> None:
-    if tuple(shape) != tuple(expected):
+def check_adapter_shape(name: str, shape, in_features: int, out_features: int, r: int | None) -> None:
+    """``lora_A`` must be (r, in_features), ``lora_B`` (out_features, r); a layer with r=None has neither."""
+    if r is None:
+        raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
+    expected = (r, in_features) if name == "lora_A" else (out_features, r)
+    if tuple(shape) != expected:
         what = "(r, in_features)" if name == "lora_A" else "(out_features, r)"
-        raise ValueError(f"{name} must have shape {what} = {tuple(expected)}, got {tuple(shape)}")
+        raise ValueError(f"{name} must have shape {what} = {expected}, got {tuple(shape)}")
 
 
 def check_input_shape(shape, in_features: int) -> None:
@@ -221,7 +225,7 @@ class QLoRALinear:
 
     @lora_A.setter
     def lora_A(self, value) -> None:
-        self._lora_A = self._adapter("lora_A", value, (self.r, self.in_features))
+        self._lora_A = self._adapter("lora_A", value)
 
     @property
     def lora_B(self) -> np.ndarray | None:
@@ -229,13 +233,11 @@ class QLoRALinear:
 
     @lora_B.setter
     def lora_B(self, value) -> None:
-        self._lora_B = self._adapter("lora_B", value, (self.out_features, self.r))
+        self._lora_B = self._adapter("lora_B", value)
 
-    def _adapter(self, name, value, expected) -> np.ndarray:
-        if self.r is None:
-            raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
+    def _adapter(self, name, value) -> np.ndarray:
         value = _float_array(value, name)
-        check_adapter_shape(name, value.shape, expected)
+        check_adapter_shape(name, value.shape, self.in_features, self.out_features, self.r)
         return np.ascontiguousarray(value, dtype=np.float32)
 
     def parameters(self) -> dict[str, np.ndarray]:

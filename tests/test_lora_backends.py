@@ -198,6 +198,8 @@ def test_gpu_bad_input_gives_value_errors():
         layer(torch.randn(3, 10), dropout_mask=torch.ones(3, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="compute_dtype"):
         GpuLinear.from_weight(W, 2, 4.0, compute_dtype="float16")
+    with pytest.raises(ValueError, match="no adapter"):
+        GpuLinear.from_weight(W, None).lora_A = torch.nn.Parameter(torch.zeros(1, 10))
 
 
 def test_gpu_merge_matches_reference_merge():
