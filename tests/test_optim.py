@@ -34,6 +34,17 @@ ULP = 2.0**-23  # float32 unit roundoff times 2
 def _grads(rng, shapes, scale):
     return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in shapes.items()}
 
+def _assert_continue_identically(a, b, seed):
+    """One more step of two optimizers on the same parameters and gradients gives the same bits."""
+    rng = np.random.default_rng(seed)
+    pa = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    pb = {k: v.copy() for k, v in pa.items()}
+    g = _grads(rng, SHAPES, 0.1)
+    a.step(pa, g)
+    b.step(pb, g)
+    assert all(pa[k].tobytes() == pb[k].tobytes() for k in SHAPES)
+
+
 
 # ---------------------------------------------------------------------------------------------- AdamW vs torch
 @given(
@@ -236,14 +247,7 @@ def test_paged_state_dict_roundtrip_starts_on_host():
     assert b.memory.resident_pages == 0 and b.memory.host_pages == _pages_needed(b)
     for k, v in b.state_dict().items():
         assert v.tobytes() == sd[k].tobytes()
-    # the loaded optimizer continues exactly like the original
-    rng = np.random.default_rng(5)
-    pa = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    pb = {k: v.copy() for k, v in pa.items()}
-    g = _grads(rng, SHAPES, 0.1)
-    a.step(pa, g)
-    b.step(pb, g)
-    assert all(pa[k].tobytes() == pb[k].tobytes() for k in SHAPES)
+    _assert_continue_identically(a, b, seed=5)  # the loaded optimizer continues exactly like the original
     assert b.memory.page_ins > 0
 
 
@@ -399,13 +403,7 @@ def test_state_dict_roundtrips_through_safetensors(name, tmp_path):
     save_file(a.state_dict(), tmp_path / "opt.safetensors")
     b = make_optimizer(name, **kw)
     b.load_state_dict(load_file(tmp_path / "opt.safetensors"))
-    rng = np.random.default_rng(9)
-    pa = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
-    pb = {k: v.copy() for k, v in pa.items()}
-    g = _grads(rng, SHAPES, 0.1)
-    a.step(pa, g)
-    b.step(pb, g)
-    assert all(pa[k].tobytes() == pb[k].tobytes() for k in SHAPES)
+    _assert_continue_identically(a, b, seed=9)
 
 
 def test_load_state_dict_rejects_unknown_and_missing_keys():

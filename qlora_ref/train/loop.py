@@ -162,6 +162,9 @@ def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConf
     if bad:
         raise ValueError(f"{ckpt.path}: cannot resume, the checkpoint was trained with different settings: "
                          + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(config, k)!r})" for k in bad))
+    missing = sorted(set(backend.adapter_state()) - set(ckpt.adapter))
+    if missing:
+        raise ValueError(f"{ckpt.path}: checkpoint lacks adapter tensors {missing[:3]}")
     backend.load_adapter_state(ckpt.adapter)
     backend.load_optimizer_state(ckpt.optimizer_state)
     backend.set_rng_state(ckpt.state["rng"], ckpt.rng_arrays)
