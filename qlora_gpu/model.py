@@ -58,10 +58,8 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: each ``QLoRALinear``
     draws its masks from its own generator, which torch's checkpoint does not rewind, so it is rewound here.
 
-    torch's reentrant variant: ``qlora_gpu.lora``'s autograd function reads ``ctx.saved_tensors`` twice in its
-    backward, which the non-reentrant variant's saved-tensor hooks refuse. Reentrant checkpointing propagates
-    gradients only if an input requires them, so the hidden state is made a leaf that does (as PEFT's
-    ``enable_input_require_grads`` does for the embedding output); its gradient is not used anywhere."""
+    torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
+    recomputes inside the backward pass, where the masks are replayed by ``run``."""
     linears = [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.dropout_active]
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
@@ -72,9 +70,7 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
             g.set_state(s)
         return fn(*a)
 
-    if isinstance(hidden, torch.Tensor) and not hidden.requires_grad:
-        args = (hidden.detach().requires_grad_(True), *args[1:])
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=True)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 class QLoRAModel(nn.Module):
