@@ -38,7 +38,15 @@ def test_8bit_codes_are_exactly_nearest_and_close_to_bitsandbytes(seed, n, block
     assert np.all(ours <= theirs + np.spacing(np.abs(scaled)))
     steps = np.abs(q.codes.astype(int) - codes.numpy().astype(int))
     assert steps.max() <= MAX_CODE_STEPS
-    assert (steps > 0).mean() <= MAX_DIFFERENT_FRACTION or n < 1000
+
+
+def test_8bit_codes_differ_from_bitsandbytes_rarely():
+    # the rate is a property of many values (a few thousand give a binomial count of 0.15 %, which can exceed any
+    # tight bound by chance): measured on 2^20 standard normal values
+    x = np.random.default_rng(1).standard_normal(1 << 20).astype(np.float32)
+    codes, _ = bnbf.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+    different = (qlora_ref.quantize_blockwise_8bit(x).codes != codes.numpy()).mean()
+    assert 0 < different <= MAX_DIFFERENT_FRACTION
 
 
 @given(st.integers(0, 2**32 - 1), st.integers(1, 3000))
