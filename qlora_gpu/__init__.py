@@ -4,6 +4,8 @@ Everything that is not a tensor kernel (configs, checks, formats) comes from ``q
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 
 from .lora import QLoRALinear
+from .model import QLoRAModel
+from .prepare import init_weight, llama_config, load, model_config, prepare_model
 from .quantize import (
     Quantized4bit,
     Quantized8bit,
@@ -25,13 +27,19 @@ def codebook(name: str):
 
 __all__ = [
     "QLoRALinear",
+    "QLoRAModel",
     "Quantized4bit",
     "Quantized8bit",
     "codebook",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
     "dynamic_map",
+    "init_weight",
+    "llama_config",
+    "load",
+    "model_config",
     "normal_float_codebook",
+    "prepare_model",
     "quantize_4bit",
     "quantize_blockwise_8bit",
 ]

@@ -179,16 +179,22 @@ class QLoRAModel(nn.Module):
             layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, layer)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, **kwargs) -> list[int]:
-        """Greedy continuation through transformers' ``generate`` (eval mode; the training mode is restored)."""
+    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> list[int]:
+        """Continuation through transformers' ``generate``: greedy at temperature 0, else nucleus sampling (the
+        reference's ``generate`` arguments; the random stream differs). Eval mode; training mode is restored."""
         was_training = self.training
         self.eval()
         try:
             device = self.hf.model.embed_tokens.weight.device
             ids = torch.tensor([list(input_ids)], device=device)
             eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+            sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+                dict(do_sample=False)
+            if seed is not None:
+                torch.manual_seed(seed)
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=False, eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0)
+                                   eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0, **sample)
             return out[0].tolist()
         finally:
             self.train(was_training)

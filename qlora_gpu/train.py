@@ -51,9 +51,14 @@ class GpuTrainer:
 
     @classmethod
     def from_pretrained(cls, path, config: TrainConfig, device=None) -> GpuTrainer:
+        """A Hugging Face folder is built layer by layer on the device (``prepare_model``); a GGUF file through
+        the reference loader. Float32 residual stream and eager attention, the reference's numerics, so that both
+        backends agree step by step; for speed build ``prepare_model(path, dtype="bfloat16")`` and pass it in."""
+        from .prepare import load
+
         device = torch.device(device) if device is not None else default_device()
-        model = QLoRAModel.from_pretrained(path, quant=config.quant_config(), lora=config.lora_config(),
-                                           gradient_checkpointing=config.gradient_checkpointing, device=device)
+        model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=device, dtype="float32",
+                     attn_implementation="eager", gradient_checkpointing=config.gradient_checkpointing)
         return cls(model, config)
 
     # ---------------------------------------------------------------------------------------- one step

@@ -376,7 +376,7 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
     """
     from .model.config import ModelConfig, QuantConfig
     from .model.llama import expected_tensors, linear_shapes
-    from .model.loading import CheckpointError, _folder_tensors
+    from .model.loading import CheckpointError, folder_tensors
     from .quantize import quantize_4bit
 
     quant = quant or QuantConfig()
@@ -390,7 +390,7 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
         raise ValueError(f"{in_dir}: already quantized ({raw['quantization_config'].get('quant_method')})")
     try:
         config = ModelConfig.from_hf_dict(raw, str(in_dir / "config.json"))
-        tensors = _folder_tensors(in_dir)
+        tensors = folder_tensors(in_dir)
     except CheckpointError as e:
         raise ValueError(str(e)) from None
     expected = expected_tensors(config)

@@ -113,6 +113,7 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, or none (float32 weights)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--backend", default="ref", help="ref [default] or gpu (torch + bitsandbytes, CUDA if present)")
     g.set_defaults(func=run_generate)
 
     q = subparsers.add_parser("quantize", help="a Hugging Face folder -> a bitsandbytes 4-bit folder",
@@ -241,11 +242,16 @@ def run_demo(args) -> int:
 # ---------------------------------------------------------------------------------------------- generate
 def run_generate(args) -> int:
     from qlora_ref.adapters import load_adapter, read_adapter_lora_config
+    from qlora_ref.backends import load_backend
     from qlora_ref.model.config import QuantConfig
     from qlora_ref.model.loading import load_model
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
-    model = load_model(args.model, quant=quant, lora=lora)
+    if args.backend == "ref":
+        model = load_model(args.model, quant=quant, lora=lora)
+    else:
+        model = load_backend(args.backend).load(args.model, quant, lora, gradient_checkpointing=False,
+                                                progress=False)
     if args.adapter:
         load_adapter(model, args.adapter)
     model.eval()

@@ -62,6 +62,26 @@ def test_generate_with_and_without_adapter(files, tmp_path, capsys):
     assert plain.strip() and adapted.strip()
 
 
+def test_generate_on_the_torch_backend_matches_the_reference(files, tmp_path, capsys):
+    """Float32 weights: the two backends compute the same model, so the greedy answers agree; with NF4 and an
+    adapter the torch backend answers too."""
+    pytest.importorskip("bitsandbytes")
+    base = ["generate", "--model", str(files / "model"), "--prompt", "what is 1 plus 2", "--max-new-tokens", "8"]
+    answers = []
+    for backend in ("ref", "gpu"):
+        assert main([*base, "--quant-type", "none", "--backend", backend]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
+    out = tmp_path / "run"
+    assert main(["finetune", "--backend", "gpu", "--model", str(files / "model"), "--data",
+                 str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "1", *FAST]) == 0
+    capsys.readouterr()
+    assert main([*base, "--backend", "gpu", "--adapter", str(out), "--temperature", "0.8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main([*base, "--backend", "tpu"]) == 2
+    assert "tpu" in capsys.readouterr().err
+
+
 def test_quantize_command(files, tmp_path, capsys):
     assert main(["quantize", str(files / "model"), str(tmp_path / "q")]) == 0
     assert "nf4, blocksize 64, double quant True" in capsys.readouterr().out

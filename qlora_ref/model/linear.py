@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import LoraConfig, QuantConfig
+from .config import LINEAR_MODULES, LoraConfig, QuantConfig
+
+
+def adapter_args(name: str, lora: LoraConfig | None) -> tuple[int | None, float, float]:
+    """(r, alpha, dropout) of projection ``name``: ``r`` None (a frozen layer without adapter) unless ``lora``
+    targets it (the paper, section 4: adapters on every linear layer of every block)."""
+    if lora is None or lora.r == 0 or name not in lora.target_modules:
+        return None, 1.0, 0.0
+    return lora.r, lora.alpha, lora.dropout
+
+
+def lora_seed(lora: LoraConfig | None, layer: int, name: str) -> int:
+    """The seed of the adapter of projection ``name`` in block ``layer``: distinct for every linear, so that both
+    backends (and every way of building a model) initialise the same adapters."""
+    return (lora.seed if lora else 0) * 1_000_003 + layer * len(LINEAR_MODULES) + LINEAR_MODULES.index(name)
 
 
 def make_linear(weight, bias: np.ndarray | None, *, name: str, quant: QuantConfig | None,
@@ -18,10 +32,7 @@ def make_linear(weight, bias: np.ndarray | None, *, name: str, quant: QuantConfi
     from ..lora import QLoRALinear
     from ..quantize import Quantized4bit
 
-    adapted = lora is not None and lora.r > 0 and name in lora.target_modules
-    r = lora.r if adapted else None  # None: a frozen layer without adapter
-    alpha = lora.alpha if adapted else 1.0
-    dropout = lora.dropout if adapted else 0.0
+    r, alpha, dropout = adapter_args(name, lora)
     if isinstance(weight, Quantized4bit):
         compute_dtype = quant.compute_dtype if quant is not None else "float32"
         return QLoRALinear.from_quantized(weight, r, alpha, dropout=dropout, bias=bias,

@@ -17,7 +17,7 @@ from .attention import Attention, KVCache
 from .block import DecoderBlock
 from .config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
 from .embedding import Embedding
-from .linear import make_linear
+from .linear import lora_seed, make_linear
 from .mlp import SwiGLU
 from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding
@@ -90,13 +90,12 @@ class LlamaModel:
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."
             linears = {}
-            for j, name in enumerate(LINEAR_MODULES):
+            for name in LINEAR_MODULES:
                 path = p + _module_path(name)
                 bias = f32(weights[path + ".bias"]) if _has_bias(config, name) else None
                 w = weights[path + ".weight"]
                 w = w if not isinstance(w, np.ndarray) else f32(w)
-                seed = (lora.seed if lora else 0) * 1_000_003 + i * len(LINEAR_MODULES) + j
-                linears[name] = make_linear(w, bias, name=name, quant=quant, lora=lora, seed=seed)
+                linears[name] = make_linear(w, bias, name=name, quant=quant, lora=lora, seed=lora_seed(lora, i, name))
             attn = Attention(linears["q_proj"], linears["k_proj"], linears["v_proj"], linears["o_proj"],
                              config.num_attention_heads, config.num_key_value_heads, config.head_dim, rope,
                              layer_idx=i, sliding_window=config.sliding_window)

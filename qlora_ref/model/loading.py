@@ -76,7 +76,8 @@ def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
     return out
 
 
-def _folder_tensors(folder: Path) -> dict[str, TensorRef]:
+def folder_tensors(folder: Path) -> dict[str, TensorRef]:
+    """Every tensor of a Hugging Face folder (one file, several, or shards listed in the index), by name."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -167,12 +168,23 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, TensorRef]]:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _quantized_key(tensors: dict[str, TensorRef], weight_name: str) -> str | None:
+def quantized_key(tensors: dict[str, TensorRef], weight_name: str) -> str | None:
     for qt in ("nf4", "fp4"):
         key = f"{weight_name}.quant_state.bitsandbytes__{qt}"
         if key in tensors:
             return key
     return None
+
+
+def check_tensor(tensors: dict[str, TensorRef], name: str, shape: tuple[int, ...], source: str) -> TensorRef:
+    """The checkpoint's tensor ``name``, which must exist with ``shape`` (the one ``config.json`` implies)."""
+    if name not in tensors:
+        hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
+        raise CheckpointError(f"{source}: missing tensor {name!r}{hint}")
+    ref = tensors[name]
+    if ref.shape != shape:
+        raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {ref.shape}, but the config implies {shape}")
+    return ref
 
 
 def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: str,
@@ -184,7 +196,7 @@ def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: 
     weights = {}
     for name, shape in expected_tensors(config).items():
         is_linear = name.endswith(".weight") and name.split(".")[-2] in linear_names
-        if is_linear and _quantized_key(tensors, name) is not None:
+        if is_linear and quantized_key(tensors, name) is not None:
             prefix = name[: -len("weight")]
             ref = tensors[name]
             sub = {k: tensors[k].load() for k in tensors if k.startswith(name)}
@@ -197,12 +209,7 @@ def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: 
                                       f"but config.json implies {shape}")
             weights[name] = q
             continue
-        if name not in tensors:
-            hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
-            raise CheckpointError(f"{source}: missing tensor {name!r}{hint}")
-        ref = tensors[name]
-        if ref.shape != shape:
-            raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {ref.shape}, but the config implies {shape}")
+        ref = check_tensor(tensors, name, shape, source)
         array = np.asarray(ref.load(), dtype=np.float32)
         weights[name] = transform(name, array) if transform else array
     return weights
@@ -271,7 +278,7 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
             config = ModelConfig.from_hf_dict(raw, str(config_file))
         except ConfigError as e:
             raise CheckpointError(str(e)) from None
-        tensors = _folder_tensors(path)
+        tensors = folder_tensors(path)
         weights = collect_weights(config, tensors, str(path))
         tok = Tokenizer.from_folder(path) if tokenizer else None
     return config, weights, tok

@@ -1,0 +1,258 @@
+"""``prepare_model``: a QLoRA model built layer by layer on the device, from a Hugging Face folder or a config alone.
+
+This is how the paper fits LLaMA-65B on one 48 GB GPU (section 1; section 3, "QLoRA"): the frozen weights are
+stored in 4-bit NormalFloat with double quantization (0.127 + 4 bits per parameter), so the 16-bit model
+(131 GB) must never be on the GPU at once. The transformers skeleton is created on the meta device (shapes, no
+memory); then, one decoder layer after another, each block linear is read (one tensor from a memory-mapped
+safetensors shard, or drawn at random for a config alone), moved to the device, quantized to NF4 + DQ there,
+and its float copy dropped before the next is read. The device holds at most one linear layer in 16/32 bits.
+
+What the model then is — the paper's training setup (section 4, Appendix B):
+
+- every block linear a ``QLoRALinear`` (adapters on all seven, "LoRA on all linear layers");
+- embedding and LM head in ``dtype`` (bfloat16), frozen; the residual stream in ``dtype``;
+- RMSNorm weights in float32, computed in float32 and cast back to the stream's dtype (the stability trick of
+  ``peft.prepare_model_for_kbit_training``, without turning the whole stream to float32);
+- non-reentrant gradient checkpointing per decoder layer, dropout masks replayed (``qlora_gpu.model``).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qlora_ref.memory import LLAMA_SHAPES
+from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
+from qlora_ref.model.linear import adapter_args, lora_seed
+from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
+
+from .lora import QLoRALinear
+from .model import _HF_CLASSES, QLoRAModel, hf_config
+from .quantize import Quantized4bit
+
+_DTYPES = ("bfloat16", "float16", "float32")
+_PAPER_QUANT = QuantConfig()  # NF4 + double quantization, bfloat16 compute
+_PAPER_LORA = LoraConfig()  # r=64, alpha=16 on all seven linears
+
+
+# ----------------------------------------------------------------------------------------------- configs
+def llama_config(name: str) -> ModelConfig:
+    """LLaMA-1 7B/13B/33B/65B (``qlora_ref.memory.LLAMA_SHAPES``: Touvron et al. 2023, Table 2) as a
+    ``ModelConfig``: the models of the paper's Table 3 and of the 65B-on-48-GB claim."""
+    key = name.lower() if name.lower().startswith("llama-") else f"llama-{name.lower()}"
+    if key not in LLAMA_SHAPES:
+        raise ValueError(f"model must be one of {', '.join(LLAMA_SHAPES)} (or 7b/13b/33b/65b), got {name!r}")
+    s = LLAMA_SHAPES[key]
+    return ModelConfig(model_type="llama", vocab_size=s.vocab_size, hidden_size=s.hidden_size,
+                       intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
+                       num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,
+                       rms_norm_eps=1e-6, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+
+
+def model_config(model) -> ModelConfig:
+    """The ``ModelConfig`` of what ``prepare_model`` accepts: a Hugging Face folder (its config.json), a
+    transformers ``PretrainedConfig``, a config.json dict, a ``ModelConfig``, or a LLaMA size (``"7b"``,
+    ``"llama-65b"``)."""
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(model, dict):
+        return ModelConfig.from_hf_dict(model, "config dict")
+    if hasattr(model, "to_dict") and hasattr(model, "model_type"):  # a transformers PretrainedConfig
+        return ModelConfig.from_hf_dict(model.to_dict(), type(model).__name__)
+    if isinstance(model, str | Path):
+        path = Path(model)
+        if path.is_dir():
+            if not (path / "config.json").exists():
+                raise ValueError(f"model: {path} has no config.json (a GGUF file goes through "
+                                 "QLoRAModel.from_pretrained)")
+            return ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        if path.exists():
+            raise ValueError(f"model: {path} is a file; expected a Hugging Face folder (a GGUF file goes through "
+                             "QLoRAModel.from_pretrained)")
+        return llama_config(str(model))
+    raise ValueError("model must be a Hugging Face folder, a transformers PretrainedConfig, a config.json dict, a "
+                     f"qlora ModelConfig or a LLaMA size such as '7b'; got {type(model).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------- weights
+def init_weight(name: str, shape, std: float, seed: int = 0, device=None, dtype=torch.float32) -> torch.Tensor:
+    """A random weight N(0, std²) for a model built from a config alone (transformers' ``initializer_range``
+    init), drawn on ``device`` from a generator seeded by (``seed``, ``name``): the same tensor whichever order
+    the layers are built in, and the same for any stack that asks with the same name (benchmarks compare
+    stacks holding identical weights)."""
+    device = torch.device(device if device is not None else "cpu")
+    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    w = torch.empty(tuple(shape), device=device, dtype=torch.float32).normal_(0.0, std, generator=g)
+    return w.to(dtype)
+
+
+class _Source:
+    """Where the tensors come from: a folder's safetensors files (one tensor read at a time, memory-mapped) or
+    ``init_weight`` (a config alone)."""
+
+    def __init__(self, config: ModelConfig, folder: Path | None, seed: int, init_std: float, device):
+        from qlora_ref.model.loading import check_tensor, folder_tensors
+
+        self.config, self.folder, self.seed, self.init_std, self.device = config, folder, seed, init_std, device
+        self._files: dict[Path, object] = {}
+        self.shapes = expected_tensors(config)
+        if folder is not None:  # every tensor present with its shape, before anything is built
+            self._all = folder_tensors(folder)
+            for name, shape in self.shapes.items():
+                if self.quantized_prefix(name) is None:
+                    check_tensor(self._all, name, shape, str(folder))
+
+    def quantized_prefix(self, weight_name: str) -> str | None:
+        """The state-dict prefix of a linear stored 4-bit (a bitsandbytes checkpoint), else None."""
+        from qlora_ref.model.loading import quantized_key
+
+        if self.folder is None or not weight_name.endswith(".weight"):
+            return None
+        return weight_name[: -len("weight")] if quantized_key(self._all, weight_name) is not None else None
+
+    def _read(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file = self._all[name].file
+        if file not in self._files:
+            self._files[file] = safe_open(str(file), framework="pt", device="cpu")
+        return self._files[file].get_tensor(name)
+
+    def tensor(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """Tensor ``name`` on the device in ``dtype``."""
+        if self.folder is not None:
+            return self._read(name).to(device=self.device, dtype=dtype)
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, device=self.device, dtype=dtype)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=self.device, dtype=dtype)
+        return init_weight(name, shape, self.init_std, self.seed, self.device, dtype)
+
+    def quantized(self, prefix: str) -> Quantized4bit:
+        """A linear stored 4-bit, used as stored (never re-quantized)."""
+        sub = {k: self._read(k) for k in self._all if k.startswith(prefix)}
+        return Quantized4bit.from_state_dict(sub, prefix).to(self.device)
+
+
+def _float32_norm(module: nn.Module, inputs, output):
+    """RMSNorm with a float32 weight returns float32; cast back to the residual stream's dtype."""
+    return output.to(inputs[0].dtype)
+
+
+# ----------------------------------------------------------------------------------------------- building
+def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None = _PAPER_LORA, *,
+                  device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
+                  attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
+                  adapter_dtype: str = "float32", progress: bool = True, tokenizer: bool = True) -> QLoRAModel:
+    """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
+
+    model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
+    linears are used as stored), a transformers ``PretrainedConfig``, a config.json dict, a qlora
+    ``ModelConfig`` or a LLaMA size (``"7b"`` ... ``"65b"``). Without weights, every linear is drawn by
+    ``init_weight(name, shape, init_std, seed)`` (``init_std`` default: the config's ``initializer_range``, else
+    0.02), norms are ones.
+    quant: storage of the block linears (the paper's NF4 + double quantization, bfloat16 compute, by default);
+    None keeps them float32 (plain LoRA). lora: adapters (r=64, alpha=16 on all seven linears by default; None:
+    frozen). dtype: embedding, LM head and residual stream ("bfloat16", "float16" or "float32").
+    adapter_dtype: storage of ``lora_A``/``lora_B`` (and so of their gradients): "float32" (default; the
+    optimizer updates float32 values) or "bfloat16" (the paper's scripts: half the adapter and gradient memory,
+    1.6 GB less at 65B).
+    """
+    cfg = model_config(model)
+    for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
+        if value not in _DTYPES:
+            raise ValueError(f"{arg} must be one of {_DTYPES}, got {value!r}")
+    if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+        raise ValueError(f"attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', "
+                         f"got {attn_implementation!r}")
+    if cfg.model_type not in _HF_CLASSES:
+        raise ValueError(f"model_type {cfg.model_type!r} is not supported on the GPU backend ({list(_HF_CLASSES)})")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    folder = Path(model) if isinstance(model, str | Path) and Path(model).is_dir() else None
+    if init_std is None:
+        init_std = float(getattr(model, "initializer_range", 0.02))
+    source = _Source(cfg, folder, seed, init_std, device)
+    tdtype = getattr(torch, dtype)
+
+    import transformers
+
+    with torch.device("meta"):
+        hf = getattr(transformers, _HF_CLASSES[cfg.model_type][1])(hf_config(cfg, attn_implementation))
+    hf.model.embed_tokens = nn.Embedding.from_pretrained(source.tensor("model.embed_tokens.weight", tdtype),
+                                                         freeze=True)
+    _set_norm(hf.model.norm, source.tensor("model.norm.weight", torch.float32))
+    if cfg.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    else:
+        hf.lm_head.weight = nn.Parameter(source.tensor("lm_head.weight", tdtype), requires_grad=False)
+    compute = quant.compute_dtype if quant is not None else "float32"
+
+    from tqdm.auto import tqdm
+
+    for i, layer in enumerate(tqdm(hf.model.layers, desc="quantizing layers", unit="layer", disable=not progress)):
+        p = f"model.layers.{i}."
+        _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
+        _set_norm(layer.post_attention_layernorm, source.tensor(p + "post_attention_layernorm.weight", torch.float32))
+        for name in LINEAR_MODULES:
+            path = p + _module_path(name)
+            lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
+            if lin.r is not None and adapter_dtype != "float32":
+                lin.lora_A.data = lin.lora_A.data.to(getattr(torch, adapter_dtype))
+                lin.lora_B.data = lin.lora_B.data.to(getattr(torch, adapter_dtype))
+            setattr(layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, name, lin)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
+    tok = None
+    if folder is not None and tokenizer:
+        from qlora_ref.model.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_folder(folder)
+    out = QLoRAModel(hf, cfg, quant, lora, tok)
+    leftover = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t is not None and t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left uninitialised while building the model: {leftover[:5]}")
+    out.gradient_checkpointing = gradient_checkpointing
+    out.train()
+    return out
+
+
+def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None = _PAPER_LORA, *, device=None,
+         **kwargs) -> QLoRAModel:
+    """Any checkpoint the reference loads: a Hugging Face folder through ``prepare_model`` (``kwargs`` go there),
+    a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first).
+    The residual stream defaults to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is slow)."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (Path(path) / "config.json").exists():
+        kwargs.setdefault("dtype", "bfloat16" if device.type == "cuda" else "float32")
+        return prepare_model(path, quant, lora, device=device, **kwargs)
+    return QLoRAModel.from_pretrained(path, quant, lora, device=device,
+                                      gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
+
+
+def _set_norm(norm: nn.Module, weight: torch.Tensor) -> None:
+    norm.weight = nn.Parameter(weight, requires_grad=False)
+    norm.register_forward_hook(_float32_norm)
+
+
+def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant: QuantConfig | None,
+                  lora: LoraConfig | None, compute: str, seed: int) -> QLoRALinear:
+    """One block linear: read, quantized on the device, the float copy dropped on return."""
+    r, alpha, dropout = adapter_args(name, lora)
+    bias = source.tensor(path + ".bias", torch.float32) if _has_bias(cfg, name) else None
+    common = dict(r=r, alpha=alpha, dropout=dropout, bias=bias, compute_dtype=compute, seed=seed,
+                  device=source.device)
+    prefix = source.quantized_prefix(path + ".weight")
+    if prefix is not None:
+        return QLoRALinear.from_quantized(source.quantized(prefix), **common)
+    w = source.tensor(path + ".weight", torch.float32)
+    if quant is None:
+        return QLoRALinear.from_weight(w, quant_type=None, **common)
+    return QLoRALinear.from_weight(w, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                   double_quant=quant.double_quant, **common)
+
+
+__all__ = ["init_weight", "llama_config", "load", "model_config", "prepare_model"]

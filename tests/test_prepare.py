@@ -1,0 +1,260 @@
+"""``qlora_gpu.prepare_model``: a QLoRA model built layer by layer (paper, section 1: the 65B model never exists in
+16 bits on the GPU), from a Hugging Face folder or a config alone.
+
+Checked on CPU with tiny models: the same model as the reference loader's path (``QLoRAModel.from_pretrained``)
+bit for bit; at most one linear layer in float at any moment; stored 4-bit checkpoints used as stored; the
+training setup (float32 norms, a bfloat16 residual stream, checkpointing that changes no gradient); clear errors.
+On CUDA (marker ``gpu``): the peak memory while building stays within one linear layer of the final footprint.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from test_train import write_tiny_model
+
+from qlora_gpu.lora import QLoRALinear
+from qlora_gpu.model import QLoRAModel
+from qlora_gpu.prepare import init_weight, llama_config, model_config, prepare_model
+from qlora_ref.model.config import LoraConfig, ModelConfig
+from qlora_ref.model.loading import CheckpointError
+
+LORA = LoraConfig(r=4, alpha=8.0)
+TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+IDS = torch.arange(24)[None] * 7 % 101
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prepare") / "tiny"
+    write_tiny_model(path)
+    return path
+
+
+def build(model, **kw):
+    kw.setdefault("device", "cpu")
+    kw.setdefault("progress", False)
+    kw.setdefault("lora", LORA)
+    return prepare_model(model, **kw)
+
+
+def assert_same_model(a: QLoRAModel, b: QLoRAModel) -> None:
+    la, lb = a.named_linears(), b.named_linears()
+    assert la.keys() == lb.keys()
+    for name in la:
+        assert torch.equal(la[name].weight, lb[name].weight), name
+        sa, sb = la[name].weight.quant_state, lb[name].weight.quant_state
+        assert torch.equal(sa.absmax, sb.absmax) and torch.equal(sa.state2.absmax, sb.state2.absmax), name
+        assert torch.equal(la[name].lora_A, lb[name].lora_A) and torch.equal(la[name].lora_B, lb[name].lora_B), name
+
+
+# ---------------------------------------------------------------------------------------------- the same model
+def test_folder_gives_the_reference_loaders_model_bit_for_bit(folder):
+    """Streaming, layer-by-layer build == the whole-checkpoint path: same 4-bit codes, constants, adapters
+    (the reference's per-layer seeds) and logits (float32 stream, eager attention as ``from_pretrained``)."""
+    a = build(folder, dtype="float32", attn_implementation="eager", gradient_checkpointing=False)
+    b = QLoRAModel.from_pretrained(folder, lora=LORA)
+    assert_same_model(a, b)
+    assert torch.equal(a(IDS), b(IDS))
+    assert a.tokenizer is not None and a.tokenizer.encode("ab") == b.tokenizer.encode("ab")
+
+
+def test_sharded_folder_and_stored_4bit_folder(folder, tmp_path):
+    """Shards listed in model.safetensors.index.json are read one tensor at a time; a bitsandbytes 4-bit folder
+    (``qlora quantize``) keeps its stored codes (nothing re-quantized)."""
+    from qlora_ref.adapters import quantize_hf_folder
+
+    sharded = tmp_path / "sharded"
+    write_tiny_model(tmp_path / "same").save_pretrained(sharded, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert_same_model(build(sharded), build(folder))
+
+    quantize_hf_folder(folder, tmp_path / "q4")
+    q4 = build(tmp_path / "q4", dtype="float32", attn_implementation="eager", gradient_checkpointing=False)
+    ref = QLoRAModel.from_pretrained(tmp_path / "q4", lora=LORA)
+    assert_same_model(q4, ref)
+    assert torch.equal(q4(IDS), ref(IDS))
+
+
+def test_at_most_one_linear_is_held_in_float_while_building(folder, monkeypatch):
+    """The paper's memory claim rests on this: each float weight is dropped before the next is read."""
+    alive: list[weakref.ref] = []
+    from_weight = QLoRALinear.from_weight.__func__
+
+    def watched(cls, W, *args, **kwargs):
+        assert all(r() is None for r in alive), "an earlier float weight is still alive"
+        alive.append(weakref.ref(W))
+        return from_weight(cls, W, *args, **kwargs)
+
+    monkeypatch.setattr(QLoRALinear, "from_weight", classmethod(watched))
+    build(folder)
+    build(TINY)
+    assert len(alive) == 7 * (2 + TINY.num_hidden_layers)
+
+
+# ---------------------------------------------------------------------------------------------- config alone
+def test_config_alone_is_deterministic_and_drawn_with_init_std():
+    a, b = build(TINY, seed=3), build(TINY, seed=3)
+    assert_same_model(a, b)
+    w = a.named_linears()["model.layers.1.mlp.down_proj"].merge()  # dequantized (+ B A = 0 at init)
+    n = w.numel()
+    # NF4 keeps the spread up to its quantization error (~0.07 absmax-relative); sample std error ~ 1/sqrt(2n)
+    assert abs(float(w.std()) / 0.02 - 1) < 0.1 + 5 / np.sqrt(2 * n)
+    c = build(TINY, seed=4)
+    assert not torch.equal(c.named_linears()["model.layers.0.self_attn.q_proj"].weight,
+                           a.named_linears()["model.layers.0.self_attn.q_proj"].weight)
+    for name, p in a.hf.named_parameters():
+        if "norm" in name:
+            assert p.dtype == torch.float32 and bool((p == 1).all()), name
+
+
+def test_init_weight_depends_on_name_and_seed_only():
+    x = init_weight("model.layers.0.mlp.up_proj.weight", (8, 16), 0.5, seed=1)
+    assert torch.equal(x, init_weight("model.layers.0.mlp.up_proj.weight", (8, 16), 0.5, seed=1))
+    assert not torch.equal(x, init_weight("model.layers.1.mlp.up_proj.weight", (8, 16), 0.5, seed=1))
+    assert not torch.equal(x, init_weight("model.layers.0.mlp.up_proj.weight", (8, 16), 0.5, seed=2))
+    assert init_weight("w", (4,), 1.0, dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", ["ModelConfig", "transformers", "dict", "folder"])
+def test_every_kind_of_config_input_gives_the_same_config(folder, kind):
+    import transformers
+
+    raw = json.loads((folder / "config.json").read_text())
+    expected = model_config(folder)
+    given = {"ModelConfig": expected, "transformers": transformers.LlamaConfig(**raw), "dict": raw,
+             "folder": str(folder)}[kind]
+    assert model_config(given) == expected
+
+
+@pytest.mark.parametrize("name,hidden,layers", [("7b", 4096, 32), ("llama-13b", 5120, 40), ("33B", 6656, 60),
+                                                ("65b", 8192, 80)])
+def test_llama_sizes(name, hidden, layers):
+    cfg = llama_config(name)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (hidden, layers, 32000)
+    assert model_config(name) == cfg
+
+
+# ---------------------------------------------------------------------------------------------- training setup
+def test_training_setup_bfloat16_stream_float32_norms(folder):
+    m = build(folder)
+    assert m.hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.hf.lm_head.weight.dtype == torch.bfloat16
+    seen = []
+    m.hf.model.layers[0].input_layernorm.register_forward_hook(lambda mod, i, o: seen.append((i[0].dtype, o.dtype)))
+    m.hf.model.layers[1].register_forward_hook(lambda mod, i, o: seen.append(o[0].dtype if isinstance(o, tuple)
+                                                                             else o.dtype))
+    m(IDS)
+    assert seen == [(torch.bfloat16, torch.bfloat16), torch.bfloat16]
+    assert all(p.dtype == torch.float32 for n, p in m.hf.named_parameters() if "norm" in n)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in m.lora_parameters().values())
+
+
+def test_bfloat16_adapters_train_in_bfloat16(folder):
+    """The paper's scripts keep the adapters in bfloat16: so are their gradients; the initial values are the
+    float32 ones rounded once."""
+    a, b = build(folder, adapter_dtype="bfloat16"), build(folder)
+    pa, pb = a.lora_parameters(), b.lora_parameters()
+    for k in pa:
+        assert pa[k].dtype == torch.bfloat16 and torch.equal(pa[k], pb[k].to(torch.bfloat16)), k
+    a(IDS).float().logsumexp(-1).mean().backward()
+    assert all(g.dtype == torch.bfloat16 for g in a.lora_grads().values())
+
+
+def test_checkpointing_changes_no_gradient(folder):
+    """Non-reentrant checkpointing with LoRA dropout: loss and every LoRA gradient bit-identical."""
+    lora = LoraConfig(r=4, alpha=8.0, dropout=0.1)
+    grads = []
+    for ckpt in (False, True):
+        m = build(folder, lora=lora, gradient_checkpointing=ckpt)
+        logits = m(IDS)
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
+        loss.backward()
+        grads.append((loss.detach(), {k: v.clone() for k, v in m.lora_grads().items()}))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for k in grads[0][1]:
+        assert torch.equal(grads[0][1][k], grads[1][1][k]), k
+
+
+def test_float_weights_without_quantization_and_without_adapters(folder):
+    m = build(folder, quant=None, lora=None, dtype="float32")
+    assert not any(lin.quantized for lin in m.named_linears().values())
+    assert not m.lora_parameters()
+    assert torch.isfinite(m(IDS)).all()
+
+
+# ---------------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("model,match", [(42, "model must be"), ("99b", "llama-7b"), ("nonexistent/folder", "llama-")])
+def test_bad_model_argument_is_named(model, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_model(model)
+
+
+def test_bad_options_are_named(folder, tmp_path):
+    with pytest.raises(ValueError, match="^dtype"):
+        build(folder, dtype="float8")
+    with pytest.raises(ValueError, match="adapter_dtype"):
+        build(folder, adapter_dtype="int8")
+    with pytest.raises(ValueError, match="attn_implementation"):
+        build(folder, attn_implementation="magic")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        build(tmp_path / "empty")
+
+
+def test_missing_or_misshapen_tensor_is_reported_before_building(folder, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, broken / "model.safetensors")
+    monkeypatch.setattr(QLoRALinear, "from_weight", None)  # nothing may be built before the check
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj.weight"):
+        build(broken)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, broken / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"shape \(3, 3\)"):
+        build(broken)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+def test_peak_memory_while_building_is_one_linear_above_the_result():
+    """A config with many layers: the peak while building exceeds the final footprint by at most the transient
+    of one linear (its float32 copy, the finite check and the packed result: < 8 bytes per weight), far below
+    the 16-bit model."""
+    cfg = ModelConfig(model_type="llama", vocab_size=1000, hidden_size=1024, intermediate_size=2816,
+                      num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=8, head_dim=128)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    m = prepare_model(cfg, device="cuda", progress=False)
+    final = torch.cuda.memory_allocated() - base
+    peak = torch.cuda.max_memory_allocated() - base
+    largest = max(lin.in_features * lin.out_features for lin in m.named_linears().values())
+    linear_16bit = 2 * sum(lin.in_features * lin.out_features for lin in m.named_linears().values())
+    assert peak - final <= 8 * largest
+    assert peak < 0.5 * linear_16bit
+    loss = m(IDS.cuda() % 1000).float().logsumexp(-1).mean()
+    loss.backward()
+    assert all(g is not None for g in m.lora_grads().values())
+
+
+@pytest.mark.gpu
+def test_cuda_build_matches_cpu_build(folder):
+    """bitsandbytes' CUDA and CPU NF4 kernels give the same codes, so the model is the same wherever built."""
+    a, b = build(folder, device="cuda"), build(folder, device="cpu")
+    for (n, x), y in zip(a.named_linears().items(), b.named_linears().values(), strict=True):
+        assert torch.equal(x.weight.cpu(), y.weight), n
+        assert torch.equal(x.lora_A.cpu(), y.lora_A), n
+
