@@ -1,0 +1,553 @@
+"""One QLoRA training step of LLaMA-7B/13B/33B/65B built from their configs alone, ours against the standard stack
+(transformers + bitsandbytes ``Linear4bit`` + peft), measured in the same run on one GPU (issue 6).
+
+    python bench/gpu_scale.py --models 7b,13b --json scale_small.json       # on a CUDA GPU
+    python bench/gpu_scale.py --models 33b,65b --json scale_large.json
+    python bench/gpu_scale.py --tiny --seq 64                                # CPU smoke run (not a benchmark)
+
+The paper's recipe (section 4 and Appendix B; its ``qlora.py`` scripts): NF4 with double quantization, bfloat16
+compute, LoRA r=64, alpha=16 on all seven linears of every block (not the LM head), dropout 0.1 up to 13B and 0.05
+above, learning rate 2e-4 up to 13B and 1e-4 above, Adam betas (0.9, 0.999), no weight decay, max grad norm 0.3,
+paged AdamW 32-bit (bitsandbytes), gradient checkpointing; batch 1 x sequence ``--seq`` (512) of random tokens.
+
+The two stacks hold identical weights: every linear, the embedding and the LM head are drawn by
+``qlora_gpu.prepare.init_weight`` with the same name and seed (norms are ones) and the linears are quantized by
+the same bitsandbytes call from the same float32 tensor, so the 4-bit bytes are the same
+(tests/test_gpu_scale.py checks this bit for bit, and that the first-step losses agree):
+
+- ours: ``qlora_gpu.prepare.prepare_model`` (built on the meta device, then layer by layer on the GPU);
+- baseline: the transformers model on the meta device, its linears replaced by bitsandbytes ``Linear4bit``
+  (transformers' ``replace_with_bnb_linear`` with a ``BitsAndBytesConfig`` nf4 / double quant / bf16 compute),
+  each weight materialised as transformers' loader does (``Params4bit(value, **old.__dict__).to(device)``), with
+  its ``quant_state.dtype`` set to bfloat16 as when a bfloat16 checkpoint is loaded (the dequantized values are
+  the same; only the dequantize kernel's output dtype changes), embedding / LM head / norms in bfloat16; then
+  peft's ``prepare_model_for_kbit_training`` (non-reentrant checkpointing; it casts the non-4-bit parameters to
+  float32) and ``get_peft_model``; the step under ``torch.autocast(bfloat16)``, as HF Trainer with ``bf16=True``.
+
+Both use ``bitsandbytes.optim.PagedAdamW`` (32-bit states) and ``torch.nn.utils.clip_grad_norm_``.
+
+What is measured, per model and stack:
+
+- build time (wall clock, from config to a model ready to train, quantization included);
+- peak memory: ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps, after
+  ``reset_peak_memory_stats`` at the end of the build (the weights are counted: they are allocated);
+- paged optimizer states: bitsandbytes allocates the 32-bit Adam states of tensors of >= 100k elements with
+  ``cudaMallocManaged``, outside torch's caching allocator, so ``max_memory_allocated`` does NOT count them; their
+  size is reported separately (sum of the state tensors' bytes), and "peak + paged" is what the GPU must hold
+  when no page is evicted to CPU RAM;
+- tokens/s: batch x seq / the median of ``--steps`` timed steps after ``--warmup`` (CUDA synchronized; a step is
+  forward, loss, backward, clipping, optimizer step, zeroing the gradients).
+
+Each (model, stack) runs in its own child process: only one model is ever on the GPU, and everything (including
+the managed memory bitsandbytes never frees: its page manager keeps every paged tensor alive) is released by the
+process ending. An out-of-memory error is recorded as "OOM" and the run goes on. ``--no-isolate`` runs in this
+process instead (del, gc.collect, torch.cuda.empty_cache between stacks).
+
+Without CUDA only the tiny config runs (on the CPU; memory columns n/a): that is a smoke test of the code path,
+not a benchmark. Sizes from 7B up refuse to run on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's packages
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig  # noqa: E402
+
+SIZES = ("7b", "13b", "33b", "65b")
+STACKS = ("ours", "baseline")
+GiB = 2**30
+
+#: a small Llama config for CPU smoke runs and the tests (every dimension a multiple of the block size 64)
+TINY = ModelConfig(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=4, head_dim=32, rms_norm_eps=1e-6,
+                   max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+#: transformers' initializer_range: the std of every drawn weight (both stacks)
+INIT_STD = 0.02
+
+
+# ----------------------------------------------------------------------------------------------- the recipe
+def recipe(name: str) -> dict:
+    """The paper's hyperparameters for model ``name`` (Appendix B; the qlora.py scripts): dropout 0.1 and
+    lr 2e-4 up to 13B, 0.05 and 1e-4 for 33B and 65B."""
+    large = name in ("33b", "65b")
+    return dict(r=64, alpha=16.0, dropout=0.05 if large else 0.1, lr=1e-4 if large else 2e-4, max_grad_norm=0.3,
+                betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+
+def model_config(name: str) -> ModelConfig:
+    """``"tiny"`` or a LLaMA-1 size (qlora_ref.memory.LLAMA_SHAPES through ``qlora_gpu.prepare.llama_config``)."""
+    if name == "tiny":
+        return TINY
+    from qlora_gpu.prepare import llama_config
+
+    return llama_config(name)
+
+
+def make_batch(config: ModelConfig, seq: int, batch: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
+
+
+def make_optimizer(params, rec: dict):
+    """bitsandbytes' paged AdamW with 32-bit states (transformers' ``optim="paged_adamw_32bit"``)."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.PagedAdamW(params, lr=rec["lr"], betas=rec["betas"], eps=rec["eps"],
+                                weight_decay=rec["weight_decay"])
+
+
+# ----------------------------------------------------------------------------------------------- ours
+def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True,
+               adapter_dtype: str = "float32"):
+    """``prepare_model`` with the paper's recipe; returns (model, trainable parameters, loss function).
+    ``adapter_dtype`` "bfloat16" stores the adapters as the paper's qlora.py does (peft's default, and the
+    baseline's, is float32)."""
+    from qlora_gpu.prepare import prepare_model
+
+    extra = {} if adapter_dtype == "float32" else {"adapter_dtype": adapter_dtype}
+    model = prepare_model(config, quant=QuantConfig(), lora=LoraConfig(r=rec["r"], alpha=rec["alpha"],
+                                                                      dropout=rec["dropout"]),
+                          device=device, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa",
+                          seed=seed, init_std=INIT_STD, progress=progress, tokenizer=False, **extra)
+    model.train()
+    params = list(model.lora_parameters().values())
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        logits = model(ids)
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+    return model, params, loss_fn
+
+
+def ours_linears(model) -> dict:
+    """Block linear name (``model.layers.0.self_attn.q_proj``) -> its bitsandbytes ``Params4bit`` weight."""
+    return {name: m.weight for name, m in model.named_linears().items()}
+
+
+# ----------------------------------------------------------------------------------------------- baseline
+def bnb_config():
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True):
+    """transformers + bitsandbytes ``Linear4bit`` + peft, materialised layer by layer with ``init_weight``'s
+    weights (the same as ``prepare_model`` draws); returns (peft model, trainable parameters, loss function)."""
+    import bitsandbytes as bnb
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from tqdm.auto import tqdm
+
+    from qlora_gpu.model import _HF_CLASSES, hf_config
+    from qlora_gpu.prepare import init_weight
+    from qlora_ref.model.llama import expected_tensors
+
+    device = torch.device(device)
+    bf16 = torch.bfloat16
+    shapes = expected_tensors(config)
+    with torch.device("meta"):
+        hf = getattr(transformers, _HF_CLASSES[config.model_type][1])(hf_config(config, "sdpa"))
+    hf = _replace_with_bnb_linear(hf)
+
+    def weight(name: str, dtype: torch.dtype) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(shapes[name], device=device, dtype=dtype)
+        if name.endswith(".bias"):
+            return torch.zeros(shapes[name], device=device, dtype=dtype)
+        return init_weight(name, shapes[name], INIT_STD, seed, device, dtype)
+
+    def set_param(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
+
+    set_param(hf.model.embed_tokens, "weight", weight("model.embed_tokens.weight", bf16))
+    set_param(hf.model.norm, "weight", weight("model.norm.weight", bf16))
+    if config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight
+    else:
+        set_param(hf.lm_head, "weight", weight("lm_head.weight", bf16))
+    for i, layer in enumerate(tqdm(hf.model.layers, desc="baseline: quantizing layers", unit="layer",
+                                   disable=not progress)):
+        p = f"model.layers.{i}."
+        set_param(layer.input_layernorm, "weight", weight(p + "input_layernorm.weight", bf16))
+        set_param(layer.post_attention_layernorm, "weight", weight(p + "post_attention_layernorm.weight", bf16))
+        for name in LINEAR_MODULES:
+            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+            lin = getattr(parent, name)
+            if not isinstance(lin, bnb.nn.Linear4bit):
+                raise RuntimeError(f"replace_with_bnb_linear left {p}{name} as {type(lin).__name__}")
+            path = f"{p}{'self_attn' if parent is layer.self_attn else 'mlp'}.{name}"
+            w = weight(path + ".weight", torch.float32)  # the float32 tensor prepare_model quantizes
+            # transformers' loader (integrations.bitsandbytes.Bnb4bitQuantize): Params4bit(value, **old.__dict__)
+            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, **lin.weight.__dict__).to(device)
+            lin.weight.quant_state.dtype = bf16  # as loaded from a bfloat16 checkpoint: dequantize into bf16
+            if lin.bias is not None:
+                set_param(lin, "bias", weight(path + ".bias", bf16))
+            del w
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
+    leftover = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t is not None and t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device while building the baseline: {leftover[:5]}")
+    hf.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer sets after loading
+    hf.config.use_cache = False
+    hf = prepare_model_for_kbit_training(hf, use_gradient_checkpointing=True,
+                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)  # peft draws lora_A from torch's global generator
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=rec["r"], lora_alpha=rec["alpha"], lora_dropout=rec["dropout"],
+                                                   target_modules=list(LINEAR_MODULES), bias="none",
+                                                   task_type="CAUSAL_LM"))
+    peft_model.train()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, dtype=bf16):  # HF Trainer with bf16=True
+            return peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    return peft_model, params, loss_fn
+
+
+def _replace_with_bnb_linear(hf):
+    """transformers' ``replace_with_bnb_linear`` (every linear but the LM head becomes a meta-device
+    ``bnb.nn.Linear4bit``); if this transformers version's signature differs, the same replacement by hand."""
+    import bitsandbytes as bnb
+    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+
+    cfg = bnb_config()
+    try:
+        return replace_with_bnb_linear(hf, modules_to_not_convert=["lm_head"], quantization_config=cfg)
+    except TypeError:  # pragma: no cover - another transformers 5.x signature
+        pass
+    for name, module in list(hf.named_modules()):
+        if type(module) is torch.nn.Linear and not name.endswith("lm_head"):
+            with torch.device("meta"):
+                new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                        cfg.bnb_4bit_compute_dtype, compress_statistics=cfg.bnb_4bit_use_double_quant,
+                                        quant_type=cfg.bnb_4bit_quant_type, quant_storage=cfg.bnb_4bit_quant_storage)
+            new.requires_grad_(False)
+            hf.set_submodule(name, new)
+    return hf
+
+
+def baseline_linears(peft_model) -> dict:
+    """Block linear name (``model.layers.0.self_attn.q_proj``) -> the ``Params4bit`` weight under peft's wrapper."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, m in peft_model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            out[name.removeprefix("base_model.model.").removesuffix(".base_layer")] = m.weight
+    return out
+
+
+BUILDERS = {"ours": build_ours, "baseline": build_baseline}
+
+
+# ----------------------------------------------------------------------------------------------- the step
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(loss_fn, params, optimizer, ids: torch.Tensor, max_grad_norm: float) -> float:
+    """Forward, loss, backward, clipping (max grad norm), optimizer step, gradients zeroed: one step."""
+    loss = loss_fn(ids)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def optimizer_state_bytes(optimizer) -> tuple[int, int]:
+    """(bytes in bitsandbytes' paged (CUDA managed) state tensors, bytes in ordinary device tensors)."""
+    paged = plain = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if torch.is_tensor(t):
+                if getattr(t, "is_paged", False):
+                    paged += t.numel() * t.element_size()
+                else:
+                    plain += t.numel() * t.element_size()
+    return paged, plain
+
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, warmup: int = 2, steps: int = 5,
+              seed: int = 0, progress: bool = True, adapter_dtype: str = "float32") -> dict:
+    """Build ``stack`` for model ``name`` on ``device``, take ``warmup`` + ``steps`` training steps; a dict of
+    the measurements (status "OOM" with the phase when the GPU ran out of memory). ``adapter_dtype`` applies to
+    ours only (the baseline keeps peft's float32 adapters)."""
+    if stack not in BUILDERS:
+        raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"warmup must be >= 0 and steps >= 1, got warmup={warmup}, steps={steps}")
+    device = torch.device(device)
+    config = model_config(name)
+    rec = recipe(name)
+    out = dict(model=name, stack=stack, device=_device_name(device), seq=seq, batch=batch, warmup=warmup, steps=steps,
+               recipe={k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}, status="ok")
+    model = params = loss_fn = optimizer = None
+    phase = "build"
+    _preload()  # imports are not part of the build time
+    try:
+        free_memory(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        extra = {"adapter_dtype": adapter_dtype} if stack == "ours" and adapter_dtype != "float32" else {}
+        model, params, loss_fn = BUILDERS[stack](config, device, rec, seed=seed, progress=progress, **extra)
+        _sync(device)
+        out["build_s"] = time.perf_counter() - t0
+        out["lora_params"] = int(sum(p.numel() for p in params))
+        out["adapter_dtype"] = str(params[0].dtype).removeprefix("torch.")
+        if device.type == "cuda":
+            out["build_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            free_memory(device)
+            out["model_bytes"] = int(torch.cuda.memory_allocated(device))
+            torch.cuda.reset_peak_memory_stats(device)
+        phase = "step"
+        optimizer = make_optimizer(params, rec)
+        ids = make_batch(config, seq, batch, device, seed)
+        losses, times = [], []
+        for i in range(warmup + steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            losses.append(train_step(loss_fn, params, optimizer, ids, rec["max_grad_norm"]))
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+        out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+        out["step_s"] = statistics.median(times)
+        out["step_times_s"] = times
+        out["tokens_per_s"] = batch * seq / out["step_s"]
+        out["paged_state_bytes"], out["device_state_bytes"] = optimizer_state_bytes(optimizer)
+        if device.type == "cuda":
+            out["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+            out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
+            free, total = torch.cuda.mem_get_info(device)
+            out["device_used_bytes"] = int(total - free)  # CUDA context + torch's reserve + resident managed pages
+            out["device_total_bytes"] = int(total)
+    except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is re-raised below
+        if not _is_oom(e):
+            raise
+        out.update(status="OOM", phase=phase, error=str(e).splitlines()[0][:300])
+    finally:
+        del model, params, loss_fn, optimizer
+        free_memory(device)
+    return out
+
+
+def cpu_setup() -> None:
+    """On the CPU: bitsandbytes' CPU fallbacks are torch.compile'd (minutes per shape; the same arithmetic
+    without), and its paged optimizers fall back to ordinary tensors with a warning per optimizer."""
+    from torch import _dynamo
+
+    _dynamo.config.disable = True
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+
+
+def _preload() -> None:
+    """Import both stacks' modules (seconds of import time that belong to neither build)."""
+    import bitsandbytes  # noqa: F401
+    import peft  # noqa: F401
+    import transformers
+    import transformers.integrations.bitsandbytes  # noqa: F401
+
+    import qlora_gpu.prepare  # noqa: F401
+
+    transformers.LlamaForCausalLM  # noqa: B018 - transformers imports its model classes lazily
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name} ({p.total_memory / GiB:.0f} GiB), torch {torch.__version__}"
+    import platform
+
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+
+
+# ----------------------------------------------------------------------------------------------- orchestration
+def run_isolated(stack: str, name: str, args) -> dict:
+    """``run_stack`` in a child process (this script with ``--child``): the GPU is empty when it returns."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        job = dict(stack=stack, name=name, device=args.device, seq=args.seq, batch=args.batch, warmup=args.warmup,
+                   steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=args.adapter_dtype)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
+        try:
+            proc = subprocess.run(cmd, timeout=args.child_timeout)
+        except subprocess.TimeoutExpired:
+            return dict(model=name, stack=stack, status="timeout", error=f"over {args.child_timeout} s")
+        if result.exists():
+            return json.loads(result.read_text())
+        return dict(model=name, stack=stack, status="failed", error=f"child process exited with {proc.returncode}")
+
+
+def ratios(rows: list[dict]) -> dict:
+    """ours / baseline per model: peak memory, peak + paged states, tokens/s, build time (None where missing)."""
+    out = {}
+    for name in dict.fromkeys(r["model"] for r in rows):
+        by = {r["stack"]: r for r in rows if r["model"] == name and r.get("status") == "ok"}
+        if set(by) != set(STACKS):
+            continue
+        o, b = by["ours"], by["baseline"]
+
+        def ratio(key, a=o, c=b):
+            return a[key] / c[key] if a.get(key) and c.get(key) else None
+
+        out[name] = dict(peak=ratio("peak_bytes"), tokens_per_s=ratio("tokens_per_s"), build=ratio("build_s"),
+                         peak_plus_paged=(o["peak_bytes"] + o["paged_state_bytes"])
+                         / (b["peak_bytes"] + b["paged_state_bytes"]) if o.get("peak_bytes") else None,
+                         first_loss_diff=o["first_loss"] - b["first_loss"])
+    return out
+
+
+def _gib(x) -> str:
+    return "n/a" if x is None else f"{x / GiB:.2f}"
+
+
+def markdown(rows: list[dict], rat: dict) -> str:
+    lines = ["| model | stack | build s | peak GiB | paged states GiB | peak + paged GiB | tokens/s | first loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['model']} | {r['stack']} | {r.get('status')} ({r.get('phase', '')}) |  |  |  |  |  |")
+            continue
+        peak = r.get("peak_bytes")
+        both = None if peak is None else peak + r["paged_state_bytes"]
+        lines.append(f"| {r['model']} | {r['stack']} | {r['build_s']:.1f} | {_gib(peak)} | "
+                     f"{_gib(r['paged_state_bytes'])} | {_gib(both)} | {r['tokens_per_s']:.1f} | "
+                     f"{r['first_loss']:.4f} |")
+    if rat:
+        lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
+                      "build ours/baseline | first-loss difference |", "|---|---:|---:|---:|---:|---:|"]
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+        for name, q in rat.items():
+            lines.append(f"| {name} | {fmt(q['peak'])} | {fmt(q['peak_plus_paged'])} | {fmt(q['tokens_per_s'])} | "
+                         f"{fmt(q['build'])} | {q['first_loss_diff']:+.2e} |")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, payload: dict) -> None:
+    """Atomic: a temporary file in the same folder, then renamed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, target)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=None, help="comma-separated among 7b,13b,33b,65b (default 7b,13b on CUDA; "
+                                                  "the tiny config without CUDA)")
+    p.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
+    p.add_argument("--stacks", default="ours,baseline")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="ours only: the adapters' storage (the paper's qlora.py casts them to bfloat16)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--json", default=None, help="write the results here (after every stack)")
+    p.add_argument("--no-isolate", action="store_true", help="run every stack in this process")
+    p.add_argument("--child-timeout", type=float, default=None, help="seconds per (model, stack) child process")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if args.child is not None:  # one (model, stack) in this process, result to --child-out
+        job = json.loads(args.child)
+        if torch.device(job["device"]).type == "cpu":
+            cpu_setup()
+        _write_json(args.child_out, run_stack(**job))
+        return []
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = str(device)
+    if device.type == "cpu":
+        cpu_setup()
+    if args.tiny:
+        names = ["tiny"]
+    elif args.models is None:
+        names = ["tiny"] if device.type == "cpu" else ["7b", "13b"]
+    else:
+        names = [m.strip().lower().removeprefix("llama-") for m in args.models.split(",") if m.strip()]
+        bad = [m for m in names if m not in (*SIZES, "tiny")]
+        if bad:
+            raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
+    big = [m for m in names if m != "tiny"]
+    if device.type == "cpu" and big:
+        raise SystemExit(f"--models {','.join(big)}: LLaMA sizes from 7B up need a CUDA GPU (no CUDA device here); "
+                         "run --tiny for a CPU smoke test of the code path")
+    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    if not stacks or any(s not in STACKS for s in stacks):
+        raise SystemExit(f"--stacks must be a comma-separated subset of {','.join(STACKS)}, got {args.stacks!r}")
+    if args.seq < 2 or args.batch < 1:
+        raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")
+
+    print(f"device: {_device_name(device)}; seq {args.seq} x batch {args.batch}; warm-up {args.warmup}, timed "
+          f"{args.steps}; {'one process' if args.no_isolate else 'one child process per (model, stack)'}",
+          flush=True)
+    if device.type == "cpu":
+        print("CPU: a smoke test of the code path, not a benchmark (memory columns n/a)", flush=True)
+    rows: list[dict] = []
+    for name in names:
+        for stack in stacks:
+            print(f"\n== {name} / {stack}", flush=True)
+            if args.no_isolate:
+                row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
+                                steps=args.steps, seed=args.seed, progress=not args.no_progress,
+                                adapter_dtype=args.adapter_dtype)
+            else:
+                row = run_isolated(stack, name, args)
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_times_s")}), flush=True)
+            if args.json:
+                _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=ratios(rows)))
+    rat = ratios(rows)
+    print()
+    print(markdown(rows, rat))
+    print("\npeak = torch.cuda.max_memory_allocated over the steps (weights included); the paged optimizer states "
+          "live in CUDA managed memory, outside torch's allocator, and are not in it.")
+    if args.json:
+        _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=rat))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,284 @@
+"""Paged optimizers shown on a GPU (paper, section 3, "Paged Optimizers"; issue 6): under a memory cap, a long
+sequence that makes plain AdamW run out of memory completes with bitsandbytes' paged AdamW.
+
+    python bench/paged_oom.py                          # LLaMA-7B from its config, seq 2048 vs 512, cap chosen
+    python bench/paged_oom.py --model 7b --seq 2048 --short-seq 512 --cap-gb 12 --json paged_oom.json
+
+Three optimizers, each in its own child process, on the same QLoRA model (``qlora_gpu.prepare.prepare_model``,
+random weights, the paper's recipe as in bench/gpu_scale.py), all with 32-bit states:
+
+- ``paged``: ``bitsandbytes.optim.PagedAdamW`` (what the paper uses);
+- ``bnb_adamw``: ``bitsandbytes.optim.AdamW`` (the same kernel, states in ordinary device memory);
+- ``torch_adamw``: ``torch.optim.AdamW``.
+
+Each takes ``--warmup`` + ``--steps`` timed steps on a batch of ``--short-seq`` tokens (where every optimizer fits:
+the slowdown of paging is measured there), then one step on ``--seq`` tokens, the memory spike. The cap is
+``torch.cuda.set_per_process_memory_fraction(cap / total)``; without ``--cap-gb`` the paged run calibrates it:
+its own peak allocated memory at the long sequence (uncapped) plus half the size of the optimizer states, then it
+repeats the long step under that cap, and the plain optimizers run under the same cap from the start (they need
+about that peak plus the whole states). The cap counts what torch's allocator reserves (its cached blocks too;
+it releases them and retries before reporting an OOM).
+
+The mechanism, honestly: bitsandbytes allocates the paged states (tensors of >= 100k elements) with
+``cudaMallocManaged``, outside torch's caching allocator, so torch's cap does not count them. That is what lets
+the paged run through here: the cap only sees the weights, adapters, gradients and activations. On a card with
+memory to spare nothing is evicted — the pages stay resident on the GPU; only under real physical memory pressure
+does the CUDA driver evict pages to CPU RAM and fetch them back on access (the paper's use: surviving the spikes
+of long sequences on a 48 GB card). This demonstration never oversubscribes the card (that can hang a GPU): it
+checks ``torch.cuda.mem_get_info`` before the paged states are allocated and refuses if they would not fit.
+
+Without CUDA it says so and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import gpu_scale  # noqa: E402  (bench/gpu_scale.py: the model, the recipe, the step)
+import torch  # noqa: E402
+
+OPTIMIZERS = ("paged", "bnb_adamw", "torch_adamw")
+GiB = 2**30
+#: bitsandbytes pages only state tensors of at least this many elements (optim.Optimizer8bit.get_state_buffer)
+PAGED_MIN_NUMEL = 100_000
+#: free device memory kept beyond the paged states before they are allocated
+MANAGED_MARGIN = 1 * GiB
+
+
+def make_optimizer(name: str, params, rec: dict):
+    import bitsandbytes as bnb
+
+    kw = dict(lr=rec["lr"], betas=rec["betas"], eps=rec["eps"], weight_decay=rec["weight_decay"])
+    if name == "paged":
+        return bnb.optim.PagedAdamW(params, **kw)
+    if name == "bnb_adamw":
+        return bnb.optim.AdamW(params, is_paged=False, **kw)
+    if name == "torch_adamw":
+        return torch.optim.AdamW(params, **kw)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def state_bytes(params) -> tuple[int, int]:
+    """(bytes bitsandbytes will page, all state bytes) of 32-bit Adam (two float32 tensors per parameter)."""
+    paged = sum(8 * p.numel() for p in params if p.numel() >= PAGED_MIN_NUMEL)
+    return paged, sum(8 * p.numel() for p in params)
+
+
+def set_cap(device: torch.device, cap_bytes: int | None) -> None:
+    """torch's per-process cap (on memory its caching allocator reserves); None lifts it."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), device)
+
+
+def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> list[float]:
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        gpu_scale.train_step(loss_fn, params, opt, ids, max_grad_norm)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _long_step(loss_fn, params, opt, ids, max_grad_norm: float, device) -> dict:
+    """One step on the long batch: status, peak allocated / reserved, time."""
+    gpu_scale.free_memory(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        t = _timed_steps(loss_fn, params, opt, ids, max_grad_norm, 1, device)[0]
+    except Exception as e:  # noqa: BLE001 - an OOM is the result being demonstrated
+        if not gpu_scale._is_oom(e):
+            raise
+        for p in params:
+            p.grad = None
+        out = dict(status="OOM", error=str(e).splitlines()[0][:300],
+                   peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                   peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+        gpu_scale.free_memory(device)
+        return out
+    return dict(status="ok", step_s=t, peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+
+
+def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes: int | None = None,
+             calibrate: bool = False, warmup: int = 1, steps: int = 3, seed: int = 0, rec: dict | None = None,
+             progress: bool = True) -> dict:
+    """Build the model, take ``warmup`` + ``steps`` steps at ``short_seq`` and one at ``seq`` with ``optimizer``
+    under ``cap_bytes``. ``calibrate`` (paged only, no cap): measure the long step uncapped, set the cap to its peak
+    allocated memory + half the optimizer states, and repeat the long step under it (the result's ``cap_bytes``)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError("run_case needs a CUDA device: paged optimizers page CUDA managed memory")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if calibrate and (optimizer != "paged" or cap_bytes is not None):
+        raise ValueError("calibrate is for the paged optimizer without a cap")
+    rec = rec or gpu_scale.recipe("7b")
+    out = dict(optimizer=optimizer, seq=seq, short_seq=short_seq, cap_bytes=cap_bytes, status="ok")
+    set_cap(device, cap_bytes)
+    model = params = opt = loss_fn = None
+    try:
+        t0 = time.perf_counter()
+        model, params, loss_fn = gpu_scale.build_ours(config, device, rec, seed=seed, progress=progress)
+        out["build_s"] = time.perf_counter() - t0
+        paged, total = state_bytes(params)
+        out.update(lora_params=int(sum(p.numel() for p in params)), state_bytes=total,
+                   expected_paged_bytes=paged if optimizer == "paged" else 0)
+        if optimizer == "paged":
+            free, _ = torch.cuda.mem_get_info(device)
+            if paged + MANAGED_MARGIN > free:  # oversubscribing managed memory can hang the GPU
+                out.update(status="refused", error=f"paged states {paged / GiB:.2f} GiB + margin exceed the "
+                                                   f"{free / GiB:.2f} GiB free on the device")
+                return out
+        opt = make_optimizer(optimizer, params, rec)
+        short = gpu_scale.make_batch(config, short_seq, 1, device, seed)
+        gpu_scale.free_memory(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        times = _timed_steps(loss_fn, params, opt, short, rec["max_grad_norm"], warmup + steps, device)[warmup:]
+        out["short"] = dict(status="ok", step_s=statistics.median(times), step_times_s=times,
+                            peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                            peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+        out["paged_state_bytes"], out["device_state_bytes"] = gpu_scale.optimizer_state_bytes(opt)
+        del short
+        long = gpu_scale.make_batch(config, seq, 1, device, seed + 1)
+        out["long"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
+        if calibrate and out["long"]["status"] == "ok":
+            # the plain optimizers need about peak + states, which no cache release can compress; the paged run
+            # keeps half the states' size of slack for the allocator's fragmentation
+            cap = out["long"]["peak_bytes"] + total // 2
+            out["cap_bytes"] = cap
+            set_cap(device, cap)
+            out["long_capped"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
+        free, total_dev = torch.cuda.mem_get_info(device)
+        out["device_used_bytes"], out["device_total_bytes"] = int(total_dev - free), int(total_dev)
+    except Exception as e:  # noqa: BLE001 - an OOM while building or in the short steps is a result too
+        if not gpu_scale._is_oom(e):
+            raise
+        out.update(status="OOM", error=str(e).splitlines()[0][:300])
+    finally:
+        del model, params, opt, loss_fn
+        gpu_scale.free_memory(device)
+        set_cap(device, None)
+    return out
+
+
+def run_isolated(job: dict, timeout: float | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
+        try:
+            proc = subprocess.run(cmd, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return dict(optimizer=job["optimizer"], status="timeout", error=f"over {timeout} s")
+        if result.exists():
+            return json.loads(result.read_text())
+        return dict(optimizer=job["optimizer"], status="failed", error=f"child process exited with {proc.returncode}")
+
+
+def _gib(x) -> str:
+    return "–" if x is None else f"{x / GiB:.2f}"
+
+
+def report(rows: list[dict], cap_bytes: int | None) -> str:
+    lines = [f"cap: {_gib(cap_bytes)} GiB of torch-reserved memory (set_per_process_memory_fraction)", "",
+             "| optimizer | short: s/step | short: peak GiB | long: status | long: peak reserved GiB | "
+             "long: s/step | paged states GiB (outside torch) |", "|---|---:|---:|---|---:|---:|---:|"]
+    by = {r["optimizer"]: r for r in rows}
+    for r in rows:
+        if "short" not in r:
+            lines.append(f"| {r['optimizer']} | {r['status']}: {r.get('error', '')} |  |  |  |  |  |")
+            continue
+        long = r.get("long_capped") or r.get("long", {})
+        long_s = f"{long['step_s']:.3f}" if long.get("status") == "ok" else "–"
+        lines.append(f"| {r['optimizer']} | {r['short']['step_s']:.3f} | {_gib(r['short']['peak_bytes'])} | "
+                     f"{long.get('status')} | {_gib(long.get('peak_reserved_bytes'))} | {long_s} | "
+                     f"{_gib(r.get('paged_state_bytes'))} |")
+    paged = by.get("paged", {}).get("short")
+    for other in ("bnb_adamw", "torch_adamw"):
+        plain = by.get(other, {}).get("short")
+        if paged and plain:
+            lines.append(f"\nslowdown of paging at the short sequence: paged / {other} = "
+                         f"{paged['step_s'] / plain['step_s']:.3f}x")
+    lines.append("\nThe paged states are allocated with cudaMallocManaged, outside torch's caching allocator: the cap "
+                 "does not count them, which is why the paged run fits under it. Nothing is evicted unless the GPU's "
+                 "physical memory runs out; then the driver pages them to CPU RAM.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="7b", help="a LLaMA size (7b, 13b, 33b, 65b)")
+    p.add_argument("--seq", type=int, default=2048, help="the long sequence (the memory spike)")
+    p.add_argument("--short-seq", type=int, default=512, help="where every optimizer fits: the timed steps")
+    p.add_argument("--cap-gb", type=float, default=None, help="torch's memory cap; default: calibrated")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    p.add_argument("--json", default=None)
+    p.add_argument("--child-timeout", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("paged_oom.py needs a CUDA GPU (paged optimizers page CUDA managed memory); none here: nothing to do.")
+        return 0
+    if args.child is not None:
+        job = json.loads(args.child)
+        name = job.pop("model")
+        result = run_case(config=gpu_scale.model_config(name), rec=gpu_scale.recipe(name), device="cuda", **job)
+        gpu_scale._write_json(args.child_out, result)
+        return 0
+    names = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not names or any(o not in OPTIMIZERS for o in names):
+        raise SystemExit(f"--optimizers must be a subset of {','.join(OPTIMIZERS)}, got {args.optimizers!r}")
+    if args.seq <= args.short_seq or args.short_seq < 2:
+        raise SystemExit(f"--seq ({args.seq}) must exceed --short-seq ({args.short_seq}), which must be >= 2")
+    name = args.model.lower().removeprefix("llama-")
+    gpu_scale.model_config(name)  # a clear error for an unknown size, before any child starts
+    cap = None if args.cap_gb is None else int(args.cap_gb * GiB)
+    if cap is None and "paged" not in names:
+        raise SystemExit("without --cap-gb the paged optimizer calibrates the cap: include it in --optimizers")
+    device = torch.device("cuda")
+    print(f"device: {gpu_scale._device_name(device)}; model {name}; long seq {args.seq}, short seq {args.short_seq}",
+          flush=True)
+    rows = []
+    order = ["paged", *[o for o in names if o != "paged"]] if "paged" in names else names
+    for opt in order:
+        job = dict(model=name, optimizer=opt, seq=args.seq, short_seq=args.short_seq, cap_bytes=cap,
+                   calibrate=cap is None and opt == "paged", warmup=args.warmup, steps=args.steps, seed=args.seed,
+                   progress=not args.no_progress)
+        print(f"\n== {opt} (cap {_gib(cap)} GiB)", flush=True)
+        row = run_isolated(job, args.child_timeout)
+        rows.append(row)
+        if cap is None and opt == "paged":
+            cap = row.get("cap_bytes")
+            if cap is None:
+                print(f"calibration failed ({row.get('status')}: {row.get('error', row.get('long'))}); stopping")
+                break
+        print(json.dumps({k: v for k, v in row.items() if k != "short"}), flush=True)
+        if args.json:
+            gpu_scale._write_json(args.json, dict(command=" ".join(sys.argv), cap_bytes=cap, rows=rows))
+    print()
+    print(report(rows, cap))
+    if args.json:
+        gpu_scale._write_json(args.json, dict(command=" ".join(sys.argv), cap_bytes=cap, rows=rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

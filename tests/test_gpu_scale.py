@@ -1,0 +1,232 @@
+"""bench/gpu_scale.py and bench/paged_oom.py (issue 6) on the CPU with a tiny Llama config: both stacks build,
+hold the same 4-bit weights bit for bit, agree on the first step within a tolerance derived from bfloat16, carry the
+same LoRA parameters, and train; the paged-optimizer demonstration's logic runs on a GPU only (marked ``gpu``).
+
+The first-step tolerance. Both stacks start with lora_B = 0 (PEFT's init), so the first forward pass is the
+4-bit base model alone, in bfloat16 arithmetic with float32 accumulation; the stacks round at different places
+(ours keeps the residual stream in bfloat16, peft's upcasts it to float32 under autocast). To first order each
+rounding to bfloat16 perturbs a value by at most u = 2^-8 of itself, and the logits' deviation from exact
+arithmetic on the same weights is at most n·u·max|z| for n roundings on the longest path: per block the input
+norm, the q/k/v outputs, rotary, attention (2: softmax and its product with V), o_proj, the residual add, the
+second norm, the gate/up outputs, SiLU and its product with up (2), down_proj, the residual add — 13 — plus the
+final norm and the LM head: n = 13·L + 2. Two stacks: |Δz| <= 2·n·u·max|z|. The loss follows exactly:
+cross entropy's gradient in the logits is softmax − onehot, of l1 norm <= 2, so |Δloss| <= 2·max|Δz|.
+A model with other weights (another seed) must fall outside the logits tolerance: the check can fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+import gpu_scale  # noqa: E402  (bench/gpu_scale.py)
+import paged_oom  # noqa: E402  (bench/paged_oom.py)
+
+from qlora_gpu.quantize import Quantized4bit, dequantize_4bit  # noqa: E402
+from qlora_ref.model.config import LINEAR_MODULES, ModelConfig  # noqa: E402
+from qlora_ref.model.llama import linear_shapes  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU"),
+              pytest.mark.filterwarnings("ignore:.*is deprecated and will be removed in v6:FutureWarning")]
+
+TINY = gpu_scale.TINY
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+SEQ = 64
+
+
+def _base_logits(peft_model, ids):
+    with torch.no_grad(), torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        return peft_model(input_ids=ids, use_cache=False).logits.float()
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Both stacks of the tiny config on the CPU, their first-step logits and losses (before any step)."""
+    gpu_scale.cpu_setup()
+    rec = gpu_scale.recipe("tiny")
+    ours, ours_params, ours_loss = gpu_scale.build_ours(TINY, "cpu", rec, progress=False)
+    base, base_params, base_loss = gpu_scale.build_baseline(TINY, "cpu", rec, progress=False)
+    ids = gpu_scale.make_batch(TINY, SEQ, 1, "cpu")
+    z_base = _base_logits(base, ids)
+    with torch.no_grad():
+        z_ours = ours(ids)
+        losses = float(ours_loss(ids)), float(base_loss(ids))
+    return dict(ours=ours, base=base, ours_params=ours_params, base_params=base_params, ids=ids, z_ours=z_ours,
+                z_base=z_base, loss_ours=losses[0], loss_base=losses[1])
+
+
+def _dequantized(weight, dtype):
+    return dequantize_4bit(Quantized4bit.from_bnb(weight.data, weight.quant_state), dtype)
+
+
+def test_the_baseline_holds_our_4bit_weights_bit_for_bit(built):
+    ours, base = gpu_scale.ours_linears(built["ours"]), gpu_scale.baseline_linears(built["base"])
+    assert sorted(ours) == sorted(base)
+    assert len(ours) == len(LINEAR_MODULES) * TINY.num_hidden_layers
+    for name in ours:
+        a, b = ours[name], base[name]
+        qa, qb = a.quant_state, b.quant_state
+        assert (qa.quant_type, qa.blocksize, tuple(qa.shape)) == (qb.quant_type, qb.blocksize, tuple(qb.shape))
+        assert qa.nested and qb.nested, name  # double quantization in both
+        assert torch.equal(a.data.view(torch.uint8), b.data.view(torch.uint8)), name  # the 4-bit codes
+        assert torch.equal(qa.absmax, qb.absmax), name  # the 8-bit codes of the absmax
+        assert torch.equal(qa.state2.absmax, qb.state2.absmax) and torch.equal(qa.offset, qb.offset), name
+        # ours dequantizes into float32 then casts to the compute dtype, the baseline into bfloat16 directly
+        # (its quant_state.dtype, as loaded from a bfloat16 checkpoint): the same values either way
+        assert torch.equal(_dequantized(a, torch.float32), _dequantized(b, torch.float32)), name
+        assert torch.equal(_dequantized(a, torch.float32).to(torch.bfloat16), _dequantized(b, torch.bfloat16)), name
+    # embedding and LM head: ours bfloat16, peft's upcast to float32 (the same values)
+    o, b = built["ours"].hf, built["base"].base_model.model
+    assert torch.equal(o.model.embed_tokens.weight.float(), b.model.embed_tokens.weight.float())
+    assert torch.equal(o.lm_head.weight.float(), b.lm_head.weight.float())
+    assert b.model.embed_tokens.weight.dtype == torch.float32  # prepare_model_for_kbit_training's cast
+
+
+def test_first_step_logits_and_losses_agree_within_the_bf16_bound(built):
+    n = 13 * TINY.num_hidden_layers + 2
+    z, zb = built["z_ours"], built["z_base"]
+    tol = 2 * n * U_BF16 * float(z.abs().max())
+    dz = float((z - zb).abs().max())
+    assert dz <= tol, f"max |logit difference| {dz:.4g} above the derived bound {tol:.4g}"
+    loss_diff = abs(built["loss_ours"] - built["loss_base"])
+    assert loss_diff <= 2 * dz, f"loss difference {loss_diff:.3g} above 2 max|Δz| = {2 * dz:.3g}"
+    assert math.isfinite(built["loss_ours"]) and abs(built["loss_ours"] - math.log(TINY.vocab_size)) < 1.0
+    # the check can fail: a baseline with other weights is far outside the bound
+    other, _, _ = gpu_scale.build_baseline(TINY, "cpu", gpu_scale.recipe("tiny"), seed=1, progress=False)
+    assert float((z - _base_logits(other, built["ids"])).abs().max()) > tol
+
+
+def test_lora_parameters_are_the_same_tensors_in_both_stacks(built):
+    ours = {k: tuple(v.shape) for k, v in built["ours"].lora_parameters().items()}
+    base = {k.removeprefix("base_model.model.").replace(".default.", "."): tuple(p.shape)
+            for k, p in built["base"].named_parameters() if p.requires_grad}
+    assert ours == base
+    r = gpu_scale.recipe("tiny")["r"]
+    expected = TINY.num_hidden_layers * sum(r * (i + o) for o, i in linear_shapes(TINY).values())
+    assert sum(p.numel() for p in built["ours_params"]) == sum(p.numel() for p in built["base_params"]) == expected
+    assert all(p.dtype == torch.float32 for p in [*built["ours_params"], *built["base_params"]])
+
+
+@pytest.mark.parametrize("stack", gpu_scale.STACKS)
+def test_each_stack_trains_with_the_paper_recipe(stack):
+    row = gpu_scale.run_stack(stack, "tiny", "cpu", seq=32, warmup=0, steps=2, progress=False)
+    assert row["status"] == "ok", row
+    assert row["recipe"]["r"] == 64 and row["recipe"]["alpha"] == 16 and row["recipe"]["max_grad_norm"] == 0.3
+    assert row["last_loss"] < row["first_loss"]  # a step on the same batch lowers its loss
+    assert row["tokens_per_s"] > 0 and len(row["step_times_s"]) == 2
+    assert row["device_state_bytes"] == 8 * row["lora_params"] and row["paged_state_bytes"] == 0  # no paging on CPU
+    assert "peak_bytes" not in row  # CPU: memory columns n/a
+    assert row["adapter_dtype"] == "float32"  # peft's default; prepare_model's too
+
+
+def test_ours_with_the_papers_bfloat16_adapters_trains():
+    row = gpu_scale.run_stack("ours", "tiny", "cpu", seq=16, warmup=0, steps=2, progress=False,
+                              adapter_dtype="bfloat16")
+    assert row["status"] == "ok" and row["adapter_dtype"] == "bfloat16"
+    assert row["last_loss"] < row["first_loss"]
+    assert row["device_state_bytes"] == 8 * row["lora_params"]  # 32-bit Adam states whatever the adapters' dtype
+
+
+def test_recipe_follows_the_paper_by_size():
+    assert gpu_scale.recipe("7b")["dropout"] == gpu_scale.recipe("13b")["dropout"] == 0.1
+    assert gpu_scale.recipe("33b")["dropout"] == gpu_scale.recipe("65b")["dropout"] == 0.05
+    assert gpu_scale.recipe("13b")["lr"] == 2e-4 and gpu_scale.recipe("65b")["lr"] == 1e-4
+    cfg = gpu_scale.model_config("65b")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (8192, 80, 64, 32000)
+
+
+def test_main_runs_the_tiny_config_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    rows = gpu_scale.main(["--tiny", "--seq", "16", "--warmup", "0", "--steps", "1", "--no-isolate",
+                           "--no-progress", "--device", "cpu", "--json", str(out)])
+    assert [(r["model"], r["stack"], r["status"]) for r in rows] == [("tiny", "ours", "ok"), ("tiny", "baseline", "ok")]
+    saved = json.loads(out.read_text())
+    assert len(saved["rows"]) == 2 and "tiny" in saved["ratios"] and saved["ratios"]["tiny"]["peak"] is None
+    text = capsys.readouterr().out
+    assert "| tiny | ours |" in text and "tokens/s ours/baseline" in text and "not a benchmark" in text
+
+
+def test_main_refuses_llama_sizes_on_the_cpu():
+    with pytest.raises(SystemExit, match="need a CUDA GPU"):
+        gpu_scale.main(["--models", "7b", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="unknown"):
+        gpu_scale.main(["--models", "70b", "--device", "cpu"])
+
+
+def test_table_and_ratios_handle_an_oom_row():
+    ok = dict(status="ok", build_s=10.0, peak_bytes=8 * gpu_scale.GiB, paged_state_bytes=gpu_scale.GiB,
+              tokens_per_s=1000.0, first_loss=10.0)
+    rows = [dict(ok, model="7b", stack="ours"), dict(ok, model="7b", stack="baseline", peak_bytes=10 * gpu_scale.GiB,
+                                                   tokens_per_s=500.0, first_loss=10.001),
+            dict(model="65b", stack="ours", **ok), dict(model="65b", stack="baseline", status="OOM", phase="step")]
+    rat = gpu_scale.ratios(rows)
+    assert set(rat) == {"7b"}  # no ratio against an OOM
+    assert rat["7b"]["peak"] == pytest.approx(0.8) and rat["7b"]["tokens_per_s"] == pytest.approx(2.0)
+    assert rat["7b"]["peak_plus_paged"] == pytest.approx(9 / 11)
+    table = gpu_scale.markdown(rows, rat)
+    assert "| 65b | baseline | OOM (step) |" in table and "| 7b | 0.80x | 0.82x | 2.00x | 1.00x |" in table
+
+
+def test_paged_oom_counts_the_states_bitsandbytes_pages():
+    params = [torch.zeros(64, 4096), torch.zeros(64, 1024)]  # 262144 elements paged; 65536 below the threshold
+    assert paged_oom.state_bytes(params) == (8 * 262144, 8 * (262144 + 65536))
+    rows = [dict(optimizer="paged", status="ok", paged_state_bytes=2 * paged_oom.GiB,
+                 short=dict(step_s=1.1, peak_bytes=10 * paged_oom.GiB),
+                 long_capped=dict(status="ok", step_s=3.0, peak_reserved_bytes=12 * paged_oom.GiB)),
+            dict(optimizer="bnb_adamw", status="ok", paged_state_bytes=0,
+                 short=dict(step_s=1.0, peak_bytes=12 * paged_oom.GiB),
+                 long=dict(status="OOM", peak_reserved_bytes=13 * paged_oom.GiB))]
+    text = paged_oom.report(rows, 13 * paged_oom.GiB)
+    assert "| bnb_adamw | 1.000 | 12.00 | OOM |" in text and "paged / bnb_adamw = 1.100x" in text
+    assert "cudaMallocManaged" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
+def test_paged_oom_without_cuda_says_so_and_exits_0(capsys):
+    assert paged_oom.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_paged_adamw_survives_a_cap_that_plain_adamw_does_not():
+    """A 8-layer Llama (hidden 2048) with r=256 adapters (about 640 MB of Adam states): the paged run calibrates
+    the cap, then completes the long step under it; both plain AdamWs fit the short step and OOM on the long one."""
+    config = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=128)
+    rec = dict(gpu_scale.recipe("7b"), r=256)
+    kw = dict(config=config, device="cuda", seq=4096, short_seq=256, warmup=1, steps=2, rec=rec, progress=False)
+    paged = paged_oom.run_case("paged", calibrate=True, **kw)
+    assert paged["status"] == "ok", paged
+    assert paged["long"]["status"] == "ok" and paged["long_capped"]["status"] == "ok", paged
+    assert paged["paged_state_bytes"] == paged["expected_paged_bytes"] > 0
+    cap = paged["cap_bytes"]
+    assert paged["long_capped"]["peak_reserved_bytes"] <= cap
+    for name in ("bnb_adamw", "torch_adamw"):
+        plain = paged_oom.run_case(name, cap_bytes=cap, **kw)
+        assert plain["short"]["status"] == "ok", plain
+        assert plain["long"]["status"] == "OOM", plain
+        assert plain["paged_state_bytes"] == 0
+
+
+def test_the_baseline_builds_without_transformers_replace_helper(monkeypatch, built):
+    """Another transformers 5.x signature of replace_with_bnb_linear: the same replacement by hand, same bytes."""
+    import transformers.integrations.bitsandbytes as hf_bnb
+
+    def refuse(*args, **kwargs):
+        raise TypeError("replace_with_bnb_linear() got an unexpected keyword argument")
+
+    monkeypatch.setattr(hf_bnb, "replace_with_bnb_linear", refuse)
+    model, _, _ = gpu_scale.build_baseline(TINY, "cpu", gpu_scale.recipe("tiny"), progress=False)
+    by_hand, before = gpu_scale.baseline_linears(model), gpu_scale.baseline_linears(built["base"])
+    assert sorted(by_hand) == sorted(before)
+    assert all(torch.equal(by_hand[k].data, before[k].data) for k in before)
+    assert type(model.base_model.model.lm_head) is torch.nn.Linear
