@@ -69,7 +69,8 @@ run_part() {
       TIMED_MAX=${TESTS_MAX:-240} timed python3 -m pytest -q -m gpu --continue-on-collection-errors tests/ 2>&1 \
         | tee "$OUT/gpu_tests.log" ;;
     small)
-      timed python3 bench/gpu_scale.py --models 7b,13b --json "$OUT/scale_small.json" ;;
+      timed python3 bench/gpu_scale.py --models 7b,13b --stacks ours,baseline,ours-triton \
+        --json "$OUT/scale_small.json" ;;
     large)  # the paper's claim first: 65B under 48 GB
       timed python3 bench/gpu_scale.py --models 65b --json "$OUT/scale_65b.json"
       timed python3 bench/gpu_scale.py --models 33b --json "$OUT/scale_33b.json" ;;

@@ -3,7 +3,7 @@ Everything that is not a tensor kernel (configs, checks, formats) comes from ``q
 
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 
-from .lora import QLoRALinear
+from .lora import KERNELS, QLoRALinear, set_kernel
 from .model import QLoRAModel
 from .prepare import init_weight, llama_config, load, model_config, prepare_model
 from .quantize import (
@@ -26,6 +26,7 @@ def codebook(name: str):
 
 
 __all__ = [
+    "KERNELS",
     "QLoRALinear",
     "QLoRAModel",
     "Quantized4bit",
@@ -42,4 +43,5 @@ __all__ = [
     "prepare_model",
     "quantize_4bit",
     "quantize_blockwise_8bit",
+    "set_kernel",
 ]

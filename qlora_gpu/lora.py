@@ -11,11 +11,25 @@ The arithmetic is the reference's, operation for operation (docs/lora_backprop.m
 ``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
 two backends differ only by the summation order inside matrix products. The rules — argument checks, scaling,
 initialisation, the dropout factor — are imported from ``qlora_ref.lora``.
+
+Two implementations of the same arithmetic, chosen by ``kernel``:
+
+- ``"bnb"`` (default): bitsandbytes' unfused path — ``matmul_4bit`` forward, ``dequantize_4bit`` + GEMM backward,
+  the whole weight dequantized into a transient (out, in) buffer for each product.
+- ``"triton"``: ``qlora_gpu.triton_kernels``, which dequantize weight tiles in registers inside the matrix product
+  and add the adapter's up-projection (forward) and input gradient (backward) in the kernels' epilogues
+  (docs/fused_kernels.md). Only for 4-bit weights (nf4/fp4); needs CUDA, or Triton's CPU interpreter. **Opt-in**:
+  the kernels are checked against the ``"bnb"`` path on CPU under the interpreter, but their gpu tests have not run
+  on a GPU yet in this project; they must not become the default before they have passed there.
+  ``set_kernel(model, kernel)`` switches every layer of a model.
 """
 
 from __future__ import annotations
 
+import copy
+
 import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +38,9 @@ from qlora_ref import lora as ref
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
+
+#: the implementations of the layer's arithmetic (see the module docstring); "bnb" is the default
+KERNELS = ("bnb", "triton")
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -39,8 +56,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-    """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only."""
-    return dequantize_4bit(Quantized4bit.from_bnb(weight, quant_state), dtype)
+    """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only.
+
+    Straight through bitsandbytes with a shallow copy of the state that asks for ``dtype``: going through
+    ``Quantized4bit`` would read the double-quantization offset on the host, which synchronises the GPU once
+    per layer and per backward pass."""
+    if weight.shape[0] == 1:  # <= 2 elements: bitsandbytes' one-row transpose shim (qlora_gpu.quantize)
+        return dequantize_4bit(Quantized4bit.from_bnb(weight, quant_state), dtype)
+    state = copy.copy(quant_state)
+    state.dtype = dtype
+    return bnbf.dequantize_4bit(weight, state)
 
 
 class _QLoRALinearFunction(torch.autograd.Function):
@@ -91,11 +116,15 @@ class QLoRALinear(nn.Module):
     """Frozen bitsandbytes 4-bit (or float32) weight + trainable LoRA adapter; see ``qlora_ref.lora``.
 
     ``forward(x, dropout_mask=None)`` takes x (..., in) of any float dtype, computes in ``compute_dtype`` and
-    returns x's dtype. ``r=None`` builds a frozen layer without adapter.
+    returns x's dtype. ``r=None`` builds a frozen layer without adapter. ``kernel``: ``"bnb"`` (default, bitsandbytes'
+    unfused path) or ``"triton"`` (the fused kernels of ``qlora_gpu.triton_kernels``: 4-bit weights only; opt-in
+    until their gpu tests have passed on a GPU — module docstring); settable later through the ``kernel``
+    attribute or ``set_kernel``.
     """
 
     def __init__(self, weight, r: int | None, alpha: float = 1.0, *, dropout: float = 0.0, bias=None,
-                 compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None):
+                 compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None,
+                 kernel: str = "bnb"):
         super().__init__()
         self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
         self.compute_dtype = ref.check_compute_dtype(compute_dtype)
@@ -128,33 +157,37 @@ class QLoRALinear(nn.Module):
             self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
             self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
         self._generators: dict[torch.device, torch.Generator] = {}
+        self.kernel = kernel
         self._initialized = True
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
                     blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
-                    seed: int = 0, *, use_rslora: bool = False, device=None) -> QLoRALinear:
+                    seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb") -> QLoRALinear:
         """Quantize ``W`` (out, in) with bitsandbytes (``quant_type=None`` keeps it float32), attach an adapter."""
         W = _float_tensor(W, "W", device)
         ref.check_weight_shape(W.shape)
+        check_kernel(kernel, quant_type)  # before quantizing: a bad choice fails fast
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device)
+                   seed=seed, device=device, kernel=kernel)
 
     @classmethod
     def from_quantized(cls, q, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
                        compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
-                       device=None) -> QLoRALinear:
+                       device=None, kernel: str = "bnb") -> QLoRALinear:
         """Use a quantized weight as stored (a ``Quantized4bit`` of either backend)."""
         if not isinstance(q, RefQuantized4bit):
             raise ValueError(f"q must be a Quantized4bit (qlora_ref or qlora_gpu), got {type(q).__name__}")
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device)
+                   seed=seed, device=device, kernel=kernel)
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
             ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
+        if name == "kernel":
+            value = check_kernel(value, self.weight.quant_type if self.quantized else None)
         super().__setattr__(name, value)
 
     @property
@@ -169,7 +202,7 @@ class QLoRALinear(nn.Module):
         kind = self.weight.quant_type if self.quantized else "float32"
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={kind}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
-                f"compute_dtype={self.compute_dtype!r}")
+                f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r}")
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -190,7 +223,12 @@ class QLoRALinear(nn.Module):
         quant_state = self.weight.quant_state if self.quantized else None
         a = None if self.r is None else self.lora_A.to(cdt)
         b = None if self.r is None else self.lora_B.to(cdt)
-        y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
+        if self.kernel == "triton":
+            from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
+
+            y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
+        else:
+            y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -211,6 +249,28 @@ class QLoRALinear(nn.Module):
         return w
 
 
+def check_kernel(kernel, quant_type: str | None) -> str:
+    """``kernel`` is one of ``KERNELS``; ``"triton"`` only with a 4-bit (nf4/fp4) weight (``quant_type``)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "triton" and quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"kernel='triton' needs a 4-bit weight (quant_type 'nf4' or 'fp4'), got quant_type "
+                         f"{quant_type!r}; use kernel='bnb' for a float32 base weight")
+    return kernel
+
+
+def set_kernel(model: nn.Module, kernel: str) -> int:
+    """Set ``kernel`` (one of ``KERNELS``) on every ``QLoRALinear`` in ``model`` (itself included); returns how many
+    layers were set. All layers are checked first, so a ValueError (``"triton"`` with a float32 base weight)
+    leaves the model unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
+    for m in layers:
+        check_kernel(kernel, m.weight.quant_type if m.quantized else None)
+    for m in layers:
+        m.kernel = kernel
+    return len(layers)
+
+
 def _float_tensor(a, name: str, device=None) -> torch.Tensor:
     """``a`` (tensor or NumPy array) as a float torch tensor on ``device`` (default: where it is)."""
     if isinstance(a, np.ndarray):
@@ -222,4 +282,4 @@ def _float_tensor(a, name: str, device=None) -> torch.Tensor:
     return a.to(device) if device is not None else a
 
 
-__all__ = ["QLoRALinear"]
+__all__ = ["KERNELS", "QLoRALinear", "set_kernel"]

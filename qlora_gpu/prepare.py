@@ -30,7 +30,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
 
-from .lora import QLoRALinear
+from .lora import QLoRALinear, check_kernel, set_kernel
 from .model import _HF_CLASSES, QLoRAModel, hf_config
 from .quantize import Quantized4bit
 
@@ -148,7 +148,8 @@ def _float32_norm(module: nn.Module, inputs, output):
 def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None = _PAPER_LORA, *,
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
                   attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
-                  adapter_dtype: str = "float32", progress: bool = True, tokenizer: bool = True) -> QLoRAModel:
+                  adapter_dtype: str = "float32", kernel: str = "bnb", progress: bool = True,
+                  tokenizer: bool = True) -> QLoRAModel:
     """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
 
     model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
@@ -162,11 +163,15 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     adapter_dtype: storage of ``lora_A``/``lora_B`` (and so of their gradients): "float32" (default; the
     optimizer updates float32 values) or "bfloat16" (the paper's scripts: half the adapter and gradient memory,
     1.6 GB less at 65B).
+    kernel: the block linears' matrix products, "bnb" (bitsandbytes, the default) or "triton" (the fused kernels of
+    ``qlora_gpu.triton_kernels``, opt-in until checked on a GPU; 4-bit weights only; docs/fused_kernels.md).
     """
     cfg = model_config(model)
     for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
         if value not in _DTYPES:
             raise ValueError(f"{arg} must be one of {_DTYPES}, got {value!r}")
+    # before the (long) build; with quant=None a stored 4-bit folder may still take "triton": set_kernel decides
+    check_kernel(kernel, quant.quant_type if quant is not None else "nf4")
     if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
         raise ValueError(f"attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', "
                          f"got {attn_implementation!r}")
@@ -215,6 +220,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     leftover = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t is not None and t.is_meta]
     if leftover:
         raise RuntimeError(f"tensors left uninitialised while building the model: {leftover[:5]}")
+    set_kernel(out, kernel)
     out.gradient_checkpointing = gradient_checkpointing
     out.train()
     return out

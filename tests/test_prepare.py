@@ -20,7 +20,7 @@ from test_train import write_tiny_model
 from qlora_gpu.lora import QLoRALinear
 from qlora_gpu.model import QLoRAModel
 from qlora_gpu.prepare import init_weight, llama_config, model_config, prepare_model
-from qlora_ref.model.config import LoraConfig, ModelConfig
+from qlora_ref.model.config import LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.model.loading import CheckpointError
 
 LORA = LoraConfig(r=4, alpha=8.0)
@@ -190,6 +190,22 @@ def test_float_weights_without_quantization_and_without_adapters(folder):
     assert torch.isfinite(m(IDS)).all()
 
 
+def test_fused_kernel_option_reaches_every_linear(folder):
+    """``kernel="triton"`` (opt-in) is set on every block linear and gives the same loss as the default path within
+    the bfloat16 bound of a layer (Triton's interpreter on CPU, float32 compute: summation order only)."""
+    pytest.importorskip("triton")
+    quant = QuantConfig(compute_dtype="float32")
+    a = build(folder, quant=quant, dtype="float32", kernel="triton")
+    b = build(folder, quant=quant, dtype="float32")
+    assert {lin.kernel for lin in a.named_linears().values()} == {"triton"}
+    assert {lin.kernel for lin in b.named_linears().values()} == {"bnb"}
+    la, lb = a(IDS[:, :6]), b(IDS[:, :6])
+    # float32: the same products summed in another order; a dot of K <= 96 terms may differ by K·u of its terms'
+    # magnitude (u = 2^-24), and about 8 such products chain from the embedding to a logit (2 blocks + head)
+    bound = 8 * 96 * 2.0**-24 * float(lb.abs().max())
+    assert float((la - lb).abs().max()) <= bound
+
+
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("model,match", [(42, "model must be"), ("99b", "llama-7b"), ("nonexistent/folder", "llama-")])
 def test_bad_model_argument_is_named(model, match):
@@ -202,6 +218,8 @@ def test_bad_options_are_named(folder, tmp_path):
         build(folder, dtype="float8")
     with pytest.raises(ValueError, match="adapter_dtype"):
         build(folder, adapter_dtype="int8")
+    with pytest.raises(ValueError, match="kernel"):
+        build(folder, kernel="cutlass")
     with pytest.raises(ValueError, match="attn_implementation"):
         build(folder, attn_implementation="magic")
     (tmp_path / "empty").mkdir()
