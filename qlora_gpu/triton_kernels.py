@@ -12,6 +12,8 @@ weight of the 4-bit codes (+ 4/blocksize for the scales): for a 4096 × 4096 lay
 where 8 MiB of codes would do, twice per training step (forward, and again backward), plus a transient 32 MiB
 allocation. At 512 tokens a 4096 × 4096 bfloat16 product is ~17 GFLOP, ~25 µs of an H100's tensor cores, and
 64 MiB of traffic is ~20 µs of its HBM bandwidth — the buffer costs about as much time as the product itself.
+(bitsandbytes 0.50's forward may pick its own fused kernel instead, by a per-architecture heuristic that on H100s
+prefers the two-step path at these sizes; docs/fused_kernels.md.)
 
 Two kernels remove it. Each program owns one output tile and walks the reduction dimension; for every step it
 loads the packed bytes of a weight tile, unpacks the nibbles, looks the codes up in the 16-entry codebook,
