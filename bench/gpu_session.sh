@@ -10,7 +10,7 @@
 #   run(carry=[".whl"], command="bash bench/gpu_session.sh tests small")    # GPU tests, then 7B and 13B
 #   run(carry=[".whl"], command="bash bench/gpu_session.sh large")          # 65B, then 33B if time is left
 #   run(carry=[".whl"], command="bash bench/gpu_session.sh paged kernels")  # paged optimizers; fused kernels
-# Parts: tests | small (7b,13b) | large (65b then 33b) | 7b | 13b | 33b | 65b | paged | kernels | all.
+# Parts: tests | small (7b,13b) | large (65b, 65b ours with bf16 adapters, then 33b) | 7b | 13b | 33b | 65b | paged | kernels | all.
 # Several parts run in the order given. The whole command stops itself before BUDGET seconds (default 570), so
 # what was measured comes back: every benchmark writes its JSON after each (model, stack) it finishes; the GPU
 # tests get at most TESTS_MAX seconds (default 240). Device time is 30 minutes a session, machine start included:
@@ -19,7 +19,7 @@
 # Outputs, in $OUT (the run tool's folder; /tmp/qlora_gpu_out elsewhere), at most 8 files a call:
 #   session_<parts>.log  everything printed (nvidia-smi, versions, progress, tables)
 #   gpu_tests.log        python3 -m pytest -q -m gpu tests/
-#   scale_small.json (7b,13b), scale_65b.json, scale_33b.json, scale_<size>.json   bench/gpu_scale.py
+#   scale_small.json (7b,13b), scale_65b.json, scale_65b_bf16.json, scale_33b.json, scale_<size>.json   bench/gpu_scale.py
 #   paged_oom.json       bench/paged_oom.py
 #   fused_kernels.json   bench/fused_kernels.py (or its output in the session log)
 set -uo pipefail
@@ -47,6 +47,7 @@ timed() {
 
 # --- environment: the carried bitsandbytes wheel, the project on the path ---
 export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1  # a command cut off by `timeout` loses no printed line (Python buffers a piped stdout)
 if ! python3 -c "import bitsandbytes" 2>/dev/null; then
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "no .whl/ here: run bash ../shared/device/prepare-wheels.sh on the development machine and carry .whl"
@@ -71,8 +72,10 @@ run_part() {
     small)
       timed python3 bench/gpu_scale.py --models 7b,13b --stacks ours,baseline,ours-triton \
         --json "$OUT/scale_small.json" ;;
-    large)  # the paper's claim first: 65B under 48 GB
+    large)  # the paper's claim first: 65B under 48 GB; then with the paper's bf16 adapters (qlora.py); then 33B
       timed python3 bench/gpu_scale.py --models 65b --json "$OUT/scale_65b.json"
+      timed python3 bench/gpu_scale.py --models 65b --stacks ours --adapter-dtype bfloat16 \
+        --json "$OUT/scale_65b_bf16.json"
       timed python3 bench/gpu_scale.py --models 33b --json "$OUT/scale_33b.json" ;;
     7b|13b|33b|65b)
       timed python3 bench/gpu_scale.py --models "$1" --json "$OUT/scale_$1.json" ;;
