@@ -230,3 +230,13 @@ def test_the_baseline_builds_without_transformers_replace_helper(monkeypatch, bu
     assert sorted(by_hand) == sorted(before)
     assert all(torch.equal(by_hand[k].data, before[k].data) for k in before)
     assert type(model.base_model.model.lm_head) is torch.nn.Linear
+
+
+def test_documented_dtype_difference_from_peft(built):
+    """docs/divergences.md: peft's prepare_model_for_kbit_training makes every non-4-bit parameter float32 (the
+    embedding and LM head included); prepare_model keeps them bfloat16 and only the norm weights float32."""
+    base, ours = built["base"].get_base_model(), built["ours"].hf
+    assert base.model.embed_tokens.weight.dtype == base.lm_head.weight.dtype == torch.float32
+    assert ours.model.embed_tokens.weight.dtype == ours.lm_head.weight.dtype == torch.bfloat16
+    for model in (base, ours):
+        assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "norm" in n)
