@@ -154,20 +154,18 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
     """transformers + bitsandbytes ``Linear4bit`` + peft, materialised layer by layer with ``init_weight``'s
     weights (the same as ``prepare_model`` draws); returns (peft model, trainable parameters, loss function)."""
     import bitsandbytes as bnb
-    import transformers
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
     from tqdm.auto import tqdm
 
-    from qlora_gpu.model import _HF_CLASSES, hf_config
+    from qlora_gpu.model import hf_skeleton
     from qlora_gpu.prepare import init_weight
     from qlora_ref.model.llama import expected_tensors
 
     device = torch.device(device)
     bf16 = torch.bfloat16
     shapes = expected_tensors(config)
-    with torch.device("meta"):
-        hf = getattr(transformers, _HF_CLASSES[config.model_type][1])(hf_config(config, "sdpa"))
+    hf = hf_skeleton(config, "sdpa")
     hf = _replace_with_bnb_linear(hf)
 
     def weight(name: str, dtype: torch.dtype) -> torch.Tensor:

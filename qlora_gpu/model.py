@@ -37,8 +37,29 @@ _HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("Mistra
                "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
+def default_device(device=None) -> torch.device:
+    """``device`` as a ``torch.device``; None: CUDA when present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _module_path(name: str) -> str:
     return f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{name}"
+
+
+def set_block_linear(layer: nn.Module, name: str, linear: nn.Module) -> None:
+    """Put ``linear`` in decoder layer ``layer`` as projection ``name`` (``q_proj`` ... ``down_proj``)."""
+    parent, _ = _module_path(name).split(".")
+    setattr(getattr(layer, parent), name, linear)
+
+
+def hf_skeleton(config: ModelConfig, attn_implementation: str = "eager") -> nn.Module:
+    """The transformers causal LM of ``config`` on the meta device: every shape, no memory."""
+    import transformers
+
+    with torch.device("meta"):
+        return getattr(transformers, _HF_CLASSES[config.model_type][1])(hf_config(config, attn_implementation))
 
 
 def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
@@ -104,12 +125,8 @@ class QLoRAModel(nn.Module):
                        gradient_checkpointing: bool = False, device=None,
                        attn_implementation: str = "eager") -> QLoRAModel:
         """Build from a reference ``LlamaModel``'s tensors (its float or stored 4-bit weights, its adapters)."""
-        import transformers
-
         config = ref.config
-        model_cls = getattr(transformers, _HF_CLASSES[config.model_type][1])
-        with torch.device("meta"):
-            hf = model_cls(hf_config(config, attn_implementation))
+        hf = hf_skeleton(config, attn_implementation)
         f32 = lambda a: torch.from_numpy(np.array(a, dtype=np.float32))  # noqa: E731  (a writable copy)
         hf.model.embed_tokens = nn.Embedding.from_pretrained(f32(ref.embed_tokens.weight), freeze=True)
         hf.model.norm.weight = nn.Parameter(f32(ref.norm.weight), requires_grad=False)
@@ -139,17 +156,21 @@ class QLoRAModel(nn.Module):
                     with torch.no_grad():
                         lin.lora_A.copy_(torch.from_numpy(np.asarray(r_lin.lora_A)))
                         lin.lora_B.copy_(torch.from_numpy(np.asarray(r_lin.lora_B)))
-                parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-                setattr(parent, name, lin)
-        # buffers created on the meta device (rotary inverse frequencies) are rebuilt on the CPU
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)
-        model = cls(hf, config, quant, lora, getattr(ref, "tokenizer", None))
-        leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers()
-                                                                           if b is not None and b.is_meta]
+                set_block_linear(layer, name, lin)
+        model = cls.assemble(hf, config, quant, lora, getattr(ref, "tokenizer", None), device="cpu",
+                             gradient_checkpointing=gradient_checkpointing)
+        return model.to(device) if device is not None else model
+
+    @classmethod
+    def assemble(cls, hf: nn.Module, config: ModelConfig, quant: QuantConfig | None, lora: LoraConfig | None,
+                 tokenizer, *, device, gradient_checkpointing: bool) -> QLoRAModel:
+        """The model around a skeleton whose tensors are all set: the rotary buffers (created on the meta device)
+        rebuilt on ``device``, nothing left on the meta device, checkpointing set, training mode."""
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
+        model = cls(hf, config, quant, lora, tokenizer)
+        leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
         if leftover:
             raise RuntimeError(f"tensors left uninitialised while building the model: {leftover[:5]}")
-        if device is not None:
-            model.to(device)
         model.gradient_checkpointing = gradient_checkpointing
         model.train()
         return model
@@ -277,4 +298,4 @@ class QLoRAModel(nn.Module):
                                 tokenizer_source=tokenizer_source)
 
 
-__all__ = ["QLoRAModel", "hf_config"]
+__all__ = ["QLoRAModel", "default_device", "hf_config", "hf_skeleton", "set_block_linear"]

@@ -31,7 +31,7 @@ from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
 
 from .lora import QLoRALinear, check_kernel, set_kernel
-from .model import _HF_CLASSES, QLoRAModel, hf_config
+from .model import _HF_CLASSES, QLoRAModel, default_device, hf_skeleton, set_block_linear
 from .quantize import Quantized4bit
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -177,17 +177,14 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
                          f"got {attn_implementation!r}")
     if cfg.model_type not in _HF_CLASSES:
         raise ValueError(f"model_type {cfg.model_type!r} is not supported on the GPU backend ({list(_HF_CLASSES)})")
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     folder = Path(model) if isinstance(model, str | Path) and Path(model).is_dir() else None
     if init_std is None:
         init_std = float(getattr(model, "initializer_range", 0.02))
     source = _Source(cfg, folder, seed, init_std, device)
     tdtype = getattr(torch, dtype)
 
-    import transformers
-
-    with torch.device("meta"):
-        hf = getattr(transformers, _HF_CLASSES[cfg.model_type][1])(hf_config(cfg, attn_implementation))
+    hf = hf_skeleton(cfg, attn_implementation)
     hf.model.embed_tokens = nn.Embedding.from_pretrained(source.tensor("model.embed_tokens.weight", tdtype),
                                                          freeze=True)
     _set_norm(hf.model.norm, source.tensor("model.norm.weight", torch.float32))
@@ -209,29 +206,24 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
             if lin.r is not None and adapter_dtype != "float32":
                 lin.lora_A.data = lin.lora_A.data.to(getattr(torch, adapter_dtype))
                 lin.lora_B.data = lin.lora_B.data.to(getattr(torch, adapter_dtype))
-            setattr(layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp, name, lin)
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
+            set_block_linear(layer, name, lin)
     tok = None
     if folder is not None and tokenizer:
         from qlora_ref.model.tokenizer import Tokenizer
 
         tok = Tokenizer.from_folder(folder)
-    out = QLoRAModel(hf, cfg, quant, lora, tok)
-    leftover = [n for n, t in [*out.named_parameters(), *out.named_buffers()] if t is not None and t.is_meta]
-    if leftover:
-        raise RuntimeError(f"tensors left uninitialised while building the model: {leftover[:5]}")
+    out = QLoRAModel.assemble(hf, cfg, quant, lora, tok, device=device, gradient_checkpointing=gradient_checkpointing)
     set_kernel(out, kernel)
-    out.gradient_checkpointing = gradient_checkpointing
-    out.train()
     return out
 
 
 def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None = _PAPER_LORA, *, device=None,
          **kwargs) -> QLoRAModel:
     """Any checkpoint the reference loads: a Hugging Face folder through ``prepare_model`` (``kwargs`` go there),
-    a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first).
+    a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first; of
+    ``kwargs`` only ``gradient_checkpointing`` applies there).
     The residual stream defaults to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is slow)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     if (Path(path) / "config.json").exists():
         kwargs.setdefault("dtype", "bfloat16" if device.type == "cuda" else "float32")
         return prepare_model(path, quant, lora, device=device, **kwargs)

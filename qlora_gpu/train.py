@@ -20,12 +20,8 @@ from qlora_ref.loss import IGNORE_INDEX
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
-from .model import QLoRAModel
+from .model import QLoRAModel, default_device
 from .optim import clip_grad_norm, make_optimizer
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def build_optimizer(config: TrainConfig):
@@ -56,7 +52,7 @@ class GpuTrainer:
         backends agree step by step; for speed build ``prepare_model(path, dtype="bfloat16")`` and pass it in."""
         from .prepare import load
 
-        device = torch.device(device) if device is not None else default_device()
+        device = default_device(device)
         model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=device, dtype="float32",
                      attn_implementation="eager", gradient_checkpointing=config.gradient_checkpointing)
         return cls(model, config)

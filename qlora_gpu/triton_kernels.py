@@ -76,6 +76,18 @@ def _round_bf16(v):
 
 
 @triton.jit
+def _dot(acc, a, b, BF16: tl.constexpr, DOT_F32: tl.constexpr):
+    """acc + a · b, float32 accumulation. Operands hold values of the compute dtype: bfloat16 tensor-core
+    operands (``BF16`` and not ``DOT_F32``), else float32 operands and an IEEE float32 dot (no TF32) — float32
+    compute, or bfloat16 values held in float32, the interpreter's mode."""
+    if BF16 and not DOT_F32:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
+    else:
+        out = acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return out
+
+
+@triton.jit
 def _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows, cols, in_features, numel, log2_blocksize):
     """W[rows, cols] in float32 (any 2-D broadcast of row and column indices), zero outside the weight.
 
@@ -120,13 +132,9 @@ def _forward_kernel(
         # Wᵀ tile (BLOCK_K, BLOCK_N); rows past N are masked by -1 (treated as outside the weight)
         rows = tl.where(n_ok, offs_n, -1)
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows[None, :], offs_k[:, None], K, numel, log2_blocksize)
-        if BF16:
-            if DOT_F32:
-                acc += tl.dot(x.to(tl.float32), _round_bf16(w), input_precision="ieee")
-            else:
-                acc = tl.dot(x, w.to(tl.bfloat16), acc)
-        else:
-            acc += tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        if BF16 and DOT_F32:
+            w = _round_bf16(w)  # (a tensor-core dot rounds its operand to bfloat16 itself)
+        acc = _dot(acc, x, w, BF16, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if BF16:
@@ -140,10 +148,7 @@ def _forward_kernel(
                         other=0.0)
             bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=r_ok[:, None] & n_ok[None, :],
                          other=0.0)
-            if BF16 and not DOT_F32:
-                p = tl.dot(h, bt, p)
-            else:
-                p += tl.dot(h.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+            p = _dot(p, h, bt, BF16, DOT_F32)
         if BF16:
             acc = _round_bf16(acc + _round_bf16(_round_bf16(p) * scaling))  # y = bf16(base + bf16(s · bf16(P)))
         else:
@@ -176,13 +181,9 @@ def _grad_input_kernel(
                     other=0.0)
         rows = tl.where(n_ok, offs_n, -1)
         w = _dequant_tile(packed_ptr, absmax_ptr, code_ptr, rows[:, None], offs_k[None, :], K, numel, log2_blocksize)
-        if BF16:
-            if DOT_F32:
-                acc += tl.dot(g.to(tl.float32), _round_bf16(w), input_precision="ieee")
-            else:
-                acc = tl.dot(g, w.to(tl.bfloat16), acc)
-        else:
-            acc += tl.dot(g.to(tl.float32), w, input_precision="ieee")
+        if BF16 and DOT_F32:
+            w = _round_bf16(w)
+        acc = _dot(acc, g, w, BF16, DOT_F32)
     if BF16:
         acc = _round_bf16(acc)  # g_x = bf16(G W)
     if HAS_LORA:
@@ -194,10 +195,7 @@ def _grad_input_kernel(
                          mask=m_ok[:, None] & r_ok[None, :], other=0.0)
             a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
                         other=0.0)
-            if BF16 and not DOT_F32:
-                q = tl.dot(gh, a, q)
-            else:
-                q += tl.dot(gh.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+            q = _dot(q, gh, a, BF16, DOT_F32)
         if BF16:
             q = _round_bf16(q)  # g_xd = bf16((∂L/∂H) A)
         if HAS_MASK:

@@ -87,9 +87,10 @@ class Quantized4bit:
     def bits_per_parameter(self) -> float:
         """Storage cost per weight: 4 bits plus the constants (0.5 bits plain, ~0.127 with double quantization
         at blocksize 64: the arithmetic of section 3)."""
-        total_bits = 8 * self.packed.size + 32 * (self.state2 is None) * self.absmax.size
+        n = lambda a: int(np.prod(a.shape))  # noqa: E731  (shape, not .size: the torch subclass holds tensors)
+        total_bits = 8 * n(self.packed) + 32 * (self.state2 is None) * n(self.absmax)
         if self.state2 is not None:
-            total_bits += 8 * self.absmax.size + 32 * self.state2.absmax.size + 32
+            total_bits += 8 * n(self.absmax) + 32 * n(self.state2.absmax) + 32
         return total_bits / self.numel
 
     def state_dict(self, prefix: str = "") -> dict:

@@ -149,6 +149,8 @@ def test_double_quant_saves_0_373_bits_per_parameter():
     assert plain == 4.5
     assert abs(dq - (4 + 8 / 64 + 32 / (64 * 256))) < 1e-4  # + one float32 offset for the whole tensor
     assert abs((plain - dq) - 0.373) < 1e-3
+    for double_quant, ref_bits in ((False, plain), (True, dq)):  # the torch backend's state costs the same
+        assert qlora_gpu.quantize_4bit(torch.from_numpy(x), double_quant=double_quant).bits_per_parameter() == ref_bits
 
 
 @pytest.mark.parametrize(
