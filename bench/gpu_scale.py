@@ -3,6 +3,7 @@
 
     python bench/gpu_scale.py --models 7b,13b --json scale_small.json       # on a CUDA GPU
     python bench/gpu_scale.py --models 33b,65b --json scale_large.json
+    python bench/gpu_scale.py --runs 65b:ours,7b:ours,7b:baseline,65b:ours:bfloat16 --deadline 380   # in this order
     python bench/gpu_scale.py --tiny --seq 64                                # CPU smoke run (not a benchmark)
 
 The paper's recipe (section 4 and Appendix B; its ``qlora.py`` scripts): NF4 with double quantization, bfloat16
@@ -40,7 +41,9 @@ What is measured, per model and stack:
 
 Each (model, stack) runs in its own child process: only one model is ever on the GPU, and everything (including
 the managed memory bitsandbytes never frees: its page manager keeps every paged tensor alive) is released by the
-process ending. An out-of-memory error is recorded as "OOM" and the run goes on. ``--no-isolate`` runs in this
+process ending. An out-of-memory error is recorded as "OOM" and the run goes on. ``--deadline`` bounds the whole
+invocation (a GPU session's time is counted): a run starts only with ``--min-left`` seconds left ("skipped"
+otherwise) and its process is ended at the deadline ("timeout"). ``--no-isolate`` runs in this
 process instead (del, gc.collect, torch.cuda.empty_cache between stacks).
 
 Without CUDA only the tiny config runs (on the CPU; memory columns n/a): that is a smoke test of the code path,
@@ -50,10 +53,12 @@ not a benchmark. Sizes from 7B up refuse to run on the CPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -92,12 +97,19 @@ def recipe(name: str) -> dict:
 
 
 def model_config(name: str) -> ModelConfig:
-    """``"tiny"`` or a LLaMA-1 size (qlora_ref.memory.LLAMA_SHAPES through ``qlora_gpu.prepare.llama_config``)."""
-    if name == "tiny":
-        return TINY
+    """``"tiny"``, ``"tiny-<blocks>"`` (the tiny widths with that many blocks: 32 has LLaMA-7B's structure, so the
+    same operators per step) or a LLaMA-1 size (qlora_ref.memory.LLAMA_SHAPES through
+    ``qlora_gpu.prepare.llama_config``)."""
+    if _is_tiny(name):
+        blocks = int(name.split("-")[1]) if "-" in name else TINY.num_hidden_layers
+        return dataclasses.replace(TINY, num_hidden_layers=blocks)
     from qlora_gpu.prepare import llama_config
 
     return llama_config(name)
+
+
+def _is_tiny(name: str) -> bool:
+    return re.fullmatch(r"tiny(-[1-9][0-9]{0,2})?", name) is not None
 
 
 def make_batch(config: ModelConfig, seq: int, batch: int, device, seed: int = 0) -> torch.Tensor:
@@ -277,6 +289,60 @@ def train_step(loss_fn, params, optimizer, ids: torch.Tensor, max_grad_norm: flo
     return float(loss.detach())
 
 
+def count_ops(fn) -> tuple[int, object]:
+    """(number of aten operators dispatched while ``fn()`` runs, its result): on a GPU nearly every one is a
+    kernel launch, each costing microseconds of host time whatever its size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        result = fn()
+    return _Count.n, result
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (µs in, seconds out): GPU time with any kernel running."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total * 1e-6
+
+
+def profile_step(step, device: torch.device) -> dict:
+    """Where one more step's time goes: aten operators dispatched (host work per step), and on CUDA the kernels
+    launched and the time the GPU had one running (torch.profiler) against the wall clock. ``gpu_busy_fraction``
+    well below 1 means the step waits on the host (Python and launch overhead), not on the GPU."""
+    out = {}
+    out["aten_ops"], _ = count_ops(step)
+    if device.type != "cuda":
+        return out
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        _sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(device)
+        wall = time.perf_counter() - t0
+        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+        busy = _busy_seconds([(e.time_range.start, e.time_range.end) for e in gpu])
+        out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy,
+                   gpu_busy_fraction=busy / wall if wall > 0 else None)
+    except Exception as e:  # noqa: BLE001 - the profiler is diagnostic; the measurements above stand without it
+        out["profiler_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return out
+
+
 def optimizer_state_bytes(optimizer) -> tuple[int, int]:
     """(bytes in bitsandbytes' paged (CUDA managed) state tensors, bytes in ordinary device tensors)."""
     paged = plain = 0
@@ -301,10 +367,11 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, warmup: int = 2, steps: int = 5,
-              seed: int = 0, progress: bool = True, adapter_dtype: str = "float32") -> dict:
+              seed: int = 0, progress: bool = True, adapter_dtype: str = "float32", profile: bool = True) -> dict:
     """Build ``stack`` for model ``name`` on ``device``, take ``warmup`` + ``steps`` training steps; a dict of
     the measurements (status "OOM" with the phase when the GPU ran out of memory). ``adapter_dtype`` applies to
-    ours only (the baseline keeps peft's float32 adapters)."""
+    ours only (the baseline keeps peft's float32 adapters). ``profile``: after the timed steps and the peak
+    memory, one more step counted and profiled (``profile_step``)."""
     if stack not in BUILDERS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
     if warmup < 0 or steps < 1:
@@ -313,8 +380,9 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     config = model_config(name)
     rec = recipe(name)
     out = dict(model=name, stack=stack, device=_device_name(device), seq=seq, batch=batch, warmup=warmup, steps=steps,
+               adapter_dtype="float32" if stack == "baseline" else adapter_dtype,
                recipe={k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}, status="ok")
-    model = params = loss_fn = optimizer = None
+    model = params = loss_fn = optimizer = step = None
     phase = "build"
     _preload()  # imports are not part of the build time
     try:
@@ -356,12 +424,18 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
             free, total = torch.cuda.mem_get_info(device)
             out["device_used_bytes"] = int(total - free)  # CUDA context + torch's reserve + resident managed pages
             out["device_total_bytes"] = int(total)
+        if profile:  # diagnostic: a failure here (an OOM too) leaves the measurements above standing
+            try:
+                step = functools.partial(train_step, loss_fn, params, optimizer, ids, rec["max_grad_norm"])
+                out["profile"] = profile_step(step, device)
+            except Exception as e:  # noqa: BLE001
+                out["profile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is re-raised below
         if not _is_oom(e):
             raise
         out.update(status="OOM", phase=phase, error=str(e).splitlines()[0][:300])
     finally:
-        del model, params, loss_fn, optimizer
+        del model, params, loss_fn, optimizer, step
         free_memory(device)
     return out
 
@@ -397,27 +471,60 @@ def _device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- orchestration
-def run_isolated(stack: str, name: str, args) -> dict:
-    """``run_stack`` in a child process (this script with ``--child``): the GPU is empty when it returns."""
+def run_isolated(stack: str, name: str, args, adapter_dtype: str = "float32", timeout: float | None = None) -> dict:
+    """``run_stack`` in a child process (this script with ``--child``): the GPU is empty when it returns.
+    ``timeout`` seconds (None: no limit) end the child; the row then says "timeout"."""
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         job = dict(stack=stack, name=name, device=args.device, seq=args.seq, batch=args.batch, warmup=args.warmup,
-                   steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=args.adapter_dtype)
+                   steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=adapter_dtype,
+                   profile=not args.no_profile)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
         try:
-            proc = subprocess.run(cmd, timeout=args.child_timeout)
+            proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return dict(model=name, stack=stack, status="timeout", error=f"over {args.child_timeout} s")
+            return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, status="timeout",
+                        error=f"over {timeout:.0f} s")
         if result.exists():
             return json.loads(result.read_text())
-        return dict(model=name, stack=stack, status="failed", error=f"child process exited with {proc.returncode}")
+        return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, status="failed",
+                    error=f"child process exited with {proc.returncode}")
+
+
+def parse_runs(spec: str) -> list[tuple[str, str, str]]:
+    """``--runs``: comma-separated ``model:stack[:adapter_dtype]`` in the order to run, e.g.
+    ``65b:ours,7b:ours,7b:baseline,65b:ours:bfloat16`` -> [(model, stack, adapter dtype), ...]."""
+    runs = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        parts = item.lower().split(":")
+        if len(parts) not in (2, 3):
+            raise SystemExit(f"--runs: {item!r} is not model:stack[:adapter_dtype] (e.g. 65b:ours or "
+                             "65b:ours:bfloat16)")
+        name, stack = parts[0].removeprefix("llama-"), parts[1]
+        dtype = parts[2] if len(parts) == 3 else "float32"
+        if name not in SIZES and not _is_tiny(name):
+            raise SystemExit(f"--runs: unknown model {name!r} in {item!r}; choose among {', '.join(SIZES)}, tiny or "
+                             "tiny-<blocks>")
+        if stack not in STACKS:
+            raise SystemExit(f"--runs: unknown stack {stack!r} in {item!r}; choose among {', '.join(STACKS)}")
+        if dtype not in ("float32", "bfloat16"):
+            raise SystemExit(f"--runs: adapter dtype {dtype!r} in {item!r} must be float32 or bfloat16")
+        if stack == "baseline" and dtype != "float32":
+            raise SystemExit(f"--runs: {item!r}: the baseline keeps peft's float32 adapters")
+        runs.append((name, stack, dtype))
+    if not runs:
+        raise SystemExit("--runs is empty; give model:stack pairs, e.g. 65b:ours,7b:baseline")
+    return runs
 
 
 def ratios(rows: list[dict]) -> dict:
     """ours / baseline per model: peak memory, peak + paged states, tokens/s, build time (None where missing)."""
     out = {}
     for name in dict.fromkeys(r["model"] for r in rows):
-        by = {r["stack"]: r for r in rows if r["model"] == name and r.get("status") == "ok"}
+        by = {r["stack"]: r for r in rows if r["model"] == name and r.get("status") == "ok"
+              and r.get("adapter_dtype", "float32") == "float32"}  # like for like: the baseline's adapters
         if "ours" not in by or "baseline" not in by:
             continue
         o, b = by["ours"], by["baseline"]
@@ -429,6 +536,8 @@ def ratios(rows: list[dict]) -> dict:
                          peak_plus_paged=(o["peak_bytes"] + o["paged_state_bytes"])
                          / (b["peak_bytes"] + b["paged_state_bytes"]) if o.get("peak_bytes") else None,
                          first_loss_diff=o["first_loss"] - b["first_loss"])
+        if o.get("profile", {}).get("aten_ops") and b.get("profile", {}).get("aten_ops"):
+            out[name]["aten_ops"] = o["profile"]["aten_ops"] / b["profile"]["aten_ops"]
         if "ours-triton" in by and by["ours-triton"].get("tokens_per_s"):
             out[name]["tokens_per_s_triton"] = by["ours-triton"]["tokens_per_s"] / b["tokens_per_s"]
     return out
@@ -438,28 +547,43 @@ def _gib(x) -> str:
     return "n/a" if x is None else f"{x / GiB:.2f}"
 
 
+def _label(r: dict) -> str:
+    return r["stack"] + (f" ({r['adapter_dtype']} adapters)" if r.get("adapter_dtype", "float32") != "float32" else "")
+
+
 def markdown(rows: list[dict], rat: dict) -> str:
     lines = ["| model | stack | build s | peak GiB | paged states GiB | peak + paged GiB | tokens/s | first loss |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"| {r['model']} | {r['stack']} | {r.get('status')} ({r.get('phase', '')}) |  |  |  |  |  |")
+            why = r.get("phase") or r.get("error", "")
+            lines.append(f"| {r['model']} | {_label(r)} | {r.get('status')} ({why}) |  |  |  |  |  |")
             continue
         peak = r.get("peak_bytes")
         both = None if peak is None else peak + r["paged_state_bytes"]
-        lines.append(f"| {r['model']} | {r['stack']} | {r['build_s']:.1f} | {_gib(peak)} | "
+        lines.append(f"| {r['model']} | {_label(r)} | {r['build_s']:.1f} | {_gib(peak)} | "
                      f"{_gib(r['paged_state_bytes'])} | {_gib(both)} | {r['tokens_per_s']:.1f} | "
                      f"{r['first_loss']:.4f} |")
+    prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
+    if prof:
+        lines += ["", "| model | stack | aten ops / step | kernels / step | GPU busy / step |",
+                  "|---|---|---:|---:|---:|"]
+        for r in prof:
+            q = r["profile"]
+            busy = q.get("gpu_busy_fraction")
+            lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('kernels', 'n/a')} | "
+                         f"{'n/a' if busy is None else f'{100 * busy:.0f} %'} |")
     if rat:
         lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
-                      "build ours/baseline | first-loss difference |", "|---|---:|---:|---:|---:|---:|"]
+                      "build ours/baseline | first-loss difference | aten ops ours/baseline |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
         for name, q in rat.items():
             tps = fmt(q['tokens_per_s'])
             if "tokens_per_s_triton" in q:
                 tps += f" (ours-triton: {fmt(q['tokens_per_s_triton'])})"
             lines.append(f"| {name} | {fmt(q['peak'])} | {fmt(q['peak_plus_paged'])} | {tps} | "
-                         f"{fmt(q['build'])} | {q['first_loss_diff']:+.2e} |")
+                         f"{fmt(q['build'])} | {q['first_loss_diff']:+.2e} | {fmt(q.get('aten_ops'))} |")
     return "\n".join(lines)
 
 
@@ -489,11 +613,36 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", default=None, help="write the results here (after every stack)")
     p.add_argument("--no-isolate", action="store_true", help="run every stack in this process")
+    p.add_argument("--runs", default=None, help="instead of --models x --stacks: comma-separated "
+                   "model:stack[:adapter_dtype] in the order to run (e.g. 65b:ours,7b:ours,7b:baseline)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per (model, stack) child process")
+    p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run: a (model, stack) "
+                   "starts only with --min-left seconds left, and is stopped at the deadline (row 'timeout')")
+    p.add_argument("--min-left", type=float, default=45.0, help="with --deadline: seconds a run needs to start")
+    p.add_argument("--no-profile", action="store_true", help="skip the extra counted and profiled step")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _model_names(args, device: torch.device) -> list[str]:
+    if args.tiny:
+        return ["tiny"]
+    if args.models is None:
+        return ["tiny"] if device.type == "cpu" else ["7b", "13b"]
+    names = [m.strip().lower().removeprefix("llama-") for m in args.models.split(",") if m.strip()]
+    bad = [m for m in names if m not in SIZES and not _is_tiny(m)]
+    if bad:
+        raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
+    return names
+
+
+def _stack_names(args) -> list[str]:
+    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
+    if not stacks or any(s not in STACKS for s in stacks):
+        raise SystemExit(f"--stacks must be a comma-separated subset of {','.join(STACKS)}, got {args.stacks!r}")
+    return stacks
 
 
 def main(argv=None) -> list[dict]:
@@ -508,49 +657,59 @@ def main(argv=None) -> list[dict]:
     args.device = str(device)
     if device.type == "cpu":
         cpu_setup()
-    if args.tiny:
-        names = ["tiny"]
-    elif args.models is None:
-        names = ["tiny"] if device.type == "cpu" else ["7b", "13b"]
+    if args.runs is not None:
+        if args.models is not None or args.tiny:
+            raise SystemExit("--runs replaces --models/--tiny/--stacks: give one or the other")
+        runs = parse_runs(args.runs)
     else:
-        names = [m.strip().lower().removeprefix("llama-") for m in args.models.split(",") if m.strip()]
-        bad = [m for m in names if m not in (*SIZES, "tiny")]
-        if bad:
-            raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
-    big = [m for m in names if m != "tiny"]
+        runs = [(name, stack, args.adapter_dtype) for name in _model_names(args, device)
+                for stack in _stack_names(args)]
+    big = sorted({m for m, _, _ in runs if not _is_tiny(m)})
     if device.type == "cpu" and big:
         raise SystemExit(f"--models {','.join(big)}: LLaMA sizes from 7B up need a CUDA GPU (no CUDA device here); "
                          "run --tiny for a CPU smoke test of the code path")
-    stacks = [s.strip() for s in args.stacks.split(",") if s.strip()]
-    if not stacks or any(s not in STACKS for s in stacks):
-        raise SystemExit(f"--stacks must be a comma-separated subset of {','.join(STACKS)}, got {args.stacks!r}")
     if args.seq < 2 or args.batch < 1:
         raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")
+    if args.deadline is not None and args.no_isolate:
+        raise SystemExit("--deadline needs child processes (it stops a run by ending its process): drop --no-isolate")
 
     print(f"device: {_device_name(device)}; seq {args.seq} x batch {args.batch}; warm-up {args.warmup}, timed "
           f"{args.steps}; {'one process' if args.no_isolate else 'one child process per (model, stack)'}",
           flush=True)
     if device.type == "cpu":
         print("CPU: a smoke test of the code path, not a benchmark (memory columns n/a)", flush=True)
+    start = time.monotonic()
     rows: list[dict] = []
-    for name in names:
-        for stack in stacks:
-            print(f"\n== {name} / {stack}", flush=True)
-            if args.no_isolate:
-                row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
-                                steps=args.steps, seed=args.seed, progress=not args.no_progress,
-                                adapter_dtype=args.adapter_dtype)
-            else:
-                row = run_isolated(stack, name, args)
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_times_s")}), flush=True)
-            if args.json:
-                _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=ratios(rows)))
+    for name, stack, dtype in runs:
+        label = _label(dict(stack=stack, adapter_dtype=dtype))
+        timeout = args.child_timeout
+        if args.deadline is not None:
+            left = args.deadline - (time.monotonic() - start)
+            if left < args.min_left:
+                print(f"\n== {name} / {label}: skipped, {max(left, 0):.0f} s left of --deadline {args.deadline:.0f}",
+                      flush=True)
+                rows.append(dict(model=name, stack=stack, adapter_dtype=dtype, status="skipped",
+                                 error=f"{max(left, 0):.0f} s left of the deadline"))
+                continue
+            timeout = left if timeout is None else min(timeout, left)
+        print(f"\n== {name} / {label}", flush=True)
+        if args.no_isolate:
+            row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
+                            steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=dtype,
+                            profile=not args.no_profile)
+        else:
+            row = run_isolated(stack, name, args, adapter_dtype=dtype, timeout=timeout)
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_times_s")}), flush=True)
+        if args.json:
+            _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=ratios(rows)))
     rat = ratios(rows)
     print()
     print(markdown(rows, rat))
     print("\npeak = torch.cuda.max_memory_allocated over the steps (weights included); the paged optimizer states "
-          "live in CUDA managed memory, outside torch's allocator, and are not in it.")
+          "live in CUDA managed memory, outside torch's allocator, and are not in it. aten ops / step: operators "
+          "dispatched in one more step (host work); GPU busy: the time a kernel ran in a profiled step over its "
+          "wall time (well below 100 %: the step waits on the host).")
     if args.json:
         _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=rat))
     return rows

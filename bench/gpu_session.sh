@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The GPU session of issue 6 in one script: GPU tests, real-scale steps (bench/gpu_scale.py), the paged-optimizer
-# demonstration (bench/paged_oom.py) and the fused kernels' benchmark (bench/fused_kernels.py, if present).
+# The GPU session of issue 6 in one script: real-scale steps (bench/gpu_scale.py), GPU tests, the paged-optimizer
+# demonstration (bench/paged_oom.py) and the fused kernels' benchmark (bench/fused_kernels.py).
 #
 # Before (on the development machine, once; puts the bitsandbytes wheel the GPU machine lacks in .whl/):
 #   bash ../shared/device/prepare-wheels.sh
 #
-# Then with the `run` tool, one call per part (the device allows 10 minutes per command and 30 minutes of device
-# time per session; the machine is bare, so every call installs the wheel again unless it is still warm):
-#   run(carry=[".whl"], command="bash bench/gpu_session.sh tests small")    # GPU tests, then 7B and 13B
-#   run(carry=[".whl"], command="bash bench/gpu_session.sh large")          # 65B, then 33B if time is left
-#   run(carry=[".whl"], command="bash bench/gpu_session.sh paged kernels")  # paged optimizers; fused kernels
-# Parts: tests | small (7b,13b) | large (65b, 65b ours with bf16 adapters, then 33b) | 7b | 13b | 33b | 65b | paged | kernels | all.
-# Several parts run in the order given. The whole command stops itself before BUDGET seconds (default 570), so
-# what was measured comes back: every benchmark writes its JSON after each (model, stack) it finishes; the GPU
-# tests get at most TESTS_MAX seconds (default 240). Device time is 30 minutes a session, machine start included:
-# if only two calls fit, run "tests small" and "65b paged" (the issue's two goals, then the paging demonstration).
+# A session has 15 minutes of device time, machine start (1-2 min) included, and 10 minutes per command. Two calls,
+# the second at once while the machine is still warm (it is given back after 30 s idle):
+#   run(carry=[".whl"], timeout_s=420, command="BUDGET=390 bash bench/gpu_session.sh goals")
+#       65B ours (the paper's claim), 7B and 13B for ours, the baseline and ours-triton, then 65B baseline
+#   run(carry=[".whl"], timeout_s=..., command="BUDGET=<device time left - 45> bash bench/gpu_session.sh checks")
+#       GPU tests, the paged-optimizer demonstration, the fused-kernel benchmark, then extras if time is left
+#       (65B ours with the paper's bf16 adapters, 33B both stacks)
+# then give_back. If "goals" shows a bug, the second call can rerun "goals" after the fix instead.
+# Parts: goals | checks | tests | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b | 13b | 33b
+#        | 65b | paged | kernels | extras | all. Several parts run in the order given.
+# The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
+# benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline,
+# and the GPU tests get at most TESTS_MAX seconds (default 150).
 #
 # Outputs, in $OUT (the run tool's folder; /tmp/qlora_gpu_out elsewhere), at most 8 files a call:
 #   session_<parts>.log  everything printed (nvidia-smi, versions, progress, tables)
+#   scale_goals.json     bench/gpu_scale.py, part goals (scale_small / scale_65b / scale_extras / scale_<size> for
+#                        the other parts)
 #   gpu_tests.log        python3 -m pytest -q -m gpu tests/
-#   scale_small.json (7b,13b), scale_65b.json, scale_65b_bf16.json, scale_33b.json, scale_<size>.json   bench/gpu_scale.py
 #   paged_oom.json       bench/paged_oom.py
-#   fused_kernels.json   bench/fused_kernels.py (or its output in the session log)
+#   fused_kernels.json   bench/fused_kernels.py
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qlora_gpu_out}
@@ -64,37 +68,41 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 PY
 
+# gpu_scale.py RUNS JSON: the runs in order, stopped at this command's budget (less a margin for the rest)
+scale() {
+  local d=$(( $(left) - 15 ))
+  if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): gpu_scale $1"; return 0; fi
+  echo "== $(date -u +%H:%M:%S) [${d} s allowed] gpu_scale --runs $1"
+  python3 bench/gpu_scale.py --runs "$1" --deadline "$d" --json "$OUT/$2"
+}
+
 run_part() {
   case "$1" in
+    goals)  # the issue's two goals: 65B under 48 GB first, then 7B/13B against the baseline, then 65B baseline
+      scale 65b:ours,7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton,65b:baseline \
+        scale_goals.json ;;
+    checks)
+      for p in tests paged kernels extras; do run_part "$p"; done ;;
+    extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B
+      scale 65b:ours:bfloat16,33b:ours,33b:baseline scale_extras.json ;;
     tests)
-      TIMED_MAX=${TESTS_MAX:-240} timed python3 -m pytest -q -m gpu --continue-on-collection-errors tests/ 2>&1 \
-        | tee "$OUT/gpu_tests.log" ;;
+      TIMED_MAX=${TESTS_MAX:-150} timed python3 -m pytest -q -p no:cacheprovider -m gpu \
+        --continue-on-collection-errors tests/ 2>&1 | tee "$OUT/gpu_tests.log" ;;
     small)
-      timed python3 bench/gpu_scale.py --models 7b,13b --stacks ours,baseline,ours-triton \
-        --json "$OUT/scale_small.json" ;;
-    large)  # the paper's claim first: 65B under 48 GB; then with the paper's bf16 adapters (qlora.py); then 33B
-      timed python3 bench/gpu_scale.py --models 65b --json "$OUT/scale_65b.json"
-      timed python3 bench/gpu_scale.py --models 65b --stacks ours --adapter-dtype bfloat16 \
-        --json "$OUT/scale_65b_bf16.json"
-      timed python3 bench/gpu_scale.py --models 33b --json "$OUT/scale_33b.json" ;;
+      scale 7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton scale_small.json ;;
+    large)
+      scale 65b:ours,65b:baseline,65b:ours:bfloat16,33b:ours,33b:baseline scale_65b.json ;;
     7b|13b|33b|65b)
-      timed python3 bench/gpu_scale.py --models "$1" --json "$OUT/scale_$1.json" ;;
+      scale "$1:ours,$1:baseline" "scale_$1.json" ;;
     paged)
       timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
     kernels)
-      if [ -f bench/fused_kernels.py ]; then
-        if python3 bench/fused_kernels.py --help 2>/dev/null | grep -q -- '--json'; then
-          timed python3 bench/fused_kernels.py --json "$OUT/fused_kernels.json"
-        else
-          timed python3 bench/fused_kernels.py
-        fi
-      else
-        echo "bench/fused_kernels.py is not in this tree: skipped"
-      fi ;;
+      timed python3 bench/fused_kernels.py --json "$OUT/fused_kernels.json" ;;
     all)
-      for p in tests small large paged kernels; do run_part "$p"; done ;;
+      for p in goals checks; do run_part "$p"; done ;;
     *)
-      echo "unknown part '$1' (tests | small | large | 7b | 13b | 33b | 65b | paged | kernels | all)"; return 2 ;;
+      echo "unknown part '$1' (goals | checks | tests | small | large | 7b | 13b | 33b | 65b | paged | kernels |" \
+        "extras | all)"; return 2 ;;
   esac
 }
 

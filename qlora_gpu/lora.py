@@ -3,9 +3,10 @@
 The frozen weight is a bitsandbytes ``Params4bit``; the frozen path runs through ``bitsandbytes.matmul_4bit``;
 the adapter ``lora_A`` (r, in) and ``lora_B`` (out, r) are ``nn.Parameter``\\ s with PEFT's names, shapes and
 initialisation. Forward and backward are one custom autograd function that keeps, for the backward pass, only
-the (dropped-out) input, the dropout mask and the adapter — plus a reference to the 4-bit weight, which is
-dequantized again in backward and never stored dequantized. Saving ``H = x_d Aᵀ`` would cost r/in of the input's
-memory; it is recomputed instead.
+the (dropped-out) input, the dropout mask, the adapter and ``H = x_d Aᵀ`` (N, r) — r/in of the input's memory,
+kept rather than recomputed: a GEMM less per layer and step, when a step at batch 1 is dominated by the number of
+operators launched — plus a reference to the 4-bit weight, which is dequantized again in backward and never
+stored dequantized.
 
 The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
 ``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
@@ -27,6 +28,7 @@ Two implementations of the same arithmetic, chosen by ``kernel``:
 from __future__ import annotations
 
 import copy
+import functools
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -55,6 +57,13 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+@functools.lru_cache(maxsize=64)
+def _keep_scale(p: float, compute_dtype: str) -> float:
+    """``qlora_ref.lora.dropout_scale`` as a Python float, computed once per (p, dtype): it runs on every
+    forward call, and NumPy's rounding costs microseconds of host time there."""
+    return float(ref.dropout_scale(p, compute_dtype))
+
+
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only.
 
@@ -80,10 +89,11 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
-        xd = x if keep is None else x * (keep.to(x.dtype) * keep_scale)
+        # x ⊙ M exactly (0 or x), then one rounding of x · scale: the reference's x · (M · scale), one kernel less
+        xd = x if keep is None else (x * keep) * keep_scale
         h = xd @ lora_a.t()
         y = base + (h @ lora_b.t()) * scaling
-        ctx.save_for_backward(xd, keep, lora_a, lora_b)  # the input (dropped out) and the adapter: nothing (N, out)
+        ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
         return y
 
     @staticmethod
@@ -97,17 +107,17 @@ class _QLoRALinearFunction(torch.autograd.Function):
             del w
         saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         if saved:
-            xd, keep, lora_a, lora_b = saved
+            xd, keep, lora_a, lora_b, h = saved
             gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
             if need_b:
-                grad_b = gs.t() @ (xd @ lora_a.t())  # ∂L/∂B = s Gᵀ H, H recomputed
+                grad_b = gs.t() @ h  # ∂L/∂B = s Gᵀ H
             gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
             if need_a:
                 grad_a = gh.t() @ xd  # ∂L/∂A = (∂L/∂H)ᵀ x_d
             if need_x:
                 gxd = _mm(gh, lora_a)  # ∂L/∂x_d = (∂L/∂H) A
                 if keep is not None:
-                    gxd = gxd * (keep.to(gxd.dtype) * ctx.keep_scale)
+                    gxd = (gxd * keep) * ctx.keep_scale
                 grad_x = grad_x + gxd
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
@@ -218,7 +228,7 @@ class QLoRALinear(nn.Module):
             keep = dropout_mask.reshape(-1, self.in_features).to(device=x.device, dtype=torch.bool)
         elif self.dropout_active:
             keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
-        keep_scale = float(ref.dropout_scale(self.dropout, self.compute_dtype))
+        keep_scale = _keep_scale(self.dropout, self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(cdt)
         quant_state = self.weight.quant_state if self.quantized else None
         a = None if self.r is None else self.lora_A.to(cdt)

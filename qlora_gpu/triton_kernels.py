@@ -406,7 +406,7 @@ def fused_grad_input(g: torch.Tensor, w: Weight4bit, gh: torch.Tensor | None = N
 
 class TritonQLoRAFunction(torch.autograd.Function):
     """``qlora_gpu.lora._QLoRALinearFunction`` with the frozen path (and the adapter's up-projection and input
-    gradient) in the fused kernels. Same arguments, same saved tensors (x_d, the mask, A, B — the weight is held by
+    gradient) in the fused kernels. Same arguments, same saved tensors (x_d, the mask, A, B, H — the weight is held by
     the module and re-read in backward, its double-quantized scales decoded again: nothing (out, in) and no float
     scales kept alive between forward and backward). Options: ``dot_f32`` and ``block`` of the launchers."""
 
@@ -418,10 +418,10 @@ class TritonQLoRAFunction(torch.autograd.Function):
         ctx.dot_f32, ctx.block = dot_f32, block
         if lora_a is None:
             return fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block)
-        xd = x if keep is None else x * (keep.to(x.dtype) * keep_scale)
+        xd = x if keep is None else (x * keep) * keep_scale  # as qlora_gpu.lora: the same single rounding
         h = xd @ lora_a.t()
         y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
-        ctx.save_for_backward(xd, keep, lora_a, lora_b)
+        ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
         return y
 
     @staticmethod
@@ -432,10 +432,10 @@ class TritonQLoRAFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         gh = lora_a = keep = None
         if saved:
-            xd, keep, lora_a, lora_b = saved
+            xd, keep, lora_a, lora_b, h = saved
             gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
             if need_b:
-                grad_b = gs.t() @ (xd @ lora_a.t())  # ∂L/∂B = s Gᵀ H, H recomputed
+                grad_b = gs.t() @ h  # ∂L/∂B = s Gᵀ H
             gh = gs @ lora_b  # ∂L/∂H = s G B
             if need_a:
                 grad_a = gh.t() @ xd  # ∂L/∂A = (∂L/∂H)ᵀ x_d

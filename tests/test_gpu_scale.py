@@ -116,9 +116,12 @@ def test_lora_parameters_are_the_same_tensors_in_both_stacks(built):
     assert all(p.dtype == torch.float32 for p in [*built["ours_params"], *built["base_params"]])
 
 
+_ROWS: dict[str, dict] = {}
+
+
 @pytest.mark.parametrize("stack", gpu_scale.STACKS)
 def test_each_stack_trains_with_the_paper_recipe(stack):
-    row = gpu_scale.run_stack(stack, "tiny", "cpu", seq=32, warmup=0, steps=2, progress=False)
+    row = _ROWS[stack] = gpu_scale.run_stack(stack, "tiny", "cpu", seq=32, warmup=0, steps=2, progress=False)
     assert row["status"] == "ok", row
     assert row["recipe"]["r"] == 64 and row["recipe"]["alpha"] == 16 and row["recipe"]["max_grad_norm"] == 0.3
     assert row["last_loss"] < row["first_loss"]  # a step on the same batch lowers its loss
@@ -126,6 +129,28 @@ def test_each_stack_trains_with_the_paper_recipe(stack):
     assert row["device_state_bytes"] == 8 * row["lora_params"] and row["paged_state_bytes"] == 0  # no paging on CPU
     assert "peak_bytes" not in row  # CPU: memory columns n/a
     assert row["adapter_dtype"] == "float32"  # peft's default; prepare_model's too
+
+
+def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
+    """Every aten operator costs host time (on a GPU, a kernel launch): ours must not dispatch more per training
+    step than transformers + peft (on this tiny config, CPU arithmetic: a proxy for the launches on a GPU)."""
+    rows = {s: _ROWS.get(s) or gpu_scale.run_stack(s, "tiny", "cpu", seq=32, warmup=0, steps=1, progress=False)
+            for s in ("ours", "baseline")}
+    ops = {s: r["profile"]["aten_ops"] for s, r in rows.items()}
+    assert ops["ours"] > 100 and ops["baseline"] > 100
+    assert ops["ours"] < ops["baseline"], ops
+    assert "gpu_busy_fraction" not in rows["ours"]["profile"]  # the profiler's CUDA part runs on a GPU only
+    rat = gpu_scale.ratios(list(rows.values()))
+    assert rat["tiny"]["aten_ops"] == pytest.approx(ops["ours"] / ops["baseline"])
+    assert "| tiny | ours | " in gpu_scale.markdown(list(rows.values()), rat).split("aten ops / step")[1]
+    n, value = gpu_scale.count_ops(lambda: torch.ones(3).add(1).sum())
+    assert n == 3 and value == 6.0
+
+
+def test_busy_time_is_the_union_of_the_kernels_intervals():
+    assert gpu_scale._busy_seconds([]) == 0.0
+    # µs in, seconds out; overlapping and nested intervals count once, gaps not at all
+    assert gpu_scale._busy_seconds([(10, 20), (0, 5), (15, 30), (22, 25), (40, 41)]) == pytest.approx(26e-6)
 
 
 def test_ours_with_the_papers_bfloat16_adapters_trains():
@@ -160,6 +185,49 @@ def test_main_refuses_llama_sizes_on_the_cpu():
         gpu_scale.main(["--models", "7b", "--device", "cpu"])
     with pytest.raises(SystemExit, match="unknown"):
         gpu_scale.main(["--models", "70b", "--device", "cpu"])
+
+
+def test_runs_give_the_order_and_the_adapter_dtype():
+    assert gpu_scale.parse_runs("65b:ours, 7B:baseline,llama-65b:ours:bfloat16") == [
+        ("65b", "ours", "float32"), ("7b", "baseline", "float32"), ("65b", "ours", "bfloat16")]
+    assert gpu_scale.parse_runs("tiny-32:ours") == [("tiny-32", "ours", "float32")]
+    assert gpu_scale.model_config("tiny-32").num_hidden_layers == 32  # LLaMA-7B's structure, tiny widths
+    assert gpu_scale.model_config("tiny-32").hidden_size == gpu_scale.TINY.hidden_size
+    for spec, why in [("65b", "model:stack"), ("70b:ours", "unknown model"), ("7b:peft", "unknown stack"),
+                      ("tiny-0:ours", "unknown model"), ("tiny-x:ours", "unknown model"),
+                      ("7b:ours:float16", "float32 or bfloat16"), ("7b:baseline:bfloat16", "peft's float32"),
+                      (" , ", "empty")]:
+        with pytest.raises(SystemExit, match=why):
+            gpu_scale.parse_runs(spec)
+    with pytest.raises(SystemExit, match="replaces"):
+        gpu_scale.main(["--runs", "tiny:ours", "--tiny", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="need a CUDA GPU"):
+        gpu_scale.main(["--runs", "tiny:ours,65b:ours", "--device", "cpu"])
+
+
+def test_deadline_skips_what_cannot_start_and_stops_what_overruns(tmp_path, capsys):
+    out = tmp_path / "scale.json"
+    rows = gpu_scale.main(["--runs", "tiny:ours,tiny:ours:bfloat16", "--deadline", "1e-9", "--min-left", "0",
+                           "--device", "cpu", "--json", str(out)])
+    assert [(r["stack"], r["adapter_dtype"], r["status"]) for r in rows] == [
+        ("ours", "float32", "skipped"), ("ours", "bfloat16", "skipped")]
+    assert len(json.loads(out.read_text())["rows"]) == 2
+    assert "| tiny | ours (bfloat16 adapters) | skipped (" in capsys.readouterr().out
+    # a child that outlives its time is ended, and the row says so (importing torch alone takes longer than this)
+    args = gpu_scale.parse_args(["--device", "cpu", "--seq", "8", "--steps", "1", "--warmup", "0"])
+    row = gpu_scale.run_isolated("ours", "tiny", args, timeout=0.05)
+    assert row["status"] == "timeout" and row["model"] == "tiny"
+    with pytest.raises(SystemExit, match="needs child processes"):
+        gpu_scale.main(["--tiny", "--no-isolate", "--deadline", "10", "--device", "cpu"])
+
+
+def test_ratios_compare_like_adapters_only():
+    ok = dict(status="ok", build_s=1.0, peak_bytes=gpu_scale.GiB, paged_state_bytes=0, tokens_per_s=100.0,
+              first_loss=1.0, model="7b")
+    rows = [dict(ok, stack="ours", adapter_dtype="bfloat16", tokens_per_s=400.0), dict(ok, stack="baseline")]
+    assert gpu_scale.ratios(rows) == {}  # bfloat16 adapters are not compared with peft's float32 ones
+    rows.append(dict(ok, stack="ours", tokens_per_s=200.0))
+    assert gpu_scale.ratios(rows)["7b"]["tokens_per_s"] == pytest.approx(2.0)
 
 
 def test_table_and_ratios_handle_an_oom_row():

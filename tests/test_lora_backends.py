@@ -158,7 +158,8 @@ def test_same_seed_same_initial_adapter_and_dropout_semantics():
 
 
 def test_gpu_backward_saves_no_dequantized_weight():
-    """The custom autograd function keeps the input, the mask and the adapter; never an (out, in) tensor."""
+    """The custom autograd function keeps the input, the mask, the adapter and H = x_d Aᵀ; never an (out, in)
+    tensor."""
     out_f, in_f, n, r = 96, 128, 5, 4
     W = torch.randn(out_f, in_f)
     layer = GpuLinear.from_weight(W, r, 8.0, dropout=0.1, compute_dtype="bfloat16")
@@ -177,6 +178,7 @@ def test_gpu_backward_saves_no_dequantized_weight():
     big = [s for s, _ in saved if np.prod(s) > r * max(in_f, out_f)]
     # the dropped-out input (bfloat16) and the keep mask (bool): what backward needs, nothing more
     assert sorted(big) == [(n, in_f), (n, in_f)], saved
+    assert ((n, r), torch.bfloat16) in saved  # H, kept rather than recomputed (r/in of x_d)
 
 
 def test_gpu_bad_input_gives_value_errors():
