@@ -478,7 +478,7 @@ def run_isolated(stack: str, name: str, args, adapter_dtype: str = "float32", ti
         result = Path(tmp) / "result.json"
         job = dict(stack=stack, name=name, device=args.device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                    steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=adapter_dtype,
-                   profile=not args.no_profile)
+                   profile=_profiled(name, args.profile))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
@@ -619,7 +619,9 @@ def parse_args(argv=None):
     p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run: a (model, stack) "
                    "starts only with --min-left seconds left, and is stopped at the deadline (row 'timeout')")
     p.add_argument("--min-left", type=float, default=45.0, help="with --deadline: seconds a run needs to start")
-    p.add_argument("--no-profile", action="store_true", help="skip the extra counted and profiled step")
+    p.add_argument("--profile", default="tiny,7b,13b", help="models that get one more step, counted and profiled "
+                   "(comma-separated; tiny covers tiny-<blocks>; 'none': no model). Where host overhead decides the "
+                   "speed; at 33B/65B the profiler's bookkeeping of ~10^5 events would cost more than it tells")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -636,6 +638,12 @@ def _model_names(args, device: torch.device) -> list[str]:
     if bad:
         raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
     return names
+
+
+def _profiled(name: str, spec: str) -> bool:
+    """Whether ``--profile`` (comma-separated models, "tiny" standing for every tiny-<blocks>) names ``name``."""
+    chosen = {m.strip().lower() for m in spec.split(",")}
+    return name in chosen or (_is_tiny(name) and "tiny" in chosen)
 
 
 def _stack_names(args) -> list[str]:
@@ -696,7 +704,7 @@ def main(argv=None) -> list[dict]:
         if args.no_isolate:
             row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                             steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=dtype,
-                            profile=not args.no_profile)
+                            profile=_profiled(name, args.profile))
         else:
             row = run_isolated(stack, name, args, adapter_dtype=dtype, timeout=timeout)
         rows.append(row)

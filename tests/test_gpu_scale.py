@@ -143,6 +143,10 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     rat = gpu_scale.ratios(list(rows.values()))
     assert rat["tiny"]["aten_ops"] == pytest.approx(ops["ours"] / ops["baseline"])
     assert "| tiny | ours | " in gpu_scale.markdown(list(rows.values()), rat).split("aten ops / step")[1]
+    assert gpu_scale._profiled("tiny-32", "tiny,7b") and gpu_scale._profiled("13b", "7b, 13b")
+    assert not gpu_scale._profiled("65b", "tiny,7b,13b") and not gpu_scale._profiled("tiny", "none")
+    unprofiled = gpu_scale.run_stack("ours", "tiny", "cpu", seq=8, warmup=0, steps=1, progress=False, profile=False)
+    assert "profile" not in unprofiled
     n, value = gpu_scale.count_ops(lambda: torch.ones(3).add(1).sum())
     assert n == 3 and value == 6.0
 
