@@ -316,6 +316,11 @@ def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total * 1e-6
 
 
+def _intervals(events, device_type) -> list[tuple[float, float]]:
+    """(start, end) in µs of the profiler's events on ``device_type`` (``torch.autograd.DeviceType``)."""
+    return [(e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type]
+
+
 def profile_step(step, device: torch.device) -> dict:
     """Where one more step's time goes: aten operators dispatched (host work per step), and on CUDA the kernels
     launched and the time the GPU had one running (torch.profiler) against the wall clock. ``gpu_busy_fraction``
@@ -334,8 +339,8 @@ def profile_step(step, device: torch.device) -> dict:
             step()
             _sync(device)
         wall = time.perf_counter() - t0
-        gpu = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-        busy = _busy_seconds([(e.time_range.start, e.time_range.end) for e in gpu])
+        gpu = _intervals(prof.events(), DeviceType.CUDA)
+        busy = _busy_seconds(gpu)
         out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy,
                    gpu_busy_fraction=busy / wall if wall > 0 else None)
     except Exception as e:  # noqa: BLE001 - the profiler is diagnostic; the measurements above stand without it
@@ -674,7 +679,7 @@ def main(argv=None) -> list[dict]:
                 for stack in _stack_names(args)]
     big = sorted({m for m, _, _ in runs if not _is_tiny(m)})
     if device.type == "cpu" and big:
-        raise SystemExit(f"--models {','.join(big)}: LLaMA sizes from 7B up need a CUDA GPU (no CUDA device here); "
+        raise SystemExit(f"{','.join(big)}: LLaMA sizes from 7B up need a CUDA GPU (no CUDA device here); "
                          "run --tiny for a CPU smoke test of the code path")
     if args.seq < 2 or args.batch < 1:
         raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")

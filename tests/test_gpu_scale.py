@@ -151,6 +151,19 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert n == 3 and value == 6.0
 
 
+def test_profiler_events_give_intervals():
+    """The profiler API profile_step reads on a GPU (device events' type and time range), read here on CPU events."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(64).add(1).sum()
+    cpu = gpu_scale._intervals(prof.events(), DeviceType.CPU)
+    assert len(cpu) >= 3 and all(b >= a for a, b in cpu)
+    assert 0 < gpu_scale._busy_seconds(cpu) <= (max(b for _, b in cpu) - min(a for a, _ in cpu)) * 1e-6
+    assert gpu_scale._intervals(prof.events(), DeviceType.CUDA) == []
+
+
 def test_busy_time_is_the_union_of_the_kernels_intervals():
     assert gpu_scale._busy_seconds([]) == 0.0
     # µs in, seconds out; overlapping and nested intervals count once, gaps not at all
