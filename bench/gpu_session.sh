@@ -16,8 +16,9 @@
 # Parts: goals | checks | tests | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b | 13b | 33b
 #        | 65b | paged | kernels | extras | all. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
-# benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline,
-# and the GPU tests get at most TESTS_MAX seconds (default 150).
+# benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
+# any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
+# 150), the paged demonstration PAGED_MAX (150), the kernel benchmark KERNELS_MAX (90).
 #
 # Outputs, in $OUT (the run tool's folder; /tmp/qlora_gpu_out elsewhere), at most 8 files a call:
 #   session_<parts>.log  everything printed (nvidia-smi, versions, progress, tables)
@@ -73,7 +74,7 @@ scale() {
   local d=$(( $(left) - 15 ))
   if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): gpu_scale $1"; return 0; fi
   echo "== $(date -u +%H:%M:%S) [${d} s allowed] gpu_scale --runs $1"
-  python3 bench/gpu_scale.py --runs "$1" --deadline "$d" --json "$OUT/$2"
+  python3 bench/gpu_scale.py --runs "$1" --deadline "$d" --child-timeout "${CHILD_MAX:-240}" --json "$OUT/$2"
 }
 
 run_part() {
@@ -95,9 +96,9 @@ run_part() {
     7b|13b|33b|65b)
       scale "$1:ours,$1:baseline" "scale_$1.json" ;;
     paged)
-      timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
+      TIMED_MAX=${PAGED_MAX:-150} timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
     kernels)
-      timed python3 bench/fused_kernels.py --json "$OUT/fused_kernels.json" ;;
+      TIMED_MAX=${KERNELS_MAX:-90} timed python3 bench/fused_kernels.py --json "$OUT/fused_kernels.json" ;;
     all)
       for p in goals checks; do run_part "$p"; done ;;
     *)
