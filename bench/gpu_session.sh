@@ -87,7 +87,7 @@ run_part() {
     extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B
       scale 65b:ours:bfloat16,33b:ours,33b:baseline scale_extras.json ;;
     tests)
-      TIMED_MAX=${TESTS_MAX:-150} timed python3 -m pytest -q -p no:cacheprovider -m gpu \
+      TIMED_MAX=${TESTS_MAX:-150} timed python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
         --continue-on-collection-errors tests/ 2>&1 | tee "$OUT/gpu_tests.log" ;;
     small)
       scale 7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton scale_small.json ;;
