@@ -162,9 +162,12 @@ def bnb_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True):
+def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True, weights=None):
     """transformers + bitsandbytes ``Linear4bit`` + peft, materialised layer by layer with ``init_weight``'s
-    weights (the same as ``prepare_model`` draws); returns (peft model, trainable parameters, loss function)."""
+    weights (the same as ``prepare_model`` draws; ``weights(name, dtype)`` replaces them, e.g. a checkpoint's
+    tensors); returns (peft model, trainable parameters, loss function). What
+    ``transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config())`` and peft build
+    from a bfloat16 checkpoint, bit for bit (tests/test_gpu_scale.py), without the checkpoint."""
     import bitsandbytes as bnb
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -181,6 +184,8 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
     hf = _replace_with_bnb_linear(hf)
 
     def weight(name: str, dtype: torch.dtype) -> torch.Tensor:
+        if weights is not None:
+            return weights(name, dtype).to(device=device, dtype=dtype)
         if name.endswith("norm.weight"):
             return torch.ones(shapes[name], device=device, dtype=dtype)
         if name.endswith(".bias"):

@@ -317,6 +317,67 @@ def test_the_baseline_builds_without_transformers_replace_helper(monkeypatch, bu
     assert type(model.base_model.model.lm_head) is torch.nn.Linear
 
 
+def test_the_baseline_is_what_transformers_and_peft_load_from_a_checkpoint(tmp_path):
+    """The baseline is built by hand (no checkpoint to read at 65B); from a bfloat16 checkpoint's tensors it is,
+    bit for bit, what ``AutoModelForCausalLM.from_pretrained(folder, quantization_config=...)`` followed by peft's
+    ``prepare_model_for_kbit_training`` and ``get_peft_model`` give: the same parameters (names, dtypes, trainable
+    or frozen, values — the 4-bit codes and double-quantized scales included), modules and logits."""
+    import transformers
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from safetensors.torch import load_file, save_file
+
+    from qlora_gpu.prepare import init_weight
+    from qlora_ref.model.llama import expected_tensors
+
+    gpu_scale.cpu_setup()
+    rec = gpu_scale.recipe("tiny")
+    sd = {name: (torch.ones(shape) if name.endswith("norm.weight")
+                 else init_weight(name, shape, gpu_scale.INIT_STD, 3, "cpu")).to(torch.bfloat16)
+          for name, shape in expected_tensors(TINY).items()}
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps({**TINY.to_hf_dict(), "torch_dtype": "bfloat16"}))
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=gpu_scale.bnb_config(),
+                                                           dtype=torch.bfloat16, device_map="cpu",
+                                                           attn_implementation="sdpa")
+    hf.config.use_cache = False
+    hf = prepare_model_for_kbit_training(hf, use_gradient_checkpointing=True,
+                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    loaded = get_peft_model(hf, PeftLoraConfig(r=rec["r"], lora_alpha=rec["alpha"], lora_dropout=rec["dropout"],
+                                               target_modules=list(LINEAR_MODULES), bias="none",
+                                               task_type="CAUSAL_LM"))
+    stored = load_file(str(tmp_path / "model.safetensors"))
+    built, _, _ = gpu_scale.build_baseline(TINY, "cpu", rec, progress=False,
+                                           weights=lambda name, dtype: stored[name])
+
+    a, b = dict(loaded.named_parameters()), dict(built.named_parameters())
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert (a[k].dtype, a[k].shape, a[k].requires_grad) == (b[k].dtype, b[k].shape, b[k].requires_grad), k
+        assert torch.equal(a[k].data, b[k].data), k
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in built.modules()]
+    la, lb = gpu_scale.baseline_linears(loaded), gpu_scale.baseline_linears(built)
+    for k in la:
+        qa, qb = la[k].quant_state, lb[k].quant_state
+        assert qa.dtype == qb.dtype == torch.bfloat16 and torch.equal(qa.absmax, qb.absmax), k
+        assert torch.equal(qa.offset, qb.offset) and torch.equal(qa.state2.absmax, qb.state2.absmax), k
+    assert loaded.base_model.model.is_gradient_checkpointing and built.base_model.model.is_gradient_checkpointing
+    for la_, lb_ in zip(loaded.base_model.model.model.layers, built.base_model.model.model.layers, strict=True):
+        assert la_.gradient_checkpointing and lb_.gradient_checkpointing
+        assert lb_._gradient_checkpointing_func.keywords == {"use_reentrant": False}  # the recipe's variant
+        assert la_._gradient_checkpointing_func.keywords == lb_._gradient_checkpointing_func.keywords
+    loaded.eval()
+    built.eval()
+    ids = gpu_scale.make_batch(TINY, SEQ, 1, "cpu")
+    assert torch.equal(_base_logits(loaded, ids), _base_logits(built, ids))
+    # a baseline with other weights differs: the comparison can fail
+    other, _, _ = gpu_scale.build_baseline(TINY, "cpu", rec, progress=False)
+    other.eval()
+    assert not torch.equal(_base_logits(loaded, ids), _base_logits(other, ids))
+
+
 def test_documented_dtype_difference_from_peft(built):
     """docs/divergences.md: peft's prepare_model_for_kbit_training makes every non-4-bit parameter float32 (the
     embedding and LM head included); prepare_model keeps them bfloat16 and only the norm weights float32."""
