@@ -52,6 +52,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 
+import bitsandbytes.functional as bnbf
 import torch
 import triton
 import triton.language as tl
@@ -244,16 +245,16 @@ class Weight4bit:
 
 def decode_absmax(quant_state) -> torch.Tensor:
     """The float32 per-block scales of a bitsandbytes ``QuantState``: plain, or with double quantization (paper,
-    section 3, "Double Quantization") code2[c] · absmax2[block of ``state2.blocksize``] + offset — the arithmetic of
-    bitsandbytes' ``dequantize_blockwise`` followed by ``+ offset`` (float32, two roundings). A small tensor
-    (numel/blocksize values), decoded once per kernel call; the kernels then read one float per block."""
+    section 3, "Double Quantization") code2[c] · absmax2[block of ``state2.blocksize``] + offset, float32, two
+    roundings. Decoded by bitsandbytes' own ``dequantize_blockwise`` and ``+= offset``, as its ``dequantize_4bit``
+    does for the unfused path: two kernels (a gather-and-multiply in torch took seven launches, and at batch 1 a
+    step's time goes by the number of launches). A small tensor (numel/blocksize values), decoded once per kernel
+    call; the kernels then read one float per block."""
     if not quant_state.nested:
         return quant_state.absmax.float()
-    s2 = quant_state.state2
-    codes = quant_state.absmax.reshape(-1).long()
-    block = torch.arange(codes.numel(), device=codes.device) // s2.blocksize
-    absmax = s2.code.float()[codes] * s2.absmax.float()[block]
-    return absmax + quant_state.offset.to(torch.float32)
+    absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
+    absmax += quant_state.offset
+    return absmax.float()
 
 
 def weight_from_bnb(weight: torch.Tensor, quant_state) -> Weight4bit:
