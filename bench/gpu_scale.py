@@ -550,6 +550,8 @@ def ratios(rows: list[dict]) -> dict:
             out[name]["aten_ops"] = o["profile"]["aten_ops"] / b["profile"]["aten_ops"]
         if "ours-triton" in by and by["ours-triton"].get("tokens_per_s"):
             out[name]["tokens_per_s_triton"] = by["ours-triton"]["tokens_per_s"] / b["tokens_per_s"]
+            # the same model and adapters: a broken kernel shows here first (fused vs unfused, before any update)
+            out[name]["first_loss_diff_triton"] = by["ours-triton"]["first_loss"] - o["first_loss"]
     return out
 
 
@@ -592,8 +594,11 @@ def markdown(rows: list[dict], rat: dict) -> str:
             tps = fmt(q['tokens_per_s'])
             if "tokens_per_s_triton" in q:
                 tps += f" (ours-triton: {fmt(q['tokens_per_s_triton'])})"
+            loss = f"{q['first_loss_diff']:+.2e}"
+            if "first_loss_diff_triton" in q:
+                loss += f" (ours-triton − ours: {q['first_loss_diff_triton']:+.2e})"
             lines.append(f"| {name} | {fmt(q['peak'])} | {fmt(q['peak_plus_paged'])} | {tps} | "
-                         f"{fmt(q['build'])} | {q['first_loss_diff']:+.2e} | {fmt(q.get('aten_ops'))} |")
+                         f"{fmt(q['build'])} | {loss} | {fmt(q.get('aten_ops'))} |")
     return "\n".join(lines)
 
 

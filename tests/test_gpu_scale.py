@@ -259,6 +259,12 @@ def test_table_and_ratios_handle_an_oom_row():
     assert rat["7b"]["peak_plus_paged"] == pytest.approx(9 / 11)
     table = gpu_scale.markdown(rows, rat)
     assert "| 65b | baseline | OOM (step) |" in table and "| 7b | 0.80x | 0.82x | 2.00x | 1.00x |" in table
+    rows.append(dict(ok, model="7b", stack="ours-triton", tokens_per_s=1500.0, first_loss=10.25))
+    rat = gpu_scale.ratios(rows)
+    assert rat["7b"]["tokens_per_s_triton"] == pytest.approx(3.0)
+    assert rat["7b"]["first_loss_diff_triton"] == pytest.approx(0.25)  # against ours: a broken kernel shows
+    assert "(ours-triton: 3.00x)" in gpu_scale.markdown(rows, rat) and "ours-triton − ours: +2.50e-01" in \
+        gpu_scale.markdown(rows, rat)
 
 
 def test_paged_oom_counts_the_states_bitsandbytes_pages():
