@@ -340,3 +340,38 @@ def test_gpu_dot_f32_fallback_matches_native_bfloat16():
     c = dict(out_f=257, in_f=1000, lead=(130,), r=8, alpha=16.0, quant="fp4", blocksize=128, double_quant=False,
              p=0.0, use_rslora=True, has_bias=True, compute_dtype="bfloat16", seed=1, w_scale=1.0)
     check_fused_against_unfused(c, "cuda", dot_f32=True)
+
+
+def test_fused_path_dispatches_fewer_operators(monkeypatch):
+    """At batch 1 a training step may be bound by the host's cost per launched operator (docs/fused_kernels.md):
+    one layer's forward + backward on the fused path (its two kernels stubbed, each launch counted as one
+    operator) dispatches fewer operators than on the unfused path — here even though bitsandbytes' CPU product is
+    one operator where its CUDA path is four — and the double-quantized scales are decoded in two."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import gpu_scale  # bench/gpu_scale.py: count_ops
+
+    launches = []
+
+    class Stub:  # kernel[grid](*args) records the launch and computes nothing
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+
+    monkeypatch.setattr(tk, "_forward_kernel", Stub())
+    monkeypatch.setattr(tk, "_grad_input_kernel", Stub())
+    counts = {}
+    for kernel in ("triton", "bnb"):
+        layer = QLoRALinear.from_weight(torch.randn(64, 128), 8, 16.0, dropout=0.1, kernel=kernel)
+        x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
+        layer(x).float().sum().backward()  # first call: generators and caches
+        launches.clear()
+        n, _ = gpu_scale.count_ops(lambda layer=layer, x=x: layer(x).float().sum().backward())
+        counts[kernel] = n + len(launches)
+        assert len(launches) == (2 if kernel == "triton" else 0)
+    assert counts["triton"] < counts["bnb"], counts
+    state = layer.weight.quant_state
+    n, absmax = gpu_scale.count_ops(lambda: tk.decode_absmax(state))
+    assert n <= 2, n
+    assert torch.equal(absmax, Quantized4bit.from_bnb(layer.weight.data, state).absmax_float32().float())
