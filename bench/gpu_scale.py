@@ -366,6 +366,16 @@ def optimizer_state_bytes(optimizer) -> tuple[int, int]:
     return paged, plain
 
 
+def set_cap(device: torch.device, cap_bytes: int | None) -> None:
+    """torch's per-process cap on the memory its caching allocator reserves on ``device`` (None lifts it).
+    bitsandbytes' paged optimizer states (CUDA managed memory) and the CUDA context are outside it."""
+    # set_per_process_memory_fraction refuses a device without an index (torch.device("cuda")): pass the index
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), index)
+
+
 def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -377,11 +387,14 @@ def _is_oom(e: BaseException) -> bool:
 
 
 def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, warmup: int = 2, steps: int = 5,
-              seed: int = 0, progress: bool = True, adapter_dtype: str = "float32", profile: bool = True) -> dict:
+              seed: int = 0, progress: bool = True, adapter_dtype: str = "float32", profile: bool = True,
+              cap_bytes: int | None = None) -> dict:
     """Build ``stack`` for model ``name`` on ``device``, take ``warmup`` + ``steps`` training steps; a dict of
     the measurements (status "OOM" with the phase when the GPU ran out of memory). ``adapter_dtype`` applies to
     ours only (the baseline keeps peft's float32 adapters). ``profile``: after the timed steps and the peak
-    memory, one more step counted and profiled (``profile_step``)."""
+    memory, one more step counted and profiled (``profile_step``). ``cap_bytes`` (CUDA): torch's allocator is
+    capped there from the build on (``set_cap``) — a run that completes fits a card of that size, paged states
+    aside."""
     if stack not in BUILDERS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
     if warmup < 0 or steps < 1:
@@ -390,12 +403,16 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     config = model_config(name)
     rec = recipe(name)
     out = dict(model=name, stack=stack, device=_device_name(device), seq=seq, batch=batch, warmup=warmup, steps=steps,
-               adapter_dtype="float32" if stack == "baseline" else adapter_dtype,
+               adapter_dtype="float32" if stack == "baseline" else adapter_dtype, cap_bytes=cap_bytes,
                recipe={k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}, status="ok")
     model = params = loss_fn = optimizer = step = None
     phase = "build"
     _preload()  # imports are not part of the build time
+    if cap_bytes is not None and device.type != "cuda":
+        raise ValueError("cap_bytes needs a CUDA device (it caps torch's CUDA allocator)")
     try:
+        if cap_bytes is not None:
+            set_cap(device, cap_bytes)
         free_memory(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -447,6 +464,8 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     finally:
         del model, params, loss_fn, optimizer, step
         free_memory(device)
+        if cap_bytes is not None:
+            set_cap(device, None)
     return out
 
 
@@ -488,16 +507,18 @@ def run_isolated(stack: str, name: str, args, adapter_dtype: str = "float32", ti
         result = Path(tmp) / "result.json"
         job = dict(stack=stack, name=name, device=args.device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                    steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=adapter_dtype,
-                   profile=_profiled(name, args.profile))
+                   profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, status="timeout",
+            return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, cap_bytes=_cap_bytes(args),
+                        status="timeout",
                         error=f"over {timeout:.0f} s")
         if result.exists():
             return json.loads(result.read_text())
-        return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, status="failed",
+        return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, cap_bytes=_cap_bytes(args),
+                    status="failed",
                     error=f"child process exited with {proc.returncode}")
 
 
@@ -534,7 +555,8 @@ def ratios(rows: list[dict]) -> dict:
     out = {}
     for name in dict.fromkeys(r["model"] for r in rows):
         by = {r["stack"]: r for r in rows if r["model"] == name and r.get("status") == "ok"
-              and r.get("adapter_dtype", "float32") == "float32"}  # like for like: the baseline's adapters
+              and r.get("adapter_dtype", "float32") == "float32"  # like for like: the baseline's adapters,
+              and r.get("cap_bytes") is None}  # no cap
         if "ours" not in by or "baseline" not in by:
             continue
         o, b = by["ours"], by["baseline"]
@@ -560,20 +582,24 @@ def _gib(x) -> str:
 
 
 def _label(r: dict) -> str:
-    return r["stack"] + (f" ({r['adapter_dtype']} adapters)" if r.get("adapter_dtype", "float32") != "float32" else "")
+    notes = [f"{r['adapter_dtype']} adapters"] if r.get("adapter_dtype", "float32") != "float32" else []
+    if r.get("cap_bytes") is not None:
+        notes.append(f"capped at {r['cap_bytes'] / 1e9:g} GB")
+    return r["stack"] + (f" ({', '.join(notes)})" if notes else "")
 
 
 def markdown(rows: list[dict], rat: dict) -> str:
-    lines = ["| model | stack | build s | peak GiB | paged states GiB | peak + paged GiB | tokens/s | first loss |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | stack | build s | build peak GiB | peak GiB | paged states GiB | peak + paged GiB | tokens/s "
+             "| first loss |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if r.get("status") != "ok":
             why = r.get("phase") or r.get("error", "")
-            lines.append(f"| {r['model']} | {_label(r)} | {r.get('status')} ({why}) |  |  |  |  |  |")
+            lines.append(f"| {r['model']} | {_label(r)} | {r.get('status')} ({why}) |  |  |  |  |  |  |")
             continue
         peak = r.get("peak_bytes")
         both = None if peak is None else peak + r["paged_state_bytes"]
-        lines.append(f"| {r['model']} | {_label(r)} | {r['build_s']:.1f} | {_gib(peak)} | "
+        lines.append(f"| {r['model']} | {_label(r)} | {r['build_s']:.1f} | {_gib(r.get('build_peak_bytes'))} | "
+                     f"{_gib(peak)} | "
                      f"{_gib(r['paged_state_bytes'])} | {_gib(both)} | {r['tokens_per_s']:.1f} | "
                      f"{r['first_loss']:.4f} |")
     prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
@@ -631,6 +657,8 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="instead of --models x --stacks: comma-separated "
                    "model:stack[:adapter_dtype] in the order to run (e.g. 65b:ours,7b:ours,7b:baseline)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per (model, stack) child process")
+    p.add_argument("--cap-gb", type=float, default=None, help="cap torch's CUDA allocator at this many GB (10^9 "
+                   "bytes) from the build on: a run that completes fits a card of that size (paged states aside)")
     p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run: a (model, stack) "
                    "starts only with --min-left seconds left, and is stopped at the deadline (row 'timeout')")
     p.add_argument("--min-left", type=float, default=45.0, help="with --deadline: seconds a run needs to start")
@@ -653,6 +681,10 @@ def _model_names(args, device: torch.device) -> list[str]:
     if bad:
         raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
     return names
+
+
+def _cap_bytes(args) -> int | None:
+    return None if args.cap_gb is None else int(args.cap_gb * 1e9)
 
 
 def _profiled(name: str, spec: str) -> bool:
@@ -693,6 +725,9 @@ def main(argv=None) -> list[dict]:
                          "run --tiny for a CPU smoke test of the code path")
     if args.seq < 2 or args.batch < 1:
         raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")
+    if args.cap_gb is not None and (device.type != "cuda" or args.cap_gb <= 0):
+        raise SystemExit(f"--cap-gb caps torch's CUDA allocator: it needs a CUDA device and a positive size, got "
+                         f"{args.cap_gb} on {device}")
     if args.deadline is not None and args.no_isolate:
         raise SystemExit("--deadline needs child processes (it stops a run by ending its process): drop --no-isolate")
 
@@ -704,14 +739,15 @@ def main(argv=None) -> list[dict]:
     start = time.monotonic()
     rows: list[dict] = []
     for name, stack, dtype in runs:
-        label = _label(dict(stack=stack, adapter_dtype=dtype))
+        label = _label(dict(stack=stack, adapter_dtype=dtype, cap_bytes=_cap_bytes(args)))
         timeout = args.child_timeout
         if args.deadline is not None:
             left = args.deadline - (time.monotonic() - start)
             if left < args.min_left:
                 print(f"\n== {name} / {label}: skipped, {max(left, 0):.0f} s left of --deadline {args.deadline:.0f}",
                       flush=True)
-                rows.append(dict(model=name, stack=stack, adapter_dtype=dtype, status="skipped",
+                rows.append(dict(model=name, stack=stack, adapter_dtype=dtype, cap_bytes=_cap_bytes(args),
+                                 status="skipped",
                                  error=f"{max(left, 0):.0f} s left of the deadline"))
                 continue
             timeout = left if timeout is None else min(timeout, left)
@@ -719,7 +755,7 @@ def main(argv=None) -> list[dict]:
         if args.no_isolate:
             row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                             steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=dtype,
-                            profile=_profiled(name, args.profile))
+                            profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args))
         else:
             row = run_isolated(stack, name, args, adapter_dtype=dtype, timeout=timeout)
         rows.append(row)

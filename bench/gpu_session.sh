@@ -10,11 +10,11 @@
 #   run(carry=[".whl"], timeout_s=420, command="BUDGET=390 bash bench/gpu_session.sh goals")
 #       65B ours (the paper's claim), 7B and 13B for ours, the baseline and ours-triton, then 65B baseline
 #   run(carry=[".whl"], timeout_s=..., command="BUDGET=<device time left - 45> bash bench/gpu_session.sh checks")
-#       GPU tests, the paged-optimizer demonstration, the fused-kernel benchmark, then extras if time is left
-#       (65B ours with the paper's bf16 adapters, 33B both stacks)
+#       GPU tests, 65B ours under a 48 GB cap on torch's allocator (fit48), the paged-optimizer demonstration, the
+#       fused-kernel benchmark, then extras if time is left (65B ours with the paper's bf16 adapters, 33B)
 # then give_back. If "goals" shows a bug, the second call can rerun "goals" after the fix instead.
-# Parts: goals | checks | tests | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b | 13b | 33b
-#        | 65b | paged | kernels | extras | all. Several parts run in the order given.
+# Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
+#        | 13b | 33b | 65b | paged | kernels | extras | all. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
@@ -25,6 +25,7 @@
 #   scale_goals.json     bench/gpu_scale.py, part goals (scale_small / scale_65b / scale_extras / scale_<size> for
 #                        the other parts)
 #   gpu_tests.log        python3 -m pytest -q -m gpu tests/
+#   scale_65b_cap48.json bench/gpu_scale.py --cap-gb 48, part fit48
 #   paged_oom.json       bench/paged_oom.py
 #   fused_kernels.json   bench/fused_kernels.py
 set -uo pipefail
@@ -69,12 +70,14 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 PY
 
-# gpu_scale.py RUNS JSON: the runs in order, stopped at this command's budget (less a margin for the rest)
+# gpu_scale.py RUNS JSON [OPTIONS...]: the runs in order, stopped at this command's budget (less a margin)
 scale() {
-  local d=$(( $(left) - 15 ))
-  if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): gpu_scale $1"; return 0; fi
-  echo "== $(date -u +%H:%M:%S) [${d} s allowed] gpu_scale --runs $1"
-  python3 bench/gpu_scale.py --runs "$1" --deadline "$d" --child-timeout "${CHILD_MAX:-240}" --json "$OUT/$2"
+  local runs=$1 json=$2 d=$(( $(left) - 15 ))
+  shift 2
+  if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): gpu_scale $runs $*"; return 0; fi
+  echo "== $(date -u +%H:%M:%S) [${d} s allowed] gpu_scale --runs $runs $*"
+  python3 bench/gpu_scale.py --runs "$runs" --deadline "$d" --child-timeout "${CHILD_MAX:-240}" \
+    --json "$OUT/$json" "$@"
 }
 
 run_part() {
@@ -83,7 +86,9 @@ run_part() {
       scale 65b:ours,7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton,65b:baseline \
         scale_goals.json ;;
     checks)
-      for p in tests paged kernels extras; do run_part "$p"; done ;;
+      for p in tests fit48 paged kernels extras; do run_part "$p"; done ;;
+    fit48)  # the paper's claim as a card would see it: 65B ours with torch's allocator capped at 48 GB, build included
+      scale 65b:ours scale_65b_cap48.json --cap-gb 48 ;;
     extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B
       scale 65b:ours:bfloat16,33b:ours,33b:baseline scale_extras.json ;;
     tests)
@@ -102,8 +107,8 @@ run_part() {
     all)
       for p in goals checks; do run_part "$p"; done ;;
     *)
-      echo "unknown part '$1' (goals | checks | tests | small | large | 7b | 13b | 33b | 65b | paged | kernels |" \
-        "extras | all)"; return 2 ;;
+      echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | paged |" \
+        "kernels | extras | all)"; return 2 ;;
   esac
 }
 

@@ -75,13 +75,7 @@ def state_bytes(params) -> tuple[int, int]:
     return paged, sum(8 * p.numel() for p in params)
 
 
-def set_cap(device: torch.device, cap_bytes: int | None) -> None:
-    """torch's per-process cap (on memory its caching allocator reserves); None lifts it."""
-    # set_per_process_memory_fraction refuses a device without an index (torch.device("cuda")): pass the index
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(1.0 if cap_bytes is None else min(1.0, cap_bytes / total), index)
+set_cap = gpu_scale.set_cap  # torch's per-process cap (None lifts it)
 
 
 def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> list[float]:

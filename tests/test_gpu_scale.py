@@ -245,6 +245,18 @@ def test_ratios_compare_like_adapters_only():
     assert gpu_scale.ratios(rows) == {}  # bfloat16 adapters are not compared with peft's float32 ones
     rows.append(dict(ok, stack="ours", tokens_per_s=200.0))
     assert gpu_scale.ratios(rows)["7b"]["tokens_per_s"] == pytest.approx(2.0)
+    capped = dict(ok, stack="ours", tokens_per_s=50.0, cap_bytes=48 * 10**9)  # a fit test, not a comparison
+    assert gpu_scale.ratios([*rows, capped])["7b"]["tokens_per_s"] == pytest.approx(2.0)
+    table = gpu_scale.markdown([capped, dict(capped, status="OOM", phase="build")], {})
+    assert "| 7b | ours (capped at 48 GB) | 1.0 | n/a | 1.00 |" in table
+    assert "| 7b | ours (capped at 48 GB) | OOM (build) |" in table
+
+
+def test_a_cap_needs_cuda():
+    with pytest.raises(SystemExit, match="needs a CUDA device"):
+        gpu_scale.main(["--tiny", "--cap-gb", "48", "--device", "cpu"])
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        gpu_scale.run_stack("ours", "tiny", "cpu", seq=8, warmup=0, steps=1, progress=False, cap_bytes=10**9)
 
 
 def test_table_and_ratios_handle_an_oom_row():
