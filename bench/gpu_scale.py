@@ -349,7 +349,7 @@ def profile_step(step, device: torch.device) -> dict:
         out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy,
                    gpu_busy_fraction=busy / wall if wall > 0 else None)
     except Exception as e:  # noqa: BLE001 - the profiler is diagnostic; the measurements above stand without it
-        out["profiler_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        out["profiler_error"] = _brief(e)
     return out
 
 
@@ -380,6 +380,12 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _brief(e: BaseException) -> str:
+    """The exception's type and the first line of its message (at most 200 characters), for a JSON row."""
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return f"{type(e).__name__}: {first}"
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -456,7 +462,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
                 step = functools.partial(train_step, loss_fn, params, optimizer, ids, rec["max_grad_norm"])
                 out["profile"] = profile_step(step, device)
             except Exception as e:  # noqa: BLE001
-                out["profile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+                out["profile"] = {"error": _brief(e)}
     except Exception as e:  # noqa: BLE001 - an OOM is a result; anything else is re-raised below
         if not _is_oom(e):
             raise
@@ -513,13 +519,11 @@ def run_isolated(stack: str, name: str, args, adapter_dtype: str = "float32", ti
             proc = subprocess.run(cmd, timeout=timeout)
         except subprocess.TimeoutExpired:
             return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, cap_bytes=_cap_bytes(args),
-                        status="timeout",
-                        error=f"over {timeout:.0f} s")
+                        status="timeout", error=f"over {timeout:.0f} s")
         if result.exists():
             return json.loads(result.read_text())
         return dict(model=name, stack=stack, adapter_dtype=adapter_dtype, cap_bytes=_cap_bytes(args),
-                    status="failed",
-                    error=f"child process exited with {proc.returncode}")
+                    status="failed", error=f"child process exited with {proc.returncode}")
 
 
 def parse_runs(spec: str) -> list[tuple[str, str, str]]:
@@ -533,11 +537,8 @@ def parse_runs(spec: str) -> list[tuple[str, str, str]]:
         if len(parts) not in (2, 3):
             raise SystemExit(f"--runs: {item!r} is not model:stack[:adapter_dtype] (e.g. 65b:ours or "
                              "65b:ours:bfloat16)")
-        name, stack = parts[0].removeprefix("llama-"), parts[1]
+        name, stack = _model_name(parts[0], f"--runs ({item!r})"), parts[1]
         dtype = parts[2] if len(parts) == 3 else "float32"
-        if name not in SIZES and not _is_tiny(name):
-            raise SystemExit(f"--runs: unknown model {name!r} in {item!r}; choose among {', '.join(SIZES)}, tiny or "
-                             "tiny-<blocks>")
         if stack not in STACKS:
             raise SystemExit(f"--runs: unknown stack {stack!r} in {item!r}; choose among {', '.join(STACKS)}")
         if dtype not in ("float32", "bfloat16"):
@@ -676,11 +677,15 @@ def _model_names(args, device: torch.device) -> list[str]:
         return ["tiny"]
     if args.models is None:
         return ["tiny"] if device.type == "cpu" else ["7b", "13b"]
-    names = [m.strip().lower().removeprefix("llama-") for m in args.models.split(",") if m.strip()]
-    bad = [m for m in names if m not in SIZES and not _is_tiny(m)]
-    if bad:
-        raise SystemExit(f"--models: unknown {bad}; choose among {', '.join(SIZES)} (or --tiny)")
-    return names
+    return [_model_name(m, "--models") for m in args.models.split(",") if m.strip()]
+
+
+def _model_name(raw: str, option: str) -> str:
+    """``raw`` ("7B", "llama-65b", "tiny-32") normalised, or SystemExit naming ``option`` and the choices."""
+    name = raw.strip().lower().removeprefix("llama-")
+    if name not in SIZES and not _is_tiny(name):
+        raise SystemExit(f"{option}: unknown model {name!r}; choose among {', '.join(SIZES)}, tiny or tiny-<blocks>")
+    return name
 
 
 def _cap_bytes(args) -> int | None:

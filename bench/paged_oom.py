@@ -75,9 +75,6 @@ def state_bytes(params) -> tuple[int, int]:
     return paged, sum(8 * p.numel() for p in params)
 
 
-set_cap = gpu_scale.set_cap  # torch's per-process cap (None lifts it)
-
-
 def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> list[float]:
     times = []
     for _ in range(n):
@@ -124,7 +121,7 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
         raise ValueError("calibrate is for the paged optimizer without a cap")
     rec = rec or gpu_scale.recipe("7b")
     out = dict(optimizer=optimizer, seq=seq, short_seq=short_seq, cap_bytes=cap_bytes, status="ok")
-    set_cap(device, cap_bytes)
+    gpu_scale.set_cap(device, cap_bytes)
     model = params = opt = loss_fn = None
     try:
         t0 = time.perf_counter()
@@ -156,7 +153,7 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
             # keeps half the states' size of slack for the allocator's fragmentation
             cap = out["long"]["peak_bytes"] + total // 2
             out["cap_bytes"] = cap
-            set_cap(device, cap)
+            gpu_scale.set_cap(device, cap)
             out["long_capped"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
         free, total_dev = torch.cuda.mem_get_info(device)
         out["device_used_bytes"], out["device_total_bytes"] = int(total_dev - free), int(total_dev)
@@ -167,7 +164,7 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
     finally:
         del model, params, opt, loss_fn
         gpu_scale.free_memory(device)
-        set_cap(device, None)
+        gpu_scale.set_cap(device, None)
     return out
 
 

@@ -77,6 +77,29 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.
     return bnbf.dequantize_4bit(weight, state)
 
 
+def _dropped(t: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
+    """t ⊙ M · 1/(1-p): t ⊙ M is exact (0 or t), so the one rounding is the reference's t · (M · scale), in one
+    kernel less than casting the mask first."""
+    return t if keep is None else (t * keep) * keep_scale
+
+
+def _adapter_forward(x, keep, keep_scale, lora_a):
+    """x_d and H = x_d Aᵀ (N, r): what the adapter's forward needs and its backward keeps."""
+    xd = _dropped(x, keep, keep_scale)
+    return xd, xd @ lora_a.t()
+
+
+def _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h):
+    """(∂L/∂H = s G B, ∂L/∂A, ∂L/∂B) from the saved x_d, A, B and H (docs/lora_backprop.md); None where
+    ``ctx`` needs no gradient. Shared by the unfused and the fused (Triton) functions."""
+    need_a, need_b = ctx.needs_input_grad[1:3]
+    gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
+    grad_b = gs.t() @ h if need_b else None  # ∂L/∂B = s Gᵀ H
+    gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
+    grad_a = gh.t() @ xd if need_a else None  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+    return gh, grad_a, grad_b
+
+
 class _QLoRALinearFunction(torch.autograd.Function):
     """y = x Wᵀ + b + s · (x ⊙ keep·scale) Aᵀ Bᵀ, all tensors already in the compute dtype (x is (N, in))."""
 
@@ -89,9 +112,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
-        # x ⊙ M exactly (0 or x), then one rounding of x · scale: the reference's x · (M · scale), one kernel less
-        xd = x if keep is None else (x * keep) * keep_scale
-        h = xd @ lora_a.t()
+        xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = base + (h @ lora_b.t()) * scaling
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
         return y
@@ -99,7 +120,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         weight, quant_state = ctx.weight, ctx.quant_state
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        need_x = ctx.needs_input_grad[0]
         grad_x = grad_a = grad_b = None
         if need_x:  # the frozen path: ∂L/∂x = G W, dequantizing the weight again
             w = _dequantize(weight, quant_state, grad_y.dtype) if quant_state is not None else weight.to(grad_y.dtype)
@@ -108,17 +129,9 @@ class _QLoRALinearFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         if saved:
             xd, keep, lora_a, lora_b, h = saved
-            gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
-            if need_b:
-                grad_b = gs.t() @ h  # ∂L/∂B = s Gᵀ H
-            gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
-            if need_a:
-                grad_a = gh.t() @ xd  # ∂L/∂A = (∂L/∂H)ᵀ x_d
-            if need_x:
-                gxd = _mm(gh, lora_a)  # ∂L/∂x_d = (∂L/∂H) A
-                if keep is not None:
-                    gxd = (gxd * keep) * ctx.keep_scale
-                grad_x = grad_x + gxd
+            gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
+            if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
+                grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 

@@ -57,6 +57,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .lora import _adapter_forward, _adapter_grads
+
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -419,27 +421,21 @@ class TritonQLoRAFunction(torch.autograd.Function):
         ctx.dot_f32, ctx.block = dot_f32, block
         if lora_a is None:
             return fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block)
-        xd = x if keep is None else (x * keep) * keep_scale  # as qlora_gpu.lora: the same single rounding
-        h = xd @ lora_a.t()
+        xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        need_x, need_a, need_b = ctx.needs_input_grad[:3]
+        need_x = ctx.needs_input_grad[0]
         grad_y = grad_y.contiguous()
         grad_x = grad_a = grad_b = None
         saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         gh = lora_a = keep = None
         if saved:
             xd, keep, lora_a, lora_b, h = saved
-            gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
-            if need_b:
-                grad_b = gs.t() @ h  # ∂L/∂B = s Gᵀ H
-            gh = gs @ lora_b  # ∂L/∂H = s G B
-            if need_a:
-                grad_a = gh.t() @ xd  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+            gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
         if need_x:  # ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M/(1-p), in one kernel
             w = weight_from_bnb(ctx.weight, ctx.quant_state)
             grad_x = fused_grad_input(grad_y, w, gh, lora_a, keep, ctx.keep_scale, dot_f32=ctx.dot_f32,
