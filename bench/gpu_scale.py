@@ -25,7 +25,12 @@ the same bitsandbytes call from the same float32 tensor, so the 4-bit bytes are 
   peft's ``prepare_model_for_kbit_training`` (non-reentrant checkpointing; it casts the non-4-bit parameters to
   float32) and ``get_peft_model``; the step under ``torch.autocast(bfloat16)``, as HF Trainer with ``bf16=True``.
 
-Both use ``bitsandbytes.optim.PagedAdamW`` (32-bit states) and ``torch.nn.utils.clip_grad_norm_``.
+After the backward pass each stack takes its own optimizer step, with the same arithmetic: bitsandbytes' paged
+AdamW with 32-bit states and clipping to max grad norm 0.3. The baseline does what HF Trainer does
+(``torch.nn.utils.clip_grad_norm_``, ``bitsandbytes.optim.PagedAdamW`` over every adapter tensor, gradients set to
+None); ours what ``qlora_gpu.train.GpuTrainer`` does (``qlora_gpu.train.optimizer_step``: multi-tensor clipping,
+the same bitsandbytes optimizer over one flat buffer of all adapters, bit-identical to the per-tensor loop —
+``qlora_gpu.optim``).
 
 What is measured, per model and stack:
 
@@ -123,6 +128,53 @@ def make_optimizer(params, rec: dict):
 
     return bnb.optim.PagedAdamW(params, lr=rec["lr"], betas=rec["betas"], eps=rec["eps"],
                                 weight_decay=rec["weight_decay"])
+
+
+class HFUpdate:
+    """What HF Trainer does after the backward pass: ``clip_grad_norm_``, ``optimizer.step()``, the gradients set
+    to None (the baseline's step; also paged_oom's, whatever its optimizer)."""
+
+    def __init__(self, optimizer, params: list, max_grad_norm: float):
+        self.optimizer, self.params, self.max_grad_norm = optimizer, params, max_grad_norm
+
+    def __call__(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def state_optimizer(self):
+        """The optimizer holding the states (``optimizer_state_bytes``)."""
+        return self.optimizer
+
+
+class OursUpdate:
+    """What ``qlora_gpu.train.GpuTrainer`` does after the backward pass (``qlora_gpu.train.optimizer_step``): the
+    same paged AdamW through ``qlora_gpu.optim``, over one flat buffer bound before the first backward."""
+
+    def __init__(self, named_params: dict, rec: dict):
+        from qlora_gpu.optim import make_optimizer as make
+
+        self.params, self.lr, self.max_grad_norm = named_params, rec["lr"], rec["max_grad_norm"]
+        self.optimizer = make("paged_adamw", lr=rec["lr"], betas=rec["betas"], eps=rec["eps"],
+                              weight_decay=rec["weight_decay"])
+        self.optimizer.bind(named_params)
+
+    def __call__(self) -> None:
+        from qlora_gpu.train import optimizer_step
+
+        optimizer_step(self.optimizer, self.params, self.lr, self.max_grad_norm)
+
+    @property
+    def state_optimizer(self):
+        return self.optimizer.torch_optimizer
+
+
+def make_update(stack: str, model, params: list, rec: dict):
+    """The optimizer step of ``stack`` over the model's trainable ``params`` (as its builder returned them)."""
+    if stack == "baseline":
+        return HFUpdate(make_optimizer(params, rec), params, rec["max_grad_norm"])
+    return OursUpdate(model.lora_parameters(), rec)
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -284,13 +336,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(loss_fn, params, optimizer, ids: torch.Tensor, max_grad_norm: float) -> float:
-    """Forward, loss, backward, clipping (max grad norm), optimizer step, gradients zeroed: one step."""
+def train_step(loss_fn, update, ids: torch.Tensor) -> float:
+    """Forward, loss, backward, then ``update()`` (clipping, optimizer step, gradients cleared): one step."""
     loss = loss_fn(ids)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    update()
     return float(loss.detach())
 
 
@@ -411,7 +461,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     out = dict(model=name, stack=stack, device=_device_name(device), seq=seq, batch=batch, warmup=warmup, steps=steps,
                adapter_dtype="float32" if stack == "baseline" else adapter_dtype, cap_bytes=cap_bytes,
                recipe={k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}, status="ok")
-    model = params = loss_fn = optimizer = step = None
+    model = params = loss_fn = update = step = None
     phase = "build"
     _preload()  # imports are not part of the build time
     if cap_bytes is not None and device.type != "cuda":
@@ -436,13 +486,13 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
             out["model_bytes"] = int(torch.cuda.memory_allocated(device))
             torch.cuda.reset_peak_memory_stats(device)
         phase = "step"
-        optimizer = make_optimizer(params, rec)
+        update = make_update(stack, model, params, rec)
         ids = make_batch(config, seq, batch, device, seed)
         losses, times = [], []
         for i in range(warmup + steps):
             _sync(device)
             t0 = time.perf_counter()
-            losses.append(train_step(loss_fn, params, optimizer, ids, rec["max_grad_norm"]))
+            losses.append(train_step(loss_fn, update, ids))
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -450,7 +500,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
         out["step_s"] = statistics.median(times)
         out["step_times_s"] = times
         out["tokens_per_s"] = batch * seq / out["step_s"]
-        out["paged_state_bytes"], out["device_state_bytes"] = optimizer_state_bytes(optimizer)
+        out["paged_state_bytes"], out["device_state_bytes"] = optimizer_state_bytes(update.state_optimizer)
         if device.type == "cuda":
             out["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
             out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
@@ -459,7 +509,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
             out["device_total_bytes"] = int(total)
         if profile:  # diagnostic: a failure here (an OOM too) leaves the measurements above standing
             try:
-                step = functools.partial(train_step, loss_fn, params, optimizer, ids, rec["max_grad_norm"])
+                step = functools.partial(train_step, loss_fn, update, ids)
                 out["profile"] = profile_step(step, device)
             except Exception as e:  # noqa: BLE001
                 out["profile"] = {"error": _brief(e)}
@@ -468,7 +518,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
             raise
         out.update(status="OOM", phase=phase, error=str(e).splitlines()[0][:300])
     finally:
-        del model, params, loss_fn, optimizer, step
+        del model, params, loss_fn, update, step
         free_memory(device)
         if cap_bytes is not None:
             set_cap(device, None)

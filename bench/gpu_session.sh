@@ -10,15 +10,17 @@
 #   run(carry=[".whl"], timeout_s=420, command="BUDGET=390 bash bench/gpu_session.sh goals")
 #       65B ours (the paper's claim), 7B and 13B for ours, the baseline and ours-triton, then 65B baseline
 #   run(carry=[".whl"], timeout_s=..., command="BUDGET=<device time left - 45> bash bench/gpu_session.sh checks")
-#       GPU tests, 65B ours under a 48 GB cap on torch's allocator (fit48), the paged-optimizer demonstration, the
-#       fused-kernel benchmark, then extras if time is left (65B ours with the paper's bf16 adapters, 33B)
+#       GPU tests, 65B ours under a 48 GB cap on torch's allocator (fit48), the optimizer step at the real adapter
+#       shapes (optim), the paged-optimizer demonstration, the fused-kernel benchmark, then extras if time is left
+#       (65B ours with the paper's bf16 adapters, 33B)
 # then give_back. If "goals" shows a bug, the second call can rerun "goals" after the fix instead.
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
-#        | 13b | 33b | 65b | paged | kernels | extras | all. Several parts run in the order given.
+#        | 13b | 33b | 65b | optim | paged | kernels | extras | all. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
-# 150), the paged demonstration PAGED_MAX (150), the kernel benchmark KERNELS_MAX (90).
+# 150), the optimizer-step benchmark OPTIM_MAX (60), the paged demonstration PAGED_MAX (150), the kernel benchmark
+# KERNELS_MAX (90).
 #
 # Outputs, in $OUT (the run tool's folder; /tmp/qlora_gpu_out elsewhere), at most 8 files a call:
 #   session_<parts>.log  everything printed (nvidia-smi, versions, progress, tables)
@@ -26,6 +28,7 @@
 #                        the other parts)
 #   gpu_tests.log        python3 -m pytest -q -m gpu tests/
 #   scale_65b_cap48.json bench/gpu_scale.py --cap-gb 48, part fit48
+#   optimizer_step.log   bench/optimizer_step.py --models 7b,65b --widths real
 #   paged_oom.json       bench/paged_oom.py
 #   fused_kernels.json   bench/fused_kernels.py
 set -uo pipefail
@@ -86,7 +89,7 @@ run_part() {
       scale 65b:ours,7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton,65b:baseline \
         scale_goals.json ;;
     checks)
-      for p in tests fit48 paged kernels extras; do run_part "$p"; done ;;
+      for p in tests fit48 optim paged kernels extras; do run_part "$p"; done ;;
     fit48)  # the paper's claim as a card would see it: 65B ours with torch's allocator capped at 48 GB, build included
       scale 65b:ours scale_65b_cap48.json --cap-gb 48 ;;
     extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B
@@ -100,6 +103,9 @@ run_part() {
       scale 65b:ours,65b:baseline,65b:ours:bfloat16,33b:ours,33b:baseline scale_65b.json ;;
     7b|13b|33b|65b)
       scale "$1:ours,$1:baseline" "scale_$1.json" ;;
+    optim)  # ours' flat optimizer step against HF Trainer's per-tensor loop, at the real adapter shapes
+      TIMED_MAX=${OPTIM_MAX:-60} timed python3 bench/optimizer_step.py --models 7b,65b --widths real 2>&1 \
+        | tee "$OUT/optimizer_step.log" ;;
     paged)
       TIMED_MAX=${PAGED_MAX:-150} timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
     kernels)
@@ -107,8 +113,8 @@ run_part() {
     all)
       for p in goals checks; do run_part "$p"; done ;;
     *)
-      echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | paged |" \
-        "kernels | extras | all)"; return 2 ;;
+      echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | optim |" \
+        "paged | kernels | extras | all)"; return 2 ;;
   esac
 }
 

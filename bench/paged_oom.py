@@ -80,7 +80,7 @@ def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device
     for _ in range(n):
         torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        gpu_scale.train_step(loss_fn, params, opt, ids, max_grad_norm)
+        gpu_scale.train_step(loss_fn, gpu_scale.HFUpdate(opt, params, max_grad_norm), ids)
         torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times

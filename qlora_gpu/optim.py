@@ -17,6 +17,17 @@ The paging itself is bitsandbytes': its paged optimizers allocate state tensors 
 unified memory, and the driver evicts them to CPU RAM under memory pressure (docs/paged_optimizers.md). On a
 machine without CUDA bitsandbytes falls back to ordinary tensors (and warns); the arithmetic is unchanged, which
 is how the tests compare the backends on CPU.
+
+**One flat buffer** for bitsandbytes' 32-bit optimizers (``paged_adamw``; ``flat=None`` chooses it whenever the
+parameters share a device and dtype): the parameters are re-pointed into one contiguous tensor, their gradients
+into a second one, and bitsandbytes updates that single tensor. bitsandbytes' ``step`` is a Python loop that,
+for every parameter, prefetches its paged state, launches one update kernel and calls ``torch.cuda.synchronize()``
+(bitsandbytes 0.50; its open PR #2050 describes the per-parameter synchronisation): 448 times a step for LLaMA-7B's
+adapters, 1 time here. The update is elementwise, so the parameters and states are bit-identical to the
+per-parameter loop (``tests/test_optim.py``). Gradients stay in their buffer: ``zero_grad`` zeroes it in place and
+autograd accumulates into it, so the buffer costs no memory beyond the gradients themselves. The 8-bit optimizers
+keep one state per parameter: their 256-element blocks and ``min_8bit_size`` are per tensor, and flattening would
+change their arithmetic.
 """
 
 from __future__ import annotations
@@ -29,6 +40,10 @@ import torch
 from qlora_ref.optim import canonical_optimizer_name
 
 _BNB_CLASSES = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+#: optimizers whose update is elementwise over 32-bit states, so that one flat buffer changes no arithmetic
+FLAT_OPTIMIZERS = ("paged_adamw",)
+#: bitsandbytes' update kernels count elements in a 32-bit int: the largest buffer they can take in one launch
+FLAT_MAX_NUMEL = 2**31 - 1
 
 
 def _torch_class(name: str):
@@ -45,8 +60,21 @@ class TorchOptimizer:
     """A torch / bitsandbytes optimizer built lazily on the first ``step`` over the parameters it is given."""
 
     def __init__(self, name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, **kwargs):
+                 weight_decay: float = 1e-2, flat: bool | None = None, **kwargs):
         self.name = canonical_optimizer_name(name)
+        if flat not in (None, True, False):
+            raise ValueError(f"flat must be None, True or False, got {flat!r}")
+        if flat and self.name not in FLAT_OPTIMIZERS:
+            raise ValueError(f"flat=True needs one of {FLAT_OPTIMIZERS} (an elementwise 32-bit update), got "
+                             f"{self.name!r}")
+        # bitsandbytes' max_unorm and percentile_clipping take norms over one tensor: not elementwise
+        elementwise = kwargs.get("max_unorm", 0.0) == 0.0 and kwargs.get("percentile_clipping", 100) == 100
+        if flat and not elementwise:
+            raise ValueError("flat=True needs an elementwise update: max_unorm and percentile_clipping take norms "
+                             "per tensor")
+        self._flat_wanted = self.name in FLAT_OPTIMIZERS and elementwise if flat is None else flat
+        self._flat_forced = flat is True
+        self._flat: _FlatBuffer | None = None
         self._cls = _torch_class(self.name)
         self._kwargs = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
         if self.name == "adamw":
@@ -69,9 +97,45 @@ class TorchOptimizer:
                 group["lr"] = self._lr
 
     # -- step ------------------------------------------------------------------------------------------------------
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer | None:
+        """The underlying torch / bitsandbytes optimizer (None until built)."""
+        return self._opt
+
+    @property
+    def flat(self) -> bool:
+        """Whether the parameters live in one flat buffer (known once the optimizer is built: ``bind``/``step``)."""
+        return self._flat is not None
+
+    @torch.no_grad()
+    def bind(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Build the optimizer over ``params`` now rather than at the first ``step``. With a flat buffer, call it
+        before the first backward pass: the gradients then accumulate in the buffer from the start, instead of
+        being copied there (a transient second copy of every gradient) at the first step."""
+        if self._opt is None:
+            self._build(params)
+        elif list(params) != self._names:
+            raise ValueError("bind() must get the parameter names the optimizer was built with, in that order")
+        if self._flat is not None:
+            self._flat.adopt(list(params.values()))
+            self._flat.link_grads(list(params.values()), keep=True)
+
     def _build(self, params: Mapping[str, torch.Tensor]) -> None:
         self._names = list(params)
         tensors = list(params.values())
+        if not tensors:
+            raise ValueError("params is empty: the optimizer has nothing to update")
+        same = all(t.device == tensors[0].device and t.dtype == tensors[0].dtype for t in tensors)
+        numel = sum(t.numel() for t in tensors)
+        if self._flat_forced and not same:
+            raise ValueError("flat=True needs every parameter on one device with one dtype, got "
+                             f"{sorted({f'{t.device}/{t.dtype}' for t in tensors})}")
+        if self._flat_forced and numel > FLAT_MAX_NUMEL:
+            raise ValueError(f"flat=True: {numel} elements in all, more than bitsandbytes' kernels take in one "
+                             f"launch ({FLAT_MAX_NUMEL})")
+        if self._flat_wanted and same and numel <= FLAT_MAX_NUMEL:
+            self._flat = _FlatBuffer(tensors)
+            tensors = [self._flat.param]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Pp]aged.*")  # bitsandbytes' CPU fallback notice
             self._opt = self._cls(tensors, lr=self._lr, **self._kwargs)
@@ -80,11 +144,25 @@ class TorchOptimizer:
             self._load(pending)
 
     @torch.no_grad()
+    def zero_grad(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Clear the gradients of ``params`` after a step: with a flat buffer, zero it in place and point each
+        parameter's ``.grad`` at its slice (autograd accumulates there); otherwise set them to None."""
+        if self._flat is None:
+            for p in params.values():
+                p.grad = None
+            return
+        self._flat.param.grad.zero_()
+        self._flat.link_grads(list(params.values()), keep=False)
+
+    @torch.no_grad()
     def step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]) -> None:
         if self._opt is None:
             self._build(params)
         elif list(params) != self._names:
             raise ValueError("step() must get the same parameter names, in the same order, every time")
+        if self._flat is not None:
+            self._flat_step(params, grads)
+            return
         saved = {}
         for name, p in params.items():
             saved[name] = p.grad
@@ -100,10 +178,30 @@ class TorchOptimizer:
             for name, p in params.items():
                 p.grad = saved[name]
 
+    def _flat_step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]) -> None:
+        missing = [name for name in self._names if grads.get(name) is None]
+        if missing:  # one shared state and step count: a parameter cannot sit a step out
+            raise ValueError(f"a flat optimizer updates every parameter at each step; no gradient for {missing[:3]}"
+                             f" ({len(missing)} in all): build it with flat=False to skip parameters")
+        self._flat.adopt(list(params.values()))
+        self._flat.load_grads([grads[name] for name in self._names], self._names)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
+            self._opt.step()
+
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         if self._opt is None:
+            return out
+        if self._flat is not None:
+            state = self._opt.state.get(self._flat.param)
+            for name, sl in zip(self._names, self._flat.slices, strict=True):
+                for key, value in (state or {}).items():
+                    if key == "step":
+                        out[f"{name}.step"] = torch.tensor(int(value), dtype=torch.int64)
+                    elif torch.is_tensor(value) and value.numel() == self._flat.param.numel():
+                        out[f"{name}.{key}"] = value[sl].view(self._flat.shapes[self._names.index(name)]).clone()
             return out
         params = self._opt.param_groups[0]["params"]
         for name, p in zip(self._names, params, strict=True):
@@ -127,6 +225,9 @@ class TorchOptimizer:
             self._load(sd)
 
     def _load(self, sd: dict[str, torch.Tensor]) -> None:
+        if self._flat is not None:
+            self._load_flat(sd)
+            return
         params = self._opt.param_groups[0]["params"]
         by_name = dict(zip(self._names, params, strict=True))
         known = set()
@@ -150,11 +251,93 @@ class TorchOptimizer:
             raise KeyError(f"unknown optimizer state keys: {unknown[:5]}")
 
 
+    def _load_flat(self, sd: dict[str, torch.Tensor]) -> None:
+        unknown = sorted(k for k in sd if k.rpartition(".")[0] not in self._names)
+        steps = {int(sd[f"{n}.step"]) for n in self._names if f"{n}.step" in sd}
+        if unknown or not steps:
+            raise KeyError(f"unknown optimizer state keys: {unknown[:5]}" if unknown else
+                           "the optimizer state has none of this optimizer's parameters")
+        keys = {k.rpartition(".")[2] for k in sd} - {"step"}
+        incomplete = [f"{n}.{k}" for n in self._names for k in sorted(keys | {"step"}) if f"{n}.{k}" not in sd]
+        if len(steps) > 1 or incomplete:
+            raise ValueError("a flat optimizer holds one state for all parameters: the loaded state must cover "
+                             f"every parameter at one step (steps {sorted(steps)}, missing {incomplete[:3]}); "
+                             "load it with flat=False")
+        p = self._flat.param
+        state = self._opt.state[p]
+        if not state:  # bitsandbytes allocates the (paged) buffers
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
+                self._opt.init_state(self._opt.param_groups[0], p, 0, 0)
+        for key in keys:
+            for name, sl in zip(self._names, self._flat.slices, strict=True):
+                state[key][sl].copy_(sd[f"{name}.{key}"].reshape(-1))
+        state["step"] = steps.pop()
+
+
+class _FlatBuffer:
+    """Tensors re-pointed into one contiguous parameter (``param``) and their gradients into its ``.grad``: the
+    flat buffer of ``TorchOptimizer`` (module docstring)."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        first = tensors[0]
+        self.shapes = [t.shape for t in tensors]
+        offsets = [0]
+        for t in tensors:
+            offsets.append(offsets[-1] + t.numel())
+        self.slices = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        self.param = torch.nn.Parameter(torch.empty(offsets[-1], dtype=first.dtype, device=first.device))
+        self.param.grad = torch.zeros_like(self.param)
+        self.views = [self.param.data[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]
+        self.grad_views = [self.param.grad[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]
+        # addresses compared at every step (host time: 1,120 tensors for LLaMA-65B's adapters)
+        self._ptrs = [v.data_ptr() for v in self.views]
+        self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
+        self.adopt(tensors)
+
+    def adopt(self, tensors: list[torch.Tensor]) -> None:
+        """Point each tensor at its slice, keeping its values: at the build, and again for one given new storage
+        since (``module.to(...)``, ``p.data = ...``), whose values would otherwise stop being updated."""
+        for t, view, ptr in zip(tensors, self.views, self._ptrs, strict=True):
+            if t.data_ptr() == ptr:
+                continue
+            if t.shape != view.shape or t.dtype != view.dtype or t.device != view.device:
+                raise ValueError(f"a parameter changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
+                                 f"optimizer was built for {tuple(view.shape)} {view.dtype} on {view.device}: build "
+                                 "a new optimizer (or move the model before building it)")
+            view.copy_(t.detach())
+            t.data = view
+
+    def link_grads(self, tensors: list[torch.Tensor], keep: bool) -> None:
+        """Make each trainable tensor's ``.grad`` its slice of the gradient buffer (autograd adds into it);
+        ``keep``: a gradient it already has is copied there, else dropped."""
+        for t, gview, ptr in zip(tensors, self.grad_views, self._grad_ptrs, strict=True):
+            if t.requires_grad and (t.grad is None or t.grad.data_ptr() != ptr):
+                if keep and t.grad is not None:
+                    gview.copy_(t.grad)
+                t.grad = gview
+
+    def load_grads(self, grads: list[torch.Tensor], names: list[str]) -> None:
+        """Copy into the gradient buffer those gradients that are not already their slice of it (one operator)."""
+        dst, src = [], []
+        for g, gview, ptr, name in zip(grads, self.grad_views, self._grad_ptrs, names, strict=True):
+            if g.data_ptr() == ptr:
+                continue
+            if g.shape != gview.shape:
+                raise ValueError(f"gradient of {name!r} has shape {tuple(g.shape)}, parameter has "
+                                 f"{tuple(gview.shape)}")
+            dst.append(gview)
+            src.append(g.detach().to(device=gview.device))
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+
 def make_optimizer(name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                    **kwargs) -> TorchOptimizer:
     """``make_optimizer("paged_adamw", lr=2e-4, weight_decay=0.0)``: the reference's names, torch/bitsandbytes
     underneath. The reference's simulation options (``memory``, ``budget_bytes``, ``page_bytes``) mean nothing
-    here — the GPU's own memory is the budget — and are refused. Extra keywords go to the underlying class
+    here — the GPU's own memory is the budget — and are refused. ``flat`` (None: automatic) keeps the parameters
+    of a 32-bit bitsandbytes optimizer in one buffer (module docstring). Extra keywords go to the underlying class
     (for 8-bit: ``min_8bit_size``)."""
     for k in ("memory", "budget_bytes", "page_bytes", "keep_v_positive"):
         if k in kwargs:
@@ -164,16 +347,13 @@ def make_optimizer(name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float =
 
 def clip_grad_norm(grads: Mapping[str, torch.Tensor | None], max_norm: float, norm_type: float = 2.0,
                    error_if_nonfinite: bool = False) -> float:
-    """``torch.nn.utils.clip_grad_norm_`` on a dict of gradient tensors (scaled in place); returns the total norm,
-    as ``qlora_ref.optim.clip_grad_norm`` does for arrays."""
+    """``torch.nn.utils.clip_grad_norm_`` on a dict of gradient tensors (scaled in place, by torch's multi-tensor
+    operators: a few kernels whatever the number of tensors); returns the total norm, as
+    ``qlora_ref.optim.clip_grad_norm`` does for arrays."""
     tensors = [g for g in grads.values() if g is not None]
     if not tensors:
         return 0.0
-    norms = torch.stack([torch.linalg.vector_norm(g.detach(), norm_type) for g in tensors])
-    total = torch.linalg.vector_norm(norms, norm_type)
-    if error_if_nonfinite and not torch.isfinite(total):
-        raise RuntimeError(f"the total norm of order {norm_type} of the gradients is non-finite ({float(total)})")
+    total = torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite=error_if_nonfinite)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in tensors:
-        g.mul_(coef.to(g.device, g.dtype))
+    torch._foreach_mul_(tensors, coef.to(tensors[0].device))
     return float(total)

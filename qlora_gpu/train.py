@@ -29,6 +29,22 @@ def build_optimizer(config: TrainConfig):
                           eps=config.adam_epsilon, weight_decay=config.weight_decay)
 
 
+def optimizer_step(optimizer, params: dict[str, torch.Tensor], lr: float, max_grad_norm: float) -> float:
+    """After the backward passes: clip the gradients to ``max_grad_norm`` (0: only measure), one step of
+    ``optimizer`` (the reference's interface) at ``lr``, the gradients cleared; returns the norm before clipping.
+    A ``qlora_gpu.optim`` optimizer zeroes its flat gradient buffer in place (autograd accumulates there)."""
+    grads = {k: p.grad for k, p in params.items()}
+    norm = clip_grad_norm(grads, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.lr = lr
+    optimizer.step(params, grads)
+    if hasattr(optimizer, "zero_grad"):
+        optimizer.zero_grad(params)
+    else:
+        for p in params.values():
+            p.grad = None
+    return norm
+
+
 class GpuTrainer:
     """Train the adapters of a ``QLoRAModel`` (built with ``config.lora_config()``)."""
 
@@ -44,6 +60,8 @@ class GpuTrainer:
         self.params = model.lora_parameters()
         self.optimizer = optimizer if optimizer is not None else build_optimizer(config)
         self._pending_optimizer_state = None  # a loaded state the optimizer has not built yet
+        if hasattr(self.optimizer, "bind"):  # qlora_gpu.optim: a flat buffer is set up before the first backward
+            self.optimizer.bind(self.params)
 
     @classmethod
     def from_pretrained(cls, path, config: TrainConfig, device=None) -> GpuTrainer:
@@ -80,17 +98,9 @@ class GpuTrainer:
         return float(loss.detach())
 
     def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
-        grads = {k: p.grad for k, p in self.params.items()}
-        if max_grad_norm > 0:
-            norm = clip_grad_norm(grads, max_grad_norm)
-        else:
-            norm = clip_grad_norm(grads, float("inf"))
-        self.optimizer.lr = lr
-        self.optimizer.step(self.params, grads)
+        norm = optimizer_step(self.optimizer, self.params, lr, max_grad_norm)
         self._pending_optimizer_state = None
-        for p in self.params.values():
-            p.grad = None
-        return float(norm)
+        return norm
 
     @torch.no_grad()
     def eval_loss(self, batch) -> tuple[float, int]:
@@ -156,4 +166,4 @@ class GpuTrainer:
         return peak_rss_bytes()
 
 
-__all__ = ["GpuTrainer", "build_optimizer", "default_device"]
+__all__ = ["GpuTrainer", "build_optimizer", "default_device", "optimizer_step"]

@@ -29,6 +29,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 import gpu_scale  # noqa: E402  (bench/gpu_scale.py)
+import optimizer_step  # noqa: E402  (bench/optimizer_step.py)
 import paged_oom  # noqa: E402  (bench/paged_oom.py)
 
 from qlora_gpu.quantize import Quantized4bit, dequantize_4bit  # noqa: E402
@@ -114,6 +115,51 @@ def test_lora_parameters_are_the_same_tensors_in_both_stacks(built):
     expected = TINY.num_hidden_layers * sum(r * (i + o) for o, i in linear_shapes(TINY).values())
     assert sum(p.numel() for p in built["ours_params"]) == sum(p.numel() for p in built["base_params"]) == expected
     assert all(p.dtype == torch.float32 for p in [*built["ours_params"], *built["base_params"]])
+
+
+def test_both_optimizer_steps_do_the_same_arithmetic():
+    """The baseline's step (HF Trainer: clip_grad_norm_, bitsandbytes PagedAdamW per tensor) and ours (GpuTrainer:
+    multi-tensor clipping, the same optimizer over one flat buffer) move the same parameters by the same bits."""
+    gpu_scale.cpu_setup()
+    rec = gpu_scale.recipe("tiny")
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a.lora_A": (8, 32), "a.lora_B": (16, 8), "b.lora_A": (8, 16), "b.lora_B": (32, 8)}
+    init = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    base = [torch.nn.Parameter(v.clone()) for v in init.values()]
+    ours = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+
+    class _Model:
+        def lora_parameters(self):
+            return ours
+
+    base_update = gpu_scale.make_update("baseline", None, base, rec)
+    ours_update = gpu_scale.make_update("ours", _Model(), list(ours.values()), rec)
+    assert isinstance(ours_update, gpu_scale.OursUpdate) and ours_update.optimizer.flat
+    for _ in range(3):
+        grads = [torch.randn(s, generator=g) for s in shapes.values()]  # norm > 0.3: clipping is active
+        for p, q, gr in zip(base, ours.values(), grads, strict=True):
+            (p * gr).sum().backward()
+            (q * gr).sum().backward()
+        base_update()
+        ours_update()
+    for p, q in zip(base, ours.values(), strict=True):
+        assert torch.equal(p, q)
+    n = sum(v.numel() for v in init.values())
+    assert gpu_scale.optimizer_state_bytes(ours_update.state_optimizer) == (0, 8 * n)  # one pair of float32 states
+
+
+def test_optimizer_step_bench_counts_llamas_adapters_and_both_steps_agree():
+    shapes = optimizer_step.adapter_shapes("7b", "real")
+    assert len(shapes) == 448 and shapes["layers.0.gate_proj.lora_B"] == (11008, 64)
+    # r (in + out) per linear: four 4096 -> 4096, three 4096 <-> 11008; 32 blocks (159.9M)
+    assert sum(math.prod(s) for s in shapes.values()) == 32 * 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    assert len(optimizer_step.adapter_shapes("65b", "tiny")) == 1120
+    gpu_scale.cpu_setup()
+    row = optimizer_step.run("7b", "tiny", torch.device("cpu"), steps=1)
+    assert row["equal"] and row["tensors"] == 448
+    assert row["ours_ops"] < 20 < 448 < row["baseline_ops"]  # a few multi-tensor operators against a loop
+    with pytest.raises(SystemExit):
+        optimizer_step.main(["--widths", "real", "--device", "cpu"])
 
 
 _ROWS: dict[str, dict] = {}
