@@ -58,10 +58,10 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _keep_scale(p: float, compute_dtype: str) -> float:
-    """``qlora_ref.lora.dropout_scale`` as a Python float, computed once per (p, dtype): it runs on every
-    forward call, and NumPy's rounding costs microseconds of host time there."""
-    return float(ref.dropout_scale(p, compute_dtype))
+def _keep_scale(p: float) -> float:
+    """``qlora_ref.lora.dropout_scale`` as a Python float (exactly the float32 value: torch multiplies a bfloat16
+    tensor by a Python scalar in float32 and rounds once), computed once per p: it runs on every forward call."""
+    return float(ref.dropout_scale(p))
 
 
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
@@ -241,7 +241,7 @@ class QLoRALinear(nn.Module):
             keep = dropout_mask.reshape(-1, self.in_features).to(device=x.device, dtype=torch.bool)
         elif self.dropout_active:
             keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
-        keep_scale = _keep_scale(self.dropout, self.compute_dtype)
+        keep_scale = _keep_scale(self.dropout)
         bias = None if self.bias is None else self.bias.to(cdt)
         quant_state = self.weight.quant_state if self.quantized else None
         a = None if self.r is None else self.lora_A.to(cdt)

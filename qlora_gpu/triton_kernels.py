@@ -206,7 +206,7 @@ def _grad_input_kernel(
                            mask=m_ok[:, None] & k_ok[None, :], other=0)
             q = q * tl.where(keep != 0, keep_scale, 0.0)
             if BF16:
-                q = _round_bf16(q)  # bf16(g_xd · bf16(M / (1-p)))
+                q = _round_bf16(q)  # bf16(g_xd · M · f32(1/(1-p)))
         acc = acc + q
         if BF16:
             acc = _round_bf16(acc)  # ∂x = bf16(g_x + g_xd)

@@ -26,7 +26,7 @@ products accumulating in float32)::
 
     x_c = bf16(x)   W_c = bf16(dequant(W))   A_c = bf16(A)   B_c = bf16(B)   b_c = bf16(b)
     base = bf16(x_c W_cᵀ + b_c)              one rounding after the bias, as torch.nn.functional.linear
-    x_d  = bf16(x_c · bf16(M / (1-p)))        torch's dropout multiplies by a mask holding bf16(1/(1-p))
+    x_d  = bf16(x_c · M · f32(1/(1-p)))        torch's fused dropout on CUDA: one rounding of the float32 product
     H    = bf16(x_d A_cᵀ)    P = bf16(H B_cᵀ)    L = bf16(s · P)    y = bf16(base + L)
 
 and the backward pass rounds the same way (G_c = bf16(G), G_s = bf16(s G_c), ∂B = bf16(G_sᵀ H), …). The master
@@ -141,10 +141,13 @@ def init_lora_weights(in_features: int, out_features: int, r: int, seed: int = 0
     return a, np.zeros((out_features, r), np.float32)
 
 
-def dropout_scale(p: float, compute_dtype: str) -> np.float32:
-    """The factor a kept element is multiplied by: 1/(1-p) in float32, rounded to the compute dtype (torch's
-    dropout on a bfloat16 tensor multiplies by a bfloat16 mask holding 1/(1-p))."""
-    return np.float32(round_to(np.float32(1.0) / np.float32(1.0 - p), compute_dtype))
+def dropout_scale(p: float) -> np.float32:
+    """The factor a kept element is multiplied by (inverted dropout, section 4's "LoRA dropout"): 1/(1-p) in
+    float32, whatever the compute dtype; the product x · M · 1/(1-p) is then rounded once. That is torch's fused
+    dropout on CUDA, where QLoRA runs, and peft's float32 adapters on any device; torch's CPU dropout of a bfloat16
+    tensor instead multiplies by bf16(1/(1-p)) (1.109375 for p = 0.1, 0.16 % short), which the reference does not
+    copy (docs/lora_backprop.md, known divergences)."""
+    return np.float32(np.float32(1.0) / np.float32(1.0 - p))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -312,7 +315,7 @@ class QLoRALinear:
 
         # the adapter path: s · dropout(x) Aᵀ Bᵀ
         keep = self._dropout_keep(x.shape, dropout_mask)
-        scale = dropout_scale(self.dropout, self.compute_dtype)
+        scale = dropout_scale(self.dropout)
         if keep is not None:
             xd = rnd(xc * (keep * scale))
         else:  # kept for backward: a copy if it is still the caller's array, which the caller may change

@@ -88,7 +88,7 @@ def test_backends_agree_on_outputs_and_gradients(c):
     g2 = round_to(gy.reshape(n, c["out_f"]), cd)
     ks = None
     if mask is not None:
-        ks = mask.reshape(n, c["in_f"]) * dropout_scale(c["p"], cd)
+        ks = mask.reshape(n, c["in_f"]) * dropout_scale(c["p"])
     a_c = None if c["r"] is None else round_to(ref.lora_A, cd)
     b_c = None if c["r"] is None else round_to(ref.lora_B, cd)
     m = magnitudes(x2, ref.dequantized_weight(), ref.bias, a_c, b_c, g2, ref.scaling, ks)
@@ -234,7 +234,7 @@ def test_cuda_layer_agrees_with_reference(compute_dtype, monkeypatch):
     xt = torch.from_numpy(x).cuda().requires_grad_(True)
     y = gpu(xt, dropout_mask=torch.from_numpy(mask).cuda())
     y.backward(torch.from_numpy(gy).cuda())
-    ks = mask.reshape(21, 512) * dropout_scale(0.1, compute_dtype)
+    ks = mask.reshape(21, 512) * dropout_scale(0.1)
     m = magnitudes(round_to(x.reshape(21, 512), compute_dtype), ref.dequantized_weight(), ref.bias,
                    round_to(ref.lora_A, compute_dtype), round_to(ref.lora_B, compute_dtype),
                    round_to(gy.reshape(21, 256), compute_dtype), ref.scaling, ks)

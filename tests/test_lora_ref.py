@@ -41,7 +41,7 @@ def torch_oracle(layer, x, gy, mask):
     base = torch.nn.functional.linear(xc, w, bias)
     xd = xc
     if mask is not None:
-        xd = xc * (torch.from_numpy(mask).to(cdt) * float(dropout_scale(layer.dropout, layer.compute_dtype)))
+        xd = (xc * torch.from_numpy(mask).to(cdt)) * float(dropout_scale(layer.dropout))  # CUDA's fused dropout
     y = base + torch.nn.functional.linear(torch.nn.functional.linear(xd, a.to(cdt)), b.to(cdt)) * layer.scaling
     y.float().backward(torch.from_numpy(gy))
     return y.detach().float().numpy(), xt.grad.numpy(), a.grad.numpy(), b.grad.numpy()
@@ -65,7 +65,7 @@ def test_gradients_match_torch_autograd(compute_dtype, quant, p, bias, lead):
 
     n = int(np.prod(lead))
     cd = compute_dtype
-    ks = None if mask is None else mask.reshape(n, -1) * dropout_scale(p, cd)
+    ks = None if mask is None else mask.reshape(n, -1) * dropout_scale(p)
     m = magnitudes(round_to(x.reshape(n, -1), cd), layer.dequantized_weight(), layer.bias,
                    round_to(layer.lora_A, cd), round_to(layer.lora_B, cd), round_to(gy.reshape(n, -1), cd),
                    layer.scaling, ks)
@@ -218,9 +218,8 @@ def test_dropout_mask_is_seeded_kept_for_backward_and_off_in_eval():
     layer.eval()
     assert np.array_equal(layer.forward(x), layer.forward(x))
     assert layer._cache["keep"] is None
-    # in bfloat16 the kept values are scaled by bf16(1/(1-p)), as torch's dropout on a bfloat16 tensor
-    assert dropout_scale(0.1, "bfloat16") == np.float32(1.109375) and dropout_scale(0.1, "float32") == np.float32(
-        1 / np.float32(0.9))
+    # the kept values are scaled by 1/(1-p) in float32, whatever the compute dtype
+    assert dropout_scale(0.1) == np.float32(1) / np.float32(0.9) and dropout_scale(0.5) == 2.0
 
 
 def test_frozen_layer_backward_and_gradient_accumulation():

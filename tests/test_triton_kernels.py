@@ -207,7 +207,7 @@ def check_fused_against_unfused(c, device, dot_f32=None):
 
     cd = c["compute_dtype"]
     n = int(np.prod(c["lead"], dtype=np.int64))
-    ks = None if mask is None else mask.reshape(n, c["in_f"]) * dropout_scale(c["p"], cd)
+    ks = None if mask is None else mask.reshape(n, c["in_f"]) * dropout_scale(c["p"])
     a_c = None if c["r"] is None else round_to(fused.lora_A.detach().cpu().numpy(), cd)
     b_c = None if c["r"] is None else round_to(fused.lora_B.detach().cpu().numpy(), cd)
     mag = magnitudes(round_to(x.reshape(n, c["in_f"]), cd), round_to(wd, cd), bias, a_c, b_c,
@@ -227,7 +227,7 @@ def _function_args(layer, xt, mask):
     cdt = getattr(torch, layer.compute_dtype)
     xc = xt.reshape(-1, layer.in_features).to(cdt)
     keep = None if mask is None else mask.reshape(-1, layer.in_features)
-    keep_scale = float(dropout_scale(layer.dropout, layer.compute_dtype))
+    keep_scale = float(dropout_scale(layer.dropout))
     bias = None if layer.bias is None else layer.bias.to(cdt)
     a = None if layer.r is None else layer.lora_A.to(cdt)
     b = None if layer.r is None else layer.lora_B.to(cdt)
