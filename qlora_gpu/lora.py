@@ -83,6 +83,13 @@ def _dropped(t: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> t
     return t if keep is None else (t * keep) * keep_scale
 
 
+def _in_compute_dtype(x, lora_a, lora_b):
+    """A and B in x's (the compute) dtype, cast inside the autograd function: no ``ToCopyBackward`` node per
+    adapter tensor and forward pass (host time: two per layer, forward and recomputation); autograd widens the
+    bfloat16 gradients the function returns to the float32 parameters' dtype, the same cast the node did."""
+    return lora_a.to(x.dtype), lora_b.to(x.dtype)
+
+
 def _adapter_forward(x, keep, keep_scale, lora_a):
     """x_d and H = x_d Aᵀ (N, r): what the adapter's forward needs and its backward keeps."""
     xd = _dropped(x, keep, keep_scale)
@@ -101,7 +108,8 @@ def _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h):
 
 
 class _QLoRALinearFunction(torch.autograd.Function):
-    """y = x Wᵀ + b + s · (x ⊙ keep·scale) Aᵀ Bᵀ, all tensors already in the compute dtype (x is (N, in))."""
+    """y = x Wᵀ + b + s · (x ⊙ keep·scale) Aᵀ Bᵀ; x (N, in) and the bias in the compute dtype, A and B in any
+    (cast here; their gradients come back in the compute dtype and autograd widens them)."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state):
@@ -112,6 +120,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
+        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = base + (h @ lora_b.t()) * scaling
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
@@ -244,8 +253,7 @@ class QLoRALinear(nn.Module):
         keep_scale = _keep_scale(self.dropout)
         bias = None if self.bias is None else self.bias.to(cdt)
         quant_state = self.weight.quant_state if self.quantized else None
-        a = None if self.r is None else self.lora_A.to(cdt)
-        b = None if self.r is None else self.lora_B.to(cdt)
+        a, b = self.lora_A, self.lora_B  # cast to the compute dtype inside the function (_in_compute_dtype)
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
 

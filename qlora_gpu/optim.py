@@ -196,12 +196,12 @@ class TorchOptimizer:
             return out
         if self._flat is not None:
             state = self._opt.state.get(self._flat.param)
-            for name, sl in zip(self._names, self._flat.slices, strict=True):
+            for name, sl, shape in zip(self._names, self._flat.slices, self._flat.shapes, strict=True):
                 for key, value in (state or {}).items():
                     if key == "step":
                         out[f"{name}.step"] = torch.tensor(int(value), dtype=torch.int64)
                     elif torch.is_tensor(value) and value.numel() == self._flat.param.numel():
-                        out[f"{name}.{key}"] = value[sl].view(self._flat.shapes[self._names.index(name)]).clone()
+                        out[f"{name}.{key}"] = value[sl].view(shape).clone()
             return out
         params = self._opt.param_groups[0]["params"]
         for name, p in zip(self._names, params, strict=True):

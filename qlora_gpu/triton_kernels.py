@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _adapter_forward, _adapter_grads
+from .lora import _adapter_forward, _adapter_grads, _in_compute_dtype
 
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -421,6 +421,7 @@ class TritonQLoRAFunction(torch.autograd.Function):
         ctx.dot_f32, ctx.block = dot_f32, block
         if lora_a is None:
             return fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block)
+        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
