@@ -33,26 +33,19 @@ if str(ROOT) not in sys.path:
 import gpu_scale  # noqa: E402  (bench/ is on sys.path when run as a script)
 import torch  # noqa: E402
 
-R = 64
-
 
 def adapter_shapes(model: str, widths: str) -> dict[str, tuple[int, int]]:
-    """name -> shape of every LoRA tensor of ``model``'s blocks (r=64 on q, k, v, o, gate, up, down)."""
-    from qlora_ref.memory import load_model_shape
+    """name -> shape of every LoRA tensor of ``model``'s blocks (the recipe's r on the seven linears of
+    ``qlora_ref.model.llama.linear_shapes``); ``widths="tiny"``: each 8 × 64, as many tensors."""
+    from qlora_ref.model.llama import linear_shapes
 
-    s = load_model_shape(model)
-    dims = {"q_proj": (s.hidden_size, s.hidden_size), "k_proj": (s.hidden_size, s.hidden_size),
-            "v_proj": (s.hidden_size, s.hidden_size), "o_proj": (s.hidden_size, s.hidden_size),
-            "gate_proj": (s.hidden_size, s.intermediate_size), "up_proj": (s.hidden_size, s.intermediate_size),
-            "down_proj": (s.intermediate_size, s.hidden_size)}
+    config = gpu_scale.model_config(model)
+    r = gpu_scale.recipe(model)["r"]
     out = {}
-    for i in range(s.num_layers):
-        for name, (fan_in, fan_out) in dims.items():
+    for i in range(config.num_hidden_layers):
+        for name, (fan_out, fan_in) in linear_shapes(config).items():
             if widths == "tiny":
-                fan_in = fan_out = 64
-                r = 8
-            else:
-                r = R
+                r, fan_in, fan_out = 8, 64, 64
             out[f"layers.{i}.{name}.lora_A"] = (r, fan_in)
             out[f"layers.{i}.{name}.lora_B"] = (fan_out, r)
     return out

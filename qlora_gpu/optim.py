@@ -24,7 +24,7 @@ into a second one, and bitsandbytes updates that single tensor. bitsandbytes' ``
 for every parameter, prefetches its paged state, launches one update kernel and calls ``torch.cuda.synchronize()``
 (bitsandbytes 0.50; its open PR #2050 describes the per-parameter synchronisation): 448 times a step for LLaMA-7B's
 adapters, 1 time here. The update is elementwise, so the parameters and states are bit-identical to the
-per-parameter loop (``tests/test_optim.py``). Gradients stay in their buffer: ``zero_grad`` zeroes it in place and
+per-parameter loop (``tests/test_optim_flat.py``). Gradients stay in their buffer: ``zero_grad`` zeroes it in place and
 autograd accumulates into it, so the buffer costs no memory beyond the gradients themselves. The 8-bit optimizers
 keep one state per parameter: their 256-element blocks and ``min_8bit_size`` are per tensor, and flattening would
 change their arithmetic.
@@ -249,7 +249,6 @@ class TorchOptimizer:
         unknown = sorted(set(sd) - known)
         if unknown:
             raise KeyError(f"unknown optimizer state keys: {unknown[:5]}")
-
 
     def _load_flat(self, sd: dict[str, torch.Tensor]) -> None:
         unknown = sorted(k for k in sd if k.rpartition(".")[0] not in self._names)
