@@ -345,20 +345,33 @@ def train_step(loss_fn, update, ids: torch.Tensor) -> float:
 
 
 def count_ops(fn) -> tuple[int, object]:
-    """(number of aten operators dispatched while ``fn()`` runs, its result): on a GPU nearly every one is a
-    kernel launch, each costing microseconds of host time whatever its size."""
+    """(number of aten operators dispatched while ``fn()`` runs, its result): on a GPU nearly every one that is not
+    a view is a kernel launch, each costing microseconds of host time whatever its size (``count_op_kinds``)."""
+    total, _, result = count_op_kinds(fn)
+    return total, result
+
+
+def count_op_kinds(fn) -> tuple[int, int, object]:
+    """(aten operators dispatched while ``fn()`` runs, those of them that compute — not views, which only make
+    new metadata and launch nothing —, its result). The second is the CPU's stand-in for the kernels a CUDA step
+    launches (``--profile`` counts those on a GPU)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
-        n = 0
+        n = compute = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             _Count.n += 1
+            _Count.compute += not (func.is_view or func in _VIEWS)
             return func(*args, **(kwargs or {}))
 
     with _Count():
         result = fn()
-    return _Count.n, result
+    return _Count.n, _Count.compute, result
+
+
+#: views that the operator schema does not mark as such (``OpOverload.is_view``)
+_VIEWS = frozenset({torch.ops.aten._unsafe_view.default})
 
 
 def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
@@ -381,7 +394,7 @@ def profile_step(step, device: torch.device) -> dict:
     launched and the time the GPU had one running (torch.profiler) against the wall clock. ``gpu_busy_fraction``
     well below 1 means the step waits on the host (Python and launch overhead), not on the GPU."""
     out = {}
-    out["aten_ops"], _ = count_ops(step)
+    out["aten_ops"], out["compute_ops"], _ = count_op_kinds(step)
     if device.type != "cuda":
         return out
     from torch.autograd import DeviceType
@@ -619,8 +632,9 @@ def ratios(rows: list[dict]) -> dict:
                          peak_plus_paged=(o["peak_bytes"] + o["paged_state_bytes"])
                          / (b["peak_bytes"] + b["paged_state_bytes"]) if o.get("peak_bytes") else None,
                          first_loss_diff=o["first_loss"] - b["first_loss"])
-        if o.get("profile", {}).get("aten_ops") and b.get("profile", {}).get("aten_ops"):
-            out[name]["aten_ops"] = o["profile"]["aten_ops"] / b["profile"]["aten_ops"]
+        for key in ("aten_ops", "compute_ops"):
+            if o.get("profile", {}).get(key) and b.get("profile", {}).get(key):
+                out[name][key] = o["profile"][key] / b["profile"][key]
         if "ours-triton" in by and by["ours-triton"].get("tokens_per_s"):
             out[name]["tokens_per_s_triton"] = by["ours-triton"]["tokens_per_s"] / b["tokens_per_s"]
             # the same model and adapters: a broken kernel shows here first (fused vs unfused, before any update)
@@ -655,17 +669,18 @@ def markdown(rows: list[dict], rat: dict) -> str:
                      f"{r['first_loss']:.4f} |")
     prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
     if prof:
-        lines += ["", "| model | stack | aten ops / step | kernels / step | GPU busy / step |",
-                  "|---|---|---:|---:|---:|"]
+        lines += ["", "| model | stack | aten ops / step | of which compute | kernels / step | GPU busy / step |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in prof:
             q = r["profile"]
             busy = q.get("gpu_busy_fraction")
-            lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('kernels', 'n/a')} | "
-                         f"{'n/a' if busy is None else f'{100 * busy:.0f} %'} |")
+            lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('compute_ops', 'n/a')} | "
+                         f"{q.get('kernels', 'n/a')} | {'n/a' if busy is None else f'{100 * busy:.0f} %'} |")
     if rat:
         lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
-                      "build ours/baseline | first-loss difference | aten ops ours/baseline |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
+                      "build ours/baseline | first-loss difference | aten ops ours/baseline | "
+                      "compute ops ours/baseline |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
         for name, q in rat.items():
             tps = fmt(q['tokens_per_s'])
@@ -675,7 +690,7 @@ def markdown(rows: list[dict], rat: dict) -> str:
             if "first_loss_diff_triton" in q:
                 loss += f" (ours-triton − ours: {q['first_loss_diff_triton']:+.2e})"
             lines.append(f"| {name} | {fmt(q['peak'])} | {fmt(q['peak_plus_paged'])} | {tps} | "
-                         f"{fmt(q['build'])} | {loss} | {fmt(q.get('aten_ops'))} |")
+                         f"{fmt(q['build'])} | {loss} | {fmt(q.get('aten_ops'))} | {fmt(q.get('compute_ops'))} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,9 @@ kept rather than recomputed: a GEMM less per layer and step, when a step at batc
 operators launched — plus a reference to the 4-bit weight, which is dequantized again in backward and never
 stored dequantized.
 
+Inside a ``QLoRAModel`` a decoder block draws its LoRA layers' dropout masks and casts their adapters for all of
+them at once (``qlora_gpu.model.stage_layer``, ``QLoRALinear.stage``): the same values, fewer operators.
+
 The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
 ``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
 two backends differ only by the summation order inside matrix products. The rules — argument checks, scaling,
@@ -78,15 +81,19 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.
 
 
 def _dropped(t: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
-    """t ⊙ M · 1/(1-p): t ⊙ M is exact (0 or t), so the one rounding is the reference's t · (M · scale), in one
-    kernel less than casting the mask first."""
-    return t if keep is None else (t * keep) * keep_scale
+    """t ⊙ M · 1/(1-p), rounded once: the reference's t · (M · scale). Through torch's dropout backward operator,
+    which is exactly that — (t ⊙ M) · scale on the CPU, where t ⊙ M is exact (0 or t); one fused kernel on CUDA
+    computing in float32 with the float32 scale — in one kernel where two multiplications would launch two."""
+    return t if keep is None else torch.ops.aten.native_dropout_backward(t, keep, keep_scale)
 
 
-def _in_compute_dtype(x, lora_a, lora_b):
+def _in_compute_dtype(x, lora_a, lora_b, staged=None):
     """A and B in x's (the compute) dtype, cast inside the autograd function: no ``ToCopyBackward`` node per
     adapter tensor and forward pass (host time: two per layer, forward and recomputation); autograd widens the
-    bfloat16 gradients the function returns to the float32 parameters' dtype, the same cast the node did."""
+    bfloat16 gradients the function returns to the float32 parameters' dtype, the same cast the node did.
+    ``staged``: the same two casts made beforehand for a whole decoder layer (``stage_layer``), used as they are."""
+    if staged is not None:
+        return staged
     return lora_a.to(x.dtype), lora_b.to(x.dtype)
 
 
@@ -112,7 +119,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
     (cast here; their gradients come back in the compute dtype and autograd widens them)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state):
+    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None):
         if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
             base = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
         else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
@@ -120,7 +127,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
-        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b)
+        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = base + (h @ lora_b.t()) * scaling
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
@@ -141,7 +148,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
             gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
             if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
                 grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -244,12 +251,18 @@ class QLoRALinear(nn.Module):
         cdt = getattr(torch, self.compute_dtype)
         lead = x.shape[:-1]
         xc = x.reshape(-1, self.in_features).to(cdt)
+        staged_keep, staged = self.__dict__.pop("_staged", None) or (None, None)
         keep = None
         if dropout_mask is not None:
             ref.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
             keep = dropout_mask.reshape(-1, self.in_features).to(device=x.device, dtype=torch.bool)
         elif self.dropout_active:
-            keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
+            if staged_keep is not None and staged_keep.shape == xc.shape and staged_keep.device == x.device:
+                keep = staged_keep
+            else:
+                keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
+        if staged is not None and (staged[0].dtype != cdt or staged[0].device != x.device):
+            staged = None
         keep_scale = _keep_scale(self.dropout)
         bias = None if self.bias is None else self.bias.to(cdt)
         quant_state = self.weight.quant_state if self.quantized else None
@@ -257,10 +270,23 @@ class QLoRALinear(nn.Module):
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
 
-            y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
+            y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
+                                          None, None, staged)
         else:
-            y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state)
+            y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
+                                           staged)
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None) -> None:
+        """What the enclosing decoder layer drew or cast for this layer's next forward call, in one operation for
+        all its LoRA layers (``qlora_gpu.model.stage_layer``): ``keep``, the dropout mask (N, in) used instead of
+        drawing one (an explicit ``dropout_mask`` still wins); ``adapter``, (A, B) already in the compute dtype.
+        Consumed by the next forward call, which ignores what does not fit its input (rows, device, dtype)."""
+        self._staged = (keep, adapter)
+
+    def unstage(self) -> None:
+        """Drop what ``stage`` left and no forward call used."""
+        self.__dict__.pop("_staged", None)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

@@ -10,8 +10,10 @@ seed), and the transformers model is assembled from its tensors:
 - each of the seven block linears becomes a ``QLoRALinear``: the float weight quantized by bitsandbytes with the
   ``QuantConfig`` (or a stored 4-bit weight used as is), the adapter initialised exactly as the reference's
   (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
-- gradient checkpointing per decoder layer (torch's checkpoint), with each LoRA layer's dropout
-  generator rewound before the recomputation so that it draws the same masks as the first forward pass.
+- per decoder layer, the LoRA layers' dropout masks drawn and their adapters cast to the compute dtype in one
+  operator for the whole block (``stage_layer``: host time, one launch where seven layers would launch seven);
+- gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
+  the recomputation so that it draws the same masks as the first forward pass.
 
 ``QLoRAModel`` exposes the reference ``LlamaModel``'s adapter interface (``lora_parameters``, ``lora_grads``,
 ``load_lora_parameters``, ``load_adapter``, ``save_adapter``, ``merge_and_export``) over torch tensors.
@@ -76,8 +78,9 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
 
 
 def _checkpoint_layer(layer: nn.Module, fn, *args):
-    """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: each ``QLoRALinear``
-    draws its masks from its own generator, which torch's checkpoint does not rewind, so it is rewound here.
+    """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: they come from the LoRA
+    layers' own generators (``stage_layer`` draws a block's from its first one), which torch's checkpoint does not
+    rewind, so they are rewound here.
 
     torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
     recomputes inside the backward pass, where the masks are replayed by ``run``."""
@@ -94,6 +97,87 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
+def _lora_linears(layer: nn.Module) -> list[QLoRALinear]:
+    return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
+
+
+def _one_run(params: list[torch.Tensor]) -> bool:
+    """Whether ``params`` lie one after the other in one storage, contiguous and of one dtype (the adapters once
+    ``qlora_gpu.optim`` has bound them into its flat buffer, in the model's order)."""
+    first = params[0]
+    storage, nxt = first.untyped_storage().data_ptr(), first.data_ptr()
+    for p in params:
+        if (p.dtype != first.dtype or p.device != first.device or not p.is_contiguous() or p.data_ptr() != nxt
+                or p.untyped_storage().data_ptr() != storage):
+            return False
+        nxt += p.numel() * p.element_size()
+    return True
+
+
+def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
+    """LoRA layer -> its dropout mask (rows, in): for each input width, one draw of (layers, rows, width)
+    uniforms on the generator of the block's first dropout layer, kept where ≥ p — the same rule as a layer's own
+    draw (``QLoRALinear.forward``), in two operators per width instead of two per layer."""
+    active = [m for m in linears if m.dropout_active]
+    if not active:
+        return {}
+    gen = active[0]._generator(device)
+    groups: dict[tuple[int, float], list[QLoRALinear]] = {}
+    for m in active:
+        groups.setdefault((m.in_features, m.dropout), []).append(m)
+    masks = {}
+    for (width, p), group in groups.items():
+        keep = torch.rand((len(group), rows, width), generator=gen, device=device) >= p
+        masks.update(zip(group, keep.unbind(0), strict=True))
+    return masks
+
+
+def _layer_adapters(linears: list[QLoRALinear]) -> dict:
+    """LoRA layer -> (A, B) in the compute dtype, cast in one operator for the whole block when its adapters lie in
+    one run of memory (``_one_run``); nothing otherwise (each layer then casts its own, the same values)."""
+    cdt = {m.compute_dtype for m in linears}
+    params = [p for m in linears for p in (m.lora_A, m.lora_B)]
+    if len(cdt) != 1 or params[0].dtype == getattr(torch, next(iter(cdt))) or not _one_run(params):
+        return {}
+    flat = params[0].detach().as_strided((sum(p.numel() for p in params),), (1,))  # from A's storage offset
+    pieces = flat.to(getattr(torch, next(iter(cdt)))).split([p.numel() for p in params])
+    cast = [piece.view(p.shape) for piece, p in zip(pieces, params, strict=True)]
+    return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
+
+
+@torch.no_grad()
+def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
+    """Draws a decoder layer's LoRA dropout masks and casts its adapters to the compute dtype for the whole block
+    at once, then hands each LoRA layer its share (``QLoRALinear.stage``); ``hidden`` is the block's input.
+
+    Why: at batch 1 a training step waits on the host, which pays per operator launched, whatever its size
+    (docs/benchmarks.md). Per call of a LLaMA block this is 4 operators instead of 14 for the masks and 1 instead
+    of 14 for the casts (when ``qlora_gpu.optim`` has bound the adapters into one buffer). The values are the ones
+    each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
+    checkpointing rewinds) instead of seven."""
+    linears = _lora_linears(layer)
+    if not linears:
+        return
+    masks = _layer_masks(linears, hidden.numel() // hidden.shape[-1], hidden.device)
+    adapters = _layer_adapters(linears)
+    for m in linears:
+        m.stage(masks.get(m), adapters.get(m))
+
+
+def _stage_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:
+    """Forward pre-hook on a block's ``input_layernorm`` — the first module the block calls, so inside the
+    checkpointed function in every transformers version (since transformers 5 a hook on the block itself runs
+    outside it): the recomputation stages again, draws the same masks, and no cast is kept from forward to
+    backward."""
+    stage_layer(layer, args[0])
+
+
+def _unstage_hook(layer: nn.Module, args: tuple, output) -> None:
+    """Forward hook of a decoder layer: drops whatever ``stage_layer`` left unused."""
+    for m in _lora_linears(layer):
+        m.unstage()
+
+
 class QLoRAModel(nn.Module):
     """A transformers causal LM with ``QLoRALinear`` block linears; ``forward(input_ids, attention_mask)``
     returns float32 logits."""
@@ -107,6 +191,9 @@ class QLoRAModel(nn.Module):
         self.lora = lora
         self.tokenizer = tokenizer
         self._gradient_checkpointing = False
+        for layer in hf_model.model.layers:  # one operator per block where each LoRA layer would launch its own
+            layer.input_layernorm.register_forward_pre_hook(functools.partial(_stage_hook, layer))
+            layer.register_forward_hook(_unstage_hook)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -298,4 +385,4 @@ class QLoRAModel(nn.Module):
                                 tokenizer_source=tokenizer_source)
 
 
-__all__ = ["QLoRAModel", "default_device", "hf_config", "hf_skeleton", "set_block_linear"]
+__all__ = ["QLoRAModel", "default_device", "hf_config", "hf_skeleton", "set_block_linear", "stage_layer"]

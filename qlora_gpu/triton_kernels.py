@@ -411,17 +411,18 @@ class TritonQLoRAFunction(torch.autograd.Function):
     """``qlora_gpu.lora._QLoRALinearFunction`` with the frozen path (and the adapter's up-projection and input
     gradient) in the fused kernels. Same arguments, same saved tensors (x_d, the mask, A, B, H — the weight is held by
     the module and re-read in backward, its double-quantized scales decoded again: nothing (out, in) and no float
-    scales kept alive between forward and backward). Options: ``dot_f32`` and ``block`` of the launchers."""
+    scales kept alive between forward and backward). Options: ``dot_f32`` and ``block`` of the launchers;
+    ``staged`` as there."""
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, dot_f32=None,
-                block=None):
+                block=None, staged=None):
         w = weight_from_bnb(weight, quant_state)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         ctx.dot_f32, ctx.block = dot_f32, block
         if lora_a is None:
             return fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block)
-        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b)
+        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
@@ -441,7 +442,7 @@ class TritonQLoRAFunction(torch.autograd.Function):
             w = weight_from_bnb(ctx.weight, ctx.quant_state)
             grad_x = fused_grad_input(grad_y, w, gh, lora_a, keep, ctx.keep_scale, dot_f32=ctx.dot_f32,
                                       block=ctx.block)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 __all__ = [

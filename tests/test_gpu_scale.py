@@ -195,6 +195,14 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert "profile" not in unprofiled
     n, value = gpu_scale.count_ops(lambda: torch.ones(3).add(1).sum())
     assert n == 3 and value == 6.0
+    # views launch nothing: ones, add, sum compute; view, t, _unsafe_view (reshape of a non-viewable) do not
+    n, compute, _ = gpu_scale.count_op_kinds(lambda: torch.ones(2, 3).add(1).view(3, 2).t().t().sum())
+    assert (n, compute) == (6, 3)
+    n, compute, _ = gpu_scale.count_op_kinds(lambda: torch.ops.aten._unsafe_view(torch.ones(4), [2, 2]))
+    assert (n, compute) == (2, 1)
+    comp = {s: r["profile"]["compute_ops"] for s, r in rows.items()}
+    assert all(0 < comp[s] < ops[s] for s in ops) and comp["ours"] < comp["baseline"], comp
+    assert rat["tiny"]["compute_ops"] == pytest.approx(comp["ours"] / comp["baseline"])
 
 
 def test_profiler_events_give_intervals():

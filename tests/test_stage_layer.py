@@ -1,0 +1,195 @@
+"""``qlora_gpu.model.stage_layer``: a decoder block draws its LoRA dropout masks and casts its adapters to the
+compute dtype in one operator for the whole block, where each LoRA layer would launch its own (host time at
+batch 1, docs/benchmarks.md). Checked on CPU with a tiny model: the operators saved are counted exactly, the
+values are the ones each layer would compute (loss and gradients bit for bit), the masks follow the documented
+rule, checkpointing replays them, and a staged value that does not fit a call is not used."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qlora_gpu.lora import QLoRALinear
+from qlora_gpu.optim import make_optimizer
+from qlora_gpu.prepare import prepare_model
+from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig
+
+# head_dim × heads == hidden: q, k, v, o, gate, up read 64 columns, down reads 96 (two widths per block)
+TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+IDS = torch.arange(24)[None] * 7 % 101
+LAYERS = TINY.num_hidden_layers
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten operators dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(dropout: float = 0.0, checkpointing: bool = False, bound: bool = False):
+    m = prepare_model(TINY, lora=LoraConfig(r=4, alpha=8.0, dropout=dropout), device="cpu", dtype="bfloat16",
+                      gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3)
+    if bound:  # what GpuTrainer does before its first step: the adapters become views of one buffer
+        make_optimizer("paged_adamw", lr=1e-4).bind(m.lora_parameters())
+    return m
+
+
+def loss_of(m) -> torch.Tensor:
+    logits = m(IDS)
+    return torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
+
+
+def step(m) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counter]:
+    """Loss, LoRA gradients, and the operators of the forward and of the backward pass."""
+    with _Ops() as fwd:
+        loss = loss_of(m)
+    with _Ops() as bwd:
+        loss.backward()
+    return loss.detach(), {k: g.clone() for k, g in m.lora_grads().items()}, fwd.n, bwd.n
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_bound_adapters_are_cast_once_per_block_with_the_same_result(checkpointing):
+    """Bound into one buffer, a block's 14 adapter tensors are cast by one operator instead of 14 — again in the
+    recomputation under checkpointing — and loss and every gradient are bit-identical to per-layer casts."""
+    loose_loss, loose_grads, loose_f, loose_b = step(build(0.1, checkpointing, bound=False))
+    bound_loss, bound_grads, bound_f, bound_b = step(build(0.1, checkpointing, bound=True))
+    assert torch.equal(loose_loss, bound_loss)
+    for k in loose_grads:
+        assert torch.equal(loose_grads[k], bound_grads[k]), k
+    saved = 2 * len(LINEAR_MODULES) - 1  # per block call
+    assert loose_f["_to_copy"] - bound_f["_to_copy"] == saved * LAYERS
+    # the backward pass recomputes each block under checkpointing (and so casts again, once)
+    assert loose_b["_to_copy"] - bound_b["_to_copy"] == (saved * LAYERS if checkpointing else 0)
+
+
+def test_loose_adapters_are_cast_by_each_layer():
+    """Adapters not in one run of memory (no optimizer bound yet) are cast by their own layers, as before."""
+    m = build()
+    params = list(m.lora_parameters().values())
+    assert params[0].data_ptr() + params[0].numel() * 4 != params[1].data_ptr()  # else the test tests nothing
+    _, _, fwd, _ = step(m)
+    assert fwd["_to_copy"] >= 2 * len(LINEAR_MODULES) * LAYERS
+
+
+def _masks_used(m, monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """Per block call, in order: LoRA layer name -> the mask it was staged."""
+    names = {lin: name for name, lin in m.named_linears().items()}
+    calls: list[dict] = []
+    original = QLoRALinear.stage
+
+    def stage(self, keep=None, adapter=None):
+        name = names[self]
+        block = name.split(".")[2]
+        if not calls or name in calls[-1] or next(iter(calls[-1])).split(".")[2] != block:
+            calls.append({})
+        calls[-1][name] = keep
+        original(self, keep, adapter)
+
+    monkeypatch.setattr(QLoRALinear, "stage", stage)
+    return calls
+
+
+def test_a_block_draws_its_masks_in_one_call_per_input_width(monkeypatch):
+    """The documented rule: for each input width, in module order, ``rand((layers, rows, width)) >= p`` on the
+    generator of the block's first LoRA layer (seeded with that layer's seed); the other layers' generators are
+    not used. Two draws per block here (64 and 96 columns), where seven layers would draw seven."""
+    p = 0.25
+    m = build(p)
+    calls = _masks_used(m, monkeypatch)
+    with _Ops() as ops:
+        loss_of(m)
+    assert ops.n["rand"] == 2 * LAYERS and ops.n["ge"] == 2 * LAYERS
+    assert len(calls) == LAYERS
+    rows = IDS.numel()
+    for i, masks in enumerate(calls):
+        prefix = f"model.layers.{i}."
+        linears = {n: lin for n, lin in m.named_linears().items() if n.startswith(prefix)}
+        first = next(iter(linears.values()))
+        g = torch.Generator().manual_seed(first.seed)
+        by_width = collections.defaultdict(list)
+        for name, lin in linears.items():
+            by_width[lin.in_features].append(name)
+        assert sorted(by_width) == [64, 96]
+        for width, names in by_width.items():  # dicts keep module order: the 64-wide group is drawn first
+            expected = torch.rand((len(names), rows, width), generator=g) >= p
+            for j, name in enumerate(names):
+                assert torch.equal(masks[name], expected[j]), name
+        for lin in list(linears.values())[1:]:  # untouched: still at their seeds
+            assert torch.equal(lin._generator(torch.device("cpu")).get_state(),
+                               torch.Generator().manual_seed(lin.seed).get_state())
+    dropped = np.mean([1 - k.float().mean().item() for c in calls for k in c.values()])
+    assert abs(dropped - p) < 0.02  # 21 masks of 1,536 to 2,304 draws each
+
+
+def test_checkpointing_replays_the_staged_masks(monkeypatch):
+    """Under checkpointing the block is recomputed in the backward pass and stages again: the same masks (the
+    generator is rewound), so the gradients are those of the uncheckpointed model."""
+    m = build(0.1, checkpointing=True)
+    calls = _masks_used(m, monkeypatch)
+    loss_of(m).backward()
+    assert len(calls) == 2 * LAYERS  # forward, then the recomputations in reverse block order
+    for i in range(LAYERS):
+        first, again = calls[i], calls[2 * LAYERS - 1 - i]
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_eval_mode_stages_no_mask_and_draws_nothing():
+    m = build(0.1, bound=True)
+    m.eval()
+    with torch.no_grad(), _Ops() as ops:
+        m(IDS)
+    assert ops.n["rand"] == 0 and ops.n["bernoulli_"] == 0
+    assert ops.n["_to_copy"] < 2 * len(LINEAR_MODULES) * LAYERS  # the adapters are still cast once per block
+
+
+def _layer(seed: int = 5) -> QLoRALinear:
+    w = torch.randn(12, 10, generator=torch.Generator().manual_seed(0))
+    return QLoRALinear.from_weight(w, 4, 8.0, dropout=0.3, seed=seed, compute_dtype="float32", quant_type=None)
+
+
+def _out(layer: QLoRALinear, x: torch.Tensor, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=torch.Generator().manual_seed(1))  # B = 0 at init would hide the adapter
+    return layer(x, **kw)
+
+
+def test_a_staged_value_is_used_once_and_only_where_it_fits():
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(3)) >= 0.3
+    own = _out(_layer(), x)  # the layer's own draw from its seed
+
+    fits = _layer()
+    fits.stage(keep=mask)
+    assert torch.equal(_out(fits, x), _out(_layer(), x, dropout_mask=mask))  # the staged mask, as if given
+    assert "_staged" not in fits.__dict__  # consumed
+
+    for keep, adapter in [(mask[:2], None),  # rows do not fit
+                          (None, (torch.zeros(4, 10, dtype=torch.bfloat16), torch.zeros(12, 4, dtype=torch.bfloat16)))]:
+        layer = _layer()
+        layer.stage(keep=keep, adapter=adapter)  # a bfloat16 adapter for a float32 layer: not its compute dtype
+        assert torch.equal(_out(layer, x), own)
+
+    left = _layer()
+    left.stage(keep=mask)
+    left.unstage()
+    assert torch.equal(_out(left, x), own)
+
+
+def test_an_explicit_mask_wins_over_a_staged_one():
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    given = torch.rand(3, 10, generator=torch.Generator().manual_seed(4)) >= 0.3
+    layer = _layer()
+    layer.stage(keep=~given)
+    assert torch.equal(_out(layer, x, dropout_mask=given), _out(_layer(), x, dropout_mask=given))
