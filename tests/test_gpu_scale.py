@@ -202,6 +202,9 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert (n, compute) == (2, 1)
     comp = {s: r["profile"]["compute_ops"] for s, r in rows.items()}
     assert all(0 < comp[s] < ops[s] for s in ops) and comp["ours"] < comp["baseline"], comp
+    # the launches per step that per-block staging and the one-kernel dropout save (docs/benchmarks.md: 0.74x at
+    # 32 blocks, 0.89x without them); 0.72x on this 2-block config
+    assert comp["ours"] <= 0.8 * comp["baseline"], comp
     assert rat["tiny"]["compute_ops"] == pytest.approx(comp["ours"] / comp["baseline"])
 
 
