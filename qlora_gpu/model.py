@@ -135,12 +135,15 @@ def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) ->
 def _layer_adapters(linears: list[QLoRALinear]) -> dict:
     """LoRA layer -> (A, B) in the compute dtype, cast in one operator for the whole block when its adapters lie in
     one run of memory (``_one_run``); nothing otherwise (each layer then casts its own, the same values)."""
-    cdt = {m.compute_dtype for m in linears}
+    kinds = {m.compute_dtype for m in linears}
+    if len(kinds) != 1:
+        return {}
+    cdt = getattr(torch, kinds.pop())
     params = [p for m in linears for p in (m.lora_A, m.lora_B)]
-    if len(cdt) != 1 or params[0].dtype == getattr(torch, next(iter(cdt))) or not _one_run(params):
+    if params[0].dtype == cdt or not _one_run(params):  # already the compute dtype: nothing to cast
         return {}
     flat = params[0].detach().as_strided((sum(p.numel() for p in params),), (1,))  # from A's storage offset
-    pieces = flat.to(getattr(torch, next(iter(cdt)))).split([p.numel() for p in params])
+    pieces = flat.to(cdt).split([p.numel() for p in params])
     cast = [piece.view(p.shape) for piece, p in zip(pieces, params, strict=True)]
     return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
 
