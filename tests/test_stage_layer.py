@@ -37,17 +37,19 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(dropout: float = 0.0, checkpointing: bool = False, bound: bool = False):
-    m = prepare_model(TINY, lora=LoraConfig(r=4, alpha=8.0, dropout=dropout), device="cpu", dtype="bfloat16",
-                      gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3)
+def build(dropout: float = 0.0, checkpointing: bool = False, bound: bool = False, device: str = "cpu"):
+    m = prepare_model(TINY, lora=LoraConfig(r=4, alpha=8.0, dropout=dropout), device=device, dtype="bfloat16",
+                      gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
+                      attn_implementation="eager")  # deterministic on CUDA too: equal runs give equal bits
     if bound:  # what GpuTrainer does before its first step: the adapters become views of one buffer
         make_optimizer("paged_adamw", lr=1e-4).bind(m.lora_parameters())
     return m
 
 
 def loss_of(m) -> torch.Tensor:
-    logits = m(IDS)
-    return torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
+    ids = IDS.to(m.hf.model.embed_tokens.weight.device)
+    logits = m(ids)
+    return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
 
 def step(m) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counter]:
@@ -59,12 +61,13 @@ def step(m) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counte
     return loss.detach(), {k: g.clone() for k, g in m.lora_grads().items()}, fwd.n, bwd.n
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_bound_adapters_are_cast_once_per_block_with_the_same_result(checkpointing):
+def test_bound_adapters_are_cast_once_per_block_with_the_same_result(checkpointing, device):
     """Bound into one buffer, a block's 14 adapter tensors are cast by one operator instead of 14 — again in the
     recomputation under checkpointing — and loss and every gradient are bit-identical to per-layer casts."""
-    loose_loss, loose_grads, loose_f, loose_b = step(build(0.1, checkpointing, bound=False))
-    bound_loss, bound_grads, bound_f, bound_b = step(build(0.1, checkpointing, bound=True))
+    loose_loss, loose_grads, loose_f, loose_b = step(build(0.1, checkpointing, bound=False, device=device))
+    bound_loss, bound_grads, bound_f, bound_b = step(build(0.1, checkpointing, bound=True, device=device))
     assert torch.equal(loose_loss, bound_loss)
     for k in loose_grads:
         assert torch.equal(loose_grads[k], bound_grads[k]), k
