@@ -77,6 +77,10 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     return cfg
 
 
+def _lora_linears(layer: nn.Module) -> list[QLoRALinear]:
+    return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
+
+
 def _checkpoint_layer(layer: nn.Module, fn, *args):
     """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: they come from the LoRA
     layers' own generators (``stage_layer`` draws a block's from its first one), which torch's checkpoint does not
@@ -84,7 +88,7 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
 
     torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
     recomputes inside the backward pass, where the masks are replayed by ``run``."""
-    linears = [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.dropout_active]
+    linears = [m for m in _lora_linears(layer) if m.dropout_active]
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
     states = [g.get_state() for g in gens]
@@ -95,10 +99,6 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
         return fn(*a)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-
-def _lora_linears(layer: nn.Module) -> list[QLoRALinear]:
-    return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
 
 
 def _one_run(params: list[torch.Tensor]) -> bool:
