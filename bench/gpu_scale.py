@@ -58,6 +58,7 @@ not a benchmark. Sizes from 7B up refuse to run on the CPU.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import gc
@@ -81,6 +82,8 @@ import torch  # noqa: E402
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig  # noqa: E402
 
 SIZES = ("7b", "13b", "33b", "65b")
+#: how many of the most frequent operators and kernels a profile lists
+TOP = 30
 STACKS = ("ours", "ours-triton", "baseline")  # ours-triton: the opt-in fused kernels (docs/fused_kernels.md)
 GiB = 2**30
 
@@ -351,10 +354,11 @@ def count_ops(fn) -> tuple[int, object]:
     return total, result
 
 
-def count_op_kinds(fn) -> tuple[int, int, object]:
+def count_op_kinds(fn, names: collections.Counter | None = None) -> tuple[int, int, object]:
     """(aten operators dispatched while ``fn()`` runs, those of them that compute — not views, which only make
     new metadata and launch nothing —, its result). The second is the CPU's stand-in for the kernels a CUDA step
-    launches (``--profile`` counts those on a GPU)."""
+    launches (``--profile`` counts those on a GPU). ``names``: a Counter that gets each computing operator's
+    name."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
@@ -362,7 +366,10 @@ def count_op_kinds(fn) -> tuple[int, int, object]:
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             _Count.n += 1
-            _Count.compute += not (func.is_view or func in _VIEWS)
+            if not (func.is_view or func in _VIEWS):
+                _Count.compute += 1
+                if names is not None:
+                    names[str(func)] += 1
             return func(*args, **(kwargs or {}))
 
     with _Count():
@@ -394,7 +401,9 @@ def profile_step(step, device: torch.device) -> dict:
     launched and the time the GPU had one running (torch.profiler) against the wall clock. ``gpu_busy_fraction``
     well below 1 means the step waits on the host (Python and launch overhead), not on the GPU."""
     out = {}
-    out["aten_ops"], out["compute_ops"], _ = count_op_kinds(step)
+    ops = collections.Counter()
+    out["aten_ops"], out["compute_ops"], _ = count_op_kinds(step, ops)
+    out["top_ops"] = dict(ops.most_common(TOP))
     if device.type != "cuda":
         return out
     from torch.autograd import DeviceType
@@ -407,13 +416,31 @@ def profile_step(step, device: torch.device) -> dict:
             step()
             _sync(device)
         wall = time.perf_counter() - t0
-        gpu = _intervals(prof.events(), DeviceType.CUDA)
+        events = prof.events()
+        gpu = _intervals(events, DeviceType.CUDA)
         busy = _busy_seconds(gpu)
         out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy,
-                   gpu_busy_fraction=busy / wall if wall > 0 else None)
+                   gpu_busy_fraction=busy / wall if wall > 0 else None,
+                   top_kernels=dict(collections.Counter(e.name for e in events
+                                                        if e.device_type == DeviceType.CUDA).most_common(TOP)),
+                   launch_us=launch_microseconds(device))
     except Exception as e:  # noqa: BLE001 - the profiler is diagnostic; the measurements above stand without it
         out["profiler_error"] = _brief(e)
     return out
+
+
+def launch_microseconds(device: torch.device, n: int = 2000) -> float:
+    """Host time of one tiny kernel launch (µs): ``n`` one-element additions, timed to the last one's end. The
+    floor of a step's time is about its kernels times this when the GPU waits on the host."""
+    x = torch.zeros(1, device=device)
+    for _ in range(20):
+        x.add_(1)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    _sync(device)
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def optimizer_state_bytes(optimizer) -> tuple[int, int]:
@@ -669,13 +696,15 @@ def markdown(rows: list[dict], rat: dict) -> str:
                      f"{r['first_loss']:.4f} |")
     prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
     if prof:
-        lines += ["", "| model | stack | aten ops / step | of which compute | kernels / step | GPU busy / step |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "| model | stack | aten ops / step | of which compute | kernels / step | GPU busy / step "
+                  "| step time / kernel µs | one launch µs |", "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in prof:
             q = r["profile"]
-            busy = q.get("gpu_busy_fraction")
+            busy, kernels, launch = q.get("gpu_busy_fraction"), q.get("kernels"), q.get("launch_us")
+            per = "n/a" if not kernels else f"{r['step_s'] / kernels * 1e6:.1f}"
             lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('compute_ops', 'n/a')} | "
-                         f"{q.get('kernels', 'n/a')} | {'n/a' if busy is None else f'{100 * busy:.0f} %'} |")
+                         f"{kernels or 'n/a'} | {'n/a' if busy is None else f'{100 * busy:.0f} %'} | {per} | "
+                         f"{'n/a' if launch is None else f'{launch:.1f}'} |")
     if rat:
         lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
                       "build ours/baseline | first-loss difference | aten ops ours/baseline | "

@@ -32,6 +32,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .lora import QLoRALinear
+from .optim import FLAT_ALIGN_BYTES
 from .quantize import Quantized4bit, dequantize_4bit
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
@@ -101,17 +102,21 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
-def _one_run(params: list[torch.Tensor]) -> bool:
-    """Whether ``params`` lie one after the other in one storage, contiguous and of one dtype (the adapters once
-    ``qlora_gpu.optim`` has bound them into its flat buffer, in the model's order)."""
+def _run_offsets(params: list[torch.Tensor]) -> list[int] | None:
+    """Element offsets of ``params`` from the first when they lie in order in one storage, contiguous, of one dtype,
+    with gaps shorter than ``FLAT_ALIGN_BYTES`` (the adapters once ``qlora_gpu.optim`` has bound them into its flat
+    buffer, in the model's order); None otherwise."""
     first = params[0]
-    storage, nxt = first.untyped_storage().data_ptr(), first.data_ptr()
+    storage, base, size = first.untyped_storage().data_ptr(), first.data_ptr(), first.element_size()
+    offsets, end = [], 0
     for p in params:
-        if (p.dtype != first.dtype or p.device != first.device or not p.is_contiguous() or p.data_ptr() != nxt
-                or p.untyped_storage().data_ptr() != storage):
-            return False
-        nxt += p.numel() * p.element_size()
-    return True
+        offset, rest = divmod(p.data_ptr() - base, size)
+        if (p.dtype != first.dtype or p.device != first.device or not p.is_contiguous() or rest
+                or p.untyped_storage().data_ptr() != storage or not 0 <= (offset - end) * size < FLAT_ALIGN_BYTES):
+            return None
+        offsets.append(offset)
+        end = offset + p.numel()
+    return offsets
 
 
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
@@ -134,17 +139,18 @@ def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) ->
 
 def _layer_adapters(linears: list[QLoRALinear]) -> dict:
     """LoRA layer -> (A, B) in the compute dtype, cast in one operator for the whole block when its adapters lie in
-    one run of memory (``_one_run``); nothing otherwise (each layer then casts its own, the same values)."""
+    one run of memory (``_run_offsets``); nothing otherwise (each layer then casts its own, the same values)."""
     kinds = {m.compute_dtype for m in linears}
     if len(kinds) != 1:
         return {}
     cdt = getattr(torch, kinds.pop())
     params = [p for m in linears for p in (m.lora_A, m.lora_B)]
-    if params[0].dtype == cdt or not _one_run(params):  # already the compute dtype: nothing to cast
+    offsets = None if params[0].dtype == cdt else _run_offsets(params)  # already the compute dtype: nothing to cast
+    if offsets is None:
         return {}
-    flat = params[0].detach().as_strided((sum(p.numel() for p in params),), (1,))  # from A's storage offset
-    pieces = flat.to(cdt).split([p.numel() for p in params])
-    cast = [piece.view(p.shape) for piece, p in zip(pieces, params, strict=True)]
+    span = offsets[-1] + params[-1].numel()
+    flat = params[0].detach().as_strided((span,), (1,)).to(cdt)  # from A's storage offset, the gaps cast too
+    cast = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params, strict=True)]
     return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
 
 

@@ -19,8 +19,9 @@ machine without CUDA bitsandbytes falls back to ordinary tensors (and warns); th
 is how the tests compare the backends on CPU.
 
 **One flat buffer** for bitsandbytes' 32-bit optimizers (``paged_adamw``; ``flat=None`` chooses it whenever the
-parameters share a device and dtype): the parameters are re-pointed into one contiguous tensor, their gradients
-into a second one, and bitsandbytes updates that single tensor. bitsandbytes' ``step`` is a Python loop that,
+parameters share a device and dtype): the parameters are re-pointed into one contiguous tensor (each slice starting
+on a 512-byte boundary, ``flat_layout``), their gradients into a second one, and bitsandbytes updates that single
+tensor. bitsandbytes' ``step`` is a Python loop that,
 for every parameter, prefetches its paged state, launches one update kernel and calls ``torch.cuda.synchronize()``
 (bitsandbytes 0.50; its open PR #2050 describes the per-parameter synchronisation): 448 times a step for LLaMA-7B's
 adapters, 1 time here. The update is elementwise, so the parameters and states are bit-identical to the
@@ -44,6 +45,23 @@ _BNB_CLASSES = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_a
 FLAT_OPTIMIZERS = ("paged_adamw",)
 #: bitsandbytes' update kernels count elements in a 32-bit int: the largest buffer they can take in one launch
 FLAT_MAX_NUMEL = 2**31 - 1
+#: each parameter's slice of the flat buffer starts at a multiple of this many bytes, the alignment of torch's CUDA
+#: caching allocator: CUDA kernels choose vectorised paths by address (``torch._foreach_norm`` sums in another
+#: order on a misaligned tensor), so a slice must sit as a separately allocated tensor would
+FLAT_ALIGN_BYTES = 512
+
+
+def flat_layout(numels: list[int], element_size: int) -> tuple[list[int], int]:
+    """Where each tensor of ``numels`` elements starts in the flat buffer (in elements, each start aligned to
+    ``FLAT_ALIGN_BYTES``) and the buffer's length. The gaps (under 512 bytes each) stay zero, and AdamW keeps a
+    zero with a zero gradient zero."""
+    step = max(1, FLAT_ALIGN_BYTES // element_size)
+    starts, end = [], 0
+    for n in numels:
+        start = -(-end // step) * step
+        starts.append(start)
+        end = start + n
+    return starts, end
 
 
 def _torch_class(name: str):
@@ -126,7 +144,7 @@ class TorchOptimizer:
         if not tensors:
             raise ValueError("params is empty: the optimizer has nothing to update")
         same = all(t.device == tensors[0].device and t.dtype == tensors[0].dtype for t in tensors)
-        numel = sum(t.numel() for t in tensors)
+        numel = flat_layout([t.numel() for t in tensors], tensors[0].element_size())[1]
         if self._flat_forced and not same:
             raise ValueError("flat=True needs every parameter on one device with one dtype, got "
                              f"{sorted({f'{t.device}/{t.dtype}' for t in tensors})}")
@@ -274,6 +292,28 @@ class TorchOptimizer:
         state["step"] = steps.pop()
 
 
+def _laid_out(tensors: list[torch.Tensor], starts: list[int], numel: int) -> torch.Tensor | None:
+    """The storage ``tensors`` already share, at ``flat_layout``'s places, as the flat buffer (``qlora_gpu.prepare``
+    builds the adapters so); None if they do not. Binding then copies nothing: re-pointing separately allocated
+    tensors holds two copies of them at once (3.2 GB for LLaMA-65B's float32 adapters, docs/benchmarks.md)."""
+    first = tensors[0]
+    storage, base = first.untyped_storage(), first.storage_offset()
+    for t, start in zip(tensors, starts, strict=True):
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype
+                or t.device != first.device or not t.is_contiguous() or t.storage_offset() != base + start):
+            return None
+    if (base + numel) * first.element_size() > storage.nbytes():
+        return None
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, base, (numel,), (1,))
+
+
+def adapter_buffer(numels: list[int], dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:
+    """A zeroed buffer for tensors of ``numels`` elements laid out as the flat buffer lays them out, and their
+    starts: tensors placed there (``buffer[start:start + n]``) are bound by a flat optimizer without a copy."""
+    starts, numel = flat_layout(numels, torch.empty(0, dtype=dtype).element_size())
+    return torch.zeros(numel, dtype=dtype, device=device), starts
+
+
 class _FlatBuffer:
     """Tensors re-pointed into one contiguous parameter (``param``) and their gradients into its ``.grad``: the
     flat buffer of ``TorchOptimizer`` (module docstring)."""
@@ -281,11 +321,11 @@ class _FlatBuffer:
     def __init__(self, tensors: list[torch.Tensor]):
         first = tensors[0]
         self.shapes = [t.shape for t in tensors]
-        offsets = [0]
-        for t in tensors:
-            offsets.append(offsets[-1] + t.numel())
-        self.slices = [slice(a, b) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
-        self.param = torch.nn.Parameter(torch.empty(offsets[-1], dtype=first.dtype, device=first.device))
+        starts, numel = flat_layout([t.numel() for t in tensors], first.element_size())
+        self.slices = [slice(a, a + t.numel()) for a, t in zip(starts, tensors, strict=True)]
+        laid_out = _laid_out(tensors, starts, numel)  # e.g. prepare_model's adapters: nothing to move
+        self.param = torch.nn.Parameter(laid_out if laid_out is not None else
+                                        torch.zeros(numel, dtype=first.dtype, device=first.device))
         self.param.grad = torch.zeros_like(self.param)
         self.views = [self.param.data[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]
         self.grad_views = [self.param.grad[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]

@@ -196,6 +196,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
 
     from tqdm.auto import tqdm
 
+    adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device)
     for i, layer in enumerate(tqdm(hf.model.layers, desc="quantizing layers", unit="layer", disable=not progress)):
         p = f"model.layers.{i}."
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
@@ -203,9 +204,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         for name in LINEAR_MODULES:
             path = p + _module_path(name)
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
-            if lin.r is not None and adapter_dtype != "float32":
-                lin.lora_A.data = lin.lora_A.data.to(getattr(torch, adapter_dtype))
-                lin.lora_B.data = lin.lora_B.data.to(getattr(torch, adapter_dtype))
+            adapters.place(lin)
             set_block_linear(layer, name, lin)
     tok = None
     if folder is not None and tokenizer:
@@ -234,6 +233,40 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
 def _set_norm(norm: nn.Module, weight: torch.Tensor) -> None:
     norm.weight = nn.Parameter(weight, requires_grad=False)
     norm.register_forward_hook(_float32_norm)
+
+
+class _AdapterPlaces:
+    """Every adapter of the model in one zeroed buffer (``qlora_gpu.optim.adapter_buffer``), in the order the
+    linears are built, which is ``QLoRAModel.lora_parameters``' order: each linear's ``lora_A``/``lora_B`` are
+    copied to their places as it is built (and cast to the adapter dtype). The flat optimizer then binds them
+    without a copy; re-pointing separately allocated adapters held a second copy of them all at the first step
+    (3.2 GB at LLaMA-65B, the whole gap between its measured peak and its steady state, docs/benchmarks.md)."""
+
+    def __init__(self, source: _Source, cfg: ModelConfig, lora: LoraConfig | None, dtype: torch.dtype, device):
+        from .optim import adapter_buffer
+
+        shapes = []
+        for i in range(cfg.num_hidden_layers):
+            for name in LINEAR_MODULES:
+                r = adapter_args(name, lora)[0]
+                if r is not None:
+                    out_f, in_f = source.shapes[f"model.layers.{i}.{_module_path(name)}.weight"]
+                    shapes += [(r, in_f), (out_f, r)]
+        self.buffer, self.starts = adapter_buffer([a * b for a, b in shapes], dtype, device)
+        self.shapes, self.next = shapes, 0
+
+    @torch.no_grad()
+    def place(self, lin: QLoRALinear) -> None:
+        if lin.r is None:
+            return
+        for key in ("lora_A", "lora_B"):
+            param, shape, start = getattr(lin, key), self.shapes[self.next], self.starts[self.next]
+            if tuple(param.shape) != shape:  # the layout was computed from the same config: a bug if reached
+                raise RuntimeError(f"adapter {key} of shape {tuple(param.shape)} where {shape} was expected")
+            view = self.buffer[start:start + param.numel()].view(shape)
+            view.copy_(param)
+            param.data = view
+            self.next += 1
 
 
 def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant: QuantConfig | None,

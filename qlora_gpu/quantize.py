@@ -95,11 +95,19 @@ class Quantized4bit(ref.Quantized4bit):
                    state.blocksize, state.quant_type, state.code, offset, state2)
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, in one reduction: a NaN or an infinity reaches the minimum or
+    the maximum (torch's min/max propagate NaN). ``torch.isfinite(x).all()`` would allocate |x| and three
+    boolean masks (10 bytes per float32 weight, measured on an H200), above the build's one-linear transient."""
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _check_input(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor (float32, float16 or bfloat16), got {type(x).__name__}")
     dname = str(x.dtype).removeprefix("torch.")
-    finite = x.numel() == 0 or dname not in ("float32", "float16", "bfloat16") or bool(torch.isfinite(x).all())
+    finite = x.numel() == 0 or dname not in ("float32", "float16", "bfloat16") or _all_finite(x)
     check_float_input(name, dname, x.numel(), finite)
 
 

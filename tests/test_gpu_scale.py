@@ -202,6 +202,10 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert (n, compute) == (2, 1)
     comp = {s: r["profile"]["compute_ops"] for s, r in rows.items()}
     assert all(0 < comp[s] < ops[s] for s in ops) and comp["ours"] < comp["baseline"], comp
+    top = rows["ours"]["profile"]["top_ops"]  # the most frequent computing operators, most frequent first
+    assert 0 < len(top) <= gpu_scale.TOP and sum(top.values()) <= comp["ours"]
+    assert list(top.values()) == sorted(top.values(), reverse=True) and "aten.mm.default" in top
+    assert 0 < gpu_scale.launch_microseconds(torch.device("cpu"), n=50) < 1e5  # runs anywhere; measured on CUDA
     # the launches per step that per-block staging and the one-kernel dropout save (docs/benchmarks.md: 0.74x at
     # 32 blocks, 0.89x without them); 0.72x on this 2-block config
     assert comp["ours"] <= 0.8 * comp["baseline"], comp

@@ -65,11 +65,31 @@ def test_parameters_and_gradients_live_in_the_buffer():
     for p, view, gview in zip(params.values(), opt._flat.views, opt._flat.grad_views, strict=True):
         assert p.data_ptr() == view.data_ptr() and p.grad.data_ptr() == gview.data_ptr()
     (params["layers.0.w"].sum() * 2 + params["layers.1.w"].sum()).backward()  # autograd adds into the buffer
-    assert torch.equal(buf.grad, torch.tensor([2.0] * 12 + [1.0] * 5))
+    # the second slice starts at the next 512-byte boundary (128 float32); the gap between stays zero
+    assert torch.equal(buf.grad, torch.tensor([2.0] * 12 + [0.0] * 116 + [1.0] * 5))
     opt.step(params, {k: p.grad for k, p in params.items()})
-    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params.values()]), buf.detach())
+    assert torch.equal(torch.cat([p.detach().reshape(-1) for p in params.values()]),
+                       torch.cat([buf.detach()[:12], buf.detach()[128:]]))
+    assert not buf.detach()[12:128].any()  # a zero with a zero gradient stays zero through AdamW
     opt.zero_grad(params)
     assert not buf.grad.any() and all(p.grad is not None and not p.grad.any() for p in params.values())
+
+
+@given(shapes=shapes_st, dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+@settings(max_examples=20, deadline=None)
+def test_each_slice_starts_where_a_separate_tensor_would(shapes, dtype):
+    """CUDA kernels pick vectorised paths by address (``_foreach_norm`` then sums in another order): every slice
+    starts on a 512-byte boundary of the buffer, in order, with gaps shorter than 512 bytes."""
+    params = _params(shapes, 0, dtype)
+    opt = make_optimizer("paged_adamw", **KW)
+    opt.bind(params)
+    base, size = opt._flat.param.data_ptr(), opt._flat.param.element_size()
+    end = 0
+    for p in params.values():
+        offset = (p.data_ptr() - base) // size
+        assert (p.data_ptr() - base) % 512 == 0 and 0 <= (offset - end) * size < 512
+        end = offset + p.numel()
+    assert end == opt._flat.param.numel()
 
 
 def test_state_dicts_move_between_flat_and_per_parameter_optimizers():

@@ -158,6 +158,7 @@ def test_double_quant_saves_0_373_bits_per_parameter():
     [
         (np.array([1.0, np.nan], np.float32), {}, "NaN or Inf"),
         (np.array([1.0, np.inf], np.float32), {}, "NaN or Inf"),
+        (np.array([-np.inf, 1.0, 2.0], np.float32), {}, "NaN or Inf"),
         (np.zeros(0, np.float32), {}, "empty"),
         (np.ones(4, np.float64), {}, "float32, float16 or bfloat16"),
         (np.ones(4, np.int32), {}, "float32, float16 or bfloat16"),
@@ -173,6 +174,19 @@ def test_bad_input_is_rejected_with_a_clear_error(x, kwargs, match):
     if isinstance(x, np.ndarray) and x.dtype != np.float64:
         with pytest.raises(ValueError, match=match):
             qlora_gpu.quantize_4bit(torch.from_numpy(x), **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_torch_backend_finds_one_bad_value_anywhere(dtype, bad):
+    """The finite check is one min/max reduction (no |x| copy): a single NaN or infinity at any place, in any
+    input dtype, is still found."""
+    for where in (0, 517, 4095):
+        x = torch.randn(64, 64).to(dtype)
+        x.view(-1)[where] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            qlora_gpu.quantize_4bit(x)
+    qlora_gpu.quantize_4bit(torch.randn(64, 64).to(dtype))  # and a clean one passes
 
 
 def test_bitsandbytes_silently_turns_a_nan_block_into_nan():
