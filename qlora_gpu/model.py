@@ -12,6 +12,8 @@ seed), and the transformers model is assembled from its tensors:
   (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
 - per decoder layer, the LoRA layers' dropout masks drawn and their adapters cast to the compute dtype in one
   operator for the whole block (``stage_layer``: host time, one launch where seven layers would launch seven);
+- the RMSNorms through torch's fused RMSNorm operator (``rms_norm``: the rounding steps of transformers'
+  float32-weight norm, one CUDA kernel where transformers' code launches seven);
 - gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
   the recomputation so that it draws the same masks as the first forward pass.
 
@@ -80,6 +82,26 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
 
 def _lora_linears(layer: nn.Module) -> list[QLoRALinear]:
     return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
+
+
+def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A Llama/Mistral/Qwen2 RMSNorm with a float32 weight, returning the residual stream's dtype (the paper keeps
+    norms in float32, section 3): x / rms(x) computed in float32 and rounded to x's dtype, times the float32
+    weight, rounded again — the rounding steps of transformers' ``LlamaRMSNorm.forward`` followed by the cast back
+    to the stream's dtype. The normalization is torch's ``aten._fused_rms_norm``: one kernel forward and one
+    backward on CUDA where transformers' code launches seven and about nine (on the CPU it is those same
+    operators, and the result is bit-identical to transformers'; on CUDA its reduction order may move the
+    normalized value by one bfloat16 step, rarely, docs/benchmarks.md)."""
+    normed = torch.ops.aten._fused_rms_norm(hidden, [hidden.shape[-1]], None, norm.variance_epsilon)[0]
+    return (norm.weight * normed).to(hidden.dtype)
+
+
+def use_fused_rms_norm(hf: nn.Module) -> None:
+    """Route every RMSNorm of a transformers model through ``rms_norm`` (an instance ``forward``; forward hooks,
+    such as ``stage_layer``'s, still run)."""
+    for module in hf.modules():
+        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+            module.forward = functools.partial(rms_norm, module)
 
 
 def _checkpoint_layer(layer: nn.Module, fn, *args):
@@ -263,6 +285,7 @@ class QLoRAModel(nn.Module):
         """The model around a skeleton whose tensors are all set: the rotary buffers (created on the meta device)
         rebuilt on ``device``, nothing left on the meta device, checkpointing set, training mode."""
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
+        use_fused_rms_norm(hf)
         model = cls(hf, config, quant, lora, tokenizer)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
         if leftover:

@@ -12,7 +12,8 @@ What the model then is — the paper's training setup (section 4, Appendix B):
 - every block linear a ``QLoRALinear`` (adapters on all seven, "LoRA on all linear layers");
 - embedding and LM head in ``dtype`` (bfloat16), frozen; the residual stream in ``dtype``;
 - RMSNorm weights in float32, computed in float32 and cast back to the stream's dtype (the stability trick of
-  ``peft.prepare_model_for_kbit_training``, without turning the whole stream to float32);
+  ``peft.prepare_model_for_kbit_training``, without turning the whole stream to float32), through torch's fused
+  RMSNorm operator (``qlora_gpu.model.rms_norm``);
 - non-reentrant gradient checkpointing per decoder layer, dropout masks replayed (``qlora_gpu.model``).
 """
 
@@ -139,11 +140,6 @@ class _Source:
         return Quantized4bit.from_state_dict(sub, prefix).to(self.device)
 
 
-def _float32_norm(module: nn.Module, inputs, output):
-    """RMSNorm with a float32 weight returns float32; cast back to the residual stream's dtype."""
-    return output.to(inputs[0].dtype)
-
-
 # ----------------------------------------------------------------------------------------------- building
 def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None = _PAPER_LORA, *,
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
@@ -231,8 +227,9 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
 
 
 def _set_norm(norm: nn.Module, weight: torch.Tensor) -> None:
+    """A float32 norm weight; ``QLoRAModel.assemble`` routes the norm through ``qlora_gpu.model.rms_norm``, which
+    casts its float32 product back to the residual stream's dtype."""
     norm.weight = nn.Parameter(weight, requires_grad=False)
-    norm.register_forward_hook(_float32_norm)
 
 
 class _AdapterPlaces:
