@@ -126,8 +126,8 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
 
 def _run_offsets(params: list[torch.Tensor]) -> list[int] | None:
     """Element offsets of ``params`` from the first when they lie in order in one storage, contiguous, of one dtype,
-    with gaps shorter than ``FLAT_ALIGN_BYTES`` (the adapters once ``qlora_gpu.optim`` has bound them into its flat
-    buffer, in the model's order); None otherwise."""
+    with gaps shorter than ``FLAT_ALIGN_BYTES`` (the adapters as ``prepare_model`` builds them, or once
+    ``qlora_gpu.optim`` has bound them into its flat buffer, in the model's order); None otherwise."""
     first = params[0]
     storage, base, size = first.untyped_storage().data_ptr(), first.data_ptr(), first.element_size()
     offsets, end = [], 0
@@ -183,9 +183,9 @@ def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
 
     Why: at batch 1 a training step waits on the host, which pays per operator launched, whatever its size
     (docs/benchmarks.md). Per call of a LLaMA block this is 4 operators instead of 14 for the masks and 1 instead
-    of 14 for the casts (when ``qlora_gpu.optim`` has bound the adapters into one buffer). The values are the ones
-    each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
-    checkpointing rewinds) instead of seven."""
+    of 14 for the casts (when the adapters lie in one buffer: built so by ``prepare_model``, or bound by
+    ``qlora_gpu.optim``). The values are the ones each layer would compute; the masks are drawn from one generator
+    (the block's first dropout layer's, which checkpointing rewinds) instead of seven."""
     linears = _lora_linears(layer)
     if not linears:
         return
