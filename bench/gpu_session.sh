@@ -93,8 +93,8 @@ run_part() {
       for p in tests fit48 optim paged kernels extras; do run_part "$p"; done ;;
     fit48)  # the paper's claim as a card would see it: 65B ours with torch's allocator capped at 48 GB, build included
       scale 65b:ours scale_65b_cap48.json --cap-gb 48 ;;
-    extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B; the opt-in fused kernels at 7B
-      scale 65b:ours:bfloat16,33b:ours,33b:baseline,7b:ours-triton scale_extras.json ;;
+    extras)  # the paper's bf16 adapters (its qlora.py) at 65B; 33B; the opt-in fused kernels at 7B; 7B bf16 adapters
+      scale 65b:ours:bfloat16,33b:ours,33b:baseline,7b:ours-triton,7b:ours:bfloat16 scale_extras.json ;;
     tests)
       TIMED_MAX=${TESTS_MAX:-150} timed python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
         --continue-on-collection-errors tests/ 2>&1 | tee "$OUT/gpu_tests.log" ;;
