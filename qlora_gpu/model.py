@@ -34,7 +34,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .lora import QLoRALinear
-from .optim import FLAT_ALIGN_BYTES
+from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
@@ -124,23 +124,6 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
-def _run_offsets(params: list[torch.Tensor]) -> list[int] | None:
-    """Element offsets of ``params`` from the first when they lie in order in one storage, contiguous, of one dtype,
-    with gaps shorter than ``FLAT_ALIGN_BYTES`` (the adapters as ``prepare_model`` builds them, or once
-    ``qlora_gpu.optim`` has bound them into its flat buffer, in the model's order); None otherwise."""
-    first = params[0]
-    storage, base, size = first.untyped_storage().data_ptr(), first.data_ptr(), first.element_size()
-    offsets, end = [], 0
-    for p in params:
-        offset, rest = divmod(p.data_ptr() - base, size)
-        if (p.dtype != first.dtype or p.device != first.device or not p.is_contiguous() or rest
-                or p.untyped_storage().data_ptr() != storage or not 0 <= (offset - end) * size < FLAT_ALIGN_BYTES):
-            return None
-        offsets.append(offset)
-        end = offset + p.numel()
-    return offsets
-
-
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
     """LoRA layer -> its dropout mask (rows, in): for each input width, one draw of (layers, rows, width)
     uniforms on the generator of the block's first dropout layer, kept where ≥ p — the same rule as a layer's own
@@ -161,18 +144,19 @@ def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) ->
 
 def _layer_adapters(linears: list[QLoRALinear]) -> dict:
     """LoRA layer -> (A, B) in the compute dtype, cast in one operator for the whole block when its adapters lie in
-    one run of memory (``_run_offsets``); nothing otherwise (each layer then casts its own, the same values)."""
+    one buffer as the flat optimizer lays them out (``qlora_gpu.optim.flat_view``); nothing otherwise (each layer
+    then casts its own, the same values)."""
     kinds = {m.compute_dtype for m in linears}
     if len(kinds) != 1:
         return {}
     cdt = getattr(torch, kinds.pop())
     params = [p for m in linears for p in (m.lora_A, m.lora_B)]
-    offsets = None if params[0].dtype == cdt else _run_offsets(params)  # already the compute dtype: nothing to cast
-    if offsets is None:
+    found = None if params[0].dtype == cdt else flat_view(params)  # already the compute dtype: nothing to cast
+    if found is None:
         return {}
-    span = offsets[-1] + params[-1].numel()
-    flat = params[0].detach().as_strided((span,), (1,)).to(cdt)  # from A's storage offset, the gaps cast too
-    cast = [flat[o:o + p.numel()].view(p.shape) for o, p in zip(offsets, params, strict=True)]
+    flat, starts = found
+    flat = flat.to(cdt)  # the gaps between the adapters cast too
+    cast = [flat[s:s + p.numel()].view(p.shape) for s, p in zip(starts, params, strict=True)]
     return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
 
 

@@ -292,11 +292,14 @@ class TorchOptimizer:
         state["step"] = steps.pop()
 
 
-def _laid_out(tensors: list[torch.Tensor], starts: list[int], numel: int) -> torch.Tensor | None:
-    """The storage ``tensors`` already share, at ``flat_layout``'s places, as the flat buffer (``qlora_gpu.prepare``
-    builds the adapters so); None if they do not. Binding then copies nothing: re-pointing separately allocated
-    tensors holds two copies of them at once (3.2 GB for LLaMA-65B's float32 adapters, docs/benchmarks.md)."""
+def flat_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | None:
+    """The one storage ``tensors`` already share at ``flat_layout``'s places (relative to the first), as a 1-D
+    tensor spanning them, and their starts in it; None if they do not lie so. ``prepare_model`` builds the adapters
+    so: binding then copies nothing (re-pointing separately allocated tensors holds two copies of them at once,
+    3.2 GB for LLaMA-65B's float32 adapters, docs/benchmarks.md), and a decoder block casts its adapters in one
+    operator (``qlora_gpu.model.stage_layer``)."""
     first = tensors[0]
+    starts, numel = flat_layout([t.numel() for t in tensors], first.element_size())
     storage, base = first.untyped_storage(), first.storage_offset()
     for t, start in zip(tensors, starts, strict=True):
         if (t.untyped_storage().data_ptr() != storage.data_ptr() or t.dtype != first.dtype
@@ -304,13 +307,13 @@ def _laid_out(tensors: list[torch.Tensor], starts: list[int], numel: int) -> tor
             return None
     if (base + numel) * first.element_size() > storage.nbytes():
         return None
-    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, base, (numel,), (1,))
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(storage, base, (numel,), (1,)), starts
 
 
 def adapter_buffer(numels: list[int], dtype: torch.dtype, device) -> tuple[torch.Tensor, list[int]]:
     """A zeroed buffer for tensors of ``numels`` elements laid out as the flat buffer lays them out, and their
     starts: tensors placed there (``buffer[start:start + n]``) are bound by a flat optimizer without a copy."""
-    starts, numel = flat_layout(numels, torch.empty(0, dtype=dtype).element_size())
+    starts, numel = flat_layout(numels, dtype.itemsize)
     return torch.zeros(numel, dtype=dtype, device=device), starts
 
 
@@ -323,8 +326,8 @@ class _FlatBuffer:
         self.shapes = [t.shape for t in tensors]
         starts, numel = flat_layout([t.numel() for t in tensors], first.element_size())
         self.slices = [slice(a, a + t.numel()) for a, t in zip(starts, tensors, strict=True)]
-        laid_out = _laid_out(tensors, starts, numel)  # e.g. prepare_model's adapters: nothing to move
-        self.param = torch.nn.Parameter(laid_out if laid_out is not None else
+        found = flat_view(tensors)  # e.g. prepare_model's adapters: nothing to move
+        self.param = torch.nn.Parameter(found[0] if found is not None else
                                         torch.zeros(numel, dtype=first.dtype, device=first.device))
         self.param.grad = torch.zeros_like(self.param)
         self.views = [self.param.data[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]
