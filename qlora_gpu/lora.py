@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
@@ -42,22 +43,50 @@ from torch import nn
 from qlora_ref import lora as ref
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
+from . import deferred_grads
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
 #: the implementations of the layer's arithmetic (see the module docstring); "bnb" is the default
 KERNELS = ("bnb", "triton")
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b. torch's CPU bfloat16 GEMM without native bfloat16 instructions takes a very slow path when both
-    operands are row-major (measured: minutes for 512×4096 @ 4096×4096, against about a second otherwise);
-    giving the smaller operand column-major layout selects the fast kernel. Same float32-accumulated product."""
+def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b, or alpha · (a @ b) applied by the product itself (``_exact_scale``: alpha a power of two); written
+    into ``out`` if given (``qlora_gpu.deferred_grads``).
+
+    torch's CPU bfloat16 GEMM without native bfloat16 instructions takes a very slow path when both operands are
+    row-major (measured: minutes for 512×4096 @ 4096×4096, against about a second otherwise); giving the smaller
+    operand column-major layout selects the fast kernel. Same float32-accumulated product."""
     if a.device.type == "cpu" and a.dtype == torch.bfloat16 and a.is_contiguous() and b.is_contiguous():
         if a.numel() <= b.numel():
             a = a.t().contiguous().t()
         else:
             b = b.t().contiguous().t()
-    return a @ b
+    if alpha == 1.0:
+        return torch.mm(a, b, out=out)
+    return torch.addmm(_unused_input(a.dtype, a.device), a, b, beta=0, alpha=alpha, out=out)
+
+
+@functools.lru_cache(maxsize=16)
+def _unused_input(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``addmm``'s input where beta = 0 (ignored, NaN included): one per dtype and device, not one per call."""
+    return torch.zeros((), dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _exact_scale(s: float) -> bool:
+    """Whether s = ±2ᵏ. Multiplying a bfloat16 or float32 value by such s is exact (short of the subnormal range,
+    |value · s| < 2⁻¹²⁶), so the LoRA scaling can ride inside another operation — the addition of the adapter's
+    output to the frozen path's (``torch.add``'s alpha), the products of the backward pass (the GEMM's alpha) —
+    instead of a multiplication of its own: the same bits, one kernel fewer per use (21 per LLaMA block and step).
+    The paper's settings all are (alpha/r = 16/64, and 2 for alpha = 2r); any other s takes the separate
+    multiplication, rounded as the reference rounds it."""
+    return s != 0.0 and abs(math.frexp(s)[0]) == 0.5
+
+
+def _add_scaled(base: torch.Tensor, p: torch.Tensor, s: float) -> torch.Tensor:
+    """base + s · P with the reference's roundings: rnd(base + rnd(s · P)) (docs/lora_backprop.md)."""
+    return torch.add(base, p, alpha=s) if _exact_scale(s) else base + p * s
 
 
 @functools.lru_cache(maxsize=64)
@@ -105,13 +134,23 @@ def _adapter_forward(x, keep, keep_scale, lora_a):
 
 def _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h):
     """(∂L/∂H = s G B, ∂L/∂A, ∂L/∂B) from the saved x_d, A, B and H (docs/lora_backprop.md); None where
-    ``ctx`` needs no gradient. Shared by the unfused and the fused (Triton) functions."""
+    ``ctx`` needs no gradient, and where the gradient was written into the flat optimizer's deferred buffer
+    instead of going to autograd (``qlora_gpu.deferred_grads``: ``ctx.params`` are the layer's parameters).
+    Shared by the unfused and the fused (Triton) functions."""
     need_a, need_b = ctx.needs_input_grad[1:3]
-    gs = grad_y * ctx.scaling  # ∂L/∂P for P = H Bᵀ
-    grad_b = gs.t() @ h if need_b else None  # ∂L/∂B = s Gᵀ H
-    gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
-    grad_a = gh.t() @ xd if need_a else None  # ∂L/∂A = (∂L/∂H)ᵀ x_d
-    return gh, grad_a, grad_b
+    dtype = grad_y.dtype
+    out_a = deferred_grads.slot(ctx.params[0], dtype) if need_a else None
+    out_b = deferred_grads.slot(ctx.params[1], dtype) if need_b else None
+    s = ctx.scaling
+    if _exact_scale(s):  # s G is exact: s applied by the two products instead of by a multiplication
+        grad_b = _mm(grad_y.t(), h, s, out_b) if need_b else None
+        gh = _mm(grad_y, lora_b, s)
+    else:
+        gs = grad_y * s  # ∂L/∂P for P = H Bᵀ
+        grad_b = torch.mm(gs.t(), h, out=out_b) if need_b else None  # ∂L/∂B = s Gᵀ H
+        gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
+    grad_a = torch.mm(gh.t(), xd, out=out_a) if need_a else None  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+    return gh, None if out_a is not None else grad_a, None if out_b is not None else grad_b
 
 
 class _QLoRALinearFunction(torch.autograd.Function):
@@ -127,9 +166,10 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
         if lora_a is None:
             return base
+        ctx.params = lora_a, lora_b
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
-        y = base + (h @ lora_b.t()) * scaling
+        y = _add_scaled(base, h @ lora_b.t(), scaling)
         ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
         return y
 

@@ -36,6 +36,7 @@ from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 from .lora import QLoRALinear
 from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
+from .rope import use_fused_rope
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
 _HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -270,6 +271,7 @@ class QLoRAModel(nn.Module):
         rebuilt on ``device``, nothing left on the meta device, checkpointing set, training mode."""
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
         use_fused_rms_norm(hf)
+        use_fused_rope(hf)
         model = cls(hf, config, quant, lora, tokenizer)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]
         if leftover:

@@ -40,6 +40,8 @@ import torch
 
 from qlora_ref.optim import canonical_optimizer_name
 
+from .deferred_grads import DeferredGrads
+
 _BNB_CLASSES = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 #: optimizers whose update is elementwise over 32-bit states, so that one flat buffer changes no arithmetic
 FLAT_OPTIMIZERS = ("paged_adamw",)
@@ -336,6 +338,8 @@ class _FlatBuffer:
         self._ptrs = [v.data_ptr() for v in self.views]
         self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.adopt(tensors)
+        # the layers' gradients widened and added in one operator per backward pass (qlora_gpu.deferred_grads)
+        self.deferred = DeferredGrads(tensors, self.param.grad, self.slices, self.shapes)
 
     def adopt(self, tensors: list[torch.Tensor]) -> None:
         """Point each tensor at its slice, keeping its values: at the build, and again for one given new storage

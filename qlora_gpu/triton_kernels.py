@@ -422,6 +422,7 @@ class TritonQLoRAFunction(torch.autograd.Function):
         ctx.dot_f32, ctx.block = dot_f32, block
         if lora_a is None:
             return fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block)
+        ctx.params = lora_a, lora_b  # the parameters (qlora_gpu.lora._adapter_grads)
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)

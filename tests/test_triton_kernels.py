@@ -345,13 +345,14 @@ def test_gpu_dot_f32_fallback_matches_native_bfloat16():
 def test_fused_path_dispatches_fewer_operators(monkeypatch):
     """At batch 1 a training step may be bound by the host's cost per launched operator (docs/fused_kernels.md):
     one layer's forward + backward on the fused path (its two kernels stubbed, each launch counted as one
-    operator) dispatches fewer operators than on the unfused path (bitsandbytes' product is one operator on either
-    device; on CUDA it launches four kernels inside) — and the double-quantized scales are decoded in two."""
+    operator) dispatches fewer computing operators — the CPU's stand-in for kernels; views launch none — than on
+    the unfused path (bitsandbytes' product is one operator on either device; on CUDA it launches four kernels
+    inside) — and the double-quantized scales are decoded in two."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-    import gpu_scale  # bench/gpu_scale.py: count_ops
+    import gpu_scale  # bench/gpu_scale.py: count_op_kinds
 
     launches = []
 
@@ -367,7 +368,7 @@ def test_fused_path_dispatches_fewer_operators(monkeypatch):
         x = torch.randn(4, 128, dtype=torch.bfloat16, requires_grad=True)
         layer(x).float().sum().backward()  # first call: generators and caches
         launches.clear()
-        n, _ = gpu_scale.count_ops(lambda layer=layer, x=x: layer(x).float().sum().backward())
+        _, n, _ = gpu_scale.count_op_kinds(lambda layer=layer, x=x: layer(x).float().sum().backward())
         counts[kernel] = n + len(launches)
         assert len(launches) == (2 if kernel == "triton" else 0)
     assert counts["triton"] < counts["bnb"], counts

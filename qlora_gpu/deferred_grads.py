@@ -1,0 +1,112 @@
+"""The adapters' gradients widened and accumulated in one operation per backward pass (host time at batch 1,
+docs/benchmarks.md).
+
+Autograd hands each LoRA layer's bfloat16 gradients of A and B to the float32 parameters with two kernels per
+tensor: a cast to float32 (the engine matches a gradient to its input's dtype), then AccumulateGrad's in-place
+``grad += g`` — 28 per LLaMA block and step. When the gradients live in a flat optimizer's buffer
+(``qlora_gpu.optim``), the layers can instead write their gradient products straight into one buffer in the
+compute dtype, laid out as the flat one (``slot``), and a single ``add_`` at the end of the backward pass widens
+and accumulates all of them: ``grad += float32(g)`` per element, AccumulateGrad's arithmetic exactly. Two kernels
+per backward pass (the buffer's zeroing and the addition) instead of 28 per block; the price is that buffer while
+the backward pass runs (half the float32 adapters' size: 0.64 GB at LLaMA-7B).
+
+It runs only where it is AccumulateGrad's arithmetic: a plain ``backward()`` — not ``torch.autograd.grad``, not
+``backward(inputs=...)`` leaving a parameter out, not ``create_graph`` —, every parameter's ``.grad`` its slice of
+the flat gradient buffer, no hook on any of them (``register_hook``, ``register_post_accumulate_grad_hook``), and
+each gradient written once in the pass. Otherwise the layers return their gradients to autograd as before. (A
+layer called twice in one pass: its second gradient goes to autograd, which adds it before the end-of-pass
+addition; autograd alone would sum the two first. Into a zeroed ``.grad`` the two orders agree exactly; into an
+accumulated one they may differ in the last bit of float32.)
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch.autograd.graph import get_gradient_edge
+
+_ATTR = "_qlora_deferred_grad"  # on each parameter: (weak reference to its DeferredGrads, its index)
+
+
+class DeferredGrads:
+    """For the tensors of a flat buffer (``qlora_gpu.optim._FlatBuffer``): ``grads`` (the float32 gradient buffer),
+    ``slices`` and ``shapes`` their places in it. The tensors point to this object weakly (it holds their
+    AccumulateGrad nodes, which hold them)."""
+
+    def __init__(self, tensors: list[torch.Tensor], grads: torch.Tensor, slices: list[slice], shapes: list):
+        self._grads, self._slices, self._shapes = grads, slices, shapes
+        self._ptrs = [grads[sl].data_ptr() for sl in slices]
+        self._nodes = [_accumulator(t) for t in tensors]
+        self._task = None
+        self._low: torch.Tensor | None = None
+        self._written: list[bool] = []
+        me = weakref.ref(self)
+        for i, t in enumerate(tensors):
+            if t.requires_grad:
+                t.__dict__[_ATTR] = (me, i)
+
+    def slot(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where tensor ``i``'s gradient in ``dtype`` is to be written in this backward pass, or None: give it to
+        autograd. The first call of a pass decides for all tensors (``_deferrable``)."""
+        task = torch._C._current_graph_task_id()
+        if task != self._task:
+            self._begin(task, dtype)
+        if self._low is None or self._written[i] or dtype != self._low.dtype:
+            return None
+        self._written[i] = True
+        return self._low[self._slices[i]].view(self._shapes[i])
+
+    def _begin(self, task: int, dtype: torch.dtype) -> None:
+        self._task, self._low = task, None
+        if task < 0 or torch.is_grad_enabled() or not self._deferrable():
+            return
+        low = torch.zeros(self._grads.shape, dtype=dtype, device=self._grads.device)
+        self._low, self._written = low, [False] * len(self._nodes)
+        torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._flush, low))
+
+    def _flush(self, low: torch.Tensor) -> None:
+        """At the end of the backward pass: every written gradient widened and added to its ``.grad`` slice (the
+        rest of the buffer is zeros)."""
+        self._grads.add_(low)
+        if self._low is low:
+            self._low = None
+
+    def _deferrable(self) -> bool:
+        for refreshed in (False, True):
+            if all(self._accumulates_here(i) for i in range(len(self._nodes))):
+                return True
+            if refreshed:
+                return False
+            # a tensor given new data since (``p.data = ...``) may have a new AccumulateGrad node
+            self._nodes = [_accumulator(n.variable) if n is not None else None for n in self._nodes]
+        return False
+
+    def _accumulates_here(self, i: int) -> bool:
+        """Whether autograd would add tensor ``i``'s gradient in place into its slice, unhooked, in this pass."""
+        node = self._nodes[i]
+        if node is None:
+            return True  # frozen: no gradient
+        t = node.variable
+        g = t.grad
+        if g is None or g.data_ptr() != self._ptrs[i] or t._backward_hooks or t._post_accumulate_grad_hooks:
+            return False
+        try:
+            return torch._C._will_engine_execute_node(node)
+        except RuntimeError:  # inside torch.autograd.grad: gradients are returned there, not accumulated
+            return False
+
+
+def _accumulator(t: torch.Tensor):
+    return get_gradient_edge(t).node if t.requires_grad else None
+
+
+def slot(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """Where a layer writes ``param``'s gradient (in ``dtype``) in the current backward pass instead of returning
+    it to autograd; None when ``param`` is not in a flat buffer or the pass does not allow it (module docstring)."""
+    entry = param.__dict__.get(_ATTR)
+    if entry is None:
+        return None
+    owner = entry[0]()
+    return None if owner is None else owner.slot(entry[1], dtype)

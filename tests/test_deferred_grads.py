@@ -1,0 +1,222 @@
+"""``qlora_gpu.deferred_grads``: with a flat optimizer bound, the LoRA layers write their bfloat16 adapter
+gradients into one buffer and a single ``add_`` at the end of the backward pass widens and accumulates them,
+where autograd launches a cast and an addition per tensor. Checked on CPU with a tiny model: the gradients are
+bit-identical to autograd's (fresh and accumulated over two passes, with and without checkpointing), the operators
+saved are counted exactly, and every case where it would not be AccumulateGrad's arithmetic falls back to it:
+``torch.autograd.grad``, ``backward(inputs=...)``, ``create_graph``, a hook, a ``.grad`` replaced, a layer called
+twice, no optimizer alive."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import qlora_gpu.deferred_grads as dg
+from qlora_gpu.lora import QLoRALinear, _unused_input
+from qlora_gpu.optim import make_optimizer
+from qlora_gpu.prepare import prepare_model
+from qlora_ref.model.config import LoraConfig, ModelConfig
+
+TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+IDS = torch.arange(24)[None] * 7 % 101
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the computing aten operators (views launch no kernel), by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.n[func.__name__.split(".")[0]] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(checkpointing: bool = True, device: str = "cpu"):
+    """The tiny model (r = 3: gaps between the adapters in the flat buffer; a power-of-two scaling) and its flat
+    optimizer, bound as GpuTrainer binds it."""
+    m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=12.0, dropout=0.1), device=device, dtype="bfloat16",
+                      gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
+                      attn_implementation="eager")
+    with torch.no_grad():  # B = 0 at initialisation would make every ∂L/∂A zero
+        for name, p in m.lora_parameters().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    opt = make_optimizer("paged_adamw", lr=1e-4)
+    opt.bind(m.lora_parameters())
+    return m, opt
+
+
+def loss_of(m, ids=IDS) -> torch.Tensor:
+    ids = ids.to(m.hf.model.embed_tokens.weight.device)
+    logits = m(ids)
+    return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+
+
+def grads(m) -> dict[str, torch.Tensor]:
+    return {k: g.clone() for k, g in m.lora_grads().items()}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _passes(monkeypatch, deferred: bool, checkpointing: bool, device: str = "cpu"):
+    """Gradients after one backward pass and after a second accumulated on them (another batch), and the
+    operators of the first backward pass."""
+    _unused_input(torch.bfloat16, torch.device(device))  # created once per process: not counted here
+    with monkeypatch.context() as mp:
+        if not deferred:
+            mp.setattr(dg, "slot", lambda param, dtype: None)
+        m, _opt = build(checkpointing, device)
+        loss = loss_of(m)
+        with _Ops() as ops:
+            loss.backward()
+        first = grads(m)
+        loss_of(m, IDS.flip(-1)).backward()
+        return first, grads(m), ops.n, m
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_deferred_gradients_are_autograds_bit_for_bit_with_fewer_operators(monkeypatch, checkpointing, device):
+    first, second, ops, m = _passes(monkeypatch, True, checkpointing, device)
+    first_ref, second_ref, ops_ref, _ = _passes(monkeypatch, False, checkpointing, device)
+    assert_equal(first, first_ref)
+    assert_equal(second, second_ref)  # accumulated: float32 grad += widened bfloat16 gradient, as AccumulateGrad
+    assert any(g.abs().sum() > 0 for g in first.values())
+    n = len(m.lora_parameters())
+    # autograd: per adapter tensor a cast to float32 and an add_; deferred: one zeros and one add_ per pass
+    assert ops_ref["_to_copy"] - ops["_to_copy"] == n
+    assert ops_ref["add_"] - ops["add_"] == n - 1
+    assert ops["zeros"] - ops_ref["zeros"] == 1
+    assert sum(ops_ref.values()) - sum(ops.values()) == 2 * n - 2
+
+
+def test_the_gaps_of_the_gradient_buffer_stay_zero():
+    m, opt = build()
+    loss_of(m).backward()
+    flat = opt._flat
+    mask = torch.ones(flat.param.numel(), dtype=torch.bool)
+    for sl in flat.slices:
+        mask[sl] = False
+    assert mask.any() and not flat.param.grad[mask].any()
+
+
+def _reference(checkpointing: bool = True, **backward) -> dict[str, torch.Tensor]:
+    m, _opt = build(checkpointing)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dg, "slot", lambda param, dtype: None)
+        loss_of(m).backward(**backward)
+    return {k: g.detach() for k, g in grads(m).items()}
+
+
+def _spy(monkeypatch) -> list:
+    """The slots handed out (None: the gradient went to autograd)."""
+    given = []
+    original = dg.DeferredGrads.slot
+
+    def slot(self, i, dtype):
+        s = original(self, i, dtype)
+        given.append(s)
+        return s
+
+    monkeypatch.setattr(dg.DeferredGrads, "slot", slot)
+    return given
+
+
+def test_autograd_grad_returns_the_gradients_and_leaves_grad_alone(monkeypatch):
+    ref = _reference()
+    m, _opt = build()
+    given = _spy(monkeypatch)
+    params = m.lora_parameters()
+    out = torch.autograd.grad(loss_of(m), list(params.values()))
+    assert given and all(s is None for s in given)
+    assert_equal(dict(zip(params, out, strict=True)), ref)
+    assert all(not g.any() for g in m.lora_grads().values())
+
+
+def test_backward_with_inputs_leaving_some_out(monkeypatch):
+    ref = _reference()
+    m, _opt = build()
+    given = _spy(monkeypatch)
+    params = m.lora_parameters()
+    some = [n for n in params if ".0." in n]
+    loss_of(m).backward(inputs=[params[n] for n in some])
+    assert all(s is None for s in given)
+    got = m.lora_grads()
+    for n in params:
+        assert torch.equal(got[n], ref[n]) if n in some else not got[n].any(), n
+
+
+def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
+    # create_graph: some of torch's backward formulas take differentiable forms that round otherwise, so the
+    # reference is autograd's create_graph pass
+    with_graph = _reference(create_graph=True)
+    ref = _reference()
+    given = _spy(monkeypatch)
+    m, _opt = build()
+    loss_of(m).backward(create_graph=True)
+    assert all(s is None for s in given)
+    assert_equal({k: g.detach() for k, g in grads(m).items()}, with_graph)
+
+    given.clear()
+    m, _opt = build()
+    name, p = next(iter(m.lora_parameters().items()))
+    p.register_hook(lambda g: g * 2)
+    loss_of(m).backward()
+    assert all(s is None for s in given)
+    assert torch.equal(m.lora_grads()[name], 2 * ref[name])
+
+    given.clear()
+    m, _opt = build()
+    p = next(iter(m.lora_parameters().values()))
+    p.grad = torch.zeros_like(p)  # not its slice of the flat buffer any more
+    loss_of(m).backward()
+    assert all(s is None for s in given)
+    assert_equal(m.lora_grads(), ref)
+
+
+def test_deferred_when_all_hold_and_not_once_the_optimizer_is_gone(monkeypatch):
+    given = _spy(monkeypatch)
+    m, opt = build()
+    loss_of(m).backward()
+    assert given and all(s is not None for s in given)
+    given.clear()
+    del opt
+    m.zero_grad()
+    loss_of(m).backward()  # the flat buffer went with its optimizer
+    assert not given
+
+
+def test_a_layer_called_twice_gets_both_contributions():
+    """The second gradient of the same tensor in one pass goes to autograd (its slot is taken); starting from
+    zero, the two float32 additions commute, so the result is autograd's exactly."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_weight(torch.randn(8, 6), 2, 4.0, quant_type=None, compute_dtype="bfloat16")
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
+
+    def run(bound: bool):
+        for p in (layer.lora_A, layer.lora_B):
+            p.grad = None
+        opt = make_optimizer("paged_adamw", lr=1e-4)
+        if bound:
+            opt.bind({"a": layer.lora_A, "b": layer.lora_B})
+        (layer(x1).float().sum() + layer(x2).float().pow(2).sum()).backward()
+        return layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dg, "slot", lambda param, dtype: None)
+        ref = run(False)
+    got = run(True)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
