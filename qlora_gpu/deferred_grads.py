@@ -8,7 +8,7 @@ tensor: a cast to float32 (the engine matches a gradient to its input's dtype), 
 compute dtype, laid out as the flat one (``slot``), and a single ``add_`` at the end of the backward pass widens
 and accumulates all of them: ``grad += float32(g)`` per element, AccumulateGrad's arithmetic exactly. Two kernels
 per backward pass (the buffer's zeroing and the addition) instead of 28 per block; the price is that buffer while
-the backward pass runs (half the float32 adapters' size: 0.64 GB at LLaMA-7B).
+the backward pass runs (half the float32 adapters' size: 0.32 GB at LLaMA-7B).
 
 It runs only where it is AccumulateGrad's arithmetic: a plain ``backward()`` — not ``torch.autograd.grad``, not
 ``backward(inputs=...)`` leaving a parameter out, not ``create_graph`` —, every parameter's ``.grad`` its slice of

@@ -111,8 +111,17 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     rewind, so they are rewound here.
 
     torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
-    recomputes inside the backward pass, where the masks are replayed by ``run``."""
-    linears = [m for m in _lora_linears(layer) if m.dropout_active]
+    recomputes inside the backward pass, where the masks are replayed by ``run``. torch's own generators are saved
+    and restored around the recomputation only when the block draws from them (attention dropout, an
+    ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
+    every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md)."""
+    linears, global_rng = [], False
+    for m in layer.modules():
+        if isinstance(m, QLoRALinear):
+            if m.dropout_active:
+                linears.append(m)
+        elif m.training and (getattr(m, "attention_dropout", 0.0) > 0 or (isinstance(m, nn.Dropout) and m.p > 0)):
+            global_rng = True
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
     states = [g.get_state() for g in gens]
@@ -122,7 +131,7 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
             g.set_state(s)
         return fn(*a)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=global_rng)
 
 
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:

@@ -204,3 +204,37 @@ def test_an_explicit_mask_wins_over_a_staged_one():
     layer = _layer()
     layer.stage(keep=~given)
     assert torch.equal(_out(layer, x, dropout_mask=given), _out(_layer(), x, dropout_mask=given))
+
+
+def _grads_with_attention_dropout(checkpointing: bool) -> dict:
+    m = build(0.1, checkpointing)
+    for mod in m.hf.modules():
+        if hasattr(mod, "attention_dropout"):
+            mod.attention_dropout = 0.2  # drawn from torch's global generator
+    torch.manual_seed(0)
+    _, grads, _, _ = step(m)
+    return grads
+
+
+def test_torchs_generators_are_saved_only_when_a_block_draws_from_them(monkeypatch):
+    """The recomputation must see the attention-dropout masks of the forward pass: with attention dropout the
+    checkpoint saves and restores torch's generators, and the gradients are the uncheckpointed model's. Without it
+    (LLaMA in the paper's recipe) nothing is saved: the LoRA masks come from the layers' own generators."""
+    plain = _grads_with_attention_dropout(False)
+    checkpointed = _grads_with_attention_dropout(True)
+    for k in plain:
+        assert torch.equal(plain[k], checkpointed[k]), k
+
+    seen = []
+    original = torch.utils.checkpoint.checkpoint
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["preserve_rng_state"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    step(build(0.1, checkpointing=True))
+    assert seen == [False] * LAYERS
+    seen.clear()
+    _grads_with_attention_dropout(True)
+    assert seen == [True] * LAYERS
