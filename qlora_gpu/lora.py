@@ -322,7 +322,7 @@ class QLoRALinear(nn.Module):
         all its LoRA layers (``qlora_gpu.model.stage_layer``): ``keep``, the dropout mask (N, in) used instead of
         drawing one (an explicit ``dropout_mask`` still wins); ``adapter``, (A, B) already in the compute dtype.
         Consumed by the next forward call, which ignores what does not fit its input (rows, device, dtype)."""
-        self._staged = (keep, adapter)
+        self.__dict__["_staged"] = (keep, adapter)  # not through nn.Module.__setattr__: host time, 7 per block call
 
     def unstage(self) -> None:
         """Drop what ``stage`` left and no forward call used."""
