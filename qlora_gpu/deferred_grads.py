@@ -32,12 +32,12 @@ _ATTR = "_qlora_deferred_grad"  # on each parameter: (weak reference to its Defe
 
 class DeferredGrads:
     """For the tensors of a flat buffer (``qlora_gpu.optim._FlatBuffer``): ``grads`` (the float32 gradient buffer),
-    ``slices`` and ``shapes`` their places in it. The tensors point to this object weakly (it holds their
-    AccumulateGrad nodes, which hold them)."""
+    ``slices`` and ``shapes`` their places in it, ``grad_ptrs`` the addresses of those places. The tensors point to
+    this object weakly (it holds their AccumulateGrad nodes, which hold them)."""
 
-    def __init__(self, tensors: list[torch.Tensor], grads: torch.Tensor, slices: list[slice], shapes: list):
-        self._grads, self._slices, self._shapes = grads, slices, shapes
-        self._ptrs = [grads[sl].data_ptr() for sl in slices]
+    def __init__(self, tensors: list[torch.Tensor], grads: torch.Tensor, slices: list[slice], shapes: list,
+                 grad_ptrs: list[int]):
+        self._grads, self._slices, self._shapes, self._ptrs = grads, slices, shapes, grad_ptrs
         self._nodes = [_accumulator(t) for t in tensors]
         self._task = None
         self._low: torch.Tensor | None = None
@@ -74,14 +74,11 @@ class DeferredGrads:
             self._low = None
 
     def _deferrable(self) -> bool:
-        for refreshed in (False, True):
-            if all(self._accumulates_here(i) for i in range(len(self._nodes))):
-                return True
-            if refreshed:
-                return False
-            # a tensor given new data since (``p.data = ...``) may have a new AccumulateGrad node
-            self._nodes = [_accumulator(n.variable) if n is not None else None for n in self._nodes]
-        return False
+        if all(self._accumulates_here(i) for i in range(len(self._nodes))):
+            return True
+        # a tensor given new data since (``p.data = ...``) may have a new AccumulateGrad node
+        self._nodes = [_accumulator(n.variable) if n is not None else None for n in self._nodes]
+        return all(self._accumulates_here(i) for i in range(len(self._nodes)))
 
     def _accumulates_here(self, i: int) -> bool:
         """Whether autograd would add tensor ``i``'s gradient in place into its slice, unhooked, in this pass."""

@@ -115,13 +115,7 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     and restored around the recomputation only when the block draws from them (attention dropout, an
     ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
     every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md)."""
-    linears, global_rng = [], False
-    for m in layer.modules():
-        if isinstance(m, QLoRALinear):
-            if m.dropout_active:
-                linears.append(m)
-        elif m.training and (getattr(m, "attention_dropout", 0.0) > 0 or (isinstance(m, nn.Dropout) and m.p > 0)):
-            global_rng = True
+    linears = [m for m in _lora_linears(layer) if m.dropout_active]
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
     states = [g.get_state() for g in gens]
@@ -131,7 +125,14 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
             g.set_state(s)
         return fn(*a)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=global_rng)
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
+                                             preserve_rng_state=_draws_global_rng(layer))
+
+
+def _draws_global_rng(layer: nn.Module) -> bool:
+    """Whether a block in training draws from torch's own generators: attention dropout, an ``nn.Dropout``."""
+    return any(m.training and (getattr(m, "attention_dropout", 0.0) > 0 or (isinstance(m, nn.Dropout) and m.p > 0))
+               for m in layer.modules())
 
 
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:

@@ -339,7 +339,7 @@ class _FlatBuffer:
         self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.adopt(tensors)
         # the layers' gradients widened and added in one operator per backward pass (qlora_gpu.deferred_grads)
-        self.deferred = DeferredGrads(tensors, self.param.grad, self.slices, self.shapes)
+        self.deferred = DeferredGrads(tensors, self.param.grad, self.slices, self.shapes, self._grad_ptrs)
 
     def adopt(self, tensors: list[torch.Tensor]) -> None:
         """Point each tensor at its slice, keeping its values: at the build, and again for one given new storage
