@@ -8,8 +8,9 @@ kept rather than recomputed: a GEMM less per layer and step, when a step at batc
 operators launched — plus a reference to the 4-bit weight, which is dequantized again in backward and never
 stored dequantized.
 
-Inside a ``QLoRAModel`` a decoder block draws its LoRA layers' dropout masks and casts their adapters for all of
-them at once (``qlora_gpu.model.stage_layer``, ``QLoRALinear.stage``): the same values, fewer operators.
+Inside a ``QLoRAModel`` a decoder block draws its LoRA layers' dropout masks, casts their adapters and decodes
+their double-quantized scales for all of them at once (``qlora_gpu.model.stage_layer``, ``QLoRALinear.stage``,
+``qlora_gpu.block_scales``): the same values, fewer operators.
 
 The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
 ``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
@@ -96,6 +97,16 @@ def _keep_scale(p: float) -> float:
     return float(ref.dropout_scale(p))
 
 
+def _decoded(quant_state, absmax: torch.Tensor | None):
+    """``quant_state`` with its double-quantized scales replaced by ``absmax``, the same scales already decoded to
+    float32 (``qlora_gpu.block_scales``): bitsandbytes then uses them as a weight stored without double
+    quantization, skipping the two kernels of its own decoding. ``quant_state`` itself when ``absmax`` is None."""
+    if absmax is None:
+        return quant_state
+    return bnbf.QuantState(absmax=absmax, shape=quant_state.shape, code=quant_state.code,
+                           blocksize=quant_state.blocksize, quant_type=quant_state.quant_type, dtype=quant_state.dtype)
+
+
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only.
 
@@ -158,19 +169,24 @@ class _QLoRALinearFunction(torch.autograd.Function):
     (cast here; their gradients come back in the compute dtype and autograd widens them)."""
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None):
+    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None,
+                scales=None):
+        absmax, keep_absmax = scales or (None, False)
         if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
-            base = bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
+            base = bnb.matmul_4bit(x, weight, quant_state=_decoded(quant_state, absmax), bias=bias)
         else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
             base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
+        absmax = absmax if keep_absmax else None  # saved, so checkpointing drops it and the recomputation's is used
         if lora_a is None:
+            ctx.save_for_backward(absmax)
             return base
         ctx.params = lora_a, lora_b
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
         y = _add_scaled(base, h @ lora_b.t(), scaling)
-        ctx.save_for_backward(xd, keep, lora_a, lora_b, h)  # the input (dropped out), the adapter: nothing (N, out)
+        # the input (dropped out), the adapter, the decoded scales: nothing (N, out)
+        ctx.save_for_backward(absmax, xd, keep, lora_a, lora_b, h)
         return y
 
     @staticmethod
@@ -178,17 +194,20 @@ class _QLoRALinearFunction(torch.autograd.Function):
         weight, quant_state = ctx.weight, ctx.quant_state
         need_x = ctx.needs_input_grad[0]
         grad_x = grad_a = grad_b = None
+        absmax, *saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         if need_x:  # the frozen path: ∂L/∂x = G W, dequantizing the weight again
-            w = _dequantize(weight, quant_state, grad_y.dtype) if quant_state is not None else weight.to(grad_y.dtype)
+            if quant_state is not None:
+                w = _dequantize(weight, _decoded(quant_state, absmax), grad_y.dtype)
+            else:
+                w = weight.to(grad_y.dtype)
             grad_x = _mm(grad_y, w)
             del w
-        saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         if saved:
             xd, keep, lora_a, lora_b, h = saved
             gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
             if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
                 grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -291,7 +310,7 @@ class QLoRALinear(nn.Module):
         cdt = getattr(torch, self.compute_dtype)
         lead = x.shape[:-1]
         xc = x.reshape(-1, self.in_features).to(cdt)
-        staged_keep, staged = self.__dict__.pop("_staged", None) or (None, None)
+        staged_keep, staged, scales = self.__dict__.pop("_staged", None) or (None, None, None)
         keep = None
         if dropout_mask is not None:
             ref.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
@@ -306,6 +325,8 @@ class QLoRALinear(nn.Module):
         keep_scale = _keep_scale(self.dropout)
         bias = None if self.bias is None else self.bias.to(cdt)
         quant_state = self.weight.quant_state if self.quantized else None
+        if scales is not None and (quant_state is None or scales[0].device != x.device):
+            scales = None
         a, b = self.lora_A, self.lora_B  # cast to the compute dtype inside the function (_in_compute_dtype)
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
@@ -314,15 +335,20 @@ class QLoRALinear(nn.Module):
                                           None, None, staged)
         else:
             y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
-                                           staged)
+                                           staged, scales)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None) -> None:
-        """What the enclosing decoder layer drew or cast for this layer's next forward call, in one operation for
-        all its LoRA layers (``qlora_gpu.model.stage_layer``): ``keep``, the dropout mask (N, in) used instead of
-        drawing one (an explicit ``dropout_mask`` still wins); ``adapter``, (A, B) already in the compute dtype.
-        Consumed by the next forward call, which ignores what does not fit its input (rows, device, dtype)."""
-        self.__dict__["_staged"] = (keep, adapter)  # not through nn.Module.__setattr__: host time, 7 per block call
+    def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None,
+              scales: tuple | None = None) -> None:
+        """What the enclosing decoder layer drew, cast or decoded for this layer's next forward call, in one
+        operation for all its LoRA layers (``qlora_gpu.model.stage_layer``): ``keep``, the dropout mask (N, in)
+        used instead of drawing one (an explicit ``dropout_mask`` still wins); ``adapter``, (A, B) already in the
+        compute dtype; ``scales``, (absmax, keep for backward): this layer's double-quantized scales decoded to
+        float32 (``qlora_gpu.block_scales``), and whether the backward pass uses them too — under gradient
+        checkpointing, where the recomputation decodes them again — or decodes its own. Consumed by the next
+        forward call, which ignores what does not fit its input (rows, device, dtype)."""
+        # not through nn.Module.__setattr__: host time, 7 per block call
+        self.__dict__["_staged"] = (keep, adapter, scales)
 
     def unstage(self) -> None:
         """Drop what ``stage`` left and no forward call used."""

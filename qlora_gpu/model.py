@@ -11,7 +11,8 @@ seed), and the transformers model is assembled from its tensors:
   ``QuantConfig`` (or a stored 4-bit weight used as is), the adapter initialised exactly as the reference's
   (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
 - per decoder layer, the LoRA layers' dropout masks drawn and their adapters cast to the compute dtype in one
-  operator for the whole block (``stage_layer``: host time, one launch where seven layers would launch seven);
+  operator for the whole block, their double-quantized scales decoded in two (``stage_layer``,
+  ``qlora_gpu.block_scales``: host time, one launch where seven layers would launch seven);
 - the RMSNorms through torch's fused RMSNorm operator (``rms_norm``: the rounding steps of transformers'
   float32-weight norm, one CUDA kernel where transformers' code launches seven);
 - gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
@@ -33,6 +34,7 @@ from torch import nn
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
+from .block_scales import BlockScales
 from .lora import QLoRALinear
 from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
@@ -171,23 +173,40 @@ def _layer_adapters(linears: list[QLoRALinear]) -> dict:
     return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
 
 
+def _layer_scales(layer: nn.Module, linears: list[QLoRALinear], device: torch.device) -> dict:
+    """LoRA layer -> (its double-quantized scales decoded to float32, whether its backward pass uses them too),
+    decoded for the whole block by two operators (``qlora_gpu.block_scales``); nothing for a layer that cannot
+    share the block's buffer (it decodes its own, the same values). The backward pass uses them under gradient
+    checkpointing only: there they are saved as nothing and decoded again by the recomputation, where without
+    checkpointing they would stay in memory from the forward pass to the backward pass (a block's float32 absmax:
+    13 MB at LLaMA-7B)."""
+    scales = BlockScales.of(layer, linears)
+    if scales is None or scales.codes.device != device:
+        return {}
+    for_backward = bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+    return {m: (absmax, for_backward) for m, absmax in scales.decode().items()}
+
+
 @torch.no_grad()
 def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
-    """Draws a decoder layer's LoRA dropout masks and casts its adapters to the compute dtype for the whole block
-    at once, then hands each LoRA layer its share (``QLoRALinear.stage``); ``hidden`` is the block's input.
+    """Draws a decoder layer's LoRA dropout masks, casts its adapters to the compute dtype and decodes its
+    double-quantized scales for the whole block at once, then hands each LoRA layer its share
+    (``QLoRALinear.stage``); ``hidden`` is the block's input.
 
     Why: at batch 1 a training step waits on the host, which pays per operator launched, whatever its size
-    (docs/benchmarks.md). Per call of a LLaMA block this is 4 operators instead of 14 for the masks and 1 instead
+    (docs/benchmarks.md). Per call of a LLaMA block this is 4 operators instead of 14 for the masks, 1 instead
     of 14 for the casts (when the adapters lie in one buffer: built so by ``prepare_model``, or bound by
-    ``qlora_gpu.optim``). The values are the ones each layer would compute; the masks are drawn from one generator
-    (the block's first dropout layer's, which checkpointing rewinds) instead of seven."""
+    ``qlora_gpu.optim``) and 2 instead of 14 for the scales (28 with their backward use). The values are the ones
+    each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
+    checkpointing rewinds) instead of seven."""
     linears = _lora_linears(layer)
     if not linears:
         return
     masks = _layer_masks(linears, hidden.numel() // hidden.shape[-1], hidden.device)
     adapters = _layer_adapters(linears)
+    scales = _layer_scales(layer, linears, hidden.device)
     for m in linears:
-        m.stage(masks.get(m), adapters.get(m))
+        m.stage(masks.get(m), adapters.get(m), scales.get(m))
 
 
 def _stage_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:

@@ -100,13 +100,13 @@ def _masks_used(m, monkeypatch) -> list[dict[str, torch.Tensor]]:
     calls: list[dict] = []
     original = QLoRALinear.stage
 
-    def stage(self, keep=None, adapter=None):
+    def stage(self, keep=None, adapter=None, scales=None):
         name = names[self]
         block = name.split(".")[2]
         if not calls or name in calls[-1] or next(iter(calls[-1])).split(".")[2] != block:
             calls.append({})
         calls[-1][name] = keep
-        original(self, keep, adapter)
+        original(self, keep, adapter, scales)
 
     monkeypatch.setattr(QLoRALinear, "stage", stage)
     return calls
