@@ -396,6 +396,18 @@ def _intervals(events, device_type) -> list[tuple[float, float]]:
     return [(e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type]
 
 
+def _runtime_api(events) -> tuple[int, float]:
+    """(calls, seconds) of the host's time inside the CUDA runtime and driver APIs (``cudaLaunchKernel``,
+    ``cuLaunchKernel``, ``cudaMemsetAsync``, …: the profiler's CPU events named without an ``aten::``-style
+    namespace and starting with ``cu``). Against the step's wall time it splits the host's cost per kernel into
+    the launch itself (the driver: fewer kernels is the lever) and the rest (Python, the dispatcher, autograd:
+    fewer Python calls is)."""
+    from torch.autograd import DeviceType
+
+    found = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("cu") and "::" not in e.name]
+    return len(found), _busy_seconds([(e.time_range.start, e.time_range.end) for e in found])
+
+
 def profile_step(step, device: torch.device) -> dict:
     """Where one more step's time goes: aten operators dispatched (host work per step), and on CUDA the kernels
     launched and the time the GPU had one running (torch.profiler) against the wall clock. ``gpu_busy_fraction``
@@ -419,7 +431,9 @@ def profile_step(step, device: torch.device) -> dict:
         events = prof.events()
         gpu = _intervals(events, DeviceType.CUDA)
         busy = _busy_seconds(gpu)
-        out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy,
+        api_calls, api_s = _runtime_api(events)
+        out.update(profiled_wall_s=wall, kernels=len(gpu), gpu_busy_s=busy, runtime_api_calls=api_calls,
+                   runtime_api_s=api_s,
                    gpu_busy_fraction=busy / wall if wall > 0 else None,
                    top_kernels=dict(collections.Counter(e.name for e in events
                                                         if e.device_type == DeviceType.CUDA).most_common(TOP)),
@@ -697,14 +711,17 @@ def markdown(rows: list[dict], rat: dict) -> str:
     prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
     if prof:
         lines += ["", "| model | stack | aten ops / step | of which compute | kernels / step | GPU busy / step "
-                  "| step time / kernel µs | one launch µs |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| step time / kernel µs | one launch µs | in CUDA API calls / step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in prof:
             q = r["profile"]
             busy, kernels, launch = q.get("gpu_busy_fraction"), q.get("kernels"), q.get("launch_us")
             per = "n/a" if not kernels else f"{r['step_s'] / kernels * 1e6:.1f}"
+            api, wall = q.get("runtime_api_s"), q.get("profiled_wall_s")
+            api = "n/a" if api is None or not wall else f"{100 * api / wall:.0f} % ({q['runtime_api_calls']} calls)"
             lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('compute_ops', 'n/a')} | "
                          f"{kernels or 'n/a'} | {'n/a' if busy is None else f'{100 * busy:.0f} %'} | {per} | "
-                         f"{'n/a' if launch is None else f'{launch:.1f}'} |")
+                         f"{'n/a' if launch is None else f'{launch:.1f}'} | {api} |")
     if rat:
         lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
                       "build ours/baseline | first-loss difference | aten ops ours/baseline | "

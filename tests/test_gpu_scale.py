@@ -225,6 +225,25 @@ def test_profiler_events_give_intervals():
     assert gpu_scale._intervals(prof.events(), DeviceType.CUDA) == []
 
 
+def test_runtime_api_time_counts_only_the_cuda_api_calls():
+    """``_runtime_api`` sums the host's time in CUDA runtime/driver calls, overlaps once; aten operators (which
+    the CPU profile is made of) and device-side events are not calls."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def ev(name, a, b, device=DeviceType.CPU):
+        return NS(name=name, device_type=device, time_range=NS(start=a, end=b))
+
+    events = [ev("cudaLaunchKernel", 0, 4), ev("cuLaunchKernel", 2, 6), ev("cudaMemsetAsync", 10, 11),
+              ev("aten::mm", 0, 50), ev("cudaLaunchKernel", 0, 3, DeviceType.CUDA), ev("void gemm_kernel", 3, 9)]
+    assert gpu_scale._runtime_api(events) == (3, pytest.approx(7e-6))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(64).add(1).sum()
+    assert gpu_scale._runtime_api(prof.events()) == (0, 0.0)
+
+
 def test_busy_time_is_the_union_of_the_kernels_intervals():
     assert gpu_scale._busy_seconds([]) == 0.0
     # µs in, seconds out; overlapping and nested intervals count once, gaps not at all
