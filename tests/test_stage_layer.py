@@ -53,16 +53,16 @@ def build(dropout: float = 0.0, checkpointing: bool = False, bound: bool = False
     return m
 
 
-def loss_of(m) -> torch.Tensor:
-    ids = IDS.to(m.hf.model.embed_tokens.weight.device)
+def loss_of(m, ids: torch.Tensor = IDS) -> torch.Tensor:
+    ids = ids.to(m.hf.model.embed_tokens.weight.device)
     logits = m(ids)
     return torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
 
 
-def step(m) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counter]:
+def step(m, ids: torch.Tensor = IDS) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counter]:
     """Loss, LoRA gradients, and the operators of the forward and of the backward pass."""
     with _Ops() as fwd:
-        loss = loss_of(m)
+        loss = loss_of(m, ids)
     with _Ops() as bwd:
         loss.backward()
     return loss.detach(), {k: g.clone() for k, g in m.lora_grads().items()}, fwd.n, bwd.n
