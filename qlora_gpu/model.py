@@ -96,7 +96,25 @@ def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     operators, and the result is bit-identical to transformers'; on CUDA its reduction order may move the
     normalized value by one bfloat16 step, rarely, docs/benchmarks.md)."""
     normed = torch.ops.aten._fused_rms_norm(hidden, [hidden.shape[-1]], None, norm.variance_epsilon)[0]
-    return (norm.weight * normed).to(hidden.dtype)
+    if norm.weight.requires_grad:  # a trainable norm: autograd's product, which also gives the weight's gradient
+        return (norm.weight * normed).to(hidden.dtype)
+    return _WeightedCast.apply(norm.weight, normed)
+
+
+class _WeightedCast(torch.autograd.Function):
+    """(w ⊙ n) in n's dtype for a frozen float32 w: ``torch.mul`` into a tensor of n's dtype computes the float32
+    product and rounds it once more on the store — the roundings of ``(w * n).to(n.dtype)`` in one kernel where
+    that launches two, and in backward ``g ⊙ w`` likewise in one where autograd launches three (widen g, multiply,
+    round to n's dtype)."""
+
+    @staticmethod
+    def forward(ctx, weight, normed):
+        ctx.weight = weight  # frozen and kept by its module: held directly, not as a saved tensor
+        return torch.mul(weight, normed, out=torch.empty_like(normed))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, torch.mul(grad, ctx.weight, out=torch.empty_like(grad))
 
 
 def use_fused_rms_norm(hf: nn.Module) -> None:
@@ -132,9 +150,18 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
 
 
 def _draws_global_rng(layer: nn.Module) -> bool:
-    """Whether a block in training draws from torch's own generators: attention dropout, an ``nn.Dropout``."""
-    return any(m.training and (getattr(m, "attention_dropout", 0.0) > 0 or (isinstance(m, nn.Dropout) and m.p > 0))
-               for m in layer.modules())
+    """Whether a block in training draws from torch's own generators: attention dropout, an ``nn.Dropout``.
+    Runs at every block call: the attribute is looked up where it can be (instance or class) before it is read,
+    because ``nn.Module.__getattr__`` raising for each module without one cost tens of µs per block call."""
+    for m in layer.modules():
+        if not m.training:
+            continue
+        if isinstance(m, nn.Dropout):
+            if m.p > 0:
+                return True
+        elif ("attention_dropout" in m.__dict__ or hasattr(type(m), "attention_dropout")) and m.attention_dropout > 0:
+            return True
+    return False
 
 
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
