@@ -120,6 +120,14 @@ def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.
     return bnbf.dequantize_4bit(weight, state)
 
 
+def draw_keep(shape, p: float, generator: torch.Generator, device) -> torch.Tensor:
+    """The GPU backend's dropout rule: a boolean mask keeping each element with probability 1 − p, drawn by one
+    ``bernoulli_`` on ``generator`` (one kernel, where ``rand(shape) >= p`` launches two). A decoder block draws
+    all its LoRA layers' masks by one such call (``qlora_gpu.model.stage_layer``); a layer outside a block draws
+    its own. (The reference draws from NumPy: the streams differ, docs/lora_backprop.md.)"""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p, generator=generator)
+
+
 def _dropped(t: torch.Tensor, keep: torch.Tensor | None, keep_scale: float) -> torch.Tensor:
     """t ⊙ M · 1/(1-p), rounded once: the reference's t · (M · scale). Through torch's dropout backward operator,
     which is exactly that — (t ⊙ M) · scale on the CPU, where t ⊙ M is exact (0 or t); one fused kernel on CUDA
@@ -319,7 +327,7 @@ class QLoRALinear(nn.Module):
             if staged_keep is not None and staged_keep.shape == xc.shape and staged_keep.device == x.device:
                 keep = staged_keep
             else:
-                keep = torch.rand(xc.shape, generator=self._generator(x.device), device=x.device) >= self.dropout
+                keep = draw_keep(xc.shape, self.dropout, self._generator(x.device), x.device)
         if staged is not None and (staged[0].dtype != cdt or staged[0].device != x.device):
             staged = None
         keep_scale = _keep_scale(self.dropout)

@@ -35,7 +35,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .block_scales import BlockScales
-from .lora import QLoRALinear
+from .lora import QLoRALinear, draw_keep
 from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
 from .rope import use_fused_rope
@@ -114,6 +114,8 @@ class _WeightedCast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph: the same product, differentiable (out= is not)
+            return None, (grad * ctx.weight).to(grad.dtype)
         return None, torch.mul(grad, ctx.weight, out=torch.empty_like(grad))
 
 
@@ -165,20 +167,23 @@ def _draws_global_rng(layer: nn.Module) -> bool:
 
 
 def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
-    """LoRA layer -> its dropout mask (rows, in): for each input width, one draw of (layers, rows, width)
-    uniforms on the generator of the block's first dropout layer, kept where ≥ p — the same rule as a layer's own
-    draw (``QLoRALinear.forward``), in two operators per width instead of two per layer."""
+    """LoRA layer -> its dropout mask (rows, in): one draw (``qlora_gpu.lora.draw_keep``) on the generator of the
+    block's first dropout layer for all the masks of one dropout probability, laid out by input width in order of
+    first appearance, each width's as (layers, rows, width) in module order — the rule of a layer's own draw
+    (``QLoRALinear.forward``), in one kernel per block call instead of one per layer."""
     active = [m for m in linears if m.dropout_active]
     if not active:
         return {}
     gen = active[0]._generator(device)
-    groups: dict[tuple[int, float], list[QLoRALinear]] = {}
+    groups: dict[float, dict[int, list[QLoRALinear]]] = {}
     for m in active:
-        groups.setdefault((m.in_features, m.dropout), []).append(m)
+        groups.setdefault(m.dropout, {}).setdefault(m.in_features, []).append(m)
     masks = {}
-    for (width, p), group in groups.items():
-        keep = torch.rand((len(group), rows, width), generator=gen, device=device) >= p
-        masks.update(zip(group, keep.unbind(0), strict=True))
+    for p, by_width in groups.items():
+        sizes = [len(group) * rows * width for width, group in by_width.items()]
+        keep = draw_keep(sum(sizes), p, gen, device)
+        for (width, group), chunk in zip(by_width.items(), keep.split(sizes), strict=True):
+            masks.update(zip(group, chunk.view(len(group), rows, width).unbind(0), strict=True))
     return masks
 
 

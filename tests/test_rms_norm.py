@@ -58,6 +58,7 @@ def test_the_gradient_is_the_derivative():
     norm = _norm(8).double()
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(functools.partial(rms_norm, norm), (x,))
+    assert torch.autograd.gradgradcheck(functools.partial(rms_norm, norm), (x,))  # create_graph: differentiable
 
 
 def test_the_model_routes_every_norm_through_it():

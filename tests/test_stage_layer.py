@@ -112,16 +112,17 @@ def _masks_used(m, monkeypatch) -> list[dict[str, torch.Tensor]]:
     return calls
 
 
-def test_a_block_draws_its_masks_in_one_call_per_input_width(monkeypatch):
-    """The documented rule: for each input width, in module order, ``rand((layers, rows, width)) >= p`` on the
-    generator of the block's first LoRA layer (seeded with that layer's seed); the other layers' generators are
-    not used. Two draws per block here (64 and 96 columns), where seven layers would draw seven."""
+def test_a_block_draws_its_masks_in_one_call(monkeypatch):
+    """The documented rule: one ``bernoulli_(1 − p)`` of all the block's masks on the generator of its first LoRA
+    layer (seeded with that layer's seed), laid out by input width in order of first appearance, each width's
+    masks in module order; the other layers' generators are not used. One draw per block, where seven layers
+    would draw seven (and ``rand >= p`` launch two operators each)."""
     p = 0.25
     m = build(p)
     calls = _masks_used(m, monkeypatch)
     with _Ops() as ops:
         loss_of(m)
-    assert ops.n["rand"] == 2 * LAYERS and ops.n["ge"] == 2 * LAYERS
+    assert ops.n["bernoulli_"] == LAYERS and ops.n["rand"] == ops.n["ge"] == 0
     assert len(calls) == LAYERS
     rows = IDS.numel()
     for i, masks in enumerate(calls):
@@ -132,11 +133,13 @@ def test_a_block_draws_its_masks_in_one_call_per_input_width(monkeypatch):
         by_width = collections.defaultdict(list)
         for name, lin in linears.items():
             by_width[lin.in_features].append(name)
-        assert sorted(by_width) == [64, 96]
-        for width, names in by_width.items():  # dicts keep module order: the 64-wide group is drawn first
-            expected = torch.rand((len(names), rows, width), generator=g) >= p
-            for j, name in enumerate(names):
-                assert torch.equal(masks[name], expected[j]), name
+        assert list(by_width) == [64, 96]  # dicts keep module order: the 64-wide group comes first
+        total = sum(len(names) * rows * width for width, names in by_width.items())
+        drawn = iter(torch.empty(total, dtype=torch.bool).bernoulli_(1 - p, generator=g).tolist())
+        for width, names in by_width.items():
+            for name in names:
+                expected = torch.tensor([next(drawn) for _ in range(rows * width)]).view(rows, width)
+                assert torch.equal(masks[name], expected), name
         for lin in list(linears.values())[1:]:  # untouched: still at their seeds
             assert torch.equal(lin._generator(torch.device("cpu")).get_state(),
                                torch.Generator().manual_seed(lin.seed).get_state())
