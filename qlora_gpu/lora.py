@@ -10,7 +10,8 @@ stored dequantized.
 
 Inside a ``QLoRAModel`` a decoder block draws its LoRA layers' dropout masks, casts their adapters and decodes
 their double-quantized scales for all of them at once (``qlora_gpu.model.stage_layer``, ``QLoRALinear.stage``,
-``qlora_gpu.block_scales``): the same values, fewer operators.
+``qlora_gpu.block_scales``), and layers reading one input drop it out together (``drop_shared_input``,
+``QLoRALinear.stage_dropped``): the same values, fewer operators.
 
 The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
 ``compute_dtype="bfloat16"`` every step is a bfloat16 torch operation (float32 accumulation, one rounding), so the
@@ -145,9 +146,10 @@ def _in_compute_dtype(x, lora_a, lora_b, staged=None):
     return lora_a.to(x.dtype), lora_b.to(x.dtype)
 
 
-def _adapter_forward(x, keep, keep_scale, lora_a):
-    """x_d and H = x_d Aᵀ (N, r): what the adapter's forward needs and its backward keeps."""
-    xd = _dropped(x, keep, keep_scale)
+def _adapter_forward(x, keep, keep_scale, lora_a, xd=None):
+    """x_d and H = x_d Aᵀ (N, r): what the adapter's forward needs and its backward keeps. ``xd``: x_d already
+    computed, for several layers reading the same input at once (``qlora_gpu.model.drop_shared_input``)."""
+    xd = _dropped(x, keep, keep_scale) if xd is None else xd
     return xd, xd @ lora_a.t()
 
 
@@ -178,7 +180,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None,
-                scales=None):
+                scales=None, xd=None):
         absmax, keep_absmax = scales or (None, False)
         if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
             base = bnb.matmul_4bit(x, weight, quant_state=_decoded(quant_state, absmax), bias=bias)
@@ -191,7 +193,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
             return base
         ctx.params = lora_a, lora_b
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
-        xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
+        xd, h = _adapter_forward(x, keep, keep_scale, lora_a, xd)
         y = _add_scaled(base, h @ lora_b.t(), scaling)
         # the input (dropped out), the adapter, the decoded scales: nothing (N, out)
         ctx.save_for_backward(absmax, xd, keep, lora_a, lora_b, h)
@@ -215,7 +217,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
             gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
             if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
                 grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -319,6 +321,7 @@ class QLoRALinear(nn.Module):
         lead = x.shape[:-1]
         xc = x.reshape(-1, self.in_features).to(cdt)
         staged_keep, staged, scales = self.__dict__.pop("_staged", None) or (None, None, None)
+        dropped = self.__dict__.pop("_staged_xd", None)
         keep = None
         if dropout_mask is not None:
             ref.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
@@ -335,6 +338,9 @@ class QLoRALinear(nn.Module):
         quant_state = self.weight.quant_state if self.quantized else None
         if scales is not None and (quant_state is None or scales[0].device != x.device):
             scales = None
+        xd = None
+        if dropped is not None and keep is staged_keep and dropped[0] is x and dropped[1] == x._version:
+            xd = dropped[2] if dropped[2].dtype == cdt else None  # computed from this very input, with this mask
         a, b = self.lora_A, self.lora_B  # cast to the compute dtype inside the function (_in_compute_dtype)
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
@@ -343,7 +349,7 @@ class QLoRALinear(nn.Module):
                                           None, None, staged)
         else:
             y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
-                                           staged, scales)
+                                           staged, scales, xd)
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None,
@@ -358,9 +364,20 @@ class QLoRALinear(nn.Module):
         # not through nn.Module.__setattr__: host time, 7 per block call
         self.__dict__["_staged"] = (keep, adapter, scales)
 
+    def staged_mask(self) -> torch.Tensor | None:
+        """The dropout mask ``stage`` left for the next forward call, if any."""
+        return (self.__dict__.get("_staged") or (None,))[0]
+
+    def stage_dropped(self, x: torch.Tensor, xd: torch.Tensor) -> None:
+        """x_d = x ⊙ M / (1 − p) for the next forward call, computed with the staged mask M together with other
+        layers reading the same input (``qlora_gpu.model.drop_shared_input``); used only by a call whose input is
+        ``x`` itself, unmodified, and that uses the staged mask."""
+        self.__dict__["_staged_xd"] = (x, x._version, xd)
+
     def unstage(self) -> None:
-        """Drop what ``stage`` left and no forward call used."""
+        """Drop what ``stage`` and ``stage_dropped`` left and no forward call used."""
         self.__dict__.pop("_staged", None)
+        self.__dict__.pop("_staged_xd", None)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:

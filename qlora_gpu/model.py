@@ -12,7 +12,8 @@ seed), and the transformers model is assembled from its tensors:
   (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
 - per decoder layer, the LoRA layers' dropout masks drawn and their adapters cast to the compute dtype in one
   operator for the whole block, their double-quantized scales decoded in two (``stage_layer``,
-  ``qlora_gpu.block_scales``: host time, one launch where seven layers would launch seven);
+  ``qlora_gpu.block_scales``: host time, one launch where seven layers would launch seven); the layers reading
+  one input (q, k, v; gate, up) drop it out in one operator (``drop_shared_input``);
 - the RMSNorms through torch's fused RMSNorm operator (``rms_norm``: the rounding steps of transformers'
   float32-weight norm, one CUDA kernel where transformers' code launches seven);
 - gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
@@ -35,7 +36,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .block_scales import BlockScales
-from .lora import QLoRALinear, draw_keep
+from .lora import QLoRALinear, _dropped, _keep_scale, draw_keep
 from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
 from .rope import use_fused_rope
@@ -249,6 +250,47 @@ def _stage_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:
     stage_layer(layer, args[0])
 
 
+#: the LoRA layers of a decoder block that read one input, by parent module (LLaMA, Mistral and Qwen2 name them alike)
+SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
+
+@torch.no_grad()
+def drop_shared_input(parent: nn.Module, names: tuple, x: torch.Tensor) -> None:
+    """x ⊙ Mᵢ / (1 − p) for the LoRA layers ``names`` of ``parent`` that read the input ``x`` (q, k and v; gate
+    and up), in one kernel for all of them where each layer would launch its own (host time, docs/benchmarks.md),
+    handed to each layer (``QLoRALinear.stage_dropped``). The same elementwise product as a layer's own, so the
+    same bits. Only when the layers' staged masks lie one after the other in one buffer, as ``stage_layer``
+    draws them (a view then stacks them); otherwise each layer computes its own."""
+    layers = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, QLoRALinear)]
+    keeps = [m.staged_mask() for m in layers]
+    if len(layers) < 2 or any(k is None for k in keeps) or layers[0].kernel != "bnb":
+        return
+    first, width = layers[0], layers[0].in_features
+    rows = x.numel() // width if x.shape[-1] == width else 0
+    step = rows * width
+    stacked = rows > 0 and all(
+        m.in_features == width and m.dropout == first.dropout and m.compute_dtype == first.compute_dtype
+        and m.kernel == "bnb" and k.shape == (rows, width) and k.is_contiguous()
+        and k.untyped_storage().data_ptr() == keeps[0].untyped_storage().data_ptr()
+        and k.storage_offset() == keeps[0].storage_offset() + i * step
+        for i, (m, k) in enumerate(zip(layers, keeps, strict=True)))
+    if not stacked:
+        return
+    keep = keeps[0].as_strided((len(layers), rows, width), (step, width, 1))
+    xc = x.reshape(-1, width).to(getattr(torch, first.compute_dtype))
+    xd = _dropped(xc.expand(len(layers), rows, width), keep, _keep_scale(first.dropout))
+    for m, d in zip(layers, xd.unbind(0), strict=True):
+        m.stage_dropped(x, d)
+
+
+def _shared_input_hook(names: tuple, parent: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a block's attention and MLP modules (``SHARED_INPUTS``): their input, positional or
+    transformers' ``hidden_states=``, goes to ``drop_shared_input``."""
+    x = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(x, torch.Tensor):
+        drop_shared_input(parent, names, x)
+
+
 def _unstage_hook(layer: nn.Module, args: tuple, output) -> None:
     """Forward hook of a decoder layer: drops whatever ``stage_layer`` left unused."""
     for m in _lora_linears(layer):
@@ -271,6 +313,10 @@ class QLoRAModel(nn.Module):
         for layer in hf_model.model.layers:  # one operator per block where each LoRA layer would launch its own
             layer.input_layernorm.register_forward_pre_hook(functools.partial(_stage_hook, layer))
             layer.register_forward_hook(_unstage_hook)
+            for parent, names in SHARED_INPUTS.items():
+                if isinstance(getattr(layer, parent, None), nn.Module):
+                    getattr(layer, parent).register_forward_pre_hook(functools.partial(_shared_input_hook, names),
+                                                                     with_kwargs=True)
 
     # ----------------------------------------------------------------- construction
     @classmethod

@@ -241,3 +241,64 @@ def test_torchs_generators_are_saved_only_when_a_block_draws_from_them(monkeypat
     seen.clear()
     _grads_with_attention_dropout(True)
     assert seen == [True] * LAYERS
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_layers_reading_one_input_drop_it_out_in_one_operator(checkpointing, device, monkeypatch):
+    """q, k and v (and gate and up) read one input: their x ⊙ Mᵢ / (1 − p) is one operator per block call, where
+    each layer launched its own (3 fewer per block call), and loss and every gradient are the same bits."""
+    import qlora_gpu.model as qm
+
+    loss, grads, fwd, bwd = step(build(0.1, checkpointing, bound=True, device=device))
+    with monkeypatch.context() as mp:
+        mp.setattr(qm, "drop_shared_input", lambda parent, names, x: None)
+        own_loss, own_grads, own_fwd, own_bwd = step(build(0.1, checkpointing, bound=True, device=device))
+    assert torch.equal(loss, own_loss)
+    for k in grads:
+        assert torch.equal(grads[k], own_grads[k]), k
+    op = "native_dropout_backward"
+    assert own_fwd[op] - fwd[op] == 3 * LAYERS
+    assert own_bwd[op] - bwd[op] == (3 * LAYERS if checkpointing else 0)
+
+
+def _attention(seed: int = 5) -> tuple[torch.nn.Module, torch.Tensor]:
+    """Three dropout layers under the names of an attention module, their masks staged from one buffer as
+    ``stage_layer`` draws them."""
+    parent = torch.nn.Module()
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        setattr(parent, name, _layer(seed + i))
+    keep = torch.rand(3, 3, 10, generator=torch.Generator().manual_seed(6)) >= 0.3
+    for lin, k in zip((parent.q_proj, parent.k_proj, parent.v_proj), keep.unbind(0), strict=True):
+        lin.stage(keep=k)
+    return parent, keep
+
+
+def test_a_shared_dropout_is_used_only_for_that_very_input():
+    """A layer uses the x_d computed with its neighbours only when called with that tensor itself, unmodified,
+    and its staged mask: another input, the same one changed in place since, or an explicit mask gets its own."""
+    from qlora_gpu.model import drop_shared_input
+
+    x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
+    y = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
+    parent, keep = _attention()
+    drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), x)
+    assert all("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
+    assert torch.equal(_out(parent.q_proj, x), _out(_layer(5), x, dropout_mask=keep[0]))
+    parent, keep = _attention()
+    drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), x)
+    assert torch.equal(_out(parent.q_proj, x, dropout_mask=~keep[0]), _out(_layer(5), x, dropout_mask=~keep[0]))
+    assert torch.equal(_out(parent.k_proj, y), _out(_layer(6), y, dropout_mask=keep[1]))  # another input
+    x.mul_(2)  # the same tensor, changed in place after its x_d was computed
+    assert torch.equal(_out(parent.v_proj, x), _out(_layer(7), x, dropout_mask=keep[2]))
+
+
+def test_masks_not_in_one_buffer_are_not_stacked():
+    """Masks that do not lie one after the other in one buffer cannot be viewed as one stack: each layer then
+    computes its own x_d (nothing is staged)."""
+    from qlora_gpu.model import drop_shared_input
+
+    parent, keep = _attention()
+    parent.k_proj.stage(keep=keep[1].clone())  # its own allocation
+    drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), torch.randn(3, 10))
+    assert not any("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
