@@ -180,9 +180,12 @@ class _QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None,
-                scales=None, xd=None):
+                scales=None, xd=None, output_unused=False):
         absmax, keep_absmax = scales or (None, False)
-        if quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
+        if output_unused:  # only what backward saves is needed (qlora_gpu.model.LAST_LINEAR): y left unwritten
+            out = quant_state.shape[0] if quant_state is not None else weight.shape[0]
+            base = x.new_empty((x.shape[0], out))
+        elif quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
             base = bnb.matmul_4bit(x, weight, quant_state=_decoded(quant_state, absmax), bias=bias)
         else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
             base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
@@ -194,7 +197,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
         ctx.params = lora_a, lora_b
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a, xd)
-        y = _add_scaled(base, h @ lora_b.t(), scaling)
+        y = base if output_unused else _add_scaled(base, h @ lora_b.t(), scaling)
         # the input (dropped out), the adapter, the decoded scales: nothing (N, out)
         ctx.save_for_backward(absmax, xd, keep, lora_a, lora_b, h)
         return y
@@ -217,7 +220,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
             gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
             if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
                 grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
@@ -349,7 +352,7 @@ class QLoRALinear(nn.Module):
                                           None, None, staged)
         else:
             y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
-                                           staged, scales, xd)
+                                           staged, scales, xd, self.__dict__.get("_output_unused", False))
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None,

@@ -128,6 +128,14 @@ def use_fused_rms_norm(hf: nn.Module) -> None:
             module.forward = functools.partial(rms_norm, module)
 
 
+#: a block's last linear (parent module, name). In the recomputation under checkpointing its output feeds nothing
+#: the backward pass needs — the residual addition after it saves nothing, and the block's output is the next
+#: block's input, which that block's checkpoint keeps — so there it computes only what its backward pass saves:
+#: no dequantization, frozen product, up-projection or addition (4 kernels per block and step; LLaMA, Mistral
+#: and Qwen2 end their blocks alike)
+LAST_LINEAR = ("mlp", "down_proj")
+
+
 def _checkpoint_layer(layer: nn.Module, fn, *args):
     """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: they come from the LoRA
     layers' own generators (``stage_layer`` draws a block's from its first one), which torch's checkpoint does not
@@ -137,16 +145,26 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     recomputes inside the backward pass, where the masks are replayed by ``run``. torch's own generators are saved
     and restored around the recomputation only when the block draws from them (attention dropout, an
     ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
-    every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md)."""
+    every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md). In the recomputation the
+    block's last linear skips its output (``LAST_LINEAR``)."""
     linears = [m for m in _lora_linears(layer) if m.dropout_active]
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
     states = [g.get_state() for g in gens]
+    last = getattr(getattr(layer, LAST_LINEAR[0], None), LAST_LINEAR[1], None)
+    calls = []
 
     def run(*a):
         for g, s in zip(gens, states, strict=True):
             g.set_state(s)
-        return fn(*a)
+        if not calls or not isinstance(last, QLoRALinear):  # the forward pass
+            calls.append(None)
+            return fn(*a)
+        last.__dict__["_output_unused"] = True  # the recomputation: see LAST_LINEAR
+        try:
+            return fn(*a)
+        finally:
+            last.__dict__.pop("_output_unused", None)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
                                              preserve_rng_state=_draws_global_rng(layer))

@@ -302,3 +302,24 @@ def test_masks_not_in_one_buffer_are_not_stacked():
     parent.k_proj.stage(keep=keep[1].clone())  # its own allocation
     drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), torch.randn(3, 10))
     assert not any("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_the_recomputation_skips_the_last_linears_output(early_stop, device, monkeypatch):
+    """In the recomputation under checkpointing the block's down_proj computes only what its backward pass saves
+    (its output feeds nothing the backward pass needs): one 4-bit product, one up-projection and one addition
+    fewer per block, and the same loss and gradients bit for bit — also when torch's checkpoint recomputes the
+    whole block (early stop off), where the unwritten output reaches only the discarded block output."""
+    import qlora_gpu.model as qm
+
+    with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
+        loss, grads, _, bwd = step(build(0.1, True, bound=True, device=device))
+        with monkeypatch.context() as mp:
+            mp.setattr(qm, "LAST_LINEAR", ("mlp", "no_such_linear"))
+            own_loss, own_grads, _, own_bwd = step(build(0.1, True, bound=True, device=device))
+    assert torch.equal(loss, own_loss)
+    for k in grads:
+        assert torch.equal(grads[k], own_grads[k]), k
+    assert own_bwd["gemm_4bit"] - bwd["gemm_4bit"] == LAYERS
+    assert own_bwd["mm"] - bwd["mm"] == LAYERS
