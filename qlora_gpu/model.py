@@ -245,7 +245,7 @@ def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
     (``QLoRALinear.stage``); ``hidden`` is the block's input.
 
     Why: at batch 1 a training step waits on the host, which pays per operator launched, whatever its size
-    (docs/benchmarks.md). Per call of a LLaMA block this is 4 operators instead of 14 for the masks, 1 instead
+    (docs/benchmarks.md). Per call of a LLaMA block this is 1 kernel instead of 14 for the masks, 1 instead
     of 14 for the casts (when the adapters lie in one buffer: built so by ``prepare_model``, or bound by
     ``qlora_gpu.optim``) and 2 instead of 14 for the scales (28 with their backward use). The values are the ones
     each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
