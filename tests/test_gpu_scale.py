@@ -206,9 +206,9 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert 0 < len(top) <= gpu_scale.TOP and sum(top.values()) <= comp["ours"]
     assert list(top.values()) == sorted(top.values(), reverse=True) and "aten.mm.default" in top
     assert 0 < gpu_scale.launch_microseconds(torch.device("cpu"), n=50) < 1e5  # runs anywhere; measured on CUDA
-    # the launches per step that per-block staging and the one-kernel dropout save (docs/benchmarks.md: 0.74x at
-    # 32 blocks, 0.89x without them); 0.72x on this 2-block config
-    assert comp["ours"] <= 0.8 * comp["baseline"], comp
+    # the launches per step that per-block staging, the one-kernel dropout and the work of 2026-11-30 save
+    # (docs/benchmarks.md: 0.57x at 32 blocks, 0.89x without any of them); 0.57x on this 2-block config too
+    assert comp["ours"] <= 0.62 * comp["baseline"], comp
     assert rat["tiny"]["compute_ops"] == pytest.approx(comp["ours"] / comp["baseline"])
 
 
