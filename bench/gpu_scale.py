@@ -396,6 +396,22 @@ def _intervals(events, device_type) -> list[tuple[float, float]]:
     return [(e.time_range.start, e.time_range.end) for e in events if e.device_type == device_type]
 
 
+def count_python_calls(fn) -> int:
+    """Function calls (Python-level and built-in) while ``fn()`` runs, counted by cProfile: the interpreter's work,
+    which a step pays on the host whatever its kernels — much of it in torch's checkpoint and autograd machinery,
+    common to both stacks. Like the operator counts, device-independent enough to be counted on the CPU."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        fn()
+    finally:
+        profiler.disable()
+    return pstats.Stats(profiler).total_calls
+
+
 def _runtime_api(events) -> tuple[int, float]:
     """(calls, seconds) of the host's time inside the CUDA runtime and driver APIs (``cudaLaunchKernel``,
     ``cuLaunchKernel``, ``cudaMemsetAsync``, …: the profiler's CPU events named without an ``aten::``-style
@@ -416,7 +432,8 @@ def profile_step(step, device: torch.device) -> dict:
     ops = collections.Counter()
     out["aten_ops"], out["compute_ops"], _ = count_op_kinds(step, ops)
     out["top_ops"] = dict(ops.most_common(TOP))
-    if device.type != "cuda":
+    if device.type != "cuda":  # on a GPU the step's time says more, and the count would cost one more step
+        out["python_calls"] = count_python_calls(step)
         return out
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
@@ -711,8 +728,8 @@ def markdown(rows: list[dict], rat: dict) -> str:
     prof = [r for r in rows if r.get("status") == "ok" and r.get("profile", {}).get("aten_ops")]
     if prof:
         lines += ["", "| model | stack | aten ops / step | of which compute | kernels / step | GPU busy / step "
-                  "| step time / kernel µs | one launch µs | in CUDA API calls / step |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| step time / kernel µs | one launch µs | in CUDA API calls / step | Python calls / step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in prof:
             q = r["profile"]
             busy, kernels, launch = q.get("gpu_busy_fraction"), q.get("kernels"), q.get("launch_us")
@@ -721,7 +738,7 @@ def markdown(rows: list[dict], rat: dict) -> str:
             api = "n/a" if api is None or not wall else f"{100 * api / wall:.0f} % ({q['runtime_api_calls']} calls)"
             lines.append(f"| {r['model']} | {_label(r)} | {q['aten_ops']} | {q.get('compute_ops', 'n/a')} | "
                          f"{kernels or 'n/a'} | {'n/a' if busy is None else f'{100 * busy:.0f} %'} | {per} | "
-                         f"{'n/a' if launch is None else f'{launch:.1f}'} | {api} |")
+                         f"{'n/a' if launch is None else f'{launch:.1f}'} | {api} | {q.get('python_calls', 'n/a')} |")
     if rat:
         lines += ["", "| model | peak ours/baseline | peak+paged ours/baseline | tokens/s ours/baseline | "
                       "build ours/baseline | first-loss difference | aten ops ours/baseline | "

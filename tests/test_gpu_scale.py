@@ -186,6 +186,7 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert ops["ours"] > 100 and ops["baseline"] > 100
     assert ops["ours"] < ops["baseline"], ops
     assert "gpu_busy_fraction" not in rows["ours"]["profile"]  # the profiler's CUDA part runs on a GPU only
+    assert all(r["profile"]["python_calls"] > 1000 for r in rows.values())  # the interpreter's work per step
     rat = gpu_scale.ratios(list(rows.values()))
     assert rat["tiny"]["aten_ops"] == pytest.approx(ops["ours"] / ops["baseline"])
     assert "| tiny | ours | " in gpu_scale.markdown(list(rows.values()), rat).split("aten ops / step")[1]
@@ -193,6 +194,7 @@ def test_the_profiled_step_counts_host_work_and_ours_dispatches_less():
     assert not gpu_scale._profiled("65b", "tiny,7b,13b") and not gpu_scale._profiled("tiny", "none")
     unprofiled = gpu_scale.run_stack("ours", "tiny", "cpu", seq=8, warmup=0, steps=1, progress=False, profile=False)
     assert "profile" not in unprofiled
+    assert gpu_scale.count_python_calls(lambda: [abs(i) for i in range(5)]) >= 6  # the lambda, abs five times
     n, value = gpu_scale.count_ops(lambda: torch.ones(3).add(1).sum())
     assert n == 3 and value == 6.0
     # views launch nothing: ones, add, sum compute; view, t, _unsafe_view (reshape of a non-viewable) do not
