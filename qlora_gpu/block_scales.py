@@ -12,8 +12,10 @@ each time — the 8-bit dequantization, then the offset's addition — so a LLaM
 whole number of 256-blocks, and decodes all of them with one dequantization and one addition per block call. Each
 layer then hands bitsandbytes its float32 absmax as it would for a weight stored without double quantization:
 the same values, so the same products to the bit, four kernels per block and step where there were 42. The
-layers' ``QuantState``\\ s point into the buffer, so nothing is stored twice; a layer whose state no longer does
-(a new weight, the model moved to another device) makes ``of`` lay the block out again.
+layers' ``QuantState``\\ s point into the buffer, so nothing is stored twice. ``prepare_model`` lays each block out
+as it builds it (the per-layer tensors freed then are reused by the next blocks' allocations; freed at the first
+step, a GPU's caching allocator would keep them: 1 GB at 65B); a layer whose state no longer points into the
+buffer (a new weight, the model moved to another device) makes ``of`` lay the block out again.
 """
 
 from __future__ import annotations

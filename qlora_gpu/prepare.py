@@ -31,8 +31,9 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
 
+from .block_scales import BlockScales
 from .lora import QLoRALinear, check_kernel, set_kernel
-from .model import _HF_CLASSES, QLoRAModel, default_device, hf_skeleton, set_block_linear
+from .model import _HF_CLASSES, QLoRAModel, _lora_linears, default_device, hf_skeleton, set_block_linear
 from .quantize import Quantized4bit
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -202,6 +203,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
             adapters.place(lin)
             set_block_linear(layer, name, lin)
+        # the block's 8-bit scale codes into one buffer now, while the next blocks' allocations can reuse the
+        # per-layer tensors this frees (laid out at the first step, they would stay cached: 1 GB at 65B)
+        BlockScales.of(layer, _lora_linears(layer))
     tok = None
     if folder is not None and tokenizer:
         from qlora_ref.model.tokenizer import Tokenizer

@@ -61,12 +61,15 @@ def test_the_block_decodes_once_per_call_with_the_same_bits(checkpointing, devic
 
 
 def test_the_layout_holds_each_code_once_and_changes_no_weight():
-    """After the first block call every LoRA linear's 8-bit codes and second-level constants are views of the
-    block's buffers, each padded to whole blocks of 256, and the tensors they replace are freed (nothing stored
-    twice); the dequantized weights are the ones before, and the block's decoding is each layer's own, bit for
-    bit."""
+    """Laid out (again: each layer's codes moved to their own tensors first, as ``.to(device)`` would), every LoRA
+    linear's 8-bit codes and second-level constants are views of the block's buffers, each padded to whole blocks
+    of 256, and the tensors they replace are freed (nothing stored twice); the dequantized weights are the ones
+    before, and the block's decoding is each layer's own, bit for bit."""
     m = build(0.1, bound=True)
     linears = [lin for b in _blocks(m) for lin in _lora_linears(b)]
+    for lin in linears:
+        state = lin.weight.quant_state
+        state.absmax, state.state2.absmax = state.absmax.clone(), state.state2.absmax.clone()
     before = [bnbf.dequantize_4bit(lin.weight, lin.weight.quant_state) for lin in linears]
     own = [bnbf.dequantize_blockwise(lin.weight.quant_state.absmax, lin.weight.quant_state.state2)
            + lin.weight.quant_state.offset for lin in linears]
@@ -89,6 +92,17 @@ def test_the_layout_holds_each_code_once_and_changes_no_weight():
         decoded = scales.decode()
         for lin in _lora_linears(b):
             assert torch.equal(decoded[lin], own[linears.index(lin)])
+
+
+def test_prepare_model_lays_each_block_out_as_it_builds_it():
+    """``prepare_model`` lays a block's scales out right after building its linears (the per-layer tensors it
+    frees are then reused by the next blocks' allocations instead of staying cached on a GPU); the first step
+    finds them laid out and keeps that layout."""
+    m = build(0.1, bound=True)
+    layouts = [b.__dict__.get("_qlora_block_scales") for b in _blocks(m)]
+    assert all(isinstance(s, BlockScales) and s.current() for s in layouts)
+    step(m)
+    assert all(BlockScales.of(b, _lora_linears(b)) is s for b, s in zip(_blocks(m), layouts, strict=True))
 
 
 def test_a_new_weight_lays_the_block_out_again(monkeypatch):
