@@ -100,11 +100,8 @@ class BlockScales:
 def _shareable(linears: list[nn.Module]) -> list[nn.Module]:
     """Those of ``linears`` that can share the first double-quantized one's buffer: same device and 8-bit code
     book (compared once, when the block is laid out)."""
-    found = [m for m in linears if _nested_state(m) is not None]
-    if not found:
-        return []
-    first = _nested_state(found[0])
-    return [m for m in found if _same_book(_nested_state(m), first)]
+    found = [(m, s) for m in linears if (s := _nested_state(m)) is not None]
+    return [m for m, s in found if _same_book(s, found[0][1])]
 
 
 def _same_book(state, first) -> bool:

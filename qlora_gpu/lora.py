@@ -10,7 +10,7 @@ stored dequantized.
 
 Inside a ``QLoRAModel`` a decoder block draws its LoRA layers' dropout masks, casts their adapters and decodes
 their double-quantized scales for all of them at once (``qlora_gpu.model.stage_layer``, ``QLoRALinear.stage``,
-``qlora_gpu.block_scales``), and layers reading one input drop it out together (``drop_shared_input``,
+``qlora_gpu.block_scales``), and layers reading one input drop it out together (``drop_together``,
 ``QLoRALinear.stage_dropped``): the same values, fewer operators.
 
 The arithmetic is the reference's, operation for operation (docs/lora_backprop.md): with
@@ -148,7 +148,7 @@ def _in_compute_dtype(x, lora_a, lora_b, staged=None):
 
 def _adapter_forward(x, keep, keep_scale, lora_a, xd=None):
     """x_d and H = x_d Aᵀ (N, r): what the adapter's forward needs and its backward keeps. ``xd``: x_d already
-    computed, for several layers reading the same input at once (``qlora_gpu.model.drop_shared_input``)."""
+    computed, for several layers reading the same input at once (``drop_together``)."""
     xd = _dropped(x, keep, keep_scale) if xd is None else xd
     return xd, xd @ lora_a.t()
 
@@ -172,6 +172,34 @@ def _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h):
         gh = _mm(gs, lora_b)  # ∂L/∂H = s G B
     grad_a = torch.mm(gh.t(), xd, out=out_a) if need_a else None  # ∂L/∂A = (∂L/∂H)ᵀ x_d
     return gh, None if out_a is not None else grad_a, None if out_b is not None else grad_b
+
+
+@torch.no_grad()
+def drop_together(layers: list, x: torch.Tensor) -> None:
+    """x ⊙ Mᵢ / (1 − p) for LoRA layers that all read the input ``x``, in one kernel (``x`` broadcast against
+    their stacked masks) where each layer would launch its own, handed to each (``QLoRALinear.stage_dropped``).
+    The same elementwise product as a layer's own, so the same bits. Only when every layer has a staged mask and
+    the masks lie one after the other in one buffer, as ``qlora_gpu.model.stage_layer`` draws them (a view then
+    stacks them); otherwise each layer computes its own."""
+    keeps = [m.staged_mask() for m in layers]
+    if len(layers) < 2 or any(k is None for k in keeps):
+        return
+    first, width = layers[0], layers[0].in_features
+    rows = x.numel() // width if x.shape[-1] == width else 0
+    step = rows * width
+    stacked = rows > 0 and all(
+        m.in_features == width and m.dropout == first.dropout and m.compute_dtype == first.compute_dtype
+        and m.kernel == "bnb" and k.shape == (rows, width) and k.is_contiguous()
+        and k.untyped_storage().data_ptr() == keeps[0].untyped_storage().data_ptr()
+        and k.storage_offset() == keeps[0].storage_offset() + i * step
+        for i, (m, k) in enumerate(zip(layers, keeps, strict=True)))
+    if not stacked:
+        return
+    keep = keeps[0].as_strided((len(layers), rows, width), (step, width, 1))
+    xc = x.reshape(-1, width).to(getattr(torch, first.compute_dtype))
+    xd = _dropped(xc.expand(len(layers), rows, width), keep, _keep_scale(first.dropout))
+    for m, d in zip(layers, xd.unbind(0), strict=True):
+        m.stage_dropped(x, d)
 
 
 class _QLoRALinearFunction(torch.autograd.Function):
@@ -373,7 +401,7 @@ class QLoRALinear(nn.Module):
 
     def stage_dropped(self, x: torch.Tensor, xd: torch.Tensor) -> None:
         """x_d = x ⊙ M / (1 − p) for the next forward call, computed with the staged mask M together with other
-        layers reading the same input (``qlora_gpu.model.drop_shared_input``); used only by a call whose input is
+        layers reading the same input (``drop_together``); used only by a call whose input is
         ``x`` itself, unmodified, and that uses the staged mask."""
         self.__dict__["_staged_xd"] = (x, x._version, xd)
 
@@ -433,4 +461,4 @@ def _float_tensor(a, name: str, device=None) -> torch.Tensor:
     return a.to(device) if device is not None else a
 
 
-__all__ = ["KERNELS", "QLoRALinear", "set_kernel"]
+__all__ = ["KERNELS", "QLoRALinear", "draw_keep", "drop_together", "set_kernel"]

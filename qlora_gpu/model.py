@@ -36,7 +36,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .block_scales import BlockScales
-from .lora import QLoRALinear, _dropped, _keep_scale, draw_keep
+from .lora import QLoRALinear, draw_keep, drop_together
 from .optim import flat_view
 from .quantize import Quantized4bit, dequantize_4bit
 from .rope import use_fused_rope
@@ -84,7 +84,7 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     return cfg
 
 
-def _lora_linears(layer: nn.Module) -> list[QLoRALinear]:
+def lora_linears(layer: nn.Module) -> list[QLoRALinear]:
     return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
 
 
@@ -147,18 +147,19 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
     every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md). In the recomputation the
     block's last linear skips its output (``LAST_LINEAR``)."""
-    linears = [m for m in _lora_linears(layer) if m.dropout_active]
+    linears = [m for m in lora_linears(layer) if m.dropout_active]
     hidden = args[0]
     gens = [m._generator(hidden.device) for m in linears]
     states = [g.get_state() for g in gens]
     last = getattr(getattr(layer, LAST_LINEAR[0], None), LAST_LINEAR[1], None)
-    calls = []
+    forward = True
 
     def run(*a):
+        nonlocal forward
         for g, s in zip(gens, states, strict=True):
             g.set_state(s)
-        if not calls or not isinstance(last, QLoRALinear):  # the forward pass
-            calls.append(None)
+        if forward or not isinstance(last, QLoRALinear):  # the forward pass
+            forward = False
             return fn(*a)
         last.__dict__["_output_unused"] = True  # the recomputation: see LAST_LINEAR
         try:
@@ -250,7 +251,7 @@ def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
     ``qlora_gpu.optim``) and 2 instead of 14 for the scales (28 with their backward use). The values are the ones
     each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
     checkpointing rewinds) instead of seven."""
-    linears = _lora_linears(layer)
+    linears = lora_linears(layer)
     if not linears:
         return
     masks = _layer_masks(linears, hidden.numel() // hidden.shape[-1], hidden.device)
@@ -272,33 +273,11 @@ def _stage_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:
 SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
 
 
-@torch.no_grad()
 def drop_shared_input(parent: nn.Module, names: tuple, x: torch.Tensor) -> None:
     """x ⊙ Mᵢ / (1 − p) for the LoRA layers ``names`` of ``parent`` that read the input ``x`` (q, k and v; gate
-    and up), in one kernel for all of them where each layer would launch its own (host time, docs/benchmarks.md),
-    handed to each layer (``QLoRALinear.stage_dropped``). The same elementwise product as a layer's own, so the
-    same bits. Only when the layers' staged masks lie one after the other in one buffer, as ``stage_layer``
-    draws them (a view then stacks them); otherwise each layer computes its own."""
-    layers = [m for m in (getattr(parent, n, None) for n in names) if isinstance(m, QLoRALinear)]
-    keeps = [m.staged_mask() for m in layers]
-    if len(layers) < 2 or any(k is None for k in keeps) or layers[0].kernel != "bnb":
-        return
-    first, width = layers[0], layers[0].in_features
-    rows = x.numel() // width if x.shape[-1] == width else 0
-    step = rows * width
-    stacked = rows > 0 and all(
-        m.in_features == width and m.dropout == first.dropout and m.compute_dtype == first.compute_dtype
-        and m.kernel == "bnb" and k.shape == (rows, width) and k.is_contiguous()
-        and k.untyped_storage().data_ptr() == keeps[0].untyped_storage().data_ptr()
-        and k.storage_offset() == keeps[0].storage_offset() + i * step
-        for i, (m, k) in enumerate(zip(layers, keeps, strict=True)))
-    if not stacked:
-        return
-    keep = keeps[0].as_strided((len(layers), rows, width), (step, width, 1))
-    xc = x.reshape(-1, width).to(getattr(torch, first.compute_dtype))
-    xd = _dropped(xc.expand(len(layers), rows, width), keep, _keep_scale(first.dropout))
-    for m, d in zip(layers, xd.unbind(0), strict=True):
-        m.stage_dropped(x, d)
+    and up), in one kernel for all of them where each layer would launch its own (host time, docs/benchmarks.md;
+    ``qlora_gpu.lora.drop_together``)."""
+    drop_together([m for m in (getattr(parent, n, None) for n in names) if isinstance(m, QLoRALinear)], x)
 
 
 def _shared_input_hook(names: tuple, parent: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -311,7 +290,7 @@ def _shared_input_hook(names: tuple, parent: nn.Module, args: tuple, kwargs: dic
 
 def _unstage_hook(layer: nn.Module, args: tuple, output) -> None:
     """Forward hook of a decoder layer: drops whatever ``stage_layer`` left unused."""
-    for m in _lora_linears(layer):
+    for m in lora_linears(layer):
         m.unstage()
 
 

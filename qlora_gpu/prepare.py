@@ -33,7 +33,7 @@ from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
 
 from .block_scales import BlockScales
 from .lora import QLoRALinear, check_kernel, set_kernel
-from .model import _HF_CLASSES, QLoRAModel, _lora_linears, default_device, hf_skeleton, set_block_linear
+from .model import _HF_CLASSES, QLoRAModel, default_device, hf_skeleton, lora_linears, set_block_linear
 from .quantize import Quantized4bit
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -205,7 +205,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
             set_block_linear(layer, name, lin)
         # the block's 8-bit scale codes into one buffer now, while the next blocks' allocations can reuse the
         # per-layer tensors this frees (laid out at the first step, they would stay cached: 1 GB at 65B)
-        BlockScales.of(layer, _lora_linears(layer))
+        BlockScales.of(layer, lora_linears(layer))
     tok = None
     if folder is not None and tokenizer:
         from qlora_ref.model.tokenizer import Tokenizer

@@ -15,7 +15,7 @@ import torch
 from test_stage_layer import IDS, LAYERS, TINY, build, step
 
 from qlora_gpu.block_scales import BLOCK2, BlockScales
-from qlora_gpu.model import _lora_linears
+from qlora_gpu.model import lora_linears
 from qlora_gpu.quantize import quantize_4bit
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, QuantConfig
 
@@ -57,7 +57,7 @@ def test_the_block_decodes_once_per_call_with_the_same_bits(checkpointing, devic
     assert off_bwd[decode] == uses
     assert fwd[decode] == LAYERS
     assert bwd[decode] == (LAYERS if checkpointing else uses)
-    assert all(isinstance(BlockScales.of(b, _lora_linears(b)), BlockScales) for b in _blocks(on))
+    assert all(isinstance(BlockScales.of(b, lora_linears(b)), BlockScales) for b in _blocks(on))
 
 
 def test_the_layout_holds_each_code_once_and_changes_no_weight():
@@ -66,7 +66,7 @@ def test_the_layout_holds_each_code_once_and_changes_no_weight():
     of 256, and the tensors they replace are freed (nothing stored twice); the dequantized weights are the ones
     before, and the block's decoding is each layer's own, bit for bit."""
     m = build(0.1, bound=True)
-    linears = [lin for b in _blocks(m) for lin in _lora_linears(b)]
+    linears = [lin for b in _blocks(m) for lin in lora_linears(b)]
     for lin in linears:
         state = lin.weight.quant_state
         state.absmax, state.state2.absmax = state.absmax.clone(), state.state2.absmax.clone()
@@ -81,16 +81,16 @@ def test_the_layout_holds_each_code_once_and_changes_no_weight():
     for i, lin in enumerate(linears):
         assert torch.equal(bnbf.dequantize_4bit(lin.weight, lin.weight.quant_state), before[i])
     for b in _blocks(m):
-        scales = BlockScales.of(b, _lora_linears(b))
-        counts = [lin.weight.quant_state.absmax.numel() for lin in _lora_linears(b)]
+        scales = BlockScales.of(b, lora_linears(b))
+        counts = [lin.weight.quant_state.absmax.numel() for lin in lora_linears(b)]
         assert scales.codes.numel() == sum(-(-n // BLOCK2) * BLOCK2 for n in counts)
         assert any(n % BLOCK2 for n in counts)  # the tiny widths exercise the padding
-        for lin in _lora_linears(b):
+        for lin in lora_linears(b):
             state = lin.weight.quant_state
             assert state.absmax.untyped_storage().data_ptr() == scales.codes.untyped_storage().data_ptr()
             assert state.state2.absmax.untyped_storage().data_ptr() == scales.c1.untyped_storage().data_ptr()
         decoded = scales.decode()
-        for lin in _lora_linears(b):
+        for lin in lora_linears(b):
             assert torch.equal(decoded[lin], own[linears.index(lin)])
 
 
@@ -102,7 +102,7 @@ def test_prepare_model_lays_each_block_out_as_it_builds_it():
     layouts = [b.__dict__.get("_qlora_block_scales") for b in _blocks(m)]
     assert all(isinstance(s, BlockScales) and s.current() for s in layouts)
     step(m)
-    assert all(BlockScales.of(b, _lora_linears(b)) is s for b, s in zip(_blocks(m), layouts, strict=True))
+    assert all(BlockScales.of(b, lora_linears(b)) is s for b, s in zip(_blocks(m), layouts, strict=True))
 
 
 def test_a_new_weight_lays_the_block_out_again(monkeypatch):
@@ -112,7 +112,7 @@ def test_a_new_weight_lays_the_block_out_again(monkeypatch):
     def run(m):
         step(m)
         for b in _blocks(m):
-            BlockScales.of(b, _lora_linears(b))
+            BlockScales.of(b, lora_linears(b))
         w = torch.randn(TINY.hidden_size, TINY.hidden_size, generator=torch.Generator().manual_seed(9)) * 0.05
         q = quantize_4bit(w)
         layer0, layer1 = _blocks(m)[0], _blocks(m)[1]
@@ -144,4 +144,4 @@ def test_weights_without_double_quantization_are_not_laid_out():
                       seed=3)
     _, _, fwd, bwd = step(m)
     assert fwd["dequantize_blockwise"] == bwd["dequantize_blockwise"] == 0
-    assert all(BlockScales.of(b, _lora_linears(b)) is None for b in _blocks(m))
+    assert all(BlockScales.of(b, lora_linears(b)) is None for b in _blocks(m))
