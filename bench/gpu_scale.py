@@ -84,7 +84,11 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 SIZES = ("7b", "13b", "33b", "65b")
 #: how many of the most frequent operators and kernels a profile lists
 TOP = 30
-STACKS = ("ours", "ours-triton", "baseline")  # ours-triton: the opt-in fused kernels (docs/fused_kernels.md)
+STACKS = ("ours", "ours-triton", "ours-graph", "baseline")
+#: variants of ours, each compared with ours and the baseline in ``ratios``: the opt-in fused kernels
+#: (docs/fused_kernels.md) and the step replayed as a CUDA graph (``qlora_gpu.graphs``; CUDA only)
+VARIANTS = {"ours-triton": "triton", "ours-graph": "graph"}
+CUDA_ONLY_STACKS = ("ours-graph",)
 GiB = 2**30
 
 #: a small Llama config for CPU smoke runs and the tests (every dimension a multiple of the block size 64)
@@ -329,8 +333,18 @@ def baseline_linears(peft_model) -> dict:
     return out
 
 
+def build_ours_graph(config: ModelConfig, device, rec: dict, **kwargs):
+    """``build_ours`` with the step captured into a CUDA graph at its first call and replayed after
+    (``qlora_gpu.graphs.GraphedStep``: the same kernels, launched in one call); the loss function it returns runs
+    the backward pass too."""
+    from qlora_gpu.graphs import GraphedStep
+
+    model, params, loss_fn = build_ours(config, device, rec, **kwargs)
+    return model, params, GraphedStep(model, loss_fn)
+
+
 BUILDERS = {"ours": build_ours, "ours-triton": functools.partial(build_ours, kernel="triton"),
-            "baseline": build_baseline}
+            "ours-graph": build_ours_graph, "baseline": build_baseline}
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -340,9 +354,11 @@ def _sync(device: torch.device) -> None:
 
 
 def train_step(loss_fn, update, ids: torch.Tensor) -> float:
-    """Forward, loss, backward, then ``update()`` (clipping, optimizer step, gradients cleared): one step."""
+    """Forward, loss, backward, then ``update()`` (clipping, optimizer step, gradients cleared): one step. A
+    ``loss_fn`` with ``runs_backward`` (``qlora_gpu.graphs.GraphedStep``) has run the backward pass itself."""
     loss = loss_fn(ids)
-    loss.backward()
+    if not getattr(loss_fn, "runs_backward", False):
+        loss.backward()
     update()
     return float(loss.detach())
 
@@ -524,6 +540,8 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     aside."""
     if stack not in BUILDERS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
+    if stack in CUDA_ONLY_STACKS and torch.device(device).type != "cuda":
+        raise ValueError(f"stack {stack!r} needs a CUDA device (CUDA graphs), got {device!r}")
     if warmup < 0 or steps < 1:
         raise ValueError(f"warmup must be >= 0 and steps >= 1, got warmup={warmup}, steps={steps}")
     device = torch.device(device)
@@ -693,10 +711,13 @@ def ratios(rows: list[dict]) -> dict:
         for key in ("aten_ops", "compute_ops"):
             if o.get("profile", {}).get(key) and b.get("profile", {}).get(key):
                 out[name][key] = o["profile"][key] / b["profile"][key]
-        if "ours-triton" in by and by["ours-triton"].get("tokens_per_s"):
-            out[name]["tokens_per_s_triton"] = by["ours-triton"]["tokens_per_s"] / b["tokens_per_s"]
-            # the same model and adapters: a broken kernel shows here first (fused vs unfused, before any update)
-            out[name]["first_loss_diff_triton"] = by["ours-triton"]["first_loss"] - o["first_loss"]
+        for stack, tag in VARIANTS.items():
+            if stack in by and by[stack].get("tokens_per_s"):
+                v = by[stack]
+                out[name][f"tokens_per_s_{tag}"] = v["tokens_per_s"] / b["tokens_per_s"]
+                out[name][f"peak_{tag}"] = ratio("peak_bytes", v, b)
+                # the same model and adapters: a broken kernel or capture shows here first (before any update)
+                out[name][f"first_loss_diff_{tag}"] = v["first_loss"] - o["first_loss"]
     return out
 
 
@@ -746,13 +767,14 @@ def markdown(rows: list[dict], rat: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
         for name, q in rat.items():
-            tps = fmt(q['tokens_per_s'])
-            if "tokens_per_s_triton" in q:
-                tps += f" (ours-triton: {fmt(q['tokens_per_s_triton'])})"
-            loss = f"{q['first_loss_diff']:+.2e}"
-            if "first_loss_diff_triton" in q:
-                loss += f" (ours-triton − ours: {q['first_loss_diff_triton']:+.2e})"
-            lines.append(f"| {name} | {fmt(q['peak'])} | {fmt(q['peak_plus_paged'])} | {tps} | "
+            tps, loss, peak = fmt(q['tokens_per_s']), f"{q['first_loss_diff']:+.2e}", fmt(q['peak'])
+            for stack, tag in VARIANTS.items():
+                if f"tokens_per_s_{tag}" in q:
+                    tps += f" ({stack}: {fmt(q[f'tokens_per_s_{tag}'])})"
+                    loss += f" ({stack} − ours: {q[f'first_loss_diff_{tag}']:+.2e})"
+                    if q.get(f"peak_{tag}") is not None:
+                        peak += f" ({stack}: {fmt(q[f'peak_{tag}'])})"
+            lines.append(f"| {name} | {peak} | {fmt(q['peak_plus_paged'])} | {tps} | "
                          f"{fmt(q['build'])} | {loss} | {fmt(q.get('aten_ops'))} | {fmt(q.get('compute_ops'))} |")
     return "\n".join(lines)
 
@@ -772,7 +794,8 @@ def parse_args(argv=None):
                                                   "the tiny config without CUDA)")
     p.add_argument("--tiny", action="store_true", help="the tiny config (CPU smoke run)")
     p.add_argument("--stacks", default="ours,baseline", help=f"comma-separated among {','.join(STACKS)} "
-                   "(ours-triton: ours with the opt-in fused Triton kernels)")
+                   "(ours-triton: ours with the opt-in fused Triton kernels; ours-graph: ours replayed as a CUDA "
+                   "graph, CUDA only)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2)

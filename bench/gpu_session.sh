@@ -8,8 +8,9 @@
 # A session has 15 minutes of device time, machine start (1-2 min) included, and 10 minutes per command. Two calls,
 # the second at once while the machine is still warm (it is given back after 30 s idle):
 #   run(carry=[".whl"], timeout_s=420, command="BUDGET=390 bash bench/gpu_session.sh goals")
-#       65B ours (the paper's claim), 7B and 13B for ours and the baseline, then 65B baseline (365 s on 2026-11-29
-#       with ours-triton too; each profiled step now also lists its 30 most frequent kernels and operators)
+#       65B ours (the paper's claim), 7B and 13B for ours, the baseline and ours-graph (the step replayed as a CUDA
+#       graph), then 65B baseline (365 s on 2026-11-29 with ours-triton instead of ours-graph; each profiled step
+#       now also lists its 30 most frequent kernels and operators)
 #   run(carry=[".whl"], timeout_s=..., command="BUDGET=<device time left - 45> bash bench/gpu_session.sh checks")
 #       GPU tests, 65B ours under a 48 GB cap on torch's allocator (fit48), the optimizer step at the real adapter
 #       shapes (optim), the paged-optimizer demonstration, the fused-kernel benchmark, then extras if time is left
@@ -86,9 +87,11 @@ scale() {
 
 run_part() {
   case "$1" in
-    goals)  # the issue's two goals: 65B under 48 GB first, then 7B/13B against the baseline, then 65B baseline;
-            # 10 timed steps (the 5 of 2026-11-29 spread by ±15 %); ours-triton measured slow then, now in extras
-      scale 65b:ours,7b:ours,7b:baseline,13b:ours,13b:baseline,65b:baseline scale_goals.json --steps 10 ;;
+    goals)  # the issue's two goals: 65B under 48 GB first, then 7B/13B against the baseline (and ours replayed
+            # as a CUDA graph, qlora_gpu.graphs), then 65B baseline; 10 timed steps (the 5 of 2026-11-29 spread by
+            # ±15 %); ours-triton measured slow then, now in extras
+      scale 65b:ours,7b:ours,7b:baseline,7b:ours-graph,13b:ours,13b:baseline,13b:ours-graph,65b:baseline \
+        scale_goals.json --steps 10 ;;
     checks)
       for p in tests fit48 optim paged kernels extras; do run_part "$p"; done ;;
     fit48)  # the paper's claim as a card would see it: 65B ours with torch's allocator capped at 48 GB, build included
@@ -99,11 +102,12 @@ run_part() {
       TIMED_MAX=${TESTS_MAX:-150} timed python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
         --continue-on-collection-errors tests/ 2>&1 | tee "$OUT/gpu_tests.log" ;;
     small)
-      scale 7b:ours,7b:baseline,7b:ours-triton,13b:ours,13b:baseline,13b:ours-triton scale_small.json ;;
+      scale 7b:ours,7b:baseline,7b:ours-graph,7b:ours-triton,13b:ours,13b:baseline,13b:ours-graph \
+        scale_small.json ;;
     large)
       scale 65b:ours,65b:baseline,65b:ours:bfloat16,33b:ours,33b:baseline scale_65b.json ;;
     7b|13b|33b|65b)
-      scale "$1:ours,$1:baseline" "scale_$1.json" ;;
+      scale "$1:ours,$1:baseline,$1:ours-graph" "scale_$1.json" ;;
     optim)  # ours' flat optimizer step against HF Trainer's per-tensor loop, at the real adapter shapes
       TIMED_MAX=${OPTIM_MAX:-60} timed python3 bench/optimizer_step.py --models 7b,65b --widths real 2>&1 \
         | tee "$OUT/optimizer_step.log" ;;

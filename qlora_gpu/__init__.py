@@ -3,6 +3,7 @@ Everything that is not a tensor kernel (configs, checks, formats) comes from ``q
 
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 
+from .graphs import GraphedStep
 from .lora import KERNELS, QLoRALinear, set_kernel
 from .model import QLoRAModel
 from .prepare import init_weight, llama_config, load, model_config, prepare_model
@@ -26,6 +27,7 @@ def codebook(name: str):
 
 
 __all__ = [
+    "GraphedStep",
     "KERNELS",
     "QLoRALinear",
     "QLoRAModel",

@@ -136,39 +136,76 @@ def use_fused_rms_norm(hf: nn.Module) -> None:
 LAST_LINEAR = ("mlp", "down_proj")
 
 
+#: set on a LoRA layer while a training step is captured into a CUDA graph (``qlora_gpu.graphs``): the generator its
+#: block's recomputation draws from — a twin of its own, set to the same state before every replay — because a
+#: captured graph cannot rewind a generator (``get_state``/``set_state`` are host operations, refused in capture)
+RECOMPUTE_GENERATOR = "_recompute_generator"
+
+
 def _checkpoint_layer(layer: nn.Module, fn, *args):
     """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: they come from the LoRA
     layers' own generators (``stage_layer`` draws a block's from its first one), which torch's checkpoint does not
-    rewind, so they are rewound here.
+    rewind, so they are rewound here — or, while a step is captured into a CUDA graph, drawn from twin generators
+    in the same state (``RECOMPUTE_GENERATOR``).
 
     torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
     recomputes inside the backward pass, where the masks are replayed by ``run``. torch's own generators are saved
     and restored around the recomputation only when the block draws from them (attention dropout, an
     ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
-    every block call (and keeps the step from CUDA-graph capture, docs/benchmarks.md). In the recomputation the
-    block's last linear skips its output (``LAST_LINEAR``)."""
+    every block call (and keeps the step from CUDA-graph capture). In the recomputation the block's last linear
+    skips its output (``LAST_LINEAR``)."""
     linears = [m for m in lora_linears(layer) if m.dropout_active]
-    hidden = args[0]
-    gens = [m._generator(hidden.device) for m in linears]
-    states = [g.get_state() for g in gens]
+    device = args[0].device
+    twins = [m.__dict__.get(RECOMPUTE_GENERATOR) for m in linears]
+    replay = _twin_draws if all(t is not None for t in twins) else _rewound_draws
+    saved = twins if replay is _twin_draws else [m._generator(device).get_state() for m in linears]
     last = getattr(getattr(layer, LAST_LINEAR[0], None), LAST_LINEAR[1], None)
     forward = True
 
     def run(*a):
         nonlocal forward
-        for g, s in zip(gens, states, strict=True):
-            g.set_state(s)
-        if forward or not isinstance(last, QLoRALinear):  # the forward pass
+        if forward:  # the forward pass
             forward = False
             return fn(*a)
-        last.__dict__["_output_unused"] = True  # the recomputation: see LAST_LINEAR
+        # the recomputation: the forward pass's masks again, and the block's last linear skips its output
+        restore = replay(linears, saved, device)
+        skip = isinstance(last, QLoRALinear)
+        if skip:
+            last.__dict__["_output_unused"] = True
         try:
             return fn(*a)
         finally:
-            last.__dict__.pop("_output_unused", None)
+            restore()
+            if skip:
+                last.__dict__.pop("_output_unused", None)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
                                              preserve_rng_state=_draws_global_rng(layer))
+
+
+def _rewound_draws(linears: list[QLoRALinear], states: list, device: torch.device):
+    """Each layer's generator set back to its state at the forward pass; nothing to undo afterwards."""
+    for m, state in zip(linears, states, strict=True):
+        m._generator(device).set_state(state)
+    return _nothing
+
+
+def _twin_draws(linears: list[QLoRALinear], twins: list, device: torch.device):
+    """Each layer draws from its twin generator (in the state its own had at the forward pass) until the returned
+    function puts its own back."""
+    own = [m._generator(device) for m in linears]
+    for m, twin in zip(linears, twins, strict=True):
+        m._generators[device] = twin
+
+    def restore() -> None:
+        for m, g in zip(linears, own, strict=True):
+            m._generators[device] = g
+
+    return restore
+
+
+def _nothing() -> None:
+    pass
 
 
 def _draws_global_rng(layer: nn.Module) -> bool:
