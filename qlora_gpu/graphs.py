@@ -124,6 +124,8 @@ class GraphedStep:
             raise ValueError(f"input_ids: CUDA graphs need a CUDA tensor, got one on {device}")
         check_capturable(self.model, device)
         params = [p for p in self.model.lora_parameters().values() if p.requires_grad]
+        if not params:
+            raise ValueError("model: it has no trainable LoRA adapters, so there is no training step to capture")
         missing = [p for p in params if p.grad is None]
         if missing:
             raise ValueError(f"the model's {len(missing)} of {len(params)} LoRA tensors have no .grad: bind the "

@@ -264,6 +264,21 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup):
     assert step.graph.replays == 2
 
 
+def test_capture_needs_zero_bound_gradients_and_adapters():
+    m, _ = build()
+    loss_fn(m)(IDS).backward()
+    with pytest.raises(ValueError, match="gradients are not zero"):
+        _CPUGraphedStep(m, loss_fn(m))(IDS)
+    unbound = prepare_model(TINY, lora=LoraConfig(r=3, alpha=8.0), progress=False, tokenizer=False, seed=3,
+                            dtype="bfloat16", attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="bind the optimizer first"):
+        _CPUGraphedStep(unbound, loss_fn(unbound))(IDS)
+    frozen = prepare_model(TINY, lora=None, progress=False, tokenizer=False, seed=3, dtype="bfloat16",
+                           attn_implementation="sdpa")
+    with pytest.raises(ValueError, match="no trainable LoRA adapters"):
+        _CPUGraphedStep(frozen, loss_fn(frozen))(IDS)
+
+
 # ----------------------------------------------------------------------------------------------- on a GPU
 def _grads(m) -> dict:
     return {k: g.clone() for k, g in m.lora_grads().items()}
@@ -315,14 +330,3 @@ def test_a_captured_step_refuses_another_shape_and_replaced_gradients():
         step(ids)
 
 
-@pytest.mark.gpu
-def test_capture_needs_zero_bound_gradients():
-    ids = (torch.arange(64) * 7 % TINY.vocab_size)[None].cuda()
-    m, _ = build("cuda")
-    loss_fn(m)(ids).backward()
-    with pytest.raises(ValueError, match="gradients are not zero"):
-        GraphedStep(m, loss_fn(m))(ids)
-    unbound = prepare_model(TINY, lora=LoraConfig(r=3, alpha=8.0), device="cuda", dtype="bfloat16",
-                            progress=False, tokenizer=False, seed=3, attn_implementation="sdpa")
-    with pytest.raises(ValueError, match="bind the optimizer first"):
-        GraphedStep(unbound, loss_fn(unbound))(ids)
