@@ -4,6 +4,10 @@ import os
 os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")
 # small matrix products: BLAS threads only contend with Numba and torch threads on a 2-core machine
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# on a GPU: cuBLAS picks the same reduction on every stream (its documented condition for bitwise reproducibility),
+# which the bit-for-bit twins need where one run is captured on a CUDA graph's stream (tests/test_graphs.py); set
+# before any test initialises cuBLAS
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest
 import torch
