@@ -879,6 +879,9 @@ def main(argv=None) -> list[dict]:
     if device.type == "cpu" and big:
         raise SystemExit(f"{','.join(big)}: LLaMA sizes from 7B up need a CUDA GPU (no CUDA device here); "
                          "run --tiny for a CPU smoke test of the code path")
+    cuda_only = sorted({s for _, s, _ in runs if s in CUDA_ONLY_STACKS})
+    if device.type == "cpu" and cuda_only:
+        raise SystemExit(f"{','.join(cuda_only)}: needs a CUDA device (CUDA graphs), none here")
     if args.seq < 2 or args.batch < 1:
         raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")
     if args.cap_gb is not None and (device.type != "cuda" or args.cap_gb <= 0):

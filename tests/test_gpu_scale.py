@@ -337,6 +337,8 @@ def test_ratios_compare_like_adapters_only():
 def test_the_graphed_stack_needs_cuda():
     with pytest.raises(ValueError, match="'ours-graph' needs a CUDA device"):
         gpu_scale.run_stack("ours-graph", "tiny", "cpu", seq=8, warmup=0, steps=1, progress=False)
+    with pytest.raises(SystemExit, match="ours-graph: needs a CUDA device"):
+        gpu_scale.main(["--runs", "tiny:ours,tiny:ours-graph", "--device", "cpu"])
 
 
 @pytest.mark.gpu
