@@ -37,10 +37,11 @@ class _ReadBacks(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build(device: str = "cpu", dropout: float = 0.1, attn: str = "sdpa"):
-    """The tiny model in training mode with checkpointing, its adapters bound to a flat optimizer."""
+def build(device: str = "cpu", dropout: float = 0.1, attn: str = "sdpa", checkpointing: bool = True):
+    """The tiny model in training mode (with checkpointing by default), its adapters bound to a flat optimizer."""
     m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=8.0, dropout=dropout), device=device, dtype="bfloat16",
-                      gradient_checkpointing=True, progress=False, tokenizer=False, seed=3, attn_implementation=attn)
+                      gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
+                      attn_implementation=attn)
     opt = make_optimizer("paged_adamw", lr=1e-3)
     opt.bind(m.lora_parameters())
     return m, opt
@@ -232,17 +233,17 @@ class _CPUGraphedStep(GraphedStep):
         return torch.equal(g.get_state(), twin.get_state())
 
 
-@pytest.mark.parametrize("warmup", [1, 2])
-def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup):
+@pytest.mark.parametrize(("warmup", "checkpointing"), [(1, True), (2, True), (1, False)])
+def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, checkpointing):
     """With the CUDA calls stood in for (the "capture" runs the step eagerly): after the warm-up passes and the
     capture, the gradients and the loss are those of one eager step from the same model — the warm-up left no
-    gradient and no draw behind — and the recomputation drew from the twins (none of the layers' own generators
-    was rewound); every dropout layer's generator and its twin were registered with the graph, and the model's
-    attention is "sdpa" again."""
-    eager, _ = build()
+    gradient and no draw behind — and the recomputation, if any, drew from the twins (none of the layers' own
+    generators was rewound); every dropout layer's generator and its twin were registered with the graph, and the
+    model's attention is "sdpa" again."""
+    eager, _ = build(checkpointing=checkpointing)
     loss = loss_fn(eager)(IDS)
     loss.backward()
-    m, _ = build()
+    m, _ = build(checkpointing=checkpointing)
     layers = dropout_layers(m)
     for x in layers:  # the warm-up's eager passes rewind them; the capture must not
         x._generators[torch.device("cpu")] = _Rewindable().manual_seed(x.seed)
