@@ -140,6 +140,10 @@ class GraphedStep:
         pairs = self._generator_pairs(device)
         states = [g.get_state() for g, _ in pairs]
         cuda = self._cuda
+        if pairs and not hasattr(cuda.CUDAGraph, "register_generator_state"):
+            raise RuntimeError(f"model: {len(pairs)} LoRA layers draw dropout masks, and this torch "
+                               f"({torch.__version__}) cannot register their generators with a CUDA graph "
+                               "(CUDAGraph.register_generator_state, torch >= 2.5)")
         with self._causal_sdpa():
             side = cuda.Stream(device)
             side.wait_stream(cuda.current_stream(device))
