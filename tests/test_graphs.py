@@ -265,6 +265,22 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, c
     assert step.graph.replays == 2
 
 
+def test_a_torch_that_cannot_register_generators_is_refused_with_dropout_only():
+    class OldCuda(_StandInCuda):
+        class CUDAGraph:  # torch < 2.5
+            def replay(self) -> None:
+                pass
+
+    class OldStep(_CPUGraphedStep):
+        _cuda = OldCuda
+
+    m, _ = build()
+    with pytest.raises(RuntimeError, match="LoRA layers draw dropout masks.*register_generator_state"):
+        OldStep(m, loss_fn(m))(IDS)
+    plain, _ = build(dropout=0.0)
+    OldStep(plain, loss_fn(plain))(IDS)  # nothing to register
+
+
 def test_capture_needs_zero_bound_gradients_and_adapters():
     m, _ = build()
     loss_fn(m)(IDS).backward()
