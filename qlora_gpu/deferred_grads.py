@@ -33,12 +33,14 @@ _ATTR = "_qlora_deferred_grad"  # on each parameter: (weak reference to its Defe
 class DeferredGrads:
     """For the tensors of a flat buffer (``qlora_gpu.optim._FlatBuffer``): ``grads`` (the float32 gradient buffer),
     ``slices`` and ``shapes`` their places in it, ``grad_ptrs`` the addresses of those places. The tensors point to
-    this object weakly (it holds their AccumulateGrad nodes, which hold them)."""
+    this object weakly; it holds them and their AccumulateGrad nodes (looked up once: a lookup costs a view),
+    until ``release_nodes``."""
 
     def __init__(self, tensors: list[torch.Tensor], grads: torch.Tensor, slices: list[slice], shapes: list,
                  grad_ptrs: list[int]):
         self._grads, self._slices, self._shapes, self._ptrs = grads, slices, shapes, grad_ptrs
-        self._nodes = [_accumulator(t) for t in tensors]
+        self._tensors = list(tensors)
+        self._nodes: list | None = [_accumulator(t) for t in tensors]
         self._task = None
         self._low: torch.Tensor | None = None
         self._written: list[bool] = []
@@ -63,7 +65,7 @@ class DeferredGrads:
         if task < 0 or torch.is_grad_enabled() or not self._deferrable():
             return
         low = torch.zeros(self._grads.shape, dtype=dtype, device=self._grads.device)
-        self._low, self._written = low, [False] * len(self._nodes)
+        self._low, self._written = low, [False] * len(self._tensors)
         torch.autograd.Variable._execution_engine.queue_callback(functools.partial(self._flush, low))
 
     def _flush(self, low: torch.Tensor) -> None:
@@ -73,19 +75,28 @@ class DeferredGrads:
         if self._low is low:
             self._low = None
 
+    def release_nodes(self) -> None:
+        """Let go of the AccumulateGrad nodes; the next pass looks up the ones of its graph. A node runs on the CUDA
+        stream that was current when it was created, and autograd synchronises that stream with the pass's: one
+        kept from the binding (the default stream) would pull the default stream into a pass captured into a CUDA
+        graph on another stream, which invalidates the capture (torch's CUDA-graph notes). ``qlora_gpu.graphs``
+        releases them before its capture, so that the captured forward pass creates its nodes on the capture's
+        stream."""
+        self._nodes = None
+
     def _deferrable(self) -> bool:
-        if all(self._accumulates_here(i) for i in range(len(self._nodes))):
+        if self._nodes is not None and all(self._accumulates_here(i) for i in range(len(self._tensors))):
             return True
-        # a tensor given new data since (``p.data = ...``) may have a new AccumulateGrad node
-        self._nodes = [_accumulator(n.variable) if n is not None else None for n in self._nodes]
-        return all(self._accumulates_here(i) for i in range(len(self._nodes)))
+        # released, or a tensor given new data since (``p.data = ...``) may have a new AccumulateGrad node
+        self._nodes = [_accumulator(t) for t in self._tensors]
+        return all(self._accumulates_here(i) for i in range(len(self._tensors)))
 
     def _accumulates_here(self, i: int) -> bool:
         """Whether autograd would add tensor ``i``'s gradient in place into its slice, unhooked, in this pass."""
         node = self._nodes[i]
         if node is None:
             return True  # frozen: no gradient
-        t = node.variable
+        t = self._tensors[i]
         g = t.grad
         if g is None or g.data_ptr() != self._ptrs[i] or t._backward_hooks or t._post_accumulate_grad_hooks:
             return False
@@ -97,6 +108,18 @@ class DeferredGrads:
 
 def _accumulator(t: torch.Tensor):
     return get_gradient_edge(t).node if t.requires_grad else None
+
+
+def release_nodes(params) -> None:
+    """``DeferredGrads.release_nodes`` of every flat buffer holding one of ``params``."""
+    owners = {}
+    for p in params:
+        entry = p.__dict__.get(_ATTR)
+        owner = entry[0]() if entry is not None else None
+        if owner is not None:
+            owners[id(owner)] = owner
+    for owner in owners.values():
+        owner.release_nodes()
 
 
 def slot(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:

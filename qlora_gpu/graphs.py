@@ -18,6 +18,10 @@ What capture needs, checked where it can be (``GraphedStep``):
   checkpoint would save and restore their state, a host operation;
 - gradients that stay where they are: the graph adds into the ``.grad`` tensors it captured, so they are zeroed in
   place between steps (``qlora_gpu.optim`` does) and never set to None;
+- the adapters' AccumulateGrad nodes created by the captured pass itself: autograd runs a node on the stream that
+  was current at its creation, and a node kept from the default stream would pull that stream into the capture
+  (torch's notes: warm up on a side stream). ``qlora_gpu.deferred_grads`` keeps the nodes it looked up, so they
+  are released before the capture (and after it);
 - the LoRA dropout masks: under gradient checkpointing a block's recomputation must draw the forward pass's
   masks again. Eagerly its generators are rewound (``qlora_gpu.model._checkpoint_layer``); a graph cannot rewind
   a generator, so the recomputation draws from a twin generator set to the same state before every replay. Both
@@ -35,6 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .deferred_grads import release_nodes
 from .model import RECOMPUTE_GENERATOR, _draws_global_rng, lora_linears
 
 #: transformers' SDPA attention under a name transformers builds no mask for: causal through ``is_causal``
@@ -159,9 +164,15 @@ class GraphedStep:
                 twin.set_state(g.get_state())
                 graph.register_generator_state(g)
                 graph.register_generator_state(twin)
-            with self._twins_installed(pairs), cuda.graph(graph):
-                loss = self.loss_fn(static)
-                loss.backward()
+            # the adapters' AccumulateGrad nodes: created anew by the captured forward pass, on the capture's
+            # stream (a node kept from the default stream would invalidate the capture), and not kept after it
+            release_nodes(params)
+            try:
+                with self._twins_installed(pairs), cuda.graph(graph):
+                    loss = self.loss_fn(static)
+                    loss.backward()
+            finally:
+                release_nodes(params)
         self.graph, self._static, self._loss = graph, static, loss.detach()
         self._grads = [(p, p.grad) for p in params]
         self._twins = pairs

@@ -220,3 +220,25 @@ def test_a_layer_called_twice_gets_both_contributions():
         ref = run(False)
     got = run(True)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
+def test_the_nodes_are_kept_until_released_then_looked_up_in_the_next_pass(monkeypatch):
+    """The AccumulateGrad nodes looked up at the binding (a lookup costs a view per tensor) are kept from pass to
+    pass until ``release_nodes``; the next pass then looks up its own graph's (the nodes marked before are gone)
+    and still defers. A node runs on the CUDA stream current at its creation, so ``qlora_gpu.graphs`` releases
+    them before its capture."""
+    from torch.autograd.graph import get_gradient_edge
+
+    given = _spy(monkeypatch)
+    m, _opt = build()
+    params = list(m.lora_parameters().values())
+    for p in params:
+        get_gradient_edge(p).node.metadata["from_binding"] = True
+    loss_of(m).backward()
+    assert all("from_binding" in get_gradient_edge(p).node.metadata for p in params)  # kept
+    dg.release_nodes(params)
+    given.clear()
+    m.zero_grad(set_to_none=False)
+    loss_of(m).backward()
+    assert given and all(s is not None for s in given)
+    assert not any("from_binding" in get_gradient_edge(p).node.metadata for p in params)

@@ -224,6 +224,26 @@ class _StandInCuda:
             _StandInCuda.capturing = False
 
 
+def _node_lookups(monkeypatch) -> list:
+    """For each backward pass that decides on deferral: whether it had to look the AccumulateGrad nodes up (they
+    had been released)."""
+    import qlora_gpu.deferred_grads as dg
+
+    seen = []
+    original = dg.DeferredGrads._deferrable
+
+    def deferrable(self):
+        seen.append(self._nodes is None)
+        return original(self)
+
+    monkeypatch.setattr(dg.DeferredGrads, "_deferrable", deferrable)
+    return seen
+
+
+def _owners(m) -> list:
+    return [p.__dict__["_qlora_deferred_grad"][0]() for p in m.lora_parameters().values()]
+
+
 class _CPUGraphedStep(GraphedStep):
     _cuda = _StandInCuda
     _device_type = "cpu"
@@ -234,7 +254,7 @@ class _CPUGraphedStep(GraphedStep):
 
 
 @pytest.mark.parametrize(("warmup", "checkpointing"), [(1, True), (2, True), (1, False)])
-def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, checkpointing):
+def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, checkpointing, monkeypatch):
     """With the CUDA calls stood in for (the "capture" runs the step eagerly): after the warm-up passes and the
     capture, the gradients and the loss are those of one eager step from the same model — the warm-up left no
     gradient and no draw behind — and the recomputation, if any, drew from the twins (none of the layers' own
@@ -244,6 +264,7 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, c
     loss = loss_fn(eager)(IDS)
     loss.backward()
     m, _ = build(checkpointing=checkpointing)
+    lookups = _node_lookups(monkeypatch)
     layers = dropout_layers(m)
     for x in layers:  # the warm-up's eager passes rewind them; the capture must not
         x._generators[torch.device("cpu")] = _Rewindable().manual_seed(x.seed)
@@ -261,6 +282,10 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, c
     assert {id(g) for g in step.graph.registered} == {id(g) for pair in step._twins for g in pair}
     assert all(RECOMPUTE_GENERATOR not in x.__dict__ for x in layers)
     assert m.hf.config._attn_implementation == "sdpa"
+    # the warm-up used the nodes held since the binding; the captured pass looked up its own (created on the
+    # capture's stream), and none is held after it
+    assert lookups == [False] * warmup + [True]
+    assert all(o._nodes is None for o in {id(o): o for o in _owners(m)}.values())
     step(IDS)  # a second call replays (here: nothing) the same graph
     assert step.graph.replays == 2
 
