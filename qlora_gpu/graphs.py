@@ -103,8 +103,8 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._static = self._loss = None
         self._grads: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._twins: list[tuple[torch.Generator, torch.Generator]] = []
-        self._layers: list = []  # the LoRA layers with dropout, in the order of self._twins
+        #: (LoRA layer with dropout, its generator, the twin its recomputation draws from in the graph)
+        self._twins: list[tuple[nn.Module, torch.Generator, torch.Generator]] = []
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(input_ids, torch.Tensor):
@@ -141,12 +141,12 @@ class GraphedStep:
             raise ValueError("the LoRA gradients are not zero: build the GraphedStep between optimizer steps "
                              "(its warm-up passes would be mixed into them)")
         static = input_ids.clone()
-        self._layers = [m for layer in self.model.hf.model.layers for m in lora_linears(layer) if m.dropout_active]
-        pairs = self._generator_pairs(device)
-        states = [g.get_state() for g, _ in pairs]
+        twins = [(m, m._generator(device), torch.Generator(device=device))
+                 for layer in self.model.hf.model.layers for m in lora_linears(layer) if m.dropout_active]
+        states = [g.get_state() for _, g, _ in twins]
         cuda = self._cuda
-        if pairs and not hasattr(cuda.CUDAGraph, "register_generator_state"):
-            raise RuntimeError(f"model: {len(pairs)} LoRA layers draw dropout masks, and this torch "
+        if twins and not hasattr(cuda.CUDAGraph, "register_generator_state"):
+            raise RuntimeError(f"model: {len(twins)} LoRA layers draw dropout masks, and this torch "
                                f"({torch.__version__}) cannot register their generators with a CUDA graph "
                                "(CUDAGraph.register_generator_state, torch >= 2.5)")
         with self._causal_sdpa():
@@ -157,10 +157,10 @@ class GraphedStep:
                     self.loss_fn(static).backward()
             cuda.current_stream(device).wait_stream(side)
             torch._foreach_zero_(grads)  # the warm-up is undone: no gradient, no draw
-            for (g, _), state in zip(pairs, states, strict=True):
+            for (_, g, _), state in zip(twins, states, strict=True):
                 g.set_state(state)
             graph = cuda.CUDAGraph()
-            for g, twin in pairs:
+            for _, g, twin in twins:
                 twin.set_state(g.get_state())
                 graph.register_generator_state(g)
                 graph.register_generator_state(twin)
@@ -168,29 +168,14 @@ class GraphedStep:
             # stream (a node kept from the default stream would invalidate the capture), and not kept after it
             release_nodes(params)
             try:
-                with self._twins_installed(pairs), cuda.graph(graph):
+                with _twins_installed(twins), cuda.graph(graph):
                     loss = self.loss_fn(static)
                     loss.backward()
             finally:
                 release_nodes(params)
         self.graph, self._static, self._loss = graph, static, loss.detach()
         self._grads = [(p, p.grad) for p in params]
-        self._twins = pairs
-
-    def _generator_pairs(self, device: torch.device) -> list[tuple[torch.Generator, torch.Generator]]:
-        """(a dropout layer's generator, its twin) for every LoRA layer with dropout; each twin is installed as
-        the layer's ``RECOMPUTE_GENERATOR`` during the capture."""
-        return [(m._generator(device), torch.Generator(device=device)) for m in self._layers]
-
-    @contextlib.contextmanager
-    def _twins_installed(self, pairs):
-        for m, (_, twin) in zip(self._layers, pairs, strict=True):
-            m.__dict__[RECOMPUTE_GENERATOR] = twin
-        try:
-            yield
-        finally:
-            for m in self._layers:
-                m.__dict__.pop(RECOMPUTE_GENERATOR, None)
+        self._twins = twins
 
     @contextlib.contextmanager
     def _causal_sdpa(self):
@@ -213,13 +198,25 @@ class GraphedStep:
     def _sync_twins(self) -> None:
         """Each twin in its generator's state: the graph reads both states at every replay, and a generator that
         drew outside the graph (or was reseeded) would otherwise leave the recomputation's masks behind."""
-        for g, twin in self._twins:
+        for _, g, twin in self._twins:
             if not self._same_state(g, twin):
                 twin.set_state(g.get_state())
 
     @staticmethod
     def _same_state(g: torch.Generator, twin: torch.Generator) -> bool:
         return twin.get_offset() == g.get_offset() and twin.initial_seed() == g.initial_seed()  # host reads
+
+
+@contextlib.contextmanager
+def _twins_installed(twins):
+    """Each layer's twin as its ``RECOMPUTE_GENERATOR`` while the capture runs."""
+    for m, _, twin in twins:
+        m.__dict__[RECOMPUTE_GENERATOR] = twin
+    try:
+        yield
+    finally:
+        for m, _, _ in twins:
+            m.__dict__.pop(RECOMPUTE_GENERATOR, None)
 
 
 __all__ = ["CAUSAL_SDPA", "GraphedStep", "check_capturable", "register_causal_sdpa"]

@@ -279,7 +279,7 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, c
                for x, g in zip(layers, own, strict=True)) == TINY.num_hidden_layers  # one draw per block
     assert step.graph.replays == 1
     assert len(step.graph.registered) == 2 * len(layers) == 2 * len(LINEAR_MODULES) * TINY.num_hidden_layers
-    assert {id(g) for g in step.graph.registered} == {id(g) for pair in step._twins for g in pair}
+    assert {id(g) for g in step.graph.registered} == {id(g) for _, own, twin in step._twins for g in (own, twin)}
     assert all(RECOMPUTE_GENERATOR not in x.__dict__ for x in layers)
     assert m.hf.config._attn_implementation == "sdpa"
     # the warm-up used the nodes held since the binding; the captured pass looked up its own (created on the
