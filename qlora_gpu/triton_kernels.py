@@ -41,9 +41,9 @@ values to ``tl.dot`` (products of bfloat16 numbers are exact in float32: the sam
 dot up to the summation order); that is the interpreter's mode (its bfloat16 ``tl.dot`` is wrong) and a fallback.
 ``compute_dtype="float32"`` uses IEEE float32 dots (no TF32).
 
-Status: tested on CPU under ``TRITON_INTERPRET=1`` (float32, and bfloat16 with ``dot_f32``), against the
-unfused bitsandbytes path (tests/test_triton_kernels.py); the gpu-marked tests of native bfloat16 have not run yet.
-Hence ``qlora_gpu.lora.QLoRALinear(kernel="triton")`` is opt-in (docs/fused_kernels.md).
+Status: tested on CPU under ``TRITON_INTERPRET=1`` (float32, and bfloat16 with ``dot_f32``) and on an H200
+(2026-11-29, native bfloat16 included), against the unfused bitsandbytes path (tests/test_triton_kernels.py). It
+was slower than the unfused path there (docs/fused_kernels.md), hence ``QLoRALinear(kernel="triton")`` is opt-in.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ import os
 from dataclasses import dataclass
 
 import bitsandbytes.functional as bnbf
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -61,6 +62,20 @@ from .lora import _adapter_forward, _adapter_grads, _in_compute_dtype
 
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's CPU interpreter of this version cannot run the kernels with this NumPy, or None. Triton before
+    3.7 (3.6.0 is torch 2.11's pin) turns a scalar kernel argument into a one-element array and calls ``int`` on
+    it in ``range(0, K, BLOCK_K)``; NumPy 2.4 refuses that conversion ("only 0-dimensional arrays ...")."""
+    def major_minor(v: str) -> tuple[int, int]:
+        major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton's CPU interpreter {triton_version} cannot run under NumPy {numpy_version} (it converts "
+                "one-element arrays to int, which NumPy 2.4 refuses): pip install 'triton>=3.7' or 'numpy<2.4'")
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -311,6 +326,8 @@ def _check_device(*tensors: torch.Tensor) -> None:
     if dev.type != "cuda" and not INTERPRET:
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing "
                          f"qlora_gpu.triton_kernels, for Triton's CPU interpreter); got tensors on {dev}")
+    if dev.type != "cuda" and (problem := interpreter_problem(triton.__version__, np.__version__)):
+        raise RuntimeError(problem)
     for t in tensors:
         if t is not None and t.device != dev:
             raise ValueError(f"all operands must be on one device; got {dev} and {t.device}")

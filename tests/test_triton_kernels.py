@@ -310,6 +310,28 @@ def test_triton_kernel_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
         tk.fused_linear_forward(torch.ones(2, 4), w)
 
 
+@pytest.mark.parametrize(("triton_version", "numpy_version", "refused"), [
+    ("3.6.0", "2.4.6", True),  # torch 2.11's pin with a current NumPy: 9 tests failed with a bare TypeError
+    ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.5.0", False), ("3.10.1", "3.0.0", False),
+    ("3.5.1+git4a2b", "2.4.0rc1", True),
+])
+def test_the_interpreter_known_to_fail_under_this_numpy_is_named(triton_version, numpy_version, refused):
+    problem = tk.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if refused:
+        assert triton_version in problem and numpy_version in problem and "triton>=3.7" in problem
+
+
+def test_a_kernel_launch_in_an_incompatible_interpreter_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(tk, "INTERPRET", True)
+    monkeypatch.setattr(tk.triton, "__version__", "3.6.0")
+    monkeypatch.setattr(tk.np, "__version__", "2.4.6")
+    w = tk.weight_from_bnb(*(lambda q: (q.packed, q.to_bnb()))(Quantized4bit.from_state_dict(
+        qlora_ref.quantize_4bit(np.ones((4, 4), np.float32)).state_dict())))
+    with pytest.raises(RuntimeError, match="pip install 'triton>=3.7' or 'numpy<2.4'"):
+        tk.fused_linear_forward(torch.ones(2, 4), w)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # CUDA: native bfloat16 tensor-core dots, larger shapes
 # --------------------------------------------------------------------------------------------------------------
