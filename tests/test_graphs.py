@@ -20,9 +20,11 @@ from qlora_gpu.prepare import prepare_model
 from qlora_gpu.train import optimizer_step
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig
 
-#: aten operators that read a device tensor back to the host (a synchronisation, refused under capture)
+#: aten operators that read a device tensor back to the host (a synchronisation, refused under capture), or
+#: bring host data to it: ``lift_fresh`` is ``torch.tensor(data)``, on a CUDA device a copy from pageable host
+#: memory, which capture refuses (and a replay would read from a host buffer long freed)
 READ_BACK = {"_local_scalar_dense", "nonzero", "is_nonzero", "item", "equal", "masked_select", "unique",
-             "_unique2", "allclose"}
+             "_unique2", "allclose", "lift_fresh", "lift_fresh_copy"}
 
 
 class _ReadBacks(TorchDispatchMode):
@@ -63,7 +65,7 @@ def test_causal_sdpa_builds_no_mask_and_reads_nothing_back():
     """Under ``CAUSAL_SDPA`` transformers builds no mask and SDPA applies the causal one itself: the same loss and
     gradients as transformers' "sdpa" (which skips its mask for an unpadded batch too), without the packed-
     sequence test that reads the device back — and the whole step (forward, checkpointed backward, dropout)
-    then reads nothing back, as capture requires."""
+    then reads nothing back and makes no tensor from host data, as capture requires."""
     register_causal_sdpa()
     out = {}
     for impl in ("sdpa", CAUSAL_SDPA):
