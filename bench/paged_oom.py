@@ -1,7 +1,7 @@
 """Paged optimizers shown on a GPU (paper, section 3, "Paged Optimizers"; issue 6): under a memory cap, a long
 sequence that makes plain AdamW run out of memory completes with bitsandbytes' paged AdamW.
 
-    python bench/paged_oom.py                          # LLaMA-7B from its config, seq 2048 vs 512, cap chosen
+    python bench/paged_oom.py                          # LLaMA-7B from its config, seq 4096 vs 512, cap chosen
     python bench/paged_oom.py --model 7b --seq 2048 --short-seq 512 --cap-gb 12 --json paged_oom.json
 
 Three optimizers, each in its own child process, on the same QLoRA model (``qlora_gpu.prepare.prepare_model``,
@@ -13,11 +13,15 @@ random weights, the paper's recipe as in bench/gpu_scale.py), all with 32-bit st
 
 Each takes ``--warmup`` + ``--steps`` timed steps on a batch of ``--short-seq`` tokens (where every optimizer fits:
 the slowdown of paging is measured there), then one step on ``--seq`` tokens, the memory spike. The cap is
-``torch.cuda.set_per_process_memory_fraction(cap / total)``; without ``--cap-gb`` the paged run calibrates it:
-its own peak allocated memory at the long sequence (uncapped) plus half the size of the optimizer states, then it
-repeats the long step under that cap, and the plain optimizers run under the same cap from the start (they need
-about that peak plus the whole states). The cap counts what torch's allocator reserves (its cached blocks too;
-it releases them and retries before reporting an OOM).
+``torch.cuda.set_per_process_memory_fraction(cap / total)``; without ``--cap-gb`` the paged run calibrates it
+(``choose_cap``) from its own uncapped peaks S (short) and L (long) and the states P it pages: a plain optimizer
+holds P in torch's memory as well, so it needs about S + P at the short sequence and L + P at the long one, and the
+paged run L. Any cap in [max(L, S + P), L + P) lets the plain optimizers through the short steps and stops them
+at the long one while the paged run completes both; the middle of that window leaves each side half of it for
+the allocator's fragmentation. The paged run then repeats its short and long steps under that cap, and the plain
+optimizers run under the same cap from the start. The window is min(P, L − S) wide: a longer ``--seq`` widens it
+(up to P). The cap counts what torch's allocator reserves (its cached blocks too; it releases them and retries
+before reporting an OOM).
 
 The mechanism, honestly: bitsandbytes allocates the paged states (tensors of >= 100k elements) with
 ``cudaMallocManaged``, outside torch's caching allocator, so torch's cap does not count them. That is what lets
@@ -75,6 +79,24 @@ def state_bytes(params) -> tuple[int, int]:
     return paged, sum(8 * p.numel() for p in params)
 
 
+def choose_cap(short_peak: int, long_peak: int, paged_bytes: int) -> tuple[int, tuple[int, int]]:
+    """(cap, (low, high)): the middle of the window of caps under which the plain optimizers complete the short
+    step and run out of memory on the long one while the paged run completes both. From the paged run's uncapped
+    peak allocated bytes at the short and long sequence (S, L) and the states it pages (P, which a plain optimizer
+    keeps in torch's memory on top): low = max(L, S + P), high = L + P. Section 3, "Paged Optimizers": the states
+    make room for the spike of a long sequence."""
+    for name, value in (("short_peak", short_peak), ("long_peak", long_peak), ("paged_bytes", paged_bytes)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0 bytes, got {value}")
+    if paged_bytes == 0:
+        raise ValueError("paged_bytes is 0: nothing is paged, so no cap separates the paged optimizer from plain ones")
+    if long_peak <= short_peak:
+        raise ValueError(f"the long step's peak ({long_peak} bytes) does not exceed the short step's ({short_peak}): "
+                         "no cap stops a plain optimizer at the long step only; raise --seq")
+    low, high = max(long_peak, short_peak + paged_bytes), long_peak + paged_bytes
+    return (low + high) // 2, (low, high)
+
+
 def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> list[float]:
     times = []
     for _ in range(n):
@@ -110,8 +132,9 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
              calibrate: bool = False, warmup: int = 1, steps: int = 3, seed: int = 0, rec: dict | None = None,
              progress: bool = True) -> dict:
     """Build the model, take ``warmup`` + ``steps`` steps at ``short_seq`` and one at ``seq`` with ``optimizer``
-    under ``cap_bytes``. ``calibrate`` (paged only, no cap): measure the long step uncapped, set the cap to its peak
-    allocated memory + half the optimizer states, and repeat the long step under it (the result's ``cap_bytes``)."""
+    under ``cap_bytes``. ``calibrate`` (paged only, no cap): measure both uncapped, set the cap in the middle of
+    ``choose_cap``'s window, and repeat the short and the long steps under it (the result's ``cap_bytes``,
+    ``cap_window``, ``short_capped``, ``long_capped``)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError("run_case needs a CUDA device: paged optimizers page CUDA managed memory")
@@ -149,11 +172,20 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
         long = gpu_scale.make_batch(config, seq, 1, device, seed + 1)
         out["long"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
         if calibrate and out["long"]["status"] == "ok":
-            # the plain optimizers need about peak + states, which no cache release can compress; the paged run
-            # keeps half the states' size of slack for the allocator's fragmentation
-            cap = out["long"]["peak_bytes"] + total // 2
+            try:
+                cap, out["cap_window"] = choose_cap(out["short"]["peak_bytes"], out["long"]["peak_bytes"],
+                                                    out["paged_state_bytes"])
+            except ValueError as e:
+                out.update(status="calibration failed", error=str(e))
+                return out
             out["cap_bytes"] = cap
             gpu_scale.set_cap(device, cap)
+            gpu_scale.free_memory(device)
+            # the short steps again under the cap, as the plain optimizers take theirs: the slowdown compares like
+            short = gpu_scale.make_batch(config, short_seq, 1, device, seed)
+            times = _timed_steps(loss_fn, params, opt, short, rec["max_grad_norm"], steps, device)
+            out["short_capped"] = dict(status="ok", step_s=statistics.median(times), step_times_s=times)
+            del short
             out["long_capped"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
         free, total_dev = torch.cuda.mem_get_info(device)
         out["device_used_bytes"], out["device_total_bytes"] = int(total_dev - free), int(total_dev)
@@ -186,20 +218,28 @@ def _gib(x) -> str:
 
 
 def report(rows: list[dict], cap_bytes: int | None) -> str:
-    lines = [f"cap: {_gib(cap_bytes)} GiB of torch-reserved memory (set_per_process_memory_fraction)", "",
-             "| optimizer | short: s/step | short: peak GiB | long: status | long: peak reserved GiB | "
-             "long: s/step | paged states GiB (outside torch) |", "|---|---:|---:|---|---:|---:|---:|"]
+    """The table of the demonstration, the cap's window when calibrated, and the slowdown of paging at the short
+    sequence (the paged run's steps under the cap when it took them, as the plain runs did)."""
+    lines = [f"cap: {_gib(cap_bytes)} GiB of torch-reserved memory (set_per_process_memory_fraction)"]
     by = {r["optimizer"]: r for r in rows}
+    window = by.get("paged", {}).get("cap_window")
+    if window:
+        lines.append(f"calibrated: the middle of [{_gib(window[0])}, {_gib(window[1])}) GiB, the caps under which "
+                     "a plain AdamW completes the short step and runs out of memory on the long one")
+    lines += ["", "| optimizer | short: s/step | short: peak GiB | long: status | long: peak reserved GiB | "
+              "long: s/step | paged states GiB (outside torch) |", "|---|---:|---:|---|---:|---:|---:|"]
     for r in rows:
         if "short" not in r:
             lines.append(f"| {r['optimizer']} | {r['status']}: {r.get('error', '')} |  |  |  |  |  |")
             continue
+        short = r.get("short_capped") or r["short"]
         long = r.get("long_capped") or r.get("long", {})
         long_s = f"{long['step_s']:.3f}" if long.get("status") == "ok" else "–"
-        lines.append(f"| {r['optimizer']} | {r['short']['step_s']:.3f} | {_gib(r['short']['peak_bytes'])} | "
+        lines.append(f"| {r['optimizer']} | {short['step_s']:.3f} | {_gib(r['short']['peak_bytes'])} | "
                      f"{long.get('status')} | {_gib(long.get('peak_reserved_bytes'))} | {long_s} | "
                      f"{_gib(r.get('paged_state_bytes'))} |")
-    paged = by.get("paged", {}).get("short")
+    paged = by.get("paged", {})
+    paged = paged.get("short_capped") or paged.get("short")
     for other in ("bnb_adamw", "torch_adamw"):
         plain = by.get(other, {}).get("short")
         if paged and plain:
@@ -214,7 +254,7 @@ def report(rows: list[dict], cap_bytes: int | None) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="7b", help="a LLaMA size (7b, 13b, 33b, 65b)")
-    p.add_argument("--seq", type=int, default=2048, help="the long sequence (the memory spike)")
+    p.add_argument("--seq", type=int, default=4096, help="the long sequence (the memory spike)")
     p.add_argument("--short-seq", type=int, default=512, help="where every optimizer fits: the timed steps")
     p.add_argument("--cap-gb", type=float, default=None, help="torch's memory cap; default: calibrated")
     p.add_argument("--warmup", type=int, default=1)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 if str(BENCH) not in sys.path:
@@ -401,6 +403,51 @@ def test_paged_oom_counts_the_states_bitsandbytes_pages():
     assert "cudaMallocManaged" in text
 
 
+@settings(max_examples=200, deadline=None)
+@given(short=st.integers(0, 2**40), grow=st.integers(1, 2**36), paged=st.integers(1, 2**36))
+def test_the_calibrated_cap_separates_paged_from_plain_adamw(short, grow, paged):
+    """Under the chosen cap (the paged run's peaks S < L, its paged states P): a plain AdamW, holding P in torch's
+    memory too, fits the short step (S + P <= cap) and not the long one (L + P > cap); the paged run fits the long
+    one (L <= cap); and each side keeps half the window for fragmentation."""
+    long = short + grow
+    cap, (low, high) = paged_oom.choose_cap(short, long, paged)
+    assert (low, high) == (max(long, short + paged), long + paged)
+    assert short + paged <= cap and long <= cap < long + paged
+    assert high - low == min(paged, grow)
+    assert cap - low >= (high - low) // 2 and high - cap >= (high - low) // 2
+
+
+def test_the_cap_window_as_measured_on_the_h200():
+    """2026-11-29's 7B run (seq 2048 against 512): S = 5,478,873,088 and L = 5,963,803,648 allocated bytes,
+    P = 1,279,262,720. Its cap, L + P/2 (6.15 GiB), lay below S + P (6.29 GiB): both plain AdamWs ran out of memory
+    at the short sequence already, and no slowdown could be measured. The window's middle lies inside."""
+    short, long, paged = 5_478_873_088, 5_963_803_648, 1_279_262_720
+    old_cap = long + paged // 2
+    assert old_cap < short + paged  # the old rule: the plain runs could not take the short step
+    cap, (low, high) = paged_oom.choose_cap(short, long, paged)
+    assert low == short + paged and high == long + paged and low < cap < high
+    assert high - low == long - short  # 0.45 GiB: the longer default --seq widens it
+
+
+@pytest.mark.parametrize("args, match", [((5, 5, 1), "does not exceed"), ((5, 4, 1), "raise --seq"),
+                                         ((1, 2, 0), "nothing is paged"), ((-1, 2, 1), "short_peak")])
+def test_choose_cap_refuses_what_no_cap_can_separate(args, match):
+    with pytest.raises(ValueError, match=match):
+        paged_oom.choose_cap(*args)
+
+
+def test_the_report_compares_the_paged_steps_taken_under_the_cap():
+    G = paged_oom.GiB
+    rows = [dict(optimizer="paged", status="ok", paged_state_bytes=2 * G, cap_window=[12 * G, 14 * G],
+                 short=dict(step_s=5.0, peak_bytes=10 * G), short_capped=dict(step_s=1.2),
+                 long_capped=dict(status="ok", step_s=3.0, peak_reserved_bytes=12 * G)),
+            dict(optimizer="bnb_adamw", status="ok", paged_state_bytes=0,
+                 short=dict(step_s=1.0, peak_bytes=12 * G), long=dict(status="OOM", peak_reserved_bytes=13 * G))]
+    text = paged_oom.report(rows, 13 * G)
+    assert "the middle of [12.00, 14.00) GiB" in text
+    assert "| paged | 1.200 | 10.00 | ok |" in text and "paged / bnb_adamw = 1.200x" in text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without CUDA")
 def test_paged_oom_without_cuda_says_so_and_exits_0(capsys):
     assert paged_oom.main([]) == 0
@@ -410,7 +457,8 @@ def test_paged_oom_without_cuda_says_so_and_exits_0(capsys):
 @pytest.mark.gpu
 def test_paged_adamw_survives_a_cap_that_plain_adamw_does_not():
     """A 8-layer Llama (hidden 2048) with r=256 adapters (about 640 MB of Adam states): the paged run calibrates
-    the cap, then completes the long step under it; both plain AdamWs fit the short step and OOM on the long one."""
+    the cap, then completes the short and the long steps under it; both plain AdamWs fit the short step and OOM on
+    the long one."""
     config = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
                          num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, head_dim=128)
     rec = dict(gpu_scale.recipe("7b"), r=256)
@@ -421,6 +469,7 @@ def test_paged_adamw_survives_a_cap_that_plain_adamw_does_not():
     assert paged["paged_state_bytes"] == paged["expected_paged_bytes"] > 0
     cap = paged["cap_bytes"]
     assert paged["long_capped"]["peak_reserved_bytes"] <= cap
+    assert paged["short_capped"]["status"] == "ok" and paged["cap_window"][0] < cap < paged["cap_window"][1]
     for name in ("bnb_adamw", "torch_adamw"):
         plain = paged_oom.run_case(name, cap_bytes=cap, **kw)
         assert plain["short"]["status"] == "ok", plain
