@@ -439,7 +439,7 @@ def test_choose_cap_refuses_what_no_cap_can_separate(args, match):
 def test_the_report_compares_the_paged_steps_taken_under_the_cap():
     G = paged_oom.GiB
     rows = [dict(optimizer="paged", status="ok", paged_state_bytes=2 * G, cap_window=[12 * G, 14 * G],
-                 short=dict(step_s=5.0, peak_bytes=10 * G), short_capped=dict(step_s=1.2),
+                 short=dict(step_s=5.0, peak_bytes=10 * G), short_capped=dict(status="ok", step_s=1.2),
                  long_capped=dict(status="ok", step_s=3.0, peak_reserved_bytes=12 * G)),
             dict(optimizer="bnb_adamw", status="ok", paged_state_bytes=0,
                  short=dict(step_s=1.0, peak_bytes=12 * G), long=dict(status="OOM", peak_reserved_bytes=13 * G))]
