@@ -225,6 +225,12 @@ def _gib(x) -> str:
     return "–" if x is None else f"{x / GiB:.2f}"
 
 
+def _short_steps(row: dict) -> dict | None:
+    """A run's short steps to compare: those under the cap when the paged run took them again there."""
+    capped = row.get("short_capped", {})
+    return capped if capped.get("status") == "ok" else row.get("short")
+
+
 def report(rows: list[dict], cap_bytes: int | None) -> str:
     """The table of the demonstration, the cap's window when calibrated, and the slowdown of paging at the short
     sequence (the paged run's steps under the cap when it took them, as the plain runs did)."""
@@ -240,14 +246,13 @@ def report(rows: list[dict], cap_bytes: int | None) -> str:
         if "short" not in r:
             lines.append(f"| {r['optimizer']} | {r['status']}: {r.get('error', '')} |  |  |  |  |  |")
             continue
-        short = r["short_capped"] if r.get("short_capped", {}).get("status") == "ok" else r["short"]
+        short = _short_steps(r)
         long = r.get("long_capped") or r.get("long", {})
         long_s = f"{long['step_s']:.3f}" if long.get("status") == "ok" else "–"
         lines.append(f"| {r['optimizer']} | {short['step_s']:.3f} | {_gib(r['short']['peak_bytes'])} | "
                      f"{long.get('status')} | {_gib(long.get('peak_reserved_bytes'))} | {long_s} | "
                      f"{_gib(r.get('paged_state_bytes'))} |")
-    paged = by.get("paged", {})
-    paged = paged["short_capped"] if paged.get("short_capped", {}).get("status") == "ok" else paged.get("short")
+    paged = _short_steps(by.get("paged", {}))
     for other in ("bnb_adamw", "torch_adamw"):
         plain = by.get(other, {}).get("short")
         if paged and plain:

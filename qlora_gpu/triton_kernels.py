@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from packaging.version import Version
 
 from .lora import _adapter_forward, _adapter_grads, _in_compute_dtype
 
@@ -68,11 +69,7 @@ def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
     """Why Triton's CPU interpreter of this version cannot run the kernels with this NumPy, or None. Triton before
     3.7 (3.6.0 is torch 2.11's pin) turns a scalar kernel argument into a one-element array and calls ``int`` on
     it in ``range(0, K, BLOCK_K)``; NumPy 2.4 refuses that conversion ("only 0-dimensional arrays ...")."""
-    def major_minor(v: str) -> tuple[int, int]:
-        major, minor = (v.split("+")[0].split(".") + ["0"])[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-    if major_minor(triton_version) < (3, 7) and major_minor(numpy_version) >= (2, 4):
+    if Version(triton_version).release < (3, 7) and Version(numpy_version).release >= (2, 4):
         return (f"Triton's CPU interpreter {triton_version} cannot run under NumPy {numpy_version} (it converts "
                 "one-element arrays to int, which NumPy 2.4 refuses): pip install 'triton>=3.7' or 'numpy<2.4'")
     return None
