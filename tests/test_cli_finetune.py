@@ -123,8 +123,9 @@ def test_bad_config_and_data_files_give_clear_errors(files, tmp_path, capsys):
     assert "odd.jsonl:1" in capsys.readouterr().err
 
     (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x" * 400, "output": "y"}) + "\n")
-    assert main([*base, "--data", str(tmp_path / "long.jsonl"), "--max-length", "64",
-                 "--eval-fraction", "0"]) == 2
+    with pytest.warns(UserWarning, match="1 dropped: longer than max_length=64 tokens"):
+        assert main([*base, "--data", str(tmp_path / "long.jsonl"), "--max-length", "64",
+                     "--eval-fraction", "0"]) == 2
     assert "every example was dropped" in capsys.readouterr().err
 
     assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2

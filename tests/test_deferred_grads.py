@@ -157,6 +157,8 @@ def test_backward_with_inputs_leaving_some_out(monkeypatch):
         assert torch.equal(got[n], ref[n]) if n in some else not got[n].any(), n
 
 
+# torch's advice about the cycle create_graph makes between a parameter and its gradient; this pass is the point
+@pytest.mark.filterwarnings(r"ignore:Using backward\(\) with create_graph=True:UserWarning")
 def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
     # create_graph: some of torch's backward formulas take differentiable forms that round otherwise, so the
     # reference is autograd's create_graph pass
