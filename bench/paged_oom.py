@@ -108,12 +108,13 @@ def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device
     return times
 
 
-def _long_step(loss_fn, params, opt, ids, max_grad_norm: float, device) -> dict:
-    """One step on the long batch: status, peak allocated / reserved, time."""
+def _steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> dict:
+    """``n`` steps on ``ids``: status ("ok", or "OOM": under a cap, the result being demonstrated), median time,
+    peak allocated / reserved."""
     gpu_scale.free_memory(device)
     torch.cuda.reset_peak_memory_stats(device)
     try:
-        t = _timed_steps(loss_fn, params, opt, ids, max_grad_norm, 1, device)[0]
+        times = _timed_steps(loss_fn, params, opt, ids, max_grad_norm, n, device)
     except Exception as e:  # noqa: BLE001 - an OOM is the result being demonstrated
         if not gpu_scale._is_oom(e):
             raise
@@ -124,7 +125,8 @@ def _long_step(loss_fn, params, opt, ids, max_grad_norm: float, device) -> dict:
                    peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
         gpu_scale.free_memory(device)
         return out
-    return dict(status="ok", step_s=t, peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+    return dict(status="ok", step_s=statistics.median(times), step_times_s=times,
+                peak_bytes=int(torch.cuda.max_memory_allocated(device)),
                 peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
 
 
@@ -170,7 +172,7 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
         out["paged_state_bytes"], out["device_state_bytes"] = gpu_scale.optimizer_state_bytes(opt)
         del short
         long = gpu_scale.make_batch(config, seq, 1, device, seed + 1)
-        out["long"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
+        out["long"] = _steps(loss_fn, params, opt, long, rec["max_grad_norm"], 1, device)
         if calibrate and out["long"]["status"] == "ok":
             try:
                 cap, out["cap_window"] = choose_cap(out["short"]["peak_bytes"], out["long"]["peak_bytes"],
@@ -180,21 +182,12 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
                 return out
             out["cap_bytes"] = cap
             gpu_scale.set_cap(device, cap)
-            gpu_scale.free_memory(device)
             # the short steps again under the cap, as the plain optimizers take theirs: the slowdown compares like
             short = gpu_scale.make_batch(config, short_seq, 1, device, seed)
-            try:
-                times = _timed_steps(loss_fn, params, opt, short, rec["max_grad_norm"], steps, device)
-                out["short_capped"] = dict(status="ok", step_s=statistics.median(times), step_times_s=times)
-            except Exception as e:  # noqa: BLE001 - an OOM under the cap is a result; the long step still runs
-                if not gpu_scale._is_oom(e):
-                    raise
-                out["short_capped"] = dict(status="OOM", error=str(e).splitlines()[0][:300])
-                for p in params:
-                    p.grad = None
-                gpu_scale.free_memory(device)
+            # an OOM there is a result too: the long step still runs
+            out["short_capped"] = _steps(loss_fn, params, opt, short, rec["max_grad_norm"], steps, device)
             del short
-            out["long_capped"] = _long_step(loss_fn, params, opt, long, rec["max_grad_norm"], device)
+            out["long_capped"] = _steps(loss_fn, params, opt, long, rec["max_grad_norm"], 1, device)
         free, total_dev = torch.cuda.mem_get_info(device)
         out["device_used_bytes"], out["device_total_bytes"] = int(total_dev - free), int(total_dev)
     except Exception as e:  # noqa: BLE001 - an OOM while building or in the short steps is a result too
