@@ -108,26 +108,32 @@ def _timed_steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device
     return times
 
 
-def _steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> dict:
-    """``n`` steps on ``ids``: status ("ok", or "OOM": under a cap, the result being demonstrated), median time,
-    peak allocated / reserved."""
+def _peaks(device) -> dict:
+    return dict(peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+
+
+def _measured(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device, warmup: int = 0) -> dict:
+    """``warmup`` + ``n`` steps on ``ids`` from freed memory and reset peaks: median time of the last ``n``, peak
+    allocated / reserved. An OOM propagates."""
     gpu_scale.free_memory(device)
     torch.cuda.reset_peak_memory_stats(device)
+    times = _timed_steps(loss_fn, params, opt, ids, max_grad_norm, warmup + n, device)[warmup:]
+    return dict(status="ok", step_s=statistics.median(times), step_times_s=times, **_peaks(device))
+
+
+def _steps(loss_fn, params, opt, ids, max_grad_norm: float, n: int, device) -> dict:
+    """``_measured``, with an OOM as a result (status "OOM": under a cap, the result being demonstrated)."""
     try:
-        times = _timed_steps(loss_fn, params, opt, ids, max_grad_norm, n, device)
+        return _measured(loss_fn, params, opt, ids, max_grad_norm, n, device)
     except Exception as e:  # noqa: BLE001 - an OOM is the result being demonstrated
         if not gpu_scale._is_oom(e):
             raise
         for p in params:
             p.grad = None
-        out = dict(status="OOM", error=str(e).splitlines()[0][:300],
-                   peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-                   peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+        out = dict(status="OOM", error=str(e).splitlines()[0][:300], **_peaks(device))
         gpu_scale.free_memory(device)
         return out
-    return dict(status="ok", step_s=statistics.median(times), step_times_s=times,
-                peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-                peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
 
 
 def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes: int | None = None,
@@ -163,14 +169,9 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
                 return out
         opt = make_optimizer(optimizer, params, rec)
         short = gpu_scale.make_batch(config, short_seq, 1, device, seed)
-        gpu_scale.free_memory(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        times = _timed_steps(loss_fn, params, opt, short, rec["max_grad_norm"], warmup + steps, device)[warmup:]
-        out["short"] = dict(status="ok", step_s=statistics.median(times), step_times_s=times,
-                            peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-                            peak_reserved_bytes=int(torch.cuda.max_memory_reserved(device)))
+        # uncapped or under a plain optimizer's cap, an OOM here fails the run (the outer handler)
+        out["short"] = _measured(loss_fn, params, opt, short, rec["max_grad_norm"], steps, device, warmup)
         out["paged_state_bytes"], out["device_state_bytes"] = gpu_scale.optimizer_state_bytes(opt)
-        del short
         long = gpu_scale.make_batch(config, seq, 1, device, seed + 1)
         out["long"] = _steps(loss_fn, params, opt, long, rec["max_grad_norm"], 1, device)
         if calibrate and out["long"]["status"] == "ok":
@@ -182,11 +183,9 @@ def run_case(optimizer: str, config, device, seq: int, short_seq: int, cap_bytes
                 return out
             out["cap_bytes"] = cap
             gpu_scale.set_cap(device, cap)
-            # the short steps again under the cap, as the plain optimizers take theirs: the slowdown compares like
-            short = gpu_scale.make_batch(config, short_seq, 1, device, seed)
+            # the short steps again under the cap, as the plain optimizers take theirs: the slowdown compares like;
             # an OOM there is a result too: the long step still runs
             out["short_capped"] = _steps(loss_fn, params, opt, short, rec["max_grad_norm"], steps, device)
-            del short
             out["long_capped"] = _steps(loss_fn, params, opt, long, rec["max_grad_norm"], 1, device)
         free, total_dev = torch.cuda.mem_get_info(device)
         out["device_used_bytes"], out["device_total_bytes"] = int(total_dev - free), int(total_dev)
