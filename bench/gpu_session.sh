@@ -15,6 +15,8 @@
 #       GPU tests, 65B ours under a 48 GB cap on torch's allocator (fit48), the optimizer step at the real adapter
 #       shapes (optim), the paged-optimizer demonstration, the fused-kernel benchmark, then extras if time is left
 #       (65B ours with the paper's bf16 adapters, 33B, 7B with the fused Triton kernels)
+#   On 2026-11-30 (machine start included, 900 s of device time): goals took 364 s, checks with BUDGET=450 took
+#   410 s, and extras had time only for 65B bf16 adapters and 33B ours.
 # then give_back. If "goals" shows a bug, the second call can rerun "goals" after the fix instead.
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
 #        | 13b | 33b | 65b | optim | paged | kernels | extras | all. Several parts run in the order given.

@@ -47,7 +47,8 @@ def build(checkpointing: bool = True, device: str = "cpu"):
     with torch.no_grad():  # B = 0 at initialisation would make every ∂L/∂A zero
         for name, p in m.lora_parameters().items():
             if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+                # drawn on the CPU, so the same values on either device (a CPU generator cannot fill a CUDA tensor)
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
     opt = make_optimizer("paged_adamw", lr=1e-4)
     opt.bind(m.lora_parameters())
     return m, opt
