@@ -44,11 +44,9 @@ def build(checkpointing: bool = True, device: str = "cpu"):
     m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=12.0, dropout=0.1), device=device, dtype="bfloat16",
                       gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
                       attn_implementation="eager")
-    with torch.no_grad():  # B = 0 at initialisation would make every ∂L/∂A zero
-        for name, p in m.lora_parameters().items():
-            if "lora_B" in name:
-                # drawn on the CPU, so the same values on either device (a CPU generator cannot fill a CUDA tensor)
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    # B = 0 at initialisation would make every ∂L/∂A zero; drawn on the CPU, the same values on either device
+    m.load_lora_parameters({name: torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05
+                            for name, p in m.lora_parameters().items() if "lora_B" in name})
     opt = make_optimizer("paged_adamw", lr=1e-4)
     opt.bind(m.lora_parameters())
     return m, opt
