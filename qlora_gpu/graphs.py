@@ -41,18 +41,7 @@ from torch import nn
 
 from .deferred_grads import release_nodes
 from .model import RECOMPUTE_GENERATOR, _draws_global_rng, lora_linears
-
-#: transformers' SDPA attention under a name transformers builds no mask for: causal through ``is_causal``
-CAUSAL_SDPA = "qlora_causal_sdpa"
-
-
-def register_causal_sdpa() -> None:
-    """Register ``CAUSAL_SDPA`` with transformers' ``AttentionInterface`` (and not with its mask interface, so that
-    ``create_causal_mask`` returns None for it and SDPA applies the causal mask itself)."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
+from .patches import CAUSAL_SDPA, register_causal_sdpa
 
 
 def check_capturable(model: nn.Module, device: torch.device | str) -> None:
@@ -181,8 +170,7 @@ class GraphedStep:
     def _causal_sdpa(self):
         config = self.model.hf.config
         before = config._attn_implementation
-        register_causal_sdpa()
-        config._attn_implementation = CAUSAL_SDPA
+        config._attn_implementation = register_causal_sdpa()  # "sdpa" where transformers' API has moved
         try:
             yield
         finally:

@@ -32,7 +32,6 @@ Two implementations of the same arithmetic, chosen by ``kernel``:
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 
@@ -46,7 +45,7 @@ from qlora_ref import lora as ref
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from . import deferred_grads
-from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
+from .quantize import Quantized4bit, cpu_dequantize_trusted, dequantize_packed, quantize_4bit
 
 #: the implementations of the layer's arithmetic (see the module docstring); "bnb" is the default
 KERNELS = ("bnb", "triton")
@@ -111,14 +110,19 @@ def _decoded(quant_state, absmax: torch.Tensor | None):
 def _dequantize(weight: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """The whole 4-bit weight in ``dtype`` — a transient copy, for the backward pass only.
 
-    Straight through bitsandbytes with a shallow copy of the state that asks for ``dtype``: going through
+    Straight from the bitsandbytes state (``qlora_gpu.quantize.dequantize_packed``): going through
     ``Quantized4bit`` would read the double-quantization offset on the host, which synchronises the GPU once
     per layer and per backward pass."""
-    if weight.shape[0] == 1:  # <= 2 elements: bitsandbytes' one-row transpose shim (qlora_gpu.quantize)
-        return dequantize_4bit(Quantized4bit.from_bnb(weight, quant_state), dtype)
-    state = copy.copy(quant_state)
-    state.dtype = dtype
-    return bnbf.dequantize_4bit(weight, state)
+    return dequantize_packed(weight, quant_state, dtype)
+
+
+def _matmul_4bit(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None) -> torch.Tensor:
+    """x Wᵀ + b for the 4-bit W: ``bitsandbytes.matmul_4bit`` (W dequantized into x's dtype, then one GEMM), or
+    on the CPU, where bitsandbytes' dequantization kernel is wrong for W's shape, the same two steps with the
+    contract's dequantization (``qlora_gpu.quantize.cpu_dequantize_trusted``)."""
+    if x.device.type == "cpu" and not cpu_dequantize_trusted(tuple(quant_state.shape), quant_state.blocksize):
+        return torch.nn.functional.linear(x, dequantize_packed(weight, quant_state, x.dtype), bias)
+    return bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
 
 
 def draw_keep(shape, p: float, generator: torch.Generator, device) -> torch.Tensor:
@@ -214,7 +218,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
             out = quant_state.shape[0] if quant_state is not None else weight.shape[0]
             base = x.new_empty((x.shape[0], out))
         elif quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
-            base = bnb.matmul_4bit(x, weight, quant_state=_decoded(quant_state, absmax), bias=bias)
+            base = _matmul_4bit(x, weight, _decoded(quant_state, absmax), bias)
         else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
             base = torch.nn.functional.linear(x, weight.to(x.dtype), bias)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale

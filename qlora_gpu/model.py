@@ -38,8 +38,8 @@ from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 from .block_scales import BlockScales
 from .lora import QLoRALinear, draw_keep, drop_together
 from .optim import flat_view
+from .patches import use_fused_rms_norm, use_fused_rope
 from .quantize import Quantized4bit, dequantize_4bit
-from .rope import use_fused_rope
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
 _HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
@@ -88,46 +88,6 @@ def lora_linears(layer: nn.Module) -> list[QLoRALinear]:
     return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
 
 
-def rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """A Llama/Mistral/Qwen2 RMSNorm with a float32 weight, returning the residual stream's dtype (the paper keeps
-    norms in float32, section 3): x / rms(x) computed in float32 and rounded to x's dtype, times the float32
-    weight, rounded again — the rounding steps of transformers' ``LlamaRMSNorm.forward`` followed by the cast back
-    to the stream's dtype. The normalization is torch's ``aten._fused_rms_norm``: one kernel forward and one
-    backward on CUDA where transformers' code launches seven and about nine (on the CPU it is those same
-    operators, and the result is bit-identical to transformers'; on CUDA its reduction order may move the
-    normalized value by one bfloat16 step, rarely, docs/benchmarks.md)."""
-    normed = torch.ops.aten._fused_rms_norm(hidden, [hidden.shape[-1]], None, norm.variance_epsilon)[0]
-    if norm.weight.requires_grad:  # a trainable norm: autograd's product, which also gives the weight's gradient
-        return (norm.weight * normed).to(hidden.dtype)
-    return _WeightedCast.apply(norm.weight, normed)
-
-
-class _WeightedCast(torch.autograd.Function):
-    """(w ⊙ n) in n's dtype for a frozen float32 w: ``torch.mul`` into a tensor of n's dtype computes the float32
-    product and rounds it once more on the store — the roundings of ``(w * n).to(n.dtype)`` in one kernel where
-    that launches two, and in backward ``g ⊙ w`` likewise in one where autograd launches three (widen g, multiply,
-    round to n's dtype)."""
-
-    @staticmethod
-    def forward(ctx, weight, normed):
-        ctx.weight = weight  # frozen and kept by its module: held directly, not as a saved tensor
-        return torch.mul(weight, normed, out=torch.empty_like(normed))
-
-    @staticmethod
-    def backward(ctx, grad):
-        if torch.is_grad_enabled():  # create_graph: the same product, differentiable (out= is not)
-            return None, (grad * ctx.weight).to(grad.dtype)
-        return None, torch.mul(grad, ctx.weight, out=torch.empty_like(grad))
-
-
-def use_fused_rms_norm(hf: nn.Module) -> None:
-    """Route every RMSNorm of a transformers model through ``rms_norm`` (an instance ``forward``; forward hooks,
-    such as ``stage_layer``'s, still run)."""
-    for module in hf.modules():
-        if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
-            module.forward = functools.partial(rms_norm, module)
-
-
 #: a block's last linear (parent module, name). In the recomputation under checkpointing its output feeds nothing
 #: the backward pass needs — the residual addition after it saves nothing, and the block's output is the next
 #: block's input, which that block's checkpoint keeps — so there it computes only what its backward pass saves:
@@ -140,6 +100,22 @@ LAST_LINEAR = ("mlp", "down_proj")
 #: block's recomputation draws from — a twin of its own, set to the same state before every replay — because a
 #: captured graph cannot rewind a generator (``get_state``/``set_state`` are host operations, refused in capture)
 RECOMPUTE_GENERATOR = "_recompute_generator"
+
+
+#: set on a decoder layer (its ``__dict__``) while the model trains with gradient checkpointing
+CHECKPOINTED = "_qlora_checkpointed"
+
+
+def _layer_forward(layer: nn.Module, forward, *args, **kwargs):
+    """A decoder layer's ``forward`` (installed as an instance attribute): checkpointed by ``_checkpoint_layer``
+    while the model trains with gradient checkpointing and gradients are recorded, plain otherwise. Our own wrapper
+    rather than transformers' per-layer switch (``gradient_checkpointing`` and ``_gradient_checkpointing_func``,
+    internals that changed in transformers 5: it now checkpoints ``forward`` where it checkpointed ``__call__``):
+    it needs nothing of transformers but that the model calls its layers with the hidden states first, and module
+    hooks run outside the checkpoint in every version."""
+    if layer.__dict__.get(CHECKPOINTED) and layer.training and torch.is_grad_enabled():
+        return _checkpoint_layer(layer, functools.partial(forward, **kwargs), *args)
+    return forward(*args, **kwargs)
 
 
 def _checkpoint_layer(layer: nn.Module, fn, *args):
@@ -272,7 +248,7 @@ def _layer_scales(layer: nn.Module, linears: list[QLoRALinear], device: torch.de
     scales = BlockScales.of(layer, linears)
     if scales is None or scales.codes.device != device:
         return {}
-    for_backward = bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+    for_backward = bool(layer.__dict__.get(CHECKPOINTED)) and layer.training
     return {m: (absmax, for_backward) for m, absmax in scales.decode().items()}
 
 
@@ -442,8 +418,9 @@ class QLoRAModel(nn.Module):
     def gradient_checkpointing(self, value: bool) -> None:
         self._gradient_checkpointing = bool(value)
         for layer in self.hf.model.layers:
-            layer.gradient_checkpointing = bool(value)
-            layer._gradient_checkpointing_func = functools.partial(_checkpoint_layer, layer)
+            layer.__dict__[CHECKPOINTED] = bool(value)
+            if not isinstance(layer.__dict__.get("forward"), functools.partial):
+                layer.forward = functools.partial(_layer_forward, layer, layer.forward)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, temperature: float = 0.0,

@@ -2,9 +2,18 @@
 
 Same names, arguments and ``Quantized4bit`` layout as ``qlora_ref.quantize`` (torch tensors inside); checks and
 the state-dict format are imported from the reference, never copied.
+
+bitsandbytes' CPU dequantization is checked before it is trusted: its AVX-512 kernel (0.50.2) scales by the wrong
+absmax when the last dimension is not a multiple of the block size, changing weights by O(1) (docs/divergences.md).
+At the first CPU dequantization a small probe compares bitsandbytes' kernel with the numerical contract's
+definition (``dequantize_4bit_spec``), separately for aligned and ragged last dimensions; where it disagrees, every
+CPU dequantization of ``qlora_gpu`` takes ``dequantize_4bit_spec`` instead (``cpu_dequantize_status`` says which).
 """
 
 from __future__ import annotations
+
+import copy
+import functools
 
 import bitsandbytes.functional as bnbf
 import numpy as np
@@ -12,6 +21,7 @@ import torch
 
 from qlora_ref import quantize as ref
 from qlora_ref.checks import BLOCKSIZES_8BIT, check_blocksize, check_float_input, check_quant_type
+from qlora_ref.codebooks import codebook
 from qlora_ref.dtypes import dtype_name
 
 
@@ -123,17 +133,142 @@ def quantize_4bit(
 
 
 def dequantize_4bit(q: Quantized4bit, dtype=None) -> torch.Tensor:
-    """``qlora_ref.dequantize_4bit`` on torch tensors, by ``bitsandbytes.functional.dequantize_4bit``."""
+    """``qlora_ref.dequantize_4bit`` on torch tensors, by ``bitsandbytes.functional.dequantize_4bit`` (on the CPU
+    by ``dequantize_4bit_spec`` where bitsandbytes' kernel fails its probe)."""
     if not isinstance(q, Quantized4bit):
         q = Quantized4bit.from_state_dict(q.state_dict())
     state = q.to_bnb()
     if dtype is not None:
         state.dtype = _torch_dtype(dtype_name(dtype))
-    if q.packed.shape[0] == 1:
+    return dequantize_packed(q.packed, state).reshape(q.shape)
+
+
+def dequantize_packed(packed: torch.Tensor, state: bnbf.QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (packed data and ``QuantState``) in ``dtype`` (default: the state's), shaped as
+    the state says: bitsandbytes' kernel, or on the CPU ``dequantize_4bit_spec`` where that kernel is wrong for
+    this shape (``cpu_dequantize_trusted``). Reads nothing back to the host on CUDA."""
+    dtype = state.dtype if dtype is None else dtype
+    shape = tuple(state.shape)
+    numel = int(np.prod(shape))
+    if packed.device.type == "cpu" and not cpu_dequantize_trusted(shape, state.blocksize):
+        return dequantize_4bit_spec(packed, decode_absmax(state), state.code, state.blocksize, shape, dtype)
+    state = copy.copy(state)  # a shallow copy that asks for dtype: the caller's state is left as it was
+    state.dtype = dtype
+    if packed.shape[0] == 1:
         # bitsandbytes transposes the output when the packed data has one row (a "BC shim" for an old layout),
         # which breaks tensors of one or two elements; ask for a flat result and reshape it ourselves
-        state.shape = torch.Size([q.numel])
-    return bnbf.dequantize_4bit(q.packed, state).reshape(q.shape)
+        state.shape = torch.Size([numel])
+    return bnbf.dequantize_4bit(packed, state).reshape(shape)
+
+
+def decode_absmax(quant_state) -> torch.Tensor:
+    """The float32 per-block scales of a bitsandbytes ``QuantState``: plain, or with double quantization (paper,
+    section 3, "Double Quantization") code2[c] · absmax2[block of ``state2.blocksize``] + offset, float32, two
+    roundings. Decoded by bitsandbytes' own ``dequantize_blockwise`` and ``+= offset``, as its ``dequantize_4bit``
+    does for the unfused path: two kernels (a gather-and-multiply in torch took seven launches, and at batch 1 a
+    step's time goes by the number of launches). A small tensor (numel/blocksize values), decoded once per kernel
+    call; the kernels then read one float per block."""
+    if not quant_state.nested:
+        return quant_state.absmax.float()
+    absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
+    absmax += quant_state.offset
+    return absmax.float()
+
+
+def dequantize_4bit_spec(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
+                         shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The numerical contract's dequantization (paper, eq. 2; docs/quantization.md) in torch operators:
+    ``float32(code[nibble] · absmax[block])`` rounded once to ``dtype``; element i of the flattened tensor lies in
+    the high nibble of byte i // 2 when i is even and in block i // blocksize — blocks run across rows."""
+    numel = int(np.prod(shape))
+    flat = packed.reshape(-1).view(torch.uint8)
+    nibbles = torch.stack((flat >> 4, flat & 0x0F), dim=1).reshape(-1)[:numel].long()
+    scales = absmax.float().repeat_interleave(blocksize)[:numel]
+    return (code.float()[nibbles] * scales).reshape(shape).to(dtype)
+
+
+#: how qlora_gpu dequantizes on the CPU: "auto" (bitsandbytes where its probe passes), "bitsandbytes", "spec"
+_CPU_DEQUANTIZE = {"mode": "auto"}
+CPU_DEQUANTIZE_MODES = ("auto", "bitsandbytes", "spec")
+
+
+def set_cpu_dequantize(mode: str) -> None:
+    """Choose qlora_gpu's CPU dequantization: ``"auto"`` (default: bitsandbytes' kernel where it passes its probe,
+    ``dequantize_4bit_spec`` elsewhere), ``"bitsandbytes"`` (always its kernel: to reproduce its results, bugs
+    included) or ``"spec"`` (always ``dequantize_4bit_spec``)."""
+    if mode not in CPU_DEQUANTIZE_MODES:
+        raise ValueError(f"mode must be one of {CPU_DEQUANTIZE_MODES}, got {mode!r}")
+    _CPU_DEQUANTIZE["mode"] = mode
+
+
+def _ragged(shape: tuple, blocksize: int) -> bool:
+    return len(shape) == 0 or shape[-1] % blocksize != 0
+
+
+def cpu_dequantize_trusted(shape: tuple, blocksize: int) -> bool:
+    """Whether qlora_gpu dequantizes a CPU weight of ``shape`` by bitsandbytes' kernel (see ``set_cpu_dequantize``):
+    under ``"auto"``, whether that kernel passed ``probe_dequantize_4bit`` for the class of ``shape`` (last
+    dimension a multiple of the block size, or ragged)."""
+    mode = _CPU_DEQUANTIZE["mode"]
+    if mode != "auto":
+        return mode == "bitsandbytes"
+    return bitsandbytes_cpu_dequantize_correct(shape, blocksize)
+
+
+def bitsandbytes_cpu_dequantize_correct(shape: tuple, blocksize: int) -> bool:
+    """Whether bitsandbytes' own CPU dequantization passed ``probe_dequantize_4bit`` on this machine for weights
+    like ``shape`` (last dimension a multiple of ``blocksize``, or ragged); probed once per class and process."""
+    return _bnb_cpu_kernel_correct(_ragged(tuple(shape), blocksize))
+
+
+@functools.cache
+def _bnb_cpu_kernel_correct(ragged: bool) -> bool:
+    return probe_dequantize_4bit(bnbf.dequantize_4bit, ragged)
+
+
+#: the probe's cases (shape, block size): last dimensions a multiple of the block size, and ragged ones (even and
+#: odd: bitsandbytes' AVX-512 kernel hands odd widths to its generic code)
+_PROBE_SHAPES = {False: [((3, 128), 64), ((2, 256), 128), ((64,), 64)],
+                 True: [((40, 96), 64), ((3, 100), 64), ((5, 33), 32), ((70,), 64)]}
+
+
+def probe_dequantize_4bit(dequantize, ragged: bool) -> bool:
+    """Whether ``dequantize`` (``bitsandbytes.functional.dequantize_4bit``'s signature) equals
+    ``dequantize_4bit_spec`` on small random CPU weights whose last dimension is ragged (or not) for the block
+    size — NF4 and FP4, float32 / bfloat16 / float16 outputs. Values compare as numbers (bitsandbytes' CPU kernel
+    writes FP4's zero as -0.0, docs/divergences.md). Any exception counts as a failure."""
+    g = torch.Generator().manual_seed(0)
+    try:
+        for shape, blocksize in _PROBE_SHAPES[ragged]:
+            numel = int(np.prod(shape))
+            packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
+            absmax = torch.rand(-(-numel // blocksize), generator=g) + 0.5
+            for quant_type in ("nf4", "fp4"):
+                code = torch.from_numpy(codebook(quant_type).copy())
+                for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                    state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=code, blocksize=blocksize,
+                                            quant_type=quant_type, dtype=dtype)
+                    theirs = dequantize(packed, state)
+                    ours = dequantize_4bit_spec(packed, absmax, code, blocksize, shape, dtype)
+                    if theirs.dtype != dtype or not torch.equal(theirs.reshape(shape), ours):
+                        return False
+    except Exception:  # noqa: BLE001 - a kernel that cannot even run the probe is not trusted
+        return False
+    return True
+
+
+def cpu_dequantize_status() -> dict[str, str]:
+    """Which CPU dequantization qlora_gpu uses, per class of shape (for ``qlora doctor`` and bug reports)."""
+    mode = _CPU_DEQUANTIZE["mode"]
+    out = {}
+    for ragged, name in ((False, "last dim a multiple of the block size"), (True, "ragged last dim")):
+        if mode != "auto":
+            out[name] = f"{mode} (forced by set_cpu_dequantize)"
+        elif _bnb_cpu_kernel_correct(ragged):
+            out[name] = "bitsandbytes (its kernel passed the probe)"
+        else:
+            out[name] = "spec (bitsandbytes' kernel failed the probe: worked around)"
+    return out
 
 
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> Quantized8bit:

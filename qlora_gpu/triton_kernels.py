@@ -52,7 +52,6 @@ import contextlib
 import os
 from dataclasses import dataclass
 
-import bitsandbytes.functional as bnbf
 import numpy as np
 import torch
 import triton
@@ -60,6 +59,7 @@ import triton.language as tl
 from packaging.version import Version
 
 from .lora import _adapter_forward, _adapter_grads, _in_compute_dtype
+from .quantize import decode_absmax
 
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -255,20 +255,6 @@ class Weight4bit:
     @property
     def log2_blocksize(self) -> int:
         return self.blocksize.bit_length() - 1
-
-
-def decode_absmax(quant_state) -> torch.Tensor:
-    """The float32 per-block scales of a bitsandbytes ``QuantState``: plain, or with double quantization (paper,
-    section 3, "Double Quantization") code2[c] · absmax2[block of ``state2.blocksize``] + offset, float32, two
-    roundings. Decoded by bitsandbytes' own ``dequantize_blockwise`` and ``+= offset``, as its ``dequantize_4bit``
-    does for the unfused path: two kernels (a gather-and-multiply in torch took seven launches, and at batch 1 a
-    step's time goes by the number of launches). A small tensor (numel/blocksize values), decoded once per kernel
-    call; the kernels then read one float per block."""
-    if not quant_state.nested:
-        return quant_state.absmax.float()
-    absmax = bnbf.dequantize_blockwise(quant_state.absmax, quant_state.state2)
-    absmax += quant_state.offset
-    return absmax.float()
 
 
 def weight_from_bnb(weight: torch.Tensor, quant_state) -> Weight4bit:

@@ -37,3 +37,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def bitsandbytes_dequantize():
+    """qlora_gpu dequantizes on the CPU with bitsandbytes' own kernel for the test's duration, even where that kernel
+    failed qlora_gpu's probe and is routed around (``qlora_gpu.quantize.set_cpu_dequantize``). For tests that count
+    operators as the CPU's stand-in for the kernels of a CUDA step — which always runs bitsandbytes' kernels — and
+    compare two runs of the same arithmetic with each other, never with a reference."""
+    from qlora_gpu.quantize import set_cpu_dequantize
+
+    set_cpu_dequantize("bitsandbytes")
+    try:
+        yield
+    finally:
+        set_cpu_dequantize("auto")

@@ -31,6 +31,7 @@ def _blocks(m) -> list:
     return list(m.hf.model.layers)
 
 
+@pytest.mark.usefixtures("bitsandbytes_dequantize")  # operator counts: the CUDA step's kernel mix
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_block_decodes_once_per_call_with_the_same_bits(checkpointing, device, monkeypatch):

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from qlora_gpu.model import rms_norm
 from qlora_gpu.prepare import prepare_model
+from qlora_gpu.rms_norm import rms_norm
 from qlora_ref.model.config import LoraConfig, ModelConfig
 
 TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -80,7 +80,7 @@ def test_the_weighted_cast_is_one_operator_each_way_with_autograds_bits(dtype):
     nothing)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from qlora_gpu.model import _WeightedCast
+    from qlora_gpu.rms_norm import _WeightedCast
 
     class Ops(TorchDispatchMode):
         def __init__(self):

@@ -20,7 +20,7 @@ import torch
 import transformers
 from transformers.models.llama import modeling_llama
 
-from qlora_gpu import rope
+from qlora_gpu import patches, rope
 from qlora_gpu.prepare import prepare_model
 from qlora_ref.model.config import LoraConfig, ModelConfig
 
@@ -198,7 +198,7 @@ def test_the_model_loss_and_lora_gradients_are_unchanged_bit_for_bit(model_type,
 def test_a_model_not_built_by_us_runs_transformers_function(monkeypatch):
     """After install (the llama module's global is our dispatcher), a plain transformers model in the same process
     does not reach our Function: its sin is unmarked, so the dispatcher calls transformers' function."""
-    assert rope.use_fused_rope(_build("llama", False, "eager").hf)
+    assert patches.use_fused_rope(_build("llama", False, "eager").hf)
     dispatcher = modeling_llama.apply_rotary_pos_emb
     assert dispatcher._qlora_original is not None
     cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -229,15 +229,15 @@ def test_install_is_idempotent_and_marks_only_this_models_sin():
     m = _build("llama", False, "eager")
     rotary = m.hf.model.rotary_emb
     first, patched = rotary.forward, modeling_llama.apply_rotary_pos_emb
-    assert rope.use_fused_rope(m.hf) and rope.use_fused_rope(m.hf)
+    assert patches.use_fused_rope(m.hf) and patches.use_fused_rope(m.hf)
     assert rotary.forward is first and modeling_llama.apply_rotary_pos_emb is patched
     assert not hasattr(patched._qlora_original, "_qlora_original")
     assert inspect.signature(patched) == inspect.signature(patched._qlora_original)
     x = torch.zeros(1, 3, 64, dtype=torch.bfloat16)
     cos, sin = rotary(x, torch.arange(3)[None])
-    assert torch.equal(getattr(sin, rope._MARK), rope.signed_sin(sin))
+    assert torch.equal(getattr(sin, patches._MARK), rope.signed_sin(sin))
     other = type(rotary)(config=m.hf.config)  # the same class, not this model's instance: unmarked
-    assert not hasattr(other(x, torch.arange(3)[None])[1], rope._MARK)
+    assert not hasattr(other(x, torch.arange(3)[None])[1], patches._MARK)
 
 
 def _fake_model(monkeypatch, apply_rotary_pos_emb, rotate_half=modeling_llama.rotate_half):
@@ -269,7 +269,7 @@ def _partial(q, k, cos, sin, unsqueeze_dim=1, rotary_dim=4):  # an extra paramet
 def test_a_nonstandard_rope_is_left_alone(fn, monkeypatch):
     hf, module = _fake_model(monkeypatch, fn)
     forward = hf.model.rotary_emb.forward
-    assert not rope.use_fused_rope(hf)
+    assert not patches.use_fused_rope(hf)
     assert module.apply_rotary_pos_emb is fn and hf.model.rotary_emb.forward == forward
 
 
@@ -280,10 +280,10 @@ def test_the_older_signature_with_position_ids(monkeypatch):
         return _original()(q, k, cos, sin, unsqueeze_dim)
 
     hf, module = _fake_model(monkeypatch, legacy)
-    assert rope.use_fused_rope(hf)
+    assert patches.use_fused_rope(hf)
     calls = _spy(monkeypatch)
     q, k, cos, sin, gq, gk = _inputs(0, torch.bfloat16, 2)
-    setattr(sin, rope._MARK, rope.signed_sin(sin))
+    setattr(sin, patches._MARK, rope.signed_sin(sin))
     want = legacy(q, k, cos, sin, None, 2)
     for args, kwargs in (((None, 2), {}), ((None,), {"unsqueeze_dim": 2}), ((), {"unsqueeze_dim": 2})):
         got = module.apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs)
@@ -295,12 +295,12 @@ def test_the_older_signature_with_position_ids(monkeypatch):
 
 def test_a_gradient_asked_of_cos_or_sin_goes_to_transformers(monkeypatch):
     """Ours gives cos and sin no gradient; a model that wants one (learned positions) gets transformers' code."""
-    assert rope.use_fused_rope(_build("llama", False, "eager").hf)
+    assert patches.use_fused_rope(_build("llama", False, "eager").hf)
     calls = _spy(monkeypatch)
     q, k, cos, sin, gq, gk = _inputs(0, torch.float32, 1)
     for leaf in (cos, sin):
         marked = sin.detach().clone().requires_grad_(leaf is sin)
-        setattr(marked, rope._MARK, rope.signed_sin(marked.detach()))
+        setattr(marked, patches._MARK, rope.signed_sin(marked.detach()))
         c = cos.detach().requires_grad_(leaf is cos)
         grad = torch.autograd.grad(modeling_llama.apply_rotary_pos_emb(q, k, c, marked), (c if leaf is cos else
                                                                                           marked,), (gq, gk))[0]

@@ -68,6 +68,7 @@ def step(m, ids: torch.Tensor = IDS) -> tuple[torch.Tensor, dict, collections.Co
     return loss.detach(), {k: g.clone() for k, g in m.lora_grads().items()}, fwd.n, bwd.n
 
 
+@pytest.mark.usefixtures("bitsandbytes_dequantize")  # operator counts: the CUDA step's kernel mix
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_bound_adapters_are_cast_once_per_block_with_the_same_result(checkpointing, device):
@@ -304,6 +305,7 @@ def test_masks_not_in_one_buffer_are_not_stacked():
     assert not any("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
 
 
+@pytest.mark.usefixtures("bitsandbytes_dequantize")  # operator counts: the CUDA step's kernel mix
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("early_stop", [True, False])
 def test_the_recomputation_skips_the_last_linears_output(early_stop, device, monkeypatch):

@@ -9,9 +9,8 @@ double-quantization decoding, masks for ragged shapes, the bias, the dropout mas
 
 The comparison is the layer against itself with ``kernel="bnb"`` (``_QLoRALinearFunction``: ``bnb.matmul_4bit``
 forward, ``dequantize_4bit`` + GEMM backward), within the bound of tests/lora_helpers.py (the two differ only in
-float32 summation order; both round the same steps). Where bitsandbytes' AVX-512 CPU dequantize is known to be
-wrong (ragged ``in_features``, docs/quantization.md) the unfused reference is the same layer holding the exactly
-dequantized weight as a float32 base (the same arithmetic, one step without bitsandbytes).
+float32 summation order; both round the same steps). Where bitsandbytes' AVX-512 CPU dequantize is wrong (ragged
+``in_features``, docs/divergences.md) the ``"bnb"`` layer routes around it by itself (tests/test_bnb_cpu_kernels.py).
 """
 
 import contextlib
@@ -27,7 +26,6 @@ if not torch.cuda.is_available():
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; Linux only)")
 
 import triton.language as tl  # noqa: E402, I001
-from bitsandbytes.backends.cpu import ops as bnb_cpu_ops  # noqa: E402
 from hypothesis import Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from lora_helpers import assert_within_bound, magnitudes, tolerance  # noqa: E402
@@ -47,12 +45,6 @@ if not CUDA and not tk.INTERPRET:
 # the interpreter runs each program in NumPy: the exact-weight property (identity inputs of up to 150 rows, small
 # tiles: up to seconds per example) runs a quarter of the profile's examples (ci: 15; thorough: 500)
 EXAMPLES = max(5, settings.default.max_examples // 4)
-
-
-def avx512_divergence(in_features: int, blocksize: int) -> bool:
-    """bitsandbytes 0.50.2's AVX-512 CPU dequantize scales by the wrong absmax when the last dimension is not a
-    multiple of the block size (docs/quantization.md; as tests/test_lora_backends.py)."""
-    return (not CUDA) and bool(bnb_cpu_ops._has_avx512) and in_features % blocksize != 0
 
 
 def exact_dequant(q) -> np.ndarray:
@@ -173,10 +165,7 @@ def check_fused_against_unfused(c, device, dot_f32=None):
               use_rslora=c["use_rslora"], device=device)
     fused = QLoRALinear.from_quantized(q, c["r"], c["alpha"], kernel="triton", **kw)
     wd = exact_dequant(q)
-    if avx512_divergence(c["in_f"], c["blocksize"]):
-        unfused = QLoRALinear.from_weight(wd, c["r"], c["alpha"], quant_type=None, **kw)
-    else:
-        unfused = QLoRALinear.from_quantized(q, c["r"], c["alpha"], kernel="bnb", **kw)
+    unfused = QLoRALinear.from_quantized(q, c["r"], c["alpha"], kernel="bnb", **kw)
     if c["r"] is not None:
         B = (rng.standard_normal((c["out_f"], c["r"])) * 0.1).astype(np.float32)
         for layer in (fused, unfused):

@@ -1,0 +1,52 @@
+"""What this machine's torch does with bfloat16 matrix products on the CPU, detected rather than assumed.
+
+The reference computes a bfloat16 product as QLoRA's recipe defines it: the bfloat16 inputs multiplied and summed
+in float32, the sum rounded once (docs/lora_backprop.md). torch's CPU kernels do the same on CPUs without
+bfloat16 instructions (they widen to float32); where oneDNN uses the CPU's native bfloat16 dot products
+(AVX512-BF16, AMX) the products are still exact and summed in float32, but in another order and grouping, so a
+sum near a bfloat16 rounding boundary can round the other way — the derived bound still holds, bit-identity does
+not. ``bf16_gemm_is_float32`` tells which, per shape (oneDNN's choice depends on the sizes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _order_sensitive(m: int, k: int, seed: int) -> torch.Tensor:
+    """(m, k) rows each holding 1, 2⁻⁸ and 2⁻²⁴ in a random order of positions: summed left to right in float32
+    they give 1 + 2⁻⁸ (each 2⁻²⁴ is a tie that rounds away), which rounds to bfloat16 1; summed in any grouping
+    that first adds two of the 2⁻²⁴ the sum is above the tie and rounds to 1 + 2⁻⁷. Any other summation order than
+    the float32 kernel's shows in the rounded result of some row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.full((m, k), 2.0**-24)
+    rows[:, 0], rows[:, 1] = 1.0, 2.0**-8
+    perm = torch.argsort(torch.rand(m, k, generator=g), dim=1)
+    return torch.gather(rows, 1, perm)
+
+
+@functools.cache
+def bf16_gemm_is_float32(m: int, k: int, n: int) -> bool:
+    """Whether torch's CPU ``mm`` of bfloat16 (m, k) @ (k, n) — operands contiguous or transposed — gives the bits
+    of the float32 ``mm`` of the same values rounded once to bfloat16, on order-sensitive inputs
+    (``_order_sensitive``) and on random ones: the same arithmetic as the widening path. False on CPUs where
+    oneDNN takes native bfloat16 instructions for this shape."""
+    g = torch.Generator().manual_seed(k)
+    cases = [(_order_sensitive(m, k, 0), torch.ones(k, n)),
+             (torch.randn(m, k, generator=g), torch.randn(k, n, generator=g))]
+    for a, b in cases:
+        a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+        want = torch.mm(a.float(), b.float()).to(torch.bfloat16)
+        for x, y in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+            if not torch.equal(torch.mm(x, y), want):
+                return False
+    return True
+
+
+def bf16_gemm_status(shapes=((64, 64, 64), (512, 576, 1536))) -> str:
+    """One line for ``qlora doctor``: per probed shape, float32 arithmetic or native bfloat16."""
+    parts = [f"{m}x{k}x{n}: {'float32 (as the reference)' if bf16_gemm_is_float32(m, k, n) else 'native bf16'}"
+             for m, k, n in shapes]
+    return "; ".join(parts)
