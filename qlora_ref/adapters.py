@@ -24,6 +24,7 @@ to the export dtype (bfloat16 by default: the paper's 16-bit computation type).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,6 +91,17 @@ def _check_adapter_config(cfg: dict, source: str) -> None:
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{source}: missing {key!r}")
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{source}: lora_alpha must be a finite positive number, got {alpha!r}")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, int | float)
+                                or not 0 <= dropout < 1):
+        raise ValueError(f"{source}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    tm = cfg.get("target_modules")
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise ValueError(f"{source}: target_modules must be a string or a list of strings, got {tm!r}")
     unsupported = {
         "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
     }
@@ -113,8 +125,6 @@ def lora_config_from_adapter(adapter_config: dict, weights: Mapping[str, np.ndar
     regular expression or "all-linear"; the weights are what counts)."""
     _check_adapter_config(adapter_config, source)
     r = adapter_config["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
     if weights:
         targets = sorted({k.split(".")[-3] for k in weights}, key=lambda n: LINEAR_MODULES.index(n)
                          if n in LINEAR_MODULES else len(LINEAR_MODULES))

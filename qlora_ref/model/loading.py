@@ -64,7 +64,7 @@ def _header_entry(path: Path, name, info, data_bytes: int) -> tuple[str, tuple[i
         if key not in info:
             raise CheckpointError(f"{where}: header entry has no {key!r}")
     dtype = info["dtype"]
-    if dtype not in _SAFETENSORS_DTYPES:
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
         raise CheckpointError(f"{where} has unsupported dtype {dtype!r} (known: {', '.join(_SAFETENSORS_DTYPES)})")
     shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
