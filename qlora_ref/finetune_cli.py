@@ -107,7 +107,8 @@ def add_parser(subparsers) -> None:
 
     g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
                               description="Answer a prompt (formatted with the model's chat template) with the "
-                              "reference model, 4-bit NF4 by default, with a PEFT adapter if given.")
+                              "reference model (or --backend gpu), 4-bit NF4 by default, with a PEFT adapter if given. "
+                              "Every argument is checked before the model is loaded.")
     g.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's)")
     g.add_argument("--prompt", default=None, help="the question, not empty (default: read stdin)")

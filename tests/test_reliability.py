@@ -466,11 +466,16 @@ def test_quantize_into_a_non_empty_folder_needs_overwrite_and_leaves_nothing_sta
     load_model(out)
 
 
-def test_a_chat_template_that_never_ends_is_stopped(files, tmp_path, capsys):
-    folder = copy_model(files, tmp_path / "m")
+def model_with_template(files, folder, template):
+    copy_model(files, folder)
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template)))
+    return folder
+
+
+def test_a_chat_template_that_never_ends_is_stopped(files, tmp_path, capsys):
+    folder = model_with_template(files, tmp_path / "m", "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                                         "{% endfor %}{% endfor %}")
     assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
     assert "the chat template ran more than 1,000,000 loop iterations" in capsys.readouterr().err
     with warnings.catch_warnings():
@@ -478,3 +483,38 @@ def test_a_chat_template_that_never_ends_is_stopped(files, tmp_path, capsys):
         assert main(["finetune", "--model", str(folder), "--data", str(files["data"]), "--output-dir",
                      str(tmp_path / "o"), *FAST]) == 2
     assert "the chat template ran more than" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- what already held
+class _Trap:
+    """A pickle that, if ever unpickled, creates the file named by its argument."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_no_pickle_is_ever_loaded(files, tmp_path, capsys):
+    import pickle
+
+    sprung = tmp_path / "sprung"
+    payload = pickle.dumps(_Trap(sprung))
+    model = copy_model(files, tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(model)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.bin").write_bytes(payload)
+    assert main(["generate", "--model", str(files["model"]), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+    assert "PEFT's old pickle format, is not read" in capsys.readouterr().err
+    assert not sprung.exists()
+
+
+def test_chat_templates_stay_sandboxed(files, tmp_path, capsys):
+    folder = model_with_template(files, tmp_path / "m", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    assert "the chat template failed: SecurityError" in capsys.readouterr().err

@@ -76,7 +76,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     # -- data -----------------------------------------------------------------------------------------------------
-    max_length: int = 512  # tokens per example (prompt + response), longer ones are truncated
+    max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)
     train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
     eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
     eval_batches: int = 0  # 0: evaluate on the whole held-out set
