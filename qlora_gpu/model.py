@@ -426,7 +426,12 @@ class QLoRAModel(nn.Module):
     def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int | None = None) -> list[int]:
         """Continuation through transformers' ``generate``: greedy at temperature 0, else nucleus sampling (the
-        reference's ``generate`` arguments; the random stream differs). Eval mode; training mode is restored."""
+        reference's ``generate`` arguments, checked by the reference's rules; the random stream differs). Eval mode;
+        training mode is restored."""
+        from qlora_ref.model.generate import check_generation
+
+        input_ids = [int(t) for t in input_ids]
+        check_generation(len(input_ids), max_new_tokens, temperature, top_p, self.config.max_position_embeddings)
         was_training = self.training
         self.eval()
         try:

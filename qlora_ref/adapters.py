@@ -24,6 +24,7 @@ to the export dtype (bfloat16 by default: the paper's 16-bit computation type).
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,12 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from .model.config import LINEAR_MODULES, LoraConfig
-from .train.checkpoint import atomic_save_safetensors, atomic_write_json, load_safetensors
+from .train.checkpoint import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+#: the tokenizer's files in a Hugging Face folder, copied along with the weights
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt")
 
 #: the fields PEFT writes; values that we do not support must keep these defaults when reading
 _PEFT_DEFAULTS = {
@@ -87,6 +91,17 @@ def _check_adapter_config(cfg: dict, source: str) -> None:
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise ValueError(f"{source}: missing {key!r}")
+    r, alpha, dropout = cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"{source}: lora_alpha must be a finite positive number, got {alpha!r}")
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, int | float)
+                                or not 0 <= dropout < 1):
+        raise ValueError(f"{source}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    tm = cfg.get("target_modules")
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
+        raise ValueError(f"{source}: target_modules must be a string or a list of strings, got {tm!r}")
     unsupported = {
         "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
     }
@@ -110,8 +125,6 @@ def lora_config_from_adapter(adapter_config: dict, weights: Mapping[str, np.ndar
     regular expression or "all-linear"; the weights are what counts)."""
     _check_adapter_config(adapter_config, source)
     r = adapter_config["r"]
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"{source}: r must be a positive integer, got {r!r}")
     if weights:
         targets = sorted({k.split(".")[-3] for k in weights}, key=lambda n: LINEAR_MODULES.index(n)
                          if n in LINEAR_MODULES else len(LINEAR_MODULES))
@@ -168,10 +181,13 @@ def from_peft_keys(tensors: Mapping[str, np.ndarray], source: str = ADAPTER_WEIG
 
 
 def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config: dict) -> Path:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` (each written atomically)."""
+    """``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` (each written atomically). Weights
+    holding NaN or Inf are refused: a diverged run never replaces a good adapter with a broken one."""
     folder = Path(folder)
+    tensors = to_peft_keys(params)
+    check_finite(tensors, f"{folder / ADAPTER_WEIGHTS}: not written")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(to_peft_keys(params), folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
     return folder
 
@@ -196,6 +212,7 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     weights = from_peft_keys(load_safetensors(w_path), str(w_path))
     if not weights:
         raise ValueError(f"{w_path}: holds no LoRA weights")
+    check_finite(weights, str(w_path))
     ranks = {v.shape[0] for k, v in weights.items() if k.endswith(".lora_A.weight")}
     if ranks != {cfg["r"]}:
         raise ValueError(f"{w_path}: lora_A ranks {sorted(ranks)} do not match r={cfg['r']} in {ADAPTER_CONFIG}")
@@ -325,8 +342,7 @@ def export_hf_folder(folder, model_config, tensors: Mapping[str, np.ndarray], dt
     atomic_write_json(folder / "config.json", cfg)
     copied = False
     if tokenizer_source is not None and Path(tokenizer_source).is_dir():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                     "generation_config.json", "vocab.json", "merges.txt"):
+        for name in TOKENIZER_FILES:
             src = Path(tokenizer_source) / name
             if src.is_file():
                 shutil.copyfile(src, folder / name)
@@ -364,7 +380,7 @@ def bnb_quantization_config(quant) -> dict:
     }
 
 
-def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
+def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> dict:
     """A Hugging Face folder -> a bitsandbytes 4-bit folder (paper, section 3: NF4 + double quantization).
 
     The seven linear layers of every block are quantized with ``qlora_ref.quantize_4bit`` and written under
@@ -373,10 +389,14 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
     embeddings, norms and the LM head keep their dtype (transformers never quantizes the LM head). config.json
     gains ``quantization_config``, so ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads it with
     bitsandbytes. Returns {"tensors", "bytes_in", "bytes_out"}.
+
+    ``out_dir`` must be new or empty; with ``overwrite`` an existing folder is reused and every safetensors file
+    and index already there is removed, so that no stale shard is loaded with the new weights.
     """
     from .model.config import ModelConfig, QuantConfig
     from .model.llama import expected_tensors, linear_shapes
-    from .model.loading import CheckpointError, folder_tensors
+    from .model.loading import CheckpointError, check_tensor, folder_tensors
+    from .paths import check_writable_dir
     from .quantize import quantize_4bit
 
     quant = quant or QuantConfig()
@@ -385,6 +405,10 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
         raise ValueError(f"{in_dir}: not a Hugging Face model folder (no config.json)")
     if out_dir.resolve() == in_dir.resolve():
         raise ValueError("OUT_DIR must differ from IN_DIR")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir}: OUT_DIR exists and is not empty; choose a new folder or pass --overwrite "
+                         "(which replaces its weights and removes every *.safetensors and index there)")
+    check_writable_dir(out_dir, "OUT_DIR")
     raw = json.loads((in_dir / "config.json").read_text())
     if raw.get("quantization_config"):
         raise ValueError(f"{in_dir}: already quantized ({raw['quantization_config'].get('quant_method')})")
@@ -401,10 +425,11 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
     out: dict[str, np.ndarray] = {}
     bytes_in = 0
     for name in expected:
-        ref = tensors[name]
+        try:
+            ref = check_tensor(tensors, name, expected[name], str(in_dir))
+        except CheckpointError as e:
+            raise ValueError(str(e)) from None
         array = np.asarray(ref.load())
-        if tuple(array.shape) != expected[name]:
-            raise ValueError(f"{ref.file}: tensor {name!r} has shape {array.shape}, config implies {expected[name]}")
         bytes_in += array.nbytes
         is_linear = name.endswith(".weight") and name.split(".")[-2] in linear_names
         if is_linear:
@@ -412,12 +437,15 @@ def quantize_hf_folder(in_dir, out_dir, quant=None) -> dict:
             out.update({k: np.asarray(v) for k, v in q.state_dict(name[: -len("weight")]).items()})
         else:
             out[name] = np.ascontiguousarray(array)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors(out, out_dir / "model.safetensors", metadata={"format": "pt"})
+    for stale in [out_dir / "model.safetensors.index.json", *out_dir.glob("*.safetensors")]:
+        if stale.name != "model.safetensors" and stale.is_file():  # only with overwrite: the folder was empty
+            stale.unlink()
     raw = dict(raw, quantization_config=bnb_quantization_config(quant))
     atomic_write_json(out_dir / "config.json", raw)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json", "vocab.json", "merges.txt"):
+    for name in TOKENIZER_FILES:
         if (in_dir / name).is_file():
             shutil.copyfile(in_dir / name, out_dir / name)
+        elif (out_dir / name).is_file():  # a stale one (overwrite): it would be read with the new model
+            (out_dir / name).unlink()
     return {"tensors": len(expected), "bytes_in": bytes_in, "bytes_out": sum(v.nbytes for v in out.values())}

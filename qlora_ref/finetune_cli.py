@@ -32,7 +32,8 @@ TRAIN_OPTIONS = {
     "optimizer": ("--optimizer", str, "paged_adamw (paper), adamw, adamw_8bit, paged_adamw_8bit"),
     "weight_decay": ("--weight-decay", float, "decoupled weight decay (paper: 0)"),
     "seed": ("--seed", int, "seed for adapters' init, dropout and data order"),
-    "max_length": ("--max-length", int, "tokens per example (longer ones are truncated)"),
+    "max_length": ("--max-length", int, "tokens per example; longer examples are dropped whole and counted in "
+                                        "the data report"),
     "eval_fraction": ("--eval-fraction", float, "held-out fraction of --data when no --eval-data is given"),
     "eval_every": ("--eval-every", int, "steps between held-out evaluations (0: only at the end)"),
     "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
@@ -83,12 +84,15 @@ def add_parser(subparsers) -> None:
                               "--output-dir; run the same command again to resume from the newest checkpoint.")
     p.add_argument("--backend", default="ref", help="ref (NumPy reference) or gpu (torch + bitsandbytes)")
     p.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
-    p.add_argument("--data", required=True, help=".jsonl/.json (instruction/output, prompt/response, messages) "
-                   "or chatterbot .yml (file or folder)")
+    p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
+                   "input/output, messages, conversations or a '### Human:' text), a chatterbot .yml file, a folder "
+                   "of those, or chatterbot[:language]")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
-    p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints")
+    p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "
+                   "before the model is loaded; created if missing)")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start a new run instead of resuming "
+                   "from the newest checkpoint (checkpoints already there are never deleted or replaced)")
     _add_train_options(p, defaults)
     p.set_defaults(func=run_finetune)
 
@@ -103,13 +107,16 @@ def add_parser(subparsers) -> None:
 
     g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
                               description="Answer a prompt (formatted with the model's chat template) with the "
-                              "reference model, 4-bit NF4 by default, with a PEFT adapter if given.")
+                              "reference model (or --backend gpu), 4-bit NF4 by default, with a PEFT adapter if given. "
+                              "Every argument is checked before the model is loaded.")
     g.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's)")
-    g.add_argument("--prompt", default=None, help="the question (default: read stdin)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--prompt", default=None, help="the question, not empty (default: read stdin)")
+    g.add_argument("--max-new-tokens", type=int, default=64,
+                   help="at most this many new tokens (> 0; prompt + new tokens must fit the model's context) "
+                   "[default: 64]")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0; 0: greedy [default]")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] [default: 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, or none (float32 weights)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -121,9 +128,12 @@ def add_parser(subparsers) -> None:
                               "(NF4 + double quantization by default) and write a safetensors folder that "
                               "transformers loads with bitsandbytes (and qlora loads as stored).")
     q.add_argument("in_dir", type=Path)
-    q.add_argument("out_dir", type=Path)
+    q.add_argument("out_dir", type=Path, help="a new or empty folder (see --overwrite)")
+    q.add_argument("--overwrite", action="store_true", help="write into an existing non-empty OUT_DIR, removing "
+                   "every *.safetensors and index already there")
     q.add_argument("--quant-type", default="nf4", help="nf4 [default] or fp4")
-    q.add_argument("--blocksize", type=int, default=64)
+    q.add_argument("--blocksize", type=int, default=64, help="weights per quantization constant, a power of two "
+                   "from 32 to 4096 [default: 64]")
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     q.add_argument("--compute-dtype", default="bfloat16")
     q.set_defaults(func=run_quantize)
@@ -131,9 +141,11 @@ def add_parser(subparsers) -> None:
 
 # ---------------------------------------------------------------------------------------------- finetune
 def run_finetune(args) -> int:
+    from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import finetune
 
     config = _config_from_args(args)
+    check_writable_dir(args.output_dir, "--output-dir")
     t0 = time.perf_counter()
     run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
                    output_dir=args.output_dir, resume=args.resume)
@@ -199,9 +211,12 @@ def answer(trainer, tokenizer, question: str, max_new_tokens: int = 40) -> str:
 
 def run_demo(args) -> int:
     from qlora_ref.data import DataReport, build_dataset, load_examples
+    from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import make_trainer, split_examples
+    from qlora_ref.train.checkpoint import atomic_write_json
     from qlora_ref.train.loop import evaluate, train
 
+    check_writable_dir(args.output_dir, "--output-dir")
     model_path = demo_model()
     config = demo_config(args.max_steps, args.output_dir)
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
@@ -233,7 +248,7 @@ def run_demo(args) -> int:
     summary = {"perplexity_before": before["eval_perplexity"], "perplexity_after": after["eval_perplexity"],
                "steps": result.step, "train_seconds": seconds, "total_seconds": time.perf_counter() - t0,
                "eval_pairs": n_eval, "question": question, "answer_before": ans_before, "answer_after": ans_after}
-    (Path(args.output_dir) / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_json(Path(args.output_dir) / "demo_summary.json", summary)
     print(f"adapter written to {args.output_dir}/ (PEFT format); try: qlora generate --model {model_path} "
           f"--adapter {args.output_dir} --prompt {json.dumps(question)}")
     return 0
@@ -244,7 +259,14 @@ def run_generate(args) -> int:
     from qlora_ref.adapters import load_adapter, read_adapter_lora_config
     from qlora_ref.backends import load_backend
     from qlora_ref.model.config import QuantConfig
+    from qlora_ref.model.generate import check_generation
     from qlora_ref.model.loading import load_model
+
+    # every argument checked before the model is loaded
+    check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt.strip():
+        raise ValueError("--prompt is empty (or only whitespace): give the question to answer")
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
     if args.backend == "ref":
@@ -258,7 +280,6 @@ def run_generate(args) -> int:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     ids = tok.encode(prompt, add_special_tokens=True) if args.raw else prompt_ids(
         tok, [{"role": "user", "content": prompt}])
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -278,7 +299,7 @@ def run_quantize(args) -> int:
     quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
                         compute_dtype=args.compute_dtype)
     t0 = time.perf_counter()
-    info = quantize_hf_folder(args.in_dir, args.out_dir, quant)
+    info = quantize_hf_folder(args.in_dir, args.out_dir, quant, overwrite=args.overwrite)
     print(f"quantized {args.in_dir} -> {args.out_dir}: {info['bytes_in'] / 1e6:.1f} MB -> "
           f"{info['bytes_out'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s "
           f"({quant.quant_type}, blocksize {quant.blocksize}, double quant {quant.double_quant})")

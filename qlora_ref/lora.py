@@ -65,8 +65,8 @@ def check_lora_config(r, alpha, dropout) -> tuple[int | None, float, float]:
             raise ValueError(f"r (the LoRA rank) must be a positive integer, or None for a layer without adapter; "
                              f"got {r!r}")
         r = int(r)
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, got {alpha!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite positive number (the update is scaled by alpha / r), got {alpha!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     return r, float(alpha), float(dropout)

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_blocksize
+
 MB = 10**6
 GB = 10**9
 
@@ -256,7 +258,7 @@ def quant_constant_bits_per_param(blocksize: int = 64, double_quant: bool = True
     parameter. With it (paper, section 3) the absmax values are themselves quantized to 8 bits in blocks of 256,
     each of which keeps one float32 second-level constant: 8/64 + 32/(64 * 256) = 0.127 bits per parameter.
     """
-    _check_positive_int("blocksize", blocksize)
+    check_blocksize(blocksize)
     _check_positive_int("dq_blocksize", dq_blocksize)
     if not double_quant:
         return 32 / blocksize
@@ -492,7 +494,7 @@ def estimate_memory(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     _check_positive_int("batch", batch)
     _check_positive_int("seq", seq)
-    _check_positive_int("blocksize", blocksize)
+    check_blocksize(blocksize)
     if compute_dtype not in DTYPE_BYTES:
         raise ValueError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {compute_dtype!r}")
     if attention not in ATTENTION_IMPLS:

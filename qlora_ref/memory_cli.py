@@ -26,6 +26,7 @@ from qlora_ref.memory import (
     estimate_memory,
     load_model_shape,
 )
+from qlora_ref.paths import check_output_file
 
 #: how each part is called in the table and the plot's legend
 PART_LABELS = {
@@ -78,7 +79,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-dropout", type=float, default=0.1, help="LoRA dropout; > 0 keeps a copy of each "
                    "adapter's input (default: 0.1)")
     p.add_argument("--quant-type", choices=QUANT_TYPES_4BIT, default="nf4", help="4-bit storage type (default: nf4)")
-    p.add_argument("--blocksize", type=int, default=64, help="quantization block size (default: 64)")
+    p.add_argument("--blocksize", type=int, default=64, help="quantization block size, a power of two from 32 to "
+                   "4096 (default: 64)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="keep the quantization constants in float32 (0.5 instead of 0.127 bits per parameter)")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
@@ -122,6 +124,8 @@ def _estimate_kwargs(args) -> dict:
 
 
 def run(args) -> int:
+    if args.plot:
+        check_output_file(args.plot, "--plot")
     shape = load_model_shape(args.model)
     kwargs = _estimate_kwargs(args)
     breakdown = estimate_memory(shape, args.method, **kwargs)

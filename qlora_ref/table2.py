@@ -37,14 +37,22 @@ class Table2Row:
     mean_abs_weight_error: float
 
 
+def check_window(window, context: int | None = None) -> None:
+    """A scoring window: at least 2 tokens and at most the model's context (``max_position_embeddings``)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer of at least 2 tokens, got {window!r}")
+    if context is not None and window > context:
+        raise ValueError(f"window must be at most the model's context of {context} tokens (max_position_embeddings), "
+                         f"got {window}")
+
+
 def perplexity(model, token_ids: np.ndarray, window: int = 256) -> float:
     """exp(mean next-token negative log-likelihood) over ``token_ids`` cut into windows of ``window`` tokens
     (each window is scored on its own, the standard strided evaluation with stride = window)."""
     token_ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
     if token_ids.size < 2:
         raise ValueError(f"token_ids must hold at least 2 tokens, got {token_ids.size}")
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    check_window(window, getattr(getattr(model, "config", None), "max_position_embeddings", None))
     total_nll, count = 0.0, 0
     for start in range(0, token_ids.size - 1, window):
         chunk = token_ids[start : start + window]

@@ -52,3 +52,15 @@ def bitsandbytes_dequantize():
         yield
     finally:
         set_cpu_dequantize("auto")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suite's case count (tests/test_fuzz.py), so every run states how many inputs were tried."""
+    import sys
+
+    fuzz = sys.modules.get("test_fuzz")
+    cases = getattr(fuzz, "CASES", None)
+    if cases:
+        parts = ", ".join(f"{name} {n}" for name, n in sorted(cases.items()) if name != "counter self-test")
+        total = sum(n for name, n in cases.items() if name != "counter self-test")
+        terminalreporter.write_line(f"fuzz: {total} cases ({parts})")

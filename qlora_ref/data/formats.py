@@ -159,7 +159,8 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
         return Example(_turns(record["messages"], source, "role", "content", report), source)
     if "conversations" in record:
         turns = record["conversations"]
-        keys = ("from", "value") if turns and isinstance(turns[0], dict) and "from" in turns[0] else ("role", "content")
+        sharegpt = isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
+        keys = ("from", "value") if sharegpt else ("role", "content")
         return Example(_turns(turns, source, *keys, report), source)
     if "instruction" in record:
         if "output" not in record:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .formats import DataReport, Example
-from .tokenizer import encode, has_chat_template
+from .tokenizer import ChatTemplateError, encode, has_chat_template
 
 IGNORE_INDEX = -100
 
@@ -49,10 +49,6 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 #: later turns of a conversation in the fallback format
 ALPACA_NEXT_TURN = "\n\n### Instruction:\n{instruction}\n\n### Response: "
-
-
-class ChatTemplateError(ValueError):
-    """The chat template cannot be split into prompt and response for an example."""
 
 
 # ------------------------------------------------------------------------------------------------ formatting

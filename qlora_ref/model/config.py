@@ -8,6 +8,7 @@ architecture in one place.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 #: model_type in config.json -> the architecture the reference implements
@@ -246,10 +247,11 @@ class LoraConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.r, int) or self.r < 0:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r must be a non-negative integer, got {self.r!r}")
-        if self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not (
+                math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a finite positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         targets = ("all-linear",) if self.target_modules == "all-linear" else tuple(self.target_modules)

@@ -6,7 +6,9 @@ each new token then costs one forward pass over a single position that attends t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
+from numbers import Integral, Real
 
 import numpy as np
 
@@ -28,13 +30,38 @@ def top_p_filter(probs: np.ndarray, top_p: float) -> np.ndarray:
     return filtered / filtered.sum()
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    """temperature: a finite number >= 0 (0: greedy); top_p: in (0, 1]. Shared by both backends."""
+    if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
+            math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {top_p!r}")
+
+
+def check_generation(prompt_tokens: int | None, max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
+                     context: int | None = None) -> None:
+    """The arguments of a generation, checked before any work (both backends call this): at least one new token,
+    sampling settings in range (:func:`check_sampling`), a non-empty prompt (``prompt_tokens``; None: not known
+    yet) and prompt + new tokens within the model's ``context`` (``max_position_embeddings``): positions past it
+    were never trained and its rotary embedding is not defined for them."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_sampling(temperature, top_p)
+    if prompt_tokens is None:
+        return
+    if prompt_tokens < 1:
+        raise ValueError("the prompt is empty: generation needs a prompt of at least one token")
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) exceed the "
+                         f"model's context of {context} tokens (max_position_embeddings): shorten the prompt or "
+                         "ask for fewer new tokens")
+
+
 def next_token(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
                rng: np.random.Generator | None = None) -> int:
     """Greedy (temperature 0) or sampled next token from one position's logits."""
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_sampling(temperature, top_p)
     if temperature == 0.0:
         return int(np.argmax(logits))
     z = np.asarray(logits, dtype=np.float64) / temperature
@@ -49,10 +76,10 @@ def generate(model, input_ids: Iterable[int], max_new_tokens: int = 32, temperat
              top_p: float = 1.0, eos_token_id: int | Iterable[int] | None = None, seed: int | None = None,
              stream: Callable[[int], None] | None = None) -> list[int]:
     """The new token ids (without the prompt). Stops after ``max_new_tokens`` or at an end-of-sequence token
-    (default: the model config's ``eos_token_id``); ``stream`` is called with each token as it is produced."""
+    (default: the model config's ``eos_token_id``); ``stream`` is called with each token as it is produced.
+    Arguments are checked first (:func:`check_generation`): prompt + new tokens must fit the context."""
     prompt = [int(t) for t in input_ids]
-    if not prompt:
-        raise ValueError("generation needs a prompt of at least one token")
+    check_generation(len(prompt), max_new_tokens, temperature, top_p, model.config.max_position_embeddings)
     if eos_token_id is None:
         eos = set(model.config.eos_token_ids)
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,11 @@ _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": bfloat16, "I64": np.int64, "I32": np.int32,
     "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+#: the dtypes a float weight (embedding, norm, unquantized linear) may be stored in; anything else is refused
+#: rather than cast (an int64 "weight" is a broken checkpoint, not a weight)
+FLOAT_SAFETENSORS_DTYPES = ("F64", "F32", "F16", "BF16")
+#: the largest header we read: safetensors itself refuses headers over 100 MB
+MAX_HEADER_BYTES = 100_000_000
 
 
 @dataclasses.dataclass
@@ -45,51 +51,116 @@ class TensorRef:
     file: Path
     shape: tuple[int, ...]
     load: Callable[[], np.ndarray]
+    dtype: str = "F32"  # the safetensors dtype name as stored (GGUF tensors: F32, dequantized on load)
+
+
+def _header_entry(path: Path, name, info, data_bytes: int) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype, shape, start, end) of one header entry, every field checked against the file: a header that lies
+    (offsets shorter than the shape, past the end of the file, a missing dtype) is refused, never trusted."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where}: header entry must be an object, got {type(info).__name__}")
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in info:
+            raise CheckpointError(f"{where}: header entry has no {key!r}")
+    dtype = info["dtype"]
+    if not isinstance(dtype, str) or dtype not in _SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where} has unsupported dtype {dtype!r} (known: {', '.join(_SAFETENSORS_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise CheckpointError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where}: data_offsets must be [start, end] with 0 <= start <= end, got {offsets!r}")
+    start, end = offsets
+    if end > data_bytes:
+        raise CheckpointError(f"{where}: data_offsets {offsets} run past the end of the file's {data_bytes} "
+                              "data bytes (truncated file?)")
+    need = math.prod(shape) * np.dtype(_SAFETENSORS_DTYPES[dtype]).itemsize
+    if end - start != need:
+        raise CheckpointError(f"{where}: data_offsets {offsets} hold {end - start} bytes, but shape {tuple(shape)} "
+                              f"in {dtype} needs {need}")
+    return dtype, tuple(shape), start, end
 
 
 def read_safetensors_index(path: Path) -> dict[str, TensorRef]:
-    """The tensors of one .safetensors file (header: 8-byte length, then JSON; the data is memory-mapped)."""
+    """The tensors of one .safetensors file (header: 8-byte little-endian length, then a JSON object; the data
+    is memory-mapped). Every header field is checked against the file before anything is read: sizes that
+    match shape and dtype, offsets inside the file and not overlapping; errors name the file and the tensor."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte "
+                                      "header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: header length {n} is larger than the file ({size} bytes) or than "
+                                      f"{MAX_HEADER_BYTES} bytes: not a safetensors file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header must be a JSON object, got {type(header).__name__}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     base = 8 + n
-    out = {}
+    out, spans = {}, []
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-        shape = tuple(info["shape"])
-        start, end = info["data_offsets"]
+        dtype_name, shape, start, end = _header_entry(path, name, info, size - base)
+        dtype = np.dtype(_SAFETENSORS_DTYPES[dtype_name])
+        if end > start:
+            spans.append((start, end, name))
 
         def load(start=start, end=end, dtype=dtype, shape=shape):
             if end == start:
                 return np.zeros(shape, dtype)
             return np.memmap(path, dtype=dtype, mode="r", offset=base + start, shape=shape)
 
-        out[name] = TensorRef(path, shape, load)
+        out[name] = TensorRef(path, shape, load, dtype_name)
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+        if start_b < end_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file (data_offsets)")
     return out
+
+
+def _shard_path(folder: Path, index: Path, shard) -> Path:
+    """A shard named in the index: a file name inside ``folder``, never a path that leads out of it."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index}: weight_map values must be shard file names, got {shard!r}")
+    path = folder / shard
+    if Path(shard).is_absolute() or ".." in Path(shard).parts or not path.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{index}: shard {shard!r} lies outside the model folder {folder}")
+    return path
 
 
 def folder_tensors(folder: Path) -> dict[str, TensorRef]:
     """Every tensor of a Hugging Face folder (one file, several, or shards listed in the index), by name."""
+    folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a readable index (JSON with a 'weight_map' object): {e!r}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard files")
+        paths = {shard: _shard_path(folder, index, shard) for shard in weight_map.values()}
         tensors: dict[str, TensorRef] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).exists():
+        for shard, path in sorted(paths.items()):
+            if not path.is_file():
                 names = [k for k, v in weight_map.items() if v == shard]
                 raise CheckpointError(f"{index}: shard {shard} is missing (it holds {names[:3]}...)")
-            shard_tensors = read_safetensors_index(folder / shard)
+            shard_tensors = read_safetensors_index(path)
             for name, file in weight_map.items():
                 if file == shard and name not in shard_tensors:
-                    raise CheckpointError(f"{folder / shard}: missing tensor {name!r} listed in {index.name}")
+                    raise CheckpointError(f"{path}: missing tensor {name!r} listed in {index.name}")
             tensors.update(shard_tensors)
         return tensors
     files = sorted(folder.glob("*.safetensors"))
@@ -177,13 +248,17 @@ def quantized_key(tensors: dict[str, TensorRef], weight_name: str) -> str | None
 
 
 def check_tensor(tensors: dict[str, TensorRef], name: str, shape: tuple[int, ...], source: str) -> TensorRef:
-    """The checkpoint's tensor ``name``, which must exist with ``shape`` (the one ``config.json`` implies)."""
+    """The checkpoint's float tensor ``name``, which must exist with ``shape`` (the one ``config.json`` implies)
+    and a float dtype (an integer tensor is refused, never cast)."""
     if name not in tensors:
         hint = " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else ""
         raise CheckpointError(f"{source}: missing tensor {name!r}{hint}")
     ref = tensors[name]
     if ref.shape != shape:
         raise CheckpointError(f"{ref.file}: tensor {name!r} has shape {ref.shape}, but the config implies {shape}")
+    if ref.dtype not in FLOAT_SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{ref.file}: tensor {name!r} is stored as {ref.dtype}; a weight must be one of "
+                              f"{', '.join(FLOAT_SAFETENSORS_DTYPES)} (it is refused rather than cast)")
     return ref
 
 

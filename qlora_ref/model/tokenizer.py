@@ -56,22 +56,14 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             tokenize: bool = False):
-        """Render the conversation with the model's template (a string, or token ids with ``tokenize``)."""
+        """Render the conversation with the model's template (a string, or token ids with ``tokenize``): sandboxed
+        and bounded (``qlora_ref.data.render_chat_template``); a failing template is a ``ChatTemplateError``."""
+        from ..data.tokenizer import render_chat_template
+
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
-        env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt,
+                                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
     # ----------------------------------------------------------------- sources

@@ -30,16 +30,19 @@ class FinetuneRun:
 
 
 def load_tokenizer(path):
-    """The tokenizer of a Hugging Face folder (tokenizer.json) or a GGUF file; None if there is none."""
+    """The tokenizer of a Hugging Face folder (tokenizer.json) or a GGUF file; None if the model has none; a
+    ``CheckpointError`` if ``path`` is neither."""
+    from ..model.loading import CheckpointError, read_gguf
     from ..model.tokenizer import Tokenizer
 
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir() and (path / "config.json").exists():
         return Tokenizer.from_folder(path)
     gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
     if gguf is None:
-        return None
-    from ..model.loading import read_gguf
+        raise CheckpointError(f"{path}: no config.json and no .gguf file: not a model folder")
 
     meta, _ = read_gguf(gguf)
     return Tokenizer.from_gguf_metadata(meta, str(gguf))
@@ -99,11 +102,23 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     """Fine-tune the model at ``model`` (HF folder or GGUF) on ``data`` (a .jsonl / .yml file, a folder, or
     ``"chatterbot[:language]"``). The held-out set is ``eval_data`` if given, else ``config.eval_fraction`` of
     ``data`` (a seeded split). ``trainer``: an already built ``(trainer, tokenizer)`` from :func:`make_trainer`.
+
+    The output folder and the data are checked before the model is loaded, so that a bad path or record costs
+    seconds, not a model load.
     """
+    from ..paths import check_writable_dir
+
     config = config or TrainConfig()
     output_dir = output_dir if output_dir is not None else config.output_dir
-    trainer, tokenizer = trainer if trainer is not None else make_trainer(model, config, backend)
-    train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+    if output_dir is not None:
+        check_writable_dir(output_dir, "output_dir")
+    if trainer is None:
+        tokenizer = load_tokenizer(model)
+        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+        trainer, _ = make_trainer(model, config, backend)
+    else:
+        trainer, tokenizer = trainer
+        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
                    base_model=str(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)

@@ -8,13 +8,17 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>/``:
 ``adapter_model.safetensors``   PEFT-named LoRA weights } (``qlora_ref.adapters``): loadable on their own
 ``optimizer.safetensors``       the optimizer's flat state dict (``"<param>.<state>"``: Adam's m, v, step)
 ``rng.safetensors``             random states that are arrays (torch's generator state on the GPU backend)
-``trainer_state.json``          step, data position, tokens seen, log history, the ``TrainConfig``, and the
-                                random states that are plain numbers (NumPy bit generators: LoRA dropout)
+``trainer_state.json``          step, run id, data position, fingerprint of the training data, tokens seen,
+                                log history, the ``TrainConfig``, and the random states that are plain numbers
+                                (NumPy bit generators: LoRA dropout)
+``qlora_checkpoint.json``       the marker: our format, its version, the run id and the step (written last)
 =============================  =======================================================================
 
 Everything is written to a temporary sibling folder first, each file flushed and fsynced, and the folder is then
 renamed into place (``os.replace`` is atomic on POSIX): a crash leaves either the previous checkpoint or the new
-one, never half of one. ``trainer_state.json`` is written last, and a folder without it is never picked up.
+one, never half of one (``recover_checkpoints`` tidies what a kill leaves). The marker is written last: a folder
+without it is never picked up, and never deleted — rotation removes only checkpoints whose marker carries the
+current run's id, so a Hugging Face Trainer's ``checkpoint-N`` or an older run's stay untouched.
 """
 
 from __future__ import annotations
@@ -24,16 +28,24 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..dtypes import bfloat16
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+MARKER_FILE = "qlora_checkpoint.json"
+MARKER_FORMAT = "qlora-checkpoint"
 FORMAT_VERSION = 1
+#: what trainer_state.json must hold for a resume
+STATE_KEYS = ("step", "run_id", "run_started", "data_position", "data_fingerprint", "tokens_seen", "log_history",
+              "config", "rng")
 
 
 # ---------------------------------------------------------------------------------------------- atomic writes
@@ -102,52 +114,160 @@ class Checkpoint:
     adapter: dict[str, np.ndarray]  # PEFT names without the "base_model.model." prefix
     adapter_config: dict  # PEFT's adapter_config.json
     optimizer_state: dict[str, np.ndarray]
-    state: dict  # trainer_state.json: data position, tokens, log history, config, JSON random states
+    state: dict  # trainer_state.json: run id, data position and fingerprint, tokens, log history, config, JSON rngs
     rng_arrays: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.state["run_id"]
+
+
+def new_run_id() -> str:
+    """A fresh run's identity: its checkpoints carry it, and only checkpoints carrying it are ever deleted."""
+    return uuid.uuid4().hex
 
 
 def checkpoint_dir(output_dir, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
-    """Complete checkpoints (with a ``trainer_state.json``) under ``output_dir``, oldest first."""
+def read_marker(folder) -> dict | None:
+    """The marker of a checkpoint folder this code wrote (format, version, run id, step), or None for anything
+    else: a folder without it (a Hugging Face Trainer checkpoint, a half-written one) is never ours."""
+    folder = Path(folder)
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = (isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+          and marker.get("format_version") == FORMAT_VERSION and isinstance(marker.get("run_id"), str)
+          and isinstance(marker.get("run_started"), int | float) and isinstance(marker.get("step"), int)
+          and (folder / STATE_FILE).is_file())
+    return marker if ok else None
+
+
+def _our_checkpoints(output_dir) -> list[tuple[int, Path, dict]]:
+    """(step, folder, marker) of every complete checkpoint of ours under ``output_dir``, oldest first."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     out = []
     for p in output_dir.iterdir():
         m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+        if m and p.is_dir():
+            marker = read_marker(p)
+            if marker is not None and marker["step"] == int(m.group(1)):
+                out.append((int(m.group(1)), p, marker))
+    return sorted(out, key=lambda t: t[0])
+
+
+def list_checkpoints(output_dir, run_id: str | None = None) -> list[tuple[int, Path]]:
+    """Complete checkpoints written by this code (of run ``run_id`` if given) under ``output_dir``, oldest first."""
+    return [(s, p) for s, p, m in _our_checkpoints(output_dir) if run_id is None or m["run_id"] == run_id]
+
+
+def resume_candidates(output_dir) -> list[Path]:
+    """The checkpoints a resumed run may continue from, newest first: those of the most recently started run
+    (a ``--no-resume`` run started over an older run's checkpoints is the one to continue), by step."""
+    found = _our_checkpoints(output_dir)
+    if not found:
+        return []
+    newest = max(found, key=lambda t: (t[2]["run_started"], t[0]))[2]["run_id"]
+    return [p for _, p, m in reversed(found) if m["run_id"] == newest]
 
 
 def latest_checkpoint(output_dir) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    found = resume_candidates(output_dir)
+    return found[0] if found else None
+
+
+def foreign_checkpoint(output_dir, step: int, run_id: str) -> Path | None:
+    """``checkpoint-<step>`` if it exists and was not written by run ``run_id`` (so it must not be replaced)."""
+    final = checkpoint_dir(output_dir, step)
+    if not os.path.lexists(final):
+        return None
+    marker = read_marker(final) if final.is_dir() else None
+    return None if marker is not None and marker["run_id"] == run_id else final
+
+
+# ---------------------------------------------------------------------------------------------- leftovers
+#: what a killed save leaves behind: hidden folders ``.checkpoint-N.<random>.tmp`` (being written),
+#: ``.checkpoint-N.old`` (a checkpoint being replaced) and ``.checkpoint-N.<random>.del`` (being deleted)
+_LEFTOVER = re.compile(rf"\.{CHECKPOINT_PREFIX}(\d+)\.(?:.+\.tmp|old|.+\.del)")
+#: an atomic file write killed before its rename: ``.<name>.<random>.tmp`` next to an output file of ours
+_LEFTOVER_FILE = re.compile(r"\.(?:adapter_model\.safetensors|adapter_config\.json|train_config\.json|"
+                            r"log_history\.json|demo_summary\.json)\..+\.tmp")
+
+
+def recover_checkpoints(output_dir) -> list[str]:
+    """Tidy what an interrupted save left in ``output_dir``; returns what was done, one line each.
+
+    A kill between the two renames that replace a checkpoint leaves no ``checkpoint-N`` but a complete
+    ``.checkpoint-N.<random>.tmp`` (the new one) or ``.checkpoint-N.old`` (the previous one): the complete one
+    is put back in place (with ``keep_checkpoints=1`` it may be the only checkpoint). Every other leftover is
+    removed — only names of our own temporary folders and files, never anything else."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    done = []
+    leftovers = sorted((p for p in output_dir.iterdir() if _LEFTOVER.fullmatch(p.name) and p.is_dir()),
+                       key=lambda p: (not p.name.endswith(".tmp"), p.name))  # a complete new one before .old
+    for p in leftovers:
+        step = int(_LEFTOVER.fullmatch(p.name).group(1))
+        final = checkpoint_dir(output_dir, step)
+        marker = read_marker(p)
+        if (not p.name.endswith(".del") and marker is not None and marker["step"] == step
+                and not os.path.lexists(final)):
+            os.replace(p, final)
+            done.append(f"restored {final.name} from {p.name} (a save was interrupted)")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted save)")
+    for p in output_dir.iterdir():
+        if _LEFTOVER_FILE.fullmatch(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+            done.append(f"removed {p.name} (left by an interrupted write)")
+    if done:
+        _fsync_dir(output_dir)
+    return done
+
+
+def _delete_checkpoint(path: Path) -> None:
+    """Rename first (atomic), then delete: a kill halfway never leaves a half-deleted ``checkpoint-N``."""
+    doomed = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".del"))
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
-    """Write ``ckpt`` atomically as ``<output_dir>/checkpoint-<step>``; keep the newest ``keep`` (0: all)."""
+    """Write ``ckpt`` atomically as ``<output_dir>/checkpoint-<step>``; keep the newest ``keep`` of this run's
+    checkpoints (0: all). Only checkpoints whose marker carries this run's id are ever replaced or deleted: a
+    ``checkpoint-<step>`` of anyone else is an error, not something to overwrite."""
     from ..adapters import write_adapter_files
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, ckpt.step)
+    if foreign_checkpoint(output_dir, ckpt.step, ckpt.run_id) is not None:
+        raise ValueError(f"{final}: exists and was not written by this run; refusing to replace it")
+    check_finite(ckpt.optimizer_state, f"checkpoint-{ckpt.step} optimizer state")
     tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         write_adapter_files(tmp, ckpt.adapter, ckpt.adapter_config)
         atomic_save_safetensors(ckpt.optimizer_state, tmp / OPTIMIZER_FILE, metadata={"format": "qlora-optimizer"})
         atomic_save_safetensors(ckpt.rng_arrays, tmp / RNG_FILE, metadata={"format": "qlora-rng"})
         state = dict(ckpt.state, step=ckpt.step, format_version=FORMAT_VERSION)
-        atomic_write_json(tmp / STATE_FILE, state)  # last: its presence marks a complete checkpoint
+        atomic_write_json(tmp / STATE_FILE, state)
+        # last: its presence marks a complete checkpoint of ours, and of which run
+        atomic_write_json(tmp / MARKER_FILE, {"format": MARKER_FORMAT, "format_version": FORMAT_VERSION,
+                                              "run_id": ckpt.run_id, "run_started": ckpt.state["run_started"],
+                                              "step": ckpt.step})
         if final.exists():  # re-saving the same step: move the old one out of the way, then replace
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            os.replace(tmp, final)  # a kill between the two renames: recover_checkpoints puts one back
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -156,30 +276,46 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if keep:
-        for _, old in list_checkpoints(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        for _, old in list_checkpoints(output_dir, ckpt.run_id)[:-keep]:
+            _delete_checkpoint(old)
     return final
 
 
+def check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+    """Refuse NaN or Inf in float arrays (a diverged run's state must never replace a good one on disk)."""
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        a = a.astype(np.float32) if a.dtype == bfloat16 else a
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{what}: tensor {name!r} holds NaN or Inf (a diverged training run?)")
+
+
 def load_checkpoint(path) -> Checkpoint:
-    """Read a checkpoint folder (or the latest checkpoint under an output folder)."""
+    """Read a checkpoint folder (or the newest checkpoint under an output folder)."""
     from ..adapters import read_adapter_files
 
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
+    if read_marker(path) is None:
+        if (path / STATE_FILE).is_file() or (path / MARKER_FILE).exists():
+            raise ValueError(f"{path}: not a complete checkpoint written by qlora (no valid {MARKER_FILE}; "
+                             "a Hugging Face Trainer checkpoint, or an interrupted save)")
         latest = latest_checkpoint(path)
         if latest is None:
-            raise ValueError(f"{path}: not a checkpoint folder (no {STATE_FILE}) and holds no {CHECKPOINT_PREFIX}N")
+            raise ValueError(f"{path}: not a checkpoint folder (no {MARKER_FILE}) and holds no {CHECKPOINT_PREFIX}N")
         path = latest
     try:
         state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path / STATE_FILE}: unreadable trainer state ({e})") from e
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path / STATE_FILE}: format_version {state.get('format_version')!r}, "
-                         f"this version reads {FORMAT_VERSION}")
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        version = state.get("format_version") if isinstance(state, dict) else None
+        raise ValueError(f"{path / STATE_FILE}: format_version {version!r}, this version reads {FORMAT_VERSION}")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path / STATE_FILE}: incomplete trainer state (no {', '.join(missing)})")
     adapter, adapter_config = read_adapter_files(path)
     optimizer_state = load_safetensors(path / OPTIMIZER_FILE)
+    check_finite(optimizer_state, str(path / OPTIMIZER_FILE))
     rng_arrays = load_safetensors(path / RNG_FILE) if (path / RNG_FILE).exists() else {}
     return Checkpoint(step=int(state["step"]), adapter=adapter, adapter_config=adapter_config,
                       optimizer_state=optimizer_state, state=state, rng_arrays=rng_arrays, path=path)

@@ -34,6 +34,18 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_ba
                                "progress", "output_dir", "keep_checkpoints"})
 
 
+#: fields whose type is checked first (a JSON config may hold anything), so every rule below compares like with like
+_FIELD_TYPES = [
+    *((name, (int, float), "a number") for name in (
+        "lora_alpha", "lora_dropout", "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay",
+        "warmup_ratio", "max_grad_norm", "eval_fraction")),
+    *((name, (str,), "a string") for name in ("quant_type", "compute_dtype", "optimizer", "lr_scheduler")),
+    *((name, (bool,), "true or false") for name in ("double_quant", "gradient_checkpointing", "train_on_inputs",
+                                                     "progress")),
+    ("output_dir", (str, type(None)), "a path or null"),
+]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run. See the module docstring for where each default comes from."""
@@ -64,7 +76,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     seed: int = 42
     # -- data -----------------------------------------------------------------------------------------------------
-    max_length: int = 512  # tokens per example (prompt + response), longer ones are truncated
+    max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)
     train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
     eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
     eval_batches: int = 0  # 0: evaluate on the whole held-out set
@@ -82,6 +94,10 @@ class TrainConfig:
                 kind = "a non-negative" if allow_zero else "a positive"
                 raise ValueError(f"{name} must be {kind} integer, got {v!r}")
 
+        for name, kinds, what in _FIELD_TYPES:
+            v = getattr(self, name)
+            if not isinstance(v, kinds) or (isinstance(v, bool) and bool not in kinds):
+                raise ValueError(f"{name} must be {what}, got {v!r}")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "blocksize"):
             positive_int(name)
         for name in ("lora_r", "eval_batches", "eval_every", "save_every", "keep_checkpoints", "seed"):

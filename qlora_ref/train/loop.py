@@ -22,9 +22,12 @@ resuming from a checkpoint replays exactly the batches an uninterrupted run woul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,7 +37,17 @@ import numpy as np
 from ..data import batch_indices, collate
 from ..loss import IGNORE_INDEX
 from ..optim.schedule import get_lr, warmup_steps
-from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_PREFIX,
+    Checkpoint,
+    check_finite,
+    foreign_checkpoint,
+    load_checkpoint,
+    new_run_id,
+    recover_checkpoints,
+    resume_candidates,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .progress import Progress
 
@@ -145,23 +158,49 @@ def _adapter_config(backend, config: TrainConfig, base_model: str | None) -> dic
     return peft_adapter_config(backend.lora, base_model)
 
 
+class TrainingDivergedError(ValueError):
+    """A non-finite loss, gradient norm or adapter: the run stops, and nothing non-finite is written."""
+
+
+def data_fingerprint(dataset) -> dict:
+    """What a resumed run must train on: the number of examples and tokens and a SHA-256 of every example's token
+    ids and labels in order — the data file, the tokenizer, the chat template and ``max_length`` all enter it."""
+    digest = hashlib.sha256()
+    tokens = 0
+    for ids, labels in zip(dataset.input_ids, dataset.labels, strict=True):
+        ids, labels = np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(labels, np.int64)
+        digest.update(np.int64(ids.size).tobytes() + ids.tobytes() + labels.tobytes())
+        tokens += ids.size
+    return {"examples": len(dataset), "tokens": tokens, "sha256": digest.hexdigest()}
+
+
 def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream: BatchStream, tokens_seen: int,
-                    log_history: list[dict], base_model: str | None) -> Checkpoint:
+                    log_history: list[dict], base_model: str | None, run: dict) -> Checkpoint:
+    """``run``: the run's ``run_id``, ``run_started`` and ``data_fingerprint``, stored with the state."""
     rng_json, rng_arrays = backend.rng_state()
-    state = {"data_position": stream.position, "tokens_seen": tokens_seen, "log_history": log_history,
+    state = {**run, "data_position": stream.position, "tokens_seen": tokens_seen, "log_history": log_history,
              "config": config.to_dict(), "rng": rng_json, "base_model": base_model}
     return Checkpoint(step=step, adapter=backend.adapter_state(), adapter_config=_adapter_config(
         backend, config, base_model), optimizer_state=backend.optimizer_state(), state=state, rng_arrays=rng_arrays)
 
 
-def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConfig) -> tuple[dict, int, list]:
+def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConfig,
+                       fingerprint: dict | None = None) -> tuple[dict, int, list]:
     """Put a checkpoint's adapters, optimizer state and random states into ``backend``; returns (data position,
-    tokens seen, log history). A checkpoint of a different recipe is refused, naming the differences."""
+    tokens seen, log history). A checkpoint of a different recipe, or of different training data (``fingerprint``,
+    see :func:`data_fingerprint`), is refused, naming the differences."""
     saved = TrainConfig.from_dict(ckpt.state["config"])
     bad = config.resume_mismatches(saved)
     if bad:
         raise ValueError(f"{ckpt.path}: cannot resume, the checkpoint was trained with different settings: "
                          + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(config, k)!r})" for k in bad))
+    theirs = ckpt.state["data_fingerprint"]
+    if fingerprint is not None and theirs != fingerprint:
+        raise ValueError(
+            f"{ckpt.path}: cannot resume, the training data differ from the checkpoint's: it was trained on "
+            f"{theirs['examples']} examples / {theirs['tokens']} tokens (sha256 {theirs['sha256'][:12]}), now "
+            f"{fingerprint['examples']} / {fingerprint['tokens']} (sha256 {fingerprint['sha256'][:12]}). Resume "
+            "with the same data file, tokenizer and max_length, or start afresh in another output folder")
     missing = sorted(set(backend.adapter_state()) - set(ckpt.adapter))
     if missing:
         raise ValueError(f"{ckpt.path}: checkpoint lacks adapter tensors {missing[:3]}")
@@ -169,6 +208,42 @@ def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConf
     backend.load_optimizer_state(ckpt.optimizer_state)
     backend.set_rng_state(ckpt.state["rng"], ckpt.rng_arrays)
     return dict(ckpt.state["data_position"]), int(ckpt.state["tokens_seen"]), list(ckpt.state["log_history"])
+
+
+def find_resume_checkpoint(output_dir, resume: bool | str | Path) -> Checkpoint | None:
+    """The checkpoint to continue from: ``resume`` itself if it is a path; with ``resume=True`` the newest
+    readable one in ``output_dir`` — an unreadable newest one (a corrupt file) is skipped with a warning and the
+    one before it taken; an error if none can be read."""
+    if isinstance(resume, str | Path):
+        return load_checkpoint(resume)
+    if not resume or output_dir is None:
+        return None
+    candidates = resume_candidates(output_dir)
+    errors = []
+    for i, path in enumerate(candidates):
+        try:
+            return load_checkpoint(path)
+        except ValueError as e:
+            errors.append(str(e))
+            if i + 1 < len(candidates):
+                warnings.warn(f"{path} is unreadable ({e}); resuming from the one before it, {candidates[i + 1].name}",
+                              stacklevel=3)
+    if errors:
+        raise ValueError(f"{output_dir}: no readable checkpoint to resume from: " + "; ".join(errors)
+                         + ". Start afresh (resume=False, --no-resume) in another output folder")
+    return None
+
+
+def _colliding_checkpoints(output_dir: Path, run_id: str, step: int, last: int, config: TrainConfig) -> list[Path]:
+    """Folders ``checkpoint-N`` that this run would write (steps ``step < N <= last``) but did not write itself."""
+    out = []
+    for p in output_dir.iterdir():
+        m = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", p.name)
+        n = int(m.group(1)) if m else 0
+        planned = n == last or (config.save_every and n % config.save_every == 0 and n < config.max_steps)
+        if m and step < n <= last and planned and foreign_checkpoint(output_dir, n, run_id) is not None:
+            out.append(p)
+    return sorted(out)
 
 
 def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
@@ -180,22 +255,39 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     from the newest checkpoint in ``output_dir`` if there is one, a path continues from that checkpoint, False
     starts afresh. stop_after: stop (with a checkpoint) after this many optimizer steps *of this call*, as an
     interruption would.
+
+    Before the first step: ``output_dir`` must be a writable folder, leftovers of an interrupted save are tidied
+    (``recover_checkpoints``), a resumed checkpoint must match the recipe and the data, and no ``checkpoint-N``
+    this run would write may belong to anyone else (it is never replaced). A non-finite loss, gradient norm or
+    adapter stops the run with :class:`TrainingDivergedError`, naming the step; the last good checkpoint stays.
     """
+    from ..paths import check_writable_dir
+
     output_dir = Path(output_dir) if output_dir is not None else None
+    if output_dir is not None:
+        check_writable_dir(output_dir, "output_dir")
+        for line in recover_checkpoints(output_dir):
+            warnings.warn(f"{output_dir}: {line}", stacklevel=2)
     stream = BatchStream(train_data, config.micro_batch_size, config.seed)
     step, tokens_seen, log_history = 0, 0, []
-    ckpt_path = None
-    if isinstance(resume, str | Path):
-        ckpt_path = Path(resume)
-    elif resume and output_dir is not None:
-        ckpt_path = latest_checkpoint(output_dir)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    fingerprint = data_fingerprint(train_data)
+    run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
+    ckpt = find_resume_checkpoint(output_dir, resume)
+    last_saved = None
+    if ckpt is not None:
         if ckpt.step > config.max_steps:
             raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
-        pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config)
-        step = ckpt.step
+        pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config, fingerprint)
+        step, last_saved = ckpt.step, ckpt.path
+        run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
         stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"])
+    if output_dir is not None:
+        last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
+        taken = _colliding_checkpoints(output_dir, run["run_id"], step, last, config)
+        if taken:
+            raise ValueError(f"{output_dir}: {', '.join(p.name for p in taken)} would be replaced by this run's "
+                             "checkpoints but were not written by it (another run's, or a Hugging Face Trainer's); "
+                             "nothing was changed: choose another output folder or move them away")
 
     n_warmup = warmup_steps(config.max_steps, config.warmup_ratio)
     has_eval = eval_data is not None and len(eval_data) > 0
@@ -204,10 +296,24 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     t0 = time.perf_counter()
     new_tokens = 0
 
+    def diverged(at_step, what):
+        kept = f"the last good checkpoint is {last_saved}" if last_saved else "no checkpoint of this run was written"
+        return TrainingDivergedError(
+            f"step {at_step}: training diverged ({what}); stopped, and nothing of this step was saved: {kept}. "
+            f"Lower the learning rate (now {config.learning_rate:g}) or clip the gradients (max_grad_norm, now "
+            f"{config.max_grad_norm:g})")
+
     def save(at_step):
-        if output_dir is not None:
-            save_checkpoint(output_dir, make_checkpoint(backend, config, at_step, stream, tokens_seen, log_history,
-                                                        base_model), keep=config.keep_checkpoints)
+        nonlocal last_saved
+        if output_dir is None:
+            return
+        ckpt = make_checkpoint(backend, config, at_step, stream, tokens_seen, log_history, base_model, run)
+        try:
+            check_finite(ckpt.adapter, "the adapters")
+            check_finite(ckpt.optimizer_state, "the optimizer state")
+        except ValueError as e:
+            raise diverged(at_step, str(e)) from None
+        last_saved = save_checkpoint(output_dir, ckpt, keep=config.keep_checkpoints)
 
     def run_eval(bar, at_step):
         result = evaluate(backend, eval_data, config.micro_batch_size, config.eval_batches)
@@ -222,9 +328,13 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
             loss = 0.0
             for b in micro:
                 loss += backend.forward_backward(b, max(num_items, 1))
+            if not math.isfinite(loss):  # before the optimizer step: the adapters are still those of the last step
+                raise diverged(step + 1, f"the training loss is {loss}")
             lr = get_lr(config.lr_scheduler, step, config.learning_rate, config.max_steps, config.warmup_ratio,
                         n_warmup)
             norm = backend.optimizer_step(lr, config.max_grad_norm)
+            if not math.isfinite(norm):
+                raise diverged(step + 1, f"the gradient norm is {norm}")
             step += 1
             n_tok = sum(n_tokens(b) for b in micro)
             tokens_seen += n_tok

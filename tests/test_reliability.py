@@ -1,0 +1,520 @@
+"""The hostile-input audit of issue 37, case by case: each failure it found, reproduced on a tiny Llama folder and a
+small JSONL built here, now gives a clear error (naming the file, tensor or option) or the correct behaviour.
+
+Sections follow the audit: checkpoint rotation, lying safetensors headers, output locations, NaN, resume edge
+cases, generation and argument validation. docs/reliability.md states the promises these tests hold.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import warnings
+
+import numpy as np
+import pytest
+from test_train import qa_records, run, small_config, write_jsonl, write_tiny_model
+
+from qlora_ref.cli import main
+from qlora_ref.model.loading import CheckpointError, load_model
+from qlora_ref.train.checkpoint import list_checkpoints, load_checkpoint
+
+FAST = ["--lora-r", "4", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama folder (context 128 tokens), 40 training records, and the tokenized training set."""
+    from test_train import qa_dataset
+
+    from qlora_ref.train.api import load_tokenizer
+
+    root = tmp_path_factory.mktemp("audit")
+    write_tiny_model(root / "model", seed=5)
+    write_jsonl(root / "train.jsonl", qa_records(40, seed=0))
+    tok = load_tokenizer(root / "model")
+    return {"root": root, "model": root / "model", "data": root / "train.jsonl", "tok": tok,
+            "ds": qa_dataset(tok, 24, seed=0)}
+
+
+def finetune_args(files, out, *extra):
+    return ["finetune", "--model", str(files["model"]), "--data", str(files["data"]), "--output-dir", str(out),
+            *FAST, *extra]
+
+
+def copy_model(files, dst):
+    shutil.copytree(files["model"], dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- safetensors
+def read_header(path):
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_safetensors_raw(path, header, data: bytes, header_len: int | None = None) -> None:
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h) if header_len is None else header_len) + h + data)
+
+
+def mutate_header(folder, mutate):
+    path = folder / "model.safetensors"
+    header, data = read_header(path)
+    header = mutate(header)
+    write_safetensors_raw(path, header, data)
+    return path
+
+
+def _short_offsets(h):
+    start, _ = h["model.norm.weight"]["data_offsets"]
+    h["model.norm.weight"]["data_offsets"] = [start, start + 128]  # shape [64] in F32 needs 256 bytes
+    return h
+
+
+def _overlap(h):
+    a, b = "model.layers.0.input_layernorm.weight", "model.layers.1.input_layernorm.weight"
+    h[b]["data_offsets"] = list(h[a]["data_offsets"])
+    return h
+
+
+def _no_dtype(h):
+    del h["model.norm.weight"]["dtype"]
+    return h
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (_short_offsets, r"tensor 'model.norm.weight'.*hold 128 bytes, but shape \(64,\) in F32 needs 256"),
+    (_overlap, r"tensors 'model.layers.0.input_layernorm.weight' and 'model.layers.1.input_layernorm.weight' overlap"),
+    (_no_dtype, r"tensor 'model.norm.weight': header entry has no 'dtype'"),
+    (lambda h: list(h), r"the safetensors header must be a JSON object, got list"),
+], ids=["offsets-shorter-than-shape", "overlapping-offsets", "missing-dtype", "list-header"])
+def test_a_lying_header_is_refused_naming_file_and_tensor(files, tmp_path, mutate, expected):
+    folder = copy_model(files, tmp_path / "m")
+    path = mutate_header(folder, mutate)
+    with pytest.raises(CheckpointError, match=expected) as e:
+        load_model(folder)
+    assert str(path) in str(e.value)
+
+
+def test_quantize_refuses_a_lying_header_instead_of_writing_it_out(files, tmp_path, capsys):
+    folder = copy_model(files, tmp_path / "m")
+    mutate_header(folder, _short_offsets)
+    assert main(["quantize", str(folder), str(tmp_path / "q")]) == 2
+    assert "'model.norm.weight'" in capsys.readouterr().err
+    assert not (tmp_path / "q" / "model.safetensors").exists()
+
+
+def test_a_huge_header_length_is_refused(files, tmp_path):
+    folder = copy_model(files, tmp_path / "m")
+    header, data = read_header(folder / "model.safetensors")
+    write_safetensors_raw(folder / "model.safetensors", header, data, header_len=2**62)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: header length 4611686018427387904 is larger"):
+        load_model(folder)
+
+
+def test_integer_weights_are_refused_not_cast(files, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    folder = copy_model(files, tmp_path / "m")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["model.norm.weight"] = np.arange(64, dtype=np.int64)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor 'model.norm.weight' is stored as I64"):
+        load_model(folder)
+
+
+def test_a_shard_path_in_the_index_may_not_leave_the_model_folder(files, tmp_path):
+    """An index naming ``../outside.safetensors`` (a real, readable file) is refused, not followed."""
+    folder = copy_model(files, tmp_path / "m")
+    shutil.move(folder / "model.safetensors", tmp_path / "outside.safetensors")
+    header, _ = read_header(tmp_path / "outside.safetensors")
+    weight_map = {k: "../outside.safetensors" for k in header if k != "__metadata__"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=r"shard '../outside.safetensors' lies outside the model folder"):
+        load_model(folder)
+
+
+def test_the_torch_backend_reads_headers_through_the_same_checks(files, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from qlora_gpu.prepare import load
+
+    folder = copy_model(files, tmp_path / "m")
+    mutate_header(folder, _overlap)
+    with pytest.raises(CheckpointError, match="overlap"):
+        load(folder, quant=None, lora=None, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- rotation
+def test_rotation_never_deletes_a_foreign_checkpoint(files, tmp_path, capsys):
+    """A Hugging Face Trainer's ``checkpoint-500`` (it has a trainer_state.json) survives rotation with
+    keep_checkpoints=1, with and without --no-resume, and is never picked up for resuming."""
+    out = tmp_path / "out"
+    hf = out / "checkpoint-500"
+    hf.mkdir(parents=True)
+    (hf / "trainer_state.json").write_text(json.dumps({"global_step": 500}))
+    (hf / "pytorch_model.bin").write_bytes(b"the user's weights")
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"save_every": 1, "keep_checkpoints": 1}))
+    for extra in (["--no-resume"], []):
+        assert main(finetune_args(files, out, "--max-steps", "3", "--config", str(cfg), *extra)) == 0
+        assert (hf / "pytorch_model.bin").read_bytes() == b"the user's weights"
+        assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-500"]
+    capsys.readouterr()
+
+
+def test_a_foreign_checkpoint_at_a_step_this_run_writes_is_an_error_before_training(files, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"checkpoint-2 would be replaced by this run's checkpoints but were not "
+                                         r"written by it"):
+        run(files["model"], files["ds"], small_config(max_steps=4, save_every=2), output_dir=out)
+    assert (out / "checkpoint-2" / "trainer_state.json").read_text() == "{}"
+    assert not (out / "checkpoint-4").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_a_new_run_over_an_older_runs_checkpoints_keeps_both(files, tmp_path):
+    """Run A leaves checkpoint-5/-10; run B (resume=False) rotates only its own; resuming continues B, the
+    newest run; a new run that would write over A's checkpoint-5 is refused before its first step."""
+    out, ds, model = tmp_path / "out", files["ds"], files["model"]
+    run(model, ds, small_config(max_steps=10, save_every=5, keep_checkpoints=2), output_dir=out)
+    run(model, ds, small_config(max_steps=4, save_every=2, keep_checkpoints=1), output_dir=out, resume=False)
+    assert [s for s, _ in list_checkpoints(out)] == [4, 5, 10]
+    _, resumed = run(model, ds, small_config(max_steps=6, save_every=2, keep_checkpoints=1), output_dir=out)
+    assert resumed.step == 6 and len(resumed.train_losses) == 2  # continued B from 4, not A from 10
+    assert [s for s, _ in list_checkpoints(out)] == [5, 6, 10]
+    with pytest.raises(ValueError, match="checkpoint-5 would be replaced"):
+        run(model, ds, small_config(max_steps=5, save_every=5), output_dir=out, resume=False)
+    assert [s for s, _ in list_checkpoints(out)] == [5, 6, 10]
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+def _no_model_load(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the output location was checked")
+
+    import qlora_ref.model.loading
+    import qlora_ref.train.api
+
+    monkeypatch.setattr(qlora_ref.train.api, "make_trainer", refuse)
+    monkeypatch.setattr(qlora_ref.model.loading, "read_checkpoint", refuse)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file", "exists and is not a folder"),
+    ("under-file", "is a file, so no folder can be made under it"),
+    ("unwritable", "cannot create the folder"),
+])
+def test_output_dir_is_checked_before_the_model_is_loaded(files, tmp_path, capsys, monkeypatch, where, message):
+    (tmp_path / "f").write_text("a file")
+    if where == "unwritable" and not __import__("os").path.isdir("/proc/self"):
+        pytest.skip("needs Linux's /proc (a folder no one, root included, can create entries in)")
+    out = {"file": tmp_path / "f", "under-file": tmp_path / "f" / "out", "unwritable": "/proc/qlora-out"}[where]
+    with pytest.raises(ValueError, match=message):  # the training loop itself: before its first step
+        run(files["model"], files["ds"], small_config(max_steps=1), output_dir=out)
+    _no_model_load(monkeypatch)
+    assert main(finetune_args(files, out, "--max-steps", "1")) == 2
+    err = capsys.readouterr().err
+    assert f"--output-dir {out}: " in err and message in err
+    assert main(["demo", "--output-dir", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    from qlora_ref.train.api import finetune
+
+    with pytest.raises(ValueError, match=message):
+        finetune(files["model"], files["data"], small_config(max_steps=1), output_dir=out)
+
+
+def test_plot_and_json_into_a_missing_folder_fail_before_the_work(files, tmp_path, capsys, monkeypatch):
+    missing = tmp_path / "missing"
+    assert main(["memory", "--plot", str(missing / "m.png")]) == 2
+    assert f"--plot {missing / 'm.png'}: its folder {missing} does not exist" in capsys.readouterr().err
+    _no_model_load(monkeypatch)
+    for option in ("--plot", "--json"):
+        assert main(["reproduce", "table2", "--model", str(files["model"]), option, str(missing / "t")]) == 2
+        assert f"{option} {missing / 't'}: its folder {missing} does not exist" in capsys.readouterr().err
+    assert not missing.exists()
+
+
+# ---------------------------------------------------------------------------------------------- NaN
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_good_adapter(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(finetune_args(files, out, "--max-steps", "2")) == 0
+    good = (out / "adapter_model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(finetune_args(files, out, "--max-steps", "6", "--no-resume", "--lr", "1e30", "--max-grad-norm",
+                              "0")) == 2
+    err = capsys.readouterr().err
+    assert "training diverged" in err and "step " in err and "no checkpoint of this run was written" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == good
+    assert [s for s, _ in list_checkpoints(out)] == [2]
+    load_checkpoint(out / "checkpoint-2")  # intact and finite
+
+
+def test_divergence_keeps_the_last_good_checkpoint(files, tmp_path):
+    from qlora_ref.train.loop import TrainingDivergedError
+
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDivergedError, match=r"^step (\d+): training diverged") as e:
+        run(files["model"], files["ds"], small_config(max_steps=8, save_every=1, keep_checkpoints=2,
+                                                      learning_rate=1e30, max_grad_norm=0.0), output_dir=out)
+    step = int(e.value.args[0].split(":")[0].split()[1])
+    saved = [s for s, _ in list_checkpoints(out)]
+    assert saved and saved[-1] == step - 1 and f"the last good checkpoint is {out / f'checkpoint-{step - 1}'}" in str(
+        e.value)
+    for s in saved:
+        load_checkpoint(out / f"checkpoint-{s}")  # every checkpoint left is finite and readable
+    assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_a_non_finite_adapter_is_refused_on_load(files, tmp_path, capsys, backend):
+    from safetensors.numpy import load_file, save_file
+
+    if backend == "gpu":
+        pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    assert main(finetune_args(files, out, "--max-steps", "1")) == 0
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    name = sorted(weights)[0]
+    weights[name][0, 0] = np.nan
+    save_file(weights, str(out / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert main(["generate", "--model", str(files["model"]), "--adapter", str(out), "--prompt", "hi",
+                 "--backend", backend]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.safetensors" in err and name.removeprefix("base_model.model.") in err and "NaN" in err
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def test_leftovers_of_interrupted_saves_are_cleaned_and_nothing_else(files, tmp_path):
+    out = tmp_path / "out"
+    run(files["model"], files["ds"], small_config(max_steps=2), output_dir=out)
+    (out / ".checkpoint-5.k2j4.tmp").mkdir()
+    (out / ".checkpoint-5.k2j4.tmp" / "optimizer.safetensors").write_bytes(b"half")
+    (out / ".adapter_model.safetensors.x1y2.tmp").write_bytes(b"half")
+    (out / ".keepme").mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.warns(UserWarning, match="removed .checkpoint-5.k2j4.tmp"):
+        run(files["model"], files["ds"], small_config(max_steps=3), output_dir=out)
+    names = sorted(p.name for p in out.iterdir())
+    assert ".checkpoint-5.k2j4.tmp" not in names and ".adapter_model.safetensors.x1y2.tmp" not in names
+    assert ".keepme" in names and (out / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("left", ["new-and-old", "old-only"])
+def test_a_kill_between_the_two_renames_resumes_instead_of_restarting(files, tmp_path, left):
+    """keep_checkpoints=1: re-saving checkpoint-2 moves it to ``.checkpoint-2.old`` and renames the new one in;
+    killed between the two renames, the next run puts a complete one back and continues from step 2."""
+    out, config = tmp_path / "out", small_config(max_steps=2, keep_checkpoints=1)
+    run(files["model"], files["ds"], config, output_dir=out)
+    shutil.copytree(out / "checkpoint-2", out / ".checkpoint-2.old")
+    (out / "checkpoint-2").rename(out / ".checkpoint-2.a8b7.tmp")
+    if left == "old-only":  # the new one was still being written: no marker yet
+        (out / ".checkpoint-2.a8b7.tmp" / "qlora_checkpoint.json").unlink()
+    with pytest.warns(UserWarning, match="restored checkpoint-2 from"):
+        _, result = run(files["model"], files["ds"], config.replace(max_steps=4), output_dir=out)
+    assert result.step == 4 and len(result.train_losses) == 2
+    assert [s for s, _ in list_checkpoints(out)] == [4]
+    assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint")]
+
+
+def test_resuming_with_other_data_is_refused_clearly(files, tmp_path):
+    from test_train import qa_dataset
+
+    out = tmp_path / "out"
+    run(files["model"], files["ds"], small_config(max_steps=2), output_dir=out)
+    for other in (qa_dataset(files["tok"], 10, seed=0), qa_dataset(files["tok"], 24, seed=7)):  # smaller; same size
+        with pytest.raises(ValueError, match=r"cannot resume, the training data differ from the checkpoint's: it was "
+                                             r"trained on 24 examples"):
+            run(files["model"], other, small_config(max_steps=4), output_dir=out)
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(files, tmp_path):
+    """checkpoint-4's optimizer file is garbage: resume warns, continues from checkpoint-2, and the run is still
+    exactly the uninterrupted one."""
+    config = small_config(max_steps=6, save_every=2, keep_checkpoints=2)
+    _, full = run(files["model"], files["ds"], config, output_dir=tmp_path / "full")
+    out = tmp_path / "cut"
+    run(files["model"], files["ds"], config, output_dir=out, stop_after=4)
+    (out / "checkpoint-4" / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match=r"checkpoint-4 is unreadable .* resuming from the one before it, "
+                                         r"checkpoint-2"):
+        _, resumed = run(files["model"], files["ds"], config, output_dir=out)
+    assert resumed.step == 6 and resumed.train_losses == full.train_losses[2:]
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _no_generate_model_load(monkeypatch):
+    import qlora_ref.model.loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(qlora_ref.model.loading, "load_model", refuse)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--max-new-tokens", "-5"], "max_new_tokens must be a positive integer, got -5"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer, got 0"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "2"], "top_p must be in (0, 1]"),
+    (["--top-p", "nan"], "top_p must be in (0, 1]"),
+    (["--prompt", ""], "--prompt is empty"),
+    (["--prompt", "  \n"], "--prompt is empty"),
+])
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_generate_arguments_are_checked_before_loading(files, capsys, monkeypatch, extra, message, backend):
+    _no_generate_model_load(monkeypatch)
+    args = ["generate", "--model", str(files["model"]), "--prompt", "hi", "--backend", backend]
+    assert main([*args, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def both_models(files):
+    pytest.importorskip("bitsandbytes")
+    from qlora_gpu.prepare import load
+
+    return {"ref": load_model(files["model"]), "gpu": load(files["model"], quant=None, lora=None, device="cpu")}
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(input_ids=[1] * 100, max_new_tokens=40), r"the prompt \(100 tokens\) and max_new_tokens \(40\) exceed the "
+                                                   r"model's context of 128 tokens"),
+    (dict(input_ids=[], max_new_tokens=4), "the prompt is empty"),
+    (dict(input_ids=[1], max_new_tokens=-5), "max_new_tokens must be a positive integer"),
+    (dict(input_ids=[1], temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(input_ids=[1], temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(input_ids=[1], temperature=1.0, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(input_ids=[1], temperature=1.0, top_p=2.0), r"top_p must be in \(0, 1\]"),
+])
+def test_both_backends_check_generation_the_same_way(both_models, backend, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        both_models[backend].generate(**kwargs)
+
+
+def test_a_prompt_longer_than_the_context_is_an_error(files, capsys):
+    assert main(["generate", "--model", str(files["model"]), "--prompt", "x" * 200, "--raw"]) == 2
+    assert "exceed the model's context of 128 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+@pytest.mark.parametrize("alpha", [0.0, -16.0, float("nan"), float("inf")])
+def test_qlora_linear_refuses_alpha_that_is_not_positive(backend, alpha):
+    w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    if backend == "ref":
+        from qlora_ref.lora import QLoRALinear
+
+        make = lambda: QLoRALinear(w, 4, alpha)  # noqa: E731
+    else:
+        pytest.importorskip("bitsandbytes")
+        from qlora_gpu.lora import QLoRALinear
+
+        make = lambda: QLoRALinear.from_weight(w, 4, alpha, quant_type=None)  # noqa: E731
+    with pytest.raises(ValueError, match="alpha must be a finite positive number"):
+        make()
+
+
+def test_memory_blocksize_must_be_a_power_of_two(capsys):
+    assert main(["memory", "--blocksize", "3"]) == 2
+    assert "blocksize must be a power of two from 32 to 4096, got 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("window,message", [
+    ("100000", "--window must be at most the model's context of 128 tokens"),
+    ("1", "--window must be an integer of at least 2 tokens, got 1"),
+])
+def test_reproduce_window_is_bounded_by_the_context(files, capsys, window, message):
+    assert main(["reproduce", "table2", "--model", str(files["model"]), "--window", window]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_texts_promise_only_what_holds(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ".json/" not in text and "prompt/response" not in text and "truncated" not in text
+    assert "longer examples are dropped whole" in text and "a .jsonl file" in text
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_quantize_into_a_non_empty_folder_needs_overwrite_and_leaves_nothing_stale(files, tmp_path, capsys):
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main(["quantize", str(files["model"]), str(fresh)]) == 0
+    out.mkdir()
+    stale = {"model-00001-of-00002.safetensors": b"old shard", "model.safetensors.index.json": b"{}",
+             "chat_template.jinja": b"{{ 'stale' }}"}
+    for name, data in stale.items():
+        (out / name).write_bytes(data)
+    capsys.readouterr()
+    assert main(["quantize", str(files["model"]), str(out)]) == 2
+    assert "OUT_DIR exists and is not empty" in capsys.readouterr().err
+    assert all((out / name).read_bytes() == data for name, data in stale.items())  # untouched
+    assert main(["quantize", str(files["model"]), str(out), "--overwrite"]) == 0
+    assert not any((out / name).exists() for name in stale)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in fresh.iterdir())
+    assert (out / "model.safetensors").read_bytes() == (fresh / "model.safetensors").read_bytes()
+    load_model(out)
+
+
+def model_with_template(files, folder, template):
+    copy_model(files, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=template)))
+    return folder
+
+
+def test_a_chat_template_that_never_ends_is_stopped(files, tmp_path, capsys):
+    folder = model_with_template(files, tmp_path / "m", "{% for i in range(100000) %}{% for j in range(100000) %}"
+                                                         "{% endfor %}{% endfor %}")
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    assert "the chat template ran more than 1,000,000 loop iterations" in capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["finetune", "--model", str(folder), "--data", str(files["data"]), "--output-dir",
+                     str(tmp_path / "o"), *FAST]) == 2
+    assert "the chat template ran more than" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- what already held
+class _Trap:
+    """A pickle that, if ever unpickled, creates the file named by its argument."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_no_pickle_is_ever_loaded(files, tmp_path, capsys):
+    import pickle
+
+    sprung = tmp_path / "sprung"
+    payload = pickle.dumps(_Trap(sprung))
+    model = copy_model(files, tmp_path / "m")
+    (model / "model.safetensors").unlink()
+    (model / "pytorch_model.bin").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_model(model)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.bin").write_bytes(payload)
+    assert main(["generate", "--model", str(files["model"]), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+    assert "PEFT's old pickle format, is not read" in capsys.readouterr().err
+    assert not sprung.exists()
+
+
+def test_chat_templates_stay_sandboxed(files, tmp_path, capsys):
+    folder = model_with_template(files, tmp_path / "m", "{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    assert main(["generate", "--model", str(folder), "--prompt", "hi"]) == 2
+    assert "the chat template failed: SecurityError" in capsys.readouterr().err
