@@ -146,7 +146,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
                   attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
                   adapter_dtype: str = "float32", kernel: str = "bnb", progress: bool = True,
-                  tokenizer: bool = True) -> QLoRAModel:
+                  tokenizer: bool = True, layer_hook=None) -> QLoRAModel:
     """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
 
     model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
@@ -162,6 +162,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     1.6 GB less at 65B).
     kernel: the block linears' matrix products, "bnb" (bitsandbytes, the default) or "triton" (the fused kernels of
     ``qlora_gpu.triton_kernels``, opt-in until checked on a GPU; 4-bit weights only; docs/fused_kernels.md).
+    layer_hook: called with each decoder layer as soon as it is built — ``qlora_gpu.fsdp.shard_layer`` shards it
+    there, so that a rank never holds more than one whole block; the adapters are then not laid out in one
+    buffer (each is sharded on its own) and the block's scales are not laid out together.
     """
     cfg = model_config(model)
     for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
@@ -193,7 +196,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
 
     from tqdm.auto import tqdm
 
-    adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device)
+    adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device) if layer_hook is None else None
     for i, layer in enumerate(tqdm(hf.model.layers, desc="quantizing layers", unit="layer", disable=not progress)):
         p = f"model.layers.{i}."
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
@@ -201,8 +204,12 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         for name in LINEAR_MODULES:
             path = p + _module_path(name)
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
-            adapters.place(lin)
+            if adapters is not None:
+                adapters.place(lin)
             set_block_linear(layer, name, lin)
+        if layer_hook is not None:
+            layer_hook(layer)
+            continue
         # the block's 8-bit scale codes into one buffer now, while the next blocks' allocations can reuse the
         # per-layer tensors this frees (laid out at the first step, they would stay cached: 1 GB at 65B)
         BlockScales.of(layer, lora_linears(layer))

@@ -1,0 +1,174 @@
+"""Sharded QLoRA with FSDP2 (qlora_gpu.fsdp, qlora_gpu.fsdp_train) against one process, on the CPU: two processes
+on one machine with the gloo backend train the same model as ``GpuTrainer`` does alone.
+
+What the two runs share and what they do not, hence the tolerances:
+- each micro-batch's forward and backward pass is the same computation on the same bits (the gathered 4-bit
+  codes and scales are the stored bytes; the adapters are equal while the updates are);
+- the gradient of a step is the sum of the micro-batches' gradients: one process adds them one after the other
+  into ``.grad``, two ranks add their own and then each other's (the reduce-scatter). With one micro-batch per
+  rank both compute fl(g0 + g1), and without clipping the update is elementwise (AdamW on each shard): the runs
+  are then **bit-identical** — the first test, in the paper's bfloat16 compute with NF4 + double quantization;
+- with two micro-batches per rank the order differs, ((g0 + g1) + g2) + g3 against (g0 + g1) + (g2 + g3), and the
+  clipping norm is summed over shards: float32 roundings, one unit in the last place (2⁻²³ relative) per
+  addition, three per gradient element and step and a few in the norm. AdamW's normalisation keeps a relative
+  change of the gradient a relative change of the update of the same size, so after T = 10 steps of k = 4
+  micro-batches the curves may differ by about T·k·2⁻²³ ≈ 5e-6 relative: we allow 1e-5 (as tests/test_train.py
+  allows for a different summation order in the matrix products) in float32 compute, and the adapters 50 times
+  that of their largest value (test_train.py's rule for trained adapters).
+Resume after a rank is killed is exact (same number of ranks), bit for bit, LoRA dropout on.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bitsandbytes")
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("this torch has no torch.distributed", allow_module_level=True)
+
+from fsdp_helpers import run_ranks, train_runs  # noqa: E402
+from test_train import qa_dataset, small_config, write_tiny_model  # noqa: E402
+
+from qlora_ref.adapters import read_adapter_files  # noqa: E402
+from qlora_ref.train.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+
+#: one micro-batch per rank, no clipping, the paper's bfloat16 compute with NF4 + double quantization: exact
+EXACT = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.0, eval_every=5,
+             compute_dtype="bfloat16")
+#: two micro-batches per rank and the paper's clipping at 0.3, float32 compute: float32 reordering only
+CLIPPED = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.3,
+               compute_dtype="float32", learning_rate=3e-3)
+RTOL = 1e-5
+#: LoRA dropout on (random state per rank), a checkpoint every 2 steps; rank 1 is killed before step 6
+RESUMED = dict(max_steps=8, micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_every=2,
+               eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test process computes its references with one thread, as each rank does (the same GEMM blocking)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama (every linear's in_features a multiple of 64) and its data."""
+    from qlora_ref.train.api import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("fsdp") / "model"
+    write_tiny_model(folder, intermediate_size=128)
+    tok = load_tokenizer(folder)
+    return folder, qa_dataset(tok, 48, seed=0), qa_dataset(tok, 12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def single(tiny, tmp_path_factory, one_thread):
+    """One process (``GpuTrainer``) in the EXACT and CLIPPED settings: (output folder, result, its adapters)."""
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, eval_ds = tiny
+    found = {}
+    for name, fields in (("exact", EXACT), ("clipped", CLIPPED)):
+        out = tmp_path_factory.mktemp(f"single_{name}")
+        config = small_config(**fields)
+        trainer, _ = make_trainer(folder, config, "gpu")
+        found[name] = out, train(trainer, train_ds, config, eval_data=eval_ds, output_dir=out), trainer.adapter_state()
+    return found
+
+
+def without_norms(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "grad_norm"} for e in log]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory, one_thread):
+    """Three two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED."""
+    folder = tiny[0]
+    base = tmp_path_factory.mktemp("sharded")
+    runs = {"exact": dict(config=small_config(**EXACT).to_dict()),
+            "offload": dict(config=small_config(**EXACT).to_dict(), cpu_offload=True),
+            "clipped": dict(config=small_config(**CLIPPED).to_dict())}
+    for name, run in runs.items():
+        run["out"] = str(base / name)
+    run_ranks(train_runs, 2, str(folder), list(runs.values()))
+    return {name: (base / name, json.loads((base / name / "result.json").read_text())) for name in runs}
+
+
+@pytest.mark.parametrize("name", ["exact", "offload"])
+def test_two_ranks_train_bit_for_bit_as_one_process(single, sharded, name):
+    one_dir, one, _ = single["exact"]
+    out, two = sharded[name]
+    assert len(two["losses"]) == 10 and one.train_losses[-1] < one.train_losses[0] - 0.5  # it learns something
+    assert two["losses"] == one.train_losses  # exact float equality, every step
+    assert two["eval"] == one.eval  # the held-out set, shared between the ranks, summed back
+    # learning rates and token counts too; the logged gradient norm is summed over shards (float32 reordering)
+    assert without_norms(two["log_history"]) == without_norms(one.log_history)
+    np.testing.assert_allclose([e["grad_norm"] for e in two["log_history"]],
+                               [e["grad_norm"] for e in one.log_history], rtol=RTOL)
+    # the files rank 0 wrote: the adapter byte for byte, the last checkpoint's optimizer state array for array
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / f).read_bytes() == (one_dir / f).read_bytes(), f
+    mine, theirs = load_checkpoint(one_dir).optimizer_state, load_checkpoint(out).optimizer_state
+    assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    assert load_checkpoint(out).state["rng"] == {"backend": "gpu-fsdp", "world_size": 2}
+
+
+def test_two_ranks_with_accumulation_and_clipping_agree_within_float32_reordering(single, sharded):
+    _, one, mine = single["clipped"]
+    out, two = sharded["clipped"]
+    a, b = np.array(one.train_losses), np.array(two["losses"])
+    assert len(b) == 10 and a[-1] < a[0] - 0.5
+    np.testing.assert_allclose(b, a, rtol=RTOL, atol=0)
+    norms = [e["grad_norm"] for e in two["log_history"]]
+    assert max(norms) > 0.3  # clipping acted
+    np.testing.assert_allclose(norms, [e["grad_norm"] for e in one.log_history], rtol=RTOL)
+    theirs = read_adapter_files(out)[0]
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert np.abs(mine[k] - theirs[k]).max() <= 50 * RTOL * np.abs(mine[k]).max(), k
+
+
+@pytest.mark.parametrize("name", ["exact", "clipped"])
+def test_the_adapter_two_ranks_save_loads_in_peft(tiny, single, sharded, name):
+    """peft reads the two-rank adapter (PeftModel.from_pretrained on the transformers model) and holds the
+    one-process run's values: bit for bit in the exact setting, within the tolerance in the clipped one."""
+    import peft
+    import transformers
+
+    out, _ = sharded[name]
+    mine = single[name][2]
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny[0]), out)
+    loaded = {k.removeprefix("base_model.model.").replace(".weight", "") + ".weight": v.detach().numpy()
+              for k, v in peft.get_peft_model_state_dict(model).items()}
+    assert loaded.keys() == mine.keys() and len(mine) == 2 * 7 * 2
+    bound = 0.0 if name == "exact" else 50 * RTOL
+    for k in mine:
+        assert np.abs(loaded[k] - mine[k]).max() <= bound * np.abs(mine[k]).max(), k
+
+
+def test_a_killed_rank_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+    """Rank 1 dies abruptly before step 6 (the launch fails, the other rank is terminated); launched again, the
+    run continues from checkpoint 4 and ends where an uninterrupted two-rank run ends, bit for bit."""
+    folder = tiny[0]
+    config = small_config(**RESUMED).to_dict()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(full))])
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="exit code 17"):
+        run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(cut), die_at=6)])
+    assert [s for s, _ in list_checkpoints(cut)] == [2, 4] and not (cut / "adapter_model.safetensors").exists()
+    run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(cut))])
+    a, b = (json.loads((d / "result.json").read_text()) for d in (full, cut))
+    assert b["losses"] == a["losses"][4:] and b["log_history"] == a["log_history"]
+    for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
+        assert (full / f).read_bytes() == (cut / f).read_bytes(), f
+    mine, theirs = load_checkpoint(full).optimizer_state, load_checkpoint(cut).optimizer_state
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
