@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_ref.memory import LLAMA_SHAPES
+from qlora_ref.memory import MODEL_SHAPES
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
@@ -44,11 +44,12 @@ _PAPER_LORA = LoraConfig()  # r=64, alpha=16 on all seven linears
 # ----------------------------------------------------------------------------------------------- configs
 def llama_config(name: str) -> ModelConfig:
     """LLaMA-1 7B/13B/33B/65B (``qlora_ref.memory.LLAMA_SHAPES``: Touvron et al. 2023, Table 2) as a
-    ``ModelConfig``: the models of the paper's Table 3 and of the 65B-on-48-GB claim."""
+    ``ModelConfig``: the models of the paper's Table 3 and of the 65B-on-48-GB claim; also LLaMA-2-70B
+    (``qlora_ref.memory.MODEL_SHAPES``: the model of the FSDP-QLoRA figures, docs/sharded.md)."""
     key = name.lower() if name.lower().startswith("llama-") else f"llama-{name.lower()}"
-    if key not in LLAMA_SHAPES:
-        raise ValueError(f"model must be one of {', '.join(LLAMA_SHAPES)} (or 7b/13b/33b/65b), got {name!r}")
-    s = LLAMA_SHAPES[key]
+    if key not in MODEL_SHAPES:
+        raise ValueError(f"model must be one of {', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), got {name!r}")
+    s = MODEL_SHAPES[key]
     return ModelConfig(model_type="llama", vocab_size=s.vocab_size, hidden_size=s.hidden_size,
                        intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
                        num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,

@@ -172,3 +172,45 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tiny, tmp_path):
         assert (full / f).read_bytes() == (cut / f).read_bytes(), f
     mine, theirs = load_checkpoint(full).optimizer_state, load_checkpoint(cut).optimizer_state
     assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.fixture
+def gpu_world(monkeypatch):
+    """This process as the one rank of an NCCL process group (torchrun's environment set by hand)."""
+    from fsdp_helpers import free_port
+
+    from qlora_gpu.fsdp_train import init_distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    world = init_distributed("cuda")
+    yield world
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpu_offload", [False, True], ids=["on_device", "cpu_offload"])
+def test_world_size_one_on_a_gpu_trains_as_the_unsharded_trainer(tiny, tmp_path, gpu_world, cpu_offload):
+    """FSDP2 over one GPU (NCCL; the all-gathers are copies) against ``GpuTrainer``, the paper's clipping on.
+    On the device every operation is the unsharded run's, so the losses are bit-identical (the norm over one
+    rank's shards is the norm, √(x²) rounding back to x in float32); with CPU offload the optimizer steps on the
+    host (bitsandbytes' CPU update, not its CUDA kernel: a few float32 roundings apart per step), hence CLIPPED's
+    tolerance, float32 compute."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, eval_ds = tiny
+    fields = dict(CLIPPED, compute_dtype="float32") if cpu_offload else dict(EXACT, max_grad_norm=0.3)
+    config = small_config(**fields)
+    one, _ = make_trainer(folder, config, "gpu")
+    a = train(one, train_ds, config, eval_data=eval_ds)
+    sharded = ShardedTrainer.from_pretrained(folder, config, cpu_offload=cpu_offload, world=gpu_world)
+    b = train(sharded, train_ds, config, eval_data=eval_ds)
+    assert a.train_losses[-1] < a.train_losses[0] - 0.5
+    if cpu_offload:
+        np.testing.assert_allclose(b.train_losses, a.train_losses, rtol=RTOL, atol=0)
+    else:
+        assert b.train_losses == a.train_losses and b.eval == a.eval
