@@ -214,3 +214,87 @@ def test_world_size_one_on_a_gpu_trains_as_the_unsharded_trainer(tiny, tmp_path,
         np.testing.assert_allclose(b.train_losses, a.train_losses, rtol=RTOL, atol=0)
     else:
         assert b.train_losses == a.train_losses and b.eval == a.eval
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def finetune_args(folder, data, out, *extra) -> list[str]:
+    return ["finetune", "--backend", "gpu", "--model", str(folder), "--data", str(data), "--output-dir", str(out),
+            "--batch-size", "2", "--grad-accum", "2", "--lora-r", "8", "--save-every", "2", "--no-progress", *extra]
+
+
+def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from qlora_ref.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    args = finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "out", "--max-steps", "3")
+    assert main([*args[:1], "--nproc", "2", *args[1:]]) == 0
+    assert main([*args, "--nproc=3", "--cpu-offload"]) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert calls == [[*launcher, "--nproc-per-node=2", "-m", "qlora_ref", *args],
+                     [*launcher, "--nproc-per-node=3", "-m", "qlora_ref", *args, "--cpu-offload"]]
+    assert "2 processes" in capsys.readouterr().err
+    for bad, message in ((["--nproc", "0"], "--nproc must be a positive integer"),
+                         (["--nproc", "2", "--backend", "ref"], "add --backend gpu"),
+                         (["--cpu-offload"], "cpu_offload applies to a sharded")):
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    assert main([*args, "--nproc", "2"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+def rank_pid(output_dir, rank: int) -> int:
+    """The process id of the training process of ``rank`` writing to ``output_dir`` (Linux: /proc)."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(output_dir).encode() in cmdline and f"RANK={rank}".encode() in environ and b"--nproc" not in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process writes to {output_dir}")
+
+
+@pytest.mark.slow
+def test_nproc_two_killed_then_run_again_ends_as_an_uninterrupted_run(tiny, tmp_path):
+    """``qlora finetune --nproc 2`` end to end (torchrun, two fresh Python processes, gloo): rank 1 killed with
+    SIGKILL after the second checkpoint (torchrun ends rank 0 and fails), the same command again continues from
+    the checkpoint and writes the adapter an uninterrupted run writes, byte for byte (LoRA dropout on); one
+    report, from rank 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import qa_records, write_jsonl
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, qa_records(48))
+    cmd = [sys.executable, "-m", "qlora_ref"]
+    extra = ["--nproc", "2", "--max-steps", "24", "--lora-dropout", "0.1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    done = subprocess.run([*cmd, *finetune_args(tiny[0], data, full, *extra)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained to step 24") == 1  # rank 0 reports, once
+    job = subprocess.Popen([*cmd, *finetune_args(tiny[0], data, cut, *extra)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    while not (cut / "checkpoint-4").is_dir() and job.poll() is None:
+        time.sleep(0.05)
+    os.kill(rank_pid(cut, 1), signal.SIGKILL)  # torchrun then ends the other rank and fails
+    assert job.wait() != 0
+    assert not (cut / "adapter_model.safetensors").exists(), "the run ended before it was killed"
+    again = subprocess.run([*cmd, *finetune_args(tiny[0], data, cut, *extra)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = int(again.stdout.split("(")[1].split(" steps in this run")[0])
+    assert 0 < steps < 24  # it resumed
+    for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
+        assert (full / f).read_bytes() == (cut / f).read_bytes(), f
