@@ -29,6 +29,7 @@ CPU (gloo and the fake group): a smoke test of the code paths, its numbers are n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -127,6 +128,21 @@ def step(trainer, batch, config) -> float:
     return loss
 
 
+@contextlib.contextmanager
+def measured(device: torch.device, out: dict, key: str):
+    """``out[key]``: the peak of torch's allocated device memory inside the block (on CUDA; synchronized), and
+    ``out["model_bytes"]``: what stays allocated after it; the peak counter then starts afresh."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    yield
+    sync(device)
+    if device.type == "cuda":
+        out[key] = int(torch.cuda.max_memory_allocated(device))
+        free_memory(device)
+        out["model_bytes"] = int(torch.cuda.memory_allocated(device))
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -140,18 +156,23 @@ def paged_bytes(trainer) -> int:
                                      if torch.is_tensor(t) and getattr(t, "is_paged", False))
 
 
+def prediction_shape(name: str):
+    """The calculator's shape of model ``name`` (the tiny config's, or a named one)."""
+    from qlora_ref.memory import ModelShape, load_model_shape
+
+    if name != "tiny":
+        return load_model_shape(name)
+    c = TINY
+    return ModelShape("tiny", c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                      c.vocab_size, c.num_key_value_heads, c.head_dim)
+
+
 def prediction(name: str, world_size: int, seq: int, cpu_offload: bool, tiny: bool) -> dict:
     """``qlora memory --gpus N`` for the run's settings."""
-    from qlora_ref.memory import ModelShape, estimate_sharded_memory
+    from qlora_ref.memory import estimate_sharded_memory
 
-    if tiny:
-        c = TINY
-        shape = ModelShape("tiny", c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-                           c.vocab_size, c.num_key_value_heads, c.head_dim)
-    else:
-        shape = name
     r = train_config(tiny)
-    m = estimate_sharded_memory(shape, world_size, cpu_offload=cpu_offload, seq=seq, r=r.lora_r,
+    m = estimate_sharded_memory(prediction_shape(name), world_size, cpu_offload=cpu_offload, seq=seq, r=r.lora_r,
                                 lora_dropout=r.lora_dropout, adapter_dtype="float32", unquantized_dtype="bfloat16",
                                 attention="flash", optimizer=r.optimizer)
     return m.to_dict()
@@ -183,17 +204,10 @@ def memory_run(name: str, world_size: int, cpu_offload: bool, seq: int, warmup: 
     config = train_config(tiny)
     phase, trainer = "build", None
     try:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        trainer = build(name, config, device, world, cpu_offload)
-        sync(device)
+        with measured(device, out, "build_peak_bytes"):
+            trainer = build(name, config, device, world, cpu_offload)
         out["build_s"] = time.perf_counter() - t0
-        if device.type == "cuda":
-            out["build_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
-            free_memory(device)
-            out["model_bytes"] = int(torch.cuda.memory_allocated(device))
-            torch.cuda.reset_peak_memory_stats(device)
         phase = "step"
         batch = make_batch(model_config(name).vocab_size, seq)
         times = []
@@ -264,16 +278,16 @@ def child(job: dict, path: str) -> None:
 
 
 def run_child(job: dict, timeout: float) -> dict:
+    """``job`` in a process of its own (this script with ``--child``): the GPU is empty again when it returns."""
     with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
+        path = Path(tmp, "result.json")
+        this = [sys.executable, str(Path(__file__).resolve())]
         try:
-            proc = subprocess.run(cmd, timeout=timeout)
+            code = subprocess.run([*this, "--child", json.dumps(job), "--child-out", str(path)], timeout=timeout)
         except subprocess.TimeoutExpired:
-            return {**job, "status": "timeout", "error": f"over {timeout:.0f} s"}
-        if result.exists():
-            return json.loads(result.read_text())
-        return {**job, "status": "failed", "error": f"child process exited with {proc.returncode}"}
+            return dict(job, status="timeout", error=f"over {timeout:.0f} s")
+        failed = dict(job, status="failed", error=f"child process exited with {code.returncode}")
+        return json.loads(path.read_text()) if path.exists() else failed
 
 
 def plan(args) -> list[dict]:

@@ -298,3 +298,38 @@ def test_nproc_two_killed_then_run_again_ends_as_an_uninterrupted_run(tiny, tmp_
     assert 0 < steps < 24  # it resumed
     for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
         assert (full / f).read_bytes() == (cut / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------------------------------------- bench/fsdp_memory.py
+def test_bench_plan_and_its_memory_run_on_the_cpu():
+    """bench/fsdp_memory.py's order (the goal first, the engine's cost, then the rest of the table) and one world
+    size of its memory run, in this process under the fake process group (the tiny config: a smoke run)."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import fsdp_memory
+
+    from qlora_ref.memory import estimate_sharded_memory
+
+    args = fsdp_memory.parse_args(["--world-sizes", "1,2,4", "--offload", "2,4"])
+    if not torch.cuda.is_available():
+        assert args.model == args.throughput_model == "tiny" and args.seq == 64
+    order = [(j["kind"], j.get("world_size"), j.get("cpu_offload")) for j in fsdp_memory.plan(args)]
+    assert order == [("memory", 2, False), ("memory", 2, True), ("throughput", None, None), ("memory", 1, False),
+                     ("memory", 4, False), ("memory", 4, True)]
+    if torch.cuda.is_available():
+        pytest.skip("the memory run under the fake process group runs on the CPU here; the GPU runs it as a bench")
+    try:
+        row = fsdp_memory.memory_run("tiny", 2, False, seq=32, warmup=0, steps=1)
+    finally:
+        dist.destroy_process_group()
+    assert row["status"] == "ok" and row["world_size"] == 2 and row["step_s"] > 0
+    assert row["stamp"]["torch"] == torch.__version__
+    shape = row["predicted"]
+    assert shape["gpus"] == 2 and shape["device_bytes"] > 0
+    assert shape["shards"]["adapters"] == estimate_sharded_memory(
+        fsdp_memory.prediction_shape("tiny"), 2, seq=32, r=8, lora_dropout=0.05, adapter_dtype="float32",
+        unquantized_dtype="bfloat16", attention="flash").shards["adapters"]
