@@ -147,7 +147,7 @@ def test_the_adapter_two_ranks_save_loads_in_peft(tiny, single, sharded, name):
     out, _ = sharded[name]
     mine = single[name][2]
     model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny[0]), out)
-    loaded = {k.removeprefix("base_model.model.").replace(".weight", "") + ".weight": v.detach().numpy()
+    loaded = {k.removeprefix("base_model.model."): v.detach().numpy()
               for k, v in peft.get_peft_model_state_dict(model).items()}
     assert loaded.keys() == mine.keys() and len(mine) == 2 * 7 * 2
     bound = 0.0 if name == "exact" else 50 * RTOL
@@ -172,6 +172,100 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tiny, tmp_path):
         assert (full / f).read_bytes() == (cut / f).read_bytes(), f
     mine, theirs = load_checkpoint(full).optimizer_state, load_checkpoint(cut).optimizer_state
     assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+# ---------------------------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_float_storage_keeps_every_byte_and_every_output(quant_type, double_quant):
+    """``to_float_storage`` turns a layer's 4-bit weight into bfloat16-stored parameters (codes, scales) and a
+    record: the bytes bitsandbytes reads and the layer's outputs, gradients and merged weight are unchanged."""
+    from qlora_gpu.fsdp import Stored4bit, to_float_storage
+    from qlora_gpu.lora import SHARDED_STATE, QLoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 128, generator=g), torch.randn(5, 128, generator=g)
+    lin = QLoRALinear.from_weight(w, r=4, alpha=8.0, quant_type=quant_type, double_quant=double_quant,
+                                  compute_dtype="float32", seed=3)
+    with torch.no_grad():
+        lin.lora_B.normal_(generator=g)
+    packed, state = (t.clone() for t in (lin.frozen_weight()[0], lin.frozen_weight()[1].absmax))
+    y = lin(x)
+    y.square().sum().backward()
+    grads, merged = [lin.lora_A.grad.clone(), lin.lora_B.grad.clone()], lin.merge()
+    lin.lora_A.grad = lin.lora_B.grad = None
+    to_float_storage(lin)
+    assert isinstance(lin.__dict__[SHARDED_STATE], Stored4bit) and lin.quantized and lin.quant_type == quant_type
+    assert lin.weight.dtype == lin.weight_absmax.dtype == torch.bfloat16 and lin.weight.shape == (48 * 128 // 4, 1)
+    assert not lin.weight.requires_grad and not lin.weight_absmax.requires_grad
+    now_packed, now_state = lin.frozen_weight()
+    assert torch.equal(now_packed, packed) and torch.equal(now_state.absmax, state)
+    assert now_state.nested == double_quant
+    y2 = lin(x)
+    y2.square().sum().backward()
+    assert torch.equal(y2, y) and torch.equal(lin.merge(), merged)
+    assert torch.equal(lin.lora_A.grad, grads[0]) and torch.equal(lin.lora_B.grad, grads[1])
+    with pytest.raises(ValueError, match="storage must be a float dtype"):
+        to_float_storage(QLoRALinear.from_weight(w, r=4), torch.uint8)
+
+
+@pytest.fixture
+def cpu_world(monkeypatch):
+    """This process as the one rank of a gloo process group (torchrun's environment set by hand)."""
+    from fsdp_helpers import free_port
+
+    from qlora_gpu.fsdp_train import init_distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    world = init_distributed("cpu")
+    yield world
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_a_sharded_model_computes_the_same_logits(tiny, cpu_world, quant):
+    """One rank's FSDP model (4-bit codes and scales as parameters, or float32 weights made parameters) gives the
+    unsharded model's logits bit for bit; outside forward its 4-bit weight is a shard, and asking for it says so."""
+    from qlora_gpu.fsdp import is_sharded, shard_model
+    from qlora_gpu.prepare import load
+    from qlora_ref.model.config import LoraConfig, QuantConfig
+
+    q = QuantConfig() if quant == "nf4" else None
+    build = lambda: load(tiny[0], q, LoraConfig(r=8, alpha=16.0), dtype="float32")  # noqa: E731
+    plain, sharded = build(), shard_model(build(), cpu_world.mesh)
+    ids = np.array([tiny[1].input_ids[0][:24]])
+    plain.eval(), sharded.eval()
+    with torch.no_grad():
+        assert torch.equal(sharded(ids), plain(ids))
+    lin = sharded.hf.model.layers[0].mlp.down_proj
+    assert is_sharded(lin.weight) and is_sharded(lin.lora_A)
+    if quant == "nf4":
+        with pytest.raises(RuntimeError, match="4-bit weight is sharded"):
+            lin.frozen_weight()
+    else:
+        assert "weight" not in lin._buffers
+
+
+def test_resume_refuses_a_checkpoint_of_another_process_count(tiny, cpu_world, tmp_path):
+    """A one-process checkpoint does not resume sharded, nor a sharded one in one process: the random state of
+    each rank is in it (adapters and optimizer states would move; the generators would not)."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, _ = tiny
+    config = small_config(max_steps=1)
+    one, _ = make_trainer(folder, config, "gpu")
+    train(one, train_ds, config, output_dir=tmp_path / "one")
+    sharded = ShardedTrainer.from_pretrained(folder, config.replace(max_steps=2), world=cpu_world)
+    with pytest.raises(ValueError, match="comes from one unsharded process"):
+        train(sharded, train_ds, config.replace(max_steps=2), output_dir=tmp_path / "one")
+    train(sharded, train_ds, config, output_dir=tmp_path / "sharded", resume=False)
+    with pytest.raises(ValueError, match="another backend"):
+        train(one, train_ds, config.replace(max_steps=2), output_dir=tmp_path / "sharded")
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        ShardedTrainer(sharded.model, config.replace(optimizer="paged_adamw_8bit"), cpu_world)
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU
