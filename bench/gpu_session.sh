@@ -18,8 +18,12 @@
 #   On 2026-11-30 (machine start included, 900 s of device time): goals took 364 s, checks with BUDGET=450 took
 #   410 s, and extras had time only for 65B bf16 adapters and 33B ours.
 # then give_back. If "goals" shows a bug, the second call can rerun "goals" after the fix instead.
+# Sharded QLoRA (issue 33, FSDP2) in one call of its own, about 7 minutes (estimate: its GPU tests ~40 s, then
+# bench/fsdp_memory.py: 8 world sizes of LLaMA-2-70B at ~30 s each and 2 with CPU offload at ~45 s each, the 7B
+# engine-cost run ~65 s):
+#   run(carry=[".whl"], timeout_s=560, command="BUDGET=540 bash bench/gpu_session.sh fsdp")
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
-#        | 13b | 33b | 65b | optim | paged | kernels | extras | all. Several parts run in the order given.
+#        | 13b | 33b | 65b | optim | paged | kernels | extras | fsdp | all. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
@@ -35,6 +39,8 @@
 #   optimizer_step.log   bench/optimizer_step.py --models 7b,65b --widths real
 #   paged_oom.json       bench/paged_oom.py
 #   fused_kernels.json   bench/fused_kernels.py
+#   fsdp_tests.log       python3 -m pytest -q -m gpu tests/test_fsdp.py (part fsdp)
+#   fsdp.json            bench/fsdp_memory.py (part fsdp)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/qlora_gpu_out}
@@ -120,11 +126,18 @@ run_part() {
       TIMED_MAX=${PAGED_MAX:-150} timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
     kernels)
       TIMED_MAX=${KERNELS_MAX:-90} timed python3 bench/fused_kernels.py --json "$OUT/fused_kernels.json" ;;
+    fsdp)  # issue 33: the FSDP2 GPU tests, then per-rank memory of LLaMA-2-70B for world sizes 1-8 under the fake
+           # process group (CPU offload at 2 and 8) beside the calculator, and world size 1 vs unsharded at 7B
+      TIMED_MAX=${FSDP_TESTS_MAX:-90} timed python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_fsdp.py \
+        2>&1 | tee "$OUT/fsdp_tests.log"
+      local d=$(( $(left) - 15 ))
+      if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): fsdp_memory"; return 0; fi
+      python3 bench/fsdp_memory.py --json "$OUT/fsdp.json" --deadline "$d" ;;
     all)
       for p in goals checks; do run_part "$p"; done ;;
     *)
       echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | optim |" \
-        "paged | kernels | extras | all)"; return 2 ;;
+        "paged | kernels | extras | fsdp | all)"; return 2 ;;
   esac
 }
 

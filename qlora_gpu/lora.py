@@ -49,6 +49,8 @@ from .quantize import Quantized4bit, cpu_dequantize_trusted, dequantize_packed, 
 
 #: the implementations of the layer's arithmetic (see the module docstring); "bnb" is the default
 KERNELS = ("bnb", "triton")
+#: where a layer sharded under FSDP keeps what is left of its 4-bit weight's state (``qlora_gpu.fsdp``)
+SHARDED_STATE = "_sharded_4bit"
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,19 +332,37 @@ class QLoRALinear(nn.Module):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
             ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
         if name == "kernel":
-            value = check_kernel(value, self.weight.quant_type if self.quantized else None)
+            value = check_kernel(value, self.quant_type)
         super().__setattr__(name, value)
 
     @property
     def quantized(self) -> bool:
-        return isinstance(self.weight, bnb.nn.Params4bit)
+        return self.quant_type is not None
+
+    @property
+    def quant_type(self) -> str | None:
+        """The 4-bit data type of the frozen weight ("nf4", "fp4"), None for a float32 weight."""
+        stored = self.__dict__.get(SHARDED_STATE)
+        if stored is not None:
+            return stored.quant_type
+        return self.weight.quant_type if isinstance(self.weight, bnb.nn.Params4bit) else None
+
+    def frozen_weight(self) -> tuple[torch.Tensor, bnbf.QuantState | None]:
+        """The frozen weight as bitsandbytes reads it and its ``QuantState`` (None for a float32 weight). Sharded
+        under FSDP (``qlora_gpu.fsdp``) the 4-bit weight is a plain parameter in a float storage dtype, and its
+        ``QuantState`` is rebuilt around the gathered tensors: only while FSDP has them gathered (in forward and
+        backward)."""
+        stored = self.__dict__.get(SHARDED_STATE)
+        if stored is not None:
+            return stored.unpack(self)
+        return self.weight, (self.weight.quant_state if isinstance(self.weight, bnb.nn.Params4bit) else None)
 
     @property
     def dropout_active(self) -> bool:
         return self.training and self.r is not None and self.dropout > 0.0
 
     def extra_repr(self) -> str:
-        kind = self.weight.quant_type if self.quantized else "float32"
+        kind = self.quant_type or "float32"
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={kind}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
                 f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r}")
@@ -370,7 +390,7 @@ class QLoRALinear(nn.Module):
             staged = None
         keep_scale = _keep_scale(self.dropout)
         bias = None if self.bias is None else self.bias.to(cdt)
-        quant_state = self.weight.quant_state if self.quantized else None
+        weight, quant_state = self.frozen_weight()
         if scales is not None and (quant_state is None or scales[0].device != x.device):
             scales = None
         xd = None
@@ -380,10 +400,10 @@ class QLoRALinear(nn.Module):
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
 
-            y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
+            y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state,
                                           None, None, staged)
         else:
-            y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, self.weight, quant_state,
+            y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state,
                                            staged, scales, xd, self.__dict__.get("_output_unused", False))
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
@@ -423,10 +443,8 @@ class QLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> torch.Tensor:
         """dequant(W) + s · B A in float32 (out, in); see ``qlora_ref.lora.QLoRALinear.merge``."""
-        if self.quantized:
-            w = _dequantize(self.weight, self.weight.quant_state, torch.float32)
-        else:
-            w = self.weight.clone()
+        weight, quant_state = self.frozen_weight()
+        w = _dequantize(weight, quant_state, torch.float32) if quant_state is not None else weight.clone()
         if self.r is not None:
             w += self.scaling * (self.lora_B.float() @ self.lora_A.float())
         return w
@@ -448,7 +466,7 @@ def set_kernel(model: nn.Module, kernel: str) -> int:
     leaves the model unchanged."""
     layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
     for m in layers:
-        check_kernel(kernel, m.weight.quant_type if m.quantized else None)
+        check_kernel(kernel, m.quant_type)
     for m in layers:
         m.kernel = kernel
     return len(layers)

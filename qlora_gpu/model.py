@@ -505,7 +505,7 @@ class QLoRAModel(nn.Module):
             out[name] = t.detach().cpu().float().numpy()
         for name, m in linears.items():
             if m.quantized:
-                w = dequantize_4bit(Quantized4bit.from_bnb(m.weight, m.weight.quant_state), torch.float32)
+                w = dequantize_4bit(Quantized4bit.from_bnb(*m.frozen_weight()), torch.float32)
             else:
                 w = m.weight
             out[f"{name}.weight"] = w.detach().cpu().float().numpy()

@@ -66,21 +66,26 @@ def flat_layout(numels: list[int], element_size: int) -> tuple[list[int], int]:
     return starts, end
 
 
-def _torch_class(name: str):
+#: bitsandbytes' optimizers without paging: the same update on states in ordinary memory
+_UNPAGED = {"PagedAdamW": "AdamW", "PagedAdamW8bit": "AdamW8bit"}
+
+
+def _torch_class(name: str, paged: bool = True):
     if name == "adamw":
         return torch.optim.AdamW
     try:
         import bitsandbytes as bnb
     except ImportError as e:  # pragma: no cover - bitsandbytes is in the gpu extra
         raise ImportError(f"optimizer {name!r} needs bitsandbytes: pip install 'qlora[gpu]' ({e})") from e
-    return getattr(bnb.optim, _BNB_CLASSES[name])
+    cls = _BNB_CLASSES[name]
+    return getattr(bnb.optim, cls if paged else _UNPAGED.get(cls, cls))
 
 
 class TorchOptimizer:
     """A torch / bitsandbytes optimizer built lazily on the first ``step`` over the parameters it is given."""
 
     def __init__(self, name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, flat: bool | None = None, **kwargs):
+                 weight_decay: float = 1e-2, flat: bool | None = None, paged: bool = True, **kwargs):
         self.name = canonical_optimizer_name(name)
         if flat not in (None, True, False):
             raise ValueError(f"flat must be None, True or False, got {flat!r}")
@@ -95,7 +100,7 @@ class TorchOptimizer:
         self._flat_wanted = self.name in FLAT_OPTIMIZERS and elementwise if flat is None else flat
         self._flat_forced = flat is True
         self._flat: _FlatBuffer | None = None
-        self._cls = _torch_class(self.name)
+        self._cls = _torch_class(self.name, paged)
         self._kwargs = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
         if self.name == "adamw":
             self._kwargs.setdefault("foreach", None)
@@ -383,8 +388,10 @@ def make_optimizer(name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float =
     """``make_optimizer("paged_adamw", lr=2e-4, weight_decay=0.0)``: the reference's names, torch/bitsandbytes
     underneath. The reference's simulation options (``memory``, ``budget_bytes``, ``page_bytes``) mean nothing
     here — the GPU's own memory is the budget — and are refused. ``flat`` (None: automatic) keeps the parameters
-    of a 32-bit bitsandbytes optimizer in one buffer (module docstring). Extra keywords go to the underlying class
-    (for 8-bit: ``min_8bit_size``)."""
+    of a 32-bit bitsandbytes optimizer in one buffer (module docstring). ``paged=False`` runs a paged optimizer's
+    update on states in ordinary memory (bitsandbytes' ``AdamW``/``AdamW8bit``: the same arithmetic), for
+    parameters on the host (FSDP's CPU offload), where unified memory buys nothing. Extra keywords go to the
+    underlying class (for 8-bit: ``min_8bit_size``)."""
     for k in ("memory", "budget_bytes", "page_bytes", "keep_v_positive"):
         if k in kwargs:
             raise ValueError(f"{k!r} is an option of the reference's simulation; bitsandbytes has none")
@@ -392,14 +399,17 @@ def make_optimizer(name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float =
 
 
 def clip_grad_norm(grads: Mapping[str, torch.Tensor | None], max_norm: float, norm_type: float = 2.0,
-                   error_if_nonfinite: bool = False) -> float:
+                   error_if_nonfinite: bool = False, combine=None) -> float:
     """``torch.nn.utils.clip_grad_norm_`` on a dict of gradient tensors (scaled in place, by torch's multi-tensor
     operators: a few kernels whatever the number of tensors); returns the total norm, as
-    ``qlora_ref.optim.clip_grad_norm`` does for arrays."""
+    ``qlora_ref.optim.clip_grad_norm`` does for arrays. ``combine``: for gradients that are this rank's shards
+    (``qlora_gpu.fsdp_train``), a function from this rank's norm (a 0-d tensor) to the norm over all ranks."""
     tensors = [g for g in grads.values() if g is not None]
     if not tensors:
         return 0.0
     total = torch.nn.utils.get_total_norm(tensors, norm_type, error_if_nonfinite=error_if_nonfinite)
+    if combine is not None:
+        total = combine(total)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     torch._foreach_mul_(tensors, coef.to(tensors[0].device))
     return float(total)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from qlora_ref.memory import LLAMA_SHAPES
+from qlora_ref.memory import MODEL_SHAPES
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
@@ -44,11 +44,12 @@ _PAPER_LORA = LoraConfig()  # r=64, alpha=16 on all seven linears
 # ----------------------------------------------------------------------------------------------- configs
 def llama_config(name: str) -> ModelConfig:
     """LLaMA-1 7B/13B/33B/65B (``qlora_ref.memory.LLAMA_SHAPES``: Touvron et al. 2023, Table 2) as a
-    ``ModelConfig``: the models of the paper's Table 3 and of the 65B-on-48-GB claim."""
+    ``ModelConfig``: the models of the paper's Table 3 and of the 65B-on-48-GB claim; also LLaMA-2-70B
+    (``qlora_ref.memory.MODEL_SHAPES``: the model of the FSDP-QLoRA figures, docs/sharded.md)."""
     key = name.lower() if name.lower().startswith("llama-") else f"llama-{name.lower()}"
-    if key not in LLAMA_SHAPES:
-        raise ValueError(f"model must be one of {', '.join(LLAMA_SHAPES)} (or 7b/13b/33b/65b), got {name!r}")
-    s = LLAMA_SHAPES[key]
+    if key not in MODEL_SHAPES:
+        raise ValueError(f"model must be one of {', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), got {name!r}")
+    s = MODEL_SHAPES[key]
     return ModelConfig(model_type="llama", vocab_size=s.vocab_size, hidden_size=s.hidden_size,
                        intermediate_size=s.intermediate_size, num_hidden_layers=s.num_layers,
                        num_attention_heads=s.num_heads, num_key_value_heads=s.num_kv_heads, head_dim=s.head_dim,
@@ -146,7 +147,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
                   attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
                   adapter_dtype: str = "float32", kernel: str = "bnb", progress: bool = True,
-                  tokenizer: bool = True) -> QLoRAModel:
+                  tokenizer: bool = True, layer_hook=None) -> QLoRAModel:
     """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
 
     model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
@@ -162,6 +163,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     1.6 GB less at 65B).
     kernel: the block linears' matrix products, "bnb" (bitsandbytes, the default) or "triton" (the fused kernels of
     ``qlora_gpu.triton_kernels``, opt-in until checked on a GPU; 4-bit weights only; docs/fused_kernels.md).
+    layer_hook: called with each decoder layer as soon as it is built — ``qlora_gpu.fsdp.shard_layer`` shards it
+    there, so that a rank never holds more than one whole block; the adapters are then not laid out in one
+    buffer (each is sharded on its own) and the block's scales are not laid out together.
     """
     cfg = model_config(model)
     for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
@@ -193,7 +197,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
 
     from tqdm.auto import tqdm
 
-    adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device)
+    adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device) if layer_hook is None else None
     for i, layer in enumerate(tqdm(hf.model.layers, desc="quantizing layers", unit="layer", disable=not progress)):
         p = f"model.layers.{i}."
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
@@ -201,8 +205,12 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         for name in LINEAR_MODULES:
             path = p + _module_path(name)
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
-            adapters.place(lin)
+            if adapters is not None:
+                adapters.place(lin)
             set_block_linear(layer, name, lin)
+        if layer_hook is not None:
+            layer_hook(layer)
+            continue
         # the block's 8-bit scale codes into one buffer now, while the next blocks' allocations can reuse the
         # per-layer tensors this frees (laid out at the first step, they would stay cached: 1 GB at 65B)
         BlockScales.of(layer, lora_linears(layer))

@@ -24,9 +24,10 @@ from .model import QLoRAModel, default_device
 from .optim import clip_grad_norm, make_optimizer
 
 
-def build_optimizer(config: TrainConfig):
+def build_optimizer(config: TrainConfig, **options):
+    """The optimizer of ``config``'s recipe; ``options`` go to ``make_optimizer`` (``flat``, ``paged``)."""
     return make_optimizer(config.optimizer, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                          eps=config.adam_epsilon, weight_decay=config.weight_decay)
+                          eps=config.adam_epsilon, weight_decay=config.weight_decay, **options)
 
 
 def optimizer_step(optimizer, params: dict[str, torch.Tensor], lr: float, max_grad_norm: float) -> float:

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command as given (``qlora finetune --nproc N`` runs it again under torchrun)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -94,6 +94,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start a new run instead of resuming "
                    "from the newest checkpoint (checkpoints already there are never deleted or replaced)")
     _add_train_options(p, defaults)
+    s = p.add_argument_group("sharding over GPUs (FSDP2, --backend gpu; docs/sharded.md)")
+    s.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train on N GPUs of this machine: runs this command under torchrun --nproc-per-node N, "
+                   "the model sharded over them (under torchrun itself the sharding is automatic)")
+    s.add_argument("--cpu-offload", action="store_true",
+                   help="keep the sharded weights, gradients and optimizer states in host memory (FSDP2's "
+                   "CPUOffloadPolicy): less GPU memory, slower steps")
     p.set_defaults(func=run_finetune)
 
     d = subparsers.add_parser("demo", help="fine-tune SmolLM2-135M-Instruct on chatterbot Q/A pairs (CPU, minutes)",
@@ -143,12 +150,18 @@ def add_parser(subparsers) -> None:
 def run_finetune(args) -> int:
     from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import finetune
+    from qlora_ref.train.launch import launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
     check_writable_dir(args.output_dir, "--output-dir")
+    if args.nproc is not None:
+        return launch_processes(args)
     t0 = time.perf_counter()
     run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
-                   output_dir=args.output_dir, resume=args.resume)
+                   output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
+                   cpu_offload=args.cpu_offload)
+    if process_rank() != 0:  # one report, from rank 0
+        return 0
     r = run.result
     n_eval = 0 if run.eval_data is None else len(run.eval_data)
     print(f"data: {run.report.summary()}; {len(run.train_data)} training / {n_eval} held-out examples")
@@ -160,6 +173,21 @@ def run_finetune(args) -> int:
         print(f"held-out loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_perplexity']:.3f}")
     print(f"adapter: {args.output_dir}/adapter_config.json + adapter_model.safetensors (PEFT format)")
     return 0
+
+
+def launch_processes(args) -> int:
+    """``--nproc N``: this very command (less ``--nproc``) as N processes under torchrun; its exit status."""
+    import subprocess
+
+    from qlora_ref.train.launch import launched_by_torchrun, torchrun_command, without_option
+
+    if launched_by_torchrun():
+        raise ValueError("--nproc starts torchrun itself; under torchrun leave it out")
+    if args.backend == "ref":
+        raise ValueError("--nproc shards the model over GPUs with the gpu backend: add --backend gpu")
+    command = torchrun_command(args.nproc, without_option(args.argv, "--nproc"))
+    print(f"qlora finetune: {args.nproc} processes: {' '.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.call(command)
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -3,6 +3,7 @@
     qlora memory --model llama-65b --method qlora            # a table, MB/GB
     qlora memory --model path/to/config.json --method lora --batch 4 --seq 1024 --json
     qlora memory --model llama-65b --plot memory_65b.png    # stacked bars like the paper's memory figure
+    qlora memory --model llama-2-70b --seq 2048 --gpus 2    # per GPU, sharded with FSDP2, with and without offload
 
 The arithmetic lives in ``qlora_ref.memory``; this module only parses arguments, formats and plots.
 """
@@ -15,15 +16,19 @@ import json
 from qlora_ref.memory import (
     ATTENTION_IMPLS,
     DTYPE_BYTES,
+    FSDP_GATHERED_BLOCKS,
     GB,
     LLAMA_SHAPES,
     MB,
     METHODS,
+    MODEL_SHAPES,
     OPTIMIZERS,
     QUANT_TYPES_4BIT,
     TARGET_PRESETS,
     MemoryBreakdown,
+    ShardedMemory,
     estimate_memory,
+    estimate_sharded_memory,
     load_model_shape,
 )
 from qlora_ref.paths import check_output_file
@@ -63,7 +68,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="llama-7b",
-        help=f"{', '.join(LLAMA_SHAPES)} (or 7b/13b/33b/65b), or a Hugging Face config.json / a folder holding one "
+        help=f"{', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), or a Hugging Face config.json / a folder holding one "
         "(default: llama-7b)",
     )
     p.add_argument("--method", choices=METHODS, default="qlora", help="fine-tuning method (default: qlora)")
@@ -96,6 +101,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="eager",
                    help="eager keeps the seq x seq softmax for the backward pass; flash recomputes it "
                    "(default: eager)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="QLoRA sharded over N GPUs with FSDP2 (qlora finetune --nproc N): the memory of each GPU, "
+                   "with and without CPU offload; --batch is each GPU's micro-batch (docs/sharded.md)")
     p.add_argument("--json", action="store_true", help="print a JSON object (total_bytes, parts, details)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also write a stacked-bar figure: the three methods on this model, and this method on "
@@ -128,6 +136,8 @@ def run(args) -> int:
         check_output_file(args.plot, "--plot")
     shape = load_model_shape(args.model)
     kwargs = _estimate_kwargs(args)
+    if args.gpus is not None:
+        return run_sharded(args, shape, kwargs)
     breakdown = estimate_memory(shape, args.method, **kwargs)
     if args.plot:
         write_plot(args.plot, shape, args.method, kwargs)
@@ -137,6 +147,20 @@ def run(args) -> int:
         print(format_table(breakdown))
         if args.plot:
             print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def run_sharded(args, shape, kwargs) -> int:
+    """``--gpus N``: one GPU's memory under FSDP2, without and with CPU offload."""
+    if args.method != "qlora":
+        raise ValueError(f"--gpus estimates QLoRA sharded with FSDP2; --method {args.method} is not sharded here")
+    if args.plot:
+        raise ValueError("--plot draws the single-GPU estimate; leave out --gpus")
+    plain, offload = (estimate_sharded_memory(shape, args.gpus, cpu_offload=o, **kwargs) for o in (False, True))
+    if args.json:
+        print(json.dumps({"without_offload": plain.to_dict(), "with_cpu_offload": offload.to_dict()}, indent=2))
+    else:
+        print(format_sharded_table(estimate_memory(shape, "qlora", **kwargs), plain, offload))
     return 0
 
 
@@ -200,6 +224,35 @@ def format_table(b: MemoryBreakdown) -> str:
     if b.paged:
         lines.append(f"  {'of which paged':<{width}}  {format_bytes(b.paged):>12}")
         lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(b.device_min_bytes):>12}")
+    return "\n".join(lines)
+
+
+def format_sharded_table(b: MemoryBreakdown, plain: ShardedMemory, offload: ShardedMemory) -> str:
+    """One GPU's memory under FSDP2, side by side without and with CPU offload (``b``: the same recipe on one
+    GPU, for its description)."""
+    n = plain.gpus
+    lines = _describe(b)[:-1] + [
+        f"  batch {plain.settings['batch']} x seq {plain.settings['seq']} per GPU, {plain.settings['optimizer']}, "
+        f"{plain.settings['attention']} attention, gradient checkpointing "
+        f"{'on' if plain.settings['gradient_checkpointing'] else 'off'}",
+        f"  sharded over {n} GPU{'s' if n > 1 else ''} with FSDP2 (one unit per decoder block; 4-bit codes and "
+        f"scales in {plain.settings['storage_dtype']} storage)", ""]
+    rows = [(f"{PART_LABELS[k]} (1/{n})", plain.shards[k], offload.shards[k]) for k in plain.shards]
+    rows += [("replicated constants", plain.replicated, offload.replicated),
+             (f"gathered: root + {FSDP_GATHERED_BLOCKS} blocks", plain.gathered, offload.gathered),
+             ("reduce-scatter (1 block)", plain.reduce_scatter, offload.reduce_scatter),
+             ("activations (1 micro-batch)", plain.activations, offload.activations)]
+    width = max(len(r[0]) for r in rows)
+    lines.append(f"  {'':<{width}}  {'per GPU':>12}  {'CPU offload':>12}")
+    for label, a, c in rows:
+        moved = label.endswith(f"(1/{n})")
+        lines.append(f"  {label:<{width}}  {format_bytes(a):>12}  {('host' if moved else format_bytes(c)):>12}")
+    lines.append(f"  {'-' * width}  {'-' * 12}  {'-' * 12}")
+    lines.append(f"  {'total per GPU':<{width}}  {format_bytes(plain.device_bytes):>12}  "
+                 f"{format_bytes(offload.device_bytes):>12}")
+    if plain.paged:
+        lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(plain.device_min_bytes):>12}")
+    lines.append(f"  {'host memory per GPU':<{width}}  {'':>12}  {format_bytes(offload.host_bytes):>12}")
     return "\n".join(lines)
 
 

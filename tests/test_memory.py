@@ -446,3 +446,106 @@ def test_importing_the_calculator_loads_neither_torch_nor_matplotlib():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# QLoRA sharded over GPUs with FSDP2 (qlora memory --gpus N; docs/sharded.md)
+# ---------------------------------------------------------------------------------------------------------------
+
+# LLaMA-2-70B by hand: per block, q and o are 8192 x 8192, k and v 8192 x 1024 (8 key/value heads of 128), gate, up
+# and down 8192 x 28672; 80 blocks; vocabulary 32,000, untied; 161 norm vectors of 8192.
+L70, H70, V70 = 80, 8192, 32000
+SHAPES_70B = [(8192, 8192), (8192, 1024), (8192, 1024), (8192, 8192), (8192, 28672), (8192, 28672), (28672, 8192)]
+N_BLOCK_70B = sum(i * o for i, o in SHAPES_70B)  # 855,638,016 weights per block
+LORA_BLOCK_70B = 64 * sum(i + o for i, o in SHAPES_70B)  # r (in + out) per linear: 10,354,688
+
+
+def test_llama2_70b_shape_has_the_released_parameter_count():
+    shape = load_model_shape("llama-2-70b")
+    assert N_BLOCK_70B == 855_638_016 and shape.n_linear_params == L70 * N_BLOCK_70B
+    assert shape.n_params == L70 * N_BLOCK_70B + 2 * V70 * H70 + 161 * H70 == 68_976_648_192  # "70B"
+
+
+def test_sharded_70b_on_two_gpus_matches_the_hand_count():
+    """Every tensor's first dimension divides by 2 here, so each GPU holds exactly half of each persistent part."""
+    from qlora_ref.memory import estimate_sharded_memory
+
+    m = estimate_sharded_memory("llama-2-70b", 2, seq=2048, adapter_dtype="float32", attention="flash")
+    codes = L70 * N_BLOCK_70B // 2  # two 4-bit codes per byte
+    unquantized = 2 * V70 * H70 * 2 + 161 * H70 * 2  # bfloat16 embeddings, LM head, norms
+    assert m.shards["weights"] == (codes + unquantized) // 2 == 17_638_367_232
+    assert m.shards["quant_constants"] == L70 * N_BLOCK_70B // 64 // 2  # one uint8 code per 64 weights
+    lora = L70 * LORA_BLOCK_70B
+    assert m.shards["adapters"] == m.shards["gradients"] == lora * 4 // 2  # float32
+    assert m.shards["optimizer_states"] == lora * 8 // 2  # Adam's two float32 moments, paged
+    assert m.paged == m.shards["optimizer_states"]
+    # every rank keeps the second level of double quantization whole: per weight, a float32 per 256 blocks of 64,
+    # the float32 offset, the 256-value 8-bit map and the 16-value NF4 map (float32)
+    assert m.replicated == L70 * sum(-(-(i * o // 64) // 256) * 4 + 4 + 256 * 4 + 16 * 4 for i, o in SHAPES_70B)
+    block = N_BLOCK_70B // 2 + N_BLOCK_70B // 64 + LORA_BLOCK_70B * 4 + 2 * H70 * 2
+    assert m.gathered == 2 * V70 * H70 * 2 + H70 * 2 + 2 * block  # the root unit and two blocks, whole
+    assert m.reduce_scatter == 2 * LORA_BLOCK_70B * 4  # one block's adapter gradients and the collective's input
+    assert m.activations == estimate_memory("llama-2-70b", "qlora", seq=2048, adapter_dtype="float32",
+                                            attention="flash").activations  # one GPU's micro-batch, unsharded
+    assert m.device_bytes == sum(m.shards.values()) + m.replicated + m.gathered + m.reduce_scatter + m.activations
+    assert m.device_min_bytes == m.device_bytes - m.paged and m.host_bytes == 0
+    off = estimate_sharded_memory("llama-2-70b", 2, cpu_offload=True, seq=2048, adapter_dtype="float32",
+                                  attention="flash")
+    assert off.host_bytes == sum(m.shards.values()) and off.device_bytes == m.device_bytes - off.host_bytes
+    assert off.paged == 0
+    # the issue's goal, 70B on 2 x 24 GB: with CPU offload; without it, 4 GPUs and more
+    assert off.device_bytes < 24 * GB < m.device_min_bytes
+    assert estimate_sharded_memory("llama-2-70b", 4, seq=2048, adapter_dtype="float32",
+                                   attention="flash").device_bytes < 24 * GB
+
+
+def test_sharding_pads_each_tensor_to_the_largest_chunk():
+    """FSDP2 cuts the first dimension as torch.chunk does and pads every rank to the largest chunk."""
+    from qlora_ref.memory import estimate_sharded_memory, shard_bytes
+
+    assert shard_bytes(10, 7, 3) == 4 * 7 and shard_bytes(9, 7, 3) == 3 * 7 and shard_bytes(2, 5, 8) == 5
+    shape = ModelShape("odd", hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, vocab_size=101,
+                       tie_word_embeddings=True)
+    m = estimate_sharded_memory(shape, 3, r=5, adapter_dtype="float32", unquantized_dtype="float32")
+    # the tied embedding (101 rows of 64 float32) and 3 norms of 64 rows of one float32 each
+    unquantized = 34 * 64 * 4 + 3 * 22 * 4
+    # codes in bfloat16 storage, (bytes / 2, 1): 64 x 64 weights -> 2048 bytes -> 1024 rows; 64 x 192 -> 3072 rows
+    codes = 4 * 342 * 2 + 3 * 1024 * 2
+    assert m.shards["weights"] == unquantized + codes
+    # LoRA A (5, in): ceil(5 / 3) = 2 rows; B (out, 5): ceil(out / 3) rows
+    a = 4 * 2 * 64 * 4 + 2 * 2 * 64 * 4 + 2 * 192 * 4  # q k v o and gate up read 64, down reads 192
+    b = 4 * 22 * 5 * 4 + 2 * 64 * 5 * 4 + 22 * 5 * 4  # q k v o and down write 64, gate up 192
+    assert m.shards["adapters"] == a + b
+
+
+@given(shape=st.sampled_from(["llama-7b", "llama-2-70b"]), gpus=st.integers(1, 16))
+def test_one_gpu_is_the_unsharded_count_and_more_gpus_never_hold_more(shape, gpus):
+    from qlora_ref.memory import estimate_sharded_memory
+
+    kw = dict(seq=256, adapter_dtype="float32")
+    one, many, more = (estimate_sharded_memory(shape, n, **kw) for n in (1, gpus, gpus + 1))
+    base = estimate_memory(shape, "qlora", **kw)
+    for part in ("weights", "adapters", "gradients", "optimizer_states"):
+        assert one.shards[part] == base.parts[part]
+    assert one.shards["quant_constants"] + one.replicated == base.quant_constants
+    assert more.shard_bytes <= many.shard_bytes and more.device_bytes <= many.device_bytes
+    assert many.shard_bytes * gpus >= base.total_bytes - base.activations - one.replicated  # padding only adds
+
+
+def test_cli_gpus_prints_both_offload_settings(capsys):
+    from qlora_ref.memory import estimate_sharded_memory
+
+    assert main(["memory", "--model", "llama-2-70b", "--seq", "2048", "--gpus", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    for key, offload in (("without_offload", False), ("with_cpu_offload", True)):
+        expected = estimate_sharded_memory("llama-2-70b", 2, cpu_offload=offload, seq=2048)
+        assert out[key] == json.loads(json.dumps(expected.to_dict()))
+    assert main(["memory", "--model", "2-70b", "--gpus", "8"]) == 0
+    table = capsys.readouterr().out
+    plain, off = (estimate_sharded_memory("llama-2-70b", 8, cpu_offload=o) for o in (False, True))
+    assert "sharded over 8 GPUs with FSDP2" in table and "weights (1/8)" in table
+    assert memory_cli.format_bytes(plain.device_bytes) in table and memory_cli.format_bytes(off.host_bytes) in table
+    assert main(["memory", "--gpus", "0"]) == 2
+    assert "gpus must be a positive integer" in capsys.readouterr().err
+    assert main(["memory", "--method", "full", "--gpus", "2"]) == 2
+    assert "--gpus estimates QLoRA" in capsys.readouterr().err

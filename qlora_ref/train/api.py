@@ -1,7 +1,8 @@
 """``finetune(model_path, data, config, backend=...)``: one QLoRA fine-tune from files, on either backend.
 
 The backend is found by name through the ``qlora.backends`` entry points (``qlora_ref.backends``), so the
-reference never imports ``qlora_gpu``; the GPU backend's trainer lives in ``<backend module>.train``. Data
+reference never imports ``qlora_gpu``; the GPU backend's trainer lives in ``<backend module>.train``, its sharded
+trainer (FSDP2 over the processes torchrun started, ``launch``) in ``<backend module>.fsdp_train``. Data
 (``qlora_ref.data``), schedule, checkpoints and the adapter format are the same for both (``loop``).
 """
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..data import DataReport, build_dataset, load_examples
 from .config import TrainConfig
+from .launch import launched_by_torchrun
 from .loop import TrainResult, train
 
 
@@ -48,8 +50,16 @@ def load_tokenizer(path):
     return Tokenizer.from_gguf_metadata(meta, str(gguf))
 
 
-def make_trainer(model_path, config: TrainConfig, backend: str = "ref"):
-    """``(trainer, tokenizer)``: a ``StepBackend`` holding the model at ``model_path`` with fresh adapters."""
+def make_trainer(model_path, config: TrainConfig, backend: str = "ref", *, sharded: bool = False,
+                 cpu_offload: bool = False):
+    """``(trainer, tokenizer)``: a ``StepBackend`` holding the model at ``model_path`` with fresh adapters.
+    ``sharded``: this process is one of several that torchrun started, and the model is sharded over them with
+    FSDP2 (GPU backend only); ``cpu_offload``: FSDP2's offload of parameters, gradients and optimizer states to
+    host memory (sharded only)."""
+    if cpu_offload and not sharded:
+        raise ValueError("cpu_offload applies to a sharded (FSDP) run: launch with --nproc N or torchrun")
+    if sharded and backend == "ref":
+        raise ValueError("the reference backend trains in one process; sharding over processes needs --backend gpu")
     if backend == "ref":
         from ..model.loading import load_model
         from .reference import RefTrainer
@@ -60,6 +70,10 @@ def make_trainer(model_path, config: TrainConfig, backend: str = "ref"):
     from ..backends import load_backend
 
     module = load_backend(backend)
+    if sharded:
+        fsdp_train = importlib.import_module(f"{module.__name__}.fsdp_train")
+        trainer = fsdp_train.ShardedTrainer.from_pretrained(model_path, config, cpu_offload=cpu_offload)
+        return trainer, load_tokenizer(model_path)
     gpu_train = importlib.import_module(f"{module.__name__}.train")
     return gpu_train.GpuTrainer.from_pretrained(model_path, config), load_tokenizer(model_path)
 
@@ -98,10 +112,12 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
 
 
 def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "ref", eval_data=None,
-             output_dir=None, resume=True, stop_after: int | None = None, trainer=None) -> FinetuneRun:
+             output_dir=None, resume=True, stop_after: int | None = None, trainer=None, sharded: bool | None = None,
+             cpu_offload: bool = False) -> FinetuneRun:
     """Fine-tune the model at ``model`` (HF folder or GGUF) on ``data`` (a .jsonl / .yml file, a folder, or
     ``"chatterbot[:language]"``). The held-out set is ``eval_data`` if given, else ``config.eval_fraction`` of
     ``data`` (a seeded split). ``trainer``: an already built ``(trainer, tokenizer)`` from :func:`make_trainer`.
+    ``sharded`` (None: when torchrun started this process) and ``cpu_offload``: see :func:`make_trainer`.
 
     The output folder and the data are checked before the model is loaded, so that a bad path or record costs
     seconds, not a model load.
@@ -112,10 +128,12 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
+    if sharded is None:
+        sharded = launched_by_torchrun()
     if trainer is None:
         tokenizer = load_tokenizer(model)
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
-        trainer, _ = make_trainer(model, config, backend)
+        trainer, _ = make_trainer(model, config, backend, sharded=sharded, cpu_offload=cpu_offload)
     else:
         trainer, tokenizer = trainer
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)

@@ -18,6 +18,11 @@ checkpoints and exact resume — is here.
 Data order is a pure function of the seed: epoch ``e`` is ``qlora_ref.data.batch_indices(dataset, seed=seed,
 epoch=e)`` (length-grouped, as the paper's scripts train), so the data position is just ``(epoch, batch)`` and
 resuming from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+
+Several processes can train one model together (``qlora_gpu.fsdp_train``: FSDP over N GPUs): a backend with a
+``world`` (``SingleProcess``'s interface) makes every process draw the same micro-batches of each step, train on
+its own equal share of them with the loss divided by the whole step's number of targets, and sum the logged loss
+and the held-out loss over the processes; the progress bar, the logs and every file come from rank 0.
 """
 
 from __future__ import annotations
@@ -121,21 +126,60 @@ class StepBackend(Protocol):
     def memory_bytes(self) -> int | None: ...
 
 
+# ---------------------------------------------------------------------------------------------- processes
+class SingleProcess:
+    """The processes that train together, as the loop sees them: here one. A backend training over several
+    (``qlora_gpu.fsdp_train.World``) has a ``world`` attribute with the same interface."""
+
+    rank = 0
+    world_size = 1
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over all processes."""
+        return list(values)
+
+    def barrier(self) -> None:
+        """Wait until every process gets here."""
+
+
+def world_of(backend) -> SingleProcess:
+    return getattr(backend, "world", None) or SingleProcess()
+
+
+def my_share(items: list, world) -> list:
+    """This process's share of ``items``: the ``world.rank``-th of ``world.world_size`` equal, consecutive parts
+    (a length that does not divide is an error: every process must run as many forward passes)."""
+    n, size = len(items), world.world_size
+    if n % size:
+        raise ValueError(f"{n} micro-batches per step cannot be shared equally by {size} processes: make "
+                         f"gradient_accumulation_steps a multiple of the number of processes")
+    k = n // size
+    return items[world.rank * k:(world.rank + 1) * k]
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 0) -> dict:
     """Held-out loss (mean next-token NLL over the response tokens of ``dataset``, a ``TokenizedDataset``) and
-    perplexity exp(loss); the first ``max_batches`` batches in file order (0: all)."""
+    perplexity exp(loss); the first ``max_batches`` batches in file order (0: all). Several processes share the
+    batches (each runs as many forward passes: one short of a batch repeats its first and ignores the result)."""
     if dataset is None or len(dataset) == 0:
         return {"eval_loss": float("nan"), "eval_perplexity": float("nan"), "eval_targets": 0}
+    world = world_of(backend)
     total, count = 0.0, 0
     batches = batch_indices(dataset, batch_size, shuffle=False, group_by_length=False)
     if max_batches:
         batches = batches[:max_batches]
-    for idx in batches:
+    per_rank = -(-len(batches) // world.world_size)
+    for j in range(per_rank):
+        i = world.rank + j * world.world_size
+        idx = batches[i] if i < len(batches) else batches[0]
         nll, n = backend.eval_loss(collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx],
                                            dataset.pad_token_id))
-        total += nll
-        count += n
+        if i < len(batches):
+            total += nll
+            count += n
+    total, count = world.sum([total, count])
+    count = int(count)
     loss = total / count if count else float("nan")
     return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if count else float("nan"), "eval_targets": count}
 
@@ -264,14 +308,21 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     from ..paths import check_writable_dir
 
     output_dir = Path(output_dir) if output_dir is not None else None
+    world = world_of(backend)
+    main = world.rank == 0  # the one process that prints and writes
+    my_share([None] * config.gradient_accumulation_steps, world)  # a bad split fails before any work
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
-        for line in recover_checkpoints(output_dir):
-            warnings.warn(f"{output_dir}: {line}", stacklevel=2)
+        if main:
+            for line in recover_checkpoints(output_dir):
+                warnings.warn(f"{output_dir}: {line}", stacklevel=2)
+        world.barrier()
     stream = BatchStream(train_data, config.micro_batch_size, config.seed)
     step, tokens_seen, log_history = 0, 0, []
     fingerprint = data_fingerprint(train_data)
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
+    if world.world_size > 1:  # one identity for the run, rank 0's: the one its checkpoints carry
+        run = world.gather_objects(run)[0]
     ckpt = find_resume_checkpoint(output_dir, resume)
     last_saved = None
     if ckpt is not None:
@@ -307,27 +358,33 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         nonlocal last_saved
         if output_dir is None:
             return
+        # every process gathers its share of the state, rank 0 writes it
         ckpt = make_checkpoint(backend, config, at_step, stream, tokens_seen, log_history, base_model, run)
         try:
             check_finite(ckpt.adapter, "the adapters")
             check_finite(ckpt.optimizer_state, "the optimizer state")
         except ValueError as e:
             raise diverged(at_step, str(e)) from None
-        last_saved = save_checkpoint(output_dir, ckpt, keep=config.keep_checkpoints)
+        if main:
+            last_saved = save_checkpoint(output_dir, ckpt, keep=config.keep_checkpoints)
+        world.barrier()
 
     def run_eval(bar, at_step):
         result = evaluate(backend, eval_data, config.micro_batch_size, config.eval_batches)
-        bar.write(f"step {at_step}: held-out loss {result['eval_loss']:.4f}, "
-                  f"perplexity {result['eval_perplexity']:.3f}")
+        if main:
+            bar.write(f"step {at_step}: held-out loss {result['eval_loss']:.4f}, "
+                      f"perplexity {result['eval_perplexity']:.3f}")
         return result
 
-    with Progress(config.max_steps, initial=step, enabled=config.progress) as bar:
+    with Progress(config.max_steps, initial=step, enabled=config.progress and main) as bar:
         while step < config.max_steps and (stop_after is None or len(losses) < stop_after):
             micro = [stream.next() for _ in range(config.gradient_accumulation_steps)]
             num_items = sum(n_targets(b) for b in micro)  # the whole step's targets weigh equally
             loss = 0.0
-            for b in micro:
+            for b in my_share(micro, world):
                 loss += backend.forward_backward(b, max(num_items, 1))
+            if world.world_size > 1:
+                (loss,) = world.sum([loss])
             if not math.isfinite(loss):  # before the optimizer step: the adapters are still those of the last step
                 raise diverged(step + 1, f"the training loss is {loss}")
             lr = get_lr(config.lr_scheduler, step, config.learning_rate, config.max_steps, config.warmup_ratio,
@@ -354,9 +411,12 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         from ..adapters import write_adapter_files
         from .checkpoint import atomic_write_json
 
-        write_adapter_files(output_dir, backend.adapter_state(), _adapter_config(backend, config, base_model))
-        atomic_write_json(output_dir / "train_config.json", config.to_dict())
-        atomic_write_json(output_dir / "log_history.json", log_history)
+        adapter = backend.adapter_state()
+        if main:
+            write_adapter_files(output_dir, adapter, _adapter_config(backend, config, base_model))
+            atomic_write_json(output_dir / "train_config.json", config.to_dict())
+            atomic_write_json(output_dir / "log_history.json", log_history)
+        world.barrier()
     return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
                        output_dir=output_dir, seconds=seconds,
                        tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0)

@@ -1,0 +1,78 @@
+"""Sharded training in several processes on one machine, for tests/test_fsdp.py: the gloo backend on the CPU, the
+processes forked from a server that imported torch, bitsandbytes and transformers once (a fresh Python per
+process would spend most of a test importing them)."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as tmp
+
+PRELOAD = ["torch", "bitsandbytes", "transformers.models.llama.modeling_llama", "qlora_gpu.fsdp_train",
+           "fsdp_helpers"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """``fn(rank, *args)`` in ``world_size`` processes with torchrun's environment set (so that
+    ``qlora_gpu.fsdp_train.init_distributed`` finds it); raises ``ProcessRaisedException`` /
+    ``ProcessExitedException`` when a rank fails (the others are then terminated)."""
+    multiprocessing.set_forkserver_preload(PRELOAD)
+    tmp.start_processes(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
+                        start_method="forkserver")
+
+
+def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # as the test process computes its references: the same GEMM blocking
+    try:
+        fn(rank, *args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_runs(rank: int, folder: str, runs: list[dict]) -> None:
+    """Each run: ``config`` (``TrainConfig`` fields), ``out`` (output folder), optional ``cpu_offload``,
+    ``die_at`` (rank 1 exits abruptly when it is about to take that optimizer step, as a killed process would).
+    Rank 0 writes ``result.json`` (losses, held-out result, log) into ``out``."""
+    from test_train import qa_dataset
+
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import load_tokenizer
+    from qlora_ref.train.config import TrainConfig
+    from qlora_ref.train.loop import train
+
+    tok = load_tokenizer(folder)
+    train_ds, eval_ds = qa_dataset(tok, 48, seed=0), qa_dataset(tok, 12, seed=1)
+    for run in runs:
+        config = TrainConfig(**run["config"])
+        trainer = ShardedTrainer.from_pretrained(folder, config, cpu_offload=run.get("cpu_offload", False))
+        die_at = run.get("die_at")
+        if die_at is not None and rank == 1:
+            step_once, done = trainer.optimizer_step, []
+
+            def dying_step(lr, max_grad_norm, step_once=step_once, done=done, die_at=die_at):
+                if len(done) + 1 == die_at:
+                    os._exit(17)
+                done.append(1)
+                return step_once(lr, max_grad_norm)
+
+            trainer.optimizer_step = dying_step
+        result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=run["out"])
+        if rank == 0:
+            Path(run["out"], "result.json").write_text(json.dumps(
+                {"losses": result.train_losses, "eval": result.eval, "log_history": result.log_history}))

@@ -1,0 +1,429 @@
+"""Sharded QLoRA with FSDP2 (qlora_gpu.fsdp, qlora_gpu.fsdp_train) against one process, on the CPU: two processes
+on one machine with the gloo backend train the same model as ``GpuTrainer`` does alone.
+
+What the two runs share and what they do not, hence the tolerances:
+- each micro-batch's forward and backward pass is the same computation on the same bits (the gathered 4-bit
+  codes and scales are the stored bytes; the adapters are equal while the updates are);
+- the gradient of a step is the sum of the micro-batches' gradients: one process adds them one after the other
+  into ``.grad``, two ranks add their own and then each other's (the reduce-scatter). With one micro-batch per
+  rank both compute fl(g0 + g1), and without clipping the update is elementwise (AdamW on each shard): the runs
+  are then **bit-identical** — the first test, in the paper's bfloat16 compute with NF4 + double quantization;
+- with two micro-batches per rank the order differs, ((g0 + g1) + g2) + g3 against (g0 + g1) + (g2 + g3), and the
+  clipping norm is summed over shards: float32 roundings, one unit in the last place (2⁻²³ relative) per
+  addition, three per gradient element and step and a few in the norm. AdamW's normalisation keeps a relative
+  change of the gradient a relative change of the update of the same size, so after T = 10 steps of k = 4
+  micro-batches the curves may differ by about T·k·2⁻²³ ≈ 5e-6 relative: we allow 1e-5 (as tests/test_train.py
+  allows for a different summation order in the matrix products) in float32 compute, and the adapters 50 times
+  that of their largest value (test_train.py's rule for trained adapters).
+Resume after a rank is killed is exact (same number of ranks), bit for bit, LoRA dropout on.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("bitsandbytes")
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available():  # pragma: no cover
+    pytest.skip("this torch has no torch.distributed", allow_module_level=True)
+
+from fsdp_helpers import run_ranks, train_runs  # noqa: E402
+from test_train import qa_dataset, small_config, write_tiny_model  # noqa: E402
+
+from qlora_ref.adapters import read_adapter_files  # noqa: E402
+from qlora_ref.train.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
+
+#: one micro-batch per rank, no clipping, the paper's bfloat16 compute with NF4 + double quantization: exact
+EXACT = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=2, max_grad_norm=0.0, eval_every=5,
+             compute_dtype="bfloat16")
+#: two micro-batches per rank and the paper's clipping at 0.3, float32 compute: float32 reordering only
+CLIPPED = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.3,
+               compute_dtype="float32", learning_rate=3e-3)
+RTOL = 1e-5
+#: LoRA dropout on (random state per rank), a checkpoint every 2 steps; rank 1 is killed before step 6
+RESUMED = dict(max_steps=8, micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_every=2,
+               eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test process computes its references with one thread, as each rank does (the same GEMM blocking)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny Llama (every linear's in_features a multiple of 64) and its data."""
+    from qlora_ref.train.api import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("fsdp") / "model"
+    write_tiny_model(folder, intermediate_size=128)
+    tok = load_tokenizer(folder)
+    return folder, qa_dataset(tok, 48, seed=0), qa_dataset(tok, 12, seed=1)
+
+
+@pytest.fixture(scope="module")
+def single(tiny, tmp_path_factory, one_thread):
+    """One process (``GpuTrainer``) in the EXACT and CLIPPED settings: (output folder, result, its adapters)."""
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, eval_ds = tiny
+    found = {}
+    for name, fields in (("exact", EXACT), ("clipped", CLIPPED)):
+        out = tmp_path_factory.mktemp(f"single_{name}")
+        config = small_config(**fields)
+        trainer, _ = make_trainer(folder, config, "gpu")
+        found[name] = out, train(trainer, train_ds, config, eval_data=eval_ds, output_dir=out), trainer.adapter_state()
+    return found
+
+
+def without_norms(log: list[dict]) -> list[dict]:
+    return [{k: v for k, v in e.items() if k != "grad_norm"} for e in log]
+
+
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory, one_thread):
+    """Three two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED."""
+    folder = tiny[0]
+    base = tmp_path_factory.mktemp("sharded")
+    runs = {"exact": dict(config=small_config(**EXACT).to_dict()),
+            "offload": dict(config=small_config(**EXACT).to_dict(), cpu_offload=True),
+            "clipped": dict(config=small_config(**CLIPPED).to_dict())}
+    for name, run in runs.items():
+        run["out"] = str(base / name)
+    run_ranks(train_runs, 2, str(folder), list(runs.values()))
+    return {name: (base / name, json.loads((base / name / "result.json").read_text())) for name in runs}
+
+
+@pytest.mark.parametrize("name", ["exact", "offload"])
+def test_two_ranks_train_bit_for_bit_as_one_process(single, sharded, name):
+    one_dir, one, _ = single["exact"]
+    out, two = sharded[name]
+    assert len(two["losses"]) == 10 and one.train_losses[-1] < one.train_losses[0] - 0.5  # it learns something
+    assert two["losses"] == one.train_losses  # exact float equality, every step
+    assert two["eval"] == one.eval  # the held-out set, shared between the ranks, summed back
+    # learning rates and token counts too; the logged gradient norm is summed over shards (float32 reordering)
+    assert without_norms(two["log_history"]) == without_norms(one.log_history)
+    np.testing.assert_allclose([e["grad_norm"] for e in two["log_history"]],
+                               [e["grad_norm"] for e in one.log_history], rtol=RTOL)
+    # the files rank 0 wrote: the adapter byte for byte, the last checkpoint's optimizer state array for array
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / f).read_bytes() == (one_dir / f).read_bytes(), f
+    mine, theirs = load_checkpoint(one_dir).optimizer_state, load_checkpoint(out).optimizer_state
+    assert mine.keys() == theirs.keys() and all(np.array_equal(mine[k], theirs[k]) for k in mine)
+    assert load_checkpoint(out).state["rng"] == {"backend": "gpu-fsdp", "world_size": 2}
+
+
+def test_two_ranks_with_accumulation_and_clipping_agree_within_float32_reordering(single, sharded):
+    _, one, mine = single["clipped"]
+    out, two = sharded["clipped"]
+    a, b = np.array(one.train_losses), np.array(two["losses"])
+    assert len(b) == 10 and a[-1] < a[0] - 0.5
+    np.testing.assert_allclose(b, a, rtol=RTOL, atol=0)
+    norms = [e["grad_norm"] for e in two["log_history"]]
+    assert max(norms) > 0.3  # clipping acted
+    np.testing.assert_allclose(norms, [e["grad_norm"] for e in one.log_history], rtol=RTOL)
+    theirs = read_adapter_files(out)[0]
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        assert np.abs(mine[k] - theirs[k]).max() <= 50 * RTOL * np.abs(mine[k]).max(), k
+
+
+@pytest.mark.parametrize("name", ["exact", "clipped"])
+def test_the_adapter_two_ranks_save_loads_in_peft(tiny, single, sharded, name):
+    """peft reads the two-rank adapter (PeftModel.from_pretrained on the transformers model) and holds the
+    one-process run's values: bit for bit in the exact setting, within the tolerance in the clipped one."""
+    import peft
+    import transformers
+
+    out, _ = sharded[name]
+    mine = single[name][2]
+    model = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tiny[0]), out)
+    loaded = {k.removeprefix("base_model.model."): v.detach().numpy()
+              for k, v in peft.get_peft_model_state_dict(model).items()}
+    assert loaded.keys() == mine.keys() and len(mine) == 2 * 7 * 2
+    bound = 0.0 if name == "exact" else 50 * RTOL
+    for k in mine:
+        assert np.abs(loaded[k] - mine[k]).max() <= bound * np.abs(mine[k]).max(), k
+
+
+def test_a_killed_rank_resumes_to_the_uninterrupted_result(tiny, tmp_path):
+    """Rank 1 dies abruptly before step 6 (the launch fails, the other rank is terminated); launched again, the
+    run continues from checkpoint 4 and ends where an uninterrupted two-rank run ends, bit for bit."""
+    folder = tiny[0]
+    config = small_config(**RESUMED).to_dict()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(full))])
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="exit code 17"):
+        run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(cut), die_at=6)])
+    assert [s for s, _ in list_checkpoints(cut)] == [2, 4] and not (cut / "adapter_model.safetensors").exists()
+    run_ranks(train_runs, 2, str(folder), [dict(config=config, out=str(cut))])
+    a, b = (json.loads((d / "result.json").read_text()) for d in (full, cut))
+    assert b["losses"] == a["losses"][4:] and b["log_history"] == a["log_history"]
+    for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
+        assert (full / f).read_bytes() == (cut / f).read_bytes(), f
+    mine, theirs = load_checkpoint(full).optimizer_state, load_checkpoint(cut).optimizer_state
+    assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+# ---------------------------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("nf4", False), ("fp4", True)])
+def test_float_storage_keeps_every_byte_and_every_output(quant_type, double_quant):
+    """``to_float_storage`` turns a layer's 4-bit weight into bfloat16-stored parameters (codes, scales) and a
+    record: the bytes bitsandbytes reads and the layer's outputs, gradients and merged weight are unchanged."""
+    from qlora_gpu.fsdp import Stored4bit, to_float_storage
+    from qlora_gpu.lora import SHARDED_STATE, QLoRALinear
+
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 128, generator=g), torch.randn(5, 128, generator=g)
+    lin = QLoRALinear.from_weight(w, r=4, alpha=8.0, quant_type=quant_type, double_quant=double_quant,
+                                  compute_dtype="float32", seed=3)
+    with torch.no_grad():
+        lin.lora_B.normal_(generator=g)
+    packed, state = (t.clone() for t in (lin.frozen_weight()[0], lin.frozen_weight()[1].absmax))
+    y = lin(x)
+    y.square().sum().backward()
+    grads, merged = [lin.lora_A.grad.clone(), lin.lora_B.grad.clone()], lin.merge()
+    lin.lora_A.grad = lin.lora_B.grad = None
+    to_float_storage(lin)
+    assert isinstance(lin.__dict__[SHARDED_STATE], Stored4bit) and lin.quantized and lin.quant_type == quant_type
+    assert lin.weight.dtype == lin.weight_absmax.dtype == torch.bfloat16 and lin.weight.shape == (48 * 128 // 4, 1)
+    assert not lin.weight.requires_grad and not lin.weight_absmax.requires_grad
+    now_packed, now_state = lin.frozen_weight()
+    assert torch.equal(now_packed, packed) and torch.equal(now_state.absmax, state)
+    assert now_state.nested == double_quant
+    y2 = lin(x)
+    y2.square().sum().backward()
+    assert torch.equal(y2, y) and torch.equal(lin.merge(), merged)
+    assert torch.equal(lin.lora_A.grad, grads[0]) and torch.equal(lin.lora_B.grad, grads[1])
+    with pytest.raises(ValueError, match="storage must be a float dtype"):
+        to_float_storage(QLoRALinear.from_weight(w, r=4), torch.uint8)
+
+
+@pytest.fixture
+def cpu_world(monkeypatch):
+    """This process as the one rank of a gloo process group (torchrun's environment set by hand)."""
+    from fsdp_helpers import free_port
+
+    from qlora_gpu.fsdp_train import init_distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    world = init_distributed("cpu")
+    yield world
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("quant", ["nf4", "none"])
+def test_a_sharded_model_computes_the_same_logits(tiny, cpu_world, quant):
+    """One rank's FSDP model (4-bit codes and scales as parameters, or float32 weights made parameters) gives the
+    unsharded model's logits bit for bit; outside forward its 4-bit weight is a shard, and asking for it says so."""
+    from qlora_gpu.fsdp import is_sharded, shard_model
+    from qlora_gpu.prepare import load
+    from qlora_ref.model.config import LoraConfig, QuantConfig
+
+    q = QuantConfig() if quant == "nf4" else None
+    build = lambda: load(tiny[0], q, LoraConfig(r=8, alpha=16.0), dtype="float32")  # noqa: E731
+    plain, sharded = build(), shard_model(build(), cpu_world.mesh)
+    ids = np.array([tiny[1].input_ids[0][:24]])
+    plain.eval(), sharded.eval()
+    with torch.no_grad():
+        assert torch.equal(sharded(ids), plain(ids))
+    lin = sharded.hf.model.layers[0].mlp.down_proj
+    assert is_sharded(lin.weight) and is_sharded(lin.lora_A)
+    if quant == "nf4":
+        with pytest.raises(RuntimeError, match="4-bit weight is sharded"):
+            lin.frozen_weight()
+    else:
+        assert "weight" not in lin._buffers
+
+
+def test_resume_refuses_a_checkpoint_of_another_process_count(tiny, cpu_world, tmp_path):
+    """A one-process checkpoint does not resume sharded, nor a sharded one in one process: the random state of
+    each rank is in it (adapters and optimizer states would move; the generators would not)."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, _ = tiny
+    config = small_config(max_steps=1)
+    one, _ = make_trainer(folder, config, "gpu")
+    train(one, train_ds, config, output_dir=tmp_path / "one")
+    sharded = ShardedTrainer.from_pretrained(folder, config.replace(max_steps=2), world=cpu_world)
+    with pytest.raises(ValueError, match="comes from one unsharded process"):
+        train(sharded, train_ds, config.replace(max_steps=2), output_dir=tmp_path / "one")
+    train(sharded, train_ds, config, output_dir=tmp_path / "sharded", resume=False)
+    with pytest.raises(ValueError, match="another backend"):
+        train(one, train_ds, config.replace(max_steps=2), output_dir=tmp_path / "sharded")
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        ShardedTrainer(sharded.model, config.replace(optimizer="paged_adamw_8bit"), cpu_world)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.fixture
+def gpu_world(monkeypatch):
+    """This process as the one rank of an NCCL process group (torchrun's environment set by hand)."""
+    from fsdp_helpers import free_port
+
+    from qlora_gpu.fsdp_train import init_distributed
+
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(k, v)
+    world = init_distributed("cuda")
+    yield world
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cpu_offload", [False, True], ids=["on_device", "cpu_offload"])
+def test_world_size_one_on_a_gpu_trains_as_the_unsharded_trainer(tiny, tmp_path, gpu_world, cpu_offload):
+    """FSDP2 over one GPU (NCCL; the all-gathers are copies) against ``GpuTrainer``, the paper's clipping on.
+    On the device every operation is the unsharded run's, so the losses are bit-identical (the norm over one
+    rank's shards is the norm, √(x²) rounding back to x in float32); with CPU offload the optimizer steps on the
+    host (bitsandbytes' CPU update, not its CUDA kernel: a few float32 roundings apart per step), hence CLIPPED's
+    tolerance, float32 compute."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, eval_ds = tiny
+    fields = dict(CLIPPED, compute_dtype="float32") if cpu_offload else dict(EXACT, max_grad_norm=0.3)
+    config = small_config(**fields)
+    one, _ = make_trainer(folder, config, "gpu")
+    a = train(one, train_ds, config, eval_data=eval_ds)
+    sharded = ShardedTrainer.from_pretrained(folder, config, cpu_offload=cpu_offload, world=gpu_world)
+    b = train(sharded, train_ds, config, eval_data=eval_ds)
+    assert a.train_losses[-1] < a.train_losses[0] - 0.5
+    if cpu_offload:
+        np.testing.assert_allclose(b.train_losses, a.train_losses, rtol=RTOL, atol=0)
+    else:
+        assert b.train_losses == a.train_losses and b.eval == a.eval
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+def finetune_args(folder, data, out, *extra) -> list[str]:
+    return ["finetune", "--backend", "gpu", "--model", str(folder), "--data", str(data), "--output-dir", str(out),
+            "--batch-size", "2", "--grad-accum", "2", "--lora-r", "8", "--save-every", "2", "--no-progress", *extra]
+
+
+def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    from qlora_ref.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+    args = finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "out", "--max-steps", "3")
+    assert main([*args[:1], "--nproc", "2", *args[1:]]) == 0
+    assert main([*args, "--nproc=3", "--cpu-offload"]) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    assert calls == [[*launcher, "--nproc-per-node=2", "-m", "qlora_ref", *args],
+                     [*launcher, "--nproc-per-node=3", "-m", "qlora_ref", *args, "--cpu-offload"]]
+    assert "2 processes" in capsys.readouterr().err
+    for bad, message in ((["--nproc", "0"], "--nproc must be a positive integer"),
+                         (["--nproc", "2", "--backend", "ref"], "add --backend gpu"),
+                         (["--cpu-offload"], "cpu_offload applies to a sharded")):
+        assert main([*args, *bad]) == 2
+        assert message in capsys.readouterr().err
+    for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    assert main([*args, "--nproc", "2"]) == 2
+    assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+def rank_pid(output_dir, rank: int) -> int:
+    """The process id of the training process of ``rank`` writing to ``output_dir`` (Linux: /proc)."""
+    from pathlib import Path
+
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if str(output_dir).encode() in cmdline and f"RANK={rank}".encode() in environ and b"--nproc" not in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no rank {rank} process writes to {output_dir}")
+
+
+@pytest.mark.slow
+def test_nproc_two_killed_then_run_again_ends_as_an_uninterrupted_run(tiny, tmp_path):
+    """``qlora finetune --nproc 2`` end to end (torchrun, two fresh Python processes, gloo): rank 1 killed with
+    SIGKILL after the second checkpoint (torchrun ends rank 0 and fails), the same command again continues from
+    the checkpoint and writes the adapter an uninterrupted run writes, byte for byte (LoRA dropout on); one
+    report, from rank 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_train import qa_records, write_jsonl
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, qa_records(48))
+    cmd = [sys.executable, "-m", "qlora_ref"]
+    extra = ["--nproc", "2", "--max-steps", "24", "--lora-dropout", "0.1"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    done = subprocess.run([*cmd, *finetune_args(tiny[0], data, full, *extra)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained to step 24") == 1  # rank 0 reports, once
+    job = subprocess.Popen([*cmd, *finetune_args(tiny[0], data, cut, *extra)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    while not (cut / "checkpoint-4").is_dir() and job.poll() is None:
+        time.sleep(0.05)
+    os.kill(rank_pid(cut, 1), signal.SIGKILL)  # torchrun then ends the other rank and fails
+    assert job.wait() != 0
+    assert not (cut / "adapter_model.safetensors").exists(), "the run ended before it was killed"
+    again = subprocess.run([*cmd, *finetune_args(tiny[0], data, cut, *extra)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = int(again.stdout.split("(")[1].split(" steps in this run")[0])
+    assert 0 < steps < 24  # it resumed
+    for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
+        assert (full / f).read_bytes() == (cut / f).read_bytes(), f
+
+
+# ---------------------------------------------------------------------------------------------- bench/fsdp_memory.py
+def test_bench_plan_and_its_memory_run_on_the_cpu():
+    """bench/fsdp_memory.py's order (the goal first, the engine's cost, then the rest of the table) and one world
+    size of its memory run, in this process under the fake process group (the tiny config: a smoke run)."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "bench")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    import fsdp_memory
+
+    from qlora_ref.memory import estimate_sharded_memory
+
+    args = fsdp_memory.parse_args(["--world-sizes", "1,2,4", "--offload", "2,4"])
+    if not torch.cuda.is_available():
+        assert args.model == args.throughput_model == "tiny" and args.seq == 64
+    order = [(j["kind"], j.get("world_size"), j.get("cpu_offload")) for j in fsdp_memory.plan(args)]
+    assert order == [("memory", 2, False), ("memory", 2, True), ("throughput", None, None), ("memory", 1, False),
+                     ("memory", 4, False), ("memory", 4, True)]
+    if torch.cuda.is_available():
+        pytest.skip("the memory run under the fake process group runs on the CPU here; the GPU runs it as a bench")
+    try:
+        row = fsdp_memory.memory_run("tiny", 2, False, seq=32, warmup=0, steps=1)
+    finally:
+        dist.destroy_process_group()
+    assert row["status"] == "ok" and row["world_size"] == 2 and row["step_s"] > 0
+    assert row["stamp"]["torch"] == torch.__version__
+    shape = row["predicted"]
+    assert shape["gpus"] == 2 and shape["device_bytes"] > 0
+    assert shape["shards"]["adapters"] == estimate_sharded_memory(
+        fsdp_memory.prediction_shape("tiny"), 2, seq=32, r=8, lora_dropout=0.05, adapter_dtype="float32",
+        unquantized_dtype="bfloat16", attention="flash").shards["adapters"]
