@@ -50,16 +50,20 @@ def load_tokenizer(path):
     return Tokenizer.from_gguf_metadata(meta, str(gguf))
 
 
+def _check_sharding(backend: str, sharded: bool, cpu_offload: bool) -> None:
+    if cpu_offload and not sharded:
+        raise ValueError("cpu_offload applies to a sharded (FSDP) run: launch with --nproc N or torchrun")
+    if sharded and backend == "ref":
+        raise ValueError("the reference backend trains in one process; sharding over processes needs --backend gpu")
+
+
 def make_trainer(model_path, config: TrainConfig, backend: str = "ref", *, sharded: bool = False,
                  cpu_offload: bool = False):
     """``(trainer, tokenizer)``: a ``StepBackend`` holding the model at ``model_path`` with fresh adapters.
     ``sharded``: this process is one of several that torchrun started, and the model is sharded over them with
     FSDP2 (GPU backend only); ``cpu_offload``: FSDP2's offload of parameters, gradients and optimizer states to
     host memory (sharded only)."""
-    if cpu_offload and not sharded:
-        raise ValueError("cpu_offload applies to a sharded (FSDP) run: launch with --nproc N or torchrun")
-    if sharded and backend == "ref":
-        raise ValueError("the reference backend trains in one process; sharding over processes needs --backend gpu")
+    _check_sharding(backend, sharded, cpu_offload)
     if backend == "ref":
         from ..model.loading import load_model
         from .reference import RefTrainer
@@ -130,6 +134,7 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         check_writable_dir(output_dir, "output_dir")
     if sharded is None:
         sharded = launched_by_torchrun()
+    _check_sharding(backend, sharded, cpu_offload)  # before the data is read
     if trainer is None:
         tokenizer = load_tokenizer(model)
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
