@@ -186,7 +186,7 @@ def make_update(stack: str, model, params: list, rec: dict):
 
 # ----------------------------------------------------------------------------------------------- ours
 def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True,
-               adapter_dtype: str = "float32", kernel: str = "bnb"):
+               adapter_dtype: str = "float32", kernel: str = "bnb", init_std: float = INIT_STD):
     """``prepare_model`` with the paper's recipe; returns (model, trainable parameters, loss function).
     ``adapter_dtype`` "bfloat16" stores the adapters as the paper's qlora.py does (peft's default, and the
     baseline's, is float32)."""
@@ -196,7 +196,7 @@ def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: 
     model = prepare_model(config, quant=QuantConfig(), lora=LoraConfig(r=rec["r"], alpha=rec["alpha"],
                                                                       dropout=rec["dropout"]),
                           device=device, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa",
-                          seed=seed, init_std=INIT_STD, progress=progress, tokenizer=False, kernel=kernel,
+                          seed=seed, init_std=init_std, progress=progress, tokenizer=False, kernel=kernel,
                           **extra)
     model.train()
     params = list(model.lora_parameters().values())
@@ -221,7 +221,8 @@ def bnb_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True, weights=None):
+def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True, weights=None,
+                   init_std: float = INIT_STD):
     """transformers + bitsandbytes ``Linear4bit`` + peft, materialised layer by layer with ``init_weight``'s
     weights (the same as ``prepare_model`` draws; ``weights(name, dtype)`` replaces them, e.g. a checkpoint's
     tensors); returns (peft model, trainable parameters, loss function). What
@@ -249,7 +250,7 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
             return torch.ones(shapes[name], device=device, dtype=dtype)
         if name.endswith(".bias"):
             return torch.zeros(shapes[name], device=device, dtype=dtype)
-        return init_weight(name, shapes[name], INIT_STD, seed, device, dtype)
+        return init_weight(name, shapes[name], init_std, seed, device, dtype)
 
     def set_param(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
         setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
