@@ -329,24 +329,25 @@ class QLoRALinear(nn.Module):
     @classmethod
     def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
                     blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
-                    seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb") -> QLoRALinear:
+                    seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb",
+                    out_dtype: str | None = None) -> QLoRALinear:
         """Quantize ``W`` (out, in) with bitsandbytes (``quant_type=None`` keeps it float32), attach an adapter."""
         W = _float_tensor(W, "W", device)
         ref.check_weight_shape(W.shape)
         check_kernel(kernel, quant_type)  # before quantizing: a bad choice fails fast
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device, kernel=kernel)
+                   seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 
     @classmethod
     def from_quantized(cls, q, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
                        compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
-                       device=None, kernel: str = "bnb") -> QLoRALinear:
+                       device=None, kernel: str = "bnb", out_dtype: str | None = None) -> QLoRALinear:
         """Use a quantized weight as stored (a ``Quantized4bit`` of either backend)."""
         if not isinstance(q, RefQuantized4bit):
             raise ValueError(f"q must be a Quantized4bit (qlora_ref or qlora_gpu), got {type(q).__name__}")
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device, kernel=kernel)
+                   seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
