@@ -52,7 +52,8 @@ def git_state() -> dict | None:
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None
-    status = _git("status", "--porcelain", "--", ".", f":!{FROZEN.relative_to(ROOT)}") or ""
+    exclude = [f":!{FROZEN.relative_to(ROOT)}"] if FROZEN.is_relative_to(ROOT) else []
+    status = _git("status", "--porcelain", "--", ".", *exclude) or ""
     diff = _git("diff", "HEAD") or ""
     return dict(commit=commit, dirty=bool(status), diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff
                 else None, source="git")

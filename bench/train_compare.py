@@ -157,7 +157,9 @@ def _sync(device) -> None:
 
 
 def n_targets(labels: np.ndarray) -> int:
-    return int((labels[:, 1:] != corpus.IGNORE).sum())
+    """Counted next-token targets of micro-batches (..., seq), at least 1: the loop's divisor
+    (``qlora_ref.train.loop``; a short row may hold a prompt only)."""
+    return max(1, int((labels[..., 1:] != corpus.IGNORE).sum()))
 
 
 # ----------------------------------------------------------------------------------------------- statistics
