@@ -118,7 +118,7 @@ def render(paths: list[str]) -> str:
     for path in paths:
         payload = json.loads(Path(path).read_text())
         out += [f"#### {Path(path).name}", "", stamp_line(payload.get("stamp")), ""]
-        if "rows" in payload:
+        if "rows" in payload and all("stack" in r for r in payload["rows"]):
             out.append(scale_tables(payload))
         elif payload.get("mode") in ("speed", "curves") and "losses" not in payload and "ratios" not in payload:
             out.append(f"_{payload['mode']} of {payload.get('model')}: cut off at status "
@@ -128,7 +128,7 @@ def render(paths: list[str]) -> str:
         elif payload.get("mode") == "curves":
             out.append(curves_tables(payload))
         else:
-            out.append("_not a result of gpu_scale.py or train_compare.py_")
+            out.append("_not a result of gpu_scale.py or train_compare.py: its own script prints its tables_")
         out.append("")
     return "\n".join(out)
 
