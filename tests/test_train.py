@@ -177,7 +177,7 @@ def test_training_lowers_the_loss(tiny):
 ])
 def test_ref_and_gpu_loss_curves_agree(tiny, compute_dtype, double_quant, rel_tol):
     """Same tiny model, data and seed: the reference and the GPU backend (on CPU) give the same loss curve for
-    20 optimizer steps (NF4, paged AdamW, clipping, warmup, gradient accumulation, gradient checkpointing)."""
+    20 optimizer steps (NF4, paged AdamW, clipping, gradient accumulation, gradient checkpointing)."""
     pytest.importorskip("bitsandbytes")
     folder, _, train_ds, eval_ds = tiny
     config = small_config(compute_dtype=compute_dtype, double_quant=double_quant)
