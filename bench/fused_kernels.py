@@ -206,6 +206,10 @@ def main(argv=None) -> int:
 
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
           f"NF4 + DQ blocksize 64, bfloat16 compute, dropout 0.1, forward + backward, median of {args.repeats}\n")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from stamp import stamp as make_stamp  # bench/stamp.py
+
+    stamp = make_stamp()
     rows = []
     for model in models:
         for name, out_f, in_f in SHAPES[model]:
@@ -214,8 +218,7 @@ def main(argv=None) -> int:
             rows.append(row)
             print_row(row, model)
             if args.json:
-                _write_json(args.json, {"command": " ".join(sys.argv), "device": torch.cuda.get_device_name(),
-                                        "rows": rows})
+                _write_json(args.json, {"stamp": stamp, "device": torch.cuda.get_device_name(), "rows": rows})
         print()
     return 0
 

@@ -84,7 +84,11 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 SIZES = ("7b", "13b", "33b", "65b")
 #: how many of the most frequent operators and kernels a profile lists
 TOP = 30
-STACKS = ("ours", "ours-triton", "ours-graph", "baseline")
+STACKS = ("ours", "ours-triton", "ours-graph", "baseline", "baseline-paper", "baseline-paper-compile")
+#: the standard stack's variants (issue 36): peft as ``prepare_model_for_kbit_training`` leaves it (float32 embedding,
+#: head and adapters), as the paper's ``qlora.py`` then casts it (bfloat16 embedding, head and adapters, float32
+#: norms), and that under ``torch.compile``
+BASELINES = ("baseline", "baseline-paper", "baseline-paper-compile")
 #: variants of ours, each compared with ours and the baseline in ``ratios``: the opt-in fused kernels
 #: (docs/fused_kernels.md) and the step replayed as a CUDA graph (``qlora_gpu.graphs``; CUDA only)
 VARIANTS = {"ours-triton": "triton", "ours-graph": "graph"}
@@ -179,14 +183,14 @@ class OursUpdate:
 
 def make_update(stack: str, model, params: list, rec: dict):
     """The optimizer step of ``stack`` over the model's trainable ``params`` (as its builder returned them)."""
-    if stack == "baseline":
+    if stack in BASELINES:
         return HFUpdate(make_optimizer(params, rec), params, rec["max_grad_norm"])
     return OursUpdate(model.lora_parameters(), rec)
 
 
 # ----------------------------------------------------------------------------------------------- ours
 def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True,
-               adapter_dtype: str = "float32", kernel: str = "bnb"):
+               adapter_dtype: str = "float32", kernel: str = "bnb", init_std: float = INIT_STD):
     """``prepare_model`` with the paper's recipe; returns (model, trainable parameters, loss function).
     ``adapter_dtype`` "bfloat16" stores the adapters as the paper's qlora.py does (peft's default, and the
     baseline's, is float32)."""
@@ -196,7 +200,7 @@ def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: 
     model = prepare_model(config, quant=QuantConfig(), lora=LoraConfig(r=rec["r"], alpha=rec["alpha"],
                                                                       dropout=rec["dropout"]),
                           device=device, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa",
-                          seed=seed, init_std=INIT_STD, progress=progress, tokenizer=False, kernel=kernel,
+                          seed=seed, init_std=init_std, progress=progress, tokenizer=False, kernel=kernel,
                           **extra)
     model.train()
     params = list(model.lora_parameters().values())
@@ -221,7 +225,8 @@ def bnb_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True, weights=None):
+def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progress: bool = True, weights=None,
+                   init_std: float = INIT_STD, paper: bool = False, compile: bool = False):
     """transformers + bitsandbytes ``Linear4bit`` + peft, materialised layer by layer with ``init_weight``'s
     weights (the same as ``prepare_model`` draws; ``weights(name, dtype)`` replaces them, e.g. a checkpoint's
     tensors); returns (peft model, trainable parameters, loss function). What
@@ -249,7 +254,7 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
             return torch.ones(shapes[name], device=device, dtype=dtype)
         if name.endswith(".bias"):
             return torch.zeros(shapes[name], device=device, dtype=dtype)
-        return init_weight(name, shapes[name], INIT_STD, seed, device, dtype)
+        return init_weight(name, shapes[name], init_std, seed, device, dtype)
 
     def set_param(module: torch.nn.Module, attr: str, value: torch.Tensor) -> None:
         setattr(module, attr, torch.nn.Parameter(value, requires_grad=False))
@@ -290,14 +295,36 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
     peft_model = get_peft_model(hf, PeftLoraConfig(r=rec["r"], lora_alpha=rec["alpha"], lora_dropout=rec["dropout"],
                                                    target_modules=list(LINEAR_MODULES), bias="none",
                                                    task_type="CAUSAL_LM"))
+    if paper:
+        qlora_py_casts(peft_model)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    forward = torch.compile(peft_model) if compile else peft_model
 
-    def loss_fn(ids: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=device.type, dtype=bf16):  # HF Trainer with bf16=True
-            return peft_model(input_ids=ids, labels=ids, use_cache=False).loss
+    def loss_fn(ids: torch.Tensor, labels: torch.Tensor | None = None, num_items: int | None = None) -> torch.Tensor:
+        """The model's own loss (transformers' ForCausalLMLoss: labels shifted inside), under autocast as HF Trainer
+        with bf16=True; ``num_items``: the accumulated step's targets (Trainer's ``num_items_in_batch``)."""
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
+        with torch.autocast(device_type=device.type, dtype=bf16):
+            return forward(input_ids=ids, labels=ids if labels is None else labels, use_cache=False, **extra).loss
 
     return peft_model, params, loss_fn
+
+
+def qlora_py_casts(peft_model) -> None:
+    """What the paper's ``qlora.py`` (``get_accelerate_model`` with ``--bf16``) does after ``get_peft_model``: every
+    LoRA layer to bfloat16 (its adapters; the 4-bit weight is not floating point and stays), every module named
+    ``norm`` to float32, the embedding and LM head to bfloat16."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            module.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if ("lm_head" in name or "embed_tokens" in name) and getattr(module, "weight", None) is not None \
+                and module.weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
 
 
 def _replace_with_bnb_linear(hf):
@@ -344,7 +371,9 @@ def build_ours_graph(config: ModelConfig, device, rec: dict, **kwargs):
 
 
 BUILDERS = {"ours": build_ours, "ours-triton": functools.partial(build_ours, kernel="triton"),
-            "ours-graph": build_ours_graph, "baseline": build_baseline}
+            "ours-graph": build_ours_graph, "baseline": build_baseline,
+            "baseline-paper": functools.partial(build_baseline, paper=True),
+            "baseline-paper-compile": functools.partial(build_baseline, paper=True, compile=True)}
 
 
 # ----------------------------------------------------------------------------------------------- the step
@@ -361,6 +390,37 @@ def train_step(loss_fn, update, ids: torch.Tensor) -> float:
         loss.backward()
     update()
     return float(loss.detach())
+
+
+def timed_train_step(loss_fn, update, ids: torch.Tensor, device: torch.device) -> tuple[float, float, float]:
+    """``train_step`` timed: (loss, seconds of the whole step, seconds of ``update()`` alone — clipping and the
+    optimizer step, where paged states evicted to CPU RAM are fetched back), the device synchronized around each."""
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = loss_fn(ids)
+    if not getattr(loss_fn, "runs_backward", False):
+        loss.backward()
+    _sync(device)
+    t1 = time.perf_counter()
+    update()
+    _sync(device)
+    t2 = time.perf_counter()
+    return float(loss.detach()), t2 - t0, t2 - t1
+
+
+def reserve(device: torch.device, leave_free_bytes: int | None) -> torch.Tensor | None:
+    """Occupy the device's free memory but ``leave_free_bytes`` with one tensor (None: nothing): the card as one
+    with only that much memory left, for everything of this process — the model, the activations and
+    bitsandbytes' paged states, which the driver then has to evict to CPU RAM when they do not fit."""
+    if leave_free_bytes is None:
+        return None
+    if device.type != "cuda":
+        raise ValueError("leave_free_bytes needs a CUDA device")
+    free, _ = torch.cuda.mem_get_info(device)
+    n = free - leave_free_bytes
+    if n <= 0:
+        return None
+    return torch.empty(n, dtype=torch.uint8, device=device)
 
 
 def count_ops(fn) -> tuple[int, object]:
@@ -531,13 +591,14 @@ def _is_oom(e: BaseException) -> bool:
 
 def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, warmup: int = 2, steps: int = 5,
               seed: int = 0, progress: bool = True, adapter_dtype: str = "float32", profile: bool = True,
-              cap_bytes: int | None = None) -> dict:
+              cap_bytes: int | None = None, leave_free_bytes: int | None = None) -> dict:
     """Build ``stack`` for model ``name`` on ``device``, take ``warmup`` + ``steps`` training steps; a dict of
     the measurements (status "OOM" with the phase when the GPU ran out of memory). ``adapter_dtype`` applies to
     ours only (the baseline keeps peft's float32 adapters). ``profile``: after the timed steps and the peak
     memory, one more step counted and profiled (``profile_step``). ``cap_bytes`` (CUDA): torch's allocator is
     capped there from the build on (``set_cap``) — a run that completes fits a card of that size, paged states
-    aside."""
+    aside. ``leave_free_bytes`` (CUDA): the rest of the free memory is occupied before the build (``reserve``): the
+    paged states then compete for that much too, and ``update_times_s`` shows what their eviction costs."""
     if stack not in BUILDERS:
         raise ValueError(f"stack must be one of {STACKS}, got {stack!r}")
     if stack in CUDA_ONLY_STACKS and torch.device(device).type != "cuda":
@@ -548,9 +609,9 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
     config = model_config(name)
     rec = recipe(name)
     out = dict(model=name, stack=stack, device=_device_name(device), seq=seq, batch=batch, warmup=warmup, steps=steps,
-               adapter_dtype="float32" if stack == "baseline" else adapter_dtype, cap_bytes=cap_bytes,
+               adapter_dtype="float32" if stack in BASELINES else adapter_dtype, cap_bytes=cap_bytes,
                recipe={k: list(v) if isinstance(v, tuple) else v for k, v in rec.items()}, status="ok")
-    model = params = loss_fn = update = step = None
+    model = params = loss_fn = update = step = hog = None
     phase = "build"
     _preload()  # imports are not part of the build time
     if cap_bytes is not None and device.type != "cuda":
@@ -559,11 +620,16 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
         if cap_bytes is not None:
             set_cap(device, cap_bytes)
         free_memory(device)
+        if leave_free_bytes is not None:
+            hog = reserve(device, leave_free_bytes)
+            out["leave_free_bytes"] = leave_free_bytes
+            out["reserved_bytes"] = 0 if hog is None else hog.numel()
+            out["free_bytes_at_build"] = int(torch.cuda.mem_get_info(device)[0])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
         t0 = time.perf_counter()
-        extra = {"adapter_dtype": adapter_dtype} if stack != "baseline" and adapter_dtype != "float32" else {}
+        extra = {"adapter_dtype": adapter_dtype} if stack not in BASELINES and adapter_dtype != "float32" else {}
         model, params, loss_fn = BUILDERS[stack](config, device, rec, seed=seed, progress=progress, **extra)
         _sync(device)
         out["build_s"] = time.perf_counter() - t0
@@ -577,17 +643,18 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
         phase = "step"
         update = make_update(stack, model, params, rec)
         ids = make_batch(config, seq, batch, device, seed)
-        losses, times = [], []
+        losses, times, update_times = [], [], []
         for i in range(warmup + steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            losses.append(train_step(loss_fn, update, ids))
-            _sync(device)
+            loss, step_s, update_s = timed_train_step(loss_fn, update, ids, device)
+            losses.append(loss)
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                times.append(step_s)
+                update_times.append(update_s)
         out["first_loss"], out["last_loss"] = losses[0], losses[-1]
+        out["losses"] = losses  # the loss curve on the repeated batch: both stacks learn alike (issue 36)
         out["step_s"] = statistics.median(times)
         out["step_times_s"] = times
+        out["update_times_s"] = update_times
         out["tokens_per_s"] = batch * seq / out["step_s"]
         out["paged_state_bytes"], out["device_state_bytes"] = optimizer_state_bytes(update.state_optimizer)
         if device.type == "cuda":
@@ -607,7 +674,7 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
             raise
         out.update(status="OOM", phase=phase, error=str(e).splitlines()[0][:300])
     finally:
-        del model, params, loss_fn, update, step
+        del model, params, loss_fn, update, step, hog
         free_memory(device)
         if cap_bytes is not None:
             set_cap(device, None)
@@ -652,7 +719,8 @@ def run_isolated(stack: str, name: str, args, adapter_dtype: str = "float32", ti
         result = Path(tmp) / "result.json"
         job = dict(stack=stack, name=name, device=args.device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                    steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=adapter_dtype,
-                   profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args))
+                   profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args),
+                   leave_free_bytes=_leave_free_bytes(args))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job), "--child-out", str(result)]
         try:
             proc = subprocess.run(cmd, timeout=timeout)
@@ -682,7 +750,7 @@ def parse_runs(spec: str) -> list[tuple[str, str, str]]:
             raise SystemExit(f"--runs: unknown stack {stack!r} in {item!r}; choose among {', '.join(STACKS)}")
         if dtype not in ("float32", "bfloat16"):
             raise SystemExit(f"--runs: adapter dtype {dtype!r} in {item!r} must be float32 or bfloat16")
-        if stack == "baseline" and dtype != "float32":
+        if stack in BASELINES and dtype != "float32":
             raise SystemExit(f"--runs: {item!r}: the baseline keeps peft's float32 adapters")
         runs.append((name, stack, dtype))
     if not runs:
@@ -696,7 +764,7 @@ def ratios(rows: list[dict]) -> dict:
     for name in dict.fromkeys(r["model"] for r in rows):
         by = {r["stack"]: r for r in rows if r["model"] == name and r.get("status") == "ok"
               and r.get("adapter_dtype", "float32") == "float32"  # like for like: the baseline's adapters,
-              and r.get("cap_bytes") is None}  # no cap
+              and r.get("cap_bytes") is None and r.get("leave_free_bytes") is None}  # no cap, nothing reserved
         if "ours" not in by or "baseline" not in by:
             continue
         o, b = by["ours"], by["baseline"]
@@ -726,9 +794,12 @@ def _gib(x) -> str:
 
 
 def _label(r: dict) -> str:
-    notes = [f"{r['adapter_dtype']} adapters"] if r.get("adapter_dtype", "float32") != "float32" else []
+    notes = [f"{r['adapter_dtype']} adapters"] if r.get("adapter_dtype", "float32") != "float32" \
+        and r["stack"] not in BASELINES else []
     if r.get("cap_bytes") is not None:
         notes.append(f"capped at {r['cap_bytes'] / 1e9:g} GB")
+    if r.get("leave_free_bytes") is not None:
+        notes.append(f"{r['leave_free_bytes'] / 1e9:g} GB left free")
     return r["stack"] + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -805,12 +876,17 @@ def parse_args(argv=None):
                    help="ours only: the adapters' storage (the paper's qlora.py casts them to bfloat16)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--json", default=None, help="write the results here (after every stack)")
+    p.add_argument("--append", action="store_true", help="keep the rows already in --json (a run of other options, "
+                   "e.g. --leave-free-gb beside an unconstrained run, compared in one file by bench/tables.py)")
     p.add_argument("--no-isolate", action="store_true", help="run every stack in this process")
     p.add_argument("--runs", default=None, help="instead of --models x --stacks: comma-separated "
                    "model:stack[:adapter_dtype] in the order to run (e.g. 65b:ours,7b:ours,7b:baseline)")
     p.add_argument("--child-timeout", type=float, default=None, help="seconds per (model, stack) child process")
     p.add_argument("--cap-gb", type=float, default=None, help="cap torch's CUDA allocator at this many GB (10^9 "
                    "bytes) from the build on: a run that completes fits a card of that size (paged states aside)")
+    p.add_argument("--leave-free-gb", type=float, default=None, help="occupy the GPU's free memory but this many GB "
+                   "(10^9 bytes) before the build: a card with only that much left, paged optimizer states included "
+                   "(they are evicted to CPU RAM when short; update_times_s shows the cost)")
     p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run: a (model, stack) "
                    "starts only with --min-left seconds left, and is stopped at the deadline (row 'timeout')")
     p.add_argument("--min-left", type=float, default=45.0, help="with --deadline: seconds a run needs to start")
@@ -841,6 +917,10 @@ def _model_name(raw: str, option: str) -> str:
 
 def _cap_bytes(args) -> int | None:
     return None if args.cap_gb is None else int(args.cap_gb * 1e9)
+
+
+def _leave_free_bytes(args) -> int | None:
+    return None if args.leave_free_gb is None else int(args.leave_free_gb * 1e9)
 
 
 def _profiled(name: str, spec: str) -> bool:
@@ -884,6 +964,9 @@ def main(argv=None) -> list[dict]:
         raise SystemExit(f"{','.join(cuda_only)}: needs a CUDA device (CUDA graphs), none here")
     if args.seq < 2 or args.batch < 1:
         raise SystemExit(f"--seq must be >= 2 and --batch >= 1, got {args.seq}, {args.batch}")
+    if args.leave_free_gb is not None and (device.type != "cuda" or args.leave_free_gb <= 0):
+        raise SystemExit(f"--leave-free-gb occupies GPU memory: it needs a CUDA device and a positive size, got "
+                         f"{args.leave_free_gb} on {device}")
     if args.cap_gb is not None and (device.type != "cuda" or args.cap_gb <= 0):
         raise SystemExit(f"--cap-gb caps torch's CUDA allocator: it needs a CUDA device and a positive size, got "
                          f"{args.cap_gb} on {device}")
@@ -896,9 +979,15 @@ def main(argv=None) -> list[dict]:
     if device.type == "cpu":
         print("CPU: a smoke test of the code path, not a benchmark (memory columns n/a)", flush=True)
     start = time.monotonic()
+    from stamp import stamp as make_stamp
+
+    stamp = make_stamp()
     rows: list[dict] = []
+    if args.append and args.json and Path(args.json).exists():
+        rows = json.loads(Path(args.json).read_text())["rows"]
     for name, stack, dtype in runs:
-        label = _label(dict(stack=stack, adapter_dtype=dtype, cap_bytes=_cap_bytes(args)))
+        label = _label(dict(stack=stack, adapter_dtype=dtype, cap_bytes=_cap_bytes(args),
+                            leave_free_bytes=_leave_free_bytes(args)))
         timeout = args.child_timeout
         if args.deadline is not None:
             left = args.deadline - (time.monotonic() - start)
@@ -914,13 +1003,14 @@ def main(argv=None) -> list[dict]:
         if args.no_isolate:
             row = run_stack(stack, name, device, seq=args.seq, batch=args.batch, warmup=args.warmup,
                             steps=args.steps, seed=args.seed, progress=not args.no_progress, adapter_dtype=dtype,
-                            profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args))
+                            profile=_profiled(name, args.profile), cap_bytes=_cap_bytes(args),
+                            leave_free_bytes=_leave_free_bytes(args))
         else:
             row = run_isolated(stack, name, args, adapter_dtype=dtype, timeout=timeout)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("recipe", "step_times_s")}), flush=True)
         if args.json:
-            _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=ratios(rows)))
+            _write_json(args.json, dict(stamp=stamp, rows=rows, ratios=ratios(rows)))
     rat = ratios(rows)
     print()
     print(markdown(rows, rat))
@@ -929,7 +1019,7 @@ def main(argv=None) -> list[dict]:
           "dispatched in one more step (host work); GPU busy: the time a kernel ran in a profiled step over its "
           "wall time (well below 100 %: the step waits on the host).")
     if args.json:
-        _write_json(args.json, dict(command=" ".join(sys.argv), rows=rows, ratios=rat))
+        _write_json(args.json, dict(stamp=stamp, rows=rows, ratios=rat))
     return rows
 
 

@@ -22,8 +22,25 @@
 # bench/fsdp_memory.py: 8 world sizes of LLaMA-2-70B at ~30 s each and 2 with CPU offload at ~45 s each, the 7B
 # engine-cost run ~65 s):
 #   run(carry=[".whl"], timeout_s=560, command="BUDGET=540 bash bench/gpu_session.sh fsdp")
+#
+# Issue 36 (the next session; one call of about 9 minutes, measured figures go to docs/benchmarks.md through
+# bench/tables.py). Before it, on the development machine: commit, then `python bench/stamp.py --freeze` (the GPU
+# machine's copy has no .git: every result file is stamped with the frozen commit and checked against its sources).
+#   run(carry=[".whl"], timeout_s=600, command="BUDGET=560 bash bench/gpu_session.sh issue36")
+# Its parts, in order of priority (estimates on an H200 from the 2026-11-30 step times, machine start excluded):
+#   curves7b   7B ours vs the standard stack, 200 optimizer steps of 1 x 256 packed chatterbot tokens, dropout
+#              0.1, the loss curves and their agreement (~1.05 s per pair of steps: ~215 s)        curves_7b.json
+#   speed7b    7B ours vs peft as prepare_model_for_kbit_training leaves it and as the paper's qlora.py casts it,
+#              gradient accumulation 16, shapes 1x512, 4x512, 1x2048, 5 interleaved repeats (~120 s) speed_7b.json
+#   speed13b   13B ours vs the qlora.py baseline, shapes 1x512, 4x512, 5 repeats (~70 s)          speed_13b.json
+#   free48     65B ours with only 48 GB of the card left free (the rest occupied before the build), paged states
+#              included, then the same unconstrained: the eviction's cost (~65 s)          scale_65b_free48.json
+#   compile7b  7B ours vs the qlora.py baseline under torch.compile, 1x512, 5 repeats; the compile is capped at
+#              COMPILE_MAX seconds (default 90) and reported as it is                    speed_7b_compile.json
+#   Total ~565 s: the call's timeout_s=600 leaves the rest of the 15 minutes for the machine's start.
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
-#        | 13b | 33b | 65b | optim | paged | kernels | extras | fsdp | all. Several parts run in the order given.
+#        | 13b | 33b | 65b | optim | paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b
+#        | free48 | compile7b. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
@@ -93,8 +110,44 @@ scale() {
     --json "$OUT/$json" "$@"
 }
 
+# issue36's models and shapes; DRY=1 (no GPU needed) runs its parts' wiring on the CPU with tiny models and shapes
+if [ -n "${DRY:-}" ]; then
+  M7=tiny; M13=tiny-3; M65=tiny-4; CURVE_SHAPE=1x32; CURVE_STEPS=8; SHAPES7=1x32,2x32,1x64; SHAPES13=1x32,2x32
+  FREE48=(); SCALE_SEQ=(--seq 32)
+else
+  M7=7b; M13=13b; M65=65b; CURVE_SHAPE=1x256; CURVE_STEPS=200; SHAPES7=1x512,4x512,1x2048; SHAPES13=1x512,4x512
+  FREE48=(--leave-free-gb 48); SCALE_SEQ=()
+fi
+
+# train_compare.py MODE JSON CAP [OPTIONS...]: at most CAP seconds (and the budget), its own deadline a bit earlier
+compare() {
+  local mode=$1 json=$2 cap=$3 t=$(( $(left) - 15 ))
+  shift 3
+  [ "$cap" -lt "$t" ] && t=$cap
+  if [ "$t" -lt 45 ]; then echo "!! skipped (only $(left) s left of $BUDGET): train_compare $mode $*"; return 0; fi
+  echo "== $(date -u +%H:%M:%S) [${t} s allowed] train_compare $mode $*"
+  timeout --kill-after=10 "$t" python3 bench/train_compare.py "$mode" --deadline $(( t - 25 )) --json "$OUT/$json" "$@"
+}
+
 run_part() {
   case "$1" in
+    issue36)
+      for p in curves7b speed7b speed13b free48 compile7b; do run_part "$p"; done ;;
+    curves7b)
+      compare curves curves_7b.json "${CURVES_MAX:-230}" --model $M7 --stacks ours,baseline --shape $CURVE_SHAPE \
+        --steps $CURVE_STEPS ;;
+    speed7b)
+      compare speed speed_7b.json "${SPEED7_MAX:-140}" --model $M7 --stacks ours,baseline,baseline-paper \
+        --shapes $SHAPES7 --repeats 5 ;;
+    speed13b)
+      compare speed speed_13b.json "${SPEED13_MAX:-85}" --model $M13 --stacks ours,baseline-paper \
+        --shapes $SHAPES13 --repeats 5 ;;
+    free48)  # the paper's 48 GB card: the rest of the GPU occupied first; paged states compete for the 48 GB
+      scale $M65:ours scale_65b_free48.json "${FREE48[@]}" --warmup 1 --steps 6 --profile none "${SCALE_SEQ[@]}"
+      scale $M65:ours scale_65b_free48.json --append --warmup 1 --steps 6 --profile none "${SCALE_SEQ[@]}" ;;
+    compile7b)
+      compare speed speed_7b_compile.json "${COMPILE_MAX:-90}" --model $M7 --stacks ours,baseline-paper-compile \
+        --shapes ${SHAPES7%%,*} --repeats 5 ;;
     goals)  # the issue's two goals: 65B under 48 GB first, then 7B/13B against the baseline, then ours replayed
             # as a CUDA graph (qlora_gpu.graphs; never run on a GPU before: after the eager runs, so that a capture
             # that hangs until CHILD_MAX costs no eager figure), then 65B baseline; 10 timed steps (the 5 of
@@ -137,7 +190,7 @@ run_part() {
       for p in goals checks; do run_part "$p"; done ;;
     *)
       echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | optim |" \
-        "paged | kernels | extras | fsdp | all)"; return 2 ;;
+        "paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b | free48 | compile7b)"; return 2 ;;
   esac
 }
 

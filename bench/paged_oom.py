@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     print(f"device: {gpu_scale._device_name(device)}; model {name}; long seq {args.seq}, short seq {args.short_seq}",
           flush=True)
+    from stamp import stamp as make_stamp
+
+    stamp = make_stamp()
     rows = []
     order = ["paged", *[o for o in names if o != "paged"]] if "paged" in names else names
     for opt in order:
@@ -310,11 +313,11 @@ def main(argv=None) -> int:
                 break
         print(json.dumps({k: v for k, v in row.items() if k != "short"}), flush=True)
         if args.json:
-            gpu_scale._write_json(args.json, dict(command=" ".join(sys.argv), cap_bytes=cap, rows=rows))
+            gpu_scale._write_json(args.json, dict(stamp=stamp, cap_bytes=cap, rows=rows))
     print()
     print(report(rows, cap))
     if args.json:
-        gpu_scale._write_json(args.json, dict(command=" ".join(sys.argv), cap_bytes=cap, rows=rows))
+        gpu_scale._write_json(args.json, dict(stamp=stamp, cap_bytes=cap, rows=rows))
     return 0
 
 

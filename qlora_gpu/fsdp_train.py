@@ -196,7 +196,8 @@ class ShardedTrainer(GpuTrainer):
                         world: World | None = None) -> ShardedTrainer:
         """Every rank builds the model block by block and keeps its shard of each as soon as it is built
         (``prepare_model``'s ``layer_hook``; a GGUF file is read whole on the host first), then shards the rest.
-        The numerics of ``GpuTrainer.from_pretrained``: float32 residual stream, eager attention."""
+        The numerics of ``GpuTrainer.from_pretrained`` (the reference's): float32 embedding and stream, each
+        linear's output rounded in the compute dtype (``residual_dtype=None``), eager attention."""
         from .prepare import load
 
         world = world or init_distributed(None if device is None else torch.device(device).type)
@@ -205,7 +206,7 @@ class ShardedTrainer(GpuTrainer):
             return shard_layer(layer, world.mesh, cpu_offload=cpu_offload)
 
         model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=world.device,
-                     dtype="float32", attn_implementation="eager",
+                     dtype="float32", residual_dtype=None, attn_implementation="eager",
                      gradient_checkpointing=config.gradient_checkpointing, layer_hook=hook,
                      progress=world.rank == 0)
         shard_model(model, world.mesh, cpu_offload=cpu_offload)

@@ -92,6 +92,27 @@ def _add_scaled(base: torch.Tensor, p: torch.Tensor, s: float) -> torch.Tensor:
     return torch.add(base, p, alpha=s) if _exact_scale(s) else base + p * s
 
 
+def _add_adapter(base: torch.Tensor, p: torch.Tensor, s: float, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """The layer's output y = base + s · P in ``out_dtype`` (None: the compute dtype, ``_add_scaled``).
+
+    A wider ``out_dtype`` (float32, where the layer writes into a float32 residual stream) is peft's arithmetic
+    under autocast: bitsandbytes' ``Linear4bit`` returns its bfloat16 product widened to the input's float32
+    and peft adds ``lora_B(lora_A(x)) * scaling`` (bfloat16) to it, so y = f32(base) + f32(rnd(s · P)), one
+    float32 rounding. In the compute dtype instead, an update s · P smaller than half a bfloat16 step of the
+    frozen output (2⁻⁹ of it) is rounded away, and with it the first optimizer steps' effect on the model
+    (docs/training.md, "Precision of the residual stream")."""
+    if out_dtype is None or out_dtype == base.dtype:
+        return _add_scaled(base, p, s)
+    if _exact_scale(s):  # rnd(s · P) = s · P exactly: s applied by the addition
+        return base.to(out_dtype).add_(p, alpha=s)
+    return base.to(out_dtype).add_(p * s)
+
+
+def _widened(y: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
+    """A frozen layer's (or an unused) output in ``out_dtype`` (None: as it is)."""
+    return y if out_dtype is None else y.to(out_dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _keep_scale(p: float) -> float:
     """``qlora_ref.lora.dropout_scale`` as a Python float (exactly the float32 value: torch multiplies a bfloat16
@@ -214,11 +235,12 @@ class _QLoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, staged=None,
-                scales=None, xd=None, output_unused=False):
+                scales=None, xd=None, output_unused=False, out_dtype=None):
         absmax, keep_absmax = scales or (None, False)
+        ctx.compute_dtype = x.dtype
         if output_unused:  # only what backward saves is needed (qlora_gpu.model.LAST_LINEAR): y left unwritten
             out = quant_state.shape[0] if quant_state is not None else weight.shape[0]
-            base = x.new_empty((x.shape[0], out))
+            base = x.new_empty((x.shape[0], out), dtype=out_dtype or x.dtype)
         elif quant_state is not None:  # bitsandbytes' 4-bit matmul (dequantize into x's dtype, then GEMM)
             base = _matmul_4bit(x, weight, _decoded(quant_state, absmax), bias)
         else:  # an unquantized frozen weight (float32; rounded to the compute dtype here and again in backward)
@@ -227,11 +249,11 @@ class _QLoRALinearFunction(torch.autograd.Function):
         absmax = absmax if keep_absmax else None  # saved, so checkpointing drops it and the recomputation's is used
         if lora_a is None:
             ctx.save_for_backward(absmax)
-            return base
+            return _widened(base, out_dtype)
         ctx.params = lora_a, lora_b
         lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
         xd, h = _adapter_forward(x, keep, keep_scale, lora_a, xd)
-        y = base if output_unused else _add_scaled(base, h @ lora_b.t(), scaling)
+        y = base if output_unused else _add_adapter(base, h @ lora_b.t(), scaling, out_dtype)
         # the input (dropped out), the adapter, the decoded scales: nothing (N, out)
         ctx.save_for_backward(absmax, xd, keep, lora_a, lora_b, h)
         return y
@@ -240,6 +262,7 @@ class _QLoRALinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         weight, quant_state = ctx.weight, ctx.quant_state
         need_x = ctx.needs_input_grad[0]
+        grad_y = grad_y.to(ctx.compute_dtype)  # a widened output's gradient: rounded once, as autocast's cast's
         grad_x = grad_a = grad_b = None
         absmax, *saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
         if need_x:  # the frozen path: ∂L/∂x = G W, dequantizing the weight again
@@ -254,14 +277,16 @@ class _QLoRALinearFunction(torch.autograd.Function):
             gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
             if need_x:  # ∂L/∂x_d = (∂L/∂H) A, through the mask
                 grad_x = grad_x + _dropped(_mm(gh, lora_a), keep, ctx.keep_scale)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
 class QLoRALinear(nn.Module):
     """Frozen bitsandbytes 4-bit (or float32) weight + trainable LoRA adapter; see ``qlora_ref.lora``.
 
     ``forward(x, dropout_mask=None)`` takes x (..., in) of any float dtype, computes in ``compute_dtype`` and
-    returns x's dtype. ``r=None`` builds a frozen layer without adapter. ``kernel``: ``"bnb"`` (default, bitsandbytes'
+    returns x's dtype — or ``out_dtype`` where set (e.g. ``"float32"`` for a layer writing into a float32 residual
+    stream: the frozen product widened and the adapter's output added to it in that dtype, as peft adds it,
+    ``_add_adapter``). ``r=None`` builds a frozen layer without adapter. ``kernel``: ``"bnb"`` (default, bitsandbytes'
     unfused path) or ``"triton"`` (the fused kernels of ``qlora_gpu.triton_kernels``: 4-bit weights only; opt-in
     until their gpu tests have passed on a GPU — module docstring); settable later through the ``kernel``
     attribute or ``set_kernel``.
@@ -269,10 +294,11 @@ class QLoRALinear(nn.Module):
 
     def __init__(self, weight, r: int | None, alpha: float = 1.0, *, dropout: float = 0.0, bias=None,
                  compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None,
-                 kernel: str = "bnb"):
+                 kernel: str = "bnb", out_dtype: str | None = None):
         super().__init__()
         self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
         self.compute_dtype = ref.check_compute_dtype(compute_dtype)
+        self.out_dtype = out_dtype
         if isinstance(weight, RefQuantized4bit):
             if not isinstance(weight, Quantized4bit):  # a NumPy state: through the shared state-dict format
                 weight = Quantized4bit.from_state_dict(weight.state_dict())
@@ -309,30 +335,34 @@ class QLoRALinear(nn.Module):
     @classmethod
     def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
                     blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
-                    seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb") -> QLoRALinear:
+                    seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb",
+                    out_dtype: str | None = None) -> QLoRALinear:
         """Quantize ``W`` (out, in) with bitsandbytes (``quant_type=None`` keeps it float32), attach an adapter."""
         W = _float_tensor(W, "W", device)
         ref.check_weight_shape(W.shape)
         check_kernel(kernel, quant_type)  # before quantizing: a bad choice fails fast
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device, kernel=kernel)
+                   seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 
     @classmethod
     def from_quantized(cls, q, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
                        compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
-                       device=None, kernel: str = "bnb") -> QLoRALinear:
+                       device=None, kernel: str = "bnb", out_dtype: str | None = None) -> QLoRALinear:
         """Use a quantized weight as stored (a ``Quantized4bit`` of either backend)."""
         if not isinstance(q, RefQuantized4bit):
             raise ValueError(f"q must be a Quantized4bit (qlora_ref or qlora_gpu), got {type(q).__name__}")
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, device=device, kernel=kernel)
+                   seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
             ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
         if name == "kernel":
             value = check_kernel(value, self.quant_type)
+        if name == "out_dtype":
+            value = check_out_dtype(value)
+            self.__dict__["_out_torch_dtype"] = None if value is None else getattr(torch, value)
         super().__setattr__(name, value)
 
     @property
@@ -365,7 +395,8 @@ class QLoRALinear(nn.Module):
         kind = self.quant_type or "float32"
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight={kind}, r={self.r}, "
                 f"alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
-                f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r}")
+                f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r}"
+                + (f", out_dtype={self.out_dtype!r}" if self.out_dtype is not None else ""))
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -397,15 +428,16 @@ class QLoRALinear(nn.Module):
         if dropped is not None and keep is staged_keep and dropped[0] is x and dropped[1] == x._version:
             xd = dropped[2] if dropped[2].dtype == cdt else None  # computed from this very input, with this mask
         a, b = self.lora_A, self.lora_B  # cast to the compute dtype inside the function (_in_compute_dtype)
+        out_dtype = self.__dict__["_out_torch_dtype"]
         if self.kernel == "triton":
             from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
 
             y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state,
-                                          None, None, staged)
+                                          None, None, staged, out_dtype)
         else:
             y = _QLoRALinearFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state,
-                                           staged, scales, xd, self.__dict__.get("_output_unused", False))
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+                                           staged, scales, xd, self.__dict__.get("_output_unused", False), out_dtype)
+        return (y if out_dtype is not None else y.to(x.dtype)).reshape(*lead, self.out_features)
 
     def stage(self, keep: torch.Tensor | None = None, adapter: tuple | None = None,
               scales: tuple | None = None) -> None:
@@ -458,6 +490,17 @@ def check_kernel(kernel, quant_type: str | None) -> str:
         raise ValueError(f"kernel='triton' needs a 4-bit weight (quant_type 'nf4' or 'fp4'), got quant_type "
                          f"{quant_type!r}; use kernel='bnb' for a float32 base weight")
     return kernel
+
+
+def check_out_dtype(out_dtype) -> str | None:
+    """``out_dtype`` of a ``QLoRALinear``: None (the input's dtype) or a float dtype's name."""
+    if out_dtype is None:
+        return None
+    name = str(out_dtype).removeprefix("torch.")
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"out_dtype must be None (the input's dtype), 'float32', 'bfloat16' or 'float16', "
+                         f"got {out_dtype!r}")
+    return name
 
 
 def set_kernel(model: nn.Module, kernel: str) -> int:

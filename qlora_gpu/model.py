@@ -88,6 +88,69 @@ def lora_linears(layer: nn.Module) -> list[QLoRALinear]:
     return [m for m in layer.modules() if isinstance(m, QLoRALinear) and m.r is not None]
 
 
+#: the block linears whose output feeds float32 arithmetic in the standard stack (its layers return their input's
+#: dtype, float32 after a norm): q and k the rotary embedding, gate and up SiLU and their product, down the residual
+#: addition. v's output goes straight into attention's bfloat16 (a float32 sum rounded there is the bfloat16 sum:
+#: torch adds bfloat16 in float32 and rounds once), and o_proj reads attention's bfloat16 output
+WIDENED_OUTPUTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"),
+                   ("mlp", "down_proj"))
+
+
+def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -> None:
+    """Keep a transformers model's residual stream and its adapters' contributions in ``residual_dtype``
+    (float32) while the frozen matrix products and attention compute in ``compute_dtype`` (bfloat16): the
+    arithmetic of the standard stack (transformers + peft's ``prepare_model_for_kbit_training`` under
+    ``torch.autocast``; the paper's ``qlora.py`` alike), where the norms' float32 weights widen the stream to
+    float32 and bitsandbytes returns each product in its input's float32, to which peft adds the adapter's output.
+
+    - the embedding's output is widened (the embedding is stored in ``dtype``, bfloat16: half the memory);
+    - each norm computes in float32 and returns the compute dtype (one rounding, the one the next products'
+      cast of a float32 output would make), the final one the LM head's dtype;
+    - the block linears whose output feeds float32 arithmetic there (``WIDENED_OUTPUTS``: q, k, gate, up, down)
+      return ``residual_dtype``, their adapter's output added to the widened frozen output in that dtype
+      (``QLoRALinear.out_dtype``, ``qlora_gpu.lora._add_adapter``): rotary embedding, SiLU and the gating product,
+      and the residual additions then run in float32, as in the standard stack;
+    - attention runs under ``torch.autocast`` in the compute dtype, which casts the scaled-dot-product's inputs
+      as the standard stack's autocast does (the projections, our own autograd functions, are unaffected); its
+      bfloat16 output goes to ``o_proj``, which — as peft's layer given a bfloat16 input — adds its adapter's
+      output in bfloat16 and returns bfloat16, widened by the residual addition.
+
+    Why (issue 36, docs/training.md): rounded to bfloat16 against the frozen output, an adapter's contribution
+    below half a bfloat16 step of it (2⁻⁹ relative) is lost; the first updates of B (about lr each) are that
+    small at LLaMA's widths, and training lagged the standard stack's by steps. Nothing changes if the dtypes
+    agree."""
+    if residual_dtype == compute_dtype:
+        return
+    wide, narrow = getattr(torch, residual_dtype), getattr(torch, compute_dtype)
+    embed = hf.get_input_embeddings()
+    if not getattr(embed, "_qlora_widened", False):
+        embed.register_forward_hook(functools.partial(_widen_output, wide))
+        embed._qlora_widened = True
+    head = hf.get_output_embeddings()
+    # the final norm feeds the LM head: its dtype (bfloat16, or float32 with dtype="float32")
+    use_fused_rms_norm(hf, narrow, final=(hf.model.norm, head.weight.dtype if head is not None else narrow))
+    for layer in hf.model.layers:
+        for parent, name in WIDENED_OUTPUTS:
+            m = getattr(getattr(layer, parent, None), name, None)
+            if isinstance(m, QLoRALinear):
+                m.out_dtype = residual_dtype
+        attn = layer.self_attn
+        if not (isinstance(attn.forward, functools.partial) and attn.forward.func is _autocast_forward):
+            attn.forward = functools.partial(_autocast_forward, attn.forward, narrow)
+
+
+def _widen_output(dtype: torch.dtype, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(dtype)
+
+
+def _autocast_forward(forward, dtype: torch.dtype, *args, **kwargs):
+    """``forward`` under ``torch.autocast`` in ``dtype`` on the device of its first tensor argument (no cache of
+    cast weights: nothing here casts a parameter, and a cache would not survive CUDA-graph replays)."""
+    x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    with torch.autocast(x.device.type if x is not None else "cpu", dtype=dtype, cache_enabled=False):
+        return forward(*args, **kwargs)
+
+
 #: a block's last linear (parent module, name). In the recomputation under checkpointing its output feeds nothing
 #: the backward pass needs — the residual addition after it saves nothing, and the block's output is the next
 #: block's input, which that block's checkpoint keeps — so there it computes only what its backward pass saves:
@@ -383,11 +446,14 @@ class QLoRAModel(nn.Module):
 
     @classmethod
     def assemble(cls, hf: nn.Module, config: ModelConfig, quant: QuantConfig | None, lora: LoraConfig | None,
-                 tokenizer, *, device, gradient_checkpointing: bool) -> QLoRAModel:
+                 tokenizer, *, device, gradient_checkpointing: bool, residual_dtype: str | None = None) -> QLoRAModel:
         """The model around a skeleton whose tensors are all set: the rotary buffers (created on the meta device)
-        rebuilt on ``device``, nothing left on the meta device, checkpointing set, training mode."""
+        rebuilt on ``device``, nothing left on the meta device, checkpointing set, training mode.
+        ``residual_dtype``: the residual stream's dtype (``set_residual_dtype``); None: the embedding's."""
         hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config).to(device)
         use_fused_rms_norm(hf)
+        if residual_dtype is not None:
+            set_residual_dtype(hf, residual_dtype, quant.compute_dtype if quant is not None else "float32")
         use_fused_rope(hf)
         model = cls(hf, config, quant, lora, tokenizer)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t is not None and t.is_meta]

@@ -191,9 +191,10 @@ def _probe_rms_norm(norm: nn.Module) -> str:
     """"" if ``rms_norm(norm, x)`` equals the class's own forward rounded to x's dtype, bit for bit, on a CPU copy
     with a random weight (float32 and bfloat16 inputs), else why not."""
     try:
-        probe = copy.deepcopy(norm).cpu()
-        with torch.no_grad():
-            probe.weight.copy_(torch.randn(probe.weight.shape, generator=torch.Generator().manual_seed(0)))
+        # the module with a CPU weight of its own (its weight may be a shard, a DTensor, of a model under FSDP)
+        probe = copy.copy(norm)
+        weight = torch.randn(tuple(norm.weight.shape), generator=torch.Generator().manual_seed(0))
+        probe._parameters = {**norm._parameters, "weight": nn.Parameter(weight, norm.weight.requires_grad)}
         g = torch.Generator().manual_seed(1)
         for dtype in (torch.float32, torch.bfloat16):
             x = (torch.randn(2, 3, probe.weight.shape[-1], generator=g) * 3).to(dtype)
@@ -207,23 +208,24 @@ def _probe_rms_norm(norm: nn.Module) -> str:
     return ""
 
 
-def use_fused_rms_norm(hf: nn.Module) -> bool:
+def use_fused_rms_norm(hf: nn.Module, out_dtype: torch.dtype | None = None, final=None) -> bool:
     """Route every RMSNorm of a transformers model through ``qlora_gpu.rms_norm.rms_norm`` (an instance
-    ``forward``, so forward hooks still run) where its class passes ``_probe_rms_norm`` (checked once per class);
-    False and a warning where some did not (those keep their own forward)."""
+    ``forward``, so forward hooks still run), returning ``out_dtype`` (None: the stream's dtype), where its class
+    passes ``_probe_rms_norm`` (checked once per class); ``final``: ``(norm, dtype)``, a norm whose output has its
+    own dtype (the last norm, feeding the LM head). False and a warning where some did not pass (those keep their
+    own forward: the same values in the stream's dtype, cast by the layers that read them)."""
     why = ""
     for module in hf.modules():
         if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")):
             continue
-        if isinstance(module.__dict__.get("forward"), functools.partial):
-            continue  # already routed
         cls = type(module)
         if cls not in _RMS_NORM_CHECKED:
             _RMS_NORM_CHECKED[cls] = _probe_rms_norm(module)
         if _RMS_NORM_CHECKED[cls]:
             why = why or _RMS_NORM_CHECKED[cls]
             continue
-        module.forward = functools.partial(rms_norm, module)
+        dtype = final[1] if final is not None and module is final[0] else out_dtype
+        module.forward = functools.partial(rms_norm, module, out_dtype=dtype)
     return _record("RMSNorm", not why, why)
 
 

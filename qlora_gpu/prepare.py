@@ -10,10 +10,14 @@ and its float copy dropped before the next is read. The device holds at most one
 What the model then is — the paper's training setup (section 4, Appendix B):
 
 - every block linear a ``QLoRALinear`` (adapters on all seven, "LoRA on all linear layers");
-- embedding and LM head in ``dtype`` (bfloat16), frozen; the residual stream in ``dtype``;
-- RMSNorm weights in float32, computed in float32 and cast back to the stream's dtype (the stability trick of
-  ``peft.prepare_model_for_kbit_training``, without turning the whole stream to float32), through torch's fused
-  RMSNorm operator (``qlora_gpu.model.rms_norm``);
+- embedding and LM head stored in ``dtype`` (bfloat16), frozen;
+- the residual stream in float32 (``residual_dtype``), as in the standard stack (peft's float32 norms widen it
+  there) and the paper's ``qlora.py``: the linears writing into it add their adapter's output in float32
+  (``qlora_gpu.model.set_residual_dtype``). In a bfloat16 stream the first updates of the adapters are rounded
+  away at LLaMA's widths and training lags by steps (issue 36, docs/training.md);
+- RMSNorm weights in float32, computed in float32 and rounded to the compute dtype for the next matrix products
+  (the stability trick of ``peft.prepare_model_for_kbit_training``), through torch's fused RMSNorm operator
+  (``qlora_gpu.model.rms_norm``);
 - non-reentrant gradient checkpointing per decoder layer, dropout masks replayed (``qlora_gpu.model``).
 """
 
@@ -147,7 +151,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
                   attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
                   adapter_dtype: str = "float32", kernel: str = "bnb", progress: bool = True,
-                  tokenizer: bool = True, layer_hook=None) -> QLoRAModel:
+                  tokenizer: bool = True, layer_hook=None, residual_dtype: str | None = "float32") -> QLoRAModel:
     """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
 
     model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
@@ -157,7 +161,11 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     0.02), norms are ones.
     quant: storage of the block linears (the paper's NF4 + double quantization, bfloat16 compute, by default);
     None keeps them float32 (plain LoRA). lora: adapters (r=64, alpha=16 on all seven linears by default; None:
-    frozen). dtype: embedding, LM head and residual stream ("bfloat16", "float16" or "float32").
+    frozen). dtype: storage of the embedding and LM head ("bfloat16", "float16" or "float32").
+    residual_dtype: the residual stream's dtype, "float32" by default (the standard stack's arithmetic:
+    ``qlora_gpu.model.set_residual_dtype``); None keeps the stream in ``dtype`` and every linear's output in its
+    input's dtype, the adapter's output added in the compute dtype (the reference's rounding,
+    ``qlora_ref.lora``; in bfloat16 it loses the adapters' first updates at LLaMA's widths, docs/training.md).
     adapter_dtype: storage of ``lora_A``/``lora_B`` (and so of their gradients): "float32" (default; the
     optimizer updates float32 values) or "bfloat16" (the paper's scripts: half the adapter and gradient memory,
     1.6 GB less at 65B).
@@ -168,9 +176,10 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     buffer (each is sharded on its own) and the block's scales are not laid out together.
     """
     cfg = model_config(model)
-    for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype)):
-        if value not in _DTYPES:
-            raise ValueError(f"{arg} must be one of {_DTYPES}, got {value!r}")
+    for arg, value in (("dtype", dtype), ("adapter_dtype", adapter_dtype), ("residual_dtype", residual_dtype)):
+        if value not in _DTYPES and not (arg == "residual_dtype" and value is None):
+            raise ValueError(f"{arg} must be one of {_DTYPES}{' or None' if arg == 'residual_dtype' else ''}, "
+                             f"got {value!r}")
     # before the (long) build; with quant=None a stored 4-bit folder may still take "triton": set_kernel decides
     check_kernel(kernel, quant.quant_type if quant is not None else "nf4")
     if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
@@ -219,7 +228,8 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         from qlora_ref.model.tokenizer import Tokenizer
 
         tok = Tokenizer.from_folder(folder)
-    out = QLoRAModel.assemble(hf, cfg, quant, lora, tok, device=device, gradient_checkpointing=gradient_checkpointing)
+    out = QLoRAModel.assemble(hf, cfg, quant, lora, tok, device=device, gradient_checkpointing=gradient_checkpointing,
+                              residual_dtype=residual_dtype)
     set_kernel(out, kernel)
     return out
 
@@ -229,7 +239,8 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
     """Any checkpoint the reference loads: a Hugging Face folder through ``prepare_model`` (``kwargs`` go there),
     a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first; of
     ``kwargs`` only ``gradient_checkpointing`` applies there).
-    The residual stream defaults to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is slow)."""
+    The embedding and LM head default to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is
+    slow)."""
     device = default_device(device)
     if (Path(path) / "config.json").exists():
         kwargs.setdefault("dtype", "bfloat16" if device.type == "cuda" else "float32")

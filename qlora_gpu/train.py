@@ -67,13 +67,16 @@ class GpuTrainer:
     @classmethod
     def from_pretrained(cls, path, config: TrainConfig, device=None) -> GpuTrainer:
         """A Hugging Face folder is built layer by layer on the device (``prepare_model``); a GGUF file through
-        the reference loader. Float32 residual stream and eager attention, the reference's numerics, so that both
-        backends agree step by step; for speed build ``prepare_model(path, dtype="bfloat16")`` and pass it in."""
+        the reference loader. Float32 embedding and stream, each linear's output rounded in the compute dtype
+        (``residual_dtype=None``), eager attention: the reference's numerics, so that both backends agree step by
+        step. For speed build ``prepare_model(path)`` (bfloat16 embedding and head, float32 stream, the standard
+        stack's arithmetic) and pass it in."""
         from .prepare import load
 
         device = default_device(device)
         model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=device, dtype="float32",
-                     attn_implementation="eager", gradient_checkpointing=config.gradient_checkpointing)
+                     residual_dtype=None, attn_implementation="eager",
+                     gradient_checkpointing=config.gradient_checkpointing)
         return cls(model, config)
 
     # ---------------------------------------------------------------------------------------- one step

@@ -27,8 +27,9 @@ TRAIN_OPTIONS = {
     "gradient_accumulation_steps": ("--grad-accum", int, "micro-batches per optimizer step (effective batch = "
                                                           "batch-size x grad-accum; paper: 16)"),
     "max_grad_norm": ("--max-grad-norm", float, "clip gradients to this global norm, 0 disables (paper: 0.3)"),
-    "warmup_ratio": ("--warmup-ratio", float, "fraction of steps with linear warmup (paper: 0.03)"),
-    "lr_scheduler": ("--schedule", str, "constant (paper), linear or cosine"),
+    "warmup_ratio": ("--warmup-ratio", float, "fraction of steps with linear warmup (0.03; "
+                     "the paper's constant schedule ignores it, as transformers does)"),
+    "lr_scheduler": ("--schedule", str, "constant (paper, no warmup), constant_with_warmup, linear or cosine"),
     "optimizer": ("--optimizer", str, "paged_adamw (paper), adamw, adamw_8bit, paged_adamw_8bit"),
     "weight_decay": ("--weight-decay", float, "decoupled weight decay (paper: 0)"),
     "seed": ("--seed", int, "seed for adapters' init, dropout and data order"),

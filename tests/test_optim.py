@@ -464,15 +464,21 @@ def test_warmup_steps_and_constant_schedule():
     assert all(lr == 2e-4 for lr in lrs[3:])
 
 
-@pytest.mark.parametrize("name", ["constant", "linear", "cosine"])
+def test_the_papers_constant_schedule_has_no_warmup():
+    """The scripts' lr_scheduler_type="constant" with warmup_ratio=0.03: transformers ignores the warmup there, and
+    so do we (issue 36: a warmup from lr 0 made our curves lag peft's)."""
+    assert [get_lr("constant", s, 2e-4, 1875, 0.03) for s in (0, 1, 56, 57)] == [2e-4] * 4
+    assert get_lr("constant_with_warmup", 0, 2e-4, 1875, 0.03) == 0.0
+
+
+@pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_schedules_match_transformers(name):
     transformers = pytest.importorskip("transformers")
     total, ratio, base = 200, 0.03, 2e-4
     n_warmup = warmup_steps(total, ratio)
     t = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([t], lr=base)
-    hf_name = "constant_with_warmup" if name == "constant" else name
-    sched = transformers.get_scheduler(hf_name, opt, num_warmup_steps=n_warmup, num_training_steps=total)
+    sched = transformers.get_scheduler(name, opt, num_warmup_steps=n_warmup, num_training_steps=total)
     for step in range(total):
         assert get_lr(name, step, base, total, ratio) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12, abs=1e-18)
         opt.step()

@@ -3,7 +3,8 @@
 
 Checked on CPU with tiny models: the same model as the reference loader's path (``QLoRAModel.from_pretrained``)
 bit for bit; at most one linear layer in float at any moment; stored 4-bit checkpoints used as stored; the
-training setup (float32 norms, a bfloat16 residual stream, checkpointing that changes no gradient); clear errors.
+training setup (float32 norms, bfloat16 embedding and head, a float32 residual stream, checkpointing that changes no
+gradient); clear errors.
 On CUDA (marker ``gpu``): the peak memory while building stays within one linear layer of the final footprint.
 """
 
@@ -57,8 +58,9 @@ def assert_same_model(a: QLoRAModel, b: QLoRAModel) -> None:
 # ---------------------------------------------------------------------------------------------- the same model
 def test_folder_gives_the_reference_loaders_model_bit_for_bit(folder):
     """Streaming, layer-by-layer build == the whole-checkpoint path: same 4-bit codes, constants, adapters
-    (the reference's per-layer seeds) and logits (float32 stream, eager attention as ``from_pretrained``)."""
-    a = build(folder, dtype="float32", attn_implementation="eager", gradient_checkpointing=False)
+    (the reference's per-layer seeds) and logits (float32 stream with each linear's output rounded in bfloat16,
+    ``residual_dtype=None``, eager attention as ``from_pretrained``)."""
+    a = build(folder, dtype="float32", attn_implementation="eager", gradient_checkpointing=False, residual_dtype=None)
     b = QLoRAModel.from_pretrained(folder, lora=LORA)
     assert_same_model(a, b)
     assert torch.equal(a(IDS), b(IDS))
@@ -76,7 +78,8 @@ def test_sharded_folder_and_stored_4bit_folder(folder, tmp_path):
     assert_same_model(build(sharded), build(folder))
 
     quantize_hf_folder(folder, tmp_path / "q4")
-    q4 = build(tmp_path / "q4", dtype="float32", attn_implementation="eager", gradient_checkpointing=False)
+    q4 = build(tmp_path / "q4", dtype="float32", attn_implementation="eager", gradient_checkpointing=False,
+               residual_dtype=None)
     ref = QLoRAModel.from_pretrained(tmp_path / "q4", lora=LORA)
     assert_same_model(q4, ref)
     assert torch.equal(q4(IDS), ref(IDS))
@@ -142,20 +145,43 @@ def test_llama_sizes(name, hidden, layers):
 
 
 # ---------------------------------------------------------------------------------------------- training setup
-def test_training_setup_bfloat16_stream_float32_norms(folder):
+def test_training_setup_float32_stream_bfloat16_products(folder):
+    """The standard stack's arithmetic (issue 36): bfloat16 embedding and head, a float32 residual stream, norms
+    computing in float32 and handing bfloat16 to the products, the projections reading float32 inputs there
+    returning float32 (their adapters added in float32), attention in bfloat16, o_proj returning bfloat16."""
     m = build(folder)
     assert m.hf.model.embed_tokens.weight.dtype == torch.bfloat16
     assert m.hf.lm_head.weight.dtype == torch.bfloat16
-    seen = []
-    m.hf.model.layers[0].input_layernorm.register_forward_hook(lambda mod, i, o: seen.append((i[0].dtype, o.dtype)))
-    m.hf.model.layers[1].register_forward_hook(lambda mod, i, o: seen.append(o[0].dtype if isinstance(o, tuple)
-                                                                             else o.dtype))
+    seen = {}
+
+    def record(name):
+        def hook(mod, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            seen[name] = (args[0].dtype if args else None, out.dtype)
+        return hook
+
+    layer = m.hf.model.layers[0]
+    for name, mod in [("embed", m.hf.model.embed_tokens), ("norm", layer.input_layernorm),
+                      ("q", layer.self_attn.q_proj), ("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj),
+                      ("final_norm", m.hf.model.norm), ("head", m.hf.lm_head)]:
+        mod.register_forward_hook(record(name))
     m(IDS)
-    assert seen == [(torch.bfloat16, torch.bfloat16), torch.bfloat16]
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert seen["embed"][1] == f32
+    assert seen["norm"] == (f32, bf16) and seen["q"] == (bf16, f32) and seen["o"] == (bf16, bf16)
+    assert seen["down"] == (f32, f32) and seen["final_norm"] == (f32, bf16) and seen["head"] == (bf16, bf16)
     assert all(p.dtype == torch.float32 for n, p in m.hf.named_parameters() if "norm" in n)
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n for n in trainable)
     assert all(p.dtype == torch.float32 for p in m.lora_parameters().values())
+    # residual_dtype=None: the stream in the embedding's bfloat16, every output rounded there (as before issue 36)
+    old = build(folder, residual_dtype=None)
+    seen.clear()
+    old.hf.model.layers[0].mlp.down_proj.register_forward_hook(record("down"))
+    old(IDS)
+    assert seen["down"] == (bf16, bf16)
+    with pytest.raises(ValueError, match="residual_dtype"):
+        build(folder, residual_dtype="int8")
 
 
 def test_bfloat16_adapters_train_in_bfloat16(folder):

@@ -139,11 +139,12 @@ def test_config_json_round_trip_and_errors(tmp_path):
 # ---------------------------------------------------------------------------------------------- the loop
 def test_schedule_clipping_and_accounting_in_the_log(tiny):
     folder, _, train_ds, eval_ds = tiny
-    config = small_config(max_steps=6, warmup_ratio=0.5, max_grad_norm=0.05, eval_every=3)
+    config = small_config(max_steps=6, warmup_ratio=0.5, max_grad_norm=0.05, eval_every=3,
+                          lr_scheduler="constant_with_warmup")
     _, result = run(folder, train_ds, config, eval_data=eval_ds)
     log = result.log_history
     n_warm = warmup_steps(6, 0.5)
-    assert [e["lr"] for e in log] == [get_lr("constant", s, 1e-3, 6, 0.5, n_warm) for s in range(6)]
+    assert [e["lr"] for e in log] == [get_lr("constant_with_warmup", s, 1e-3, 6, 0.5, n_warm) for s in range(6)]
     assert log[0]["lr"] == 0.0 and log[-1]["lr"] == 1e-3
     assert all(e["grad_norm"] > 0.05 for e in log[1:])  # the clip threshold is active, so clipping mattered
     assert [("eval_loss" in e) for e in log] == [False, False, True, False, False, True]
@@ -176,7 +177,7 @@ def test_training_lowers_the_loss(tiny):
 ])
 def test_ref_and_gpu_loss_curves_agree(tiny, compute_dtype, double_quant, rel_tol):
     """Same tiny model, data and seed: the reference and the GPU backend (on CPU) give the same loss curve for
-    20 optimizer steps (NF4, paged AdamW, clipping, warmup, gradient accumulation, gradient checkpointing)."""
+    20 optimizer steps (NF4, paged AdamW, clipping, gradient accumulation, gradient checkpointing)."""
     pytest.importorskip("bitsandbytes")
     folder, _, train_ds, eval_ds = tiny
     config = small_config(compute_dtype=compute_dtype, double_quant=double_quant)

@@ -8,7 +8,8 @@ scripts) for models up to 13B parameters:
 - NF4 storage with double quantization, bfloat16 compute (section 3);
 - paged AdamW with 32-bit states (section 3, "Paged Optimizers"), lr 2e-4 (1e-4 above 13B), betas (0.9, 0.999),
   no weight decay;
-- constant learning rate after a linear warmup over 3 % of the steps;
+- constant learning rate: the scripts pass ``warmup_ratio=0.03``, which transformers' "constant" schedule ignores,
+  so there is no warmup (``qlora_ref.optim.schedule``; "constant_with_warmup" uses it);
 - effective batch 16 = micro-batch 1 x 16 gradient-accumulation steps; max grad norm 0.3;
 - loss on the responses only ("train on target"), gradient checkpointing on.
 
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..model.config import LINEAR_MODULES, LoraConfig, QuantConfig
+from ..optim.schedule import SCHEDULES as _SCHEDULES
 
 #: learning-rate schedules (``qlora_ref.optim.schedule.get_lr``)
-SCHEDULES = ("constant", "linear", "cosine")
+SCHEDULES = _SCHEDULES
 
 #: settings that may differ between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_batches",

@@ -1,0 +1,157 @@
+"""What every benchmark result file carries (issue 36): the code (commit, dirty flag, a hash of the sources), the
+versions, the GPU and the host, the time and the command.
+
+    python bench/stamp.py            # print this machine's stamp
+    python bench/stamp.py --freeze   # before a GPU session: write bench/results/FROZEN_STAMP.json (git's view)
+
+The GPU machine gets a copy of the working tree without ``.git``: there ``git`` cannot say the commit, so
+``--freeze`` records it beforehand (commit, dirty flag, the diff's hash) and ``stamp()`` reads that file. Whether
+the copy is still that tree is checked by ``source_sha256``, a hash of every ``.py`` file under ``qlora_ref``,
+``qlora_gpu`` and ``bench`` computed where the benchmark runs: equal to the frozen one, the code is the same.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FROZEN = ROOT / "bench" / "results" / "FROZEN_STAMP.json"
+SOURCE_DIRS = ("qlora_ref", "qlora_gpu", "bench")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "triton", "numpy", "accelerate", "safetensors")
+
+
+def source_sha256(root: Path = ROOT) -> str:
+    """sha256 over the relative path and bytes of every ``.py`` file of ``SOURCE_DIRS``, in sorted order."""
+    h = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for path in sorted((root / d).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state() -> dict | None:
+    """commit, dirty flag and a hash of the uncommitted diff (None outside a git checkout)."""
+    commit = _git("rev-parse", "HEAD")
+    if commit is None:
+        return None
+    exclude = [f":!{FROZEN.relative_to(ROOT)}"] if FROZEN.is_relative_to(ROOT) else []
+    status = _git("status", "--porcelain", "--", ".", *exclude) or ""
+    diff = _git("diff", "HEAD") or ""
+    return dict(commit=commit, dirty=bool(status), diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff
+                else None, source="git")
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            module = __import__(name)
+            out[name] = str(getattr(module, "__version__", "?"))
+        except Exception:  # noqa: BLE001 - absent or broken: say so, the stamp must not fail
+            out[name] = None
+    try:
+        import torch
+
+        out["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    return out
+
+
+def gpu() -> list[dict]:
+    try:
+        import torch
+    except Exception:  # noqa: BLE001
+        return []
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        out.append(dict(index=i, name=p.name, total_bytes=int(p.total_memory), capability=f"{p.major}.{p.minor}",
+                        multiprocessors=p.multi_processor_count))
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+        if smi.returncode == 0:
+            for row, line in zip(out, smi.stdout.strip().splitlines(), strict=False):
+                row["nvidia_smi"] = line.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
+def host() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return dict(hostname=socket.gethostname(), platform=platform.platform(), cpu=cpu, cores=os.cpu_count(),
+                memory_bytes=mem, load_average=list(load) if load else None)
+
+
+def stamp(command: list[str] | None = None) -> dict:
+    """The stamp of a result produced now, here: code, versions, GPU, host, UTC time, the command."""
+    code = git_state()
+    frozen = json.loads(FROZEN.read_text()) if FROZEN.exists() else None
+    digest = source_sha256()
+    if code is None:
+        code = dict(frozen["code"], source="frozen") if frozen else dict(commit=None, dirty=None, source="none")
+    code["source_sha256"] = digest
+    if frozen is not None:
+        code["matches_frozen"] = frozen["code"].get("source_sha256") == digest
+    return dict(code=code, versions=versions(), gpu=gpu(), host=host(),
+                time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                command=" ".join(command if command is not None else sys.argv))
+
+
+def freeze() -> dict:
+    """Record git's view of this checkout for a run on a machine without ``.git`` (module docstring)."""
+    code = git_state()
+    if code is None:
+        raise SystemExit("--freeze needs a git checkout")
+    code["source_sha256"] = source_sha256()
+    payload = dict(code=code, frozen_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    FROZEN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = FROZEN.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, FROZEN)
+    return payload
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    print(json.dumps(freeze() if argv[:1] == ["--freeze"] else stamp(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
