@@ -16,8 +16,9 @@ GpuTrainer`` implement it; everything else — data order, accumulation, the sch
 checkpoints and exact resume — is here.
 
 Data order is a pure function of the seed: epoch ``e`` is ``qlora_ref.data.batch_indices(dataset, seed=seed,
-epoch=e)`` (length-grouped, as the paper's scripts train), so the data position is just ``(epoch, batch)`` and
-resuming from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+epoch=e)`` (length-grouped, as the paper's scripts train; with ``packing``, ``packed_batch_indices``), so the data
+position is just ``(epoch, batch)`` and resuming from a checkpoint replays exactly the batches an uninterrupted
+run would have seen.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..data import batch_indices, collate
+from ..data import batch_indices, batch_of, packed_batch_indices
 from ..loss import IGNORE_INDEX
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -56,18 +57,20 @@ class BatchStream:
     ``(epoch, batch)`` is all a checkpoint needs to continue the stream exactly."""
 
     def __init__(self, dataset, batch_size: int, seed: int, epoch: int = 0, batch: int = 0,
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, packing: bool = False):
         if len(dataset) == 0:
             raise ValueError("the training set is empty (every example was dropped; see the data report)")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.group_by_length = group_by_length
+        self.group_by_length, self.packing = group_by_length, packing
         self.epoch, self.batch = epoch, batch
         self._epoch_of, self._batches = None, None
 
-    def _epoch_batches(self) -> list[list[int]]:
-        if self._epoch_of != self.epoch:
-            self._batches = batch_indices(self.dataset, self.batch_size, shuffle=True,
-                                          group_by_length=self.group_by_length, seed=self.seed, epoch=self.epoch)
+    def _epoch_batches(self) -> list[list]:
+        if self._epoch_of != self.epoch:  # packed: lists of packs of example indices; else of example indices
+            self._batches = packed_batch_indices(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch) \
+                if self.packing else batch_indices(self.dataset, self.batch_size, shuffle=True,
+                                                   group_by_length=self.group_by_length, seed=self.seed,
+                                                   epoch=self.epoch)
             self._epoch_of = self.epoch
         return self._batches
 
@@ -76,8 +79,7 @@ class BatchStream:
         self.batch += 1
         if self.batch == len(self._batches):
             self.epoch, self.batch = self.epoch + 1, 0
-        d = self.dataset
-        return collate([d.input_ids[i] for i in idx], [d.labels[i] for i in idx], d.pad_token_id)
+        return batch_of(self.dataset, idx)
 
     @property
     def position(self) -> dict:
@@ -119,8 +121,7 @@ def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 
     if max_batches:
         batches = batches[:max_batches]
     for idx in batches:
-        nll, n = backend.eval_loss(collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx],
-                                           dataset.pad_token_id))
+        nll, n = backend.eval_loss(batch_of(dataset, idx))
         total += nll
         count += n
     loss = total / count if count else float("nan")
@@ -182,7 +183,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     interruption would.
     """
     output_dir = Path(output_dir) if output_dir is not None else None
-    stream = BatchStream(train_data, config.micro_batch_size, config.seed)
+    stream = BatchStream(train_data, config.micro_batch_size, config.seed, packing=config.packing)
     step, tokens_seen, log_history = 0, 0, []
     ckpt_path = None
     if isinstance(resume, str | Path):
@@ -195,7 +196,8 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
             raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
         pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config)
         step = ckpt.step
-        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"])
+        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"],
+                             packing=config.packing)
 
     n_warmup = warmup_steps(config.max_steps, config.warmup_ratio)
     has_eval = eval_data is not None and len(eval_data) > 0
