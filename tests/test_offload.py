@@ -56,13 +56,19 @@ def test_offload_is_a_no_op_on_the_cpu_and_the_hooks_fire(checkpoint):
     assert s.bytes_to_host == s.bytes_to_device == 2 * layers * b * t * d * 4
 
 
-def test_offload_leaves_small_tensors_and_can_be_switched_off(checkpoint):
+def test_offload_leaves_small_tensors_within_a_host_budget_and_can_be_switched_off(checkpoint):
     ids = torch.randint(0, 61, (1, 5), generator=torch.Generator().manual_seed(1))
     model = model_at(checkpoint)
     model.activation_offload = ActivationOffload(min_bytes=10**9)
     steps(model, ids, 1)
     assert model.activation_offload.stats.kept == model.config.num_hidden_layers
     assert model.activation_offload.stats.packed == 0
+    layers = model.config.num_hidden_layers
+    one_input = 5 * model.config.hidden_size * 4
+    model.activation_offload = ActivationOffload(max_host_bytes=2 * one_input)  # room for two block inputs a step
+    steps(model, ids, 2)
+    s = model.activation_offload.stats
+    assert (s.packed, s.kept, s.bytes_to_host) == (2 * 2, 2 * (layers - 2), 2 * 2 * one_input)
     model.activation_offload = None
     assert model.activation_offload is None
     assert all("_activation_offload" not in layer.__dict__ for layer in model.hf.model.layers)
