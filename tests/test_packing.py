@@ -16,7 +16,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from model_helpers import check_finite_differences, max_rel_err, random_linear, small_hf_model
+from model_helpers import check_finite_differences, max_rel_err, small_hf_model
+from test_model_layers import make_attention, torch_attention
 
 from qlora_ref.data import (
     IGNORE_INDEX,
@@ -31,8 +32,7 @@ from qlora_ref.data import (
 )
 from qlora_ref.loss import causal_lm_loss, causal_lm_loss_backward, count_targets
 from qlora_ref.model import LoraConfig, load_model
-from qlora_ref.model.attention import Attention, packed_causal_mask, segment_ids
-from qlora_ref.model.rope import RotaryEmbedding
+from qlora_ref.model.attention import packed_causal_mask, segment_ids
 
 tt = torch.from_numpy
 
@@ -134,49 +134,16 @@ def test_packed_mask_is_block_diagonal_causal():
 POSITIONS = np.array([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
 
 
-def make_attention(rng, dtype, d=12, heads=6, kv_heads=2, head_dim=4, window=None):
-    q, kv = heads * head_dim, kv_heads * head_dim
-    projs = [random_linear(rng, q, d, True, dtype), random_linear(rng, kv, d, True, dtype),
-             random_linear(rng, kv, d, True, dtype), random_linear(rng, d, q, False, dtype)]
-    return Attention(*projs, heads, kv_heads, head_dim, RotaryEmbedding(head_dim, 10000.0), sliding_window=window)
-
-
-def torch_packed_attention(attn, x, positions):
-    """The same computation with transformers' rotary function and its packed-sequence rule for the mask."""
-    from transformers.masking_utils import find_packed_sequence_indices
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
-
-    B, T, _ = x.shape
-    H, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-
-    def lin(m, z):
-        y = z @ tt(m.weight).T
-        return y if m.bias is None else y + tt(m.bias)
-
-    q = lin(attn.q_proj, x).view(B, T, H, D).transpose(1, 2)
-    k = lin(attn.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)
-    v = lin(attn.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)
-    cos, sin = attn.rope.cos_sin(positions)  # (B, T, D)
-    q, k = apply_rotary_pos_emb(q, k, tt(cos).to(x.dtype), tt(sin).to(x.dtype))
-    k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
-    seg = find_packed_sequence_indices(tt(positions))
-    i = torch.arange(T)
-    allowed = (seg[:, :, None] == seg[:, None, :]) & (i[None, None, :] <= i[None, :, None])
-    s = (q @ k.transpose(2, 3) * D ** -0.5).masked_fill(~allowed[:, None], float("-inf"))
-    o = torch.softmax(s, dim=-1) @ v
-    return lin(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))
-
-
 @pytest.mark.parametrize("kv_heads", [2, 6, 1])
 def test_packed_attention_vs_autograd(kv_heads):
     rng = np.random.default_rng(11)
-    attn = make_attention(rng, np.float32, kv_heads=kv_heads)
+    attn = make_attention(rng, kv_heads=kv_heads, bias=True, dtype=np.float32)
     x = rng.standard_normal((2, 7, 12)).astype(np.float32)
     g = rng.standard_normal(x.shape).astype(np.float32)
     y = attn.forward(x, position_ids=POSITIONS)
     dx = attn.backward(g)
     tx = tt(x).requires_grad_()
-    ty = torch_packed_attention(attn, tx, POSITIONS)
+    ty = torch_attention(attn, tx, POSITIONS)
     ty.backward(tt(g))
     assert max_rel_err(y, ty.detach().numpy()) <= 1e-5
     assert max_rel_err(dx, tx.grad.numpy()) <= 1e-5
@@ -186,7 +153,7 @@ def test_packed_attention_vs_autograd(kv_heads):
 
 def test_packed_attention_finite_differences():
     rng = np.random.default_rng(12)
-    attn = make_attention(rng, np.float64)
+    attn = make_attention(rng, bias=True)
     x = rng.standard_normal((2, 7, 12))
     g = rng.standard_normal(x.shape)
     attn.forward(x, position_ids=POSITIONS)
@@ -197,7 +164,7 @@ def test_packed_attention_finite_differences():
 def test_packed_attention_equals_each_example_alone():
     """Each example of a packed row gives exactly what it gives alone (its own positions from 0) — nothing leaks."""
     rng = np.random.default_rng(13)
-    attn = make_attention(rng, np.float64, window=2)
+    attn = make_attention(rng, bias=True, window=2)
     x = rng.standard_normal((1, 7, 12))
     packed = attn.forward(x, position_ids=POSITIONS[:1])
     for s, e in ((0, 3), (3, 7)):
@@ -207,7 +174,7 @@ def test_packed_attention_equals_each_example_alone():
 def test_packed_attention_refuses_a_kv_cache():
     from qlora_ref.model.attention import KVCache
 
-    attn = make_attention(np.random.default_rng(0), np.float32)
+    attn = make_attention(np.random.default_rng(0), dtype=np.float32)
     with pytest.raises(ValueError, match="position_ids"):
         attn.forward(np.zeros((1, 7, 12), np.float32), KVCache(1), position_ids=POSITIONS[:1])
 
