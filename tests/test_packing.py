@@ -428,3 +428,13 @@ def test_varlen_kernel_equals_per_example_sdpa_on_cuda():
     assert max_rel_err(out.float().cpu().reshape(b * t, h, d), ref.float().cpu()) <= 2 ** -7
     for a, r in zip(grads, ref_grads, strict=True):
         assert max_rel_err(a.float().transpose(1, 2).reshape(r.shape).cpu(), r.float().cpu()) <= 2 ** -6
+
+
+def test_gpu_varlen_model_still_generates_like_eager(checkpoint):
+    """A model switched to VARLEN attention for packed training generates as before: the prompt pass is one
+    example, the cached steps go to transformers' SDPA."""
+    _, path = checkpoint
+    prompt = [3, 14, 15, 9, 2, 6]
+    outs = [gpu_model(path, impl).generate(prompt, max_new_tokens=6, eos_token_id=[]) for impl in
+            ("qlora_varlen", "eager")]
+    assert outs[0] == outs[1] and len(outs[0]) == len(prompt) + 6
