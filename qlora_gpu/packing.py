@@ -99,6 +99,8 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     window = _sliding_window(module)
     kernel = _varlen_kernel() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
+    if kernel is not None and not kernel[3] and scaling is not None and scaling != d ** -0.5:
+        kernel = None  # a version without ``scale`` applies 1/sqrt(D) only
     if kernel is not None and window is None and dropout == 0.0:
         varlen_attn, causal, gqa, has_scale = kernel
         if not gqa and k.shape[1] != q.shape[1]:
