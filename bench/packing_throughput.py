@@ -3,9 +3,11 @@ pairs, ``qlora demo``'s recipe — packed against padded, measured in one run wi
 
     python bench/packing_throughput.py [--backend ref] [--rounds 3] [--steps 2] [--json out.json]
 
-Three ways to form the demo's micro-batches of 4 (examples of at most 128 tokens):
+Four ways to form the demo's micro-batches of 4 (examples of at most 128 tokens):
 
 - ``max_length``: every batch padded to 128 tokens (a fixed-shape pipeline, ``padding="max_length"``);
+- ``random``: random batches padded to the batch's longest example (HF Trainer's default, ``group_by_length``
+  off);
 - ``grouped``: the demo's own batches — transformers' length-grouped order, padded to the batch's longest example;
 - ``packed``: ``--packing`` — 4 rows of up to 128 tokens, first-fit decreasing, attention inside each example.
 
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MODES = ("max_length", "grouped", "packed")
+MODES = ("max_length", "random", "grouped", "packed")
+BASELINES = ("grouped", "random", "max_length")
 
 
 def batches(dataset, mode: str, batch_size: int, seed: int = 0):
@@ -39,7 +42,7 @@ def batches(dataset, mode: str, batch_size: int, seed: int = 0):
     if mode == "packed":
         order = packed_batch_indices(dataset, batch_size, seed=seed)
     else:
-        order = batch_indices(dataset, batch_size, seed=seed)
+        order = batch_indices(dataset, batch_size, seed=seed, group_by_length=mode != "random")
     pad = dataset.max_length if mode == "max_length" else None
     while True:
         for idx in order:
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
         step(trainer, next(streams[m]), config.learning_rate, config.max_grad_norm)
     rows = []
     for r in range(args.rounds):
-        order = MODES[r % 3:] + MODES[:r % 3]
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         round_ = {}
         for m in order:
             tokens = padded = 0
@@ -104,7 +107,7 @@ def main(argv=None) -> dict:
         rates = [row[m]["tokens_per_s"] for row in rows]
         summary[m] = {"tokens_per_s_median": statistics.median(rates), "min": min(rates), "max": max(rates),
                       "useful_fraction": sum(row[m]["tokens"] for row in rows) / sum(row[m]["slots"] for row in rows)}
-    for base in ("grouped", "max_length"):
+    for base in BASELINES:
         ratios = [row["packed"]["tokens_per_s"] / row[base]["tokens_per_s"] for row in rows]
         summary[f"packed_over_{base}"] = {"median": statistics.median(ratios), "min": min(ratios),
                                          "max": max(ratios)}
@@ -113,7 +116,7 @@ def main(argv=None) -> dict:
         s = summary[m]
         print(f"  {m:>10}: {s['tokens_per_s_median']:7.1f} ({s['min']:.1f}-{s['max']:.1f}), "
               f"{100 * s['useful_fraction']:.1f} % useful")
-    for base in ("grouped", "max_length"):
+    for base in BASELINES:
         s = summary[f"packed_over_{base}"]
         print(f"  packed / {base}: {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}) within rounds")
     result = {"stamp": stamp(), "backend": args.backend, "model": str(model), "examples": len(data),
