@@ -17,7 +17,11 @@ seed), and the transformers model is assembled from its tensors:
 - the RMSNorms through torch's fused RMSNorm operator (``rms_norm``: the rounding steps of transformers'
   float32-weight norm, one CUDA kernel where transformers' code launches seven);
 - gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
-  the recomputation so that it draws the same masks as the first forward pass.
+  the recomputation so that it draws the same masks as the first forward pass; optionally the checkpointed block
+  inputs kept in host memory until the recomputation (``activation_offload``, ``qlora_gpu.offload``);
+- packed batches through ``position_ids`` (``qlora_gpu.packing``: attention inside each example, no dense mask
+  with ``attn_implementation=VARLEN``); ``hidden_states`` for a loss that computes the LM head itself
+  (``qlora_gpu.chunked_loss``).
 
 ``QLoRAModel`` exposes the reference ``LlamaModel``'s adapter interface (``lora_parameters``, ``lora_grads``,
 ``load_lora_parameters``, ``load_adapter``, ``save_adapter``, ``merge_and_export``) over torch tensors.
@@ -25,6 +29,7 @@ seed), and the transformers model is assembled from its tensors:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 from .block_scales import BlockScales
 from .lora import QLoRALinear, draw_keep, drop_together
 from .optim import flat_view
+from .packing import VARLEN, register
 from .patches import use_fused_rms_norm, use_fused_rope
 from .quantize import Quantized4bit, dequantize_4bit
 
@@ -75,6 +81,8 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     """The transformers config of a reference ``ModelConfig`` (``ModelConfig.to_hf_dict``)."""
     import transformers
 
+    if attn_implementation == VARLEN:  # packed attention: transformers must know the name
+        register()
     cfg_cls = getattr(transformers, _HF_CLASSES[config.model_type][0])
     d = config.to_hf_dict()
     d.pop("architectures", None)
@@ -164,6 +172,10 @@ LAST_LINEAR = ("mlp", "down_proj")
 #: captured graph cannot rewind a generator (``get_state``/``set_state`` are host operations, refused in capture)
 RECOMPUTE_GENERATOR = "_recompute_generator"
 
+#: set on a decoder layer by ``QLoRAModel.activation_offload``: the ``qlora_gpu.offload.ActivationOffload`` whose
+#: saved-tensor hooks move the layer's checkpointed input to host memory
+OFFLOAD = "_activation_offload"
+
 
 #: set on a decoder layer (its ``__dict__``) while the model trains with gradient checkpointing
 CHECKPOINTED = "_qlora_checkpointed"
@@ -218,8 +230,10 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
             if skip:
                 last.__dict__.pop("_output_unused", None)
 
-    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
-                                             preserve_rng_state=_draws_global_rng(layer))
+    offload = layer.__dict__.get(OFFLOAD)
+    with offload.hooks() if offload is not None else contextlib.nullcontext():
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
+                                                 preserve_rng_state=_draws_global_rng(layer))
 
 
 def _rewound_draws(linears: list[QLoRALinear], states: list, device: torch.device):
@@ -464,17 +478,55 @@ class QLoRAModel(nn.Module):
         return model
 
     # ----------------------------------------------------------------- forward
-    def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def _inputs(self, input_ids, attention_mask, position_ids) -> dict:
+        """transformers' keyword arguments. With ``position_ids`` (a packed batch) no attention mask: the positions
+        keep the examples apart (and the padding at a row's end is an example of its own), and transformers
+        separates packed examples only without a mask."""
         device = self.hf.model.embed_tokens.weight.device
-        input_ids = torch.as_tensor(np.asarray(input_ids) if not isinstance(input_ids, torch.Tensor) else input_ids,
-                                    device=device)
+        as_tensor = lambda a: torch.as_tensor(a if isinstance(a, torch.Tensor) else np.asarray(a),  # noqa: E731
+                                              device=device)
+        input_ids = as_tensor(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
-        if attention_mask is not None:
-            attention_mask = torch.as_tensor(np.asarray(attention_mask) if not isinstance(
-                attention_mask, torch.Tensor) else attention_mask, device=device)
-        out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits.float()
+        out = dict(input_ids=input_ids, use_cache=False)
+        if position_ids is not None:
+            out["position_ids"] = as_tensor(position_ids).reshape(input_ids.shape)
+        elif attention_mask is not None:
+            out["attention_mask"] = as_tensor(attention_mask)
+        return out
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """Float32 logits (batch, seq, vocab); ``position_ids``: a packed batch (``qlora_ref.data.collate_packed``)."""
+        return self.hf(**self._inputs(input_ids, attention_mask, position_ids)).logits.float()
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The final norm's output (batch, seq, hidden), what the LM head (``lm_head_weight``) reads."""
+        return self.hf.model(**self._inputs(input_ids, attention_mask, position_ids)).last_hidden_state
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.hf.lm_head.weight
+
+    @property
+    def activation_offload(self):
+        """The ``qlora_gpu.offload.ActivationOffload`` moving checkpointed block inputs to host memory, or None.
+        Set True (or an ``ActivationOffload``) to offload, False/None to stop; it needs gradient checkpointing."""
+        return self.hf.model.layers[0].__dict__.get(OFFLOAD) if len(self.hf.model.layers) else None
+
+    @activation_offload.setter
+    def activation_offload(self, value) -> None:
+        from .offload import ActivationOffload
+
+        if value is True:
+            value = ActivationOffload()
+        if value and not self.gradient_checkpointing:
+            raise ValueError("activation offload moves the checkpointed block inputs: it needs gradient "
+                             "checkpointing (gradient_checkpointing=True)")
+        for layer in self.hf.model.layers:
+            if value:
+                layer.__dict__[OFFLOAD] = value
+            else:
+                layer.__dict__.pop(OFFLOAD, None)
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -8,6 +8,11 @@ takes the reference's optimizer names and writes the reference's state-dict keys
 
 The loop itself — data order, accumulation, schedule, evaluation, checkpoints, exact resume, progress bar — is
 ``qlora_ref.train.loop.train``, shared with the reference; the checkpoint files are the same on both backends.
+
+For long sequences and short examples (``TrainConfig``): ``packing`` runs packed batches through variable-length
+attention (``qlora_gpu.packing``), ``loss_chunk_size`` the LM head and the loss in chunks
+(``qlora_gpu.chunked_loss``), ``activation_offload`` keeps the checkpointed block inputs in host memory
+(``qlora_gpu.offload``).
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ from qlora_ref.loss import IGNORE_INDEX
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
+from .chunked_loss import chunked_nll_sum
 from .model import QLoRAModel, default_device
 from .optim import clip_grad_norm, make_optimizer
+from .packing import use_varlen_attention
 
 
 def build_optimizer(config: TrainConfig, **options):
@@ -57,6 +64,9 @@ class GpuTrainer:
         self.config = config
         self.device = model.hf.model.embed_tokens.weight.device
         model.gradient_checkpointing = config.gradient_checkpointing
+        model.activation_offload = config.activation_offload
+        if config.packing:  # attention inside each packed example without a (T, T) mask
+            use_varlen_attention(model.hf)
         model.train()
         self.params = model.lora_parameters()
         self.optimizer = optimizer if optimizer is not None else build_optimizer(config)
@@ -82,7 +92,16 @@ class GpuTrainer:
     # ---------------------------------------------------------------------------------------- one step
     def _tensors(self, batch):
         t = lambda k: torch.from_numpy(np.ascontiguousarray(batch[k])).to(self.device)  # noqa: E731
-        return t("input_ids"), t("attention_mask"), t("labels")
+        return t("input_ids"), t("attention_mask"), t("labels"), t("position_ids") if "position_ids" in batch else None
+
+    def _nll(self, batch) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross entropy of a batch (padded or packed) and its number of targets; the LM head and
+        the loss in chunks with ``loss_chunk_size``."""
+        ids, mask, labels, positions = self._tensors(batch)
+        if self.config.loss_chunk_size:
+            hidden = self.model.hidden_states(ids, mask, positions)
+            return chunked_nll_sum(hidden, self.model.lm_head_weight, labels, self.config.loss_chunk_size)
+        return self._nll_sum(self.model(ids, mask, positions), labels)
 
     @staticmethod
     def _nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -94,9 +113,7 @@ class GpuTrainer:
 
     def forward_backward(self, batch, num_items: int) -> float:
         self.model.train()
-        ids, mask, labels = self._tensors(batch)
-        logits = self.model(ids, mask)
-        nll, _ = self._nll_sum(logits, labels)
+        nll, _ = self._nll(batch)
         loss = nll / num_items
         loss.backward()
         return float(loss.detach())
@@ -111,8 +128,7 @@ class GpuTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            ids, mask, labels = self._tensors(batch)
-            nll, n = self._nll_sum(self.model(ids, mask), labels)
+            nll, n = self._nll(batch)
             return float(nll), n
         finally:
             self.model.train(was_training)

@@ -42,6 +42,8 @@ TRAIN_OPTIONS = {
     "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, none"),
     "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper), float16 or float32"),
     "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
+    "loss_chunk_size": ("--loss-chunk-size", int, "LM head and loss this many positions at a time, so the logits "
+                                                  "never exist whole (0: all at once)"),
 }
 
 
@@ -57,6 +59,10 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
                    help="keep all activations instead of recomputing them")
     g.add_argument("--train-on-inputs", dest="train_on_inputs", action="store_true", default=None,
                    help="take the loss on the prompt too (paper: responses only)")
+    g.add_argument("--packing", dest="packing", action="store_true", default=None,
+                   help="pack several examples into each row of --max-length tokens, attention kept inside each")
+    g.add_argument("--activation-offload", dest="activation_offload", action="store_true", default=None,
+                   help="gpu backend: keep the checkpointed block inputs in host memory until the backward pass")
     g.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig; options given here override it")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
@@ -66,7 +72,8 @@ def _config_from_args(args, base=None):
 
     config = TrainConfig.from_json(args.config) if getattr(args, "config", None) else (base or TrainConfig())
     changes = {f: getattr(args, f) for f in [*TRAIN_OPTIONS, "double_quant", "gradient_checkpointing",
-                                             "train_on_inputs", "progress"] if getattr(args, f, None) is not None}
+                                             "train_on_inputs", "progress", "packing", "activation_offload"]
+               if getattr(args, f, None) is not None}
     if getattr(args, "target_modules", None):
         changes["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     for f in ("max_steps", "output_dir"):
@@ -111,6 +118,7 @@ def add_parser(subparsers) -> None:
     d.add_argument("--max-steps", type=int, default=DEMO_STEPS, help=f"optimizer steps [default: {DEMO_STEPS}]")
     d.add_argument("--output-dir", type=Path, default=Path("qlora-demo"), help="[default: ./qlora-demo]")
     d.add_argument("--backend", default="ref", help="ref [default] or gpu")
+    d.add_argument("--packing", action="store_true", help="pack the short Q/A pairs into rows of 128 tokens")
     d.set_defaults(func=run_demo)
 
     g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
@@ -247,7 +255,7 @@ def run_demo(args) -> int:
 
     check_writable_dir(args.output_dir, "--output-dir")
     model_path = demo_model()
-    config = demo_config(args.max_steps, args.output_dir)
+    config = demo_config(args.max_steps, args.output_dir).replace(packing=bool(getattr(args, "packing", False)))
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
     t0 = time.perf_counter()
     trainer, tokenizer = make_trainer(model_path, config, args.backend)

@@ -17,6 +17,18 @@ The backward pass is the classic softmax-cross-entropy gradient,
 
 and zero elsewhere (including the last position of every row, which has no next token).
 
+Chunked (``chunked_lm_head_loss``): the LM head and the loss together, a chunk of counted positions at a time, so
+that the (positions x vocabulary) logits never exist whole — at long context they are the largest tensor of a
+step (131,072 tokens x 128,256 float32 logits = 67 GB, and the softmax as much again). The forward pass keeps
+per position only its log-sum-exp; the backward pass computes each chunk's logits again from the hidden states,
+its softmax as exp(logits - logsumexp), and the gradient of the hidden states
+
+    d loss / d h[b, t] = (softmax(h[b, t] W^T) - onehot(labels[b, t + 1])) W / N
+
+Positions without a target (the prompt, padding, each row's last) need no logits at all. Peak memory for the
+loss falls from 2 x positions x vocabulary x 4 bytes to about 2 x chunk x vocabulary x 4 bytes
+(``qlora_ref.memory.logits_bytes``), for one more LM-head product per chunk.
+
 One deliberate difference: when no target is counted (``N == 0``) torch returns NaN (0/0); here the loss is 0 and
 the gradient is zero, so that a batch without response tokens cannot poison a training run. The data pipeline
 drops such examples and reports them, so this only matters for hand-made batches.
@@ -43,16 +55,38 @@ class LossContext:
     denominator: float  # N, or num_items_in_batch
 
 
-def _check(logits: np.ndarray, labels: np.ndarray) -> None:
+def _check(logits: np.ndarray, labels: np.ndarray, what: str = "logits") -> None:
+    """The shapes of ``logits`` [B, T, V] (or, ``what="hidden states"``, [B, T, d]) and ``labels`` [B, T]."""
     if logits.ndim != 3:
-        raise ValueError(f"logits must be [batch, time, vocab], got shape {logits.shape}")
+        raise ValueError(f"{what} must be [batch, time, {'vocab' if what == 'logits' else 'hidden'}], "
+                         f"got shape {logits.shape}")
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels shape {labels.shape} does not match logits' [batch, time] {logits.shape[:2]}")
+        raise ValueError(f"labels shape {labels.shape} does not match {what}' [batch, time] {logits.shape[:2]}")
+
+
+def _check_targets(labels: np.ndarray, vocab: int) -> None:
     counted = labels[labels != IGNORE_INDEX]
-    if counted.size and (counted.min() < 0 or counted.max() >= logits.shape[2]):
-        raise ValueError(
-            f"labels must be -100 or in [0, {logits.shape[2]}), got values in [{counted.min()}, {counted.max()}]"
-        )
+    if counted.size and (counted.min() < 0 or counted.max() >= vocab):
+        raise ValueError(f"labels must be -100 or in [0, {vocab}), got values in [{counted.min()}, {counted.max()}]")
+
+
+def _targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(flat indices b * T + t of the counted positions, their targets): position t predicts the label at t + 1,
+    the last position of a row predicts nothing."""
+    B, T = labels.shape
+    shifted = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
+    shifted[:, :-1] = labels[:, 1:]
+    flat_labels = shifted.reshape(-1)
+    rows = np.flatnonzero(flat_labels != IGNORE_INDEX)
+    return rows, flat_labels[rows]
+
+
+def _softmax_parts(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(exp(z - max), its row sums, logsumexp) of float32 rows [N, V], the max subtracted so exp never overflows."""
+    zmax = z.max(axis=1, keepdims=True) if len(z) else np.zeros((0, 1), np.float32)
+    e = np.exp(z - zmax)
+    s = e.sum(axis=1, keepdims=True)
+    return e, s, np.log(s) + zmax
 
 
 def causal_lm_loss(
@@ -67,21 +101,14 @@ def causal_lm_loss(
     logits = np.asarray(logits)
     labels = np.asarray(labels)
     _check(logits, labels)
+    _check_targets(labels, logits.shape[2])
     B, T, V = logits.shape
-    # shift: position t predicts the label at t + 1; the last position predicts nothing
-    shifted = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
-    shifted[:, :-1] = labels[:, 1:]
-    flat_labels = shifted.reshape(-1)
-    rows = np.flatnonzero(flat_labels != IGNORE_INDEX)
-    targets = flat_labels[rows]
+    rows, targets = _targets(labels)
     n = rows.size
     denominator = float(n if num_items_in_batch is None else num_items_in_batch)
 
     z = logits.reshape(B * T, V)[rows].astype(np.float32)  # [N, V], only the counted rows
-    zmax = z.max(axis=1, keepdims=True) if n else np.zeros((0, 1), np.float32)
-    e = np.exp(z - zmax)
-    s = e.sum(axis=1, keepdims=True)
-    logsumexp = np.log(s) + zmax  # [N, 1]
+    e, s, logsumexp = _softmax_parts(z)  # logsumexp [N, 1]
     nll = logsumexp[:, 0] - z[np.arange(n), targets]
     loss = float(nll.sum(dtype=np.float64) / denominator) if n else 0.0
     probs = e / s
@@ -123,3 +150,73 @@ class CausalLMLoss:
             raise RuntimeError("backward() called before forward()")
         ctx, self._ctx = self._ctx, None
         return causal_lm_loss_backward(ctx, grad_loss)
+
+
+# ------------------------------------------------------------------------------------------------ chunked
+@dataclass
+class ChunkedLossContext:
+    """What the chunked backward pass needs: the hidden states and the LM head (references, not copies), the
+    counted positions, their targets and log-sum-exps ([N]), the chunk size and the denominator."""
+
+    hidden: np.ndarray  # [B, T, d]
+    weight: np.ndarray  # [V, d]
+    rows: np.ndarray
+    targets: np.ndarray
+    logsumexp: np.ndarray
+    chunk_size: int
+    denominator: float
+
+
+def _float(hidden: np.ndarray) -> np.dtype:
+    """The loss's dtype: float32, as the unchunked loss computes (float64 for float64 hidden states: the
+    finite-difference checks)."""
+    return np.promote_types(hidden.dtype, np.float32)
+
+
+def _chunk_logits(hidden: np.ndarray, weight: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Logits [len(rows), V] of the given flat positions: their hidden states times the LM head."""
+    h = hidden.reshape(-1, hidden.shape[-1])[rows]
+    return np.matmul(h, weight.T).astype(_float(hidden), copy=False)
+
+
+def chunked_lm_head_loss(hidden: np.ndarray, weight: np.ndarray, labels: np.ndarray, chunk_size: int,
+                         num_items_in_batch: int | None = None) -> tuple[float, ChunkedLossContext]:
+    """:func:`causal_lm_loss` of the logits ``hidden @ weight.T`` without ever holding them whole: ``chunk_size``
+    counted positions at a time (see the module docstring). ``hidden`` [B, T, d] is the final norm's output
+    (``LlamaModel.hidden_states``), ``weight`` [V, d] the LM head. Returns ``(loss, ctx)`` for
+    :func:`chunked_lm_head_loss_backward`."""
+    hidden, weight, labels = np.asarray(hidden), np.asarray(weight), np.asarray(labels)
+    _check(hidden, labels, "hidden states")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must be [vocab, {hidden.shape[2]}] (the LM head), got shape {weight.shape}")
+    _check_targets(labels, weight.shape[0])
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    rows, targets = _targets(labels)
+    n = rows.size
+    denominator = float(n if num_items_in_batch is None else num_items_in_batch)
+    logsumexp = np.zeros(n, dtype=_float(hidden))
+    total = 0.0
+    for start in range(0, n, chunk_size):
+        part = slice(start, min(start + chunk_size, n))
+        z = _chunk_logits(hidden, weight, rows[part])  # the only logits that exist: [chunk, V]
+        _, _, lse = _softmax_parts(z)
+        logsumexp[part] = lse[:, 0]
+        total += float((lse[:, 0] - z[np.arange(len(z)), targets[part]]).sum(dtype=np.float64))
+    loss = total / denominator if n else 0.0
+    return loss, ChunkedLossContext(hidden, weight, rows, targets, logsumexp, chunk_size, denominator)
+
+
+def chunked_lm_head_loss_backward(ctx: ChunkedLossContext, grad_loss: float = 1.0) -> np.ndarray:
+    """Gradient of the loss with respect to the hidden states, [B, T, d] (float32): each chunk's logits computed
+    again, softmax = exp(logits - logsumexp), minus the one-hot target, scaled, times the LM head."""
+    B, T, d = ctx.hidden.shape
+    grad = np.zeros((B * T, d), dtype=_float(ctx.hidden))
+    n = ctx.rows.size
+    for start in range(0, n, ctx.chunk_size):
+        part = slice(start, min(start + ctx.chunk_size, n))
+        g = np.exp(_chunk_logits(ctx.hidden, ctx.weight, ctx.rows[part]) - ctx.logsumexp[part, None])
+        g[np.arange(len(g)), ctx.targets[part]] -= 1.0
+        g *= g.dtype.type(grad_loss / ctx.denominator)
+        grad[ctx.rows[part]] = np.matmul(g, ctx.weight)
+    return grad.reshape(B, T, d)

@@ -13,7 +13,13 @@ configuration estimated:
 - ``optimizer_states``  Adam's two moments per trainable parameter (section 3, "Paged Optimizers": paged states
                         can be evicted to CPU RAM, so they are reported as the ``paged`` part as well)
 - ``activations``       what the forward pass keeps for the backward pass, with or without gradient checkpointing
-                        (section 2, "Memory Requirement of Parameter-Efficient Finetuning")
+                        (section 2, "Memory Requirement of Parameter-Efficient Finetuning"), including the float32
+                        logits of the loss (``logits_bytes``: all positions at once, or one chunk with a chunked
+                        loss) and less the block inputs moved to host memory by activation offload
+                        (``offloaded_bytes``)
+
+For long sequences and short examples (docs/long_context.md), three more settings: ``packing`` with an
+``example_length`` (how many of a step's token slots are useful, ``step_tokens``), ``loss_chunk`` and ``offload``.
 
 Everything here is pure Python integer arithmetic on the model's shape: no tensor is allocated and neither
 NumPy nor torch is imported. Bytes are exact integers; MB and GB are decimal (10**6, 10**9 bytes), which is the
@@ -71,6 +77,20 @@ TARGET_PRESETS = {
 #: it for the backward pass (Hugging Face's LLaMA of 2023, which the paper used); "flash" (FlashAttention /
 #: PyTorch SDPA) recomputes it in the backward pass and keeps only one float32 log-sum-exp per head and token.
 ATTENTION_IMPLS = ("eager", "flash")
+
+
+#: Llama 3.1 (Meta's config.json of Llama-3.1-8B / -70B): grouped-query attention with 8 key/value heads, a
+#: 128,256-token vocabulary — the shapes of the long-context comparisons (docs/long_context.md)
+LLAMA3_CONFIGS = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256),
+}
+
+#: how many checkpointed block inputs activation offload leaves on the device at once: the block being recomputed
+#: and the one before it, already on its way back (``qlora_gpu.offload``)
+OFFLOAD_RESIDENT_BLOCKS = 2
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -232,7 +252,8 @@ def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
 
 def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
     """The shape named by ``model``: ``llama-7b``/``13b``/``33b``/``65b`` (the ``llama-`` may be left out),
-    ``llama-2-70b``, a Hugging Face ``config.json`` file, or a folder that holds one."""
+    ``llama-2-70b``, ``llama-3.1-8b``/``llama-3.1-70b``, a Hugging Face ``config.json`` file, or a folder that
+    holds one."""
     if isinstance(model, ModelShape):
         return model
     if not isinstance(model, (str, Path)) or not str(model):
@@ -240,6 +261,8 @@ def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
     key = str(model).lower()
     if key in MODEL_SHAPES:
         return MODEL_SHAPES[key]
+    if key in LLAMA3_CONFIGS:
+        return shape_from_hf_config(LLAMA3_CONFIGS[key], name=key)
     if f"llama-{key}" in MODEL_SHAPES:
         return MODEL_SHAPES[f"llama-{key}"]
     path = Path(model)
@@ -247,8 +270,9 @@ def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(
-            f"model must be one of {', '.join(MODEL_SHAPES)} or a path to a Hugging Face config.json "
-            f"(file or folder), got {str(model)!r}" + (f" ({path} does not exist)" if path != Path(model) else "")
+            f"model must be one of {', '.join([*MODEL_SHAPES, *LLAMA3_CONFIGS])} or a path to a Hugging Face "
+            f"config.json (file or folder), got {str(model)!r}"
+            + (f" ({path} does not exist)" if path != Path(model) else "")
         )
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
@@ -366,13 +390,44 @@ def lora_activation_bytes_per_token(
 
 
 def head_activation_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
-    """Bytes the final norm, the LM head and the loss keep per token (never checkpointed).
+    """Bytes the final norm and the LM head keep per token (never checkpointed), the logits aside
+    (``logits_bytes``): the final RMSNorm's input and the LM head's input (h values each, compute dtype)."""
+    return 2 * shape.hidden_size * act_bytes
 
-    The final RMSNorm's input and the LM head's input (h values each, compute dtype); the logits, which Hugging
-    Face's LLaMA upcasts to float32 and returns (vocab x 4 bytes); and the float32 log-softmax the cross-entropy
-    keeps for its backward pass (vocab x 4 bytes).
+
+def logits_bytes(shape: ModelShape, tokens: int, loss_chunk: int = 0) -> int:
+    """Bytes of the loss's float32 logits at their peak.
+
+    Unchunked (``loss_chunk`` 0): the logits of every token, which Hugging Face's LLaMA upcasts to float32 and
+    returns (vocab x 4 bytes each), and the float32 log-softmax the cross entropy keeps for its backward pass
+    (as much again) — 2 x tokens x vocab x 4. Chunked (``qlora_ref.loss.chunked_lm_head_loss``,
+    ``qlora_gpu.chunked_loss``): one chunk's float32 logits and their softmax (the gradient, in the backward pass)
+    at a time, 2 x min(chunk, tokens) x vocab x 4, plus one float32 log-sum-exp per token kept between the passes.
     """
-    return 2 * shape.hidden_size * act_bytes + 2 * shape.vocab_size * 4
+    if not loss_chunk:
+        return 2 * tokens * shape.vocab_size * 4
+    return 2 * min(loss_chunk, tokens) * shape.vocab_size * 4 + tokens * 4
+
+
+def offloaded_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+    """Bytes activation offload keeps in host memory: every decoder block's checkpointed input, the residual
+    stream (hidden values per token, compute dtype) — L x tokens x hidden x bytes (``qlora_gpu.offload``)."""
+    return shape.num_layers * tokens * shape.hidden_size * act_bytes
+
+
+def step_tokens(batch: int, seq: int, packing: bool = False, example_length: int | None = None) -> tuple[int, int]:
+    """(token slots one step computes on, useful ones among them) for ``batch`` sequences of ``seq`` tokens.
+
+    Without ``example_length`` every slot is useful. With examples of ``example_length`` tokens: unpacked, a
+    sequence carries one example and padding (``batch x example_length`` useful); packed, as many whole examples
+    as fit (``batch x floor(seq / example_length) x example_length``). Memory follows the slots; the useful tokens
+    are what a step at that memory trains on."""
+    slots = batch * seq
+    if example_length is None:
+        return slots, slots
+    if example_length > seq:
+        raise ValueError(f"example_length ({example_length}) must be at most seq ({seq})")
+    return slots, batch * example_length * ((seq // example_length) if packing else 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -388,7 +443,10 @@ class MemoryBreakdown:
     paged (unified) memory that can be evicted to CPU RAM, so ``device_min_bytes`` = total - paged is what the
     GPU must hold when every page is out. ``activations_checkpointing`` and ``activations_no_checkpointing`` give
     both settings whichever one ``activations`` uses; ``lora_inputs`` is the paper's "LoRA input gradients" term
-    (section 2) under the chosen setting.
+    (section 2) under the chosen setting. ``logits`` (a detail of ``activations``) is the loss's float32 logits
+    (``logits_bytes``); ``offloaded`` the host memory activation offload fills (not in the total: the device
+    does not hold it); ``tokens`` and ``useful_tokens`` the step's token slots and the non-padding ones
+    (``step_tokens``).
     """
 
     PARTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "activations")
@@ -409,6 +467,10 @@ class MemoryBreakdown:
     activations_no_checkpointing: int
     lora_inputs: int
     quantized_params: int = 0
+    logits: int = 0
+    offloaded: int = 0
+    tokens: int = 0
+    useful_tokens: int = 0
 
     @property
     def parts(self) -> dict[str, int]:
@@ -443,6 +505,10 @@ class MemoryBreakdown:
             "activations_no_checkpointing_bytes": self.activations_no_checkpointing,
             "lora_inputs_bytes": self.lora_inputs,
             "quant_constant_bits_per_param": self.quant_constant_bits_per_param,
+            "logits_bytes": self.logits,
+            "offloaded_bytes": self.offloaded,
+            "tokens": self.tokens,
+            "useful_tokens": self.useful_tokens,
         }
 
 
@@ -487,6 +553,10 @@ def estimate_memory(
     unquantized_dtype: str | None = None,
     lora_dropout: float = 0.1,
     attention: str = "eager",
+    packing: bool = False,
+    example_length: int | None = None,
+    loss_chunk: int = 0,
+    offload: bool = False,
 ) -> MemoryBreakdown:
     """The memory one training step of ``method`` needs on ``shape``, part by part.
 
@@ -499,7 +569,10 @@ def estimate_memory(
     ``double_quant``, ``blocksize`` and ``unquantized_dtype`` only to QLoRA. ``unquantized_dtype`` is the dtype
     of the parameters QLoRA leaves unquantized (embeddings, LM head, norms); it defaults to ``compute_dtype``
     (the paper's script casts them back to bfloat16), "float32" is what PEFT's ``prepare_model_for_kbit_training``
-    leaves them in.
+    leaves them in. Long context (docs/long_context.md): ``packing`` and ``example_length`` count the useful
+    tokens (``step_tokens``), ``loss_chunk`` > 0 computes the loss in chunks of that many tokens
+    (``logits_bytes``), ``offload`` keeps the checkpointed block inputs in host memory (``offloaded_bytes``; it
+    needs gradient checkpointing).
     """
     shape = load_model_shape(shape)
     if method not in METHODS:
@@ -507,6 +580,12 @@ def estimate_memory(
     _check_positive_int("batch", batch)
     _check_positive_int("seq", seq)
     check_blocksize(blocksize)
+    if example_length is not None:
+        _check_positive_int("example_length", example_length)
+    if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
+        raise ValueError(f"loss_chunk must be a non-negative integer (0: no chunks), got {loss_chunk!r}")
+    if offload and not gradient_checkpointing:
+        raise ValueError("offload moves the checkpointed block inputs to host memory: it needs gradient checkpointing")
     if compute_dtype not in DTYPE_BYTES:
         raise ValueError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {compute_dtype!r}")
     if attention not in ATTENTION_IMPLS:
@@ -571,7 +650,7 @@ def estimate_memory(
     paged = optimizer_states if paged_states else 0
 
     # --- activations (section 2, "Memory Requirement of Parameter-Efficient Finetuning"; Appendix G) ------------
-    tokens = batch * seq
+    tokens, useful_tokens = step_tokens(batch, seq, packing, example_length)
     per_layer = layer_activation_bytes_per_token(shape, seq, attention, c)
     if uses_lora:
         lora_extra, lora_in = lora_activation_bytes_per_token(shape, r, targets, lora_dropout, c)
@@ -579,13 +658,18 @@ def estimate_memory(
         lora_extra = lora_in = 0
     per_layer += lora_extra
     head = head_activation_bytes_per_token(shape, c)
+    logits = logits_bytes(shape, tokens, loss_chunk)
     # Without checkpointing every layer keeps everything until its backward pass.
-    no_ckpt = tokens * (L * per_layer + head)
+    no_ckpt = tokens * (L * per_layer + head) + logits
     # With checkpointing (one segment per decoder layer, as Hugging Face does) only each layer's input, the
     # residual stream (h values), is kept; in the backward pass one layer at a time is recomputed, so one layer's
     # activations are live on top of the checkpoints (its input is the checkpoint itself, hence - h).
     layer_input = shape.hidden_size * c
-    ckpt = tokens * (L * layer_input + (per_layer - layer_input) + head)
+    ckpt = tokens * (L * layer_input + (per_layer - layer_input) + head) + logits
+    # Offload moves the checkpoints to host memory; at most OFFLOAD_RESIDENT_BLOCKS of them are on the device.
+    offloaded = offloaded_bytes(shape, tokens, c) if offload else 0
+    if offload:
+        ckpt -= offloaded - tokens * min(L, OFFLOAD_RESIDENT_BLOCKS) * layer_input
     activations = ckpt if gradient_checkpointing else no_ckpt
     # The paper's "LoRA input gradients": all layers' worth without checkpointing (567 MB for its 7B example),
     # one layer's worth with it ("an average of 18 MB per sequence" = 567 MB / 32 layers).
@@ -598,6 +682,10 @@ def estimate_memory(
         "optimizer": optimizer,
         "compute_dtype": compute_dtype,
         "attention": attention,
+        "packing": bool(packing),
+        "example_length": example_length,
+        "loss_chunk": loss_chunk,
+        "offload": bool(offload),
     }
     if uses_lora:
         settings.update(r=r, targets=list(targets), lora_dropout=lora_dropout, adapter_dtype=adapter_dtype)
@@ -626,6 +714,10 @@ def estimate_memory(
         activations_no_checkpointing=no_ckpt,
         lora_inputs=lora_inputs,
         quantized_params=quantized_params,
+        logits=logits,
+        offloaded=offloaded,
+        tokens=tokens,
+        useful_tokens=useful_tokens,
     )
 
 

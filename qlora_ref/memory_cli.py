@@ -4,6 +4,7 @@
     qlora memory --model path/to/config.json --method lora --batch 4 --seq 1024 --json
     qlora memory --model llama-65b --plot memory_65b.png    # stacked bars like the paper's memory figure
     qlora memory --model llama-2-70b --seq 2048 --gpus 2    # per GPU, sharded with FSDP2, with and without offload
+    qlora memory --model llama-3.1-8b --seq 131072 --attention flash --loss-chunk 4096 --offload   # long context
 
 The arithmetic lives in ``qlora_ref.memory``; this module only parses arguments, formats and plots.
 """
@@ -18,6 +19,7 @@ from qlora_ref.memory import (
     DTYPE_BYTES,
     FSDP_GATHERED_BLOCKS,
     GB,
+    LLAMA3_CONFIGS,
     LLAMA_SHAPES,
     MB,
     METHODS,
@@ -68,8 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default="llama-7b",
-        help=f"{', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), or a Hugging Face config.json / a folder holding one "
-        "(default: llama-7b)",
+        help=f"{', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), {', '.join(LLAMA3_CONFIGS)}, or a Hugging Face "
+        "config.json / a folder holding one (default: llama-7b)",
     )
     p.add_argument("--method", choices=METHODS, default="qlora", help="fine-tuning method (default: qlora)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
@@ -104,6 +106,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="QLoRA sharded over N GPUs with FSDP2 (qlora finetune --nproc N): the memory of each GPU, "
                    "with and without CPU offload; --batch is each GPU's micro-batch (docs/sharded.md)")
+    p.add_argument("--packing", action="store_true", help="with --example-length: pack whole examples into each "
+                   "sequence (counts the useful tokens; docs/long_context.md)")
+    p.add_argument("--example-length", type=int, default=None, help="tokens per training example: how many of a "
+                   "step's batch x seq token slots are useful, packed or not (default: all of them)")
+    p.add_argument("--loss-chunk", type=int, default=0, help="compute the LM head and the loss this many tokens at "
+                   "a time, so the float32 logits never exist whole (default: 0, all at once)")
+    p.add_argument("--offload", action="store_true", help="keep the checkpointed block inputs in host memory "
+                   "(activation offload; needs gradient checkpointing)")
     p.add_argument("--json", action="store_true", help="print a JSON object (total_bytes, parts, details)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also write a stacked-bar figure: the three methods on this model, and this method on "
@@ -128,6 +138,10 @@ def _estimate_kwargs(args) -> dict:
         unquantized_dtype=args.unquantized_dtype,
         lora_dropout=args.lora_dropout,
         attention=args.attention,
+        packing=args.packing,
+        example_length=args.example_length,
+        loss_chunk=args.loss_chunk,
+        offload=args.offload,
     )
 
 
@@ -193,6 +207,12 @@ def _describe(b: MemoryBreakdown) -> list[str]:
         f"  batch {s['batch']} x seq {s['seq']}, {s['optimizer']}, {s['compute_dtype']} compute, "
         f"{s['attention']} attention, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
     )
+    if s.get("example_length") is not None:
+        lines.append(f"  examples of {s['example_length']} tokens, {'packed' if s['packing'] else 'one per sequence'}: "
+                     f"{b.useful_tokens:,} useful of {b.tokens:,} token slots")
+    if s.get("loss_chunk") or s.get("offload"):
+        lines.append("  " + ", ".join(([f"loss in chunks of {s['loss_chunk']:,} tokens"] if s["loss_chunk"] else [])
+                                      + (["block inputs offloaded to host memory"] if s["offload"] else [])))
     return lines
 
 
@@ -206,7 +226,7 @@ def _targets_name(targets: list[str]) -> str:
 def format_table(b: MemoryBreakdown) -> str:
     notes = {
         "activations": f"checkpointing: {format_bytes(b.activations_checkpointing)}, "
-        f"without: {format_bytes(b.activations_no_checkpointing)}",
+        f"without: {format_bytes(b.activations_no_checkpointing)}; of which logits {format_bytes(b.logits)}",
     }
     if b.quant_constants:
         notes["quant_constants"] = f"{b.quant_constant_bits_per_param:.3f} bits per quantized parameter"
@@ -224,6 +244,8 @@ def format_table(b: MemoryBreakdown) -> str:
     if b.paged:
         lines.append(f"  {'of which paged':<{width}}  {format_bytes(b.paged):>12}")
         lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(b.device_min_bytes):>12}")
+    if b.offloaded:
+        lines.append(f"  {'host: offloaded':<{width}}  {format_bytes(b.offloaded):>12}   checkpointed block inputs")
     return "\n".join(lines)
 
 

@@ -138,8 +138,9 @@ def make_attention(rng, d=12, heads=6, kv_heads=2, head_dim=4, bias=False, dtype
     return Attention(*projs, heads, kv_heads, head_dim, RotaryEmbedding(head_dim, 10000.0), sliding_window=window)
 
 
-def torch_attention(attn, x):
-    """The same computation in torch (transformers' eager attention)."""
+def torch_attention(attn, x, positions=None):
+    """The same computation in torch (transformers' eager attention); ``positions`` (B, T): packed rows, each token
+    rotated by its position and masked by transformers' packed-sequence rule (tests/test_packing.py)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     B, T, _ = x.shape
@@ -152,10 +153,18 @@ def torch_attention(attn, x):
     q = lin(attn.q_proj, x).view(B, T, H, D).transpose(1, 2)
     k = lin(attn.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)
     v = lin(attn.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)
-    cos, sin = attn.rope.cos_sin(np.arange(T))
-    q, k = apply_rotary_pos_emb(q, k, tt(cos).to(x.dtype)[None], tt(sin).to(x.dtype)[None])
+    cos, sin = attn.rope.cos_sin(np.arange(T)[None] if positions is None else positions)  # (1 or B, T, D)
+    q, k = apply_rotary_pos_emb(q, k, tt(cos).to(x.dtype), tt(sin).to(x.dtype))
     k, v = repeat_kv(k, H // Hkv), repeat_kv(v, H // Hkv)
-    s = q @ k.transpose(2, 3) * D ** -0.5 + tt(causal_mask(T, T, 0, attn.sliding_window)).to(x.dtype)
+    if positions is None:
+        mask = tt(causal_mask(T, T, 0, attn.sliding_window)).to(x.dtype)
+    else:
+        from transformers.masking_utils import find_packed_sequence_indices
+
+        seg, i = find_packed_sequence_indices(tt(positions)), torch.arange(T)
+        allowed = (seg[:, :, None] == seg[:, None, :]) & (i[None, None, :] <= i[None, :, None])
+        mask = torch.zeros(allowed.shape, dtype=x.dtype).masked_fill(~allowed, float("-inf"))[:, None]
+    s = q @ k.transpose(2, 3) * D ** -0.5 + mask
     o = torch.softmax(s, dim=-1) @ v
     return lin(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))
 

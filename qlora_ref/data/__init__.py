@@ -1,6 +1,7 @@
 """Instruction data for QLoRA fine-tuning: reading (JSONL in several formats, the chatterbot corpus),
 formatting with the model's chat template (Alpaca when it has none), response-only labels, length filtering
-with a report, length-grouped padded batches. Backend-neutral: ``qlora_gpu`` consumes the same NumPy batches.
+with a report, length-grouped padded batches or packed ones. Backend-neutral: ``qlora_gpu`` consumes the same
+NumPy batches.
 
     examples = load_examples("train.jsonl")                 # or "chatterbot:english"
     data = build_dataset(examples, tokenizer, max_length=512)
@@ -26,11 +27,16 @@ from .pipeline import (
     ChatTemplateError,
     TokenizedDataset,
     batch_indices,
+    batch_of,
     build_dataset,
     collate,
+    collate_packed,
     format_example,
     iterate_batches,
+    iterate_packed_batches,
     length_grouped_order,
+    pack_examples,
+    packed_batch_indices,
     pad_token_id_of,
     tokenize_example,
 )
@@ -39,7 +45,8 @@ from .tokenizer import CHATML_TEMPLATE, ByteTokenizer, encode, has_chat_template
 __all__ = [
     "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "CHATML_TEMPLATE", "IGNORE_INDEX", "ByteTokenizer",
     "ChatTemplateError", "DataReport", "Example", "MalformedRecordError", "TokenizedDataset", "batch_indices",
-    "build_dataset", "chatterbot_data_dir", "collate", "encode", "format_example", "has_chat_template",
-    "iterate_batches", "length_grouped_order", "load_chatterbot_corpus", "load_examples", "pad_token_id_of",
+    "batch_of", "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode", "format_example",
+    "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
+    "load_chatterbot_corpus", "load_examples", "pack_examples", "packed_batch_indices", "pad_token_id_of",
     "read_chatterbot_yaml", "read_jsonl", "record_to_example", "render_chat_template", "tokenize_example",
 ]

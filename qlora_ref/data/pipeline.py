@@ -21,6 +21,15 @@ Batches. ``{"input_ids", "attention_mask", "labels"}``, int64 ``[B, T]`` NumPy a
 longest example of the batch. With ``group_by_length`` the order is transformers' ``LengthGroupedSampler``'s:
 a random permutation cut into mega-batches of 50 batches, each sorted by length, the longest batch first (a
 long batch early shows an out-of-memory at once — or, with a paged optimizer, the page-outs).
+
+Packing. Short examples padded to a batch's longest waste compute on padding and on per-step overhead; packed,
+several examples share one row of up to ``max_length`` tokens (:func:`pack_examples`: first-fit decreasing) and
+the batch gains ``position_ids``, restarting at 0 with every example. The positions are the whole description of
+the packing: a new example begins wherever a position does not follow its predecessor by one (transformers' rule,
+``masking_utils.find_packed_sequence_indices``), and the models keep attention inside each example (block-diagonal
+causal) from them. The first token of every example gets label -100, so the last token of one example never
+learns to predict the first of the next: a packed batch has exactly the targets of the same examples unpadded,
+and the loss, summed over them and divided by their number, is the same.
 """
 
 from __future__ import annotations
@@ -247,5 +256,74 @@ def iterate_batches(dataset: TokenizedDataset, batch_size: int, shuffle: bool = 
                     pad_to_multiple_of: int | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Padded batches for one epoch (see :func:`batch_indices` and :func:`collate`)."""
     for idx in batch_indices(dataset, batch_size, shuffle, group_by_length, seed, epoch, drop_last):
-        yield collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx], dataset.pad_token_id,
-                      pad_to_multiple_of)
+        yield batch_of(dataset, idx, pad_to_multiple_of)
+
+
+# ------------------------------------------------------------------------------------------------ packing
+def pack_examples(lengths, max_length: int) -> list[list[int]]:
+    """Indices of the examples in each pack: first-fit decreasing (Johnson 1973) — the examples by decreasing
+    length (ties by index), each into the first pack it still fits in (at most ``max_length`` tokens), else into a
+    new pack. At most 11/9 of the optimal number of packs plus one; deterministic."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if lengths.size and lengths.max() > max_length:
+        raise ValueError(f"an example of {lengths.max()} tokens does not fit a pack of max_length={max_length}")
+    packs: list[list[int]] = []
+    room = np.zeros(0, dtype=np.int64)  # free tokens of each pack
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        fits = np.flatnonzero(room >= lengths[i])
+        if fits.size:
+            packs[fits[0]].append(i)
+            room[fits[0]] -= lengths[i]
+        else:
+            packs.append([i])
+            room = np.append(room, max_length - lengths[i])
+    return packs
+
+
+def packed_batch_indices(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                         epoch: int = 0) -> list[list[list[int]]]:
+    """The packs of each batch of one epoch: ``batch_size`` packs per batch, each pack a list of example indices.
+    The packs are the same every epoch (:func:`pack_examples` of the whole data set; with attention kept inside
+    each example, which examples share a row changes no gradient); their order is shuffled per ``(seed, epoch)``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    packs = pack_examples(dataset.lengths, dataset.max_length)
+    order = np.random.default_rng([seed, epoch]).permutation(len(packs)) if shuffle else np.arange(len(packs))
+    ordered = [packs[i] for i in order]
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def collate_packed(packs_ids: list[list[np.ndarray]], packs_labels: list[list[np.ndarray]], pad_token_id: int,
+                   pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    """One row per pack, its examples one after the other, right-padded like :func:`collate`; adds int64
+    ``position_ids`` (0, 1, ... within every example, and within the padding, which is then a segment of its own).
+    The first label of every example is -100: nothing predicts it from the example before."""
+    rows_ids, rows_labels, rows_pos = [], [], []
+    for ids, labels in zip(packs_ids, packs_labels, strict=True):
+        rows_ids.append(np.concatenate(ids))
+        rows_labels.append(np.concatenate([np.concatenate([[IGNORE_INDEX], y[1:]]) for y in labels]))
+        rows_pos.append(np.concatenate([np.arange(len(x)) for x in ids]))
+    batch = collate(rows_ids, rows_labels, pad_token_id, pad_to_multiple_of)
+    t = batch["input_ids"].shape[1]
+    batch["position_ids"] = np.stack([np.concatenate([p, np.arange(t - len(p))]) for p in rows_pos]).astype(np.int64)
+    return batch
+
+
+def batch_of(dataset: TokenizedDataset, indices: list, pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    """The batch of ``indices``: a list of example indices (:func:`collate`, padded) or a list of packs, each a
+    list of example indices (:func:`collate_packed`)."""
+    d = dataset
+    if indices and isinstance(indices[0], list):
+        return collate_packed([[d.input_ids[i] for i in p] for p in indices],
+                              [[d.labels[i] for i in p] for p in indices], d.pad_token_id, pad_to_multiple_of)
+    return collate([d.input_ids[i] for i in indices], [d.labels[i] for i in indices], d.pad_token_id,
+                   pad_to_multiple_of)
+
+
+def iterate_packed_batches(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                           epoch: int = 0, pad_to_multiple_of: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Packed batches for one epoch (see :func:`packed_batch_indices` and :func:`collate_packed`)."""
+    for packs in packed_batch_indices(dataset, batch_size, shuffle, seed, epoch):
+        yield batch_of(dataset, packs, pad_to_multiple_of)

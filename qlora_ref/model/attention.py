@@ -13,6 +13,11 @@ Backward, with dO the gradient of O (derivation in docs/transformer.md):
     dQ = dS K / sqrt(D),  dK = dS^T Q / sqrt(D)   (dK summed over the group, like dV)
 
 then the rotations are undone (``apply_rope_backward``) and the q/k/v projections' backward sum into dx.
+
+Packed sequences (``position_ids``, (B, T), restarting at 0 with every example; ``qlora_ref.data.collate_packed``):
+each token is rotated by its position inside its own example, and M also masks every key of another example —
+M is block-diagonal causal (``packed_causal_mask``), so no example attends to another. The backward pass is the
+same formulas: a masked score has P = 0, hence dS = 0 there.
 """
 
 from __future__ import annotations
@@ -53,6 +58,26 @@ def causal_mask(t: int, s: int, past: int, sliding_window: int | None = None) ->
     return np.where(allowed, np.float32(0.0), np.float32(-np.inf))
 
 
+def segment_ids(position_ids: np.ndarray) -> np.ndarray:
+    """(B, T) index of the example each token belongs to, from 0 in every row: a new example begins wherever a
+    position does not follow the one before by one (transformers' ``find_packed_sequence_indices``)."""
+    position_ids = np.asarray(position_ids)
+    starts = np.zeros(position_ids.shape, dtype=np.int64)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return np.cumsum(starts, axis=1)
+
+
+def packed_causal_mask(position_ids: np.ndarray, sliding_window: int | None = None) -> np.ndarray:
+    """Additive (B, 1, 1, T, T) mask of packed rows: query i sees key j <= i of the same example only (and, with a
+    sliding window, only the last ``sliding_window`` of them) — block-diagonal causal."""
+    seg = segment_ids(position_ids)
+    t = seg.shape[1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (np.arange(t)[None, None, :] <= np.arange(t)[None, :, None])
+    if sliding_window is not None:
+        allowed &= np.arange(t)[None, :, None] - np.arange(t)[None, None, :] < sliding_window
+    return np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None]
+
+
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis (max subtracted first, so exp never overflows; -inf entries become 0)."""
     e = x - np.max(x, axis=-1, keepdims=True)
@@ -78,24 +103,30 @@ class Attention:
     def linears(self) -> dict:
         return {"q_proj": self.q_proj, "k_proj": self.k_proj, "v_proj": self.v_proj, "o_proj": self.o_proj}
 
-    def forward(self, x: np.ndarray, kv_cache: KVCache | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, kv_cache: KVCache | None = None, position_ids: np.ndarray | None = None
+                ) -> np.ndarray:
+        """``position_ids`` (B, T): packed rows (training only), see the module docstring."""
         B, T, _ = x.shape
         Hkv, G, D = self.num_kv_heads, self.groups, self.head_dim
+        if position_ids is not None and kv_cache is not None:
+            raise ValueError("position_ids (packed sequences) are for training; generation with a KV cache takes none")
         past = 0 if kv_cache is None else kv_cache.length(self.layer_idx)
-        cos, sin = self.rope.cos_sin(np.arange(past, past + T))
+        # (T, D) tables, or with position_ids (B, 1, 1, T, D): one per row, broadcast over heads and groups
+        cos, sin = self.rope.cos_sin(np.arange(past, past + T) if position_ids is None else position_ids[:, None, None])
 
         # (B, T, H*D) -> (B, Hkv, G, T, D) for queries, (B, Hkv, T, D) for keys and values
         q = self.q_proj.forward(x).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
         k = self.k_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         v = self.v_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         q = apply_rope(q, cos, sin).reshape(B, Hkv, G * T, D)  # a group's queries stacked: one matmul per kv head
-        k = apply_rope(k, cos, sin)
+        k = apply_rope(k[:, :, None], cos, sin)[:, :, 0]  # as one group of queries, so that both tables broadcast
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)
         S_len = k.shape[2]
 
         scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2))) * np.float32(self.scale)  # (B,Hkv,G*T,S)
-        scores.reshape(B, Hkv, G, T, S_len)[...] += causal_mask(T, S_len, past, self.sliding_window)
+        scores.reshape(B, Hkv, G, T, S_len)[...] += causal_mask(T, S_len, past, self.sliding_window) \
+            if position_ids is None else packed_causal_mask(position_ids, self.sliding_window)
         probs = softmax(scores)
         out = np.matmul(probs, v)  # (B, Hkv, G*T, D)
         out = out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
@@ -121,7 +152,7 @@ class Attention:
 
         dq = apply_rope_backward(dq.reshape(B, Hkv, G, T, D), cos, sin)
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
-        dk = apply_rope_backward(dk, cos, sin).transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
+        dk = apply_rope_backward(dk[:, :, None], cos, sin)[:, :, 0].transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         dv = dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
 

@@ -50,7 +50,7 @@ class DecoderBlock:
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
         self.gradient_checkpointing = gradient_checkpointing
-        self._checkpoint = None  # (x, rng states) of a checkpointed forward
+        self._checkpoint = None  # (x, rng states, position_ids) of a checkpointed forward
 
     def linears(self) -> dict:
         """The block's linear layers by their Hugging Face names (``self_attn.q_proj``, ``mlp.up_proj`` ...)."""
@@ -62,27 +62,29 @@ class DecoderBlock:
         return [self.input_layernorm, self.self_attn, self.post_attention_layernorm, self.mlp,
                 *self.linears().values()]
 
-    def _forward(self, x: np.ndarray, kv_cache: KVCache | None) -> np.ndarray:
-        h = x + self.self_attn.forward(self.input_layernorm.forward(x), kv_cache)
+    def _forward(self, x: np.ndarray, kv_cache: KVCache | None, position_ids: np.ndarray | None = None) -> np.ndarray:
+        h = x + self.self_attn.forward(self.input_layernorm.forward(x), kv_cache, position_ids)
         return h + self.mlp.forward(self.post_attention_layernorm.forward(h))
 
-    def forward(self, x: np.ndarray, kv_cache: KVCache | None = None) -> np.ndarray:
+    def forward(self, x: np.ndarray, kv_cache: KVCache | None = None, position_ids: np.ndarray | None = None
+                ) -> np.ndarray:
+        """``position_ids``: packed rows (``Attention.forward``)."""
         if not self.gradient_checkpointing or kv_cache is not None:
             self._checkpoint = None
-            return self._forward(x, kv_cache)
+            return self._forward(x, kv_cache, position_ids)
         rng_states = [_rng_state(m) for m in self.linears().values()]
-        out = self._forward(x, None)
+        out = self._forward(x, None, position_ids)
         for layer in self._layers():  # keep only x: everything else is recomputed in backward
             _clear_cache(layer)
-        self._checkpoint = (x, rng_states)
+        self._checkpoint = (x, rng_states, position_ids)
         return out
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
         if self._checkpoint is not None:
-            x, rng_states = self._checkpoint
+            x, rng_states, position_ids = self._checkpoint
             for m, state in zip(self.linears().values(), rng_states, strict=True):
                 _set_rng_state(m, state)
-            self._forward(x, None)
+            self._forward(x, None, position_ids)
             self._checkpoint = None
         grad_h = grad + self.post_attention_layernorm.backward(self.mlp.backward(grad))
         grad_x = grad_h + self.input_layernorm.backward(self.self_attn.backward(grad_h))

@@ -109,20 +109,35 @@ class LlamaModel:
         return cls(config, embed, layers, norm, lm_head, quant, lora)
 
     # ----------------------------------------------------------------- forward / backward
-    def forward(self, input_ids: np.ndarray, kv_cache: KVCache | None = None, last_only: bool = False) -> np.ndarray:
-        """Logits, float32 (batch, seq, vocab) — or (batch, 1, vocab) with ``last_only`` (generation)."""
+    def hidden_states(self, input_ids: np.ndarray, kv_cache: KVCache | None = None,
+                      position_ids: np.ndarray | None = None) -> np.ndarray:
+        """The final norm's output (batch, seq, hidden), what the LM head reads; without a KV cache it is kept for
+        ``backward_hidden`` (a chunked loss computes the LM head itself: ``qlora_ref.loss.chunked_lm_head_loss``).
+        ``position_ids`` (batch, seq): packed rows, positions restarting with every example (``Attention``)."""
         input_ids = np.asarray(input_ids)
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {input_ids.shape}")
+        if position_ids is not None:
+            position_ids = np.asarray(position_ids).reshape(input_ids.shape) if np.ndim(position_ids) == 1 \
+                else np.asarray(position_ids)
+            if position_ids.shape != input_ids.shape:
+                raise ValueError(f"position_ids must have input_ids' shape {input_ids.shape}, got {position_ids.shape}")
         h = self.embed_tokens.forward(input_ids)
         for layer in self.layers:
-            h = layer.forward(h, kv_cache)
+            h = layer.forward(h, kv_cache, position_ids)
         h = self.norm.forward(h)
+        self._hidden = None if kv_cache is not None else h
+        return h
+
+    def forward(self, input_ids: np.ndarray, kv_cache: KVCache | None = None, last_only: bool = False,
+                position_ids: np.ndarray | None = None) -> np.ndarray:
+        """Logits, float32 (batch, seq, vocab) — or (batch, 1, vocab) with ``last_only`` (generation)."""
+        h = self.hidden_states(input_ids, kv_cache, position_ids)
         if last_only:
             h = h[:, -1:]
-        self._hidden = None if kv_cache is not None else h
+            self._hidden = None if kv_cache is not None else h
         return np.matmul(h, self.lm_head_weight.T)
 
     __call__ = forward
@@ -135,7 +150,15 @@ class LlamaModel:
         if grad_logits.shape[:-1] != self._hidden.shape[:-1] or grad_logits.shape[-1] != self.config.vocab_size:
             expected = (*self._hidden.shape[:-1], self.config.vocab_size)
             raise ValueError(f"grad_logits must have the logits' shape {expected}, got {grad_logits.shape}")
-        grad = np.matmul(grad_logits, self.lm_head_weight)  # logits = h W^T  =>  dh = dlogits W
+        self.backward_hidden(np.matmul(grad_logits, self.lm_head_weight))  # logits = h W^T  =>  dh = dlogits W
+
+    def backward_hidden(self, grad_hidden: np.ndarray) -> None:
+        """Backpropagate d loss / d hidden (the gradient of ``hidden_states``' output) through the model."""
+        if self._hidden is None:
+            raise RuntimeError("backward_hidden() needs a hidden_states() or forward() without a KV cache first")
+        grad = np.asarray(grad_hidden, dtype=np.float32)
+        if grad.shape != self._hidden.shape:
+            raise ValueError(f"grad_hidden must have the hidden states' shape {self._hidden.shape}, got {grad.shape}")
         grad = self.norm.backward(grad)
         for layer in reversed(self.layers):
             grad = layer.backward(grad)

@@ -13,6 +13,9 @@ scripts) for models up to 13B parameters:
 - effective batch 16 = micro-batch 1 x 16 gradient-accumulation steps; max grad norm 0.3;
 - loss on the responses only ("train on target"), gradient checkpointing on.
 
+Off by default, for long sequences and short examples (docs/long_context.md): ``packing``, ``loss_chunk_size``,
+``activation_offload`` (the GPU backend only).
+
 A config is a plain frozen dataclass; ``to_dict``/``from_dict`` round-trip it through JSON (it is stored in every
 checkpoint so that a resume can check it continues the same run).
 """
@@ -76,10 +79,13 @@ class TrainConfig:
     gradient_accumulation_steps: int = 16
     max_steps: int = 100  # optimizer steps
     gradient_checkpointing: bool = True
+    loss_chunk_size: int = 0  # > 0: LM head and loss this many positions at a time (qlora_ref.loss); 0: at once
+    activation_offload: bool = False  # qlora_gpu: checkpointed block inputs in host memory (qlora_gpu.offload)
     seed: int = 42
     # -- data -----------------------------------------------------------------------------------------------------
     max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)
     train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
+    packing: bool = False  # several examples per row of max_length tokens, attention kept inside each
     eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
     eval_batches: int = 0  # 0: evaluate on the whole held-out set
     # -- bookkeeping ----------------------------------------------------------------------------------------------
@@ -102,8 +108,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {what}, got {v!r}")
         for name in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "max_length", "blocksize"):
             positive_int(name)
-        for name in ("lora_r", "eval_batches", "eval_every", "save_every", "keep_checkpoints", "seed"):
+        for name in ("lora_r", "eval_batches", "eval_every", "save_every", "keep_checkpoints", "seed",
+                     "loss_chunk_size"):
             positive_int(name, allow_zero=True)
+        if self.activation_offload and not self.gradient_checkpointing:
+            raise ValueError("activation_offload moves the checkpointed block inputs to host memory: it needs "
+                             "gradient_checkpointing=True")
         if self.max_length < 2:
             raise ValueError(f"max_length must be at least 2 (a token and its successor), got {self.max_length}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):

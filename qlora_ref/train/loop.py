@@ -16,8 +16,9 @@ GpuTrainer`` implement it; everything else — data order, accumulation, the sch
 checkpoints and exact resume — is here.
 
 Data order is a pure function of the seed: epoch ``e`` is ``qlora_ref.data.batch_indices(dataset, seed=seed,
-epoch=e)`` (length-grouped, as the paper's scripts train), so the data position is just ``(epoch, batch)`` and
-resuming from a checkpoint replays exactly the batches an uninterrupted run would have seen.
+epoch=e)`` (length-grouped, as the paper's scripts train; with ``packing``, ``packed_batch_indices``), so the data
+position is just ``(epoch, batch)`` and resuming from a checkpoint replays exactly the batches an uninterrupted
+run would have seen.
 
 Several processes can train one model together (``qlora_gpu.fsdp_train``: FSDP over N GPUs): a backend with a
 ``world`` (``SingleProcess``'s interface) makes every process draw the same micro-batches of each step, train on
@@ -39,7 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..data import batch_indices, collate
+from ..data import batch_indices, batch_of, packed_batch_indices
 from ..loss import IGNORE_INDEX
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
@@ -74,18 +75,20 @@ class BatchStream:
     ``(epoch, batch)`` is all a checkpoint needs to continue the stream exactly."""
 
     def __init__(self, dataset, batch_size: int, seed: int, epoch: int = 0, batch: int = 0,
-                 group_by_length: bool = True):
+                 group_by_length: bool = True, packing: bool = False):
         if len(dataset) == 0:
             raise ValueError("the training set is empty (every example was dropped; see the data report)")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.group_by_length = group_by_length
+        self.group_by_length, self.packing = group_by_length, packing
         self.epoch, self.batch = epoch, batch
         self._epoch_of, self._batches = None, None
 
-    def _epoch_batches(self) -> list[list[int]]:
-        if self._epoch_of != self.epoch:
-            self._batches = batch_indices(self.dataset, self.batch_size, shuffle=True,
-                                          group_by_length=self.group_by_length, seed=self.seed, epoch=self.epoch)
+    def _epoch_batches(self) -> list[list]:
+        if self._epoch_of != self.epoch:  # packed: lists of packs of example indices; else of example indices
+            self._batches = packed_batch_indices(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch) \
+                if self.packing else batch_indices(self.dataset, self.batch_size, shuffle=True,
+                                                   group_by_length=self.group_by_length, seed=self.seed,
+                                                   epoch=self.epoch)
             self._epoch_of = self.epoch
         return self._batches
 
@@ -94,8 +97,7 @@ class BatchStream:
         self.batch += 1
         if self.batch == len(self._batches):
             self.epoch, self.batch = self.epoch + 1, 0
-        d = self.dataset
-        return collate([d.input_ids[i] for i in idx], [d.labels[i] for i in idx], d.pad_token_id)
+        return batch_of(self.dataset, idx)
 
     @property
     def position(self) -> dict:
@@ -172,9 +174,7 @@ def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 
     per_rank = -(-len(batches) // world.world_size)
     for j in range(per_rank):
         i = world.rank + j * world.world_size
-        idx = batches[i] if i < len(batches) else batches[0]
-        nll, n = backend.eval_loss(collate([dataset.input_ids[i] for i in idx], [dataset.labels[i] for i in idx],
-                                           dataset.pad_token_id))
+        nll, n = backend.eval_loss(batch_of(dataset, batches[i] if i < len(batches) else batches[0]))
         if i < len(batches):
             total += nll
             count += n
@@ -317,7 +317,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
             for line in recover_checkpoints(output_dir):
                 warnings.warn(f"{output_dir}: {line}", stacklevel=2)
         world.barrier()
-    stream = BatchStream(train_data, config.micro_batch_size, config.seed)
+    stream = BatchStream(train_data, config.micro_batch_size, config.seed, packing=config.packing)
     step, tokens_seen, log_history = 0, 0, []
     fingerprint = data_fingerprint(train_data)
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
@@ -331,7 +331,8 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config, fingerprint)
         step, last_saved = ckpt.step, ckpt.path
         run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
-        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"])
+        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"],
+                             packing=config.packing)
     if output_dir is not None:
         last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
         taken = _colliding_checkpoints(output_dir, run["run_id"], step, last, config)

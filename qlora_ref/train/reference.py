@@ -5,6 +5,9 @@ micro-batch (Algorithm 2, lines 7-9): logits from the frozen 4-bit model with Lo
 entropy of the response tokens (``qlora_ref.loss``), its gradient backpropagated through every block into the
 LoRA matrices only. The gradients of the micro-batches are summed here in float32; the optimizer step clips
 them to the global norm (``qlora_ref.optim.clip_grad_norm``) and applies (paged) AdamW (Algorithm 3).
+
+A packed batch (``position_ids``) keeps attention inside each example; with ``loss_chunk_size`` the LM head and the
+loss run a chunk of positions at a time (``qlora_ref.loss.chunked_lm_head_loss``), so the logits never exist whole.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import copy
 
 import numpy as np
 
-from ..loss import causal_lm_loss, causal_lm_loss_backward
+from ..loss import causal_lm_loss, causal_lm_loss_backward, chunked_lm_head_loss, chunked_lm_head_loss_backward
 from ..optim import clip_grad_norm, grad_norm, make_optimizer
 from .config import TrainConfig
 from .progress import peak_rss_bytes
@@ -31,6 +34,9 @@ class RefTrainer:
     def __init__(self, model, config: TrainConfig, optimizer=None):
         if model.lora is None or not model.lora_parameters():
             raise ValueError("the model carries no LoRA adapters: build it with lora=config.lora_config()")
+        if config.activation_offload:
+            raise ValueError("activation_offload is a GPU-backend feature (pinned host memory, CUDA streams: "
+                             "qlora_gpu.offload); the reference has no device memory to relieve")
         self.model = model
         self.lora = model.lora
         self.config = config
@@ -41,13 +47,23 @@ class RefTrainer:
         self.grads = {k: np.zeros_like(v) for k, v in self.params.items()}
 
     # ---------------------------------------------------------------------------------------- one step
+    def _loss(self, batch, num_items: int):
+        """(loss summed over the batch's targets / ``num_items``, number of targets, the backward pass to run)."""
+        ids, positions, labels = batch["input_ids"], batch.get("position_ids"), batch["labels"]
+        if self.config.loss_chunk_size:
+            hidden = self.model.hidden_states(ids, position_ids=positions)
+            loss, ctx = chunked_lm_head_loss(hidden, self.model.lm_head_weight, labels, self.config.loss_chunk_size,
+                                             num_items)
+            return loss, ctx.rows.size, lambda: self.model.backward_hidden(chunked_lm_head_loss_backward(ctx))
+        logits = self.model.forward(ids, position_ids=positions)
+        loss, ctx = causal_lm_loss(logits, labels, num_items_in_batch=num_items)
+        return loss, ctx.rows.size, lambda: self.model.backward(causal_lm_loss_backward(ctx))
+
     def forward_backward(self, batch, num_items: int) -> float:
         self.model.train()
-        logits = self.model.forward(batch["input_ids"])
-        loss, ctx = causal_lm_loss(logits, batch["labels"], num_items_in_batch=num_items)
-        del logits
+        loss, _, backward = self._loss(batch, num_items)
         self.model.zero_grad()
-        self.model.backward(causal_lm_loss_backward(ctx))
+        backward()
         for name, g in self.model.lora_grads().items():
             if g is not None:
                 self.grads[name] += g
@@ -64,9 +80,8 @@ class RefTrainer:
     def eval_loss(self, batch) -> tuple[float, int]:
         self.model.eval()
         try:
-            logits = self.model.forward(batch["input_ids"])
-            nll_sum, ctx = causal_lm_loss(logits, batch["labels"], num_items_in_batch=1)
-            return float(nll_sum), int(ctx.rows.size)
+            nll_sum, n, _ = self._loss(batch, 1)
+            return float(nll_sum), int(n)
         finally:
             self.model.clear_cache()
             self.model.train()

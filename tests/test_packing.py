@@ -1,0 +1,440 @@
+"""Packed batches: first-fit-decreasing packing, position ids restarting per example, labels masked at example
+boundaries, attention kept inside each example (the reference's block-diagonal causal mask with its hand-written
+backward; qlora_gpu's variable-length attention without a dense mask) — a packed batch gives the loss and the
+LoRA gradients of the same examples unpacked, in both backends and against transformers + peft.
+
+Bounds: the model tests run float32 weights and activations (QuantConfig compute float32, or no quantization);
+packed and unpacked rows differ in the order of float32 sums only (BLAS blocking of longer rows, the softmax's
+sum over more masked zeros), so they agree to a few float32 ulps of the result: relative 1e-5 on logits and loss,
+1e-4 on LoRA gradients (the peft test's bound, tests/test_model_hf.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from model_helpers import check_finite_differences, max_rel_err, small_hf_model
+from test_model_layers import make_attention, torch_attention
+
+from qlora_ref.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    build_dataset,
+    collate,
+    collate_packed,
+    iterate_packed_batches,
+    pack_examples,
+    packed_batch_indices,
+    record_to_example,
+)
+from qlora_ref.loss import causal_lm_loss, causal_lm_loss_backward, count_targets
+from qlora_ref.model import LoraConfig, load_model
+from qlora_ref.model.attention import packed_causal_mask, segment_ids
+
+tt = torch.from_numpy
+
+
+# ------------------------------------------------------------------------------------------------ packing algorithm
+def test_first_fit_decreasing_by_hand():
+    # sorted: 5(#0) 4(#1) 3(#2) 3(#3) 2(#4) 2(#5) 1(#6); room 7: 5 -> A(2), 4 -> B(3), 3 -> B(0), 3 -> C(4),
+    # 2 -> A(0), 2 -> C(2), 1 -> C(1)
+    assert pack_examples([5, 4, 3, 3, 2, 2, 1], 7) == [[0, 4], [1, 2], [3, 5, 6]]
+    assert pack_examples([2, 3, 1, 3], 3) == [[1], [3], [0, 2]]  # ties: the lower index first
+    assert pack_examples([], 8) == []
+    with pytest.raises(ValueError, match="does not fit a pack of max_length=4"):
+        pack_examples([3, 5], 4)
+
+
+@given(st.lists(st.integers(1, 40), max_size=60), st.integers(40, 100))
+def test_packs_hold_every_example_once_within_max_length(lengths, max_length):
+    packs = pack_examples(lengths, max_length)
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+    fills = [sum(lengths[i] for i in p) for p in packs]
+    assert all(f <= max_length for f in fills)
+    # first fit: a later pack's items would have fitted an earlier pack at most half full, so at most one is
+    assert sum(2 * f <= max_length for f in fills) <= 1
+    assert pack_examples(lengths, max_length) == packs
+
+
+TOK = ByteTokenizer()
+
+
+def _dataset(n=30, seed=0, max_length=600):
+    """Alpaca-formatted examples of 140 to 200 byte tokens (the prompt's preamble is most of it): 3 or 4 a pack."""
+    rng = np.random.default_rng(seed)
+    examples = [record_to_example({"input": "q" * int(rng.integers(1, 40)), "output": "a" * int(rng.integers(1, 20))},
+                                  f"x:{i}") for i in range(n)]
+    data = build_dataset(examples, TOK, max_length=max_length)
+    assert len(data) == n
+    return data
+
+
+def test_packed_batches_restart_positions_and_mask_the_first_label():
+    data = _dataset()
+    seen = []
+    for batch in iterate_packed_batches(data, batch_size=2, seed=1):
+        ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
+        assert pos.dtype == np.int64 and pos.shape == ids.shape == labels.shape == mask.shape
+        assert ids.shape[1] <= data.max_length
+        for row in range(ids.shape[0]):
+            starts = np.flatnonzero(pos[row] == 0)
+            n_real = int(mask[row].sum())
+            assert mask[row, :n_real].all() and not mask[row, n_real:].any()
+            bounds = [s for s in starts if s < n_real] + [n_real]
+            for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+                example = tuple(ids[row, s:e])
+                seen.append(example)
+                assert (pos[row, s:e] == np.arange(e - s)).all()
+                assert labels[row, s] == IGNORE_INDEX  # never predicted from the example before
+            assert (labels[row, n_real:] == IGNORE_INDEX).all()
+    assert sorted(seen) == sorted(tuple(x) for x in data.input_ids)  # every example exactly once
+    assert len(seen) >= 3 * len(list(iterate_packed_batches(data, batch_size=1)))  # several examples a row
+
+
+def test_packed_batch_has_the_targets_and_tokens_of_the_unpacked_examples():
+    data = _dataset(n=12)
+    packs = pack_examples(data.lengths, data.max_length)
+    packed = collate_packed([[data.input_ids[i] for i in p] for p in packs],
+                            [[data.labels[i] for i in p] for p in packs], data.pad_token_id)
+    plain = collate(data.input_ids, data.labels, data.pad_token_id)
+    assert count_targets(packed["labels"]) == count_targets(plain["labels"])
+    assert packed["attention_mask"].sum() == plain["attention_mask"].sum() == data.lengths.sum()
+    # fewer rows, less padding
+    assert packed["input_ids"].size < plain["input_ids"].size
+
+
+def test_packed_order_is_deterministic_per_seed_and_epoch():
+    data = _dataset(n=60)
+    a = packed_batch_indices(data, 2, seed=3, epoch=0)
+    assert packed_batch_indices(data, 2, seed=3, epoch=0) == a
+    assert packed_batch_indices(data, 2, seed=3, epoch=1) != a
+    assert sorted(i for b in a for p in b for i in p) == list(range(len(data)))
+
+
+def test_segment_ids_are_transformers_packed_sequence_indices():
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pos = np.array([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 2, 3, 4, 5, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(segment_ids(pos), find_packed_sequence_indices(tt(pos)).numpy())
+    np.testing.assert_array_equal(segment_ids(pos)[0], [0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+
+
+def test_packed_mask_is_block_diagonal_causal():
+    allowed = packed_causal_mask(np.array([[0, 1, 2, 0, 1]]))[0, 0, 0] == 0
+    expected = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(allowed, expected)
+    windowed = packed_causal_mask(np.array([[0, 1, 2, 3]]), sliding_window=2)[0, 0, 0] == 0
+    np.testing.assert_array_equal(windowed, np.tril(np.ones((4, 4), bool)) & ~np.tril(np.ones((4, 4), bool), -2))
+
+
+# ------------------------------------------------------------------------------------------------ reference attention
+POSITIONS = np.array([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 0, 1]])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 6, 1])
+def test_packed_attention_vs_autograd(kv_heads):
+    rng = np.random.default_rng(11)
+    attn = make_attention(rng, kv_heads=kv_heads, bias=True, dtype=np.float32)
+    x = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = attn.forward(x, position_ids=POSITIONS)
+    dx = attn.backward(g)
+    tx = tt(x).requires_grad_()
+    ty = torch_attention(attn, tx, POSITIONS)
+    ty.backward(tt(g))
+    assert max_rel_err(y, ty.detach().numpy()) <= 1e-5
+    assert max_rel_err(dx, tx.grad.numpy()) <= 1e-5
+    for m in attn.linears().values():  # the projections' weight gradients too (DenseLinear keeps them)
+        assert m.grads, "backward reached every projection"
+
+
+def test_packed_attention_finite_differences():
+    rng = np.random.default_rng(12)
+    attn = make_attention(rng, bias=True)
+    x = rng.standard_normal((2, 7, 12))
+    g = rng.standard_normal(x.shape)
+    attn.forward(x, position_ids=POSITIONS)
+    dx = attn.backward(g)
+    check_finite_differences(lambda z: attn.forward(z, position_ids=POSITIONS), x, g, dx, rng)
+
+
+def test_packed_attention_equals_each_example_alone():
+    """Each example of a packed row gives exactly what it gives alone (its own positions from 0) — nothing leaks."""
+    rng = np.random.default_rng(13)
+    attn = make_attention(rng, bias=True, window=2)
+    x = rng.standard_normal((1, 7, 12))
+    packed = attn.forward(x, position_ids=POSITIONS[:1])
+    for s, e in ((0, 3), (3, 7)):
+        np.testing.assert_allclose(packed[:, s:e], attn.forward(x[:, s:e]), rtol=1e-12, atol=1e-12)
+
+
+def test_packed_attention_refuses_a_kv_cache():
+    from qlora_ref.model.attention import KVCache
+
+    attn = make_attention(np.random.default_rng(0), dtype=np.float32)
+    with pytest.raises(ValueError, match="position_ids"):
+        attn.forward(np.zeros((1, 7, 12), np.float32), KVCache(1), position_ids=POSITIONS[:1])
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+EXAMPLE_LENGTHS = (5, 7, 3, 6, 4)
+ROWS = ([0, 1, 2], [3, 4])  # two packed rows of 15 and 10 tokens
+
+
+def examples(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = [rng.integers(0, vocab, n) for n in EXAMPLE_LENGTHS]
+    labels = []
+    for x in ids:  # a prompt of two tokens carries no loss, as the data pipeline labels it
+        y = x.copy()
+        y[:2] = IGNORE_INDEX
+        labels.append(y)
+    return ids, labels
+
+
+def packed_and_plain(vocab, seed=0):
+    ids, labels = examples(vocab, seed)
+    packed = collate_packed([[ids[i] for i in r] for r in ROWS], [[labels[i] for i in r] for r in ROWS], 0)
+    plain = collate(ids, labels, 0)
+    return packed, plain
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    hf = small_hf_model("llama-gqa")
+    path = tmp_path_factory.mktemp("packing")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def randomize(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for _, arr in sorted(model.lora_parameters().items()):
+        value = rng.standard_normal(tuple(arr.shape)).astype(np.float32) * 0.1
+        if isinstance(arr, np.ndarray):
+            arr[...] = value
+        else:
+            with torch.no_grad():
+                arr.copy_(tt(value))
+
+
+def ref_loss_and_grads(model, batch, num_items):
+    logits = model.forward(batch["input_ids"], position_ids=batch.get("position_ids"))
+    loss, ctx = causal_lm_loss(logits, batch["labels"], num_items)
+    model.zero_grad()
+    model.backward(causal_lm_loss_backward(ctx))
+    return loss, {k: v.copy() for k, v in model.lora_grads().items()}, logits
+
+
+def real_logits(logits, batch, rows):
+    """The logits of each example, in example order, from a packed or a padded batch."""
+    out = []
+    if "position_ids" not in batch:
+        return [logits[i, :n] for i, n in enumerate(EXAMPLE_LENGTHS)]
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            out.append(logits[r, start:start + EXAMPLE_LENGTHS[i]])
+            start += EXAMPLE_LENGTHS[i]
+    order = [i for members in rows for i in members]
+    return [out[order.index(i)] for i in range(len(EXAMPLE_LENGTHS))]
+
+
+def test_reference_packed_equals_unpacked_and_transformers(checkpoint):
+    hf, path = checkpoint
+    lora = LoraConfig(r=4, alpha=8)
+    model = load_model(path, lora=lora)
+    randomize(model)
+    packed, plain = packed_and_plain(hf.config.vocab_size)
+    n = count_targets(plain["labels"])
+    assert count_targets(packed["labels"]) == n
+    loss_p, grads_p, logits_p = ref_loss_and_grads(model, packed, n)
+    loss_u, grads_u, logits_u = ref_loss_and_grads(model, plain, n)
+    assert abs(loss_p - loss_u) <= 1e-5 * abs(loss_u)
+    for a, b in zip(real_logits(logits_p, packed, ROWS), real_logits(logits_u, plain, ROWS), strict=True):
+        assert max_rel_err(a, b) <= 1e-5
+    for key in grads_u:
+        assert max_rel_err(grads_p[key], grads_u[key]) <= 1e-4, key
+
+    # transformers keeps packed examples apart from position_ids alone (no attention mask, no cache)
+    from test_model_hf import peft_twin
+
+    peft_model = peft_twin(small_hf_model("llama-gqa"), model, 4, 8, lora.target_modules)
+    out = peft_model(input_ids=tt(packed["input_ids"]), position_ids=tt(packed["position_ids"]), use_cache=False,
+                     labels=tt(packed["labels"]))
+    assert max_rel_err(logits_p, out.logits.detach().numpy()) <= 1e-5
+    assert abs(out.loss.item() - loss_p) <= 1e-5 * loss_p  # transformers' mean over the same targets
+    out.loss.backward()
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            key = name.removeprefix("base_model.model.").replace(".default", "")
+            assert max_rel_err(grads_p[key], p.grad.numpy()) <= 1e-4, key
+
+
+def test_no_attention_crosses_an_example_boundary(checkpoint):
+    """Changing every token of the first example of a row leaves the other examples' logits bit for bit."""
+    _, path = checkpoint
+    model = load_model(path)
+    packed, _ = packed_and_plain(97)
+    changed = dict(packed, input_ids=packed["input_ids"].copy())
+    changed["input_ids"][0, :EXAMPLE_LENGTHS[0]] = (changed["input_ids"][0, :EXAMPLE_LENGTHS[0]] + 1) % 97
+    a = model.forward(packed["input_ids"], position_ids=packed["position_ids"])
+    b = model.forward(changed["input_ids"], position_ids=changed["position_ids"])
+    np.testing.assert_array_equal(a[0, EXAMPLE_LENGTHS[0]:], b[0, EXAMPLE_LENGTHS[0]:])
+    assert not np.array_equal(a[0, :EXAMPLE_LENGTHS[0]], b[0, :EXAMPLE_LENGTHS[0]])
+
+
+@pytest.mark.parametrize("leak", ["all-ones attention mask", "use_cache (the default)"])
+def test_transformers_lets_packed_examples_attend_across_with_a_mask_or_a_cache(checkpoint, leak):
+    """The documented pitfall (docs/long_context.md): transformers 5.25 detects packing from position_ids only with
+    attention_mask=None and no cache; an all-ones mask, or the cache use_cache creates, and the second example of
+    a row attends to the first — its logits move by O(1). Ours never take the mask for a packed batch."""
+    hf, path = checkpoint
+    packed, _ = packed_and_plain(hf.config.vocab_size)
+    kwargs = dict(input_ids=tt(packed["input_ids"]), position_ids=tt(packed["position_ids"]))
+    kwargs.update(attention_mask=tt(packed["attention_mask"]), use_cache=False) if leak.startswith("all") else None
+    with torch.no_grad():
+        theirs = hf(**kwargs).logits.numpy()
+    ours = load_model(path).forward(packed["input_ids"], position_ids=packed["position_ids"])
+    first = EXAMPLE_LENGTHS[0]
+    assert max_rel_err(theirs[0, :first], ours[0, :first]) <= 1e-5  # the first example sees nothing before it
+    assert max_rel_err(theirs[0, first:], ours[0, first:]) > 0.1  # the next ones see the first
+
+
+# ------------------------------------------------------------------------------------------------ qlora_gpu
+def gpu_model(path, attn_implementation):
+    from qlora_gpu.model import QLoRAModel
+
+    return QLoRAModel.from_pretrained(path, quant=None, lora=LoraConfig(r=4, alpha=8), device="cpu",
+                                      attn_implementation=attn_implementation, tokenizer=False)
+
+
+def gpu_loss_and_grads(model, batch, num_items):
+    import torch.nn.functional as F
+
+    model.zero_grad(set_to_none=True)
+    logits = model(batch["input_ids"], batch["attention_mask"], batch.get("position_ids"))
+    labels = tt(batch["labels"])
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / num_items
+    loss.backward()
+    return loss.item(), {k: g.numpy().copy() for k, g in model.lora_grads().items()}, logits.detach().numpy()
+
+
+@pytest.mark.parametrize("impl", ["qlora_varlen", "eager", "sdpa"])
+def test_gpu_packed_equals_unpacked_and_the_reference(checkpoint, impl):
+    """qlora_gpu: the packed batch through variable-length attention (no mask; or transformers' dense packed mask
+    with eager / sdpa) gives the unpacked loss and LoRA gradients, and the reference's."""
+    hf, path = checkpoint
+    packed, plain = packed_and_plain(hf.config.vocab_size)
+    n = count_targets(plain["labels"])
+    model = gpu_model(path, impl)
+    randomize(model)
+    loss_p, grads_p, logits_p = gpu_loss_and_grads(model, packed, n)
+    unpacked = gpu_model(path, "eager")
+    randomize(unpacked)
+    loss_u, grads_u, logits_u = gpu_loss_and_grads(unpacked, plain, n)
+    assert abs(loss_p - loss_u) <= 1e-5 * loss_u
+    for a, b in zip(real_logits(logits_p, packed, ROWS), real_logits(logits_u, plain, ROWS), strict=True):
+        assert max_rel_err(a, b) <= 1e-5
+    ref = load_model(path, lora=LoraConfig(r=4, alpha=8))
+    randomize(ref)
+    loss_r, grads_r, _ = ref_loss_and_grads(ref, packed, n)
+    assert abs(loss_p - loss_r) <= 1e-5 * loss_r
+    for key in grads_u:
+        assert max_rel_err(grads_p[key], grads_u[key]) <= 1e-4, key
+        assert max_rel_err(grads_p[key], grads_r[key]) <= 1e-4, key
+
+
+def test_gpu_varlen_attention_builds_no_dense_mask(checkpoint, monkeypatch):
+    """With VARLEN attention transformers is asked for no mask and passes none: every attention call gets
+    attention_mask=None, and no (T, T) tensor is made by the mask functions."""
+    import transformers.masking_utils as mu
+
+    from qlora_gpu import packing
+
+    _, path = checkpoint
+    model = gpu_model(path, packing.VARLEN)
+    packed, _ = packed_and_plain(97)
+    masks, calls = [], []
+    real = packing.varlen_attention_forward
+
+    def spy(module, q, k, v, attention_mask, **kw):
+        masks.append(attention_mask)
+        return real(module, q, k, v, attention_mask, **kw)
+
+    monkeypatch.setattr(packing, "varlen_attention_forward", spy)
+    packing.register()  # the spy under the registered name
+    for name in ("sdpa_mask", "eager_mask"):
+        monkeypatch.setattr(mu, name, lambda *a, _n=name, **k: calls.append(_n))
+    try:
+        model(packed["input_ids"], packed["attention_mask"], packed["position_ids"])
+    finally:
+        monkeypatch.undo()
+        packing.register()
+    assert len(masks) == model.config.num_hidden_layers and all(m is None for m in masks)
+    assert calls == []
+
+
+def test_gpu_no_attention_crosses_an_example_boundary(checkpoint):
+    _, path = checkpoint
+    model = gpu_model(path, "qlora_varlen").eval()
+    packed, _ = packed_and_plain(97)
+    changed = packed["input_ids"].copy()
+    first = EXAMPLE_LENGTHS[0]
+    changed[0, :first] = (changed[0, :first] + 1) % 97
+    with torch.no_grad():
+        a = model(packed["input_ids"], position_ids=packed["position_ids"])
+        b = model(changed, position_ids=packed["position_ids"])
+    assert torch.equal(a[0, first:], b[0, first:])
+    assert not torch.equal(a[0, :first], b[0, :first])
+
+
+def test_cu_seqlens_cut_the_flattened_batch_at_every_example():
+    from qlora_gpu.packing import cu_seqlens
+
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2], [0, 1, 2, 3, 4, 0, 1, 2]])
+    assert cu_seqlens(pos).tolist() == [0, 3, 5, 8, 13, 16]
+    assert cu_seqlens(torch.arange(4)[None].expand(2, 4)).tolist() == [0, 4, 8]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's variable-length kernel)")
+def test_varlen_kernel_equals_per_example_sdpa_on_cuda():
+    """On CUDA in bfloat16 the variable-length kernel (one launch) and one SDPA call per example agree within
+    bfloat16 rounding of the output (2^-8 relative), forward and backward."""
+    from qlora_gpu import packing
+
+    if packing._varlen_kernel() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, h, hkv, t, d = 2, 8, 2, 96, 64
+    pos = torch.cat([torch.arange(40), torch.arange(56)]).expand(b, t).cuda()
+    q = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    k = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+    v = torch.randn(b, hkv, t, d, device="cuda", dtype=torch.bfloat16, generator=g, requires_grad=True)
+
+    class Module:
+        config = None
+
+    out, _ = packing.varlen_attention_forward(Module(), q, k, v, None, scaling=d ** -0.5, position_ids=pos)
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    flat = [x.detach().transpose(1, 2).reshape(b * t, x.shape[1], d).requires_grad_() for x in (q, k, v)]
+    ref = packing._per_example(*flat, packing.cu_seqlens(pos).tolist(), d ** -0.5, 0.0, None)
+    ref_grads = torch.autograd.grad(ref.float().square().sum(), flat)
+    assert max_rel_err(out.float().cpu().reshape(b * t, h, d), ref.float().cpu()) <= 2 ** -7
+    for a, r in zip(grads, ref_grads, strict=True):
+        assert max_rel_err(a.float().transpose(1, 2).reshape(r.shape).cpu(), r.float().cpu()) <= 2 ** -6
+
+
+def test_gpu_varlen_model_still_generates_like_eager(checkpoint):
+    """A model switched to VARLEN attention for packed training generates as before: the prompt pass is one
+    example, the cached steps go to transformers' SDPA."""
+    _, path = checkpoint
+    prompt = [3, 14, 15, 9, 2, 6]
+    outs = [gpu_model(path, impl).generate(prompt, max_new_tokens=6, eos_token_id=[]) for impl in
+            ("qlora_varlen", "eager")]
+    assert outs[0] == outs[1] and len(outs[0]) == len(prompt) + 6
