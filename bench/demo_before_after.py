@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from model_step import cpu_info, load_average, stamp  # noqa: E402  (bench/ is on sys.path as a script)
+from model_step import cpu_info, load_average, stamp, write_json  # noqa: E402  (bench/ is on sys.path as a script)
 
 
 def commit_of(checkout: Path) -> str:
@@ -85,12 +85,7 @@ def main(argv=None) -> None:
     print(f"end to end: base / this = {result['speedup_wall']['median']:.2f}x per round "
           f"({', '.join(f'{x:.2f}' for x in ratios)}); training alone {result['speedup_train']['median']:.2f}x")
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,16 @@ def stamp() -> dict:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "versions": versions}
 
 
+def write_json(path, result: dict) -> None:
+    """Atomically: a temporary file next to ``path``, then rename."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
 def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
     from qlora_ref.model.llama import linear_shapes
 
@@ -397,12 +407,7 @@ def main(argv=None) -> None:
     res = run(args)
     print_result(res)
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1) + "\n")
-        tmp.replace(out)
-        print(f"wrote {out}")
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ write, so that the figures in the docs are the measured ones, not retyped.
     python bench/model_step_report.py RESULT.json [MORE.json ...] --title "..." [--update docs/benchmarks.md]
 
 Prints the section; with ``--update`` it replaces the text between ``<!-- generated: <slug> begin -->`` and
-``<!-- generated: <slug> end -->`` in that file (``--slug``, default from the title), or appends the marked section
-at the end of the file when the markers are not there yet. The write is atomic (a temporary file, then rename).
+``<!-- generated: <slug> end -->`` in that file (``--slug``, default from the title), or, when the markers are not
+there yet, adds the marked section at the end of the section headed ``--under`` (the model step's). The write is
+atomic (a temporary file, then rename).
 """
 
 from __future__ import annotations
@@ -123,12 +124,20 @@ def section(results: list[dict], title: str) -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
-def update(path: Path, slug: str, text: str) -> None:
+def update(path: Path, slug: str, text: str, under: str | None = None) -> None:
     begin, end = f"<!-- generated: {slug} begin -->", f"<!-- generated: {slug} end -->"
     old = path.read_text()
     block = f"{begin}\n{text}{end}\n"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
-    new = pattern.sub(lambda _: block, old, count=1) if pattern.search(old) else old.rstrip("\n") + "\n\n" + block
+    if pattern.search(old):
+        new = pattern.sub(lambda _: block, old, count=1)
+    elif under is not None and f"\n{under}\n" in f"\n{old}":
+        start = f"\n{old}".index(f"\n{under}\n") + len(under)
+        nxt = old.find("\n## ", start)  # the end of that section: the next second-level heading
+        at = len(old) if nxt < 0 else nxt + 1
+        new = old[:at].rstrip("\n") + "\n\n" + block + ("\n" + old[at:] if at < len(old) else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(new)
     tmp.replace(path)
@@ -140,13 +149,15 @@ def main(argv=None) -> None:
     parser.add_argument("--title", required=True)
     parser.add_argument("--update", type=Path, default=None, help="the markdown file whose marked section to replace")
     parser.add_argument("--slug", default=None, help="the marker's name [default: from the title]")
+    parser.add_argument("--under", default="## Model step (bench/model_step.py)",
+                        help="a new section goes at the end of the section with this heading (else: end of file)")
     args = parser.parse_args(argv)
     results = [json.loads(p.read_text()) for p in args.results]
     text = section(results, args.title)
     print(text)
     if args.update:
         slug = args.slug or re.sub(r"[^a-z0-9]+", "-", args.title.lower()).strip("-")
-        update(args.update, slug, text)
+        update(args.update, slug, text, args.under)
         print(f"updated {args.update} (section {slug})")
 
 

@@ -66,7 +66,10 @@ def round_to_definition(x: np.ndarray, compute_dtype: str) -> np.ndarray:
 def bf16_bits(v):
     """The bfloat16 bit pattern (uint16) nearest to float32 ``v``, ties to even; a NaN becomes the quiet NaN of
     its sign, as ml_dtypes (Eigen) does. The carry of the addition rounds up into the exponent, so a value past
-    the largest bfloat16 becomes infinity and a subnormal rounds like any other value."""
+    the largest bfloat16 becomes infinity and a subnormal rounds like any other value.
+
+    Compiled into the kernels of ``fused_matmul``, ``lora_kernels`` and ``kernels``, whose Numba cache is keyed by
+    their own files only: after editing this function, delete ``qlora_ref/__pycache__/*.nbi`` and ``*.nbc``."""
     bits = np.uint32(np.float32(v).view(np.uint32))
     if (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):
         return np.uint16(((bits >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0))

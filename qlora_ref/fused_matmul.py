@@ -126,16 +126,20 @@ def _kernel_args(q: Quantized4bit):
     )
 
 
+def _tile_buffers(q: Quantized4bit, compute_dtype: str, tile_elements: int) -> tuple:
+    """What the dequantization of one tile needs: the weight's arrays, the bfloat16 flag, the lookup table and
+    the tile's buffer."""
+    return _kernel_args(q), _rounds_to_bf16(compute_dtype), np.empty(16, np.float32), \
+        np.empty(tile_elements, np.float32)
+
+
 def fused_x_wt(x: np.ndarray, q: Quantized4bit, compute_dtype: str = "bfloat16", tile: int | None = None) -> np.ndarray:
     """``x @ W.T`` for x (N, in) float32 and the 4-bit weight W (out, in) rounded to ``compute_dtype``, float32
     accumulation; W is dequantized ``tile`` rows at a time. Returns (N, out) float32, C-contiguous."""
     n_out, n_in = _check_weight(q)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows = _tile(n_in, n_out, tile)
-    buf = np.empty(rows * n_in, np.float32)
-    table = np.empty(16, np.float32)
-    args = _kernel_args(q)
-    to_bf16 = _rounds_to_bf16(compute_dtype)
+    args, to_bf16, table, buf = _tile_buffers(q, compute_dtype, rows * n_in)
     y = np.empty((x.shape[0], n_out), np.float32)
     for r0 in range(0, n_out, rows):
         r1 = min(n_out, r0 + rows)
@@ -151,10 +155,7 @@ def fused_g_w(g: np.ndarray, q: Quantized4bit, compute_dtype: str = "bfloat16", 
     n_out, n_in = _check_weight(q)
     g = np.ascontiguousarray(g, dtype=np.float32)
     cols = _tile(n_out, n_in, tile)
-    buf = np.empty(n_out * cols, np.float32)
-    table = np.empty(16, np.float32)
-    args = _kernel_args(q)
-    to_bf16 = _rounds_to_bf16(compute_dtype)
+    args, to_bf16, table, buf = _tile_buffers(q, compute_dtype, n_out * cols)
     gx = np.empty((g.shape[0], n_in), np.float32)
     for c0 in range(0, n_in, cols):
         c1 = min(n_in, c0 + cols)
