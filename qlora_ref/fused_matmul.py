@@ -8,15 +8,24 @@ whole dequantized matrix and multiplies::
     y = x @ W.T
 
 The fused kernels never hold more than one tile of W: they dequantize ``tile`` rows (forward) or ``tile``
-columns (backward) into a small buffer, multiply that tile with BLAS, and move on. The result is the same
-matrix product: the forward tile over the output rows gives each output element the whole reduction in one
-BLAS call; the backward tiles over the input columns for the same reason, so neither accumulates partial sums
-across tiles. Peak memory falls from ``4 · out · in`` bytes to ``4 · tile · in`` (forward) and
-``4 · out · tile`` (backward) — on a GPU the same idea is bitsandbytes' fused 4-bit kernels, which dequantize
-into registers.
+columns (backward) into a small buffer, multiply that tile with NumPy's BLAS, and move on. The forward tiles the
+output rows and the backward the input columns, so every output element gets its whole reduction from one BLAS
+call and nothing is accumulated across tiles. Peak memory falls from ``4 · out · in`` bytes to ``4 · tile · in``
+(forward) and ``4 · out · tile`` (backward) — on a GPU the same idea is bitsandbytes' fused 4-bit kernels, which
+dequantize into registers.
 
-All buffers are allocated here in Python, so ``tracemalloc`` sees every byte (the kernels allocate nothing:
-``tests/test_lora_ref.py`` checks Numba's allocation counter). ``bench/lora_layer.py`` measures the peaks.
+What "the same" means. The tile holds exactly the values ``dequantized_weight`` holds (``code[nibble] ·
+absmax[block]`` in float32, rounded once to bfloat16 by ``dtypes.bf16_bits``: bit for bit). The product is a
+float32 matrix product whose summation order is BLAS's: when one tile covers the whole weight (every weight up to
+``TILE_BYTES`` of float32, so every layer of SmolLM2 and of a 4096 × 1024 projection), ``fused_x_wt`` makes the very
+call ``naive_x_wt`` makes (``x @ Wᵀ``) and the results are bit-identical; with smaller tiles BLAS may block the
+sums differently, and the two agree within the float32 bound ``2 K 2⁻²⁴ Σ|terms|`` (``tests/test_lora_ref.py``,
+``tests/test_fast_paths.py``).
+
+The dequantization reads a 16-entry table per quantization block — the block's ``code · absmax`` values, already
+rounded — so each weight costs one table lookup (about 0.5 ns on one core). All buffers are allocated here in
+Python, so ``tracemalloc`` sees every byte (the kernel allocates nothing: ``tests/test_lora_ref.py`` checks Numba's
+allocation counter). ``bench/lora_layer.py`` measures the peaks.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels import _bf16_bits
+from .dtypes import bf16_round
 from .quantize import Quantized4bit, dequantize_4bit
 
 #: default number of bytes of one dequantized tile (rows for the forward, columns for the backward)
@@ -32,62 +41,41 @@ TILE_BYTES = 16 << 20
 
 
 @njit(inline="always")
-def _round_bf16(v):
-    # the float32 value of v rounded to bfloat16 (nearest even): the same rounding as qlora_ref.kernels
-    return np.uint32(np.uint32(_bf16_bits(v)) << np.uint32(16)).view(np.float32)
-
-
-@njit(inline="always")
-def _dequantize_span(packed, absmax, code, blocksize, start, stop, to_bf16, out, o):
-    # out[o + k] = W_flat[start + k] for start + k < stop: code[nibble] * absmax[block] in float32 (eq. 2),
-    # optionally rounded to bfloat16; one block (one absmax) at a time
+def _dequantize_span(packed, absmax, code, blocksize, start, stop, to_bf16, table, out, o):
+    # out[o + k] = W_flat[start + k] for start + k < stop, one quantization block at a time: the block's 16 values
+    # code[c] · absmax[block] (float32, eq. 2), rounded to bfloat16 if asked, go into `table` first
     i = start
     while i < stop:
         b = i // blocksize
         end = min(stop, (b + 1) * blocksize)
         a = absmax[b]
-        for j in range(i, end):
-            byte = np.int64(packed[j >> 1])
-            nibble = (byte >> 4) if (j & 1) == 0 else (byte & 15)  # the first element sits in the high nibble
-            v = code[nibble] * a
-            out[o + j - start] = _round_bf16(v) if to_bf16 else v
-        i = end
+        for c in range(code.size):
+            v = code[c] * a
+            table[c] = bf16_round(v) if to_bf16 else v
+        if i & 1:  # a span that starts in the low nibble of a byte
+            out[o + i - start] = table[packed[i >> 1] & 15]
+            i += 1
+        pairs = (end - i) >> 1
+        p0, o0 = i >> 1, o + i - start
+        for k in range(pairs):  # whole bytes: the first element sits in the high nibble
+            byte = packed[p0 + k]
+            out[o0 + 2 * k] = table[byte >> 4]
+            out[o0 + 2 * k + 1] = table[byte & 15]
+        i += 2 * pairs
+        if i < end:  # a span (or block) that ends in the high nibble of a byte
+            out[o + i - start] = table[packed[i >> 1] >> 4]
+            i += 1
 
 
 @njit(cache=True)
-def _dequantize_rows(packed, absmax, code, blocksize, n_in, r0, r1, to_bf16, tile):
-    # tile[(r - r0) * n_in + c] = W[r, c] for rows r0 <= r < r1: contiguous in the flattened weight
-    _dequantize_span(packed, absmax, code, blocksize, r0 * n_in, r1 * n_in, to_bf16, tile, 0)
-
-
-@njit(cache=True)
-def _dequantize_cols(packed, absmax, code, blocksize, n_out, n_in, c0, c1, to_bf16, tile):
-    # tile[r * (c1 - c0) + j] = W[r, c0 + j] for all rows r: an (out, c1 - c0) row-major slab
-    w = c1 - c0
-    for r in range(n_out):
-        _dequantize_span(packed, absmax, code, blocksize, r * n_in + c0, r * n_in + c1, to_bf16, tile, r * w)
-
-
-@njit(cache=True)
-def _fused_x_wt(x, packed, absmax, code, blocksize, n_out, tile_rows, to_bf16, buf, y_t):
-    # y_t (out, N) = W @ x.T, one tile of W's rows at a time
-    n_in = x.shape[1]
-    for r0 in range(0, n_out, tile_rows):
-        r1 = min(n_out, r0 + tile_rows)
-        tile = buf[: (r1 - r0) * n_in]
-        _dequantize_rows(packed, absmax, code, blocksize, n_in, r0, r1, to_bf16, tile)
-        np.dot(tile.reshape(r1 - r0, n_in), x.T, y_t[r0:r1])
-
-
-@njit(cache=True)
-def _fused_g_w(g, packed, absmax, code, blocksize, n_in, tile_cols, to_bf16, buf, gx_t):
-    # gx_t (in, N) = W.T @ g.T, one tile of W's columns at a time
-    n_out = g.shape[1]
-    for c0 in range(0, n_in, tile_cols):
-        c1 = min(n_in, c0 + tile_cols)
-        tile = buf[: n_out * (c1 - c0)]
-        _dequantize_cols(packed, absmax, code, blocksize, n_out, n_in, c0, c1, to_bf16, tile)
-        np.dot(tile.reshape(n_out, c1 - c0).T, g.T, gx_t[c0:c1])
+def _dequantize_tile(packed, absmax, code, blocksize, n_in, r0, r1, c0, c1, to_bf16, table, tile):
+    # tile (flat) [(r - r0) * (c1 - c0) + (c - c0)] = W[r, c] for r0 <= r < r1, c0 <= c < c1. Serial on purpose:
+    # a Numba parallel region between BLAS calls leaves OpenMP threads spinning on the cores BLAS needs next
+    # (docs/lora_backprop.md, "fast path")
+    width = c1 - c0
+    for r in range(r0, r1):
+        _dequantize_span(packed, absmax, code, blocksize, r * n_in + c0, r * n_in + c1, to_bf16, table, tile,
+                         (r - r0) * width)
 
 
 def _check_weight(q: Quantized4bit) -> tuple[int, int]:
@@ -111,37 +99,70 @@ def _tile(n_other: int, n_total: int, tile: int | None) -> int:
     return int(min(tile, n_total))
 
 
+@njit(cache=True)
+def _double_quant_absmax(codes, code2, absmax2, blocksize2, offset, out):
+    # out[b] = code2[codes[b]] · absmax2[b // blocksize2] + offset, in float32: Quantized4bit.absmax_float32
+    for b in range(codes.size):
+        out[b] = code2[codes[b]] * absmax2[b // blocksize2] + offset
+
+
+def _absmax(q: Quantized4bit) -> np.ndarray:
+    """``q.absmax_float32()`` (bit for bit, ``tests/test_fast_paths.py``), in one pass: it runs on every call."""
+    s = q.state2
+    if s is None:
+        return np.ascontiguousarray(q.absmax, dtype=np.float32)
+    out = np.empty(s.codes.size, np.float32)
+    _double_quant_absmax(np.ascontiguousarray(s.codes.reshape(-1)), np.ascontiguousarray(s.code, dtype=np.float32),
+                         np.ascontiguousarray(s.absmax, dtype=np.float32), int(s.blocksize), np.float32(q.offset), out)
+    return out
+
+
 def _kernel_args(q: Quantized4bit):
     return (
         np.ascontiguousarray(q.packed.reshape(-1)),
-        np.ascontiguousarray(q.absmax_float32(), dtype=np.float32),
+        _absmax(q),
         np.ascontiguousarray(q.code, dtype=np.float32),
         int(q.blocksize),
     )
 
 
+def _tile_buffers(q: Quantized4bit, compute_dtype: str, tile_elements: int) -> tuple:
+    """What the dequantization of one tile needs: the weight's arrays, the bfloat16 flag, the lookup table and
+    the tile's buffer."""
+    return _kernel_args(q), _rounds_to_bf16(compute_dtype), np.empty(16, np.float32), \
+        np.empty(tile_elements, np.float32)
+
+
 def fused_x_wt(x: np.ndarray, q: Quantized4bit, compute_dtype: str = "bfloat16", tile: int | None = None) -> np.ndarray:
     """``x @ W.T`` for x (N, in) float32 and the 4-bit weight W (out, in) rounded to ``compute_dtype``, float32
-    accumulation; W is dequantized ``tile`` rows at a time. Returns (N, out) float32 (a transposed view)."""
+    accumulation; W is dequantized ``tile`` rows at a time. Returns (N, out) float32, C-contiguous."""
     n_out, n_in = _check_weight(q)
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows = _tile(n_in, n_out, tile)
-    buf = np.empty(rows * n_in, np.float32)
-    y_t = np.empty((n_out, x.shape[0]), np.float32)
-    _fused_x_wt(x, *_kernel_args(q), n_out, rows, _rounds_to_bf16(compute_dtype), buf, y_t)
-    return y_t.T
+    args, to_bf16, table, buf = _tile_buffers(q, compute_dtype, rows * n_in)
+    y = np.empty((x.shape[0], n_out), np.float32)
+    for r0 in range(0, n_out, rows):
+        r1 = min(n_out, r0 + rows)
+        w = buf[: (r1 - r0) * n_in]
+        _dequantize_tile(*args, n_in, r0, r1, 0, n_in, to_bf16, table, w)
+        np.matmul(x, w.reshape(r1 - r0, n_in).T, out=y[:, r0:r1])
+    return y
 
 
 def fused_g_w(g: np.ndarray, q: Quantized4bit, compute_dtype: str = "bfloat16", tile: int | None = None) -> np.ndarray:
     """``g @ W`` for g (N, out) float32 (the backward of ``x @ W.T`` with respect to x); W is dequantized ``tile``
-    columns at a time. Returns (N, in) float32 (a transposed view)."""
+    columns at a time. Returns (N, in) float32, C-contiguous."""
     n_out, n_in = _check_weight(q)
     g = np.ascontiguousarray(g, dtype=np.float32)
     cols = _tile(n_out, n_in, tile)
-    buf = np.empty(n_out * cols, np.float32)
-    gx_t = np.empty((n_in, g.shape[0]), np.float32)
-    _fused_g_w(g, *_kernel_args(q), n_in, cols, _rounds_to_bf16(compute_dtype), buf, gx_t)
-    return gx_t.T
+    args, to_bf16, table, buf = _tile_buffers(q, compute_dtype, n_out * cols)
+    gx = np.empty((g.shape[0], n_in), np.float32)
+    for c0 in range(0, n_in, cols):
+        c1 = min(n_in, c0 + cols)
+        w = buf[: n_out * (c1 - c0)]
+        _dequantize_tile(*args, n_in, 0, n_out, c0, c1, to_bf16, table, w)
+        np.matmul(g, w.reshape(n_out, c1 - c0), out=gx[:, c0:c1])
+    return gx
 
 
 def dequantized_weight(q: Quantized4bit, compute_dtype: str = "bfloat16") -> np.ndarray:

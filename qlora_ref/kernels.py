@@ -8,6 +8,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blockwise import TINY, code_midpoints
+from .dtypes import bf16_bits
 
 
 @njit(inline="always")
@@ -63,13 +64,6 @@ def quantize_4bit_codes(x: np.ndarray, code: np.ndarray, blocksize: int) -> tupl
     return packed.reshape(-1, 1), absmax
 
 
-@njit(inline="always")
-def _bf16_bits(v):
-    # float32 -> bfloat16 bits, round to nearest even (values are finite here)
-    bits = np.uint32(np.float32(v).view(np.uint32))
-    return np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-
-
 @njit(parallel=True, cache=True)
 def _dequantize_4bit(packed, absmax, code, blocksize, n, out, to_bf16, out_bf16):
     nblocks = absmax.size
@@ -81,13 +75,13 @@ def _dequantize_4bit(packed, absmax, code, blocksize, n, out, to_bf16, out_bf16)
             byte = packed[i // 2]
             hi = code[byte >> 4] * a
             if to_bf16:
-                out_bf16[i] = _bf16_bits(hi)
+                out_bf16[i] = bf16_bits(hi)
             else:
                 out[i] = hi
             if i + 1 < end:
                 lo = code[byte & 15] * a
                 if to_bf16:
-                    out_bf16[i + 1] = _bf16_bits(lo)
+                    out_bf16[i + 1] = bf16_bits(lo)
                 else:
                     out[i + 1] = lo
 

@@ -44,13 +44,15 @@ from numbers import Real
 
 import numpy as np
 
-from . import fused_matmul
-from .dtypes import round_to
+from . import fused_matmul, lora_kernels
+from .dtypes import round_to, round_to_definition
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
 #: the computation data types: bfloat16 (QLoRA's) and float32 (exact)
 COMPUTE_DTYPES = ("float32", "bfloat16")
 MATMUL_PATHS = ("fused", "naive")
+_NO_BIAS = np.empty(0, np.float32)  # placeholders for the kernels' optional arrays
+_NO_KEEP = np.empty((0, 0), bool)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,22 +301,41 @@ class QLoRALinear:
         """
         x = _float_array(x, "x")
         check_input_shape(x.shape, self.in_features)
-        lead = x.shape[:-1]
+        keep = None if self.r is None else self._dropout_keep(x.shape, dropout_mask)
+        x2 = x.reshape(-1, self.in_features)
+        y, cache = (self._forward_definition if self.matmul == "naive" else self._forward_fast)(x2, keep)
+        self._cache = {"shape": x.shape, **cache}
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    __call__ = forward
+
+    def backward(self, grad_y) -> np.ndarray:
+        """Given ∂L/∂y (shape of the last output), accumulate ∂L/∂A and ∂L/∂B into ``grads`` and return ∂L/∂x."""
+        if self._cache is None:
+            raise RuntimeError("backward() needs a forward() first (or the cache was cleared)")
+        shape = self._cache["shape"]
+        grad_y = _float_array(grad_y, "grad_y")
+        check_grad_shape(grad_y.shape, (*shape[:-1], self.out_features))
+        g2 = grad_y.reshape(-1, self.out_features)
+        gx, grads = (self._backward_definition if self.matmul == "naive" else self._backward_fast)(g2, self._cache)
+        for name, grad in grads.items():
+            self._accumulate(name, grad)
+        return gx.reshape(shape)
+
+    # The definition: every step a NumPy expression, rounded once to the compute dtype (ml_dtypes' bfloat16).
+    def _forward_definition(self, x: np.ndarray, keep: np.ndarray | None) -> tuple[np.ndarray, dict]:
         rnd = self._round
-        xc = rnd(x.reshape(-1, self.in_features))
+        xc = rnd(x)
 
         # the frozen path: x Wᵀ + b, one rounding
         base = self._x_wt(xc)
         if self.bias is not None:
             base = base + rnd(self.bias)
         base = rnd(base)
-
         if self.r is None:
-            self._cache = {"shape": x.shape}
-            return base.reshape(*lead, self.out_features)
+            return base, {}
 
         # the adapter path: s · dropout(x) Aᵀ Bᵀ
-        keep = self._dropout_keep(x.shape, dropout_mask)
         scale = dropout_scale(self.dropout)
         if keep is not None:
             xd = rnd(xc * (keep * scale))
@@ -324,38 +345,63 @@ class QLoRALinear:
         h = rnd(xd @ a_c.T)
         lora = rnd(rnd(h @ b_c.T) * np.float32(self.scaling))
         y = rnd(base + lora)
-        self._cache = {"shape": x.shape, "xd": xd, "h": h, "keep": keep, "scale": scale, "A": a_c, "B": b_c}
-        return y.reshape(*lead, self.out_features)
+        return y, {"xd": xd, "h": h, "keep": keep, "scale": scale, "A": a_c, "B": b_c}
 
-    __call__ = forward
-
-    def backward(self, grad_y) -> np.ndarray:
-        """Given ∂L/∂y (shape of the last output), accumulate ∂L/∂A and ∂L/∂B into ``grads`` and return ∂L/∂x."""
-        if self._cache is None:
-            raise RuntimeError("backward() needs a forward() first (or the cache was cleared)")
-        cache = self._cache
-        shape = cache["shape"]
-        grad_y = _float_array(grad_y, "grad_y")
-        check_grad_shape(grad_y.shape, (*shape[:-1], self.out_features))
+    def _backward_definition(self, grad_y: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
         rnd = self._round
-        g = rnd(grad_y.reshape(-1, self.out_features))
-
+        g = rnd(grad_y)
         gx = rnd(self._g_w(g))  # frozen path: ∂L/∂x = G W (no ∂L/∂W: the weight is frozen)
-        if self.r is not None:
-            gs = rnd(g * np.float32(self.scaling))  # ∂L/∂P for P = H Bᵀ
-            grad_b = rnd(gs.T @ cache["h"])  # ∂L/∂B = s Gᵀ H
-            gh = rnd(gs @ cache["B"])  # ∂L/∂H = s G B
-            grad_a = rnd(gh.T @ cache["xd"])  # ∂L/∂A = (∂L/∂H)ᵀ x_d
-            gxd = rnd(gh @ cache["A"])  # ∂L/∂x_d = (∂L/∂H) A
-            if cache["keep"] is not None:
-                gxd = rnd(gxd * (cache["keep"] * cache["scale"]))  # through the dropout mask
-            gx = rnd(gx + gxd)
-            self._accumulate("lora_A", grad_a)
-            self._accumulate("lora_B", grad_b)
-        return gx.reshape(shape)
+        if self.r is None:
+            return gx, {}
+        gs = rnd(g * np.float32(self.scaling))  # ∂L/∂P for P = H Bᵀ
+        grad_b = rnd(gs.T @ cache["h"])  # ∂L/∂B = s Gᵀ H
+        gh = rnd(gs @ cache["B"])  # ∂L/∂H = s G B
+        grad_a = rnd(gh.T @ cache["xd"])  # ∂L/∂A = (∂L/∂H)ᵀ x_d
+        gxd = rnd(gh @ cache["A"])  # ∂L/∂x_d = (∂L/∂H) A
+        if cache["keep"] is not None:
+            gxd = rnd(gxd * (cache["keep"] * cache["scale"]))  # through the dropout mask
+        gx = rnd(gx + gxd)
+        return gx, {"lora_A": grad_a, "lora_B": grad_b}
 
     def _round(self, a: np.ndarray) -> np.ndarray:
-        return round_to(a, self.compute_dtype)
+        return round_to_definition(a, self.compute_dtype)
+
+    # The fast path: the same operations in the same order, the same BLAS calls, the elementwise steps fused into
+    # the Numba kernels of ``lora_kernels`` and rounded in place; bit-identical to the definition
+    # (tests/test_fast_paths.py).
+    def _forward_fast(self, x: np.ndarray, keep: np.ndarray | None) -> tuple[np.ndarray, dict]:
+        cd, bf16 = self.compute_dtype, self.compute_dtype == "bfloat16"
+        xc = round_to(x, cd)
+        y = self._x_wt(xc)  # a new array: the kernels below write into it
+        bias_c = _NO_BIAS if self.bias is None else round_to(self.bias, cd)
+        if self.r is None:
+            lora_kernels.frozen_output(y, bias_c, self.bias is not None, bf16)
+            return y, {}
+        scale = dropout_scale(self.dropout)
+        if keep is not None:
+            xd = np.empty_like(xc)
+            lora_kernels.dropout_input(xc, keep, scale, bf16, xd)
+        else:
+            xd = xc.copy() if np.may_share_memory(xc, x) else xc
+        a_c, b_c = round_to(self._lora_A, cd), round_to(self._lora_B, cd)
+        h = _rounded(xd @ a_c.T, cd)
+        lora_kernels.adapter_output(y, bias_c, self.bias is not None, h @ b_c.T, np.float32(self.scaling), bf16)
+        return y, {"xd": xd, "h": h, "keep": keep, "scale": scale, "A": a_c, "B": b_c}
+
+    def _backward_fast(self, grad_y: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        cd, bf16 = self.compute_dtype, self.compute_dtype == "bfloat16"
+        g = round_to(grad_y, cd)
+        gx = self._g_w(g)  # a new array, rounded below
+        if self.r is None:
+            return _rounded(gx, cd), {}
+        gs = np.empty_like(g)
+        lora_kernels.scaled(g, np.float32(self.scaling), bf16, gs)
+        grad_b = _rounded(gs.T @ cache["h"], cd)
+        gh = _rounded(gs @ cache["B"], cd)
+        grad_a = _rounded(gh.T @ cache["xd"], cd)
+        keep = _NO_KEEP if cache["keep"] is None else cache["keep"]
+        lora_kernels.input_grad(gx, gh @ cache["A"], keep, cache["keep"] is not None, cache["scale"], bf16)
+        return gx, {"lora_A": grad_a, "lora_B": grad_b}
 
     def _accumulate(self, name: str, grad: np.ndarray) -> None:
         if name in self.grads:
@@ -442,6 +488,11 @@ def merge_error(layer: QLoRALinear, x) -> dict[str, float]:
     out["retained"] = float(np.sum((weights["requantized"] - w) * delta) / np.sum(delta * delta))
     out["codes_changed"] = float(np.mean(requantized.codes() != q.codes()))
     return out
+
+
+def _rounded(a: np.ndarray, compute_dtype: str) -> np.ndarray:
+    """``a`` (a new float32 array, e.g. a matrix product) rounded to the compute dtype in place."""
+    return round_to(a, compute_dtype, out=a)
 
 
 def _float_array(a, name: str) -> np.ndarray:

@@ -78,9 +78,10 @@ def packed_causal_mask(position_ids: np.ndarray, sliding_window: int | None = No
     return np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None]
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis (max subtracted first, so exp never overflows; -inf entries become 0)."""
-    e = x - np.max(x, axis=-1, keepdims=True)
+def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Softmax over the last axis (max subtracted first, so exp never overflows; -inf entries become 0).
+    ``out`` may be ``x`` itself (in place)."""
+    e = np.subtract(x, np.max(x, axis=-1, keepdims=True), out=out)
     np.exp(e, out=e)
     e /= np.sum(e, axis=-1, keepdims=True)
     return e
@@ -124,10 +125,11 @@ class Attention:
             k, v = kv_cache.append(self.layer_idx, k, v)
         S_len = k.shape[2]
 
-        scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2))) * np.float32(self.scale)  # (B,Hkv,G*T,S)
+        scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2)))  # (B, Hkv, G*T, S)
+        scores *= np.float32(self.scale)
         scores.reshape(B, Hkv, G, T, S_len)[...] += causal_mask(T, S_len, past, self.sliding_window) \
             if position_ids is None else packed_causal_mask(position_ids, self.sliding_window)
-        probs = softmax(scores)
+        probs = softmax(scores, out=scores)  # in place: the same values, one (G*T, S) buffer per head
         out = np.matmul(probs, v)  # (B, Hkv, G*T, D)
         out = out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
         if kv_cache is None:  # training: keep what backward needs
@@ -154,7 +156,10 @@ class Attention:
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
         dk = apply_rope_backward(dk[:, :, None], cos, sin)[:, :, 0].transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         dv = dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
-        return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
+        dx = self.q_proj.backward(dq)  # a new array: the other two paths are added in place, in the same order
+        dx += self.k_proj.backward(dk)
+        dx += self.v_proj.backward(dv)
+        return dx
 
     def clear_cache(self) -> None:
         self._cache = None

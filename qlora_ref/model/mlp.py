@@ -33,8 +33,17 @@ class SwiGLU:
         g, u, s, a = self._cache
         dh = self.down_proj.backward(grad)
         du = dh * a
-        dg = dh * u * (s * (1 + g * (1 - s)))
-        return self.gate_proj.backward(dg) + self.up_proj.backward(du)
+        # dg = dh * u * (s * (1 + g * (1 - s))), with one temporary: the same products and sums (IEEE addition
+        # and multiplication commute), so the same bits
+        t = 1 - s
+        t *= g
+        t += 1
+        t *= s
+        dg = dh * u
+        dg *= t
+        dx = self.gate_proj.backward(dg)
+        dx += self.up_proj.backward(du)
+        return dx
 
     def clear_cache(self) -> None:
         self._cache = None

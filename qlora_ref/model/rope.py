@@ -68,10 +68,27 @@ def rotate_half(x: np.ndarray) -> np.ndarray:
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate x (..., T, D) by the angles whose cos/sin (T, D) are given."""
-    return x * cos + rotate_half(x) * sin
+    """Rotate x (..., T, D) by the angles whose cos/sin (T, D) are given: ``x * cos + rotate_half(x) * sin``.
+
+    Computed half by half without building ``rotate_half(x)``: x1·cos1 + (−x2)·sin1 is x1·cos1 − x2·sin1 and the
+    second half x2·cos2 + x1·sin2, the same float32 operations (negation is exact), so the same bits
+    (``tests/test_fast_paths.py``)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    t = x[..., half:] * sin[..., :half]
+    out[..., :half] -= t
+    np.multiply(x[..., :half], sin[..., half:], out=t)
+    out[..., half:] += t
+    return out
 
 
 def apply_rope_backward(grad: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """The gradient with respect to the input of ``apply_rope``: rotate back."""
-    return grad * cos - rotate_half(grad * sin)
+    """The gradient with respect to the input of ``apply_rope``: rotate back, ``grad * cos −
+    rotate_half(grad * sin)``, half by half as in ``apply_rope`` (g1·cos1 + g2·sin2, g2·cos2 − g1·sin1)."""
+    half = grad.shape[-1] // 2
+    out = grad * cos
+    t = grad[..., half:] * sin[..., half:]
+    out[..., :half] += t
+    np.multiply(grad[..., :half], sin[..., :half], out=t)
+    out[..., half:] -= t
+    return out
