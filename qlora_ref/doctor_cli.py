@@ -157,7 +157,7 @@ def format_text(r: dict) -> str:
     if "error" in t:
         lines += [f"  torch: {t['error']}", "CUDA: unknown (no torch)"]
     else:
-        lines.append(f"  torch CPU capability: {t['cpu_capability']}")
+        lines.append(f"  torch's CPU capability: {t['cpu_capability']}")
         devs = [f"  {i}: {d['name']}, {d['memory_gib']} GiB, capability {d['capability']}"
                 for i, d in enumerate(t["cuda_devices"])]
         lines += [f"CUDA: {t['cuda_build'] or 'CPU-only torch build'}, {len(devs)} device(s)", *devs]
