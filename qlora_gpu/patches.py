@@ -241,15 +241,11 @@ def register_causal_sdpa() -> str:
     checking on a tiny Llama that it gives SDPA's logits with a causal mask; otherwise ``"sdpa"`` (transformers
     then builds the mask tensor, and a CUDA-graph capture may refuse it: ``qlora_gpu.graphs``) and a warning."""
     try:
-        import transformers
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-        cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=1)
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(cfg).eval()
+        model = _tiny_llama()
         ids = torch.arange(7)[None] * 5 % 32
         logits = {}
         for impl in ("sdpa", CAUSAL_SDPA):
@@ -263,5 +259,30 @@ def register_causal_sdpa() -> str:
     return CAUSAL_SDPA if _record("causal SDPA", not why, why) else "sdpa"
 
 
-__all__ = ["CAUSAL_SDPA", "PatchFallbackWarning", "register_causal_sdpa", "status", "use_fused_rms_norm",
+def _tiny_llama() -> nn.Module:
+    """A one-layer transformers Llama with grouped-query heads, in eval mode (the self-checks' model)."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def probe() -> dict[str, str]:
+    """Install every patch on a tiny transformers Llama and return ``status()``: what a Llama-family model set up
+    now would get (``qlora doctor``). A fallback is reported in the status, not warned."""
+    try:
+        hf = _tiny_llama()
+    except Exception as e:  # noqa: BLE001 - no usable transformers: nothing would be patched
+        return {"transformers": f"no Llama could be built ({type(e).__name__}: {e})"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PatchFallbackWarning)
+        use_fused_rope(hf)
+        use_fused_rms_norm(hf)
+        register_causal_sdpa()
+    return status()
+
+
+__all__ = ["CAUSAL_SDPA", "PatchFallbackWarning", "probe", "register_causal_sdpa", "status", "use_fused_rms_norm",
            "use_fused_rope"]

@@ -8,7 +8,8 @@ import importlib
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
-SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli", "qlora_ref.finetune_cli", "qlora_ref.reproduce_cli"]
+SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli", "qlora_ref.finetune_cli", "qlora_ref.reproduce_cli",
+                                   "qlora_ref.doctor_cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,131 @@
+"""``qlora doctor``: the versions it prints are the installed ones, the lock comparison flags a difference, it
+works without torch, and its paths section says what qlora_gpu's own status functions say."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import sys
+from importlib import metadata
+
+import pytest
+
+from qlora_ref.cli import main
+
+LISTED = ("numpy", "numba", "scipy", "safetensors", "torch", "bitsandbytes", "transformers", "peft", "hypothesis",
+          "qlora")
+
+
+def doctor(capsys, *args) -> str:
+    assert main(["doctor", *args]) == 0
+    return capsys.readouterr().out
+
+
+def package_line(text: str, name: str) -> str:
+    section = text.split("packages:\n", 1)[1].split("\n\n", 1)[0]
+    (line,) = [ln for ln in section.splitlines() if re.match(rf"\s+{name}\s", ln)]
+    return line
+
+
+def test_text_and_json_show_the_installed_versions(capsys):
+    text = doctor(capsys)
+    assert f"Python {platform.python_version()} " in text
+    for name in LISTED:
+        assert package_line(text, name).split()[1] == metadata.version(name), name
+    report = json.loads(doctor(capsys, "--json"))
+    assert report["python"].startswith(platform.python_version() + " ")
+    for name in LISTED:
+        assert report["packages"][name]["version"] == metadata.version(name), name
+
+
+def test_a_version_other_than_the_locked_one_is_flagged(capsys, tmp_path):
+    lock = tmp_path / "constraints.txt"
+    lock.write_text(f"# a comment\nnumpy==0.0.1\nSciPy=={metadata.version('scipy')}\n"
+                    f"# Editable install (qlora==0.1.0)\n")
+    report = json.loads(doctor(capsys, "--json", "--constraints", str(lock)))["packages"]
+    assert report["numpy"] == dict(version=metadata.version("numpy"), locked="0.0.1",
+                                   state="differs from the tested 0.0.1")
+    assert report["scipy"]["state"] == "locked"  # names compare as PEP 503 names
+    assert report["peft"]["state"] == report["qlora"]["state"] == "not in constraints.txt"
+    assert package_line(doctor(capsys, "--constraints", str(lock)), "numpy").endswith("differs from the tested 0.0.1")
+    text = doctor(capsys, "--constraints", str(tmp_path / "absent.txt"))
+    assert "constraints: none found" in text
+    assert package_line(text, "numpy").endswith("no constraints.txt to compare with")
+
+
+def test_the_lock_of_the_checkout_is_found(capsys):
+    """Run from this checkout, doctor compares with its constraints.txt: every listed package it pins is there."""
+    report = json.loads(doctor(capsys, "--json"))
+    assert report["constraints"] is not None and report["constraints"].endswith("constraints.txt")
+    assert report["packages"]["numpy"]["locked"] is not None
+
+
+def test_without_torch_it_reports_and_succeeds(capsys, monkeypatch):
+    """The reference-only install: torch, bitsandbytes, transformers and qlora_gpu cannot be imported and have no
+    metadata."""
+    gone = ("torch", "bitsandbytes", "transformers", "peft", "triton")
+    for name in (*gone, "qlora_gpu"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of it raises ImportError
+    real_version = metadata.version
+
+    def version(name):
+        if name in gone:
+            raise metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    text = doctor(capsys)
+    for name in gone:
+        assert package_line(text, name).split()[1:] == ["-", "not", "installed"]
+    assert package_line(text, "numpy").split()[1] == real_version("numpy")
+    assert "torch: torch not importable" in text and "CUDA: unknown (no torch)" in text
+    assert re.search(r"qlora_gpu paths:\n  not available: backend 'gpu' needs packages that are not installed", text)
+    report = json.loads(doctor(capsys, "--json"))
+    assert "error" in report["torch"] and "error" in report["qlora_gpu"]
+
+
+def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
+    from qlora_gpu import hardware, patches, quantize
+
+    report = json.loads(doctor(capsys, "--json"))["qlora_gpu"]
+    assert report["cpu_dequantize"] == quantize.cpu_dequantize_status()
+    assert report["bf16_gemm"] == hardware.bf16_gemm_status()
+    status = patches.status()
+    assert {"rotary embedding", "RMSNorm", "causal SDPA"} <= status.keys()
+    assert report["patches"] == status
+
+    # a forced CPU path and a patch that falls back show as such
+    monkeypatch.setattr(patches, "_STATUS", dict(patches._STATUS))
+    monkeypatch.setattr(patches, "use_fused_rope", lambda hf: patches._record("rotary embedding", False, "simulated"))
+    quantize.set_cpu_dequantize("spec")
+    try:
+        text = doctor(capsys)
+    finally:
+        quantize.set_cpu_dequantize("auto")
+    assert "CPU dequantize, ragged last dim: spec (forced by set_cpu_dequantize)" in text
+    assert "rotary embedding (probed on a tiny Llama): fallback: simulated" in text
+    assert "RMSNorm (probed on a tiny Llama): active" in text
+    assert f"bf16 GEMM on CPU: {hardware.bf16_gemm_status()}" in text
+
+
+@pytest.mark.parametrize("flags", [None, "fpu avx2 avx512f"])
+def test_cpu_features_from_cpuinfo_or_without_it(monkeypatch, flags):
+    from qlora_ref import doctor_cli
+
+    class FakePath(type(doctor_cli.ROOT)):
+        def read_text(self, *a, **k):
+            if str(self) != "/proc/cpuinfo":
+                return super().read_text(*a, **k)
+            if flags is None:
+                raise FileNotFoundError(self)
+            return f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t: amx_tile\n"
+
+    monkeypatch.setattr(doctor_cli, "Path", FakePath)
+    got = doctor_cli.cpu()
+    if flags is None:
+        assert got["flags"] is None
+        assert "features: unknown" in doctor_cli.format_text(doctor_cli.report(doctor_cli.ROOT / "constraints.txt"))
+    else:
+        assert got == dict(model="Test CPU", flags=dict(avx2=True, avx512f=True, avx512_bf16=False, amx_tile=False,
+                                                       amx_bf16=False))
