@@ -1,14 +1,15 @@
 """``qlora_gpu.patches``: each replacement of a transformers function is installed only where its target is the
 function it was written against, and otherwise leaves transformers' own code in place with exactly one
-``PatchFallbackWarning`` — and the model then computes what it would compute had qlora never touched it.
+``PatchFallbackWarning`` — and the model then computes what transformers' code computes.
 
 Targets are varied by monkeypatching transformers' real llama module (its ``apply_rotary_pos_emb``, its
 ``LlamaRMSNorm.forward``) before a tiny model is built, and transformers' attention interface for the causal-SDPA
-registration. The oracle for "transformers' own outputs" is the same model built with the replacement switched
-off (``qlora_gpu.model.use_fused_rope`` / ``use_fused_rms_norm`` made no-ops): same seeds, same weights, same
-dropout masks, so the loss and every LoRA gradient must be equal under ``torch.equal`` — the replacements are
-bit-identical forward with gradients equal under ``torch.equal`` where active (tests/test_rope.py,
-tests/test_rms_norm.py), and in fallback nothing of the model was changed, so there is no rounding to allow for.
+registration. Oracles, all compared under ``torch.equal`` (same seeds, weights and dropout masks; the replacements
+are bit-identical forward with gradients equal under ``torch.equal`` where active, tests/test_rope.py and
+tests/test_rms_norm.py, and a fallback changes nothing, so there is no rounding to allow for): for the rotary
+embedding, the same model built with ``use_fused_rope`` switched off; for the RMSNorm, whose fallback keeps the
+cast back to the bfloat16 stream (without it the model cannot run: its norm weights are float32), a model with
+transformers' norm and weights that make it compute the variant's values.
 """
 
 from __future__ import annotations
