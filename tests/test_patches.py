@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from model_helpers import count_calls, lora_step
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
 
@@ -92,13 +93,9 @@ def _build(monkeypatch, *, rope_patch=True):
 
 def _step(model):
     """Loss and every LoRA gradient of one training step (dropout masks from the model's seeded generators)."""
-    torch.manual_seed(0)
-    logits = model(IDS)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
-    loss.backward()
-    grads = {k: g.clone() for k, g in model.lora_grads().items()}
+    logits, loss, grads = lora_step(model, IDS)
     assert len(grads) == 14 * TINY.num_hidden_layers and all(g.abs().sum() > 0 for g in grads.values())
-    return logits.detach(), loss.detach(), grads
+    return logits, loss, grads
 
 
 def _assert_same_step(a, b):
@@ -111,15 +108,7 @@ def _assert_same_step(a, b):
 
 def _count_ours(monkeypatch):
     """Calls of qlora's rotary Function (one per layer per forward, and again in each checkpointed recompute)."""
-    calls = {"n": 0}
-    apply = rope._Rope.apply
-
-    def counted(*args):
-        calls["n"] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(rope._Rope, "apply", counted)
-    return calls
+    return count_calls(monkeypatch, rope._Rope, "apply", "n")
 
 
 def _fallback_warnings(record):
