@@ -6,7 +6,8 @@ launches, the same bits; docs/benchmarks.md): the rotary embedding (``qlora_gpu.
 Each of them rests on transformers' code being the code it was written against, and transformers changes weekly.
 So each install first verifies its target — the signature, and the values on a tiny input against our
 replacement — and otherwise leaves transformers' own function in place and warns once (``PatchFallbackWarning``):
-training still works, only slower. ``status()`` says what is active (``qlora doctor`` prints it).
+training still works, only slower (an RMSNorm left alone still has its result cast back to the stream's dtype, as
+the replacement does: the norm weights are float32). ``status()`` says what is active (``qlora doctor`` prints it).
 
 Gradient checkpointing is not here: ``qlora_gpu.model`` wraps each decoder layer's ``forward`` itself (torch's
 checkpoint, the LoRA dropout masks replayed), relying on nothing of transformers but that a decoder layer is an
@@ -184,12 +185,16 @@ def use_fused_rope(hf: nn.Module) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- RMSNorm
-_RMS_NORM_CHECKED: dict[type, str] = {}
+#: (class, its forward) -> "" where ``_probe_rms_norm`` passed, else why not: a class whose forward is replaced later
+#: (a hub kernel, a monkeypatch) is probed again
+_RMS_NORM_CHECKED: dict[tuple[type, object], str] = {}
 
 
 def _probe_rms_norm(norm: nn.Module) -> str:
     """"" if ``rms_norm(norm, x)`` equals the class's own forward rounded to x's dtype, bit for bit, on a CPU copy
     with a random weight (float32 and bfloat16 inputs), else why not."""
+    if not hasattr(norm, "variance_epsilon"):  # e.g. Gemma's, whose ``eps`` goes with a (1 + weight) scale
+        return f"{type(norm).__name__} has no variance_epsilon: not the form of transformers' LlamaRMSNorm"
     try:
         # the module with a CPU weight of its own (its weight may be a shard, a DTensor, of a model under FSDP)
         probe = copy.copy(norm)
@@ -208,23 +213,32 @@ def _probe_rms_norm(norm: nn.Module) -> str:
     return ""
 
 
+def _own_forward_in_stream_dtype(norm: nn.Module, hidden: torch.Tensor, out_dtype=None) -> torch.Tensor:
+    """The fallback: the norm class's own forward, its result cast to the stream's dtype (or ``out_dtype``) — a
+    float32 weight (``prepare_model`` keeps norms in float32) promotes transformers' result to float32, which the
+    next bfloat16 layer would refuse; ``rms_norm`` casts the same way."""
+    return type(norm).forward(norm, hidden).to(out_dtype or hidden.dtype)
+
+
 def use_fused_rms_norm(hf: nn.Module, out_dtype: torch.dtype | None = None, final=None) -> bool:
     """Route every RMSNorm of a transformers model through ``qlora_gpu.rms_norm.rms_norm`` (an instance
     ``forward``, so forward hooks still run), returning ``out_dtype`` (None: the stream's dtype), where its class
-    passes ``_probe_rms_norm`` (checked once per class); ``final``: ``(norm, dtype)``, a norm whose output has its
-    own dtype (the last norm, feeding the LM head). False and a warning where some did not pass (those keep their
-    own forward: the same values in the stream's dtype, cast by the layers that read them)."""
+    passes ``_probe_rms_norm`` (checked once per class and forward); ``final``: ``(norm, dtype)``, a norm whose
+    output has its own dtype (the last norm, feeding the LM head). False and a warning where some did not — a class
+    named ``*RMSNorm`` of another form included, rather than skipped in silence: those run their class's own
+    forward, cast the same way (``_own_forward_in_stream_dtype``)."""
     why = ""
     for module in hf.modules():
-        if not (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")):
-            continue
-        cls = type(module)
-        if cls not in _RMS_NORM_CHECKED:
-            _RMS_NORM_CHECKED[cls] = _probe_rms_norm(module)
-        if _RMS_NORM_CHECKED[cls]:
-            why = why or _RMS_NORM_CHECKED[cls]
+        if not type(module).__name__.endswith("RMSNorm"):
             continue
         dtype = final[1] if final is not None and module is final[0] else out_dtype
+        key = type(module), type(module).forward
+        if key not in _RMS_NORM_CHECKED:
+            _RMS_NORM_CHECKED[key] = _probe_rms_norm(module)
+        if _RMS_NORM_CHECKED[key]:
+            why = why or _RMS_NORM_CHECKED[key]
+            module.forward = functools.partial(_own_forward_in_stream_dtype, module, out_dtype=dtype)
+            continue
         module.forward = functools.partial(rms_norm, module, out_dtype=dtype)
     return _record("RMSNorm", not why, why)
 

@@ -105,3 +105,30 @@ def small_hf_model(name, seed=0):
 def max_rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def lora_step(model, ids):
+    """One training step of a ``qlora_gpu`` model on ``ids`` (1, T), the global seed fixed and dropout masks drawn
+    from the model's seeded generators: the logits, the next-token loss and every LoRA gradient (copies)."""
+    import torch
+
+    torch.manual_seed(0)
+    logits = model(ids)
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    loss.backward()
+    return logits.detach(), loss.detach(), {k: g.clone() for k, g in model.lora_grads().items()}
+
+
+def count_calls(monkeypatch, owner, name: str, key: str = "calls"):
+    """``owner.<name>`` wrapped, for the test's duration, to count its calls: the returned Counter's ``key``."""
+    import collections
+
+    calls = collections.Counter()
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls[key] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

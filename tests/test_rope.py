@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from model_helpers import count_calls, lora_step
 from transformers.models.llama import modeling_llama
 
 from qlora_gpu import patches, rope
@@ -139,15 +140,7 @@ def test_operator_counts():
 # ----------------------------------------------------------------------------------------------- in a model
 def _spy(monkeypatch):
     """Counts the calls of our Function."""
-    calls = collections.Counter()
-    apply = rope._Rope.apply
-
-    def counted(*args):
-        calls["ours"] += 1
-        return apply(*args)
-
-    monkeypatch.setattr(rope._Rope, "apply", counted)
-    return calls
+    return count_calls(monkeypatch, rope._Rope, "apply", "ours")
 
 
 def _build(model_type, checkpointing, attn):
@@ -160,11 +153,7 @@ def _build(model_type, checkpointing, attn):
 
 
 def _step(m):
-    torch.manual_seed(0)
-    logits = m(IDS)
-    loss = torch.nn.functional.cross_entropy(logits[0, :-1], IDS[0, 1:])
-    loss.backward()
-    return loss.detach(), {k: g.clone() for k, g in m.lora_grads().items()}
+    return lora_step(m, IDS)[1:]
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
