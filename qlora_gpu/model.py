@@ -43,8 +43,8 @@ from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 from .block_scales import BlockScales
 from .lora import QLoRALinear, draw_keep, drop_together
 from .optim import flat_view
-from .packing import VARLEN, register
-from .patches import use_fused_rms_norm, use_fused_rope
+from .packing import VARLEN
+from .patches import register_varlen_attention, use_fused_rms_norm, use_fused_rope
 from .quantize import Quantized4bit, dequantize_4bit
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
@@ -81,8 +81,8 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     """The transformers config of a reference ``ModelConfig`` (``ModelConfig.to_hf_dict``)."""
     import transformers
 
-    if attn_implementation == VARLEN:  # packed attention: transformers must know the name
-        register()
+    if attn_implementation == VARLEN and register_varlen_attention() is None:
+        attn_implementation = "sdpa"  # checked to keep packed examples apart from the position ids itself
     cfg_cls = getattr(transformers, _HF_CLASSES[config.model_type][0])
     d = config.to_hf_dict()
     d.pop("architectures", None)

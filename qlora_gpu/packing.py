@@ -16,8 +16,9 @@ transformers 5.25 also keeps packed examples apart by itself — from ``position
 ``attention_mask=None`` and no cache (``use_cache=False``): an all-ones attention mask, or the cache that
 ``use_cache`` (on by default) creates, and every example attends to the ones before it in the row
 (tests/test_packing.py shows both; docs/long_context.md). It then builds a dense (B, 1, T, T) mask for eager and
-SDPA attention. ``use_varlen_attention`` registers this module's attention with transformers under the name
-``VARLEN`` (which has no mask function, so transformers passes no mask) and switches a model to it.
+SDPA attention. ``register`` registers this module's attention with transformers under the name ``VARLEN`` (which
+has no mask function, so transformers passes no mask); ``qlora_gpu.patches.use_varlen_attention`` checks it on a
+tiny packed batch and switches a model to it.
 """
 
 from __future__ import annotations
@@ -117,20 +118,12 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
 
 
 def register() -> str:
-    """Register ``varlen_attention_forward`` with transformers as ``VARLEN`` (idempotent); returns the name."""
+    """Register ``varlen_attention_forward`` with transformers as ``VARLEN`` (idempotent); returns the name.
+    Unchecked: models are switched to it by ``qlora_gpu.patches.use_varlen_attention``, which checks it first."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(VARLEN, varlen_attention_forward)
     return VARLEN
 
 
-def use_varlen_attention(hf) -> None:
-    """Switch a transformers model (its config and every sub-config) to ``VARLEN`` attention."""
-    register()
-    for module in hf.modules():
-        config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = VARLEN
-
-
-__all__ = ["VARLEN", "cu_seqlens", "register", "use_varlen_attention", "varlen_attention_forward"]
+__all__ = ["VARLEN", "cu_seqlens", "register", "varlen_attention_forward"]

@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import packing
 from .rms_norm import rms_norm
 from .rope import rope, signed_sin
 
@@ -259,12 +260,12 @@ def register_causal_sdpa() -> str:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
-        model = _tiny_llama()
-        ids = torch.arange(7)[None] * 5 % 32
         logits = {}
-        for impl in ("sdpa", CAUSAL_SDPA):
-            model.config._attn_implementation = impl
-            with torch.no_grad():
+        with torch.device("cpu"), torch.no_grad():  # also when called while a model is laid out on meta
+            model = _tiny_llama()
+            ids = torch.arange(7)[None] * 5 % 32
+            for impl in ("sdpa", CAUSAL_SDPA):
+                model.config._attn_implementation = impl
                 logits[impl] = model(input_ids=ids, use_cache=False).logits
         ok = torch.allclose(logits["sdpa"], logits[CAUSAL_SDPA], rtol=1e-5, atol=1e-6)
         why = "" if ok else "SDPA under a registered name does not give the causal SDPA's logits"
@@ -273,14 +274,79 @@ def register_causal_sdpa() -> str:
     return CAUSAL_SDPA if _record("causal SDPA", not why, why) else "sdpa"
 
 
+# ----------------------------------------------------------------------------------------------- packed attention
+class PackingUnavailableError(RuntimeError):
+    """Neither qlora's variable-length attention nor transformers' own keeps packed examples apart here."""
+
+
+def _keeps_examples_apart(model: nn.Module, impl: str) -> bool:
+    """Whether attention ``impl`` gives a packed row of two examples (positions restarting at 0, no attention mask,
+    no cache: how ``QLoRAModel`` runs a packed batch) the logits of each example run alone."""
+    ids = torch.arange(7)[None] * 5 % 32
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2]])
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=ids[:, :4], use_cache=False).logits,
+                           model(input_ids=ids[:, 4:], use_cache=False).logits], dim=1)
+        model.config._attn_implementation = impl
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+    return torch.allclose(packed, alone, rtol=1e-5, atol=1e-6)
+
+
+@functools.cache
+def register_varlen_attention() -> str | None:
+    """Register ``qlora_gpu.packing.VARLEN`` with transformers and return it — after checking on a tiny Llama that
+    a packed row gives each example's own logits (transformers must pass the position ids to the attention
+    function). Otherwise None and a warning, where transformers' own attention keeps the examples apart from the
+    position ids (slower: a dense mask); and ``PackingUnavailableError`` where it does not either, since training
+    on examples that see each other would be silently wrong."""
+    try:
+        packing.register()
+        with torch.device("cpu"):  # also when called while a model is laid out on the meta device
+            ok = _keeps_examples_apart(_tiny_llama(), packing.VARLEN)
+        why = "" if ok else "the variable-length attention did not receive the packed position ids"
+    except Exception as e:  # noqa: BLE001 - an API that moved: leave it alone
+        why = f"transformers' attention interface could not be used ({type(e).__name__}: {e})"
+    if _record("packed attention", not why, why):
+        return packing.VARLEN
+    with torch.device("cpu"):
+        apart = _keeps_examples_apart(_tiny_llama(), "sdpa")
+    if not apart:
+        raise PackingUnavailableError(f"packing is unavailable with transformers {_transformers_version()}: {why}, "
+                                      "and its own attention lets packed examples see each other; train without "
+                                      "packing")
+    return None
+
+
+def use_varlen_attention(hf: nn.Module) -> bool:
+    """Switch a transformers model (its config and every sub-config) to ``VARLEN`` attention where
+    ``register_varlen_attention`` passed; False where the model keeps its own attention (checked to keep packed
+    examples apart)."""
+    if register_varlen_attention() is None:
+        return False
+    for module in hf.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = packing.VARLEN
+    return True
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def _tiny_llama() -> nn.Module:
-    """A one-layer transformers Llama with grouped-query heads, in eval mode (the self-checks' model)."""
+    """A one-layer transformers Llama with grouped-query heads, in eval mode (the self-checks' model), drawn
+    without touching the caller's random state."""
     import transformers
 
     cfg = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def probe() -> dict[str, str]:
@@ -295,8 +361,12 @@ def probe() -> dict[str, str]:
         use_fused_rope(hf)
         use_fused_rms_norm(hf)
         register_causal_sdpa()
+        try:
+            register_varlen_attention()
+        except PackingUnavailableError as e:
+            _STATUS["packed attention"] = f"unavailable: {e}"
     return status()
 
 
-__all__ = ["CAUSAL_SDPA", "PatchFallbackWarning", "probe", "register_causal_sdpa", "status", "use_fused_rms_norm",
-           "use_fused_rope"]
+__all__ = ["CAUSAL_SDPA", "PackingUnavailableError", "PatchFallbackWarning", "probe", "register_causal_sdpa",
+           "register_varlen_attention", "status", "use_fused_rms_norm", "use_fused_rope", "use_varlen_attention"]

@@ -28,7 +28,7 @@ from qlora_ref.train.progress import peak_rss_bytes
 from .chunked_loss import chunked_nll_sum
 from .model import QLoRAModel, default_device
 from .optim import clip_grad_norm, make_optimizer
-from .packing import use_varlen_attention
+from .patches import use_varlen_attention
 
 
 def build_optimizer(config: TrainConfig, **options):

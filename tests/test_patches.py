@@ -24,7 +24,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama import modeling_llama
 
 import qlora_gpu.model
-from qlora_gpu import patches, rope
+from qlora_gpu import packing, patches, rope
 from qlora_gpu.prepare import prepare_model
 from qlora_gpu.rms_norm import rms_norm
 from qlora_ref.model.config import LoraConfig, ModelConfig
@@ -43,8 +43,11 @@ def fresh_patch_state(monkeypatch):
     monkeypatch.setattr(patches, "_RMS_NORM_CHECKED", {})
     monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
     patches.register_causal_sdpa.cache_clear()
+    patches.register_varlen_attention.cache_clear()
     yield
     patches.register_causal_sdpa.cache_clear()
+    patches.register_varlen_attention.cache_clear()
+    packing.register()  # the real function under its name again, whatever a test registered
 
 
 def _standard(q, k, cos, sin, unsqueeze_dim=1):
@@ -300,6 +303,69 @@ def test_causal_sdpa_falls_back_where_its_self_check_fails(monkeypatch):
     assert patches.register_causal_sdpa() == patches.CAUSAL_SDPA
     assert AttentionInterface._global_mapping[patches.CAUSAL_SDPA] is original
     assert patches.status()["causal SDPA"] == "active"
+
+
+# ----------------------------------------------------------------------------------------------- packed attention
+def _leaky_varlen(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """The variable-length attention as it would run if transformers stopped passing the position ids: causal
+    over the whole row, so a packed example sees the ones before it."""
+    return _VARLEN(module, query, key, value, attention_mask, **kwargs)
+
+
+_VARLEN = packing.varlen_attention_forward
+
+
+def _packed_logits(model, attn_implementation):
+    ids = torch.arange(9)[None] * 5 % 32
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    model.config._attn_implementation = attn_implementation
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        model.config._attn_implementation = "eager"
+        alone = torch.cat([model(input_ids=ids[:, :5], use_cache=False).logits,
+                           model(input_ids=ids[:, 5:], use_cache=False).logits], dim=1)
+    return packed, alone
+
+
+def test_the_variable_length_attention_is_used_where_it_keeps_packed_examples_apart():
+    model = patches._tiny_llama()
+    assert patches.use_varlen_attention(model)
+    assert model.config._attn_implementation == packing.VARLEN
+    assert patches.status()["packed attention"] == "active"
+    packed, alone = _packed_logits(model, packing.VARLEN)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_a_variable_length_attention_that_would_leak_is_not_used(monkeypatch):
+    """Where the registered function does not keep the examples apart (here: it never sees the position ids),
+    the model keeps transformers' attention, which does (from the position ids, with a dense mask); one warning."""
+    monkeypatch.setattr(packing, "varlen_attention_forward", _leaky_varlen)
+    leaky, alone = _packed_logits(patches._tiny_llama(), packing.register())
+    assert not torch.allclose(leaky, alone, rtol=1e-3, atol=1e-3)  # the variant does leak
+    model = patches._tiny_llama()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert not patches.use_varlen_attention(model)
+        assert not patches.use_varlen_attention(patches._tiny_llama())
+    (warning,) = _fallback_warnings(record)
+    assert "packed attention not replaced" in str(warning.message)
+    assert model.config._attn_implementation != packing.VARLEN
+    packed, alone = _packed_logits(model, model.config._attn_implementation)
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_packing_is_refused_where_no_attention_keeps_examples_apart(monkeypatch):
+    monkeypatch.setattr(patches, "_keeps_examples_apart", lambda model, impl: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", patches.PatchFallbackWarning)
+        with pytest.raises(patches.PackingUnavailableError, match="train without packing"):
+            patches.use_varlen_attention(patches._tiny_llama())
+
+
+def test_the_self_checks_leave_the_callers_random_state_alone():
+    before = torch.random.get_rng_state()
+    patches._tiny_llama()
+    assert torch.equal(torch.random.get_rng_state(), before)
 
 
 # ----------------------------------------------------------------------------------------------- status
