@@ -208,9 +208,8 @@ def test_float_storage_keeps_every_byte_and_every_output(quant_type, double_quan
         to_float_storage(QLoRALinear.from_weight(w, r=4), torch.uint8)
 
 
-@pytest.fixture
-def cpu_world(monkeypatch):
-    """This process as the one rank of a gloo process group (torchrun's environment set by hand)."""
+def one_rank_world(monkeypatch, device: str):
+    """This process as the one rank of a process group on ``device`` (torchrun's environment set by hand)."""
     from fsdp_helpers import free_port
 
     from qlora_gpu.fsdp_train import init_distributed
@@ -218,8 +217,13 @@ def cpu_world(monkeypatch):
     for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(free_port())).items():
         monkeypatch.setenv(k, v)
-    world = init_distributed("cpu")
-    yield world
+    return init_distributed(device)
+
+
+@pytest.fixture
+def cpu_world(monkeypatch):
+    """A gloo group of one rank."""
+    yield one_rank_world(monkeypatch, "cpu")
     dist.destroy_process_group()
 
 
@@ -271,16 +275,8 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tiny, cpu_world, t
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.fixture
 def gpu_world(monkeypatch):
-    """This process as the one rank of an NCCL process group (torchrun's environment set by hand)."""
-    from fsdp_helpers import free_port
-
-    from qlora_gpu.fsdp_train import init_distributed
-
-    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(free_port())).items():
-        monkeypatch.setenv(k, v)
-    world = init_distributed("cuda")
-    yield world
+    """An NCCL group of one rank."""
+    yield one_rank_world(monkeypatch, "cuda")
     dist.destroy_process_group()
 
 
