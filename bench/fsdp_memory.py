@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_scale import TINY, _brief, _device_name, _is_oom, _write_json, cpu_setup, free_memory  # noqa: E402
+from stamp import stamp as make_stamp  # noqa: E402
 
 GiB = 2**30
 #: the paper's recipe above 13B (Appendix B), as the calculator and the trainer take it
@@ -179,17 +180,8 @@ def prediction(name: str, world_size: int, seq: int, cpu_offload: bool, tiny: bo
 
 
 def stamp(device: torch.device) -> dict:
-    import bitsandbytes
-    import transformers
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "torch": torch.__version__, "bitsandbytes": bitsandbytes.__version__,
-            "transformers": transformers.__version__, "device": _device_name(device)}
+    """``bench/stamp.py``'s stamp (code, versions, GPUs, host) and the device this run measured on."""
+    return dict(make_stamp(), device=_device_name(device))
 
 
 # ----------------------------------------------------------------------------------------------- children

@@ -417,7 +417,7 @@ def test_bench_plan_and_its_memory_run_on_the_cpu():
     finally:
         dist.destroy_process_group()
     assert row["status"] == "ok" and row["world_size"] == 2 and row["step_s"] > 0
-    assert row["stamp"]["torch"] == torch.__version__
+    assert row["stamp"]["versions"]["torch"] == torch.__version__ and row["stamp"]["device"]
     shape = row["predicted"]
     assert shape["gpus"] == 2 and shape["device_bytes"] > 0
     assert shape["shards"]["adapters"] == estimate_sharded_memory(
