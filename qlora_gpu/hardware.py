@@ -27,12 +27,17 @@ def _order_sensitive(m: int, k: int, seed: int) -> torch.Tensor:
     return torch.gather(rows, 1, perm)
 
 
+#: what ``bf16_gemm_status`` says of a shape whose bfloat16 product is not the reference's float32 arithmetic
+OTHER_SUM = "another summation (native bf16 or oneDNN's blocking)"
+
+
 @functools.cache
 def bf16_gemm_is_float32(m: int, k: int, n: int) -> bool:
     """Whether torch's CPU ``mm`` of bfloat16 (m, k) @ (k, n) — operands contiguous or transposed — gives the bits
     of the float32 ``mm`` of the same values rounded once to bfloat16, on order-sensitive inputs
-    (``_order_sensitive``) and on random ones: the same arithmetic as the widening path. False on CPUs where
-    oneDNN takes native bfloat16 instructions for this shape."""
+    (``_order_sensitive``) and on random ones: the same arithmetic as the widening path. False where the bfloat16
+    kernel sums in another order or grouping: oneDNN's native bfloat16 dot products on AVX512-BF16/AMX CPUs, and
+    (seen on such a CPU with oneDNN capped at AVX2 by ``ONEDNN_MAX_CPU_ISA``) its own blocking."""
     g = torch.Generator().manual_seed(k)
     cases = [(_order_sensitive(m, k, 0), torch.ones(k, n)),
              (torch.randn(m, k, generator=g), torch.randn(k, n, generator=g))]
@@ -46,7 +51,7 @@ def bf16_gemm_is_float32(m: int, k: int, n: int) -> bool:
 
 
 def bf16_gemm_status(shapes=((64, 64, 64), (512, 576, 1536))) -> str:
-    """One line for ``qlora doctor``: per probed shape, float32 arithmetic or native bfloat16."""
-    parts = [f"{m}x{k}x{n}: {'float32 (as the reference)' if bf16_gemm_is_float32(m, k, n) else 'native bf16'}"
+    """One line for ``qlora doctor``: per probed shape, the reference's float32 arithmetic or another summation."""
+    parts = [f"{m}x{k}x{n}: {'float32 (as the reference)' if bf16_gemm_is_float32(m, k, n) else OTHER_SUM}"
              for m, k, n in shapes]
     return "; ".join(parts)
