@@ -243,7 +243,8 @@ class LlamaModel:
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id=None, seed: int | None = None, stream=None) -> list[int]:
-        """Continue ``input_ids`` (a list of ids) and return the new ids; see ``qlora_ref.model.generate``.
+        """Continue ``input_ids`` (a list of ids); returns the prompt's ids followed by the new ones, as transformers'
+        ``generate`` does (``qlora_ref.model.generate``; the same in ``qlora_gpu``).
         Runs in evaluation mode (no LoRA dropout); the layers' modes are restored afterwards."""
         from .generate import generate
 
