@@ -628,7 +628,8 @@ class QLoRAModel(nn.Module):
                                                                                           base_model_name_or_path))
 
     def load_adapter(self, folder) -> dict:
-        """Load a PEFT adapter folder (ours or peft's) into a model built with a matching ``LoraConfig``."""
+        """Load a PEFT adapter folder (ours or peft's); a model built without LoRA first receives the adapters its
+        ``adapter_config.json`` describes, as transformers' ``load_adapter`` adds them (``qlora_ref.adapters``)."""
         from qlora_ref.adapters import load_adapter
 
         return load_adapter(self, folder)

@@ -191,7 +191,9 @@ class LlamaModel:
         return save_adapter(self, folder, base_model_name_or_path)
 
     def load_adapter(self, folder) -> dict:
-        """Load a PEFT adapter folder (ours or PEFT's) into this model's adapters; returns its config."""
+        """Load a PEFT adapter folder (ours or PEFT's) into this model's adapters; returns its config. A model built
+        without LoRA first receives the adapters its ``adapter_config.json`` describes, as transformers'
+        ``load_adapter`` adds them (``qlora_ref.adapters.load_adapter``)."""
         from ..adapters import load_adapter
 
         return load_adapter(self, folder)
@@ -212,9 +214,10 @@ class LlamaModel:
         for m in self.named_linears().values():
             m.zero_grad()
 
-    def train(self) -> LlamaModel:
+    def train(self, mode: bool = True) -> LlamaModel:
+        """Training mode (LoRA dropout active); ``train(False)`` is ``eval()``, as in torch."""
         for m in self.named_linears().values():
-            m.train()
+            m.train(mode)
         return self
 
     def eval(self) -> LlamaModel:
