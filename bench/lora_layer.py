@@ -97,8 +97,8 @@ def build(args, compute_dtype: str, tile: int | None = None) -> dict:
     q = qlora_ref.quantize_4bit(W)  # NF4, blocksize 64, double quantization: both backends load this state
     del W
     kw = dict(dropout=0.1, compute_dtype=compute_dtype)
-    ref_fused = RefLinear.from_quantized(q, r, 16.0, matmul="fused", tile=tile, **kw)
-    ref_naive = RefLinear.from_quantized(q, r, 16.0, matmul="naive", **kw)
+    ref_fused = RefLinear.from_quantized(q, r, 16.0, kernel="fused", tile=tile, **kw)
+    ref_naive = RefLinear.from_quantized(q, r, 16.0, kernel="naive", **kw)
     gpu = GpuLinear.from_quantized(q, r, 16.0, **kw)
     for layer in (ref_fused, ref_naive):
         layer.lora_B = B

@@ -10,7 +10,7 @@ an AdamW step — by four implementations measured in this one run, interleaved:
 - ``peft float32``: transformers + peft LoRA on the float32 model — the peer whose arithmetic, float32 sgemm,
   is the reference's own;
 
-plus, with ``--definition``, ``qlora_ref`` computing every ``QLoRALinear`` by its definition (``matmul="naive"``:
+plus, with ``--definition``, ``qlora_ref`` computing every ``QLoRALinear`` by its definition (``kernel="naive"``:
 NumPy expressions, ml_dtypes rounding, the whole weight dequantized), which gives the same bits slower.
 
     python bench/model_step.py --json model_step.json      # --seq 256 --rank 64 --repeats 5 (defaults)
@@ -181,14 +181,14 @@ def trainer_step(trainer, batch: dict, lr: float):
     return step
 
 
-def ref_step(path, batch, checkpointing: bool, matmul: str = "fused"):
+def ref_step(path, batch, checkpointing: bool, kernel: str = "fused"):
+    from qlora_ref.lora import set_kernel
     from qlora_ref.model import load_model
     from qlora_ref.train.reference import RefTrainer
 
     config = train_config(checkpointing)
     model = load_model(path, quant=config.quant_config(), lora=config.lora_config(), tokenizer=False)
-    for lin in model.named_linears().values():
-        lin.matmul = matmul
+    set_kernel(model, kernel)
     return trainer_step(RefTrainer(model, config), batch, config.learning_rate), model
 
 
@@ -294,7 +294,7 @@ def run(args) -> dict:
     steps["qlora_ref"], model = ref_step(path, batch, ckpt)
     flops = step_flops(model.config, args.seq, RECIPE["r"])
     if args.definition:
-        steps[DEFINITION], _ = ref_step(path, batch, ckpt, matmul="naive")
+        steps[DEFINITION], _ = ref_step(path, batch, ckpt, kernel="naive")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(IMPLS)
     if unknown:
@@ -397,7 +397,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds (one step of every implementation each)")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in every implementation")
     parser.add_argument("--definition", action="store_true",
-                        help="also time qlora_ref with every QLoRALinear on its definition (matmul='naive')")
+                        help="also time qlora_ref with every QLoRALinear on its definition (kernel='naive')")
     parser.add_argument("--skip", default="", help=f"comma-separated implementations to leave out, of {IMPLS[1:]}")
     parser.add_argument("--skip-memory", action="store_true", help="no tracemalloc peak of the reference's step")
     parser.add_argument("--json", default=None, help="write the result (with its stamp) to this file")

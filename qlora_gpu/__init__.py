@@ -1,12 +1,19 @@
 """qlora_gpu — the qlora interface on PyTorch + bitsandbytes, for real training on a GPU (and tests on CPU).
-Everything that is not a tensor kernel (configs, checks, formats) comes from ``qlora_ref``."""
+Everything that is not a tensor kernel (configs, checks, formats) comes from ``qlora_ref``; the configurations,
+adapter files and the training entry point are re-exported here, so that a user of this backend imports one
+package. ``tests/test_interface_parity.py`` holds the two packages' interfaces equal, up to the differences it
+lists."""
 
+from qlora_ref.adapters import load_adapter, save_adapter
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
+from qlora_ref.model.config import LoraConfig, ModelConfig, QuantConfig
+from qlora_ref.train.config import TrainConfig
 
-from .graphs import GraphedStep
+from .graphs import GraphedStep, check_capturable
 from .lora import KERNELS, QLoRALinear, set_kernel
 from .model import QLoRAModel
-from .prepare import init_weight, llama_config, load, model_config, prepare_model
+from .optim import make_optimizer
+from .prepare import init_weight, llama_config, load, load_model, model_config, prepare_model
 from .quantize import (
     Quantized4bit,
     Quantized8bit,
@@ -15,6 +22,7 @@ from .quantize import (
     quantize_4bit,
     quantize_blockwise_8bit,
 )
+from .train import finetune, optimizer_step
 
 
 def codebook(name: str):
@@ -27,23 +35,34 @@ def codebook(name: str):
 
 
 __all__ = [
-    "GraphedStep",
     "KERNELS",
+    "GraphedStep",
+    "LoraConfig",
+    "ModelConfig",
     "QLoRALinear",
     "QLoRAModel",
+    "QuantConfig",
     "Quantized4bit",
     "Quantized8bit",
+    "TrainConfig",
+    "check_capturable",
     "codebook",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
     "dynamic_map",
+    "finetune",
     "init_weight",
     "llama_config",
     "load",
+    "load_adapter",
+    "load_model",
+    "make_optimizer",
     "model_config",
     "normal_float_codebook",
+    "optimizer_step",
     "prepare_model",
     "quantize_4bit",
     "quantize_blockwise_8bit",
+    "save_adapter",
     "set_kernel",
 ]

@@ -355,6 +355,23 @@ class QLoRALinear(nn.Module):
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
                    seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 
+    def add_adapter(self, r: int, alpha: float = 1.0, dropout: float = 0.0, *, use_rslora: bool = False,
+                    seed: int = 0) -> None:
+        """Attach a fresh adapter (initialised as the constructor would, on the weight's device) to a layer built
+        without one (``r=None``); see ``qlora_ref.lora.QLoRALinear.add_adapter``."""
+        if self.r is not None:
+            raise ValueError(f"the layer already carries an adapter (r={self.r})")
+        if r is None:
+            raise ValueError("r must be a positive integer for add_adapter, got None")
+        self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = ref.lora_scaling(self.alpha, self.r, self.use_rslora)
+        self.seed = seed
+        a, b = ref.init_lora_weights(self.in_features, self.out_features, self.r, seed)
+        self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
+        self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
+        self._generators = {}
+
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
             ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)

@@ -384,6 +384,24 @@ def _unstage_hook(layer: nn.Module, args: tuple, output) -> None:
         m.unstage()
 
 
+class _TokenStream:
+    """transformers' streamer protocol (``put`` with the prompt first, then each new token; ``end``) calling
+    ``stream(token_id)`` for the new tokens, as the reference's ``generate`` calls it."""
+
+    def __init__(self, stream):
+        self.stream, self.prompt_seen = stream, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.stream(int(token))
+
+    def end(self) -> None:
+        pass
+
+
 class QLoRAModel(nn.Module):
     """A transformers causal LM with ``QLoRALinear`` block linears; ``forward(input_ids, attention_mask)``
     returns float32 logits."""
@@ -541,11 +559,13 @@ class QLoRAModel(nn.Module):
                 layer.forward = functools.partial(_layer_forward, layer, layer.forward)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int = 32, eos_token_id=None, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> list[int]:
-        """Continuation through transformers' ``generate``: greedy at temperature 0, else nucleus sampling (the
-        reference's ``generate`` arguments, checked by the reference's rules; the random stream differs). Eval mode;
-        training mode is restored."""
+    def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 eos_token_id=None, seed: int | None = None, stream=None) -> list[int]:
+        """The prompt's ids followed by the new ones (a list), as transformers' ``generate`` and the reference's
+        ``LlamaModel.generate`` return them, through transformers' ``generate``: greedy at temperature 0, else
+        nucleus sampling (the reference's arguments, checked by the reference's rules; the random stream
+        differs). ``stream`` is called with each new token id as it is produced. Eval mode; training mode is
+        restored."""
         from qlora_ref.model.generate import check_generation
 
         input_ids = [int(t) for t in input_ids]
@@ -560,8 +580,10 @@ class QLoRAModel(nn.Module):
                 dict(do_sample=False)
             if seed is not None:
                 torch.manual_seed(seed)
+            streamer = None if stream is None else _TokenStream(stream)
             out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0, **sample)
+                                   eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0,
+                                   streamer=streamer, **sample)
             return out[0].tolist()
         finally:
             self.train(was_training)
@@ -606,7 +628,8 @@ class QLoRAModel(nn.Module):
                                                                                           base_model_name_or_path))
 
     def load_adapter(self, folder) -> dict:
-        """Load a PEFT adapter folder (ours or peft's) into a model built with a matching ``LoraConfig``."""
+        """Load a PEFT adapter folder (ours or peft's); a model built without LoRA first receives the adapters its
+        ``adapter_config.json`` describes, as transformers' ``load_adapter`` adds them (``qlora_ref.adapters``)."""
         from qlora_ref.adapters import load_adapter
 
         return load_adapter(self, folder)

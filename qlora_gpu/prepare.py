@@ -245,8 +245,25 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
     if (Path(path) / "config.json").exists():
         kwargs.setdefault("dtype", "bfloat16" if device.type == "cuda" else "float32")
         return prepare_model(path, quant, lora, device=device, **kwargs)
-    return QLoRAModel.from_pretrained(path, quant, lora, device=device,
-                                      gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
+    model = QLoRAModel.from_pretrained(path, quant, lora, device=device, tokenizer=kwargs.get("tokenizer", True),
+                                       gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
+    set_kernel(model, kwargs.get("kernel", "bnb"))
+    return model
+
+
+def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
+               gradient_checkpointing: bool = False, tokenizer: bool = True, *, adapter=None, kernel: str = "bnb",
+               device=None, **options) -> QLoRAModel:
+    """``qlora_ref.load_model`` on this backend: the same arguments with the same defaults (float32 weights unless
+    ``quant`` says otherwise, no adapters unless ``lora`` or ``adapter`` brings them) and the same meaning.
+    adapter: a PEFT adapter folder loaded into the model (``QLoRAModel.load_adapter``: with ``lora`` None the
+    adapters are built from its ``adapter_config.json``). kernel: one of ``qlora_gpu.lora.KERNELS``. device:
+    CUDA when present, else the CPU; ``options`` go to ``prepare_model`` for a Hugging Face folder (``load``)."""
+    model = load(path, quant, lora, device=device, gradient_checkpointing=gradient_checkpointing,
+                 tokenizer=tokenizer, kernel=kernel, **options)
+    if adapter is not None:
+        model.load_adapter(adapter)
+    return model
 
 
 def _set_norm(norm: nn.Module, weight: torch.Tensor) -> None:
@@ -306,4 +323,4 @@ def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant
                                    double_quant=quant.double_quant, **common)
 
 
-__all__ = ["init_weight", "llama_config", "load", "model_config", "prepare_model"]
+__all__ = ["init_weight", "llama_config", "load", "load_model", "model_config", "prepare_model"]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_ref.loss import IGNORE_INDEX
+from qlora_ref.train.api import finetune as shared_finetune
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
@@ -29,6 +30,15 @@ from .chunked_loss import chunked_nll_sum
 from .model import QLoRAModel, default_device
 from .optim import clip_grad_norm, make_optimizer
 from .patches import use_varlen_attention
+
+
+def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "gpu", eval_data=None,
+             output_dir=None, resume=True, stop_after: int | None = None, trainer=None, sharded: bool | None = None,
+             cpu_offload: bool = False):
+    """``qlora_ref.finetune`` with this backend by default: the same loop, data, checkpoints and result."""
+    return shared_finetune(model, data, config, backend=backend, eval_data=eval_data, output_dir=output_dir,
+                           resume=resume, stop_after=stop_after, trainer=trainer, sharded=sharded,
+                           cpu_offload=cpu_offload)
 
 
 def build_optimizer(config: TrainConfig, **options):
@@ -186,4 +196,4 @@ class GpuTrainer:
         return peak_rss_bytes()
 
 
-__all__ = ["GpuTrainer", "build_optimizer", "default_device", "optimizer_step"]
+__all__ = ["GpuTrainer", "build_optimizer", "default_device", "finetune", "optimizer_step"]

@@ -7,13 +7,27 @@
   manual backprop through every layer);
 - ``data``, ``loss``, ``optim`` (AdamW, the simulated paged AdamW), ``train`` (Algorithm 2), ``adapters`` (PEFT files);
 - ``memory`` (the memory calculator) and ``table2`` (the paper's Table 2 on a real model).
+
+Everything the README and the docs use is importable from here; ``qlora_gpu`` exports the same interface
+(``tests/test_interface_parity.py`` lists the intended differences).
 """
 
 from .adapters import load_adapter, save_adapter
+from .backends import available_backends, load_backend
 from .codebooks import codebook, dynamic_map, normal_float_codebook
-from .lora import QLoRALinear
-from .model import LlamaModel, LoraConfig, ModelConfig, QuantConfig, load_model
-from .optim import AdamW, AdamW8bit, PagedAdamW
+from .data import (
+    DataReport,
+    build_dataset,
+    collate_packed,
+    iterate_batches,
+    iterate_packed_batches,
+    load_examples,
+    pack_examples,
+)
+from .lora import KERNELS, QLoRALinear, set_kernel
+from .memory import estimate_memory, load_model_shape
+from .model import LlamaModel, LoraConfig, ModelConfig, QuantConfig, find_smollm2_gguf, load_model
+from .optim import AdamW, AdamW8bit, DeviceMemory, PagedAdamW, make_optimizer
 from .quantize import (
     Quantized4bit,
     Quantized8bit,
@@ -26,8 +40,11 @@ from .train.api import finetune
 from .train.config import TrainConfig
 
 __all__ = [
+    "KERNELS",
     "AdamW",
     "AdamW8bit",
+    "DataReport",
+    "DeviceMemory",
     "LlamaModel",
     "LoraConfig",
     "ModelConfig",
@@ -37,15 +54,28 @@ __all__ = [
     "Quantized4bit",
     "Quantized8bit",
     "TrainConfig",
+    "available_backends",
+    "build_dataset",
     "codebook",
+    "collate_packed",
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
     "dynamic_map",
+    "estimate_memory",
+    "find_smollm2_gguf",
     "finetune",
+    "iterate_batches",
+    "iterate_packed_batches",
     "load_adapter",
+    "load_backend",
+    "load_examples",
     "load_model",
+    "load_model_shape",
+    "make_optimizer",
     "normal_float_codebook",
+    "pack_examples",
     "quantize_4bit",
     "quantize_blockwise_8bit",
     "save_adapter",
+    "set_kernel",
 ]

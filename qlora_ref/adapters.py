@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .model.config import LINEAR_MODULES, LoraConfig
+from .model.linear import add_adapters
 from .train.checkpoint import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -228,11 +229,15 @@ def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> P
 
 
 def load_adapter(model, folder) -> dict:
-    """Load a PEFT adapter folder into a model built with a matching ``LoraConfig`` (see
-    :func:`read_adapter_lora_config`); returns the adapter config. Every adapter tensor must find its layer and
-    every layer of the model must receive its adapter."""
+    """Load a PEFT adapter folder into a model (either backend's); returns the adapter config. A model built
+    without LoRA first receives the adapters ``adapter_config.json`` describes, as transformers' ``load_adapter``
+    adds them (``qlora_ref.model.linear.add_adapters``); a model built with LoRA must match it (see
+    :func:`read_adapter_lora_config`). Every adapter tensor must find its layer and every layer of the model must
+    receive its adapter."""
     weights, cfg = read_adapter_files(folder)
     lora = lora_config_from_adapter(cfg, weights, str(Path(folder) / ADAPTER_CONFIG))
+    if not model.lora_parameters():  # built without LoRA: the adapters come from the folder
+        add_adapters(model, lora)
     own = model.lora_parameters()
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))

@@ -242,8 +242,7 @@ def answer(trainer, tokenizer, question: str, max_new_tokens: int = 40) -> str:
     """Greedy answer of the model inside ``trainer`` (either backend) to one question."""
     ids = prompt_ids(tokenizer, [{"role": "user", "content": question}])
     out = trainer.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    new = out[len(ids):] if list(out[:len(ids)]) == list(ids) else out
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()  # prompt + new ids in both backends
 
 
 def run_demo(args) -> int:
@@ -321,8 +320,7 @@ def run_generate(args) -> int:
         tok, [{"role": "user", "content": prompt}])
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                          eos_token_id=tok.eos_token_id, seed=args.seed)
-    new = out[len(ids):] if list(out[:len(ids)]) == list(ids) else out
-    print(tok.decode(new, skip_special_tokens=True).strip())
+    print(tok.decode(out[len(ids):], skip_special_tokens=True).strip())
     return 0
 
 

@@ -33,13 +33,17 @@ and the backward pass rounds the same way (G_c = bf16(G), G_s = bf16(s G_c), ∂
 copies of A and B stay float32 and so do their gradients (a bfloat16 gradient, widened). ``"float32"`` skips every
 rounding: the layer is then the exact float32 function of the dequantized weight.
 
-Two ways through the frozen weight: ``matmul="fused"`` (default) dequantizes tile by tile inside the matrix
-product (``qlora_ref.fused_matmul``), ``"naive"`` dequantizes the whole weight first — the readable definition.
+Two ways through the frozen weight, chosen by ``kernel`` (the option ``qlora_gpu.QLoRALinear`` names the same,
+with its own values): ``"fused"`` (default) dequantizes tile by tile inside the matrix product
+(``qlora_ref.fused_matmul``), ``"naive"`` dequantizes the whole weight first — the readable definition; they give
+the same bits. ``set_kernel(model, kernel)`` switches every layer of a model. (``matmul=`` is the option's old
+name: still accepted, with a ``DeprecationWarning``.)
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Real
 
 import numpy as np
@@ -50,7 +54,8 @@ from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
 #: the computation data types: bfloat16 (QLoRA's) and float32 (exact)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-MATMUL_PATHS = ("fused", "naive")
+#: the implementations of the frozen-weight products (module docstring); "fused" is the default
+KERNELS = ("fused", "naive")
 _NO_BIAS = np.empty(0, np.float32)  # placeholders for the kernels' optional arrays
 _NO_KEEP = np.empty((0, 0), bool)
 
@@ -169,12 +174,10 @@ class QLoRALinear:
 
     def __init__(self, weight, r: int | None, alpha: float = 1.0, *, dropout: float = 0.0, bias=None,
                  compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0,
-                 matmul: str = "fused", tile: int | None = None):
-        self.r, self.alpha, self.dropout = check_lora_config(r, alpha, dropout)
+                 kernel: str = "fused", tile: int | None = None, matmul: str | None = None):
+        check_lora_config(r, alpha, dropout)
         self.compute_dtype = check_compute_dtype(compute_dtype)
-        if matmul not in MATMUL_PATHS:
-            raise ValueError(f"matmul must be one of {MATMUL_PATHS}, got {matmul!r}")
-        self.matmul, self.tile = matmul, tile
+        self.kernel, self.tile = renamed_kernel(kernel, matmul), tile
         if isinstance(weight, Quantized4bit):
             self.out_features, self.in_features = check_weight_shape(weight.shape)
             self.weight = weight
@@ -189,6 +192,15 @@ class QLoRALinear:
             bias = _float_array(bias, "bias")
             check_bias_shape(bias.shape, self.out_features)
             self.bias = bias.astype(np.float32)
+        self.r = None
+        self._attach(r, alpha, dropout, use_rslora, seed)
+        self.grads: dict[str, np.ndarray] = {}
+        self.training = True
+        self._cache = None
+
+    def _attach(self, r: int | None, alpha: float, dropout: float, use_rslora: bool, seed: int) -> None:
+        """The adapter's settings and its initial ``lora_A``/``lora_B`` (none for ``r=None``)."""
+        self.r, self.alpha, self.dropout = check_lora_config(r, alpha, dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
         self.seed = seed
@@ -196,32 +208,60 @@ class QLoRALinear:
         if self.r is not None:
             self._lora_A, self._lora_B = init_lora_weights(self.in_features, self.out_features, self.r, seed)
         self._dropout_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
-        self.grads: dict[str, np.ndarray] = {}
-        self.training = True
-        self._cache = None
+
+    def add_adapter(self, r: int, alpha: float = 1.0, dropout: float = 0.0, *, use_rslora: bool = False,
+                    seed: int = 0) -> None:
+        """Attach a fresh adapter (initialised as the constructor would) to a layer built without one (``r=None``):
+        how ``load_adapter`` adapts a model loaded without LoRA."""
+        if self.r is not None:
+            raise ValueError(f"the layer already carries an adapter (r={self.r})")
+        if r is None:
+            raise ValueError("r must be a positive integer for add_adapter, got None")
+        self._attach(r, alpha, dropout, use_rslora, seed)
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_weight(cls, W, r: int | None, alpha: float = 1.0, dropout: float = 0.0, quant_type: str | None = "nf4",
                     blocksize: int = 64, double_quant: bool = True, bias=None, compute_dtype: str = "bfloat16",
-                    seed: int = 0, *, use_rslora: bool = False, matmul: str = "fused",
-                    tile: int | None = None) -> QLoRALinear:
+                    seed: int = 0, *, use_rslora: bool = False, kernel: str = "fused",
+                    tile: int | None = None, matmul: str | None = None) -> QLoRALinear:
         """Quantize ``W`` (out, in) with ``quant_type`` (``None`` keeps it float32) and attach an adapter."""
         W = _float_array(W, "W")
         check_weight_shape(W.shape)
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, matmul=matmul, tile=tile)
+                   seed=seed, kernel=renamed_kernel(kernel, matmul), tile=tile)
 
     @classmethod
     def from_quantized(cls, q: Quantized4bit, r: int | None, alpha: float = 1.0, dropout: float = 0.0, bias=None,
                        compute_dtype: str = "bfloat16", seed: int = 0, *, use_rslora: bool = False,
-                       matmul: str = "fused", tile: int | None = None) -> QLoRALinear:
+                       kernel: str = "fused", tile: int | None = None,
+                       matmul: str | None = None) -> QLoRALinear:
         """Use a quantized weight as stored (e.g. read from a bitsandbytes checkpoint) and attach an adapter."""
         if not isinstance(q, Quantized4bit):
             raise ValueError(f"q must be a qlora_ref.Quantized4bit, got {type(q).__name__}")
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
-                   seed=seed, matmul=matmul, tile=tile)
+                   seed=seed, kernel=renamed_kernel(kernel, matmul), tile=tile)
+
+    @property
+    def kernel(self) -> str:
+        """The implementation of the frozen-weight products, one of ``KERNELS``; settable."""
+        return self._kernel
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        self._kernel = check_kernel(value)
+
+    @property
+    def matmul(self) -> str:
+        """Deprecated name of ``kernel``."""
+        warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.kernel
+
+    @matmul.setter
+    def matmul(self, value: str) -> None:
+        warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
+        self.kernel = value
 
     # ---------------------------------------------------------------- parameters
     @property
@@ -280,7 +320,7 @@ class QLoRALinear:
         """x Wᵀ with float32 accumulation, x (N, in) already in the compute dtype."""
         if self._weight_c is not None:
             return x @ self._weight_c.T
-        if self.matmul == "fused":
+        if self.kernel == "fused":
             return fused_matmul.fused_x_wt(x, self.weight, self.compute_dtype, self.tile)
         return fused_matmul.naive_x_wt(x, self.weight, self.compute_dtype)
 
@@ -288,7 +328,7 @@ class QLoRALinear:
         """G W (the input gradient of the frozen path), G (N, out) already in the compute dtype."""
         if self._weight_c is not None:
             return g @ self._weight_c
-        if self.matmul == "fused":
+        if self.kernel == "fused":
             return fused_matmul.fused_g_w(g, self.weight, self.compute_dtype, self.tile)
         return fused_matmul.naive_g_w(g, self.weight, self.compute_dtype)
 
@@ -303,7 +343,7 @@ class QLoRALinear:
         check_input_shape(x.shape, self.in_features)
         keep = None if self.r is None else self._dropout_keep(x.shape, dropout_mask)
         x2 = x.reshape(-1, self.in_features)
-        y, cache = (self._forward_definition if self.matmul == "naive" else self._forward_fast)(x2, keep)
+        y, cache = (self._forward_definition if self.kernel == "naive" else self._forward_fast)(x2, keep)
         self._cache = {"shape": x.shape, **cache}
         return y.reshape(*x.shape[:-1], self.out_features)
 
@@ -317,7 +357,7 @@ class QLoRALinear:
         grad_y = _float_array(grad_y, "grad_y")
         check_grad_shape(grad_y.shape, (*shape[:-1], self.out_features))
         g2 = grad_y.reshape(-1, self.out_features)
-        gx, grads = (self._backward_definition if self.matmul == "naive" else self._backward_fast)(g2, self._cache)
+        gx, grads = (self._backward_definition if self.kernel == "naive" else self._backward_fast)(g2, self._cache)
         for name, grad in grads.items():
             self._accumulate(name, grad)
         return gx.reshape(shape)
@@ -446,14 +486,50 @@ class QLoRALinear:
                 raise ValueError("requantize=True needs a quantized base weight (this layer's weight is float32)")
             q = self.weight
             merged = quantize_4bit(merged, q.quant_type, q.blocksize, q.double_quant)
-        return QLoRALinear(merged, None, bias=self.bias, compute_dtype=self.compute_dtype, matmul=self.matmul,
+        return QLoRALinear(merged, None, bias=self.bias, compute_dtype=self.compute_dtype, kernel=self.kernel,
                            tile=self.tile)
 
     def __repr__(self) -> str:
         kind = "float32" if self._weight_c is not None else f"{self.weight.quant_type}"
         return (f"QLoRALinear(in_features={self.in_features}, out_features={self.out_features}, weight={kind}, "
                 f"r={self.r}, alpha={self.alpha}, dropout={self.dropout}, bias={self.bias is not None}, "
-                f"compute_dtype={self.compute_dtype!r})")
+                f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r})")
+
+
+_MATMUL_RENAMED = "QLoRALinear's matmul option is now named kernel (the same values: 'fused', 'naive')"
+
+
+def check_kernel(kernel) -> str:
+    """``kernel`` is one of ``KERNELS``."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+def renamed_kernel(kernel: str, matmul: str | None) -> str:
+    """``kernel``, or the value given under its deprecated name ``matmul`` (with a ``DeprecationWarning``)."""
+    if matmul is None:
+        return kernel
+    warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=3)
+    return matmul
+
+
+def set_kernel(model, kernel: str) -> int:
+    """Set ``kernel`` (one of ``KERNELS``) on every ``QLoRALinear`` of ``model`` (a ``LlamaModel``, or a layer
+    itself); returns how many layers were set. Checked first: a ValueError leaves the model unchanged.
+    ``qlora_gpu.set_kernel`` is the same call with the GPU backend's kernels."""
+    check_kernel(kernel)
+    layers = [model] if isinstance(model, QLoRALinear) else list(model.named_linears().values())
+    for m in layers:
+        m.kernel = kernel
+    return len(layers)
+
+
+def __getattr__(name: str):
+    if name == "MATMUL_PATHS":  # the old name of KERNELS
+        warnings.warn("qlora_ref.lora.MATMUL_PATHS is now KERNELS", DeprecationWarning, stacklevel=2)
+        return KERNELS
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def merge_error(layer: QLoRALinear, x) -> dict[str, float]:
@@ -508,6 +584,7 @@ def _float_array(a, name: str) -> np.ndarray:
 
 __all__ = [
     "COMPUTE_DTYPES",
+    "KERNELS",
     "QLoRALinear",
     "check_lora_config",
     "dropout_scale",
@@ -515,4 +592,5 @@ __all__ = [
     "lora_a_init_bound",
     "lora_scaling",
     "merge_error",
+    "set_kernel",
 ]

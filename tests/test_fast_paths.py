@@ -7,7 +7,7 @@
   (the same BLAS call); with smaller tiles BLAS may block the sums differently (the float32 bound of
   ``tests/test_lora_ref.py``);
 - each fused kernel of ``lora_kernels`` against the NumPy expression it replaces, and ``QLoRALinear``'s fast path
-  (``matmul="fused"``) against its definition (``matmul="naive"``): outputs, input gradients, adapter gradients;
+  (``kernel="fused"``) against its definition (``kernel="naive"``): outputs, input gradients, adapter gradients;
 - the in-place forms of RoPE, softmax and the SwiGLU backward against the expressions they replace.
 
 Values are compared as bit patterns (``view(uint32)``), so -0.0 against +0.0 counts as a difference; the only
@@ -225,15 +225,15 @@ def test_layer_fast_path_equals_its_definition(args):
     x = (rng.standard_normal((*lead, layer.in_features)) * 3).astype(np.float32)
     gy = rng.standard_normal((*lead, layer.out_features)).astype(np.float32)
     out = {}
-    for matmul in ("naive", "fused"):
-        layer.matmul = matmul
+    for kernel in ("naive", "fused"):
+        layer.kernel = kernel
         layer.zero_grad()
         layer._dropout_rng = np.random.default_rng(7)  # the same masks drawn on both paths
         ys, gxs = [], []
         for _ in range(2):
             ys.append(layer.forward(x))
             gxs.append(layer.backward(gy))
-        out[matmul] = ys, gxs, {k: v.copy() for k, v in layer.grads.items()}
+        out[kernel] = ys, gxs, {k: v.copy() for k, v in layer.grads.items()}
     (y0, g0, a0), (y1, g1, a1) = out["naive"], out["fused"]
     for a, b in zip(y0 + g0, y1 + g1, strict=True):
         assert_same_bits(b, a)

@@ -78,11 +78,11 @@ def test_gradients_match_torch_autograd(compute_dtype, quant, p, bias, lead):
     assert set(layer.grads) == {"lora_A", "lora_B"}  # nothing for the frozen weight or the bias
 
 
-@pytest.mark.parametrize("quant, p, matmul", [("nf4", 0.0, "fused"), ("fp4", 0.25, "naive"), (None, 0.1, "fused")])
-def test_gradients_match_finite_differences(quant, p, matmul):
+@pytest.mark.parametrize("quant, p, kernel", [("nf4", 0.0, "fused"), ("fp4", 0.25, "naive"), (None, 0.1, "fused")])
+def test_gradients_match_finite_differences(quant, p, kernel):
     """L = Σ y ⊙ R. y is affine in x and linear in A and in B (the dropout mask fixed), so a central difference
     is exact for any step: with a step of 1 the only error is float32 round-off in L."""
-    layer, rng = make_layer(p=p, quant=quant, matmul=matmul)
+    layer, rng = make_layer(p=p, quant=quant, kernel=kernel)
     x = rng.standard_normal((4, 3, layer.in_features)).astype(np.float32)
     R = rng.standard_normal((4, 3, layer.out_features)).astype(np.float32)
     mask = (rng.random(x.shape) >= p) if p > 0 else None
@@ -177,7 +177,7 @@ def test_layer_paths_agree_and_frozen_float_weight():
     x = rng.standard_normal((5, layer.in_features)).astype(np.float32)
     y_fused = layer.forward(x)
     gx_fused = layer.backward(np.ones_like(y_fused))
-    layer.matmul = "naive"
+    layer.kernel = "naive"
     y_naive = layer.forward(x)
     gx_naive = layer.backward(np.ones_like(y_naive))
     ulp = 2.0**-7 * np.abs(y_naive)  # one bfloat16 step at most (a float32 sum landing on a rounding boundary)
@@ -318,8 +318,8 @@ def test_bad_input_gives_value_errors():
     layer.forward(np.zeros((3, 80), np.float32))
     with pytest.raises(ValueError, match="grad_y must have the shape"):
         layer.backward(np.zeros((3, 23), np.float32))
-    with pytest.raises(ValueError, match="matmul"):
-        QLoRALinear.from_weight(W, 2, 8.0, matmul="magic")
+    with pytest.raises(ValueError, match=r"kernel must be one of \('fused', 'naive'\), got 'magic'"):
+        QLoRALinear.from_weight(W, 2, 8.0, kernel="magic")
     fresh, _ = make_layer()
     with pytest.raises(RuntimeError, match="forward"):
         fresh.backward(np.zeros((3, 24), np.float32))

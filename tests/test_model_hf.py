@@ -141,22 +141,28 @@ def test_generation_with_kv_cache(hf_checkpoint):
     ref = load_model(path).eval()
     prompt = [3, 14, 15, 9, 2, 6]
     out = ref.generate(prompt, max_new_tokens=8, eos_token_id=[])
-    full = ref.forward(np.asarray([prompt + out]))[0]
+    assert out[:len(prompt)] == prompt and len(out) == len(prompt) + 8  # prompt + new ids, as transformers
+    full = ref.forward(np.asarray([out]))[0]
+    out = out[len(prompt):]
     assert [int(np.argmax(full[len(prompt) - 1 + i])) for i in range(len(out))] == out
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None,
                              pad_token_id=0)
     assert theirs[0, len(prompt):].tolist() == out
 
+    streamed = []
+    assert ref.generate(prompt, max_new_tokens=8, eos_token_id=[], stream=streamed.append) == prompt + out
+    assert streamed == out  # the new tokens only
+
     a = ref.generate(prompt, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
     b = ref.generate(prompt, max_new_tokens=6, temperature=0.8, top_p=0.9, seed=1, eos_token_id=[])
-    assert a == b and len(a) == 6
+    assert a == b and len(a) == len(prompt) + 6
 
     # a model in training mode with LoRA dropout generates without dropout, and is left in training mode
     adapted = load_model(path, lora=LoraConfig(r=4, alpha=8, dropout=0.5))
     randomize_adapters(adapted)
     adapted.train()
-    out = adapted.generate(prompt, max_new_tokens=5, eos_token_id=[])
+    out = adapted.generate(prompt, max_new_tokens=5, eos_token_id=[])[len(prompt):]
     assert all(m.training for m in adapted.named_linears().values())
     full = adapted.eval().forward(np.asarray([prompt + out]))[0]
     assert [int(np.argmax(full[len(prompt) - 1 + i])) for i in range(len(out))] == out

@@ -81,7 +81,7 @@ def test_greedy_chat_answer(ref, hf):
     model, _ = hf
     prompt = ref.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                                add_generation_prompt=True, tokenize=True)
-    out = ref.eval().generate(prompt, max_new_tokens=12)
+    out = ref.eval().generate(prompt, max_new_tokens=12)[len(prompt):]
     assert "Paris" in ref.tokenizer.decode(out)
     with torch.no_grad():
         theirs = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)

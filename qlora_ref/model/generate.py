@@ -75,9 +75,11 @@ def next_token(logits: np.ndarray, temperature: float = 0.0, top_p: float = 1.0,
 def generate(model, input_ids: Iterable[int], max_new_tokens: int = 32, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | Iterable[int] | None = None, seed: int | None = None,
              stream: Callable[[int], None] | None = None) -> list[int]:
-    """The new token ids (without the prompt). Stops after ``max_new_tokens`` or at an end-of-sequence token
-    (default: the model config's ``eos_token_id``); ``stream`` is called with each token as it is produced.
-    Arguments are checked first (:func:`check_generation`): prompt + new tokens must fit the context."""
+    """The prompt's ids followed by the new ones, as transformers' ``generate`` returns them (both backends:
+    ``out[len(input_ids):]`` is the continuation). Stops after ``max_new_tokens`` or at an end-of-sequence token
+    (default: the model config's ``eos_token_id``), which is kept; ``stream`` is called with each new token as it
+    is produced. Arguments are checked first (:func:`check_generation`): prompt + new tokens must fit the
+    context."""
     prompt = [int(t) for t in input_ids]
     check_generation(len(prompt), max_new_tokens, temperature, top_p, model.config.max_position_embeddings)
     if eos_token_id is None:
@@ -96,4 +98,4 @@ def generate(model, input_ids: Iterable[int], max_new_tokens: int = 32, temperat
         if token in eos:
             break
         logits = model.forward(np.asarray([[token]]), kv_cache=cache, last_only=True)[0, -1]
-    return out
+    return prompt + out

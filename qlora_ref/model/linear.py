@@ -21,6 +21,26 @@ def lora_seed(lora: LoraConfig | None, layer: int, name: str) -> int:
     return (lora.seed if lora else 0) * 1_000_003 + layer * len(LINEAR_MODULES) + LINEAR_MODULES.index(name)
 
 
+def add_adapters(model, lora: LoraConfig) -> int:
+    """Attach fresh adapters, as ``lora`` describes them, to the block linears of a model built without LoRA
+    (either backend's: ``named_linears()`` by Hugging Face name, each with ``add_adapter``), seeded as a model
+    built with ``lora`` would be; sets ``model.lora``. Returns how many layers received one."""
+    linears = model.named_linears()
+    if any(m.r is not None for m in linears.values()):
+        raise ValueError("the model already carries LoRA adapters: build it without LoRA (lora=None) to attach "
+                         "others, or load weights matching its LoraConfig")
+    n = 0
+    for full_name, m in linears.items():
+        parts = full_name.split(".")  # model.layers.{i}.{self_attn|mlp}.{name}
+        layer, name = int(parts[2]), parts[-1]
+        r, alpha, dropout = adapter_args(name, lora)
+        if r is not None:
+            m.add_adapter(r, alpha, dropout, seed=lora_seed(lora, layer, name))
+            n += 1
+    model.lora = lora
+    return n
+
+
 def make_linear(weight, bias: np.ndarray | None, *, name: str, quant: QuantConfig | None,
                 lora: LoraConfig | None, seed: int = 0):
     """A ``QLoRALinear`` for one projection.

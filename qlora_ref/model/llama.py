@@ -191,7 +191,9 @@ class LlamaModel:
         return save_adapter(self, folder, base_model_name_or_path)
 
     def load_adapter(self, folder) -> dict:
-        """Load a PEFT adapter folder (ours or PEFT's) into this model's adapters; returns its config."""
+        """Load a PEFT adapter folder (ours or PEFT's) into this model's adapters; returns its config. A model built
+        without LoRA first receives the adapters its ``adapter_config.json`` describes, as transformers'
+        ``load_adapter`` adds them (``qlora_ref.adapters.load_adapter``)."""
         from ..adapters import load_adapter
 
         return load_adapter(self, folder)
@@ -212,9 +214,10 @@ class LlamaModel:
         for m in self.named_linears().values():
             m.zero_grad()
 
-    def train(self) -> LlamaModel:
+    def train(self, mode: bool = True) -> LlamaModel:
+        """Training mode (LoRA dropout active); ``train(False)`` is ``eval()``, as in torch."""
         for m in self.named_linears().values():
-            m.train()
+            m.train(mode)
         return self
 
     def eval(self) -> LlamaModel:
@@ -243,7 +246,8 @@ class LlamaModel:
     # ----------------------------------------------------------------- generation
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  eos_token_id=None, seed: int | None = None, stream=None) -> list[int]:
-        """Continue ``input_ids`` (a list of ids) and return the new ids; see ``qlora_ref.model.generate``.
+        """Continue ``input_ids`` (a list of ids); returns the prompt's ids followed by the new ones, as transformers'
+        ``generate`` does (``qlora_ref.model.generate``; the same in ``qlora_gpu``).
         Runs in evaluation mode (no LoRA dropout); the layers' modes are restored afterwards."""
         from .generate import generate
 

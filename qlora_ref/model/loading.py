@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..dtypes import bfloat16
+from ..lora import set_kernel
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig
 from .llama import LlamaModel, expected_tensors, linear_shapes
 from .tokenizer import Tokenizer
@@ -291,7 +292,8 @@ def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: 
 
 
 def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
-               gradient_checkpointing: bool = False, tokenizer: bool = True) -> LlamaModel:
+               gradient_checkpointing: bool = False, tokenizer: bool = True, *, adapter=None,
+               kernel: str = "fused") -> LlamaModel:
     """Load a checkpoint into a ``LlamaModel``.
 
     path: a Hugging Face folder (config.json + safetensors), a .gguf file, or a folder holding one .gguf.
@@ -300,11 +302,17 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     used as stored whatever ``quant`` says about storage; ``quant.compute_dtype`` (or float32) is its compute.
     lora: adapters on the target linears (None: no adapters). The tokenizer (``model.tokenizer``) comes from
     the same folder or GGUF file when it has one.
+    adapter: a PEFT adapter folder loaded into the model (``LlamaModel.load_adapter``: with ``lora`` None the
+    adapters are built from its ``adapter_config.json``). kernel: the block linears' frozen-weight products
+    (``qlora_ref.lora.KERNELS``). ``qlora_gpu.load_model`` takes the same arguments (its own kernels).
     """
     config, weights, tok = read_checkpoint(path, tokenizer)
     model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
                                     gradient_checkpointing=gradient_checkpointing)
     model.tokenizer = tok
+    set_kernel(model, kernel)
+    if adapter is not None:
+        model.load_adapter(adapter)
     return model
 
 
