@@ -248,9 +248,9 @@ def answer(trainer, tokenizer, question: str, max_new_tokens: int = 40) -> str:
 
 def run_demo(args) -> int:
     from qlora_ref.data import DataReport, build_dataset, load_examples
+    from qlora_ref.files import atomic_write_json
     from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import make_trainer, split_examples
-    from qlora_ref.train.checkpoint import atomic_write_json
     from qlora_ref.train.loop import evaluate, train
 
     check_writable_dir(args.output_dir, "--output-dir")
@@ -328,7 +328,7 @@ def run_generate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- quantize
 def run_quantize(args) -> int:
-    from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.export import quantize_hf_folder
     from qlora_ref.model.config import QuantConfig
 
     if args.quant_type not in ("nf4", "fp4"):
