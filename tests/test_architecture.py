@@ -198,9 +198,16 @@ def test_no_import_cycles(graph):
 
 
 def test_the_reference_never_imports_the_gpu_backend(graph):
-    _, edges = graph
+    modules, edges = graph
     bad = [e for e in edges if e.source.startswith("qlora_ref") and e.target.startswith("qlora_gpu")]
     assert not bad, bad
+    # nor by name, around the registry: importlib.import_module("qlora_gpu...") / __import__("qlora_gpu...")
+    by_name = [f"{path.relative_to(ROOT)}:{node.lineno}" for module, (path, _) in modules.items()
+               if module.startswith("qlora_ref") for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+               and str(node.args[0].value).startswith("qlora_gpu")
+               and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")]
+    assert not by_name, by_name
     # the CLI reaches a backend by name through the entry-point group that both packages register
     registered = {ep.name: ep.value for ep in entry_points(group="qlora.backends")}
     assert registered == {"ref": "qlora_ref", "gpu": "qlora_gpu"}
@@ -220,7 +227,7 @@ def test_every_reference_module_imports_without_torch():
         sys.meta_path.insert(0, NoTorch())
         import qlora_ref
         names = [m.name for m in pkgutil.walk_packages(qlora_ref.__path__, "qlora_ref.")
-                 if m.name != "qlora_ref.__main__"]
+                 if not m.name.endswith(".__main__")]  # those run the command
         for name in names:
             importlib.import_module(name)
         assert not [m for m in sys.modules if m.startswith("qlora_gpu")], "qlora_gpu was imported"
@@ -228,7 +235,16 @@ def test_every_reference_module_imports_without_torch():
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout) == sum(1 for m in find_modules(ROOT, ("qlora_ref",)) if m != "qlora_ref.__main__") - 1
+    assert int(out.stdout) == sum(1 for m in find_modules(ROOT, ("qlora_ref",)) if not m.endswith(".__main__")) - 1
+
+
+def test_the_cli_is_a_layer_on_top(graph):
+    """The ``qlora`` command lives in ``qlora_ref/cli/`` and only the command's entry points import it."""
+    modules, edges = graph
+    assert not [m for m in modules if m.endswith("_cli")], "a command module outside qlora_ref/cli/"
+    users = sorted({e.source for e in edges if e.target.startswith("qlora_ref.cli")
+                    and not e.source.startswith("qlora_ref.cli")})
+    assert users == ["qlora_ref.__main__"]
 
 
 def test_no_private_names_imported_across_modules(graph):
