@@ -58,8 +58,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     checkouts = {"base": args.base.resolve(), "this": ROOT}
     for path in checkouts.values():
-        if not (path / "qlora_ref" / "cli.py").is_file():
-            raise SystemExit(f"--base: {path} is not a checkout of this project (no qlora_ref/cli.py)")
+        if not any((path / "qlora_ref" / f).is_file() for f in ("cli.py", "cli/__main__.py")):  # older and newer layout
+            raise SystemExit(f"--base: {path} is not a checkout of this project (no qlora_ref/cli)")
     print(f"CPU: {cpu_info()}; load average {load_average()}")
     for name, path in checkouts.items():
         print(f"warm-up (Numba cache) of {name} = {path} at {commit_of(path)[:10]}", flush=True)

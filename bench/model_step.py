@@ -204,7 +204,7 @@ def gpu_step(path, batch, checkpointing: bool):
 
 def hf_folder(path, folder: Path) -> Path:
     """The reference loader's float32 weights of ``path`` as a Hugging Face folder transformers loads."""
-    from qlora_ref.adapters import export_hf_folder
+    from qlora_ref.export import export_hf_folder
     from qlora_ref.model.loading import read_checkpoint
 
     config, weights, _ = read_checkpoint(path, tokenizer=False)

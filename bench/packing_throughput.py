@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
 
     from bench.stamp import stamp
     from qlora_ref.data import DataReport, build_dataset, load_examples
-    from qlora_ref.finetune_cli import demo_config, demo_model
+    from qlora_ref.demo import demo_config, demo_model
     from qlora_ref.train.api import make_trainer, split_examples
     from qlora_ref.train.loop import n_tokens
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .deferred_grads import release_nodes
-from .model import RECOMPUTE_GENERATOR, _draws_global_rng, lora_linears
+from .model import RECOMPUTE_GENERATOR, draws_global_rng, lora_linears
 from .patches import CAUSAL_SDPA, register_causal_sdpa
 
 
@@ -57,7 +57,7 @@ def check_capturable(model: nn.Module, device: torch.device | str) -> None:
     if impl not in ("sdpa", CAUSAL_SDPA):
         raise ValueError(f"model: attention 'sdpa' is needed (the causal mask by SDPA's is_causal, no mask tensor "
                          f"built under capture), the model uses {impl!r}")
-    drawing = [i for i, layer in enumerate(hf.model.layers) if _draws_global_rng(layer)]
+    drawing = [i for i, layer in enumerate(hf.model.layers) if draws_global_rng(layer)]
     if drawing:
         raise ValueError(f"model: decoder layers {drawing[:5]} draw from torch's own generators (attention "
                          "dropout, nn.Dropout), whose state checkpointing saves on the host: not capturable")

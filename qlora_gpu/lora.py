@@ -280,6 +280,54 @@ class _QLoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
+class TritonQLoRAFunction(torch.autograd.Function):
+    """``_QLoRALinearFunction`` with the frozen path (and the adapter's up-projection and input gradient) in the
+    fused kernels of ``qlora_gpu.triton_kernels`` (kernels and launchers only; the autograd code is here). Same
+    arguments, same saved tensors (x_d, the mask, A, B, H — the weight is held by the module and re-read in backward,
+    its double-quantized scales decoded again: nothing (out, in) and no float scales kept alive between forward and
+    backward). Options: ``dot_f32`` and ``block`` of the launchers; ``staged`` and ``out_dtype`` as there (a wider
+    ``out_dtype``: the adapter's output is added outside the kernel, in that dtype)."""
+
+    @staticmethod
+    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, dot_f32=None,
+                block=None, staged=None, out_dtype=None):
+        from .triton_kernels import fused_linear_forward, weight_from_bnb  # on first use: triton is optional
+
+        w = weight_from_bnb(weight, quant_state)
+        ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
+        ctx.dot_f32, ctx.block, ctx.compute_dtype = dot_f32, block, x.dtype
+        if lora_a is None:
+            return _widened(fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block), out_dtype)
+        ctx.params = lora_a, lora_b  # the parameters (_adapter_grads)
+        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
+        xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
+        if out_dtype is None or out_dtype == x.dtype:
+            y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
+        else:
+            y = _add_adapter(fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block), h @ lora_b.t(),
+                             scaling, out_dtype)
+        ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        from .triton_kernels import fused_grad_input, weight_from_bnb
+
+        need_x = ctx.needs_input_grad[0]
+        grad_y = grad_y.to(ctx.compute_dtype).contiguous()
+        grad_x = grad_a = grad_b = None
+        saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
+        gh = lora_a = keep = None
+        if saved:
+            xd, keep, lora_a, lora_b, h = saved
+            gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
+        if need_x:  # ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M/(1-p), in one kernel
+            w = weight_from_bnb(ctx.weight, ctx.quant_state)
+            grad_x = fused_grad_input(grad_y, w, gh, lora_a, keep, ctx.keep_scale, dot_f32=ctx.dot_f32,
+                                      block=ctx.block)
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None
+
+
 class QLoRALinear(nn.Module):
     """Frozen bitsandbytes 4-bit (or float32) weight + trainable LoRA adapter; see ``qlora_ref.lora``.
 
@@ -447,8 +495,6 @@ class QLoRALinear(nn.Module):
         a, b = self.lora_A, self.lora_B  # cast to the compute dtype inside the function (_in_compute_dtype)
         out_dtype = self.__dict__["_out_torch_dtype"]
         if self.kernel == "triton":
-            from .triton_kernels import TritonQLoRAFunction  # imported on first use: triton is optional
-
             y = TritonQLoRAFunction.apply(xc, a, b, bias, keep, keep_scale, self.scaling, weight, quant_state,
                                           None, None, staged, out_dtype)
         else:

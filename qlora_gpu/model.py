@@ -48,8 +48,9 @@ from .patches import register_varlen_attention, use_fused_rms_norm, use_fused_ro
 from .quantize import Quantized4bit, dequantize_4bit
 
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
-_HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+#: the transformers (config, model) classes of each supported ``model_type``
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
 
 
 def default_device(device=None) -> torch.device:
@@ -74,7 +75,7 @@ def hf_skeleton(config: ModelConfig, attn_implementation: str = "eager") -> nn.M
     import transformers
 
     with torch.device("meta"):
-        return getattr(transformers, _HF_CLASSES[config.model_type][1])(hf_config(config, attn_implementation))
+        return getattr(transformers, HF_CLASSES[config.model_type][1])(hf_config(config, attn_implementation))
 
 
 def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
@@ -83,7 +84,7 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
 
     if attn_implementation == VARLEN and register_varlen_attention() is None:
         attn_implementation = "sdpa"  # checked to keep packed examples apart from the position ids itself
-    cfg_cls = getattr(transformers, _HF_CLASSES[config.model_type][0])
+    cfg_cls = getattr(transformers, HF_CLASSES[config.model_type][0])
     d = config.to_hf_dict()
     d.pop("architectures", None)
     d.pop("model_type", None)
@@ -233,7 +234,7 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
     offload = layer.__dict__.get(OFFLOAD)
     with offload.hooks() if offload is not None else contextlib.nullcontext():
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False,
-                                                 preserve_rng_state=_draws_global_rng(layer))
+                                                 preserve_rng_state=draws_global_rng(layer))
 
 
 def _rewound_draws(linears: list[QLoRALinear], states: list, device: torch.device):
@@ -261,7 +262,7 @@ def _nothing() -> None:
     pass
 
 
-def _draws_global_rng(layer: nn.Module) -> bool:
+def draws_global_rng(layer: nn.Module) -> bool:
     """Whether a block in training draws from torch's own generators: attention dropout, an ``nn.Dropout``.
     Runs at every block call: the attribute is looked up where it can be (instance or class) before it is read,
     because ``nn.Module.__getattr__`` raising for each module without one cost tens of µs per block call."""
@@ -658,7 +659,7 @@ class QLoRAModel(nn.Module):
 
     def merge_and_export(self, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
         """Merge the adapters into the dequantized weights and write a 16-bit Hugging Face folder."""
-        from qlora_ref.adapters import export_hf_folder, merge_weights
+        from qlora_ref.export import export_hf_folder, merge_weights
 
         adapter = self.lora_state_numpy()
         scaling = self.lora.scaling if (self.lora is not None and adapter) else 0.0

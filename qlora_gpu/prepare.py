@@ -33,11 +33,11 @@ from torch import nn
 from qlora_ref.memory import MODEL_SHAPES
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.model.linear import adapter_args, lora_seed
-from qlora_ref.model.llama import _has_bias, _module_path, expected_tensors
+from qlora_ref.model.llama import expected_tensors, has_bias, module_path
 
 from .block_scales import BlockScales
 from .lora import QLoRALinear, check_kernel, set_kernel
-from .model import _HF_CLASSES, QLoRAModel, default_device, hf_skeleton, lora_linears, set_block_linear
+from .model import HF_CLASSES, QLoRAModel, default_device, hf_skeleton, lora_linears, set_block_linear
 from .quantize import Quantized4bit
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -185,8 +185,8 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
         raise ValueError(f"attn_implementation must be 'eager', 'sdpa' or 'flash_attention_2', "
                          f"got {attn_implementation!r}")
-    if cfg.model_type not in _HF_CLASSES:
-        raise ValueError(f"model_type {cfg.model_type!r} is not supported on the GPU backend ({list(_HF_CLASSES)})")
+    if cfg.model_type not in HF_CLASSES:
+        raise ValueError(f"model_type {cfg.model_type!r} is not supported on the GPU backend ({list(HF_CLASSES)})")
     device = default_device(device)
     folder = Path(model) if isinstance(model, str | Path) and Path(model).is_dir() else None
     if init_std is None:
@@ -212,7 +212,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
         _set_norm(layer.post_attention_layernorm, source.tensor(p + "post_attention_layernorm.weight", torch.float32))
         for name in LINEAR_MODULES:
-            path = p + _module_path(name)
+            path = p + module_path(name)
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))
             if adapters is not None:
                 adapters.place(lin)
@@ -287,7 +287,7 @@ class _AdapterPlaces:
             for name in LINEAR_MODULES:
                 r = adapter_args(name, lora)[0]
                 if r is not None:
-                    out_f, in_f = source.shapes[f"model.layers.{i}.{_module_path(name)}.weight"]
+                    out_f, in_f = source.shapes[f"model.layers.{i}.{module_path(name)}.weight"]
                     shapes += [(r, in_f), (out_f, r)]
         self.buffer, self.starts = adapter_buffer([a * b for a, b in shapes], dtype, device)
         self.shapes, self.next = shapes, 0
@@ -310,7 +310,7 @@ def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant
                   lora: LoraConfig | None, compute: str, seed: int) -> QLoRALinear:
     """One block linear: read, quantized on the device, the float copy dropped on return."""
     r, alpha, dropout = adapter_args(name, lora)
-    bias = source.tensor(path + ".bias", torch.float32) if _has_bias(cfg, name) else None
+    bias = source.tensor(path + ".bias", torch.float32) if has_bias(cfg, name) else None
     common = dict(r=r, alpha=alpha, dropout=dropout, bias=bias, compute_dtype=compute, seed=seed,
                   device=source.device)
     prefix = source.quantized_prefix(path + ".weight")

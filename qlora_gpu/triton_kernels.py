@@ -58,7 +58,6 @@ import triton
 import triton.language as tl
 from packaging.version import Version
 
-from .lora import _adapter_forward, _adapter_grads, _add_adapter, _in_compute_dtype, _widened
 from .quantize import decode_absmax
 
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
@@ -402,58 +401,8 @@ def fused_grad_input(g: torch.Tensor, w: Weight4bit, gh: torch.Tensor | None = N
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
-# The layer's autograd function on the fused kernels
-# --------------------------------------------------------------------------------------------------------------
-
-
-class TritonQLoRAFunction(torch.autograd.Function):
-    """``qlora_gpu.lora._QLoRALinearFunction`` with the frozen path (and the adapter's up-projection and input
-    gradient) in the fused kernels. Same arguments, same saved tensors (x_d, the mask, A, B, H — the weight is held by
-    the module and re-read in backward, its double-quantized scales decoded again: nothing (out, in) and no float
-    scales kept alive between forward and backward). Options: ``dot_f32`` and ``block`` of the launchers;
-    ``staged`` and ``out_dtype`` as there (a wider ``out_dtype``: the adapter's output is added outside the
-    kernel, in that dtype)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, keep, keep_scale, scaling, weight, quant_state, dot_f32=None,
-                block=None, staged=None, out_dtype=None):
-        w = weight_from_bnb(weight, quant_state)
-        ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, keep_scale
-        ctx.dot_f32, ctx.block, ctx.compute_dtype = dot_f32, block, x.dtype
-        if lora_a is None:
-            return _widened(fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block), out_dtype)
-        ctx.params = lora_a, lora_b  # the parameters (qlora_gpu.lora._adapter_grads)
-        lora_a, lora_b = _in_compute_dtype(x, lora_a, lora_b, staged)
-        xd, h = _adapter_forward(x, keep, keep_scale, lora_a)
-        if out_dtype is None or out_dtype == x.dtype:
-            y = fused_linear_forward(x, w, bias, h, lora_b, scaling, dot_f32=dot_f32, block=block)
-        else:
-            y = _add_adapter(fused_linear_forward(x, w, bias, dot_f32=dot_f32, block=block), h @ lora_b.t(),
-                             scaling, out_dtype)
-        ctx.save_for_backward(xd, keep, lora_a, lora_b, h)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        need_x = ctx.needs_input_grad[0]
-        grad_y = grad_y.to(ctx.compute_dtype).contiguous()
-        grad_x = grad_a = grad_b = None
-        saved = ctx.saved_tensors  # read once: checkpointing's saved-tensor hooks allow a single unpack
-        gh = lora_a = keep = None
-        if saved:
-            xd, keep, lora_a, lora_b, h = saved
-            gh, grad_a, grad_b = _adapter_grads(ctx, grad_y, xd, lora_a, lora_b, h)
-        if need_x:  # ∂L/∂x = G W + ((∂L/∂H) A) ⊙ M/(1-p), in one kernel
-            w = weight_from_bnb(ctx.weight, ctx.quant_state)
-            grad_x = fused_grad_input(grad_y, w, gh, lora_a, keep, ctx.keep_scale, dot_f32=ctx.dot_f32,
-                                      block=ctx.block)
-        return grad_x, grad_a, grad_b, None, None, None, None, None, None, None, None, None, None
-
-
 __all__ = [
     "INTERPRET",
-    "TritonQLoRAFunction",
     "Weight4bit",
     "decode_absmax",
     "fused_grad_input",

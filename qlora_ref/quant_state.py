@@ -1,6 +1,6 @@
-"""The on-disk layout of a 4-bit weight: exactly the keys and tensors that transformers writes for a
-bitsandbytes ``Linear4bit`` (``QuantState.as_dict(packed=True)``), so checkpoints move between the two backends and
-the Hugging Face ecosystem.
+"""The quantized tensors (``Quantized4bit``, ``Quantized8bit``) and the on-disk layout of a 4-bit weight: exactly
+the keys and tensors that transformers writes for a bitsandbytes ``Linear4bit`` (``QuantState.as_dict(packed=True)``),
+so checkpoints move between the two backends and the Hugging Face ecosystem. ``qlora_ref.quantize`` makes them.
 
     <prefix>weight                                   uint8 packed codes, shape ((n + 1) // 2, 1)
     <prefix>weight.absmax                            float32 per block, or uint8 codes when double-quantized
@@ -15,13 +15,111 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import blockwise
 from .checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_quant_type
 from .dtypes import dtype_name
 
 _PACKED_KEY = "quant_state.bitsandbytes__"
+
+
+@dataclass
+class Quantized8bit:
+    """Blockwise dynamic 8-bit quantization of a tensor (used for the absmax constants and optimizer states).
+
+    ``codes`` holds one uint8 index into ``code`` per element (shape ``shape``), ``absmax`` one float32 scale per
+    block of ``blocksize`` elements of the flattened tensor.
+    """
+
+    codes: np.ndarray
+    absmax: np.ndarray
+    code: np.ndarray
+    blocksize: int
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@dataclass
+class Quantized4bit:
+    """A 4-bit quantized tensor in bitsandbytes' layout (``bitsandbytes.functional.QuantState`` plus the data).
+
+    - ``packed``: uint8, shape ((n + 1) // 2, 1); element 2i in the high nibble of byte i, 2i+1 in the low one
+    - ``absmax``: one float32 constant per block — or, double-quantized, one uint8 code per block
+    - ``code``: the 16 values of the data type (``quant_map``)
+    - ``offset`` and ``state2``: with double quantization, the mean subtracted from the absmax and the
+      ``Quantized8bit`` state of (absmax - offset); None otherwise
+    - ``shape``, ``dtype`` (name of the original float type), ``blocksize``, ``quant_type``
+    """
+
+    packed: np.ndarray
+    absmax: np.ndarray
+    shape: tuple[int, ...]
+    dtype: str
+    blocksize: int
+    quant_type: str
+    code: np.ndarray
+    offset: float | None = None
+    state2: Quantized8bit | None = field(default=None, repr=False)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.state2 is not None
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    def absmax_float32(self) -> np.ndarray:
+        """The float32 per-block constants, double quantization undone: c2 · dyn8[q] + mean (section 3)."""
+        if self.state2 is None:
+            return self.absmax
+        s2 = self.state2  # the 8-bit codes of (absmax - mean), one per block: eq. 2 with the dynamic map
+        centred = blockwise.dequantize_codes(s2.codes.reshape(-1), s2.absmax, s2.code, s2.blocksize)
+        return centred + np.float32(self.offset)
+
+    def codes(self) -> np.ndarray:
+        """One 4-bit code (uint8) per element of the flattened tensor."""
+        return blockwise.unpack_nibbles(self.packed, self.numel)
+
+    def bits_per_parameter(self) -> float:
+        """Storage cost per weight: 4 bits plus the constants (0.5 bits plain, ~0.127 with double quantization
+        at blocksize 64: the arithmetic of section 3)."""
+        n = lambda a: int(np.prod(a.shape))  # noqa: E731  (shape, not .size: the torch subclass holds tensors)
+        total_bits = 8 * n(self.packed) + 32 * (self.state2 is None) * n(self.absmax)
+        if self.state2 is not None:
+            total_bits += 8 * n(self.absmax) + 32 * n(self.state2.absmax) + 32
+        return total_bits / self.numel
+
+    def state_dict(self, prefix: str = "") -> dict:
+        """The tensors transformers writes for a bitsandbytes ``Linear4bit`` weight, under ``prefix``.
+
+        Keys: ``weight``, ``weight.absmax``, ``weight.quant_map``, with double quantization
+        ``weight.nested_absmax`` and ``weight.nested_quant_map``, and ``weight.quant_state.bitsandbytes__<type>``
+        holding the non-tensor fields as UTF-8 JSON bytes.
+        """
+        return {k: self._from_numpy(v) for k, v in to_state_dict(self, prefix, self._to_numpy).items()}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, prefix: str = "") -> Quantized4bit:
+        """Read a quantized weight back from ``state_dict`` output (ours, transformers' or bitsandbytes')."""
+        fields = from_state_dict({k: cls._to_numpy(v) for k, v in d.items()}, prefix)
+        return cls._build(**fields)
+
+    @classmethod
+    def _build(cls, packed, absmax, shape, dtype, blocksize, quant_type, code, offset=None, state2=None):
+        """Construct from NumPy arrays (a backend subclass converts them to its own arrays here)."""
+        return cls(packed, absmax, tuple(shape), dtype, blocksize, quant_type, code, offset, state2)
+
+    @staticmethod
+    def _to_numpy(a) -> np.ndarray:
+        return np.asarray(a)
+
+    @staticmethod
+    def _from_numpy(a: np.ndarray):
+        return a
 
 
 def to_state_dict(q, prefix: str, to_numpy: Callable) -> dict[str, np.ndarray]:
@@ -53,8 +151,6 @@ def _require(d: dict, key: str, dtype, size: int | None = None) -> np.ndarray:
 
 def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     """The fields of a ``Quantized4bit`` from a state dict, each key and size checked against the JSON metadata."""
-    from .quantize import Quantized8bit  # imported here: quantize.py imports this module lazily
-
     w = prefix + "weight"
     meta_keys = [k for k in d if k.startswith(w + "." + _PACKED_KEY)]
     if len(meta_keys) != 1:

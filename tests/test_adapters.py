@@ -20,12 +20,11 @@ from qlora_ref.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     load_adapter,
-    merge_and_export,
-    quantize_hf_folder,
     read_adapter_files,
     read_adapter_lora_config,
     save_adapter,
 )
+from qlora_ref.export import merge_and_export, quantize_hf_folder
 from qlora_ref.model import LoraConfig, QuantConfig, load_model
 
 peft = pytest.importorskip("peft")

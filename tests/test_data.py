@@ -25,6 +25,7 @@ from qlora_ref.data import (
     length_grouped_order,
     load_chatterbot_corpus,
     load_examples,
+    prompt_ids,
     read_chatterbot_yaml,
     read_jsonl,
     record_to_example,
@@ -105,6 +106,27 @@ def test_chat_template_multi_turn_trains_on_every_assistant_turn():
     ids, labels = tokenize_example(ex, TOK)
     assert _response_text(TOK, ids, labels) == "A1</s>A2</s>"
     assert TOK.decode(ids).startswith("<s>S\n\n### Instruction:\nQ1")
+
+
+def test_the_generation_prompt_is_the_training_prompt():
+    """``prompt_ids`` (what ``qlora generate`` and ``qlora demo`` answer) is the prompt part of a training example of
+    the same question: the chat template's generation prompt, or BOS + the paper's Alpaca prompt without one."""
+    question = [{"role": "user", "content": "What is a wavelength?"}]
+    ex = record_to_example({"messages": [*question, {"role": "assistant", "content": "A distance."}]}, "x:1")
+    for tok in (TOK, CHAT):
+        ids, labels = tokenize_example(ex, tok)
+        n_prompt = labels.index(next(lab for lab in labels if lab != IGNORE_INDEX))
+        assert prompt_ids(tok, question) == ids[:n_prompt]
+    assert prompt_ids(CHAT, question) == list(render_chat_template(CHATML_TEMPLATE, question, True).encode())
+    assert prompt_ids(TOK, question) == [TOK.bos_token_id,
+                                         *ALPACA_PROMPT_NO_INPUT.format(instruction=question[0]["content"]).encode()]
+    # a follow-up question: the earlier turns formatted as training formats them
+    turns = [*ex.messages, {"role": "user", "content": "And a frequency?"}]
+    assert CHAT.decode(prompt_ids(CHAT, turns)) == render_chat_template(CHATML_TEMPLATE, turns, True)
+    assert TOK.decode(prompt_ids(TOK, turns)).endswith("A distance.</s>\n\n### Instruction:\nAnd a frequency?"
+                                                       "\n\n### Response: ")
+    with pytest.raises(ValueError, match="must end with a user"):
+        prompt_ids(TOK, ex.messages)
 
 
 def test_a_template_that_is_not_prefix_consistent_is_refused():

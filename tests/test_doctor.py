@@ -111,7 +111,7 @@ def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
 
 @pytest.mark.parametrize("flags", [None, "fpu avx2 avx512f"])
 def test_cpu_features_from_cpuinfo_or_without_it(monkeypatch, flags):
-    from qlora_ref import doctor_cli
+    from qlora_ref.cli import doctor as doctor_cli
 
     class FakePath(type(doctor_cli.ROOT)):
         def read_text(self, *a, **k):

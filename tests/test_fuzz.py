@@ -408,7 +408,7 @@ TRAIN_FLAGS = {"--lora-r": "lora_r", "--lora-alpha": "lora_alpha", "--lora-dropo
 @counted("finetune options")
 def _finetune_options_property(flags):
     from qlora_ref.cli import build_parser
-    from qlora_ref.finetune_cli import TRAIN_OPTIONS, _config_from_args
+    from qlora_ref.cli.finetune import TRAIN_OPTIONS, _config_from_args
 
     argv = ["finetune", "--model", "m", "--data", "d.jsonl", "--output-dir", "o"]
     for k, v in flags.items():

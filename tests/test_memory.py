@@ -22,8 +22,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qlora_ref import memory_cli
 from qlora_ref.cli import main
+from qlora_ref.cli import memory as memory_cli
 from qlora_ref.memory import (
     GB,
     LLAMA_SHAPES,
@@ -441,7 +441,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
 
 def test_importing_the_calculator_loads_neither_torch_nor_matplotlib():
     code = (
-        "import sys, qlora_ref.memory, qlora_ref.memory_cli, qlora_ref.cli; "
+        "import sys, qlora_ref.memory, qlora_ref.cli.memory, qlora_ref.cli; "
         "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -70,7 +70,7 @@ def test_folder_gives_the_reference_loaders_model_bit_for_bit(folder):
 def test_sharded_folder_and_stored_4bit_folder(folder, tmp_path):
     """Shards listed in model.safetensors.index.json are read one tensor at a time; a bitsandbytes 4-bit folder
     (``qlora quantize``) keeps its stored codes (nothing re-quantized)."""
-    from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.export import quantize_hf_folder
 
     sharded = tmp_path / "sharded"
     write_tiny_model(tmp_path / "same").save_pretrained(sharded, max_shard_size="60KB")

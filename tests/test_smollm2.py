@@ -103,7 +103,7 @@ def test_prepare_model_streams_the_exported_folder_like_the_whole_checkpoint_pat
     torch = pytest.importorskip("torch")
     from qlora_gpu.model import QLoRAModel
     from qlora_gpu.prepare import prepare_model
-    from qlora_ref.adapters import export_hf_folder
+    from qlora_ref.export import export_hf_folder
     from qlora_ref.model.config import LoraConfig
     from qlora_ref.model.loading import read_checkpoint
 

@@ -294,7 +294,7 @@ def test_backends_agree_on_a_stored_4bit_checkpoint(tiny, tmp_path):
     """A bitsandbytes 4-bit folder (``qlora quantize``) is used as stored by both backends — double-quantized
     constants included, so here the curves agree to float32 round-off even with double quantization."""
     pytest.importorskip("bitsandbytes")
-    from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.export import quantize_hf_folder
 
     folder, _, train_ds, _ = tiny
     quantize_hf_folder(folder, tmp_path / "q4")

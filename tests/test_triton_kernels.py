@@ -32,7 +32,7 @@ from lora_helpers import assert_within_bound, magnitudes, tolerance  # noqa: E40
 
 import qlora_ref  # noqa: E402
 from qlora_gpu import triton_kernels as tk  # noqa: E402
-from qlora_gpu.lora import KERNELS, QLoRALinear, set_kernel  # noqa: E402
+from qlora_gpu.lora import KERNELS, QLoRALinear, TritonQLoRAFunction, set_kernel  # noqa: E402
 from qlora_gpu.quantize import Quantized4bit  # noqa: E402
 from qlora_ref.dtypes import round_to  # noqa: E402
 from qlora_ref.lora import dropout_scale  # noqa: E402
@@ -183,7 +183,7 @@ def check_fused_against_unfused(c, device, dot_f32=None):
         m = None if mask is None else torch.from_numpy(mask).to(device)
         with float32_reductions():
             if layer is fused and dot_f32 is not None:
-                y = tk.TritonQLoRAFunction.apply(*_function_args(layer, xt, m), dot_f32)
+                y = TritonQLoRAFunction.apply(*_function_args(layer, xt, m), dot_f32)
                 y = y.float().reshape(*c["lead"], c["out_f"])
             else:
                 y = layer(xt, dropout_mask=m)

@@ -38,15 +38,18 @@ from .pipeline import (
     pack_examples,
     packed_batch_indices,
     pad_token_id_of,
+    prompt_ids,
+    token_segments,
     tokenize_example,
 )
 from .tokenizer import CHATML_TEMPLATE, ByteTokenizer, encode, has_chat_template, render_chat_template
 
 __all__ = [
-    "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "CHATML_TEMPLATE", "IGNORE_INDEX", "ByteTokenizer",
-    "ChatTemplateError", "DataReport", "Example", "MalformedRecordError", "TokenizedDataset", "batch_indices",
-    "batch_of", "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode", "format_example",
+    "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "ByteTokenizer", "CHATML_TEMPLATE", "ChatTemplateError",
+    "DataReport", "Example", "IGNORE_INDEX", "MalformedRecordError", "TokenizedDataset", "batch_indices", "batch_of",
+    "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode", "format_example",
     "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
     "load_chatterbot_corpus", "load_examples", "pack_examples", "packed_batch_indices", "pad_token_id_of",
-    "read_chatterbot_yaml", "read_jsonl", "record_to_example", "render_chat_template", "tokenize_example",
+    "prompt_ids", "read_chatterbot_yaml", "read_jsonl", "record_to_example", "render_chat_template", "token_segments",
+    "tokenize_example",
 ]

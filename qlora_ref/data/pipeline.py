@@ -77,6 +77,12 @@ def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         segments.append((prompt[len(done):], False))
         segments.append((full[len(prompt):], True))
         done = full
+    if msgs and msgs[-1]["role"] != "assistant":  # a prompt for generation: up to where the answer begins
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        if not prompt.startswith(done):
+            raise ChatTemplateError(f"{example.source}: the chat template is not prefix-consistent (the generation "
+                                    "prompt does not extend the conversation before it)")
+        segments.append((prompt[len(done):], False))
     return segments
 
 
@@ -113,27 +119,40 @@ def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
     return _alpaca_segments(example)
 
 
-def tokenize_example(example: Example, tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
-    """``(input_ids, labels)`` of one example; labels are -100 on the prompt unless ``train_on_source``.
-
-    Segments are tokenized separately and concatenated, as the paper's scripts tokenize source and target
-    separately. Without a chat template, BOS starts the sequence and EOS ends every response (if the
-    tokenizer has them)."""
+def token_segments(example: Example, tokenizer) -> list[tuple[list[int], bool]]:
+    """``format_example``'s segments as token ids ``(ids, is_response)``. Segments are tokenized separately, as the
+    paper's scripts tokenize source and target separately. Without a chat template, BOS starts the sequence (a
+    prompt segment of its own) and EOS ends every response (if the tokenizer has them)."""
     templated = has_chat_template(tokenizer)
-    ids: list[int] = []
-    labels: list[int] = []
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if not templated and bos is not None:
-        ids.append(int(bos))
-        labels.append(int(bos) if train_on_source else IGNORE_INDEX)
+    segments = [([int(bos)], False)] if not templated and bos is not None else []
     for text, is_response in format_example(example, tokenizer):
         seg = encode(tokenizer, text)
         if is_response and not templated and eos is not None:
             seg = seg + [int(eos)]
+        segments.append((seg, is_response))
+    return segments
+
+
+def tokenize_example(example: Example, tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one example (``token_segments`` concatenated); labels are -100 on the prompt
+    unless ``train_on_source``."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for seg, is_response in token_segments(example, tokenizer):
         ids.extend(seg)
         labels.extend(seg if (is_response or train_on_source) else [IGNORE_INDEX] * len(seg))
     return ids, labels
+
+
+def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation that ends with a user turn, up to where the assistant's answer begins: the
+    prompt for generation, formatted exactly as training formats the prompts of its examples (the chat template's
+    generation prompt, or BOS + the Alpaca prompt of the paper's scripts without a template)."""
+    if not messages or messages[-1].get("role") == "assistant":
+        raise ValueError("messages must end with a user (or system) turn: the prompt for the assistant's answer")
+    return [t for seg, _ in token_segments(Example(list(messages), "prompt"), tokenizer) for t in seg]
 
 
 # ------------------------------------------------------------------------------------------------ dataset

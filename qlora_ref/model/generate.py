@@ -99,3 +99,15 @@ def generate(model, input_ids: Iterable[int], max_new_tokens: int = 32, temperat
             break
         logits = model.forward(np.asarray([[token]]), kv_cache=cache, last_only=True)[0, -1]
     return prompt + out
+
+
+def answer(model, tokenizer, prompt: str, max_new_tokens: int = 40, *, raw: bool = False, **sampling) -> str:
+    """The decoded answer of ``model`` (either backend's model, or a trainer: anything with ``generate``) to one
+    question: the prompt formatted as training formats it (``qlora_ref.data.prompt_ids``; with ``raw`` only
+    tokenized), greedy unless ``sampling`` (``temperature``, ``top_p``, ``seed``) says otherwise, stopped at EOS."""
+    from ..data.pipeline import prompt_ids
+
+    ids = (tokenizer.encode(prompt, add_special_tokens=True) if raw
+           else prompt_ids(tokenizer, [{"role": "user", "content": prompt}]))
+    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()

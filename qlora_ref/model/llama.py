@@ -31,11 +31,13 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
 
 
-def _module_path(name: str) -> str:
+def module_path(name: str) -> str:
+    """Where a projection sits in a block: ``self_attn.q_proj``, ``mlp.up_proj`` ..."""
     return f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{name}"
 
 
-def _has_bias(config: ModelConfig, name: str) -> bool:
+def has_bias(config: ModelConfig, name: str) -> bool:
+    """Whether this projection carries a bias in this architecture (Qwen2's q/k/v do)."""
     if name in ("q_proj", "k_proj", "v_proj"):
         return config.qkv_bias
     if name == "o_proj":
@@ -54,9 +56,9 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         out[p + "input_layernorm.weight"] = (d,)
         out[p + "post_attention_layernorm.weight"] = (d,)
         for name, shape in linear_shapes(config).items():
-            out[f"{p}{_module_path(name)}.weight"] = shape
-            if _has_bias(config, name):
-                out[f"{p}{_module_path(name)}.bias"] = (shape[0],)
+            out[f"{p}{module_path(name)}.weight"] = shape
+            if has_bias(config, name):
+                out[f"{p}{module_path(name)}.bias"] = (shape[0],)
     return out
 
 
@@ -91,8 +93,8 @@ class LlamaModel:
             p = f"model.layers.{i}."
             linears = {}
             for name in LINEAR_MODULES:
-                path = p + _module_path(name)
-                bias = f32(weights[path + ".bias"]) if _has_bias(config, name) else None
+                path = p + module_path(name)
+                bias = f32(weights[path + ".bias"]) if has_bias(config, name) else None
                 w = weights[path + ".weight"]
                 w = w if not isinstance(w, np.ndarray) else f32(w)
                 linears[name] = make_linear(w, bias, name=name, quant=quant, lora=lora, seed=lora_seed(lora, i, name))

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dtypes import bfloat16
+from ..adapters import read_adapter_files, write_adapter_files
+from ..files import atomic_save_safetensors, atomic_write_json, check_finite, fsync_dir, load_safetensors
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -46,63 +47,6 @@ FORMAT_VERSION = 1
 #: what trainer_state.json must hold for a resume
 STATE_KEYS = ("step", "run_id", "run_started", "data_position", "data_fingerprint", "tokens_seen", "log_history",
               "config", "rng")
-
-
-# ---------------------------------------------------------------------------------------------- atomic writes
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.numpy.save`` to bytes, then an atomic write. Arrays are made C-contiguous first (keeping
-    0-d arrays 0-d: ``np.ascontiguousarray`` would make them 1-d)."""
-    from safetensors.numpy import save
-
-    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
-    atomic_write_bytes(path, save(arrays, metadata=metadata))
-
-
-def load_safetensors(path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as NumPy arrays; a ValueError naming the file if it is unreadable."""
-    from safetensors.numpy import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises its own SafetensorError / OSError
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -229,7 +173,7 @@ def recover_checkpoints(output_dir) -> list[str]:
             p.unlink(missing_ok=True)
             done.append(f"removed {p.name} (left by an interrupted write)")
     if done:
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
     return done
 
 
@@ -244,8 +188,6 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
     """Write ``ckpt`` atomically as ``<output_dir>/checkpoint-<step>``; keep the newest ``keep`` of this run's
     checkpoints (0: all). Only checkpoints whose marker carries this run's id are ever replaced or deleted: a
     ``checkpoint-<step>`` of anyone else is an error, not something to overwrite."""
-    from ..adapters import write_adapter_files
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_dir(output_dir, ckpt.step)
@@ -271,7 +213,7 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-        _fsync_dir(output_dir)
+        fsync_dir(output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,19 +223,8 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
     return final
 
 
-def check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
-    """Refuse NaN or Inf in float arrays (a diverged run's state must never replace a good one on disk)."""
-    for name, a in arrays.items():
-        a = np.asarray(a)
-        a = a.astype(np.float32) if a.dtype == bfloat16 else a
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            raise ValueError(f"{what}: tensor {name!r} holds NaN or Inf (a diverged training run?)")
-
-
 def load_checkpoint(path) -> Checkpoint:
     """Read a checkpoint folder (or the newest checkpoint under an output folder)."""
-    from ..adapters import read_adapter_files
-
     path = Path(path)
     if read_marker(path) is None:
         if (path / STATE_FILE).is_file() or (path / MARKER_FILE).exists():

@@ -41,12 +41,12 @@ from typing import Protocol
 import numpy as np
 
 from ..data import batch_indices, batch_of, packed_batch_indices
+from ..files import check_finite
 from ..loss import IGNORE_INDEX
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
     CHECKPOINT_PREFIX,
     Checkpoint,
-    check_finite,
     foreign_checkpoint,
     load_checkpoint,
     new_run_id,
@@ -410,7 +410,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     seconds = time.perf_counter() - t0
     if output_dir is not None and step >= config.max_steps:
         from ..adapters import write_adapter_files
-        from .checkpoint import atomic_write_json
+        from ..files import atomic_write_json
 
         adapter = backend.adapter_state()
         if main:

@@ -26,7 +26,7 @@ PACKAGES = ("numpy", "numba", "scipy", "safetensors", "torch", "bitsandbytes", "
 #: /proc/cpuinfo flags that decide bitsandbytes' CPU kernels and torch's bfloat16 arithmetic
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
 #: the source checkout this module runs from (constraints.txt and .git live here when it is one)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def add_parser(subparsers) -> None:
@@ -122,7 +122,7 @@ def torch_report() -> dict:
 def gpu_paths() -> dict:
     """Which paths ``qlora_gpu`` takes here (reached through the backend entry point: the reference never imports
     it); ``{"error": ...}`` when the backend cannot be loaded."""
-    from .backends import load_backend
+    from qlora_ref.backends import load_backend
 
     os.environ.setdefault("TORCH_COMPILE_DISABLE", "1")  # bitsandbytes' CPU fallbacks: no minutes of compiling
     try:

@@ -25,23 +25,14 @@ def add_parser(subparsers) -> None:
     t.set_defaults(func=run_table2)
 
 
-def held_out_text(seed: int = 0, eval_fraction: float = 0.05) -> str:
-    """The held-out chatterbot-corpus pairs (the same seeded split ``qlora demo`` and ``qlora finetune`` hold out,
-    so a model fine-tuned there never saw them), as plain "question answer" lines."""
-    from .data import load_examples
-    from .train.api import split_examples
-
-    _, held = split_examples(load_examples("chatterbot"), eval_fraction, seed)
-    return "\n".join(" ".join(m["content"] for m in e.messages if m["role"] != "system") for e in held)
-
-
 def run_table2(args) -> int:
     from tqdm import tqdm
 
-    from . import table2
-    from .model.llama import LlamaModel
-    from .model.loading import find_smollm2_gguf, read_checkpoint
-    from .paths import check_output_file
+    from qlora_ref import table2
+    from qlora_ref.demo import held_out_text
+    from qlora_ref.model.llama import LlamaModel
+    from qlora_ref.model.loading import find_smollm2_gguf, read_checkpoint
+    from qlora_ref.paths import check_output_file
 
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")

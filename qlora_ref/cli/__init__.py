@@ -1,5 +1,7 @@
-"""The ``qlora`` command. Each subcommand lives in its own module, which exposes ``add_parser(subparsers)``
-and sets ``func`` on its parser; this file only collects them."""
+"""The ``qlora`` command: argument parsing and printing over library functions, nothing else. Each subcommand lives
+in its own module of this package (``finetune``: finetune, demo, generate, quantize; ``memory``; ``reproduce``;
+``doctor``), which exposes ``add_parser(subparsers)`` and sets ``func`` on its parser; this file only collects
+them."""
 
 from __future__ import annotations
 
@@ -8,8 +10,8 @@ import importlib
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
-SUBCOMMAND_MODULES: list[str] = ["qlora_ref.memory_cli", "qlora_ref.finetune_cli", "qlora_ref.reproduce_cli",
-                                   "qlora_ref.doctor_cli"]
+SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.reproduce",
+                                   "qlora_ref.cli.doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +38,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

