@@ -440,8 +440,8 @@ class QLoRAModel(nn.Module):
             for name in LINEAR_MODULES:
                 r_lin = ref_linears[_module_path(name)]
                 bias = None if r_lin.bias is None else f32(r_lin.bias)
-                common = dict(r=r_lin.r, alpha=r_lin.alpha, dropout=r_lin.dropout, bias=bias, compute_dtype=compute,
-                              seed=r_lin.seed)
+                common = dict(r=r_lin.r, alpha=r_lin.alpha, dropout=r_lin.dropout, use_rslora=r_lin.use_rslora,
+                              bias=bias, compute_dtype=compute, seed=r_lin.seed)
                 if isinstance(r_lin.weight, RefQuantized4bit):
                     lin = QLoRALinear.from_quantized(r_lin.weight, **common)
                 elif quant is None:

@@ -268,7 +268,7 @@ class _AdapterPlaces:
         shapes = []
         for i in range(cfg.num_hidden_layers):
             for name in LINEAR_MODULES:
-                r = adapter_args(name, lora)[0]
+                r = adapter_args(name, lora)["r"]
                 if r is not None:
                     out_f, in_f = source.shapes[f"model.layers.{i}.{_module_path(name)}.weight"]
                     shapes += [(r, in_f), (out_f, r)]
@@ -292,10 +292,8 @@ class _AdapterPlaces:
 def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant: QuantConfig | None,
                   lora: LoraConfig | None, compute: str, seed: int) -> QLoRALinear:
     """One block linear: read, quantized on the device, the float copy dropped on return."""
-    r, alpha, dropout = adapter_args(name, lora)
     bias = source.tensor(path + ".bias", torch.float32) if _has_bias(cfg, name) else None
-    common = dict(r=r, alpha=alpha, dropout=dropout, bias=bias, compute_dtype=compute, seed=seed,
-                  device=source.device)
+    common = dict(**adapter_args(name, lora), bias=bias, compute_dtype=compute, seed=seed, device=source.device)
     prefix = source.quantized_prefix(path + ".weight")
     if prefix is not None:
         return QLoRALinear.from_quantized(source.quantized(prefix), **common)
