@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from qlora_ref import lora as ref
+from qlora_ref.checks import QUANT_TYPES_4BIT
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from . import deferred_grads
@@ -486,7 +487,7 @@ def check_kernel(kernel, quant_type: str | None) -> str:
     """``kernel`` is one of ``KERNELS``; ``"triton"`` only with a 4-bit (nf4/fp4) weight (``quant_type``)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton" and quant_type not in ("nf4", "fp4"):
+    if kernel == "triton" and quant_type not in QUANT_TYPES_4BIT:
         raise ValueError(f"kernel='triton' needs a 4-bit weight (quant_type 'nf4' or 'fp4'), got quant_type "
                          f"{quant_type!r}; use kernel='bnb' for a float32 base weight")
     return kernel

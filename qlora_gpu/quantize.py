@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qlora_ref import quantize as ref
-from qlora_ref.checks import BLOCKSIZES_8BIT, check_blocksize, check_float_input, check_quant_type
+from qlora_ref.checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_float_input, check_quant_type
 from qlora_ref.codebooks import codebook
 from qlora_ref.dtypes import dtype_name
 
@@ -243,7 +243,7 @@ def probe_dequantize_4bit(dequantize, ragged: bool) -> bool:
             numel = int(np.prod(shape))
             packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
             absmax = torch.rand(-(-numel // blocksize), generator=g) + 0.5
-            for quant_type in ("nf4", "fp4"):
+            for quant_type in QUANT_TYPES_4BIT:
                 code = torch.from_numpy(codebook(quant_type).copy())
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=code, blocksize=blocksize,

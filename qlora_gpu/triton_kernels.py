@@ -58,6 +58,8 @@ import triton
 import triton.language as tl
 from packaging.version import Version
 
+from qlora_ref.checks import QUANT_TYPES_4BIT
+
 from .lora import _adapter_forward, _adapter_grads, _add_adapter, _in_compute_dtype, _widened
 from .quantize import decode_absmax
 
@@ -259,8 +261,8 @@ class Weight4bit:
 
 def weight_from_bnb(weight: torch.Tensor, quant_state) -> Weight4bit:
     """``Weight4bit`` view of a bitsandbytes ``Params4bit`` (or packed tensor) and its ``QuantState``."""
-    if quant_state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {quant_state.quant_type!r}")
+    if quant_state.quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_state.quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_state.quant_type!r}")
     out_f, in_f = (int(s) for s in quant_state.shape)
     packed = weight.data.view(torch.uint8).reshape(-1)
     if packed.numel() != (out_f * in_f + 1) // 2:

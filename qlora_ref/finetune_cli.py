@@ -329,10 +329,12 @@ def run_generate(args) -> int:
 # ---------------------------------------------------------------------------------------------- quantize
 def run_quantize(args) -> int:
     from qlora_ref.adapters import quantize_hf_folder
+    from qlora_ref.checks import QUANT_TYPES_4BIT
     from qlora_ref.model.config import QuantConfig
 
-    if args.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"--quant-type must be nf4 or fp4 (what bitsandbytes loads), got {args.quant_type!r}")
+    if args.quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"--quant-type must be one of {', '.join(QUANT_TYPES_4BIT)} (what bitsandbytes loads), "
+                         f"got {args.quant_type!r}")
     quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
                         compute_dtype=args.compute_dtype)
     t0 = time.perf_counter()

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import check_blocksize
+from .checks import QUANT_TYPES_4BIT, check_blocksize, check_quant_type
 
 MB = 10**6
 GB = 10**9
@@ -45,9 +45,6 @@ METHODS = ("full", "lora", "qlora")
 
 #: bytes per element of the float formats a weight, an adapter or an activation may have
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-#: 4-bit storage types of bitsandbytes (all store 4-bit codes; they differ only in the code values)
-QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
 
 #: bytes per trainable parameter of each optimizer's state, and whether that state is paged (section 3,
 #: "Paged Optimizers": the states live in NVIDIA unified memory and are evicted to CPU RAM under pressure).
@@ -602,8 +599,7 @@ def estimate_memory(
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if method == "qlora":
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES_4BIT)}, got {quant_type!r}")
+        check_quant_type(quant_type, QUANT_TYPES_4BIT)  # bitsandbytes' 4-bit types: the same bytes, other codes
         unquantized_dtype = compute_dtype if unquantized_dtype is None else unquantized_dtype
         if unquantized_dtype not in DTYPE_BYTES:
             raise ValueError(f"unquantized_dtype must be one of {', '.join(DTYPE_BYTES)}, got {unquantized_dtype!r}")

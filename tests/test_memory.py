@@ -549,3 +549,18 @@ def test_cli_gpus_prints_both_offload_settings(capsys):
     assert "gpus must be a positive integer" in capsys.readouterr().err
     assert main(["memory", "--method", "full", "--gpus", "2"]) == 2
     assert "--gpus estimates QLoRA" in capsys.readouterr().err
+
+
+def test_quant_types_are_the_one_set_of_the_checks():
+    """The calculator counts bitsandbytes' 4-bit types, the set the argument checks of both backends use (it once
+    kept its own, with int4 in it): the same object, the same refusal."""
+    from qlora_ref import checks, memory
+
+    assert memory.QUANT_TYPES_4BIT is checks.QUANT_TYPES_4BIT
+    nf4, fp4 = (estimate_memory("llama-7b", "qlora", quant_type=qt) for qt in checks.QUANT_TYPES_4BIT)
+    assert nf4.total_bytes == fp4.total_bytes  # 4-bit codes either way
+    with pytest.raises(ValueError) as theirs:
+        checks.check_quant_type("int4")
+    with pytest.raises(ValueError, match="^quant_type must") as ours:
+        estimate_memory("llama-7b", "qlora", quant_type="int4")
+    assert str(ours.value) == str(theirs.value)
