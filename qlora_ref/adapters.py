@@ -395,8 +395,8 @@ def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> 
     ``out_dir`` must be new or empty; with ``overwrite`` an existing folder is reused and every safetensors file
     and index already there is removed, so that no stale shard is loaded with the new weights.
     """
-    from .model.config import ModelConfig, QuantConfig
-    from .model.llama import expected_tensors, linear_shapes
+    from .model.config import ModelConfig, QuantConfig, linear_shapes
+    from .model.llama import expected_tensors
     from .model.loading import CheckpointError, check_tensor, folder_tensors
     from .paths import check_writable_dir
     from .quantize import quantize_4bit

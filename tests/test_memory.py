@@ -15,6 +15,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -359,7 +360,7 @@ def test_config_json_from_a_file_and_a_folder(tmp_path):
     assert from_folder == from_file
     assert from_folder.name == "SmolLM2-135M-Instruct"
     assert (from_folder.head_dim, from_folder.num_kv_heads) == (64, 3)
-    assert from_folder.linear_shapes()["k_proj"] == (576, 192)  # grouped-query attention
+    assert from_folder.linear_shapes()["k_proj"] == (192, 576)  # (out, in): grouped-query attention
     assert from_folder.n_params == 134_515_008  # SmolLM2-135M's published parameter count
     # a LLaMA-7B config.json gives the built-in shape's numbers
     llama = {
@@ -564,3 +565,19 @@ def test_quant_types_are_the_one_set_of_the_checks():
     with pytest.raises(ValueError, match="^quant_type must") as ours:
         estimate_memory("llama-7b", "qlora", quant_type="int4")
     assert str(ours.value) == str(theirs.value)
+
+
+@given(shapes)
+def test_model_shape_is_a_model_config(shape):
+    """The calculator's shape and the reference model's config are one decoder: the shape round-trips through
+    ``ModelConfig``, and its linear shapes are the (out, in) weights the model's checkpoint holds (the calculator
+    once listed them as (in, out))."""
+    from qlora_ref.model.config import ATTENTION_MODULES, LINEAR_MODULES
+    from qlora_ref.model.llama import expected_tensors
+
+    assert ModelShape.from_config(shape.config, shape.name) == shape
+    weights = expected_tensors(shape.config)
+    paths = {n: ("self_attn." if n in ATTENTION_MODULES else "mlp.") + n for n in LINEAR_MODULES}
+    assert shape.linear_shapes() == {n: weights[f"model.layers.0.{paths[n]}.weight"] for n in LINEAR_MODULES}
+    assert shape.n_linear_params == shape.num_layers * sum(
+        math.prod(weights[f"model.layers.0.{paths[n]}.weight"]) for n in LINEAR_MODULES)

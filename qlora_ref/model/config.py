@@ -211,6 +211,15 @@ class ModelConfig:
         return d
 
 
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each linear layer of a block, by its PEFT name: the shape of its weight
+    (torch's ``nn.Linear`` layout). The one definition, for the model, the loaders and the memory calculator."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How the frozen weights of the linear layers are stored and computed (the paper's QLoRA recipe by default).

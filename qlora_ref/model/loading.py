@@ -24,8 +24,8 @@ import numpy as np
 
 from ..checks import QUANT_TYPES_4BIT
 from ..dtypes import bfloat16
-from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig
-from .llama import LlamaModel, expected_tensors, linear_shapes
+from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
+from .llama import LlamaModel, expected_tensors
 from .tokenizer import Tokenizer
 
 
