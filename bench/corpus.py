@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qlora_ref.loss import IGNORE_INDEX
+
 PATH = Path(__file__).resolve().parent / "data" / "chatterbot_english.jsonl.gz"
 PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # -100: no loss on this position
 
 
 def write(path: Path = PATH) -> int:

@@ -41,7 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from ..data import batch_indices, batch_of, packed_batch_indices
-from ..loss import IGNORE_INDEX
+from ..loss import count_targets
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -60,8 +60,8 @@ from .progress import Progress
 
 # ---------------------------------------------------------------------------------------------- batches
 def n_targets(batch: dict) -> int:
-    """Counted next-token targets of a batch (``labels[:, 1:] != -100``), as ``qlora_ref.loss`` counts them."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """Counted next-token targets of a batch (``qlora_ref.loss.count_targets`` of its labels)."""
+    return count_targets(batch["labels"])
 
 
 def n_tokens(batch: dict) -> int:
