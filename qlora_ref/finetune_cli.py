@@ -330,6 +330,7 @@ def run_generate(args) -> int:
 def run_quantize(args) -> int:
     from qlora_ref.adapters import quantize_hf_folder
     from qlora_ref.checks import QUANT_TYPES_4BIT
+    from qlora_ref.memory import format_bytes
     from qlora_ref.model.config import QuantConfig
 
     if args.quant_type not in QUANT_TYPES_4BIT:
@@ -339,7 +340,7 @@ def run_quantize(args) -> int:
                         compute_dtype=args.compute_dtype)
     t0 = time.perf_counter()
     info = quantize_hf_folder(args.in_dir, args.out_dir, quant, overwrite=args.overwrite)
-    print(f"quantized {args.in_dir} -> {args.out_dir}: {info['bytes_in'] / 1e6:.1f} MB -> "
-          f"{info['bytes_out'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s "
+    print(f"quantized {args.in_dir} -> {args.out_dir}: {format_bytes(info['bytes_in'])} -> "
+          f"{format_bytes(info['bytes_out'])} in {time.perf_counter() - t0:.1f} s "
           f"({quant.quant_type}, blocksize {quant.blocksize}, double quant {quant.double_quant})")
     return 0

@@ -88,6 +88,15 @@ LLAMA3_CONFIGS = {
 OFFLOAD_RESIDENT_BLOCKS = 2
 
 
+def format_bytes(n: int | float | None) -> str:
+    """Decimal units, as the paper writes them: "5,048.0 MB", "45.17 GB"; "?" for an unknown amount."""
+    if n is None:
+        return "?"
+    if n >= GB:
+        return f"{n / GB:,.2f} GB"
+    return f"{n / MB:,.1f} MB"
+
+
 def _check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

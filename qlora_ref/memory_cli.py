@@ -31,6 +31,7 @@ from qlora_ref.memory import (
     ShardedMemory,
     estimate_memory,
     estimate_sharded_memory,
+    format_bytes,
     load_model_shape,
 )
 from qlora_ref.paths import check_output_file
@@ -181,13 +182,6 @@ def run_sharded(args, shape, kwargs) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def format_bytes(n: int | float) -> str:
-    """Decimal units, as the paper writes them: "5,048.0 MB", "45.17 GB"."""
-    if n >= GB:
-        return f"{n / GB:,.2f} GB"
-    return f"{n / MB:,.1f} MB"
 
 
 def _describe(b: MemoryBreakdown) -> list[str]:

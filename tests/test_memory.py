@@ -581,3 +581,13 @@ def test_model_shape_is_a_model_config(shape):
     assert shape.linear_shapes() == {n: weights[f"model.layers.0.{paths[n]}.weight"] for n in LINEAR_MODULES}
     assert shape.n_linear_params == shape.num_layers * sum(
         math.prod(weights[f"model.layers.0.{paths[n]}.weight"]) for n in LINEAR_MODULES)
+
+
+def test_one_byte_format():
+    """The memory table and the training progress bar write bytes the same way (they once had a format each)."""
+    from qlora_ref import memory
+    from qlora_ref.train import progress
+
+    assert memory_cli.format_bytes is memory.format_bytes is progress.format_bytes
+    assert [memory.format_bytes(n) for n in (5_048_000_000, 5_048_000, 12_345, None)] == [
+        "5.05 GB", "5.0 MB", "0.0 MB", "?"]
