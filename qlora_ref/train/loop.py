@@ -29,7 +29,6 @@ and the held-out loss over the processes; the progress bar, the logs and every f
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -421,7 +420,3 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
                        output_dir=output_dir, seconds=seconds,
                        tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0)
-
-
-def read_log_history(output_dir) -> list[dict]:
-    return json.loads((Path(output_dir) / "log_history.json").read_text())
