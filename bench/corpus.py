@@ -1,5 +1,5 @@
 """Real instruction data for the GPU benchmarks (issue 36): the English chatterbot corpus (PyPI
-``chatterbot-corpus``, BSD-3; DESIGN.md), packed into rows of a fixed length as the paper's recipe trains on
+``chatterbot-corpus``, BSD-3), packed into rows of a fixed length as the paper's recipe trains on
 instruction data, with the loss on the responses only.
 
 The GPU machine has no package registry, so the question/answer pairs travel with the repository in

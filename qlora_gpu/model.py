@@ -123,7 +123,7 @@ def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -
       bfloat16 output goes to ``o_proj``, which — as peft's layer given a bfloat16 input — adds its adapter's
       output in bfloat16 and returns bfloat16, widened by the residual addition.
 
-    Why (issue 36, docs/training.md): rounded to bfloat16 against the frozen output, an adapter's contribution
+    Why (docs/training.md): rounded to bfloat16 against the frozen output, an adapter's contribution
     below half a bfloat16 step of it (2⁻⁹ relative) is lost; the first updates of B (about lr each) are that
     small at LLaMA's widths, and training lagged the standard stack's by steps. Nothing changes if the dtypes
     agree."""

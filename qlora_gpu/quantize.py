@@ -108,7 +108,7 @@ class Quantized4bit(ref.Quantized4bit):
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether every element of ``x`` is finite, in one reduction: a NaN or an infinity reaches the minimum or
     the maximum (torch's min/max propagate NaN). ``torch.isfinite(x).all()`` would allocate |x| and three
-    boolean masks (10 bytes per float32 weight, measured on an H200), above the build's one-linear transient."""
+    boolean masks (docs/benchmarks.md), above the build's one-linear transient."""
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 

@@ -56,7 +56,7 @@ PART_COLORS = {
     "activations": "#937860",
 }
 
-#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB A100/H100
+#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card
 GPU_LINES_GB = (24, 48, 80)
 
 

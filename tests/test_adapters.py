@@ -192,7 +192,7 @@ def test_merge_into_a_16bit_hf_folder(folder, tmp_path):
     from qlora_gpu.model import QLoRAModel
 
     # double_quant=False: bitsandbytes' CPU double quantization picks a few absmax codes off the exact nearest
-    # (DESIGN.md), so only without it are the two backends' dequantized weights bit-identical
+    # (docs/divergences.md), so only without it are the two backends' dequantized weights bit-identical
     lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
     ref = load_model(folder, quant=quant, lora=lora)
     randomize_adapters(ref, seed=2)
