@@ -1,5 +1,5 @@
 """Real instruction data for the GPU benchmarks (issue 36): the English chatterbot corpus (PyPI
-``chatterbot-corpus``, BSD-3; DESIGN.md), packed into rows of a fixed length as the paper's recipe trains on
+``chatterbot-corpus``, BSD-3), packed into rows of a fixed length as the paper's recipe trains on
 instruction data, with the loss on the responses only.
 
 The GPU machine has no package registry, so the question/answer pairs travel with the repository in
@@ -24,9 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from qlora_ref.loss import IGNORE_INDEX
+
 PATH = Path(__file__).resolve().parent / "data" / "chatterbot_english.jsonl.gz"
 PAD, BOS, EOS, OFFSET = 0, 1, 2, 3
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # -100: no loss on this position
 
 
 def write(path: Path = PATH) -> int:

@@ -163,9 +163,7 @@ def prediction_shape(name: str):
 
     if name != "tiny":
         return load_model_shape(name)
-    c = TINY
-    return ModelShape("tiny", c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
-                      c.vocab_size, c.num_key_value_heads, c.head_dim)
+    return ModelShape.from_config(TINY, "tiny")
 
 
 def prediction(name: str, world_size: int, seq: int, cpu_offload: bool, tiny: bool) -> dict:

@@ -148,7 +148,7 @@ def write_json(path, result: dict) -> None:
 
 
 def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
-    from qlora_ref.model.llama import linear_shapes
+    from qlora_ref.model.config import linear_shapes
 
     T = seq * batch
     fwd = bwd = 0.0

@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 def adapter_shapes(model: str, widths: str) -> dict[str, tuple[int, int]]:
     """name -> shape of every LoRA tensor of ``model``'s blocks (the recipe's r on the seven linears of
-    ``qlora_ref.model.llama.linear_shapes``); ``widths="tiny"``: each 8 × 64, as many tensors."""
-    from qlora_ref.model.llama import linear_shapes
+    ``qlora_ref.model.config.linear_shapes``); ``widths="tiny"``: each 8 × 64, as many tensors."""
+    from qlora_ref.model.config import linear_shapes
 
     config = gpu_scale.model_config(model)
     r = gpu_scale.recipe(model)["r"]

@@ -55,6 +55,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from stamp import stamp as make_stamp  # noqa: E402
 
+from qlora_ref.loss import count_targets  # noqa: E402
+
 STACKS = ("ours", *gpu_scale.BASELINES)
 WINDOW = 20
 
@@ -159,7 +161,7 @@ def _sync(device) -> None:
 def n_targets(labels: np.ndarray) -> int:
     """Counted next-token targets of micro-batches (..., seq), at least 1: the loop's divisor
     (``qlora_ref.train.loop``; a short row may hold a prompt only)."""
-    return max(1, int((labels[..., 1:] != corpus.IGNORE).sum()))
+    return max(1, count_targets(labels))
 
 
 # ----------------------------------------------------------------------------------------------- statistics

@@ -1,11 +1,11 @@
 """A training step's forward and backward passes captured once into a CUDA graph and replayed (host time at batch
 1, docs/benchmarks.md).
 
-At batch 1 a QLoRA step on a large GPU waits on the host: on the H200 of 2026-11-29 the GPU ran a kernel for
-about 10 % of a LLaMA-7B step, and the rest was Python, the dispatcher and the driver launching some 12,600
-kernels one by one. A CUDA graph records those launches once; each replay hands all of them to the GPU in one
-call. The arithmetic is the same kernels on the same memory, so a replayed step computes what an eager step
-computes from the same state (``tests/test_graphs.py`` checks it bit for bit on a GPU, dropout included).
+At batch 1 a QLoRA step on a large GPU waits on the host: the GPU runs a kernel for a small part of a LLaMA-7B step, and
+the rest is Python, the dispatcher and the driver launching thousands of kernels one by one (the measured figures:
+docs/benchmarks.md). A CUDA graph records those launches once; each replay hands all of them to the GPU in one call. The
+arithmetic is the same kernels on the same memory, so a replayed step computes what an eager step computes from the same
+state (``tests/test_graphs.py`` checks it bit for bit on a GPU, dropout included).
 
 What capture needs, checked where it can be (``GraphedStep``):
 

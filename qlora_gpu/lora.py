@@ -25,8 +25,8 @@ Two implementations of the same arithmetic, chosen by ``kernel``:
 - ``"triton"``: ``qlora_gpu.triton_kernels``, which dequantize weight tiles in registers inside the matrix product
   and add the adapter's up-projection (forward) and input gradient (backward) in the kernels' epilogues
   (docs/fused_kernels.md). Only for 4-bit weights (nf4/fp4); needs CUDA, or Triton's CPU interpreter. **Opt-in**:
-  the kernels are checked against the ``"bnb"`` path on CPU under the interpreter, but their gpu tests have not run
-  on a GPU yet in this project; they must not become the default before they have passed there.
+  checked against the ``"bnb"`` path (tests/test_triton_kernels.py, on CPU under the interpreter and on CUDA),
+  but slower than it where measured (docs/fused_kernels.md).
   ``set_kernel(model, kernel)`` switches every layer of a model.
 """
 
@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from qlora_ref import lora as ref
+from qlora_ref.checks import QUANT_TYPES_4BIT
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from . import deferred_grads
@@ -549,7 +550,7 @@ def check_kernel(kernel, quant_type: str | None) -> str:
     """``kernel`` is one of ``KERNELS``; ``"triton"`` only with a 4-bit (nf4/fp4) weight (``quant_type``)."""
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "triton" and quant_type not in ("nf4", "fp4"):
+    if kernel == "triton" and quant_type not in QUANT_TYPES_4BIT:
         raise ValueError(f"kernel='triton' needs a 4-bit weight (quant_type 'nf4' or 'fp4'), got quant_type "
                          f"{quant_type!r}; use kernel='bnb' for a float32 base weight")
     return kernel

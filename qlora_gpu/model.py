@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
+from qlora_ref.model.llama import module_path
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .block_scales import BlockScales
@@ -60,13 +61,9 @@ def default_device(device=None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _module_path(name: str) -> str:
-    return f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{name}"
-
-
 def set_block_linear(layer: nn.Module, name: str, linear: nn.Module) -> None:
     """Put ``linear`` in decoder layer ``layer`` as projection ``name`` (``q_proj`` ... ``down_proj``)."""
-    parent, _ = _module_path(name).split(".")
+    parent, _ = module_path(name).split(".")
     setattr(getattr(layer, parent), name, linear)
 
 
@@ -124,7 +121,7 @@ def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -
       bfloat16 output goes to ``o_proj``, which — as peft's layer given a bfloat16 input — adds its adapter's
       output in bfloat16 and returns bfloat16, widened by the residual addition.
 
-    Why (issue 36, docs/training.md): rounded to bfloat16 against the frozen output, an adapter's contribution
+    Why (docs/training.md): rounded to bfloat16 against the frozen output, an adapter's contribution
     below half a bfloat16 step of it (2⁻⁹ relative) is lost; the first updates of B (about lr each) are that
     small at LLaMA's widths, and training lagged the standard stack's by steps. Nothing changes if the dtypes
     agree."""
@@ -457,10 +454,10 @@ class QLoRAModel(nn.Module):
                                                                  requires_grad=False)
             ref_linears = ref_layer.linears()
             for name in LINEAR_MODULES:
-                r_lin = ref_linears[_module_path(name)]
+                r_lin = ref_linears[module_path(name)]
                 bias = None if r_lin.bias is None else f32(r_lin.bias)
-                common = dict(r=r_lin.r, alpha=r_lin.alpha, dropout=r_lin.dropout, bias=bias, compute_dtype=compute,
-                              seed=r_lin.seed)
+                common = dict(r=r_lin.r, alpha=r_lin.alpha, dropout=r_lin.dropout, use_rslora=r_lin.use_rslora,
+                              bias=bias, compute_dtype=compute, seed=r_lin.seed)
                 if isinstance(r_lin.weight, RefQuantized4bit):
                     lin = QLoRALinear.from_quantized(r_lin.weight, **common)
                 elif quant is None:

@@ -14,7 +14,7 @@ What the model then is — the paper's training setup (section 4, Appendix B):
 - the residual stream in float32 (``residual_dtype``), as in the standard stack (peft's float32 norms widen it
   there) and the paper's ``qlora.py``: the linears writing into it add their adapter's output in float32
   (``qlora_gpu.model.set_residual_dtype``). In a bfloat16 stream the first updates of the adapters are rounded
-  away at LLaMA's widths and training lags by steps (issue 36, docs/training.md);
+  away at LLaMA's widths and training lags by steps (docs/training.md);
 - RMSNorm weights in float32, computed in float32 and rounded to the compute dtype for the next matrix products
   (the stability trick of ``peft.prepare_model_for_kbit_training``), through torch's fused RMSNorm operator
   (``qlora_gpu.model.rms_norm``);
@@ -277,7 +277,7 @@ class _AdapterPlaces:
     linears are built, which is ``QLoRAModel.lora_parameters``' order: each linear's ``lora_A``/``lora_B`` are
     copied to their places as it is built (and cast to the adapter dtype). The flat optimizer then binds them
     without a copy; re-pointing separately allocated adapters held a second copy of them all at the first step
-    (3.2 GB at LLaMA-65B, the whole gap between its measured peak and its steady state, docs/benchmarks.md)."""
+    (at LLaMA-65B the whole gap between its measured peak and its steady state, docs/benchmarks.md)."""
 
     def __init__(self, source: _Source, cfg: ModelConfig, lora: LoraConfig | None, dtype: torch.dtype, device):
         from .optim import adapter_buffer
@@ -285,7 +285,7 @@ class _AdapterPlaces:
         shapes = []
         for i in range(cfg.num_hidden_layers):
             for name in LINEAR_MODULES:
-                r = adapter_args(name, lora)[0]
+                r = adapter_args(name, lora)["r"]
                 if r is not None:
                     out_f, in_f = source.shapes[f"model.layers.{i}.{module_path(name)}.weight"]
                     shapes += [(r, in_f), (out_f, r)]
@@ -309,10 +309,8 @@ class _AdapterPlaces:
 def _build_linear(source: _Source, cfg: ModelConfig, path: str, name: str, quant: QuantConfig | None,
                   lora: LoraConfig | None, compute: str, seed: int) -> QLoRALinear:
     """One block linear: read, quantized on the device, the float copy dropped on return."""
-    r, alpha, dropout = adapter_args(name, lora)
     bias = source.tensor(path + ".bias", torch.float32) if has_bias(cfg, name) else None
-    common = dict(r=r, alpha=alpha, dropout=dropout, bias=bias, compute_dtype=compute, seed=seed,
-                  device=source.device)
+    common = dict(**adapter_args(name, lora), bias=bias, compute_dtype=compute, seed=seed, device=source.device)
     prefix = source.quantized_prefix(path + ".weight")
     if prefix is not None:
         return QLoRALinear.from_quantized(source.quantized(prefix), **common)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from qlora_ref import quantize as ref
-from qlora_ref.checks import BLOCKSIZES_8BIT, check_blocksize, check_float_input, check_quant_type
+from qlora_ref.checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_float_input, check_quant_type
 from qlora_ref.codebooks import codebook
 from qlora_ref.dtypes import dtype_name
 
@@ -108,7 +108,7 @@ class Quantized4bit(ref.Quantized4bit):
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether every element of ``x`` is finite, in one reduction: a NaN or an infinity reaches the minimum or
     the maximum (torch's min/max propagate NaN). ``torch.isfinite(x).all()`` would allocate |x| and three
-    boolean masks (10 bytes per float32 weight, measured on an H200), above the build's one-linear transient."""
+    boolean masks (docs/benchmarks.md), above the build's one-linear transient."""
     lo, hi = torch.aminmax(x)
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
@@ -243,7 +243,7 @@ def probe_dequantize_4bit(dequantize, ragged: bool) -> bool:
             numel = int(np.prod(shape))
             packed = torch.randint(0, 256, ((numel + 1) // 2, 1), dtype=torch.uint8, generator=g)
             absmax = torch.rand(-(-numel // blocksize), generator=g) + 0.5
-            for quant_type in ("nf4", "fp4"):
+            for quant_type in QUANT_TYPES_4BIT:
                 code = torch.from_numpy(codebook(quant_type).copy())
                 for dtype in (torch.float32, torch.bfloat16, torch.float16):
                     state = bnbf.QuantState(absmax=absmax, shape=torch.Size(shape), code=code, blocksize=blocksize,

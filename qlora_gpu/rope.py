@@ -1,13 +1,13 @@
 """Rotary position embedding in fewer kernels, bit for bit transformers' (installed in a model by
 ``qlora_gpu.patches.use_fused_rope``).
 
-A batch-1 training step is host-bound: its time goes with the number of kernels launched (about 40 µs each on an
-H200). transformers' ``apply_rotary_pos_emb`` computes ``q * cos + rotate_half(q) * sin``: per tensor (q and k) 5
-kernels forward (mul, neg, cat, mul, add) and 9 backward through autograd (two muls, the neg, two
-``slice_backward`` of a zeros fill and a copy each, two accumulating adds). With ``sin_signed = cat(-sin1, sin2)``
-(the halves of ``sin``; built once per model forward, for all layers) the same values are
-``x * cos + swap(x) * sin_signed``, where ``swap`` exchanges the halves of the last dimension: 4 kernels forward
-and 4 backward per tensor (tests/test_rope.py counts them)."""
+A batch-1 training step is host-bound: its time goes with the number of kernels launched (each costs tens of
+microseconds of host time, docs/benchmarks.md). transformers' ``apply_rotary_pos_emb`` computes ``q * cos +
+rotate_half(q) * sin``: per tensor (q and k) 5 kernels forward (mul, neg, cat, mul, add) and 9 backward through autograd
+(two muls, the neg, two ``slice_backward`` of a zeros fill and a copy each, two accumulating adds). With ``sin_signed =
+cat(-sin1, sin2)`` (the halves of ``sin``; built once per model forward, for all layers) the same values are ``x * cos +
+swap(x) * sin_signed``, where ``swap`` exchanges the halves of the last dimension: 4 kernels forward and 4 backward per
+tensor (tests/test_rope.py counts them)."""
 
 from __future__ import annotations
 

@@ -10,10 +10,9 @@ with W in two steps: a kernel dequantizes the whole weight into a bfloat16 (out,
 cuBLAS reads that buffer back. The buffer costs 2 bytes per weight written and 2 read, against the 0.5 byte per
 weight of the 4-bit codes (+ 4/blocksize for the scales): for a 4096 × 4096 layer 32 MiB written and 32 MiB read
 where 8 MiB of codes would do, twice per training step (forward, and again backward), plus a transient 32 MiB
-allocation. At 512 tokens a 4096 × 4096 bfloat16 product is ~17 GFLOP, ~25 µs of an H100's tensor cores, and
-64 MiB of traffic is ~20 µs of its HBM bandwidth — the buffer costs about as much time as the product itself.
-(bitsandbytes 0.50's forward may pick its own fused kernel instead, by a per-architecture heuristic that on H100s
-prefers the two-step path at these sizes; docs/fused_kernels.md.)
+allocation. At 512 tokens a 4096 × 4096 bfloat16 product is ~17 GFLOP against 64 MiB of buffer traffic: on a
+current data-centre GPU the buffer costs about as much time as the product itself. (bitsandbytes' forward may pick
+its own fused kernel instead, by a per-architecture heuristic; docs/fused_kernels.md.)
 
 Two kernels remove it. Each program owns one output tile and walks the reduction dimension; for every step it
 loads the packed bytes of a weight tile, unpacks the nibbles, looks the codes up in the 16-entry codebook,
@@ -41,9 +40,9 @@ values to ``tl.dot`` (products of bfloat16 numbers are exact in float32: the sam
 dot up to the summation order); that is the interpreter's mode (its bfloat16 ``tl.dot`` is wrong) and a fallback.
 ``compute_dtype="float32"`` uses IEEE float32 dots (no TF32).
 
-Status: tested on CPU under ``TRITON_INTERPRET=1`` (float32, and bfloat16 with ``dot_f32``) and on an H200
-(2026-11-29, native bfloat16 included), against the unfused bitsandbytes path (tests/test_triton_kernels.py). It
-was slower than the unfused path there (docs/fused_kernels.md), hence ``QLoRALinear(kernel="triton")`` is opt-in.
+Tested against the unfused bitsandbytes path (tests/test_triton_kernels.py) on CPU under ``TRITON_INTERPRET=1``
+(float32, and bfloat16 with ``dot_f32``) and on CUDA (native bfloat16 included). Slower than the unfused path where
+measured (docs/fused_kernels.md), hence ``QLoRALinear(kernel="triton")`` is opt-in.
 """
 
 from __future__ import annotations
@@ -57,6 +56,8 @@ import torch
 import triton
 import triton.language as tl
 from packaging.version import Version
+
+from qlora_ref.checks import QUANT_TYPES_4BIT
 
 from .quantize import decode_absmax
 
@@ -258,8 +259,8 @@ class Weight4bit:
 
 def weight_from_bnb(weight: torch.Tensor, quant_state) -> Weight4bit:
     """``Weight4bit`` view of a bitsandbytes ``Params4bit`` (or packed tensor) and its ``QuantState``."""
-    if quant_state.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"quant_state.quant_type must be 'nf4' or 'fp4', got {quant_state.quant_type!r}")
+    if quant_state.quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"quant_state.quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_state.quant_type!r}")
     out_f, in_f = (int(s) for s in quant_state.shape)
     packed = weight.data.view(torch.uint8).reshape(-1)
     if packed.numel() != (out_f * in_f + 1) // 2:

@@ -69,6 +69,7 @@ def peft_adapter_config(lora: LoraConfig, base_model_name_or_path: str | None = 
         "lora_alpha": float(lora.alpha) if float(lora.alpha) != int(lora.alpha) else int(lora.alpha),
         "lora_dropout": float(lora.dropout),
         "target_modules": sorted(lora.target_modules, key=LINEAR_MODULES.index),
+        "use_rslora": lora.use_rslora,
     })
     return cfg
 
@@ -92,9 +93,9 @@ def _check_adapter_config(cfg: dict, source: str) -> None:
     tm = cfg.get("target_modules")
     if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(t, str) for t in tm))):
         raise ValueError(f"{source}: target_modules must be a string or a list of strings, got {tm!r}")
-    unsupported = {
-        "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
-    }
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        raise ValueError(f"{source}: use_rslora must be true or false, got {cfg['use_rslora']!r}")
+    unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False}
     for key, ok in unsupported.items():
         if cfg.get(key, ok) != ok:
             raise ValueError(f"{source}: {key}={cfg[key]!r} is not supported (only plain LoRA: {key}={ok!r})")
@@ -125,7 +126,8 @@ def lora_config_from_adapter(adapter_config: dict, weights: Mapping[str, np.ndar
         targets = [t for t in LINEAR_MODULES if t in set(tm)]
     try:
         return LoraConfig(r=r, alpha=float(adapter_config["lora_alpha"]),
-                          dropout=float(adapter_config.get("lora_dropout", 0.0) or 0.0), target_modules=tuple(targets))
+                          dropout=float(adapter_config.get("lora_dropout", 0.0) or 0.0), target_modules=tuple(targets),
+                          use_rslora=adapter_config.get("use_rslora", False))
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .dtypes import FLOAT_DTYPES
 
+#: the 4-bit types of bitsandbytes' storage format: the one set both backends, the loaders and the memory calculator use
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 #: 4-bit types the reference can quantize to (Table 2 comparisons); bitsandbytes' storage format holds nf4/fp4
 REFERENCE_QUANT_TYPES_4BIT = ("nf4", "fp4", "int4", "fp4_e3m0")

@@ -4,7 +4,7 @@ QLoRA stores weights in 4 bits but computes in bfloat16 (paper, section 3, "QLoR
 NF4, the computation data type is BFloat16). The reference emulates that by rounding float32 values to the
 nearest bfloat16 (round-to-nearest-even, as torch's ``.to(torch.bfloat16)`` does) and accumulating in float32.
 
-``round_to_bf16`` and ``round_to_definition`` are the definition (a round trip through ml_dtypes' bfloat16).
+``round_to_definition`` is the definition (a round trip through ml_dtypes' bfloat16).
 ``round_to`` computes the same values by integer arithmetic on the float32 bits in one (serial) Numba pass
 (``bf16_bits``: add 0x7FFF plus the lowest kept bit, drop the low 16 bits), optionally in place;
 ``tests/test_fast_paths.py`` proves the two equal bit for bit, NaN, infinities, ties and subnormals included.
@@ -43,18 +43,11 @@ def to_numpy_dtype(dtype) -> np.dtype:
     return FLOAT_DTYPES[dtype_name(dtype)]
 
 
-def round_to_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest bfloat16 (ties to even) and return them as float32.
-
-    This is the one rounding step of QLoRA's bfloat16 compute: the value is representable in bfloat16,
-    but kept in float32 so that products and sums accumulate in float32 like a tensor core does.
-    """
-    return np.asarray(x, dtype=np.float32).astype(bfloat16).astype(np.float32)
-
-
 def round_to_definition(x: np.ndarray, compute_dtype: str) -> np.ndarray:
     """The definition of ``round_to``: to float32, then a round trip through the compute dtype's NumPy/ml_dtypes
-    type (``round_to_bf16`` for bfloat16); float32 returns ``x`` itself when it is already float32."""
+    type: for bfloat16 the nearest bfloat16 (ties to even), the one rounding step of QLoRA's bfloat16 compute, kept
+    in float32 so that products and sums accumulate in float32 as a tensor core does. float32 returns ``x`` itself
+    when it is already float32."""
     name = dtype_name(compute_dtype)
     x = np.asarray(x, dtype=np.float32)
     if name == "float32":
@@ -78,7 +71,7 @@ def bf16_bits(v):
 
 @njit(inline="always")
 def bf16_round(v):
-    """float32 ``v`` rounded to the nearest bfloat16, as float32 (the value ``round_to_bf16`` gives)."""
+    """float32 ``v`` rounded to the nearest bfloat16, as float32 (the value ``round_to_definition`` gives)."""
     return np.uint32(np.uint32(bf16_bits(v)) << np.uint32(16)).view(np.float32)
 
 

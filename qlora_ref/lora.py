@@ -127,8 +127,9 @@ def check_dropout_mask(mask_shape, x_shape, active: bool) -> None:
 
 
 def lora_scaling(alpha: float, r: int | None, use_rslora: bool = False) -> float:
-    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajievic 2023; PEFT's ``use_rslora``)."""
-    if r is None:
+    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajievic 2023; PEFT's ``use_rslora``); 0 for
+    no adapter (``r`` None or 0). The one definition: ``QLoRALinear.scaling`` and ``LoraConfig.scaling`` use it."""
+    if not r:
         return 0.0
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 

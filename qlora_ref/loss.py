@@ -130,9 +130,10 @@ def causal_lm_loss_backward(ctx: LossContext, grad_loss: float = 1.0) -> np.ndar
 
 
 def count_targets(labels: np.ndarray) -> int:
-    """Number of counted targets in a batch (``labels[:, 1:] != -100``): the ``num_items_in_batch`` of a micro-batch."""
+    """Number of counted targets in a batch (``labels[..., 1:] != -100``; labels (B, T), or (micro-batches, B, T)):
+    the ``num_items_in_batch`` of a micro-batch. The one count: the training loop and the benchmarks use it."""
     labels = np.asarray(labels)
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 class CausalLMLoss:

@@ -35,7 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checks import check_blocksize
+from .checks import QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+from .model.config import ATTENTION_MODULES, LINEAR_MODULES, MLP_MODULES, ModelConfig, linear_shapes
 
 MB = 10**6
 GB = 10**9
@@ -45,9 +46,6 @@ METHODS = ("full", "lora", "qlora")
 
 #: bytes per element of the float formats a weight, an adapter or an activation may have
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-#: 4-bit storage types of bitsandbytes (all store 4-bit codes; they differ only in the code values)
-QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
 
 #: bytes per trainable parameter of each optimizer's state, and whether that state is paged (section 3,
 #: "Paged Optimizers": the states live in NVIDIA unified memory and are evicted to CPU RAM under pressure).
@@ -61,15 +59,12 @@ OPTIMIZERS: dict[str, tuple[float, bool]] = {
     "sgd": (0.0, False),
 }
 
-#: the linear layers of one Llama decoder layer, in PEFT's module names
-LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 #: named sets of LoRA target modules. "all" is the paper's recipe (section 4 / Appendix B: LoRA on all linear
 #: layers of the transformer blocks, not the LM head); "qv" is the original LoRA paper's choice.
 TARGET_PRESETS = {
     "all": LINEAR_MODULES,
-    "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
+    "attention": ATTENTION_MODULES,
+    "mlp": MLP_MODULES,
     "qv": ("q_proj", "v_proj"),
 }
 
@@ -91,6 +86,15 @@ LLAMA3_CONFIGS = {
 #: how many checkpointed block inputs activation offload leaves on the device at once: the block being recomputed
 #: and the one before it, already on its way back (``qlora_gpu.offload``)
 OFFLOAD_RESIDENT_BLOCKS = 2
+
+
+def format_bytes(n: int | float | None) -> str:
+    """Decimal units, as the paper writes them: "5,048.0 MB", "45.17 GB"; "?" for an unknown amount."""
+    if n is None:
+        return "?"
+    if n >= GB:
+        return f"{n / GB:,.2f} GB"
+    return f"{n / MB:,.1f} MB"
 
 
 def _check_positive_int(name: str, value) -> None:
@@ -148,26 +152,33 @@ class ModelShape:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         _check_positive_int("head_dim", self.head_dim)
 
-    # -- the linear layers of one decoder layer, as PEFT names them: (in_features, out_features) ------------------
+    # -- the same decoder as the reference's ModelConfig ----------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: ModelConfig, name: str = "custom") -> ModelShape:
+        """The shape of a ``qlora_ref.model.config.ModelConfig`` (biases, rope and norms do not count here)."""
+        return cls(name=name, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+                   num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
+                   vocab_size=config.vocab_size, num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
+                   tie_word_embeddings=config.tie_word_embeddings)
+
+    @property
+    def config(self) -> ModelConfig:
+        """This shape as a Llama ``ModelConfig``: the definition the reference model builds from."""
+        return ModelConfig(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, tie_word_embeddings=self.tie_word_embeddings)
+
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        h, f = self.hidden_size, self.intermediate_size
-        q_dim = self.num_heads * self.head_dim
-        kv_dim = self.num_kv_heads * self.head_dim
-        return {
-            "q_proj": (h, q_dim),
-            "k_proj": (h, kv_dim),
-            "v_proj": (h, kv_dim),
-            "o_proj": (q_dim, h),
-            "gate_proj": (h, f),
-            "up_proj": (h, f),
-            "down_proj": (f, h),
-        }
+        """(out_features, in_features) of the linear layers of one decoder layer, by PEFT's names
+        (``qlora_ref.model.config.linear_shapes``)."""
+        return linear_shapes(self.config)
 
     # -- parameter counts ----------------------------------------------------------------------------------------
     @property
     def n_linear_params(self) -> int:
         """Weights of the linear layers of all decoder layers: what QLoRA quantizes."""
-        return self.num_layers * sum(i * o for i, o in self.linear_shapes().values())
+        return self.num_layers * sum(o * i for o, i in self.linear_shapes().values())
 
     @property
     def n_embedding_params(self) -> int:
@@ -383,7 +394,7 @@ def lora_activation_bytes_per_token(
     shared or not, is the paper's "LoRA input gradients" (section 2: dL/dx of an adapter has the size of x).
     """
     shapes = shape.linear_shapes()
-    inputs = sum(shapes[m][0] for m in targets)
+    inputs = sum(shapes[m][1] for m in targets)  # in_features
     rank_part = len(targets) * r * act_bytes
     extra = rank_part + (inputs * (act_bytes + 1) if lora_dropout > 0 else 0)
     return extra, inputs * act_bytes + rank_part
@@ -602,8 +613,7 @@ def estimate_memory(
         if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
             raise ValueError(f"lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
     if method == "qlora":
-        if quant_type not in QUANT_TYPES_4BIT:
-            raise ValueError(f"quant_type must be one of {', '.join(QUANT_TYPES_4BIT)}, got {quant_type!r}")
+        check_quant_type(quant_type, QUANT_TYPES_4BIT)  # bitsandbytes' 4-bit types: the same bytes, other codes
         unquantized_dtype = compute_dtype if unquantized_dtype is None else unquantized_dtype
         if unquantized_dtype not in DTYPE_BYTES:
             raise ValueError(f"unquantized_dtype must be one of {', '.join(DTYPE_BYTES)}, got {unquantized_dtype!r}")
@@ -621,7 +631,7 @@ def estimate_memory(
         # At the paper's block sizes the constants come to 0.127 bits per parameter (0.5 without double
         # quantization), see quant_constant_bits_per_param.
         codes = consts = 0
-        for n_in, n_out in shape.linear_shapes().values():
+        for n_out, n_in in shape.linear_shapes().values():
             code_b, const_b = quantized_tensor_bytes(n_in * n_out, 4, blocksize, double_quant)
             codes += L * code_b
             consts += L * const_b
@@ -754,7 +764,7 @@ def sharded_tensors(shape: ModelShape, *, r: int = 64, targets: str | Sequence[s
     u = DTYPE_BYTES[unquantized_dtype]
     h = shape.hidden_size
     block: list[tuple[str, int, int]] = [("weights", h, u), ("weights", h, u)]  # the two RMSNorm weights
-    for name, (n_in, n_out) in shape.linear_shapes().items():
+    for name, (n_out, n_in) in shape.linear_shapes().items():
         n = n_in * n_out
         blocks = math.ceil(n / blocksize)
         codes = math.ceil(n / 2)
@@ -772,7 +782,7 @@ def replicated_quant_bytes(shape: ModelShape, blocksize: int = 64, double_quant:
     ``quantized_tensor_bytes`` counts less its first-level scales — with double quantization the second-level
     scales, the offset and the two code tables, without it the 4-bit code table."""
     total = 0
-    for n_in, n_out in shape.linear_shapes().values():
+    for n_out, n_in in shape.linear_shapes().values():
         n = n_in * n_out
         blocks = math.ceil(n / blocksize)
         total += quantized_tensor_bytes(n, 4, blocksize, double_quant)[1] - blocks * (1 if double_quant else 4)

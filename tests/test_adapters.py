@@ -77,22 +77,29 @@ def test_our_adapter_file_is_pefts_format_and_peft_loads_it(folder, tmp_path):
     assert rel_err(without, ours) > 100 * TOL  # the adapters matter, so agreement means something
 
 
-def test_peft_adapter_loads_into_both_backends(folder, tmp_path):
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_loads_into_both_backends(folder, tmp_path, use_rslora):
     import transformers
 
+    from qlora_gpu.lora import QLoRALinear as GpuLinear
     from qlora_gpu.model import QLoRAModel
 
     base = transformers.AutoModelForCausalLM.from_pretrained(folder)
     pcfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
-                           init_lora_weights=False, task_type="CAUSAL_LM")  # random B: a non-trivial adapter
+                           init_lora_weights=False, task_type="CAUSAL_LM",  # random B: a non-trivial adapter
+                           use_rslora=use_rslora)  # rsLoRA: s = 6/√3 where LoRA's is 6/3
     pm = peft.get_peft_model(base, pcfg).eval()
     pm.save_pretrained(tmp_path / "peft_ad")
     expected = hf_logits(pm, IDS)
 
     lora = read_adapter_lora_config(tmp_path / "peft_ad")
-    assert (lora.r, lora.alpha, lora.target_modules) == (3, 6.0, ("q_proj", "v_proj", "down_proj"))
+    assert (lora.r, lora.alpha, lora.target_modules, lora.use_rslora) == (3, 6.0, ("q_proj", "v_proj", "down_proj"),
+                                                                          use_rslora)
+    peft_scaling = pm.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+    assert lora.scaling == pytest.approx(peft_scaling, rel=1e-15)
     ref = load_model(folder, quant=None, lora=lora)
     ref.load_adapter(tmp_path / "peft_ad")
+    assert {lin.scaling for b in ref.layers for lin in b.linears().values() if lin.r} == {lora.scaling}
     assert rel_err(ref.eval().forward(IDS), expected) < TOL
     ref.save_adapter(tmp_path / "again_ref")
     a, b = read_adapter_files(tmp_path / "peft_ad")[0], read_adapter_files(tmp_path / "again_ref")[0]
@@ -100,6 +107,7 @@ def test_peft_adapter_loads_into_both_backends(folder, tmp_path):
 
     gpu = QLoRAModel.from_pretrained(folder, quant=None, lora=lora)
     gpu.load_adapter(tmp_path / "peft_ad")
+    assert {m.scaling for m in gpu.modules() if isinstance(m, GpuLinear) and m.r} == {lora.scaling}
     with torch.no_grad():
         assert rel_err(gpu.eval()(IDS).numpy(), expected) < TOL
     # and back out of the GPU backend: the same tensors PEFT wrote
@@ -183,7 +191,7 @@ def test_merge_into_a_16bit_hf_folder(folder, tmp_path):
     from qlora_gpu.model import QLoRAModel
 
     # double_quant=False: bitsandbytes' CPU double quantization picks a few absmax codes off the exact nearest
-    # (DESIGN.md), so only without it are the two backends' dequantized weights bit-identical
+    # (docs/divergences.md), so only without it are the two backends' dequantized weights bit-identical
     lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
     ref = load_model(folder, quant=quant, lora=lora)
     randomize_adapters(ref, seed=2)

@@ -35,8 +35,7 @@ import optimizer_step  # noqa: E402  (bench/optimizer_step.py)
 import paged_oom  # noqa: E402  (bench/paged_oom.py)
 
 from qlora_gpu.quantize import Quantized4bit, dequantize_4bit  # noqa: E402
-from qlora_ref.model.config import LINEAR_MODULES, ModelConfig  # noqa: E402
-from qlora_ref.model.llama import linear_shapes  # noqa: E402
+from qlora_ref.model.config import LINEAR_MODULES, ModelConfig, linear_shapes  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")
 

@@ -193,6 +193,14 @@ def test_initialisation_scaling_and_parameters():
     assert np.abs(layer.lora_A).max() <= 1 / math.sqrt(100) and not layer.lora_B.any()
     assert layer.scaling == 4.0 == lora_scaling(16.0, 4)
     assert QLoRALinear.from_weight(np.ones((8, 100), np.float32), 4, 16.0, use_rslora=True).scaling == 8.0
+    # the model's LoraConfig scales as its layers do (it once ignored rsLoRA)
+    from qlora_ref.model import LoraConfig
+
+    for rs, s in ((False, 4.0), (True, 8.0)):
+        assert LoraConfig(r=4, alpha=16.0, use_rslora=rs).scaling == s == lora_scaling(16.0, 4, rs)
+    assert LoraConfig(r=0).scaling == 0.0 == lora_scaling(16.0, 0) == lora_scaling(16.0, None)
+    with pytest.raises(ValueError, match="use_rslora must be True or False"):
+        LoraConfig(use_rslora="yes")
     # the same seed, the same adapter; another seed, another one
     assert np.array_equal(layer.lora_A, QLoRALinear.from_weight(np.ones((8, 100), np.float32), 4, 16.0, seed=3).lora_A)
     assert not np.array_equal(layer.lora_A, QLoRALinear.from_weight(np.ones((8, 100), np.float32), 4, 16.0).lora_A)

@@ -125,3 +125,16 @@ def test_bad_inputs_are_refused():
         causal_lm_loss(logits, labels[:, :3])
     with pytest.raises(ValueError, match="batch, time, vocab"):
         causal_lm_loss(logits[0], labels)
+
+
+def test_one_ignore_index_and_one_target_count():
+    """The data pipeline labels with the loss's ignore index (it once kept a copy), and the training loop counts
+    targets as the loss does, for one batch or a stack of micro-batches."""
+    from qlora_ref import data
+    from qlora_ref.train.loop import n_targets
+
+    assert data.IGNORE_INDEX is IGNORE_INDEX
+    labels = np.array([[[5, IGNORE_INDEX, 7], [IGNORE_INDEX, IGNORE_INDEX, 2]],
+                       [[1, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]])
+    assert [count_targets(m) for m in labels] == [2, 2]  # the first position predicts nothing
+    assert count_targets(labels) == 4 == sum(n_targets({"labels": m}) for m in labels)

@@ -15,6 +15,7 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -359,7 +360,7 @@ def test_config_json_from_a_file_and_a_folder(tmp_path):
     assert from_folder == from_file
     assert from_folder.name == "SmolLM2-135M-Instruct"
     assert (from_folder.head_dim, from_folder.num_kv_heads) == (64, 3)
-    assert from_folder.linear_shapes()["k_proj"] == (576, 192)  # grouped-query attention
+    assert from_folder.linear_shapes()["k_proj"] == (192, 576)  # (out, in): grouped-query attention
     assert from_folder.n_params == 134_515_008  # SmolLM2-135M's published parameter count
     # a LLaMA-7B config.json gives the built-in shape's numbers
     llama = {
@@ -549,3 +550,44 @@ def test_cli_gpus_prints_both_offload_settings(capsys):
     assert "gpus must be a positive integer" in capsys.readouterr().err
     assert main(["memory", "--method", "full", "--gpus", "2"]) == 2
     assert "--gpus estimates QLoRA" in capsys.readouterr().err
+
+
+def test_quant_types_are_the_one_set_of_the_checks():
+    """The calculator counts bitsandbytes' 4-bit types, the set the argument checks of both backends use (it once
+    kept its own, with int4 in it): the same object, the same refusal."""
+    from qlora_ref import checks, memory
+
+    assert memory.QUANT_TYPES_4BIT is checks.QUANT_TYPES_4BIT
+    nf4, fp4 = (estimate_memory("llama-7b", "qlora", quant_type=qt) for qt in checks.QUANT_TYPES_4BIT)
+    assert nf4.total_bytes == fp4.total_bytes  # 4-bit codes either way
+    with pytest.raises(ValueError) as theirs:
+        checks.check_quant_type("int4")
+    with pytest.raises(ValueError, match="^quant_type must") as ours:
+        estimate_memory("llama-7b", "qlora", quant_type="int4")
+    assert str(ours.value) == str(theirs.value)
+
+
+@given(shapes)
+def test_model_shape_is_a_model_config(shape):
+    """The calculator's shape and the reference model's config are one decoder: the shape round-trips through
+    ``ModelConfig``, and its linear shapes are the (out, in) weights the model's checkpoint holds (the calculator
+    once listed them as (in, out))."""
+    from qlora_ref.model.config import ATTENTION_MODULES, LINEAR_MODULES
+    from qlora_ref.model.llama import expected_tensors
+
+    assert ModelShape.from_config(shape.config, shape.name) == shape
+    weights = expected_tensors(shape.config)
+    paths = {n: ("self_attn." if n in ATTENTION_MODULES else "mlp.") + n for n in LINEAR_MODULES}
+    assert shape.linear_shapes() == {n: weights[f"model.layers.0.{paths[n]}.weight"] for n in LINEAR_MODULES}
+    assert shape.n_linear_params == shape.num_layers * sum(
+        math.prod(weights[f"model.layers.0.{paths[n]}.weight"]) for n in LINEAR_MODULES)
+
+
+def test_one_byte_format():
+    """The memory table and the training progress bar write bytes the same way (they once had a format each)."""
+    from qlora_ref import memory
+    from qlora_ref.train import progress
+
+    assert memory_cli.format_bytes is memory.format_bytes is progress.format_bytes
+    assert [memory.format_bytes(n) for n in (5_048_000_000, 5_048_000, 12_345, None)] == [
+        "5.05 GB", "5.0 MB", "0.0 MB", "?"]

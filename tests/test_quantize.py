@@ -1,5 +1,5 @@
 """4-bit blockwise quantization: the reference (NumPy definition and Numba kernel), the GPU backend on CPU and
-bitsandbytes agree bit for bit, as the numerical contract in DESIGN.md and docs/quantization.md states."""
+bitsandbytes agree bit for bit, as docs/quantization.md states."""
 
 import bitsandbytes.functional as bnbf
 import ml_dtypes

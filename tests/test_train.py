@@ -171,7 +171,7 @@ def test_training_lowers_the_loss(tiny):
     ("float32", False, 1e-5),
     # the paper's recipe, bfloat16 compute with NF4 + double quantization: a different summation order can flip
     # one bf16 rounding (2^-8 relative) of an activation, and bitsandbytes' CPU double quantization picks a few
-    # absmax codes off the exact nearest (DESIGN.md); the loss averages hundreds of targets, so we allow one
+    # absmax codes off the exact nearest (docs/divergences.md); the loss averages hundreds of targets, so we allow one
     # bf16 ulp of the loss itself, 2^-8 relative.
     ("bfloat16", True, 2.0**-8),
 ])

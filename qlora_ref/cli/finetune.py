@@ -282,16 +282,19 @@ def run_generate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- quantize
 def run_quantize(args) -> int:
+    from qlora_ref.checks import QUANT_TYPES_4BIT
     from qlora_ref.export import quantize_hf_folder
+    from qlora_ref.memory import format_bytes
     from qlora_ref.model.config import QuantConfig
 
-    if args.quant_type not in ("nf4", "fp4"):
-        raise ValueError(f"--quant-type must be nf4 or fp4 (what bitsandbytes loads), got {args.quant_type!r}")
+    if args.quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"--quant-type must be one of {', '.join(QUANT_TYPES_4BIT)} (what bitsandbytes loads), "
+                         f"got {args.quant_type!r}")
     quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
                         compute_dtype=args.compute_dtype)
     t0 = time.perf_counter()
     info = quantize_hf_folder(args.in_dir, args.out_dir, quant, overwrite=args.overwrite)
-    print(f"quantized {args.in_dir} -> {args.out_dir}: {info['bytes_in'] / 1e6:.1f} MB -> "
-          f"{info['bytes_out'] / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s "
+    print(f"quantized {args.in_dir} -> {args.out_dir}: {format_bytes(info['bytes_in'])} -> "
+          f"{format_bytes(info['bytes_out'])} in {time.perf_counter() - t0:.1f} s "
           f"({quant.quant_type}, blocksize {quant.blocksize}, double quant {quant.double_quant})")
     return 0

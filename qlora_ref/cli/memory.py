@@ -31,6 +31,7 @@ from qlora_ref.memory import (
     ShardedMemory,
     estimate_memory,
     estimate_sharded_memory,
+    format_bytes,
     load_model_shape,
 )
 from qlora_ref.paths import check_output_file
@@ -55,7 +56,7 @@ PART_COLORS = {
     "activations": "#937860",
 }
 
-#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB A100/H100
+#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card
 GPU_LINES_GB = (24, 48, 80)
 
 
@@ -181,13 +182,6 @@ def run_sharded(args, shape, kwargs) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Table
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def format_bytes(n: int | float) -> str:
-    """Decimal units, as the paper writes them: "5,048.0 MB", "45.17 GB"."""
-    if n >= GB:
-        return f"{n / GB:,.2f} GB"
-    return f"{n / MB:,.1f} MB"
 
 
 def _describe(b: MemoryBreakdown) -> list[str]:

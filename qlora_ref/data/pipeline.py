@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..loss import IGNORE_INDEX
 from .formats import DataReport, Example
 from .tokenizer import ChatTemplateError, encode, has_chat_template
-
-IGNORE_INDEX = -100
 
 #: the prompts of the paper's scripts (qlora.py, ALPACA_PROMPT_DICT)
 ALPACA_PROMPT_INPUT = (

@@ -211,6 +211,15 @@ class ModelConfig:
         return d
 
 
+def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each linear layer of a block, by its PEFT name: the shape of its weight
+    (torch's ``nn.Linear`` layout). The one definition, for the model, the loaders and the memory calculator."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
+            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """How the frozen weights of the linear layers are stored and computed (the paper's QLoRA recipe by default).
@@ -237,14 +246,16 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapters, with PEFT's meaning: r (rank; 0 = no adapters), alpha (scaling alpha / r), dropout on the
-    adapter input, and the linear layers that carry adapters (default: all seven, as the paper does)."""
+    """LoRA adapters, with PEFT's meaning: r (rank; 0 = no adapters), alpha (scaling alpha / r, or alpha / √r with
+    ``use_rslora``), dropout on the adapter input, and the linear layers that carry adapters (default: all seven,
+    as the paper does)."""
 
     r: int = 64
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple[str, ...] = field(default=LINEAR_MODULES)
     seed: int = 0
+    use_rslora: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
@@ -254,6 +265,8 @@ class LoraConfig:
             raise ValueError(f"alpha must be a finite positive number, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be True or False, got {self.use_rslora!r}")
         targets = ("all-linear",) if self.target_modules == "all-linear" else tuple(self.target_modules)
         if targets == ("all-linear",):
             targets = LINEAR_MODULES
@@ -264,4 +277,7 @@ class LoraConfig:
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.r if self.r else 0.0
+        """The adapters' scale s (``qlora_ref.lora.lora_scaling``, as every layer built from this config has it)."""
+        from ..lora import lora_scaling
+
+        return lora_scaling(self.alpha, self.r, self.use_rslora)

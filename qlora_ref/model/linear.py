@@ -7,12 +7,13 @@ import numpy as np
 from .config import LINEAR_MODULES, LoraConfig, QuantConfig
 
 
-def adapter_args(name: str, lora: LoraConfig | None) -> tuple[int | None, float, float]:
-    """(r, alpha, dropout) of projection ``name``: ``r`` None (a frozen layer without adapter) unless ``lora``
-    targets it (the paper, section 4: adapters on every linear layer of every block)."""
+def adapter_args(name: str, lora: LoraConfig | None) -> dict:
+    """The adapter keywords (r, alpha, dropout, use_rslora) of ``QLoRALinear`` for projection ``name``, in both
+    backends: ``r`` None (a frozen layer without adapter) unless ``lora`` targets it (the paper, section 4:
+    adapters on every linear layer of every block)."""
     if lora is None or lora.r == 0 or name not in lora.target_modules:
-        return None, 1.0, 0.0
-    return lora.r, lora.alpha, lora.dropout
+        return dict(r=None, alpha=1.0, dropout=0.0, use_rslora=False)
+    return dict(r=lora.r, alpha=lora.alpha, dropout=lora.dropout, use_rslora=lora.use_rslora)
 
 
 def lora_seed(lora: LoraConfig | None, layer: int, name: str) -> int:
@@ -33,9 +34,9 @@ def add_adapters(model, lora: LoraConfig) -> int:
     for full_name, m in linears.items():
         parts = full_name.split(".")  # model.layers.{i}.{self_attn|mlp}.{name}
         layer, name = int(parts[2]), parts[-1]
-        r, alpha, dropout = adapter_args(name, lora)
-        if r is not None:
-            m.add_adapter(r, alpha, dropout, seed=lora_seed(lora, layer, name))
+        adapter = adapter_args(name, lora)
+        if adapter["r"] is not None:
+            m.add_adapter(**adapter, seed=lora_seed(lora, layer, name))
             n += 1
     model.lora = lora
     return n
@@ -52,14 +53,13 @@ def make_linear(weight, bias: np.ndarray | None, *, name: str, quant: QuantConfi
     from ..lora import QLoRALinear
     from ..quantize import Quantized4bit
 
-    r, alpha, dropout = adapter_args(name, lora)
+    adapter = adapter_args(name, lora)
     if isinstance(weight, Quantized4bit):
         compute_dtype = quant.compute_dtype if quant is not None else "float32"
-        return QLoRALinear.from_quantized(weight, r, alpha, dropout=dropout, bias=bias,
-                                          compute_dtype=compute_dtype, seed=seed)
+        return QLoRALinear.from_quantized(weight, **adapter, bias=bias, compute_dtype=compute_dtype, seed=seed)
     if quant is None:
-        return QLoRALinear.from_weight(weight, r, alpha, dropout=dropout, quant_type=None, bias=bias,
-                                       compute_dtype="float32", seed=seed)
-    return QLoRALinear.from_weight(weight, r, alpha, dropout=dropout, quant_type=quant.quant_type,
-                                   blocksize=quant.blocksize, double_quant=quant.double_quant, bias=bias,
-                                   compute_dtype=quant.compute_dtype, seed=seed)
+        return QLoRALinear.from_weight(weight, **adapter, quant_type=None, bias=bias, compute_dtype="float32",
+                                       seed=seed)
+    return QLoRALinear.from_weight(weight, **adapter, quant_type=quant.quant_type, blocksize=quant.blocksize,
+                                   double_quant=quant.double_quant, bias=bias, compute_dtype=quant.compute_dtype,
+                                   seed=seed)

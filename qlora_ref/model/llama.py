@@ -15,7 +15,7 @@ import numpy as np
 
 from .attention import Attention, KVCache
 from .block import DecoderBlock
-from .config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
+from .config import ATTENTION_MODULES, LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig, linear_shapes
 from .embedding import Embedding
 from .linear import lora_seed, make_linear
 from .mlp import SwiGLU
@@ -23,17 +23,9 @@ from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding
 
 
-def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(out, in) of each projection of a block."""
-    d, f = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    return {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q),
-            "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
-
-
 def module_path(name: str) -> str:
     """Where a projection sits in a block: ``self_attn.q_proj``, ``mlp.up_proj`` ..."""
-    return f"self_attn.{name}" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else f"mlp.{name}"
+    return f"self_attn.{name}" if name in ATTENTION_MODULES else f"mlp.{name}"
 
 
 def has_bias(config: ModelConfig, name: str) -> bool:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checks import QUANT_TYPES_4BIT
 from ..dtypes import bfloat16
 from ..lora import set_kernel
-from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig
-from .llama import LlamaModel, expected_tensors, linear_shapes
+from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
+from .llama import LlamaModel, expected_tensors
 from .tokenizer import Tokenizer
 
 
@@ -241,7 +242,7 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, TensorRef]]:
 
 # ---------------------------------------------------------------------------------------------- building
 def quantized_key(tensors: dict[str, TensorRef], weight_name: str) -> str | None:
-    for qt in ("nf4", "fp4"):
+    for qt in QUANT_TYPES_4BIT:
         key = f"{weight_name}.quant_state.bitsandbytes__{qt}"
         if key in tensors:
             return key

@@ -11,8 +11,11 @@ from .adamw import AdamW, adamw_update
 from .adamw8bit import AdamW8bit, PagedAdamW8bit
 from .base import Optimizer, StateSpec
 from .clip import clip_grad_norm, grad_norm
-from .paged import AdamW32, DeviceMemory, DeviceOutOfMemory, PagedAdamW, PagedArray, PagedOptimizer
+from .paged import DeviceMemory, DeviceOutOfMemory, PagedAdamW, PagedArray, PagedOptimizer
 from .schedule import constant_with_warmup, get_lr, warmup_steps
+
+#: the former name of the float32 AdamW the paged one is built on (it was a copy of ``AdamW``)
+AdamW32 = AdamW
 
 #: canonical optimizer names (the GPU backend maps the same names to torch / bitsandbytes classes)
 OPTIMIZERS = {

@@ -70,9 +70,13 @@ class AdamW(Optimizer):
     lr 2e-4 (1e-4 above 13B), betas (0.9, 0.999) and weight decay 0.0 (the paper's scripts' default).
     """
 
+    #: the names of m and v in the state (``PagedAdamW`` uses bitsandbytes' ``state1``, ``state2``)
+    STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
     def state_layout(self, shape):
-        return {"exp_avg": StateSpec(np.dtype(np.float32)), "exp_avg_sq": StateSpec(np.dtype(np.float32))}
+        return {k: StateSpec(np.dtype(np.float32)) for k in self.STATE_KEYS}
 
     def update_chunk(self, param, grad, states, step):
-        adamw_update(param, grad, states["exp_avg"], states["exp_avg_sq"], step, self.lr,
+        m, v = self.STATE_KEYS
+        adamw_update(param, grad, states[m], states[v], step, self.lr,
                      self.betas[0], self.betas[1], self.eps, self.weight_decay)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .adamw import adamw_update
+from .adamw import AdamW
 from .base import Optimizer, StateSpec
 
 #: CUDA unified memory migrates in 4 KiB pages and prefers 2 MiB chunks when it can: the default page size
@@ -249,7 +249,7 @@ class PagedArray:
 class PagedOptimizer(Optimizer):
     """Mixin: store every state array as a :class:`PagedArray` and update one page of elements at a time.
 
-    Use it before an elementwise optimizer in the bases: ``class PagedAdamW(PagedOptimizer, AdamW32)``. The
+    Use it before an elementwise optimizer in the bases: ``class PagedAdamW(PagedOptimizer, AdamW)``. The
     optimizer either gets a shared ``memory`` (so pinned allocations of the training loop compete with it) or
     makes its own from ``budget_bytes`` and ``page_bytes``.
     """
@@ -316,19 +316,10 @@ class PagedOptimizer(Optimizer):
         return self.memory.report()
 
 
-class AdamW32(Optimizer):
-    """AdamW with bitsandbytes' state names (``state1`` = m, ``state2`` = v, float32): the arithmetic of
-    :func:`adamw_update`, so it matches :class:`~qlora_ref.optim.AdamW` bit for bit."""
-
-    def state_layout(self, shape):
-        return {"state1": StateSpec(np.dtype(np.float32)), "state2": StateSpec(np.dtype(np.float32))}
-
-    def update_chunk(self, param, grad, states, step):
-        adamw_update(param, grad, states["state1"], states["state2"], step, self.lr,
-                     self.betas[0], self.betas[1], self.eps, self.weight_decay)
-
-
-class PagedAdamW(PagedOptimizer, AdamW32):
+class PagedAdamW(PagedOptimizer, AdamW):
     """AdamW (32-bit states) in pages under a simulated device-memory budget — the paper's optimizer
     (``--optim paged_adamw_32bit``). ``PagedAdamW(lr=2e-4, weight_decay=0.0, budget_bytes=..., page_bytes=...)``
-    or with a shared ``memory=DeviceMemory(...)``. Its updates equal :class:`AdamW`'s bit for bit."""
+    or with a shared ``memory=DeviceMemory(...)``. Its updates equal :class:`AdamW`'s bit for bit; its states
+    have bitsandbytes' names (``state1`` = m, ``state2`` = v), as ``qlora_gpu``'s paged AdamW's."""
+
+    STATE_KEYS = ("state1", "state2")

@@ -29,7 +29,6 @@ and the held-out loss over the processes; the progress bar, the logs and every f
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import time
@@ -42,7 +41,7 @@ import numpy as np
 
 from ..data import batch_indices, batch_of, packed_batch_indices
 from ..files import check_finite
-from ..loss import IGNORE_INDEX
+from ..loss import count_targets
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
     CHECKPOINT_PREFIX,
@@ -60,8 +59,8 @@ from .progress import Progress
 
 # ---------------------------------------------------------------------------------------------- batches
 def n_targets(batch: dict) -> int:
-    """Counted next-token targets of a batch (``labels[:, 1:] != -100``), as ``qlora_ref.loss`` counts them."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    """Counted next-token targets of a batch (``qlora_ref.loss.count_targets`` of its labels)."""
+    return count_targets(batch["labels"])
 
 
 def n_tokens(batch: dict) -> int:
@@ -421,7 +420,3 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
                        output_dir=output_dir, seconds=seconds,
                        tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0)
-
-
-def read_log_history(output_dir) -> list[dict]:
-    return json.loads((Path(output_dir) / "log_history.json").read_text())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 import time
 
+from ..memory import format_bytes
+
 
 def peak_rss_bytes() -> int | None:
     """Peak resident set size of this process (Linux/macOS), or None where ``resource`` is unavailable."""
@@ -19,15 +21,6 @@ def peak_rss_bytes() -> int | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
-
-
-def format_bytes(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} B"
 
 
 class Progress:
