@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from test_train import qa_records, write_jsonl, write_tiny_model
+from test_train import qa_records, write_cli_run_files, write_jsonl
 
 from qlora_ref.cli import main
 
@@ -16,8 +16,7 @@ FAST = ["--lora-r", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    write_tiny_model(root / "model", seed=5)
-    write_jsonl(root / "train.jsonl", qa_records(40, seed=0))
+    write_cli_run_files(root)
     write_jsonl(root / "eval.jsonl", qa_records(8, seed=1))
     return root
 

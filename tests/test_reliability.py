@@ -14,7 +14,7 @@ import warnings
 
 import numpy as np
 import pytest
-from test_train import qa_records, run, small_config, write_jsonl, write_tiny_model
+from test_train import run, small_config, write_cli_run_files
 
 from qlora_ref.cli import main
 from qlora_ref.model.loading import CheckpointError, load_model
@@ -31,8 +31,7 @@ def files(tmp_path_factory):
     from qlora_ref.train.api import load_tokenizer
 
     root = tmp_path_factory.mktemp("audit")
-    write_tiny_model(root / "model", seed=5)
-    write_jsonl(root / "train.jsonl", qa_records(40, seed=0))
+    write_cli_run_files(root)
     tok = load_tokenizer(root / "model")
     return {"root": root, "model": root / "model", "data": root / "train.jsonl", "tok": tok,
             "ds": qa_dataset(tok, 24, seed=0)}

@@ -63,6 +63,12 @@ def write_jsonl(path, records) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
+def write_cli_run_files(root) -> None:
+    """What the CLI tests train on: ``root/model`` (a tiny Llama, seed 5) and ``root/train.jsonl`` (40 records)."""
+    write_tiny_model(root / "model", seed=5)
+    write_jsonl(root / "train.jsonl", qa_records(40, seed=0))
+
+
 def qa_dataset(tokenizer, n: int = 48, seed: int = 0):
     examples = [Example([{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}],
                         f"qa:{i}") for i, r in enumerate(qa_records(n, seed))]
