@@ -447,8 +447,8 @@ class QLoRALinear:
     def _accumulate(self, name: str, grad: np.ndarray) -> None:
         if name in self.grads:
             self.grads[name] += grad
-        else:
-            self.grads[name] = np.array(grad, dtype=np.float32)
+        else:  # backward's gradients are new arrays: kept, not copied
+            self.grads[name] = np.asarray(grad, dtype=np.float32)
 
     def _dropout_keep(self, x_shape, dropout_mask) -> np.ndarray | None:
         """The boolean keep-mask M (N, in) — explicit or drawn: P(keep) = 1 - p — or None when dropout is off."""

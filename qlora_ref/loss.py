@@ -84,9 +84,18 @@ def _targets(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _softmax_parts(z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(exp(z - max), its row sums, logsumexp) of float32 rows [N, V], the max subtracted so exp never overflows."""
     zmax = z.max(axis=1, keepdims=True) if len(z) else np.zeros((0, 1), np.float32)
-    e = np.exp(z - zmax)
+    e = np.subtract(z, zmax)
+    np.exp(e, out=e)  # in place: a (N, V) array is the largest of a step, each new one costs page faults
     s = e.sum(axis=1, keepdims=True)
     return e, s, np.log(s) + zmax
+
+
+def _as_slice(rows: np.ndarray) -> slice | np.ndarray:
+    """The flat positions ``rows`` as a slice when they are consecutive (every position of a batch of one but the
+    last): indexing with it gives a view, not a copy of (N, V) values."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
 def causal_lm_loss(
@@ -107,11 +116,11 @@ def causal_lm_loss(
     n = rows.size
     denominator = float(n if num_items_in_batch is None else num_items_in_batch)
 
-    z = logits.reshape(B * T, V)[rows].astype(np.float32)  # [N, V], only the counted rows
+    z = logits.reshape(B * T, V)[_as_slice(rows)].astype(np.float32, copy=False)  # [N, V], the counted rows
     e, s, logsumexp = _softmax_parts(z)  # logsumexp [N, 1]
     nll = logsumexp[:, 0] - z[np.arange(n), targets]
     loss = float(nll.sum(dtype=np.float64) / denominator) if n else 0.0
-    probs = e / s
+    probs = np.divide(e, s, out=e)
     ctx = LossContext((B, T, V), logits.dtype, rows, targets, probs, denominator)
     return loss, ctx
 
@@ -122,10 +131,13 @@ def causal_lm_loss_backward(ctx: LossContext, grad_loss: float = 1.0) -> np.ndar
     grad = np.zeros((B * T, V), dtype=np.float32)
     n = ctx.rows.size
     if n:
-        g = ctx.probs.copy()
+        rows = _as_slice(ctx.rows)
+        g = grad[rows] if isinstance(rows, slice) else np.empty_like(ctx.probs)  # a view of grad where it can be
+        np.copyto(g, ctx.probs)
         g[np.arange(n), ctx.targets] -= 1.0
         g *= np.float32(grad_loss / ctx.denominator)
-        grad[ctx.rows] = g
+        if not isinstance(rows, slice):
+            grad[rows] = g
     return grad.reshape(B, T, V).astype(ctx.dtype, copy=False)
 
 

@@ -9,6 +9,7 @@
 - each fused kernel of ``lora_kernels`` against the NumPy expression it replaces, and ``QLoRALinear``'s fast path
   (``kernel="fused"``) against its definition (``kernel="naive"``): outputs, input gradients, adapter gradients;
 - the in-place forms of RoPE, softmax and the SwiGLU backward against the expressions they replace.
+- the gradient clipping's in-place 2-norm against the general p-norm expression.
 
 Values are compared as bit patterns (``view(uint32)``), so -0.0 against +0.0 counts as a difference; the only
 exemption is NaN against NaN where the inputs make NaN (inf · 0), whose sign and payload x86 leaves to the
@@ -297,3 +298,15 @@ def test_swiglu_backward_equals_the_expression(data):
         mlp._cache = (g, u, s, a)
         dx = mlp.backward(dh)
         assert_same_bits(dx, dh * u * (s * (1 + g * (1 - s))) + dh * a, nan_ok=True)
+
+
+def test_grad_norm_2_equals_the_general_expression():
+    """The 2-norm's in-place square against ``sum(|g|**2)`` (the general p-norm expression), float32 and float64."""
+    from qlora_ref.optim.clip import _power_sum
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float64):
+        g = (rng.standard_normal(1000) * 10.0 ** rng.integers(-20, 20, 1000)).astype(dtype)
+        kept = g.copy()
+        assert _power_sum(g, 2.0) == np.sum(np.abs(g.astype(np.float64)) ** 2.0)
+        assert (g == kept).all()  # the gradient is left alone

@@ -98,6 +98,28 @@ def test_grad_loss_scales_and_object_form():
         f.backward()
 
 
+@pytest.mark.parametrize("ignored", [0.0, 0.3])
+def test_views_leave_logits_and_context_alone(ignored):
+    """A batch of one with every target counted takes the softmax of a view of the logits and writes the gradient
+    through a view (no (N, V) copies); neither may change the logits or the context, so that backward can run
+    twice and give the same bits, and the (N, V) values equal the expression ``(softmax - onehot) / N``."""
+    logits, labels = _case(5, 1, 7, 11, ignored)
+    kept = logits.copy()
+    _, ctx = causal_lm_loss(logits, labels)
+    probs = ctx.probs.copy()
+    first, second = causal_lm_loss_backward(ctx), causal_lm_loss_backward(ctx)
+    assert (first == second).all() and (ctx.probs == probs).all() and (logits == kept).all()
+    z = logits[0, :-1].astype(np.float32)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    expected = e / e.sum(axis=1, keepdims=True)
+    target = labels[0, 1:]
+    counted = target != IGNORE_INDEX
+    expected[np.flatnonzero(counted), target[counted]] -= 1.0
+    expected *= np.float32(1.0 / counted.sum())
+    expected[~counted] = 0.0
+    assert (first[0, :-1] == expected).all() and not first[0, -1].any()
+
+
 def test_low_precision_logits_are_computed_in_float32():
     from qlora_ref.dtypes import bfloat16
 

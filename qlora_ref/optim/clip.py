@@ -16,6 +16,15 @@ from collections.abc import MutableMapping
 import numpy as np
 
 
+def _power_sum(g: np.ndarray, norm_type: float) -> np.float64:
+    """sum(|g|^norm_type) in float64. For the 2-norm, |g|² = g·g computed in place: the same values and the same
+    (pairwise) sum as the general expression, two passes over memory fewer."""
+    t = g.astype(np.float64)
+    if norm_type == 2.0:
+        return np.sum(np.multiply(t, t, out=t))
+    return np.sum(np.abs(t) ** norm_type)
+
+
 def grad_norm(grads: MutableMapping[str, np.ndarray], norm_type: float = 2.0) -> float:
     """The global ``norm_type`` norm of all gradients (``None`` entries skipped); 0.0 when there are none."""
     arrays = [np.asarray(g) for g in grads.values() if g is not None]
@@ -25,10 +34,8 @@ def grad_norm(grads: MutableMapping[str, np.ndarray], norm_type: float = 2.0) ->
     if math.isinf(norm_type):
         per_tensor = [np.float32(np.abs(g).max()) if g.size else np.float32(0) for g in arrays]
         return float(np.max(per_tensor))
-    per_tensor = np.array(
-        [np.float32(np.sum(np.abs(g.astype(np.float64)) ** norm_type) ** (1.0 / norm_type)) for g in arrays],
-        dtype=np.float32,
-    )
+    per_tensor = np.array([np.float32(_power_sum(g, norm_type) ** (1.0 / norm_type)) for g in arrays],
+                          dtype=np.float32)
     return float(np.float32(np.sum(per_tensor.astype(np.float64) ** norm_type) ** (1.0 / norm_type)))
 
 
