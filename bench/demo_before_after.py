@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from model_step import cpu_info, load_average, stamp, write_json  # noqa: E402  (bench/ is on sys.path as a script)
+from model_step import cpu_info, load_average, write_json  # noqa: E402  (bench/ is on sys.path as a script)
 
 
 def commit_of(checkout: Path) -> str:
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
     ratios = [b["wall_seconds"] / t["wall_seconds"] for b, t in zip(runs["base"], runs["this"], strict=True)]
     train_ratios = [b["summary"]["train_seconds"] / t["summary"]["train_seconds"]
                     for b, t in zip(runs["base"], runs["this"], strict=True)]
-    result = {"benchmark": "demo_before_after", "stamp": stamp(), "cpu": cpu_info(), "load_average": load_average(),
+    result = {"benchmark": "demo_before_after", "cpu": cpu_info(), "load_average": load_average(),
               "command": " ".join(["python", "bench/" + Path(sys.argv[0]).name, *sys.argv[1:]]),
               "commits": {n: commit_of(p) for n, p in checkouts.items()}, "runs": runs,
               "speedup_wall": {"median": statistics.median(ratios), "all": ratios},

@@ -45,12 +45,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,8 +67,6 @@ IMPLS = ("qlora_ref", "qlora_gpu", "peft + bnb", "peft float32")
 DEFINITION = "qlora_ref (definition)"
 #: issue 34's goals: qlora_ref's tokens/s over peft float32's, and its share of the sgemm rate
 GOALS = {"tokens_per_s_vs_peft_float32": 0.8, "fraction_of_sgemm": 0.5}
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-             "amx_int8")
 
 
 # ----------------------------------------------------------------------------------------------- the machine
@@ -96,19 +90,11 @@ def _timed_both(fn) -> tuple[float, float]:
 
 
 def cpu_info() -> dict:
-    """Model name, core count and the instruction-set features that decide the kernels (from /proc/cpuinfo)."""
-    info = {"model": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "flags": {}}
-    with contextlib.suppress(OSError):
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                info["model"] = value.strip()
-            if key.strip() == "flags":
-                flags = set(value.split())
-                info["flags"] = {f: f in flags for f in CPU_FLAGS}
-                break
-    return info
+    """The CPU's model, core count and the instruction-set features that decide the kernels (``qlora doctor``'s)."""
+    from qlora_ref.cli.doctor import cpu
+
+    info = cpu()
+    return {"model": info["model"], "cpus": os.cpu_count(), "flags": info["flags"] or {}}
 
 
 def load_average() -> list[float] | None:
@@ -117,34 +103,13 @@ def load_average() -> list[float] | None:
     return None
 
 
-def stamp() -> dict:
-    """Commit, dirty flag and versions of what ran, for the JSON."""
-    import importlib.metadata as md
-
-    def git(*args) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    versions = {}
-    for pkg in ("numpy", "numba", "scipy", "ml_dtypes", "torch", "transformers", "peft", "bitsandbytes", "gguf"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            versions[pkg] = md.version(pkg)
-    versions["python"] = platform.python_version()
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "versions": versions}
-
-
 def write_json(path, result: dict) -> None:
-    """Atomically: a temporary file next to ``path``, then rename."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    """Atomically (``qlora_ref.files``), stamped by ``bench/stamp.py``: commit, dirty flag, versions, host."""
+    from bench.stamp import stamp
+    from qlora_ref.files import atomic_write_json
+
+    atomic_write_json(Path(path), {**result, "stamp": stamp()})
+    print(f"wrote {path}")
 
 
 def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
@@ -333,7 +298,7 @@ def run(args) -> dict:
 
     ref = times["qlora_ref"]
     result = {
-        "benchmark": "model_step", "stamp": stamp(), "cpu": cpu, "load_average": load,
+        "benchmark": "model_step", "cpu": cpu, "load_average": load,
         "threads": {"numba": numba.get_num_threads(), "numba_layer": numba.config.THREADING_LAYER,
                     "torch": torch.get_num_threads(),
                     "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",

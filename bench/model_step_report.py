@@ -47,8 +47,9 @@ def _threads(res: dict) -> str:
 
 def _stamp(res: dict) -> str:
     s = res["stamp"]
-    dirty = {True: "uncommitted changes", False: "clean", None: "unknown"}[s.get("dirty")]
-    return f"commit {str(s.get('commit'))[:10]} ({dirty}), {s.get('date')}; {_versions(s)}"
+    code = s.get("code", s)  # bench/stamp.py's stamp; results of before it kept commit and dirty at the top
+    dirty = {True: "uncommitted changes", False: "clean", None: "unknown"}[code.get("dirty")]
+    return f"commit {str(code.get('commit'))[:10]} ({dirty}), {s.get('time_utc', s.get('date'))}; {_versions(s)}"
 
 
 def model_step_markdown(res: dict) -> str:

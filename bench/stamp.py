@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script: the project's packages
+    sys.path.insert(0, str(ROOT))
 FROZEN = ROOT / "bench" / "results" / "FROZEN_STAMP.json"
 SOURCE_DIRS = ("qlora_ref", "qlora_gpu", "bench")
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "triton", "numpy", "accelerate", "safetensors")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "triton", "numpy", "numba", "accelerate",
+            "safetensors")
 
 
 def source_sha256(root: Path = ROOT) -> str:
@@ -100,22 +103,20 @@ def gpu() -> list[dict]:
 
 
 def host() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The machine: its CPU's model and the instruction-set features that pick torch's, oneDNN's and bitsandbytes'
+    CPU kernels (``qlora doctor``'s), cores, memory and the load average."""
+    from qlora_ref.cli.doctor import cpu as cpu_report
+
+    cpu = cpu_report()
     mem = None
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return dict(hostname=socket.gethostname(), platform=platform.platform(), cpu=cpu, cores=os.cpu_count(),
-                memory_bytes=mem, load_average=list(load) if load else None)
+    return dict(hostname=socket.gethostname(), platform=platform.platform(), cpu=cpu["model"],
+                cpu_flags=cpu["flags"], cores=os.cpu_count(), memory_bytes=mem,
+                load_average=list(load) if load else None)
 
 
 def stamp(command: list[str] | None = None) -> dict:

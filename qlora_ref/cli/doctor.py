@@ -24,7 +24,8 @@ from pathlib import Path
 PACKAGES = ("numpy", "numba", "scipy", "safetensors", "torch", "bitsandbytes", "transformers", "peft", "triton",
             "hypothesis", "qlora")
 #: /proc/cpuinfo flags that decide bitsandbytes' CPU kernels and torch's bfloat16 arithmetic
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8")
 #: the source checkout this module runs from (constraints.txt and .git live here when it is one)
 ROOT = Path(__file__).resolve().parents[2]
 
