@@ -201,7 +201,7 @@ def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: 
                                                                       dropout=rec["dropout"]),
                           device=device, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa",
                           seed=seed, init_std=init_std, progress=progress, tokenizer=False, kernel=kernel,
-                          **extra)
+                          fast=True, **extra)  # qlora_gpu.fast: CUDA's default, and on the CPU the same launches
     model.train()
     params = list(model.lora_parameters().values())
 
