@@ -90,7 +90,7 @@ STACKS = ("ours", "ours-triton", "ours-graph", "baseline", "baseline-paper", "ba
 #: norms), and that under ``torch.compile``
 BASELINES = ("baseline", "baseline-paper", "baseline-paper-compile")
 #: variants of ours, each compared with ours and the baseline in ``ratios``: the opt-in fused kernels
-#: (docs/fused_kernels.md) and the step replayed as a CUDA graph (``qlora_gpu.graphs``; CUDA only)
+#: (docs/fused_kernels.md) and the step replayed as a CUDA graph (``qlora_gpu.fast.graphs``; CUDA only)
 VARIANTS = {"ours-triton": "triton", "ours-graph": "graph"}
 CUDA_ONLY_STACKS = ("ours-graph",)
 GiB = 2**30
@@ -201,7 +201,7 @@ def build_ours(config: ModelConfig, device, rec: dict, seed: int = 0, progress: 
                                                                       dropout=rec["dropout"]),
                           device=device, dtype="bfloat16", gradient_checkpointing=True, attn_implementation="sdpa",
                           seed=seed, init_std=init_std, progress=progress, tokenizer=False, kernel=kernel,
-                          **extra)
+                          fast=True, **extra)  # qlora_gpu.fast: CUDA's default, and on the CPU the same launches
     model.train()
     params = list(model.lora_parameters().values())
 
@@ -362,9 +362,9 @@ def baseline_linears(peft_model) -> dict:
 
 def build_ours_graph(config: ModelConfig, device, rec: dict, **kwargs):
     """``build_ours`` with the step captured into a CUDA graph at its first call and replayed after
-    (``qlora_gpu.graphs.GraphedStep``: the same kernels, launched in one call); the loss function it returns runs
+    (``qlora_gpu.fast.graphs.GraphedStep``: the same kernels, launched in one call); the loss function it returns runs
     the backward pass too."""
-    from qlora_gpu.graphs import GraphedStep
+    from qlora_gpu.fast.graphs import GraphedStep
 
     model, params, loss_fn = build_ours(config, device, rec, **kwargs)
     return model, params, GraphedStep(model, loss_fn)
@@ -384,7 +384,7 @@ def _sync(device: torch.device) -> None:
 
 def train_step(loss_fn, update, ids: torch.Tensor) -> float:
     """Forward, loss, backward, then ``update()`` (clipping, optimizer step, gradients cleared): one step. A
-    ``loss_fn`` with ``runs_backward`` (``qlora_gpu.graphs.GraphedStep``) has run the backward pass itself."""
+    ``loss_fn`` with ``runs_backward`` (``qlora_gpu.fast.graphs.GraphedStep``) has run the backward pass itself."""
     loss = loss_fn(ids)
     if not getattr(loss_fn, "runs_backward", False):
         loss.backward()

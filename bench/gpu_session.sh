@@ -149,7 +149,7 @@ run_part() {
       compare speed speed_7b_compile.json "${COMPILE_MAX:-90}" --model $M7 --stacks ours,baseline-paper-compile \
         --shapes ${SHAPES7%%,*} --repeats 5 ;;
     goals)  # the two goals: 65B under 48 GB first, then 7B/13B against the baseline, then ours replayed
-            # as a CUDA graph (qlora_gpu.graphs; never run on a GPU before: after the eager runs, so that a capture
+            # as a CUDA graph (qlora_gpu.fast.graphs; never run on a GPU before: after the eager runs, so that a capture
             # that hangs until CHILD_MAX costs no eager figure), then 65B baseline; 10 timed steps (the 5 of
             # 2026-11-29 spread by ±15 %); ours-triton measured slow then, now in extras
       scale 65b:ours,7b:ours,7b:baseline,13b:ours,13b:baseline,7b:ours-graph,13b:ours-graph,65b:baseline \

@@ -1,9 +1,10 @@
 """One training step of SmolLM2-135M on the CPU — forward, next-token cross entropy, backward, gradient clipping and
-an AdamW step — by four implementations measured in this one run, interleaved:
+an AdamW step — by five implementations measured in this one run, interleaved:
 
 - ``qlora_ref``: the NumPy/Numba reference (``RefTrainer`` over ``qlora_ref.model``), its fast path;
 - ``qlora_gpu``: the torch backend on the CPU (``GpuTrainer`` over ``QLoRAModel``: transformers + bitsandbytes
-  NF4 + its LoRA layer);
+  NF4 + its LoRA layer), the plain core (the CPU's default); ``qlora_gpu fast``: the same through ``qlora_gpu.fast``
+  (``TrainConfig.fast=True``: the same values in fewer operators);
 - ``peft + bnb``: transformers + peft + bitsandbytes QLoRA, as a user builds it (``from_pretrained`` with a
   ``BitsAndBytesConfig`` nf4 / double quant / bfloat16 compute, ``prepare_model_for_kbit_training``,
   ``get_peft_model``; the step under ``torch.autocast(bfloat16)`` as HF Trainer with ``bf16=True``);
@@ -63,7 +64,7 @@ TEXT = ("The sun rose slowly over the quiet harbour, and the fishermen began to 
         "Gulls circled overhead, calling to one another, while the smell of salt and tar drifted through the narrow "
         "streets of the old town. ")
 RECIPE = dict(r=64, alpha=16.0, dropout=0.1, lr=2e-4, max_grad_norm=0.3)
-IMPLS = ("qlora_ref", "qlora_gpu", "peft + bnb", "peft float32")
+IMPLS = ("qlora_ref", "qlora_gpu", "qlora_gpu fast", "peft + bnb", "peft float32")
 DEFINITION = "qlora_ref (definition)"
 #: issue 34's goals: qlora_ref's tokens/s over peft float32's, and its share of the sgemm rate
 GOALS = {"tokens_per_s_vs_peft_float32": 0.8, "fraction_of_sgemm": 0.5}
@@ -157,11 +158,15 @@ def ref_step(path, batch, checkpointing: bool, kernel: str = "fused"):
     return trainer_step(RefTrainer(model, config), batch, config.learning_rate), model
 
 
-def gpu_step(path, batch, checkpointing: bool):
+def gpu_step(path, batch, checkpointing: bool, fast: bool | None = None):
+    """``qlora_gpu``'s step on the CPU: the plain core (the CPU's default), or with ``fast`` the fast path
+    (``qlora_gpu.fast``: the same values, fewer operators)."""
+    import dataclasses
+
     from qlora_gpu.model import QLoRAModel
     from qlora_gpu.train import GpuTrainer
 
-    config = train_config(checkpointing)
+    config = dataclasses.replace(train_config(checkpointing), fast=fast)
     model = QLoRAModel.from_pretrained(path, quant=config.quant_config(), lora=config.lora_config(), device="cpu",
                                        tokenizer=False)
     return trainer_step(GpuTrainer(model, config), batch, config.learning_rate)
@@ -266,6 +271,8 @@ def run(args) -> dict:
         raise SystemExit(f"--skip: unknown implementations {sorted(unknown)}; choose from {IMPLS}")
     if "qlora_gpu" not in skip:
         steps["qlora_gpu"] = gpu_step(path, batch, ckpt)
+    if "qlora_gpu fast" not in skip:
+        steps["qlora_gpu fast"] = gpu_step(path, batch, ckpt, fast=True)
     with tempfile.TemporaryDirectory(prefix="model_step_hf_") as tmp:
         if {"peft + bnb", "peft float32"} - skip:
             folder = hf_folder(path, Path(tmp))

@@ -9,7 +9,7 @@ from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 from qlora_ref.model.config import LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.train.config import TrainConfig
 
-from .graphs import GraphedStep, check_capturable
+from .fast import GraphedStep, check_capturable
 from .lora import KERNELS, QLoRALinear, set_kernel
 from .model import QLoRAModel
 from .optim import make_optimizer

@@ -123,7 +123,7 @@ def to_float_storage(layer: QLoRALinear, storage: torch.dtype = DEFAULT_STORAGE)
         return
     absmax = state.absmax.contiguous().reshape(-1)
     state2 = None
-    if state.nested:  # its own copy: the block's scale buffer (qlora_gpu.block_scales) is let go
+    if state.nested:  # its own copy: the block's scale buffer (qlora_gpu.fast.block_scales) is let go
         s2 = state.state2
         state2 = bnbf.QuantState(absmax=s2.absmax.clone(), code=s2.code, blocksize=s2.blocksize, dtype=s2.dtype)
     stored = Stored4bit(quant_type=state.quant_type, shape=torch.Size(state.shape), dtype=state.dtype,

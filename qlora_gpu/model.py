@@ -10,10 +10,9 @@ seed), and the transformers model is assembled from its tensors:
 - each of the seven block linears becomes a ``QLoRALinear``: the float weight quantized by bitsandbytes with the
   ``QuantConfig`` (or a stored 4-bit weight used as is), the adapter initialised exactly as the reference's
   (``qlora_ref.lora.init_lora_weights`` with the same per-layer seed);
-- per decoder layer, the LoRA layers' dropout masks drawn and their adapters cast to the compute dtype in one
-  operator for the whole block, their double-quantized scales decoded in two (``stage_layer``,
-  ``qlora_gpu.block_scales``: host time, one launch where seven layers would launch seven); the layers reading
-  one input (q, k, v; gate, up) drop it out in one operator (``drop_shared_input``);
+- per decoder layer, the LoRA layers' dropout masks drawn in one draw for the whole block
+  (``draw_block_masks``), the dropout rule of both the plain and the fast path (``qlora_gpu.fast`` then also
+  casts the block's adapters and decodes its scales at once: ``qlora_gpu.fast.enable``);
 - the RMSNorms through torch's fused RMSNorm operator (``rms_norm``: the rounding steps of transformers'
   float32-weight norm, one CUDA kernel where transformers' code launches seven);
 - gradient checkpointing per decoder layer (torch's checkpoint), with the LoRA dropout generators rewound before
@@ -41,9 +40,7 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.model.llama import module_path
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
-from .block_scales import BlockScales
-from .lora import QLoRALinear, draw_keep, drop_together
-from .optim import flat_view
+from .lora import QLoRALinear, draw_keep
 from .packing import VARLEN
 from .patches import register_varlen_attention, use_fused_rms_norm, use_fused_rope
 from .quantize import Quantized4bit, dequantize_4bit
@@ -59,6 +56,12 @@ def default_device(device=None) -> torch.device:
     if device is not None:
         return torch.device(device)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def fast_by_default(device) -> bool:
+    """Whether a model on ``device`` trains on the fast path (``qlora_gpu.fast``) unless told otherwise: on CUDA,
+    where docs/benchmarks.md measured it faster; not on the CPU."""
+    return torch.device(device).type == "cuda"
 
 
 def set_block_linear(layer: nn.Module, name: str, linear: nn.Module) -> None:
@@ -157,17 +160,15 @@ def _autocast_forward(forward, dtype: torch.dtype, *args, **kwargs):
         return forward(*args, **kwargs)
 
 
-#: a block's last linear (parent module, name). In the recomputation under checkpointing its output feeds nothing
-#: the backward pass needs — the residual addition after it saves nothing, and the block's output is the next
-#: block's input, which that block's checkpoint keeps — so there it computes only what its backward pass saves:
-#: no dequantization, frozen product, up-projection or addition (4 kernels per block and step; LLaMA, Mistral
-#: and Qwen2 end their blocks alike)
-LAST_LINEAR = ("mlp", "down_proj")
+#: set on a decoder layer (its ``__dict__``) by ``qlora_gpu.fast.enable``: called before the layer's recomputation
+#: under checkpointing, it returns the function that undoes what it set (the block's last linear skips its output)
+ON_RECOMPUTE = "_qlora_on_recompute"
 
 
-#: set on a LoRA layer while a training step is captured into a CUDA graph (``qlora_gpu.graphs``): the generator its
-#: block's recomputation draws from — a twin of its own, set to the same state before every replay — because a
-#: captured graph cannot rewind a generator (``get_state``/``set_state`` are host operations, refused in capture)
+#: set on a LoRA layer while a training step is captured into a CUDA graph (``qlora_gpu.fast.graphs``): the
+#: generator its block's recomputation draws from — a twin of its own, set to the same state before every replay —
+#: because a captured graph cannot rewind a generator (``get_state``/``set_state`` are host operations, refused in
+#: capture)
 RECOMPUTE_GENERATOR = "_recompute_generator"
 
 #: set on a decoder layer by ``QLoRAModel.activation_offload``: the ``qlora_gpu.offload.ActivationOffload`` whose
@@ -193,22 +194,22 @@ def _layer_forward(layer: nn.Module, forward, *args, **kwargs):
 
 def _checkpoint_layer(layer: nn.Module, fn, *args):
     """Activation checkpointing of one decoder layer that replays its LoRA dropout masks: they come from the LoRA
-    layers' own generators (``stage_layer`` draws a block's from its first one), which torch's checkpoint does not
-    rewind, so they are rewound here — or, while a step is captured into a CUDA graph, drawn from twin generators
+    layers' own generators (``draw_block_masks`` draws a block's from its first one), which torch's checkpoint does
+    not rewind, so they are rewound here — or, while a step is captured into a CUDA graph, drawn from twin generators
     in the same state (``RECOMPUTE_GENERATOR``).
 
     torch's non-reentrant variant (the one torch recommends): it needs no input that requires gradients and
     recomputes inside the backward pass, where the masks are replayed by ``run``. torch's own generators are saved
     and restored around the recomputation only when the block draws from them (attention dropout, an
     ``nn.Dropout``): LLaMA's blocks in the paper's recipe draw nothing there, and the saving costs host time at
-    every block call (and keeps the step from CUDA-graph capture). In the recomputation the block's last linear
-    skips its output (``LAST_LINEAR``)."""
+    every block call (and keeps the step from CUDA-graph capture). Before the recomputation the layer's
+    ``ON_RECOMPUTE`` runs, if set (``qlora_gpu.fast``)."""
     linears = [m for m in lora_linears(layer) if m.dropout_active]
     device = args[0].device
     twins = [m.__dict__.get(RECOMPUTE_GENERATOR) for m in linears]
     replay = _twin_draws if all(t is not None for t in twins) else _rewound_draws
     saved = twins if replay is _twin_draws else [m._generator(device).get_state() for m in linears]
-    last = getattr(getattr(layer, LAST_LINEAR[0], None), LAST_LINEAR[1], None)
+    on_recompute = layer.__dict__.get(ON_RECOMPUTE)
     forward = True
 
     def run(*a):
@@ -216,17 +217,14 @@ def _checkpoint_layer(layer: nn.Module, fn, *args):
         if forward:  # the forward pass
             forward = False
             return fn(*a)
-        # the recomputation: the forward pass's masks again, and the block's last linear skips its output
+        # the recomputation: the forward pass's masks again
         restore = replay(linears, saved, device)
-        skip = isinstance(last, QLoRALinear)
-        if skip:
-            last.__dict__["_output_unused"] = True
+        undo = on_recompute() if on_recompute is not None else _nothing
         try:
             return fn(*a)
         finally:
             restore()
-            if skip:
-                last.__dict__.pop("_output_unused", None)
+            undo()
 
     offload = layer.__dict__.get(OFFLOAD)
     with offload.hooks() if offload is not None else contextlib.nullcontext():
@@ -274,11 +272,11 @@ def draws_global_rng(layer: nn.Module) -> bool:
     return False
 
 
-def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
-    """LoRA layer -> its dropout mask (rows, in): one draw (``qlora_gpu.lora.draw_keep``) on the generator of the
-    block's first dropout layer for all the masks of one dropout probability, laid out by input width in order of
-    first appearance, each width's as (layers, rows, width) in module order — the rule of a layer's own draw
-    (``QLoRALinear.forward``), in one kernel per block call instead of one per layer."""
+def block_masks(linears: list[QLoRALinear], rows: int, device: torch.device) -> dict:
+    """LoRA layer -> its dropout mask (rows, in): one draw (``qlora_gpu.lora_math.draw_keep``) on the generator of
+    the block's first dropout layer for all the masks of one dropout probability, laid out by input width in order
+    of first appearance, each width's as (layers, rows, width) in module order — the rule of a layer's own draw, in
+    one kernel per block call instead of one per layer (host time at batch 1, docs/benchmarks.md)."""
     active = [m for m in linears if m.dropout_active]
     if not active:
         return {}
@@ -295,89 +293,26 @@ def _layer_masks(linears: list[QLoRALinear], rows: int, device: torch.device) ->
     return masks
 
 
-def _layer_adapters(linears: list[QLoRALinear]) -> dict:
-    """LoRA layer -> (A, B) in the compute dtype, cast in one operator for the whole block when its adapters lie in
-    one buffer as the flat optimizer lays them out (``qlora_gpu.optim.flat_view``); nothing otherwise (each layer
-    then casts its own, the same values)."""
-    kinds = {m.compute_dtype for m in linears}
-    if len(kinds) != 1:
-        return {}
-    cdt = getattr(torch, kinds.pop())
-    params = [p for m in linears for p in (m.lora_A, m.lora_B)]
-    found = None if params[0].dtype == cdt else flat_view(params)  # already the compute dtype: nothing to cast
-    if found is None:
-        return {}
-    flat, starts = found
-    flat = flat.to(cdt)  # the gaps between the adapters cast too
-    cast = [flat[s:s + p.numel()].view(p.shape) for s, p in zip(starts, params, strict=True)]
-    return {m: (cast[2 * i], cast[2 * i + 1]) for i, m in enumerate(linears)}
-
-
-def _layer_scales(layer: nn.Module, linears: list[QLoRALinear], device: torch.device) -> dict:
-    """LoRA layer -> (its double-quantized scales decoded to float32, whether its backward pass uses them too),
-    decoded for the whole block by two operators (``qlora_gpu.block_scales``); nothing for a layer that cannot
-    share the block's buffer (it decodes its own, the same values). The backward pass uses them under gradient
-    checkpointing only: there they are saved as nothing and decoded again by the recomputation, where without
-    checkpointing they would stay in memory from the forward pass to the backward pass (a block's float32 absmax:
-    13 MB at LLaMA-7B)."""
-    scales = BlockScales.of(layer, linears)
-    if scales is None or scales.codes.device != device:
-        return {}
-    for_backward = bool(layer.__dict__.get(CHECKPOINTED)) and layer.training
-    return {m: (absmax, for_backward) for m, absmax in scales.decode().items()}
-
-
 @torch.no_grad()
-def stage_layer(layer: nn.Module, hidden: torch.Tensor) -> None:
-    """Draws a decoder layer's LoRA dropout masks, casts its adapters to the compute dtype and decodes its
-    double-quantized scales for the whole block at once, then hands each LoRA layer its share
-    (``QLoRALinear.stage``); ``hidden`` is the block's input.
-
-    Why: at batch 1 a training step waits on the host, which pays per operator launched, whatever its size
-    (docs/benchmarks.md). Per call of a LLaMA block this is 1 kernel instead of 14 for the masks, 1 instead
-    of 14 for the casts (when the adapters lie in one buffer: built so by ``prepare_model``, or bound by
-    ``qlora_gpu.optim``) and 2 instead of 14 for the scales (28 with their backward use). The values are the ones
-    each layer would compute; the masks are drawn from one generator (the block's first dropout layer's, which
-    checkpointing rewinds) instead of seven."""
+def draw_block_masks(layer: nn.Module, hidden: torch.Tensor) -> None:
+    """Draws a decoder layer's LoRA dropout masks for the whole block at once (``block_masks``; ``hidden`` is the
+    block's input) and hands each LoRA layer its own (``QLoRALinear.stage_mask``). The masks come from one
+    generator, the block's first dropout layer's (which checkpointing rewinds), instead of seven."""
     linears = lora_linears(layer)
-    if not linears:
-        return
-    masks = _layer_masks(linears, hidden.numel() // hidden.shape[-1], hidden.device)
-    adapters = _layer_adapters(linears)
-    scales = _layer_scales(layer, linears, hidden.device)
-    for m in linears:
-        m.stage(masks.get(m), adapters.get(m), scales.get(m))
+    masks = block_masks(linears, hidden.numel() // hidden.shape[-1], hidden.device) if linears else {}
+    for m, keep in masks.items():
+        m.stage_mask(keep)
 
 
-def _stage_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:
+def _mask_hook(layer: nn.Module, norm: nn.Module, args: tuple) -> None:
     """Forward pre-hook on a block's ``input_layernorm`` — the first module the block calls, so inside the
     checkpointed function in every transformers version (since transformers 5 a hook on the block itself runs
-    outside it): the recomputation stages again, draws the same masks, and no cast is kept from forward to
-    backward."""
-    stage_layer(layer, args[0])
-
-
-#: the LoRA layers of a decoder block that read one input, by parent module (LLaMA, Mistral and Qwen2 name them alike)
-SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
-
-
-def drop_shared_input(parent: nn.Module, names: tuple, x: torch.Tensor) -> None:
-    """x ⊙ Mᵢ / (1 − p) for the LoRA layers ``names`` of ``parent`` that read the input ``x`` (q, k and v; gate
-    and up), in one kernel for all of them where each layer would launch its own (host time, docs/benchmarks.md;
-    ``qlora_gpu.lora.drop_together``)."""
-    drop_together([m for m in (getattr(parent, n, None) for n in names) if isinstance(m, QLoRALinear)], x)
-
-
-def _shared_input_hook(names: tuple, parent: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of a block's attention and MLP modules (``SHARED_INPUTS``): their input, positional or
-    transformers' ``hidden_states=``, goes to ``drop_shared_input``."""
-    x = args[0] if args else kwargs.get("hidden_states")
-    if isinstance(x, torch.Tensor):
-        drop_shared_input(parent, names, x)
+    outside it): the recomputation draws the same masks again."""
+    draw_block_masks(layer, args[0])
 
 
 def _unstage_hook(layer: nn.Module, args: tuple, output) -> None:
-    """Forward hook of a decoder layer: drops whatever ``stage_layer`` left unused."""
+    """Forward hook of a decoder layer: drops a mask ``draw_block_masks`` left unused."""
     for m in lora_linears(layer):
         m.unstage()
 
@@ -413,13 +348,9 @@ class QLoRAModel(nn.Module):
         self.lora = lora
         self.tokenizer = tokenizer
         self._gradient_checkpointing = False
-        for layer in hf_model.model.layers:  # one operator per block where each LoRA layer would launch its own
-            layer.input_layernorm.register_forward_pre_hook(functools.partial(_stage_hook, layer))
+        for layer in hf_model.model.layers:  # a block's dropout masks in one draw (draw_block_masks)
+            layer.input_layernorm.register_forward_pre_hook(functools.partial(_mask_hook, layer))
             layer.register_forward_hook(_unstage_hook)
-            for parent, names in SHARED_INPUTS.items():
-                if isinstance(getattr(layer, parent, None), nn.Module):
-                    getattr(layer, parent).register_forward_pre_hook(functools.partial(_shared_input_hook, names),
-                                                                     with_kwargs=True)
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -665,4 +596,4 @@ class QLoRAModel(nn.Module):
                                 tokenizer_source=tokenizer_source)
 
 
-__all__ = ["QLoRAModel", "default_device", "hf_config", "hf_skeleton", "set_block_linear", "stage_layer"]
+__all__ = ["QLoRAModel", "default_device", "draw_block_masks", "hf_config", "hf_skeleton", "set_block_linear"]

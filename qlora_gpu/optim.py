@@ -34,17 +34,19 @@ change their arithmetic.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping
 
 import torch
 
 from qlora_ref.optim import canonical_optimizer_name
 
-from .deferred_grads import DeferredGrads
-
 _BNB_CLASSES = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 #: optimizers whose update is elementwise over 32-bit states, so that one flat buffer changes no arithmetic
 FLAT_OPTIMIZERS = ("paged_adamw",)
+#: on each tensor of a flat buffer (its ``__dict__``): (weak reference to its ``FlatBuffer``, its index there), for
+#: ``qlora_gpu.fast.deferred_grads``, which writes the layers' gradients into the buffer in one operation per pass
+FLAT_BUFFER = "_qlora_flat_buffer"
 #: bitsandbytes' update kernels count elements in a 32-bit int: the largest buffer they can take in one launch
 FLAT_MAX_NUMEL = 2**31 - 1
 #: each parameter's slice of the flat buffer starts at a multiple of this many bytes, the alignment of torch's CUDA
@@ -99,7 +101,7 @@ class TorchOptimizer:
                              "per tensor")
         self._flat_wanted = self.name in FLAT_OPTIMIZERS and elementwise if flat is None else flat
         self._flat_forced = flat is True
-        self._flat: _FlatBuffer | None = None
+        self._flat: FlatBuffer | None = None
         self._cls = _torch_class(self.name, paged)
         self._kwargs = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay, **kwargs)
         if self.name == "adamw":
@@ -159,7 +161,7 @@ class TorchOptimizer:
             raise ValueError(f"flat=True: {numel} elements in all, more than bitsandbytes' kernels take in one "
                              f"launch ({FLAT_MAX_NUMEL})")
         if self._flat_wanted and same and numel <= FLAT_MAX_NUMEL:
-            self._flat = _FlatBuffer(tensors)
+            self._flat = FlatBuffer(tensors)
             tensors = [self._flat.param]
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Pp]aged.*")  # bitsandbytes' CPU fallback notice
@@ -304,7 +306,7 @@ def flat_view(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]] | N
     tensor spanning them, and their starts in it; None if they do not lie so. ``prepare_model`` builds the adapters
     so: binding then copies nothing (re-pointing separately allocated tensors holds two copies of them at once,
     3.2 GB for LLaMA-65B's float32 adapters, docs/benchmarks.md), and a decoder block casts its adapters in one
-    operator (``qlora_gpu.model.stage_layer``)."""
+    operator (``qlora_gpu.fast.staging.stage_layer``)."""
     first = tensors[0]
     starts, numel = flat_layout([t.numel() for t in tensors], first.element_size())
     storage, base = first.untyped_storage(), first.storage_offset()
@@ -324,7 +326,7 @@ def adapter_buffer(numels: list[int], dtype: torch.dtype, device) -> tuple[torch
     return torch.zeros(numel, dtype=dtype, device=device), starts
 
 
-class _FlatBuffer:
+class FlatBuffer:
     """Tensors re-pointed into one contiguous parameter (``param``) and their gradients into its ``.grad``: the
     flat buffer of ``TorchOptimizer`` (module docstring)."""
 
@@ -341,10 +343,15 @@ class _FlatBuffer:
         self.grad_views = [self.param.grad[sl].view(shape) for sl, shape in zip(self.slices, self.shapes, strict=True)]
         # addresses compared at every step (host time: 1,120 tensors for LLaMA-65B's adapters)
         self._ptrs = [v.data_ptr() for v in self.views]
-        self._grad_ptrs = [v.data_ptr() for v in self.grad_views]
+        self.grad_ptrs = [v.data_ptr() for v in self.grad_views]
         self.adopt(tensors)
-        # the layers' gradients widened and added in one operator per backward pass (qlora_gpu.deferred_grads)
-        self.deferred = DeferredGrads(tensors, self.param.grad, self.slices, self.shapes, self._grad_ptrs)
+        self.tensors = list(tensors)
+        #: ``qlora_gpu.fast.deferred_grads.DeferredGrads`` of this buffer, made there at its first use
+        self.deferred = None
+        me = weakref.ref(self)
+        for i, t in enumerate(tensors):
+            if t.requires_grad:
+                t.__dict__[FLAT_BUFFER] = (me, i)
 
     def adopt(self, tensors: list[torch.Tensor]) -> None:
         """Point each tensor at its slice, keeping its values: at the build, and again for one given new storage
@@ -362,7 +369,7 @@ class _FlatBuffer:
     def link_grads(self, tensors: list[torch.Tensor], keep: bool) -> None:
         """Make each trainable tensor's ``.grad`` its slice of the gradient buffer (autograd adds into it);
         ``keep``: a gradient it already has is copied there, else dropped."""
-        for t, gview, ptr in zip(tensors, self.grad_views, self._grad_ptrs, strict=True):
+        for t, gview, ptr in zip(tensors, self.grad_views, self.grad_ptrs, strict=True):
             if t.requires_grad and (t.grad is None or t.grad.data_ptr() != ptr):
                 if keep and t.grad is not None:
                     gview.copy_(t.grad)
@@ -371,7 +378,7 @@ class _FlatBuffer:
     def load_grads(self, grads: list[torch.Tensor], names: list[str]) -> None:
         """Copy into the gradient buffer those gradients that are not already their slice of it (one operator)."""
         dst, src = [], []
-        for g, gview, ptr, name in zip(grads, self.grad_views, self._grad_ptrs, names, strict=True):
+        for g, gview, ptr, name in zip(grads, self.grad_views, self.grad_ptrs, names, strict=True):
             if g.data_ptr() == ptr:
                 continue
             if g.shape != gview.shape:

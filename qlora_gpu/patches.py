@@ -254,7 +254,7 @@ def register_causal_sdpa() -> str:
     """Register ``CAUSAL_SDPA`` with transformers' ``AttentionInterface`` (and not with its mask interface, so that
     ``create_causal_mask`` returns None for it and SDPA applies the causal mask itself) and return it — after
     checking on a tiny Llama that it gives SDPA's logits with a causal mask; otherwise ``"sdpa"`` (transformers
-    then builds the mask tensor, and a CUDA-graph capture may refuse it: ``qlora_gpu.graphs``) and a warning."""
+    then builds the mask tensor, and a CUDA-graph capture may refuse it: ``qlora_gpu.fast.graphs``) and a warning."""
     try:
         from transformers import AttentionInterface
         from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -35,9 +35,8 @@ from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, Quan
 from qlora_ref.model.linear import adapter_args, lora_seed
 from qlora_ref.model.llama import expected_tensors, has_bias, module_path
 
-from .block_scales import BlockScales
 from .lora import QLoRALinear, check_kernel, set_kernel
-from .model import HF_CLASSES, QLoRAModel, default_device, hf_skeleton, lora_linears, set_block_linear
+from .model import HF_CLASSES, QLoRAModel, default_device, fast_by_default, hf_skeleton, lora_linears, set_block_linear
 from .quantize import Quantized4bit
 
 _DTYPES = ("bfloat16", "float16", "float32")
@@ -151,7 +150,8 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
                   device=None, dtype: str = "bfloat16", gradient_checkpointing: bool = True,
                   attn_implementation: str = "sdpa", seed: int = 0, init_std: float | None = None,
                   adapter_dtype: str = "float32", kernel: str = "bnb", progress: bool = True,
-                  tokenizer: bool = True, layer_hook=None, residual_dtype: str | None = "float32") -> QLoRAModel:
+                  tokenizer: bool = True, layer_hook=None, residual_dtype: str | None = "float32",
+                  fast: bool | None = None) -> QLoRAModel:
     """A QLoRA model on ``device`` (default: CUDA if available, else CPU), built layer by layer.
 
     model: a Hugging Face folder (config.json + safetensors, possibly sharded; a bitsandbytes 4-bit folder's
@@ -170,7 +170,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     optimizer updates float32 values) or "bfloat16" (the paper's scripts: half the adapter and gradient memory,
     1.6 GB less at 65B).
     kernel: the block linears' matrix products, "bnb" (bitsandbytes, the default) or "triton" (the fused kernels of
-    ``qlora_gpu.triton_kernels``, opt-in until checked on a GPU; 4-bit weights only; docs/fused_kernels.md).
+    ``qlora_gpu.fast.triton_kernels``, opt-in until checked on a GPU; 4-bit weights only; docs/fused_kernels.md).
+    fast: the same values in fewer kernel launches (``qlora_gpu.fast.enable``); None: on CUDA, not on the CPU
+    (``qlora_gpu.model.fast_by_default``).
     layer_hook: called with each decoder layer as soon as it is built — ``qlora_gpu.fsdp.shard_layer`` shards it
     there, so that a rank never holds more than one whole block; the adapters are then not laid out in one
     buffer (each is sharded on its own) and the block's scales are not laid out together.
@@ -188,6 +190,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     if cfg.model_type not in HF_CLASSES:
         raise ValueError(f"model_type {cfg.model_type!r} is not supported on the GPU backend ({list(HF_CLASSES)})")
     device = default_device(device)
+    fast = fast_by_default(device) if fast is None else bool(fast)
     folder = Path(model) if isinstance(model, str | Path) and Path(model).is_dir() else None
     if init_std is None:
         init_std = float(getattr(model, "initializer_range", 0.02))
@@ -219,10 +222,13 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
             set_block_linear(layer, name, lin)
         if layer_hook is not None:
             layer_hook(layer)
-            continue
-        # the block's 8-bit scale codes into one buffer now, while the next blocks' allocations can reuse the
-        # per-layer tensors this frees (laid out at the first step, they would stay cached: 1 GB at 65B)
-        BlockScales.of(layer, lora_linears(layer))
+        elif fast:
+            # the block's 8-bit scale codes into one buffer now (qlora_gpu.fast.block_scales), while the next
+            # blocks' allocations can reuse the per-layer tensors this frees (laid out at the first step, they would
+            # stay cached: 1 GB at 65B)
+            from .fast.block_scales import BlockScales
+
+            BlockScales.of(layer, lora_linears(layer))
     tok = None
     if folder is not None and tokenizer:
         from qlora_ref.model.tokenizer import Tokenizer
@@ -231,6 +237,10 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     out = QLoRAModel.assemble(hf, cfg, quant, lora, tok, device=device, gradient_checkpointing=gradient_checkpointing,
                               residual_dtype=residual_dtype)
     set_kernel(out, kernel)
+    if fast:
+        from .fast import enable  # the switch (qlora_gpu.fast)
+
+        enable(out)
     return out
 
 
@@ -238,7 +248,7 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
          **kwargs) -> QLoRAModel:
     """Any checkpoint the reference loads: a Hugging Face folder through ``prepare_model`` (``kwargs`` go there),
     a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first; of
-    ``kwargs`` only ``gradient_checkpointing`` applies there).
+    ``kwargs`` only ``gradient_checkpointing``, ``kernel`` and ``fast`` apply there).
     The embedding and LM head default to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is
     slow)."""
     device = default_device(device)
@@ -248,6 +258,10 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
     model = QLoRAModel.from_pretrained(path, quant, lora, device=device, tokenizer=kwargs.get("tokenizer", True),
                                        gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
     set_kernel(model, kwargs.get("kernel", "bnb"))
+    if fast_by_default(device) if kwargs.get("fast") is None else kwargs["fast"]:
+        from .fast import enable  # the switch (qlora_gpu.fast)
+
+        enable(model)
     return model
 
 

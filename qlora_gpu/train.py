@@ -12,7 +12,8 @@ The loop itself — data order, accumulation, schedule, evaluation, checkpoints,
 For long sequences and short examples (``TrainConfig``): ``packing`` runs packed batches through variable-length
 attention (``qlora_gpu.packing``), ``loss_chunk_size`` the LM head and the loss in chunks
 (``qlora_gpu.chunked_loss``), ``activation_offload`` keeps the checkpointed block inputs in host memory
-(``qlora_gpu.offload``).
+(``qlora_gpu.offload``). ``fast`` (default: on CUDA) trains through ``qlora_gpu.fast``: the same values in fewer
+kernel launches.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
 from .chunked_loss import chunked_nll_sum
-from .model import QLoRAModel, default_device
+from .model import QLoRAModel, default_device, fast_by_default
 from .optim import clip_grad_norm, make_optimizer
 from .patches import use_varlen_attention
 
@@ -75,6 +76,11 @@ class GpuTrainer:
         self.device = model.hf.model.embed_tokens.weight.device
         model.gradient_checkpointing = config.gradient_checkpointing
         model.activation_offload = config.activation_offload
+        fast = config.fast if config.fast is not None else (True if fast_by_default(self.device) else None)
+        if fast is not None:  # the switch (qlora_gpu.fast); None leaves the model as built (off on the CPU)
+            from . import fast as fast_path
+
+            (fast_path.enable if fast else fast_path.disable)(model)
         if config.packing:  # attention inside each packed example without a (T, T) mask
             use_varlen_attention(model.hf)
         model.train()

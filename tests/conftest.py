@@ -14,7 +14,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 if not torch.cuda.is_available():
-    # Triton reads this when its kernels are defined (first import of qlora_gpu.triton_kernels): without CUDA they
+    # Triton reads this when its kernels are defined (first import of qlora_gpu.fast.triton_kernels): without CUDA they
     # run in Triton's CPU interpreter, whichever test module imports them first
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

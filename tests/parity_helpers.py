@@ -84,7 +84,7 @@ def build_ours(config: TrainConfig, **prepare_kwargs):
 
 class MaskRecorder:
     """Forward pre-hooks on our LoRA layers recording, per layer, the dropout mask each call uses (staged by its
-    block, ``qlora_gpu.model.stage_layer``): with checkpointing two calls per micro-batch, the forward pass and the
+    block, ``qlora_gpu.model.draw_block_masks``): with checkpointing two calls per micro-batch, the forward pass and the
     recomputation, which must use the same mask."""
 
     def __init__(self, model):

@@ -1,4 +1,4 @@
-"""``qlora_gpu.block_scales``: a decoder block's double-quantized scales decoded once per block call, where
+"""``qlora_gpu.fast.block_scales``: a decoder block's double-quantized scales decoded once per block call, where
 bitsandbytes decodes them in every use of every weight (host time at batch 1, docs/benchmarks.md). Checked on CPU
 with a tiny model (CUDA twins gpu-marked): loss and gradients bit for bit against each layer decoding its own,
 the decodings counted exactly, the layout (one buffer, nothing stored twice, the weights unchanged), and a block
@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_stage_layer import IDS, LAYERS, TINY, build, step
 
-from qlora_gpu.block_scales import BLOCK2, BlockScales
+from qlora_gpu.fast.block_scales import BLOCK2, BlockScales
 from qlora_gpu.model import lora_linears
 from qlora_gpu.quantize import quantize_4bit
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, QuantConfig

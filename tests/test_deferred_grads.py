@@ -1,4 +1,4 @@
-"""``qlora_gpu.deferred_grads``: with a flat optimizer bound, the LoRA layers write their bfloat16 adapter
+"""``qlora_gpu.fast.deferred_grads``: with a flat optimizer bound, the LoRA layers write their bfloat16 adapter
 gradients into one buffer and a single ``add_`` at the end of the backward pass widens and accumulates them,
 where autograd launches a cast and an addition per tensor. Checked on CPU with a tiny model: the gradients are
 bit-identical to autograd's (fresh and accumulated over two passes, with and without checkpointing), the operators
@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import qlora_gpu.deferred_grads as dg
-from qlora_gpu.lora import QLoRALinear, _unused_input
+import qlora_gpu.fast.deferred_grads as dg
+from qlora_gpu.lora import QLoRALinear
+from qlora_gpu.lora_math import unused_input
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
 from qlora_ref.model.config import LoraConfig, ModelConfig
@@ -43,7 +44,7 @@ def build(checkpointing: bool = True, device: str = "cpu"):
     optimizer, bound as GpuTrainer binds it."""
     m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=12.0, dropout=0.1), device=device, dtype="bfloat16",
                       gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
-                      attn_implementation="eager")
+                      attn_implementation="eager", fast=True)  # the fast path's layers write into the buffer
     # B = 0 at initialisation would make every ∂L/∂A zero; drawn on the CPU, the same values on either device
     m.load_lora_parameters({name: torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05
                             for name, p in m.lora_parameters().items() if "lora_B" in name})
@@ -71,7 +72,7 @@ def assert_equal(a: dict, b: dict) -> None:
 def _passes(monkeypatch, deferred: bool, checkpointing: bool, device: str = "cpu"):
     """Gradients after one backward pass and after a second accumulated on them (another batch), and the
     operators of the first backward pass."""
-    _unused_input(torch.bfloat16, torch.device(device))  # created once per process: not counted here
+    unused_input(torch.bfloat16, torch.device(device))  # created once per process: not counted here
     with monkeypatch.context() as mp:
         if not deferred:
             mp.setattr(dg, "slot", lambda param, dtype: None)
@@ -224,17 +225,19 @@ def test_a_layer_called_twice_gets_both_contributions():
 
 
 def test_the_nodes_are_kept_until_released_then_looked_up_in_the_next_pass(monkeypatch):
-    """The AccumulateGrad nodes looked up at the binding (a lookup costs a view per tensor) are kept from pass to
-    pass until ``release_nodes``; the next pass then looks up its own graph's (the nodes marked before are gone)
-    and still defers. A node runs on the CUDA stream current at its creation, so ``qlora_gpu.graphs`` releases
-    them before its capture."""
+    """The AccumulateGrad nodes looked up at the first deferred pass (a lookup costs a view per tensor) are kept
+    from pass to pass until ``release_nodes``; the next pass then looks up its own graph's (the nodes marked before
+    are gone) and still defers. A node runs on the CUDA stream current at its creation, so
+    ``qlora_gpu.fast.graphs`` releases them before its capture."""
     from torch.autograd.graph import get_gradient_edge
 
     given = _spy(monkeypatch)
     m, _opt = build()
     params = list(m.lora_parameters().values())
+    loss_of(m).backward()  # the first deferred pass looks the nodes up
     for p in params:
         get_gradient_edge(p).node.metadata["from_binding"] = True
+    m.zero_grad(set_to_none=False)
     loss_of(m).backward()
     assert all("from_binding" in get_gradient_edge(p).node.metadata for p in params)  # kept
     dg.release_nodes(params)

@@ -1,4 +1,4 @@
-"""``qlora_gpu.graphs``: a training step's forward and backward passes captured into a CUDA graph. On the CPU (no
+"""``qlora_gpu.fast.graphs``: a training step's forward and backward passes captured into a CUDA graph. On the CPU (no
 capture there) the parts it rests on: the causal SDPA that builds no mask and reads nothing back from the device,
 the twin generators that replay the dropout masks without rewinding, and the refusals of what cannot be
 captured. On a GPU (gpu-marked): replayed steps bit for bit against eager steps, dropout and optimizer included."""
@@ -13,7 +13,7 @@ import torch
 from test_stage_layer import IDS, TINY
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qlora_gpu.graphs import CAUSAL_SDPA, GraphedStep, check_capturable, register_causal_sdpa
+from qlora_gpu.fast.graphs import CAUSAL_SDPA, GraphedStep, check_capturable, register_causal_sdpa
 from qlora_gpu.model import RECOMPUTE_GENERATOR, lora_linears
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
@@ -43,7 +43,7 @@ def build(device: str = "cpu", dropout: float = 0.1, attn: str = "sdpa", checkpo
     """The tiny model in training mode (with checkpointing by default), its adapters bound to a flat optimizer."""
     m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=8.0, dropout=dropout), device=device, dtype="bfloat16",
                       gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
-                      attn_implementation=attn)
+                      attn_implementation=attn, fast=True)  # as on CUDA by default
     opt = make_optimizer("paged_adamw", lr=1e-3)
     opt.bind(m.lora_parameters())
     return m, opt
@@ -229,7 +229,7 @@ class _StandInCuda:
 def _node_lookups(monkeypatch) -> list:
     """For each backward pass that decides on deferral: whether it had to look the AccumulateGrad nodes up (they
     had been released)."""
-    import qlora_gpu.deferred_grads as dg
+    import qlora_gpu.fast.deferred_grads as dg
 
     seen = []
     original = dg.DeferredGrads._deferrable
@@ -243,7 +243,10 @@ def _node_lookups(monkeypatch) -> list:
 
 
 def _owners(m) -> list:
-    return [p.__dict__["_qlora_deferred_grad"][0]() for p in m.lora_parameters().values()]
+    """The ``DeferredGrads`` of the flat buffers holding the model's adapters."""
+    from qlora_gpu.optim import FLAT_BUFFER
+
+    return [p.__dict__[FLAT_BUFFER][0]().deferred for p in m.lora_parameters().values()]
 
 
 class _CPUGraphedStep(GraphedStep):

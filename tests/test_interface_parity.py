@@ -85,8 +85,9 @@ METHODS = {
         # the hand-written backward, its cache, the dequantized weight it multiplies by; merged_layer; the
         # deprecated name of kernel. kernel, lora_A and lora_B are instance attributes on the GPU (checked below)
         ref={"backward", "clear_cache", "dequantized_weight", "merged_layer", "matmul", "kernel", "lora_A", "lora_B"},
-        # the frozen weight as bitsandbytes holds it, and the per-block staging that cuts kernel launches
-        gpu={"frozen_weight", "quant_type", "quantized", "stage", "stage_dropped", "staged_mask", "unstage"},
+        # the frozen weight as bitsandbytes holds it, out_dtype as a torch dtype, and the dropout mask its decoder
+        # block drew for it (qlora_gpu.model.draw_block_masks: one draw per block)
+        gpu={"frozen_weight", "out_torch_dtype", "quant_type", "quantized", "stage_mask", "staged_mask", "unstage"},
     ),
     "trainer": dict(ref=set(), gpu={"from_pretrained"}),  # the reference's is built by make_trainer only
     # the GPU state holds torch tensors and moves between devices and to bitsandbytes' QuantState

@@ -238,10 +238,26 @@ def test_cuda_layer_agrees_with_reference(compute_dtype, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: the two hand-written autograd functions of the layer: the plain core's and the fast path's (qlora_gpu.fast)
+FUNCTIONS = ("plain", "fast")
+
+
+def _apply(function: str, x, a, b, bias, keep, ks, s, weight, state):
+    """y of ``qlora_gpu.lora.QLoRALinearFunction`` ("plain") or ``qlora_gpu.fast.layer.FastQLoRAFunction``
+    ("fast", nothing staged), each with its own argument order."""
+    if function == "plain":
+        from qlora_gpu.lora import QLoRALinearFunction
+
+        return QLoRALinearFunction.apply(x, weight, state, a, b, bias, keep, ks, s, None)
+    from qlora_gpu.fast.layer import FastQLoRAFunction
+
+    return FastQLoRAFunction.apply(x, a, b, bias, keep, ks, s, weight, state)
+
+
 def _function_inputs(dtype, quantized: bool, seed: int = 0, scaling: float = 2.5, device: str = "cpu"):
-    """Inputs of ``_QLoRALinearFunction.apply``: x (N, in), A, B, bias, keep mask, keep scale, scaling, the frozen
-    weight (a float tensor, or bitsandbytes' 4-bit state) and the float weight it stands for."""
-    from qlora_gpu.lora import _dequantize
+    """Inputs of ``_apply``: x (N, in), A, B, bias, keep mask, keep scale, scaling, the frozen weight (a float
+    tensor, or bitsandbytes' 4-bit state) and the float weight it stands for."""
+    from qlora_gpu.quantize import dequantize_packed as _dequantize
 
     g = torch.Generator().manual_seed(seed)
     n, in_f, out_f, r = 6, 40, 24, 3
@@ -263,26 +279,24 @@ def _function_inputs(dtype, quantized: bool, seed: int = 0, scaling: float = 2.5
     return x, a, b, bias, keep, 1.0 / 0.75, scaling, weight, state, dense
 
 
-@pytest.mark.parametrize("scaling", [2.5, 0.25])  # a multiplication of its own; inside the products (_exact_scale)
-def test_gpu_function_backward_passes_finite_differences(scaling):
+@pytest.mark.parametrize("function", FUNCTIONS)
+@pytest.mark.parametrize("scaling", [2.5, 0.25])  # a multiplication of its own; inside the products (exact_scale)
+def test_gpu_function_backward_passes_finite_differences(scaling, function):
     """torch.autograd.gradcheck in float64 (central differences against the hand-written backward) for x, A, B,
     with dropout and bias; the unquantized frozen path (bitsandbytes' 4-bit kernels have no float64)."""
-    from qlora_gpu.lora import _QLoRALinearFunction
-
     x, a, b, bias, keep, ks, s, weight, state, _ = _function_inputs(torch.float64, quantized=False, scaling=scaling)
     inputs = tuple(t.clone().requires_grad_() for t in (x, a, b))
     assert torch.autograd.gradcheck(
-        lambda x_, a_, b_: _QLoRALinearFunction.apply(x_, a_, b_, bias, keep, ks, s, weight, state), inputs,
+        lambda x_, a_, b_: _apply(function, x_, a_, b_, bias, keep, ks, s, weight, state), inputs,
         eps=1e-6, atol=1e-7, rtol=1e-6)
 
 
+@pytest.mark.parametrize("function", FUNCTIONS)
 @pytest.mark.parametrize("scaling", [2.5, 0.25])
 @pytest.mark.parametrize("quantized", [False, True])
-def test_gpu_function_backward_matches_torch_autograd(quantized, scaling):
+def test_gpu_function_backward_matches_torch_autograd(quantized, scaling, function):
     """The hand-written backward against torch autograd on the same graph, y = x Wᵀ + b + s · ((x ⊙ M) · k) Aᵀ Bᵀ
     (W dequantized for the 4-bit weight), float32. A wrong gradient (scaling or mask dropped) fails."""
-    from qlora_gpu.lora import _QLoRALinearFunction
-
     x, a, b, bias, keep, ks, s, weight, state, dense = _function_inputs(torch.float32, quantized, seed=1,
                                                                         scaling=scaling)
     g_y = torch.randn(x.shape[0], dense.shape[0], generator=torch.Generator().manual_seed(2))
@@ -293,7 +307,7 @@ def test_gpu_function_backward_matches_torch_autograd(quantized, scaling):
         y.backward(g_y)
         return [y.detach(), *(t.grad for t in leaves)]
 
-    ours = grads(lambda x_, a_, b_: _QLoRALinearFunction.apply(x_, a_, b_, bias, keep, ks, s, weight, state))
+    ours = grads(lambda x_, a_, b_: _apply(function, x_, a_, b_, bias, keep, ks, s, weight, state))
     auto = grads(lambda x_, a_, b_: x_ @ dense.t() + bias + s * ((x_ * keep * ks) @ a_.t()) @ b_.t())
     for name, o, t in zip(("y", "dL/dx", "dL/dA", "dL/dB"), ours, auto, strict=True):
         torch.testing.assert_close(o, t, rtol=1e-5, atol=1e-5, msg=name)
@@ -302,37 +316,36 @@ def test_gpu_function_backward_matches_torch_autograd(quantized, scaling):
     assert not torch.allclose(ours[1], wrong, rtol=1e-5, atol=1e-5)
 
 
-def _function_results(device: str, dtype, quantized: bool, scaling: float, seed: int):
-    """y and the gradients of x, A, B from ``_QLoRALinearFunction`` (dropout, bias; ∂L/∂y drawn from ``seed``)."""
-    from qlora_gpu.lora import _QLoRALinearFunction
-
+def _function_results(device: str, dtype, quantized: bool, scaling: float, seed: int, function: str):
+    """y and the gradients of x, A, B from ``_apply`` (dropout, bias; ∂L/∂y drawn from ``seed``)."""
     x, a, b, bias, keep, ks, s, weight, state, dense = _function_inputs(dtype, quantized, seed, scaling, device)
     g_y = torch.randn(x.shape[0], dense.shape[0], generator=torch.Generator().manual_seed(seed + 1)).to(device, dtype)
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
-    y = _QLoRALinearFunction.apply(*leaves, bias, keep, ks, s, weight, state)
+    y = _apply(function, *leaves, bias, keep, ks, s, weight, state)
     y.backward(g_y)
     return [y.detach(), *(t.grad for t in leaves)]
 
 
 def _assert_scaling_inside_is_bit_identical(device, monkeypatch):
-    import qlora_gpu.lora as gl
+    import qlora_gpu.lora_math as gl
 
-    for dtype in (torch.bfloat16, torch.float32):
-        for quantized in (False, True):
-            for s, seed in [(0.25, 0), (2.0, 1), (0.125, 2), (-4.0, 3)]:
-                assert gl._exact_scale(s)
-                inside = _function_results(device, dtype, quantized, s, seed)
-                with monkeypatch.context() as m:
-                    m.setattr(gl, "_exact_scale", lambda _: False)  # s by a multiplication of its own
-                    apart = _function_results(device, dtype, quantized, s, seed)
-                for name, i, a in zip(("y", "dL/dx", "dL/dA", "dL/dB"), inside, apart, strict=True):
-                    assert torch.equal(i, a), (name, dtype, quantized, s)
-    assert not gl._exact_scale(2.5) and not gl._exact_scale(16 / 8**0.5) and not gl._exact_scale(0.0)
+    for function in FUNCTIONS:
+        for dtype in (torch.bfloat16, torch.float32):
+            for quantized in (False, True):
+                for s, seed in [(0.25, 0), (2.0, 1), (0.125, 2), (-4.0, 3)]:
+                    assert gl.exact_scale(s)
+                    inside = _function_results(device, dtype, quantized, s, seed, function)
+                    with monkeypatch.context() as m:
+                        m.setattr(gl, "exact_scale", lambda _: False)  # s by a multiplication of its own
+                        apart = _function_results(device, dtype, quantized, s, seed, function)
+                    for name, i, a in zip(("y", "dL/dx", "dL/dA", "dL/dB"), inside, apart, strict=True):
+                        assert torch.equal(i, a), (name, dtype, quantized, s, function)
+    assert not gl.exact_scale(2.5) and not gl.exact_scale(16 / 8**0.5) and not gl.exact_scale(0.0)
 
 
 def test_a_power_of_two_scaling_inside_the_products_gives_the_same_bits(monkeypatch):
     """s = ±2ᵏ rides inside torch.add's alpha (forward) and the GEMMs' alpha (backward) instead of a multiplication
-    of its own (``qlora_gpu.lora._exact_scale``): s · v is exact, so y and every gradient are bit-identical to the
+    of its own (``qlora_gpu.lora_math.exact_scale``): s · v is exact, so y and every gradient are bit-identical to the
     separate multiplication, in bfloat16 and float32. (A wrong alpha, e.g. s applied twice, fails here and in the
     autograd and finite-difference tests above, which run both paths.)"""
     _assert_scaling_inside_is_bit_identical("cpu", monkeypatch)

@@ -170,11 +170,11 @@ def test_torch_cuda_dropout_of_bfloat16_is_the_references_formula(p):
 def test_the_gpu_layers_dropout_is_the_references_formula(device, p):
     """``qlora_gpu``'s x ⊙ M / (1-p) runs through torch's dropout backward operator (one kernel on CUDA, where two
     multiplications would launch two): bf16(x · float32(1/(1-p))) where kept and 0 elsewhere, on both devices."""
-    from qlora_gpu.lora import _dropped, _keep_scale
+    from qlora_gpu.lora_math import dropped, keep_scale
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1 << 16, generator=g).to(torch.bfloat16)
     keep = torch.rand(1 << 16, generator=g) >= p
-    out = _dropped(x.to(device), keep.to(device), _keep_scale(p)).cpu()
+    out = dropped(x.to(device), keep.to(device), keep_scale(p)).cpu()
     ref = qlora_ref.dtypes.round_to(x.float().numpy() * dropout_scale(p), "bfloat16") * keep.numpy()
     np.testing.assert_array_equal(out.float().numpy(), ref)

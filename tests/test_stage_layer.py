@@ -1,5 +1,6 @@
-"""``qlora_gpu.model.stage_layer``: a decoder block draws its LoRA dropout masks and casts its adapters to the
-compute dtype in one operator for the whole block, where each LoRA layer would launch its own (host time at
+"""``qlora_gpu.model.draw_block_masks`` and ``qlora_gpu.fast.staging``: a decoder block draws its LoRA dropout
+masks (the core's rule) and, on the fast path, casts its adapters to the compute dtype in one operator for the whole
+block, where each LoRA layer would launch its own (host time at
 batch 1, docs/benchmarks.md). Checked on CPU with a tiny model: the operators saved are counted exactly, the
 values are the ones each layer would compute (loss and gradients bit for bit), the masks follow the documented
 rule, checkpointing replays them, and a staged value that does not fit a call is not used."""
@@ -13,6 +14,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from qlora_gpu.fast import layer as fast_layer
+from qlora_gpu.fast import staging
 from qlora_gpu.lora import QLoRALinear
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
@@ -38,13 +41,13 @@ class _Ops(TorchDispatchMode):
 
 
 def build(dropout: float = 0.0, checkpointing: bool = False, bound: bool = False, device: str = "cpu",
-          loose: bool = False):
-    """The tiny model; ``bound``: a flat optimizer bound to its adapters; ``loose``: each adapter moved to its
-    own allocation (prepare_model lays them out in one buffer)."""
+          loose: bool = False, fast: bool = True):
+    """The tiny model, on the fast path unless ``fast`` is False; ``bound``: a flat optimizer bound to its
+    adapters; ``loose``: each adapter moved to its own allocation (prepare_model lays them out in one buffer)."""
     # r=3: adapters of 192 or 288 float32, so the flat buffer leaves gaps between them (512-byte aligned starts)
     m = prepare_model(TINY, lora=LoraConfig(r=3, alpha=8.0, dropout=dropout), device=device, dtype="bfloat16",
                       gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
-                      attn_implementation="eager")  # deterministic on CUDA too: equal runs give equal bits
+                      attn_implementation="eager", fast=fast)  # deterministic on CUDA too: equal runs, equal bits
     if loose:
         for p in m.lora_parameters().values():
             p.data = p.data.clone()
@@ -99,17 +102,17 @@ def _masks_used(m, monkeypatch) -> list[dict[str, torch.Tensor]]:
     """Per block call, in order: LoRA layer name -> the mask it was staged."""
     names = {lin: name for name, lin in m.named_linears().items()}
     calls: list[dict] = []
-    original = QLoRALinear.stage
+    original = QLoRALinear.stage_mask
 
-    def stage(self, keep=None, adapter=None, scales=None):
+    def stage_mask(self, keep):
         name = names[self]
         block = name.split(".")[2]
         if not calls or name in calls[-1] or next(iter(calls[-1])).split(".")[2] != block:
             calls.append({})
         calls[-1][name] = keep
-        original(self, keep, adapter, scales)
+        original(self, keep)
 
-    monkeypatch.setattr(QLoRALinear, "stage", stage)
+    monkeypatch.setattr(QLoRALinear, "stage_mask", stage_mask)
     return calls
 
 
@@ -185,19 +188,24 @@ def test_a_staged_value_is_used_once_and_only_where_it_fits():
     mask = torch.rand(3, 10, generator=torch.Generator().manual_seed(3)) >= 0.3
     own = _out(_layer(), x)  # the layer's own draw from its seed
 
-    fits = _layer()
-    fits.stage(keep=mask)
-    assert torch.equal(_out(fits, x), _out(_layer(), x, dropout_mask=mask))  # the staged mask, as if given
-    assert "_staged" not in fits.__dict__  # consumed
+    for fast in (False, True):
+        fits = _layer()
+        fits.fast = fast
+        fits.stage_mask(mask)
+        assert torch.equal(_out(fits, x), _out(_layer(), x, dropout_mask=mask))  # the staged mask, as if given
+        assert fits.staged_mask() is None  # consumed
 
     for keep, adapter in [(mask[:2], None),  # rows do not fit
                           (None, (torch.zeros(4, 10, dtype=torch.bfloat16), torch.zeros(12, 4, dtype=torch.bfloat16)))]:
         layer = _layer()
-        layer.stage(keep=keep, adapter=adapter)  # a bfloat16 adapter for a float32 layer: not its compute dtype
+        layer.fast = True
+        if keep is not None:
+            layer.stage_mask(keep)
+        fast_layer.stage(layer, adapter=adapter)  # a bfloat16 adapter for a float32 layer: not its compute dtype
         assert torch.equal(_out(layer, x), own)
 
     left = _layer()
-    left.stage(keep=mask)
+    left.stage_mask(mask)
     left.unstage()
     assert torch.equal(_out(left, x), own)
 
@@ -206,7 +214,7 @@ def test_an_explicit_mask_wins_over_a_staged_one():
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
     given = torch.rand(3, 10, generator=torch.Generator().manual_seed(4)) >= 0.3
     layer = _layer()
-    layer.stage(keep=~given)
+    layer.stage_mask(~given)
     assert torch.equal(_out(layer, x, dropout_mask=given), _out(_layer(), x, dropout_mask=given))
 
 
@@ -249,11 +257,9 @@ def test_torchs_generators_are_saved_only_when_a_block_draws_from_them(monkeypat
 def test_layers_reading_one_input_drop_it_out_in_one_operator(checkpointing, device, monkeypatch):
     """q, k and v (and gate and up) read one input: their x ⊙ Mᵢ / (1 − p) is one operator per block call, where
     each layer launched its own (3 fewer per block call), and loss and every gradient are the same bits."""
-    import qlora_gpu.model as qm
-
     loss, grads, fwd, bwd = step(build(0.1, checkpointing, bound=True, device=device))
     with monkeypatch.context() as mp:
-        mp.setattr(qm, "drop_shared_input", lambda parent, names, x: None)
+        mp.setattr(staging, "drop_shared_input", lambda parent, names, x: None)
         own_loss, own_grads, own_fwd, own_bwd = step(build(0.1, checkpointing, bound=True, device=device))
     assert torch.equal(loss, own_loss)
     for k in grads:
@@ -265,26 +271,27 @@ def test_layers_reading_one_input_drop_it_out_in_one_operator(checkpointing, dev
 
 def _attention(seed: int = 5) -> tuple[torch.nn.Module, torch.Tensor]:
     """Three dropout layers under the names of an attention module, their masks staged from one buffer as
-    ``stage_layer`` draws them."""
+    ``draw_block_masks`` draws them; the layers on the fast path."""
     parent = torch.nn.Module()
     for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
         setattr(parent, name, _layer(seed + i))
+        getattr(parent, name).fast = True
     keep = torch.rand(3, 3, 10, generator=torch.Generator().manual_seed(6)) >= 0.3
     for lin, k in zip((parent.q_proj, parent.k_proj, parent.v_proj), keep.unbind(0), strict=True):
-        lin.stage(keep=k)
+        lin.stage_mask(k)
     return parent, keep
 
 
 def test_a_shared_dropout_is_used_only_for_that_very_input():
     """A layer uses the x_d computed with its neighbours only when called with that tensor itself, unmodified,
     and its staged mask: another input, the same one changed in place since, or an explicit mask gets its own."""
-    from qlora_gpu.model import drop_shared_input
+    from qlora_gpu.fast.staging import drop_shared_input
 
     x = torch.randn(3, 10, generator=torch.Generator().manual_seed(2))
     y = torch.randn(3, 10, generator=torch.Generator().manual_seed(3))
     parent, keep = _attention()
     drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), x)
-    assert all("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
+    assert all(fast_layer.STAGED_INPUT in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
     assert torch.equal(_out(parent.q_proj, x), _out(_layer(5), x, dropout_mask=keep[0]))
     parent, keep = _attention()
     drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), x)
@@ -297,12 +304,12 @@ def test_a_shared_dropout_is_used_only_for_that_very_input():
 def test_masks_not_in_one_buffer_are_not_stacked():
     """Masks that do not lie one after the other in one buffer cannot be viewed as one stack: each layer then
     computes its own x_d (nothing is staged)."""
-    from qlora_gpu.model import drop_shared_input
+    from qlora_gpu.fast.staging import drop_shared_input
 
     parent, keep = _attention()
-    parent.k_proj.stage(keep=keep[1].clone())  # its own allocation
+    parent.k_proj.stage_mask(keep[1].clone())  # its own allocation
     drop_shared_input(parent, ("q_proj", "k_proj", "v_proj"), torch.randn(3, 10))
-    assert not any("_staged_xd" in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
+    assert not any(fast_layer.STAGED_INPUT in getattr(parent, n).__dict__ for n in ("q_proj", "k_proj", "v_proj"))
 
 
 @pytest.mark.usefixtures("bitsandbytes_dequantize")  # operator counts: the CUDA step's kernel mix
@@ -313,12 +320,10 @@ def test_the_recomputation_skips_the_last_linears_output(early_stop, device, mon
     (its output feeds nothing the backward pass needs): one 4-bit product, one up-projection and one addition
     fewer per block, and the same loss and gradients bit for bit — also when torch's checkpoint recomputes the
     whole block (early stop off), where the unwritten output reaches only the discarded block output."""
-    import qlora_gpu.model as qm
-
     with torch.utils.checkpoint.set_checkpoint_early_stop(early_stop):
         loss, grads, _, bwd = step(build(0.1, True, bound=True, device=device))
         with monkeypatch.context() as mp:
-            mp.setattr(qm, "LAST_LINEAR", ("mlp", "no_such_linear"))
+            mp.setattr(staging, "LAST_LINEAR", ("mlp", "no_such_linear"))
             own_loss, own_grads, _, own_bwd = step(build(0.1, True, bound=True, device=device))
     assert torch.equal(loss, own_loss)
     for k in grads:

@@ -1,4 +1,4 @@
-"""The fused Triton kernels (qlora_gpu/triton_kernels.py, docs/fused_kernels.md) against the unfused path.
+"""The fused Triton kernels (qlora_gpu/fast/triton_kernels.py, docs/fused_kernels.md) against the unfused path.
 
 On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set here before the module is imported, only
 where CUDA is absent): float32 compute, and bfloat16 compute with float32 ``tl.dot`` operands holding bfloat16
@@ -7,7 +7,7 @@ bfloat16 steps exact there). They check what can go wrong in a kernel: indexing,
 double-quantization decoding, masks for ragged shapes, the bias, the dropout mask, the LoRA epilogues. The
 ``gpu``-marked tests repeat the properties with native bfloat16 tensor-core dots on CUDA, on larger shapes.
 
-The comparison is the layer against itself with ``kernel="bnb"`` (``_QLoRALinearFunction``: ``bnb.matmul_4bit``
+The comparison is the layer against itself with ``kernel="bnb"`` (``FastQLoRAFunction``: ``bnb.matmul_4bit``
 forward, ``dequantize_4bit`` + GEMM backward), within the bound of tests/lora_helpers.py (the two differ only in
 float32 summation order; both round the same steps). Where bitsandbytes' AVX-512 CPU dequantize is wrong (ragged
 ``in_features``, docs/divergences.md) the ``"bnb"`` layer routes around it by itself (tests/test_bnb_cpu_kernels.py).
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and qlora_gpu.triton_kernels are imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton and qlora_gpu.fast.triton_kernels are imported
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; Linux only)")
 
@@ -31,15 +31,16 @@ from hypothesis import strategies as st  # noqa: E402
 from lora_helpers import assert_within_bound, magnitudes, tolerance  # noqa: E402
 
 import qlora_ref  # noqa: E402
-from qlora_gpu import triton_kernels as tk  # noqa: E402
-from qlora_gpu.lora import KERNELS, QLoRALinear, TritonQLoRAFunction, set_kernel  # noqa: E402
+from qlora_gpu.fast import triton_kernels as tk  # noqa: E402
+from qlora_gpu.fast.layer import TritonQLoRAFunction  # noqa: E402
+from qlora_gpu.lora import KERNELS, QLoRALinear, set_kernel  # noqa: E402
 from qlora_gpu.quantize import Quantized4bit  # noqa: E402
 from qlora_ref.dtypes import round_to  # noqa: E402
 from qlora_ref.lora import dropout_scale  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 if not CUDA and not tk.INTERPRET:
-    pytest.skip("no CUDA device and qlora_gpu.triton_kernels was imported without TRITON_INTERPRET=1",
+    pytest.skip("no CUDA device and qlora_gpu.fast.triton_kernels was imported without TRITON_INTERPRET=1",
                 allow_module_level=True)
 
 # the interpreter runs each program in NumPy: the exact-weight property (identity inputs of up to 150 rows, small

@@ -48,6 +48,7 @@ _FIELD_TYPES = [
     *((name, (bool,), "true or false") for name in ("double_quant", "gradient_checkpointing", "train_on_inputs",
                                                      "progress")),
     ("output_dir", (str, type(None)), "a path or null"),
+    ("fast", (bool, type(None)), "true, false or null"),
 ]
 
 
@@ -81,6 +82,7 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     loss_chunk_size: int = 0  # > 0: LM head and loss this many positions at a time (qlora_ref.loss); 0: at once
     activation_offload: bool = False  # qlora_gpu: checkpointed block inputs in host memory (qlora_gpu.offload)
+    fast: bool | None = None  # qlora_gpu: the same values in fewer kernel launches (qlora_gpu.fast); None: on CUDA
     seed: int = 42
     # -- data -----------------------------------------------------------------------------------------------------
     max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)

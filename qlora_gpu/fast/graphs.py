@@ -20,7 +20,7 @@ What capture needs, checked where it can be (``GraphedStep``):
   place between steps (``qlora_gpu.optim`` does) and never set to None;
 - the adapters' AccumulateGrad nodes created by the captured pass itself: autograd runs a node on the stream that
   was current at its creation, and a node kept from the default stream would pull that stream into the capture
-  (torch's notes: warm up on a side stream). ``qlora_gpu.deferred_grads`` keeps the nodes it looked up, so they
+  (torch's notes: warm up on a side stream). ``qlora_gpu.fast.deferred_grads`` keeps the nodes it looked up, so they
   are released before the capture (and after it);
 - the LoRA dropout masks: under gradient checkpointing a block's recomputation must draw the forward pass's
   masks again. Eagerly its generators are rewound (``qlora_gpu.model._checkpoint_layer``); a graph cannot rewind
@@ -39,9 +39,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..model import RECOMPUTE_GENERATOR, draws_global_rng, lora_linears
+from ..patches import CAUSAL_SDPA, register_causal_sdpa
 from .deferred_grads import release_nodes
-from .model import RECOMPUTE_GENERATOR, draws_global_rng, lora_linears
-from .patches import CAUSAL_SDPA, register_causal_sdpa
 
 
 def check_capturable(model: nn.Module, device: torch.device | str) -> None:

@@ -4,11 +4,12 @@ docs/benchmarks.md).
 Autograd hands each LoRA layer's bfloat16 gradients of A and B to the float32 parameters with two kernels per
 tensor: a cast to float32 (the engine matches a gradient to its input's dtype), then AccumulateGrad's in-place
 ``grad += g`` — 28 per LLaMA block and step. When the gradients live in a flat optimizer's buffer
-(``qlora_gpu.optim``), the layers can instead write their gradient products straight into one buffer in the
-compute dtype, laid out as the flat one (``slot``), and a single ``add_`` at the end of the backward pass widens
-and accumulates all of them: ``grad += float32(g)`` per element, AccumulateGrad's arithmetic exactly. Two kernels
-per backward pass (the buffer's zeroing and the addition) instead of 28 per block; the price is that buffer while
-the backward pass runs (half the float32 adapters' size: 0.32 GB at LLaMA-7B).
+(``qlora_gpu.optim.FlatBuffer``), the fast path's layers (``qlora_gpu.fast.layer``) can instead write their
+gradient products straight into one buffer in the compute dtype, laid out as the flat one (``slot``), and a single
+``add_`` at the end of the backward pass widens and accumulates all of them: ``grad += float32(g)`` per element,
+AccumulateGrad's arithmetic exactly. Two kernels per backward pass (the buffer's zeroing and the addition) instead
+of 28 per block; the price is that buffer while the backward pass runs (half the float32 adapters' size: 0.32 GB
+at LLaMA-7B).
 
 It runs only where it is AccumulateGrad's arithmetic: a plain ``backward()`` — not ``torch.autograd.grad``, not
 ``backward(inputs=...)`` leaving a parameter out, not ``create_graph`` —, every parameter's ``.grad`` its slice of
@@ -22,19 +23,18 @@ accumulated one they may differ in the last bit of float32.)
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-_ATTR = "_qlora_deferred_grad"  # on each parameter: (weak reference to its DeferredGrads, its index)
+from ..optim import FLAT_BUFFER
 
 
 class DeferredGrads:
-    """For the tensors of a flat buffer (``qlora_gpu.optim._FlatBuffer``): ``grads`` (the float32 gradient buffer),
-    ``slices`` and ``shapes`` their places in it, ``grad_ptrs`` the addresses of those places. The tensors point to
-    this object weakly; it holds them and their AccumulateGrad nodes (looked up once: a lookup costs a view),
-    until ``release_nodes``."""
+    """For the tensors of a flat buffer (``qlora_gpu.optim.FlatBuffer``, which holds this object, made at the first
+    ``slot`` asked of it): ``grads`` (the float32 gradient buffer), ``slices`` and ``shapes`` their places in it,
+    ``grad_ptrs`` the addresses of those places. It holds the tensors' AccumulateGrad nodes (looked up once: a
+    lookup costs a view), until ``release_nodes``."""
 
     def __init__(self, tensors: list[torch.Tensor], grads: torch.Tensor, slices: list[slice], shapes: list,
                  grad_ptrs: list[int]):
@@ -44,10 +44,13 @@ class DeferredGrads:
         self._task = None
         self._low: torch.Tensor | None = None
         self._written: list[bool] = []
-        me = weakref.ref(self)
-        for i, t in enumerate(tensors):
-            if t.requires_grad:
-                t.__dict__[_ATTR] = (me, i)
+
+    @classmethod
+    def of(cls, flat) -> DeferredGrads:
+        """The ``DeferredGrads`` of a ``qlora_gpu.optim.FlatBuffer``, made on the first call."""
+        if flat.deferred is None:
+            flat.deferred = cls(flat.tensors, flat.param.grad, flat.slices, flat.shapes, flat.grad_ptrs)
+        return flat.deferred
 
     def slot(self, i: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Where tensor ``i``'s gradient in ``dtype`` is to be written in this backward pass, or None: give it to
@@ -79,7 +82,7 @@ class DeferredGrads:
         """Let go of the AccumulateGrad nodes; the next pass looks up the ones of its graph. A node runs on the CUDA
         stream that was current when it was created, and autograd synchronises that stream with the pass's: one
         kept from the binding (the default stream) would pull the default stream into a pass captured into a CUDA
-        graph on another stream, which invalidates the capture (torch's CUDA-graph notes). ``qlora_gpu.graphs``
+        graph on another stream, which invalidates the capture (torch's CUDA-graph notes). ``qlora_gpu.fast.graphs``
         releases them before its capture, so that the captured forward pass creates its nodes on the capture's
         stream."""
         self._nodes = None
@@ -114,10 +117,10 @@ def release_nodes(params) -> None:
     """``DeferredGrads.release_nodes`` of every flat buffer holding one of ``params``."""
     owners = {}
     for p in params:
-        entry = p.__dict__.get(_ATTR)
-        owner = entry[0]() if entry is not None else None
-        if owner is not None:
-            owners[id(owner)] = owner
+        entry = p.__dict__.get(FLAT_BUFFER)
+        flat = entry[0]() if entry is not None else None
+        if flat is not None and flat.deferred is not None:
+            owners[id(flat.deferred)] = flat.deferred
     for owner in owners.values():
         owner.release_nodes()
 
@@ -125,8 +128,8 @@ def release_nodes(params) -> None:
 def slot(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Where a layer writes ``param``'s gradient (in ``dtype``) in the current backward pass instead of returning
     it to autograd; None when ``param`` is not in a flat buffer or the pass does not allow it (module docstring)."""
-    entry = param.__dict__.get(_ATTR)
+    entry = param.__dict__.get(FLAT_BUFFER)
     if entry is None:
         return None
-    owner = entry[0]()
-    return None if owner is None else owner.slot(entry[1], dtype)
+    flat = entry[0]()
+    return None if flat is None else DeferredGrads.of(flat).slot(entry[1], dtype)

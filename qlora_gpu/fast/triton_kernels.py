@@ -59,7 +59,7 @@ from packaging.version import Version
 
 from qlora_ref.checks import QUANT_TYPES_4BIT
 
-from .quantize import decode_absmax
+from ..quantize import decode_absmax
 
 #: True when Triton runs its CPU interpreter (``TRITON_INTERPRET=1`` set before this module was imported)
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -308,7 +308,7 @@ def _check_device(*tensors: torch.Tensor) -> None:
     dev = tensors[0].device
     if dev.type != "cuda" and not INTERPRET:
         raise ValueError("the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 set before importing "
-                         f"qlora_gpu.triton_kernels, for Triton's CPU interpreter); got tensors on {dev}")
+                         f"qlora_gpu.fast.triton_kernels, for Triton's CPU interpreter); got tensors on {dev}")
     if dev.type != "cuda" and (problem := interpreter_problem(triton.__version__, np.__version__)):
         raise RuntimeError(problem)
     for t in tensors:
