@@ -49,6 +49,8 @@ def _stamp(res: dict) -> str:
     s = res["stamp"]
     code = s.get("code", s)  # bench/stamp.py's stamp; results of before it kept commit and dirty at the top
     dirty = {True: "uncommitted changes", False: "clean", None: "unknown"}[code.get("dirty")]
+    if code.get("dirty") and "diff_sha256" in code and code["diff_sha256"] is None:
+        dirty = "no diff; untracked files, such as the run's own earlier results"
     return f"commit {str(code.get('commit'))[:10]} ({dirty}), {s.get('time_utc', s.get('date'))}; {_versions(s)}"
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: the project's packages
     sys.path.insert(0, str(ROOT))
-FROZEN = ROOT / "bench" / "results" / "FROZEN_STAMP.json"
+RESULTS = ROOT / "bench" / "results"
+FROZEN = RESULTS / "FROZEN_STAMP.json"
 SOURCE_DIRS = ("qlora_ref", "qlora_gpu", "bench")
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "triton", "numpy", "numba", "accelerate",
             "safetensors")
@@ -55,7 +56,7 @@ def git_state() -> dict | None:
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None
-    exclude = [f":!{FROZEN.relative_to(ROOT)}"] if FROZEN.is_relative_to(ROOT) else []
+    exclude = [f":!{RESULTS.relative_to(ROOT)}"]  # what benchmarks write is not the code that ran
     status = _git("status", "--porcelain", "--", ".", *exclude) or ""
     diff = _git("diff", "HEAD") or ""
     return dict(commit=commit, dirty=bool(status), diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff
