@@ -1,7 +1,7 @@
 """``qlora_gpu.fast``: the same training step as the plain core (``qlora_gpu.lora``, ``qlora_gpu.model``,
 ``qlora_gpu.optim``) in fewer kernel launches and less host time. At batch 1 a QLoRA step on a large GPU waits on
 the host, which pays per operator launched whatever its size (docs/benchmarks.md); everything here exists only to
-cut that, and computes the same values (tests/test_fast_paths.py: losses and LoRA gradients of the two paths bit
+cut that, and computes the same values (tests/test_fast_switch.py: losses and LoRA gradients of the two paths bit
 for bit over several optimizer steps, dropout, gradient accumulation and checkpointing included).
 
 - ``layer``: a ``QLoRALinear``'s forward call using what its block staged (``FastQLoRAFunction``), and the fused

@@ -14,7 +14,7 @@ kernels and less host time, using what its decoder block prepared for the whole 
 kernels of ``qlora_gpu.fast.triton_kernels`` (``kernel="triton"``).
 
 Every one of these computes the same operations on the same values as the plain function, so the results are the
-same bits (tests/test_fast_paths.py, tests/test_stage_layer.py, tests/test_block_scales.py,
+same bits (tests/test_fast_switch.py, tests/test_stage_layer.py, tests/test_block_scales.py,
 tests/test_deferred_grads.py).
 """
 
