@@ -32,21 +32,20 @@ def enable(model: nn.Module) -> nn.Module:
     """Switch ``model`` (a ``QLoRAModel``, or any module holding ``QLoRALinear`` layers) to the fast path: every
     ``QLoRALinear`` computes through ``qlora_gpu.fast.layer``, and every decoder block of a ``QLoRAModel`` stages
     its adapters and scales at once (``staging``). The same values; returns ``model``."""
-    for m in model.modules():
-        if isinstance(m, QLoRALinear):
-            m.fast = True
-    for layer in _decoder_layers(model):
-        staging.install(layer)
-    return model
+    return _switch(model, True)
 
 
 def disable(model: nn.Module) -> nn.Module:
     """Back to the plain core: undoes ``enable``; returns ``model``."""
+    return _switch(model, False)
+
+
+def _switch(model: nn.Module, on: bool) -> nn.Module:
     for m in model.modules():
         if isinstance(m, QLoRALinear):
-            m.fast = False
+            m.fast = on
     for layer in _decoder_layers(model):
-        staging.uninstall(layer)
+        (staging.install if on else staging.uninstall)(layer)
     return model
 
 
