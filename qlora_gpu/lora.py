@@ -114,7 +114,7 @@ class QLoRALinear(nn.Module):
                  compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None,
                  kernel: str = "bnb", out_dtype: str | None = None):
         super().__init__()
-        self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
+        ref.check_lora_config(r, alpha, dropout)  # before any work on the weight
         self.compute_dtype = ref.check_compute_dtype(compute_dtype)
         self.out_dtype = out_dtype
         if isinstance(weight, RefQuantized4bit):
@@ -135,17 +135,9 @@ class QLoRALinear(nn.Module):
             ref.check_bias_shape(tuple(bias.shape), self.out_features)
             bias = bias.float()
         self.register_buffer("bias", bias)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = ref.lora_scaling(self.alpha, self.r, self.use_rslora)
-        self.seed = seed
-        if self.r is None:
-            self.register_parameter("lora_A", None)
-            self.register_parameter("lora_B", None)
-        else:
-            a, b = ref.init_lora_weights(self.in_features, self.out_features, self.r, seed)
-            self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
-            self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
+        self._attach(r, alpha, dropout, use_rslora, seed)
         self.fast = False
         self.kernel = kernel
         self._initialized = True
@@ -182,14 +174,20 @@ class QLoRALinear(nn.Module):
             raise ValueError(f"the layer already carries an adapter (r={self.r})")
         if r is None:
             raise ValueError("r must be a positive integer for add_adapter, got None")
+        self._attach(r, alpha, dropout, use_rslora, seed)
+
+    def _attach(self, r: int | None, alpha: float, dropout: float, use_rslora: bool, seed: int) -> None:
+        """The adapter's settings and its initial ``lora_A``/``lora_B`` on the weight's device (none for
+        ``r=None``), as ``qlora_ref.lora.QLoRALinear._attach``; a fresh dropout generator."""
         self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = ref.lora_scaling(self.alpha, self.r, self.use_rslora)
         self.seed = seed
-        a, b = ref.init_lora_weights(self.in_features, self.out_features, self.r, seed)
-        self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
-        self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
-        self._generators = {}
+        if self.r is not None:
+            a, b = ref.init_lora_weights(self.in_features, self.out_features, self.r, seed)
+            self.lora_A = nn.Parameter(torch.from_numpy(a).to(self.weight.device))
+            self.lora_B = nn.Parameter(torch.from_numpy(b).to(self.weight.device))
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
@@ -308,7 +306,6 @@ class QLoRALinear(nn.Module):
         if self.r is not None:
             w += self.scaling * (self.lora_B.float() @ self.lora_A.float())
         return w
-
 
 
 def check_kernel(kernel, quant_type: str | None) -> str:
