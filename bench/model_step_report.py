@@ -54,6 +54,12 @@ def _stamp(res: dict) -> str:
     return f"commit {str(code.get('commit'))[:10]} ({dirty}), {s.get('time_utc', s.get('date'))}; {_versions(s)}"
 
 
+def _processes(res: dict) -> str:
+    if res.get("isolated"):
+        return "each implementation in a process of its own"
+    return "every implementation in one process" + (" (`--same-process`)" if "isolated" in res else "")
+
+
 def model_step_markdown(res: dict) -> str:
     seq = res["seq"]
     env = res.get("threads", {}).get("env") or {}
@@ -63,7 +69,7 @@ def model_step_markdown(res: dict) -> str:
              f"{_machine(res)}; {_threads(res)}; load average {res['load_average'][0]} before, "
              f"{res['load_average'][1]} after (1, 5, 15 min). {_stamp(res)}. Gradient checkpointing "
              f"{'on' if res['checkpointing'] else 'off'}; {res['repeats']} rounds; {res['flops_per_step'] / 1e9:.1f} "
-             f"GFLOP per step of {seq} tokens.", "",
+             f"GFLOP per step of {seq} tokens; {_processes(res)}.", "",
              "| implementation | s/step, median (min–max) | tokens/s | qlora_ref speed / this, per round | "
              "CPU s/step | CPU time / qlora_ref's |",
              "|---|---:|---:|---:|---:|---:|"]

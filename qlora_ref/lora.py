@@ -49,6 +49,7 @@ from numbers import Real
 import numpy as np
 
 from . import fused_matmul, lora_kernels
+from .dropout import draw_keep
 from .dtypes import round_to, round_to_definition
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
@@ -458,7 +459,7 @@ class QLoRALinear:
             check_dropout_mask(dropout_mask.shape, x_shape, active)
             keep = dropout_mask.astype(bool)
         elif active:
-            keep = self._dropout_rng.random(x_shape, dtype=np.float32) >= np.float32(self.dropout)
+            keep = draw_keep(self._dropout_rng, x_shape, self.dropout)
         else:
             return None
         return keep.reshape(-1, self.in_features)

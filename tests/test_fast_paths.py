@@ -289,8 +289,11 @@ class _Identity:
 
 @given(st.data())
 def test_swiglu_backward_equals_the_expression(data):
-    n = data.draw(st.integers(1, 40))
-    g, u, dh = (edge_array(data.draw, (n,), scale=data.draw(st.sampled_from([1e-3, 1.0, 30.0]))) for _ in range(3))
+    """The fused Numba pass (float32) and the NumPy fallback (float64) against the expression."""
+    shape = data.draw(st.sampled_from([(data.draw(st.integers(1, 40)),), (2, 3, 5)]))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]))
+    g, u, dh = (edge_array(data.draw, shape, scale=data.draw(st.sampled_from([1e-3, 1.0, 30.0]))).astype(dtype)
+                for _ in range(3))
     mlp = SwiGLU(_Identity(), _Identity(), _Identity())
     with np.errstate(over="ignore", invalid="ignore"):
         s = 1 / (1 + np.exp(-g))

@@ -57,7 +57,7 @@ def test_rmsnorm_vs_autograd(shape):
     x = rng.standard_normal(shape).astype(np.float32)
     w = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
     g = rng.standard_normal(shape).astype(np.float32)
-    norm = RMSNorm(w, 1e-5)
+    norm = RMSNorm(w, 1e-5, weight_grad=True)
     y = norm.forward(x)
     dx = norm.backward(g)
     tx, tw = tt(x).requires_grad_(), tt(w).requires_grad_()
@@ -66,6 +66,9 @@ def test_rmsnorm_vs_autograd(shape):
     grads_close(y, ty.detach().numpy(), 1e-6)
     grads_close(dx, tx.grad.numpy())
     grads_close(norm.grad_weight, tw.grad.numpy())
+    frozen = RMSNorm(w, 1e-5)  # QLoRA's norms: no weight gradient, the same input gradient
+    frozen.forward(x)
+    assert np.array_equal(frozen.backward(g), dx) and frozen.grad_weight is None
 
 
 def test_rmsnorm_finite_differences():

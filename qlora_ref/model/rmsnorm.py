@@ -6,7 +6,8 @@ upstream gradient g scaled by the weight, gw = g * w:
     dx = r * (gw - x_hat * mean(gw * x_hat))        (means over the last axis)
     dw = sum over all rows of g * x_hat
 
-The weight is frozen in QLoRA; ``grad_weight`` is kept so the layer test can check it.
+The weight is frozen in QLoRA, so dw is computed only with ``weight_grad=True`` (into ``grad_weight``: the layer
+test checks it against torch); a QLoRA step skips its two passes over the activations.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import numpy as np
 
 
 class RMSNorm:
-    def __init__(self, weight: np.ndarray, eps: float = 1e-6):
+    def __init__(self, weight: np.ndarray, eps: float = 1e-6, weight_grad: bool = False):
         self.weight = np.ascontiguousarray(weight)
         self.eps = float(eps)
+        self.weight_grad = bool(weight_grad)
         self.grad_weight = None
         self._x_hat = None
         self._r = None
@@ -31,7 +33,8 @@ class RMSNorm:
     def backward(self, grad: np.ndarray) -> np.ndarray:
         x_hat, r = self._x_hat, self._r
         gw = grad * self.weight
-        self.grad_weight = np.sum((grad * x_hat).reshape(-1, x_hat.shape[-1]), axis=0)
+        if self.weight_grad:
+            self.grad_weight = np.sum((grad * x_hat).reshape(-1, x_hat.shape[-1]), axis=0)
         return r * (gw - x_hat * np.mean(gw * x_hat, axis=-1, keepdims=True))
 
     def clear_cache(self) -> None:
