@@ -42,7 +42,7 @@ PARTS = (
     ("qlora_ref.train.reference", "causal_lm_loss", "loss forward (softmax over the vocabulary)"),
     ("qlora_ref.train.reference", "causal_lm_loss_backward", "loss backward"),
     ("qlora_ref.train.reference", "clip_grad_norm", "gradient clipping"),
-    ("qlora_ref.optim.adamw", "adamw_update", "AdamW"),
+    ("qlora_ref.optim.adamw", "adamw_update_fast", "AdamW"),
 )
 
 

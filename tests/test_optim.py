@@ -563,3 +563,43 @@ def test_gpu_make_optimizer_refuses_simulation_options():
 
     with pytest.raises(ValueError, match="simulation"):
         make_gpu("paged_adamw", budget_bytes=1 << 20)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 300), step=st.integers(1, 2000),
+       lr=st.sampled_from([1e-4, 2e-4, 1e-3, 0.5]), beta1=st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.99]),
+       beta2=st.sampled_from([0.9, 0.999, 0.99999]), eps=st.sampled_from([1e-8, 1e-6, 0.0]),
+       weight_decay=st.sampled_from([0.0, 0.01, 0.1]), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e20]))
+def test_adamw_fast_pass_equals_the_definition_bit_for_bit(seed, n, step, lr, beta1, beta2, eps, weight_decay,
+                                                           scale):
+    """``adamw_update_fast`` (one Numba pass) against ``adamw_update`` (NumPy): both lerp formulas (1 - beta1 on
+    either side of 0.5), with and without weight decay, eps 0 (v = 0 gives 0/0 = NaN in both), tiny and huge
+    gradients; parameters and both states compared as bit patterns."""
+    from qlora_ref.optim.adamw import adamw_update, adamw_update_fast
+
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(np.float32)
+    g = (rng.standard_normal(n) * scale).astype(np.float32)
+    g[rng.random(n) < 0.1] = 0.0
+    m = (rng.standard_normal(n) * scale).astype(np.float32)
+    v = (np.abs(rng.standard_normal(n)) * scale * scale).astype(np.float32)
+    v[rng.random(n) < 0.1] = 0.0
+    a, b = [x.copy() for x in (p, g, m, v)], [x.copy() for x in (p, g, m, v)]
+    with np.errstate(all="ignore"):
+        adamw_update(*a, step, lr, beta1, beta2, eps, weight_decay)
+        adamw_update_fast(*b, step, lr, beta1, beta2, eps, weight_decay)
+    for x, y in zip(a, b, strict=True):
+        assert np.array_equal(x.view(np.uint32), y.view(np.uint32))
+
+
+def test_adamw_fast_falls_back_to_the_definition_off_its_layout():
+    """A strided view or float64 arrays go through the definition: the same values, the arrays updated in place."""
+    from qlora_ref.optim.adamw import adamw_update, adamw_update_fast
+
+    rng = np.random.default_rng(3)
+    base = [rng.standard_normal(64) for _ in range(3)] + [np.abs(rng.standard_normal(64))]
+    for make in (lambda x: x.astype(np.float32)[::2], lambda x: x.astype(np.float64)):
+        a, b = [make(x) for x in base], [make(x) for x in base]
+        assert not b[0].flags.c_contiguous or b[0].dtype == np.float64
+        adamw_update(*a, 5, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        adamw_update_fast(*b, 5, 1e-3, 0.9, 0.999, 1e-8, 0.01)
+        assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
