@@ -47,6 +47,20 @@ def test_the_word_path_is_taken_only_where_it_holds(monkeypatch):
     assert np.array_equal(draw_keep(rng, (4, 4), 0.25), want)
 
 
+def test_a_generator_state_of_another_form_takes_the_definition(monkeypatch):
+    """A future numpy whose state dict lacks the half-word fields, or whose word path raises, draws by the
+    definition instead of failing."""
+    monkeypatch.setattr(dropout, "_AGREES", None)
+
+    def broken(*args):
+        raise KeyError("uinteger")
+
+    monkeypatch.setattr(dropout, "_draw_from_words", broken)
+    assert not dropout._word_path_agrees()
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    assert np.array_equal(draw_keep(rng, (8, 8), 0.1), keep_mask_definition(ref, (8, 8), 0.1))
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_keep_rate(p):
     keep = draw_keep(np.random.default_rng(1), (512, 512), p)
