@@ -16,7 +16,7 @@ so the two agree to float32 round-off, not bit for bit (tests/test_optim.py stat
 :func:`adamw_update` is the whole algorithm on arrays, in NumPy: the definition. :func:`adamw_update_fast` gives
 the same bits in one Numba pass instead of about thirteen (the same float32 operations in the same order;
 ``tests/test_optim.py`` compares them bit for bit); :class:`AdamW` keeps the state per parameter and steps through
-the fast one; the paged and 8-bit optimizers call the definition.
+the fast one, and so does the paged AdamW (its pages are contiguous runs); the 8-bit optimizers call the definition.
 """
 
 from __future__ import annotations
