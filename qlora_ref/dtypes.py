@@ -43,6 +43,14 @@ def to_numpy_dtype(dtype) -> np.dtype:
     return FLOAT_DTYPES[dtype_name(dtype)]
 
 
+def flat_float32(*arrays) -> bool:
+    """Whether every array is a C-contiguous float32 ndarray of the first one's shape: then a fused Numba pass over
+    their flat views (``reshape(-1)``, no copies) applies; otherwise the callers compute their NumPy definition."""
+    shape = arrays[0].shape if isinstance(arrays[0], np.ndarray) else None
+    return all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.shape == shape
+               for a in arrays)
+
+
 def round_to_definition(x: np.ndarray, compute_dtype: str) -> np.ndarray:
     """The definition of ``round_to``: to float32, then a round trip through the compute dtype's NumPy/ml_dtypes
     type: for bfloat16 the nearest bfloat16 (ties to even), the one rounding step of QLoRA's bfloat16 compute, kept

@@ -13,6 +13,8 @@ import numpy as np
 from numba import njit
 from scipy.special import expit
 
+from ..dtypes import flat_float32
+
 
 @njit(cache=True)
 def _swiglu_grads(dh, g, u, s, a, dg, du):
@@ -26,10 +28,9 @@ def _swiglu_grads(dh, g, u, s, a, dg, du):
 
 def swiglu_grads(dh: np.ndarray, g: np.ndarray, u: np.ndarray, s: np.ndarray, a: np.ndarray) -> tuple:
     """(dg, du) of the module docstring; one Numba pass for float32 arrays of one shape, else NumPy."""
-    arrays = (dh, g, u, s, a)
-    if all(x.dtype == np.float32 and x.flags.c_contiguous and x.shape == dh.shape for x in arrays):
+    if flat_float32(dh, g, u, s, a):
         dg, du = np.empty_like(dh), np.empty_like(dh)
-        _swiglu_grads(*(x.reshape(-1) for x in arrays), dg.reshape(-1), du.reshape(-1))
+        _swiglu_grads(*(x.reshape(-1) for x in (dh, g, u, s, a)), dg.reshape(-1), du.reshape(-1))
         return dg, du
     return dh * u * (s * (1 + g * (1 - s))), dh * a
 

@@ -26,6 +26,7 @@ import math
 import numpy as np
 from numba import njit
 
+from ..dtypes import flat_float32
 from .base import Optimizer, StateSpec
 
 _F32 = np.float32
@@ -86,8 +87,7 @@ def adamw_update_fast(param, grad, exp_avg, exp_avg_sq, step: int, lr: float, be
     """:func:`adamw_update`, the same bits, in one pass for C-contiguous float32 arrays of one shape (else the
     definition itself): every scalar is the float32 the definition multiplies by."""
     arrays = (param, grad, exp_avg, exp_avg_sq)
-    if not all(isinstance(a, np.ndarray) and a.dtype == np.float32 and a.flags.c_contiguous and a.shape == param.shape
-               for a in arrays):
+    if not flat_float32(*arrays):
         adamw_update(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay)
         return
     bias_correction1 = 1.0 - beta1**step
