@@ -150,6 +150,27 @@ def test_dequantized_tile_equals_the_definition(qr, data):
                                                        compute_dtype))
 
 
+@given(st.integers(1, 12), st.integers(1, 4), st.sampled_from([32, 64, 128]), st.sampled_from(["nf4", "fp4"]),
+       st.booleans(), st.data())
+def test_dequantized_whole_blocks_equal_the_definition(out_f, blocks_per_row, blocksize, quant_type, dq, data):
+    """The shorter loop for whole quantization blocks (every layer of a real model): whole rows, one contiguous run,
+    and block-aligned columns, row by row."""
+    in_f = blocks_per_row * blocksize
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    q = qlora_ref.quantize_4bit(rng.standard_normal((out_f, in_f)).astype(np.float32), quant_type, blocksize, dq)
+    r0 = data.draw(st.integers(0, out_f - 1))
+    r1 = data.draw(st.integers(r0 + 1, out_f))
+    b0 = data.draw(st.integers(0, blocks_per_row - 1))
+    b1 = data.draw(st.integers(b0 + 1, blocks_per_row))
+    for c0, c1 in ((0, in_f), (b0 * blocksize, b1 * blocksize)):
+        for compute_dtype in ("bfloat16", "float32"):
+            tile = np.full((r1 - r0) * (c1 - c0), np.nan, np.float32)
+            fused_matmul._dequantize_tile(*fused_matmul._kernel_args(q), in_f, r0, r1, c0, c1,
+                                          compute_dtype == "bfloat16", np.empty(16, np.float32), tile)
+            assert_same_bits(tile.reshape(r1 - r0, c1 - c0),
+                             round_to_definition(qlora_ref.dequantize_4bit(q, "float32")[r0:r1, c0:c1], compute_dtype))
+
+
 @given(quantized(max_out=300, max_in=300))
 def test_double_quantized_absmax_equals_the_definition(qr):
     q, _ = qr
