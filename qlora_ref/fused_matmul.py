@@ -49,6 +49,15 @@ def _block_table(code, a, to_bf16, table):
 
 
 @njit(inline="always")
+def _unpack_bytes(packed, p0, n_bytes, table, out, o0):
+    # whole bytes packed[p0 : p0 + n_bytes] into out[o0:]: the first element of a byte sits in its high nibble
+    for k in range(n_bytes):
+        byte = packed[p0 + k]
+        out[o0 + 2 * k] = table[byte >> 4]
+        out[o0 + 2 * k + 1] = table[byte & 15]
+
+
+@njit(inline="always")
 def _dequantize_span(packed, absmax, code, blocksize, start, stop, to_bf16, table, out, o):
     # out[o + k] = W_flat[start + k] for start + k < stop, one quantization block at a time, through its table
     i = start
@@ -60,11 +69,7 @@ def _dequantize_span(packed, absmax, code, blocksize, start, stop, to_bf16, tabl
             out[o + i - start] = table[packed[i >> 1] & 15]
             i += 1
         pairs = (end - i) >> 1
-        p0, o0 = i >> 1, o + i - start
-        for k in range(pairs):  # whole bytes: the first element sits in the high nibble
-            byte = packed[p0 + k]
-            out[o0 + 2 * k] = table[byte >> 4]
-            out[o0 + 2 * k + 1] = table[byte & 15]
+        _unpack_bytes(packed, i >> 1, pairs, table, out, o + i - start)
         i += 2 * pairs
         if i < end:  # a span (or block) that ends in the high nibble of a byte
             out[o + i - start] = table[packed[i >> 1] >> 4]
@@ -82,11 +87,7 @@ def _dequantize_run(packed, absmax, code, blocksize, start, stop, to_bf16, table
     b0 = start // blocksize
     for b in range(b0, stop // blocksize):
         _block_table(code, absmax[b], to_bf16, table)
-        p0, o0 = b * half, o + (b - b0) * blocksize
-        for k in range(half):
-            byte = packed[p0 + k]
-            out[o0 + 2 * k] = table[byte >> 4]
-            out[o0 + 2 * k + 1] = table[byte & 15]
+        _unpack_bytes(packed, b * half, half, table, out, o + (b - b0) * blocksize)
 
 
 @njit(cache=True)
