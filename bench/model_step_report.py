@@ -1,5 +1,5 @@
-"""Markdown for docs/benchmarks.md from the JSON that ``bench/model_step.py`` and ``bench/demo_before_after.py``
-write, so that the figures in the docs are the measured ones, not retyped.
+"""Markdown for docs/benchmarks.md from the JSON that ``bench/model_step.py``, ``bench/demo_before_after.py`` and
+``bench/packing_throughput.py`` write, so that the figures in the docs are the measured ones, not retyped.
 
     python bench/model_step_report.py RESULT.json [MORE.json ...] --title "..." [--update docs/benchmarks.md]
 
@@ -127,8 +127,13 @@ def section(results: list[dict], title: str) -> str:
             parts.append(model_step_markdown(res))
         elif kind == "demo_before_after":
             parts.append(demo_markdown(res))
+        elif kind == "packing_throughput":
+            import packing_throughput  # bench/ is on sys.path when this runs as a script
+
+            parts.append(packing_throughput.markdown(res))
         else:
-            raise SystemExit(f"unknown benchmark kind {kind!r} (expected model_step or demo_before_after)")
+            raise SystemExit(f"unknown benchmark kind {kind!r} (expected model_step, demo_before_after or "
+                             "packing_throughput)")
         parts.append("")
     return "\n".join(parts).rstrip() + "\n"
 

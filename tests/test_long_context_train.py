@@ -78,12 +78,13 @@ def test_the_torch_backend_packs_through_variable_length_attention(tiny):
     assert trainer.model.activation_offload is not None
 
 
-def test_packed_training_resumes_bit_for_bit(tiny, tmp_path):
+@pytest.mark.parametrize("pack_length", [None, 384])
+def test_packed_training_resumes_bit_for_bit(tiny, tmp_path, pack_length):
     from qlora_ref.train.api import make_trainer
     from qlora_ref.train.loop import train
 
     folder, data = tiny
-    config = small_config(max_steps=4, packing=True, loss_chunk_size=16, max_length=128)
+    config = small_config(max_steps=4, packing=True, loss_chunk_size=16, max_length=128, pack_length=pack_length)
 
     def run(out, **kw):
         trainer, _ = make_trainer(folder, config, "ref")
@@ -93,8 +94,8 @@ def test_packed_training_resumes_bit_for_bit(tiny, tmp_path):
     first = run(tmp_path / "cut", stop_after=2)
     second = run(tmp_path / "cut")
     assert first.train_losses + second.train_losses == full.train_losses
-    # a step holds more examples than a padded one would: 2 rows of up to 128 tokens per micro-batch
-    assert full.log_history[0]["tokens"] > 2 * 2 * int(np.max(data.lengths))
+    # a step holds more examples than a padded one would: 2 rows of up to 128 (or 384) tokens per micro-batch
+    assert full.log_history[0]["tokens"] > 2 * 2 * int(np.max(data.lengths)) * (3 if pack_length else 1)
 
 
 def test_cli_options_reach_the_config(tmp_path, capsys):
@@ -105,11 +106,12 @@ def test_cli_options_reach_the_config(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
                  "--output-dir", str(out), "--max-steps", "1", "--lora-r", "4", "--batch-size", "2", "--grad-accum",
-                 "1", "--no-progress", "--packing", "--loss-chunk-size", "8"]) == 0
+                 "1", "--no-progress", "--packing", "--loss-chunk-size", "8", "--pack-length", "1024"]) == 0
     import json
 
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["packing"] is True and saved["loss_chunk_size"] == 8 and saved["activation_offload"] is False
+    assert saved["pack_length"] == 1024
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
                  "--output-dir", str(tmp_path / "r2"), "--max-steps", "1", "--no-progress",
                  "--activation-offload"]) == 2

@@ -11,6 +11,9 @@ sum over more masked zeros), so they agree to a few float32 ulps of the result: 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -32,7 +35,7 @@ from qlora_ref.data import (
 )
 from qlora_ref.loss import causal_lm_loss, causal_lm_loss_backward, count_targets
 from qlora_ref.model import LoraConfig, load_model
-from qlora_ref.model.attention import packed_causal_mask, segment_ids
+from qlora_ref.model.attention import example_spans, packed_causal_mask, segment_ids
 
 tt = torch.from_numpy
 
@@ -72,13 +75,14 @@ def _dataset(n=30, seed=0, max_length=600):
     return data
 
 
-def test_packed_batches_restart_positions_and_mask_the_first_label():
+@pytest.mark.parametrize("pack_length", [None, 1500])
+def test_packed_batches_restart_positions_and_mask_the_first_label(pack_length):
     data = _dataset()
     seen = []
-    for batch in iterate_packed_batches(data, batch_size=2, seed=1):
+    for batch in iterate_packed_batches(data, batch_size=2, seed=1, pack_length=pack_length):
         ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
         assert pos.dtype == np.int64 and pos.shape == ids.shape == labels.shape == mask.shape
-        assert ids.shape[1] <= data.max_length
+        assert ids.shape[1] <= (pack_length or data.max_length)
         for row in range(ids.shape[0]):
             starts = np.flatnonzero(pos[row] == 0)
             n_real = int(mask[row].sum())
@@ -91,7 +95,18 @@ def test_packed_batches_restart_positions_and_mask_the_first_label():
                 assert labels[row, s] == IGNORE_INDEX  # never predicted from the example before
             assert (labels[row, n_real:] == IGNORE_INDEX).all()
     assert sorted(seen) == sorted(tuple(x) for x in data.input_ids)  # every example exactly once
-    assert len(seen) >= 3 * len(list(iterate_packed_batches(data, batch_size=1)))  # several examples a row
+    rows = len(list(iterate_packed_batches(data, batch_size=1, pack_length=pack_length)))
+    assert len(seen) >= (7 if pack_length else 3) * rows  # several examples a row (140-200 tokens each)
+
+
+def test_pack_length_is_checked():
+    from qlora_ref.train.config import TrainConfig
+
+    assert TrainConfig(packing=True, max_length=128, pack_length=512).pack_length == 512
+    with pytest.raises(ValueError, match="pack_length=512 needs packing=True"):
+        TrainConfig(max_length=128, pack_length=512)
+    with pytest.raises(ValueError, match="pack_length must be an integer >= max_length=128"):
+        TrainConfig(packing=True, max_length=128, pack_length=100)
 
 
 def test_packed_batch_has_the_targets_and_tokens_of_the_unpacked_examples():
@@ -169,6 +184,35 @@ def test_packed_attention_equals_each_example_alone():
     packed = attn.forward(x, position_ids=POSITIONS[:1])
     for s, e in ((0, 3), (3, 7)):
         np.testing.assert_allclose(packed[:, s:e], attn.forward(x[:, s:e]), rtol=1e-12, atol=1e-12)
+
+
+def test_packed_attention_by_example_is_the_whole_row_under_the_block_diagonal_mask(monkeypatch):
+    """The reference computes a packed row's scores example by example (the diagonal blocks of
+    ``packed_causal_mask``); computing the whole row under the mask instead gives the same output and input
+    gradient: the blocks off the diagonal have P = 0 and dS = 0 (float64, to rounding)."""
+    import qlora_ref.model.attention as attention
+
+    rng = np.random.default_rng(14)
+    attn = make_attention(rng, kv_heads=2, bias=True, window=3)
+    x = rng.standard_normal((2, 7, 12))
+    g = rng.standard_normal(x.shape)
+    assert not np.allclose(attn.forward(x), attn.forward(x, position_ids=POSITIONS)), "the packing matters here"
+    y, dx = attn.forward(x, position_ids=POSITIONS), attn.backward(g)
+    rows = iter(packed_causal_mask(POSITIONS, sliding_window=3)[:, 0, 0])  # row b's (T, T) mask, in row order
+    monkeypatch.setattr(attention, "example_spans", lambda pos: [(b, 0, pos.shape[1]) for b in range(len(pos))])
+    monkeypatch.setattr(attention, "causal_mask", lambda t, s, past, window: next(rows))
+    y_row, dx_row = attn.forward(x, position_ids=POSITIONS), attn.backward(g)
+    np.testing.assert_allclose(y, y_row, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, dx_row, rtol=1e-12, atol=1e-12)
+
+
+def test_example_spans_are_the_diagonal_blocks():
+    pos = np.array([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert example_spans(pos) == [(0, 0, 3), (0, 3, 5), (0, 5, 6), (1, 0, 6)]
+    allowed = packed_causal_mask(pos)[:, 0, 0] == 0
+    for b, s, e in example_spans(pos):  # nothing outside the blocks is allowed
+        allowed[b, s:e, s:e] = False
+    assert not allowed.any()
 
 
 def test_packed_attention_refuses_a_kv_cache():
@@ -438,3 +482,33 @@ def test_gpu_varlen_model_still_generates_like_eager(checkpoint):
     outs = [gpu_model(path, impl).generate(prompt, max_new_tokens=6, eos_token_id=[]) for impl in
             ("qlora_varlen", "eager")]
     assert outs[0] == outs[1] and len(outs[0]) == len(prompt) + 6
+
+
+# ------------------------------------------------------------------------------------------ the benchmark's arithmetic
+def test_packing_benchmark_counts_slots_and_estimates_epochs():
+    """bench/packing_throughput.py: a batch's slots from the lengths alone equal the collated batch's; the epoch
+    ratio is (batches x mean step time) of the baseline over the packed mode's."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import packing_throughput as pt
+
+    data = _dataset(n=30, max_length=200)
+    for mode in pt.MODES:
+        batches = pt.epoch_batches(data, mode, seed=2)
+        assert sorted(i for b in batches for i in (b if mode not in pt.PACKED else [j for p in b for j in p])) \
+            == list(range(len(data)))  # every example once an epoch
+        for b in batches[:3]:
+            assert pt.slots(data, mode, b) == pt.collate(data, mode, b)["input_ids"].size
+    epochs = {m: {"batches": n, "tokens": 1000, "slots": 2000} for m, n in
+              zip(pt.MODES, (10, 10, 10, 5, 4), strict=True)}
+    times = {"max_length": [2.0, 2.0], "random": [1.0, 2.0], "grouped": [1.0, 1.0], "packed": [2.0, 2.0],
+             "packed_row": [3.0, 1.0]}
+    rounds = [{m: {"tokens": 100, "slots": 200, "step_seconds": [t[r]]} for m, t in times.items()} for r in range(2)]
+    s = pt.summarize(rounds, epochs)
+    assert s["packed_row_over_max_length"]["epoch"] == pytest.approx((10 * 2.0) / (4 * 2.0))
+    assert s["packed_over_random"]["epoch"] == pytest.approx((10 * 1.5) / (5 * 2.0))
+    assert s["packed_row_over_grouped"]["epoch_per_round"]["min"] == pytest.approx(10 * 1.0 / (4 * 3.0))
+    assert s["grouped"]["epoch_tokens_per_s"] == pytest.approx(1000 / 10.0)
+    assert "| packed_row / max_length | **2.50×**" in pt.markdown({
+        "command": "x", "examples": 30, "max_length": 200, "backend": "ref", "rounds_run": 2, "steps": 1,
+        "load_average": [[0, 0, 0], [0, 0, 0]], "stamp": {}, "modes": list(pt.MODES), "epochs": epochs,
+        "summary": s})

@@ -24,7 +24,7 @@ TRAIN_OPTIONS = {
     "lora_alpha": ("--lora-alpha", float, "LoRA alpha; the update is scaled by alpha / r (paper: 16)"),
     "lora_dropout": ("--lora-dropout", float, "dropout on the adapter input (paper: 0.1 up to 13B, 0.05 above)"),
     "learning_rate": ("--lr", float, "learning rate (paper: 2e-4 up to 13B, 1e-4 above)"),
-    "micro_batch_size": ("--batch-size", int, "examples per micro-batch"),
+    "micro_batch_size": ("--batch-size", int, "examples (with --packing: packed rows) per micro-batch"),
     "gradient_accumulation_steps": ("--grad-accum", int, "micro-batches per optimizer step (effective batch = "
                                                           "batch-size x grad-accum; paper: 16)"),
     "max_grad_norm": ("--max-grad-norm", float, "clip gradients to this global norm, 0 disables (paper: 0.3)"),
@@ -43,6 +43,8 @@ TRAIN_OPTIONS = {
     "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, none"),
     "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper), float16 or float32"),
     "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
+    "pack_length": ("--pack-length", int, "with --packing: tokens per packed row, at least --max-length (None: "
+                                          "--max-length); a longer row wastes less of its end"),
     "loss_chunk_size": ("--loss-chunk-size", int, "LM head and loss this many positions at a time, so the logits "
                                                   "never exist whole (0: all at once)"),
 }
@@ -120,7 +122,8 @@ def add_parser(subparsers) -> None:
     d.add_argument("--max-steps", type=int, default=DEMO_STEPS, help=f"optimizer steps [default: {DEMO_STEPS}]")
     d.add_argument("--output-dir", type=Path, default=Path("qlora-demo"), help="[default: ./qlora-demo]")
     d.add_argument("--backend", default="ref", help="ref [default] or gpu")
-    d.add_argument("--packing", action="store_true", help="pack the short Q/A pairs into rows of 128 tokens")
+    d.add_argument("--packing", action="store_true", help="pack the short Q/A pairs into one row of 512 tokens per "
+                   "micro-batch (the same token slots as 4 padded pairs of up to 128)")
     d.set_defaults(func=run_demo)
 
     g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
@@ -213,7 +216,7 @@ def run_demo(args) -> int:
 
     check_writable_dir(args.output_dir, "--output-dir")
     model_path = demo_model()
-    config = demo_config(args.max_steps, args.output_dir).replace(packing=bool(getattr(args, "packing", False)))
+    config = demo_config(args.max_steps, args.output_dir, packing=bool(getattr(args, "packing", False)))
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
     t0 = time.perf_counter()
     trainer, tokenizer = make_trainer(model_path, config, args.backend)

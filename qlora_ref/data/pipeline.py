@@ -301,13 +301,15 @@ def pack_examples(lengths, max_length: int) -> list[list[int]]:
 
 
 def packed_batch_indices(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                         epoch: int = 0) -> list[list[list[int]]]:
-    """The packs of each batch of one epoch: ``batch_size`` packs per batch, each pack a list of example indices.
-    The packs are the same every epoch (:func:`pack_examples` of the whole data set; with attention kept inside
-    each example, which examples share a row changes no gradient); their order is shuffled per ``(seed, epoch)``."""
+                         epoch: int = 0, pack_length: int | None = None) -> list[list[list[int]]]:
+    """The packs of each batch of one epoch: ``batch_size`` packs per batch, each pack a list of example indices
+    of at most ``pack_length`` tokens (default: the data set's ``max_length``; a longer row wastes less of its
+    end, since the examples' lengths rarely add up to exactly one row). The packs are the same every epoch
+    (:func:`pack_examples` of the whole data set; with attention kept inside each example, which examples share a
+    row changes no gradient); their order is shuffled per ``(seed, epoch)``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    packs = pack_examples(dataset.lengths, dataset.max_length)
+    packs = pack_examples(dataset.lengths, dataset.max_length if pack_length is None else pack_length)
     order = np.random.default_rng([seed, epoch]).permutation(len(packs)) if shuffle else np.arange(len(packs))
     ordered = [packs[i] for i in order]
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
@@ -341,7 +343,8 @@ def batch_of(dataset: TokenizedDataset, indices: list, pad_to_multiple_of: int |
 
 
 def iterate_packed_batches(dataset: TokenizedDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                           epoch: int = 0, pad_to_multiple_of: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                           epoch: int = 0, pad_to_multiple_of: int | None = None, pack_length: int | None = None
+                           ) -> Iterator[dict[str, np.ndarray]]:
     """Packed batches for one epoch (see :func:`packed_batch_indices` and :func:`collate_packed`)."""
-    for packs in packed_batch_indices(dataset, batch_size, shuffle, seed, epoch):
+    for packs in packed_batch_indices(dataset, batch_size, shuffle, seed, epoch, pack_length):
         yield batch_of(dataset, packs, pad_to_multiple_of)

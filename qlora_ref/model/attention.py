@@ -15,9 +15,12 @@ Backward, with dO the gradient of O (derivation in docs/transformer.md):
 then the rotations are undone (``apply_rope_backward``) and the q/k/v projections' backward sum into dx.
 
 Packed sequences (``position_ids``, (B, T), restarting at 0 with every example; ``qlora_ref.data.collate_packed``):
-each token is rotated by its position inside its own example, and M also masks every key of another example —
-M is block-diagonal causal (``packed_causal_mask``), so no example attends to another. The backward pass is the
-same formulas: a masked score has P = 0, hence dS = 0 there.
+each token is rotated by its position inside its own example, and no example attends to another — M is
+block-diagonal causal (``packed_causal_mask``). The scores of a row are computed one example at a time
+(``example_spans``): the blocks of M off the diagonal are all -inf, so their P and dS are 0 and computing them
+would change nothing (``tests/test_packing.py`` checks the result against the whole row under
+``packed_causal_mask``). That keeps the cost of a row of n examples at the sum of their squared lengths, not the
+row's squared length, as FlashAttention's variable-length kernel does (``qlora_gpu.packing``).
 """
 
 from __future__ import annotations
@@ -78,6 +81,18 @@ def packed_causal_mask(position_ids: np.ndarray, sliding_window: int | None = No
     return np.where(allowed, np.float32(0.0), np.float32(-np.inf))[:, None, None]
 
 
+def example_spans(position_ids: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(row, start, stop)`` of every example of packed rows (the padding at the end of a row is one too), in
+    order: the diagonal blocks of ``packed_causal_mask``."""
+    seg = segment_ids(position_ids)
+    spans = []
+    for b, row in enumerate(seg):
+        cuts = np.flatnonzero(np.diff(row)) + 1
+        edges = [0, *cuts.tolist(), len(row)]
+        spans += [(b, s, e) for s, e in zip(edges[:-1], edges[1:], strict=True)]
+    return spans
+
+
 def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Softmax over the last axis (max subtracted first, so exp never overflows; -inf entries become 0).
     ``out`` may be ``x`` itself (in place)."""
@@ -85,6 +100,31 @@ def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     np.exp(e, out=e)
     e /= np.sum(e, axis=-1, keepdims=True)
     return e
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float, groups: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """``O = softmax(Q K^T scale + M) V`` for rotated q (B, Hkv, G*T, D), a group's queries stacked, and k, v
+    (B, Hkv, S, D); ``mask`` broadcasts to (B, Hkv, G, T, S). Returns O (B, Hkv, G*T, D) and P."""
+    B, Hkv, GT, _ = q.shape
+    scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2)))  # (B, Hkv, G*T, S)
+    scores *= np.float32(scale)
+    scores.reshape(B, Hkv, groups, GT // groups, k.shape[2])[...] += mask
+    probs = softmax(scores, out=scores)  # in place: the same values, one (G*T, S) buffer per head
+    return np.matmul(probs, v), probs
+
+
+def attend_backward(d_out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, probs: np.ndarray,
+                    scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """dQ, dK, dV of :func:`attend` from dO (B, Hkv, G*T, D) (derivation in docs/transformer.md)."""
+    # stacking the G query heads of a group along the rows makes the sums over the group part of the matmuls
+    dv = np.matmul(probs.swapaxes(-1, -2), d_out)  # (B, Hkv, S, D)
+    dp = np.matmul(d_out, np.ascontiguousarray(v.swapaxes(-1, -2)))  # (B, Hkv, G*T, S)
+    ds = dp  # reuse the buffer: dS = P * (dP - rowsum(dP * P)) * scale
+    ds -= np.sum(dp * probs, axis=-1, keepdims=True)
+    ds *= probs
+    ds *= np.float32(scale)
+    return np.matmul(ds, k), np.matmul(ds.swapaxes(-1, -2), q), dv
 
 
 class Attention:
@@ -125,32 +165,45 @@ class Attention:
             k, v = kv_cache.append(self.layer_idx, k, v)
         S_len = k.shape[2]
 
-        scores = np.matmul(q, np.ascontiguousarray(k.swapaxes(-1, -2)))  # (B, Hkv, G*T, S)
-        scores *= np.float32(self.scale)
-        scores.reshape(B, Hkv, G, T, S_len)[...] += causal_mask(T, S_len, past, self.sliding_window) \
-            if position_ids is None else packed_causal_mask(position_ids, self.sliding_window)
-        probs = softmax(scores, out=scores)  # in place: the same values, one (G*T, S) buffer per head
-        out = np.matmul(probs, v)  # (B, Hkv, G*T, D)
+        spans = None if position_ids is None else example_spans(position_ids)
+        if spans is None:
+            out, probs = attend(q, k, v, causal_mask(T, S_len, past, self.sliding_window), self.scale, G)
+        else:  # one example at a time: the diagonal blocks of packed_causal_mask
+            out, probs = np.empty_like(q), []
+            for b, s, e in spans:
+                o, p = attend(self._queries(q, b, s, e), k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                              causal_mask(e - s, e - s, 0, self.sliding_window), self.scale, G)
+                self._queries(out, b, s, e, o)
+                probs.append(p)
         out = out.reshape(B, Hkv, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
         if kv_cache is None:  # training: keep what backward needs
-            self._cache = (q, k, v, probs, cos, sin)
+            self._cache = (q, k, v, probs, spans, cos, sin)
         return self.o_proj.forward(out)
 
+    def _queries(self, q: np.ndarray, b: int, s: int, e: int, value: np.ndarray | None = None) -> np.ndarray:
+        """Tokens s:e of row b of stacked queries q (B, Hkv, G*T, D), as (1, Hkv, G*(e-s), D) for :func:`attend`
+        (a copy); with ``value``, write it there instead."""
+        B, Hkv, GT, D = q.shape
+        rows = q.reshape(B, Hkv, self.groups, GT // self.groups, D)[b, :, :, s:e]
+        if value is not None:
+            rows[...] = value.reshape(rows.shape)
+        return rows.reshape(1, Hkv, self.groups * (e - s), D)
+
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        q, k, v, probs, cos, sin = self._cache
+        q, k, v, probs, spans, cos, sin = self._cache
         B, Hkv, GT, D = q.shape
         G, T = self.groups, GT // self.groups
         d_out = self.o_proj.backward(grad).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4).reshape(B, Hkv, GT, D)
 
-        # stacking the G query heads of a group along the rows makes the sums over the group part of the matmuls
-        dv = np.matmul(probs.swapaxes(-1, -2), d_out)  # (B, Hkv, T, D)
-        dp = np.matmul(d_out, np.ascontiguousarray(v.swapaxes(-1, -2)))  # (B, Hkv, G*T, T)
-        ds = dp  # reuse the buffer: dS = P * (dP - rowsum(dP * P)) * scale
-        ds -= np.sum(dp * probs, axis=-1, keepdims=True)
-        ds *= probs
-        ds *= np.float32(self.scale)
-        dq = np.matmul(ds, k)  # (B, Hkv, G*T, D)
-        dk = np.matmul(ds.swapaxes(-1, -2), q)  # (B, Hkv, T, D)
+        if spans is None:
+            dq, dk, dv = attend_backward(d_out, q, k, v, probs, self.scale)
+        else:  # packed: example by example, as in forward
+            dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+            for (b, s, e), p in zip(spans, probs, strict=True):
+                dq_ex, dk[b:b + 1, :, s:e], dv[b:b + 1, :, s:e] = attend_backward(
+                    self._queries(d_out, b, s, e), self._queries(q, b, s, e), k[b:b + 1, :, s:e],
+                    v[b:b + 1, :, s:e], p, self.scale)
+                self._queries(dq, b, s, e, dq_ex)
 
         dq = apply_rope_backward(dq.reshape(B, Hkv, G, T, D), cos, sin)
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)

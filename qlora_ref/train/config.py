@@ -88,6 +88,7 @@ class TrainConfig:
     max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)
     train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
     packing: bool = False  # several examples per row of max_length tokens, attention kept inside each
+    pack_length: int | None = None  # packing: tokens per row (>= max_length); None: max_length
     eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
     eval_batches: int = 0  # 0: evaluate on the whole held-out set
     # -- bookkeeping ----------------------------------------------------------------------------------------------
@@ -137,6 +138,13 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if self.pack_length is not None:
+            if not self.packing:
+                raise ValueError(f"pack_length={self.pack_length} needs packing=True (the length of a packed row)")
+            if isinstance(self.pack_length, bool) or not isinstance(self.pack_length, int) \
+                    or self.pack_length < self.max_length:
+                raise ValueError(f"pack_length must be an integer >= max_length={self.max_length} (every example "
+                                 f"must fit a row), got {self.pack_length!r}")
         if self.lr_scheduler not in SCHEDULES:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULES}, got {self.lr_scheduler!r}")
         from ..optim import canonical_optimizer_name

@@ -74,17 +74,18 @@ class BatchStream:
     ``(epoch, batch)`` is all a checkpoint needs to continue the stream exactly."""
 
     def __init__(self, dataset, batch_size: int, seed: int, epoch: int = 0, batch: int = 0,
-                 group_by_length: bool = True, packing: bool = False):
+                 group_by_length: bool = True, packing: bool = False, pack_length: int | None = None):
         if len(dataset) == 0:
             raise ValueError("the training set is empty (every example was dropped; see the data report)")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
-        self.group_by_length, self.packing = group_by_length, packing
+        self.group_by_length, self.packing, self.pack_length = group_by_length, packing, pack_length
         self.epoch, self.batch = epoch, batch
         self._epoch_of, self._batches = None, None
 
     def _epoch_batches(self) -> list[list]:
         if self._epoch_of != self.epoch:  # packed: lists of packs of example indices; else of example indices
-            self._batches = packed_batch_indices(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch) \
+            self._batches = packed_batch_indices(self.dataset, self.batch_size, seed=self.seed, epoch=self.epoch,
+                                                 pack_length=self.pack_length) \
                 if self.packing else batch_indices(self.dataset, self.batch_size, shuffle=True,
                                                    group_by_length=self.group_by_length, seed=self.seed,
                                                    epoch=self.epoch)
@@ -316,7 +317,8 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
             for line in recover_checkpoints(output_dir):
                 warnings.warn(f"{output_dir}: {line}", stacklevel=2)
         world.barrier()
-    stream = BatchStream(train_data, config.micro_batch_size, config.seed, packing=config.packing)
+    stream = BatchStream(train_data, config.micro_batch_size, config.seed, packing=config.packing,
+                         pack_length=config.pack_length)
     step, tokens_seen, log_history = 0, 0, []
     fingerprint = data_fingerprint(train_data)
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
@@ -331,7 +333,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         step, last_saved = ckpt.step, ckpt.path
         run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
         stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"],
-                             packing=config.packing)
+                             packing=config.packing, pack_length=config.pack_length)
     if output_dir is not None:
         last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
         taken = _colliding_checkpoints(output_dir, run["run_id"], step, last, config)
