@@ -31,8 +31,8 @@ def demo_config(max_steps: int, output_dir, packing: bool = False) -> TrainConfi
                          lr_scheduler="constant_with_warmup", lora_dropout=0.0, gradient_checkpointing=False,
                          max_length=128, eval_fraction=0.05, eval_batches=8, seed=0, output_dir=str(output_dir),
                          keep_checkpoints=1)
-    if packing:
-        config = config.replace(packing=True, pack_length=4 * 128, micro_batch_size=1)
+    if packing:  # evaluation stays unpacked, one pair a batch now: 32 batches for the same 32 held-out pairs
+        config = config.replace(packing=True, pack_length=4 * 128, micro_batch_size=1, eval_batches=32)
     return config
 
 

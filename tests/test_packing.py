@@ -99,6 +99,19 @@ def test_packed_batches_restart_positions_and_mask_the_first_label(pack_length):
     assert len(seen) >= (7 if pack_length else 3) * rows  # several examples a row (140-200 tokens each)
 
 
+def test_packed_demo_keeps_the_token_slots_and_the_evaluation():
+    """``qlora demo --packing``: one row of 4 x 128 tokens per micro-batch (the padded demo's slots), and the same
+    held-out pairs evaluated (evaluation is unpacked: micro-batches of one pair, four times as many)."""
+    from qlora_ref.demo import demo_config
+
+    plain, packed = demo_config(40, "/tmp/x"), demo_config(40, "/tmp/x", packing=True)
+    assert packed.packing and not plain.packing
+    assert packed.pack_length * packed.micro_batch_size == plain.max_length * plain.micro_batch_size
+    assert packed.eval_batches * packed.micro_batch_size == plain.eval_batches * plain.micro_batch_size
+    assert packed.replace(packing=False, pack_length=None, micro_batch_size=plain.micro_batch_size,
+                          eval_batches=plain.eval_batches) == plain  # nothing else differs
+
+
 def test_pack_length_is_checked():
     from qlora_ref.train.config import TrainConfig
 
