@@ -169,7 +169,7 @@ class Attention:
         if spans is None:
             out, probs = attend(q, k, v, causal_mask(T, S_len, past, self.sliding_window), self.scale, G)
         else:  # one example at a time: the diagonal blocks of packed_causal_mask
-            out, probs = np.empty_like(q), []
+            out, probs = np.empty(q.shape, q.dtype), []  # C order: _queries writes through a reshaped view
             for b, s, e in spans:
                 o, p = attend(self._queries(q, b, s, e), k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                               causal_mask(e - s, e - s, 0, self.sliding_window), self.scale, G)
@@ -186,6 +186,7 @@ class Attention:
         B, Hkv, GT, D = q.shape
         rows = q.reshape(B, Hkv, self.groups, GT // self.groups, D)[b, :, :, s:e]
         if value is not None:
+            assert np.shares_memory(rows, q), "writing needs a C-ordered q (a reshape that is a view)"
             rows[...] = value.reshape(rows.shape)
         return rows.reshape(1, Hkv, self.groups * (e - s), D)
 
@@ -198,7 +199,7 @@ class Attention:
         if spans is None:
             dq, dk, dv = attend_backward(d_out, q, k, v, probs, self.scale)
         else:  # packed: example by example, as in forward
-            dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+            dq, dk, dv = np.empty(q.shape, q.dtype), np.empty(k.shape, k.dtype), np.empty(v.shape, v.dtype)
             for (b, s, e), p in zip(spans, probs, strict=True):
                 dq_ex, dk[b:b + 1, :, s:e], dv[b:b + 1, :, s:e] = attend_backward(
                     self._queries(d_out, b, s, e), self._queries(q, b, s, e), k[b:b + 1, :, s:e],
