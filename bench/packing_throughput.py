@@ -15,9 +15,10 @@ fewer a step:
 - ``packed_row``: ``qlora demo --packing`` (``--packing --pack-length 512 --batch-size 1``): one row of up to
   4 x 128 = 512 tokens.
 
-A step is what the training loop does per micro-batch (``forward_backward`` + ``optimizer_step``). The steps a
-mode runs are drawn at random from its whole epoch (a seeded permutation of the epoch's batches), so the sample is
-not biased to the epoch's first batches. Two figures per mode:
+A step is what the training loop does per micro-batch (``forward_backward`` + ``optimizer_step``), the packed
+modes on a trainer built with ``packing=True`` (qlora_gpu's per-example attention), the others on the demo's. The
+steps a mode runs are drawn at random from its whole epoch (a seeded permutation of the epoch's batches), so the
+sample is not biased to the epoch's first batches. Two figures per mode:
 
 - **sampled**: the useful tokens of the steps run over their seconds (``attention_mask`` sums: padding is not
   counted), round by round;
@@ -164,7 +165,11 @@ def main(argv=None) -> dict:
 
     model = args.model or demo_model()
     config = demo_config(args.rounds * args.steps, "/tmp/unused")
-    trainer, tokenizer = make_trainer(model, config, args.backend)
+    # each kind of batch on a model built for it: qlora_gpu switches to per-example attention only with packing
+    # on (without it a packed row gets transformers' dense block-diagonal mask); the reference needs no switch
+    trainers = {packed: make_trainer(model, config.replace(packing=packed), args.backend) for packed in (False, True)}
+    tokenizer = trainers[False][1]
+    trainers = {packed: t for packed, (t, _) in trainers.items()}
     examples = load_examples("chatterbot:english", DataReport())
     train_ex, _ = split_examples(examples, config.eval_fraction, config.seed)
     if args.max_examples:
@@ -179,7 +184,7 @@ def main(argv=None) -> dict:
         draws[m] = iter([batches[j] for j in np.resize(order, args.rounds * args.steps + 1)])
     load_before = os.getloadavg()
     for m in MODES:  # warm-up (first calls, allocations)
-        step(trainer, collate(data, m, next(draws[m])), config.learning_rate, config.max_grad_norm)
+        step(trainers[m in PACKED], collate(data, m, next(draws[m])), config.learning_rate, config.max_grad_norm)
     rounds, modes = [], list(MODES)
     for r in range(args.rounds):
         round_ = {}
@@ -187,7 +192,8 @@ def main(argv=None) -> dict:
             row = {"tokens": 0, "slots": 0, "step_seconds": []}
             for _ in range(args.steps):
                 b = collate(data, m, next(draws[m]))
-                row["step_seconds"].append(step(trainer, b, config.learning_rate, config.max_grad_norm))
+                row["step_seconds"].append(step(trainers[m in PACKED], b, config.learning_rate,
+                                                config.max_grad_norm))
                 row["tokens"] += int(b["attention_mask"].sum())
                 row["slots"] += b["input_ids"].size
             round_[m] = row
