@@ -167,9 +167,9 @@ def main(argv=None) -> dict:
     config = demo_config(args.rounds * args.steps, "/tmp/unused")
     # each kind of batch on a model built for it: qlora_gpu switches to per-example attention only with packing
     # on (without it a packed row gets transformers' dense block-diagonal mask); the reference needs no switch
-    trainers = {packed: make_trainer(model, config.replace(packing=packed), args.backend) for packed in (False, True)}
-    tokenizer = trainers[False][1]
-    trainers = {packed: t for packed, (t, _) in trainers.items()}
+    (plain, tokenizer), (packed, _) = (make_trainer(model, config.replace(packing=p), args.backend)
+                                       for p in (False, True))
+    trainers = {False: plain, True: packed}
     examples = load_examples("chatterbot:english", DataReport())
     train_ex, _ = split_examples(examples, config.eval_fraction, config.seed)
     if args.max_examples:
