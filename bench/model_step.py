@@ -38,11 +38,19 @@ even while other jobs take turns on the cores. The CPU's features (AVX-512, avx5
 oneDNN paths use them, NumPy's sgemm uses AVX-512 only) and the load average
 are printed and stored.
 
-FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted):
-forward  2·T·(in·out) per linear, 2·2·T²·D per attention head (Q Kᵀ and P V), 2·T·d·V for the LM head,
-         plus the adapters 2·T·r·(in + out);
-backward the input gradient of every matmul (same count as forward; frozen weights get no weight gradient),
-         twice the forward count for attention (dQ, dK, dV, dP), the adapters' dA, dB and dx (3× their forward).
+FLOPs counted (the "useful" work of a step; the recomputation of gradient checkpointing is not counted): 2·m·k·n
+for every matrix product of ``step_products``, the products the reference calls —
+forward  x Wᵀ per linear (2·T·in·out), the adapters x_d Aᵀ and H Bᵀ (2·T·r·(in + out)), Q Kᵀ and P V per head
+         (2·2·T²·D), the LM head (2·T·d·V);
+backward the input gradient of every frozen product (the same count; frozen weights get no weight gradient), four
+         products per adapter (s G B, (∂L/∂H) A, dA, dB: twice their forward), dP, dV, dQ, dK per head (twice
+         attention's forward), the LM head's input gradient.
+The count equals torch's ``FlopCounterMode`` on transformers + peft doing the same step (tested); until 2026-12-06
+it counted the adapters' backward three times their forward, 5.5 % more FLOPs than a step does (191.3 against
+181.3 GFLOP at the defaults).
+Each round also times those products alone, each shape as a NumPy float32 matmul (best of 3): the step's products
+floor, what a step would take if it were nothing but its products; it shows how much of the sgemm rate the shapes of
+a 135M model at 256 tokens allow, apart from anything else the step does.
 
 ``--json PATH`` writes every time, the ratios, the goals of issue 34 and a stamp (commit, dirty flag, versions,
 CPU, threads, load); ``bench/model_step_report.py`` turns it into the markdown of docs/benchmarks.md.
@@ -123,18 +131,54 @@ def write_json(path, result: dict) -> None:
     print(f"wrote {path}")
 
 
-def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
+def step_products(config, seq: int, rank: int, batch: int = 1) -> list[tuple[str, int, int, int, int, int]]:
+    """Every matrix product of a training step of the reference, as (what, count, batch, m, k, n): ``count`` times a
+    stack of ``batch`` products (m × k) @ (k × n). Attention's are per key/value head, its group's query heads
+    stacked along the rows, as ``qlora_ref.model.attention`` computes them."""
     from qlora_ref.model.config import linear_shapes
 
-    T = seq * batch
-    fwd = bwd = 0.0
-    for out_f, in_f in linear_shapes(config).values():
-        fwd += 2 * T * in_f * out_f + 2 * T * rank * (in_f + out_f)
-        bwd += 2 * T * in_f * out_f + 3 * 2 * T * rank * (in_f + out_f)
-    attn = 2 * 2 * batch * seq * seq * config.head_dim * config.num_attention_heads
-    fwd, bwd = (fwd + attn) * config.num_hidden_layers, (bwd + 2 * attn) * config.num_hidden_layers
-    head = 2 * T * config.hidden_size * config.vocab_size
-    return fwd + bwd + 2 * head
+    T, L, r = seq * batch, config.num_hidden_layers, rank
+    hkv, D = config.num_key_value_heads, config.head_dim
+    gt = seq * config.num_attention_heads // hkv
+    out = []
+    for name, (o, i) in linear_shapes(config).items():
+        out += [(f"{name} x Wᵀ", L, 1, T, i, o), (f"{name} G W", L, 1, T, o, i),
+                (f"{name} x_d Aᵀ", L, 1, T, i, r), (f"{name} H Bᵀ", L, 1, T, r, o),
+                (f"{name} dB", L, 1, o, T, r), (f"{name} G B", L, 1, T, o, r),
+                (f"{name} dA", L, 1, r, T, i), (f"{name} dH A", L, 1, T, r, i)]
+    nb = batch * hkv
+    out += [("attention Q Kᵀ", L, nb, gt, D, seq), ("attention P V", L, nb, gt, seq, D),
+            ("attention dV", L, nb, seq, gt, D), ("attention dP", L, nb, gt, D, seq),
+            ("attention dQ", L, nb, gt, seq, D), ("attention dK", L, nb, seq, gt, D),
+            ("LM head", 1, 1, T, config.hidden_size, config.vocab_size),
+            ("LM head dh", 1, 1, T, config.vocab_size, config.hidden_size)]
+    return out
+
+
+def products_flops(products) -> float:
+    """2·m·k·n for every product of a ``step_products`` list."""
+    return float(sum(2 * count * nb * m * k * n for _, count, nb, m, k, n in products))
+
+
+def step_flops(config, seq: int, rank: int, batch: int = 1) -> float:
+    """The FLOPs of a step of the reference: its products' (``step_products``)."""
+    return products_flops(step_products(config, seq, rank, batch))
+
+
+def products_seconds(products, repeats: int = 3) -> float:
+    """Seconds of the step's products alone: each distinct shape timed as a NumPy float32 matmul (best of
+    ``repeats``), times how often the step calls it."""
+    rng = np.random.default_rng(0)
+    shapes: dict[tuple[int, int, int, int], int] = {}
+    for _, count, nb, m, k, n in products:
+        shapes[nb, m, k, n] = shapes.get((nb, m, k, n), 0) + count
+    total = 0.0
+    for (nb, m, k, n), count in shapes.items():
+        a = rng.standard_normal((nb, m, k) if nb > 1 else (m, k), dtype=np.float32)
+        b = rng.standard_normal((nb, k, n) if nb > 1 else (k, n), dtype=np.float32)
+        np.matmul(a, b)
+        total += count * min(_timed(lambda a=a, b=b: np.matmul(a, b)) for _ in range(repeats))
+    return total
 
 
 # ----------------------------------------------------------------------------------------------- the steps
@@ -288,7 +332,7 @@ def _worker(conn, name: str, path, batch, checkpointing: bool, folder, seq: int)
     try:
         step, model = build_step(name, path, batch, checkpointing, folder)
         warm_up(step)
-        conn.send(("ready", step_flops(model.config, seq, RECIPE["r"]) if model is not None else None))
+        conn.send(("ready", step_products(model.config, seq, RECIPE["r"]) if model is not None else None))
         for command in iter(conn.recv, "stop"):
             conn.send(("ok", _timed_both(step) if command == "step" else ref_peaks(model, step)))
     except Exception:  # noqa: BLE001  (the parent raises it, with this traceback)
@@ -379,30 +423,33 @@ def run(args) -> dict:
             with _child_env(WORKER_MALLOC):
                 workers = {n: Worker(n, path, batch, ckpt, folder, args.seq) for n in names}
             try:
-                flops = {n: w.ask() for n, w in workers.items()}["qlora_ref"]  # built and warmed up
+                products = {n: w.ask() for n, w in workers.items()}["qlora_ref"]  # built and warmed up
                 steps = {n: (lambda w=w: w.ask("step")) for n, w in workers.items()}
                 peaks = None if args.skip_memory else (lambda: workers["qlora_ref"].ask("memory"))
-                result = _rounds(args, names, steps, flops, cpu, ckpt, peaks)
+                result = _rounds(args, names, steps, products, cpu, ckpt, peaks)
             finally:
                 for w in workers.values():
                     w.close()
         else:
             built = {n: build_step(n, path, batch, ckpt, folder) for n in names}
             model = built["qlora_ref"][1]
-            flops = step_flops(model.config, args.seq, RECIPE["r"])
+            products = step_products(model.config, args.seq, RECIPE["r"])
             for name, (step, _) in built.items():
                 warm_up(step)
                 print(f"  warmed up: {name}", flush=True)
             steps = {n: (lambda s=s: _timed_both(s)) for n, (s, _) in built.items()}
             peaks = None if args.skip_memory else (lambda: ref_peaks(model, built["qlora_ref"][0]))
-            result = _rounds(args, names, steps, flops, cpu, ckpt, peaks)
+            result = _rounds(args, names, steps, products, cpu, ckpt, peaks)
     return result
 
 
-def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool, peaks) -> dict:
-    """``args.repeats`` rounds: the sgemm rate, then one timed step of every implementation in a rotating order."""
+def _rounds(args, names, timed_steps: dict, products: list, cpu: dict, ckpt: bool, peaks) -> dict:
+    """``args.repeats`` rounds: the sgemm rate and the step's products alone, then one timed step of every
+    implementation in a rotating order."""
     import numba
     import torch
+
+    flops = products_flops(products)
 
     print(f"SmolLM2-135M, batch 1 x seq {args.seq}, LoRA r={RECIPE['r']} on the 7 linears of every "
           f"block, gradient checkpointing {'on' if ckpt else 'off'}; {flops / 1e9:.1f} GFLOP per step; "
@@ -410,17 +457,19 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
     times = {n: [] for n in names}
     cpu_times = {n: [] for n in names}
     faults = {n: [] for n in names}
-    sgemm = []
+    sgemm, floor = [], []
     load = [load_average()]
     for r in range(args.repeats):
         sgemm.append(sgemm_flops())
+        floor.append(products_seconds(products))
         order = names[r % len(names):] + names[: r % len(names)]  # rotate: no implementation always runs first
         for n in order:
             wall, cpu_s, minflt = timed_steps[n]()
             times[n].append(wall)
             cpu_times[n].append(cpu_s)
             faults[n].append(minflt)
-        print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s; "
+        print(f"  round {r + 1}/{args.repeats}: sgemm {sgemm[-1] / 1e9:.0f} GFLOP/s, products alone "
+              f"{floor[-1]:.2f} s; "
               + ", ".join(f"{n} {times[n][-1]:.2f} s" for n in names), flush=True)
     load.append(load_average())
 
@@ -440,6 +489,11 @@ def _rounds(args, names, timed_steps: dict, flops: float, cpu: dict, ckpt: bool,
         # per round: the reference's tokens/s over each implementation's (above 1: the reference is faster)
         "ref_speed_ratio": {n: summary([times[n][i] / ref[i] for i in range(args.repeats)]) for n in names},
         "ref_fraction_of_sgemm": summary([flops / ref[i] / sgemm[i] for i in range(args.repeats)]),
+        # the step's products alone (NumPy float32, the same shapes): the share of sgemm its shapes allow, and how
+        # much longer the reference's step is than its products
+        "products_seconds": floor,
+        "products_fraction_of_sgemm": summary([flops / floor[i] / sgemm[i] for i in range(args.repeats)]),
+        "ref_over_products": summary([ref[i] / floor[i] for i in range(args.repeats)]),
         # CPU time of the process per step: with one thread per implementation it is the work done, whatever else
         # runs on the machine (with more threads it also counts the time threads spin waiting for each other)
         "cpu_seconds": {n: cpu_times[n] for n in names},
@@ -473,6 +527,12 @@ def print_result(res: dict) -> None:
     print(f"\nsgemm 2048³: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–{s['max'] / 1e9:.0f}); qlora_ref "
           f"achieves {res['flops_per_step'] / statistics.median(res['seconds']['qlora_ref']) / 1e9:.1f} GFLOP/s = "
           f"{f['median']:.1%} of it per round ({f['min']:.1%}–{f['max']:.1%}); {seq} tokens per step")
+    if "products_seconds" in res:
+        pf, over = res["products_fraction_of_sgemm"], res["ref_over_products"]
+        floor = statistics.median(res["products_seconds"])
+        print(f"the step's products alone (NumPy float32, the same shapes): {floor:.2f} s = {pf['median']:.1%} "
+              f"of sgemm ({pf['min']:.1%}–{pf['max']:.1%}); qlora_ref's step takes "
+              f"{over['median']:.2f}x that ({over['min']:.2f}–{over['max']:.2f})")
     for name, g in res["goals"].items():
         print(f"goal {name}: {g['value']:.2f} (goal >= {g['goal']}) {'met' if g['met'] else 'NOT met'}")
     if "ref_peak_traced_bytes" in res:

@@ -86,6 +86,12 @@ def model_step_markdown(res: dict) -> str:
     lines += ["", f"NumPy sgemm (2048³) in the same rounds: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–"
                   f"{s['max'] / 1e9:.0f}); qlora_ref achieved {achieved / 1e9:.1f} GFLOP/s, {f['median']:.1%} of the "
                   f"round's sgemm ({f['min']:.1%}–{f['max']:.1%})."]
+    if "products_seconds" in res:
+        pf, over = res["products_fraction_of_sgemm"], res["ref_over_products"]
+        lines.append(f"The step's products alone (each shape a NumPy float32 matmul, in the same rounds): "
+                     f"{statistics.median(res['products_seconds']):.2f} s, {pf['median']:.1%} of sgemm "
+                     f"({pf['min']:.1%}–{pf['max']:.1%}); qlora_ref's step takes {over['median']:.2f}× that "
+                     f"({over['min']:.2f}–{over['max']:.2f}).")
     goals = res.get("goals", {})
     names = {"tokens_per_s_vs_peft_float32": "qlora_ref tokens/s ÷ peft float32's",
              "fraction_of_sgemm": "qlora_ref FLOP/s ÷ sgemm's"}
