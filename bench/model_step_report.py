@@ -62,6 +62,7 @@ def _processes(res: dict) -> str:
 
 def model_step_markdown(res: dict) -> str:
     seq = res["seq"]
+    shares = res.get("fraction_of_sgemm")  # every implementation's, since 2026-12-06
     env = res.get("threads", {}).get("env") or {}
     prefix = " ".join(f"{k}={v}" for k, v in sorted(env.items()))
     cmd = f"{prefix} python bench/{res['command']}" if prefix else f"python bench/{res['command']}"
@@ -71,16 +72,18 @@ def model_step_markdown(res: dict) -> str:
              f"{'on' if res['checkpointing'] else 'off'}; {res['repeats']} rounds; {res['flops_per_step'] / 1e9:.1f} "
              f"GFLOP per step of {seq} tokens; {_processes(res)}.", "",
              "| implementation | s/step, median (min–max) | tokens/s | qlora_ref speed / this, per round | "
-             "CPU s/step | CPU time / qlora_ref's |",
-             "|---|---:|---:|---:|---:|---:|"]
+             + ("FLOP/s ÷ sgemm's, per round | " if shares else "") + "CPU s/step | CPU time / qlora_ref's |",
+             "|---|---:|---:|---:|---:|---:|" + ("---:|" if shares else "")]
     for name, ts in res["seconds"].items():
         r = res["ref_speed_ratio"][name]
         c = res["ref_cpu_ratio"][name]
         cpu = statistics.median(res["cpu_seconds"][name])
         bold = "**" if name == "qlora_ref" else ""
+        share = f" {shares[name]['median']:.1%} ({shares[name]['min']:.1%}–{shares[name]['max']:.1%}) |" if shares \
+            else ""
         lines.append(f"| {bold}{name}{bold} | {statistics.median(ts):.2f} ({min(ts):.2f}–{max(ts):.2f}) | "
                      f"{res['tokens_per_s'][name]['median']:.1f} | {r['median']:.2f}× ({r['min']:.2f}–{r['max']:.2f})"
-                     f" | {cpu:.2f} | {c['median']:.2f}× |")
+                     f" |{share} {cpu:.2f} | {c['median']:.2f}× |")
     s, f = res["sgemm_flops"], res["ref_fraction_of_sgemm"]
     achieved = res["flops_per_step"] / statistics.median(res["seconds"]["qlora_ref"])
     lines += ["", f"NumPy sgemm (2048³) in the same rounds: {s['median'] / 1e9:.0f} GFLOP/s ({s['min'] / 1e9:.0f}–"

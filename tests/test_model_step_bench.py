@@ -51,3 +51,27 @@ def test_products_floor_times_each_shape_once_and_counts_its_calls(monkeypatch):
     assert ms.products_seconds(products, repeats=3) == 5 * 0.25 + 1 * 1.0
     assert [c.shape for c in calls] == [(4, 6)] * 3 + [(2, 3, 5)] * 3
     assert ms.products_flops(products) == 2 * (5 * 4 * 5 * 6 + 2 * 3 * 4 * 5)
+
+
+def test_report_gives_every_implementation_its_share_of_sgemm_when_the_result_has_it():
+    """The table of a result with per-implementation shares has that column in every row, and the products floor
+    line; an older result (without them) renders as it did."""
+    import json
+
+    import model_step_report as report
+
+    old = json.loads((BENCH / "results/2026-12-05-cpu-latenight/model_step.json").read_text())
+    text = report.model_step_markdown(old)
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in rows} == {7} and "products alone" not in text
+    new = dict(old, fraction_of_sgemm={n: {"median": 0.1 + i / 10, "min": 0.05, "max": 0.9}
+                                       for i, n in enumerate(old["seconds"])},
+               products_seconds=[0.5] * old["repeats"],
+               products_fraction_of_sgemm={"median": 0.8, "min": 0.7, "max": 0.9},
+               ref_over_products={"median": 2.5, "min": 2.0, "max": 3.0})
+    text = report.model_step_markdown(new)
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in rows} == {8}
+    for i, name in enumerate(old["seconds"]):
+        assert f"| {0.1 + i / 10:.1%} (5.0%–90.0%) |" in next(r for r in rows if r.split("|")[1].strip(" *") == name)
+    assert "products alone" in text and "0.50 s, 80.0% of sgemm (70.0%–90.0%)" in text and "2.50×" in text
