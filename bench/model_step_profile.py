@@ -4,8 +4,10 @@ batch 1 x 256, LoRA r=64 on every linear, AdamW), with wall-clock timers around 
     OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 NUMBA_NUM_THREADS=1 python bench/model_step_profile.py --steps 5
 
 Parts are nested (a linear layer's time includes its dequantization), so the column does not add up to the step;
-each row says what it holds. ``blas`` is the step's FLOPs at the machine's sgemm rate measured in the same run:
-the time a step would take if every FLOP ran like a 2048³ matrix product and nothing else took time.
+each row says what it holds. The head line gives the step's FLOPs at the machine's sgemm rate measured in the same
+run (the time a step would take if every FLOP ran like a 2048³ matrix product and nothing else took time) and the
+step's products alone (``model_step.products_seconds``: each shape a NumPy float32 matmul), what a step of these
+shapes would take if it were nothing but its products.
 """
 
 from __future__ import annotations
@@ -94,12 +96,14 @@ def main(argv=None) -> None:
     for _ in range(args.steps):
         step()
     seconds = (time.perf_counter() - t0) / args.steps
-    flops = model_step.step_flops(model.config, args.seq, model_step.RECIPE["r"])
+    products = model_step.step_products(model.config, args.seq, model_step.RECIPE["r"])
+    flops, floor = model_step.products_flops(products), model_step.products_seconds(products)
     sgemm = model_step.sgemm_flops()
     print(f"{model_step.cpu_info()}")
     print(f"one step: {seconds:.3f} s = {flops / seconds / 1e9:.1f} GFLOP/s, {100 * flops / seconds / sgemm:.1f} % "
           f"of this machine's sgemm ({sgemm / 1e9:.0f} GFLOP/s); all FLOPs at the sgemm rate: "
-          f"{flops / sgemm:.3f} s\n")
+          f"{flops / sgemm:.3f} s; the step's products alone (NumPy float32, the same shapes): {floor:.3f} s, the "
+          f"rest of the step {seconds - floor:.3f} s\n")
     print(f"{'part':52s} {'s/step':>7s} {'share':>6s}")
     for _, _, row in PARTS:
         if row in totals:
