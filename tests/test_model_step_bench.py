@@ -19,7 +19,7 @@ import model_step as ms  # noqa: E402  (bench/model_step.py)
 from qlora_ref.model.config import LINEAR_MODULES, ModelConfig  # noqa: E402
 
 
-@pytest.mark.parametrize("name, batch", [("llama-gqa", 1), ("llama-tied-llama3", 2)])
+@pytest.mark.parametrize("name, batch", [("llama-gqa", 1), ("llama-tied-llama3", 2), ("qwen2", 1)])
 def test_step_flops_are_torch_flop_counters(name, batch):
     """A LoRA step of transformers + peft computes the products the reference's step does: every frozen product
     forward and for its input gradient (the embedding's output made to require one, as the reference's backward
