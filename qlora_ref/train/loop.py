@@ -317,8 +317,12 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
             for line in recover_checkpoints(output_dir):
                 warnings.warn(f"{output_dir}: {line}", stacklevel=2)
         world.barrier()
-    stream = BatchStream(train_data, config.micro_batch_size, config.seed, packing=config.packing,
-                         pack_length=config.pack_length)
+
+    def stream_at(epoch: int = 0, batch: int = 0) -> BatchStream:
+        return BatchStream(train_data, config.micro_batch_size, config.seed, epoch=epoch, batch=batch,
+                           packing=config.packing, pack_length=config.pack_length)
+
+    stream = stream_at()  # checks the data first: an empty training set fails before any checkpoint is read
     step, tokens_seen, log_history = 0, 0, []
     fingerprint = data_fingerprint(train_data)
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
@@ -332,8 +336,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config, fingerprint)
         step, last_saved = ckpt.step, ckpt.path
         run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
-        stream = BatchStream(train_data, config.micro_batch_size, config.seed, epoch=pos["epoch"], batch=pos["batch"],
-                             packing=config.packing, pack_length=config.pack_length)
+        stream = stream_at(pos["epoch"], pos["batch"])
     if output_dir is not None:
         last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
         taken = _colliding_checkpoints(output_dir, run["run_id"], step, last, config)
