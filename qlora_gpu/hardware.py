@@ -1,18 +1,27 @@
-"""What this machine's torch does with bfloat16 matrix products on the CPU, detected rather than assumed.
+"""What this machine's torch does where its CPU kernels decide the last bits, detected rather than assumed.
 
-The reference computes a bfloat16 product as QLoRA's recipe defines it: the bfloat16 inputs multiplied and summed
-in float32, the sum rounded once (docs/lora_backprop.md). torch's CPU kernels do the same on CPUs without
-bfloat16 instructions (they widen to float32); where oneDNN uses the CPU's native bfloat16 dot products
-(AVX512-BF16, AMX) the products are still exact and summed in float32, but in another order and grouping, so a
-sum near a bfloat16 rounding boundary can round the other way — the derived bound still holds, bit-identity does
-not. ``bf16_gemm_is_float32`` tells which, per shape (oneDNN's choice depends on the sizes).
+bfloat16 matrix products. The reference computes a bfloat16 product as QLoRA's recipe defines it: the bfloat16
+inputs multiplied and summed in float32, the sum rounded once (docs/lora_backprop.md). torch's CPU kernels do the
+same on CPUs without bfloat16 instructions (they widen to float32); where oneDNN uses the CPU's native bfloat16 dot
+products (AVX512-BF16, AMX) the products are still exact and summed in float32, but in another order and grouping,
+so a sum near a bfloat16 rounding boundary can round the other way — the derived bound still holds, bit-identity
+does not. ``bf16_gemm_is_float32`` tells which, per shape (oneDNN's choice depends on the sizes).
+
+``torch.linspace``. bitsandbytes builds its dynamic 8-bit map (double quantization, 8-bit optimizer states) with
+it on the CPU, and torch's vectorised kernels (AVX2, AVX-512) round each value once where its scalar kernel (x86
+without AVX2, ``ATEN_CPU_CAPABILITY=default``) rounds twice (``qlora_ref.codebooks.linspace_float32``).
+``torch_linspace_rounding`` and ``dynamic_map_status`` tell which, and what it does to bitsandbytes' map.
 """
 
 from __future__ import annotations
 
 import functools
 
+import bitsandbytes.functional as bnbf
+import numpy as np
 import torch
+
+from qlora_ref.codebooks import dynamic_map, linspace_float32
 
 
 def _order_sensitive(m: int, k: int, seed: int) -> torch.Tensor:
@@ -55,3 +64,32 @@ def bf16_gemm_status(shapes=((64, 64, 64), (512, 576, 1536))) -> str:
     parts = [f"{m}x{k}x{n}: {'float32 (as the reference)' if bf16_gemm_is_float32(m, k, n) else OTHER_SUM}"
              for m, k, n in shapes]
     return "; ".join(parts)
+
+
+#: grids on which torch.linspace's two roundings differ (12 and 363 of their values)
+_LINSPACE_PROBES = ((0.1, 1.0, 65), (-3.0, 7.5, 1001))
+
+
+@functools.cache
+def torch_linspace_rounding() -> str:
+    """How this machine's torch rounds a float32 ``torch.linspace`` on the CPU: ``"fused"`` (each value rounded
+    once, ``linspace_float32(fused=True)``: the vectorised AVX2/AVX-512 kernels), ``"two roundings"``
+    (``fused=False``: the scalar kernel) or ``"other"`` (neither: a new kernel to look at)."""
+    torch_bits = [torch.linspace(*a, dtype=torch.float32).numpy().view(np.int32) for a in _LINSPACE_PROBES]
+    for name, fused in (("fused", True), ("two roundings", False)):
+        if all(np.array_equal(t, linspace_float32(*a, fused=fused).view(np.int32))
+               for t, a in zip(torch_bits, _LINSPACE_PROBES, strict=True)):
+            return name
+    return "other"
+
+
+def dynamic_map_status() -> str:
+    """One line for ``qlora doctor``: whether bitsandbytes' dynamic 8-bit maps here are the reference's."""
+    diffs = [bnbf.create_dynamic_map(signed=s).numpy().view(np.int32).astype(np.int64)
+             - dynamic_map(s).view(np.int32) for s in (True, False)]
+    if not any(d.any() for d in diffs):
+        return f"the reference's, bit for bit (torch.linspace: {torch_linspace_rounding()})"
+    signed, unsigned = (int((d != 0).sum()) for d in diffs)
+    return (f"{signed} signed and {unsigned} unsigned entries of 256 differ from the reference's, by at most "
+            f"{max(int(abs(d).max()) for d in diffs)} ulp (torch.linspace: {torch_linspace_rounding()}); qlora_gpu's "
+            "double quantization and 8-bit optimizer states use bitsandbytes' map")

@@ -31,18 +31,27 @@ _FP4_E2M1 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0
 _INT4 = [7, 6, 5, 4, 3, 2, 1, 0, 0.0, -1, -2, -3, -4, -5, -6, -7]
 
 
-def linspace_float32(start: float, stop: float, num: int) -> np.ndarray:
+def linspace_float32(start: float, stop: float, num: int, fused: bool = True) -> np.ndarray:
     """``num`` evenly spaced float32 values, rounded exactly as ``torch.linspace(..., dtype=torch.float32)``.
 
     The codebooks are defined by such grids, and the bitsandbytes tables were built with torch; reproducing its
-    rounding (a float32 step, then start + step·i for the first half and stop - step·(num-1-i) for the second, each
-    fused and rounded once) gives bit-identical codebooks.
+    rounding (a float32 step, then start + step·i for the first half and stop - step·(num-1-i) for the second)
+    gives bit-identical codebooks. torch's CPU kernels differ in one detail: the vectorised ones (AVX2, AVX-512)
+    fuse the multiply-add, each value rounded once (``fused=True``, the reference's definition); the scalar
+    kernel (x86 without AVX2, or ``ATEN_CPU_CAPABILITY=default``) rounds step·i to float32 first, then the sum
+    (``fused=False``). ``qlora_gpu.hardware.torch_linspace_rounding`` says which one a machine's torch takes.
     """
     start32, stop32 = np.float32(start), np.float32(stop)
-    step = np.float64(np.float32((stop32 - start32) / np.float32(num - 1))) if num > 1 else 0.0
+    if num < 2:  # torch: [] or [start]
+        return np.full(num, start32)
+    step32 = np.float32((stop32 - start32) / np.float32(num - 1))
     i = np.arange(num)
-    first_half = start32 + step * i
-    second_half = stop32 - step * (num - 1 - i)
+    if fused:  # in float64 step·i is exact, and for these grids the sum too: one rounding, the fused one
+        step = np.float64(step32)
+        first_half, second_half = start32 + step * i, stop32 - step * (num - 1 - i)
+    else:
+        first_half = start32 + step32 * i.astype(np.float32)
+        second_half = stop32 - step32 * (num - 1 - i).astype(np.float32)
     return np.where(i < num // 2, first_half, second_half).astype(np.float32)
 
 
@@ -106,19 +115,23 @@ def codebook(name: str) -> np.ndarray:
 
 
 @cache
-def dynamic_map(signed: bool = True) -> np.ndarray:
+def dynamic_map(signed: bool = True, fused: bool = True) -> np.ndarray:
     """The dynamic 8-bit data type: 256 ascending float32 values in [-1, 1] (Dettmers 2015; QLoRA section 3,
     "Double Quantization", quantizes the absmax constants with it).
 
     For each decimal exponent e = -6 .. 0 the code has 2^(e+6) (signed) linear fraction steps in [0.1, 1]
     times 10^e: small magnitudes get few, coarse levels and magnitudes near 1 many fine ones — relative
     precision rather than absolute. The signed map has 127 levels per sign, 0 and +1 (no -1).
+
+    bitsandbytes builds it with ``torch.linspace`` on the CPU, so its last bits follow that CPU's kernel
+    (``linspace_float32``): the default ``fused=True`` is its map on every x86 CPU with AVX2; ``fused=False`` is
+    the map of torch's scalar kernel, 42 signed entries 1-2 ulp apart (docs/quantization.md).
     """
     exponent_bits, value_bits = 7, 7  # total 8 bits with the sign
     data: list[np.ndarray] = []
     for i in range(exponent_bits):
         steps = 2 ** (i + value_bits - exponent_bits) if signed else 2 ** (i + value_bits - exponent_bits + 1)
-        boundaries = linspace_float32(0.1, 1.0, steps + 1)
+        boundaries = linspace_float32(0.1, 1.0, steps + 1, fused)
         means = (boundaries[:-1] + boundaries[1:]) / np.float32(2)  # fraction levels: centres of the bins
         scale = np.float32(10.0 ** (i - (exponent_bits - 1)))
         data.append(scale * means)

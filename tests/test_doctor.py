@@ -91,6 +91,7 @@ def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
     report = json.loads(doctor(capsys, "--json"))["qlora_gpu"]
     assert report["cpu_dequantize"] == quantize.cpu_dequantize_status()
     assert report["bf16_gemm"] == hardware.bf16_gemm_status()
+    assert report["dynamic_map"] == hardware.dynamic_map_status()
     status = patches.status()
     assert {"rotary embedding", "RMSNorm", "causal SDPA"} <= status.keys()
     assert report["patches"] == status
@@ -107,6 +108,7 @@ def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
     assert "rotary embedding (probed on a tiny Llama): fallback: simulated" in text
     assert "RMSNorm (probed on a tiny Llama): active" in text
     assert f"bf16 GEMM on CPU: {hardware.bf16_gemm_status()}" in text
+    assert f"bitsandbytes' dynamic 8-bit map: {hardware.dynamic_map_status()}" in text
 
 
 @pytest.mark.parametrize("flags", [None, "fpu avx2 avx512f"])

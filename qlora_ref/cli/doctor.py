@@ -132,7 +132,7 @@ def gpu_paths() -> dict:
     except (ValueError, ImportError) as e:
         return dict(error=str(e))
     return dict(cpu_dequantize=gpu.quantize.cpu_dequantize_status(), bf16_gemm=hardware.bf16_gemm_status(),
-                patches=gpu.patches.probe())
+                dynamic_map=hardware.dynamic_map_status(), patches=gpu.patches.probe())
 
 
 def report(constraints: Path) -> dict:
@@ -169,6 +169,7 @@ def format_text(r: dict) -> str:
     else:
         lines += [f"  CPU dequantize, {k}: {v}" for k, v in g["cpu_dequantize"].items()]
         lines.append(f"  bf16 GEMM on CPU: {g['bf16_gemm']}")
+        lines.append(f"  bitsandbytes' dynamic 8-bit map: {g['dynamic_map']}")
         lines += [f"  {k} (probed on a tiny Llama): {v}" for k, v in g["patches"].items()]
     return "\n".join(lines)
 
