@@ -1,8 +1,10 @@
 """``qlora_gpu.hardware``: the probe behind every conditional bf16 bit-identity claim detects a summation other than
-the reference's float32 arithmetic, and accepts that arithmetic itself."""
+the reference's float32 arithmetic, and accepts that arithmetic itself; doctor's line on bitsandbytes' dynamic map
+counts the entries that differ."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from qlora_gpu import hardware
@@ -40,3 +42,22 @@ def test_a_product_summed_otherwise_is_detected(monkeypatch):
     assert not hardware.bf16_gemm_is_float32.__wrapped__(16, 64, 64)
     monkeypatch.setattr(hardware, "bf16_gemm_is_float32", lambda m, k, n: False)
     assert hardware.bf16_gemm_status(((8, 8, 8),)) == f"8x8x8: {hardware.OTHER_SUM}"
+
+
+def test_dynamic_map_status_names_the_entries_that_differ(monkeypatch):
+    # a machine whose torch rounds linspace twice (tests/test_codebooks.py runs one): doctor's line counts the
+    # entries of bitsandbytes' maps that are not the reference's
+    import bitsandbytes.functional as bnbf
+
+    from qlora_ref.codebooks import dynamic_map
+
+    assert hardware.dynamic_map_status().startswith("the reference's, bit for bit") == (
+        hardware.torch_linspace_rounding() == "fused")
+    monkeypatch.setattr(bnbf, "create_dynamic_map",
+                        lambda signed=True: torch.from_numpy(dynamic_map(signed, fused=False).copy()))
+    monkeypatch.setattr(hardware, "torch_linspace_rounding", lambda: "two roundings")
+    signed, unsigned = (np.count_nonzero(dynamic_map(s) != dynamic_map(s, fused=False)) for s in (True, False))
+    assert 0 < signed and 0 < unsigned
+    status = hardware.dynamic_map_status()
+    assert status.startswith(f"{signed} signed and {unsigned} unsigned entries of 256 differ from the reference's")
+    assert "(torch.linspace: two roundings)" in status
