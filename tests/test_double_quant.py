@@ -6,6 +6,7 @@ import bitsandbytes.functional as bnbf
 import numpy as np
 import pytest
 import torch
+from bnb_helpers import corrected_where_wrong
 from hypothesis import given
 from hypothesis import strategies as st
 from quant_strategies import BLOCKSIZES, as_numpy, as_torch, same_bits_or_both_zero, tensors
@@ -106,7 +107,8 @@ def test_state_dict_moves_between_backends_and_bitsandbytes(xd, quant_type, bloc
     qs.dtype = torch.float32
     if packed.shape[0] == 1:  # bitsandbytes' transpose shim for one-row data: see test_quantize.py
         qs.shape = torch.Size([x.size])
-    bnb_out = bnbf.dequantize_4bit(packed, qs).numpy()
+    with corrected_where_wrong(tuple(qs.shape), blocksize):  # bitsandbytes' AVX-512 kernel bug: its own tests
+        bnb_out = bnbf.dequantize_4bit(packed, qs).numpy()
     assert same_bits_or_both_zero(reference, gpu) and same_bits_or_both_zero(reference, bnb_out)
     # and the reference's own state, loaded by the other two
     own = qlora_ref.dequantize_4bit(r, "float32")
