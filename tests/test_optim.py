@@ -454,9 +454,20 @@ def test_clip_grad_norm_matches_torch(seed, max_norm, scale, norm_type):
         t.grad = torch.from_numpy(g.copy())
     total_t = torch.nn.utils.clip_grad_norm_(tensors, max_norm, norm_type=norm_type)
     total = clip_grad_norm(grads, max_norm, norm_type=norm_type)
-    assert total == pytest.approx(float(total_t), rel=1e-6)
+    # The reference sums |g|^p of a tensor in float64 and rounds once; torch sums in float32, in the order its
+    # kernel picks. Summing n non-negative terms in any order errs by at most (n-1)·u of the sum (u = 2^-24, first
+    # order); squaring and the root add an ulp each, and the norm of the 4 per-tensor norms is a sum of 4 more. So
+    # the totals agree within (n + 8)·u relative, n the largest tensor's size (measured: 17·u with n = 2204,
+    # seed 152 of HYPOTHESIS_PROFILE=thorough). The max norm involves no sum: identical.
+    u = 2.0**-24
+    rel = 0.0 if math.isinf(norm_type) else (max(g.size for g in grads.values()) + 8) * u
+    assert abs(total - float(total_t)) <= rel * float(total_t)
+    # each gradient is multiplied by min(max_norm / (total + 1e-6), 1) in float32 on both sides, torch dividing a
+    # number by a tensor as reciprocal times number (two roundings, the reference one): the coefficients differ by
+    # the totals' difference and three roundings, the products by one more
     for t, g in zip(tensors, grads.values(), strict=True):
-        np.testing.assert_allclose(g, t.grad.numpy(), rtol=2e-6, atol=0)
+        ours, theirs = g.astype(np.float64), t.grad.numpy().astype(np.float64)
+        assert np.all(np.abs(ours - theirs) <= (rel + 4 * u) * np.abs(theirs))
 
 
 def test_clip_grad_norm_nonfinite():
