@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from qlora_ref.cli.doctor import cpu
+
 SCRIPT = Path(__file__).resolve().parents[1] / ".ci" / "emulate-cpu"
 
 _PROBE = """
@@ -28,16 +30,10 @@ print(json.dumps(kernels))
 """
 
 
-def cpu_has(*flags: str) -> bool:
-    try:
-        have = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return set(flags) <= have
-
+_FLAGS = cpu()["flags"] or {}  # qlora doctor's reading of /proc/cpuinfo
 
 needs_avx2_x86 = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64") or not cpu_has("avx2", "fma"),
+    platform.machine().lower() not in ("x86_64", "amd64") or not (_FLAGS.get("avx2") and _FLAGS.get("fma")),
     reason="the script emulates x86-64 levels from an x86-64 CPU with AVX2 and FMA")
 
 
