@@ -11,7 +11,7 @@ from qlora_ref.train.config import TrainConfig
 
 from .fast import GraphedStep, check_capturable
 from .lora import KERNELS, QLoRALinear, set_kernel
-from .model import QLoRAModel
+from .model import QLoRAModel, merge_adapter
 from .optim import make_optimizer
 from .prepare import init_weight, llama_config, load, load_model, model_config, prepare_model
 from .quantize import (
@@ -51,6 +51,7 @@ __all__ = [
     "dequantize_blockwise_8bit",
     "dynamic_map",
     "finetune",
+    "merge_adapter",
     "init_weight",
     "llama_config",
     "load",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -564,26 +565,24 @@ class QLoRAModel(nn.Module):
         return load_adapter(self, folder)
 
     @torch.no_grad()
-    def base_float_weights(self) -> dict[str, np.ndarray]:
-        """Every tensor under its Hugging Face name, float32, block linears dequantized, adapters left out."""
-        out = {}
+    def base_float_weights(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Every tensor under its Hugging Face name, float32, block linears dequantized, adapters left out:
+        ``(name, array)`` pairs made one at a time (a merge never holds the whole model in float32)."""
         linears = self.named_linears()
+        tied = self.config.tie_word_embeddings
         for name, t in self.hf.state_dict().items():
             owner = name.rsplit(".", 1)[0]
-            if owner in linears or ".lora_" in name:
+            if owner in linears or ".lora_" in name or (tied and name == "lm_head.weight"):
                 continue
-            out[name] = t.detach().cpu().float().numpy()
+            yield name, t.detach().cpu().float().numpy()
         for name, m in linears.items():
             if m.quantized:
                 w = dequantize_4bit(Quantized4bit.from_bnb(*m.frozen_weight()), torch.float32)
             else:
                 w = m.weight
-            out[f"{name}.weight"] = w.detach().cpu().float().numpy()
+            yield f"{name}.weight", w.detach().cpu().float().numpy()
             if m.bias is not None:
-                out[f"{name}.bias"] = m.bias.detach().cpu().float().numpy()
-        if self.config.tie_word_embeddings:
-            out.pop("lm_head.weight", None)
-        return out
+                yield f"{name}.bias", m.bias.detach().cpu().float().numpy()
 
     def merge_and_export(self, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
         """Merge the adapters into the dequantized weights and write a 16-bit Hugging Face folder."""
@@ -596,4 +595,13 @@ class QLoRAModel(nn.Module):
                                 tokenizer_source=tokenizer_source)
 
 
-__all__ = ["QLoRAModel", "default_device", "draw_block_masks", "hf_config", "hf_skeleton", "set_block_linear"]
+def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dtype="bfloat16", backend="gpu",
+                  overwrite=False) -> dict:
+    """``qlora_ref.merge_adapter`` on this backend by default (``qlora merge --backend gpu``): the same folder."""
+    from qlora_ref.export import merge_adapter as merge
+
+    return merge(adapter_dir, out_dir, model_path, quant=quant, dtype=dtype, backend=backend, overwrite=overwrite)
+
+
+__all__ = ["QLoRAModel", "default_device", "draw_block_masks", "hf_config", "hf_skeleton", "merge_adapter",
+           "set_block_linear"]

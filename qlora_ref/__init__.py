@@ -26,6 +26,7 @@ from .data import (
     load_examples,
     pack_examples,
 )
+from .export import merge_adapter
 from .lora import KERNELS, QLoRALinear, set_kernel
 from .memory import estimate_memory, load_model_shape
 from .model import LlamaModel, LoraConfig, ModelConfig, QuantConfig, find_smollm2_gguf, load_model
@@ -74,6 +75,7 @@ __all__ = [
     "load_model",
     "load_model_shape",
     "make_optimizer",
+    "merge_adapter",
     "normal_float_codebook",
     "pack_examples",
     "quantize_4bit",

@@ -1,19 +1,22 @@
-"""Exporting a fine-tuned model: its adapters merged into a 16-bit Hugging Face folder, and a Hugging Face folder
-quantized into a bitsandbytes 4-bit folder (the adapters alone are written by ``qlora_ref.adapters``).
+"""Exporting a fine-tuned model: its adapters merged into a 16-bit Hugging Face folder (``qlora merge``), and a
+Hugging Face folder quantized into a bitsandbytes 4-bit folder (``qlora quantize``; the adapters alone are written
+by ``qlora_ref.adapters``).
 
 Merging (LoRA, Hu et al. 2021, section 4.1: "no additional inference latency"): each adapted weight becomes
 
     W' = W + (alpha / r) * B @ A
 
 with ``W`` the dequantized base weight (the NF4 weight as the model computes with it), in float32, rounded once
-to the export dtype (bfloat16 by default: the paper's 16-bit computation type).
+to the export dtype (bfloat16 by default: the paper's 16-bit computation type). ``W`` is the weight the adapter
+was trained against (paper, eq. 5: the frozen 4-bit weight, dequantized); merging into the original 16-bit
+weight instead adds the quantization error ``W_16 - dequant(W_NF4)``, which the adapter never saw
+(docs/training.md, "Merging").
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +34,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "vocab.json", "merges.txt")
 
 
+def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None = None) -> Path:
+    """``out_dir`` as the folder a model is written to, checked before any work: new or empty (or ``overwrite``),
+    none of ``sources`` (option name -> path read from), and writable."""
+    out_dir = Path(out_dir)
+    for name, source in (sources or {}).items():
+        if Path(source).exists() and out_dir.resolve() == Path(source).resolve():
+            raise ValueError(f"{what} must differ from {name} ({source})")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(f"{out_dir}: {what} exists and is not empty; choose a new folder or pass --overwrite "
+                         "(which replaces its weights and removes every *.safetensors and index there)")
+    return check_writable_dir(out_dir, what)
+
+
 # ---------------------------------------------------------------------------------------------- merging
-def merge_weights(base: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarray], scaling: float,
-                  dtype="bfloat16") -> dict[str, np.ndarray]:
+def merge_weights(base: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], adapter: Mapping[str, np.ndarray],
+                  scaling: float, dtype="bfloat16") -> dict[str, np.ndarray]:
     """``W + scaling * B @ A`` for every adapted ``<layer>.weight`` of ``base`` (Hugging Face names, float
-    arrays), computed in float32 and rounded once to ``dtype``; unadapted tensors are only cast."""
+    arrays; a mapping or ``(name, array)`` pairs, taken one at a time), computed in float32 and rounded once to
+    ``dtype``; unadapted tensors are only cast."""
     out_dtype = to_numpy_dtype(dtype)
     out = {}
     adapted = set()
-    for name, w in base.items():
+    for name, w in (base.items() if isinstance(base, Mapping) else base):
         w = np.asarray(w, dtype=np.float32)
         layer = name[: -len(".weight")] if name.endswith(".weight") else None
         a_key = f"{layer}.lora_A.weight"
@@ -57,23 +74,26 @@ def merge_weights(base: Mapping[str, np.ndarray], adapter: Mapping[str, np.ndarr
     return out
 
 
-def base_float_weights(model) -> dict[str, np.ndarray]:
+def base_float_weights(model) -> Iterator[tuple[str, np.ndarray]]:
     """Every tensor of a reference ``LlamaModel`` under its Hugging Face name, float32, with the block linears
-    dequantized exactly as the model computes with them (no adapters)."""
+    dequantized exactly as the model computes with them (no adapters): ``(name, array)`` pairs, made one at a time
+    so that a merge never holds the whole model in float32."""
     cfg = model.config
-    out = {"model.embed_tokens.weight": model.embed_tokens.weight, "model.norm.weight": model.norm.weight}
+    f32 = np.float32
+    yield "model.embed_tokens.weight", np.asarray(model.embed_tokens.weight, f32)
+    yield "model.norm.weight", np.asarray(model.norm.weight, f32)
     if not cfg.tie_word_embeddings:
-        out["lm_head.weight"] = model.lm_head_weight
+        yield "lm_head.weight", np.asarray(model.lm_head_weight, f32)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = layer.input_layernorm.weight
-        out[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        yield p + "input_layernorm.weight", np.asarray(layer.input_layernorm.weight, f32)
+        yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_layernorm.weight, f32)
         for path, lin in layer.linears().items():
             w = lin.weight
-            out[f"{p}{path}.weight"] = dequantize_4bit(w, "float32") if isinstance(w, Quantized4bit) else w
+            yield f"{p}{path}.weight", (dequantize_4bit(w, "float32") if isinstance(w, Quantized4bit)
+                                        else np.asarray(w, f32))
             if has_bias(cfg, path.split(".")[-1]):
-                out[f"{p}{path}.bias"] = lin.bias
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+                yield f"{p}{path}.bias", np.asarray(lin.bias, f32)
 
 
 def save_tokenizer(tokenizer, folder) -> None:
@@ -102,16 +122,35 @@ def export_hf_folder(folder, model_config, tensors: Mapping[str, np.ndarray], dt
     cfg["torch_dtype"] = dtype_name(dtype)
     atomic_save_safetensors(dict(tensors), folder / "model.safetensors", metadata={"format": "pt"})
     atomic_write_json(folder / "config.json", cfg)
-    copied = False
+    written = {"model.safetensors", "config.json"}
     if tokenizer_source is not None and Path(tokenizer_source).is_dir():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_source) / name
-            if src.is_file():
-                shutil.copyfile(src, folder / name)
-                copied = copied or name == "tokenizer.json"
-    if not copied and tokenizer is not None:
+        written |= _copy_tokenizer_files(Path(tokenizer_source), folder)
+    if "tokenizer.json" not in written and tokenizer is not None:
         save_tokenizer(tokenizer, folder)
+        written |= {"tokenizer.json", "tokenizer_config.json"}
+    _remove_stale_files(folder, written)
     return folder
+
+
+def _copy_tokenizer_files(source: Path, folder: Path) -> set[str]:
+    """The tokenizer's files of the folder ``source`` copied (atomically) into ``folder``; their names."""
+    copied = set()
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            atomic_write_bytes(folder / name, (source / name).read_bytes())
+            copied.add(name)
+    return copied
+
+
+def _remove_stale_files(folder: Path, written: set[str]) -> None:
+    """Remove what a model folder being rewritten (``--overwrite``) holds from before and this write did not
+    replace: other safetensors shards and their index (transformers would read the index and load the old
+    weights) and tokenizer files (they would be read with the new model's)."""
+    stale = [folder / "model.safetensors.index.json", *folder.glob("*.safetensors"),
+             *(folder / name for name in TOKENIZER_FILES)]
+    for path in stale:
+        if path.name not in written and path.is_file():
+            path.unlink()
 
 
 def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
@@ -122,6 +161,75 @@ def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> 
     merged = merge_weights(base_float_weights(model), adapter, scaling, dtype)
     return export_hf_folder(folder, model.config, merged, dtype, tokenizer=getattr(model, "tokenizer", None),
                             tokenizer_source=tokenizer_source)
+
+
+#: what ``train_config.json`` beside an adapter is: written by ``qlora finetune`` (``qlora_ref.train.loop``)
+TRAIN_CONFIG = "train_config.json"
+
+
+def trained_quant_config(adapter_dir) -> tuple[QuantConfig | None, str]:
+    """How the frozen weights were stored while the adapter in ``adapter_dir`` was trained — read from the
+    ``train_config.json`` that ``qlora finetune`` writes beside it — and where that came from. Without one (an
+    adapter made by peft) the paper's storage, NF4 + double quantization, is assumed and said."""
+    path = Path(adapter_dir) / TRAIN_CONFIG
+    if path.is_file():
+        from .train.config import TrainConfig
+
+        return TrainConfig.from_json(path).quant_config(), str(path)
+    return QuantConfig(), f"the paper's storage (no {TRAIN_CONFIG} in {adapter_dir})"
+
+
+def describe_quant(quant: QuantConfig | None) -> str:
+    if quant is None:
+        return "the original (unquantized) weights"
+    dq = ", double quantization" if quant.double_quant else ""
+    return f"{quant.quant_type} weights (blocksize {quant.blocksize}{dq})"
+
+
+def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dtype="bfloat16", backend="ref",
+                  overwrite=False) -> dict:
+    """``qlora merge``: the base model with the PEFT adapter in ``adapter_dir`` merged in (``merge_and_export``),
+    written to ``out_dir`` as a 16-bit Hugging Face folder.
+
+    model_path: the base model (default: the adapter's ``base_model_name_or_path``, when that path exists here).
+    quant: how the base is stored before merging; ``"trained"`` (default) as the adapter was trained
+    (``trained_quant_config``), so the merged model computes what the adapted 4-bit model computed, up to the
+    rounding to ``dtype``; ``None`` merges into the original weights. Every argument is checked before the model
+    is loaded. Returns what was done: ``model``, ``quant``, ``quant_source``, ``adapted`` (weights merged),
+    ``tensors``, ``bytes``, ``folder``."""
+    from .adapters import read_adapter_files
+    from .backends import load_backend
+
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+    adapter_dir = Path(adapter_dir)
+    weights, cfg = read_adapter_files(adapter_dir)
+    if model_path is None:
+        model_path = cfg.get("base_model_name_or_path")
+        if not model_path or not Path(model_path).exists():
+            raise ValueError(f"{adapter_dir}: its adapter_config.json names the base model "
+                             f"{model_path!r}, which is not a path on this machine; give the base model (--model)")
+    model_path = Path(model_path)
+    if not model_path.exists():
+        raise ValueError(f"{model_path}: no such model file or folder (--model)")
+    source = "given"
+    if quant == "trained":
+        quant, source = trained_quant_config(adapter_dir)
+    check_new_model_folder(out_dir, "the output folder", overwrite,
+                           sources={"the base model": model_path, "the adapter folder": adapter_dir})
+    model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir)
+    tokenizer_source = model_path if model_path.is_dir() else None
+    if hasattr(model, "merge_and_export"):  # a backend's own (qlora_gpu's QLoRAModel)
+        folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source)
+    else:
+        folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source)
+    from safetensors import safe_open
+
+    with safe_open(Path(folder) / "model.safetensors", framework="numpy") as f:
+        n_tensors = len(list(f.keys()))
+    return {"model": str(model_path), "quant": quant, "quant_source": source, "folder": Path(folder),
+            "adapted": sum(k.endswith(".lora_A.weight") for k in weights), "tensors": n_tensors,
+            "bytes": (Path(folder) / "model.safetensors").stat().st_size}
 
 
 # ---------------------------------------------------------------------------------------------- 4-bit export
@@ -159,12 +267,7 @@ def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> 
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not (in_dir / "config.json").is_file():
         raise ValueError(f"{in_dir}: not a Hugging Face model folder (no config.json)")
-    if out_dir.resolve() == in_dir.resolve():
-        raise ValueError("OUT_DIR must differ from IN_DIR")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ValueError(f"{out_dir}: OUT_DIR exists and is not empty; choose a new folder or pass --overwrite "
-                         "(which replaces its weights and removes every *.safetensors and index there)")
-    check_writable_dir(out_dir, "OUT_DIR")
+    check_new_model_folder(out_dir, "OUT_DIR", overwrite, sources={"IN_DIR": in_dir})
     raw = json.loads((in_dir / "config.json").read_text())
     if raw.get("quantization_config"):
         raise ValueError(f"{in_dir}: already quantized ({raw['quantization_config'].get('quant_method')})")
@@ -194,14 +297,8 @@ def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> 
         else:
             out[name] = np.ascontiguousarray(array)
     atomic_save_safetensors(out, out_dir / "model.safetensors", metadata={"format": "pt"})
-    for stale in [out_dir / "model.safetensors.index.json", *out_dir.glob("*.safetensors")]:
-        if stale.name != "model.safetensors" and stale.is_file():  # only with overwrite: the folder was empty
-            stale.unlink()
     raw = dict(raw, quantization_config=bnb_quantization_config(quant))
     atomic_write_json(out_dir / "config.json", raw)
-    for name in TOKENIZER_FILES:
-        if (in_dir / name).is_file():
-            shutil.copyfile(in_dir / name, out_dir / name)
-        elif (out_dir / name).is_file():  # a stale one (overwrite): it would be read with the new model
-            (out_dir / name).unlink()
+    copied = _copy_tokenizer_files(in_dir, out_dir)
+    _remove_stale_files(out_dir, {"model.safetensors", "config.json"} | copied)
     return {"tensors": len(expected), "bytes_in": bytes_in, "bytes_out": sum(v.nbytes for v in out.values())}

@@ -29,21 +29,44 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+def _umask() -> int:
+    # read without changing it for good: os.umask only sets (and returns the old value)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path, write) -> None:
+    """``write(tmp)`` fills a temporary sibling of ``path`` (a path), which is then flushed to disk and renamed
+    over ``path``. The file gets the mode a plain ``open(path, "w")`` gives (``0o666`` less the umask):
+    ``mkstemp`` alone would leave it readable by its owner only, a shared model folder unreadable to others."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after the write: a writer may replace the file (safetensors does)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def temporary_folder(parent, prefix: str, suffix: str) -> Path:
+    """A new hidden folder in ``parent`` to fill and then rename into place, with the mode ``mkdir`` gives
+    (``0o777`` less the umask), not ``mkdtemp``'s owner-only one."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix, suffix=suffix))
+    folder.chmod(0o777 & ~_umask())
+    return folder
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path, obj) -> None:
@@ -53,10 +76,11 @@ def atomic_write_json(path, obj) -> None:
 def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.numpy.save`` to bytes, then an atomic write. Arrays are made C-contiguous first (keeping
     0-d arrays 0-d: ``np.ascontiguousarray`` would make them 1-d)."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
 
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
-    atomic_write_bytes(path, save(arrays, metadata=metadata))
+    # straight to the file: serialising to bytes first would hold a second copy of a model being exported
+    _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
-"""``qlora finetune``, ``qlora demo``, ``qlora generate`` and ``qlora quantize``.
+"""``qlora finetune``, ``qlora demo``, ``qlora generate``, ``qlora merge`` and ``qlora quantize``.
 
     qlora finetune --backend ref --model PATH --data data.jsonl --max-steps 200 --output-dir out/
     qlora demo                                   # SmolLM2-135M-Instruct + chatterbot Q/A, reference, CPU
     qlora generate --model PATH --adapter out/ --prompt "what is a wavelength"
+    qlora merge --adapter out/ --output-dir merged/   # base + adapter -> one 16-bit HF folder
     qlora quantize IN_DIR OUT_DIR                # HF folder -> bitsandbytes NF4 folder transformers loads
 
 The training itself is ``qlora_ref.train`` (``TrainConfig`` holds the paper's recipe as defaults), the demo's
@@ -144,6 +145,27 @@ def add_parser(subparsers) -> None:
     g.add_argument("--backend", default="ref", help="ref [default] or gpu (torch + bitsandbytes, CUDA if present)")
     g.set_defaults(func=run_generate)
 
+    m = subparsers.add_parser("merge", help="merge a PEFT adapter into its base model: one 16-bit Hugging Face folder",
+                              description="Merge the adapter into the base model's weights (W + alpha/r B A) and "
+                              "write a Hugging Face folder (model.safetensors, config.json, tokenizer) that "
+                              "transformers loads without peft. By default the base is first stored as the adapter "
+                              "was trained (its train_config.json; else NF4 + double quantization) and merged "
+                              "into those dequantized weights, so the merged model computes what the 4-bit model "
+                              "with its adapter computed. Every argument is checked before the model is loaded.")
+    m.add_argument("--adapter", required=True, help="a PEFT adapter folder (ours, from qlora finetune, or peft's)")
+    m.add_argument("--output-dir", required=True, type=Path, help="a new or empty folder (see --overwrite)")
+    m.add_argument("--model", default=None, help="the base model: a Hugging Face folder or a .gguf file [default: "
+                   "the adapter's base_model_name_or_path, if that path exists here]")
+    m.add_argument("--dtype", default="bfloat16", help="bfloat16 [default: the paper's 16-bit type], float16 or "
+                   "float32")
+    m.add_argument("--quant-type", default="trained", help="how the base is stored before merging: trained "
+                   "[default: as in the adapter's train_config.json], nf4, fp4, int4 (blocksize 64, double "
+                   "quantization), or none (merge into the original weights, which the adapter was not trained on)")
+    m.add_argument("--backend", default="ref", help="ref [default] or gpu")
+    m.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder, removing "
+                   "every *.safetensors, index and tokenizer file of the old model there")
+    m.set_defaults(func=run_merge)
+
     q = subparsers.add_parser("quantize", help="a Hugging Face folder -> a bitsandbytes 4-bit folder",
                               description="Quantize the block linears of a Hugging Face model folder to 4 bits "
                               "(NF4 + double quantization by default) and write a safetensors folder that "
@@ -280,6 +302,31 @@ def run_generate(args) -> int:
         raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
     print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- merge
+def run_merge(args) -> int:
+    from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
+    from qlora_ref.export import describe_quant, merge_adapter
+    from qlora_ref.memory import format_bytes
+    from qlora_ref.model.config import QuantConfig
+
+    special = {"trained": "trained", "none": None}
+    if args.quant_type not in (*special, *REFERENCE_QUANT_TYPES_4BIT):
+        raise ValueError(f"--quant-type must be one of {', '.join((*special, *REFERENCE_QUANT_TYPES_4BIT))}, "
+                         f"got {args.quant_type!r}")
+    quant = special[args.quant_type] if args.quant_type in special else QuantConfig(quant_type=args.quant_type)
+    t0 = time.perf_counter()
+    info = merge_adapter(args.adapter, args.output_dir, args.model, quant=quant, dtype=args.dtype,
+                         backend=args.backend, overwrite=args.overwrite)
+    print(f"merged {args.adapter} ({info['adapted']} adapted weights) into {describe_quant(info['quant'])} of "
+          f"{info['model']} ({info['quant_source']})")
+    print(f"wrote {info['folder']}/: model.safetensors ({info['tensors']} tensors, {args.dtype}, "
+          f"{format_bytes(info['bytes'])}), config.json, tokenizer, in {time.perf_counter() - t0:.1f} s")
+    print(f"load it unquantized: qlora generate --model {info['folder']} --quant-type none, or transformers' "
+          f"AutoModelForCausalLM.from_pretrained (quantizing it again to 4 bits loses small updates: "
+          f"docs/training.md, Merging)")
     return 0
 
 

@@ -35,7 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from ..adapters import read_adapter_files, write_adapter_files
-from ..files import atomic_save_safetensors, atomic_write_json, check_finite, fsync_dir, load_safetensors
+from ..files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_finite,
+    fsync_dir,
+    load_safetensors,
+    temporary_folder,
+)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
@@ -194,7 +201,7 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
     if foreign_checkpoint(output_dir, ckpt.step, ckpt.run_id) is not None:
         raise ValueError(f"{final}: exists and was not written by this run; refusing to replace it")
     check_finite(ckpt.optimizer_state, f"checkpoint-{ckpt.step} optimizer state")
-    tmp = Path(tempfile.mkdtemp(dir=output_dir, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temporary_folder(output_dir, prefix=f".{final.name}.", suffix=".tmp")
     try:
         write_adapter_files(tmp, ckpt.adapter, ckpt.adapter_config)
         atomic_save_safetensors(ckpt.optimizer_state, tmp / OPTIMIZER_FILE, metadata={"format": "qlora-optimizer"})
