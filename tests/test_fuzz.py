@@ -370,6 +370,66 @@ def test_fuzz_generate_arguments(monkeypatch):
     run_property("generate arguments", _generate_property)
 
 
+MERGE_QUANT = ["trained", "none", "nf4", "fp4", "int4", "fp4_e3m0"]
+
+
+@scaled(2)
+@given(dtype=st.sampled_from(["bfloat16", "float16", "float32", "bf16", "fp8", ""]),
+       quant=st.sampled_from([*MERGE_QUANT, "nf3", "NF4", ""]), model=st.sampled_from(["given", "missing", "default"]),
+       out=st.sampled_from(["new", "non-empty", "a file", "the adapter"]),
+       train_config=st.sampled_from(["ours", "absent", "not JSON", "unknown field", "bad value"]))
+@counted("merge arguments")
+def _merge_property(root, dtype, quant, model, out, train_config):
+    adapter = root / "adapter"
+    tc = adapter / "train_config.json"
+    tc.unlink(missing_ok=True)
+    if train_config != "absent":
+        tc.write_text({"ours": json.dumps({"quant_type": "fp4", "blocksize": 128}), "not JSON": "{",
+                       "unknown field": json.dumps({"lora_rank": 8}),
+                       "bad value": json.dumps({"blocksize": 3})}[train_config])
+    target = {"new": root / "out" / str(CASES["merge arguments"]), "non-empty": root / "full",
+              "a file": root / "afile", "the adapter": adapter}[out]
+    argv = ["merge", "--adapter", str(adapter), "--output-dir", str(target), "--dtype", dtype, "--quant-type", quant]
+    if model != "default":
+        argv += ["--model", str(root / ("model" if model == "given" else "missing"))]
+    rc, err = cli(argv)
+    config_ok = train_config in ("ours", "absent") or quant != "trained"
+    valid = (dtype in ("bfloat16", "float16", "float32") and quant in MERGE_QUANT and model != "missing"
+             and out == "new" and config_ok)
+    if valid:
+        assert rc == "accepted", err  # reached the model load
+        return
+    assert rc == 2, err
+    named = {"--quant-type" if quant not in MERGE_QUANT else None, "dtype" if dtype not in ("bfloat16", "float16",
+             "float32") else None, "(--model)" if model == "missing" else None,
+             None if config_ok else f"{tc}: ", {"non-empty": "not empty", "a file": "is not a folder",
+                                                 "the adapter": "must differ", "new": None}[out]} - {None}
+    assert any(k in err for k in named), (named, err)
+
+
+def test_fuzz_merge_arguments(tmp_path, monkeypatch):
+    """Every ``qlora merge`` argument, the adapter's train_config.json included, is checked before the model is
+    loaded; a bad one ends the command with one line naming it."""
+    from test_train import write_tiny_model
+
+    import qlora_ref
+    from qlora_ref.adapters import save_adapter
+    from qlora_ref.model import LoraConfig, load_model
+
+    write_tiny_model(tmp_path / "model")
+    save_adapter(load_model(tmp_path / "model", lora=LoraConfig(r=2)), tmp_path / "adapter",
+                 base_model_name_or_path=str(tmp_path / "model"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    (tmp_path / "afile").write_text("")
+
+    def accepted(*a, **k):
+        raise _Accepted
+
+    monkeypatch.setattr(qlora_ref, "load_model", accepted)
+    run_property("merge arguments", _merge_property, tmp_path)
+
+
 MEMORY_OPTIONS = {"--batch": numbers, "--seq": numbers, "--r": numbers, "--blocksize": numbers,
                   "--lora-dropout": numbers, "--targets": st.sampled_from(["all", "attention", "q_proj,v_proj",
                                                                            "q_proj,,", "lm_head", ""]),
