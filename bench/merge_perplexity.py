@@ -7,7 +7,8 @@ a 16-bit base gives), and the default merge quantized again to 4 bits (what load
     qlora demo --output-dir qlora-demo && python bench/merge_perplexity.py --adapter qlora-demo [--json F]
     python bench/merge_perplexity.py --render F    # the table of a result file
 
-The held-out pairs are the demo's (the same split and the same first batches). Every model runs on the reference.
+Each figure is ``qlora evaluate --split held-out`` (``evaluate_model``) with the adapter's recipe: the demo's held-out
+pairs and batches, the training's own evaluation. Every model runs on the reference.
 """
 
 from __future__ import annotations
@@ -36,49 +37,41 @@ def main(argv=None) -> None:
     if args.adapter is None:
         parser.error("--adapter is required (or --render FILE)")
 
-    from qlora_ref.data import build_dataset, load_examples
     from qlora_ref.demo import demo_model
-    from qlora_ref.export import describe_quant, merge_adapter, trained_quant_config
-    from qlora_ref.model import load_model
-    from qlora_ref.train.api import split_examples
-    from qlora_ref.train.config import TrainConfig
-    from qlora_ref.train.loop import evaluate
-    from qlora_ref.train.reference import RefTrainer
+    from qlora_ref.export import describe_quant, merge_adapter
+    from qlora_ref.train.api import evaluate_model
+    from qlora_ref.train.config import adapter_recipe
 
-    config = TrainConfig.from_json(args.adapter / "train_config.json")
-    quant, _ = trained_quant_config(args.adapter)
-    base = demo_model()
-    # merged folders carry no adapters; fresh ones (B = 0) add exactly zero and let the trainer's evaluation run
-    lora = config.lora_config()
+    recipe = adapter_recipe(args.adapter)
+    if recipe is None:
+        parser.error(f"{args.adapter}: no train_config.json (a qlora demo or finetune output folder is needed)")
+    quant, base, data = recipe.quant_config(), demo_model(), "chatterbot:english"
+    as_stored = recipe.replace(quant_type="none")  # the weights as the folder holds them
 
-    def perplexity(model) -> float:
-        trainer = RefTrainer(model, config)
-        return evaluate(trainer, eval_ds, config.micro_batch_size, config.eval_batches)["eval_perplexity"]
+    def perplexity(model, config, adapter=None) -> tuple[float, int]:
+        # qlora evaluate --split held-out: the demo's held-out pairs, its batches, the training's own evaluation
+        r = evaluate_model(model, data, config, adapter=adapter, split="held-out")
+        return r["eval_perplexity"], r["examples"]
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        adapted = load_model(base, quant=quant, adapter=args.adapter)
-        tokenizer = adapted.tokenizer
-        _, eval_ex = split_examples(load_examples("chatterbot:english"), config.eval_fraction, config.seed)
-        eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, warn=False)
-        rows.append(("the original weights, no adapter", perplexity(load_model(base, quant=None, lora=lora))))
-        rows.append((f"the {quant.quant_type} base, no adapter", perplexity(load_model(base, quant=quant, lora=lora))))
+        rows.append(("the original weights, no adapter", *perplexity(base, as_stored)))
+        rows.append((f"the {quant.quant_type} base, no adapter", *perplexity(base, recipe)))
         rows.append((f"the adapter on the {quant.quant_type} base ({describe_quant(quant)}): what was trained",
-                     perplexity(adapted)))
+                     *perplexity(base, recipe, args.adapter)))
         for name, q in (("trained", "trained"), ("original", None)):
             merge_adapter(args.adapter, Path(tmp) / name, base, quant=q)
-        rows.append(("qlora merge (default), bfloat16, loaded as is",
-                     perplexity(load_model(Path(tmp) / "trained", quant=None, lora=lora))))
+        rows.append(("qlora merge (default), bfloat16, loaded as is", *perplexity(Path(tmp) / "trained", as_stored)))
         rows.append(("qlora merge --quant-type none (into the original weights), bfloat16",
-                     perplexity(load_model(Path(tmp) / "original", quant=None, lora=lora))))
+                     *perplexity(Path(tmp) / "original", as_stored)))
         rows.append((f"qlora merge (default), quantized again to {quant.quant_type}",
-                     perplexity(load_model(Path(tmp) / "trained", quant=quant, lora=lora))))
+                     *perplexity(Path(tmp) / "trained", recipe)))
 
-    n_eval = min(len(eval_ds), config.eval_batches * config.micro_batch_size)  # as qlora demo counts them
+    n_eval = rows[0][2]
     result = {"benchmark": "merge_perplexity", "stamp": stamp(),
               "command": "merge_perplexity.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "base": base.name, "adapter_steps": config.max_steps, "eval_pairs": n_eval,
-              "rows": [{"model": n, "perplexity": p} for n, p in rows]}
+              "base": base.name, "adapter_steps": recipe.max_steps, "eval_pairs": n_eval,
+              "rows": [{"model": n, "perplexity": p} for n, p, _ in rows]}
     print(markdown(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

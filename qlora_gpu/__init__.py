@@ -22,7 +22,7 @@ from .quantize import (
     quantize_4bit,
     quantize_blockwise_8bit,
 )
-from .train import finetune, optimizer_step
+from .train import evaluate_model, finetune, optimizer_step
 
 
 def codebook(name: str):
@@ -50,6 +50,7 @@ __all__ = [
     "dequantize_4bit",
     "dequantize_blockwise_8bit",
     "dynamic_map",
+    "evaluate_model",
     "finetune",
     "merge_adapter",
     "init_weight",

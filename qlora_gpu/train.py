@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from qlora_ref.loss import IGNORE_INDEX
+from qlora_ref.train.api import evaluate_model as shared_evaluate
 from qlora_ref.train.api import finetune as shared_finetune
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
@@ -40,6 +41,12 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     return shared_finetune(model, data, config, backend=backend, eval_data=eval_data, output_dir=output_dir,
                            resume=resume, stop_after=stop_after, trainer=trainer, sharded=sharded,
                            cpu_offload=cpu_offload)
+
+
+def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=None, backend: str = "gpu",
+                   split: str = "all") -> dict:
+    """``qlora_ref.evaluate_model`` with this backend by default (``qlora evaluate --backend gpu``)."""
+    return shared_evaluate(model, data, config, adapter=adapter, backend=backend, split=split)
 
 
 def build_optimizer(config: TrainConfig, **options):
@@ -202,4 +209,4 @@ class GpuTrainer:
         return peak_rss_bytes()
 
 
-__all__ = ["GpuTrainer", "build_optimizer", "default_device", "finetune", "optimizer_step"]
+__all__ = ["GpuTrainer", "build_optimizer", "default_device", "evaluate_model", "finetune", "optimizer_step"]

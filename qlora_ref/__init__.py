@@ -39,7 +39,7 @@ from .quantize import (
     quantize_4bit,
     quantize_blockwise_8bit,
 )
-from .train.api import finetune
+from .train.api import evaluate_model, finetune
 from .train.config import TrainConfig
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "dynamic_map",
     "estimate_memory",
     "find_smollm2_gguf",
+    "evaluate_model",
     "finetune",
     "iterate_batches",
     "iterate_packed_batches",

@@ -163,20 +163,16 @@ def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> 
                             tokenizer_source=tokenizer_source)
 
 
-#: what ``train_config.json`` beside an adapter is: written by ``qlora finetune`` (``qlora_ref.train.loop``)
-TRAIN_CONFIG = "train_config.json"
-
-
 def trained_quant_config(adapter_dir) -> tuple[QuantConfig | None, str]:
     """How the frozen weights were stored while the adapter in ``adapter_dir`` was trained — read from the
     ``train_config.json`` that ``qlora finetune`` writes beside it — and where that came from. Without one (an
     adapter made by peft) the paper's storage, NF4 + double quantization, is assumed and said."""
-    path = Path(adapter_dir) / TRAIN_CONFIG
-    if path.is_file():
-        from .train.config import TrainConfig
+    from .train.config import TRAIN_CONFIG_FILE, adapter_recipe
 
-        return TrainConfig.from_json(path).quant_config(), str(path)
-    return QuantConfig(), f"the paper's storage (no {TRAIN_CONFIG} in {adapter_dir})"
+    recipe = adapter_recipe(adapter_dir)
+    if recipe is not None:
+        return recipe.quant_config(), str(Path(adapter_dir) / TRAIN_CONFIG_FILE)
+    return QuantConfig(), f"the paper's storage (no {TRAIN_CONFIG_FILE} in {adapter_dir})"
 
 
 def describe_quant(quant: QuantConfig | None) -> str:

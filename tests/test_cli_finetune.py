@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -79,6 +80,66 @@ def test_generate_on_the_torch_backend_matches_the_reference(files, tmp_path, ca
     assert capsys.readouterr().out.strip()
     assert main([*base, "--backend", "tpu"]) == 2
     assert "tpu" in capsys.readouterr().err
+
+
+def test_evaluate_repeats_the_held_out_figure_of_finetune(files, tmp_path, capsys):
+    """``qlora evaluate --split held-out`` with the adapter's recipe is the evaluation the training ran: the same
+    loss, bit for bit, on the same targets; on the GPU backend the same within the backends' bound."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+                 str(out), "--max-steps", "2", "--eval-fraction", "0.2", *FAST]) == 0
+    trained = [e for e in json.loads((out / "log_history.json").read_text()) if "eval_loss" in e][-1]
+    capsys.readouterr()
+    args = ["evaluate", "--model", str(files / "model"), "--adapter", str(out), "--data", str(files / "train.jsonl"),
+            "--split", "held-out"]
+    assert main([*args, "--json", str(tmp_path / "ev.json")]) == 0
+    assert "nf4 weights (blocksize 64, double quantization): loss" in capsys.readouterr().out
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["eval_loss"] == trained["eval_loss"] and ev["eval_targets"] == trained["eval_targets"] > 0
+    assert ev["examples"] == 8  # 20 % of 40 records
+    pytest.importorskip("bitsandbytes")
+    assert main([*args, "--backend", "gpu", "--json", str(tmp_path / "gpu.json")]) == 0
+    gpu = json.loads((tmp_path / "gpu.json").read_text())
+    # bfloat16 compute with NF4 + double quantization: one bfloat16 ulp of the loss, as the training curves of
+    # the two backends (tests/test_train.py::test_ref_and_gpu_loss_curves_agree says why)
+    assert gpu["eval_targets"] == ev["eval_targets"] and math.isclose(gpu["eval_loss"], ev["eval_loss"],
+                                                                      rel_tol=2.0**-8)
+
+
+def test_evaluate_without_adapter_is_the_base_models_loss(files, tmp_path):
+    """Without an adapter the trainer's evaluation runs on rank-1 adapters whose B is zero: the loss must be the
+    base model's, here computed independently from the reference model's logits, one example at a time."""
+    from qlora_ref.data import build_dataset, load_examples
+    from qlora_ref.model import QuantConfig, load_model
+
+    assert main(["evaluate", "--model", str(files / "model"), "--data", str(files / "eval.jsonl"), "--json",
+                 str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    model = load_model(files / "model", quant=QuantConfig()).eval()  # no adapters at all
+    data = build_dataset(load_examples(str(files / "eval.jsonl")), model.tokenizer, ev["config"]["max_length"])
+    nll, n = 0.0, 0
+    for ids, labels in zip(data.input_ids, data.labels, strict=True):
+        logits = model.forward(np.asarray(ids)[None])[0].astype(np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+            -1, keepdims=True)
+        t = np.nonzero(labels[1:] != -100)[0]
+        nll -= logp[t, labels[1:][t]].sum()
+        n += t.size
+    assert ev["eval_targets"] == n and ev["examples"] == len(data) == 8
+    assert abs(ev["eval_loss"] - nll / n) <= 1e-6 * nll / n  # float32 log-softmax against float64
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split", "train"], "--split must be one of all, held-out"),
+    (["--quant-type", "nf5"], "--quant-type must be one of trained, none, nf4"),
+    (["--max-batches", "-1"], "--max-batches must be a non-negative integer"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--data", "missing.jsonl"], "missing.jsonl: data file does not exist"),
+    (["--adapter", "no-such-adapter"], "no-such-adapter: adapter folder does not exist"),
+])
+def test_evaluate_refuses_bad_arguments(files, capsys, extra, message):
+    assert main(["evaluate", "--model", str(files / "model"), "--data", str(files / "eval.jsonl"), *extra]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_quantize_command(files, tmp_path, capsys):

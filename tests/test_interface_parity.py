@@ -58,7 +58,8 @@ PARAMETERS = {
     # "device" and the options of prepare_model (attn_implementation, dtype, ...) exist on the GPU only
     "load_model": dict(gpu={"device", "options"}, defaults={"kernel"}),
     "finetune": dict(defaults={"backend"}),  # each package trains on itself by default
-    "merge_adapter": dict(defaults={"backend"}),  # and merges on itself
+    "merge_adapter": dict(defaults={"backend"}),  # and merges and evaluates on itself
+    "evaluate_model": dict(defaults={"backend"}),
     # the reference's quantizers also run their readable NumPy definition (kernel="numpy")
     "quantize_4bit": dict(ref={"kernel"}),
     "dequantize_4bit": dict(ref={"kernel"}),

@@ -1,7 +1,7 @@
 """The ``qlora`` command: argument parsing and printing over library functions, nothing else. Each subcommand lives
-in its own module of this package (``finetune``: finetune, demo, generate, merge, quantize; ``memory``; ``reproduce``;
-``doctor``), which exposes ``add_parser(subparsers)`` and sets ``func`` on its parser; this file only collects
-them."""
+in its own module of this package (``finetune``: finetune, demo, generate, evaluate, merge, quantize; ``memory``;
+``reproduce``; ``doctor``), which exposes ``add_parser(subparsers)`` and sets ``func`` on its parser; this file only
+collects them."""
 
 from __future__ import annotations
 

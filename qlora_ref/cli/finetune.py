@@ -1,8 +1,9 @@
-"""``qlora finetune``, ``qlora demo``, ``qlora generate``, ``qlora merge`` and ``qlora quantize``.
+"""``qlora finetune``, ``qlora demo``, ``qlora generate``, ``qlora evaluate``, ``qlora merge`` and ``qlora quantize``.
 
     qlora finetune --backend ref --model PATH --data data.jsonl --max-steps 200 --output-dir out/
     qlora demo                                   # SmolLM2-135M-Instruct + chatterbot Q/A, reference, CPU
     qlora generate --model PATH --adapter out/ --prompt "what is a wavelength"
+    qlora evaluate --model PATH --adapter out/ --data data.jsonl --split held-out   # loss, perplexity
     qlora merge --adapter out/ --output-dir merged/   # base + adapter -> one 16-bit HF folder
     qlora quantize IN_DIR OUT_DIR                # HF folder -> bitsandbytes NF4 folder transformers loads
 
@@ -144,6 +145,33 @@ def add_parser(subparsers) -> None:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--backend", default="ref", help="ref [default] or gpu (torch + bitsandbytes, CUDA if present)")
     g.set_defaults(func=run_generate)
+
+    e = subparsers.add_parser("evaluate", help="held-out loss and perplexity of a model, with or without an adapter",
+                              description="Loss and perplexity of a model (with a PEFT adapter if given) on "
+                              "instruction data, computed by the same evaluation qlora finetune runs: with the "
+                              "adapter's recipe (its train_config.json: storage, max length, batch size, batches) "
+                              "and --split held-out it repeats the held-out figure the training printed. Every "
+                              "argument and the data are checked before the model is loaded.")
+    e.add_argument("--model", required=True, help="a Hugging Face folder, a bitsandbytes 4-bit folder or a .gguf file")
+    e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .yml file, a folder of them, or "
+                   "chatterbot[:language]")
+    e.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's) [default: none, the base "
+                   "model]")
+    e.add_argument("--split", default="all", help="all [default] of --data, or held-out: the part qlora finetune "
+                   "held out of it (the recipe's eval_fraction and seed)")
+    e.add_argument("--quant-type", default="trained", help="storage of the model's weights: trained [default: the "
+                   "adapter's recipe, else nf4], nf4, fp4, int4, or none (as stored: a merged 16-bit folder)")
+    e.add_argument("--max-length", type=int, default=None, help="tokens per example; longer ones are dropped and "
+                   "counted [default: the recipe's]")
+    e.add_argument("--batch-size", type=int, default=None, help="examples per forward pass [default: the recipe's]")
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate the first N batches only; 0: all "
+                   "[default: the recipe's eval_batches]")
+    e.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig (e.g. a run's train_config.json) "
+                   "whose storage and data settings apply; the options above override it [default: the adapter's "
+                   "train_config.json, else the paper's recipe]")
+    e.add_argument("--backend", default="ref", help="ref [default] or gpu")
+    e.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    e.set_defaults(func=run_evaluate)
 
     m = subparsers.add_parser("merge", help="merge a PEFT adapter into its base model: one 16-bit Hugging Face folder",
                               description="Merge the adapter into the base model's weights (W + alpha/r B A) and "
@@ -303,6 +331,54 @@ def run_generate(args) -> int:
     print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, temperature=args.temperature,
                  top_p=args.top_p, seed=args.seed))
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def run_evaluate(args) -> int:
+    from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
+    from qlora_ref.files import atomic_write_json
+    from qlora_ref.paths import check_output_file
+    from qlora_ref.train.api import SPLITS, evaluate_model
+    from qlora_ref.train.config import TrainConfig, adapter_recipe
+
+    if args.json is not None:
+        check_output_file(args.json, "--json")
+    if args.split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    choices = ("trained", "none", *REFERENCE_QUANT_TYPES_4BIT)
+    if args.quant_type not in choices:
+        raise ValueError(f"--quant-type must be one of {', '.join(choices)}, got {args.quant_type!r}")
+    if args.config is not None:
+        config = TrainConfig.from_json(args.config)
+    else:
+        config = (adapter_recipe(args.adapter) if args.adapter else None) or TrainConfig()
+    if args.quant_type != "trained":
+        config = config.replace(quant_type=args.quant_type)
+    for option, field in (("--max-length", "max_length"), ("--batch-size", "micro_batch_size"),
+                          ("--max-batches", "eval_batches")):
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            try:
+                config = config.replace(**{field: value})
+            except ValueError as e:  # TrainConfig's check names its field: name the option that set it
+                raise ValueError(str(e).replace(field, option, 1)) from None
+    t0 = time.perf_counter()
+    r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split)
+    what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
+    print(f"{what}, {describe_storage(r['config'])}: loss {r['eval_loss']:.4f}, perplexity "
+          f"{r['eval_perplexity']:.3f} on {r['examples']} examples ({r['eval_targets']} target tokens) of "
+          f"{args.data} ({args.split}), in {time.perf_counter() - t0:.1f} s")
+    if args.json is not None:
+        atomic_write_json(args.json, {k: r[k] for k in ("eval_loss", "eval_perplexity", "eval_targets", "examples")}
+                          | {"model": str(args.model), "adapter": args.adapter, "data": str(args.data),
+                             "split": args.split, "config": r["config"].to_dict()})
+    return 0
+
+
+def describe_storage(config) -> str:
+    from qlora_ref.export import describe_quant
+
+    return describe_quant(config.quant_config())
 
 
 # ---------------------------------------------------------------------------------------------- merge

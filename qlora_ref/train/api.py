@@ -92,14 +92,19 @@ def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[lis
             [e for i, e in enumerate(examples) if i in held])
 
 
+def check_data_spec(spec) -> None:
+    """A data file or folder that exists, or a ``chatterbot[...]`` spec (None passes: no data given)."""
+    if spec is not None and not str(spec).startswith("chatterbot") and not Path(spec).exists():
+        raise ValueError(f"{spec}: data file does not exist")
+
+
 def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
     """(train dataset, held-out dataset or None, report) from data specs (``qlora_ref.data.load_examples``)."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json in its folder, or GGUF tokenizer metadata), "
                          "so text data cannot be tokenized")
     for spec in (data, eval_data):
-        if spec is not None and not str(spec).startswith("chatterbot") and not Path(spec).exists():
-            raise ValueError(f"{spec}: data file does not exist")
+        check_data_spec(spec)
     report = DataReport()
     examples = load_examples(data, report)
     if not examples:
@@ -147,4 +152,55 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)
 
 
-__all__ = ["FinetuneRun", "finetune", "load_tokenizer", "make_trainer", "prepare_data", "split_examples"]
+#: what ``evaluate_model`` evaluates of ``data``: all of it, or the part ``finetune`` held out of it
+SPLITS = ("all", "held-out")
+
+
+def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=None, backend: str = "ref",
+                   split: str = "all") -> dict:
+    """``qlora evaluate``: the loss and perplexity of the model at ``model`` (with the PEFT adapter in the folder
+    ``adapter``) on ``data``, computed by the evaluation the training runs (``loop.evaluate``), so that it repeats
+    the held-out figure ``qlora finetune`` printed for the same data and recipe.
+
+    config: the recipe whose storage (``quant_type`` ...) and data settings (``max_length``, ``train_on_inputs``,
+    ``micro_batch_size``, ``eval_batches``; for ``split="held-out"`` also ``eval_fraction`` and ``seed``) apply;
+    default the adapter's ``train_config.json``, else ``TrainConfig()``. split: ``"all"`` of ``data``, or the
+    ``"held-out"`` part ``finetune`` made of it. Without an adapter the model is built with rank-1 adapters whose
+    B is zero, as LoRA initialises it: they add exactly 0.0 to every output, so the loss is the base model's,
+    through the same code. Returns ``eval_loss``, ``eval_perplexity``, ``eval_targets``, ``examples`` and the
+    ``config`` used. Every argument and the data are checked before the model is loaded."""
+    from ..adapters import read_adapter_lora_config
+    from .config import adapter_recipe
+    from .loop import evaluate
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if config is None:
+        config = (adapter_recipe(adapter) if adapter is not None else None) or TrainConfig()
+    if adapter is not None:
+        lora = read_adapter_lora_config(adapter)
+        config = config.replace(lora_r=lora.r, lora_alpha=lora.alpha, target_modules=tuple(lora.target_modules))
+    else:
+        config = config.replace(lora_r=1)
+    config = config.replace(lora_dropout=0.0, gradient_checkpointing=False, progress=False)
+    tokenizer = load_tokenizer(model)
+    if tokenizer is None:
+        raise ValueError(f"{model}: the model has no tokenizer (tokenizer.json, or GGUF tokenizer metadata)")
+    check_data_spec(data)
+    report = DataReport()
+    examples = load_examples(data, report)
+    if split == "held-out":
+        _, examples = split_examples(examples, config.eval_fraction, config.seed)
+    dataset = build_dataset(examples, tokenizer, config.max_length, config.train_on_inputs, report, warn=False)
+    if len(dataset) == 0:
+        raise ValueError(f"{data}: no example to evaluate ({report.summary()})")
+    trainer, _ = make_trainer(model, config, backend)
+    if adapter is not None:
+        trainer.model.load_adapter(adapter)
+    result = evaluate(trainer, dataset, config.micro_batch_size, config.eval_batches)
+    n = len(dataset) if not config.eval_batches else min(len(dataset), config.eval_batches * config.micro_batch_size)
+    return dict(result, examples=n, config=config, report=report)
+
+
+__all__ = ["FinetuneRun", "evaluate_model", "finetune", "load_tokenizer", "make_trainer", "prepare_data",
+           "split_examples"]

@@ -212,3 +212,14 @@ class TrainConfig:
         """Fields that differ from ``saved`` and would make a resumed run a different run."""
         mine, theirs = self.to_dict(), saved.to_dict()
         return [k for k in mine if k not in RESUMABLE_CHANGES and mine[k] != theirs.get(k)]
+
+
+#: the recipe ``qlora finetune`` writes beside its adapter (``loop.train``)
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+def adapter_recipe(adapter_dir) -> TrainConfig | None:
+    """The ``TrainConfig`` an adapter was trained with: the ``train_config.json`` ``qlora finetune`` wrote beside
+    it, or None where there is none (an adapter from peft). A damaged file is an error naming it."""
+    path = Path(adapter_dir) / TRAIN_CONFIG_FILE
+    return TrainConfig.from_json(path) if path.is_file() else None

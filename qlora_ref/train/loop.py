@@ -53,7 +53,7 @@ from .checkpoint import (
     resume_candidates,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TRAIN_CONFIG_FILE, TrainConfig
 from .progress import Progress
 
 
@@ -419,7 +419,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         adapter = backend.adapter_state()
         if main:
             write_adapter_files(output_dir, adapter, _adapter_config(backend, config, base_model))
-            atomic_write_json(output_dir / "train_config.json", config.to_dict())
+            atomic_write_json(output_dir / TRAIN_CONFIG_FILE, config.to_dict())
             atomic_write_json(output_dir / "log_history.json", log_history)
         world.barrier()
     return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
