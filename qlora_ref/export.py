@@ -163,6 +163,7 @@ def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> 
                             tokenizer_source=tokenizer_source)
 
 
+# ---------------------------------------------------------------------------------------------- qlora merge
 def trained_quant_config(adapter_dir) -> tuple[QuantConfig | None, str]:
     """How the frozen weights were stored while the adapter in ``adapter_dir`` was trained — read from the
     ``train_config.json`` that ``qlora finetune`` writes beside it — and where that came from. Without one (an
@@ -176,6 +177,7 @@ def trained_quant_config(adapter_dir) -> tuple[QuantConfig | None, str]:
 
 
 def describe_quant(quant: QuantConfig | None) -> str:
+    """How a model's block linears are stored, in words (``qlora merge`` and ``qlora evaluate`` print it)."""
     if quant is None:
         return "the original (unquantized) weights"
     dq = ", double quantization" if quant.double_quant else ""
@@ -184,8 +186,8 @@ def describe_quant(quant: QuantConfig | None) -> str:
 
 def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dtype="bfloat16", backend="ref",
                   overwrite=False) -> dict:
-    """``qlora merge``: the base model with the PEFT adapter in ``adapter_dir`` merged in (``merge_and_export``),
-    written to ``out_dir`` as a 16-bit Hugging Face folder.
+    """``qlora merge``: the base model with the PEFT adapter in ``adapter_dir`` merged in (``merge_and_export``:
+    LoRA's section 4.1, into the weight of QLoRA's eq. 5), written to ``out_dir`` as a 16-bit Hugging Face folder.
 
     model_path: the base model (default: the adapter's ``base_model_name_or_path``, when that path exists here).
     quant: how the base is stored before merging; ``"trained"`` (default) as the adapter was trained
@@ -193,6 +195,8 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     rounding to ``dtype``; ``None`` merges into the original weights. Every argument is checked before the model
     is loaded. Returns what was done: ``model``, ``quant``, ``quant_source``, ``adapted`` (weights merged),
     ``tensors``, ``bytes``, ``folder``."""
+    from safetensors import safe_open
+
     from .adapters import read_adapter_files
     from .backends import load_backend
 
@@ -219,8 +223,6 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
         folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source)
     else:
         folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source)
-    from safetensors import safe_open
-
     with safe_open(Path(folder) / "model.safetensors", framework="numpy") as f:
         n_tensors = len(list(f.keys()))
     return {"model": str(model_path), "quant": quant, "quant_source": source, "folder": Path(folder),
