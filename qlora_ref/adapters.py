@@ -249,6 +249,17 @@ def load_adapter(model, folder) -> dict:
     return cfg
 
 
+def adapter_base_model(folder) -> Path:
+    """The base model the adapter in ``folder`` was saved from (``base_model_name_or_path`` of its
+    ``adapter_config.json``), when that is a path on this machine; else a ValueError asking for ``--model``."""
+    _, cfg = read_adapter_files(folder)
+    base = cfg.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise ValueError(f"{folder}: its adapter_config.json names the base model {base!r}, which is not a path on "
+                         "this machine; give the base model (--model)")
+    return Path(base)
+
+
 def read_adapter_lora_config(folder) -> LoraConfig:
     """The ``LoraConfig`` to build a model that can take the adapter in ``folder``."""
     weights, cfg = read_adapter_files(folder)

@@ -197,19 +197,14 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     ``tensors``, ``bytes``, ``folder``."""
     from safetensors import safe_open
 
-    from .adapters import read_adapter_files
+    from .adapters import adapter_base_model, read_adapter_files
     from .backends import load_backend
 
     if dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {dtype!r}")
     adapter_dir = Path(adapter_dir)
-    weights, cfg = read_adapter_files(adapter_dir)
-    if model_path is None:
-        model_path = cfg.get("base_model_name_or_path")
-        if not model_path or not Path(model_path).exists():
-            raise ValueError(f"{adapter_dir}: its adapter_config.json names the base model "
-                             f"{model_path!r}, which is not a path on this machine; give the base model (--model)")
-    model_path = Path(model_path)
+    weights, _ = read_adapter_files(adapter_dir)
+    model_path = Path(model_path) if model_path is not None else adapter_base_model(adapter_dir)
     if not model_path.exists():
         raise ValueError(f"{model_path}: no such model file or folder (--model)")
     source = "given"

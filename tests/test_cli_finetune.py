@@ -129,6 +129,28 @@ def test_evaluate_without_adapter_is_the_base_models_loss(files, tmp_path):
     assert abs(ev["eval_loss"] - nll / n) <= 1e-6 * nll / n  # float32 log-softmax against float64
 
 
+def test_generate_and_evaluate_find_the_base_model_through_the_adapter(files, tmp_path, capsys):
+    """An adapter names its base (``base_model_name_or_path``): where that path exists, ``--model`` may be left out
+    and the result is the one with ``--model`` given."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+                 str(out), "--max-steps", "2", *FAST]) == 0
+    capsys.readouterr()
+    ask = ["generate", "--adapter", str(out), "--prompt", "what is 1 plus 2", "--max-new-tokens", "5"]
+    assert main(ask) == 0
+    implied = capsys.readouterr().out
+    assert main([*ask, "--model", str(files / "model")]) == 0
+    assert capsys.readouterr().out == implied
+    evaluate = ["evaluate", "--adapter", str(out), "--data", str(files / "eval.jsonl")]
+    assert main([*evaluate, "--json", str(tmp_path / "a.json")]) == 0
+    assert main([*evaluate, "--model", str(files / "model"), "--json", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
+    assert a["eval_loss"] == b["eval_loss"] and a["model"] == b["model"] == str(files / "model")
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "what is 1 plus 2"]) == 2
+    assert "--model is required (or an --adapter" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--split", "train"], "--split must be one of all, held-out"),
     (["--quant-type", "nf5"], "--quant-type must be one of trained, none, nf4"),
@@ -209,3 +231,8 @@ def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
     assert summary["perplexity_after"] < summary["perplexity_before"]
     assert np.isfinite(summary["perplexity_after"])
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    # the command the demo suggests repeats its held-out perplexity, the base model found through the adapter
+    assert f"qlora evaluate --adapter {tmp_path} --data chatterbot:english --split held-out" in capsys.readouterr().out
+    assert main(["evaluate", "--adapter", str(tmp_path), "--data", "chatterbot:english", "--split", "held-out",
+                 "--json", str(tmp_path / "ev.json")]) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["eval_perplexity"] == summary["perplexity_after"]

@@ -132,7 +132,8 @@ def add_parser(subparsers) -> None:
                               description="Answer a prompt (formatted with the model's chat template) with the "
                               "reference model (or --backend gpu), 4-bit NF4 by default, with a PEFT adapter if given. "
                               "Every argument is checked before the model is loaded.")
-    g.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
+    g.add_argument("--model", default=None, help="a Hugging Face folder or a .gguf file [default: the adapter's "
+                   "base_model_name_or_path, if that path exists here]")
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's)")
     g.add_argument("--prompt", default=None, help="the question, not empty (default: read stdin)")
     g.add_argument("--max-new-tokens", type=int, default=64,
@@ -152,7 +153,8 @@ def add_parser(subparsers) -> None:
                               "adapter's recipe (its train_config.json: storage, max length, batch size, batches) "
                               "and --split held-out it repeats the held-out figure the training printed. Every "
                               "argument and the data are checked before the model is loaded.")
-    e.add_argument("--model", required=True, help="a Hugging Face folder, a bitsandbytes 4-bit folder or a .gguf file")
+    e.add_argument("--model", default=None, help="a Hugging Face folder, a bitsandbytes 4-bit folder or a .gguf file "
+                   "[default: the adapter's base_model_name_or_path, if that path exists here]")
     e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .yml file, a folder of them, or "
                    "chatterbot[:language]")
     e.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's) [default: none, the base "
@@ -208,6 +210,17 @@ def add_parser(subparsers) -> None:
     q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
     q.add_argument("--compute-dtype", default="bfloat16")
     q.set_defaults(func=run_quantize)
+
+
+def model_or_adapter_base(args):
+    """``--model``, else the base model the ``--adapter`` names (``qlora generate``, ``evaluate``, ``merge``)."""
+    from qlora_ref.adapters import adapter_base_model
+
+    if args.model is not None:
+        return args.model
+    if args.adapter is None:
+        raise ValueError("--model is required (or an --adapter whose adapter_config.json names a base model here)")
+    return str(adapter_base_model(args.adapter))
 
 
 # ---------------------------------------------------------------------------------------------- finetune
@@ -297,8 +310,11 @@ def run_demo(args) -> int:
                "steps": result.step, "train_seconds": seconds, "total_seconds": time.perf_counter() - t0,
                "eval_pairs": n_eval, "question": question, "answer_before": ans_before, "answer_after": ans_after}
     atomic_write_json(Path(args.output_dir) / "demo_summary.json", summary)
-    print(f"adapter written to {args.output_dir}/ (PEFT format); try: qlora generate --model {model_path} "
-          f"--adapter {args.output_dir} --prompt {json.dumps(question)}")
+    out = args.output_dir
+    print(f"adapter written to {out}/ (PEFT format, on {model_path}); try:\n"
+          f"  qlora generate --adapter {out} --prompt {json.dumps(question)}\n"
+          f"  qlora evaluate --adapter {out} --data chatterbot:english --split held-out   # the perplexity above\n"
+          f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder")
     return 0
 
 
@@ -312,6 +328,7 @@ def run_generate(args) -> int:
 
     # every argument checked before the model is loaded
     check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
+    args.model = model_or_adapter_base(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt.strip():
         raise ValueError("--prompt is empty (or only whitespace): give the question to answer")
@@ -362,6 +379,7 @@ def run_evaluate(args) -> int:
                 config = config.replace(**{field: value})
             except ValueError as e:  # TrainConfig's check names its field: name the option that set it
                 raise ValueError(str(e).replace(field, option, 1)) from None
+    args.model = model_or_adapter_base(args)
     t0 = time.perf_counter()
     r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split)
     what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
