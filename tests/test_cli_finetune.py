@@ -158,8 +158,12 @@ def test_generate_and_evaluate_find_the_base_model_through_the_adapter(files, tm
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--data", "missing.jsonl"], "missing.jsonl: data file does not exist"),
     (["--adapter", "no-such-adapter"], "no-such-adapter: adapter folder does not exist"),
+    (["--split", "held-out", "--config", "RECIPE"], "the recipe's eval_fraction is 0, so training held nothing out"),
 ])
-def test_evaluate_refuses_bad_arguments(files, capsys, extra, message):
+def test_evaluate_refuses_bad_arguments(files, tmp_path, capsys, extra, message):
+    recipe = tmp_path / "recipe.json"  # a recipe that held nothing out
+    recipe.write_text(json.dumps({"eval_fraction": 0.0}))
+    extra = [str(recipe) if a == "RECIPE" else a for a in extra]
     assert main(["evaluate", "--model", str(files / "model"), "--data", str(files / "eval.jsonl"), *extra]) == 2
     assert message in capsys.readouterr().err
 

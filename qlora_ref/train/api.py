@@ -190,6 +190,9 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
     report = DataReport()
     examples = load_examples(data, report)
     if split == "held-out":
+        if config.eval_fraction == 0:
+            raise ValueError("split='held-out': the recipe's eval_fraction is 0, so training held nothing out of "
+                             f"{data}; evaluate a separate file with split='all'")
         _, examples = split_examples(examples, config.eval_fraction, config.seed)
     dataset = build_dataset(examples, tokenizer, config.max_length, config.train_on_inputs, report, warn=False)
     if len(dataset) == 0:
