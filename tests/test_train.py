@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -245,6 +247,11 @@ def test_checkpoints_are_atomic_and_pruned(tiny, tmp_path, monkeypatch):
     # 6 steps x 2 micro-batches = 12 of the epoch's 24 batches (48 examples, 2 per micro-batch)
     assert ckpt.step == 6 and ckpt.state["data_position"] == {"epoch": 0, "batch": 12}
     assert set(ckpt.optimizer_state) and all(k.startswith("model.layers.") for k in ckpt.optimizer_state)
+    # readable as any folder and file its user makes (mkdtemp and mkstemp alone would make them owner-only)
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "checkpoint-6", *(tmp_path / "checkpoint-6").iterdir()):
+        assert stat.S_IMODE(path.stat().st_mode) == (0o777 if path.is_dir() else 0o666) & ~umask, path
 
     # a crash while writing the next checkpoint leaves the previous ones intact and no partial folder behind
     import qlora_ref.train.checkpoint as cp
