@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def run_table2(args) -> int:
 
     from qlora_ref import table2
     from qlora_ref.demo import held_out_text
+    from qlora_ref.files import atomic_write_json
     from qlora_ref.model.llama import LlamaModel
     from qlora_ref.model.loading import find_smollm2_gguf, read_checkpoint
     from qlora_ref.paths import check_output_file
@@ -77,7 +77,5 @@ def run_table2(args) -> int:
     if args.json:
         payload = {"model": str(path), "tokens": len(ids), "window": args.window, "ordering_holds": holds,
                    "rows": [r.__dict__ for r in rows]}
-        tmp = Path(str(args.json) + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(args.json)
+        atomic_write_json(args.json, payload)
     return 0
