@@ -36,7 +36,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path, write) -> None:
+def atomic_write_with(path, write) -> None:
     """``write(tmp)`` fills a temporary sibling of ``path`` (a path), which is then flushed to disk and renamed
     over ``path``. The file gets the mode a plain ``open(path, "w")`` gives (``0o666`` less the umask):
     ``mkstemp`` alone would leave it readable by its owner only, a shared model folder unreadable to others."""
@@ -66,7 +66,7 @@ def temporary_folder(parent, prefix: str, suffix: str) -> Path:
 
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_json(path, obj) -> None:
@@ -80,7 +80,7 @@ def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict
 
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     # straight to the file: serialising to bytes first would hold a second copy of a model being exported
-    _atomic_write(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+    atomic_write_with(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:
@@ -103,3 +103,9 @@ def check_finite(arrays: dict[str, np.ndarray], what: str) -> None:
         a = a.astype(np.float32) if a.dtype.name == "bfloat16" else a  # ml_dtypes' bfloat16 is not of kind "f"
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             raise ValueError(f"{what}: tensor {name!r} holds NaN or Inf (a diverged training run?)")
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """A matplotlib figure written atomically, in the format its file name says (``.png``, ``.svg``, ``.pdf``)."""
+    fmt = Path(path).suffix.lstrip(".").lower() or "png"
+    atomic_write_with(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=fmt))

@@ -120,6 +120,8 @@ def plot(rows: list[Table2Row], path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .files import save_figure
+
     base = [r for r in rows if r.label == "16-bit baseline"]
     quant = [r for r in rows if r.label != "16-bit baseline"]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -132,5 +134,5 @@ def plot(rows: list[Table2Row], path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title("Table 2 on SmolLM2-135M: 4-bit data types (blocksize 64)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

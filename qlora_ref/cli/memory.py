@@ -286,6 +286,7 @@ def write_plot(path: str, shape, method: str, kwargs: dict) -> None:
         from matplotlib.figure import Figure
     except ImportError as e:
         raise ValueError(f"--plot needs matplotlib, which is not installed ({e}): pip install matplotlib") from e
+    from qlora_ref.files import save_figure
 
     # The optimizer default depends on the method (paged only for QLoRA) unless the user fixed it.
     by_method = [estimate_memory(shape, m, **kwargs) for m in METHODS]
@@ -313,7 +314,7 @@ def write_plot(path: str, shape, method: str, kwargs: dict) -> None:
         _patch(PART_COLORS[p], label=PART_LABELS[p]) for p in MemoryBreakdown.PARTS
     ] + [_patch("white", hatch="//", label="paged (evictable)")]
     fig.legend(handles=handles, loc="outside right upper", fontsize=8)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def _patch(color, **kw):
