@@ -168,6 +168,38 @@ def test_evaluate_refuses_bad_arguments(files, tmp_path, capsys, extra, message)
     assert message in capsys.readouterr().err
 
 
+def test_plot_draws_a_runs_curves(files, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+                 str(out), "--max-steps", "4", "--eval-every", "2", *FAST]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(out)]) == 0
+    assert f"wrote {out / 'training.png'}: 4 steps" in capsys.readouterr().out
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(out), "--output", str(tmp_path / "curves.svg")]) == 0  # the suffix picks the format
+    assert "<svg" in (tmp_path / "curves.svg").read_text()[:1000]
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "log_history.json").write_text('[{"step": 1, "loss": "nan"}]')
+    for run_dir, message in [(tmp_path / "nope", "no such run folder"), (tmp_path / "empty", "no log_history.json"),
+                             (broken, "no training loss to plot")]:
+        assert main(["plot", str(run_dir)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_plot_helpers():
+    from qlora_ref.train.plot import held_out_before, running_mean
+
+    values = [3.0, 1.0, 2.0, 6.0, 4.0]
+    window = 2
+    expected = [np.mean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    np.testing.assert_allclose(running_mean(values, window), expected, rtol=1e-12)
+    assert running_mean(values, 10) == pytest.approx(np.cumsum(values) / np.arange(1, 6))
+    assert held_out_before("/nonexistent") is None
+
+
 def test_quantize_command(files, tmp_path, capsys):
     assert main(["quantize", str(files / "model"), str(tmp_path / "q")]) == 0
     assert "nf4, blocksize 64, double quant True" in capsys.readouterr().out

@@ -1,7 +1,7 @@
 """The ``qlora`` command: argument parsing and printing over library functions, nothing else. Each subcommand lives
 in its own module of this package (``finetune``: finetune, demo, generate, evaluate, merge, quantize; ``memory``;
-``reproduce``; ``doctor``), which exposes ``add_parser(subparsers)`` and sets ``func`` on its parser; this file only
-collects them."""
+``plot``; ``reproduce``; ``doctor``), which exposes ``add_parser(subparsers)`` and sets ``func`` on its parser;
+this file only collects them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import importlib
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
-SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.reproduce",
-                                   "qlora_ref.cli.doctor"]
+SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.plot",
+                                   "qlora_ref.cli.reproduce", "qlora_ref.cli.doctor"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -314,7 +314,8 @@ def run_demo(args) -> int:
     print(f"adapter written to {out}/ (PEFT format, on {model_path}); try:\n"
           f"  qlora generate --adapter {out} --prompt {json.dumps(question)}\n"
           f"  qlora evaluate --adapter {out} --data chatterbot:english --split held-out   # the perplexity above\n"
-          f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder")
+          f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder\n"
+          f"  qlora plot {out}   # the loss curves")
     return 0
 
 
