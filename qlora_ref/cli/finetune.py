@@ -212,6 +212,17 @@ def add_parser(subparsers) -> None:
     q.set_defaults(func=run_quantize)
 
 
+def check_quant_option(value: str) -> str:
+    """``--quant-type`` of ``evaluate`` and ``merge``: ``trained`` (the adapter's recipe), ``none`` (the weights as
+    stored) or a 4-bit data type."""
+    from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
+
+    choices = ("trained", "none", *REFERENCE_QUANT_TYPES_4BIT)
+    if value not in choices:
+        raise ValueError(f"--quant-type must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def model_or_adapter_base(args):
     """``--model``, else the base model the ``--adapter`` names (``qlora generate``, ``evaluate``, ``merge``)."""
     from qlora_ref.adapters import adapter_base_model
@@ -353,7 +364,7 @@ def run_generate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- evaluate
 def run_evaluate(args) -> int:
-    from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
+    from qlora_ref.export import describe_quant
     from qlora_ref.files import atomic_write_json
     from qlora_ref.paths import check_output_file
     from qlora_ref.train.api import SPLITS, evaluate_model
@@ -363,9 +374,7 @@ def run_evaluate(args) -> int:
         check_output_file(args.json, "--json")
     if args.split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
-    choices = ("trained", "none", *REFERENCE_QUANT_TYPES_4BIT)
-    if args.quant_type not in choices:
-        raise ValueError(f"--quant-type must be one of {', '.join(choices)}, got {args.quant_type!r}")
+    check_quant_option(args.quant_type)
     if args.config is not None:
         config = TrainConfig.from_json(args.config)
     else:
@@ -384,7 +393,7 @@ def run_evaluate(args) -> int:
     t0 = time.perf_counter()
     r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split)
     what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
-    print(f"{what}, {describe_storage(r['config'])}: loss {r['eval_loss']:.4f}, perplexity "
+    print(f"{what}, {describe_quant(r['config'].quant_config())}: loss {r['eval_loss']:.4f}, perplexity "
           f"{r['eval_perplexity']:.3f} on {r['examples']} examples ({r['eval_targets']} target tokens) of "
           f"{args.data} ({args.split}), in {time.perf_counter() - t0:.1f} s")
     if args.json is not None:
@@ -394,24 +403,15 @@ def run_evaluate(args) -> int:
     return 0
 
 
-def describe_storage(config) -> str:
-    from qlora_ref.export import describe_quant
-
-    return describe_quant(config.quant_config())
-
-
 # ---------------------------------------------------------------------------------------------- merge
 def run_merge(args) -> int:
-    from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
     from qlora_ref.export import describe_quant, merge_adapter
     from qlora_ref.memory import format_bytes
     from qlora_ref.model.config import QuantConfig
 
     special = {"trained": "trained", "none": None}
-    if args.quant_type not in (*special, *REFERENCE_QUANT_TYPES_4BIT):
-        raise ValueError(f"--quant-type must be one of {', '.join((*special, *REFERENCE_QUANT_TYPES_4BIT))}, "
-                         f"got {args.quant_type!r}")
-    quant = special[args.quant_type] if args.quant_type in special else QuantConfig(quant_type=args.quant_type)
+    quant_type = check_quant_option(args.quant_type)
+    quant = special[quant_type] if quant_type in special else QuantConfig(quant_type=quant_type)
     t0 = time.perf_counter()
     info = merge_adapter(args.adapter, args.output_dir, args.model, quant=quant, dtype=args.dtype,
                          backend=args.backend, overwrite=args.overwrite)
