@@ -74,8 +74,8 @@ def atomic_write_json(path, obj) -> None:
 
 
 def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.numpy.save`` to bytes, then an atomic write. Arrays are made C-contiguous first (keeping
-    0-d arrays 0-d: ``np.ascontiguousarray`` would make them 1-d)."""
+    """``safetensors.numpy.save_file`` into a temporary sibling, then renamed over ``path`` (``atomic_write_with``).
+    Arrays are made C-contiguous first (keeping 0-d arrays 0-d: ``np.ascontiguousarray`` would make them 1-d)."""
     from safetensors.numpy import save_file
 
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
