@@ -29,6 +29,7 @@ def test_finetune_writes_a_peft_adapter_and_resumes(files, tmp_path, capsys):
     assert main([*args, "--max-steps", "3"]) == 0
     text = capsys.readouterr().out
     assert "trained to step 3 (3 steps in this run)" in text and "held-out loss" in text
+    assert f"qlora evaluate --adapter {out} --data {files / 'eval.jsonl'} |" in text  # what to run next
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()

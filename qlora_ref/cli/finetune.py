@@ -259,7 +259,11 @@ def run_finetune(args) -> int:
         print(f"training loss: first step {r.train_losses[0]:.4f}, last step {r.train_losses[-1]:.4f}")
     if r.eval:
         print(f"held-out loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_perplexity']:.3f}")
-    print(f"adapter: {args.output_dir}/adapter_config.json + adapter_model.safetensors (PEFT format)")
+    out = args.output_dir
+    print(f"adapter: {out}/adapter_config.json + adapter_model.safetensors (PEFT format)")
+    held_out = f"--data {args.eval_data}" if args.eval_data else f"--data {args.data} --split held-out"
+    print(f"next: qlora plot {out} | qlora evaluate --adapter {out} {held_out} | qlora merge --adapter {out} "
+          f"--output-dir {out}-merged")
     return 0
 
 
