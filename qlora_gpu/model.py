@@ -584,23 +584,24 @@ class QLoRAModel(nn.Module):
             if m.bias is not None:
                 yield f"{name}.bias", m.bias.detach().cpu().float().numpy()
 
-    def merge_and_export(self, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
+    def merge_and_export(self, folder, dtype="bfloat16", tokenizer_source=None, progress: bool = False) -> Path:
         """Merge the adapters into the dequantized weights and write a 16-bit Hugging Face folder."""
         from qlora_ref.export import export_hf_folder, merge_weights
 
         adapter = self.lora_state_numpy()
         scaling = self.lora.scaling if (self.lora is not None and adapter) else 0.0
-        merged = merge_weights(self.base_float_weights(), adapter, scaling, dtype)
+        merged = merge_weights(self.base_float_weights(), adapter, scaling, dtype, progress)
         return export_hf_folder(folder, self.config, merged, dtype, tokenizer=self.tokenizer,
                                 tokenizer_source=tokenizer_source)
 
 
 def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dtype="bfloat16", backend="gpu",
-                  overwrite=False) -> dict:
+                  overwrite=False, progress=False) -> dict:
     """``qlora_ref.merge_adapter`` on this backend by default (``qlora merge --backend gpu``): the same folder."""
     from qlora_ref.export import merge_adapter as merge
 
-    return merge(adapter_dir, out_dir, model_path, quant=quant, dtype=dtype, backend=backend, overwrite=overwrite)
+    return merge(adapter_dir, out_dir, model_path, quant=quant, dtype=dtype, backend=backend, overwrite=overwrite,
+                 progress=progress)
 
 
 __all__ = ["QLoRAModel", "default_device", "draw_block_masks", "hf_config", "hf_skeleton", "merge_adapter",

@@ -44,9 +44,9 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
 
 
 def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=None, backend: str = "gpu",
-                   split: str = "all") -> dict:
+                   split: str = "all", progress: bool = False) -> dict:
     """``qlora_ref.evaluate_model`` with this backend by default (``qlora evaluate --backend gpu``)."""
-    return shared_evaluate(model, data, config, adapter=adapter, backend=backend, split=split)
+    return shared_evaluate(model, data, config, adapter=adapter, backend=backend, split=split, progress=progress)
 
 
 def build_optimizer(config: TrainConfig, **options):

@@ -49,14 +49,19 @@ def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping
 
 # ---------------------------------------------------------------------------------------------- merging
 def merge_weights(base: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], adapter: Mapping[str, np.ndarray],
-                  scaling: float, dtype="bfloat16") -> dict[str, np.ndarray]:
+                  scaling: float, dtype="bfloat16", progress: bool = False) -> dict[str, np.ndarray]:
     """``W + scaling * B @ A`` for every adapted ``<layer>.weight`` of ``base`` (Hugging Face names, float
     arrays; a mapping or ``(name, array)`` pairs, taken one at a time), computed in float32 and rounded once to
-    ``dtype``; unadapted tensors are only cast."""
+    ``dtype``; unadapted tensors are only cast. ``progress``: a bar over the tensors."""
     out_dtype = to_numpy_dtype(dtype)
     out = {}
     adapted = set()
-    for name, w in (base.items() if isinstance(base, Mapping) else base):
+    items = base.items() if isinstance(base, Mapping) else base
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, desc="merge", unit=" tensors", dynamic_ncols=True)
+    for name, w in items:
         w = np.asarray(w, dtype=np.float32)
         layer = name[: -len(".weight")] if name.endswith(".weight") else None
         a_key = f"{layer}.lora_A.weight"
@@ -153,12 +158,12 @@ def _remove_stale_files(folder: Path, written: set[str]) -> None:
             path.unlink()
 
 
-def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None) -> Path:
+def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None, progress: bool = False) -> Path:
     """Merge a reference model's adapters into its (dequantized) weights and write a 16-bit Hugging Face folder
     that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
     adapter = {k: np.asarray(v) for k, v in model.lora_parameters().items()}
     scaling = model.lora.scaling if (model.lora is not None and adapter) else 0.0
-    merged = merge_weights(base_float_weights(model), adapter, scaling, dtype)
+    merged = merge_weights(base_float_weights(model), adapter, scaling, dtype, progress)
     return export_hf_folder(folder, model.config, merged, dtype, tokenizer=getattr(model, "tokenizer", None),
                             tokenizer_source=tokenizer_source)
 
@@ -185,7 +190,7 @@ def describe_quant(quant: QuantConfig | None) -> str:
 
 
 def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dtype="bfloat16", backend="ref",
-                  overwrite=False) -> dict:
+                  overwrite=False, progress=False) -> dict:
     """``qlora merge``: the base model with the PEFT adapter in ``adapter_dir`` merged in (``merge_and_export``:
     LoRA's section 4.1, into the weight of QLoRA's eq. 5), written to ``out_dir`` as a 16-bit Hugging Face folder.
 
@@ -193,8 +198,8 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     quant: how the base is stored before merging; ``"trained"`` (default) as the adapter was trained
     (``trained_quant_config``), so the merged model computes what the adapted 4-bit model computed, up to the
     rounding to ``dtype``; ``None`` merges into the original weights. Every argument is checked before the model
-    is loaded. Returns what was done: ``model``, ``quant``, ``quant_source``, ``adapted`` (weights merged),
-    ``tensors``, ``bytes``, ``folder``."""
+    is loaded; ``progress``: a bar over the tensors. Returns what was done: ``model``, ``quant``,
+    ``quant_source``, ``adapted`` (weights merged), ``tensors``, ``bytes``, ``folder``."""
     from safetensors import safe_open
 
     from .adapters import adapter_base_model, read_adapter_files
@@ -215,9 +220,9 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir)
     tokenizer_source = model_path if model_path.is_dir() else None
     if hasattr(model, "merge_and_export"):  # a backend's own (qlora_gpu's QLoRAModel)
-        folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source)
+        folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
     else:
-        folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source)
+        folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
     with safe_open(Path(folder) / "model.safetensors", framework="numpy") as f:
         n_tensors = len(list(f.keys()))
     return {"model": str(model_path), "quant": quant, "quant_source": source, "folder": Path(folder),

@@ -173,6 +173,7 @@ def add_parser(subparsers) -> None:
                    "train_config.json, else the paper's recipe]")
     e.add_argument("--backend", default="ref", help="ref [default] or gpu")
     e.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     e.set_defaults(func=run_evaluate)
 
     m = subparsers.add_parser("merge", help="merge a PEFT adapter into its base model: one 16-bit Hugging Face folder",
@@ -194,6 +195,7 @@ def add_parser(subparsers) -> None:
     m.add_argument("--backend", default="ref", help="ref [default] or gpu")
     m.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder, removing "
                    "every *.safetensors, index and tokenizer file of the old model there")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     m.set_defaults(func=run_merge)
 
     q = subparsers.add_parser("quantize", help="a Hugging Face folder -> a bitsandbytes 4-bit folder",
@@ -395,7 +397,8 @@ def run_evaluate(args) -> int:
                 raise ValueError(str(e).replace(field, option, 1)) from None
     args.model = model_or_adapter_base(args)
     t0 = time.perf_counter()
-    r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split)
+    r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split,
+                       progress=args.progress)
     what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"{what}, {describe_quant(r['config'].quant_config())}: loss {r['eval_loss']:.4f}, perplexity "
           f"{r['eval_perplexity']:.3f} on {r['examples']} examples ({r['eval_targets']} target tokens) of "
@@ -418,7 +421,7 @@ def run_merge(args) -> int:
     quant = special[quant_type] if quant_type in special else QuantConfig(quant_type=quant_type)
     t0 = time.perf_counter()
     info = merge_adapter(args.adapter, args.output_dir, args.model, quant=quant, dtype=args.dtype,
-                         backend=args.backend, overwrite=args.overwrite)
+                         backend=args.backend, overwrite=args.overwrite, progress=args.progress)
     print(f"merged {args.adapter} ({info['adapted']} adapted weights) into {describe_quant(info['quant'])} of "
           f"{info['model']} ({info['quant_source']})")
     print(f"wrote {info['folder']}/: model.safetensors ({info['tensors']} tensors, {args.dtype}, "

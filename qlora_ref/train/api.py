@@ -157,7 +157,7 @@ SPLITS = ("all", "held-out")
 
 
 def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=None, backend: str = "ref",
-                   split: str = "all") -> dict:
+                   split: str = "all", progress: bool = False) -> dict:
     """``qlora evaluate``: the loss and perplexity of the model at ``model`` (with the PEFT adapter in the folder
     ``adapter``) on ``data``, computed by the evaluation the training runs (``loop.evaluate``), so that it repeats
     the held-out figure ``qlora finetune`` printed for the same data and recipe.
@@ -168,7 +168,8 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
     ``"held-out"`` part ``finetune`` made of it. Without an adapter the model is built with rank-1 adapters whose
     B is zero, as LoRA initialises it: they add exactly 0.0 to every output, so the loss is the base model's,
     through the same code. Returns ``eval_loss``, ``eval_perplexity``, ``eval_targets``, ``examples`` and the
-    ``config`` used. Every argument and the data are checked before the model is loaded."""
+    ``config`` used. Every argument and the data are checked before the model is loaded. ``progress``: a bar over
+    the batches."""
     from ..adapters import read_adapter_lora_config
     from .config import adapter_recipe
     from .loop import evaluate
@@ -200,7 +201,7 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
     trainer, _ = make_trainer(model, config, backend)
     if adapter is not None:
         trainer.model.load_adapter(adapter)
-    result = evaluate(trainer, dataset, config.micro_batch_size, config.eval_batches)
+    result = evaluate(trainer, dataset, config.micro_batch_size, config.eval_batches, progress=progress)
     n = len(dataset) if not config.eval_batches else min(len(dataset), config.eval_batches * config.micro_batch_size)
     return dict(result, examples=n, config=config, report=report)
 

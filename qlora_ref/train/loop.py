@@ -160,10 +160,11 @@ def my_share(items: list, world) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 0) -> dict:
+def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 0, progress: bool = False) -> dict:
     """Held-out loss (mean next-token NLL over the response tokens of ``dataset``, a ``TokenizedDataset``) and
     perplexity exp(loss); the first ``max_batches`` batches in file order (0: all). Several processes share the
-    batches (each runs as many forward passes: one short of a batch repeats its first and ignores the result)."""
+    batches (each runs as many forward passes: one short of a batch repeats its first and ignores the result).
+    ``progress``: a bar over the batches (rank 0), for an evaluation on its own (``qlora evaluate``)."""
     if dataset is None or len(dataset) == 0:
         return {"eval_loss": float("nan"), "eval_perplexity": float("nan"), "eval_targets": 0}
     world = world_of(backend)
@@ -172,7 +173,12 @@ def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 
     if max_batches:
         batches = batches[:max_batches]
     per_rank = -(-len(batches) // world.world_size)
-    for j in range(per_rank):
+    steps = range(per_rank)
+    if progress and world.rank == 0:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="evaluate", unit="batch", dynamic_ncols=True)
+    for j in steps:
         i = world.rank + j * world.world_size
         nll, n = backend.eval_loss(batch_of(dataset, batches[i] if i < len(batches) else batches[0]))
         if i < len(batches):
