@@ -201,6 +201,60 @@ def test_plot_helpers():
     assert held_out_before("/nonexistent") is None
 
 
+def test_generate_chat_answers_each_line_with_the_conversation_so_far(files, capsys, monkeypatch):
+    import importlib
+    import io
+
+    gen = importlib.import_module("qlora_ref.model.generate")  # the module (qlora_ref.model.generate is a function)
+
+    calls = []
+
+    def recording_reply(model, tokenizer, messages, *args, **kwargs):
+        calls.append([dict(m) for m in messages])
+        return real_reply(model, tokenizer, messages, *args, **kwargs)
+
+    real_reply = gen.reply
+    monkeypatch.setattr(gen, "reply", recording_reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("what is 1 plus 2\n\n  what is 3 plus 4\n"))
+    assert main(["generate", "--model", str(files / "model"), "--chat", "--max-new-tokens", "5"]) == 0
+    replies = capsys.readouterr().out.split("\n")[:2]
+    u1, u2 = ({"role": "user", "content": q} for q in ("what is 1 plus 2", "what is 3 plus 4"))
+    assert calls == [[u1], [u1, {"role": "assistant", "content": replies[0]}, u2]]  # the empty line is no turn
+    assert main(["generate", "--model", str(files / "model"), "--chat", "--prompt", "x"]) == 2
+    assert "--chat reads its turns from stdin" in capsys.readouterr().err
+
+
+def test_reply_leaves_out_the_oldest_exchanges_that_do_not_fit(files):
+    """A conversation longer than the context loses its oldest user/assistant pairs (a system message stays) until
+    the prompt and the new tokens fit; one that fits is sent whole."""
+    from qlora_ref.data.pipeline import prompt_ids
+    from qlora_ref.model.generate import reply
+    from qlora_ref.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(files / "model")
+    sent = []
+
+    class Model:  # records the prompt; answers with end-of-sequence at once
+        def __init__(self, context):
+            self.config = type("Config", (), {"max_position_embeddings": context})()
+
+        def generate(self, ids, **kwargs):
+            sent.append(list(ids))
+            return list(ids) + [tok.eos_token_id]
+
+    system = {"role": "system", "content": "be brief"}
+    turns = [{"role": r, "content": f"{r} turn {i} " + "x" * 20} for i in range(3) for r in ("user", "assistant")]
+    conversation = [system, *turns[:-1]]  # ends with the third user turn
+    whole = prompt_ids(tok, conversation)
+    assert reply(Model(len(whole) + 8), tok, conversation, max_new_tokens=8) == ""
+    assert sent[-1] == whole
+    without_first = [system, *turns[2:-1]]
+    reply(Model(len(whole) + 7), tok, conversation, max_new_tokens=8)  # one token short: the oldest pair goes
+    assert sent[-1] == prompt_ids(tok, without_first)
+    reply(Model(len(prompt_ids(tok, [system, turns[4]])) + 8), tok, conversation, max_new_tokens=8)
+    assert sent[-1] == prompt_ids(tok, [system, turns[4]])  # down to the last turn, the system message kept
+
+
 def test_quantize_command(files, tmp_path, capsys):
     assert main(["quantize", str(files / "model"), str(tmp_path / "q")]) == 0
     assert "nf4, blocksize 64, double quant True" in capsys.readouterr().out

@@ -128,7 +128,8 @@ def add_parser(subparsers) -> None:
                    "micro-batch (the same token slots as 4 padded pairs of up to 128)")
     d.set_defaults(func=run_demo)
 
-    g = subparsers.add_parser("generate", help="generate text with a model and optionally a PEFT adapter",
+    g = subparsers.add_parser("generate", help="answer a prompt, or hold a conversation (--chat), with a model and "
+                              "optionally a PEFT adapter",
                               description="Answer a prompt (formatted with the model's chat template) with the "
                               "reference model (or --backend gpu), 4-bit NF4 by default, with a PEFT adapter if given. "
                               "Every argument is checked before the model is loaded.")
@@ -144,6 +145,9 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, or none (float32 weights)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    g.add_argument("--chat", action="store_true", help="a conversation: each line of stdin is a user turn, answered "
+                   "with the whole conversation as context (its oldest turns left out when it outgrows the "
+                   "model's context); ends at the end of input")
     g.add_argument("--backend", default="ref", help="ref [default] or gpu (torch + bitsandbytes, CUDA if present)")
     g.set_defaults(func=run_generate)
 
@@ -341,14 +345,16 @@ def run_generate(args) -> int:
     from qlora_ref.adapters import load_adapter, read_adapter_lora_config
     from qlora_ref.backends import load_backend
     from qlora_ref.model.config import QuantConfig
-    from qlora_ref.model.generate import answer, check_generation
+    from qlora_ref.model.generate import answer, check_generation, reply
     from qlora_ref.model.loading import load_model
 
     # every argument checked before the model is loaded
     check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
     args.model = model_or_adapter_base(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
-    if not prompt.strip():
+    if args.chat and (args.prompt is not None or args.raw):
+        raise ValueError("--chat reads its turns from stdin, with the chat template: leave out --prompt and --raw")
+    prompt = None if args.chat else (args.prompt if args.prompt is not None else sys.stdin.read())
+    if prompt is not None and not prompt.strip():
         raise ValueError("--prompt is empty (or only whitespace): give the question to answer")
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
@@ -363,9 +369,23 @@ def run_generate(args) -> int:
     tok = model.tokenizer
     if tok is None:
         raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
-    print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, temperature=args.temperature,
-                 top_p=args.top_p, seed=args.seed))
-    return 0
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    if not args.chat:
+        print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, **sampling))
+        return 0
+    messages: list[dict] = []
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.strip()})
+        text = reply(model, tok, messages, args.max_new_tokens, **sampling)
+        messages.append({"role": "assistant", "content": text})
+        print(text, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- evaluate

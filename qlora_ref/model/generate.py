@@ -105,9 +105,26 @@ def answer(model, tokenizer, prompt: str, max_new_tokens: int = 40, *, raw: bool
     """The decoded answer of ``model`` (either backend's model, or a trainer: anything with ``generate``) to one
     question: the prompt formatted as training formats it (``qlora_ref.data.prompt_ids``; with ``raw`` only
     tokenized), greedy unless ``sampling`` (``temperature``, ``top_p``, ``seed``) says otherwise, stopped at EOS."""
+    if not raw:
+        return reply(model, tokenizer, [{"role": "user", "content": prompt}], max_new_tokens, **sampling)
+    ids = tokenizer.encode(prompt, add_special_tokens=True)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()
+
+
+def reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 40, **sampling) -> str:
+    """The decoded answer of ``model`` to a conversation (``{"role", "content"}`` messages ending with a user turn),
+    formatted as training formats it (``qlora generate --chat``). Where the conversation and ``max_new_tokens``
+    would not fit the model's context, its oldest exchanges (a user turn and its answer; a leading system message
+    stays) are left out of the prompt."""
     from ..data.pipeline import prompt_ids
 
-    ids = (tokenizer.encode(prompt, add_special_tokens=True) if raw
-           else prompt_ids(tokenizer, [{"role": "user", "content": prompt}]))
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    messages = list(messages)
+    ids = prompt_ids(tokenizer, messages)
+    first = 1 if messages[0].get("role") == "system" else 0
+    while context is not None and len(ids) + max_new_tokens > context and len(messages) - first > 2:
+        del messages[first:first + 2]
+        ids = prompt_ids(tokenizer, messages)
     out = model.generate(ids, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.decode(out[len(ids):], skip_special_tokens=True).strip()
