@@ -184,23 +184,30 @@ def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config
     return folder
 
 
-def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
-    """(in-memory-named weights, adapter config) from a PEFT adapter folder; clear errors for bad files."""
+def read_adapter_config(folder) -> dict:
+    """The checked ``adapter_config.json`` of a PEFT adapter folder, without reading its weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: adapter folder does not exist")
-    cfg_path, w_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    cfg_path = folder / ADAPTER_CONFIG
     if not cfg_path.is_file():
         hint = " (adapter_model.bin, PEFT's old pickle format, is not read: convert it to safetensors)" if (
             folder / "adapter_model.bin").exists() else ""
         raise ValueError(f"{folder}: no {ADAPTER_CONFIG}{hint}")
-    if not w_path.is_file():
-        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
     _check_adapter_config(cfg, str(cfg_path))
+    return cfg
+
+
+def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
+    """(in-memory-named weights, adapter config) from a PEFT adapter folder; clear errors for bad files."""
+    cfg = read_adapter_config(folder)
+    w_path = Path(folder) / ADAPTER_WEIGHTS
+    if not w_path.is_file():
+        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
     weights = from_peft_keys(load_safetensors(w_path), str(w_path))
     if not weights:
         raise ValueError(f"{w_path}: holds no LoRA weights")
@@ -252,7 +259,7 @@ def load_adapter(model, folder) -> dict:
 def adapter_base_model(folder) -> Path:
     """The base model the adapter in ``folder`` was saved from (``base_model_name_or_path`` of its
     ``adapter_config.json``), when that is a path on this machine; else a ValueError asking for ``--model``."""
-    _, cfg = read_adapter_files(folder)
+    cfg = read_adapter_config(folder)
     base = cfg.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise ValueError(f"{folder}: its adapter_config.json names the base model {base!r}, which is not a path on "

@@ -23,11 +23,11 @@ def add_parser(subparsers) -> None:
 
 def run_plot(args) -> int:
     from qlora_ref.paths import check_output_file
-    from qlora_ref.train.plot import plot_run, read_log
+    from qlora_ref.train.plot import plot_run
 
-    log = read_log(args.run_dir)  # the run first, then where the picture goes
+    if args.output is not None:  # the default goes in the run's folder, which plot_run checks
+        check_output_file(args.output, "--output")
     out = args.output if args.output is not None else args.run_dir / "training.png"
-    check_output_file(out, "--output")
-    plot_run(args.run_dir, out)
+    log = plot_run(args.run_dir, out)
     print(f"wrote {out}: {sum('loss' in e for e in log)} steps")
     return 0

@@ -12,7 +12,7 @@ import json
 import math
 from pathlib import Path
 
-from .config import TRAIN_CONFIG_FILE, adapter_recipe
+from .config import adapter_recipe
 
 #: what ``loop.train`` writes beside the adapter: one entry per optimizer step
 LOG_FILE = "log_history.json"
@@ -61,8 +61,8 @@ def held_out_before(run_dir) -> float | None:
     return math.log(ppl) if _finite(ppl) and ppl > 0 else None
 
 
-def plot_run(run_dir, path) -> Path:
-    """Write the run's curves to ``path`` (its suffix picks the format: .png, .svg, .pdf); returns ``path``."""
+def plot_run(run_dir, path) -> list[dict]:
+    """Write the run's curves to ``path`` (its suffix picks the format: .png, .svg, .pdf); returns the log drawn."""
     log = read_log(run_dir)
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -101,11 +101,11 @@ def plot_run(run_dir, path) -> Path:
         twin = bottom.twinx()
         twin.plot(*zip(*norm, strict=True), "-", color="tab:red", alpha=0.7)
         twin.set_ylabel("gradient norm (before clipping)", color="tab:red")
-    recipe = adapter_recipe(run_dir) if (Path(run_dir) / TRAIN_CONFIG_FILE).is_file() else None
+    recipe = adapter_recipe(run_dir)
     title = f"{Path(run_dir).name}: {len(train)} steps"
     if recipe is not None:
         title += (f"; {recipe.quant_type}, r={recipe.lora_r}, lr {recipe.learning_rate:g} ({recipe.lr_scheduler}), "
                   f"batch {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}")
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
-    return Path(path)
+    return log
