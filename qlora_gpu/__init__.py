@@ -2,13 +2,17 @@
 Everything that is not a tensor kernel (configs, checks, formats) comes from ``qlora_ref``; the configurations,
 adapter files and the training entry point are re-exported here, so that a user of this backend imports one
 package. ``tests/test_interface_parity.py`` holds the two packages' interfaces equal, up to the differences it
-lists."""
+lists.
+
+bitsandbytes is imported first (no ``qlora_ref`` module imports it), through ``bnb_import``: without the Hugging
+Face Hub kernel it would otherwise fetch while being imported (qlora downloads nothing at run time)."""
 
 from qlora_ref.adapters import load_adapter, save_adapter
 from qlora_ref.codebooks import dynamic_map, normal_float_codebook
 from qlora_ref.model.config import LoraConfig, ModelConfig, QuantConfig
 from qlora_ref.train.config import TrainConfig
 
+from . import bnb_import  # noqa: F401  (imports bitsandbytes: before any module that uses it)
 from .fast import GraphedStep, check_capturable
 from .lora import KERNELS, QLoRALinear, set_kernel
 from .model import QLoRAModel, merge_adapter

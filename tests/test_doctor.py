@@ -86,12 +86,13 @@ def test_without_torch_it_reports_and_succeeds(capsys, monkeypatch):
 
 
 def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
-    from qlora_gpu import hardware, patches, quantize
+    from qlora_gpu import bnb_import, hardware, patches, quantize
 
     report = json.loads(doctor(capsys, "--json"))["qlora_gpu"]
     assert report["cpu_dequantize"] == quantize.cpu_dequantize_status()
     assert report["bf16_gemm"] == hardware.bf16_gemm_status()
     assert report["dynamic_map"] == hardware.dynamic_map_status()
+    assert report["hub_kernel"] == bnb_import.hub_kernel_status()
     status = patches.status()
     assert {"rotary embedding", "RMSNorm", "causal SDPA"} <= status.keys()
     assert report["patches"] == status
@@ -109,6 +110,7 @@ def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
     assert "RMSNorm (probed on a tiny Llama): active" in text
     assert f"bf16 GEMM on CPU: {hardware.bf16_gemm_status()}" in text
     assert f"bitsandbytes' dynamic 8-bit map: {hardware.dynamic_map_status()}" in text
+    assert f"bitsandbytes' Hub CPU kernel: {bnb_import.hub_kernel_status()}" in text
 
 
 @pytest.mark.parametrize("flags", [None, "fpu avx2 avx512f"])

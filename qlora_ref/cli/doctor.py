@@ -132,7 +132,8 @@ def gpu_paths() -> dict:
     except (ValueError, ImportError) as e:
         return dict(error=str(e))
     return dict(cpu_dequantize=gpu.quantize.cpu_dequantize_status(), bf16_gemm=hardware.bf16_gemm_status(),
-                dynamic_map=hardware.dynamic_map_status(), patches=gpu.patches.probe())
+                dynamic_map=hardware.dynamic_map_status(), hub_kernel=gpu.bnb_import.hub_kernel_status(),
+                patches=gpu.patches.probe())
 
 
 def report(constraints: Path) -> dict:
@@ -170,6 +171,7 @@ def format_text(r: dict) -> str:
         lines += [f"  CPU dequantize, {k}: {v}" for k, v in g["cpu_dequantize"].items()]
         lines.append(f"  bf16 GEMM on CPU: {g['bf16_gemm']}")
         lines.append(f"  bitsandbytes' dynamic 8-bit map: {g['dynamic_map']}")
+        lines.append(f"  bitsandbytes' Hub CPU kernel: {g['hub_kernel']}")
         lines += [f"  {k} (probed on a tiny Llama): {v}" for k, v in g["patches"].items()]
     return "\n".join(lines)
 
