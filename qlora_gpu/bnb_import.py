@@ -47,7 +47,8 @@ def import_bitsandbytes():
             sys.modules.pop("kernels", None)
         else:
             sys.modules["kernels"] = saved
-    _STATUS["hub kernel"] = "not asked for: bitsandbytes imported by qlora_gpu with the kernels package hidden (no Hub request)"
+    _STATUS["hub kernel"] = ("not asked for: bitsandbytes imported by qlora_gpu with the kernels package hidden "
+                             "(no Hub request)")
     return bitsandbytes
 
 

@@ -9,6 +9,10 @@ Quantizing a tensor X to k bits with codebook Q:
     X_q = round_to_nearest_code(X / c)    the index of the nearest value of Q                 (eq. 1)
     X   ≈ Q[X_q] · c                      dequantization                                      (eq. 2)
 
+The paper writes eq. 1 for Int8 with the constant as a multiplier, c = 127 / absmax(X), X_Int8 = round(c · X),
+and eq. 2 divides, X = X_Int8 / c. Here, as in bitsandbytes and in section 3's memory arithmetic, the stored
+constant is the absmax itself, the codebook Q is normalised to [-1, 1], and dequantization multiplies.
+
 Blocks keep an outlier from ruining the precision of the whole tensor: it only widens its own block's range.
 The exact float32 arithmetic below follows bitsandbytes (0.50) so that both produce identical bytes.
 """

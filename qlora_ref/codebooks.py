@@ -4,13 +4,15 @@ A *codebook* is the list of values a k-bit code can stand for, normalised to [-1
 (scaled) value to the index of its nearest codebook entry; dequantization looks the value up again.
 
 - NF4, NormalFloat (section 3, "4-bit NormalFloat Quantization"): pretrained weights are roughly N(0, σ), and
-  after absmax scaling every block lives in [-1, 1]. The information-theoretically optimal codes for normal data
-  are its quantiles: each of the 2^k bins then holds the same share of the values. NF4 uses the quantiles of
-  N(0, 1), but asymmetrically so that zero is represented exactly: 2^(k-1) positive levels from the upper half
-  and 2^(k-1) - 1 negative levels from the lower half, plus 0.
+  after absmax scaling every block lives in [-1, 1]. Quantile quantization is information-theoretically optimal
+  for such data: with the codes at quantiles, each bin holds the same probability mass (an idealisation:
+  blockwise absmax scaling skews it, docs/quantization.md). NF4 uses the quantiles of N(0, 1), asymmetrically so
+  that zero is represented exactly: the paper's 2^(k-1) negative and 2^(k-1) + 1 positive quantiles, each set
+  with a zero, one zero removed — 2^(k-1) positive levels, 2^(k-1) - 1 negative ones and 0.
 - FP4 (E2M1 and E3M0) and Int4: the baselines of the paper's Table 2.
-- The dynamic 8-bit map (Dettmers 2015, "8-bit approximations"): a sign, a run of zeros giving a decimal
-  exponent, then a linear fraction. Double quantization stores the 4-bit absmax constants with it.
+- The dynamic 8-bit map (Dettmers 2016, "8-Bit Approximations for Parallelism in Deep Learning", ICLR; arXiv
+  1511.04561): a sign, a run of zeros giving a decimal exponent, then a linear fraction. bitsandbytes' double
+  quantization stores the 4-bit absmax constants with it, where the paper says "8-bit Floats" (FP8).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from functools import cache
 import numpy as np
 from scipy.stats import norm
 
-#: the paper's quantile offset δ for 4 bits: halfway between 1 - 1/(2·15) and 1 - 1/(2·16)
+#: bitsandbytes' quantile offset δ for 4 bits (``create_normal_map``; the paper gives no value): halfway between
+#: 1 - 1/(2·15) and 1 - 1/(2·16)
 NF4_OFFSET = 0.9677083
 
 #: bitsandbytes' E2M1 FP4 table, indexed by nibble (sign bit, 2 exponent bits, 1 mantissa bit), before
 #: normalisation. Nibble 8 is the sign bit with a zero magnitude: bitsandbytes' table holds +0.0 there too
 #: (its source writes the integer ``-0``), so both zeros dequantize to +0.0.
 _FP4_E2M1 = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0]
-#: bitsandbytes' symmetric Int4 table, indexed by nibble (7..0, 0..-7; two codes for zero)
+#: symmetric Int4, indexed by nibble (7..0, 0..-7; two codes for zero). bitsandbytes' 4-bit storage has no Int4
+#: (its ``create_linear_map(total_bits=4)`` is an 8-bit-map layout); this nibble order is the reference's own, and
+#: only the set of values matters for Table 2
 _INT4 = [7, 6, 5, 4, 3, 2, 1, 0, 0.0, -1, -2, -3, -4, -5, -6, -7]
 
 
@@ -60,7 +65,8 @@ def normal_float_offset(bits: int) -> float:
 
     N(0,1) has infinite quantiles at 0 and 1, so the outermost levels are taken at δ and 1 - δ: the average of
     the centres of the outermost bins of a 2^k - 1 and a 2^k grid, ½(1 - 1/(2(2^k - 1)) + 1 - 1/(2·2^k)).
-    For k = 4 this is 0.9677083, the constant bitsandbytes uses.
+    For k = 4 this is 0.9677083, the constant bitsandbytes uses; the formula for other k is this project's
+    extension (neither the paper nor bitsandbytes defines NF-k for k ≠ 4).
     """
     if bits == 4:
         return NF4_OFFSET
@@ -70,12 +76,15 @@ def normal_float_offset(bits: int) -> float:
 
 @cache
 def normal_float_codebook(bits: int = 4) -> np.ndarray:
-    """k-bit NormalFloat (NFk) codebook, k = 2..8, ascending float32 values in [-1, 1] (section 3, eq. 4).
+    """k-bit NormalFloat (NFk) codebook, k = 2..8, ascending float32 values in [-1, 1] (section 3).
 
-    q_i = ½ (Q_X(i / (2^k + 1)) + Q_X((i + 1) / (2^k + 1))) in the paper's notation is realised as in its code:
-    2^(k-1) quantiles of N(0, 1) on an even grid from δ down to ½ (the positive half) and 2^(k-1) - 1 for the
-    negative half, plus an exact 0 so that zero padding and zero weights quantize without error; then divided by
-    the largest value so the codebook spans [-1, 1].
+    The paper's eq. 4, q_i = ½ (Q_X(i / (2^k + 1)) + Q_X((i + 1) / (2^k + 1))), is the symmetric estimate, which
+    has no exact zero. What the paper then describes, and bitsandbytes' table holds, is computed here instead:
+    one quantile of N(0, 1) per level, no averaging, at evenly spaced probabilities from δ down to ½ —
+    2^(k-1) positive levels and 2^(k-1) - 1 negative ones (the paper's 2^(k-1) + 1 and 2^(k-1) quantiles, each
+    ending in Q_X(½) = 0), plus one exact 0 so that zero padding and zero weights quantize without error; then
+    divided by the largest value so the codebook spans [-1, 1]. For k = 4 these are bitsandbytes' NF4 values bit
+    for bit; k ≠ 4 is this project's extension.
     """
     if not isinstance(bits, int | np.integer) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
@@ -116,8 +125,8 @@ def codebook(name: str) -> np.ndarray:
 
 @cache
 def dynamic_map(signed: bool = True, fused: bool = True) -> np.ndarray:
-    """The dynamic 8-bit data type: 256 ascending float32 values in [-1, 1] (Dettmers 2015; QLoRA section 3,
-    "Double Quantization", quantizes the absmax constants with it).
+    """The dynamic 8-bit data type: 256 ascending float32 values in [-1, 1] (Dettmers 2016; bitsandbytes'
+    double quantization, QLoRA section 3, quantizes the absmax constants with it where the paper says FP8).
 
     For each decimal exponent e = -6 .. 0 the code has 2^(e+6) (signed) linear fraction steps in [0.1, 1]
     times 10^e: small magnitudes get few, coarse levels and magnitudes near 1 many fine ones — relative
@@ -139,7 +148,6 @@ def dynamic_map(signed: bool = True, fused: bool = True) -> np.ndarray:
             data.append(-scale * means)
     data.append(np.array([0.0, 1.0], dtype=np.float32))
     values = np.sort(np.concatenate(data).astype(np.float32))
-    if values.size < 256:  # unsigned map: pad with zeros like bitsandbytes
-        values = np.sort(np.concatenate([values, np.zeros(256 - values.size, dtype=np.float32)]))
+    assert values.size == 256  # signed: 2·(1 + 2 + … + 64) + 2; unsigned: (2 + 4 + … + 128) + 2
     values.setflags(write=False)
     return values

@@ -1,4 +1,5 @@
-"""The LoRA dropout keep-mask (section 4, "LoRA dropout"): M = (U >= p) with U uniform on [0, 1), P(keep) = 1 - p.
+"""The LoRA dropout keep-mask: M = (U >= p) with U uniform on [0, 1), P(keep) = 1 - p (the paper's LoRA dropout,
+Appendix A.1 and B.2: 0.1 up to 13B, 0.05 above).
 
 The definition draws U as NumPy's ``Generator.random(shape, dtype=float32)`` and compares. That call makes each
 float from one 32-bit word of the generator, ``U = (w >> 8) · 2⁻²⁴`` (numpy's ``next_float``), and PCG64 serves the

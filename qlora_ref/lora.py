@@ -1,13 +1,15 @@
-r"""The QLoRA linear layer (paper, section 3, eq. 5-6; Algorithm 1 of the seed walk-through).
+r"""The QLoRA linear layer (paper, section 2 eq. 3 and section 3 eq. 5-6; Algorithm 1 of the seed walk-through).
 
 A frozen base weight stored in 4 bits, dequantized on the fly, plus a trainable low-rank update::
 
     y = x · dequant(W)ᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ          s = alpha / r   (alpha / √r with rsLoRA)
 
-with PEFT's names and shapes: ``lora_A`` is (r, in), ``lora_B`` is (out, r), ``A`` Kaiming-uniform and ``B`` zero
-at the start, so the layer begins as exactly the frozen one. Only ``A`` and ``B`` are trained; the 4-bit weight
-and the bias never receive a gradient. Yet backpropagation still needs the weight: the gradient with respect to
-the layer's input flows through it, so the backward pass dequantizes ``W`` a second time.
+This is eq. 3, Y = XW + s X L1 L2, with the 4-bit weight of eq. 5-6 (which write X L1 L2, s absorbed into the adapters),
+in PEFT's names and shapes: the paper's W (in × out) is ``weight``ᵀ, L1 = ``lora_A``ᵀ (in × r), L2 = ``lora_B``ᵀ (r ×
+out); s = alpha / r is LoRA's (Hu et al. 2021) and PEFT's convention; the dropout and the bias are PEFT's additions.
+``A`` is Kaiming-uniform and ``B`` zero at the start, so the layer begins as exactly the frozen one. Only ``A`` and
+``B`` are trained; the 4-bit weight and the bias never receive a gradient. Yet backpropagation still needs the weight:
+the gradient with respect to the layer's input flows through it, so the backward pass dequantizes ``W`` a second time.
 
 Gradients (the derivation, written out in docs/lora_backprop.md). Flatten the leading dimensions so that x is
 (N, in); let G = ∂L/∂y (N, out), M the dropout keep-mask, x_d = x ⊙ M / (1-p) and H = x_d Aᵀ (N, r). Then
@@ -128,7 +130,7 @@ def check_dropout_mask(mask_shape, x_shape, active: bool) -> None:
 
 
 def lora_scaling(alpha: float, r: int | None, use_rslora: bool = False) -> float:
-    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajievic 2023; PEFT's ``use_rslora``); 0 for
+    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajdzievski 2023; PEFT's ``use_rslora``); 0 for
     no adapter (``r`` None or 0). The one definition: ``QLoRALinear.scaling`` and ``LoraConfig.scaling`` use it."""
     if not r:
         return 0.0
@@ -151,11 +153,11 @@ def init_lora_weights(in_features: int, out_features: int, r: int, seed: int = 0
 
 
 def dropout_scale(p: float) -> np.float32:
-    """The factor a kept element is multiplied by (inverted dropout, section 4's "LoRA dropout"): 1/(1-p) in
-    float32, whatever the compute dtype; the product x · M · 1/(1-p) is then rounded once. That is torch's fused
-    dropout on CUDA, where QLoRA runs, and peft's float32 adapters on any device; torch's CPU dropout of a bfloat16
-    tensor instead multiplies by bf16(1/(1-p)) (1.109375 for p = 0.1, 0.16 % short), which the reference does not
-    copy (docs/lora_backprop.md, known divergences)."""
+    """The factor a kept element is multiplied by (inverted dropout on the adapter input; the paper's LoRA dropout,
+    Appendix A.1 and B.2): 1/(1-p) in float32, whatever the compute dtype; the product x · M · 1/(1-p) is then rounded
+    once. That is torch's fused dropout on CUDA, where QLoRA runs, and peft's float32 adapters on any device; torch's
+    CPU dropout of a bfloat16 tensor instead multiplies by bf16(1/(1-p)) (1.109375 for p = 0.1, 0.16 % short), which the
+    reference does not copy (docs/lora_backprop.md, known divergences)."""
     return np.float32(np.float32(1.0) / np.float32(1.0 - p))
 
 

@@ -47,11 +47,17 @@ class Quantized4bit:
     """A 4-bit quantized tensor in bitsandbytes' layout (``bitsandbytes.functional.QuantState`` plus the data).
 
     - ``packed``: uint8, shape ((n + 1) // 2, 1); element 2i in the high nibble of byte i, 2i+1 in the low one
-    - ``absmax``: one float32 constant per block — or, double-quantized, one uint8 code per block
+    - ``absmax``: one float32 constant per block — or, double-quantized, one uint8 code per block (bitsandbytes'
+      name for it; the same codes as ``state2.codes``)
     - ``code``: the 16 values of the data type (``quant_map``)
     - ``offset`` and ``state2``: with double quantization, the mean subtracted from the absmax and the
       ``Quantized8bit`` state of (absmax - offset); None otherwise
     - ``shape``, ``dtype`` (name of the original float type), ``blocksize``, ``quant_type``
+
+    In the paper's symbols (section 3, eq. 5-6): W^NF4 is ``packed``; c2^FP32, the first-level constants, are
+    ``absmax`` without double quantization; with it, c2^FP8 (the paper's c2^k-bit) is ``absmax`` (uint8), c1^FP32,
+    the second-level constants (one per 256), is ``state2.absmax``, and ``offset`` is the mean that the paper's
+    prose subtracts and eq. 6 leaves out.
     """
 
     packed: np.ndarray
@@ -73,7 +79,8 @@ class Quantized4bit:
         return int(np.prod(self.shape, dtype=np.int64))
 
     def absmax_float32(self) -> np.ndarray:
-        """The float32 per-block constants, double quantization undone: c2 · dyn8[q] + mean (section 3)."""
+        """The float32 per-block constants c2^FP32, double quantization undone: dyn8[c2 code] · c1 + mean (the
+        inner dequant of eq. 6, plus the mean that eq. 6 leaves out)."""
         if self.state2 is None:
             return self.absmax
         s2 = self.state2  # the 8-bit codes of (absmax - mean), one per block: eq. 2 with the dynamic map

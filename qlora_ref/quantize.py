@@ -41,7 +41,8 @@ def _as_float32_input(x, name: str = "x") -> tuple[np.ndarray, str]:
 
 
 def quantize_blockwise_8bit(x: np.ndarray, blocksize: int = 256) -> Quantized8bit:
-    """Blockwise absmax quantization with the signed dynamic 8-bit map (section 2, eq. 1; Dettmers 2015).
+    """Blockwise absmax quantization with the signed dynamic 8-bit map (section 2, eq. 1, with the nearest code of
+    the map in place of rounding to an integer; Dettmers 2016).
 
     Each value goes to the exactly nearest code (bitsandbytes' CPU kernel uses a lookup table that is off by a
     few steps for ~0.1 % of values: see docs/quantization.md).
@@ -60,11 +61,12 @@ def dequantize_blockwise_8bit(q: Quantized8bit) -> np.ndarray:
 
 
 def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, float, Quantized8bit]:
-    """Quantize the first-level constants c2 (section 3, "Double Quantization").
+    """Quantize the first-level constants c2^FP32 (section 3, "Double Quantization").
 
     The absmax values are all positive, so they are centred by their mean before the signed 8-bit map is applied.
     The mean is the exact mean rounded once to float32 (bitsandbytes uses torch's float32 summation order).
-    Returns (uint8 code per block, the offset, the 8-bit state with the second-level float32 constants).
+    Returns (the uint8 codes c2^FP8 (the paper's name; bitsandbytes uses the dynamic map, not an FP8 format),
+    the offset, the 8-bit state holding those codes and the second-level float32 constants c1).
     """
     offset = np.float32(absmax.astype(np.float64).mean())
     state2 = quantize_blockwise_8bit(absmax - offset, DOUBLE_QUANT_BLOCKSIZE)
@@ -74,7 +76,8 @@ def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, float, Quantized8bi
 def quantize_4bit(
     x: np.ndarray, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True, *, kernel: str = "numba"
 ) -> Quantized4bit:
-    """Quantize ``x`` (any shape; float32, float16 or bfloat16) to 4 bits blockwise (section 3, eq. 1 with NF4).
+    """Quantize ``x`` (any shape; float32, float16 or bfloat16) to 4 bits blockwise (eq. 1 of section 2 with the
+    NF4 codebook of section 3).
 
     ``quant_type``: "nf4" (QLoRA's), "fp4" (bitsandbytes' E2M1), or for comparisons "int4" / "fp4_e3m0".
     ``double_quant``: quantize the absmax constants too (section 3). ``kernel``: "numba" (fast, the default) or
@@ -88,7 +91,7 @@ def quantize_4bit(
         packed, absmax = kernels.quantize_4bit_codes(flat, code, blocksize)
     elif kernel == "numpy":
         codes, absmax = blockwise.quantize_codes(flat, code, blocksize)
-        pad_code = blockwise.nearest_code(np.zeros(1, np.float32), code)[0]
+        pad_code = blockwise.nearest_code(np.zeros(1, np.float32), code)[0]  # bitsandbytes pads with 0's code
         packed = blockwise.pack_nibbles(codes, pad_code)
     else:
         raise ValueError(f"kernel must be 'numba' or 'numpy', got {kernel!r}")

@@ -224,8 +224,8 @@ def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
 class QuantConfig:
     """How the frozen weights of the linear layers are stored and computed (the paper's QLoRA recipe by default).
 
-    quant_type: "nf4" (NormalFloat, the paper's data type), "fp4" or "int4"; blocksize: weights per absmax
-    constant (64 in the paper); double_quant: quantize the absmax constants again (8-bit, blocks of 256);
+    quant_type: "nf4" (NormalFloat, the paper's data type), "fp4", "int4" or "fp4_e3m0" (Table 2's); blocksize: weights
+    per absmax constant (64 in the paper); double_quant: quantize the absmax constants again (8-bit, blocks of 256);
     compute_dtype: "bfloat16" (the paper) or "float32".
     """
 
@@ -248,7 +248,8 @@ class QuantConfig:
 class LoraConfig:
     """LoRA adapters, with PEFT's meaning: r (rank; 0 = no adapters), alpha (scaling alpha / r, or alpha / √r with
     ``use_rslora``), dropout on the adapter input, and the linear layers that carry adapters (default: all seven,
-    as the paper does)."""
+    as the paper does). Dropout defaults to 0 here, for a model built to be run; ``TrainConfig`` (the training
+    recipe) sets the paper's 0.1."""
 
     r: int = 64
     alpha: float = 16.0

@@ -19,6 +19,7 @@ def adapter_args(name: str, lora: LoraConfig | None) -> dict:
 def lora_seed(lora: LoraConfig | None, layer: int, name: str) -> int:
     """The seed of the adapter of projection ``name`` in block ``layer``: distinct for every linear, so that both
     backends (and every way of building a model) initialise the same adapters."""
+    # 1_000_003 is a prime above any layer·7 + index of a real model: (seed, layer, module) never collide
     return (lora.seed if lora else 0) * 1_000_003 + layer * len(LINEAR_MODULES) + LINEAR_MODULES.index(name)
 
 

@@ -38,7 +38,8 @@ import numpy as np
 from .adamw import AdamW
 from .base import Optimizer, StateSpec
 
-#: CUDA unified memory migrates in 4 KiB pages and prefers 2 MiB chunks when it can: the default page size
+#: CUDA unified memory migrates small pages on demand (4 KiB host pages, 64 KiB on the GPU side) grouped into
+#: chunks of up to 2 MiB when it can: the default page size
 DEFAULT_PAGE_BYTES = 2 * 1024 * 1024
 
 

@@ -1,5 +1,5 @@
-"""The QLoRA fine-tuning loop (Algorithm 2 of the paper walk-through; FA4T's DTraining with a frozen 4-bit base),
-written once for both backends.
+"""The QLoRA fine-tuning loop (Algorithm 2 of the seed walk-through, shared/seeds/001; the paper has no algorithms;
+FA4T's DTraining with a frozen 4-bit base), written once for both backends.
 
     freeze(W_NF4); opt <- PagedAdamW(Theta_LoRA, lr)
     for each optimizer step:
@@ -7,7 +7,7 @@ written once for both backends.
             L <- cross entropy of the responses (summed, divided by the step's number of response tokens)
             g_Theta += dL / dTheta_LoRA        (backpropagated through dequant(W_NF4) in bf16)
         clip g_Theta to global norm max_grad_norm (0.3)
-        opt.step(g_Theta) with the lr of the constant-with-warmup schedule; g_Theta <- 0
+        opt.step(g_Theta) with the lr of the configured schedule (the recipe's "constant": no warmup); g_Theta <- 0
 
 What a backend provides (``StepBackend``): a forward+backward of one micro-batch that accumulates the LoRA
 gradients, the clipped optimizer step, a held-out loss, and its state as NumPy arrays (adapters, optimizer,
