@@ -93,7 +93,9 @@ class Quantized4bit:
 
     def bits_per_parameter(self) -> float:
         """Storage cost per weight: 4 bits plus the constants (0.5 bits plain, ~0.127 with double quantization
-        at blocksize 64: the arithmetic of section 3)."""
+        at blocksize 64: the arithmetic of section 3), the mean included; the per-tensor maps (``code``, the 8-bit
+        map) are not counted, as in ``memory.quant_constant_bits_per_param``; ``memory``'s ``MemoryBreakdown``
+        counts them too."""
         n = lambda a: int(np.prod(a.shape))  # noqa: E731  (shape, not .size: the torch subclass holds tensors)
         total_bits = 8 * n(self.packed) + 32 * (self.state2 is None) * n(self.absmax)
         if self.state2 is not None:
