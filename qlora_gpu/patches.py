@@ -2,7 +2,7 @@
 
 qlora_gpu runs transformers' own decoder with three of its pieces swapped for cheaper equivalents (fewer kernel
 launches, the same bits; docs/benchmarks.md): the rotary embedding (``qlora_gpu.rope``), the RMSNorm
-(``qlora_gpu.model.rms_norm``) and, for CUDA-graph capture, SDPA attention under a name that builds no mask.
+(``qlora_gpu.rms_norm.rms_norm``) and, for CUDA-graph capture, SDPA attention under a name that builds no mask.
 Each of them rests on transformers' code being the code it was written against, and transformers changes weekly.
 So each install first verifies its target — the signature, and the values on a tiny input against our
 replacement — and otherwise leaves transformers' own function in place and warns once (``PatchFallbackWarning``):

@@ -17,7 +17,7 @@ What the model then is — the paper's training setup (section 4, Appendix B):
   away at LLaMA's widths and training lags by steps (docs/training.md);
 - RMSNorm weights in float32, computed in float32 and rounded to the compute dtype for the next matrix products
   (the stability trick of ``peft.prepare_model_for_kbit_training``), through torch's fused RMSNorm operator
-  (``qlora_gpu.model.rms_norm``);
+  (``qlora_gpu.rms_norm.rms_norm``);
 - non-reentrant gradient checkpointing per decoder layer, dropout masks replayed (``qlora_gpu.model``).
 """
 
@@ -281,7 +281,7 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
 
 
 def _set_norm(norm: nn.Module, weight: torch.Tensor) -> None:
-    """A float32 norm weight; ``QLoRAModel.assemble`` routes the norm through ``qlora_gpu.model.rms_norm``, which
+    """A float32 norm weight; ``QLoRAModel.assemble`` routes the norm through ``qlora_gpu.rms_norm.rms_norm``, which
     casts its float32 product back to the residual stream's dtype."""
     norm.weight = nn.Parameter(weight, requires_grad=False)
 

@@ -18,6 +18,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -591,3 +592,14 @@ def test_one_byte_format():
     assert memory_cli.format_bytes is memory.format_bytes is progress.format_bytes
     assert [memory.format_bytes(n) for n in (5_048_000_000, 5_048_000, 12_345, None)] == [
         "5.05 GB", "5.0 MB", "0.0 MB", "?"]
+
+
+def test_the_docs_show_what_the_command_prints(capsys):
+    """docs/memory.md's console block is the command's output, line for line: a change to the calculator or its
+    printing fails here until the page shows it."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "memory.md").read_text()
+    block = page.split("```console\n", 1)[1].split("```", 1)[0].splitlines()
+    command, shown = block[0], block[1:]
+    assert command.startswith("$ qlora ")
+    assert main(command.removeprefix("$ qlora ").split()) == 0
+    assert capsys.readouterr().out.splitlines() == shown
