@@ -263,8 +263,8 @@ def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
 
 def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
     """The shape named by ``model``: ``llama-7b``/``13b``/``33b``/``65b`` (the ``llama-`` may be left out),
-    ``llama-2-70b``, ``llama-3.1-8b``/``llama-3.1-70b``, a Hugging Face ``config.json`` file, or a folder that
-    holds one."""
+    ``llama-2-70b``, ``llama-3.1-8b``/``llama-3.1-70b``, a Hugging Face ``config.json`` file, a folder that
+    holds one, or a ``.gguf`` file (its metadata)."""
     if isinstance(model, ModelShape):
         return model
     if not isinstance(model, (str, Path)) or not str(model):
@@ -277,12 +277,22 @@ def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
     if f"llama-{key}" in MODEL_SHAPES:
         return MODEL_SHAPES[f"llama-{key}"]
     path = Path(model)
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        import dataclasses
+
+        from .model.config import ModelConfig
+        from .model.loading import read_gguf
+
+        meta, tensors = read_gguf(path)
+        config = dataclasses.asdict(ModelConfig.from_gguf_metadata(meta, str(path)))
+        config["tie_word_embeddings"] = "lm_head.weight" not in tensors  # no output tensor: the embedding's
+        return shape_from_hf_config(config, name=path.stem)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ValueError(
             f"model must be one of {', '.join([*MODEL_SHAPES, *LLAMA3_CONFIGS])} or a path to a Hugging Face "
-            f"config.json (file or folder), got {str(model)!r}"
+            f"config.json (file or folder) or a .gguf file, got {str(model)!r}"
             + (f" ({path} does not exist)" if path != Path(model) else "")
         )
     try:

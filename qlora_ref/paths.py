@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -40,6 +41,25 @@ def check_writable_dir(path, what: str = "output folder") -> Path:
         raise ValueError(f"{what} {path}: cannot create the folder ({e.strerror or e})") from None
     _check_can_write_in(path, what, path)
     return path
+
+
+@contextlib.contextmanager
+def new_run_dir(path, what: str = "output folder"):
+    """``check_writable_dir`` for a run, undone if the run fails: the folders it created (``path`` and any missing
+    parents) are removed again while still empty, so a refused model or data file leaves no empty folder behind.
+    A folder that existed before, or holds anything, is kept."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not os.path.lexists(p)]  # deepest first
+    check_writable_dir(path, what)
+    try:
+        yield path
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (the run wrote something), or gone: keep the rest too
+                break
+        raise
 
 
 def check_output_file(path, what: str = "output file") -> Path:

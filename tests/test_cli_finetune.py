@@ -29,9 +29,16 @@ def test_finetune_writes_a_peft_adapter_and_resumes(files, tmp_path, capsys):
     assert main([*args, "--max-steps", "3"]) == 0
     text = capsys.readouterr().out
     assert "trained to step 3 (3 steps in this run)" in text and "held-out loss" in text
-    assert f"qlora evaluate --adapter {out} --data {files / 'eval.jsonl'} |" in text  # what to run next
+    # what to run next, one command a line (joined by "|" they would pipe into each other when pasted)
+    assert f"\n  qlora evaluate --adapter {out} --data {files / 'eval.jsonl'}\n" in text
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 16
+    assert cfg["base_model_name_or_path"] == str((files / "model").resolve())  # found from any folder
+    # nothing of --data was held out: recorded so, and the held-out split of --data is refused, not made up
+    assert json.loads((out / "train_config.json").read_text())["eval_fraction"] == 0.0
+    assert main(["evaluate", "--adapter", str(out), "--data", str(files / "train.jsonl"), "--split",
+                 "held-out"]) == 2
+    assert "training held nothing out" in capsys.readouterr().err
     assert (out / "adapter_model.safetensors").is_file() and (out / "checkpoint-3").is_dir()
     assert json.loads((out / "train_config.json").read_text())["max_steps"] == 3
     # the same command with more steps continues from checkpoint-3
@@ -265,12 +272,17 @@ def test_quantize_command(files, tmp_path, capsys):
     assert "not a Hugging Face model folder" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--lora-r", "-2"], "lora_r must be a non-negative integer"),
-    (["--lr", "0"], "learning_rate must be a positive number"),
-    (["--optimizer", "sgd"], "optimizer must be one of"),
-    (["--target-modules", "q_proj,lm_head"], "target_modules must be among"),
-    (["--max-grad-norm", "-1"], "max_grad_norm must be >= 0"),
+@pytest.mark.parametrize("extra,message", [  # each error names the option, not TrainConfig's field
+    (["--lora-r", "-2"], "--lora-r must be a positive integer"),
+    (["--lora-r", "0"], "--lora-r must be a positive integer"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--optimizer", "sgd"], "--optimizer must be one of"),
+    (["--target-modules", "q_proj,lm_head"], "--target-modules must be among"),
+    (["--max-grad-norm", "-1"], "--max-grad-norm must be >= 0"),
+    (["--schedule", "cosin"], "--schedule must be one of"),
+    (["--grad-accum", "0"], "--grad-accum must be a positive integer"),
+    (["--pack-length", "64"], "--pack-length=64 needs --packing"),
+    (["--max-steps", "0"], "--max-steps must be a positive integer"),
 ])
 def test_bad_options_give_clear_errors(files, tmp_path, capsys, extra, message):
     rc = main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
@@ -327,3 +339,33 @@ def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
     assert main(["evaluate", "--adapter", str(tmp_path), "--data", "chatterbot:english", "--split", "held-out",
                  "--json", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["eval_perplexity"] == summary["perplexity_after"]
+
+
+def test_resuming_on_another_base_model_is_refused(files, tmp_path, capsys):
+    """The adapters of a checkpoint were trained against its base model's weights: the same folder and command with
+    another --model stop before any step, naming both models."""
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(files / "model", other)  # the same weights and tokenizer: only the check can tell them apart
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(files / "train.jsonl"), "--output-dir", str(out), *FAST, "--max-steps", "2"]
+    assert main([*args, "--model", str(files / "model")]) == 0
+    capsys.readouterr()
+    assert main([*args[:-1], "3", "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume, the checkpoint was trained on the base model" in err and str(other.resolve()) in err
+    assert not (out / "checkpoint-3").exists()
+    assert main([*args[:-1], "3", "--model", str(files / "model")]) == 0  # the same model resumes
+
+
+def test_a_refused_run_leaves_no_empty_folder(files, tmp_path, capsys):
+    out = tmp_path / "new" / "run"
+    assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(files / "train.jsonl"),
+                 "--output-dir", str(out)]) == 2
+    assert "no-such-model" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()  # both folders it made are gone again
+    (tmp_path / "kept").mkdir()
+    assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(files / "train.jsonl"),
+                 "--output-dir", str(tmp_path / "kept")]) == 2
+    assert (tmp_path / "kept").is_dir()  # a folder that was there before stays

@@ -49,7 +49,15 @@ def test_a_version_other_than_the_locked_one_is_flagged(capsys, tmp_path):
     assert report["scipy"]["state"] == "locked"  # names compare as PEP 503 names
     assert report["peft"]["state"] == report["qlora"]["state"] == "not in constraints.txt"
     assert package_line(doctor(capsys, "--constraints", str(lock)), "numpy").endswith("differs from the tested 0.0.1")
-    text = doctor(capsys, "--constraints", str(tmp_path / "absent.txt"))
+    assert main(["doctor", "--constraints", str(tmp_path / "absent.txt")]) == 2  # a file asked for must be there
+    assert "absent.txt: no such file" in capsys.readouterr().err
+
+
+def test_without_a_lock_beside_the_package_versions_are_not_compared(capsys, tmp_path, monkeypatch):
+    from qlora_ref.cli import doctor as doctor_module
+
+    monkeypatch.setattr(doctor_module, "ROOT", tmp_path)  # an install from a wheel: no constraints.txt
+    text = doctor(capsys)
     assert "constraints: none found" in text
     assert package_line(text, "numpy").endswith("no constraints.txt to compare with")
 

@@ -603,3 +603,14 @@ def test_the_docs_show_what_the_command_prints(capsys):
     assert command.startswith("$ qlora ")
     assert main(command.removeprefix("$ qlora ").split()) == 0
     assert capsys.readouterr().out.splitlines() == shown
+
+
+def test_output_cut_short_by_the_reader_is_no_traceback():
+    """``qlora memory --json | head -0``: the reader closes the pipe before the command writes; the command stops
+    without a BrokenPipeError traceback."""
+    qlora = subprocess.Popen([sys.executable, "-m", "qlora_ref.cli", "memory", "--model", "65b", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    qlora.stdout.close()  # the reader goes away before the command has printed anything
+    stderr = qlora.stderr.read().decode()
+    qlora.wait(timeout=60)
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -432,3 +433,19 @@ def test_config_validation():
         ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "gelu"}, "x/config.json")
     with pytest.raises(ConfigError, match=r"x/config\.json: missing keys \['vocab_size'"):
         ModelConfig.from_hf_dict({"model_type": "llama"}, "x/config.json")
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])  # an untied and a tied head
+def test_memory_calculator_reads_a_gguf_as_its_config(name, tmp_path):
+    """``qlora memory --model file.gguf``: the shape from the GGUF's metadata (and its tensors: no output.weight
+    means a tied head) is the shape of the same model's config.json, parameter count included."""
+    from qlora_ref.memory import load_model_shape
+
+    hf = small_hf_model(name)
+    gguf_shape = load_model_shape(write_gguf(hf, tmp_path / "tiny.gguf", arch=hf.config.model_type,
+                                             with_tokenizer=False))
+    hf.config.save_pretrained(tmp_path / "folder")
+    json_shape = load_model_shape(tmp_path / "folder")
+    assert dataclasses.replace(gguf_shape, name="x") == dataclasses.replace(json_shape, name="x")
+    assert gguf_shape.tie_word_embeddings == hf.config.tie_word_embeddings
+    assert gguf_shape.n_params == sum(p.numel() for n, p in hf.named_parameters() if not n.endswith("bias"))

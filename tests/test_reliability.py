@@ -356,14 +356,14 @@ def _no_generate_model_load(monkeypatch):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--max-new-tokens", "-5"], "max_new_tokens must be a positive integer, got -5"),
-    (["--max-new-tokens", "0"], "max_new_tokens must be a positive integer, got 0"),
-    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
-    (["--temperature", "nan"], "temperature must be a finite number >= 0"),
-    (["--temperature", "inf"], "temperature must be a finite number >= 0"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "2"], "top_p must be in (0, 1]"),
-    (["--top-p", "nan"], "top_p must be in (0, 1]"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer, got -5"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be a positive integer, got 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "2"], "--top-p must be in (0, 1]"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
     (["--prompt", ""], "--prompt is empty"),
     (["--prompt", "  \n"], "--prompt is empty"),
 ])
@@ -373,6 +373,15 @@ def test_generate_arguments_are_checked_before_loading(files, capsys, monkeypatc
     args = ["generate", "--model", str(files["model"]), "--prompt", "hi", "--backend", backend]
     assert main([*args, *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_generate_without_a_question_on_stdin_says_so(files, capsys, monkeypatch):
+    import io
+
+    _no_generate_model_load(monkeypatch)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["generate", "--model", str(files["model"])]) == 2
+    assert "no question on stdin: give --prompt" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

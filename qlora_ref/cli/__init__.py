@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
@@ -37,4 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``qlora memory --json | head``): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 1
 

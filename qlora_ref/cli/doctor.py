@@ -36,8 +36,8 @@ def add_parser(subparsers) -> None:
                               "the locked set (constraints.txt), CPU features, CUDA devices and which paths "
                               "qlora_gpu takes on this machine.")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--constraints", type=Path, default=ROOT / "constraints.txt",
-                   help="the lock file to compare against [default: constraints.txt beside the package]")
+    p.add_argument("--constraints", type=Path, default=None,
+                   help="the lock file to compare against [default: constraints.txt beside the package, if any]")
     p.set_defaults(func=run)
 
 
@@ -69,7 +69,8 @@ def packages(locked: dict[str, str] | None) -> dict[str, dict]:
         elif locked is None:
             state = "no constraints.txt to compare with"
         elif pin is None:
-            state = "not in constraints.txt"
+            state = ("not in constraints.txt (the install command pins it: README)" if name == "torch"
+                     else "not in constraints.txt")
         else:
             state = "locked" if version == pin else f"differs from the tested {pin}"
         out[name] = dict(version=version, locked=pin, state=state)
@@ -177,6 +178,8 @@ def format_text(r: dict) -> str:
 
 
 def run(args) -> int:
-    r = report(args.constraints)
+    if args.constraints is not None and not args.constraints.is_file():
+        raise ValueError(f"--constraints {args.constraints}: no such file")
+    r = report(args.constraints if args.constraints is not None else ROOT / "constraints.txt")
     print(json.dumps(r, indent=2) if args.json else format_text(r))
     return 0

@@ -43,7 +43,7 @@ TRAIN_OPTIONS = {
     "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
     "save_every": ("--save-every", int, "steps between checkpoints (0: only at the end)"),
     "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, none"),
-    "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper), float16 or float32"),
+    "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper) or float32"),
     "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
     "pack_length": ("--pack-length", int, "with --packing: tokens per packed row, at least --max-length (None: "
                                           "--max-length); a longer row wastes less of its end"),
@@ -72,6 +72,31 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
+#: TrainConfig fields set by options outside TRAIN_OPTIONS, and the option that sets each
+OTHER_OPTION_FIELDS = {"max_steps": "--max-steps", "output_dir": "--output-dir", "target_modules": "--target-modules",
+                       "double_quant": "--no-double-quant", "gradient_checkpointing": "--no-gradient-checkpointing",
+                       "train_on_inputs": "--train-on-inputs", "packing": "--packing",
+                       "activation_offload": "--activation-offload"}
+
+
+def option_of(field: str) -> str:
+    """The command-line option that sets TrainConfig's ``field``."""
+    return TRAIN_OPTIONS[field][0] if field in TRAIN_OPTIONS else OTHER_OPTION_FIELDS.get(field, field)
+
+
+def named_by_option(error: ValueError, fields) -> ValueError:
+    """``error`` (a TrainConfig check, which names its fields) with its fields named by their options instead:
+    ``--schedule`` rather than ``lr_scheduler``. A field in ``fields`` (those the user set) is renamed wherever it
+    stands; any other only where it is written as a setting (``packing=True``, ``max_length=512``)."""
+    import re
+
+    message = str(error)
+    for field in sorted({*TRAIN_OPTIONS, *OTHER_OPTION_FIELDS}, key=len, reverse=True):
+        setting = "" if field in fields else "(?==)"
+        message = re.sub(rf"(?<![-\w]){field}{setting}(=True\b)?", option_of(field), message)
+    return ValueError(message)
+
+
 def _config_from_args(args, base=None):
     from qlora_ref.train.config import TrainConfig
 
@@ -84,7 +109,13 @@ def _config_from_args(args, base=None):
     for f in ("max_steps", "output_dir"):
         if getattr(args, f, None) is not None:
             changes[f] = str(getattr(args, f)) if f == "output_dir" else getattr(args, f)
-    return config.replace(**changes)
+    try:
+        if isinstance(changes.get("lora_r"), int) and changes["lora_r"] < 1:  # 0 is "no adapters": nothing to train
+            raise ValueError(f"lora_r must be a positive integer, got {changes['lora_r']}")
+        config = config.replace(**changes)
+    except ValueError as e:
+        raise named_by_option(e, changes) from None
+    return config
 
 
 def add_parser(subparsers) -> None:
@@ -96,7 +127,7 @@ def add_parser(subparsers) -> None:
                               description="Fine-tune a frozen 4-bit model through LoRA adapters (QLoRA). Writes a "
                               "PEFT adapter (adapter_config.json + adapter_model.safetensors) and checkpoints into "
                               "--output-dir; run the same command again to resume from the newest checkpoint.")
-    p.add_argument("--backend", default="ref", help="ref (NumPy reference) or gpu (torch + bitsandbytes)")
+    p.add_argument("--backend", default="ref", help="ref [default] (NumPy reference) or gpu (torch + bitsandbytes)")
     p.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
                    "input/output, messages, conversations or a '### Human:' text), a chatterbot .yml file, a folder "
@@ -213,8 +244,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--quant-type", default="nf4", help="nf4 [default] or fp4")
     q.add_argument("--blocksize", type=int, default=64, help="weights per quantization constant, a power of two "
                    "from 32 to 4096 [default: 64]")
-    q.add_argument("--no-double-quant", dest="double_quant", action="store_false")
-    q.add_argument("--compute-dtype", default="bfloat16")
+    q.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="do not quantize the quantization constants")
+    q.add_argument("--compute-dtype", default="bfloat16", help="the dtype transformers computes in, written to the "
+                   "folder's quantization_config: bfloat16 [default] or float32")
     q.set_defaults(func=run_quantize)
 
 
@@ -242,18 +275,19 @@ def model_or_adapter_base(args):
 
 # ---------------------------------------------------------------------------------------------- finetune
 def run_finetune(args) -> int:
-    from qlora_ref.paths import check_writable_dir
+    from qlora_ref.paths import check_writable_dir, new_run_dir
     from qlora_ref.train.api import finetune
     from qlora_ref.train.launch import launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
-    check_writable_dir(args.output_dir, "--output-dir")
     if args.nproc is not None:
+        check_writable_dir(args.output_dir, "--output-dir")
         return launch_processes(args)
     t0 = time.perf_counter()
-    run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
-                   output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
-                   cpu_offload=args.cpu_offload)
+    with new_run_dir(args.output_dir, "--output-dir"):
+        run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
+                       output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
+                       cpu_offload=args.cpu_offload)
     if process_rank() != 0:  # one report, from rank 0
         return 0
     r = run.result
@@ -268,8 +302,8 @@ def run_finetune(args) -> int:
     out = args.output_dir
     print(f"adapter: {out}/adapter_config.json + adapter_model.safetensors (PEFT format)")
     held_out = f"--data {args.eval_data}" if args.eval_data else f"--data {args.data} --split held-out"
-    print(f"next: qlora plot {out} | qlora evaluate --adapter {out} {held_out} | qlora merge --adapter {out} "
-          f"--output-dir {out}-merged")
+    print(f"next:\n  qlora plot {out}\n  qlora evaluate --adapter {out} {held_out}\n"
+          f"  qlora merge --adapter {out} --output-dir {out}-merged")
     return 0
 
 
@@ -290,17 +324,28 @@ def launch_processes(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- demo
 def run_demo(args) -> int:
-    from qlora_ref.data import DataReport, build_dataset, load_examples
+    from qlora_ref.backends import available_backends
     from qlora_ref.demo import demo_config, demo_model
+    from qlora_ref.paths import new_run_dir
+
+    try:
+        config = demo_config(args.max_steps, args.output_dir, packing=bool(getattr(args, "packing", False)))
+    except ValueError as e:
+        raise named_by_option(e, {"max_steps", "output_dir"}) from None
+    backends = sorted({"ref", *available_backends()})
+    if args.backend not in backends:
+        raise ValueError(f"--backend must be one of {', '.join(backends)}, got {args.backend!r}")
+    with new_run_dir(args.output_dir, "--output-dir"):
+        return _run_demo(args, config, demo_model())
+
+
+def _run_demo(args, config, model_path) -> int:
+    from qlora_ref.data import DataReport, build_dataset, load_examples
     from qlora_ref.files import atomic_write_json
     from qlora_ref.model.generate import answer
-    from qlora_ref.paths import check_writable_dir
     from qlora_ref.train.api import make_trainer, split_examples
     from qlora_ref.train.loop import evaluate, train
 
-    check_writable_dir(args.output_dir, "--output-dir")
-    model_path = demo_model()
-    config = demo_config(args.max_steps, args.output_dir, packing=bool(getattr(args, "packing", False)))
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
     t0 = time.perf_counter()
     trainer, tokenizer = make_trainer(model_path, config, args.backend)
@@ -349,13 +394,22 @@ def run_generate(args) -> int:
     from qlora_ref.model.loading import load_model
 
     # every argument checked before the model is loaded
-    check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
+    try:
+        check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
+    except ValueError as e:  # the library names its arguments: name the options
+        message = str(e)
+        for name in ("max_new_tokens", "temperature", "top_p"):
+            message = message.replace(name, "--" + name.replace("_", "-"))
+        raise ValueError(message) from None
     args.model = model_or_adapter_base(args)
     if args.chat and (args.prompt is not None or args.raw):
         raise ValueError("--chat reads its turns from stdin, with the chat template: leave out --prompt and --raw")
+    if not args.chat and args.prompt is None and sys.stdin.isatty():
+        print("type the question, then Ctrl-D (or give --prompt):", file=sys.stderr, flush=True)
     prompt = None if args.chat else (args.prompt if args.prompt is not None else sys.stdin.read())
     if prompt is not None and not prompt.strip():
-        raise ValueError("--prompt is empty (or only whitespace): give the question to answer")
+        raise ValueError("--prompt is empty (or only whitespace): give the question to answer"
+                         if args.prompt is not None else "no question on stdin: give --prompt, or pipe the question in")
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
     if args.backend == "ref":

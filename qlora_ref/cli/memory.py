@@ -72,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--model",
         default="llama-7b",
         help=f"{', '.join(MODEL_SHAPES)} (or 7b/13b/33b/65b), {', '.join(LLAMA3_CONFIGS)}, or a Hugging Face "
-        "config.json / a folder holding one (default: llama-7b)",
+        "config.json / a folder holding one, or a .gguf file (default: llama-7b)",
     )
     p.add_argument("--method", choices=METHODS, default="qlora", help="fine-tuning method (default: qlora)")
     p.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")

@@ -134,6 +134,10 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     from ..paths import check_writable_dir
 
     config = config or TrainConfig()
+    if eval_data is not None:  # nothing of ``data`` is held out: recorded so, and evaluate's held-out split refuses
+        config = config.replace(eval_fraction=0.0)
+    if config.lora_r == 0:
+        raise ValueError("lora_r must be a positive integer to train adapters, got 0")
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
@@ -148,8 +152,15 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         trainer, tokenizer = trainer
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
-                   base_model=str(model), stop_after=stop_after)
+                   base_model=base_model_name(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)
+
+
+def base_model_name(model) -> str:
+    """What the adapter records as its base (``base_model_name_or_path``): a model here as its absolute path, so
+    that ``qlora generate --adapter`` finds it from any folder; anything else (a hub id) as given."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else str(model)
 
 
 #: what ``evaluate_model`` evaluates of ``data``: all of it, or the part ``finetune`` held out of it
@@ -193,7 +204,8 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
     if split == "held-out":
         if config.eval_fraction == 0:
             raise ValueError("split='held-out': the recipe's eval_fraction is 0, so training held nothing out of "
-                             f"{data}; evaluate a separate file with split='all'")
+                             f"{data} (it was given separate held-out data, or none); evaluate a separate file with "
+                             "split='all'")
         _, examples = split_examples(examples, config.eval_fraction, config.seed)
     dataset = build_dataset(examples, tokenizer, config.max_length, config.train_on_inputs, report, warn=False)
     if len(dataset) == 0:

@@ -36,7 +36,10 @@ SCHEDULES = _SCHEDULES
 
 #: settings that may differ between a run and its resumption (everything else must match)
 RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_batches",
-                               "progress", "output_dir", "keep_checkpoints"})
+                               "progress", "output_dir", "keep_checkpoints",
+                               # the held-out split: a change that moves training examples is refused by the
+                               # training data's own fingerprint
+                               "eval_fraction"})
 
 
 #: fields whose type is checked first (a JSON config may hold anything), so every rule below compares like with like

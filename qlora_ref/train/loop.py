@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import time
 import warnings
@@ -234,6 +235,21 @@ def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream
         backend, config, base_model), optimizer_state=backend.optimizer_state(), state=state, rng_arrays=rng_arrays)
 
 
+def check_same_base_model(ckpt: Checkpoint, base_model: str | None) -> None:
+    """Refuse to resume a checkpoint on another base model: its adapters were trained against that model's weights.
+    Two paths that both exist here compare by the file or folder they are; a saved path that no longer exists
+    (the model moved, or a relative path from another folder) compares by name, and a run without a recorded base
+    model passes."""
+    saved = ckpt.state.get("base_model")
+    if saved is None or base_model is None or saved == base_model:
+        return
+    a, b = Path(saved), Path(base_model)
+    same = os.path.samefile(a, b) if a.exists() and b.exists() else a.name == b.name
+    if not same:
+        raise ValueError(f"{ckpt.path}: cannot resume, the checkpoint was trained on the base model {saved}, not "
+                         f"{base_model}. Resume with that model, or start afresh in another output folder")
+
+
 def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConfig,
                        fingerprint: dict | None = None) -> tuple[dict, int, list]:
     """Put a checkpoint's adapters, optimizer state and random states into ``backend``; returns (data position,
@@ -339,6 +355,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     if ckpt is not None:
         if ckpt.step > config.max_steps:
             raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
+        check_same_base_model(ckpt, base_model)
         pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config, fingerprint)
         step, last_saved = ckpt.step, ckpt.path
         run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
