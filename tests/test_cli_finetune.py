@@ -390,3 +390,32 @@ def test_model_smollm2_names_the_shipped_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "smollm2").mkdir()
     assert build_parser().parse_args(["generate", "--model", "smollm2"]).model == "smollm2"
+
+
+def test_demo_rerun_on_a_finished_run_reports_it_without_training(tmp_path, capsys, monkeypatch):
+    """``qlora demo`` again on its finished folder: the figures of the run, from demo_summary.json, and nothing
+    loaded, measured or overwritten; a larger --max-steps would train on (it is not short-cut)."""
+    from qlora_ref import demo
+    from qlora_ref.files import atomic_write_json
+    from qlora_ref.train import api
+
+    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: tmp_path / "SmolLM2.gguf")
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded for a finished demo")
+
+    monkeypatch.setattr(api, "make_trainer", refuse)
+    out = tmp_path / "demo"
+    out.mkdir()
+    atomic_write_json(out / "train_config.json", demo.demo_config(7, out).to_dict())
+    (out / "adapter_model.safetensors").write_bytes(b"")
+    summary = {"perplexity_before": 17.0474, "perplexity_after": 12.219, "steps": 7, "train_seconds": 61.5,
+               "question": "What is a wavelength?", "answer_after": "A length."}
+    atomic_write_json(out / "demo_summary.json", summary)
+    assert main(["demo", "--output-dir", str(out), "--max-steps", "7"]) == 0
+    text = capsys.readouterr().out
+    assert "already holds this demo, trained to step 7 in 62 s: held-out perplexity 17.047 -> 12.219" in text
+    assert f"qlora evaluate --adapter {out} --data chatterbot:english --split held-out" in text
+    assert json.loads((out / "demo_summary.json").read_text()) == summary
+    with pytest.raises(AssertionError, match="loaded for a finished demo"):
+        main(["demo", "--output-dir", str(out), "--max-steps", "8"])

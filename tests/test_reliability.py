@@ -202,6 +202,19 @@ def _no_model_load(monkeypatch):
     monkeypatch.setattr(qlora_ref.model.loading, "read_checkpoint", refuse)
 
 
+def test_a_new_run_over_a_finished_one_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    """``--no-resume`` in a folder whose checkpoint-3 another run wrote: the same refusal as in the loop, but
+    before the model is loaded (seconds, not a model load), and nothing changed."""
+    out = tmp_path / "out"
+    assert main(finetune_args(files, out, "--max-steps", "3")) == 0
+    before = sorted(p.name for p in out.iterdir())
+    capsys.readouterr()
+    _no_model_load(monkeypatch)
+    assert main(finetune_args(files, out, "--max-steps", "3", "--no-resume")) == 2
+    assert "checkpoint-3 would be replaced by this run's checkpoints" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
 @pytest.mark.parametrize("where,message", [
     ("file", "exists and is not a folder"),
     ("under-file", "is a file, so no folder can be made under it"),

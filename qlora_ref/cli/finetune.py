@@ -155,7 +155,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "
                    "before the model is loaded; created if missing)")
     p.add_argument("--no-resume", dest="resume", action="store_false", help="start a new run instead of resuming "
-                   "from the newest checkpoint (checkpoints already there are never deleted or replaced)")
+                   "from the newest checkpoint (checkpoints already there are never deleted or replaced: a new run "
+                   "that would write a step one of them holds is refused; use another --output-dir)")
     _add_train_options(p, defaults)
     s = p.add_argument_group("sharding over GPUs (FSDP2, --backend gpu; docs/sharded.md)")
     s.add_argument("--nproc", type=int, default=None, metavar="N",
@@ -360,6 +361,29 @@ def run_demo(args) -> int:
         return _run_demo(args, config, demo_model())
 
 
+def _demo_next_steps(out, model_path, question: str) -> str:
+    return (f"adapter written to {out}/ (PEFT format, on {model_path}); try:\n"
+            f"  qlora generate --adapter {out} --prompt {json.dumps(question)}\n"
+            f"  qlora evaluate --adapter {out} --data chatterbot:english --split held-out   # the perplexity above\n"
+            f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder\n"
+            f"  qlora plot {out}   # the loss curves")
+
+
+def _finished_demo(out: Path, config) -> dict | None:
+    """The ``demo_summary.json`` of a demo already trained in ``out`` to ``config.max_steps`` with this recipe, or
+    None (then the demo trains, resuming whatever is there)."""
+    from qlora_ref.train.config import adapter_recipe
+
+    summary_file = out / "demo_summary.json"
+    if not (summary_file.is_file() and (out / "adapter_model.safetensors").is_file()):
+        return None
+    saved = adapter_recipe(out)
+    summary = json.loads(summary_file.read_text())
+    if saved is None or config.resume_mismatches(saved) or summary.get("steps") != config.max_steps:
+        return None
+    return summary
+
+
 def _run_demo(args, config, model_path) -> int:
     from qlora_ref.data import DataReport, build_dataset, load_examples
     from qlora_ref.files import atomic_write_json
@@ -367,6 +391,14 @@ def _run_demo(args, config, model_path) -> int:
     from qlora_ref.train.api import make_trainer, split_examples
     from qlora_ref.train.loop import evaluate, train
 
+    done = _finished_demo(Path(args.output_dir), config)
+    if done is not None:  # nothing to train: say what the run measured instead of measuring "before" again
+        print(f"{args.output_dir} already holds this demo, trained to step {done['steps']} in "
+              f"{done['train_seconds']:.0f} s: held-out perplexity {done['perplexity_before']:.3f} -> "
+              f"{done['perplexity_after']:.3f} (demo_summary.json; a larger --max-steps trains on from there)")
+        print(f"  Q: {done['question']}\n  A: {done['answer_after']}")
+        print(_demo_next_steps(args.output_dir, model_path, done["question"]))
+        return 0
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
     t0 = time.perf_counter()
     trainer, tokenizer = make_trainer(model_path, config, args.backend)
@@ -397,12 +429,7 @@ def _run_demo(args, config, model_path) -> int:
                "steps": result.step, "train_seconds": seconds, "total_seconds": time.perf_counter() - t0,
                "eval_pairs": n_eval, "question": question, "answer_before": ans_before, "answer_after": ans_after}
     atomic_write_json(Path(args.output_dir) / "demo_summary.json", summary)
-    out = args.output_dir
-    print(f"adapter written to {out}/ (PEFT format, on {model_path}); try:\n"
-          f"  qlora generate --adapter {out} --prompt {json.dumps(question)}\n"
-          f"  qlora evaluate --adapter {out} --data chatterbot:english --split held-out   # the perplexity above\n"
-          f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder\n"
-          f"  qlora plot {out}   # the loss curves")
+    print(_demo_next_steps(args.output_dir, model_path, question))
     return 0
 
 

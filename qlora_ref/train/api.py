@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataReport, build_dataset, load_examples
+from .checkpoint import new_run_id
 from .config import TrainConfig
 from .launch import launched_by_torchrun
-from .loop import TrainResult, train
+from .loop import TrainResult, check_no_foreign_checkpoints, train
 
 
 @dataclass
@@ -141,6 +142,9 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
+        if resume is False:  # a new run: the checkpoints it would replace are known before the model loads
+            last = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
+            check_no_foreign_checkpoints(Path(output_dir), new_run_id(), 0, last, config)
     if sharded is None:
         sharded = launched_by_torchrun()
     _check_sharding(backend, sharded, cpu_offload)  # before the data is read

@@ -312,6 +312,15 @@ def _colliding_checkpoints(output_dir: Path, run_id: str, step: int, last: int, 
     return sorted(out)
 
 
+def check_no_foreign_checkpoints(output_dir: Path, run_id: str, step: int, last: int, config: TrainConfig) -> None:
+    """Refuse a run that would replace checkpoints it did not write (``_colliding_checkpoints``)."""
+    taken = _colliding_checkpoints(output_dir, run_id, step, last, config)
+    if taken:
+        raise ValueError(f"{output_dir}: {', '.join(p.name for p in taken)} would be replaced by this run's "
+                         "checkpoints but were not written by it (another run's, or a Hugging Face Trainer's); "
+                         "nothing was changed: choose another output folder or move them away")
+
+
 def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
           resume: bool | str = True, base_model: str | None = None, stop_after: int | None = None) -> TrainResult:
     """Run (or continue) a fine-tune to ``config.max_steps`` optimizer steps.
@@ -362,11 +371,7 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
         stream = stream_at(pos["epoch"], pos["batch"])
     if output_dir is not None:
         last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
-        taken = _colliding_checkpoints(output_dir, run["run_id"], step, last, config)
-        if taken:
-            raise ValueError(f"{output_dir}: {', '.join(p.name for p in taken)} would be replaced by this run's "
-                             "checkpoints but were not written by it (another run's, or a Hugging Face Trainer's); "
-                             "nothing was changed: choose another output folder or move them away")
+        check_no_foreign_checkpoints(output_dir, run["run_id"], step, last, config)
 
     n_warmup = warmup_steps(config.max_steps, config.warmup_ratio)
     has_eval = eval_data is not None and len(eval_data) > 0
