@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -187,11 +188,21 @@ def test_plot_draws_a_runs_curves(files, tmp_path, capsys):
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(out), "--output", str(tmp_path / "curves.svg")]) == 0  # the suffix picks the format
     assert "<svg" in (tmp_path / "curves.svg").read_text()[:1000]
+    # an interrupted run (no log_history.json yet): the log of its newest checkpoint, which has the first 2 steps
+    cut = tmp_path / "cut"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+                 str(cut), "--max-steps", "2", "--save-every", "1", *FAST]) == 0
+    (cut / "log_history.json").unlink()
+    shutil.rmtree(cut / "checkpoint-2")  # as if stopped after step 1's checkpoint
+    capsys.readouterr()
+    assert main(["plot", str(cut)]) == 0
+    assert "1 steps" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "log_history.json").write_text('[{"step": 1, "loss": "nan"}]')
-    for run_dir, message in [(tmp_path / "nope", "no such run folder"), (tmp_path / "empty", "no log_history.json"),
+    for run_dir, message in [(tmp_path / "nope", "no such run folder"),
+                             (tmp_path / "empty", "no log_history.json and no checkpoint"),
                              (broken, "no training loss to plot")]:
         assert main(["plot", str(run_dir)]) == 2
         assert message in capsys.readouterr().err

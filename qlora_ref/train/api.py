@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 from ..data import DataReport, build_dataset, load_examples
 from .checkpoint import new_run_id
 from .config import TrainConfig
-from .launch import launched_by_torchrun
+from .launch import launched_by_torchrun, process_rank
 from .loop import TrainResult, check_no_foreign_checkpoints, train
 
 
@@ -155,6 +156,10 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     else:
         trainer, tokenizer = trainer
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+    if config.progress and process_rank() == 0:  # beside the bar, before it: what the run trains and evaluates on
+        n_eval = 0 if eval_ds is None else len(eval_ds)
+        print(f"data: {report.summary()}; {len(train_ds)} training / {n_eval} held-out examples", file=sys.stderr,
+              flush=True)
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
                    base_model=base_model_name(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)

@@ -19,16 +19,25 @@ LOG_FILE = "log_history.json"
 
 
 def read_log(run_dir) -> list[dict]:
-    """The entries of ``run_dir/log_history.json``, checked: a list of objects with an integer ``step``."""
+    """The entries of ``run_dir/log_history.json``, checked: a list of objects with an integer ``step``. A run
+    still going, or interrupted, has no such file yet: then the log its newest checkpoint holds (the one a resume
+    would continue from)."""
+    from .checkpoint import STATE_FILE, resume_candidates
+
     path = Path(run_dir) / LOG_FILE
     if not Path(run_dir).is_dir():
         raise ValueError(f"{run_dir}: no such run folder (the --output-dir of qlora finetune or demo)")
     if not path.is_file():
-        raise ValueError(f"{run_dir}: no {LOG_FILE}; qlora finetune writes it when a run reaches --max-steps")
+        candidates = resume_candidates(run_dir)
+        if not candidates:
+            raise ValueError(f"{run_dir}: no {LOG_FILE} and no checkpoint: nothing trained here yet")
+        path = candidates[0] / STATE_FILE
     try:
         log = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if path.name == STATE_FILE:
+        log = log.get("log_history") if isinstance(log, dict) else None
     if not isinstance(log, list) or not all(isinstance(e, dict) and isinstance(e.get("step"), int) for e in log):
         raise ValueError(f"{path}: expected a list of entries with an integer 'step'")
     if not any(_finite(e.get("loss")) for e in log):
