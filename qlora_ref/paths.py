@@ -73,3 +73,17 @@ def check_output_file(path, what: str = "output file") -> Path:
         raise ValueError(f"{what} {path}: its folder {folder} {reason} (create the folder first)")
     _check_can_write_in(folder, what, path)
     return path
+
+
+#: picture formats every matplotlib backend writes (``files.save_figure`` takes the format from the suffix)
+FIGURE_FORMATS = ("png", "svg", "pdf", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp")
+
+
+def check_figure_file(path, what: str = "picture") -> Path:
+    """``check_output_file`` for a picture: its suffix must name a format matplotlib writes (none: PNG)."""
+    path = check_output_file(path, what)
+    suffix = path.suffix.lstrip(".").lower()
+    if suffix and suffix not in FIGURE_FORMATS:
+        raise ValueError(f"{what} {path}: .{suffix} is not a picture format; use one of "
+                         f"{', '.join('.' + f for f in FIGURE_FORMATS)}")
+    return path

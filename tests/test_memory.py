@@ -40,6 +40,7 @@ from qlora_ref.memory import (
     quantized_tensor_bytes,
     shape_from_hf_config,
 )
+from qlora_ref.paths import FIGURE_FORMATS
 
 LLAMA_7B = LLAMA_SHAPES["llama-7b"]
 LLAMA_65B = LLAMA_SHAPES["llama-65b"]
@@ -431,6 +432,18 @@ def test_cli_plot(tmp_path, capsys):
     assert main(["memory", "--model", "llama-7b", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(out) in capsys.readouterr().out
+    assert main(["memory", "--plot", str(tmp_path / "memory.txt")]) == 2  # named by its option, before any work
+    assert "--plot" in (err := capsys.readouterr().err) and ".txt is not a picture format" in err
+    assert not (tmp_path / "memory.txt").exists()
+
+
+@pytest.mark.parametrize("suffix", FIGURE_FORMATS)
+def test_every_accepted_picture_format_is_written(tmp_path, suffix):
+    """The formats ``check_figure_file`` lets through are the ones matplotlib writes here."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / f"memory.{suffix}"
+    assert main(["memory", "--plot", str(out)]) == 0
+    assert out.stat().st_size > 0
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):

@@ -34,7 +34,7 @@ from qlora_ref.memory import (
     format_bytes,
     load_model_shape,
 )
-from qlora_ref.paths import check_output_file
+from qlora_ref.paths import check_figure_file
 
 #: how each part is called in the table and the plot's legend
 PART_LABELS = {
@@ -148,7 +148,7 @@ def _estimate_kwargs(args) -> dict:
 
 def run(args) -> int:
     if args.plot:
-        check_output_file(args.plot, "--plot")
+        check_figure_file(args.plot, "--plot")
     shape = load_model_shape(args.model)
     kwargs = _estimate_kwargs(args)
     if args.gpus is not None:

