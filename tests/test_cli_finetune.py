@@ -430,3 +430,19 @@ def test_demo_rerun_on_a_finished_run_reports_it_without_training(tmp_path, caps
     assert json.loads((out / "demo_summary.json").read_text()) == summary
     with pytest.raises(AssertionError, match="loaded for a finished demo"):
         main(["demo", "--output-dir", str(out), "--max-steps", "8"])
+
+
+def test_the_commands_own_warnings_read_as_one_line(files, tmp_path):
+    """A dropped example is reported as ``qlora finetune: warning: ...``, not as Python's ``file:line:
+    UserWarning`` with a source line (a fresh process: pytest records warnings instead of showing them)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [*qa_records(8), {"instruction": "x" * 400, "output": "y"}])
+    done = subprocess.run([sys.executable, "-m", "qlora_ref.cli", "finetune", "--model", str(files / "model"),
+                           "--data", str(data), "--output-dir", str(tmp_path / "run"), "--max-length", "64",
+                           "--max-steps", "1", *FAST], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "qlora finetune: warning: data: " in done.stderr and "longer than max_length=64" in done.stderr
+    assert "UserWarning" not in done.stderr and "build_dataset(" not in done.stderr

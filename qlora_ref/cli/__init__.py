@@ -6,9 +6,12 @@ this file only collects them."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
 SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.plot",
@@ -25,6 +28,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _warnings_as_messages(command: str):
+    """qlora's own warnings (a data report's dropped examples, a fallback taken) as one line each, ``qlora
+    finetune: warning: ...``, not Python's file:line and source line; every other warning as Python prints it."""
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UserWarning) and {"qlora_ref", "qlora_gpu"} & set(Path(filename).parts):
+            print(f"qlora {command}: warning: {message}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = default
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -34,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with _warnings_as_messages(args.command):
+            return int(args.func(args) or 0)
     except ValueError as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
         return 2
