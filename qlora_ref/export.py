@@ -263,6 +263,8 @@ def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> 
     """
     quant = quant or QuantConfig()
     in_dir, out_dir = Path(in_dir), Path(out_dir)
+    if not in_dir.exists():
+        raise ValueError(f"{in_dir}: no such folder")
     if not (in_dir / "config.json").is_file():
         raise ValueError(f"{in_dir}: not a Hugging Face model folder (no config.json)")
     check_new_model_folder(out_dir, "OUT_DIR", overwrite, sources={"IN_DIR": in_dir})

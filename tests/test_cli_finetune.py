@@ -280,6 +280,9 @@ def test_quantize_command(files, tmp_path, capsys):
     assert cfg["quantization_config"]["load_in_4bit"] is True
     assert (tmp_path / "q" / "tokenizer.json").is_file()
     assert main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "q2")]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
+    (tmp_path / "not-a-model").mkdir()
+    assert main(["quantize", str(tmp_path / "not-a-model"), str(tmp_path / "q2")]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
 
 

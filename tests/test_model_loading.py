@@ -110,6 +110,9 @@ def test_not_a_checkpoint(tmp_path):
         load_model(tmp_path / "nothing")
     with pytest.raises(CheckpointError, match="no config.json"):
         load_model(tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{}")  # an adapter folder given where the model goes
+    with pytest.raises(CheckpointError, match="it is a PEFT adapter folder, not a model"):
+        load_model(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
         load_model(tmp_path)

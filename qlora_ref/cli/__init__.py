@@ -29,10 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _warnings_as_messages(command: str):
+def _warnings_as_messages(command: str, enabled: bool):
     """qlora's own warnings (a data report's dropped examples, a fallback taken) as one line each, ``qlora
-    finetune: warning: ...``, not Python's file:line and source line; every other warning as Python prints it."""
+    finetune: warning: ...``, not Python's file:line and source line; every other warning as Python prints it.
+    Only for the command line itself (``enabled``): ``main(argv)`` called from Python leaves warnings alone, so a
+    caller that records them (``pytest.warns``, ``warnings.catch_warnings``) still gets them."""
     default = warnings.showwarning
+    if not enabled:
+        yield
+        return
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, UserWarning) and {"qlora_ref", "qlora_gpu"} & set(Path(filename).parts):
@@ -49,6 +54,7 @@ def _warnings_as_messages(command: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # the command as given (``qlora finetune --nproc N`` runs it again under torchrun)
@@ -56,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with _warnings_as_messages(args.command):
+        with _warnings_as_messages(args.command, enabled=command_line):
             return int(args.func(args) or 0)
     except ValueError as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)

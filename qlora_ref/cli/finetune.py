@@ -315,8 +315,9 @@ def run_finetune(args) -> int:
     r = run.result
     n_eval = 0 if run.eval_data is None else len(run.eval_data)
     print(f"data: {run.report.summary()}; {len(run.train_data)} training / {n_eval} held-out examples")
-    print(f"trained to step {r.step} ({len(r.train_losses)} steps in this run) in {time.perf_counter() - t0:.1f} s, "
-          f"{r.tokens_per_second:.0f} tokens/s")
+    n = len(r.train_losses)
+    print(f"trained to step {r.step} ({n} step{'' if n == 1 else 's'} in this run) in "
+          f"{time.perf_counter() - t0:.1f} s, {r.tokens_per_second:.0f} tokens/s")
     if r.train_losses:
         print(f"training loss: first step {r.train_losses[0]:.4f}, last step {r.train_losses[-1]:.4f}")
     if r.eval:

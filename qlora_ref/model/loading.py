@@ -317,6 +317,15 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     return model
 
 
+def not_a_model(path: Path, what: str) -> str:
+    """The error for a folder that holds no model: ``what`` it lacks, and where it is an adapter folder (given
+    where the model goes), what to do instead."""
+    if (path / "adapter_config.json").is_file():
+        what += (": it is a PEFT adapter folder, not a model (its base model is named in adapter_config.json; "
+                 "generate, evaluate and merge take the folder as --adapter)")
+    return f"{path}: {what}"
+
+
 def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
     """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
     for building several models from one read (e.g. ``qlora reproduce table2``)."""
@@ -331,7 +340,8 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
     elif not (path / "config.json").exists():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) != 1:
-            raise CheckpointError(f"{path}: no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs else ""))
+            raise CheckpointError(not_a_model(path, "no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs
+                                                                       else "")))
         gguf_file = ggufs[0]
 
     if gguf_file is not None:

@@ -36,7 +36,7 @@ class FinetuneRun:
 def load_tokenizer(path):
     """The tokenizer of a Hugging Face folder (tokenizer.json) or a GGUF file; None if the model has none; a
     ``CheckpointError`` if ``path`` is neither."""
-    from ..model.loading import CheckpointError, read_gguf
+    from ..model.loading import CheckpointError, not_a_model, read_gguf
     from ..model.tokenizer import Tokenizer
 
     path = Path(path)
@@ -46,7 +46,7 @@ def load_tokenizer(path):
         return Tokenizer.from_folder(path)
     gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
     if gguf is None:
-        raise CheckpointError(f"{path}: no config.json and no .gguf file: not a model folder")
+        raise CheckpointError(not_a_model(path, "no config.json and no .gguf file: not a model folder"))
 
     meta, _ = read_gguf(gguf)
     return Tokenizer.from_gguf_metadata(meta, str(gguf))
