@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from qlora_ref.loss import IGNORE_INDEX
 from qlora_ref.train.api import evaluate_model as shared_evaluate
 from qlora_ref.train.api import finetune as shared_finetune
+from qlora_ref.train.checkpoint import check_rng_backend
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
@@ -190,9 +191,7 @@ class GpuTrainer:
         return {"backend": "gpu"}, arrays
 
     def set_rng_state(self, state: dict, arrays) -> None:
-        if state.get("backend") != "gpu":
-            raise ValueError("the checkpoint's random state comes from another backend (adapters and optimizer "
-                             "state move between backends, random generators do not): resume on the same backend")
+        check_rng_backend(state, "gpu")
         torch.set_rng_state(torch.from_numpy(np.array(arrays["torch.cpu"])))
         if self.device.type == "cuda" and "torch.cuda" in arrays:
             torch.cuda.set_rng_state(torch.from_numpy(np.array(arrays["torch.cuda"])), self.device)

@@ -325,3 +325,14 @@ def test_progress_bar_shows_loss_tokens_per_second_and_memory(tiny, capsys):
     for field in ("loss=", "lr=", "tok/s=", "mem=", "gnorm="):
         assert field in err, field
     assert result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("state, hint", [({"backend": "gpu"}, "resume with --backend gpu,"),
+                                         ({"backend": "gpu-fsdp", "world_size": 4}, "--backend gpu --nproc 4")])
+def test_a_checkpoint_from_another_backend_names_the_one_to_resume_with(state, hint):
+    from qlora_ref.train.checkpoint import check_rng_backend
+
+    check_rng_backend({"backend": "ref"}, "ref")  # its own backend resumes
+    with pytest.raises(ValueError, match="comes from another backend") as e:
+        check_rng_backend(state, "ref")
+    assert hint in str(e.value)

@@ -74,6 +74,19 @@ class Checkpoint:
         return self.state["run_id"]
 
 
+def check_rng_backend(state: dict, mine: str) -> None:
+    """A checkpoint's random state resumes only on the backend that wrote it: adapters and optimizer states move
+    between backends, random generators do not (NumPy's and torch's streams differ)."""
+    theirs = state.get("backend")
+    if theirs == mine:
+        return
+    how = (f"--backend gpu --nproc {state.get('world_size')}" if theirs == "gpu-fsdp"  # qlora_gpu.fsdp_train's mark
+           else f"--backend {theirs}")
+    raise ValueError(f"the checkpoint's random state comes from another backend ({theirs!r}, this is {mine!r}; "
+                     f"adapters and optimizer state move between backends, random generators do not): resume with "
+                     f"{how}, or start afresh in another output folder")
+
+
 def new_run_id() -> str:
     """A fresh run's identity: its checkpoints carry it, and only checkpoints carrying it are ever deleted."""
     return uuid.uuid4().hex

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..loss import causal_lm_loss, causal_lm_loss_backward, chunked_lm_head_loss, chunked_lm_head_loss_backward
 from ..optim import clip_grad_norm, grad_norm, make_optimizer
+from .checkpoint import check_rng_backend
 from .config import TrainConfig
 from .progress import peak_rss_bytes
 
@@ -119,9 +120,7 @@ class RefTrainer:
                 "lora_dropout": {k: copy.deepcopy(r.bit_generator.state) for k, r in self._rngs().items()}}, {}
 
     def set_rng_state(self, state: dict, arrays) -> None:
-        if state.get("backend") != "ref":
-            raise ValueError("the checkpoint's random state comes from another backend (adapters and optimizer "
-                             "state move between backends, random generators do not): resume on the same backend")
+        check_rng_backend(state, "ref")
         rngs = self._rngs()
         saved = state.get("lora_dropout", {})
         if set(saved) != set(rngs):
