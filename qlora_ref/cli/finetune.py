@@ -42,7 +42,8 @@ TRAIN_OPTIONS = {
     "eval_every": ("--eval-every", int, "steps between held-out evaluations (0: only at the end)"),
     "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
     "save_every": ("--save-every", int, "steps between checkpoints (0: only at the end)"),
-    "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, none"),
+    "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, fp4_e3m0, "
+                                        "or none (float32 weights: plain LoRA)"),
     "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper) or float32"),
     "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
     "pack_length": ("--pack-length", int, "with --packing: tokens per packed row, at least --max-length (None: "

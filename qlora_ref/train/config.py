@@ -159,6 +159,11 @@ class TrainConfig:
         except ValueError as e:
             raise ValueError(f"LoRA settings: {e}") from None
         object.__setattr__(self, "target_modules", tuple(lora.target_modules))
+        from ..checks import REFERENCE_QUANT_TYPES_4BIT
+
+        if self.quant_type not in ("none", *REFERENCE_QUANT_TYPES_4BIT):  # "none" is ours: float weights
+            raise ValueError(f"quant_type must be one of {', '.join(REFERENCE_QUANT_TYPES_4BIT)} or none, got "
+                             f"{self.quant_type!r}")
         self.quant_config()
 
     # ------------------------------------------------------------------------------------------ derived configs
