@@ -47,6 +47,22 @@ def test_nf4_levels_are_normal_quantiles():
     assert np.allclose(np.sort(codebook("nf4")[8:])[::-1], expected, rtol=1e-6)
 
 
+def test_equal_mass_codes_are_an_idealisation_that_blockwise_absmax_departs_from():
+    """docs/quantization.md: on N(0, 1) scaled so that Φ⁻¹(δ) lands on 1 and rounded to the nearest code, each NF4
+    code gets 0.89-1.14 of an even share; after absmax scaling in blocks of 64 the outer codes are reached far
+    less (the absmax of 64 normal values is about 2.4σ, not 1.85σ): 0.28-1.48."""
+    import qlora_ref
+
+    q = codebook("nf4").astype(np.float64)
+    edges = (q[1:] + q[:-1]) / 2 * norm.ppf(0.9677083)
+    ideal = np.diff(np.concatenate([[0.0], norm.cdf(edges), [1.0]])) * 16
+    assert 0.88 < ideal.min() < 0.90 and 1.13 < ideal.max() < 1.15
+    w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    share = np.bincount(qlora_ref.quantize_4bit(w, "nf4", 64, double_quant=False).codes(), minlength=16) / w.size * 16
+    assert 0.25 < share.min() < 0.31 and 1.45 < share.max() < 1.51
+    assert share.argmin() in (0, 15) and share.argmax() in range(5, 9)  # fewest at the ends, most near zero
+
+
 def test_offset_formula_gives_the_paper_constant():
     n = 16
     assert abs(0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n))) - 0.9677083) < 1e-7
