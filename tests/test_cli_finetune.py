@@ -433,6 +433,9 @@ def test_demo_rerun_on_a_finished_run_reports_it_without_training(tmp_path, caps
     assert json.loads((out / "demo_summary.json").read_text()) == summary
     with pytest.raises(AssertionError, match="loaded for a finished demo"):
         main(["demo", "--output-dir", str(out), "--max-steps", "8"])
+    (out / "demo_summary.json").write_text("{damaged")  # not a finished demo's: it trains (and writes it anew)
+    with pytest.raises(AssertionError, match="loaded for a finished demo"):
+        main(["demo", "--output-dir", str(out), "--max-steps", "7"])
 
 
 def test_the_commands_own_warnings_read_as_one_line(files, tmp_path):

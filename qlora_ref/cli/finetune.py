@@ -379,9 +379,12 @@ def _finished_demo(out: Path, config) -> dict | None:
     summary_file = out / "demo_summary.json"
     if not (summary_file.is_file() and (out / "adapter_model.safetensors").is_file()):
         return None
-    saved = adapter_recipe(out)
-    summary = json.loads(summary_file.read_text())
-    if saved is None or config.resume_mismatches(saved) or summary.get("steps") != config.max_steps:
+    try:
+        saved, summary = adapter_recipe(out), json.loads(summary_file.read_text())
+    except (OSError, ValueError):  # a damaged file (ValueError: JSON's too): train, which writes them anew
+        return None
+    if saved is None or not isinstance(summary, dict) or config.resume_mismatches(saved) \
+            or summary.get("steps") != config.max_steps:
         return None
     return summary
 
