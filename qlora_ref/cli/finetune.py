@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -106,8 +107,6 @@ def named_by_option(error: ValueError, fields) -> ValueError:
     """``error`` (a TrainConfig check, which names its fields) with its fields named by their options instead:
     ``--schedule`` rather than ``lr_scheduler``. A field in ``fields`` (those the user set) is renamed wherever it
     stands; any other only where it is written as a setting (``packing=True``, ``max_length=512``)."""
-    import re
-
     message = str(error)
     for field in sorted({*TRAIN_OPTIONS, *OTHER_OPTION_FIELDS}, key=len, reverse=True):
         setting = "" if field in fields else "(?==)"
