@@ -452,3 +452,34 @@ def test_the_commands_own_warnings_read_as_one_line(files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "qlora finetune: warning: data: " in done.stderr and "longer than max_length=64" in done.stderr
     assert "UserWarning" not in done.stderr and "build_dataset(" not in done.stderr
+
+
+def test_skip_malformed_drops_and_counts_a_bad_record_and_evaluate_repeats_it(files, tmp_path, capsys):
+    """One bad line in a large file: the error names it and the option; with ``--skip-malformed`` the run trains
+    on the rest, reports the drop, and stores the setting, so ``evaluate --split held-out`` holds out the same
+    examples and repeats the held-out figure."""
+    lines = (files / "train.jsonl").read_text().splitlines()
+    lines.insert(5, '{"instruction": "an unfinished record",')
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    base = ["finetune", "--model", str(files / "model"), "--data", str(tmp_path / "bad.jsonl"), "--output-dir",
+            str(out), "--max-steps", "1", "--eval-fraction", "0.2", *FAST]
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:6: invalid JSON" in err and "--skip-malformed" in err
+    assert not out.exists()
+    with pytest.warns(UserWarning, match="1 dropped: malformed record"):
+        assert main([*base, "--skip-malformed"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(lines)} records read, {len(lines) - 1} examples kept; 1 dropped: malformed record" in text
+    assert "bad.jsonl:6" in text
+    assert json.loads((out / "train_config.json").read_text())["skip_malformed"] is True
+    trained = [e for e in json.loads((out / "log_history.json").read_text()) if "eval_loss" in e][-1]
+    assert main(["evaluate", "--adapter", str(out), "--data", str(tmp_path / "bad.jsonl"), "--split", "held-out",
+                 "--no-progress", "--json", str(tmp_path / "ev.json")]) == 0
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["eval_loss"] == trained["eval_loss"] and ev["examples"] == math.ceil(0.2 * (len(lines) - 1))
+    # evaluate names the option too, when the recipe did not drop
+    assert main(["evaluate", "--model", str(files / "model"), "--data", str(tmp_path / "bad.jsonl"),
+                 "--no-progress"]) == 2
+    assert "bad.jsonl:6" in (err := capsys.readouterr().err) and "--skip-malformed" in err

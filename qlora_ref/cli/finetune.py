@@ -15,6 +15,7 @@ config and prints results. docs/training.md describes every option.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import sys
@@ -83,6 +84,9 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
                    help="keep all activations instead of recomputing them")
     g.add_argument("--train-on-inputs", dest="train_on_inputs", action="store_true", default=None,
                    help="take the loss on the prompt too (paper: responses only)")
+    g.add_argument("--skip-malformed", dest="skip_malformed", action="store_true", default=None,
+                   help="drop a malformed record of the data (counted in the data report, with its file and line) "
+                   "instead of stopping at it")
     g.add_argument("--packing", dest="packing", action="store_true", default=None,
                    help="pack several examples into each row of --max-length tokens, attention kept inside each")
     g.add_argument("--activation-offload", dest="activation_offload", action="store_true", default=None,
@@ -94,7 +98,8 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
 #: TrainConfig fields set by options outside TRAIN_OPTIONS, and the option that sets each
 OTHER_OPTION_FIELDS = {"max_steps": "--max-steps", "output_dir": "--output-dir", "target_modules": "--target-modules",
                        "double_quant": "--no-double-quant", "gradient_checkpointing": "--no-gradient-checkpointing",
-                       "train_on_inputs": "--train-on-inputs", "packing": "--packing",
+                       "train_on_inputs": "--train-on-inputs", "skip_malformed": "--skip-malformed",
+                       "packing": "--packing",
                        "activation_offload": "--activation-offload"}
 
 
@@ -119,7 +124,8 @@ def _config_from_args(args, base=None):
 
     config = TrainConfig.from_json(args.config) if getattr(args, "config", None) else (base or TrainConfig())
     changes = {f: getattr(args, f) for f in [*TRAIN_OPTIONS, "double_quant", "gradient_checkpointing",
-                                             "train_on_inputs", "progress", "packing", "activation_offload"]
+                                             "train_on_inputs", "skip_malformed", "progress", "packing",
+                                             "activation_offload"]
                if getattr(args, f, None) is not None}
     if getattr(args, "target_modules", None):
         changes["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
@@ -227,6 +233,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig (e.g. a run's train_config.json) "
                    "whose storage and data settings apply; the options above override it [default: the adapter's "
                    "train_config.json, else the paper's recipe]")
+    e.add_argument("--skip-malformed", action="store_true", help="drop a malformed record of --data (counted) "
+                   "instead of stopping at it [default: the recipe's]")
     e.add_argument("--backend", default="ref", help="ref [default] or gpu")
     e.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     e.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -295,6 +303,17 @@ def model_or_adapter_base(args):
     return str(adapter_base_model(args.adapter))
 
 
+@contextlib.contextmanager
+def skip_malformed_hint():
+    """A malformed record's error (``file:line: ...``) with the option that drops such records instead."""
+    from qlora_ref.data.formats import MalformedRecordError
+
+    try:
+        yield
+    except MalformedRecordError as e:
+        raise ValueError(f"{e} (--skip-malformed drops malformed records, counting them)") from None
+
+
 # ---------------------------------------------------------------------------------------------- finetune
 def run_finetune(args) -> int:
     from qlora_ref.paths import check_writable_dir, new_run_dir
@@ -306,7 +325,7 @@ def run_finetune(args) -> int:
         check_writable_dir(args.output_dir, "--output-dir")
         return launch_processes(args)
     t0 = time.perf_counter()
-    with new_run_dir(args.output_dir, "--output-dir"):
+    with new_run_dir(args.output_dir, "--output-dir"), skip_malformed_hint():
         run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
                        output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
                        cpu_offload=args.cpu_offload)
@@ -521,10 +540,13 @@ def run_evaluate(args) -> int:
                 config = config.replace(**{field: value})
             except ValueError as e:  # TrainConfig's check names its field: name the option that set it
                 raise ValueError(str(e).replace(field, option, 1)) from None
+    if args.skip_malformed:
+        config = config.replace(skip_malformed=True)
     args.model = model_or_adapter_base(args)
     t0 = time.perf_counter()
-    r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend, split=args.split,
-                       progress=args.progress)
+    with skip_malformed_hint():
+        r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend,
+                           split=args.split, progress=args.progress)
     what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"{what}, {describe_quant(r['config'].quant_config())}: loss {r['eval_loss']:.4f}, perplexity "
           f"{r['eval_perplexity']:.3f} on {r['examples']} examples ({r['eval_targets']} target tokens) of "

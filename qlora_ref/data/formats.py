@@ -307,22 +307,27 @@ def load_chatterbot_corpus(language: str = "english", categories: list[str] | No
     return examples
 
 
-def load_examples(spec: str | os.PathLike, report: DataReport | None = None) -> list[Example]:
+def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
+                  ) -> list[Example]:
     """Examples from ``spec``: a ``.jsonl`` file, a chatterbot-style ``.yml``/``.yaml`` file, a folder of those,
-    or ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"``."""
+    or ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"``.
+    ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each source's own default (a user's
+    file is an error, the shipped corpus's few irregular entries are dropped)."""
     report = report if report is not None else DataReport()
+    if on_malformed is not None:
+        _check_on_malformed(on_malformed)
     s = str(spec)
     if s == "chatterbot" or s.startswith("chatterbot:"):
         parts = s.split(":")
         language = parts[1] if len(parts) > 1 and parts[1] else "english"
         categories = parts[2].split(",") if len(parts) > 2 and parts[2] else None
-        return load_chatterbot_corpus(language, categories, report)
+        return load_chatterbot_corpus(language, categories, report, on_malformed or "drop")
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".yml", ".yaml"))
-        return [ex for f in files for ex in load_examples(f, report)]
+        return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     if path.suffix == ".jsonl":
-        return read_jsonl(path, report)
+        return read_jsonl(path, report, on_malformed or "error")
     if path.suffix in (".yml", ".yaml"):
-        return read_chatterbot_yaml(path, report)
+        return read_chatterbot_yaml(path, report, on_malformed or "error")
     raise ValueError(f"cannot read {s!r}: expected a .jsonl or .yml file, a folder, or 'chatterbot[:language]'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,11 +109,15 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
     for spec in (data, eval_data):
         check_data_spec(spec)
     report = DataReport()
-    examples = load_examples(data, report)
+    on_malformed = "drop" if config.skip_malformed else None
+    examples = load_examples(data, report, on_malformed)
     if not examples:
         raise ValueError(f"{data}: no examples ({report.summary()})")
     if eval_data is not None:
-        train_ex, eval_ex = examples, load_examples(eval_data)
+        eval_report = DataReport()
+        train_ex, eval_ex = examples, load_examples(eval_data, eval_report, on_malformed)
+        if eval_report.n_dropped:
+            warnings.warn(f"held-out data {eval_data}: {eval_report.summary()}", stacklevel=2)
     else:
         train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
     train_ds = build_dataset(train_ex, tokenizer, config.max_length, config.train_on_inputs, report)
@@ -209,7 +214,7 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
         raise ValueError(f"{model}: the model has no tokenizer (tokenizer.json, or GGUF tokenizer metadata)")
     check_data_spec(data)
     report = DataReport()
-    examples = load_examples(data, report)
+    examples = load_examples(data, report, "drop" if config.skip_malformed else None)
     if split == "held-out":
         if config.eval_fraction == 0:
             raise ValueError("split='held-out': the recipe's eval_fraction is 0, so training held nothing out of "

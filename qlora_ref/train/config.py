@@ -49,7 +49,7 @@ _FIELD_TYPES = [
         "warmup_ratio", "max_grad_norm", "eval_fraction")),
     *((name, (str,), "a string") for name in ("quant_type", "compute_dtype", "optimizer", "lr_scheduler")),
     *((name, (bool,), "true or false") for name in ("double_quant", "gradient_checkpointing", "train_on_inputs",
-                                                     "progress")),
+                                                     "skip_malformed", "progress")),
     ("output_dir", (str, type(None)), "a path or null"),
     ("fast", (bool, type(None)), "true, false or null"),
 ]
@@ -90,6 +90,7 @@ class TrainConfig:
     # -- data -----------------------------------------------------------------------------------------------------
     max_length: int = 512  # tokens per example (prompt + response), longer ones are dropped (counted)
     train_on_inputs: bool = False  # False: the loss is on the response tokens only (the paper)
+    skip_malformed: bool = False  # a malformed record of a data file is dropped (counted), not an error
     packing: bool = False  # several examples per row of max_length tokens, attention kept inside each
     pack_length: int | None = None  # packing: tokens per row (>= max_length); None: max_length
     eval_fraction: float = 0.05  # held out of the data file when no separate eval file is given
