@@ -39,6 +39,22 @@ def test_text_and_json_show_the_installed_versions(capsys):
         assert report["packages"][name]["version"] == metadata.version(name), name
 
 
+def test_version_prints_the_installed_version_and_the_commit(capsys, monkeypatch):
+    import qlora_ref.cli.doctor as doctor_module
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"qlora {metadata.version('qlora')}")
+    commit = doctor_module.git_commit()
+    assert line.endswith(f"(commit {commit})") if commit else line == f"qlora {metadata.version('qlora')}"
+    monkeypatch.setattr(doctor_module, "git_commit", lambda: None)  # an installed wheel: no checkout to name
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"qlora {metadata.version('qlora')}"
+
+
 def test_a_version_other_than_the_locked_one_is_flagged(capsys, tmp_path):
     lock = tmp_path / "constraints.txt"
     lock.write_text(f"# a comment\nnumpy==0.0.1\nSciPy=={metadata.version('scipy')}\n"

@@ -18,10 +18,24 @@ SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune
                                    "qlora_ref.cli.reproduce", "qlora_ref.cli.doctor"]
 
 
+class _VersionAction(argparse.Action):
+    """``qlora --version``: the installed version and, in a git checkout, the commit (asked only when used)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .doctor import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qlora", description="QLoRA: fine-tune a frozen 4-bit model through LoRA adapters"
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and commit) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)

@@ -93,6 +93,16 @@ def git_commit() -> str | None:
     return head.stdout.strip() + (" + changes" if dirty.stdout.strip() else "")
 
 
+def version_line() -> str:
+    """``qlora 0.1.0`` and, in a git checkout, ``(commit 0123456789ab)``: what a bug report names first."""
+    try:
+        version = metadata.version("qlora")
+    except metadata.PackageNotFoundError:
+        version = "(not installed: run from a source tree)"
+    commit = git_commit()
+    return f"qlora {version}" + (f" (commit {commit})" if commit else "")
+
+
 def cpu() -> dict:
     """The CPU's model and ``CPU_FLAGS`` (None where there is no /proc/cpuinfo: not Linux)."""
     try:
