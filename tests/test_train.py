@@ -7,6 +7,7 @@ tokenizer), data are arithmetic question/answer pairs; nothing is downloaded.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -317,14 +318,55 @@ def test_backends_agree_on_a_stored_4bit_checkpoint(tiny, tmp_path):
     np.testing.assert_allclose(gpu.train_losses, ref.train_losses, rtol=1e-5, atol=0)
 
 
-def test_progress_bar_shows_loss_tokens_per_second_and_memory(tiny, capsys):
+def test_progress_shows_loss_tokens_per_second_and_memory(tiny, capsys):
+    """stderr captured is not a terminal: the figures come as plain lines, no carriage-return redraws."""
     folder, _, train_ds, _ = tiny
     _, result = run(folder, train_ds, small_config(max_steps=2, progress=True))
     err = capsys.readouterr().err
-    assert "finetune" in err and "2/2" in err
-    for field in ("loss=", "lr=", "tok/s=", "mem=", "gnorm="):
-        assert field in err, field
+    lines = [line for line in err.splitlines() if line.startswith("finetune: step")]
+    assert [line.split()[2] for line in lines] == ["1/2", "2/2"] and "\r" not in err
+    for field in ("loss ", "lr ", "tok/s ", "mem ", "gnorm "):
+        assert field in lines[-1], field
     assert result.tokens_per_second > 0
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class _KernelStream(io.StringIO):  # a Jupyter kernel's stderr: not a TTY, yet it draws the bar in place
+    __module__ = "ipykernel.iostream"
+
+
+@pytest.mark.parametrize("stream", [_Terminal, _KernelStream])
+def test_progress_on_a_terminal_is_a_redrawn_bar(stream):
+    from qlora_ref.train.progress import Progress
+
+    out = stream()
+    with Progress(3, file=out) as bar:
+        for step in (1, 2, 3):
+            bar.update(step, loss=1.5, lr=2e-4, tokens=10, memory=2**20, grad_norm=0.1)
+    text = out.getvalue()
+    assert "\r" in text and "3/3" in text and "loss=1.5000" in text and "finetune: step" not in text
+
+
+def test_progress_off_a_terminal_writes_a_line_every_interval_and_the_last_step(monkeypatch):
+    """One step a second for 100 steps: the first step, then one line each ``LOG_INTERVAL_S`` (30 s), and the
+    last step -- a log file gets 5 lines, not 100 redraws."""
+    from qlora_ref.train import progress
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: float(next(clock)))
+    out = io.StringIO()
+    with progress.Progress(100, file=out) as bar:
+        for step in range(1, 101):
+            bar.update(step, loss=1.0, lr=1e-4, tokens=8)
+    steps = [line.split()[2] for line in out.getvalue().splitlines()]
+    assert steps == ["1/100", "31/100", "61/100", "91/100", "100/100"]
+    with progress.Progress(5, file=io.StringIO(), enabled=False) as bar:  # off: nothing written, tokens/s kept
+        bar.update(1, loss=1.0, lr=1e-4, tokens=8)
+    assert bar.file.getvalue() == "" and bar.tokens_per_second > 0
 
 
 @pytest.mark.parametrize("state, hint", [({"backend": "gpu"}, "resume with --backend gpu,"),

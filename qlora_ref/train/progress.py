@@ -1,6 +1,9 @@
 """The training progress bar: loss, learning rate, tokens per second and memory, one update per optimizer step.
 
-Built on ``tqdm`` (written to stderr, so results printed on stdout stay clean). Memory is what the backend
+Built on ``tqdm`` (written to stderr, so results printed on stdout stay clean) where stderr is a terminal;
+elsewhere (a log file, ``nohup``, CI) a bar redrawn with carriage returns would be one ever-growing line, so the
+same figures are written as plain lines instead: the first step, then at most one line every
+``LOG_INTERVAL_S`` seconds, and the last step. Memory is what the backend
 reports: the process's peak resident memory for the reference (the NumPy arrays live in host RAM), the peak
 allocated device memory for the GPU backend. Tokens are the non-padding tokens of the training batches.
 """
@@ -23,6 +26,20 @@ def peak_rss_bytes() -> int | None:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
+#: seconds between two plain progress lines when stderr is not a terminal
+LOG_INTERVAL_S = 30.0
+
+
+def _is_terminal(file) -> bool:
+    """A terminal, or a Jupyter kernel's output stream (which draws tqdm's bar in place, though not a TTY)."""
+    if type(file).__module__.startswith("ipykernel"):
+        return True
+    try:
+        return file.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False
+
+
 class Progress:
     """``with Progress(total, initial) as p: p.update(step, loss=..., lr=..., tokens=..., memory=...)``.
 
@@ -38,10 +55,12 @@ class Progress:
         self._t0 = None
         self._tokens = 0
         self.tokens_per_second = 0.0
+        self.plain = enabled and not _is_terminal(self.file)  # lines, not a redrawn bar
+        self._last_line = None
 
     def __enter__(self) -> Progress:
         self._t0 = time.perf_counter()
-        if self.enabled:
+        if self.enabled and not self.plain:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, unit="step", file=self.file,
@@ -52,15 +71,23 @@ class Progress:
                grad_norm: float | None = None) -> None:
         """Called after optimizer step ``step`` (1-based) with that step's training loss and token count."""
         self._tokens += tokens
-        elapsed = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        elapsed = now - self._t0
         self.tokens_per_second = self._tokens / elapsed if elapsed > 0 else 0.0
+        if not self.enabled:
+            return
+        post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{self.tokens_per_second:.0f}",
+                "mem": format_bytes(memory)}
+        if grad_norm is not None:
+            post["gnorm"] = f"{grad_norm:.3f}"
         if self.bar is not None:
-            post = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", "tok/s": f"{self.tokens_per_second:.0f}",
-                    "mem": format_bytes(memory)}
-            if grad_norm is not None:
-                post["gnorm"] = f"{grad_norm:.3f}"
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(step - self.bar.n)
+            return
+        if self._last_line is None or now - self._last_line >= LOG_INTERVAL_S or step >= self.total:
+            self._last_line = now
+            figures = " ".join(f"{k} {v}" for k, v in post.items())
+            print(f"{self.desc}: step {step}/{self.total} {figures} ({elapsed:.0f} s)", file=self.file, flush=True)
 
     def write(self, message: str) -> None:
         """A line above the bar (e.g. a held-out evaluation)."""
