@@ -208,7 +208,7 @@ class ShardedTrainer(GpuTrainer):
         model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=world.device,
                      dtype="float32", residual_dtype=None, attn_implementation="eager",
                      gradient_checkpointing=config.gradient_checkpointing, layer_hook=hook,
-                     progress=world.rank == 0)
+                     progress=world.rank == 0 and config.progress)
         shard_model(model, world.mesh, cpu_offload=cpu_offload)
         return cls(model, config, world, cpu_offload=cpu_offload)
 

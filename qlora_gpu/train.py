@@ -110,7 +110,7 @@ class GpuTrainer:
         device = default_device(device)
         model = load(path, quant=config.quant_config(), lora=config.lora_config(), device=device, dtype="float32",
                      residual_dtype=None, attn_implementation="eager",
-                     gradient_checkpointing=config.gradient_checkpointing)
+                     gradient_checkpointing=config.gradient_checkpointing, progress=config.progress)
         return cls(model, config)
 
     # ---------------------------------------------------------------------------------------- one step
