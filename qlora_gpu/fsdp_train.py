@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from qlora_ref.optim import canonical_optimizer_name
+from qlora_ref.train.checkpoint import OtherBackendError
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.launch import TORCHRUN_ENV
 
@@ -257,8 +258,10 @@ class ShardedTrainer(GpuTrainer):
     def set_rng_state(self, state: dict, arrays) -> None:
         saved = state.get("world_size") if state.get("backend") == SHARDED_BACKEND else None
         if saved != self.world.world_size:
-            raise ValueError(f"the checkpoint's random state comes from {saved or 'one unsharded'} process(es), this "
-                             f"run has {self.world.world_size}: resume with the same number of processes")
+            # a refusal, not damage (OtherBackendError): resuming must not fall back to an older checkpoint
+            raise OtherBackendError(f"the checkpoint's random state comes from {saved or 'one unsharded'} "
+                                    f"process(es), this run has {self.world.world_size}: resume with the same "
+                                    "number of processes")
         prefix = f"rank{self.world.rank}."
         mine = {k.removeprefix(prefix): v for k, v in arrays.items() if k.startswith(prefix)}
         super().set_rng_state({**state, "backend": "gpu"}, mine)

@@ -554,6 +554,8 @@ class QLoRAModel(nn.Module):
 
         if self.lora is None or not self.lora_parameters():
             raise ValueError("the model carries no LoRA adapters (built with lora=None)")
+        if base_model_name_or_path is None:  # the path load_model read the model from, when it was loaded so
+            base_model_name_or_path = getattr(self, "name_or_path", None)
         return write_adapter_files(folder, self.lora_state_numpy(), peft_adapter_config(self.lora,
                                                                                           base_model_name_or_path))
 

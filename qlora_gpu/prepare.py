@@ -254,9 +254,12 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
     device = default_device(device)
     if (Path(path) / "config.json").exists():
         kwargs.setdefault("dtype", "bfloat16" if device.type == "cuda" else "float32")
-        return prepare_model(path, quant, lora, device=device, **kwargs)
+        model = prepare_model(path, quant, lora, device=device, **kwargs)
+        model.name_or_path = str(Path(path).resolve())  # what a saved adapter records as its base model
+        return model
     model = QLoRAModel.from_pretrained(path, quant, lora, device=device, tokenizer=kwargs.get("tokenizer", True),
                                        gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
+    model.name_or_path = str(Path(path).resolve())
     set_kernel(model, kwargs.get("kernel", "bnb"))
     if fast_by_default(device) if kwargs.get("fast") is None else kwargs["fast"]:
         from .fast import enable  # the switch (qlora_gpu.fast)
@@ -271,12 +274,15 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     """``qlora_ref.load_model`` on this backend: the same arguments with the same defaults (float32 weights unless
     ``quant`` says otherwise, no adapters unless ``lora`` or ``adapter`` brings them) and the same meaning.
     adapter: a PEFT adapter folder loaded into the model (``QLoRAModel.load_adapter``: with ``lora`` None the
-    adapters are built from its ``adapter_config.json``). kernel: one of ``qlora_gpu.lora.KERNELS``. device:
+    adapters are built from its ``adapter_config.json`` and the model comes back in eval mode, as the reference's
+    does). kernel: one of ``qlora_gpu.lora.KERNELS``. device:
     CUDA when present, else the CPU; ``options`` go to ``prepare_model`` for a Hugging Face folder (``load``)."""
     model = load(path, quant, lora, device=device, gradient_checkpointing=gradient_checkpointing,
                  tokenizer=tokenizer, kernel=kernel, **options)
     if adapter is not None:
         model.load_adapter(adapter)
+        if lora is None:  # loaded for inference: eval mode (no LoRA dropout), as peft's from_pretrained returns
+            model.eval()
     return model
 
 

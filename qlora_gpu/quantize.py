@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from qlora_ref import quantize as ref
-from qlora_ref.checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_float_input, check_quant_type
+from qlora_ref.checks import (
+    BLOCKSIZES_8BIT,
+    QUANT_TYPES_4BIT,
+    check_blocksize,
+    check_bool,
+    check_float_input,
+    check_quant_type,
+)
 from qlora_ref.codebooks import codebook
 from qlora_ref.dtypes import dtype_name
 
@@ -127,7 +134,8 @@ def quantize_4bit(
     """``qlora_ref.quantize_4bit`` on torch tensors, by ``bitsandbytes.functional.quantize_4bit``."""
     _check_input(x)
     check_quant_type(quant_type)
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
+    double_quant = check_bool(double_quant, "double_quant")
     packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
     return Quantized4bit.from_bnb(packed, state)
 
@@ -135,7 +143,9 @@ def quantize_4bit(
 def dequantize_4bit(q: Quantized4bit, dtype=None) -> torch.Tensor:
     """``qlora_ref.dequantize_4bit`` on torch tensors, by ``bitsandbytes.functional.dequantize_4bit`` (on the CPU
     by ``dequantize_4bit_spec`` where bitsandbytes' kernel fails its probe)."""
-    if not isinstance(q, Quantized4bit):
+    if not isinstance(q, ref.Quantized4bit):
+        raise ValueError(f"q must be a Quantized4bit (quantize_4bit's result), got {type(q).__name__}")
+    if not isinstance(q, Quantized4bit):  # the reference's (NumPy arrays): converted through its state dict
         q = Quantized4bit.from_state_dict(q.state_dict())
     state = q.to_bnb()
     if dtype is not None:
@@ -274,11 +284,17 @@ def cpu_dequantize_status() -> dict[str, str]:
 def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> Quantized8bit:
     """``qlora_ref.quantize_blockwise_8bit`` on torch tensors (bitsandbytes' kernel and its signed dynamic map)."""
     _check_input(x)
-    check_blocksize(blocksize, BLOCKSIZES_8BIT)
+    blocksize = check_blocksize(blocksize, BLOCKSIZES_8BIT)
     codes, state = bnbf.quantize_blockwise(x, blocksize=blocksize)
     return Quantized8bit(codes, state.absmax, state.code, blocksize, tuple(x.shape), dtype_name(x.dtype))
 
 
 def dequantize_blockwise_8bit(q: Quantized8bit) -> torch.Tensor:
+    """``qlora_ref.dequantize_blockwise_8bit`` on torch tensors; the reference's state (NumPy arrays) is converted."""
+    if not isinstance(q, ref.Quantized8bit):
+        raise ValueError(f"q must be a Quantized8bit (quantize_blockwise_8bit's result), got {type(q).__name__}")
+    if not isinstance(q.codes, torch.Tensor):
+        t = Quantized4bit._from_numpy
+        q = Quantized8bit(t(q.codes), t(q.absmax), t(q.code), int(q.blocksize), tuple(q.shape), q.dtype)
     state = bnbf.QuantState(absmax=q.absmax, code=q.code, blocksize=q.blocksize, dtype=torch.float32)
     return bnbf.dequantize_blockwise(q.codes, state).reshape(q.shape)

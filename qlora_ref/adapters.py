@@ -29,6 +29,11 @@ from .model.linear import add_adapters
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: present while ``qlora finetune`` replaces a folder's final files one by one (``loop.train``): a folder holding it
+#: may mix two runs' files (a kill in between), so it is refused until a finished run removes it
+INCOMPLETE_FILE = "qlora_write_incomplete.json"
+#: why a pickle-only file is refused (docs/reliability.md: no pickle, ever)
+_NO_PICKLE = "PEFT's old pickle format, never unpickled here: unpickling can run code; safetensors only"
 PEFT_PREFIX = "base_model.model."
 _LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 
@@ -191,9 +196,13 @@ def read_adapter_config(folder) -> dict:
         raise ValueError(f"{folder}: adapter folder does not exist")
     cfg_path = folder / ADAPTER_CONFIG
     if not cfg_path.is_file():
-        hint = " (adapter_model.bin, PEFT's old pickle format, is not read: convert it to safetensors)" if (
+        hint = f" (adapter_model.bin is {_NO_PICKLE}: convert it to safetensors)" if (
             folder / "adapter_model.bin").exists() else ""
         raise ValueError(f"{folder}: no {ADAPTER_CONFIG}{hint}")
+    if (folder / INCOMPLETE_FILE).exists():
+        raise ValueError(f"{folder / INCOMPLETE_FILE}: a qlora finetune run was stopped while replacing this "
+                         "folder's adapter files, which may now mix two runs; run that finetune command again, "
+                         "without --no-resume (it resumes from its last checkpoint and rewrites them)")
     try:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
@@ -207,7 +216,9 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     cfg = read_adapter_config(folder)
     w_path = Path(folder) / ADAPTER_WEIGHTS
     if not w_path.is_file():
-        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}")
+        hint = f" (adapter_model.bin is {_NO_PICKLE}: convert it to safetensors)" if (
+            Path(folder) / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}{hint}")
     weights = from_peft_keys(load_safetensors(w_path), str(w_path))
     if not weights:
         raise ValueError(f"{w_path}: holds no LoRA weights")
@@ -218,11 +229,22 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     return weights, cfg
 
 
+def _host_array(v) -> np.ndarray:
+    """An adapter tensor as a NumPy array: NumPy as it is; a torch tensor (trainable, on any device) detached,
+    copied to the host in float32, as ``QLoRAModel.lora_state_numpy`` does."""
+    if hasattr(v, "detach"):  # torch, without importing it here
+        return v.detach().cpu().float().numpy()
+    return np.asarray(v)
+
+
 def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> Path:
-    """Save a model's adapters (any object with ``lora_parameters()`` and ``lora``) in PEFT's format."""
-    params = {k: np.asarray(v) for k, v in model.lora_parameters().items()}
+    """Save a model's adapters (any object with ``lora_parameters()`` and ``lora``: either backend's model) in
+    PEFT's format; ``model.save_adapter(folder)`` writes the same folder."""
+    params = {k: _host_array(v) for k, v in model.lora_parameters().items()}
     if not params:
         raise ValueError("the model carries no LoRA adapters (built with lora=None or r=0)")
+    if base_model_name_or_path is None:  # the path load_model read the model from, when it was loaded so
+        base_model_name_or_path = getattr(model, "name_or_path", None)
     return write_adapter_files(folder, params, peft_adapter_config(model.lora, base_model_name_or_path))
 
 

@@ -3,6 +3,10 @@ same messages. They take plain facts (shape, dtype name, a finiteness flag), nev
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
+
 from .dtypes import FLOAT_DTYPES
 
 #: the 4-bit types of bitsandbytes' storage format: the one set both backends, the loaders and the memory calculator use
@@ -14,9 +18,19 @@ BLOCKSIZES_8BIT = tuple(2**k for k in range(6, 13))  # 64 .. 4096
 
 
 def check_blocksize(blocksize, allowed: tuple[int, ...] = BLOCKSIZES_4BIT, name: str = "blocksize") -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in allowed:
+    """``blocksize`` as a Python int: any integer type (``np.int64`` from shape arithmetic too), never a bool or a
+    float, one of ``allowed``."""
+    if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or int(blocksize) not in allowed:
         raise ValueError(f"{name} must be a power of two from {allowed[0]} to {allowed[-1]}, got {blocksize!r}")
-    return blocksize
+    return int(blocksize)
+
+
+def check_bool(value, name: str) -> bool:
+    """A flag that must be True or False (``np.bool_`` too): a string such as "no" is truthy and would silently mean
+    yes."""
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_quant_type(quant_type, allowed: tuple[str, ...] = QUANT_TYPES_4BIT) -> str:

@@ -7,8 +7,11 @@ package, so every module that writes files can use it without depending on the t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,12 +39,47 @@ def _umask() -> int:
     return mask
 
 
+class WriteError(OSError):
+    """A file that could not be written (a full disk, no permission): one line naming the file, the reason and
+    the free space there (``qlora``'s commands print it as their error, exit status 2)."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _write_error(path: Path, e: Exception) -> WriteError:
+    code = getattr(e, "errno", None)
+    if code is None:  # safetensors' own error, e.g. "I/O error: No space left on device (os error 28)"
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else errno.EIO
+    try:
+        free = f"; {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return WriteError(code, f"{path}: could not be written ({os.strerror(code)}{free}); the previous file, if "
+                            "any, is unchanged")
+
+
 def atomic_write_with(path, write) -> None:
     """``write(tmp)`` fills a temporary sibling of ``path`` (a path), which is then flushed to disk and renamed
     over ``path``. The file gets the mode a plain ``open(path, "w")`` gives (``0o666`` less the umask):
-    ``mkstemp`` alone would leave it readable by its owner only, a shared model folder unreadable to others."""
+    ``mkstemp`` alone would leave it readable by its owner only, a shared model folder unreadable to others.
+    An OS error (a full disk) is a :class:`WriteError` naming ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _atomic_write_with(path, write)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise _write_error(path, e) from e
+    except Exception as e:
+        if type(e).__name__ != "SafetensorError":  # safetensors reports a failed write as its own error type
+            raise
+        raise _write_error(path, e) from e
+
+
+def _atomic_write_with(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.close(fd)

@@ -16,6 +16,7 @@ from .checks import (
     BLOCKSIZES_8BIT,
     REFERENCE_QUANT_TYPES_4BIT,
     check_blocksize,
+    check_bool,
     check_float_input,
     check_quant_type,
 )
@@ -48,14 +49,30 @@ def quantize_blockwise_8bit(x: np.ndarray, blocksize: int = 256) -> Quantized8bi
     few steps for ~0.1 % of values: see docs/quantization.md).
     """
     flat, name = _as_float32_input(x)
-    check_blocksize(blocksize, BLOCKSIZES_8BIT)
+    blocksize = check_blocksize(blocksize, BLOCKSIZES_8BIT)
     code = dynamic_map(signed=True)
     codes, absmax = blockwise.quantize_codes(flat, code, blocksize)
     return Quantized8bit(codes.reshape(x.shape), absmax, code, blocksize, tuple(x.shape), name)
 
 
+def _host(a) -> np.ndarray:
+    """A torch tensor (the GPU backend's state, on any device) as a NumPy array; NumPy as it is."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def _numpy_state8(q) -> Quantized8bit:
+    """``q`` as a NumPy ``Quantized8bit``: the GPU backend's (torch tensors inside) converted, anything else refused."""
+    if not isinstance(q, Quantized8bit):
+        raise ValueError(f"q must be a Quantized8bit (quantize_blockwise_8bit's result), got {type(q).__name__}")
+    if isinstance(q.codes, np.ndarray):
+        return q
+    return Quantized8bit(_host(q.codes), _host(q.absmax), _host(q.code), int(q.blocksize), tuple(q.shape), q.dtype)
+
+
 def dequantize_blockwise_8bit(q: Quantized8bit) -> np.ndarray:
-    """code[q] · absmax per block, in float32 (eq. 2), shaped like the original."""
+    """code[q] · absmax per block, in float32 (eq. 2), shaped like the original. The GPU backend's state (torch
+    tensors) is converted first."""
+    q = _numpy_state8(q)
     flat = blockwise.dequantize_codes(q.codes.reshape(-1), q.absmax, q.code, q.blocksize)
     return flat.reshape(q.shape)
 
@@ -85,7 +102,8 @@ def quantize_4bit(
     """
     flat, name = _as_float32_input(x)
     check_quant_type(quant_type, REFERENCE_QUANT_TYPES_4BIT)
-    check_blocksize(blocksize)
+    blocksize = check_blocksize(blocksize)
+    double_quant = check_bool(double_quant, "double_quant")
     code = codebook(quant_type)
     if kernel == "numba":
         packed, absmax = kernels.quantize_4bit_codes(flat, code, blocksize)
@@ -103,7 +121,12 @@ def quantize_4bit(
 
 def dequantize_4bit(q: Quantized4bit, dtype=None, *, kernel: str = "numba") -> np.ndarray:
     """Back to floats (eq. 2): ``float32(code[nibble] · absmax[block])``, rounded once to ``dtype`` (default: the
-    original dtype; bfloat16 rounds to nearest even), shaped like the original tensor."""
+    original dtype; bfloat16 rounds to nearest even), shaped like the original tensor. The GPU backend's state
+    (``qlora_gpu.Quantized4bit``, torch tensors) is converted first, through its ``state_dict``."""
+    if not isinstance(q, Quantized4bit):
+        raise ValueError(f"q must be a Quantized4bit (quantize_4bit's result), got {type(q).__name__}")
+    if not isinstance(q.packed, np.ndarray):
+        q = Quantized4bit.from_state_dict({k: _host(v) for k, v in q.state_dict().items()})
     out_name = q.dtype if dtype is None else dtype_name(dtype)
     absmax = q.absmax_float32()
     if kernel == "numba" and out_name in ("float32", "bfloat16"):

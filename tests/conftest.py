@@ -31,11 +31,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked ``gpu`` (``@pytest.mark.gpu``, or ``pytest.param(..., marks=pytest.mark.gpu)``) where
+    there is no CUDA device, saying so (``-ra`` lists the reason). The marker, not ``item.keywords``: keywords also
+    hold parametrize ids and the names of parent folders and classes, so a CPU test with an id ``gpu`` (the GPU
+    backend run on the CPU) or in a folder named ``gpu`` would be skipped too, with a wrong reason."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device; none is available on this machine")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
 
 

@@ -375,6 +375,28 @@ def test_resuming_on_another_base_model_is_refused(files, tmp_path, capsys):
     assert main([*args[:-1], "3", "--model", str(files / "model")]) == 0  # the same model resumes
 
 
+def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    """A checkpoint's random streams continue only on the backend that wrote it: the refusal is read from its
+    trainer_state.json before any model is loaded (minutes at scale), naming the backend to resume with."""
+    pytest.importorskip("bitsandbytes")
+    import qlora_ref.train.api as api
+
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+            str(out), *FAST]
+    assert main([*args, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(api, "make_trainer", no_load)
+    assert main([*args, "--max-steps", "2", "--backend", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert "comes from another backend ('ref', this is 'gpu'" in err and "resume with --backend ref" in err
+    assert not (out / "checkpoint-2").exists()
+
+
 def test_a_refused_run_leaves_no_empty_folder(files, tmp_path, capsys):
     out = tmp_path / "new" / "run"
     assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(files / "train.jsonl"),
@@ -485,3 +507,59 @@ def test_skip_malformed_drops_and_counts_a_bad_record_and_evaluate_repeats_it(fi
     assert main(["evaluate", "--model", str(files / "model"), "--data", str(tmp_path / "bad.jsonl"),
                  "--no-progress"]) == 2
     assert "bad.jsonl:6" in (err := capsys.readouterr().err) and "--skip-malformed" in err
+
+
+@pytest.mark.parametrize("command,quant_type", [
+    (["finetune", "--data", "train.jsonl", "--output-dir", "{out}"], "int4"),
+    (["generate", "--prompt", "hi"], "fp4_e3m0"),
+    (["evaluate", "--data", "train.jsonl"], "int4"),
+    (["merge", "--adapter", "adapter", "--output-dir", "{out}"], "fp4_e3m0"),
+])
+def test_gpu_backend_refuses_reference_only_quant_types_first(tmp_path, capsys, command, quant_type):
+    """int4 / fp4_e3m0 on --backend gpu: refused with the other option checks (the model and data named here do
+    not even exist: nothing is read), naming the flag and the backend; no output folder is created."""
+    out = tmp_path / "out"
+    argv = [a.format(out=out) for a in command]
+    rc = main([*argv, "--model", str(tmp_path / "no-model"), "--backend", "gpu", "--quant-type", quant_type])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--quant-type {quant_type} is reference-only (bitsandbytes stores nf4/fp4): use --backend ref" in err
+    assert not out.exists()
+
+
+def test_nproc_on_the_reference_backend_is_refused_before_the_output_folder_is_made(tmp_path, capsys):
+    out = tmp_path / "e2"
+    rc = main(["finetune", "--backend", "ref", "--nproc", "2", "--model", str(tmp_path / "m"), "--data",
+               str(tmp_path / "d.jsonl"), "--output-dir", str(out)])
+    assert rc == 2
+    assert "--nproc shards the model over GPUs with the gpu backend" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("user_value", [None, "0"], ids=["unset", "set_by_the_user"])
+def test_the_gpu_backend_on_cpu_turns_torch_compile_off_unless_the_user_chose(tmp_path, capsys, monkeypatch,
+                                                                              user_value):
+    """bitsandbytes compiles its CPU fallbacks: ``--backend gpu`` on a machine without CUDA turns torch.compile off,
+    as ``TORCH_COMPILE_DISABLE=1`` would; a value the user set is left alone."""
+    pytest.importorskip("bitsandbytes")
+    import os
+
+    import torch
+    import torch._dynamo
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the switch for machines without CUDA; this one has CUDA")
+    if user_value is None:
+        monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_COMPILE_DISABLE", user_value)
+    before = torch._dynamo.config.disable  # torch's config module: set and restored by hand, not by monkeypatch
+    torch._dynamo.config.disable = False
+    try:
+        # the model does not exist: the command stops at loading it, after the switch
+        assert main(["generate", "--backend", "gpu", "--model", str(tmp_path / "no-model"), "--prompt", "hi"]) == 2
+        assert "no-model" in capsys.readouterr().err
+        assert torch._dynamo.config.disable is (user_value is None)
+    finally:
+        torch._dynamo.config.disable = before
+    assert os.environ.get("TORCH_COMPILE_DISABLE") == ("1" if user_value is None else user_value)

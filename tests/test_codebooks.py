@@ -50,16 +50,39 @@ def test_nf4_levels_are_normal_quantiles():
 def test_equal_mass_codes_are_an_idealisation_that_blockwise_absmax_departs_from():
     """docs/quantization.md: on N(0, 1) scaled so that Φ⁻¹(δ) lands on 1 and rounded to the nearest code, each NF4
     code gets 0.89-1.14 of an even share; after absmax scaling in blocks of 64 the outer codes are reached far
-    less (the absmax of 64 normal values is about 2.4σ, not 1.85σ): 0.28-1.48."""
+    less (the absmax of 64 normal values is about 2.4σ, not 1.85σ): 0.28-1.48.
+
+    The blockwise shares are checked against their expectation derived here, independently of the quantizer: in a
+    block of n = 64 normal values with absmax M (density n·2φ(m)·(2Φ(m) - 1)^(n-1)), the largest value lands on
+    ±1 (code 0 or 15, half the time each) and the other n - 1, normal truncated to [-M, M], land in code k's cell
+    [e_k, e_k+1] (midpoints between codes) with probability (Φ(e_k+1·M) - Φ(e_k·M)) / (2Φ(M) - 1); averaged over M.
+    The counts of 2^20 values are binomial around that within 5 standard errors (measured: within 2.1)."""
+    from scipy import integrate
+
     import qlora_ref
 
     q = codebook("nf4").astype(np.float64)
     edges = (q[1:] + q[:-1]) / 2 * norm.ppf(0.9677083)
     ideal = np.diff(np.concatenate([[0.0], norm.cdf(edges), [1.0]])) * 16
     assert 0.88 < ideal.min() < 0.90 and 1.13 < ideal.max() < 1.15
+
+    n = 64
+    cells = np.concatenate([[-1.0], (q[1:] + q[:-1]) / 2, [1.0]])
+
+    def absmax_density(m):
+        return n * 2 * norm.pdf(m) * (2 * norm.cdf(m) - 1) ** (n - 1)
+
+    expected = np.array([(n - 1) / n * integrate.quad(
+        lambda m, a=a, b=b: absmax_density(m) * (norm.cdf(b * m) - norm.cdf(a * m)) / (2 * norm.cdf(m) - 1),
+        0, 12, points=[2, 2.5, 3], limit=200)[0] for a, b in zip(cells[:-1], cells[1:], strict=True)])
+    expected[[0, 15]] += 0.5 / n
+    assert abs(expected.sum() - 1) < 1e-9
     w = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
-    share = np.bincount(qlora_ref.quantize_4bit(w, "nf4", 64, double_quant=False).codes(), minlength=16) / w.size * 16
-    assert 0.25 < share.min() < 0.31 and 1.45 < share.max() < 1.51
+    counts = np.bincount(qlora_ref.quantize_4bit(w, "nf4", 64, double_quant=False).codes(), minlength=16)
+    standard_error = np.sqrt(expected * (1 - expected) * w.size)
+    assert np.all(np.abs(counts - expected * w.size) <= 5 * standard_error), (counts / w.size * 16, expected * 16)
+    share = expected * 16  # the docs' figures follow from the expectation
+    assert 0.27 < share.min() < 0.28 and 1.47 < share.max() < 1.48
     assert share.argmin() in (0, 15) and share.argmax() in range(5, 9)  # fewest at the ends, most near zero
 
 

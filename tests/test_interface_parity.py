@@ -274,3 +274,85 @@ def test_a_model_loaded_without_lora_takes_an_adapter(checkpoint, tmp_path, back
     np.testing.assert_array_equal(np.asarray(got.detach() if backend == "gpu" else got), expected)
     with pytest.raises(ValueError, match="already carries an adapter"):
         next(m for m in direct.named_linears().values() if m.r is not None).add_adapter(4, 8.0)
+
+
+def _logits(model, ids, backend) -> np.ndarray:
+    out = model.forward(ids)
+    return np.asarray(out.detach() if backend == "gpu" else out)
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_the_save_adapter_function_writes_the_methods_folder(checkpoint, tmp_path, backend):
+    """``package.save_adapter(model, dir)`` works on either backend's model (the GPU's adapters are trainable torch
+    tensors) and writes the files ``model.save_adapter(dir)`` writes — for a model built with LoRA and for one
+    loaded with ``adapter=``; both record the path the model was loaded from as its base model."""
+    package = qlora_ref if backend == "ref" else qlora_gpu
+    kw = dict(device="cpu") if backend == "gpu" else {}
+    model = package.load_model(checkpoint, lora=qlora_ref.LoraConfig(r=4, alpha=8.0), **kw)
+    rng = np.random.default_rng(2)
+    model.load_lora_parameters({k: rng.standard_normal(tuple(v.shape)).astype(np.float32)
+                                for k, v in model.lora_parameters().items()})
+    model.save_adapter(tmp_path / "method")
+    package.save_adapter(model, tmp_path / "function")
+    loaded = package.load_model(checkpoint, adapter=tmp_path / "method", **kw)
+    package.save_adapter(loaded, tmp_path / "resaved")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        method = (tmp_path / "method" / name).read_bytes()
+        assert (tmp_path / "function" / name).read_bytes() == method, name
+        assert (tmp_path / "resaved" / name).read_bytes() == method, name
+    from qlora_ref.adapters import adapter_base_model, read_adapter_config
+
+    assert read_adapter_config(tmp_path / "method")["base_model_name_or_path"] == str(checkpoint.resolve())
+    assert adapter_base_model(tmp_path / "resaved") == checkpoint.resolve()
+    package.save_adapter(loaded, tmp_path / "named", base_model_name_or_path="org/model")  # given: as given
+    assert read_adapter_config(tmp_path / "named")["base_model_name_or_path"] == "org/model"
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_load_model_with_an_adapter_returns_an_inference_model(checkpoint, tmp_path, backend):
+    """``load_model(path, adapter=DIR)`` is for inference, as peft's ``from_pretrained``: eval mode, so two direct
+    forward calls give the same logits although the adapter was trained with dropout; ``model.train()`` turns the
+    dropout back on. With ``lora`` given (to train on), the model stays in training mode."""
+    package = qlora_ref if backend == "ref" else qlora_gpu
+    kw = dict(device="cpu") if backend == "gpu" else {}
+    lora = qlora_ref.LoraConfig(r=4, alpha=8.0, dropout=0.5)
+    trained = package.load_model(checkpoint, lora=lora, **kw)
+    rng = np.random.default_rng(3)
+    trained.load_lora_parameters({k: rng.standard_normal(tuple(v.shape)).astype(np.float32)
+                                  for k, v in trained.lora_parameters().items()})
+    trained.save_adapter(tmp_path / "adapter")
+    ids = np.asarray([[3, 14, 15, 9, 2, 6]])
+    if backend == "gpu":
+        import torch
+
+        torch.manual_seed(0)
+    model = package.load_model(checkpoint, adapter=tmp_path / "adapter", **kw)
+    assert {m.training for m in model.named_linears().values()} == {False}
+    np.testing.assert_array_equal(_logits(model, ids, backend), _logits(model, ids, backend))
+    model.train()
+    assert not np.array_equal(_logits(model, ids, backend), _logits(model, ids, backend))  # dropout: can fail
+    to_train = package.load_model(checkpoint, lora=lora, adapter=tmp_path / "adapter", **kw)
+    assert {m.training for m in to_train.named_linears().values()} == {True}
+
+
+def test_lora_dropout_masks_differ_between_the_backends(tmp_path):
+    """docs/training.md, "The two backends agree": the float32 curves agree to 1e-5 per step only with
+    ``lora_dropout=0``; with dropout each backend draws its masks from its own stream (NumPy / torch) whatever the
+    seed, so from step 2 (step 1's adapters output zero) they differ beyond 1e-5, yet within the bf16 row's 2^-8."""
+    from test_train import qa_dataset, run, small_config, write_tiny_model
+
+    from qlora_ref.train.api import load_tokenizer
+
+    folder = tmp_path / "model"
+    write_tiny_model(folder)
+    train_ds = qa_dataset(load_tokenizer(folder), 48, seed=0)
+    rel = {}
+    for dropout in (0.0, 0.1):
+        config = small_config(max_steps=4, compute_dtype="float32", double_quant=False, lora_dropout=dropout)
+        a = np.array(run(folder, train_ds, config, "ref")[1].train_losses)
+        b = np.array(run(folder, train_ds, config, "gpu")[1].train_losses)
+        rel[dropout] = np.abs(b - a) / np.abs(a)
+    assert rel[0.0].max() <= 1e-5  # the documented float32 agreement, dropout off
+    assert rel[0.1][0] <= 1e-5  # step 1: lora_B is zero, the masks do not reach the loss
+    assert rel[0.1][1:].max() > 1e-5  # other masks: observed ≈ 2e-4
+    assert rel[0.1].max() <= 2.0**-8

@@ -40,6 +40,24 @@ def test_embedding_forward_backward():
     grads_close(gw, tw.grad.numpy())
 
 
+def test_embedding_backward_finite_differences():
+    """L(W) = Σ Embedding(W)(ids) ⊙ G is linear in the table W, so a central difference in float64 is exact up to
+    round-off. Ids repeat (row 3 three times, row 1 twice: its gradient is a sum) and rows 2, 4... are unused
+    (their gradient is zero); float64 torch autograd agrees too."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((11, 5))
+    ids = np.array([[1, 3, 3, 10], [0, 1, 7, 3]])
+    g = rng.standard_normal((*ids.shape, 5))
+    emb = Embedding(w)
+    emb.forward(ids)
+    gw = emb.backward(g)
+    check_finite_differences(lambda table: Embedding(table).forward(ids), w, g, gw, rng)
+    tw = tt(w).requires_grad_()
+    torch.nn.functional.embedding(tt(ids), tw).backward(tt(g))
+    # each entry sums at most 3 float64 terms, in either order: within 2 roundings of 2⁻⁵³ of their |sum| <= 3 max|G|
+    np.testing.assert_allclose(gw, tw.grad.numpy(), rtol=0, atol=2 * 2.0**-53 * 3 * np.abs(g).max())
+
+
 def test_embedding_rejects_out_of_range_ids():
     emb = Embedding(np.zeros((4, 2), np.float32))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
@@ -80,6 +98,27 @@ def test_rmsnorm_finite_differences():
     norm.forward(x)
     dx = norm.backward(g)
     check_finite_differences(lambda z: RMSNorm(w, 1e-6).forward(z), x, g, dx, rng)
+
+
+def test_rmsnorm_weight_gradient_finite_differences():
+    """∂L/∂w of L(w) = Σ RMSNorm(w)(x) ⊙ g: y is linear in w (x fixed), so a float64 central difference is exact up
+    to round-off; float64 torch autograd agrees too."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 4, 9))
+    w = 1 + 0.3 * rng.standard_normal(9)
+    g = rng.standard_normal(x.shape)
+    norm = RMSNorm(w, 1e-6, weight_grad=True)
+    norm.forward(x)
+    norm.backward(g)
+    check_finite_differences(lambda v: RMSNorm(v, 1e-6).forward(x), w, g, norm.grad_weight, rng)
+    tw = tt(w).requires_grad_()
+    torch_rmsnorm(tt(x), tw, 1e-6).backward(tt(g))
+    # each side is within 20 roundings (u = 2⁻⁵³) of the exact value, relative to Σ|g·x̂|: x̂ = x·r with r from a
+    # mean of 9 squares (≤ 9u, halved by the square root), + eps, sqrt and divide (≤ 8u in all), the product g·x̂
+    # (1u), the sum over 12 rows (≤ 11u); the two sides differ by at most twice that, 40u
+    x_hat = x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    bound = 40 * 2.0**-53 * np.abs(g * x_hat).reshape(-1, 9).sum(axis=0)
+    assert np.all(np.abs(norm.grad_weight - tw.grad.numpy()) <= bound)
 
 
 # ----------------------------------------------------------------------------------------------- RoPE

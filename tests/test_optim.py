@@ -256,6 +256,121 @@ def test_page_size_must_hold_whole_blocks():
         DeviceMemory(page_bytes=1000)
 
 
+def _where(pages):
+    """'d' for each page on the device, 'h' for each on the host."""
+    return "".join("d" if p.resident else "h" for p in pages)
+
+
+def test_eviction_is_least_recently_used_not_first_in():
+    """The documented policy (module docstring): the least recently *used* pages go first. A scripted sequence
+    in which LRU, FIFO (creation order), most-recently-used and "evict everything" all give different answers;
+    the expected residency after each call is worked out by hand from the policy, not taken from the code."""
+    memory = DeviceMemory(budget_bytes=4 * PAGE, page_bytes=PAGE)
+    p = [memory.new_page(np.zeros(4, np.float32)) for _ in range(4)]  # created (= used) in the order 0 1 2 3
+    assert _where(p) == "dddd" and memory.page_allocs == 4
+    memory.ensure_resident([p[0]])  # use order now 1 2 3 0
+    memory.ensure_resident([p[2]])  # use order now 1 3 0 2
+    assert memory.page_ins == memory.page_outs == 0
+    memory.allocate("spike", 2 * PAGE)  # two pages must go: the two least recently used, 1 and 3
+    assert _where(p) == "dhdh" and memory.page_outs == 2 and memory.host_pages == 2
+    # paging 1 back in needs one page of room; the least recently used resident page is 0 (used before 2)
+    memory.ensure_resident([p[1]])  # use order now 2 1
+    assert _where(p) == "hddh" and memory.page_ins == 1 and memory.page_outs == 3
+    # a page used by the same call is never the victim, even when it is the least recently used: 2 is the LRU
+    # resident page, but the update needs 2 and 3 together, so 1 goes
+    memory.ensure_resident([p[2], p[3]])
+    assert _where(p) == "hhdd" and memory.page_ins == 2 and memory.page_outs == 4
+    memory.free("spike")
+    memory.ensure_resident([p[0], p[1]])  # room for both now: nothing is evicted
+    assert _where(p) == "dddd" and memory.page_ins == 4 and memory.page_outs == 4
+    assert memory.peak_bytes <= memory.budget_bytes
+    # pages that one update needs together are never evicted to make room for each other: with 3 pages pinned
+    # only one page fits, so an update that needs 0 (resident) and 1 (on the host) is out of memory, rather
+    # than paging 0 out to bring 1 in
+    memory.allocate("weights", 3 * PAGE)  # use order was 2 3 0 1: 2, 3 and 0 go
+    assert _where(p) == "hdhh"
+    memory.ensure_resident([p[0]])  # evicts 1
+    with pytest.raises(DeviceOutOfMemory):
+        memory.ensure_resident([p[0], p[1]])
+    assert _where(p) == "dhhh"
+
+
+def test_paged_adamw_evicts_the_state_of_the_parameter_used_least_recently():
+    """The same policy through the optimizer (the reviewer's scenario): states for a, b, c (two pages each, m and
+    v), then a step that updates only a, then a pinned spike. b's state is the coldest and goes to the host;
+    a's (just used) and c's stay. Under FIFO a's state would go instead."""
+    per_page = PAGE // 4  # float32 elements per page
+    memory = DeviceMemory(budget_bytes=6 * PAGE, page_bytes=PAGE)
+    opt = PagedAdamW(lr=1e-2, memory=memory)
+    rng = np.random.default_rng(0)
+    params = {k: rng.standard_normal(per_page).astype(np.float32) for k in "abc"}
+
+    def grads(keys):
+        return {k: rng.standard_normal(per_page).astype(np.float32) for k in keys}
+
+    def where(k):
+        return _where(opt.state[k]["state1"].pages + opt.state[k]["state2"].pages)
+
+    opt.step(params, grads("abc"))
+    assert memory.page_allocs == 6 and memory.page_ins == memory.page_outs == 0
+    opt.step(params, grads("a"))
+    memory.allocate("activations", 2 * PAGE)
+    assert (where("a"), where("b"), where("c")) == ("dd", "hh", "dd")
+    assert memory.page_outs == 2
+    # the next full step, with the spike still pinned (room for 4 state pages): a is resident (no traffic);
+    # b comes in and evicts c (the LRU now); c comes in and evicts a. 4 page-ins in all; FIFO would need 6.
+    memory.reset_counters()
+    opt.step(params, grads("abc"))
+    assert memory.page_ins == 4 and memory.page_outs == 4
+    assert (where("a"), where("b"), where("c")) == ("hh", "dd", "dd")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_paging_matches_an_independent_lru_model(seed):
+    """A random sequence of page uses and pinned allocations, checked after every call against a model of the
+    documented policy kept here with use times (not the code's ordered dict): on a shortfall, evict the resident
+    page with the oldest last use; a page is used when created or touched."""
+    rng = np.random.default_rng(seed)
+    budget = 6
+    memory = DeviceMemory(budget_bytes=budget * PAGE, page_bytes=PAGE)
+    pages, last_use, resident, pinned = [], {}, set(), {}
+    clock = 0
+
+    def evict_for(n_pages):
+        nonlocal resident
+        while len(resident) + sum(pinned.values()) + n_pages > budget:
+            victim = min(resident, key=last_use.__getitem__)
+            resident.discard(victim)
+
+    for _ in range(200):
+        clock += 1
+        action = rng.integers(0, 10)
+        if action == 0 and len(pages) < 12:
+            evict_for(1)
+            pages.append(memory.new_page(np.zeros(1, np.float32)))
+            i = len(pages) - 1
+            resident.add(i)
+            last_use[i] = clock
+        elif action == 1 and not pinned:
+            n = int(rng.integers(1, 4))
+            evict_for(n)
+            memory.allocate("spike", n * PAGE)
+            pinned["spike"] = n
+        elif action == 2 and pinned:
+            memory.free("spike")
+            pinned.clear()
+        elif pages:
+            i = int(rng.integers(len(pages)))
+            if i not in resident:
+                evict_for(1)
+                resident.add(i)
+            last_use[i] = clock
+            memory.ensure_resident([pages[i]])
+        assert {i for i, p in enumerate(pages) if p.resident} == resident
+        assert memory.resident_pages == len(resident) and memory.host_pages == len(pages) - len(resident)
+    assert memory.page_outs > 10 and memory.page_ins > 10  # the sequence did exercise eviction
+
+
 # ------------------------------------------------------------------------------------------------- 8-bit
 def _quadratic(n, seed):
     rng = np.random.default_rng(seed)
@@ -348,9 +463,14 @@ def test_dynamic_maps_are_bitsandbytes_maps():
 @pytest.mark.parametrize("seed", [0, 3])
 def test_adamw8bit_vs_bitsandbytes_on_cpu(seed):
     """bitsandbytes 0.50's AdamW8bit runs on CPU (dequantize, update in float32, requantize through a lookup
-    table). Stated bound on the quadratic: losses agree within 1 % (measured: 0.03 %), the RMS distance of the
-    trajectories stays below 30 % of the distance travelled (measured: about 17 %: the lookup table rounds some
-    codes differently, and elements near their minimum jitter by +-lr in either optimizer)."""
+    table). Stated bound on the quadratic: losses agree within 0.1 %, the RMS distance of the trajectories stays
+    below 25 % of the distance travelled.
+
+    These are measured, not derived: an 8-bit code that the lookup table rounds differently changes that element's
+    state by a whole code step, a discontinuity that no float32 round-off argument bounds, and elements near their
+    minimum then jitter by up to lr in either optimizer. Measured over 100 steps, worst step, seeds 0-3: loss
+    0.029 % (so 0.1 % is 3.5x), RMS 18.7 % (so 25 % is 1.3x; it peaks around step 5 and falls to 6-8 % by step
+    100). The exact first step is pinned by test_adamw8bit_first_step_matches_bitsandbytes_closely."""
     import bitsandbytes as bnb
 
     n = 4096
@@ -367,8 +487,8 @@ def test_adamw8bit_vs_bitsandbytes_on_cpu(seed):
             theirs.grad = torch.from_numpy(grad(theirs.detach().numpy()))
             b.step()
             xb = theirs.detach().numpy()
-            assert abs(loss(ours["x"]) - loss(xb)) <= 0.01 * (loss(xb) + 1e-3 * loss(x0))
-            assert np.sqrt(np.mean((ours["x"] - xb) ** 2)) <= 0.3 * np.sqrt(np.mean((xb - x0) ** 2))
+            assert abs(loss(ours["x"]) - loss(xb)) <= 1e-3 * (loss(xb) + 1e-3 * loss(x0))
+            assert np.sqrt(np.mean((ours["x"] - xb) ** 2)) <= 0.25 * np.sqrt(np.mean((xb - x0) ** 2))
     state = b.state[theirs]
     assert state["state1"].dtype == torch.uint8 and state["absmax1"].shape == o.state["x"]["absmax1"].shape
 
@@ -528,8 +648,12 @@ def _both(name, steps=5, seed=0, **kw):
 def test_gpu_backend_optimizers_agree_with_the_reference(name):
     """Same names, same state keys, same updates: float32 round-off for the 32-bit optimizers (bitsandbytes'
     32-bit CPU update is the same formula written differently), and for 8-bit the lookup-table rounding of a few
-    codes (the parameters move by at most lr per step, so |Δp| <= lr * steps bounds any disagreement; measured
-    far below)."""
+    codes. 8-bit bounds, measured rather than derived (a code rounded differently moves that element's state by a
+    whole code step, a discontinuity no round-off argument bounds; the first step, where both start from the same
+    state, is exact up to one code: test_adamw8bit_first_step_matches_bitsandbytes_closely): at most 1.5 % of each
+    state's codes differ (measured <= 0.7 %), at most 6 % of the parameters differ by more than 1e-6 (measured
+    3.5 %), and by at most 2e-3 (measured 7.3e-4; each element moves about lr = 1e-2 per step), 1e-5 on average
+    (measured 2.1e-6)."""
     kw = dict(lr=1e-2, weight_decay=0.01)
     if "8bit" in name:
         kw["min_8bit_size"] = 1000
@@ -541,7 +665,10 @@ def test_gpu_backend_optimizers_agree_with_the_reference(name):
     for k in SHAPES:
         diff = np.abs(rp[k] - gp[k].numpy())
         if "8bit" in name and SHAPES[k][0] * (SHAPES[k][1] if len(SHAPES[k]) > 1 else 1) >= 1000:
-            assert diff.max() <= 5 * 1e-2 * 0.5 and diff.mean() < 1e-3
+            assert diff.max() <= 2e-3 and diff.mean() <= 1e-5 and np.mean(diff > 1e-6) <= 0.06, k
+            for s in ("state1", "state2"):
+                codes_ref, codes_gpu = np.asarray(sd_ref[f"{k}.{s}"]), np.asarray(sd_gpu[f"{k}.{s}"])
+                assert codes_ref.dtype == np.uint8 and np.mean(codes_ref != codes_gpu) <= 0.015, (k, s)
         else:
             np.testing.assert_allclose(rp[k], gp[k].numpy(), rtol=1e-5, atol=1e-6)
 

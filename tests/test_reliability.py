@@ -358,6 +358,174 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(files, tmp_p
     assert resumed.step == 6 and resumed.train_losses == full.train_losses[2:]
 
 
+def _edit_safetensors(path, edit):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def _edit_json(path, edit):
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def _drop_a_state(t):
+    del t[next(k for k in sorted(t) if not k.endswith(".step"))]
+
+
+#: (backend, file of checkpoint-3 damaged, how): each reads, but does not fit together or this model
+DAMAGE = {
+    "optimizer-key-missing": ("ref", "optimizer.safetensors", lambda f: _edit_safetensors(f, _drop_a_state)),
+    "optimizer-key-extra": ("ref", "optimizer.safetensors", lambda f: _edit_safetensors(
+        f, lambda t: t.update({"bogus.weight.exp_avg": np.zeros(3, np.float32)}))),
+    "dropout-rng-missing": ("ref", "trainer_state.json", lambda f: _edit_json(
+        f, lambda d: d["rng"].update(lora_dropout={}))),
+    "rng-file-missing": ("ref", "rng.safetensors", lambda f: f.unlink()),
+    "step-edited": ("ref", "trainer_state.json", lambda f: _edit_json(f, lambda d: d.update(step=1))),
+    "run-id-edited": ("ref", "trainer_state.json", lambda f: _edit_json(f, lambda d: d.update(run_id="x"))),
+    "torch-rng-file-missing": ("gpu", "rng.safetensors", lambda f: f.unlink()),
+    "torch-rng-file-empty": ("gpu", "rng.safetensors", lambda f: _edit_safetensors(f, lambda t: t.clear())),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(files, tmp_path, case):
+    """checkpoint-3's files read but do not fit (a missing or extra optimizer state, a missing random state, a
+    step or run id that disagrees with the marker): one warning naming the file, then the run continues from
+    checkpoint-2 exactly as the uninterrupted run did."""
+    backend, name, damage = DAMAGE[case]
+    config = small_config(max_steps=4, save_every=1, keep_checkpoints=2, lora_dropout=0.1)
+    _, full = run(files["model"], files["ds"], config, backend, output_dir=tmp_path / "full")
+    out = tmp_path / "cut"
+    run(files["model"], files["ds"], config, backend, output_dir=out, stop_after=3)
+    damage(out / "checkpoint-3" / name)
+    with pytest.warns(UserWarning, match=rf"checkpoint-3 is (damaged|unreadable) \(\S*checkpoint-3/{name}: .*\); "
+                                         r"resuming from the one before it, checkpoint-2"):
+        _, resumed = run(files["model"], files["ds"], config, backend, output_dir=out)
+    assert resumed.step == 4 and resumed.train_losses == full.train_losses[2:]
+
+
+def test_a_damaged_marker_is_reported_as_damaged_not_as_another_runs(files, tmp_path):
+    """A truncated qlora_checkpoint.json: the folder is still never replaced, but the error says the marker is
+    damaged and how to go on; deleting that checkpoint resumes from the one before."""
+    config = small_config(max_steps=4, save_every=1, keep_checkpoints=2)
+    out = tmp_path / "out"
+    run(files["model"], files["ds"], config, output_dir=out, stop_after=3)
+    marker = out / "checkpoint-3" / "qlora_checkpoint.json"
+    marker.write_text(marker.read_text()[:20])
+    with pytest.raises(ValueError, match=r"checkpoint-3/qlora_checkpoint.json: damaged checkpoint marker "
+                                         r"\(unreadable .*\).* delete checkpoint-3"), \
+            pytest.warns(UserWarning, match=r"checkpoint-3/qlora_checkpoint.json: damaged checkpoint marker "
+                                            r"\(unreadable .*\); not resumed from"):
+        run(files["model"], files["ds"], config, output_dir=out)
+    shutil.rmtree(out / "checkpoint-3")
+    _, resumed = run(files["model"], files["ds"], config, output_dir=out)
+    assert resumed.step == 4 and len(resumed.train_losses) == 2
+
+
+def _interrupt_at_save(monkeypatch, n: int, exc: type[BaseException]):
+    """Raise ``exc`` when the run's ``n``-th checkpoint is about to be saved (Ctrl-C, or a kill's stand-in)."""
+    import qlora_ref.train.loop as loop
+
+    calls, save = [], loop.save_checkpoint
+
+    def save_or_stop(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise exc()
+        return save(*a, **k)
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_or_stop)
+
+
+def test_rerunning_a_killed_no_resume_run_says_to_drop_no_resume(files, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = finetune_args(files, out, "--max-steps", "4", "--save-every", "1", "--no-resume")
+    _interrupt_at_save(monkeypatch, 3, SystemExit)  # stopped with checkpoint-1 and -2 written
+    with pytest.raises(SystemExit):
+        main(args)
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "(an earlier run's with these same settings)" in err
+    assert "to continue that run, run the same command without --no-resume" in err
+    assert main([a for a in args if a != "--no-resume"]) == 0
+    assert "(2 steps in this run)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["resume", "no-resume"])
+def test_ctrl_c_is_one_line_naming_the_checkpoint_kept_and_how_to_resume(files, tmp_path, capsys, monkeypatch,
+                                                                          resume):
+    out = tmp_path / "out"
+    args = finetune_args(files, out, "--max-steps", "4", "--save-every", "1", *([] if resume else ["--no-resume"]))
+    _interrupt_at_save(monkeypatch, 3, KeyboardInterrupt)
+    try:
+        rc = main(args)
+    except KeyboardInterrupt:  # not caught: the traceback a user would see
+        rc = "KeyboardInterrupt"
+    assert rc == 130
+    err = capsys.readouterr().err.strip()
+    hint = "" if resume else " without --no-resume"
+    assert err == (f"qlora finetune: interrupted: the newest checkpoint is {out / 'checkpoint-2'}; run the same "
+                   f"command{hint} to resume from it")
+    monkeypatch.undo()
+    assert main([a for a in args if a != "--no-resume"]) == 0
+    assert "(2 steps in this run)" in capsys.readouterr().out
+
+
+def _no_space(monkeypatch, where):
+    import errno
+    import os
+
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    if where == "safetensors":
+        def full(*a, **k):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+        monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    else:
+        def full(*a, **k):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+
+
+@pytest.mark.parametrize("where", ["safetensors", "fsync"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(files, tmp_path, capsys, monkeypatch, where):
+    out = tmp_path / "out"
+    _no_space(monkeypatch, where)
+    try:
+        rc = main(finetune_args(files, out, "--max-steps", "2", "--save-every", "1"))
+    except Exception as e:  # not caught: the traceback a user would see
+        rc = repr(e)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, (rc, err)
+    assert err.startswith(f"qlora finetune: error: {out}/.checkpoint-1.")
+    assert "adapter_model.safetensors: could not be written (No space left on device; " in err
+    assert " MiB free there)" in err
+    assert not out.exists()  # nothing half-written left behind: the folder the run made is removed again
+
+
+def test_the_next_commands_printed_paste_into_a_shell(files, tmp_path, capsys):
+    """Paths with spaces and quotes come out shell-quoted: each printed command splits back into the paths."""
+    import shlex
+
+    out = tmp_path / "my run's out"
+    assert main(finetune_args(files, out, "--max-steps", "1")) == 0
+    lines = capsys.readouterr().out.split("next:\n")[1].splitlines()
+    commands = [shlex.split(line) for line in lines]
+    assert commands[0] == ["qlora", "plot", str(out)]
+    assert commands[1] == ["qlora", "evaluate", "--adapter", str(out), "--data", str(files["data"]), "--split",
+                           "held-out"]
+    assert commands[2] == ["qlora", "merge", "--adapter", str(out), "--output-dir", f"{out}-merged"]
+
+
 # ---------------------------------------------------------------------------------------------- generation
 def _no_generate_model_load(monkeypatch):
     import qlora_ref.model.loading
@@ -525,13 +693,18 @@ def test_no_pickle_is_ever_loaded(files, tmp_path, capsys):
     model = copy_model(files, tmp_path / "m")
     (model / "model.safetensors").unlink()
     (model / "pytorch_model.bin").write_bytes(payload)
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no model.safetensors.* \\(pytorch_model.bin: PyTorch's pickle format, "
+                                              "never unpickled here: unpickling can run code; safetensors only"):
         load_model(model)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.bin").write_bytes(payload)
-    assert main(["generate", "--model", str(files["model"]), "--adapter", str(adapter), "--prompt", "hi"]) == 2
-    assert "PEFT's old pickle format, is not read" in capsys.readouterr().err
+    for config in (False, True):  # the reason is given with or without an adapter_config.json beside the pickle
+        if config:
+            (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+        assert main(["generate", "--model", str(files["model"]), "--adapter", str(adapter), "--prompt", "hi"]) == 2
+        assert ("adapter_model.bin is PEFT's old pickle format, never unpickled here: unpickling can run code; "
+                "safetensors only") in capsys.readouterr().err
     assert not sprung.exists()
 
 

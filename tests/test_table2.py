@@ -86,10 +86,43 @@ def test_table2_rows_and_weight_errors_on_gaussian_weights():
     errors = [r.mean_abs_weight_error for r in rows]
     ppls = [r.perplexity for r in rows]
     assert np.array_equal(np.argsort(errors, kind="stable"), np.argsort(ppls, kind="stable"))
-    assert table2.paper_ordering_holds(rows) == (by["Int4"].perplexity > by["FP4 (E2M1)"].perplexity
-                                                 > by["NF4 + DQ"].perplexity)
     with pytest.raises(ValueError, match="linear_names"):
         table2.table2(lambda w: None, weights, ["missing.weight"], np.zeros(3, int))
+
+
+# the paper's Table 2 (mean perplexities, DESIGN.md): Int4 34.34 > FP4 E2M1 31.07 > FP4 E3M0 29.48 > NF4 + DQ 27.41
+PAPER_ORDER = ["Int4", "FP4 (E2M1)", "FP4 (E3M0)", "NF4 + DQ"]
+
+
+def _rows(ppl: dict) -> list:
+    """Hand-built rows: the baseline and NF4 (not part of the ordering) plus the given perplexities."""
+    return [table2.Table2Row(label, p, 0.0) for label, p in {"16-bit baseline": 5.0, "NF4": 6.0, **ppl}.items()]
+
+
+def test_paper_ordering_holds_for_the_papers_figures_and_not_for_any_adjacent_swap():
+    """Expected answers written by hand: the paper's own figures hold; the reverse does not; swapping any adjacent
+    pair of the documented Int4 > FP4 (E2M1) > FP4 (E3M0) > NF4 + DQ breaks it; ties break it (the ordering is
+    strict)."""
+    paper = dict(zip(PAPER_ORDER, [34.34, 31.07, 29.48, 27.41], strict=True))
+    assert table2.paper_ordering_holds(_rows(paper)) is True
+    assert table2.paper_ordering_holds(_rows(dict(zip(PAPER_ORDER, [27.0, 29.0, 31.0, 34.0], strict=True)))) is False
+    for hi, lo in zip(PAPER_ORDER, PAPER_ORDER[1:], strict=False):
+        swapped = {**paper, hi: paper[lo], lo: paper[hi]}
+        assert table2.paper_ordering_holds(_rows(swapped)) is False, (hi, lo)
+        assert table2.paper_ordering_holds(_rows({**paper, hi: paper[lo]})) is False, (hi, lo)  # a tie
+    # NF4 without DQ and the baseline are not part of the ordering
+    assert table2.paper_ordering_holds(_rows({**paper, "NF4": 100.0, "16-bit baseline": 100.0})) is True
+    # the SmolLM2 result of docs/table2.md (Int4 below FP4 E2M1): does not hold
+    smollm2 = dict(zip(PAPER_ORDER, [11.852, 12.442, 20.555, 10.581], strict=True))
+    assert table2.paper_ordering_holds(_rows(smollm2)) is False
+
+
+@pytest.mark.parametrize("e3m0", [32.0, 27.0], ids=["above_e2m1", "below_nf4_dq"])
+def test_paper_ordering_includes_fp4_e3m0(e3m0):
+    """FP4 (E3M0) out of its place (above FP4 E2M1, or below NF4 + DQ), everything else as in the paper: the
+    paper's ordering Int4 > E2M1 > E3M0 > NF4 + DQ does not hold."""
+    rows = _rows({**dict(zip(PAPER_ORDER, [34.34, 31.07, 29.48, 27.41], strict=True)), "FP4 (E3M0)": e3m0})
+    assert table2.paper_ordering_holds(rows) is False
 
 
 @pytest.mark.slow

@@ -11,6 +11,14 @@ The comparison is the layer against itself with ``kernel="bnb"`` (``FastQLoRAFun
 forward, ``dequantize_4bit`` + GEMM backward), within the bound of tests/lora_helpers.py (the two differ only in
 float32 summation order; both round the same steps). Where bitsandbytes' AVX-512 CPU dequantize is wrong (ragged
 ``in_features``, docs/divergences.md) the ``"bnb"`` layer routes around it by itself (tests/test_bnb_cpu_kernels.py).
+
+Why ``TritonQLoRAFunction.backward`` has no autograd or finite-difference test of its own: the Triton kernels have
+no float64 path (``tl.dot`` takes float32/bfloat16 operands), so a float64 ``torch.autograd.gradcheck`` cannot run
+on them, and float32 finite differences of a 4-bit layer could not resolve a wrong term in a small gradient. The
+check is transitive instead: the unfused ``QLoRALinearFunction`` / ``FastQLoRAFunction`` is checked against torch
+autograd and by ``gradcheck`` (tests/test_lora_backends.py), and the fused function is compared here with that
+checked path on every output and gradient — within the summation-order bound on random shapes, and bit for bit on
+small bfloat16 layers (where a dropped or added rounding step would show).
 """
 
 import contextlib

@@ -84,4 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``qlora memory --json | head``): stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 1
+    except OSError as e:  # a full disk, a folder gone: one line naming the file (``files.WriteError``), not a traceback
+        print(f"qlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (a command may say what it kept), the shell's status 130
+        print(f"qlora {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
 

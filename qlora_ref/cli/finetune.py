@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,9 @@ TRAIN_OPTIONS = {
     "eval_every": ("--eval-every", int, "steps between held-out evaluations (0: only at the end)"),
     "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
     "save_every": ("--save-every", int, "steps between checkpoints (0: only at the end)"),
-    "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, fp4_e3m0, "
-                                        "or none (float32 weights: plain LoRA)"),
+    "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, fp4_e3m0 "
+                                        "(int4 and fp4_e3m0: --backend ref only), or none (float32 weights: plain "
+                                        "LoRA)"),
     "compute_dtype": ("--compute-dtype", str, "bfloat16 (paper) or float32"),
     "blocksize": ("--blocksize", int, "weights per quantization constant (paper: 64)"),
     "pack_length": ("--pack-length", int, "with --packing: tokens per packed row, at least --max-length (None: "
@@ -200,7 +202,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0; 0: greedy [default]")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] [default: 1]")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, or none (float32 weights)")
+    g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, fp4_e3m0 (int4 and fp4_e3m0: "
+                   "--backend ref only), or none (float32 weights)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
     g.add_argument("--chat", action="store_true", help="a conversation: each line of stdin is a user turn, answered "
                    "with the whole conversation as context (its oldest turns left out when it outgrows the "
@@ -224,7 +227,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--split", default="all", help="all [default] of --data, or held-out: the part qlora finetune "
                    "held out of it (the recipe's eval_fraction and seed)")
     e.add_argument("--quant-type", default="trained", help="storage of the model's weights: trained [default: the "
-                   "adapter's recipe, else nf4], nf4, fp4, int4, or none (as stored: a merged 16-bit folder)")
+                   "adapter's recipe, else nf4], nf4, fp4, int4, fp4_e3m0 (int4 and fp4_e3m0: --backend ref "
+                   "only), or none (as stored: a merged 16-bit folder)")
     e.add_argument("--max-length", type=int, default=None, help="tokens per example; longer ones are dropped and "
                    "counted [default: the recipe's]")
     e.add_argument("--batch-size", type=int, default=None, help="examples per forward pass [default: the recipe's]")
@@ -255,8 +259,9 @@ def add_parser(subparsers) -> None:
     m.add_argument("--dtype", default="bfloat16", help="bfloat16 [default: the paper's 16-bit type], float16 or "
                    "float32")
     m.add_argument("--quant-type", default="trained", help="how the base is stored before merging: trained "
-                   "[default: as in the adapter's train_config.json], nf4, fp4, int4 (blocksize 64, double "
-                   "quantization), or none (merge into the original weights, which the adapter was not trained on)")
+                   "[default: as in the adapter's train_config.json], nf4, fp4, int4, fp4_e3m0 (blocksize 64, "
+                   "double quantization; int4 and fp4_e3m0: --backend ref only), or none (merge into the original "
+                   "weights, which the adapter was not trained on)")
     m.add_argument("--backend", default="ref", help="ref [default] or gpu")
     m.add_argument("--overwrite", action="store_true", help="write into an existing non-empty folder, removing "
                    "every *.safetensors, index and tokenizer file of the old model there")
@@ -292,6 +297,35 @@ def check_quant_option(value: str) -> str:
     return value
 
 
+def check_backend_quant_type(backend: str, quant_type) -> None:
+    """``--quant-type`` against ``--backend``, before anything is loaded: int4 and fp4_e3m0 (Table 2's comparison
+    types) exist only in the reference; bitsandbytes stores nf4 and fp4."""
+    from qlora_ref.checks import QUANT_TYPES_4BIT, REFERENCE_QUANT_TYPES_4BIT
+
+    if backend != "ref" and quant_type in REFERENCE_QUANT_TYPES_4BIT and quant_type not in QUANT_TYPES_4BIT:
+        raise ValueError(f"--quant-type {quant_type} is reference-only (bitsandbytes stores "
+                         f"{'/'.join(QUANT_TYPES_4BIT)}): use --backend ref, or --quant-type "
+                         f"{' or '.join(QUANT_TYPES_4BIT)} with --backend {backend}")
+
+
+def compile_off_on_cpu(backend: str) -> None:
+    """``--backend gpu`` on a machine without CUDA: torch.compile off (as ``TORCH_COMPILE_DISABLE=1`` and ``qlora
+    doctor`` do), unless the user set ``TORCH_COMPILE_DISABLE`` themselves. bitsandbytes compiles its CPU fallbacks,
+    which costs minutes per new shape and ends in recompile-limit warnings; qlora_gpu compiles nothing itself."""
+    import os
+
+    if backend != "gpu" or "TORCH_COMPILE_DISABLE" in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    os.environ["TORCH_COMPILE_DISABLE"] = "1"  # for anything that reads it later (a child process)
+    import torch._dynamo
+
+    torch._dynamo.config.disable = True  # the setting the variable sets when torch is imported
+
+
 def model_or_adapter_base(args):
     """``--model``, else the base model the ``--adapter`` names (``qlora generate``, ``evaluate``, ``merge``)."""
     from qlora_ref.adapters import adapter_base_model
@@ -321,14 +355,20 @@ def run_finetune(args) -> int:
     from qlora_ref.train.launch import launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
+    check_backend_quant_type(args.backend, config.quant_type)
     if args.nproc is not None:
+        check_nproc_backend(args)  # before check_writable_dir creates the folder
         check_writable_dir(args.output_dir, "--output-dir")
         return launch_processes(args)
     t0 = time.perf_counter()
-    with new_run_dir(args.output_dir, "--output-dir"), skip_malformed_hint():
-        run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
-                       output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
-                       cpu_offload=args.cpu_offload)
+    compile_off_on_cpu(args.backend)
+    try:
+        with new_run_dir(args.output_dir, "--output-dir"), skip_malformed_hint():
+            run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
+                           output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
+                           cpu_offload=args.cpu_offload)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_kept_after_interrupt(args)) from None
     if process_rank() != 0:  # one report, from rank 0
         return 0
     r = run.result
@@ -342,11 +382,31 @@ def run_finetune(args) -> int:
     if r.eval:
         print(f"held-out loss {r.eval['eval_loss']:.4f}, perplexity {r.eval['eval_perplexity']:.3f}")
     out = args.output_dir
+
+    def q(path) -> str:  # the commands printed must paste into a shell as they are (spaces, quotes)
+        return shlex.quote(str(path))
+
     print(f"adapter: {out}/adapter_config.json + adapter_model.safetensors (PEFT format)")
-    held_out = f"--data {args.eval_data}" if args.eval_data else f"--data {args.data} --split held-out"
-    print(f"next:\n  qlora plot {out}\n  qlora evaluate --adapter {out} {held_out}\n"
-          f"  qlora merge --adapter {out} --output-dir {out}-merged")
+    held_out = f"--data {q(args.eval_data)}" if args.eval_data else f"--data {q(args.data)} --split held-out"
+    print(f"next:\n  qlora plot {q(out)}\n  qlora evaluate --adapter {q(out)} {held_out}\n"
+          f"  qlora merge --adapter {q(out)} --output-dir {q(f'{out}-merged')}")
     return 0
+
+
+def check_nproc_backend(args) -> None:
+    if args.backend == "ref":
+        raise ValueError("--nproc shards the model over GPUs with the gpu backend: add --backend gpu")
+
+
+def _kept_after_interrupt(args) -> str:
+    """What an interrupted ``finetune`` kept, and the command that continues it."""
+    from qlora_ref.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+    if latest is None:
+        return "no checkpoint was written (--save-every N writes one every N steps)"
+    return (f"the newest checkpoint is {latest}; run the same command{'' if args.resume else ' without --no-resume'}"
+            " to resume from it")
 
 
 def launch_processes(args) -> int:
@@ -357,8 +417,7 @@ def launch_processes(args) -> int:
 
     if launched_by_torchrun():
         raise ValueError("--nproc starts torchrun itself; under torchrun leave it out")
-    if args.backend == "ref":
-        raise ValueError("--nproc shards the model over GPUs with the gpu backend: add --backend gpu")
+    check_nproc_backend(args)
     command = torchrun_command(args.nproc, without_option(args.argv, "--nproc"))
     print(f"qlora finetune: {args.nproc} processes: {' '.join(command)}", file=sys.stderr, flush=True)
     return subprocess.call(command)
@@ -377,25 +436,30 @@ def run_demo(args) -> int:
     backends = sorted({"ref", *available_backends()})
     if args.backend not in backends:
         raise ValueError(f"--backend must be one of {', '.join(backends)}, got {args.backend!r}")
+    compile_off_on_cpu(args.backend)
     with new_run_dir(args.output_dir, "--output-dir"):
         return _run_demo(args, config, demo_model())
 
 
 def _demo_next_steps(out, model_path, question: str) -> str:
+    q = shlex.quote
+    out = str(out)
     return (f"adapter written to {out}/ (PEFT format, on {model_path}); try:\n"
-            f"  qlora generate --adapter {out} --prompt {json.dumps(question)}\n"
-            f"  qlora evaluate --adapter {out} --data chatterbot:english --split held-out   # the perplexity above\n"
-            f"  qlora merge --adapter {out} --output-dir {out}-merged   # one 16-bit Hugging Face folder\n"
-            f"  qlora plot {out}   # the loss curves")
+            f"  qlora generate --adapter {q(out)} --prompt {q(question)}\n"
+            f"  qlora evaluate --adapter {q(out)} --data chatterbot:english --split held-out   # the perplexity above\n"
+            f"  qlora merge --adapter {q(out)} --output-dir {q(out + '-merged')}   # one 16-bit Hugging Face folder\n"
+            f"  qlora plot {q(out)}   # the loss curves")
 
 
 def _finished_demo(out: Path, config) -> dict | None:
     """The ``demo_summary.json`` of a demo already trained in ``out`` to ``config.max_steps`` with this recipe, or
     None (then the demo trains, resuming whatever is there)."""
+    from qlora_ref.adapters import INCOMPLETE_FILE
     from qlora_ref.train.config import adapter_recipe
 
     summary_file = out / "demo_summary.json"
-    if not (summary_file.is_file() and (out / "adapter_model.safetensors").is_file()):
+    if not (summary_file.is_file() and (out / "adapter_model.safetensors").is_file()) \
+            or (out / INCOMPLETE_FILE).exists():  # its final files were being replaced: train, which rewrites them
         return None
     try:
         saved, summary = adapter_recipe(out), json.loads(summary_file.read_text())
@@ -472,6 +536,7 @@ def run_generate(args) -> int:
         for name in ("max_new_tokens", "temperature", "top_p"):
             message = message.replace(name, "--" + name.replace("_", "-"))
         raise ValueError(message) from None
+    check_backend_quant_type(args.backend, args.quant_type)
     args.model = model_or_adapter_base(args)
     if args.chat and (args.prompt is not None or args.raw):
         raise ValueError("--chat reads its turns from stdin, with the chat template: leave out --prompt and --raw")
@@ -483,6 +548,7 @@ def run_generate(args) -> int:
                          if args.prompt is not None else "no question on stdin: give --prompt, or pipe the question in")
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
+    compile_off_on_cpu(args.backend)
     if args.backend == "ref":
         model = load_model(args.model, quant=quant, lora=lora)
     else:
@@ -532,6 +598,7 @@ def run_evaluate(args) -> int:
         config = (adapter_recipe(args.adapter) if args.adapter else None) or TrainConfig()
     if args.quant_type != "trained":
         config = config.replace(quant_type=args.quant_type)
+    check_backend_quant_type(args.backend, config.quant_type)  # the adapter's recipe ("trained") too
     for option, field in (("--max-length", "max_length"), ("--batch-size", "micro_batch_size"),
                           ("--max-batches", "eval_batches")):
         value = getattr(args, option[2:].replace("-", "_"))
@@ -544,6 +611,7 @@ def run_evaluate(args) -> int:
         config = config.replace(skip_malformed=True)
     args.model = model_or_adapter_base(args)
     t0 = time.perf_counter()
+    compile_off_on_cpu(args.backend)
     with skip_malformed_hint():
         r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend,
                            split=args.split, progress=args.progress)
@@ -566,8 +634,10 @@ def run_merge(args) -> int:
 
     special = {"trained": "trained", "none": None}
     quant_type = check_quant_option(args.quant_type)
+    check_backend_quant_type(args.backend, quant_type)
     quant = special[quant_type] if quant_type in special else QuantConfig(quant_type=quant_type)
     t0 = time.perf_counter()
+    compile_off_on_cpu(args.backend)
     info = merge_adapter(args.adapter, args.output_dir, args.model, quant=quant, dtype=args.dtype,
                          backend=args.backend, overwrite=args.overwrite, progress=args.progress)
     print(f"merged {args.adapter} ({info['adapted']} adapted weights) into {describe_quant(info['quant'])} of "

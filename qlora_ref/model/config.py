@@ -236,11 +236,12 @@ class QuantConfig:
 
     def __post_init__(self):
         # the same checks, and messages, as quantize_4bit and QLoRALinear
-        from ..checks import REFERENCE_QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+        from ..checks import REFERENCE_QUANT_TYPES_4BIT, check_blocksize, check_bool, check_quant_type
         from ..lora import check_compute_dtype
 
         check_quant_type(self.quant_type, REFERENCE_QUANT_TYPES_4BIT)
-        check_blocksize(self.blocksize)
+        object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
+        object.__setattr__(self, "double_quant", check_bool(self.double_quant, "double_quant"))
         object.__setattr__(self, "compute_dtype", check_compute_dtype(self.compute_dtype))
 
 

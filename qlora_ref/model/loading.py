@@ -167,7 +167,10 @@ def folder_tensors(folder: Path) -> dict[str, TensorRef]:
         return tensors
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{folder}: no model.safetensors, shards or model.safetensors.index.json")
+        pickles = sorted(p.name for p in folder.glob("*.bin"))  # e.g. pytorch_model.bin: pickle, which can run code
+        hint = (f" ({', '.join(pickles)}: PyTorch's pickle format, never unpickled here: unpickling can run code; "
+                "safetensors only: convert it)") if pickles else ""
+        raise CheckpointError(f"{folder}: no model.safetensors, shards or model.safetensors.index.json{hint}")
     tensors = {}
     for f in files:
         tensors.update(read_safetensors_index(f))
@@ -304,17 +307,27 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     lora: adapters on the target linears (None: no adapters). The tokenizer (``model.tokenizer``) comes from
     the same folder or GGUF file when it has one.
     adapter: a PEFT adapter folder loaded into the model (``LlamaModel.load_adapter``: with ``lora`` None the
-    adapters are built from its ``adapter_config.json``). kernel: the block linears' frozen-weight products
-    (``qlora_ref.lora.KERNELS``). ``qlora_gpu.load_model`` takes the same arguments (its own kernels).
+    adapters are built from its ``adapter_config.json`` and the model comes back in eval mode, for inference with
+    no LoRA dropout, as peft's ``PeftModel.from_pretrained`` does; ``model.train()`` before training it).
+    kernel: the block linears' frozen-weight products (``qlora_ref.lora.KERNELS``). ``qlora_gpu.load_model`` takes
+    the same arguments (its own kernels).
     """
     config, weights, tok = read_checkpoint(path, tokenizer)
     model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
                                     gradient_checkpointing=gradient_checkpointing)
     model.tokenizer = tok
+    model.name_or_path = _name_or_path(path)
     set_kernel(model, kernel)
     if adapter is not None:
         model.load_adapter(adapter)
+        if lora is None:  # loaded for inference: eval mode (no LoRA dropout), as peft's from_pretrained returns
+            model.eval()
     return model
+
+
+def _name_or_path(path) -> str:
+    """What a saved adapter records as its base model (``base_model_name_or_path``): the absolute path."""
+    return str(Path(path).resolve())
 
 
 def not_a_model(path: Path, what: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataReport, build_dataset, load_examples
-from .checkpoint import new_run_id
+from .checkpoint import check_resume_backend, new_run_id
 from .config import TrainConfig
 from .launch import launched_by_torchrun, process_rank
 from .loop import TrainResult, check_no_foreign_checkpoints, train
@@ -150,10 +150,12 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         check_writable_dir(output_dir, "output_dir")
         if resume is False:  # a new run: the checkpoints it would replace are known before the model loads
             last = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
-            check_no_foreign_checkpoints(Path(output_dir), new_run_id(), 0, last, config)
+            check_no_foreign_checkpoints(Path(output_dir), new_run_id(), 0, last, config, fresh=True)
     if sharded is None:
         sharded = launched_by_torchrun()
     _check_sharding(backend, sharded, cpu_offload)  # before the data is read
+    if output_dir is not None and resume is True and not sharded:  # qlora_gpu.fsdp_train checks its own mark
+        check_resume_backend(output_dir, "ref" if backend == "ref" else "gpu")
     if trainer is None:
         tokenizer = load_tokenizer(model)
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)

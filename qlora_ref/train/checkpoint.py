@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import read_adapter_files, write_adapter_files
+from ..adapters import INCOMPLETE_FILE, read_adapter_files, write_adapter_files
 from ..files import (
     atomic_save_safetensors,
     atomic_write_json,
@@ -74,6 +74,15 @@ class Checkpoint:
         return self.state["run_id"]
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files read but do not fit together or this model (a missing or extra optimizer state, a
+    missing random state): resuming falls back to the checkpoint before it, as for an unreadable file."""
+
+
+class OtherBackendError(ValueError):
+    """A checkpoint written by the other backend: a refusal (its random state cannot move), not damage."""
+
+
 def check_rng_backend(state: dict, mine: str) -> None:
     """A checkpoint's random state resumes only on the backend that wrote it: adapters and optimizer states move
     between backends, random generators do not (NumPy's and torch's streams differ)."""
@@ -82,9 +91,24 @@ def check_rng_backend(state: dict, mine: str) -> None:
         return
     how = (f"--backend gpu --nproc {state.get('world_size')}" if theirs == "gpu-fsdp"  # qlora_gpu.fsdp_train's mark
            else f"--backend {theirs}")
-    raise ValueError(f"the checkpoint's random state comes from another backend ({theirs!r}, this is {mine!r}; "
-                     f"adapters and optimizer state move between backends, random generators do not): resume with "
-                     f"{how}, or start afresh in another output folder")
+    raise OtherBackendError(f"the checkpoint's random state comes from another backend ({theirs!r}, this is "
+                            f"{mine!r}; NumPy's and torch's random generators cannot continue each other's "
+                            f"streams): resume with {how}, or start afresh in another output folder")
+
+
+def check_resume_backend(output_dir, mine: str) -> None:
+    """``check_rng_backend`` on the checkpoint a resumed run would continue from, read from its
+    ``trainer_state.json`` alone: the refusal comes before the model is loaded (minutes at scale), not after. An
+    unreadable state is left to the resume, which falls back past it."""
+    latest = latest_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if latest is None:
+        return
+    try:
+        rng = json.loads((latest / STATE_FILE).read_text())["rng"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if isinstance(rng, dict):
+        check_rng_backend(rng, mine)
 
 
 def new_run_id() -> str:
@@ -96,19 +120,34 @@ def checkpoint_dir(output_dir, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
+def _marker(folder: Path) -> tuple[dict | None, str | None]:
+    """(the valid marker, None), or (None, why a marker file that exists is not valid), or (None, None)."""
+    try:
+        marker = json.loads((folder / MARKER_FILE).read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({e})"
+    ok = (isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
+          and marker.get("format_version") == FORMAT_VERSION and isinstance(marker.get("run_id"), str)
+          and isinstance(marker.get("run_started"), int | float) and isinstance(marker.get("step"), int))
+    if not ok:
+        return None, (f"not a {MARKER_FORMAT} version {FORMAT_VERSION} marker with run_id, run_started and step")
+    if not (folder / STATE_FILE).is_file():
+        return None, f"its {STATE_FILE} is missing"
+    return marker, None
+
+
 def read_marker(folder) -> dict | None:
     """The marker of a checkpoint folder this code wrote (format, version, run id, step), or None for anything
     else: a folder without it (a Hugging Face Trainer checkpoint, a half-written one) is never ours."""
-    folder = Path(folder)
-    try:
-        marker = json.loads((folder / MARKER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    ok = (isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT
-          and marker.get("format_version") == FORMAT_VERSION and isinstance(marker.get("run_id"), str)
-          and isinstance(marker.get("run_started"), int | float) and isinstance(marker.get("step"), int)
-          and (folder / STATE_FILE).is_file())
-    return marker if ok else None
+    return _marker(Path(folder))[0]
+
+
+def damaged_marker(folder) -> str | None:
+    """Why ``folder``'s marker file, which exists, is not valid (bit rot, an edit), or None: such a folder may be
+    ours, so it is reported as damaged, not as someone else's (and still never replaced or deleted)."""
+    return _marker(Path(folder))[1]
 
 
 def _our_checkpoints(output_dir) -> list[tuple[int, Path, dict]]:
@@ -192,6 +231,9 @@ def recover_checkpoints(output_dir) -> list[str]:
         if _LEFTOVER_FILE.fullmatch(p.name) and p.is_file():
             p.unlink(missing_ok=True)
             done.append(f"removed {p.name} (left by an interrupted write)")
+    if (output_dir / INCOMPLETE_FILE).exists():  # kept: only a finished run's complete set of files removes it
+        done.append(f"{INCOMPLETE_FILE}: a run was stopped while replacing the final adapter files; they are "
+                    "refused until a run that reaches max_steps here rewrites them")
     if done:
         fsync_dir(output_dir)
     return done
@@ -267,6 +309,11 @@ def load_checkpoint(path) -> Checkpoint:
     adapter, adapter_config = read_adapter_files(path)
     optimizer_state = load_safetensors(path / OPTIMIZER_FILE)
     check_finite(optimizer_state, str(path / OPTIMIZER_FILE))
-    rng_arrays = load_safetensors(path / RNG_FILE) if (path / RNG_FILE).exists() else {}
+    rng_arrays = load_safetensors(path / RNG_FILE)  # save_checkpoint always writes it (empty on the reference)
+    marker = read_marker(path)
+    for key in ("step", "run_id"):  # the marker is checked against the folder's name; the state must agree with it
+        if state[key] != marker[key]:
+            raise ValueError(f"{path / STATE_FILE}: {key} {state[key]!r} disagrees with {marker[key]!r} in "
+                             f"{MARKER_FILE} (an edited or damaged file)")
     return Checkpoint(step=int(state["step"]), adapter=adapter, adapter_config=adapter_config,
                       optimizer_state=optimizer_state, state=state, rng_arrays=rng_arrays, path=path)

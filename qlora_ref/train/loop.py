@@ -29,6 +29,7 @@ and the held-out loss over the processes; the progress bar, the logs and every f
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -40,13 +41,21 @@ from typing import Protocol
 
 import numpy as np
 
+from ..adapters import ADAPTER_WEIGHTS
 from ..data import batch_indices, batch_of, packed_batch_indices
 from ..files import check_finite
 from ..loss import count_targets
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
     CHECKPOINT_PREFIX,
+    MARKER_FILE,
+    OPTIMIZER_FILE,
+    RNG_FILE,
+    STATE_FILE,
     Checkpoint,
+    DamagedCheckpointError,
+    OtherBackendError,
+    damaged_marker,
     foreign_checkpoint,
     load_checkpoint,
     new_run_id,
@@ -269,33 +278,57 @@ def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConf
             "with the same data file, tokenizer and max_length, or start afresh in another output folder")
     missing = sorted(set(backend.adapter_state()) - set(ckpt.adapter))
     if missing:
-        raise ValueError(f"{ckpt.path}: checkpoint lacks adapter tensors {missing[:3]}")
-    backend.load_adapter_state(ckpt.adapter)
-    backend.load_optimizer_state(ckpt.optimizer_state)
-    backend.set_rng_state(ckpt.state["rng"], ckpt.rng_arrays)
+        raise DamagedCheckpointError(f"{ckpt.path / ADAPTER_WEIGHTS}: lacks adapter tensors {missing[:3]}")
+    rng_file = STATE_FILE if ckpt.state["rng"].get("backend") == "ref" else RNG_FILE  # where the backend keeps it
+    for file, load in ((ADAPTER_WEIGHTS, lambda: backend.load_adapter_state(ckpt.adapter)),
+                       (OPTIMIZER_FILE, lambda: backend.load_optimizer_state(ckpt.optimizer_state)),
+                       (rng_file, lambda: backend.set_rng_state(ckpt.state["rng"], ckpt.rng_arrays))):
+        try:
+            load()
+        except OtherBackendError as e:
+            raise ValueError(f"{ckpt.path}: {e}") from None
+        # a missing or extra key, a wrong shape (KeyError, ValueError; torch: RuntimeError): damage, not a refusal
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
+            raise DamagedCheckpointError(f"{ckpt.path / file}: does not fit this model ({e})") from None
     return dict(ckpt.state["data_position"]), int(ckpt.state["tokens_seen"]), list(ckpt.state["log_history"])
 
 
-def find_resume_checkpoint(output_dir, resume: bool | str | Path) -> Checkpoint | None:
-    """The checkpoint to continue from: ``resume`` itself if it is a path; with ``resume=True`` the newest
-    readable one in ``output_dir`` — an unreadable newest one (a corrupt file) is skipped with a warning and the
-    one before it taken; an error if none can be read."""
+def find_resume_checkpoint(output_dir, resume: bool | str | Path, use=None) -> Checkpoint | None:
+    """The checkpoint to continue from: ``resume`` itself if it is a path; with ``resume=True`` the newest usable
+    one in ``output_dir`` — an unreadable newest one (a corrupt file) or a damaged one (``use(ckpt)``, which
+    restores it, raises :class:`DamagedCheckpointError`) is skipped with a warning and the one before it taken;
+    an error if none can be used. Any other error of ``use`` (a changed recipe) is a refusal and passes."""
     if isinstance(resume, str | Path):
-        return load_checkpoint(resume)
+        ckpt = load_checkpoint(resume)
+        if use is not None:
+            use(ckpt)
+        return ckpt
     if not resume or output_dir is None:
         return None
+    for p in sorted(Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")):  # ours, perhaps: say why it is passed over
+        if p.is_dir() and (why := damaged_marker(p)):
+            warnings.warn(f"{p / MARKER_FILE}: damaged checkpoint marker ({why}); not resumed from", stacklevel=3)
     candidates = resume_candidates(output_dir)
     errors = []
     for i, path in enumerate(candidates):
         try:
-            return load_checkpoint(path)
+            ckpt = load_checkpoint(path)
         except ValueError as e:
             errors.append(str(e))
-            if i + 1 < len(candidates):
-                warnings.warn(f"{path} is unreadable ({e}); resuming from the one before it, {candidates[i + 1].name}",
-                              stacklevel=3)
+            what = "unreadable"
+        else:
+            try:
+                if use is not None:
+                    use(ckpt)  # any other ValueError is a refusal, which no older checkpoint would change
+                return ckpt
+            except DamagedCheckpointError as e:
+                errors.append(str(e))
+                what = "damaged"
+        if i + 1 < len(candidates):
+            warnings.warn(f"{path} is {what} ({errors[-1]}); resuming from the one before it, "
+                          f"{candidates[i + 1].name}", stacklevel=3)
     if errors:
-        raise ValueError(f"{output_dir}: no readable checkpoint to resume from: " + "; ".join(errors)
+        raise ValueError(f"{output_dir}: no usable checkpoint to resume from: " + "; ".join(errors)
                          + ". Start afresh (resume=False, --no-resume) in another output folder")
     return None
 
@@ -312,13 +345,36 @@ def _colliding_checkpoints(output_dir: Path, run_id: str, step: int, last: int, 
     return sorted(out)
 
 
-def check_no_foreign_checkpoints(output_dir: Path, run_id: str, step: int, last: int, config: TrainConfig) -> None:
-    """Refuse a run that would replace checkpoints it did not write (``_colliding_checkpoints``)."""
+def _same_recipe(folder: Path, config: TrainConfig) -> bool:
+    """Whether the qlora checkpoint ``folder`` was trained with ``config``'s recipe (False if unreadable)."""
+    try:
+        saved = TrainConfig.from_dict(json.loads((folder / STATE_FILE).read_text())["config"])
+        return not config.resume_mismatches(saved)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def check_no_foreign_checkpoints(output_dir: Path, run_id: str, step: int, last: int, config: TrainConfig,
+                                 fresh: bool = False) -> None:
+    """Refuse a run that would replace checkpoints it did not write (``_colliding_checkpoints``), saying whose
+    they are: a damaged marker is reported as such; a ``fresh`` (``--no-resume``) run colliding with a run of the
+    same recipe is told to resume it instead."""
     taken = _colliding_checkpoints(output_dir, run_id, step, last, config)
-    if taken:
-        raise ValueError(f"{output_dir}: {', '.join(p.name for p in taken)} would be replaced by this run's "
-                         "checkpoints but were not written by it (another run's, or a Hugging Face Trainer's); "
-                         "nothing was changed: choose another output folder or move them away")
+    if not taken:
+        return
+    damaged = [(p, why) for p in taken if p.is_dir() and (why := damaged_marker(p))]
+    if damaged:
+        p, why = damaged[0]
+        raise ValueError(f"{p / MARKER_FILE}: damaged checkpoint marker ({why}), so {p.name} cannot be told "
+                         f"apart from another run's and is never replaced; nothing was changed: if it is this "
+                         f"folder's own, delete {p.name} (resuming then starts from the checkpoint before it)")
+    same = fresh and all(p.is_dir() and _same_recipe(p, config) for p in taken)  # e.g. a killed --no-resume run
+    whose, todo = (("an earlier run's with these same settings", "to continue that run, run the same command "
+                    "without --no-resume; to start afresh, ") if same
+                   else ("another run's, or a Hugging Face Trainer's", ""))
+    raise ValueError(f"{output_dir}: {', '.join(p.name for p in taken)} would be replaced by this run's "
+                     f"checkpoints but were not written by it ({whose}); nothing was changed: {todo}choose another "
+                     "output folder or move them away")
 
 
 def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
@@ -359,19 +415,25 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
     if world.world_size > 1:  # one identity for the run, rank 0's: the one its checkpoints carry
         run = world.gather_objects(run)[0]
-    ckpt = find_resume_checkpoint(output_dir, resume)
-    last_saved = None
-    if ckpt is not None:
+    restored = []
+
+    def use(ckpt):  # refusals (ValueError) stop the run; a damaged checkpoint falls back to the one before
         if ckpt.step > config.max_steps:
             raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
         check_same_base_model(ckpt, base_model)
-        pos, tokens_seen, log_history = restore_checkpoint(backend, ckpt, config, fingerprint)
+        restored[:] = restore_checkpoint(backend, ckpt, config, fingerprint)
+
+    ckpt = find_resume_checkpoint(output_dir, resume, use)
+    last_saved = None
+    if ckpt is not None:
+        pos, tokens_seen, log_history = restored
         step, last_saved = ckpt.step, ckpt.path
         run.update(run_id=ckpt.run_id, run_started=ckpt.state["run_started"])
         stream = stream_at(pos["epoch"], pos["batch"])
     if output_dir is not None:
         last = config.max_steps if stop_after is None else min(config.max_steps, step + stop_after)
-        check_no_foreign_checkpoints(output_dir, run["run_id"], step, last, config)
+        check_no_foreign_checkpoints(output_dir, run["run_id"], step, last, config,
+                                     fresh=ckpt is None and resume is False)
 
     n_warmup = warmup_steps(config.max_steps, config.warmup_ratio)
     has_eval = eval_data is not None and len(eval_data) > 0
@@ -441,14 +503,21 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     save(step)
     seconds = time.perf_counter() - t0
     if output_dir is not None and step >= config.max_steps:
-        from ..adapters import write_adapter_files
-        from ..files import atomic_write_json
+        from ..adapters import INCOMPLETE_FILE, write_adapter_files
+        from ..files import atomic_write_json, fsync_dir
 
         adapter = backend.adapter_state()
         if main:
+            # four files replaced one by one: a kill in between would mix two runs' files, so readers refuse the
+            # folder while this mark exists, and a rerun (resuming from checkpoint-<max_steps>) rewrites them all
+            mark = output_dir / INCOMPLETE_FILE
+            atomic_write_json(mark, {"step": step, "run_id": run["run_id"], "writing": [
+                ADAPTER_WEIGHTS, "adapter_config.json", TRAIN_CONFIG_FILE, "log_history.json"]})
             write_adapter_files(output_dir, adapter, _adapter_config(backend, config, base_model))
             atomic_write_json(output_dir / TRAIN_CONFIG_FILE, config.to_dict())
             atomic_write_json(output_dir / "log_history.json", log_history)
+            mark.unlink()
+            fsync_dir(output_dir)
         world.barrier()
     return TrainResult(step=step, train_losses=losses, log_history=log_history, eval=last_eval,
                        output_dir=output_dir, seconds=seconds,
