@@ -397,6 +397,20 @@ def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, 
     assert not (out / "checkpoint-2").exists()
 
 
+def test_the_model_folder_is_refused_as_output_and_a_run_without_checkpoints_says_so(files, tmp_path, capsys):
+    model = files / "model"
+    before = sorted(p.name for p in model.iterdir())
+    base = ["finetune", "--model", str(model), "--data", str(files / "train.jsonl"), "--max-steps", "2",
+            *[a for a in FAST if a != "--no-progress"]]
+    assert main([*base, "--output-dir", str(model)]) == 2
+    assert "is the base model's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before  # nothing written among the weights
+    assert main([*base, "--output-dir", str(tmp_path / "a")]) == 0
+    assert "checkpoints: none before step 2 (save_every 0)" in capsys.readouterr().err
+    assert main([*base, "--output-dir", str(tmp_path / "b"), "--save-every", "1"]) == 0
+    assert "checkpoints: none before" not in capsys.readouterr().err
+
+
 def test_a_refused_run_leaves_no_empty_folder(files, tmp_path, capsys):
     out = tmp_path / "new" / "run"
     assert main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(files / "train.jsonl"),

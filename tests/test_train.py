@@ -243,6 +243,40 @@ def test_resume_refuses_a_different_recipe(tiny, tmp_path):
     assert more.step == 4 and len(more.train_losses) == 2
 
 
+def test_a_new_length_on_resume_warns_where_the_schedule_depends_on_it(tiny, tmp_path):
+    """max_steps may grow on resume, but cosine (and any warmup) is a function of it: the learning rate jumps at the
+    resumed step, which is said; the constant schedule does not depend on it and says nothing."""
+    import warnings
+
+    folder, _, train_ds, _ = tiny
+    for schedule, warned in (("cosine", True), ("constant", False)):
+        out = tmp_path / schedule
+        run(folder, train_ds, small_config(max_steps=2, lr_scheduler=schedule), output_dir=out)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run(folder, train_ds, small_config(max_steps=4, lr_scheduler=schedule), output_dir=out)
+        said = [str(w.message) for w in caught if "max_steps changed from 2 to 4" in str(w.message)]
+        assert bool(said) is warned, (schedule, said)
+        assert not said or "from step 3 on" in said[0]
+
+
+def test_one_run_at_a_time_writes_a_folder(tiny, tmp_path):
+    """A second run in a folder another holds is refused before it tidies or resumes anything, naming the holder;
+    a lock file a killed run left (the kernel released its lock) is no obstacle, and a finished run removes it."""
+    pytest.importorskip("fcntl", reason="advisory locks (flock) are POSIX; elsewhere runs go unlocked (documented)")
+    from qlora_ref.train.checkpoint import LOCK_FILE, run_lock
+
+    folder, _, train_ds, _ = tiny
+    with run_lock(tmp_path):  # flock locks are per open file: this process's second open is refused too
+        with pytest.raises(ValueError, match=rf"another qlora run is writing this folder \(process {os.getpid()}\)"):
+            run(folder, train_ds, small_config(max_steps=1), output_dir=tmp_path)
+        assert not list(tmp_path.glob("checkpoint-*"))
+    assert not (tmp_path / LOCK_FILE).exists()
+    (tmp_path / LOCK_FILE).write_text("12345")
+    _, result = run(folder, train_ds, small_config(max_steps=1), output_dir=tmp_path)
+    assert result.step == 1 and not (tmp_path / LOCK_FILE).exists()
+
+
 def test_checkpoints_are_atomic_and_pruned(tiny, tmp_path, monkeypatch):
     folder, _, train_ds, _ = tiny
     config = small_config(max_steps=6, save_every=2, keep_checkpoints=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -148,6 +149,10 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")
+        if Path(model).is_dir() and os.path.samefile(model, output_dir):
+            raise ValueError(f"output_dir {output_dir} is the base model's folder: the adapter and checkpoints would "
+                             "be written among its weights (and the folder would then load as a model with the "
+                             "adapter ignored); choose another folder")
         if resume is False:  # a new run: the checkpoints it would replace are known before the model loads
             last = config.max_steps if stop_after is None else min(config.max_steps, stop_after)
             check_no_foreign_checkpoints(Path(output_dir), new_run_id(), 0, last, config, fresh=True)
@@ -167,6 +172,9 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         n_eval = 0 if eval_ds is None else len(eval_ds)
         print(f"data: {report.summary()}; {len(train_ds)} training / {n_eval} held-out examples", file=sys.stderr,
               flush=True)
+        if output_dir is not None and config.save_every == 0 and config.max_steps > 1:
+            print(f"checkpoints: none before step {config.max_steps} (save_every 0), so a run stopped before then "
+                  "starts over; --save-every N keeps one every N steps", file=sys.stderr, flush=True)
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
                    base_model=base_model_name(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)

@@ -18,11 +18,13 @@ Everything is written to a temporary sibling folder first, each file flushed and
 renamed into place (``os.replace`` is atomic on POSIX): a crash leaves either the previous checkpoint or the new
 one, never half of one (``recover_checkpoints`` tidies what a kill leaves). The marker is written last: a folder
 without it is never picked up, and never deleted — rotation removes only checkpoints whose marker carries the
-current run's id, so a Hugging Face Trainer's ``checkpoint-N`` or an older run's stay untouched.
+current run's id, so a Hugging Face Trainer's ``checkpoint-N`` or an older run's stay untouched. One run at a
+time writes a folder (``run_lock``): a second is refused before it tidies or resumes anything.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -317,3 +319,52 @@ def load_checkpoint(path) -> Checkpoint:
                              f"{MARKER_FILE} (an edited or damaged file)")
     return Checkpoint(step=int(state["step"]), adapter=adapter, adapter_config=adapter_config,
                       optimizer_state=optimizer_state, state=state, rng_arrays=rng_arrays, path=path)
+
+
+#: the advisory lock a run holds on its output folder (``run_lock``); it holds the holder's process id
+LOCK_FILE = ".qlora.lock"
+
+
+@contextlib.contextmanager
+def run_lock(output_dir):
+    """Hold an exclusive advisory lock (``flock``) on ``<output_dir>/.qlora.lock`` for a run: a second run in the
+    same folder is refused at once, naming the holder's process id, instead of tidying away the first run's
+    in-flight checkpoint (``recover_checkpoints``) and both crashing. The kernel drops the lock when the holder
+    dies, so a killed run never leaves a stale one. Where ``flock`` does not exist (Windows) or is refused (some
+    network file systems) the run goes on unlocked: concurrent runs are then the documented limit."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    path = Path(output_dir) / LOCK_FILE
+    fd = None
+    while fcntl is not None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            raise ValueError(f"{output_dir}: another qlora run is writing this folder"
+                             f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose another "
+                             "output folder") from None
+        except OSError:  # no lock support here
+            os.close(fd)
+            fd = None
+            break
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked by a finishing holder meanwhile
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()  # before the unlock: a run that opened it meanwhile sees the inode change, retries
+            os.close(fd)

@@ -61,6 +61,7 @@ from .checkpoint import (
     new_run_id,
     recover_checkpoints,
     resume_candidates,
+    run_lock,
     save_checkpoint,
 )
 from .config import TRAIN_CONFIG_FILE, TrainConfig
@@ -275,7 +276,13 @@ def restore_checkpoint(backend: StepBackend, ckpt: Checkpoint, config: TrainConf
             f"{ckpt.path}: cannot resume, the training data differ from the checkpoint's: it was trained on "
             f"{theirs['examples']} examples / {theirs['tokens']} tokens (sha256 {theirs['sha256'][:12]}), now "
             f"{fingerprint['examples']} / {fingerprint['tokens']} (sha256 {fingerprint['sha256'][:12]}). Resume "
-            "with the same data file, tokenizer and max_length, or start afresh in another output folder")
+            "with the same data file, held-out split (eval_fraction, eval_data), tokenizer and max_length, or start "
+            "afresh in another output folder")
+    if saved.max_steps != config.max_steps and config.lr_scheduler != "constant":
+        warnings.warn(f"{ckpt.path}: max_steps changed from {saved.max_steps} to {config.max_steps} on resume: the "
+                      f"{config.lr_scheduler!r} schedule and its warmup follow the new length from step "
+                      f"{ckpt.step + 1} on, so the learning rate jumps there and the run equals neither the old one "
+                      "nor a fresh one of the new length", stacklevel=4)
     missing = sorted(set(backend.adapter_state()) - set(ckpt.adapter))
     if missing:
         raise DamagedCheckpointError(f"{ckpt.path / ADAPTER_WEIGHTS}: lacks adapter tensors {missing[:3]}")
@@ -379,6 +386,21 @@ def check_no_foreign_checkpoints(output_dir: Path, run_id: str, step: int, last:
 
 def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
           resume: bool | str = True, base_model: str | None = None, stop_after: int | None = None) -> TrainResult:
+    """Run (or continue) a fine-tune to ``config.max_steps`` optimizer steps (``_train``), holding the output
+    folder's lock (``run_lock``, the writing process only) for the whole run."""
+    from ..paths import check_writable_dir
+
+    kwargs = dict(eval_data=eval_data, output_dir=output_dir, resume=resume, base_model=base_model,
+                  stop_after=stop_after)
+    if output_dir is None or world_of(backend).rank != 0:
+        return _train(backend, train_data, config, **kwargs)
+    check_writable_dir(output_dir, "output_dir")
+    with run_lock(output_dir):
+        return _train(backend, train_data, config, **kwargs)
+
+
+def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
+           resume: bool | str = True, base_model: str | None = None, stop_after: int | None = None) -> TrainResult:
     """Run (or continue) a fine-tune to ``config.max_steps`` optimizer steps.
 
     train_data / eval_data: ``qlora_ref.data.TokenizedDataset``s. output_dir: where checkpoints (every
