@@ -186,6 +186,24 @@ def test_the_gpu_layer_has_the_reference_layers_attributes():
     assert tuple(layer.lora_B.shape) == (64, 4)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float64", "bfloat16"])
+def test_the_layers_output_dtype_is_the_documented_difference(dtype):
+    """docs/api.md (QLoRALinear): the reference returns float32 whatever the input's dtype (NumPy has no bfloat16),
+    the GPU layer the input's dtype. The values are the layers' agreement (tests/test_lora_backends.py); here only
+    a sanity bound: one rounding to the output dtype plus one bfloat16 ulp of the compute, 2^-7 of the largest."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    ref, gpu = qlora_ref.QLoRALinear.from_weight(w, 4, 8.0), qlora_gpu.QLoRALinear.from_weight(w, 4, 8.0)
+    x = torch.from_numpy(rng.standard_normal((3, 128))).to(getattr(torch, dtype))
+    y_ref = ref.forward(x.float().numpy() if dtype == "bfloat16" else x.numpy())
+    y_gpu = gpu(x).detach()
+    assert y_ref.dtype == np.float32 and y_gpu.dtype == x.dtype
+    diff = np.abs(y_ref - y_gpu.float().numpy()).max()
+    assert diff <= 2**-7 * np.abs(y_ref).max()
+
+
 # ------------------------------------------------------------------------------------------------ behaviour
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
