@@ -160,3 +160,61 @@ def test_one_ignore_index_and_one_target_count():
                        [[1, 2, 3], [4, IGNORE_INDEX, IGNORE_INDEX]]])
     assert [count_targets(m) for m in labels] == [2, 2]  # the first position predicts nothing
     assert count_targets(labels) == 4 == sum(n_targets({"labels": m}) for m in labels)
+
+
+def _oracle_summed_nll(z: np.ndarray, labels: np.ndarray) -> float:
+    """Σ over counted targets of -log softmax(z)[target], float64, written out here (not from qlora_ref.loss):
+    position t predicts labels[:, t + 1], positions whose next label is -100 (and every row's last) count for
+    nothing."""
+    z = z.astype(np.float64)[:, :-1].reshape(-1, z.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = y != IGNORE_INDEX
+    z, y = z[keep], y[keep]
+    m = z.max(axis=1)
+    return float(np.sum(np.log(np.exp(z - m[:, None]).sum(axis=1)) + m - z[np.arange(len(y)), y]))
+
+
+@pytest.mark.parametrize("grad_loss", [1.0, 0.375])
+def test_num_items_gradient_matches_finite_differences_over_an_accumulation_step(grad_loss):
+    """Gradient accumulation: two micro-batches with ignored labels (-100, some not at the end of a row, so the
+    counted rows are not consecutive) and unequal target counts. Each micro-batch's loss is its *summed* nll divided
+    by N, the counted targets of the whole step (``num_items_in_batch``), so the micro-batch losses add up to the
+    step's mean loss. The backward of each (times ``grad_loss``) is checked element by element against float64
+    central differences of the oracle L_b(z) = grad_loss · Σ_b nll(z) / N.
+
+    Bound: the analytic gradient is (softmax - onehot) · grad_loss / N computed in float32 from float32 logits:
+    exp, a sum over V = 6, a division and one scaling, each within a few ulps, so |error| <= (V + 4) · 2^-24 ·
+    2 · |grad_loss| / N (|softmax - onehot| <= 1, doubled for the rounding of the logits' subtracted max).
+    The central difference with h = 1e-4 on O(1) logits adds truncation h^2/6·|L'''| <= 1e-8 · |grad_loss| / N
+    (|L'''| <= 1/N per counted row, the softmax's third derivative being bounded by 1) and round-off
+    2^-52 · |L| / h ~ 1e-11; together under the atol below."""
+    V = 6
+    micro = [_case(10, 2, 6, V, 0.3, scale=1.0), _case(11, 1, 6, V, 0.6, scale=1.0)]
+    micro[0][1][0, 3] = IGNORE_INDEX  # a gap inside a row: the counted rows of micro-batch 0 are not consecutive
+    counts = [int(np.sum(lab[:, 1:] != IGNORE_INDEX)) for _, lab in micro]  # counted here, not with count_targets
+    assert counts[0] != counts[1] and min(counts) > 0
+    N = sum(counts)
+    atol = (V + 4) * 2.0**-24 * 2 * grad_loss / N + 1e-8 * grad_loss / N + 1e-10
+    h = 1e-4
+    total = 0.0
+    for logits, labels in micro:
+        loss, ctx = causal_lm_loss(logits, labels, num_items_in_batch=N)
+        oracle = _oracle_summed_nll(logits, labels) / N
+        assert loss == pytest.approx(oracle, rel=1e-6)  # float32 nll summed in float64
+        total += loss
+        grad = causal_lm_loss_backward(ctx, grad_loss=grad_loss).astype(np.float64)
+        base = logits.astype(np.float64)
+        fd = np.zeros_like(base)
+        for idx in np.ndindex(base.shape):
+            plus, minus = base.copy(), base.copy()
+            plus[idx] += h
+            minus[idx] -= h
+            fd[idx] = grad_loss * (_oracle_summed_nll(plus, labels) - _oracle_summed_nll(minus, labels)) / (2 * h * N)
+        np.testing.assert_allclose(grad, fd, rtol=0, atol=atol)
+        # positions that predict an ignored label, and every row's last position, get exactly no gradient
+        ignored = np.ones(labels.shape, bool)
+        ignored[:, :-1] = labels[:, 1:] == IGNORE_INDEX
+        assert ignored[:, :-1].any() and not grad[ignored].any()
+    # the micro-batch losses add up to the mean over the step's targets
+    step_mean = sum(_oracle_summed_nll(lg, lb) for lg, lb in micro) / N
+    assert total == pytest.approx(step_mean, rel=1e-6)

@@ -339,12 +339,26 @@ def test_attention_gqa_mqa_window_finite_differences(kv_heads, window):
     check_finite_differences(lambda z: attn.forward(z), x, g, dx, rng, n_dirs=4)
 
 
+def _transformers_mask(t, s, past, sliding_window=None):
+    """The additive (t, s) mask from transformers' own mask functions (masking_utils), not qlora_ref's
+    ``causal_mask``: so a wrong window in the library shows up against torch, where finite differences of the
+    library's own forward cannot see it."""
+    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+
+    fn = causal_mask_function if sliding_window is None else sliding_window_causal_mask_function(sliding_window)
+    allowed = fn(0, 0, torch.arange(past, past + t)[:, None], torch.arange(s)[None, :]).numpy()
+    return np.where(allowed, 0.0, -np.inf)
+
+
 @pytest.mark.parametrize("kv_heads,window", GQA_WINDOW_CASES, ids=lambda v: f"{v}")
-def test_attention_gqa_mqa_window_vs_float64_autograd(kv_heads, window):
-    """The same cases in float64 against transformers' eager attention (repeat_kv, the additive mask) under torch
-    autograd. Both sides compute the same sums in float64 in different orders; each output and gradient element is
-    a short chain (projections of width 12 and 24, softmax over <= 6 keys, head dim 4) of O(1) values, so the
-    difference is a few hundred ulps at most: rtol 1e-12 of the largest element (2^-52 ~ 2.2e-16)."""
+def test_attention_gqa_mqa_window_vs_float64_autograd(kv_heads, window, monkeypatch):
+    """The same cases in float64 against transformers' eager attention (repeat_kv, its own mask functions) under
+    torch autograd. Both sides compute the same sums in float64 in different orders; each output and gradient
+    element is a short chain (projections of width 12 and 24, softmax over <= 6 keys, head dim 4) of O(1) values,
+    so the two differ by a few hundred ulps at most: rtol 1e-12 of the largest element (2^-52 ~ 2.2e-16)."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "causal_mask", _transformers_mask)  # torch_attention's mask
     rng = np.random.default_rng(70 + kv_heads)
     attn = make_attention(rng, kv_heads=kv_heads, bias=True, window=window)
     x = rng.standard_normal((2, 6, 12))

@@ -389,9 +389,18 @@ def _quadratic(n, seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_adamw8bit_tracks_adamw_on_a_quadratic(seed):
     """Stated bound, on f(x) = 1/2 sum a_i (x_i - c_i)^2 with curvatures over 5 decades, lr 1e-2, 300 steps:
-    the RMS distance between the 8-bit and the 32-bit trajectories stays below 15 % of the RMS distance
-    travelled, and the losses agree within 10 % (relative to the 32-bit loss plus 0.1 % of the initial loss).
-    Both reach below 2 % of the initial loss. (Measured: about 8 % and 3-5 %.)"""
+    the RMS distance between the 8-bit and the 32-bit trajectories stays below 11 % of the RMS distance
+    travelled, and the losses agree within 7.5 % (relative to the 32-bit loss plus 0.1 % of the initial loss).
+    Both reach below 2 % of the initial loss.
+
+    Where 11 % and 7.5 % come from: there is no closed form for how the 8-bit state's rounding (dynamic map, blocks
+    of 256) compounds over 300 Adam steps, so the bound is empirical and says so. Seeds 0-29 of this exact setup
+    (the maxima over all 300 steps): the RMS ratio is 0.0756-0.0844 (mean 0.080, sd about 0.0025; 0.083 and 0.078
+    for the seeds below), the loss ratio 0.003-0.057 (0.029 and 0.050 here; it peaks at the last steps, where
+    the loss is smallest). Both bounds are 1.3x the largest of the 30 seeds (they were 15 % and 10 %, about 1.8x
+    and 1.7x). The run is deterministic (elementwise float32 NumPy), so the margin covers other seeds and
+    platforms' libm, not flakiness. A v stored with the signed map (review mutation M9) makes the 8-bit run NaN;
+    codes rounded towards the lower value instead of the nearest give RMS ratios above 0.5 (measured)."""
     n = 8192
     grad, loss = _quadratic(n, seed)
     x0 = np.zeros(n, np.float32)
@@ -401,8 +410,8 @@ def test_adamw8bit_tracks_adamw_on_a_quadratic(seed):
         o32.step(x32, {"x": grad(x32["x"])})
         o8.step(x8, {"x": grad(x8["x"])})
         travelled = np.sqrt(np.mean((x32["x"] - x0) ** 2))
-        assert np.sqrt(np.mean((x8["x"] - x32["x"]) ** 2)) <= 0.15 * travelled
-        assert abs(loss(x8["x"]) - loss(x32["x"])) <= 0.10 * (loss(x32["x"]) + 1e-3 * loss(x0))
+        assert np.sqrt(np.mean((x8["x"] - x32["x"]) ** 2)) <= 0.11 * travelled
+        assert abs(loss(x8["x"]) - loss(x32["x"])) <= 0.075 * (loss(x32["x"]) + 1e-3 * loss(x0))
     assert loss(x8["x"]) < 0.02 * loss(x0) and loss(x32["x"]) < 0.02 * loss(x0)
     assert o8.state["x"]["state1"].dtype == np.uint8 and o8.state["x"]["absmax1"].shape == (n // 256,)
 

@@ -134,9 +134,25 @@ def test_reproduce_table2_on_smollm2(tmp_path):
     rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {v[0] for v in table2.VARIANTS}
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows.values())
-    # 4-bit storage never helps a model on held-out text by much: every variant within 2x of the baseline and
-    # the baseline the best or within 2 % of the best
+    # the ordering. The paper's main claim for Table 2, which docs/table2.md reports holds on SmolLM2 too: NF4, with
+    # or without DQ, is clearly the best 4-bit type (docs: 11 % below Int4 at 2,048 tokens; measured at these 300
+    # tokens: NF4 18.45 and NF4 + DQ 18.39 against 23.1-33.6, 20 % below), so at least 10 % below each of the
+    # others; and DQ costs nothing measurable (it moves the mean weight error by 0.2 %; measured 0.3 % in
+    # perplexity here, 0.1 % at 2,048 tokens), so NF4 + DQ is within 2 % of NF4
+    ppl = {label: r["perplexity"] for label, r in rows.items()}
+    for nf4 in ("NF4", "NF4 + DQ"):
+        for other in ("Int4", "FP4 (E2M1)", "FP4 (E3M0)"):
+            assert ppl[nf4] <= 0.9 * ppl[other], (nf4, other, ppl)
+    assert abs(ppl["NF4 + DQ"] / ppl["NF4"] - 1) <= 0.02, ppl
+    # the paper's full order Int4 > E2M1 > E3M0 > NF4 + DQ does not hold here (docs/table2.md, "Does the paper's
+    # ordering hold?": E3M0 is the worst 4-bit type on this Q4_1-derived model, 33.6 here, 20.6 at 2,048 tokens),
+    # and the JSON says so
+    assert ppl["FP4 (E3M0)"] == max(ppl[k] for k in ("Int4", "FP4 (E2M1)", "FP4 (E3M0)", "NF4", "NF4 + DQ"))
+    assert json.loads(out.read_text())["ordering_holds"] is False
+    # 4-bit storage never helps a model on held-out text by much: the baseline the best or within 2 % of the best;
+    # every variant within 2x of it except FP4 (E3M0), whose 3 exponent bits and no mantissa cost more on this model
+    # (2.4x at 2,048 tokens, docs/table2.md; pinned above as the worst)
     base = rows["16-bit baseline"]["perplexity"]
-    assert all(r["perplexity"] < 2 * base for r in rows.values())
+    assert all(r["perplexity"] < 2 * base for label, r in rows.items() if label != "FP4 (E3M0)"), rows
     assert base <= 1.02 * min(r["perplexity"] for r in rows.values())
     assert (tmp_path / "t2.png").stat().st_size > 1000
