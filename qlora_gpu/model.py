@@ -549,15 +549,10 @@ class QLoRAModel(nn.Module):
         return {k: v.detach().cpu().float().numpy().copy() for k, v in self.lora_parameters().items()}
 
     def save_adapter(self, folder, base_model_name_or_path: str | None = None) -> Path:
-        """PEFT's format (``qlora_ref.adapters``), the same files as the reference writes."""
-        from qlora_ref.adapters import peft_adapter_config, write_adapter_files
+        """PEFT's format: ``qlora_ref.adapters.save_adapter``, the same code and files as the reference's."""
+        from qlora_ref.adapters import save_adapter
 
-        if self.lora is None or not self.lora_parameters():
-            raise ValueError("the model carries no LoRA adapters (built with lora=None)")
-        if base_model_name_or_path is None:  # the path load_model read the model from, when it was loaded so
-            base_model_name_or_path = getattr(self, "name_or_path", None)
-        return write_adapter_files(folder, self.lora_state_numpy(), peft_adapter_config(self.lora,
-                                                                                          base_model_name_or_path))
+        return save_adapter(self, folder, base_model_name_or_path)
 
     def load_adapter(self, folder) -> dict:
         """Load a PEFT adapter folder (ours or peft's); a model built without LoRA first receives the adapters its

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dtypes import host_array
 from .files import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors
 from .model.config import LINEAR_MODULES, LoraConfig
 from .model.linear import add_adapters
@@ -229,18 +230,11 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     return weights, cfg
 
 
-def _host_array(v) -> np.ndarray:
-    """An adapter tensor as a NumPy array: NumPy as it is; a torch tensor (trainable, on any device) detached,
-    copied to the host in float32, as ``QLoRAModel.lora_state_numpy`` does."""
-    if hasattr(v, "detach"):  # torch, without importing it here
-        return v.detach().cpu().float().numpy()
-    return np.asarray(v)
-
-
 def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> Path:
     """Save a model's adapters (any object with ``lora_parameters()`` and ``lora``: either backend's model) in
     PEFT's format; ``model.save_adapter(folder)`` writes the same folder."""
-    params = {k: _host_array(v) for k, v in model.lora_parameters().items()}
+    # a GPU model's adapters are torch tensors, perhaps bfloat16 (which NumPy lacks): float32, as PEFT's files hold
+    params = {k: host_array(v.float() if hasattr(v, "detach") else v) for k, v in model.lora_parameters().items()}
     if not params:
         raise ValueError("the model carries no LoRA adapters (built with lora=None or r=0)")
     if base_model_name_or_path is None:  # the path load_model read the model from, when it was loaded so

@@ -38,6 +38,12 @@ def dtype_name(dtype) -> str:
     return name
 
 
+def host_array(a) -> np.ndarray:
+    """``a`` as a NumPy array: NumPy as it is; a torch tensor (the GPU backend's, on any device, trainable or not)
+    detached and copied to the host (torch itself is not imported here)."""
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
 def to_numpy_dtype(dtype) -> np.dtype:
     """The NumPy dtype for a float format given by name or dtype."""
     return FLOAT_DTYPES[dtype_name(dtype)]

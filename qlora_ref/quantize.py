@@ -21,7 +21,7 @@ from .checks import (
     check_quant_type,
 )
 from .codebooks import codebook, dynamic_map
-from .dtypes import bfloat16, dtype_name, to_numpy_dtype
+from .dtypes import bfloat16, dtype_name, host_array, to_numpy_dtype
 from .quant_state import Quantized4bit, Quantized8bit
 
 #: block size of the second-level (double) quantization of the absmax constants (section 3)
@@ -55,18 +55,14 @@ def quantize_blockwise_8bit(x: np.ndarray, blocksize: int = 256) -> Quantized8bi
     return Quantized8bit(codes.reshape(x.shape), absmax, code, blocksize, tuple(x.shape), name)
 
 
-def _host(a) -> np.ndarray:
-    """A torch tensor (the GPU backend's state, on any device) as a NumPy array; NumPy as it is."""
-    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
-
-
 def _numpy_state8(q) -> Quantized8bit:
     """``q`` as a NumPy ``Quantized8bit``: the GPU backend's (torch tensors inside) converted, anything else refused."""
     if not isinstance(q, Quantized8bit):
         raise ValueError(f"q must be a Quantized8bit (quantize_blockwise_8bit's result), got {type(q).__name__}")
     if isinstance(q.codes, np.ndarray):
         return q
-    return Quantized8bit(_host(q.codes), _host(q.absmax), _host(q.code), int(q.blocksize), tuple(q.shape), q.dtype)
+    return Quantized8bit(host_array(q.codes), host_array(q.absmax), host_array(q.code), int(q.blocksize),
+                         tuple(q.shape), q.dtype)
 
 
 def dequantize_blockwise_8bit(q: Quantized8bit) -> np.ndarray:
@@ -126,7 +122,7 @@ def dequantize_4bit(q: Quantized4bit, dtype=None, *, kernel: str = "numba") -> n
     if not isinstance(q, Quantized4bit):
         raise ValueError(f"q must be a Quantized4bit (quantize_4bit's result), got {type(q).__name__}")
     if not isinstance(q.packed, np.ndarray):
-        q = Quantized4bit.from_state_dict({k: _host(v) for k, v in q.state_dict().items()})
+        q = Quantized4bit.from_state_dict({k: host_array(v) for k, v in q.state_dict().items()})
     out_name = q.dtype if dtype is None else dtype_name(dtype)
     absmax = q.absmax_float32()
     if kernel == "numba" and out_name in ("float32", "bfloat16"):

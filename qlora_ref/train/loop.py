@@ -28,6 +28,7 @@ and the held-out loss over the processes; the progress bar, the logs and every f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -390,13 +391,12 @@ def train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=No
     folder's lock (``run_lock``, the writing process only) for the whole run."""
     from ..paths import check_writable_dir
 
-    kwargs = dict(eval_data=eval_data, output_dir=output_dir, resume=resume, base_model=base_model,
-                  stop_after=stop_after)
-    if output_dir is None or world_of(backend).rank != 0:
-        return _train(backend, train_data, config, **kwargs)
-    check_writable_dir(output_dir, "output_dir")
-    with run_lock(output_dir):
-        return _train(backend, train_data, config, **kwargs)
+    if output_dir is not None:
+        check_writable_dir(output_dir, "output_dir")
+    lock = run_lock(output_dir) if output_dir is not None and world_of(backend).rank == 0 else contextlib.nullcontext()
+    with lock:
+        return _train(backend, train_data, config, eval_data=eval_data, output_dir=output_dir, resume=resume,
+                      base_model=base_model, stop_after=stop_after)
 
 
 def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=None, output_dir=None,
@@ -414,14 +414,11 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
     this run would write may belong to anyone else (it is never replaced). A non-finite loss, gradient norm or
     adapter stops the run with :class:`TrainingDivergedError`, naming the step; the last good checkpoint stays.
     """
-    from ..paths import check_writable_dir
-
     output_dir = Path(output_dir) if output_dir is not None else None
     world = world_of(backend)
     main = world.rank == 0  # the one process that prints and writes
     my_share([None] * config.gradient_accumulation_steps, world)  # a bad split fails before any work
-    if output_dir is not None:
-        check_writable_dir(output_dir, "output_dir")
+    if output_dir is not None:  # ``train`` checked it is a writable folder
         if main:
             for line in recover_checkpoints(output_dir):
                 warnings.warn(f"{output_dir}: {line}", stacklevel=2)
