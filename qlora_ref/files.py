@@ -8,6 +8,7 @@ package, so every module that writes files can use it without depending on the t
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -119,6 +120,15 @@ def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     # straight to the file: serialising to bytes first would hold a second copy of a model being exported
     atomic_write_with(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+
+
+def sha256_file(path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB pieces (a checkpoint's optimizer state may be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_safetensors(path) -> dict[str, np.ndarray]:

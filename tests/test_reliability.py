@@ -401,10 +401,71 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(files, tmp_p
     _, full = run(files["model"], files["ds"], config, backend, output_dir=tmp_path / "full")
     out = tmp_path / "cut"
     run(files["model"], files["ds"], config, backend, output_dir=out, stop_after=3)
-    damage(out / "checkpoint-3" / name)
+    _edit_json(out / "checkpoint-3" / "qlora_checkpoint.json", lambda d: d.pop("sha256"))  # the checks that do
+    damage(out / "checkpoint-3" / name)  # not rely on checksums (a checkpoint written before them) catch each
     with pytest.warns(UserWarning, match=rf"checkpoint-3 is (damaged|unreadable) \(\S*checkpoint-3/{name}: .*\); "
                                          r"resuming from the one before it, checkpoint-2"):
         _, resumed = run(files["model"], files["ds"], config, backend, output_dir=out)
+    assert resumed.step == 4 and resumed.train_losses == full.train_losses[2:]
+
+
+def _flip_last_bit(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1  # the last byte of a safetensors file is tensor data: the file still reads
+    path.write_bytes(bytes(data))
+
+
+#: (file of checkpoint-3 changed, how): each still reads and fits, so only the marker's checksums can tell
+CHANGED = {
+    "adapter-bit": ("adapter_model.safetensors", _flip_last_bit),
+    "optimizer-bit": ("optimizer.safetensors", _flip_last_bit),
+    "tokens-edited": ("trainer_state.json", lambda f: _edit_json(f, lambda d: d.update(tokens_seen=1))),
+    "alpha-edited": ("adapter_config.json", lambda f: _edit_json(f, lambda d: d.update(lora_alpha=3.0))),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED))
+def test_a_changed_checkpoint_file_is_caught_by_its_checksum(files, tmp_path, case):
+    """A bit flipped inside a tensor, or a number edited, reads and fits like the original: the SHA-256 the marker
+    recorded at the save names the file, and the run continues from checkpoint-2 exactly as the uninterrupted
+    one did."""
+    from safetensors.numpy import load_file
+
+    name, change = CHANGED[case]
+    config = small_config(max_steps=4, save_every=1, keep_checkpoints=2)
+    _, full = run(files["model"], files["ds"], config, output_dir=tmp_path / "full")
+    out = tmp_path / "cut"
+    run(files["model"], files["ds"], config, output_dir=out, stop_after=3)
+    before = (out / "checkpoint-3" / name).read_bytes()
+    change(out / "checkpoint-3" / name)
+    assert (out / "checkpoint-3" / name).read_bytes() != before
+    if name.endswith(".safetensors"):  # still a readable file of the same tensors
+        assert load_file(str(out / "checkpoint-3" / name)).keys() == load_file(
+            str(tmp_path / "full" / "checkpoint-3" / name)).keys()
+    with pytest.warns(UserWarning, match=rf"checkpoint-3 is unreadable \(\S*checkpoint-3/{name}: its content "
+                                         r"changed since it was written \(sha256 \w+\.\.\., qlora_checkpoint.json "
+                                         r"recorded \w+\.\.\.\).*\); resuming from the one before it, checkpoint-2"):
+        _, resumed = run(files["model"], files["ds"], config, output_dir=out)
+    assert resumed.step == 4 and resumed.train_losses == full.train_losses[2:]
+
+
+def test_checkpoints_without_checksums_still_resume_exactly(files, tmp_path):
+    """Markers written before checksums existed have none: such a checkpoint is read unchecked and resumes to the
+    uninterrupted result. A checksum table naming a file outside the checkpoint makes the marker damaged."""
+    config = small_config(max_steps=4, save_every=2)
+    _, full = run(files["model"], files["ds"], config, output_dir=tmp_path / "full")
+    out = tmp_path / "cut"
+    run(files["model"], files["ds"], config, output_dir=out, stop_after=2)
+    marker = out / "checkpoint-2" / "qlora_checkpoint.json"
+    assert set(json.loads(marker.read_text())["sha256"]) == {
+        "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "rng.safetensors",
+        "trainer_state.json"}
+    _edit_json(marker, lambda d: d["sha256"].update({"../x": "0"}))
+    with pytest.raises(ValueError, match=r"damaged checkpoint marker \(its sha256 is not a table of "), \
+            pytest.warns(UserWarning, match="damaged checkpoint marker"):
+        run(files["model"], files["ds"], config, output_dir=out)
+    _edit_json(marker, lambda d: d.pop("sha256"))
+    _, resumed = run(files["model"], files["ds"], config, output_dir=out)
     assert resumed.step == 4 and resumed.train_losses == full.train_losses[2:]
 
 

@@ -11,7 +11,8 @@ A checkpoint is a folder ``<output_dir>/checkpoint-<step>/``:
 ``trainer_state.json``          step, run id, data position, fingerprint of the training data, tokens seen,
                                 log history, the ``TrainConfig``, and the random states that are plain numbers
                                 (NumPy bit generators: LoRA dropout)
-``qlora_checkpoint.json``       the marker: our format, its version, the run id and the step (written last)
+``qlora_checkpoint.json``       the marker: our format, its version, the run id, the step and the SHA-256 of
+                                every other file (written last)
 =============================  =======================================================================
 
 Everything is written to a temporary sibling folder first, each file flushed and fsynced, and the folder is then
@@ -19,7 +20,10 @@ renamed into place (``os.replace`` is atomic on POSIX): a crash leaves either th
 one, never half of one (``recover_checkpoints`` tidies what a kill leaves). The marker is written last: a folder
 without it is never picked up, and never deleted — rotation removes only checkpoints whose marker carries the
 current run's id, so a Hugging Face Trainer's ``checkpoint-N`` or an older run's stay untouched. One run at a
-time writes a folder (``run_lock``): a second is refused before it tidies or resumes anything.
+time writes a folder (``run_lock``): a second is refused before it tidies or resumes anything. The marker's
+checksums catch what no structural check can — a bit flipped inside a tensor, an edited number — and a resume
+passes over such a checkpoint as over an unreadable one; a marker without them (written before they existed) is
+read unchecked.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapters import INCOMPLETE_FILE, read_adapter_files, write_adapter_files
+from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INCOMPLETE_FILE, read_adapter_files, write_adapter_files
 from ..files import (
     atomic_save_safetensors,
     atomic_write_json,
     check_finite,
     fsync_dir,
     load_safetensors,
+    sha256_file,
     temporary_folder,
 )
 
@@ -53,6 +58,8 @@ RNG_FILE = "rng.safetensors"
 MARKER_FILE = "qlora_checkpoint.json"
 MARKER_FORMAT = "qlora-checkpoint"
 FORMAT_VERSION = 1
+#: the files the marker's checksums cover: all of a checkpoint but the marker itself
+CHECKSUMMED = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
 #: what trainer_state.json must hold for a resume
 STATE_KEYS = ("step", "run_id", "run_started", "data_position", "data_fingerprint", "tokens_seen", "log_history",
               "config", "rng")
@@ -135,6 +142,10 @@ def _marker(folder: Path) -> tuple[dict | None, str | None]:
           and isinstance(marker.get("run_started"), int | float) and isinstance(marker.get("step"), int))
     if not ok:
         return None, (f"not a {MARKER_FORMAT} version {FORMAT_VERSION} marker with run_id, run_started and step")
+    sums = marker.get("sha256", {})  # absent in checkpoints written before checksums existed
+    if not (isinstance(sums, dict) and set(sums) <= set(CHECKSUMMED)
+            and all(isinstance(v, str) for v in sums.values())):
+        return None, f"its sha256 is not a table of {', '.join(CHECKSUMMED)} to hex digests"
     if not (folder / STATE_FILE).is_file():
         return None, f"its {STATE_FILE} is missing"
     return marker, None
@@ -265,10 +276,12 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
         atomic_save_safetensors(ckpt.rng_arrays, tmp / RNG_FILE, metadata={"format": "qlora-rng"})
         state = dict(ckpt.state, step=ckpt.step, format_version=FORMAT_VERSION)
         atomic_write_json(tmp / STATE_FILE, state)
-        # last: its presence marks a complete checkpoint of ours, and of which run
+        # last: its presence marks a complete checkpoint of ours, and of which run; the checksums are of the bytes
+        # as the disk gives them back, so a write the disk garbled is caught on resume too
         atomic_write_json(tmp / MARKER_FILE, {"format": MARKER_FORMAT, "format_version": FORMAT_VERSION,
                                               "run_id": ckpt.run_id, "run_started": ckpt.state["run_started"],
-                                              "step": ckpt.step})
+                                              "step": ckpt.step,
+                                              "sha256": {name: sha256_file(tmp / name) for name in CHECKSUMMED}})
         if final.exists():  # re-saving the same step: move the old one out of the way, then replace
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -317,8 +330,21 @@ def load_checkpoint(path) -> Checkpoint:
         if state[key] != marker[key]:
             raise ValueError(f"{path / STATE_FILE}: {key} {state[key]!r} disagrees with {marker[key]!r} in "
                              f"{MARKER_FILE} (an edited or damaged file)")
+    check_checksums(path, marker)
     return Checkpoint(step=int(state["step"]), adapter=adapter, adapter_config=adapter_config,
                       optimizer_state=optimizer_state, state=state, rng_arrays=rng_arrays, path=path)
+
+
+def check_checksums(path: Path, marker: dict) -> None:
+    """Each file of checkpoint ``path`` against the SHA-256 its marker recorded when it was written: a file that
+    reads but changed since (a flipped bit, an edit) is damage, reported before anything resumes from it. Run
+    after the files are read, so that a file that does not read is named as unreadable."""
+    sums = marker.get("sha256", {})
+    for name in (n for n in CHECKSUMMED if n in sums):
+        expected, actual = sums[name], sha256_file(path / name)
+        if actual != expected:
+            raise ValueError(f"{path / name}: its content changed since it was written (sha256 {actual[:12]}..., "
+                             f"{MARKER_FILE} recorded {expected[:12]}...): a damaged or edited file")
 
 
 #: the advisory lock a run holds on its output folder (``run_lock``); it holds the holder's process id
