@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 from .dtypes import host_array
-from .files import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors
+from .files import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors, model_fingerprint
 from .model.config import LINEAR_MODULES, LoraConfig
 from .model.linear import add_adapters
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: the metadata key of ``adapter_model.safetensors`` that holds the base model's fingerprint
+BASE_FINGERPRINT_KEY = "qlora.base_model_fingerprint"
 #: present while ``qlora finetune`` replaces a folder's final files one by one (``loop.train``): a folder holding it
 #: may mix two runs' files (a kill in between), so it is refused until a finished run removes it
 INCOMPLETE_FILE = "qlora_write_incomplete.json"
@@ -178,14 +181,18 @@ def from_peft_keys(tensors: Mapping[str, np.ndarray], source: str = ADAPTER_WEIG
     return out
 
 
-def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config: dict) -> Path:
+def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config: dict,
+                        base_fingerprint: str | None = None) -> Path:
     """``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` (each written atomically). Weights
-    holding NaN or Inf are refused: a diverged run never replaces a good adapter with a broken one."""
+    holding NaN or Inf are refused: a diverged run never replaces a good adapter with a broken one.
+    base_fingerprint: the base model's ``files.model_fingerprint``, kept in the weights file's metadata (which
+    peft ignores; an unknown key in ``adapter_config.json`` would make it warn) for ``load_adapter`` to compare."""
     folder = Path(folder)
     tensors = to_peft_keys(params)
     check_finite(tensors, f"{folder / ADAPTER_WEIGHTS}: not written")
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    metadata = {"format": "pt"} | ({BASE_FINGERPRINT_KEY: base_fingerprint} if base_fingerprint else {})
+    atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata=metadata)
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
     return folder
 
@@ -239,7 +246,29 @@ def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> P
         raise ValueError("the model carries no LoRA adapters (built with lora=None or r=0)")
     if base_model_name_or_path is None:  # the path load_model read the model from, when it was loaded so
         base_model_name_or_path = getattr(model, "name_or_path", None)
-    return write_adapter_files(folder, params, peft_adapter_config(model.lora, base_model_name_or_path))
+    fingerprint = model_fingerprint(base_model_name_or_path) if base_model_name_or_path else None
+    return write_adapter_files(folder, params, peft_adapter_config(model.lora, base_model_name_or_path),
+                               fingerprint)
+
+
+def check_adapter_base(model, folder) -> None:
+    """Warn when the adapter in ``folder`` was trained on other base model weights than ``model`` was loaded from
+    (their ``files.model_fingerprint`` differ): it still loads — peft applies an adapter to any base of the right
+    shapes — but its outputs are not those it was trained to give. Silent where either fingerprint is unknown."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="numpy") as f:
+            theirs = (f.metadata() or {}).get(BASE_FINGERPRINT_KEY)
+    except Exception:  # unreadable: read_adapter_files has named the file already
+        return
+    base = getattr(model, "name_or_path", None)
+    mine = model_fingerprint(base) if theirs and base else None
+    if mine is not None and mine != theirs:
+        trained_on = read_adapter_config(folder).get("base_model_name_or_path")
+        warnings.warn(f"{folder}: the adapter was trained on other base model weights ({trained_on}; fingerprint "
+                      f"{theirs[-12:]}) than {base} holds (fingerprint {mine[-12:]}): it loads, but its outputs "
+                      "are not those of its training", stacklevel=3)
 
 
 def load_adapter(model, folder) -> dict:
@@ -250,6 +279,7 @@ def load_adapter(model, folder) -> dict:
     receive its adapter."""
     weights, cfg = read_adapter_files(folder)
     lora = lora_config_from_adapter(cfg, weights, str(Path(folder) / ADAPTER_CONFIG))
+    check_adapter_base(model, folder)
     if not model.lora_parameters():  # built without LoRA: the adapters come from the folder
         add_adapters(model, lora)
     own = model.lora_parameters()

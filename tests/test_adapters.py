@@ -14,17 +14,19 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
-from test_train import write_tiny_model
+from test_train import nudge_weights, write_tiny_model
 
 from qlora_ref.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BASE_FINGERPRINT_KEY,
     load_adapter,
     read_adapter_files,
     read_adapter_lora_config,
     save_adapter,
 )
 from qlora_ref.export import merge_and_export, quantize_hf_folder
+from qlora_ref.files import model_fingerprint
 from qlora_ref.model import LoraConfig, QuantConfig, load_model
 
 peft = pytest.importorskip("peft")
@@ -128,6 +130,71 @@ def test_adapters_move_between_backends_on_a_4bit_model(folder, tmp_path):
     gpu.load_adapter(tmp_path / "ad")
     with torch.no_grad():
         assert rel_err(gpu.eval()(IDS).numpy(), ref.eval().forward(IDS)) < TOL
+
+
+def test_model_fingerprint_is_of_the_weights_not_the_path(folder, tmp_path, monkeypatch):
+    """Two copies of a model share a fingerprint; a flipped bit in its weights or another model does not; a hub id
+    has none. Above 64 MiB a file is sampled: shown on a small file with the sizes shrunk, a byte inside a sampled
+    window counts and one between windows does not (the documented limit)."""
+    import shutil
+
+    import qlora_ref.files as files
+
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    (copy / "README.md").write_text("not part of the model")
+    assert model_fingerprint(copy) is not None and model_fingerprint(copy) == model_fingerprint(folder)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    assert model_fingerprint(copy) != model_fingerprint(folder)
+    assert model_fingerprint(tmp_path / "nowhere") is None and model_fingerprint("org/some-model") is None
+
+    monkeypatch.setattr(files, "_WHOLE", 0)
+    monkeypatch.setattr(files, "_HEAD", 16)
+    monkeypatch.setattr(files, "_SAMPLE", 8)
+    monkeypatch.setattr(files, "_STRIDE", 64)
+    big = tmp_path / "m.gguf"
+
+    def with_byte_set(i):
+        data = bytearray(1000)
+        data[i] = 1
+        big.write_bytes(bytes(data))
+        return model_fingerprint(big)
+
+    big.write_bytes(bytes(1000))
+    zeros = model_fingerprint(big)
+    assert all(with_byte_set(i) != zeros for i in (3, 16 + 64, 16 + 64 + 7, 999))  # head, a window, the last one
+    assert with_byte_set(16 + 64 + 8) == zeros
+
+
+def test_an_adapter_on_other_base_weights_warns(folder, tmp_path):
+    """The adapter file records its base model's fingerprint (in safetensors metadata, which peft ignores):
+    loading it onto a copy of that model is silent, onto other weights of the same shapes it warns, on both
+    backends; it still loads, as peft's would."""
+    import shutil
+    import warnings
+
+    from safetensors import safe_open
+
+    import qlora_gpu
+
+    ref = load_model(folder, quant=None, lora=LoraConfig(r=4, alpha=8.0, dropout=0.0))
+    randomize_adapters(ref)
+    save_adapter(ref, tmp_path / "ad")
+    with safe_open(str(tmp_path / "ad" / ADAPTER_WEIGHTS), framework="numpy") as f:
+        assert f.metadata()[BASE_FINGERPRINT_KEY] == model_fingerprint(folder)
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(folder, copy)
+    shutil.copytree(folder, other)
+    nudge_weights(other)
+    for load in (load_model, qlora_gpu.load_model):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load(copy, adapter=tmp_path / "ad")
+        with pytest.warns(UserWarning, match=r"ad: the adapter was trained on other base model weights \(\S+; "
+                                             r"fingerprint \w+\) than \S+other holds"):
+            load(other, adapter=tmp_path / "ad")
 
 
 @pytest.mark.parametrize("change,match", [

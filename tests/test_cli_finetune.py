@@ -8,7 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
-from test_train import qa_records, write_cli_run_files, write_jsonl
+from test_train import nudge_weights, qa_records, write_cli_run_files, write_jsonl
 
 from qlora_ref.cli import main
 
@@ -359,20 +359,29 @@ def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
 
 def test_resuming_on_another_base_model_is_refused(files, tmp_path, capsys):
     """The adapters of a checkpoint were trained against its base model's weights: the same folder and command with
-    another --model stop before any step, naming both models."""
+    a model of other weights — in another folder, or written over the first — stop before any step, naming the
+    model; a copy of the same weights elsewhere resumes."""
     import shutil
 
-    other = tmp_path / "other-model"
-    shutil.copytree(files / "model", other)  # the same weights and tokenizer: only the check can tell them apart
+    base, other, copy = tmp_path / "base", tmp_path / "other-model", tmp_path / "copy"
+    shutil.copytree(files / "model", base)
+    shutil.copytree(files / "model", other)  # the same tokenizer and shapes: only the weights tell them apart
+    nudge_weights(other)
+    shutil.copytree(files / "model", copy)
     out = tmp_path / "run"
     args = ["finetune", "--data", str(files / "train.jsonl"), "--output-dir", str(out), *FAST, "--max-steps", "2"]
-    assert main([*args, "--model", str(files / "model")]) == 0
+    assert main([*args, "--model", str(base)]) == 0
     capsys.readouterr()
     assert main([*args[:-1], "3", "--model", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "cannot resume, the checkpoint was trained on the base model" in err and str(other.resolve()) in err
+    assert "cannot resume, the checkpoint was trained on other base model weights than" in err
+    assert str(other.resolve()) in err and str(base.resolve()) in err
     assert not (out / "checkpoint-3").exists()
-    assert main([*args[:-1], "3", "--model", str(files / "model")]) == 0  # the same model resumes
+    nudge_weights(base)  # the same path, other weights: a new revision saved over the old one
+    assert main([*args[:-1], "3", "--model", str(base)]) == 2
+    assert "cannot resume, the checkpoint was trained on other base model weights" in capsys.readouterr().err
+    assert main([*args[:-1], "3", "--model", str(copy)]) == 0  # the same weights, wherever they lie, resume
+    assert (out / "checkpoint-3").is_dir()
 
 
 def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):

@@ -57,6 +57,15 @@ def write_tiny_model(folder, arch: str = "llama", seed: int = 0, **overrides):
     return model
 
 
+def nudge_weights(folder) -> None:
+    """Every weight of ``folder``'s model.safetensors times 1.01: another model of the same shapes and tokenizer."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({k: (v * np.float32(1.01)).astype(v.dtype) for k, v in tensors.items()},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def qa_records(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"instruction": f"what is {a} plus {b}", "output": str(a + b)} for a, b in rng.integers(0, 60, (n, 2))]

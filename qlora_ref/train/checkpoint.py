@@ -271,7 +271,7 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
     check_finite(ckpt.optimizer_state, f"checkpoint-{ckpt.step} optimizer state")
     tmp = temporary_folder(output_dir, prefix=f".{final.name}.", suffix=".tmp")
     try:
-        write_adapter_files(tmp, ckpt.adapter, ckpt.adapter_config)
+        write_adapter_files(tmp, ckpt.adapter, ckpt.adapter_config, ckpt.state.get("base_model_fingerprint"))
         atomic_save_safetensors(ckpt.optimizer_state, tmp / OPTIMIZER_FILE, metadata={"format": "qlora-optimizer"})
         atomic_save_safetensors(ckpt.rng_arrays, tmp / RNG_FILE, metadata={"format": "qlora-rng"})
         state = dict(ckpt.state, step=ckpt.step, format_version=FORMAT_VERSION)

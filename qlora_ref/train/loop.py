@@ -44,7 +44,7 @@ import numpy as np
 
 from ..adapters import ADAPTER_WEIGHTS
 from ..data import batch_indices, batch_of, packed_batch_indices
-from ..files import check_finite
+from ..files import check_finite, model_fingerprint
 from ..loss import count_targets
 from ..optim.schedule import get_lr, warmup_steps
 from .checkpoint import (
@@ -246,12 +246,20 @@ def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream
         backend, config, base_model), optimizer_state=backend.optimizer_state(), state=state, rng_arrays=rng_arrays)
 
 
-def check_same_base_model(ckpt: Checkpoint, base_model: str | None) -> None:
+def check_same_base_model(ckpt: Checkpoint, base_model: str | None, fingerprint: str | None = None) -> None:
     """Refuse to resume a checkpoint on another base model: its adapters were trained against that model's weights.
-    Two paths that both exist here compare by the file or folder they are; a saved path that no longer exists
-    (the model moved, or a relative path from another folder) compares by name, and a run without a recorded base
-    model passes."""
-    saved = ckpt.state.get("base_model")
+    Where the checkpoint and this run both have the model's ``files.model_fingerprint``, the fingerprints decide:
+    a copy elsewhere resumes, a folder whose weights were replaced does not. Otherwise (a checkpoint written
+    before fingerprints, a hub id) two paths that both exist here compare by the file or folder they are; a saved
+    path that no longer exists compares by name, and a run without a recorded base model passes."""
+    saved, theirs = ckpt.state.get("base_model"), ckpt.state.get("base_model_fingerprint")
+    if theirs is not None and fingerprint is not None:
+        if theirs != fingerprint:
+            raise ValueError(f"{ckpt.path}: cannot resume, the checkpoint was trained on other base model weights "
+                             f"than {base_model} holds now (it was trained on {saved}; fingerprints "
+                             f"{theirs[-12:]} then, {fingerprint[-12:]} now). Resume with that model, or start "
+                             "afresh in another output folder")
+        return
     if saved is None or base_model is None or saved == base_model:
         return
     a, b = Path(saved), Path(base_model)
@@ -431,7 +439,8 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
     stream = stream_at()  # checks the data first: an empty training set fails before any checkpoint is read
     step, tokens_seen, log_history = 0, 0, []
     fingerprint = data_fingerprint(train_data)
-    run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint}
+    run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint,
+           "base_model_fingerprint": model_fingerprint(base_model) if base_model is not None else None}
     if world.world_size > 1:  # one identity for the run, rank 0's: the one its checkpoints carry
         run = world.gather_objects(run)[0]
     restored = []
@@ -439,7 +448,7 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
     def use(ckpt):  # refusals (ValueError) stop the run; a damaged checkpoint falls back to the one before
         if ckpt.step > config.max_steps:
             raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
-        check_same_base_model(ckpt, base_model)
+        check_same_base_model(ckpt, base_model, run["base_model_fingerprint"])
         restored[:] = restore_checkpoint(backend, ckpt, config, fingerprint)
 
     ckpt = find_resume_checkpoint(output_dir, resume, use)
@@ -532,7 +541,8 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
             mark = output_dir / INCOMPLETE_FILE
             atomic_write_json(mark, {"step": step, "run_id": run["run_id"], "writing": [
                 ADAPTER_WEIGHTS, "adapter_config.json", TRAIN_CONFIG_FILE, "log_history.json"]})
-            write_adapter_files(output_dir, adapter, _adapter_config(backend, config, base_model))
+            write_adapter_files(output_dir, adapter, _adapter_config(backend, config, base_model),
+                                run["base_model_fingerprint"])
             atomic_write_json(output_dir / TRAIN_CONFIG_FILE, config.to_dict())
             atomic_write_json(output_dir / "log_history.json", log_history)
             mark.unlink()
