@@ -177,6 +177,11 @@ def shard_model(model: nn.Module, mesh, *, cpu_offload: bool = False, storage: t
                     reshard_after_forward=reshard_after_forward)
     if not isinstance(model, FSDPModule):
         fully_shard(model, mesh=mesh, offload_policy=_offload_policy(cpu_offload, mesh))
+        # FSDP gathers the root unit only around forward(); the chunked loss reaches the embedding and the head
+        # through its own method, which must be gathered alike
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        register_fsdp_forward_method(model, "chunked_nll_sum")
     for m in model.modules():
         if isinstance(m, FSDPModule):
             sum_gradients(m)

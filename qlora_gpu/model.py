@@ -455,6 +455,17 @@ class QLoRAModel(nn.Module):
     def lm_head_weight(self) -> torch.Tensor:
         return self.hf.lm_head.weight
 
+    def chunked_nll_sum(self, input_ids, labels, chunk_size: int, attention_mask=None,
+                        position_ids=None) -> tuple[torch.Tensor, int]:
+        """The summed next-token cross entropy and its number of targets, the LM head and the loss taken
+        ``chunk_size`` positions at a time (``qlora_gpu.chunked_loss``). One method from the embedding to the
+        loss, so that under FSDP2 (``qlora_gpu.fsdp.shard_model`` registers it as a forward method) the root
+        unit's embedding and head are gathered whole for all of it, as they are for ``forward``."""
+        from .chunked_loss import chunked_nll_sum
+
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        return chunked_nll_sum(hidden, self.lm_head_weight, labels, chunk_size)
+
     @property
     def activation_offload(self):
         """The ``qlora_gpu.offload.ActivationOffload`` moving checkpointed block inputs to host memory, or None.

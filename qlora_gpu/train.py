@@ -29,7 +29,6 @@ from qlora_ref.train.checkpoint import check_rng_backend
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
-from .chunked_loss import chunked_nll_sum
 from .model import QLoRAModel, default_device, fast_by_default
 from .optim import clip_grad_norm, make_optimizer
 from .patches import use_varlen_attention
@@ -123,8 +122,7 @@ class GpuTrainer:
         the loss in chunks with ``loss_chunk_size``."""
         ids, mask, labels, positions = self._tensors(batch)
         if self.config.loss_chunk_size:
-            hidden = self.model.hidden_states(ids, mask, positions)
-            return chunked_nll_sum(hidden, self.model.lm_head_weight, labels, self.config.loss_chunk_size)
+            return self.model.chunked_nll_sum(ids, labels, self.config.loss_chunk_size, mask, positions)
         return self._nll_sum(self.model(ids, mask, positions), labels)
 
     @staticmethod

@@ -43,6 +43,8 @@ EXACT = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=2, ma
 #: two micro-batches per rank and the paper's clipping at 0.3, float32 compute: float32 reordering only
 CLIPPED = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.3,
                compute_dtype="float32", learning_rate=3e-3)
+#: EXACT with the LM head and the loss in chunks of 5 positions: the embedding and head reached outside forward()
+CHUNKED = dict(EXACT, loss_chunk_size=5)
 RTOL = 1e-5
 #: LoRA dropout on (random state per rank), a checkpoint every 2 steps; rank 1 is killed before step 6
 RESUMED = dict(max_steps=8, micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_every=2,
@@ -71,13 +73,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tiny, tmp_path_factory, one_thread):
-    """One process (``GpuTrainer``) in the EXACT and CLIPPED settings: (output folder, result, its adapters)."""
+    """One process (``GpuTrainer``) in the EXACT, CLIPPED and CHUNKED settings: (output folder, result, its
+    adapters)."""
     from qlora_ref.train.api import make_trainer
     from qlora_ref.train.loop import train
 
     folder, train_ds, eval_ds = tiny
     found = {}
-    for name, fields in (("exact", EXACT), ("clipped", CLIPPED)):
+    for name, fields in (("exact", EXACT), ("clipped", CLIPPED), ("chunked", CHUNKED)):
         out = tmp_path_factory.mktemp(f"single_{name}")
         config = small_config(**fields)
         trainer, _ = make_trainer(folder, config, "gpu")
@@ -91,21 +94,22 @@ def without_norms(log: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sharded(tiny, tmp_path_factory, one_thread):
-    """Three two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED."""
+    """Four two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED, CHUNKED."""
     folder = tiny[0]
     base = tmp_path_factory.mktemp("sharded")
     runs = {"exact": dict(config=small_config(**EXACT).to_dict()),
             "offload": dict(config=small_config(**EXACT).to_dict(), cpu_offload=True),
-            "clipped": dict(config=small_config(**CLIPPED).to_dict())}
+            "clipped": dict(config=small_config(**CLIPPED).to_dict()),
+            "chunked": dict(config=small_config(**CHUNKED).to_dict())}
     for name, run in runs.items():
         run["out"] = str(base / name)
     run_ranks(train_runs, 2, str(folder), list(runs.values()))
     return {name: (base / name, json.loads((base / name / "result.json").read_text())) for name in runs}
 
 
-@pytest.mark.parametrize("name", ["exact", "offload"])
+@pytest.mark.parametrize("name", ["exact", "offload", "chunked"])
 def test_two_ranks_train_bit_for_bit_as_one_process(single, sharded, name):
-    one_dir, one, _ = single["exact"]
+    one_dir, one, _ = single["exact" if name == "offload" else name]
     out, two = sharded[name]
     assert len(two["losses"]) == 10 and one.train_losses[-1] < one.train_losses[0] - 0.5  # it learns something
     assert two["losses"] == one.train_losses  # exact float equality, every step
