@@ -116,3 +116,9 @@ def test_cli_options_reach_the_config(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "r2"), "--max-steps", "1", "--no-progress",
                  "--activation-offload"]) == 2
     assert "activation_offload is a GPU-backend feature" in capsys.readouterr().err
+    # a field that a --no- option turns off is named as that option's absence, not as the option
+    assert main(["finetune", "--backend", "gpu", "--model", str(tmp_path / "model"), "--data",
+                 str(tmp_path / "train.jsonl"), "--output-dir", str(tmp_path / "r3"), "--max-steps", "1",
+                 "--no-progress", "--activation-offload", "--no-gradient-checkpointing"]) == 2
+    err = capsys.readouterr().err
+    assert "--activation-offload" in err and "needs gradient checkpointing (drop --no-gradient-checkpointing)" in err

@@ -116,8 +116,15 @@ def named_by_option(error: ValueError, fields) -> ValueError:
     stands; any other only where it is written as a setting (``packing=True``, ``max_length=512``)."""
     message = str(error)
     for field in sorted({*TRAIN_OPTIONS, *OTHER_OPTION_FIELDS}, key=len, reverse=True):
+        option = option_of(field)
+        if option.startswith("--no-"):  # the option turns the field off: field=True is the option's absence
+            words = field.replace("_", " ")
+            message = re.sub(rf"(?<![-\w]){field}=True\b", f"{words} (drop {option})", message)
+            message = re.sub(rf"(?<![-\w]){field}=False\b", option, message)
+            message = re.sub(rf"(?<![-\w]){field}\b(?!=)", words, message)
+            continue
         setting = "" if field in fields else "(?==)"
-        message = re.sub(rf"(?<![-\w]){field}{setting}(=True\b)?", option_of(field), message)
+        message = re.sub(rf"(?<![-\w]){field}{setting}(=True\b)?", option, message)
     return ValueError(message)
 
 
