@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 
 import bitsandbytes.functional as bnbf
 import numpy as np
@@ -137,6 +138,11 @@ def quantize_4bit(
     blocksize = check_blocksize(blocksize)
     double_quant = check_bool(double_quant, "double_quant")
     packed, state = bnbf.quantize_4bit(x, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    if double_quant and not math.isfinite(float(state.offset)):  # else every weight would dequantize to NaN
+        raise ValueError(f"x: double quantization overflows in bitsandbytes: it averages the {state.absmax.numel()} "
+                         "block scales in float32, and their sum exceeds the float32 maximum (3.4e38; the largest "
+                         f"|x| is {float(torch.abs(x).max()):.3g}); qlora_ref, which averages in float64, does not. "
+                         "Quantize with double_quant=False, or scale x down")
     return Quantized4bit.from_bnb(packed, state)
 
 

@@ -1,6 +1,8 @@
 """4-bit blockwise quantization: the reference (NumPy definition and Numba kernel), the GPU backend on CPU and
 bitsandbytes agree bit for bit, as docs/quantization.md states."""
 
+import math
+
 import bitsandbytes.functional as bnbf
 import ml_dtypes
 import numpy as np
@@ -214,6 +216,23 @@ def test_bitsandbytes_silently_turns_a_nan_block_into_nan():
     packed, state = bnbf.quantize_4bit(x, blocksize=64, quant_type="nf4")
     out = bnbf.dequantize_4bit(packed, state).reshape(-1)  # its C++ kernel returns 1-D tensors as (1, n)
     assert torch.isnan(state.absmax[0]) and torch.isnan(out[:64]).all() and not torch.isnan(out[64:]).any()
+
+
+def test_double_quantization_of_huge_finite_weights_overflows_in_bitsandbytes_only():
+    """bitsandbytes averages the block scales in float32: with two blocks at the float32 maximum the sum overflows,
+    the offset is inf, and every weight (not only the two blocks) dequantizes to NaN, silently. The reference
+    averages in float64 and is exact; qlora_gpu refuses, naming the cause and the way out."""
+    x = np.zeros(320, np.float32)
+    x[70] = x[200] = np.finfo(np.float32).max
+    packed, state = bnbf.quantize_4bit(torch.from_numpy(x), blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert math.isinf(float(state.offset)) and torch.isnan(bnbf.dequantize_4bit(packed, state)).all()
+    r = qlora_ref.quantize_4bit(x, "nf4", 64, True)
+    assert np.isfinite(r.offset) and np.array_equal(qlora_ref.dequantize_4bit(r), x)
+    with pytest.raises(ValueError, match=r"double quantization overflows in bitsandbytes: it averages the 5 block "
+                                         r"scales in float32.*Quantize with double_quant=False"):
+        qlora_gpu.quantize_4bit(torch.from_numpy(x), "nf4", 64, True)
+    g = qlora_gpu.quantize_4bit(torch.from_numpy(x), "nf4", 64, False)  # the way out works, as the reference's
+    assert torch.equal(qlora_gpu.dequantize_4bit(g), torch.from_numpy(x))
 
 
 def test_other_quant_types_roundtrip_in_the_reference():
