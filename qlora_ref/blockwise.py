@@ -21,27 +21,37 @@ from __future__ import annotations
 
 import numpy as np
 
-#: smallest absmax used as a divisor, so an all-zero block divides by something finite
+#: smallest absmax the 4-bit kernel uses as a divisor, so an all-zero block divides by something finite
 TINY = np.float32(1e-38)
 
 
-def blockwise_absmax_scale(x: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
+def blockwise_absmax_scale(x: np.ndarray, blocksize: int, tiny: np.float32 | None = TINY
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """Split flat float32 ``x`` into blocks, return (x scaled into [-1, 1], per-block absmax) — eq. 1.
 
-    Full blocks are scaled by multiplying with the float32 reciprocal of their absmax (one rounding for 1/c,
-    one for the product); a shorter final block is divided by its absmax. The stored absmax of a full all-zero
-    block is 0 (it dequantizes to exact zeros), while a short final block stores at least ``TINY``.
-    These details are bitsandbytes' and are kept for bit-identical output.
+    With ``tiny`` (bitsandbytes' ``quantize_4bit``): full blocks are scaled by multiplying with the float32
+    reciprocal of max(absmax, tiny) (one rounding for 1/c, one for the product); a shorter final block is divided
+    by its absmax. The stored absmax of a full all-zero block is 0 (it dequantizes to exact zeros), while a short
+    final block stores at least ``tiny``. These details are bitsandbytes' and are kept for bit-identical output;
+    a consequence is that a block whose absmax lies below 1e-38 (subnormal) is scaled short of [-1, 1].
+    With ``tiny=None`` (bitsandbytes' 8-bit ``quantize_blockwise``): every block is divided by its own absmax,
+    which is stored as it is, and an all-zero block scales to zeros.
     """
+    if tiny is None:
+        absmax = np.abs(np.pad(x, (0, -x.size % blocksize)).reshape(-1, blocksize)).max(axis=1) if x.size else (
+            np.zeros(0, np.float32))
+        divisor = np.repeat(absmax, blocksize)[: x.size]
+        scaled = np.divide(x, divisor, out=np.zeros_like(x), where=divisor > 0)
+        return np.clip(scaled, -1.0, 1.0).astype(np.float32, copy=False), absmax.astype(np.float32, copy=False)
     n = x.size
     full = n - n % blocksize
     blocks = x[:full].reshape(-1, blocksize)
     absmax = np.abs(blocks).max(axis=1) if full else np.zeros(0, np.float32)
-    reciprocal = np.float32(1.0) / np.maximum(absmax, TINY)
+    reciprocal = np.float32(1.0) / np.maximum(absmax, tiny)
     scaled = np.clip(blocks * reciprocal[:, None], -1.0, 1.0).reshape(-1)
     if full < n:
         tail = x[full:]
-        tail_absmax = np.maximum(np.abs(tail).max(), TINY)
+        tail_absmax = np.maximum(np.abs(tail).max(), tiny)
         absmax = np.append(absmax, tail_absmax)
         scaled = np.concatenate([scaled, np.clip(tail / tail_absmax, -1.0, 1.0)])
     return scaled.astype(np.float32, copy=False), absmax.astype(np.float32, copy=False)
@@ -92,7 +102,9 @@ def dequantize_codes(codes: np.ndarray, absmax: np.ndarray, code: np.ndarray, bl
     return code[codes] * scale
 
 
-def quantize_codes(x: np.ndarray, code: np.ndarray, blocksize: int) -> tuple[np.ndarray, np.ndarray]:
-    """(one code index per element, per-block absmax) for flat float32 ``x`` — eq. 1 end to end."""
-    scaled, absmax = blockwise_absmax_scale(x, blocksize)
+def quantize_codes(x: np.ndarray, code: np.ndarray, blocksize: int, tiny: np.float32 | None = TINY
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(one code index per element, per-block absmax) for flat float32 ``x`` — eq. 1 end to end; ``tiny``: see
+    :func:`blockwise_absmax_scale` (the default is the 4-bit kernel's, None the 8-bit one's)."""
+    scaled, absmax = blockwise_absmax_scale(x, blocksize, tiny)
     return nearest_code(scaled, code), absmax

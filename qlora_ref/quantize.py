@@ -51,7 +51,7 @@ def quantize_blockwise_8bit(x: np.ndarray, blocksize: int = 256) -> Quantized8bi
     flat, name = _as_float32_input(x)
     blocksize = check_blocksize(blocksize, BLOCKSIZES_8BIT)
     code = dynamic_map(signed=True)
-    codes, absmax = blockwise.quantize_codes(flat, code, blocksize)
+    codes, absmax = blockwise.quantize_codes(flat, code, blocksize, tiny=None)  # the true absmax, as bitsandbytes
     return Quantized8bit(codes.reshape(x.shape), absmax, code, blocksize, tuple(x.shape), name)
 
 

@@ -29,7 +29,7 @@ def test_8bit_codes_are_exactly_nearest_and_close_to_bitsandbytes(seed, n, block
     codes, state = bnbf.quantize_blockwise(torch.from_numpy(x), blocksize=blocksize)
     assert np.array_equal(q.absmax, state.absmax.numpy())
     code = dynamic_map()
-    scaled, _ = blockwise_absmax_scale(x, blocksize)  # the scaling itself is proven bit-exact in test_quantize.py
+    scaled, _ = blockwise_absmax_scale(x, blocksize, tiny=None)  # the 8-bit scaling: x / absmax, as bitsandbytes
     ours = np.abs(code[q.codes] - scaled)
     # nearest: no code of the map is closer than the chosen one, up to one ulp of the value (a value on a float32
     # midpoint, itself rounded, takes the lower code although the upper may be nearer by an ulp)
@@ -39,6 +39,24 @@ def test_8bit_codes_are_exactly_nearest_and_close_to_bitsandbytes(seed, n, block
     assert np.all(ours <= theirs + np.spacing(np.abs(scaled)))
     steps = np.abs(q.codes.astype(int) - codes.numpy().astype(int))
     assert steps.max() <= MAX_CODE_STEPS
+
+
+@pytest.mark.parametrize("x", [
+    np.full(256, 1e-39),  # a full block whose absmax is subnormal
+    np.concatenate([np.linspace(-1, 1, 256), np.full(100, 1e-39)]),  # a subnormal short final block
+    np.concatenate([np.linspace(-1, 1, 256), np.zeros(100)]),  # an all-zero short final block
+], ids=["subnormal-block", "subnormal-tail", "zero-tail"])
+def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
+    """The 8-bit kernel divides each block by its own absmax and stores it as it is (bitsandbytes' quantize_blockwise):
+    no 1e-38 floor, which is the 4-bit kernel's. With the floor, a block of 1e-39 came back 10 times too small and a
+    short final block stored 1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at
+    +1 but at -0.993), so the dequantized tail equals the input, and everything equals bitsandbytes'."""
+    x = x.astype(np.float32)
+    q = qlora_ref.quantize_blockwise_8bit(x)
+    codes, state = bnbf.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+    assert np.array_equal(q.absmax, state.absmax.numpy())
+    ours = qlora_ref.dequantize_blockwise_8bit(q)
+    assert np.array_equal(ours[256:], x[256:]) and np.array_equal(ours, bnbf.dequantize_blockwise(codes, state).numpy())
 
 
 def test_8bit_codes_differ_from_bitsandbytes_rarely():

@@ -102,8 +102,8 @@ class AdamW8bit(Optimizer):
         shape = param.shape
         adamw_update(param, grad, m.reshape(shape), v.reshape(shape), step, self.lr, b1, b2, self.eps,
                      self.weight_decay)
-        codes1[:], states["absmax1"][:] = blockwise.quantize_codes(m, _signed_map(), STATE_BLOCKSIZE)
-        codes2[:], states["absmax2"][:] = blockwise.quantize_codes(v, _unsigned_map(), STATE_BLOCKSIZE)
+        codes1[:], states["absmax1"][:] = blockwise.quantize_codes(m, _signed_map(), STATE_BLOCKSIZE, tiny=None)
+        codes2[:], states["absmax2"][:] = blockwise.quantize_codes(v, _unsigned_map(), STATE_BLOCKSIZE, tiny=None)
         if self.keep_v_positive:
             codes2[(codes2 == 0) & (v > 0)] = 1  # unsigned map: code 0 is 0.0, code 1 the smallest positive value
 
