@@ -74,7 +74,6 @@ def normal_float_offset(bits: int) -> float:
     return 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
 
 
-@cache
 def normal_float_codebook(bits: int = 4) -> np.ndarray:
     """k-bit NormalFloat (NFk) codebook, k = 2..8, ascending float32 values in [-1, 1] (section 3).
 
@@ -86,8 +85,16 @@ def normal_float_codebook(bits: int = 4) -> np.ndarray:
     divided by the largest value so the codebook spans [-1, 1]. For k = 4 these are bitsandbytes' NF4 values bit
     for bit; k ≠ 4 is this project's extension.
     """
-    if not isinstance(bits, int | np.integer) or not 2 <= bits <= 8:
+    if isinstance(bits, bool) or not isinstance(bits, int | np.integer) or not 2 <= bits <= 8:
         raise ValueError(f"bits must be an integer from 2 to 8, got {bits!r}")
+    # a plain int: NumPy's own integers compute 2**bits in their width (np.int8(8) overflows) and would be
+    # cache keys equal to the int
+    return _normal_float_codebook(int(bits))
+
+
+@cache
+def _normal_float_codebook(bits: int) -> np.ndarray:
+    """``normal_float_codebook``'s table for a plain ``int`` k (computed once per k)."""
     half = 2 ** (bits - 1)
     delta = normal_float_offset(bits)
     positive = norm.ppf(linspace_float32(delta, 0.5, half + 1)[:-1])  # half levels, largest first

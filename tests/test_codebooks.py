@@ -101,7 +101,15 @@ def test_k_bit_normal_float(k):
     assert (q > 0).sum() == 2 ** (k - 1) and (q < 0).sum() == 2 ** (k - 1) - 1
 
 
-@pytest.mark.parametrize("bad", [1, 9, 4.0, "4"])
+@pytest.mark.parametrize("k", range(2, 9))
+def test_numpy_integers_give_the_int_codebook(k):
+    """NumPy's integers compute in their own width (2**8 overflows an int8) and hash like the int: each is the
+    plain int's table, whichever type asked first."""
+    for t in (np.int8, np.uint8, np.int64):
+        assert np.array_equal(normal_float_codebook(t(k)), normal_float_codebook(k))
+
+
+@pytest.mark.parametrize("bad", [1, 9, 4.0, "4", True, [4], np.int8(9)])
 def test_normal_float_bad_bits(bad):
     with pytest.raises(ValueError, match="bits"):
         normal_float_codebook(bad)
