@@ -163,6 +163,7 @@ class QLoRALinear(nn.Module):
         """Use a quantized weight as stored (a ``Quantized4bit`` of either backend)."""
         if not isinstance(q, RefQuantized4bit):
             raise ValueError(f"q must be a Quantized4bit (qlora_ref or qlora_gpu), got {type(q).__name__}")
+        q.check()  # its fields may have been changed since it was made
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
                    seed=seed, device=device, kernel=kernel, out_dtype=out_dtype)
 

@@ -108,7 +108,7 @@ class Quantized4bit(ref.Quantized4bit):
             s2 = state.state2
             state2 = Quantized8bit(state.absmax, s2.absmax, s2.code, s2.blocksize, tuple(state.absmax.shape),
                                    dtype_name(s2.dtype))
-            offset = float(state.offset)
+            offset = float(state.offset.detach()) if isinstance(state.offset, torch.Tensor) else float(state.offset)
         return cls(packed.view(torch.uint8).reshape(-1, 1), state.absmax, tuple(state.shape), dtype_name(state.dtype),
                    state.blocksize, state.quant_type, state.code, offset, state2)
 
@@ -151,6 +151,7 @@ def dequantize_4bit(q: Quantized4bit, dtype=None) -> torch.Tensor:
     by ``dequantize_4bit_spec`` where bitsandbytes' kernel fails its probe)."""
     if not isinstance(q, ref.Quantized4bit):
         raise ValueError(f"q must be a Quantized4bit (quantize_4bit's result), got {type(q).__name__}")
+    q.check()  # its fields may have been changed since it was made
     if not isinstance(q, Quantized4bit):  # the reference's (NumPy arrays): converted through its state dict
         q = Quantized4bit.from_state_dict(q.state_dict())
     state = q.to_bnb()

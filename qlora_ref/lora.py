@@ -244,6 +244,7 @@ class QLoRALinear:
         """Use a quantized weight as stored (e.g. read from a bitsandbytes checkpoint) and attach an adapter."""
         if not isinstance(q, Quantized4bit):
             raise ValueError(f"q must be a qlora_ref.Quantized4bit, got {type(q).__name__}")
+        q.check()  # its fields may have been changed since it was made
         return cls(q, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
                    seed=seed, kernel=renamed_kernel(kernel, matmul), tile=tile)
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from . import blockwise
 from .checks import BLOCKSIZES_8BIT, QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+from .codebooks import codebook
 from .dtypes import dtype_name
 
 _PACKED_KEY = "quant_state.bitsandbytes__"
@@ -69,6 +70,32 @@ class Quantized4bit:
     code: np.ndarray
     offset: float | None = None
     state2: Quantized8bit | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """A ValueError naming the field whose size does not fit the others (a hand-built, edited or mutated
+        state): the Numba kernels index without bounds checks, so such a state would otherwise be read past the
+        end of ``packed`` or leave outputs unwritten. Every reader calls it; construction does too."""
+        if not (isinstance(self.shape, tuple | list)
+                and all(isinstance(s, int | np.integer) and not isinstance(s, bool) and s >= 0 for s in self.shape)):
+            raise ValueError(f"shape must be a tuple of non-negative integers, got {self.shape!r}")
+        blocksize = check_blocksize(self.blocksize)
+        n = self.numel
+        nblocks = -(-n // blocksize)
+        sizes = [("packed", self.packed, (n + 1) // 2, f"two 4-bit codes per byte of {n} elements"),
+                 ("absmax", self.absmax, nblocks, f"one per block of {blocksize} of {n} elements"),
+                 ("code", self.code, 16, "the 16 values of the data type")]
+        if self.state2 is not None:
+            s2 = self.state2
+            sizes += [("state2.codes", s2.codes, nblocks, "one per block"),
+                      ("state2.absmax", s2.absmax, -(-nblocks // s2.blocksize),
+                       f"one per {s2.blocksize} blocks of {nblocks}"),
+                      ("state2.code", s2.code, 256, "the dynamic 8-bit map")]
+        for name, a, want, why in sizes:
+            if _size(a) != want:
+                raise ValueError(f"{name} has {_size(a)} elements, shape {tuple(self.shape)} needs {want} ({why})")
 
     @property
     def double_quant(self) -> bool:
@@ -147,6 +174,18 @@ def to_state_dict(q, prefix: str, to_numpy: Callable) -> dict[str, np.ndarray]:
     return d
 
 
+def _size(a) -> int:
+    """Elements of a NumPy array or a torch tensor, from its shape (no copy to the host)."""
+    return int(np.prod(tuple(np.shape(a) if isinstance(a, np.ndarray) else a.shape), dtype=np.int64))
+
+
+def _check_scales(key: str, a: np.ndarray) -> np.ndarray:
+    """Stored absmax constants are finite and non-negative (an absmax is |x|'s maximum)."""
+    if a.size and not (np.isfinite(a).all() and (a >= 0).all()):
+        raise ValueError(f"{key!r} must hold finite, non-negative scales (an edited or damaged file)")
+    return a
+
+
 def _require(d: dict, key: str, dtype, size: int | None = None) -> np.ndarray:
     if key not in d:
         raise ValueError(f"state dict has no {key!r} (keys present: {sorted(d)})")
@@ -178,11 +217,17 @@ def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     if meta_key != w + "." + _PACKED_KEY + quant_type:
         raise ValueError(f"{meta_key!r} disagrees with its quant_type {quant_type!r}")
     blocksize = check_blocksize(meta["blocksize"])
-    shape = tuple(int(s) for s in meta["shape"])
+    shape = meta["shape"]
+    if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise ValueError(f"{meta_key!r}: shape must be a list of non-negative integers, got {shape!r}")
+    shape = tuple(shape)
     n = int(np.prod(shape, dtype=np.int64))
     nblocks = -(-n // blocksize)
     packed = _require(d, w, np.uint8, (n + 1) // 2).reshape(-1, 1)
     code = _require(d, w + ".quant_map", np.float32, 16)
+    if not np.array_equal(code, codebook(quant_type)):  # bitsandbytes' kernels use their own table, not this one
+        raise ValueError(f"{w + '.quant_map'!r} is not the {quant_type} table (bitsandbytes' kernels would use "
+                         "their built-in one and the reference the stored one): an edited or damaged file")
     nested = "nested_offset" in meta
     if nested != (w + ".nested_absmax" in d):
         raise ValueError(
@@ -191,14 +236,18 @@ def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     fields = dict(packed=packed, shape=shape, dtype=dtype_name(meta["dtype"]), blocksize=blocksize,
                   quant_type=quant_type, code=code)
     if not nested:
-        fields["absmax"] = _require(d, w + ".absmax", np.float32, nblocks)
+        fields["absmax"] = _check_scales(w + ".absmax", _require(d, w + ".absmax", np.float32, nblocks))
         return fields
     nested_blocksize = check_blocksize(meta.get("nested_blocksize"), BLOCKSIZES_8BIT, "nested_blocksize")
     codes = _require(d, w + ".absmax", np.uint8, nblocks)
-    nested_absmax = _require(d, w + ".nested_absmax", np.float32, -(-nblocks // nested_blocksize))
+    nested_absmax = _check_scales(w + ".nested_absmax",
+                                  _require(d, w + ".nested_absmax", np.float32, -(-nblocks // nested_blocksize)))
     nested_code = _require(d, w + ".nested_quant_map", np.float32, 256)
     fields["absmax"] = codes
-    fields["offset"] = float(np.float32(meta["nested_offset"]))
+    offset = meta["nested_offset"]
+    if isinstance(offset, bool) or not isinstance(offset, int | float) or not np.isfinite(np.float32(offset)):
+        raise ValueError(f"{meta_key!r}: nested_offset must be a finite number, got {offset!r}")
+    fields["offset"] = float(np.float32(offset))
     fields["state2"] = Quantized8bit(codes, nested_absmax, nested_code, nested_blocksize, (nblocks,),
                                      dtype_name(meta.get("nested_dtype", "float32")))
     return fields

@@ -121,6 +121,7 @@ def dequantize_4bit(q: Quantized4bit, dtype=None, *, kernel: str = "numba") -> n
     (``qlora_gpu.Quantized4bit``, torch tensors) is converted first, through its ``state_dict``."""
     if not isinstance(q, Quantized4bit):
         raise ValueError(f"q must be a Quantized4bit (quantize_4bit's result), got {type(q).__name__}")
+    q.check()  # its fields may have been changed since it was made
     if not isinstance(q.packed, np.ndarray):
         q = Quantized4bit.from_state_dict({k: host_array(v) for k, v in q.state_dict().items()})
     out_name = q.dtype if dtype is None else dtype_name(dtype)

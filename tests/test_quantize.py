@@ -312,3 +312,64 @@ def test_blocksize_takes_numpy_integers_and_double_quant_takes_only_a_bool(packa
     assert qlora_ref.QuantConfig(blocksize=np.int64(128)).blocksize == 128
     with pytest.raises(ValueError, match="double_quant must be True or False"):
         qlora_ref.QuantConfig(double_quant="no")
+
+
+@pytest.mark.parametrize("package", [qlora_ref, qlora_gpu], ids=["reference", "torch_backend"])
+def test_a_state_whose_parts_do_not_fit_is_refused_naming_the_field(package):
+    """A ``Quantized4bit`` is a public dataclass: one built or changed so that its sizes disagree (a block size,
+    a shape) is refused at construction and, when changed afterwards, by its readers. Before, the reference's
+    Numba kernel read past the end of ``packed`` or returned unwritten memory (values near 1e33), and
+    qlora_gpu returned zeros for the blocks it lacked."""
+    import dataclasses
+
+    x = np.random.default_rng(8).standard_normal((8, 200)).astype(np.float32)
+    q = package.quantize_4bit(x if package is qlora_ref else torch.from_numpy(x), "nf4", 64, True)
+    with pytest.raises(ValueError, match=r"absmax has 25 elements, shape \(8, 200\) needs 50 \(one per block of 32"):
+        dataclasses.replace(q, blocksize=32)
+    with pytest.raises(ValueError, match=r"packed has 800 elements, shape \(8, 2000\) needs 8000"):
+        dataclasses.replace(q, shape=(8, 2000))
+    with pytest.raises(ValueError, match="shape must be a tuple of non-negative integers"):
+        dataclasses.replace(q, shape=(-8, -200))
+    q.blocksize = 32  # changed after it was made
+    with pytest.raises(ValueError, match="absmax has 25 elements"):
+        package.dequantize_4bit(q)
+    with pytest.raises(ValueError, match="absmax has 25 elements"):
+        package.QLoRALinear.from_quantized(q, 4)
+
+
+def _edited(sd: dict, prefix: str = "", **meta_changes) -> dict:
+    """``sd`` with the JSON fields of its quant_state entry changed (``nan`` is written as JSON's NaN token)."""
+    import json
+
+    key = next(k for k in sd if ".quant_state.bitsandbytes__" in k)
+    meta = json.loads(bytes(np.asarray(sd[key])).decode()) | meta_changes
+    return {**sd, key: np.frombuffer(json.dumps(meta).encode(), np.uint8).copy()}
+
+
+EDITS = {  # (double quantization, edit of the state dict, the error)
+    "quant-map": (False, lambda d: {**d, "weight.quant_map": d["weight.quant_map"] * 2}, "is not the nf4 table"),
+    "nan-offset": (True, lambda d: _edited(d, nested_offset=float("nan")), "nested_offset must be a finite number"),
+    "negative-shape": (False, lambda d: _edited(d, shape=[-8, -200]), "shape must be a list of non-negative"),
+    "fractional-shape": (False, lambda d: _edited(d, shape=[8, 200.7]), "shape must be a list of non-negative"),
+    "string-shape": (False, lambda d: _edited(d, shape="8"), "shape must be a list of non-negative"),
+    "nan-absmax": (False, lambda d: {**d, "weight.absmax": np.where(np.arange(25) == 3, np.nan, d["weight.absmax"])
+                                     .astype(np.float32)}, "'weight.absmax' must hold finite, non-negative scales"),
+    "negative-absmax": (False, lambda d: {**d, "weight.absmax": -d["weight.absmax"]}, "weight.absmax' must hold"),
+    "inf-nested-absmax": (True, lambda d: {**d, "weight.nested_absmax": np.full_like(d["weight.nested_absmax"],
+                                                                                     np.inf)}, "nested_absmax' must"),
+}
+
+
+@pytest.mark.parametrize("package", [qlora_ref, qlora_gpu], ids=["reference", "torch_backend"])
+@pytest.mark.parametrize("case", list(EDITS))
+def test_an_edited_state_dict_is_refused_naming_the_key(package, case):
+    """What a checkpoint's 4-bit entries may hold: the data type's own table (bitsandbytes' kernels ignore the
+    stored one, so another table made the backends differ by 3.25), a finite offset, finite non-negative
+    scales, a shape of non-negative integers. Each was accepted and gave NaN weights or a late, unrelated error."""
+    double_quant, edit, error = EDITS[case]
+    x = np.random.default_rng(7).standard_normal((8, 200)).astype(np.float32)
+    sd = edit(qlora_ref.quantize_4bit(x, "nf4", 64, double_quant).state_dict())
+    if package is qlora_gpu:
+        sd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+    with pytest.raises(ValueError, match=error):
+        package.Quantized4bit.from_state_dict(sd)
