@@ -73,18 +73,28 @@ def scale_tables(payload: dict) -> str:
 def speed_tables(payload: dict) -> str:
     lines = [f"{payload['model']}, gradient accumulation {payload['accum']}, {payload['repeats_done']} interleaved "
              f"repeats of {payload['micro']} timed micro-batches + the update per stack", "",
-             "| shape (batch x seq) | stack | tokens/s (median) | ours / stack: median ratio | 95 % interval "
-             "| excludes 1.0 |", "|---|---|---:|---:|---|---|"]
+             "| shape (batch x seq) | stack | tokens/s (median) | ours / stack: median of paired ratios "
+             "| ratio of medians | n | interval (coverage) | excludes 1.0 |", "|---|---|---:|---:|---:|---:|---|---|"]
     for shape, by in payload["ratios"].items():
         tps = by["tokens_per_s"]
         for n, v in tps.items():
             if n == "ours":
-                lines.append(f"| {shape} | ours | {v:,.0f} | | | |")
+                lines.append(f"| {shape} | ours | {v:,.0f} | | | | | |")
+                continue
+            r = by.get(n)
+            if not r:
+                lines.append(f"| {shape} | {n} | {v:,.0f} | n/a | | | | |")
+                continue
+            count = r.get("n", len(r["ratios"]))
+            if r["low"] is None:
+                interval, verdict = f"none: {count} < 5 repeats", "n/a"
             else:
-                r = by.get(n)
-                cells = (f"{r['median']:.2f}x | [{r['low']:.2f}, {r['high']:.2f}] | "
-                         f"{'yes' if r['excludes_one'] else 'no'}") if r else "n/a | | "
-                lines.append(f"| {shape} | {n} | {v:,.0f} | {cells} |")
+                cover = f" ({r['coverage']:.1%})" if r.get("coverage") is not None else ""
+                interval = f"[{r['low']:.2f}, {r['high']:.2f}]{cover}"
+                verdict = "yes" if r["excludes_one"] else "no"
+            rom = r.get("ratio_of_medians")
+            lines.append(f"| {shape} | {n} | {v:,.0f} | {r['median']:.2f}x | "
+                         f"{f'{rom:.2f}x' if rom is not None else ''} | {count} | {interval} | {verdict} |")
     warm = payload.get("warmup_s") or {}
     if warm:
         lines += ["", "Untimed first micro-batch and update (compile, plans): " + ", ".join(
@@ -120,7 +130,8 @@ def render(paths: list[str]) -> str:
         out += [f"#### {Path(path).name}", "", stamp_line(payload.get("stamp")), ""]
         if "rows" in payload and all("stack" in r for r in payload["rows"]):
             out.append(scale_tables(payload))
-        elif payload.get("mode") in ("speed", "curves") and "losses" not in payload and "ratios" not in payload:
+        elif payload.get("mode") in ("speed", "curves") and not (payload.get("losses") or payload.get("ratios")
+                                                                  and payload.get("repeats_done")):
             out.append(f"_{payload['mode']} of {payload.get('model')}: cut off at status "
                        f"{payload.get('status')!r}, before any result_")
         elif payload.get("mode") == "speed":
