@@ -37,10 +37,17 @@
 #              included, then the same unconstrained: the eviction's cost (~65 s)          scale_65b_free48.json
 #   compile7b  7B ours vs the qlora.py baseline under torch.compile, 1x512, 5 repeats; the compile is capped at
 #              COMPILE_MAX seconds (default 90) and reported as it is                    speed_7b_compile.json
-#   Total ~565 s: the call's timeout_s=600 leaves the rest of the 15 minutes for the machine's start.
+#   curves7b_paper  7B ours vs the qlora.py baseline (bf16 adapters), as curves7b: the speed ratios against that
+#              baseline count only if it learns as ours does (~215 s; left for a second call if time runs out)
+#                                                                                        curves_7b_paper.json
+#   The first five total ~565 s: the call's timeout_s=600 leaves the rest of the 15 minutes for the machine's start;
+#   curves7b_paper then runs in a second session (BUDGET=300 bash bench/gpu_session.sh curves7b_paper).
+#   Every issue-36 part first checks that its results will name their code (`python3 bench/stamp.py --check`: a
+#   frozen stamp of these very sources, or a git checkout), and stops with exit 2 otherwise.
+#   free48 runs the unconstrained 65B first, then the pressed one, each capped at FREE48_MAX (default 120) s.
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
 #        | 13b | 33b | 65b | optim | paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b
-#        | free48 | compile7b. Several parts run in the order given.
+#        | free48 | compile7b | curves7b_paper. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
@@ -100,10 +107,12 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {tra
       f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE'}")
 PY
 
-# gpu_scale.py RUNS JSON [OPTIONS...]: the runs in order, stopped at this command's budget (less a margin)
+# gpu_scale.py RUNS JSON [OPTIONS...]: the runs in order, stopped at this command's budget (less a margin), or at
+# SCALE_MAX seconds when set
 scale() {
   local runs=$1 json=$2 d=$(( $(left) - 15 ))
   shift 2
+  [ -n "${SCALE_MAX:-}" ] && [ "$SCALE_MAX" -lt "$d" ] && d=$SCALE_MAX
   if [ "$d" -lt 60 ]; then echo "!! skipped (only $(left) s left of $BUDGET): gpu_scale $runs $*"; return 0; fi
   echo "== $(date -u +%H:%M:%S) [${d} s allowed] gpu_scale --runs $runs $*"
   python3 bench/gpu_scale.py --runs "$runs" --deadline "$d" --child-timeout "${CHILD_MAX:-240}" \
@@ -132,19 +141,26 @@ compare() {
 run_part() {
   case "$1" in
     issue36)
-      for p in curves7b speed7b speed13b free48 compile7b; do run_part "$p"; done ;;
+      for p in curves7b speed7b speed13b free48 compile7b curves7b_paper; do run_part "$p"; done ;;
     curves7b)
       compare curves curves_7b.json "${CURVES_MAX:-230}" --model $M7 --stacks ours,baseline --shape $CURVE_SHAPE \
         --steps $CURVE_STEPS ;;
+    curves7b_paper)  # the speed ratios against baseline-paper count only if it learns as ours does too
+      compare curves curves_7b_paper.json "${CURVES_MAX:-230}" --model $M7 --stacks ours,baseline-paper \
+        --shape $CURVE_SHAPE --steps $CURVE_STEPS ;;
     speed7b)
       compare speed speed_7b.json "${SPEED7_MAX:-140}" --model $M7 --stacks ours,baseline,baseline-paper \
         --shapes $SHAPES7 --repeats 5 ;;
     speed13b)
       compare speed speed_13b.json "${SPEED13_MAX:-85}" --model $M13 --stacks ours,baseline-paper \
         --shapes $SHAPES13 --repeats 5 ;;
-    free48)  # the paper's 48 GB card: the rest of the GPU occupied first; paged states compete for the 48 GB
-      scale $M65:ours scale_65b_free48.json "${FREE48[@]}" --warmup 1 --steps 6 --profile none "${SCALE_SEQ[@]}"
-      scale $M65:ours scale_65b_free48.json --append --warmup 1 --steps 6 --profile none "${SCALE_SEQ[@]}" ;;
+    free48)  # the paper's 48 GB card: the rest of the GPU occupied first; paged states compete for the 48 GB. The
+             # unconstrained run first (its time is known), so that a slow eviction cannot leave the pressed run
+             # without its reference; each capped at FREE48_MAX seconds
+      SCALE_MAX=${FREE48_MAX:-120} scale $M65:ours scale_65b_free48.json --warmup 1 --steps 6 --profile none \
+        "${SCALE_SEQ[@]}"
+      SCALE_MAX=${FREE48_MAX:-120} scale $M65:ours scale_65b_free48.json --append "${FREE48[@]}" --warmup 1 \
+        --steps 6 --profile none "${SCALE_SEQ[@]}" ;;
     compile7b)
       compare speed speed_7b_compile.json "${COMPILE_MAX:-90}" --model $M7 --stacks ours,baseline-paper-compile \
         --shapes ${SHAPES7%%,*} --repeats 5 ;;
@@ -190,9 +206,19 @@ run_part() {
       for p in goals checks; do run_part "$p"; done ;;
     *)
       echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | optim |" \
-        "paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b | free48 | compile7b)"; return 2 ;;
+        "paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b | free48 | compile7b |" \
+        "curves7b_paper)"; return 2 ;;
   esac
 }
+
+# issue 36's results must name the code that ran (a GPU machine's copy has no .git: bench/stamp.py --freeze first)
+for part in "${parts[@]}"; do
+  case "$part" in
+    issue36|curves7b|speed7b|speed13b|free48|compile7b|curves7b_paper)
+      python3 bench/stamp.py --check || exit 2
+      break ;;
+  esac
+done
 
 status=0
 for part in "${parts[@]}"; do

@@ -3,6 +3,7 @@ versions, the GPU and the host, the time and the command.
 
     python bench/stamp.py            # print this machine's stamp
     python bench/stamp.py --freeze   # before a GPU session: write bench/results/FROZEN_STAMP.json (git's view)
+    python bench/stamp.py --check    # exit 2 unless the code a result would name can be recovered
 
 The GPU machine gets a copy of the working tree without ``.git``: there ``git`` cannot say the commit, so
 ``--freeze`` records it beforehand (commit, dirty flag, the diff's hash) and ``stamp()`` reads that file. Whether
@@ -51,16 +52,25 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+#: the most of an uncommitted diff a stamp keeps (its hash covers all of it)
+MAX_DIFF_CHARS = 200_000
+
+
 def git_state() -> dict | None:
-    """commit, dirty flag and a hash of the uncommitted diff (None outside a git checkout)."""
+    """commit, dirty flag, and for a dirty tree what differs: ``git status --porcelain`` and the diff itself
+    (up to ``MAX_DIFF_CHARS``; its hash covers all of it), both without ``bench/results``, so that the code of a
+    dirty run can be rebuilt from the commit (None outside a git checkout)."""
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None
     exclude = [f":!{RESULTS.relative_to(ROOT)}"]  # what benchmarks write is not the code that ran
     status = _git("status", "--porcelain", "--", ".", *exclude) or ""
-    diff = _git("diff", "HEAD") or ""
-    return dict(commit=commit, dirty=bool(status), diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff
-                else None, source="git")
+    diff = _git("diff", "HEAD", "--", ".", *exclude) or ""
+    out = dict(commit=commit, dirty=bool(status), diff_sha256=hashlib.sha256(diff.encode()).hexdigest() if diff
+               else None, source="git")
+    if status:
+        out.update(status=status.splitlines(), diff=diff[:MAX_DIFF_CHARS], diff_truncated=len(diff) > MAX_DIFF_CHARS)
+    return out
 
 
 def versions() -> dict:
@@ -136,10 +146,14 @@ def stamp(command: list[str] | None = None) -> dict:
 
 
 def freeze() -> dict:
-    """Record git's view of this checkout for a run on a machine without ``.git`` (module docstring)."""
+    """Record git's view of this checkout for a run on a machine without ``.git`` (module docstring). Only a
+    committed tree: the GPU machine's results must name code that can be checked out again."""
     code = git_state()
     if code is None:
         raise SystemExit("--freeze needs a git checkout")
+    if code["dirty"]:
+        raise SystemExit("--freeze: the tree has uncommitted changes (" + ", ".join(code["status"][:5])
+                         + "): commit them first, so that the results name code that can be checked out again")
     code["source_sha256"] = source_sha256()
     payload = dict(code=code, frozen_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     FROZEN.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +163,25 @@ def freeze() -> dict:
     return payload
 
 
+def known_code() -> str | None:
+    """Why the code a result would be stamped with cannot be recovered, or None when it can: a git checkout
+    (its diff is kept when dirty), or a copy without ``.git`` whose sources hash as the frozen stamp says."""
+    if git_state() is not None:
+        return None
+    if not FROZEN.exists():
+        return (f"no .git and no {FROZEN}: run `python bench/stamp.py --freeze` on the development machine (after "
+                "committing) before the GPU session")
+    if not stamp([])["code"].get("matches_frozen"):
+        return f"the sources differ from those {FROZEN} was frozen from: freeze again, after committing"
+    return None
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--check"]:  # gpu_session.sh: results must name their code
+        why = known_code()
+        print(f"stamp: {why}" if why else "stamp: the code is known")
+        return 2 if why else 0
     print(json.dumps(freeze() if argv[:1] == ["--freeze"] else stamp(), indent=2))
     return 0
 

@@ -75,12 +75,35 @@ def test_stamp_says_code_versions_and_host(tmp_path, monkeypatch):
     assert s["gpu"] == ([] if not torch.cuda.is_available() else s["gpu"])
     if s["code"]["source"] == "git":  # this checkout
         assert len(s["code"]["commit"]) == 40 and isinstance(s["code"]["dirty"], bool)
+        assert ("diff" in s["code"]) == s["code"]["dirty"]  # a dirty run keeps what differs
+        clean = dict(s["code"], dirty=False)
+        monkeypatch.setattr(stamp, "git_state", lambda: dict(clean))  # freezing needs a committed tree
         frozen = stamp.freeze()
         assert (tmp_path / "FROZEN_STAMP.json").exists() and frozen["code"]["commit"] == s["code"]["commit"]
         monkeypatch.setattr(stamp, "git_state", lambda: None)  # the GPU machine's copy: no .git
         there = stamp.stamp([])
         assert there["code"]["source"] == "frozen" and there["code"]["commit"] == s["code"]["commit"]
         assert there["code"]["matches_frozen"] is True
+
+
+def test_results_must_name_code_that_can_be_checked_out_again(tmp_path, monkeypatch, capsys):
+    """A dirty tree is not frozen; without .git, ``--check`` (which gpu_session.sh runs before issue 36's parts)
+    fails until a frozen stamp of these very sources exists, and passes with one."""
+    monkeypatch.setattr(stamp, "FROZEN", tmp_path / "FROZEN_STAMP.json")
+    dirty = dict(commit="a" * 40, dirty=True, diff_sha256="b" * 64, source="git", status=[" M qlora_ref/x.py"],
+                 diff="...", diff_truncated=False)
+    monkeypatch.setattr(stamp, "git_state", lambda: dict(dirty))
+    with pytest.raises(SystemExit, match=r"uncommitted changes \( M qlora_ref/x.py\): commit them first"):
+        stamp.freeze()
+    assert stamp.main(["--check"]) == 0  # a git checkout: its stamp keeps the diff
+    monkeypatch.setattr(stamp, "git_state", lambda: None)  # the GPU machine's copy
+    assert stamp.main(["--check"]) == 2 and "run `python bench/stamp.py --freeze`" in capsys.readouterr().out
+    (tmp_path / "FROZEN_STAMP.json").write_text(json.dumps({"code": dict(dirty, dirty=False,
+                                                                         source_sha256="0" * 64)}))
+    assert stamp.main(["--check"]) == 2 and "the sources differ" in capsys.readouterr().out
+    (tmp_path / "FROZEN_STAMP.json").write_text(json.dumps({"code": dict(dirty, dirty=False,
+                                                                         source_sha256=stamp.source_sha256())}))
+    assert stamp.main(["--check"]) == 0
 
 
 def test_source_hash_changes_with_any_source_file(tmp_path):
@@ -284,3 +307,30 @@ def test_a_speed_run_cut_off_before_any_repeat_says_so(tmp_path):
                "results": {}, "ratios": {"1x32": {"tokens_per_s": {}}}}
     (tmp_path / "r0.json").write_text(json.dumps(payload))
     assert "cut off at status 'running', before any result" in tables.render([str(tmp_path / "r0.json")])
+
+
+def test_generated_doc_sections_are_their_result_files_rendered():
+    """Every marked section of the docs equals its rendering from bench/results/ (bench/render_docs.py): no figure
+    there is retyped, and a change to a renderer must be rendered into the docs."""
+    import render_docs
+
+    assert render_docs.stale() == []
+
+
+def test_a_goal_is_met_only_when_the_rounds_interval_clears_it():
+    """The tokens/s goal is judged on the per-round ratios' median interval: a median a hair above the line with
+    rounds below it is "at the line", not met."""
+    import model_step_report
+
+    goal = {"value": 0.82, "goal": 0.8, "met": True}
+    ref = [1.0] * 9
+
+    def verdict(ratios):
+        res = {"seconds": {"qlora_ref": ref, "peft float32": ratios}}
+        return model_step_report._goal(res, "tokens_per_s_vs_peft_float32", goal, "x")
+
+    assert verdict([0.82, 0.83, 0.79, 0.84, 0.78, 0.86, 0.81, 0.85, 0.80]).endswith("at the line, not clear of it)")
+    assert verdict([0.90, 0.93, 0.91, 0.95, 0.92, 0.89, 0.94, 0.90, 0.96]).endswith("goal ≥ 0.8: met)")
+    assert verdict([0.70, 0.73, 0.71, 0.75, 0.72, 0.69, 0.74, 0.70, 0.76]).endswith("goal ≥ 0.8: not met)")
+    assert "too few rounds" in model_step_report._goal(
+        {"seconds": {"qlora_ref": [1.0] * 3, "peft float32": [0.9] * 3}}, "tokens_per_s_vs_peft_float32", goal, "x")
