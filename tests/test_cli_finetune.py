@@ -327,7 +327,7 @@ def test_bad_config_and_data_files_give_clear_errors(files, tmp_path, capsys):
     with pytest.warns(UserWarning, match="1 dropped: longer than max_length=64 tokens"):
         assert main([*base, "--data", str(tmp_path / "long.jsonl"), "--max-length", "64",
                      "--eval-fraction", "0"]) == 2
-    assert "every example was dropped" in capsys.readouterr().err
+    assert "long.jsonl: no training example left (1 records read, 0 examples kept" in capsys.readouterr().err
 
     assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
     assert "missing.jsonl" in capsys.readouterr().err
@@ -382,6 +382,45 @@ def test_resuming_on_another_base_model_is_refused(files, tmp_path, capsys):
     assert "cannot resume, the checkpoint was trained on other base model weights" in capsys.readouterr().err
     assert main([*args[:-1], "3", "--model", str(copy)]) == 0  # the same weights, wherever they lie, resume
     assert (out / "checkpoint-3").is_dir()
+
+
+def test_the_data_report_adds_up_over_the_training_and_held_out_parts(files, tmp_path):
+    """One report covers both parts of a split --data: read = kept + dropped, and kept = training + held-out (the
+    held-out records the length filter dropped were counted as kept). A held-out part left empty by the filter
+    warns that evaluation is off; an --eval-data file with nothing usable is an error naming it (it turned
+    evaluation off silently, and the printed `qlora evaluate` command then failed)."""
+    import warnings
+
+    from qlora_ref.data import DataReport, load_examples
+    from qlora_ref.train.api import load_tokenizer, prepare_data, split_examples
+    from qlora_ref.train.config import TrainConfig
+
+    tok = load_tokenizer(files / "model")
+    short, long = {"instruction": "hi", "output": "yo"}, {"instruction": "x " * 60, "output": "yo"}
+    write_jsonl(tmp_path / "mixed.jsonl", [long if i % 2 else short for i in range(20)])
+    config = TrainConfig(max_length=64, eval_fraction=0.3, seed=0)
+    held = split_examples(load_examples(str(tmp_path / "mixed.jsonl"), DataReport()), 0.3, 0)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train_ds, eval_ds, report = prepare_data(str(tmp_path / "mixed.jsonl"), tok, config)
+    assert 0 < len(eval_ds) < len(held)  # the held-out part lost records to the filter
+    assert report.records == 20 == report.kept + sum(report.dropped.values())
+    assert report.kept == len(train_ds) + len(eval_ds) == 10
+
+    write_jsonl(tmp_path / "long.jsonl", [long] * 3)
+    (tmp_path / "empty.jsonl").write_text("")
+    for bad in ("empty", "long"):
+        with pytest.raises(ValueError, match=rf"{bad}.jsonl: no usable held-out example \(\d records read, 0 "):
+            prepare_data(str(files / "train.jsonl"), tok, config, eval_data=str(tmp_path / f"{bad}.jsonl"))
+
+    write_jsonl(tmp_path / "two_long.jsonl", [short] * 10 + [long] * 2)  # a seed that holds out exactly the long
+    examples = load_examples(str(tmp_path / "two_long.jsonl"), DataReport())
+    seed = next(s for s in range(1000) if all("x x" in e.messages[0]["content"]
+                                              for e in split_examples(examples, 0.15, s)[1]))
+    with pytest.warns(UserWarning, match="none of the 2 held-out examples is left after the length filter"):
+        _, eval_ds, _ = prepare_data(str(tmp_path / "two_long.jsonl"), tok,
+                                     TrainConfig(max_length=64, eval_fraction=0.15, seed=seed))
+    assert eval_ds is None
 
 
 def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):

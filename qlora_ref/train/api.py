@@ -114,17 +114,30 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
     examples = load_examples(data, report, on_malformed)
     if not examples:
         raise ValueError(f"{data}: no examples ({report.summary()})")
-    if eval_data is not None:
+    build = lambda ex, rep: build_dataset(ex, tokenizer, config.max_length, config.train_on_inputs, rep,  # noqa: E731
+                                          warn=False)
+    if eval_data is not None:  # a file of its own: its own report, and it must give something to evaluate
         eval_report = DataReport()
-        train_ex, eval_ex = examples, load_examples(eval_data, eval_report, on_malformed)
+        eval_ex = load_examples(eval_data, eval_report, on_malformed)
+        eval_ds = build(eval_ex, eval_report)
+        if len(eval_ds) == 0:
+            raise ValueError(f"{eval_data}: no usable held-out example ({eval_report.summary()})")
         if eval_report.n_dropped:
             warnings.warn(f"held-out data {eval_data}: {eval_report.summary()}", stacklevel=2)
-    else:
+        train_ds = build(examples, report)
+    else:  # a split of --data: one report over both parts, so that kept = training + held-out
         train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
-    train_ds = build_dataset(train_ex, tokenizer, config.max_length, config.train_on_inputs, report)
-    eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, config.train_on_inputs) if eval_ex else None
+        train_ds = build(train_ex, report)
+        eval_ds = build(eval_ex, report) if eval_ex else None
+        if eval_ex and len(eval_ds) == 0:
+            warnings.warn(f"{data}: none of the {len(eval_ex)} held-out examples is left after the length filter: "
+                          "no held-out evaluation", stacklevel=2)
+            eval_ds = None
+    if report.n_dropped:
+        warnings.warn(f"data: {report.summary()}", stacklevel=2)
     if len(train_ds) == 0:
-        raise ValueError(f"{data}: every example was dropped ({report.summary()})")
+        held = f"; the {len(eval_ds)} left are held out" if eval_ds is not None and len(eval_ds) else ""
+        raise ValueError(f"{data}: no training example left ({report.summary()}{held})")
     return train_ds, eval_ds, report
 
 
