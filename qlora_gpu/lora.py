@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from qlora_ref import lora as ref
-from qlora_ref.checks import QUANT_TYPES_4BIT
+from qlora_ref.checks import FLOAT_DTYPES, QUANT_TYPES_4BIT, check_float_input
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .lora_math import (
@@ -149,6 +149,12 @@ class QLoRALinear(nn.Module):
                     seed: int = 0, *, use_rslora: bool = False, device=None, kernel: str = "bnb",
                     out_dtype: str | None = None) -> QLoRALinear:
         """Quantize ``W`` (out, in) with bitsandbytes (``quant_type=None`` keeps it float32), attach an adapter."""
+        if quant_type is not None and isinstance(W, np.ndarray | torch.Tensor):  # before any conversion: the
+            # quantizer's dtype check, naming this argument (a float64 array was converted silently, the reference
+            # refuses it)
+            dname = W.dtype.name if isinstance(W, np.ndarray) else str(W.dtype).removeprefix("torch.")
+            if dname not in FLOAT_DTYPES:
+                check_float_input("W", dname, 1, True)
         W = _float_tensor(W, "W", device)
         ref.check_weight_shape(W.shape)
         check_kernel(kernel, quant_type)  # before quantizing: a bad choice fails fast

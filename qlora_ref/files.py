@@ -118,8 +118,37 @@ def atomic_save_safetensors(tensors: dict[str, np.ndarray], path, metadata: dict
     from safetensors.numpy import save_file
 
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
-    # straight to the file: serialising to bytes first would hold a second copy of a model being exported
-    atomic_write_with(path, lambda tmp: save_file(arrays, tmp, metadata=metadata))
+
+    def write(tmp):
+        # straight to the file: serialising to bytes first would hold a second copy of a model being exported
+        save_file(arrays, tmp, metadata=metadata)
+        if metadata and len(metadata) > 1:
+            _sort_metadata(tmp)
+
+    atomic_write_with(path, write)
+
+
+def _sort_metadata(path) -> None:
+    """Rewrite a safetensors file's ``__metadata__`` in sorted key order, in place. safetensors writes it from a
+    hash map whose order changes from process to process, so the same tensors and metadata would give other
+    bytes on every write (and byte-identical resumes would not be). The header is the format's documented
+    8-byte length and compact JSON; reordering keys keeps its length, and where it would not (an escape written
+    otherwise) the file is left as written."""
+    import struct
+
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+        body = raw.rstrip(b" ")  # the header is padded with spaces to an 8-byte boundary
+        header = json.loads(body)
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        ordered = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                             ensure_ascii=False).encode()
+        if len(ordered) == len(body) and ordered != body:
+            f.seek(8)
+            f.write(ordered)
 
 
 def sha256_file(path) -> str:

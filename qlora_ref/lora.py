@@ -51,6 +51,7 @@ from numbers import Real
 import numpy as np
 
 from . import fused_matmul, lora_kernels
+from .checks import FLOAT_DTYPES, check_float_input
 from .dropout import draw_keep
 from .dtypes import round_to, round_to_definition
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
@@ -232,6 +233,8 @@ class QLoRALinear:
         """Quantize ``W`` (out, in) with ``quant_type`` (``None`` keeps it float32) and attach an adapter."""
         W = _float_array(W, "W")
         check_weight_shape(W.shape)
+        if quant_type is not None and W.dtype.name not in FLOAT_DTYPES:  # the quantizer's check, naming W
+            check_float_input("W", W.dtype.name, W.size, True)
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
                    seed=seed, kernel=renamed_kernel(kernel, matmul), tile=tile)

@@ -195,3 +195,22 @@ def test_written_files_and_folders_get_the_umask_mode(tmp_path, umask_027):
     assert mode(folder) == mode(tmp_path / "plain_dir") == 0o750
     np.testing.assert_array_equal(load_file(tmp_path / "t.safetensors")["x"], np.zeros(3, np.float32))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p != folder]  # nothing left behind
+
+
+def test_safetensors_metadata_is_written_in_sorted_order(tmp_path):
+    """safetensors writes ``__metadata__`` from a hash map whose order changes between processes, so two writes of
+    the same adapter (its format and base-model fingerprint) differed in bytes; ours sorts the keys in place. Six
+    keys: a random order is the sorted one once in 720 writes."""
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    meta = {k: f"value {k}" for k in ("format", "qlora.base_model_fingerprint", "b", "a", "é", "z")}
+    path = tmp_path / "m.safetensors"
+    atomic_save_safetensors({"w": np.arange(4, dtype=np.float32), "v": np.ones(2, np.float32)}, path, metadata=meta)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert list(json.loads(raw[8:8 + n])["__metadata__"]) == sorted(meta)
+    with safe_open(str(path), framework="numpy") as f:  # still a valid file with the same content
+        assert f.metadata() == meta and f.get_tensor("w").tolist() == [0, 1, 2, 3]

@@ -79,9 +79,11 @@ METHODS = {
         ref={"backward", "backward_hidden", "clear_cache", "new_kv_cache", "from_weights"},
         # activation offload (pinned host memory); the construction paths through the reference and transformers;
         # export helpers the reference has as functions of qlora_ref.adapters (base_float_weights,
-        # merge_and_export, reading lora_parameters directly); lm_head_weight is an attribute in the reference
+        # merge_and_export, reading lora_parameters directly); lm_head_weight is an attribute in the reference;
+        # chunked_nll_sum: one method from embedding to loss that FSDP2 can gather for (the reference's chunked
+        # loss is its trainer's)
         gpu={"activation_offload", "assemble", "from_pretrained", "from_reference", "base_float_weights",
-             "merge_and_export", "lora_state_numpy", "lm_head_weight"},
+             "merge_and_export", "lora_state_numpy", "lm_head_weight", "chunked_nll_sum"},
     ),
     "QLoRALinear": dict(
         # the hand-written backward, its cache, the dequantized weight it multiplies by; merged_layer; the
@@ -205,6 +207,17 @@ def test_the_layers_output_dtype_is_the_documented_difference(dtype):
 
 
 # ------------------------------------------------------------------------------------------------ behaviour
+@pytest.mark.parametrize("package", [qlora_ref, qlora_gpu], ids=["reference", "torch_backend"])
+def test_both_layers_take_the_same_weight_dtypes(package):
+    """A float64 weight is refused for quantization by both layers, naming ``W`` (qlora_gpu converted a float64
+    NumPy array to float32 silently, the reference refused it naming ``x``); kept unquantized, both take it."""
+    W = np.random.default_rng(0).standard_normal((64, 64))
+    with pytest.raises(ValueError, match="^W must be float32, float16 or bfloat16, got dtype float64"):
+        package.QLoRALinear.from_weight(W, 4)
+    assert package.QLoRALinear.from_weight(W, 4, quant_type=None) is not None
+    assert package.QLoRALinear.from_weight(W.astype(np.float32), 4) is not None
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from model_helpers import small_hf_model
