@@ -28,10 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qlora_ref.optim import canonical_optimizer_name
 from qlora_ref.train.checkpoint import OtherBackendError
 from qlora_ref.train.config import TrainConfig
-from qlora_ref.train.launch import TORCHRUN_ENV
+from qlora_ref.train.launch import SHARDABLE_OPTIMIZERS, TORCHRUN_ENV, check_sharded_recipe
 
 from .fsdp import fsdp_api, full_tensor, shard_layer, shard_model, shard_of
 from .model import QLoRAModel
@@ -41,9 +40,6 @@ from .train import GpuTrainer, build_optimizer
 #: the random state's backend name in a sharded run's checkpoints (``GpuTrainer`` writes "gpu")
 SHARDED_BACKEND = "gpu-fsdp"
 
-#: optimizers whose update is elementwise over 32-bit states: the same on a shard as on the whole tensor
-#: (bitsandbytes' 8-bit states are quantized in blocks of 256 per tensor: sharding would change their arithmetic)
-SHARDABLE_OPTIMIZERS = ("adamw", "paged_adamw")
 
 
 class World:
@@ -174,10 +170,7 @@ class ShardedTrainer(GpuTrainer):
     def __init__(self, model: QLoRAModel, config: TrainConfig, world: World, *, cpu_offload: bool = False):
         if not isinstance(model, fsdp_api()[1]):
             raise ValueError("the model is not sharded: build it with qlora_gpu.fsdp.shard_model first")
-        name = canonical_optimizer_name(config.optimizer)
-        if name not in SHARDABLE_OPTIMIZERS:
-            raise ValueError(f"optimizer {config.optimizer!r} cannot be sharded (8-bit states are quantized per "
-                             f"tensor, in blocks of 256); use one of {SHARDABLE_OPTIMIZERS}")
+        check_sharded_recipe(config.optimizer, world.world_size)
         params = model.lora_parameters()
         narrow = sorted({p.shape[0] for p in params.values() if p.shape[0] < world.world_size})
         if narrow:

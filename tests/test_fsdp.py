@@ -326,16 +326,28 @@ def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, ca
     monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
     args = finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "out", "--max-steps", "3")
     assert main([*args[:1], "--nproc", "2", *args[1:]]) == 0
-    assert main([*args, "--nproc=3", "--cpu-offload"]) == 0
+    assert main([*args, "--nproc=3", "--cpu-offload", "--grad-accum", "3"]) == 0
+    assert main([*args, "--np", "2"]) == 0  # argparse's abbreviation of --nproc is taken out too
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     assert calls == [[*launcher, "--nproc-per-node=2", "-m", "qlora_ref", *args],
-                     [*launcher, "--nproc-per-node=3", "-m", "qlora_ref", *args, "--cpu-offload"]]
+                     [*launcher, "--nproc-per-node=3", "-m", "qlora_ref", *args, "--cpu-offload", "--grad-accum", "3"],
+                     [*launcher, "--nproc-per-node=2", "-m", "qlora_ref", *args]]
     assert "2 processes" in capsys.readouterr().err
+    # refused before torchrun starts N processes that would each load the model and refuse alike
     for bad, message in ((["--nproc", "0"], "--nproc must be a positive integer"),
                          (["--nproc", "2", "--backend", "ref"], "add --backend gpu"),
-                         (["--cpu-offload"], "cpu_offload applies to a sharded")):
+                         (["--cpu-offload"], "cpu_offload applies to a sharded"),
+                         (["--nproc", "2", "--grad-accum", "3"], "--grad-accum=3 micro-batches per step cannot be "
+                                                                 "shared equally by 2 processes"),
+                         (["--nproc", "2", "--optimizer", "paged_adamw_8bit"], "'paged_adamw_8bit' cannot be "
+                                                                               "sharded"),
+                         (["--nproc", "4", "--lora-r", "2", "--grad-accum", "4"], "--lora-r=2: FSDP splits each adapter"
+                                                                                  " by rows")):
         assert main([*args, *bad]) == 2
         assert message in capsys.readouterr().err
+    assert len(calls) == 3  # none of them launched
+    fresh = finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "fresh", "--nproc", "2", "--grad-accum", "3")
+    assert main(fresh) == 2 and not (tmp_path / "fresh").exists()  # nor created the output folder
     for k, v in dict(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
         monkeypatch.setenv(k, v)
     assert main([*args, "--nproc", "2"]) == 2

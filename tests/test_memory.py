@@ -564,6 +564,8 @@ def test_cli_gpus_prints_both_offload_settings(capsys):
     assert "gpus must be a positive integer" in capsys.readouterr().err
     assert main(["memory", "--method", "full", "--gpus", "2"]) == 2
     assert "--gpus estimates QLoRA" in capsys.readouterr().err
+    assert main(["memory", "--gpus", "2", "--optimizer", "adamw_8bit"]) == 2  # what finetune --nproc refuses
+    assert "'adamw_8bit' cannot be sharded" in capsys.readouterr().err
 
 
 def test_quant_types_are_the_one_set_of_the_checks():

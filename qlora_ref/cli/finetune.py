@@ -359,12 +359,16 @@ def skip_malformed_hint():
 def run_finetune(args) -> int:
     from qlora_ref.paths import check_writable_dir, new_run_dir
     from qlora_ref.train.api import finetune
-    from qlora_ref.train.launch import launched_by_torchrun, process_rank
+    from qlora_ref.train.launch import check_sharded_recipe, launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
     check_backend_quant_type(args.backend, config.quant_type)
     if args.nproc is not None:
-        check_nproc_backend(args)  # before check_writable_dir creates the folder
+        check_nproc_backend(args)  # before check_writable_dir creates the folder, and before N processes load
+        try:
+            check_sharded_recipe(config.optimizer, args.nproc, config.gradient_accumulation_steps, config.lora_r)
+        except ValueError as e:
+            raise named_by_option(e, {"optimizer", "gradient_accumulation_steps", "lora_r"}) from None
         check_writable_dir(args.output_dir, "--output-dir")
         return launch_processes(args)
     t0 = time.perf_counter()
@@ -425,7 +429,7 @@ def launch_processes(args) -> int:
     if launched_by_torchrun():
         raise ValueError("--nproc starts torchrun itself; under torchrun leave it out")
     check_nproc_backend(args)
-    command = torchrun_command(args.nproc, without_option(args.argv, "--nproc"))
+    command = torchrun_command(args.nproc, without_option(args.argv, "--nproc", shortest=len("--np")))
     print(f"qlora finetune: {args.nproc} processes: {' '.join(command)}", file=sys.stderr, flush=True)
     return subprocess.call(command)
 

@@ -25,24 +25,56 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
-def torchrun_command(nproc: int, args: list[str]) -> list[str]:
-    """The command that runs ``qlora <args>`` as ``nproc`` processes on this machine: torchrun's module
-    (``torch.distributed.run``) with ``--standalone`` (a rendezvous on a free local port) and ``python -m
-    qlora_ref``, in this Python."""
+#: optimizers whose update is elementwise over 32-bit states: the same on a shard as on the whole tensor
+#: (bitsandbytes' 8-bit states are quantized in blocks of 256 per tensor: sharding would change their arithmetic)
+SHARDABLE_OPTIMIZERS = ("adamw", "paged_adamw")
+
+
+def check_nproc(nproc) -> int:
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be a positive integer (processes, one per GPU), got {nproc!r}")
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "qlora_ref", *args]
+    return nproc
 
 
-def without_option(args: list[str], option: str, takes_value: bool = True) -> list[str]:
-    """``args`` without ``option`` (``--nproc 2``, ``--nproc=2``; or a flag when not ``takes_value``)."""
+def check_sharded_recipe(optimizer: str, world_size: int, gradient_accumulation_steps: int | None = None,
+                         lora_r: int | None = None) -> None:
+    """What sharding over ``world_size`` processes needs of a recipe, checked before any process starts: a
+    shardable optimizer, micro-batches that the processes can share equally, and an adapter rank that gives
+    every process rows of each adapter (FSDP splits tensors by rows)."""
+    from ..optim import canonical_optimizer_name
+
+    check_nproc(world_size)
+    if canonical_optimizer_name(optimizer) not in SHARDABLE_OPTIMIZERS:
+        raise ValueError(f"optimizer {optimizer!r} cannot be sharded (8-bit states are quantized per tensor, in "
+                         f"blocks of 256); use one of {SHARDABLE_OPTIMIZERS}")
+    if gradient_accumulation_steps is not None and gradient_accumulation_steps % world_size:
+        raise ValueError(f"gradient_accumulation_steps={gradient_accumulation_steps} micro-batches per step cannot "
+                         f"be shared equally by {world_size} processes: make it a multiple of {world_size}")
+    if lora_r is not None and lora_r < world_size:
+        raise ValueError(f"lora_r={lora_r}: FSDP splits each adapter by rows, and a tensor of {lora_r} rows leaves "
+                         f"some of the {world_size} processes nothing; use lora_r >= the number of processes")
+
+
+def without_option(args: list[str], option: str, takes_value: bool = True, shortest: int | None = None
+                   ) -> list[str]:
+    """``args`` without ``option`` (``--nproc 2``, ``--nproc=2``; or a flag when not ``takes_value``), also as
+    argparse's abbreviations of it down to ``shortest`` characters (``--np 2`` is ``--nproc 2`` to argparse)."""
+    names = {option[:k] for k in range(shortest or len(option), len(option) + 1)}
     out, skip = [], False
     for a in args:
         if skip:
             skip = False
-        elif a == option:
+        elif a in names:
             skip = takes_value
-        elif not (takes_value and a.startswith(option + "=")):
+        elif not (takes_value and "=" in a and a.split("=", 1)[0] in names):
             out.append(a)
     return out
+
+
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    """The command that runs ``qlora <args>`` as ``nproc`` processes on this machine: torchrun's module
+    (``torch.distributed.run``) with ``--standalone`` (a rendezvous on a free local port) and ``python -m
+    qlora_ref``, in this Python."""
+    check_nproc(nproc)
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "qlora_ref", *args]
