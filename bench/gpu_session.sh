@@ -23,31 +23,30 @@
 # engine-cost run ~65 s):
 #   run(carry=[".whl"], timeout_s=560, command="BUDGET=540 bash bench/gpu_session.sh fsdp")
 #
-# Issue 36 (the next session; one call of about 9 minutes, measured figures go to docs/benchmarks.md through
+# Issue 36 (the next session; one call of at most 10 minutes, measured figures go to docs/benchmarks.md through
 # bench/tables.py). Before it, on the development machine: commit, then `python bench/stamp.py --freeze` (the GPU
 # machine's copy has no .git: every result file is stamped with the frozen commit and checked against its sources).
 #   run(carry=[".whl"], timeout_s=600, command="BUDGET=560 bash bench/gpu_session.sh issue36")
 # Its parts, in order of priority (estimates on an H200 from the 2026-11-30 step times, machine start excluded):
-#   curves7b   7B ours vs the standard stack, 200 optimizer steps of 1 x 256 packed chatterbot tokens, dropout
-#              0.1, the loss curves and their agreement (~1.05 s per pair of steps: ~215 s)        curves_7b.json
-#   speed7b    7B ours vs peft as prepare_model_for_kbit_training leaves it and as the paper's qlora.py casts it,
-#              gradient accumulation 16, shapes 1x512, 4x512, 1x2048, 5 interleaved repeats (~120 s) speed_7b.json
+#   curves7b   7B ours vs peft as prepare_model_for_kbit_training leaves it and as the paper's qlora.py casts it
+#              (the peer of the speed ratios), 200 optimizer steps of 1 x 256 packed chatterbot tokens, dropout
+#              0.1, the loss curves and their agreement (~1.6 s per three steps: ~320 s)          curves_7b.json
+#   speed7b    7B ours vs the qlora.py baseline, gradient accumulation 16, shapes 1x512, 4x512, 1x2048, 5
+#              interleaved repeats (~80 s)                                                          speed_7b.json
 #   speed13b   13B ours vs the qlora.py baseline, shapes 1x512, 4x512, 5 repeats (~70 s)          speed_13b.json
 #   free48     65B ours with only 48 GB of the card left free (the rest occupied before the build), paged states
 #              included, then the same unconstrained: the eviction's cost (~65 s)          scale_65b_free48.json
 #   compile7b  7B ours vs the qlora.py baseline under torch.compile, 1x512, 5 repeats; the compile is capped at
 #              COMPILE_MAX seconds (default 90) and reported as it is                    speed_7b_compile.json
-#   curves7b_paper  7B ours vs the qlora.py baseline (bf16 adapters), as curves7b: the speed ratios against that
-#              baseline count only if it learns as ours does (~215 s; left for a second call if time runs out)
-#                                                                                        curves_7b_paper.json
-#   The first five total ~565 s: the call's timeout_s=600 leaves the rest of the 15 minutes for the machine's start;
-#   curves7b_paper then runs in a second session (BUDGET=300 bash bench/gpu_session.sh curves7b_paper).
+#   Total ~625 s against BUDGET=560: the parts run in this order of priority, each skipped or cut (and saying so)
+#   when the budget runs out, so compile7b is the likely casualty; `BUDGET=200 bash bench/gpu_session.sh
+#   compile7b` in a second call if the session has time. timeout_s=600 leaves the rest for the machine's start.
 #   Every issue-36 part first checks that its results will name their code (`python3 bench/stamp.py --check`: a
 #   frozen stamp of these very sources, or a git checkout), and stops with exit 2 otherwise.
 #   free48 runs the unconstrained 65B first, then the pressed one, each capped at FREE48_MAX (default 120) s.
 # Parts: goals | checks | tests | fit48 | small (7b,13b; three stacks) | large (65b, 65b bf16 adapters, 33b) | 7b
 #        | 13b | 33b | 65b | optim | paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b
-#        | free48 | compile7b | curves7b_paper. Several parts run in the order given.
+#        | free48 | compile7b. Several parts run in the order given.
 # The whole command stops itself before BUDGET seconds (default 570), so what was measured comes back: every
 # benchmark writes its JSON after each (model, stack) it finishes, gpu_scale.py stops a run at its --deadline and
 # any one (model, stack) after CHILD_MAX seconds (default 240); the GPU tests get at most TESTS_MAX seconds (default
@@ -141,15 +140,13 @@ compare() {
 run_part() {
   case "$1" in
     issue36)
-      for p in curves7b speed7b speed13b free48 compile7b curves7b_paper; do run_part "$p"; done ;;
-    curves7b)
-      compare curves curves_7b.json "${CURVES_MAX:-230}" --model $M7 --stacks ours,baseline --shape $CURVE_SHAPE \
-        --steps $CURVE_STEPS ;;
-    curves7b_paper)  # the speed ratios against baseline-paper count only if it learns as ours does too
-      compare curves curves_7b_paper.json "${CURVES_MAX:-230}" --model $M7 --stacks ours,baseline-paper \
+      for p in curves7b speed7b speed13b free48 compile7b; do run_part "$p"; done ;;
+    curves7b)  # the standard stack (the arithmetic issue 36 compared) and the paper's, the one the speed ratios
+               # are taken against: a ratio counts only if that stack learns as ours does
+      compare curves curves_7b.json "${CURVES_MAX:-340}" --model $M7 --stacks ours,baseline,baseline-paper \
         --shape $CURVE_SHAPE --steps $CURVE_STEPS ;;
     speed7b)
-      compare speed speed_7b.json "${SPEED7_MAX:-140}" --model $M7 --stacks ours,baseline,baseline-paper \
+      compare speed speed_7b.json "${SPEED7_MAX:-110}" --model $M7 --stacks ours,baseline-paper \
         --shapes $SHAPES7 --repeats 5 ;;
     speed13b)
       compare speed speed_13b.json "${SPEED13_MAX:-85}" --model $M13 --stacks ours,baseline-paper \
@@ -206,15 +203,15 @@ run_part() {
       for p in goals checks; do run_part "$p"; done ;;
     *)
       echo "unknown part '$1' (goals | checks | tests | fit48 | small | large | 7b | 13b | 33b | 65b | optim |" \
-        "paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b | free48 | compile7b |" \
-        "curves7b_paper)"; return 2 ;;
+        "paged | kernels | extras | fsdp | all | issue36 | curves7b | speed7b | speed13b | free48 | compile7b)"
+      return 2 ;;
   esac
 }
 
 # issue 36's results must name the code that ran (a GPU machine's copy has no .git: bench/stamp.py --freeze first)
 for part in "${parts[@]}"; do
   case "$part" in
-    issue36|curves7b|speed7b|speed13b|free48|compile7b|curves7b_paper)
+    issue36|curves7b|speed7b|speed13b|free48|compile7b)
       python3 bench/stamp.py --check || exit 2
       break ;;
   esac

@@ -393,6 +393,20 @@ class Worker:
         self._process.join(timeout=30)
 
 
+def parse_skip(spec: str) -> set[str]:
+    """The implementations ``--skip`` names; ValueError for an unknown one, and for ``qlora_ref``: every ratio is
+    taken against its time in the same round and the FLOPs come from its model, so a run without it would build every
+    worker and then fail (a KeyError, before this check)."""
+    skip = {s.strip() for s in spec.split(",") if s.strip()}
+    unknown = skip - set(IMPLS)
+    if unknown:
+        raise ValueError(f"--skip: unknown implementations {sorted(unknown)}; choose from {IMPLS[1:]}")
+    if "qlora_ref" in skip:
+        raise ValueError("--skip: qlora_ref cannot be left out: every ratio is against its time in the same round "
+                         f"and the FLOPs per step come from its model; choose from {IMPLS[1:]}")
+    return skip
+
+
 def run(args) -> dict:
     import numba
     import torch
@@ -408,10 +422,10 @@ def run(args) -> dict:
     print(f"threads: numba {numba.get_num_threads()} ({numba.config.THREADING_LAYER}), torch "
           f"{torch.get_num_threads()}; load average {load_average()}")
 
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - set(IMPLS)
-    if unknown:
-        raise SystemExit(f"--skip: unknown implementations {sorted(unknown)}; choose from {IMPLS}")
+    try:
+        skip = parse_skip(args.skip)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     names = [n for n in IMPLS if n not in skip]
     if args.definition:
         names.insert(1, DEFINITION)
@@ -563,6 +577,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.seq < 2:
         parser.error("--repeats must be >= 1 and --seq >= 2")
+    try:
+        parse_skip(args.skip)  # before anything is loaded or a worker spawned
+    except ValueError as e:
+        parser.error(str(e))
     res = run(args)
     print_result(res)
     if args.json:

@@ -39,7 +39,11 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_ba
                                "progress", "output_dir", "keep_checkpoints",
                                # the held-out split: a change that moves training examples is refused by the
                                # training data's own fingerprint
-                               "eval_fraction"})
+                               "eval_fraction",
+                               # how memory is spent, not what is computed: a run that ran out of memory resumes
+                               # with them (recomputation and offload give the same values; chunks of the loss
+                               # round differently, at float32's last place)
+                               "gradient_checkpointing", "activation_offload", "loss_chunk_size"})
 
 
 #: fields whose type is checked first (a JSON config may hold anything), so every rule below compares like with like
