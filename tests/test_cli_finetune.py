@@ -423,6 +423,31 @@ def test_the_data_report_adds_up_over_the_training_and_held_out_parts(files, tmp
     assert eval_ds is None
 
 
+def test_a_folder_another_run_holds_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    """The lock's holder is named before the model loads (minutes at scale), not after: a probe of the lock,
+    released at once; the run itself still takes it."""
+    pytest.importorskip("fcntl", reason="advisory locks (flock) are POSIX; elsewhere runs go unlocked (documented)")
+    import os
+
+    import qlora_ref.train.api as api
+    from qlora_ref.train.checkpoint import run_lock
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    out = tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(api, "make_trainer", no_load)
+    monkeypatch.setattr(api, "load_tokenizer", no_load)
+    args = ["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+            str(out), *FAST, "--max-steps", "1"]
+    with run_lock(out):
+        assert main(args) == 2
+    assert f"another qlora run is writing this folder (process {os.getpid()})" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(args) == 0  # the lock released, the probe is no obstacle
+
+
 def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
     """A checkpoint's random streams continue only on the backend that wrote it: the refusal is read from its
     trainer_state.json before any model is loaded (minutes at scale), naming the backend to resume with."""

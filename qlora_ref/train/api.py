@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataReport, build_dataset, load_examples
-from .checkpoint import check_resume_backend, new_run_id
+from .checkpoint import check_not_locked, check_resume_backend, new_run_id
 from .config import TrainConfig
 from .launch import launched_by_torchrun, process_rank
 from .loop import TrainResult, check_no_foreign_checkpoints, train
@@ -174,6 +174,8 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     _check_sharding(backend, sharded, cpu_offload)  # before the data is read
     if output_dir is not None and resume is True and not sharded:  # qlora_gpu.fsdp_train checks its own mark
         check_resume_backend(output_dir, "ref" if backend == "ref" else "gpu")
+    if output_dir is not None and process_rank() == 0:  # the lock's holder, named before the model loads
+        check_not_locked(output_dir)
     if trainer is None:
         tokenizer = load_tokenizer(model)
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)

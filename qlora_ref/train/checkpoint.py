@@ -351,6 +351,34 @@ def check_checksums(path: Path, marker: dict) -> None:
 LOCK_FILE = ".qlora.lock"
 
 
+def _locked(output_dir, holder: str) -> ValueError:
+    return ValueError(f"{output_dir}: another qlora run is writing this folder"
+                      f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose another output "
+                      "folder")
+
+
+def check_not_locked(output_dir) -> None:
+    """``run_lock``'s refusal, before a model is loaded (minutes at scale): a probe of the lock, released at once.
+    The run still takes the lock itself; this only spares the wait when another run already holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    try:
+        fd = os.open(Path(output_dir) / LOCK_FILE, os.O_RDWR)
+    except OSError:  # no lock file: no run holds it
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise _locked(output_dir, os.read(fd, 32).decode(errors="replace").strip()) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def run_lock(output_dir):
     """Hold an exclusive advisory lock (``flock``) on ``<output_dir>/.qlora.lock`` for a run: a second run in the
@@ -371,9 +399,7 @@ def run_lock(output_dir):
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise ValueError(f"{output_dir}: another qlora run is writing this folder"
-                             f"{f' (process {holder})' if holder else ''}; wait for it to end, or choose another "
-                             "output folder") from None
+            raise _locked(output_dir, holder) from None
         except OSError:  # no lock support here
             os.close(fd)
             fd = None
