@@ -423,6 +423,25 @@ def test_the_data_report_adds_up_over_the_training_and_held_out_parts(files, tmp
     assert eval_ds is None
 
 
+def test_only_rank_0_reports_the_data(files, tmp_path, monkeypatch):
+    """Every rank of a sharded run reads the data; only rank 0 warns of what was dropped (each rank did)."""
+    import warnings
+
+    from qlora_ref.train.api import load_tokenizer, prepare_data
+    from qlora_ref.train.config import TrainConfig
+
+    write_jsonl(tmp_path / "d.jsonl", [{"instruction": "hi", "output": "yo"}] * 6 + [{"instruction": "x " * 60,
+                                                                                      "output": "yo"}])
+    tok, config = load_tokenizer(files / "model"), TrainConfig(max_length=64, eval_fraction=0)
+    for rank, expected in (("0", 1), ("1", 0)):
+        for k, v in dict(RANK=rank, WORLD_SIZE="2", LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+            monkeypatch.setenv(k, v)
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            prepare_data(str(tmp_path / "d.jsonl"), tok, config)
+        assert len([w for w in said if "1 dropped: longer than max_length" in str(w.message)]) == expected, rank
+
+
 def test_a_folder_another_run_holds_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
     """The lock's holder is named before the model loads (minutes at scale), not after: a probe of the lock,
     released at once; the run itself still takes it."""

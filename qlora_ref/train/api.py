@@ -122,18 +122,19 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
         eval_ds = build(eval_ex, eval_report)
         if len(eval_ds) == 0:
             raise ValueError(f"{eval_data}: no usable held-out example ({eval_report.summary()})")
-        if eval_report.n_dropped:
+        if eval_report.n_dropped and process_rank() == 0:  # every rank reads the data; one says so
             warnings.warn(f"held-out data {eval_data}: {eval_report.summary()}", stacklevel=2)
         train_ds = build(examples, report)
     else:  # a split of --data: one report over both parts, so that kept = training + held-out
         train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
         train_ds = build(train_ex, report)
         eval_ds = build(eval_ex, report) if eval_ex else None
-        if eval_ex and len(eval_ds) == 0:
+        if eval_ex and len(eval_ds) == 0 and process_rank() == 0:
             warnings.warn(f"{data}: none of the {len(eval_ex)} held-out examples is left after the length filter: "
                           "no held-out evaluation", stacklevel=2)
+        if eval_ex and len(eval_ds) == 0:
             eval_ds = None
-    if report.n_dropped:
+    if report.n_dropped and process_rank() == 0:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     if len(train_ds) == 0:
         held = f"; the {len(eval_ds)} left are held out" if eval_ds is not None and len(eval_ds) else ""
