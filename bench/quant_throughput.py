@@ -33,20 +33,15 @@ if str(BENCH) not in sys.path:  # imported from elsewhere: intervals, stamp
 from intervals import MIN_REPEATS, median_interval  # noqa: E402
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm up: compiles, caches, page faults
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
+def copy_bandwidth(nbytes: int, repeats: int, times: list | None = None) -> float:
+    """GB/s of the best of ``repeats`` copies of ``nbytes`` (read + written); every copy's seconds appended to
+    ``times`` when given."""
     src = np.ones(nbytes // 4, np.float32)
     dst = np.empty_like(src)
-    return 2 * nbytes / best_time(lambda: np.copyto(dst, src), repeats) / 1e9
+    copies = interleaved_times({"copy": lambda: np.copyto(dst, src)}, repeats)[0]["copy"]
+    if times is not None:
+        times.extend(copies)
+    return 2 * nbytes / min(copies) / 1e9
 
 
 def interleaved_times(impls: dict, repeats: int, warmup: bool = True) -> tuple[dict[str, list[float]], list[list[str]]]:
@@ -113,7 +108,8 @@ def main(argv=None) -> dict:
     quant_bytes = x.nbytes + packed_bytes
     deq_bytes = {"float32": packed_bytes + x.nbytes, "bfloat16": packed_bytes + x.nbytes // 2}
 
-    copy_gbs = copy_bandwidth(x.nbytes, args.repeats)
+    copy_times: list[float] = []
+    copy_gbs = copy_bandwidth(x.nbytes, args.repeats, copy_times)
     print(f"machine: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"numba threads {__import__('numba').get_num_threads()}; memory copy {copy_gbs:.1f} GB/s")
     print(f"matrix {n}x{n} float32, NF4, blocksize 64, no double quantization\n")
@@ -155,7 +151,8 @@ def main(argv=None) -> dict:
     result = dict(benchmark="quant_throughput", settings=dict(
         size=n, repeats=args.repeats, cpus=os.cpu_count(), torch_threads=torch.get_num_threads(),
         numba_threads=__import__("numba").get_num_threads(), blocksize=64, quant_type="nf4", double_quant=False,
-        order="interleaved per operation, rotated by one every round"), copy_gbs=copy_gbs, cases={})
+        order="interleaved per operation, rotated by one every round"), copy_gbs=copy_gbs,
+        copy_times_s=copy_times, copy_bytes=2 * x.nbytes, cases={})
     print(f"{'operation':24s} {'implementation':30s} {'ms':>8s} {'GB/s':>7s} {'vs bnb':>7s} {'of copy':>8s} "
           f"{'median ms':>10s} {'min-max ms':>17s} {'vs bnb per round (median, interval)':>36s}")
     for op, (nbytes, impls) in cases.items():

@@ -521,7 +521,10 @@ def test_packing_benchmark_counts_slots_and_estimates_epochs():
     assert s["packed_over_random"]["epoch"] == pytest.approx((10 * 1.5) / (5 * 2.0))
     assert s["packed_row_over_grouped"]["epoch_per_round"]["min"] == pytest.approx(10 * 1.0 / (4 * 3.0))
     assert s["grouped"]["epoch_tokens_per_s"] == pytest.approx(1000 / 10.0)
-    assert "| packed_row / max_length | **2.50×**" in pt.markdown({
+    # the pooled ratio's bootstrap interval over the sampled steps: packed_row's two steps (3 s, 1 s) resample to
+    # a mean of 1, 2 or 3 s, max_length's are both 2 s, so the epoch ratio 10·2 / (4·mean) is 5, 2.5 or 1.67
+    assert pt.pooled_interval(rounds, epochs, "packed_row", "max_length") == pytest.approx((10 * 2 / 12, 5.0))
+    assert "| packed_row / max_length | **2.50×** | 1.67–5.00 |" in pt.markdown({
         "command": "x", "examples": 30, "max_length": 200, "backend": "ref", "rounds_run": 2, "steps": 1,
         "load_average": [[0, 0, 0], [0, 0, 0]], "stamp": {}, "modes": list(pt.MODES), "epochs": epochs,
-        "summary": s})
+        "summary": s, "rounds": rounds})
