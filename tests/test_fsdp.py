@@ -406,6 +406,36 @@ def test_nproc_two_killed_then_run_again_ends_as_an_uninterrupted_run(tiny, tmp_
         assert (full / f).read_bytes() == (cut / f).read_bytes(), f
 
 
+@pytest.mark.slow
+def test_two_nodes_of_one_process_each_train_as_nproc_two(tiny, tmp_path):
+    """The multi-node launch of docs/sharded.md, simulated on one machine: two ``torchrun --nnodes 2
+    --nproc-per-node 1`` with a c10d rendezvous, started at once on one output folder (each node's process has
+    LOCAL_RANK 0; only global rank 0 writes). The adapter equals ``--nproc 2``'s byte for byte (dropout on), and
+    one report comes, from the node with rank 0."""
+    import subprocess
+    import sys
+
+    from fsdp_helpers import free_port
+    from test_train import qa_records, write_jsonl
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, qa_records(48))
+    extra = ["--max-steps", "6", "--lora-dropout", "0.1"]
+    single = subprocess.run([sys.executable, "-m", "qlora_ref", *finetune_args(tiny[0], data, tmp_path / "one",
+                                                                               "--nproc", "2", *extra)],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{free_port()}", "--rdzv-id", "qlora-test",
+            "-m", "qlora_ref", *finetune_args(tiny[0], data, tmp_path / "two", *extra)]
+    jobs = [subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [j.communicate(timeout=600) for j in jobs]
+    assert all(j.returncode == 0 for j in jobs), [e[-2000:] for _, e in outs]
+    assert sum(o.count("trained to step 6") for o, _ in outs) == 1
+    for f in ("adapter_model.safetensors", "adapter_config.json", "log_history.json"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+
+
 # ---------------------------------------------------------------------------------------------- bench/fsdp_memory.py
 def test_bench_plan_and_its_memory_run_on_the_cpu():
     """bench/fsdp_memory.py's order (the goal first, the engine's cost, then the rest of the table) and one world
