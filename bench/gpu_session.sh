@@ -59,7 +59,7 @@
 #                        the other parts)
 #   gpu_tests.log        python3 -m pytest -q -m gpu tests/ (the CUDA-graph tests, -k graph, in a second process)
 #   scale_65b_cap48.json bench/gpu_scale.py --cap-gb 48, part fit48
-#   optimizer_step.log   bench/optimizer_step.py --models 7b,65b --widths real
+#   optimizer_step.log   bench/optimizer_step.py --models 7b,65b --widths real (and optimizer_step.json, stamped)
 #   paged_oom.json       bench/paged_oom.py
 #   fused_kernels.json   bench/fused_kernels.py
 #   fsdp_tests.log       python3 -m pytest -q -m gpu tests/test_fsdp.py (part fsdp)
@@ -186,8 +186,8 @@ run_part() {
     7b|13b|33b|65b)
       scale "$1:ours,$1:baseline,$1:ours-graph" "scale_$1.json" ;;
     optim)  # ours' flat optimizer step against HF Trainer's per-tensor loop, at the real adapter shapes
-      TIMED_MAX=${OPTIM_MAX:-60} timed python3 bench/optimizer_step.py --models 7b,65b --widths real 2>&1 \
-        | tee "$OUT/optimizer_step.log" ;;
+      TIMED_MAX=${OPTIM_MAX:-60} timed python3 bench/optimizer_step.py --models 7b,65b --widths real \
+        --json "$OUT/optimizer_step.json" 2>&1 | tee "$OUT/optimizer_step.log" ;;
     paged)
       TIMED_MAX=${PAGED_MAX:-150} timed python3 bench/paged_oom.py --json "$OUT/paged_oom.json" ;;
     kernels)
