@@ -21,12 +21,16 @@ def median_interval(values, level: float = 0.95, min_n: int = MIN_REPEATS) -> di
     n = len(v)
     if n == 0:
         raise ValueError("no values for an interval")
+    if any(math.isnan(x) for x in v):
+        raise ValueError("a value is NaN: a failed timing, not a ratio")
     out = dict(n=n, median=float(np.median(v)), low=None, high=None, coverage=None)
     if n < min_n:
         return out
 
-    def coverage(k: int) -> float:
-        return 1.0 - 2.0 * sum(math.comb(n, i) for i in range(k)) / 2.0**n
-
-    k = max((k for k in range(1, (n + 1) // 2 + 1) if coverage(k) >= level), default=1)
-    return dict(out, low=v[k - 1], high=v[n - k], coverage=coverage(k))
+    # coverage of [x(k), x(n+1-k)], k = 1 ..: 1 − 2·P(Bin(n, ½) < k), in exact integers (2.0**n overflows at 1024)
+    cover, below = [], 0
+    for k in range(1, (n + 1) // 2 + 1):
+        below += math.comb(n, k - 1)
+        cover.append(1.0 - 2 * below / 2**n)
+    k = max((k for k, c in enumerate(cover, 1) if c >= level), default=1)
+    return dict(out, low=v[k - 1], high=v[n - k], coverage=cover[k - 1])

@@ -57,9 +57,10 @@ MAX_DIFF_CHARS = 200_000
 
 
 def git_state() -> dict | None:
-    """commit, dirty flag, and for a dirty tree what differs: ``git status --porcelain`` and the diff itself
-    (up to ``MAX_DIFF_CHARS``; its hash covers all of it), both without ``bench/results``, so that the code of a
-    dirty run can be rebuilt from the commit (None outside a git checkout)."""
+    """commit, dirty flag, and for a dirty tree what differs: ``git status --porcelain``, the diff itself and the
+    text of files git does not track (up to ``MAX_DIFF_CHARS`` together, ``diff_truncated`` past it; the hash
+    covers the whole diff), all without ``bench/results``, so that the code of a dirty run can be rebuilt from the
+    commit (None outside a git checkout)."""
     commit = _git("rev-parse", "HEAD")
     if commit is None:
         return None
@@ -70,6 +71,20 @@ def git_state() -> dict | None:
                else None, source="git")
     if status:
         out.update(status=status.splitlines(), diff=diff[:MAX_DIFF_CHARS], diff_truncated=len(diff) > MAX_DIFF_CHARS)
+        # files git does not track are in no diff: their text too, in what is left of the budget
+        left, untracked = MAX_DIFF_CHARS - len(out["diff"]), {}
+        for name in (_git("ls-files", "--others", "--exclude-standard", "--", ".", *exclude) or "").splitlines():
+            try:
+                text = (ROOT / name).read_text()
+            except (OSError, UnicodeDecodeError):
+                text = None
+            if text is not None and len(text) <= left:
+                untracked[name], left = text, left - len(text)
+            else:
+                out["diff_truncated"] = True
+                untracked[name] = None
+        if untracked:
+            out["untracked"] = untracked
     return out
 
 

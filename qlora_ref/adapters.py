@@ -263,7 +263,10 @@ def check_adapter_base(model, folder) -> None:
     except Exception:  # unreadable: read_adapter_files has named the file already
         return
     base = getattr(model, "name_or_path", None)
-    mine = model_fingerprint(base) if theirs and base else None
+    try:
+        mine = model_fingerprint(base) if theirs and base else None
+    except OSError:  # an unreadable base file: the load itself says so, or has already read it
+        mine = None
     if mine is not None and mine != theirs:
         trained_on = read_adapter_config(folder).get("base_model_name_or_path")
         warnings.warn(f"{folder}: the adapter was trained on other base model weights ({trained_on}; fingerprint "

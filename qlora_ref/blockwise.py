@@ -31,29 +31,31 @@ def blockwise_absmax_scale(x: np.ndarray, blocksize: int, tiny: np.float32 | Non
 
     With ``tiny`` (bitsandbytes' ``quantize_4bit``): full blocks are scaled by multiplying with the float32
     reciprocal of max(absmax, tiny) (one rounding for 1/c, one for the product); a shorter final block is divided
-    by its absmax. The stored absmax of a full all-zero block is 0 (it dequantizes to exact zeros), while a short
-    final block stores at least ``tiny``. These details are bitsandbytes' and are kept for bit-identical output;
-    a consequence is that a block whose absmax lies below 1e-38 (subnormal) is scaled short of [-1, 1].
-    With ``tiny=None`` (bitsandbytes' 8-bit ``quantize_blockwise``): every block is divided by its own absmax,
-    which is stored as it is, and an all-zero block scales to zeros.
+    by max(absmax, tiny). The stored absmax of a full all-zero block is 0 (it dequantizes to exact zeros), while a
+    short final block stores at least ``tiny``. These details are bitsandbytes' and are kept for bit-identical
+    output; a consequence is that a block whose absmax lies below 1e-38 (subnormal) is scaled short of [-1, 1].
+
+    With ``tiny=None`` (the 8-bit kernel: the dynamic map of double quantization and 8-bit optimizer states): the
+    same arithmetic wherever a block's absmax is at least 1e-38, but the true absmax is stored and used — a block
+    below 1e-38, whose float32 reciprocal would overflow, is divided by it, and an all-zero block (absmax 0, full or
+    short) scales to zeros.
     """
-    if tiny is None:
-        absmax = np.abs(np.pad(x, (0, -x.size % blocksize)).reshape(-1, blocksize)).max(axis=1) if x.size else (
-            np.zeros(0, np.float32))
-        divisor = np.repeat(absmax, blocksize)[: x.size]
-        scaled = np.divide(x, divisor, out=np.zeros_like(x), where=divisor > 0)
-        return np.clip(scaled, -1.0, 1.0).astype(np.float32, copy=False), absmax.astype(np.float32, copy=False)
     n = x.size
     full = n - n % blocksize
     blocks = x[:full].reshape(-1, blocksize)
     absmax = np.abs(blocks).max(axis=1) if full else np.zeros(0, np.float32)
-    reciprocal = np.float32(1.0) / np.maximum(absmax, tiny)
-    scaled = np.clip(blocks * reciprocal[:, None], -1.0, 1.0).reshape(-1)
+    reciprocal = np.float32(1.0) / np.maximum(absmax, TINY if tiny is None else tiny)
+    scaled = blocks * reciprocal[:, None]
+    if tiny is None and (small := absmax < TINY).any():
+        scaled[small] = np.divide(blocks[small], absmax[small, None], out=np.zeros_like(blocks[small]),
+                                  where=absmax[small, None] > 0)
+    scaled = np.clip(scaled, -1.0, 1.0).reshape(-1)
     if full < n:
         tail = x[full:]
-        tail_absmax = np.maximum(np.abs(tail).max(), tiny)
+        tail_absmax = np.abs(tail).max() if tiny is None else np.maximum(np.abs(tail).max(), tiny)
+        tail_scaled = tail / tail_absmax if tail_absmax > 0 else np.zeros_like(tail)
         absmax = np.append(absmax, tail_absmax)
-        scaled = np.concatenate([scaled, np.clip(tail / tail_absmax, -1.0, 1.0)])
+        scaled = np.concatenate([scaled, np.clip(tail_scaled, -1.0, 1.0)])
     return scaled.astype(np.float32, copy=False), absmax.astype(np.float32, copy=False)
 
 

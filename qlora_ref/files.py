@@ -166,17 +166,24 @@ _WHOLE, _HEAD, _SAMPLE, _STRIDE = 64 << 20, 1 << 20, 4 << 10, 8 << 20
 
 
 def model_fingerprint(path) -> str | None:
-    """A sampled SHA-256 of a model's own files — ``config.json`` and its ``.safetensors`` / ``.gguf`` weights (or
-    the one ``.gguf`` file ``path`` is) — naming each file and its size; None if ``path`` is not a file or folder
-    here (a hub id). Two copies of a model have the same fingerprint wherever they lie; another model or another
-    revision of one (every tensor of a fine-tune differs) has another. Sampled above 64 MiB a file: an edit of a
-    single small tensor inside a large file may go unseen."""
+    """A sampled SHA-256 of a model's own files — ``config.json`` and its ``.safetensors`` / ``.gguf`` weights (the
+    shards and the index of a sharded folder; or the one ``.gguf`` file ``path`` is) — naming each file and its
+    size; None if ``path`` is not a file or folder here (a hub id). Two copies of a model have the same
+    fingerprint wherever they lie; another model or another revision of one (every tensor of a fine-tune differs)
+    has another. Sampled above 64 MiB a file: an edit of a single small tensor inside a large file may go
+    unseen."""
     path = Path(path)
     if path.is_file():
         files = [path]
     elif path.is_dir():
         files = sorted(p for p in path.iterdir()
                        if p.is_file() and (p.suffix in (".safetensors", ".gguf") or p.name == "config.json"))
+        try:  # a sharded folder: the shards its index lists (what the loaders read), not every file beside them
+            shards = set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())
+            files = [p for p in files if p.suffix != ".safetensors" or p.name in shards]
+            files.append(path / "model.safetensors.index.json")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
     else:
         return None
     h = hashlib.sha256()

@@ -149,6 +149,17 @@ def test_model_fingerprint_is_of_the_weights_not_the_path(folder, tmp_path, monk
     (copy / "model.safetensors").write_bytes(bytes(data))
     assert model_fingerprint(copy) != model_fingerprint(folder)
     assert model_fingerprint(tmp_path / "nowhere") is None and model_fingerprint("org/some-model") is None
+    # a sharded folder: its index's shards count, another safetensors file beside them (an adapter saved there,
+    # a consolidated copy) does not, as the loaders do not read it
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").rename(sharded / "model-00001-of-00001.safetensors")
+    names = load_file(str(sharded / "model-00001-of-00001.safetensors"))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: "model-00001-of-00001.safetensors" for k in names}}))
+    first = model_fingerprint(sharded)
+    (sharded / "consolidated.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    assert model_fingerprint(sharded) == first != model_fingerprint(folder)
 
     monkeypatch.setattr(files, "_WHOLE", 0)
     monkeypatch.setattr(files, "_HEAD", 16)

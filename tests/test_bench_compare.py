@@ -106,6 +106,28 @@ def test_results_must_name_code_that_can_be_checked_out_again(tmp_path, monkeypa
     assert stamp.main(["--check"]) == 0
 
 
+def test_a_dirty_stamp_keeps_what_differs_untracked_files_included(tmp_path, monkeypatch):
+    """A dirty tree's stamp holds its status, its diff and the text of files git does not track (no diff shows
+    them), so the code that ran can be rebuilt from the commit; benchmark results are not the code."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    monkeypatch.setattr(stamp, "ROOT", tmp_path)
+    monkeypatch.setattr(stamp, "RESULTS", tmp_path / "bench" / "results")
+    assert stamp.git_state()["dirty"] is False and "diff" not in stamp.git_state()
+    (tmp_path / "bench" / "a.py").write_text("x = 2\n")
+    (tmp_path / "bench" / "new.py").write_text("y = 3\n")
+    (tmp_path / "bench" / "results" / "r.json").write_text("{}")
+    g = stamp.git_state()
+    assert g["dirty"] is True and "+x = 2" in g["diff"] and g["untracked"] == {"bench/new.py": "y = 3\n"}
+    assert not g["diff_truncated"] and not any("results" in line for line in g["status"])
+
+
 def test_source_hash_changes_with_any_source_file(tmp_path):
     for d in stamp.SOURCE_DIRS:
         (tmp_path / d).mkdir()
@@ -132,6 +154,10 @@ def test_median_interval_is_the_order_statistic_interval_with_its_exact_coverage
         assert iv["low"] is iv["high"] is iv["coverage"] is None and iv["median"] == pytest.approx(1.4)
     with pytest.raises(ValueError):
         train_compare.median_interval([])
+    with pytest.raises(ValueError, match="NaN"):
+        train_compare.median_interval([1.0, float("nan"), 2.0, 3.0, 4.0])
+    many = train_compare.median_interval(np.arange(2001.0))  # 2**2001 is no float: the coverage stays exact
+    assert many["median"] == 1000 and many["low"] < 1000 < many["high"] and 0.95 <= many["coverage"] < 0.96
     # the stated coverage holds for a skewed distribution (lognormal, median 1): 4000 samples of each size
     rng = np.random.default_rng(0)
     for n in (5, 9):

@@ -47,9 +47,10 @@ def test_8bit_codes_are_exactly_nearest_and_close_to_bitsandbytes(seed, n, block
     np.concatenate([np.linspace(-1, 1, 256), np.zeros(100)]),  # an all-zero short final block
 ], ids=["subnormal-block", "subnormal-tail", "zero-tail"])
 def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
-    """The 8-bit kernel divides each block by its own absmax and stores it as it is (bitsandbytes' quantize_blockwise):
-    no 1e-38 floor, which is the 4-bit kernel's. With the floor, a block of 1e-39 came back 10 times too small and a
-    short final block stored 1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at
+    """The 8-bit kernel stores and uses each block's own absmax, as bitsandbytes' CPU quantize_blockwise does: no
+    1e-38 floor, which is the 4-bit kernel's (a block below it, whose float32 reciprocal would overflow, is divided
+    by its absmax). With the floor, a block of 1e-39 came back 10 times too small and a short final block stored
+    1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at
     +1 but at -0.993), so the dequantized tail equals the input, and everything equals bitsandbytes'."""
     x = x.astype(np.float32)
     q = qlora_ref.quantize_blockwise_8bit(x)
@@ -57,6 +58,14 @@ def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
     assert np.array_equal(q.absmax, state.absmax.numpy())
     ours = qlora_ref.dequantize_blockwise_8bit(q)
     assert np.array_equal(ours[256:], x[256:]) and np.array_equal(ours, bnbf.dequantize_blockwise(codes, state).numpy())
+
+
+def test_the_8bit_scaling_is_the_4bit_one_wherever_an_absmax_reaches_1e_38():
+    """Only blocks below 1e-38 and all-zero short blocks are scaled otherwise: ordinary data gives the bytes it gave
+    before the 8-bit kernel got its own rule (the reciprocal for full blocks, division for the tail)."""
+    x = np.random.default_rng(5).standard_normal(256 * 9 + 77).astype(np.float32)
+    for a, b in zip(blockwise_absmax_scale(x, 256, tiny=None), blockwise_absmax_scale(x, 256), strict=True):
+        assert np.array_equal(a, b)
 
 
 def test_8bit_codes_differ_from_bitsandbytes_rarely():

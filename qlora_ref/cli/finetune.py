@@ -359,12 +359,13 @@ def skip_malformed_hint():
 def run_finetune(args) -> int:
     from qlora_ref.paths import check_writable_dir, new_run_dir
     from qlora_ref.train.api import finetune
-    from qlora_ref.train.launch import check_sharded_recipe, launched_by_torchrun, process_rank
+    from qlora_ref.train.launch import check_nproc, check_sharded_recipe, launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
     check_backend_quant_type(args.backend, config.quant_type)
     if args.nproc is not None:
         check_nproc_backend(args)  # before check_writable_dir creates the folder, and before N processes load
+        check_nproc(args.nproc)
         try:
             check_sharded_recipe(config.optimizer, args.nproc, config.gradient_accumulation_steps, config.lora_r)
         except ValueError as e:

@@ -171,6 +171,7 @@ def run_sharded(args, shape, kwargs) -> int:
         raise ValueError(f"--gpus estimates QLoRA sharded with FSDP2; --method {args.method} is not sharded here")
     if args.plot:
         raise ValueError("--plot draws the single-GPU estimate; leave out --gpus")
+    plain, offload = (estimate_sharded_memory(shape, args.gpus, cpu_offload=o, **kwargs) for o in (False, True))
     if args.optimizer is not None:  # what qlora finetune --nproc refuses is not estimated either
         from qlora_ref.train.launch import check_sharded_recipe
 
@@ -178,7 +179,6 @@ def run_sharded(args, shape, kwargs) -> int:
             check_sharded_recipe(args.optimizer, args.gpus)
         except ValueError as e:
             raise ValueError(f"--optimizer: {e}") from None
-    plain, offload = (estimate_sharded_memory(shape, args.gpus, cpu_offload=o, **kwargs) for o in (False, True))
     if args.json:
         print(json.dumps({"without_offload": plain.to_dict(), "with_cpu_offload": offload.to_dict()}, indent=2))
     else:

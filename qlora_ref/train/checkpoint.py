@@ -276,8 +276,8 @@ def save_checkpoint(output_dir, ckpt: Checkpoint, keep: int = 0) -> Path:
         atomic_save_safetensors(ckpt.rng_arrays, tmp / RNG_FILE, metadata={"format": "qlora-rng"})
         state = dict(ckpt.state, step=ckpt.step, format_version=FORMAT_VERSION)
         atomic_write_json(tmp / STATE_FILE, state)
-        # last: its presence marks a complete checkpoint of ours, and of which run; the checksums are of the bytes
-        # as the disk gives them back, so a write the disk garbled is caught on resume too
+        # last: its presence marks a complete checkpoint of ours, and of which run; the checksums are of the files
+        # as written (read back, likely from the page cache), so what changes them afterwards is caught on resume
         atomic_write_json(tmp / MARKER_FILE, {"format": MARKER_FORMAT, "format_version": FORMAT_VERSION,
                                               "run_id": ckpt.run_id, "run_started": ckpt.state["run_started"],
                                               "step": ckpt.step,
@@ -359,7 +359,9 @@ def _locked(output_dir, holder: str) -> ValueError:
 
 def check_not_locked(output_dir) -> None:
     """``run_lock``'s refusal, before a model is loaded (minutes at scale): a probe of the lock, released at once.
-    The run still takes the lock itself; this only spares the wait when another run already holds it."""
+    The run still takes the lock itself; this only spares the wait when another run already holds it. (flock has
+    no test without taking: a second run that takes its lock in the probe's microseconds is refused, naming the
+    previous holder. Two runs started on one folder at the same moment: one of them is refused either way.)"""
     try:
         import fcntl
     except ImportError:

@@ -43,7 +43,8 @@ def check_sharded_recipe(optimizer: str, world_size: int, gradient_accumulation_
     every process rows of each adapter (FSDP splits tensors by rows)."""
     from ..optim import canonical_optimizer_name
 
-    check_nproc(world_size)
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"the number of processes must be a positive integer, got {world_size!r}")
     if canonical_optimizer_name(optimizer) not in SHARDABLE_OPTIMIZERS:
         raise ValueError(f"optimizer {optimizer!r} cannot be sharded (8-bit states are quantized per tensor, in "
                          f"blocks of 256); use one of {SHARDABLE_OPTIMIZERS}")
