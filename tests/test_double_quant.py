@@ -50,14 +50,17 @@ def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
     """The 8-bit kernel stores and uses each block's own absmax, as bitsandbytes' CPU quantize_blockwise does: no
     1e-38 floor, which is the 4-bit kernel's (a block below it, whose float32 reciprocal would overflow, is divided
     by its absmax). With the floor, a block of 1e-39 came back 10 times too small and a short final block stored
-    1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at
-    +1 but at -0.993), so the dequantized tail equals the input, and everything equals bitsandbytes'."""
+    1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at +1 but at -0.993), so
+    the dequantized block of interest (the last) equals the input and bitsandbytes'. The linspace block before a
+    tail is compared by its absmax only: its 8-bit codes are not claimed bit-identical (bitsandbytes' lookup table,
+    and on CPUs without AVX2 its map, differ: docs/quantization.md)."""
     x = x.astype(np.float32)
+    last = slice(256 * ((x.size - 1) // 256), None)
     q = qlora_ref.quantize_blockwise_8bit(x)
     codes, state = bnbf.quantize_blockwise(torch.from_numpy(x), blocksize=256)
     assert np.array_equal(q.absmax, state.absmax.numpy())
-    ours = qlora_ref.dequantize_blockwise_8bit(q)
-    assert np.array_equal(ours[256:], x[256:]) and np.array_equal(ours, bnbf.dequantize_blockwise(codes, state).numpy())
+    ours, theirs = qlora_ref.dequantize_blockwise_8bit(q), bnbf.dequantize_blockwise(codes, state).numpy()
+    assert np.array_equal(ours[last], x[last]) and np.array_equal(ours[last], theirs[last])
 
 
 def test_the_8bit_scaling_is_the_4bit_one_wherever_an_absmax_reaches_1e_38():
