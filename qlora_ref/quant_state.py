@@ -123,10 +123,9 @@ class Quantized4bit:
         at blocksize 64: the arithmetic of section 3), the mean included; the per-tensor maps (``code``, the 8-bit
         map) are not counted, as in ``memory.quant_constant_bits_per_param``; ``memory``'s ``MemoryBreakdown``
         counts them too."""
-        n = lambda a: int(np.prod(a.shape))  # noqa: E731  (shape, not .size: the torch subclass holds tensors)
-        total_bits = 8 * n(self.packed) + 32 * (self.state2 is None) * n(self.absmax)
+        total_bits = 8 * _size(self.packed) + 32 * (self.state2 is None) * _size(self.absmax)
         if self.state2 is not None:
-            total_bits += 8 * n(self.absmax) + 32 * n(self.state2.absmax) + 32
+            total_bits += 8 * _size(self.absmax) + 32 * _size(self.state2.absmax) + 32
         return total_bits / self.numel
 
     def state_dict(self, prefix: str = "") -> dict:

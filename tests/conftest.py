@@ -9,9 +9,17 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # before any test initialises cuBLAS
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+#: the benchmark scripts, importable as modules by the tests of their machinery (bench/ is no package)
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
 
 if not torch.cuda.is_available():
     # Triton reads this when its kernels are defined (first import of qlora_gpu.fast.triton_kernels): without CUDA they

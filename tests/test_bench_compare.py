@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
+import corpus
+import gpu_scale
 import numpy as np
 import pytest
+import stamp
+import tables
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import corpus  # noqa: E402
-import gpu_scale  # noqa: E402
-import stamp  # noqa: E402
-import tables  # noqa: E402
-import train_compare  # noqa: E402
+import train_compare
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
@@ -316,7 +309,7 @@ def test_tables_render_every_kind_of_file(tmp_path):
 
 
 def test_the_session_script_parses_and_lists_issue36s_parts():
-    script = BENCH / "gpu_session.sh"
+    script = Path(__file__).resolve().parent.parent / "bench" / "gpu_session.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
     for part in ("curves7b)", "speed7b)", "speed13b)", "free48)", "compile7b)", "issue36)"):

@@ -7,21 +7,13 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
-from pathlib import Path
 
+import gpu_scale
+import lora_layer
+import model_step
+import optimizer_step
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-import gpu_scale  # noqa: E402
-import lora_layer  # noqa: E402
-import model_step  # noqa: E402
-import optimizer_step  # noqa: E402
-import quant_throughput  # noqa: E402
+import quant_throughput
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
