@@ -299,7 +299,7 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
         qlora_py_casts(peft_model)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    forward = torch.compile(peft_model) if compile else peft_model
+    forward = compile_for_training(peft_model) if compile else peft_model
 
     def loss_fn(ids: torch.Tensor, labels: torch.Tensor | None = None, num_items: int | None = None) -> torch.Tensor:
         """The model's own loss (transformers' ForCausalLMLoss: labels shifted inside), under autocast as HF Trainer
@@ -309,6 +309,43 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
             return forward(input_ids=ids, labels=ids if labels is None else labels, use_cache=False, **extra).loss
 
     return peft_model, params, loss_fn
+
+
+def compile_for_training(model):
+    """``torch.compile(model)``, as HF Trainer's ``torch_compile=True`` compiles the peft model, with dynamo allowed
+    to compile what gradient checkpointing wraps. transformers 5 with the ``kernels`` package routes each attention
+    forward through a context variable it sets and resets (``use_kernelized_func``); under non-reentrant
+    checkpointing dynamo refuses that side effect ("HOP: Unsafe side effect") and runs every block eagerly: on the
+    tiny config on the CPU a step then dispatched 5,627 aten operators against eager's 5,765 — compiled in name only
+    (tests/test_gpu_scale.py). ``skip_fwd_side_effects_in_bwd_under_checkpoint`` lets dynamo trace the block and
+    leaves that side effect out of the backward's recomputation, where it changes no value (the routing it sets is
+    already fixed in the traced graph): 2,317 operators, the loss eager's within bfloat16 round-off. Where this
+    torch lacks the flag the model is compiled as it is and ``compile_stats`` shows what that gave."""
+    from torch._dynamo import config as dynamo_config
+
+    if hasattr(dynamo_config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        dynamo_config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    else:
+        warnings.warn("torch._dynamo.config has no skip_fwd_side_effects_in_bwd_under_checkpoint: checkpointed "
+                      "blocks may run eagerly under torch.compile (see the result's 'compile' entry)", stacklevel=2)
+    return torch.compile(model)
+
+
+def compile_stats() -> dict | None:
+    """What ``torch.compile`` made of this process's steps so far, from dynamo's counters (an internal: None where
+    they are missing): graphs compiled, operator calls captured in them, graph breaks and the five most frequent
+    reasons (first line of each)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        stats, breaks = counters["stats"], counters["graph_break"]
+        reasons = collections.Counter()
+        for reason, n in breaks.items():
+            reasons[str(reason).strip().splitlines()[0][:200]] += n
+        return dict(graphs=int(stats["unique_graphs"]), ops_captured=int(stats["calls_captured"]),
+                    graph_breaks=int(sum(breaks.values())), break_reasons=dict(reasons.most_common(5)))
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return None
 
 
 def qlora_py_casts(peft_model) -> None:
@@ -657,6 +694,8 @@ def run_stack(stack: str, name: str, device, seq: int = 512, batch: int = 1, war
         out["update_times_s"] = update_times
         out["tokens_per_s"] = batch * seq / out["step_s"]
         out["paged_state_bytes"], out["device_state_bytes"] = optimizer_state_bytes(update.state_optimizer)
+        if stack.endswith("-compile"):
+            out["compile"] = compile_stats()
         if device.type == "cuda":
             out["peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
             out["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))

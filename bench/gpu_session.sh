@@ -37,7 +37,7 @@
 #   free48     65B ours with only 48 GB of the card left free (the rest occupied before the build), paged states
 #              included, then the same unconstrained: the eviction's cost (~65 s)          scale_65b_free48.json
 #   compile7b  7B ours vs the qlora.py baseline under torch.compile, 1x512, 5 repeats; the compile is capped at
-#              COMPILE_MAX seconds (default 90) and reported as it is                    speed_7b_compile.json
+#              COMPILE_MAX seconds (default 180) and reported as it is                    speed_7b_compile.json
 #   Total ~625 s against BUDGET=560: the parts run in this order of priority, each skipped or cut (and saying so)
 #   when the budget runs out, so compile7b is the likely casualty; `BUDGET=200 bash bench/gpu_session.sh
 #   compile7b` in a second call if the session has time. timeout_s=600 leaves the rest for the machine's start.
@@ -159,7 +159,7 @@ run_part() {
       SCALE_MAX=${FREE48_MAX:-120} scale $M65:ours scale_65b_free48.json --append "${FREE48[@]}" --warmup 1 \
         --steps 6 --profile none "${SCALE_SEQ[@]}" ;;
     compile7b)
-      compare speed speed_7b_compile.json "${COMPILE_MAX:-90}" --model $M7 --stacks ours,baseline-paper-compile \
+      compare speed speed_7b_compile.json "${COMPILE_MAX:-180}" --model $M7 --stacks ours,baseline-paper-compile \
         --shapes ${SHAPES7%%,*} --repeats 5 ;;
     goals)  # the two goals: 65B under 48 GB first, then 7B/13B against the baseline, then ours replayed
             # as a CUDA graph (qlora_gpu.fast.graphs; never run on a GPU before: after the eager runs, so that a capture

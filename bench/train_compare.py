@@ -371,6 +371,8 @@ def main(argv=None) -> dict:
                                 else f"no interval ({r['n']} repeats < {MIN_REPEATS})")
                     print(f"{shape}: ours / {n} = {r['median']:.2f}x {interval} "
                           f"(tokens/s {by['tokens_per_s']['ours']:.0f} / {by['tokens_per_s'][n]:.0f})", flush=True)
+    if any(n.endswith("-compile") for n in stacks):
+        payload["compile"] = gpu_scale.compile_stats()  # whether the compiled stack was compiled (graph breaks)
     payload["seconds"] = time.perf_counter() - t0
     payload["status"] = "done"
     _write(args.json, payload)
