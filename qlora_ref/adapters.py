@@ -1,9 +1,9 @@
 """LoRA adapters on disk in PEFT's format (merging them into a model, and other exports: ``qlora_ref.export``).
 
-QLoRA trains only the adapters (paper, section 3: "gradients are backpropagated through the frozen 4-bit model
-into Low-Rank Adapters"), so the result of a fine-tune is a small adapter file. We write exactly what PEFT's
-``PeftModel.save_pretrained`` writes, so ``peft.PeftModel.from_pretrained(transformers_model, DIR)`` loads it
-and PEFT adapters load here:
+QLoRA trains only the adapters (paper, abstract: "QLoRA backpropagates gradients through a frozen, 4-bit quantized
+pretrained language model into Low Rank Adapters (LoRA)"), so the result of a fine-tune is a small adapter file.
+We write exactly what PEFT's ``PeftModel.save_pretrained`` writes, so
+``peft.PeftModel.from_pretrained(transformers_model, DIR)`` loads it and PEFT adapters load here:
 
 - ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``,
   ``bias: "none"``, ``task_type: "CAUSAL_LM"``, ``fan_in_fan_out: false``, ...

@@ -22,8 +22,9 @@ from functools import cache
 import numpy as np
 from scipy.stats import norm
 
-#: bitsandbytes' quantile offset δ for 4 bits (``create_normal_map``; the paper gives no value): halfway between
-#: 1 - 1/(2·15) and 1 - 1/(2·16)
+#: bitsandbytes' quantile offset δ₄ for 4 bits (``create_normal_map``; the paper states no δ): the 7-decimal literal
+#: of ½((1 - 1/(2·15)) + (1 - 1/(2·16))) = 0.96770833…. The two are one float32 ulp apart, and that ulp changes 12
+#: of the 16 NF4 values, so k = 4 uses the literal, not the formula (``normal_float_offset``)
 NF4_OFFSET = 0.9677083
 
 #: bitsandbytes' E2M1 FP4 table, indexed by nibble (sign bit, 2 exponent bits, 1 mantissa bit), before
@@ -61,12 +62,14 @@ def linspace_float32(start: float, stop: float, num: int, fused: bool = True) ->
 
 
 def normal_float_offset(bits: int) -> float:
-    """The quantile offset δ for k-bit NormalFloat (section 3).
+    """The quantile offset δ for k-bit NormalFloat (bitsandbytes; not in the paper).
 
     N(0,1) has infinite quantiles at 0 and 1, so the outermost levels are taken at δ and 1 - δ: the average of
     the centres of the outermost bins of a 2^k - 1 and a 2^k grid, ½(1 - 1/(2(2^k - 1)) + 1 - 1/(2·2^k)).
-    For k = 4 this is 0.9677083, the constant bitsandbytes uses; the formula for other k is this project's
-    extension (neither the paper nor bitsandbytes defines NF-k for k ≠ 4).
+    For k = 4 this returns bitsandbytes' literal 0.9677083, the formula's 0.96770833… truncated to 7 decimals:
+    the two differ by one float32 ulp, and that ulp changes 12 of the 16 NF4 values, so only the literal gives
+    bitsandbytes' table. The paper states no δ (section 3 gives eq. 4 and the two-range construction only). The
+    formula for other k is this project's extension (neither the paper nor bitsandbytes defines NF-k for k ≠ 4).
     """
     if bits == 4:
         return NF4_OFFSET
@@ -78,8 +81,9 @@ def normal_float_codebook(bits: int = 4) -> np.ndarray:
     """k-bit NormalFloat (NFk) codebook, k = 2..8, ascending float32 values in [-1, 1] (section 3).
 
     The paper's eq. 4, q_i = ½ (Q_X(i / (2^k + 1)) + Q_X((i + 1) / (2^k + 1))), is the symmetric estimate, which
-    has no exact zero. What the paper then describes, and bitsandbytes' table holds, is computed here instead:
-    one quantile of N(0, 1) per level, no averaging, at evenly spaced probabilities from δ down to ½ —
+    has no exact zero. Computed here instead is what bitsandbytes' table (= the paper's Appendix E values) holds,
+    which the paper's two-range prose is consistent with but does not spell out: one quantile of N(0, 1) per
+    level, no averaging, at evenly spaced probabilities from δ down to ½ —
     2^(k-1) positive levels and 2^(k-1) - 1 negative ones (the paper's 2^(k-1) + 1 and 2^(k-1) quantiles, each
     ending in Q_X(½) = 0), plus one exact 0 so that zero padding and zero weights quantize without error; then
     divided by the largest value so the codebook spans [-1, 1]. For k = 4 these are bitsandbytes' NF4 values bit
@@ -111,7 +115,7 @@ def codebook(name: str) -> np.ndarray:
 
     ``"nf4"`` (ascending, so nibble order is value order), ``"fp4"`` (bitsandbytes' E2M1 layout: the nibble is
     sign · exponent · mantissa, so value order differs from nibble order), ``"int4"`` (symmetric integers / 7),
-    ``"fp4_e3m0"`` (FP4 with 3 exponent bits and no mantissa: ±{0, 0.0625 .. 1} powers of two, for Table 2).
+    ``"fp4_e3m0"`` (FP4 with 3 exponent bits and no mantissa: ±{0, 2⁻⁶, …, 2⁰}, for Table 2).
     """
     if name == "nf4":
         return normal_float_codebook(4)

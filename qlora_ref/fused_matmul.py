@@ -11,8 +11,9 @@ The fused kernels never hold more than one tile of W: they dequantize ``tile`` r
 columns (backward) into a small buffer, multiply that tile with NumPy's BLAS, and move on. The forward tiles the
 output rows and the backward the input columns, so every output element gets its whole reduction from one BLAS
 call and nothing is accumulated across tiles. Peak memory falls from ``4 · out · in`` bytes to ``4 · tile · in``
-(forward) and ``4 · out · tile`` (backward) — on a GPU the same idea is bitsandbytes' fused 4-bit kernels, which
-dequantize into registers.
+(forward) and ``4 · out · tile`` (backward). On a GPU, bitsandbytes' training path does not do this: it dequantizes
+the whole weight into a temporary buffer (only its batch-1 inference kernel works in registers); ``qlora_gpu``'s
+``kernel="triton"`` is the fused analogue (docs/lora_backprop.md).
 
 What "the same" means. The tile holds exactly the values ``dequantized_weight`` holds (``code[nibble] ·
 absmax[block]`` in float32, rounded once to bfloat16 by ``dtypes.bf16_bits``: bit for bit). The product is a

@@ -1,12 +1,22 @@
 r"""The QLoRA linear layer (paper, section 2 eq. 3 and section 3 eq. 5-6; Algorithm 1 of the seed walk-through).
 
+Symbols. The paper writes Y = XW; PEFT stores every matrix transposed, and this module uses PEFT's names and shapes:
+
+    paper         seed Alg. 1    here (PEFT)
+    W  (h × o)    W (h × o)      ``weight``ᵀ   (``weight`` is out × in)
+    L1 (h × r)    A (h × r)      ``lora_A``ᵀ   (``lora_A`` is r × in)
+    L2 (r × o)    B (r × o)      ``lora_B``ᵀ   (``lora_B`` is out × r)
+    s             α / r          ``scaling``
+
+Below, W, A and B are ``weight``, ``lora_A`` and ``lora_B`` in these PEFT shapes.
+
 A frozen base weight stored in 4 bits, dequantized on the fly, plus a trainable low-rank update::
 
     y = x · dequant(W)ᵀ + b + s · (dropout(x) · Aᵀ) · Bᵀ          s = alpha / r   (alpha / √r with rsLoRA)
 
 This is eq. 3, Y = XW + s X L1 L2, with the 4-bit weight of eq. 5-6 (which write X L1 L2, s absorbed into the adapters),
-in PEFT's names and shapes: the paper's W (in × out) is ``weight``ᵀ, L1 = ``lora_A``ᵀ (in × r), L2 = ``lora_B``ᵀ (r ×
-out); s = alpha / r is LoRA's (Hu et al. 2021) and PEFT's convention; the dropout and the bias are PEFT's additions.
+in PEFT's names and shapes (the table above); s = alpha / r is LoRA's (Hu et al. 2021) and PEFT's convention; the
+dropout and the bias are PEFT's additions.
 ``A`` is Kaiming-uniform and ``B`` zero at the start, so the layer begins as exactly the frozen one. Only ``A`` and
 ``B`` are trained; the 4-bit weight and the bias never receive a gradient. Yet backpropagation still needs the weight:
 the gradient with respect to the layer's input flows through it, so the backward pass dequantizes ``W`` a second time.
@@ -131,8 +141,9 @@ def check_dropout_mask(mask_shape, x_shape, active: bool) -> None:
 
 
 def lora_scaling(alpha: float, r: int | None, use_rslora: bool = False) -> float:
-    """s = alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajdzievski 2023; PEFT's ``use_rslora``); 0 for
-    no adapter (``r`` None or 0). The one definition: ``QLoRALinear.scaling`` and ``LoraConfig.scaling`` use it."""
+    """Eq. 3's s: alpha / r (LoRA), or alpha / √r (rank-stabilised LoRA, Kalajdzievski 2023; PEFT's ``use_rslora``);
+    0 for no adapter (``r`` None or 0). The one definition: ``QLoRALinear.scaling`` and ``LoraConfig.scaling`` use
+    it."""
     if not r:
         return 0.0
     return alpha / math.sqrt(r) if use_rslora else alpha / r
@@ -168,7 +179,8 @@ def dropout_scale(p: float) -> np.float32:
 
 
 class QLoRALinear:
-    """Frozen (4-bit or float32) weight + trainable LoRA adapter, with a hand-written backward pass.
+    """Frozen (4-bit or float32) weight + trainable LoRA adapter, with a hand-written backward pass (paper, section 3
+    eq. 5-6, with eq. 3's s).
 
     Build it with ``from_weight`` (quantizes a float weight) or ``from_quantized`` (a stored ``Quantized4bit``).
     ``lora_A``/``lora_B`` are plain float32 arrays, assignable and updatable in place; ``parameters()`` returns
@@ -319,7 +331,8 @@ class QLoRALinear:
 
     # ---------------------------------------------------------------- the frozen weight
     def dequantized_weight(self) -> np.ndarray:
-        """W as the layer computes with it: dequantized and rounded to the compute dtype, float32 (out, in)."""
+        """W as the layer computes with it (eq. 6's doubleDequant): dequantized and rounded to the compute dtype,
+        float32 (out, in)."""
         if self._weight_c is not None:
             return self._weight_c
         return fused_matmul.dequantized_weight(self.weight, self.compute_dtype)
@@ -342,7 +355,8 @@ class QLoRALinear:
 
     # ---------------------------------------------------------------- forward / backward
     def forward(self, x, dropout_mask=None) -> np.ndarray:
-        """y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ for x of shape (..., in); returns float32 (..., out).
+        """y = x Wᵀ + b + s · dropout(x) Aᵀ Bᵀ for x of shape (..., in) (eq. 5; s from eq. 3); returns float32
+        (..., out).
 
         ``dropout_mask``: an explicit boolean keep-mask of x's shape (True keeps), used instead of the layer's
         generator — so that two implementations can be run with the same mask. Only while dropout is active.
@@ -358,7 +372,11 @@ class QLoRALinear:
     __call__ = forward
 
     def backward(self, grad_y) -> np.ndarray:
-        """Given ∂L/∂y (shape of the last output), accumulate ∂L/∂A and ∂L/∂B into ``grads`` and return ∂L/∂x."""
+        """Given ∂L/∂y (shape of the last output), accumulate ∂L/∂A and ∂L/∂B into ``grads`` and return ∂L/∂x.
+
+        Paper section 3, the paragraph after eq. 6: only the adapters' ∂E/∂Lᵢ is computed, never ∂E/∂W, but the
+        input gradient still goes through the dequantized W. The derivation is in docs/lora_backprop.md.
+        """
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (or the cache was cleared)")
         shape = self._cache["shape"]
@@ -472,7 +490,8 @@ class QLoRALinear:
 
     # ---------------------------------------------------------------- merging
     def merge(self) -> np.ndarray:
-        """The adapter folded into the weight: dequant(W) + s · B A, float32 (out, in).
+        """The adapter folded into the weight: dequant(W) + s · B A, float32 (out, in) (eq. 3's W + s L1 L2 in PEFT's
+        shapes; LoRA, Hu et al. 2021, section 4.1).
 
         A float32 (or bfloat16) merged weight reproduces the adapted layer; quantizing it again does not: see
         ``merged_layer(requantize=True)`` and docs/lora_backprop.md for how much is lost.

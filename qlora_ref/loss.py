@@ -103,6 +103,9 @@ def causal_lm_loss(
 ) -> tuple[float, LossContext]:
     """Mean next-token cross entropy over counted targets; returns ``(loss, ctx)`` for :func:`causal_lm_loss_backward`.
 
+    Counted targets are the responses: the paper finetunes "only on the response" (section 5.1; ablations in
+    Appendix B), and the data pipeline labels every other token ``-100``.
+
     ``logits`` is ``[B, T, V]`` (float32, or bfloat16/float16: computed in float32), ``labels`` ``[B, T]`` int
     with ``-100`` where no loss is taken. ``num_items_in_batch``: divide the summed loss by this instead of the
     number of counted targets (transformers' gradient-accumulation convention).

@@ -1,9 +1,9 @@
 """How much GPU memory fine-tuning needs: full 16-bit fine-tuning, 16-bit LoRA and QLoRA.
 
 The paper's headline (QLoRA, section 1): fine-tuning LLaMA-65B in 16 bits needs more than 780 GB of GPU memory;
-16-bit LoRA still needs the 130 GB of frozen 16-bit weights; QLoRA fits in less than 48 GB. This module counts,
-tensor by tensor, what a training step keeps in memory, so those figures can be reproduced and any other
-configuration estimated:
+QLoRA fits in less than 48 GB. In between, 16-bit LoRA still needs the > 130 GB of frozen 16-bit weights (derived
+here, 65.3e9 parameters × 2 bytes, not a paper figure). This module counts, tensor by tensor, what a training step
+keeps in memory, so those figures can be reproduced and any other configuration estimated:
 
 - ``weights``           the base model: 16-bit for full fine-tuning and LoRA, 4-bit codes for QLoRA (the
                         embeddings, LM head and norms are never quantized)
@@ -649,7 +649,7 @@ def estimate_memory(
         weights = codes + n_unquantized * DTYPE_BYTES[unquantized_dtype]
     else:
         # Full fine-tuning and 16-bit LoRA keep every weight in 16 bits (2 bytes): 65.3e9 x 2 = 131 GB at 65B,
-        # the "> 130 GB" floor of 16-bit LoRA.
+        # the > 130 GB floor of 16-bit LoRA (derived, not a paper figure).
         consts = 0
         weights = shape.n_params * c
 

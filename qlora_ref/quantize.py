@@ -77,7 +77,9 @@ def double_quantize(absmax: np.ndarray) -> tuple[np.ndarray, float, Quantized8bi
     """Quantize the first-level constants c2^FP32 (section 3, "Double Quantization").
 
     The absmax values are all positive, so they are centred by their mean before the signed 8-bit map is applied.
-    The mean is the exact mean rounded once to float32 (bitsandbytes uses torch's float32 summation order).
+    The offset is their mean summed and divided in float64, then rounded to float32: the correctly rounded mean
+    except where float64's own rounding decides a float32 tie (possible only when the scales span more than about
+    29 binary orders of magnitude, which real weights do not). bitsandbytes sums in float32, in torch's order.
     Returns (the uint8 codes c2^FP8 (the paper's name; bitsandbytes uses the dynamic map, not an FP8 format),
     the offset, the 8-bit state holding those codes and the second-level float32 constants c1).
     """

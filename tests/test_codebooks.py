@@ -50,7 +50,7 @@ def test_nf4_levels_are_normal_quantiles():
 def test_equal_mass_codes_are_an_idealisation_that_blockwise_absmax_departs_from():
     """docs/quantization.md: on N(0, 1) scaled so that Φ⁻¹(δ) lands on 1 and rounded to the nearest code, each NF4
     code gets 0.89-1.14 of an even share; after absmax scaling in blocks of 64 the outer codes are reached far
-    less (the absmax of 64 normal values is about 2.4σ, not 1.85σ): 0.28-1.48.
+    less (the absmax of 64 normal values is about 2.6σ, not 1.85σ): 0.28-1.48.
 
     The blockwise shares are checked against their expectation derived here, independently of the quantizer: in a
     block of n = 64 normal values with absmax M (density n·2φ(m)·(2Φ(m) - 1)^(n-1)), the largest value lands on
@@ -86,10 +86,19 @@ def test_equal_mass_codes_are_an_idealisation_that_blockwise_absmax_departs_from
     assert share.argmin() in (0, 15) and share.argmax() in range(5, 9)  # fewest at the ends, most near zero
 
 
-def test_offset_formula_gives_the_paper_constant():
+def test_nf4_offset_is_the_bitsandbytes_literal_not_the_formula(monkeypatch):
+    """docs/quantization.md: δ₄ = 0.9677083 is the formula's 0.96770833… truncated to 7 decimals; the two are one
+    float32 ulp apart, and built from the formula 12 of the 16 NF4 values would differ from bitsandbytes' table."""
+    from qlora_ref import codebooks
+
     n = 16
-    assert abs(0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n))) - 0.9677083) < 1e-7
+    formula = 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
+    assert abs(formula - 0.9677083) < 1e-7 and np.float32(formula) == np.nextafter(np.float32(0.9677083), 1)
     assert normal_float_offset(4) == 0.9677083
+    table = np.sort(bnbf.get_4bit_type("nf4", device="cpu").numpy())
+    assert np.array_equal(bits(codebooks._normal_float_codebook.__wrapped__(4)), bits(table))
+    monkeypatch.setattr(codebooks, "NF4_OFFSET", formula)
+    assert (bits(codebooks._normal_float_codebook.__wrapped__(4)) != bits(table)).sum() == 12
 
 
 @pytest.mark.parametrize("k", range(2, 9))

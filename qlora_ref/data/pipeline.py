@@ -173,9 +173,6 @@ class TokenizedDataset:
     def lengths(self) -> np.ndarray:
         return np.array([len(x) for x in self.input_ids], dtype=np.int64)
 
-    def n_response_tokens(self) -> int:
-        return int(sum((lab != IGNORE_INDEX).sum() for lab in self.labels))
-
 
 def pad_token_id_of(tokenizer) -> int:
     """The tokenizer's pad id, else its EOS id (as the paper's scripts do for LLaMA), else 0. Padding is masked

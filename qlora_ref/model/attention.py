@@ -128,7 +128,8 @@ def attend_backward(d_out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarr
 
 
 class Attention:
-    """Multi-head causal attention; q/k/v/o are linear layers with ``forward``/``backward`` (``QLoRALinear``)."""
+    """Multi-head causal attention; q/k/v/o are linear layers with ``forward``/``backward`` (``QLoRALinear``).
+    Derivation of the backward: docs/transformer.md#causal-grouped-query-attention."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int,
                  rope: RotaryEmbedding, layer_idx: int = 0, sliding_window: int | None = None):

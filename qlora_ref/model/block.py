@@ -43,6 +43,8 @@ def _clear_cache(layer) -> None:
 
 
 class DecoderBlock:
+    """A pre-norm decoder block: attention and SwiGLU on residual branches (docs/transformer.md#decoder-block)."""
+
     def __init__(self, input_layernorm: RMSNorm, self_attn: Attention, post_attention_layernorm: RMSNorm,
                  mlp: SwiGLU, gradient_checkpointing: bool = False):
         self.input_layernorm = input_layernorm

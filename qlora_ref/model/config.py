@@ -73,11 +73,6 @@ class ModelConfig:
                 raise ConfigError(f"rope_scaling type must be one of {ROPE_TYPES}, got {rope_type!r}")
 
     @property
-    def num_key_value_groups(self) -> int:
-        """How many query heads share one key/value head (grouped-query attention)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
-    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []

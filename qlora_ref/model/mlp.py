@@ -36,6 +36,8 @@ def swiglu_grads(dh: np.ndarray, g: np.ndarray, u: np.ndarray, s: np.ndarray, a:
 
 
 class SwiGLU:
+    """The SwiGLU feed-forward with a hand-written backward (docs/transformer.md#swiglu)."""
+
     def __init__(self, gate_proj, up_proj, down_proj):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self._cache = None

@@ -16,6 +16,8 @@ import numpy as np
 
 
 class RMSNorm:
+    """RMSNorm with a hand-written backward (docs/transformer.md#rmsnorm)."""
+
     def __init__(self, weight: np.ndarray, eps: float = 1e-6, weight_grad: bool = False):
         self.weight = np.ascontiguousarray(weight)
         self.eps = float(eps)

@@ -46,6 +46,7 @@ def clip_grad_norm(
     grads: MutableMapping[str, np.ndarray], max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
 ) -> float:
     """Scale ``grads`` in place so that their global norm is at most ``max_norm``; returns the norm before clipping.
+    The QLoRA recipe clips at 0.3 (paper, Appendix B, and its ``qlora.py`` scripts; ``TrainConfig.max_grad_norm``).
 
     Like torch, a non-finite norm is returned (and multiplies the gradients into NaN) unless
     ``error_if_nonfinite`` is set, in which case a ``RuntimeError`` is raised and nothing is changed.

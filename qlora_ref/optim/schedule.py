@@ -34,7 +34,8 @@ def _warmup_factor(step: int, n_warmup: int) -> float | None:
 
 def constant_with_warmup(step: int, base_lr: float, total_steps: int, warmup_ratio: float = 0.03,
                          n_warmup: int | None = None) -> float:
-    """The learning rate for optimizer step ``step`` (0-based) of transformers' "constant_with_warmup"."""
+    """The learning rate for optimizer step ``step`` (0-based) of transformers' "constant_with_warmup": the paper's
+    constant schedule (Appendix B) with the scripts' 0.03 warmup applied, which "constant" ignores."""
     n_warmup = warmup_steps(total_steps, warmup_ratio) if n_warmup is None else n_warmup
     f = _warmup_factor(step, n_warmup)
     return base_lr * (1.0 if f is None else f)

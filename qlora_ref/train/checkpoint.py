@@ -1,5 +1,5 @@
-"""Training checkpoints with exact resume, written atomically (paper section 5: long runs are interrupted; a
-resumed run must be the same run).
+"""Training checkpoints with exact resume, written atomically (this project's requirement, not the paper's: long
+runs are interrupted, and a resumed run must be the same run).
 
 A checkpoint is a folder ``<output_dir>/checkpoint-<step>/``:
 

@@ -3,7 +3,8 @@
 The defaults are the paper's recipe (Dettmers et al. 2023, section 5 and appendix B; the authors' ``qlora.py``
 scripts) for models up to 13B parameters:
 
-- LoRA on all linear layers of the blocks (section 4, "LoRA on all layers is critical"), r = 64, alpha = 16,
+- LoRA on all linear layers of the blocks (Figure 2: "Using LoRA on all transformer layers is critical to match
+  16-bit performance."), r = 64, alpha = 16,
   dropout 0.1 (0.05 above 13B);
 - NF4 storage with double quantization, bfloat16 compute (section 3);
 - paged AdamW with 32-bit states (section 3, "Paged Optimizers"), lr 2e-4 (1e-4 above 13B), betas (0.9, 0.999),
