@@ -16,7 +16,7 @@ buffers hold (the other ranks' shards never arrive: the losses mean nothing, the
 runs in a process of its own. Per run: the build's peak; the steps' peak (``max_memory_allocated``, reset after
 the build); the paged optimizer states, which bitsandbytes allocates in CUDA managed memory outside torch's
 allocator (so "peak + paged" is what the GPU holds when no page is evicted); and ``qlora memory --gpus N``'s
-figures for the same settings (``qlora_ref.memory.estimate_sharded_memory``).
+figures for the same settings (``qlora_ref.memory_sharded.estimate_sharded_memory``).
 
 **Engine cost.** LLaMA-7B (``--throughput-model``) at the same sequence in one process: the unsharded trainer
 (``GpuTrainer``) and world size 1 under FSDP2 (a real process group of one: the all-gathers are copies), their
@@ -168,7 +168,7 @@ def prediction_shape(name: str):
 
 def prediction(name: str, world_size: int, seq: int, cpu_offload: bool, tiny: bool) -> dict:
     """``qlora memory --gpus N`` for the run's settings."""
-    from qlora_ref.memory import estimate_sharded_memory
+    from qlora_ref.memory_sharded import estimate_sharded_memory
 
     r = train_config(tiny)
     m = estimate_sharded_memory(prediction_shape(name), world_size, cpu_offload=cpu_offload, seq=seq, r=r.lora_r,

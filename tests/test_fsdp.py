@@ -448,7 +448,7 @@ def test_bench_plan_and_its_memory_run_on_the_cpu():
         sys.path.insert(0, bench)
     import fsdp_memory
 
-    from qlora_ref.memory import estimate_sharded_memory
+    from qlora_ref.memory_sharded import estimate_sharded_memory
 
     args = fsdp_memory.parse_args(["--world-sizes", "1,2,4", "--offload", "2,4"])
     if not torch.cuda.is_available():

@@ -456,7 +456,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch)
 
 def test_importing_the_calculator_loads_neither_torch_nor_matplotlib():
     code = (
-        "import sys, qlora_ref.memory, qlora_ref.cli.memory, qlora_ref.cli; "
+        "import sys, qlora_ref.memory, qlora_ref.memory_sharded, qlora_ref.cli.memory, qlora_ref.cli; "
         "bad = [m for m in ('torch', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -483,7 +483,7 @@ def test_llama2_70b_shape_has_the_released_parameter_count():
 
 def test_sharded_70b_on_two_gpus_matches_the_hand_count():
     """Every tensor's first dimension divides by 2 here, so each GPU holds exactly half of each persistent part."""
-    from qlora_ref.memory import estimate_sharded_memory
+    from qlora_ref.memory_sharded import estimate_sharded_memory
 
     m = estimate_sharded_memory("llama-2-70b", 2, seq=2048, adapter_dtype="float32", attention="flash")
     codes = L70 * N_BLOCK_70B // 2  # two 4-bit codes per byte
@@ -516,7 +516,7 @@ def test_sharded_70b_on_two_gpus_matches_the_hand_count():
 
 def test_sharding_pads_each_tensor_to_the_largest_chunk():
     """FSDP2 cuts the first dimension as torch.chunk does and pads every rank to the largest chunk."""
-    from qlora_ref.memory import estimate_sharded_memory, shard_bytes
+    from qlora_ref.memory_sharded import estimate_sharded_memory, shard_bytes
 
     assert shard_bytes(10, 7, 3) == 4 * 7 and shard_bytes(9, 7, 3) == 3 * 7 and shard_bytes(2, 5, 8) == 5
     shape = ModelShape("odd", hidden_size=64, intermediate_size=192, num_layers=1, num_heads=2, vocab_size=101,
@@ -535,7 +535,7 @@ def test_sharding_pads_each_tensor_to_the_largest_chunk():
 
 @given(shape=st.sampled_from(["llama-7b", "llama-2-70b"]), gpus=st.integers(1, 16))
 def test_one_gpu_is_the_unsharded_count_and_more_gpus_never_hold_more(shape, gpus):
-    from qlora_ref.memory import estimate_sharded_memory
+    from qlora_ref.memory_sharded import estimate_sharded_memory
 
     kw = dict(seq=256, adapter_dtype="float32")
     one, many, more = (estimate_sharded_memory(shape, n, **kw) for n in (1, gpus, gpus + 1))
@@ -548,7 +548,7 @@ def test_one_gpu_is_the_unsharded_count_and_more_gpus_never_hold_more(shape, gpu
 
 
 def test_cli_gpus_prints_both_offload_settings(capsys):
-    from qlora_ref.memory import estimate_sharded_memory
+    from qlora_ref.memory_sharded import estimate_sharded_memory
 
     assert main(["memory", "--model", "llama-2-70b", "--seq", "2048", "--gpus", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

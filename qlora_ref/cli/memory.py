@@ -17,7 +17,6 @@ import json
 from qlora_ref.memory import (
     ATTENTION_IMPLS,
     DTYPE_BYTES,
-    FSDP_GATHERED_BLOCKS,
     GB,
     LLAMA3_CONFIGS,
     LLAMA_SHAPES,
@@ -28,12 +27,11 @@ from qlora_ref.memory import (
     QUANT_TYPES_4BIT,
     TARGET_PRESETS,
     MemoryBreakdown,
-    ShardedMemory,
     estimate_memory,
-    estimate_sharded_memory,
     format_bytes,
     load_model_shape,
 )
+from qlora_ref.memory_sharded import FSDP_GATHERED_BLOCKS, ShardedMemory, estimate_sharded_memory
 from qlora_ref.paths import check_figure_file
 
 #: how each part is called in the table and the plot's legend
