@@ -28,6 +28,7 @@ from qlora_ref.checks import (
     check_bool,
     check_float_input,
     check_quant_type,
+    double_quant_overflow_error,
 )
 from qlora_ref.codebooks import codebook
 from qlora_ref.dtypes import dtype_name
@@ -143,6 +144,8 @@ def quantize_4bit(
                          "block scales in float32, and their sum exceeds the float32 maximum (3.4e38; the largest "
                          f"|x| is {float(torch.abs(x).max()):.3g}); qlora_ref, which averages in float64, does not. "
                          "Quantize with double_quant=False, or scale x down")
+    if double_quant and not torch.isfinite(decode_absmax(state)).all():  # a finite mean, a scale rebuilt past the max
+        raise double_quant_overflow_error(float(torch.abs(x).max()))
     return Quantized4bit.from_bnb(packed, state)
 
 

@@ -50,3 +50,12 @@ def check_float_input(name: str, dtype_name: str, size: int, all_finite: bool) -
             f"{name} contains NaN or Inf: absmax scaling would turn its whole block into NaN "
             "(bitsandbytes does so silently); clean the weights first"
         )
+
+
+def double_quant_overflow_error(largest: float) -> ValueError:
+    """Double quantization rebuilds each block's scale in float32 as dyn8[code] · c1 + mean (eq. 6 with the mean);
+    for weights within a few ulps of the float32 maximum that sum can round to inf, and the block would dequantize
+    to inf and NaN. Both backends refuse with this error (``largest``: the largest |x|)."""
+    return ValueError(f"x: double quantization overflows: a block scale rebuilt in float32 (8-bit code x second-level "
+                      f"scale + mean) exceeds the float32 maximum 3.4e38 (the largest |x| is {largest:.3g}), so the "
+                      "block would dequantize to inf and NaN. Quantize with double_quant=False, or scale x down")

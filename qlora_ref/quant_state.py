@@ -14,6 +14,7 @@ so checkpoints move between the two backends and the Hugging Face ecosystem. ``q
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -185,6 +186,15 @@ def _check_scales(key: str, a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _finite_float32(value: int | float) -> bool:
+    """Whether a JSON number is finite in float32 (an integer beyond float64's range is not: no OverflowError)."""
+    try:
+        with np.errstate(over="ignore"):
+            return bool(np.isfinite(np.float32(float(value))))
+    except OverflowError:
+        return False
+
+
 def _require(d: dict, key: str, dtype, size: int | None = None) -> np.ndarray:
     if key not in d:
         raise ValueError(f"state dict has no {key!r} (keys present: {sorted(d)})")
@@ -220,7 +230,7 @@ def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
         raise ValueError(f"{meta_key!r}: shape must be a list of non-negative integers, got {shape!r}")
     shape = tuple(shape)
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # Python ints: a damaged shape beyond int64 is a size mismatch below, not an OverflowError
     nblocks = -(-n // blocksize)
     packed = _require(d, w, np.uint8, (n + 1) // 2).reshape(-1, 1)
     code = _require(d, w + ".quant_map", np.float32, 16)
@@ -244,8 +254,8 @@ def from_state_dict(d: dict[str, np.ndarray], prefix: str) -> dict:
     nested_code = _require(d, w + ".nested_quant_map", np.float32, 256)
     fields["absmax"] = codes
     offset = meta["nested_offset"]
-    if isinstance(offset, bool) or not isinstance(offset, int | float) or not np.isfinite(np.float32(offset)):
-        raise ValueError(f"{meta_key!r}: nested_offset must be a finite number, got {offset!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int | float) or not _finite_float32(offset):
+        raise ValueError(f"{meta_key!r}: nested_offset must be a finite number, got {repr(offset)[:40]}")
     fields["offset"] = float(np.float32(offset))
     fields["state2"] = Quantized8bit(codes, nested_absmax, nested_code, nested_blocksize, (nblocks,),
                                      dtype_name(meta.get("nested_dtype", "float32")))

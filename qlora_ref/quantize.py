@@ -19,6 +19,7 @@ from .checks import (
     check_bool,
     check_float_input,
     check_quant_type,
+    double_quant_overflow_error,
 )
 from .codebooks import codebook, dynamic_map
 from .dtypes import bfloat16, dtype_name, host_array, to_numpy_dtype
@@ -114,6 +115,8 @@ def quantize_4bit(
     q = Quantized4bit(packed, absmax, tuple(x.shape), name, blocksize, quant_type, np.array(code))
     if double_quant:
         q.absmax, q.offset, q.state2 = double_quantize(absmax)
+        if not np.isfinite(q.absmax_float32()).all():
+            raise double_quant_overflow_error(float(absmax.max()))
     return q
 
 

@@ -47,7 +47,7 @@ def test_8bit_codes_are_exactly_nearest_and_close_to_bitsandbytes(seed, n, block
     np.concatenate([np.linspace(-1, 1, 256), np.zeros(100)]),  # an all-zero short final block
 ], ids=["subnormal-block", "subnormal-tail", "zero-tail"])
 def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
-    """The 8-bit kernel stores and uses each block's own absmax, as bitsandbytes' CPU quantize_blockwise does: no
+    """The 8-bit kernel stores and uses each block's own absmax, the absmax bitsandbytes stores: no
     1e-38 floor, which is the 4-bit kernel's (a block below it, whose float32 reciprocal would overflow, is divided
     by its absmax). With the floor, a block of 1e-39 came back 10 times too small and a short final block stored
     1e-38 for 1e-39 or 0. The values +absmax and 0 have exact codes (the signed map ends at +1 but at -0.993), so
@@ -61,6 +61,25 @@ def test_8bit_blocks_are_scaled_by_their_own_absmax_as_bitsandbytes_does(x):
     assert np.array_equal(q.absmax, state.absmax.numpy())
     ours, theirs = qlora_ref.dequantize_blockwise_8bit(q), bnbf.dequantize_blockwise(codes, state).numpy()
     assert np.array_equal(ours[last], x[last]) and np.array_equal(ours[last], theirs[last])
+
+
+def test_bitsandbytes_cpu_saturates_an_8bit_block_below_1_over_the_float32_maximum():
+    """docs/quantization.md: bitsandbytes' CPU quantize_blockwise multiplies by the float32 reciprocal of the absmax,
+    inf below 1/3.4e38 ≈ 2.9e-39, so every value of such a block saturates to an end of the map (codes 0 and 255).
+    The reference divides and keeps the precision it has for a block of absmax 1 (a constant block, where
+    saturating is right by chance, cannot show this: the block here is a linspace)."""
+    unit = np.linspace(-1, 1, 256).astype(np.float32)
+    x = (unit * np.float32(1e-39)).astype(np.float32)
+    m = float(np.abs(x).max())
+    ours = qlora_ref.dequantize_blockwise_8bit(qlora_ref.quantize_blockwise_8bit(x))
+    roundtrip = qlora_ref.dequantize_blockwise_8bit(qlora_ref.quantize_blockwise_8bit(unit))
+    unit_error = float(np.abs(roundtrip - unit).max())
+    subnormal_ulp = float(np.finfo(np.float32).smallest_subnormal)
+    assert float(np.abs(ours - x).max()) <= unit_error * m + 2 * subnormal_ulp
+    codes, state = bnbf.quantize_blockwise(torch.from_numpy(x), blocksize=256)
+    assert set(np.unique(codes.numpy())) <= {0, 255} and np.array_equal(state.absmax.numpy(), [np.float32(m)])
+    theirs = bnbf.dequantize_blockwise(codes, state).numpy()
+    assert float(np.abs(theirs - x).max()) > 0.9 * m  # ~100 % error where ours is 0.7 %
 
 
 def test_the_8bit_scaling_is_the_4bit_one_wherever_an_absmax_reaches_1e_38():

@@ -235,6 +235,24 @@ def test_double_quantization_of_huge_finite_weights_overflows_in_bitsandbytes_on
     assert torch.equal(qlora_gpu.dequantize_4bit(g), torch.from_numpy(x))
 
 
+def test_double_quantization_that_rebuilds_a_scale_past_the_float32_maximum_is_refused_by_both_backends():
+    """One block at the float32 maximum among ten: the mean (max/10) is finite, in bitsandbytes too, but the scale
+    rebuilt in float32, fl(dyn8[code]·c1) + mean, rounds past the maximum, and that block would dequantize to inf
+    and NaN. Both backends refuse it with the same message; without double quantization it is exact."""
+    x = np.zeros((10, 64), np.float32)
+    x[0, 0] = np.finfo(np.float32).max
+    _, state = bnbf.quantize_4bit(torch.from_numpy(x), blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert math.isfinite(float(state.offset))  # bitsandbytes' own mean does not overflow here
+    message = r"double quantization overflows: a block scale rebuilt in float32 .* Quantize with double_quant=False"
+    with pytest.raises(ValueError, match=message):
+        qlora_ref.quantize_4bit(x, "nf4", 64, True)
+    with pytest.raises(ValueError, match=message):
+        qlora_gpu.quantize_4bit(torch.from_numpy(x), "nf4", 64, True)
+    assert np.array_equal(qlora_ref.dequantize_4bit(qlora_ref.quantize_4bit(x, "nf4", 64, False)), x)
+    assert torch.equal(qlora_gpu.dequantize_4bit(qlora_gpu.quantize_4bit(torch.from_numpy(x), "nf4", 64, False)),
+                       torch.from_numpy(x))
+
+
 def test_other_quant_types_roundtrip_in_the_reference():
     x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
     # the largest gap between neighbouring codes of [-1, 1], from the formats' definitions: Int4 is k/7, E3M0 is
@@ -349,7 +367,10 @@ def _edited(sd: dict, prefix: str = "", **meta_changes) -> dict:
 EDITS = {  # (double quantization, edit of the state dict, the error)
     "quant-map": (False, lambda d: {**d, "weight.quant_map": d["weight.quant_map"] * 2}, "is not the nf4 table"),
     "nan-offset": (True, lambda d: _edited(d, nested_offset=float("nan")), "nested_offset must be a finite number"),
+    "huge-offset": (True, lambda d: _edited(d, nested_offset=10**400), "nested_offset must be a finite number"),
     "negative-shape": (False, lambda d: _edited(d, shape=[-8, -200]), "shape must be a list of non-negative"),
+    "huge-shape": (False, lambda d: _edited(d, shape=[2**64]),  # (2**64 + 1) // 2 packed bytes
+                   "'weight' must have 9223372036854775808 elements"),
     "fractional-shape": (False, lambda d: _edited(d, shape=[8, 200.7]), "shape must be a list of non-negative"),
     "string-shape": (False, lambda d: _edited(d, shape="8"), "shape must be a list of non-negative"),
     "nan-absmax": (False, lambda d: {**d, "weight.absmax": np.where(np.arange(25) == 3, np.nan, d["weight.absmax"])
