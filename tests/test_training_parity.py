@@ -28,7 +28,6 @@ transformers trains without warmup) each leave ours lagging the baseline by more
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import parity_helpers as H
@@ -53,7 +52,6 @@ def runs():
     try:
         H.gpu_scale.cpu_setup()
         config, data = H.recipe_config(), H.dataset()
-        t0 = time.perf_counter()
         ours = H.train_ours(config, data)
         masks = H.first_calls(ours["masks"], per_micro=2)
         base = H.train_baseline(config, data, ours["init"], masks)
@@ -62,7 +60,7 @@ def runs():
         warm = H.train_ours(config.replace(lr_scheduler="constant_with_warmup"), data, record_masks=False,
                             stop_after=SHORT)
         return dict(config=config, ours=ours, base=base, base_rounded=base_rounded, old=old["losses"],
-                    warm=warm["losses"], seconds=time.perf_counter() - t0)
+                    warm=warm["losses"])
     finally:
         torch.set_num_threads(threads)
 
@@ -82,7 +80,6 @@ def test_loss_curves_agree_over_50_steps_with_accumulation(runs):
     diff = np.abs(ours - base)
     assert diff.max() <= tol, f"step {int(diff.argmax()) + 1}: |ours - baseline| {diff.max():.4f} > {tol:.4f}"
     assert abs(float((ours - base).mean())) <= tol / math.sqrt(len(ours))  # and no drift either way
-    assert runs["seconds"] < 120  # CI: about 30 s on one core
 
 
 def test_the_reference_rounding_of_the_adapters_lags_beyond_the_tolerance(runs):
