@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig, QuantConfig
-from qlora_ref.model.llama import module_path
+from qlora_ref.model.llama import expected_tensors, module_path
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
 from .lora import QLoRALinear, draw_keep
@@ -510,7 +510,7 @@ class QLoRAModel(nn.Module):
         from qlora_ref.model.generate import check_generation
 
         input_ids = [int(t) for t in input_ids]
-        check_generation(len(input_ids), max_new_tokens, temperature, top_p, self.config.max_position_embeddings)
+        check_generation(len(input_ids), max_new_tokens, temperature, top_p, self.config.max_position_embeddings, seed)
         was_training = self.training
         self.eval()
         try:
@@ -598,7 +598,8 @@ class QLoRAModel(nn.Module):
 
         adapter = self.lora_state_numpy()
         scaling = self.lora.scaling if (self.lora is not None and adapter) else 0.0
-        merged = merge_weights(self.base_float_weights(), adapter, scaling, dtype, progress)
+        merged = merge_weights(self.base_float_weights(), adapter, scaling, dtype, progress,
+                               total=len(expected_tensors(self.config)))
         return export_hf_folder(folder, self.config, merged, dtype, tokenizer=self.tokenizer,
                                 tokenizer_source=tokenizer_source)
 

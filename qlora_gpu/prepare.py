@@ -23,7 +23,6 @@ What the model then is — the paper's training setup (section 4, Appendix B):
 
 from __future__ import annotations
 
-import json
 import zlib
 from pathlib import Path
 
@@ -75,7 +74,9 @@ def model_config(model) -> ModelConfig:
             if not (path / "config.json").exists():
                 raise ValueError(f"model: {path} has no config.json (a GGUF file goes through "
                                  "QLoRAModel.from_pretrained)")
-            return ModelConfig.from_hf_dict(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+            from qlora_ref.model.loading import read_folder_config
+
+            return read_folder_config(path)  # the reference's reader: its errors name the file
         if path.exists():
             raise ValueError(f"model: {path} is a file; expected a Hugging Face folder (a GGUF file goes through "
                              "QLoRAModel.from_pretrained)")
@@ -207,10 +208,13 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         hf.lm_head.weight = nn.Parameter(source.tensor("lm_head.weight", tdtype), requires_grad=False)
     compute = quant.compute_dtype if quant is not None else "float32"
 
-    from tqdm.auto import tqdm
+    from qlora_ref.train.progress import progress_iter  # a bar on a terminal, plain lines in a log
 
     adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device) if layer_hook is None else None
-    for i, layer in enumerate(tqdm(hf.model.layers, desc="quantizing layers", unit="layer", disable=not progress)):
+    layers = hf.model.layers
+    if progress:
+        layers = progress_iter(layers, len(layers), desc="quantizing layers", unit="layer")
+    for i, layer in enumerate(layers):
         p = f"model.layers.{i}."
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
         _set_norm(layer.post_attention_layernorm, source.tensor(p + "post_attention_layernorm.weight", torch.float32))

@@ -15,7 +15,7 @@ weight instead adds the quantization error ``W_16 - dequant(W_NF4)``, which the 
 
 from __future__ import annotations
 
-import json
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
@@ -25,8 +25,8 @@ from .dtypes import dtype_name, to_numpy_dtype
 from .files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
 from .model.config import ModelConfig, QuantConfig
 from .model.llama import expected_tensors, has_bias, linear_shapes
-from .model.loading import CheckpointError, check_tensor, folder_tensors
-from .paths import check_writable_dir
+from .model.loading import CheckpointError, check_tensor, folder_tensors, read_config_json
+from .paths import check_writable_dir, new_run_dir
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
 #: the tokenizer's files in a Hugging Face folder, copied along with the weights
@@ -34,9 +34,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "vocab.json", "merges.txt")
 
 
-def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None = None) -> Path:
-    """``out_dir`` as the folder a model is written to, checked before any work: new or empty (or ``overwrite``),
-    none of ``sources`` (option name -> path read from), and writable."""
+def _check_model_folder_target(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None) -> Path:
+    """``check_new_model_folder``'s checks, before the folder is created."""
     out_dir = Path(out_dir)
     for name, source in (sources or {}).items():
         if Path(source).exists() and out_dir.resolve() == Path(source).resolve():
@@ -44,23 +43,53 @@ def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir}: {what} exists and is not empty; choose a new folder or pass --overwrite "
                          "(which replaces its weights and removes every *.safetensors and index there)")
-    return check_writable_dir(out_dir, what)
+    return out_dir
+
+
+def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None = None) -> Path:
+    """``out_dir`` as the folder a model is written to, checked before any work: new or empty (or ``overwrite``),
+    none of ``sources`` (option name -> path read from), and writable (created if missing)."""
+    return check_writable_dir(_check_model_folder_target(out_dir, what, overwrite, sources), what)
+
+
+@contextlib.contextmanager
+def new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None = None):
+    """``check_new_model_folder`` for a command that then loads and writes a model (``qlora merge``, ``qlora
+    quantize``), undone if it fails before writing anything: the folders this call created are removed again
+    (``qlora_ref.paths.new_run_dir``, as ``qlora finetune`` does), so a refused model leaves no empty folder."""
+    with new_run_dir(_check_model_folder_target(out_dir, what, overwrite, sources), what) as folder:
+        yield folder
 
 
 # ---------------------------------------------------------------------------------------------- merging
+#: the 16- and 32-bit types a merged folder is written in (``merge_adapter``'s ``dtype``)
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def check_merge_dtype(dtype) -> str:
+    """``dtype`` one of ``MERGE_DTYPES``, checked before any work."""
+    if dtype not in MERGE_DTYPES:
+        raise ValueError(f"dtype must be {', '.join(map(repr, MERGE_DTYPES[:-1]))} or {MERGE_DTYPES[-1]!r}, "
+                         f"got {dtype!r}")
+    return dtype
+
+
 def merge_weights(base: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], adapter: Mapping[str, np.ndarray],
-                  scaling: float, dtype="bfloat16", progress: bool = False) -> dict[str, np.ndarray]:
+                  scaling: float, dtype="bfloat16", progress: bool = False,
+                  total: int | None = None) -> dict[str, np.ndarray]:
     """``W + scaling * B @ A`` for every adapted ``<layer>.weight`` of ``base`` (Hugging Face names, float
     arrays; a mapping or ``(name, array)`` pairs, taken one at a time), computed in float32 and rounded once to
-    ``dtype``; unadapted tensors are only cast. ``progress``: a bar over the tensors."""
+    ``dtype``; unadapted tensors are only cast. ``progress``: a bar over the tensors (plain lines where stderr is
+    not a terminal: ``qlora_ref.train.progress.progress_iter``), out of ``total`` (default: a mapping's length)."""
     out_dtype = to_numpy_dtype(dtype)
     out = {}
     adapted = set()
     items = base.items() if isinstance(base, Mapping) else base
     if progress:
-        from tqdm.auto import tqdm
+        from .train.progress import progress_iter
 
-        items = tqdm(items, desc="merge", unit=" tensors", dynamic_ncols=True)
+        total = len(base) if total is None and isinstance(base, Mapping) else total
+        items = progress_iter(items, total, desc="merge", unit="tensor")
     for name, w in items:
         w = np.asarray(w, dtype=np.float32)
         layer = name[: -len(".weight")] if name.endswith(".weight") else None
@@ -163,7 +192,8 @@ def merge_and_export(model, folder, dtype="bfloat16", tokenizer_source=None, pro
     that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
     adapter = {k: np.asarray(v) for k, v in model.lora_parameters().items()}
     scaling = model.lora.scaling if (model.lora is not None and adapter) else 0.0
-    merged = merge_weights(base_float_weights(model), adapter, scaling, dtype, progress)
+    merged = merge_weights(base_float_weights(model), adapter, scaling, dtype, progress,
+                           total=len(expected_tensors(model.config)))
     return export_hf_folder(folder, model.config, merged, dtype, tokenizer=getattr(model, "tokenizer", None),
                             tokenizer_source=tokenizer_source)
 
@@ -205,8 +235,7 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     from .adapters import adapter_base_model, read_adapter_files
     from .backends import load_backend
 
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype must be 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+    check_merge_dtype(dtype)
     adapter_dir = Path(adapter_dir)
     weights, _ = read_adapter_files(adapter_dir)
     model_path = Path(model_path) if model_path is not None else adapter_base_model(adapter_dir)
@@ -215,14 +244,16 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     source = "given"
     if quant == "trained":
         quant, source = trained_quant_config(adapter_dir)
-    check_new_model_folder(out_dir, "the output folder", overwrite,
-                           sources={"the base model": model_path, "the adapter folder": adapter_dir})
-    model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir)
-    tokenizer_source = model_path if model_path.is_dir() else None
-    if hasattr(model, "merge_and_export"):  # a backend's own (qlora_gpu's QLoRAModel)
-        folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
-    else:
-        folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
+    # the GPU backend's loader draws its own bar ("quantizing layers"); the reference's draws none
+    options = {} if backend == "ref" else {"progress": progress}
+    with new_model_folder(out_dir, "the output folder", overwrite,
+                          sources={"the base model": model_path, "the adapter folder": adapter_dir}):
+        model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir, **options)
+        tokenizer_source = model_path if model_path.is_dir() else None
+        if hasattr(model, "merge_and_export"):  # a backend's own (qlora_gpu's QLoRAModel)
+            folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
+        else:
+            folder = merge_and_export(model, out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)
     with safe_open(Path(folder) / "model.safetensors", framework="numpy") as f:
         n_tensors = len(list(f.keys()))
     return {"model": str(model_path), "quant": quant, "quant_source": source, "folder": Path(folder),
@@ -267,8 +298,13 @@ def quantize_hf_folder(in_dir, out_dir, quant=None, overwrite: bool = False) -> 
         raise ValueError(f"{in_dir}: no such folder")
     if not (in_dir / "config.json").is_file():
         raise ValueError(f"{in_dir}: not a Hugging Face model folder (no config.json)")
-    check_new_model_folder(out_dir, "OUT_DIR", overwrite, sources={"IN_DIR": in_dir})
-    raw = json.loads((in_dir / "config.json").read_text())
+    with new_model_folder(out_dir, "OUT_DIR", overwrite, sources={"IN_DIR": in_dir}):
+        return _quantize_into(in_dir, out_dir, quant)
+
+
+def _quantize_into(in_dir: Path, out_dir: Path, quant: QuantConfig) -> dict:
+    """``quantize_hf_folder``'s work, its folders checked."""
+    raw = read_config_json(in_dir / "config.json")
     if raw.get("quantization_config"):
         raise ValueError(f"{in_dir}: already quantized ({raw['quantization_config'].get('quant_method')})")
     try:

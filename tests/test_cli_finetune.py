@@ -669,3 +669,209 @@ def test_the_gpu_backend_on_cpu_turns_torch_compile_off_unless_the_user_chose(tm
     finally:
         torch._dynamo.config.disable = before
     assert os.environ.get("TORCH_COMPILE_DISABLE") == ("1" if user_value is None else user_value)
+
+
+# ---------------------------------------------------------------------------------------------- user review s12
+def _refuse_model_loads(monkeypatch):
+    """Both backends' model loaders raise: a command that reaches one did not check its arguments first."""
+    import qlora_ref.model.loading
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(qlora_ref.model.loading, "load_model", refuse)
+    try:
+        import qlora_gpu
+    except ImportError:
+        return
+    monkeypatch.setattr(qlora_gpu, "load", refuse)
+
+
+@pytest.mark.parametrize("seed", ["-5", "-1", str(2**64), "99999999999999999999999"])
+@pytest.mark.parametrize("temperature", ["0", "1"], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_generate_seed_is_checked_before_loading_the_same_on_both_backends(files, capsys, monkeypatch, seed,
+                                                                          temperature, backend):
+    """A seed outside what both NumPy (>= 0) and torch (< 2**64) take is refused by the shared check, named by its
+    option, before the model loads; greedy too (where it is unused), so that a command's validity does not depend
+    on the temperature."""
+    if backend == "gpu":
+        pytest.importorskip("bitsandbytes")
+    _refuse_model_loads(monkeypatch)
+    rc = main(["generate", "--model", str(files / "model"), "--prompt", "hi", "--max-new-tokens", "2", "--seed", seed,
+               "--temperature", temperature, "--backend", backend])
+    assert rc == 2
+    assert f"--seed must be an integer from 0 to 2**64-1, got {seed}" in capsys.readouterr().err
+
+
+def test_generate_seed_range_is_what_both_backends_accept(files, capsys):
+    from qlora_ref.model import load_model
+    from qlora_ref.model.generate import MAX_SEED, check_generation, generate
+
+    model = load_model(files / "model")
+    for seed in (0, MAX_SEED):  # the ends of the range are accepted by both random generators
+        assert len(generate(model, [1, 2], max_new_tokens=2, temperature=1.0, seed=seed)) == 4
+        np.random.default_rng(seed)
+        torch = pytest.importorskip("torch")
+        torch.Generator().manual_seed(seed)
+    for seed in (-1, MAX_SEED + 1, True, 1.5):
+        with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*64-1"):
+            check_generation(None, 1, seed=seed)
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            generate(model, [1, 2], max_new_tokens=2, seed=seed)
+    assert main(["generate", "--model", str(files / "model"), "--prompt", "hi", "--max-new-tokens", "2",
+                 "--temperature", "1", "--seed", str(MAX_SEED)]) == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "{model}", "--prompt", "hi", "--quant-type", "nf3"],
+     "--quant-type must be one of none, nf4, fp4, int4, fp4_e3m0, got 'nf3'"),
+    (["generate", "--model", "{model}", "--prompt", "hi", "--backend", "tpu"], "--backend must be one of"),
+    (["evaluate", "--model", "{model}", "--data", "{data}", "--backend", "tpu"], "--backend must be one of"),
+    (["merge", "--adapter", "{out}", "--output-dir", "{out}", "--dtype", "int8"],
+     "--dtype must be 'bfloat16', 'float16' or 'float32', got 'int8'"),
+    (["merge", "--adapter", "{out}", "--output-dir", "{out}", "--backend", "tpu"], "--backend must be one of"),
+    (["quantize", "{model}", "{out}", "--blocksize", "48"], "--blocksize must be a power of two from 32 to 4096"),
+    (["quantize", "{model}", "{out}", "--compute-dtype", "float16"], "--compute-dtype must be one of"),
+    (["finetune", "--backend", "tpu"], "--backend must be one of"),
+    (["finetune", "--activation-offload"], "--activation-offload is a GPU-backend feature"),
+    (["finetune", "--cpu-offload"], "--cpu-offload applies to a sharded (FSDP) run"),
+    (["finetune", "--output-dir", "{model}"], "--output-dir {model} is the base model's folder"),
+    (["finetune", "--target-modules", ","], "--target-modules must name at least one of q_proj, k_proj"),
+    (["finetune", "--target-modules", ""], "--target-modules must name at least one of q_proj, k_proj"),
+    (["finetune", "--config", "{r0}"], "{r0}: lora_r must be a positive integer to train adapters, got 0"),
+    (["finetune", "--lora-alpha", "inf"], "--lora-alpha must be a finite positive number, got inf"),
+    (["finetune", "--lora-alpha", "nan"], "--lora-alpha must be a finite positive number, got nan"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_values_are_named_by_the_option_given(files, tmp_path, capsys, argv, message):
+    """Every command names the option the user typed (not the library argument or config field behind it); a
+    config file's error keeps the file's name first, as its other errors do; nothing is left behind."""
+    (tmp_path / "r0.json").write_text(json.dumps({"lora_r": 0}))
+    names = dict(model=files / "model", data=files / "train.jsonl", out=tmp_path / "out", r0=tmp_path / "r0.json")
+    argv = [a.format(**names) for a in argv]
+    if argv[0] == "finetune":
+        argv = ["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--max-steps", "1",
+                *FAST[2:], *argv[1:]]  # --lora-r left to the config file
+        if "--output-dir" not in argv:
+            argv += ["--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(**names) in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_target_modules_are_adapted_and_recorded_once(files, tmp_path):
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
+                 str(out), "--max-steps", "1", *FAST, "--target-modules", "q_proj,v_proj,q_proj"]) == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    assert json.loads((out / "train_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+
+
+def test_a_config_files_target_modules_string_is_read_as_the_option_reads_it(tmp_path):
+    """``"target_modules": "q_proj"`` in --config means what ``--target-modules q_proj`` means (not the letters)."""
+    from qlora_ref.cli import build_parser
+    from qlora_ref.cli.finetune import _config_from_args
+
+    config = tmp_path / "tm.json"
+    config.write_text(json.dumps({"target_modules": "q_proj"}))
+    base = ["finetune", "--model", "m", "--data", "d.jsonl", "--output-dir", "o"]
+    from_file = _config_from_args(build_parser().parse_args([*base, "--config", str(config)]))
+    from_option = _config_from_args(build_parser().parse_args([*base, "--target-modules", "q_proj"]))
+    assert from_file.target_modules == from_option.target_modules == ("q_proj",)
+    config.write_text(json.dumps({"target_modules": "q_proj, v_proj,q_proj"}))
+    assert _config_from_args(build_parser().parse_args([*base, "--config", str(config)])).target_modules == \
+        ("q_proj", "v_proj")
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
+def test_generate_without_a_tokenizer_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch,
+                                                                        backend):
+    if backend == "gpu":
+        pytest.importorskip("bitsandbytes")
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(files / "model", folder)
+    for p in folder.glob("tokenizer*"):
+        p.unlink()
+    _refuse_model_loads(monkeypatch)
+    assert main(["generate", "--model", str(folder), "--prompt", "hi", "--backend", backend]) == 2
+    assert f"{folder}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt" in \
+        capsys.readouterr().err
+
+
+#: ``python -c SIGTERM_RUN qlora-args...``: the ``qlora`` command itself (``main()`` reading sys.argv, as the
+#: installed script runs it), with the demo's body replaced by one that waits to be terminated
+SIGTERM_RUN = """
+import os, signal, subprocess, sys, time
+import qlora_ref.cli.finetune as commands
+
+def wait(args):
+    print("ready", flush=True)
+    time.sleep(60)
+    return 0
+
+commands.run_demo = wait
+subprocess.call = lambda command: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60) or 0  # --nproc's launch
+from qlora_ref.cli import main
+sys.argv = ["qlora", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def _terminated_run(argv, until=None, timeout=300):
+    """``qlora argv`` in a fresh process, sent SIGTERM once ``until(proc)`` holds (None: it sends its own);
+    (exit status, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_RUN, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        deadline = time.monotonic() + timeout
+        while until is not None and not until(proc) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if until is not None:
+            assert proc.poll() is None, f"the run ended before it was terminated: {proc.communicate()}"
+            proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, err
+
+
+def test_sigterm_ends_finetune_as_ctrl_c_does(files, tmp_path):
+    """``timeout``, Slurm's preemption and ``docker stop`` send SIGTERM: the run says where to resume and
+    releases its folder's lock (no .qlora.lock left), with the shell's status for SIGTERM, 143."""
+    out = tmp_path / "run"
+    rc, err = _terminated_run(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+                               "--output-dir", str(out), "--max-steps", "100000", "--save-every", "1", *FAST],
+                              until=lambda proc: (out / "checkpoint-1").is_dir())
+    assert rc == 143, err
+    assert "qlora finetune: interrupted: the newest checkpoint is " in err
+    assert "run the same command to resume from it" in err and "Traceback" not in err
+    assert not (out / ".qlora.lock").exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_sigterm_ends_the_demo_as_ctrl_c_does_but_not_the_nproc_launcher(tmp_path):
+    """The demo too; ``finetune --nproc N`` only waits for torchrun, which passes SIGTERM on to the processes it
+    started (each a ``qlora finetune`` that ends as above): the launcher keeps SIGTERM's default."""
+    import signal
+
+    class Ready:
+        def __call__(self, proc):
+            return proc.stdout.readline().strip() == "ready"
+
+    rc, err = _terminated_run(["demo", "--output-dir", str(tmp_path / "demo")], until=Ready())
+    assert rc == 143 and err.strip() == "qlora demo: interrupted", err
+    pytest.importorskip("bitsandbytes")
+    rc, err = _terminated_run(["finetune", "--backend", "gpu", "--nproc", "2", "--model", str(tmp_path / "m"),
+                               "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "o"),
+                               "--grad-accum", "2", "--lora-r", "8"])  # the patched launch sends SIGTERM
+    assert rc == -signal.SIGTERM and "interrupted" not in err, err

@@ -214,3 +214,76 @@ def test_safetensors_metadata_is_written_in_sorted_order(tmp_path):
     assert list(json.loads(raw[8:8 + n])["__metadata__"]) == sorted(meta)
     with safe_open(str(path), framework="numpy") as f:  # still a valid file with the same content
         assert f.metadata() == meta and f.get_tensor("w").tolist() == [0, 1, 2, 3]
+
+
+def test_a_failed_merge_or_quantize_leaves_no_empty_folder(run, tmp_path, capsys):
+    """docs/reliability.md: a run refused or failed before it wrote anything leaves no empty output folder — the
+    folders the call created are removed again (as ``qlora finetune`` does); a folder that existed is kept."""
+    import shutil
+
+    base, adapter, _ = run
+    bad = tmp_path / "bad"
+    shutil.copytree(base, bad)
+    (bad / "config.json").write_text("{bad")  # refused when the model loads, after the output folder was checked
+    backends = ["ref"] + (["gpu"] if _has_bitsandbytes() else [])
+    for backend in backends:
+        out = tmp_path / "new" / backend / "m"
+        assert main(["merge", "--adapter", str(adapter), "--model", str(bad), "--output-dir", str(out),
+                     "--backend", backend, "--no-progress"]) == 2
+        assert f"{bad / 'config.json'}: not valid JSON" in capsys.readouterr().err
+        assert not (tmp_path / "new").exists(), backend
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main(["merge", "--adapter", str(adapter), "--model", str(bad), "--output-dir", str(kept)]) == 2
+    assert kept.is_dir()
+    # quantize: an already quantized folder is refused after OUT_DIR was checked
+    assert main(["quantize", str(base), str(tmp_path / "q")]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "new" / "q2")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+    assert main(["quantize", str(bad), str(tmp_path / "new" / "q3")]) == 2
+    assert f"{bad / 'config.json'}: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def test_merge_progress_follows_no_progress_and_the_log_file_rule(run, tmp_path, capsys):
+    """``--no-progress`` hides every bar, the GPU loader's too; otherwise, where stderr is not a terminal (here:
+    captured), progress comes as plain lines with the total, as training's does (docs/training.md), never as
+    tqdm's carriage-return bars."""
+    pytest.importorskip("bitsandbytes")
+    _, adapter, _ = run
+    assert main(["merge", "--adapter", str(adapter), "--output-dir", str(tmp_path / "quiet"), "--backend", "gpu",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "quantizing layers" not in err and "merge:" not in err
+    n = len(load_file(tmp_path / "quiet" / "model.safetensors"))
+    for backend in ("ref", "gpu"):
+        assert main(["merge", "--adapter", str(adapter), "--output-dir", str(tmp_path / backend), "--backend",
+                     backend]) == 0
+        err = capsys.readouterr().err
+        assert "\r" not in err
+        assert f"merge: tensor 1/{n} (" in err and f"merge: tensor {n}/{n} (" in err, err
+        assert ("quantizing layers: layer 2/2 (" in err) == (backend == "gpu"), err
+
+
+def test_merge_bar_on_a_terminal_has_a_total(run, tmp_path, monkeypatch):
+    import io
+    import sys
+
+    _, _, model = run
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    merge_and_export(model, tmp_path / "m", progress=True)
+    n = len(load_file(tmp_path / "m" / "model.safetensors"))
+    assert f"| {n}/{n} [" in term.getvalue(), term.getvalue()

@@ -336,7 +336,7 @@ def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, ca
     # refused before torchrun starts N processes that would each load the model and refuse alike
     for bad, message in ((["--nproc", "0"], "--nproc must be a positive integer"),
                          (["--nproc", "2", "--backend", "ref"], "add --backend gpu"),
-                         (["--cpu-offload"], "cpu_offload applies to a sharded"),
+                         (["--cpu-offload"], "--cpu-offload applies to a sharded"),
                          (["--nproc", "2", "--grad-accum", "3"], "--grad-accum=3 micro-batches per step cannot be "
                                                                  "shared equally by 2 processes"),
                          (["--nproc", "2", "--optimizer", "paged_adamw_8bit"], "'paged_adamw_8bit' cannot be "

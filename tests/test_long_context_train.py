@@ -115,7 +115,7 @@ def test_cli_options_reach_the_config(tmp_path, capsys):
     assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
                  "--output-dir", str(tmp_path / "r2"), "--max-steps", "1", "--no-progress",
                  "--activation-offload"]) == 2
-    assert "activation_offload is a GPU-backend feature" in capsys.readouterr().err
+    assert "--activation-offload is a GPU-backend feature" in capsys.readouterr().err
     # a field that a --no- option turns off is named as that option's absence, not as the option
     assert main(["finetune", "--backend", "gpu", "--model", str(tmp_path / "model"), "--data",
                  str(tmp_path / "train.jsonl"), "--output-dir", str(tmp_path / "r3"), "--max-steps", "1",

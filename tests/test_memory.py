@@ -426,6 +426,26 @@ def test_cli_bad_input_exits_with_status_2(capsys):
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "nope"], "--model must be one of llama-7b"),
+    (["--batch", "0"], "--batch must be a positive integer, got 0"),
+    (["--seq", "0"], "--seq must be a positive integer, got 0"),
+    (["--gpus", "0"], "--gpus must be a positive integer, got 0"),
+    (["--r", "-1"], "--r must be a positive integer, got -1"),
+    (["--blocksize", "48"], "--blocksize must be a power of two from 32 to 4096, got 48"),
+    (["--lora-dropout", "1"], "--lora-dropout must be a number in [0, 1)"),
+    (["--loss-chunk", "-1"], "--loss-chunk must be a non-negative integer"),
+    (["--example-length", "600", "--seq", "512"], "--example-length (600) must be at most --seq (512)"),
+    (["--no-gradient-checkpointing", "--offload"], "--offload moves the checkpointed block inputs"),
+    # a preset of --targets that is also an option's name stays itself: only the options given are renamed
+    (["--targets", "foo"], "--targets must be one of all, attention, mlp, qv"),
+])
+def test_cli_errors_name_the_option_given(capsys, argv, message):
+    """``qlora memory`` names its options, not the calculator's arguments (docs/reliability.md: "option")."""
+    assert main(["memory", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_cli_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "memory.png"

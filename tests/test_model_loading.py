@@ -116,6 +116,12 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
         load_model(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")  # JSON, but not the object a config is
+    with pytest.raises(CheckpointError, match=r"config\.json: expected a JSON object, got list"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")  # not even text
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON"):
+        load_model(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- bitsandbytes 4-bit

@@ -136,6 +136,22 @@ def test_every_kind_of_config_input_gives_the_same_config(folder, kind):
     assert model_config(given) == expected
 
 
+def test_a_malformed_config_json_is_named_as_the_reference_names_it(tmp_path):
+    """The GPU backend reads a folder's config.json through the reference's reader: the same error, naming the file
+    (not json's bare "Expecting property name ...")."""
+    from qlora_ref.model.loading import load_model
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for text, expected in (("{bad", "not valid JSON (Expecting property name"), ("[]", "expected a JSON object")):
+        (bad / "config.json").write_text(text)
+        with pytest.raises(CheckpointError) as gpu:
+            model_config(bad)
+        with pytest.raises(CheckpointError) as ref:
+            load_model(bad)
+        assert str(gpu.value) == str(ref.value) and str(gpu.value).startswith(f"{bad / 'config.json'}: {expected}")
+
+
 @pytest.mark.parametrize("name,hidden,layers", [("7b", 4096, 32), ("llama-13b", 5120, 40), ("33B", 6656, 60),
                                                 ("65b", 8192, 80)])
 def test_llama_sizes(name, hidden, layers):

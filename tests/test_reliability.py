@@ -146,6 +146,24 @@ def test_the_torch_backend_reads_headers_through_the_same_checks(files, tmp_path
         load(folder, quant=None, lora=None, device="cpu")
 
 
+@pytest.mark.parametrize("backend", ["ref", "gpu"])
+def test_a_malformed_config_json_is_named_by_every_command_on_both_backends(files, tmp_path, capsys, backend):
+    """``--backend gpu`` reads config.json through the reference's reader: the file is named, as on ``ref``."""
+    if backend == "gpu":
+        pytest.importorskip("bitsandbytes")
+    folder = copy_model(files, tmp_path / "badm")
+    (folder / "config.json").write_text("{bad")
+    expected = f"{folder / 'config.json'}: not valid JSON (Expecting property name enclosed in double quotes"
+    model, data, out = str(folder), str(files["data"]), str(tmp_path / "out")
+    for argv in (["evaluate", "--model", model, "--data", data, "--no-progress"],
+                 ["generate", "--model", model, "--prompt", "hi", "--max-new-tokens", "1"],
+                 ["finetune", "--model", model, "--data", data, "--output-dir", out, "--max-steps", "1", *FAST]):
+        assert main([*argv, "--backend", backend]) == 2, argv[0]
+        err = capsys.readouterr().err
+        assert expected in err, (argv[0], err)
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- rotation
 def test_rotation_never_deletes_a_foreign_checkpoint(files, tmp_path, capsys):
     """A Hugging Face Trainer's ``checkpoint-500`` (it has a trainer_state.json) survives rotation with

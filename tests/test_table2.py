@@ -156,3 +156,15 @@ def test_reproduce_table2_on_smollm2(tmp_path):
     assert all(r["perplexity"] < 2 * base for label, r in rows.items() if label != "FP4 (E3M0)"), rows
     assert base <= 1.02 * min(r["perplexity"] for r in rows.values())
     assert (tmp_path / "t2.png").stat().st_size > 1000
+
+
+def test_reproduce_table2_names_the_text_it_scores(tmp_path, capsys):
+    """The output's first line says where the held-out tokens come from and how many were asked for."""
+    from test_train import write_tiny_model
+
+    write_tiny_model(tmp_path / "model", seed=5)
+    assert main(["reproduce", "table2", "--model", str(tmp_path / "model"), "--max-tokens", "24", "--window",
+                 "8"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("Table 2 on model: 24 held-out tokens (--max-tokens 24) of the chatterbot-corpus English "
+                            "pairs that qlora demo and qlora finetune hold out,"), first

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 
 import numpy as np
@@ -152,6 +153,35 @@ def test_config_json_round_trip_and_errors(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="not a readable JSON"):
         TrainConfig.from_json(p)
+
+
+def test_target_modules_given_twice_count_once_and_none_is_refused():
+    """A module named twice is adapted once and recorded once, in the order first given (peft keeps a set); an
+    empty list would train nothing and is refused naming the field."""
+    assert TrainConfig(target_modules=("q_proj", "v_proj", "q_proj")).target_modules == ("q_proj", "v_proj")
+    assert TrainConfig(target_modules=["v_proj", "v_proj"]).to_dict()["target_modules"] == ["v_proj"]
+    for empty in ((), [], "", ","):
+        with pytest.raises(ValueError, match="target_modules must name at least one of q_proj"):
+            TrainConfig(target_modules=empty)
+
+
+def test_target_modules_of_a_config_file_may_be_one_comma_separated_string(tmp_path):
+    """As ``--target-modules`` takes them: "q_proj" is the module q_proj, not the letters q, _, p, r, o, j."""
+    p = tmp_path / "c.json"
+    for value, expected in (("q_proj", ("q_proj",)), ("q_proj, v_proj", ("q_proj", "v_proj")),
+                            ("all-linear", TrainConfig().target_modules), (["k_proj"], ("k_proj",))):
+        p.write_text(json.dumps({"target_modules": value}))
+        assert TrainConfig.from_json(p).target_modules == expected, value
+    for value in (5, [1, 2], {"q_proj": 1}, ["q_proj", None]):
+        p.write_text(json.dumps({"target_modules": value}))
+        with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: target_modules must be a list of strings"):
+            TrainConfig.from_json(p)
+
+
+@pytest.mark.parametrize("alpha", [float("inf"), float("nan"), 0.0, -1.0])
+def test_lora_alpha_must_be_finite_and_positive(alpha):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite positive number"):
+        TrainConfig(lora_alpha=alpha)
 
 
 # ---------------------------------------------------------------------------------------------- the loop

@@ -66,6 +66,43 @@ def _warnings_as_messages(command: str, enabled: bool):
         warnings.showwarning = default
 
 
+#: commands whose SIGTERM (``timeout``, Slurm's preemption, ``docker stop``) is handled as Ctrl-C is: the run
+#: stops where it is, says which checkpoint a rerun resumes from and releases its output folder's lock
+TERMINATED_AS_INTERRUPTED = ("finetune", "demo")
+
+
+class _Terminated:
+    """A SIGTERM handler that raises ``KeyboardInterrupt`` in the main thread, as Ctrl-C's SIGINT does (the
+    command's ``except KeyboardInterrupt`` and ``finally`` blocks run), once, and remembers that it fired: the
+    exit status is then 143 (128 + SIGTERM), as the shell reports a process the signal ended."""
+
+    def __init__(self):
+        self.fired = False
+
+    def __call__(self, signum, frame):
+        if self.fired:  # a second SIGTERM while the first one's clean-up runs: let it finish
+            return
+        self.fired = True
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt(enabled: bool):
+    """``_Terminated`` as SIGTERM's handler for the command's run; the previous handler afterwards. Only for the
+    command line itself (``enabled``), never for ``main(argv)`` called from Python."""
+    import signal
+
+    handler = _Terminated()
+    if not enabled:
+        yield handler
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield handler
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     command_line = argv is None
@@ -75,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    terminated = None
     try:
-        with _warnings_as_messages(args.command, enabled=command_line):
+        # not for ``finetune --nproc N``, which only waits for torchrun (a KeyboardInterrupt there would kill it
+        # at once): torchrun passes SIGTERM on to the processes it started, which run this command and so end as
+        # after Ctrl-C, each releasing what it holds
+        launcher = getattr(args, "nproc", None) is not None
+        with _warnings_as_messages(args.command, enabled=command_line), _sigterm_as_interrupt(
+                command_line and args.command in TERMINATED_AS_INTERRUPTED and not launcher) as terminated:
             return int(args.func(args) or 0)
     except ValueError as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
@@ -87,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a folder gone: one line naming the file (``files.WriteError``), not a traceback
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C: one line (a command may say what it kept), the shell's status 130
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM, above): one line (a command may say what it kept), the
+        # shell's status 130 (143 for SIGTERM)
         print(f"qlora {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
-        return 130
+        return 143 if terminated is not None and terminated.fired else 130
 

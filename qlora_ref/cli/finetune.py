@@ -97,34 +97,48 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
 
-#: TrainConfig fields set by options outside TRAIN_OPTIONS, and the option that sets each
+#: TrainConfig fields (and ``finetune``'s ``cpu_offload``) set by options outside TRAIN_OPTIONS, and the option
+#: that sets each
 OTHER_OPTION_FIELDS = {"max_steps": "--max-steps", "output_dir": "--output-dir", "target_modules": "--target-modules",
                        "double_quant": "--no-double-quant", "gradient_checkpointing": "--no-gradient-checkpointing",
                        "train_on_inputs": "--train-on-inputs", "skip_malformed": "--skip-malformed",
                        "packing": "--packing",
-                       "activation_offload": "--activation-offload"}
+                       "activation_offload": "--activation-offload", "cpu_offload": "--cpu-offload"}
 
+#: ``qlora generate``'s arguments of ``check_generation``, and their options
+GENERATE_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                    "seed": "--seed"}
+
+#: ``qlora quantize``'s ``QuantConfig`` fields, and their options
+QUANTIZE_OPTIONS = {"quant_type": "--quant-type", "blocksize": "--blocksize", "compute_dtype": "--compute-dtype",
+                    "double_quant": "--no-double-quant"}
 
 def option_of(field: str) -> str:
     """The command-line option that sets TrainConfig's ``field``."""
     return TRAIN_OPTIONS[field][0] if field in TRAIN_OPTIONS else OTHER_OPTION_FIELDS.get(field, field)
 
 
-def named_by_option(error: ValueError, fields) -> ValueError:
-    """``error`` (a TrainConfig check, which names its fields) with its fields named by their options instead:
-    ``--schedule`` rather than ``lr_scheduler``. A field in ``fields`` (those the user set) is renamed wherever it
-    stands; any other only where it is written as a setting (``packing=True``, ``max_length=512``)."""
+def named_by_option(error: ValueError, fields, options: dict[str, str] | None = None) -> ValueError:
+    """``error`` (a library check, which names its arguments: TrainConfig's fields by default) with them named by
+    their options instead: ``--schedule`` rather than ``lr_scheduler``. ``options``: argument -> option (default:
+    TrainConfig's fields, ``TRAIN_OPTIONS`` and ``OTHER_OPTION_FIELDS``; ``qlora memory`` and ``generate`` pass
+    their own). A field in ``fields`` (those the user set) is renamed wherever it stands as a word of its own (not
+    inside a path such as ``runs/output_dir/x`` or a file name such as ``model.json``); any other only where it
+    is written as a setting (``packing=True``, ``max_length=512``)."""
+    if options is None:
+        options = {field: option_of(field) for field in {*TRAIN_OPTIONS, *OTHER_OPTION_FIELDS}}
     message = str(error)
-    for field in sorted({*TRAIN_OPTIONS, *OTHER_OPTION_FIELDS}, key=len, reverse=True):
-        option = option_of(field)
+    for field in sorted(options, key=len, reverse=True):
+        option = options[field]
+        word = rf"(?<![-\w/.]){field}(?![-\w/]|\.\w)"
         if option.startswith("--no-"):  # the option turns the field off: field=True is the option's absence
             words = field.replace("_", " ")
-            message = re.sub(rf"(?<![-\w]){field}=True\b", f"{words} (drop {option})", message)
-            message = re.sub(rf"(?<![-\w]){field}=False\b", option, message)
-            message = re.sub(rf"(?<![-\w]){field}\b(?!=)", words, message)
+            message = re.sub(rf"{word}=True\b", f"{words} (drop {option})", message)
+            message = re.sub(rf"{word}=False\b", option, message)
+            message = re.sub(rf"{word}(?!=)", words, message)
             continue
         setting = "" if field in fields else "(?==)"
-        message = re.sub(rf"(?<![-\w]){field}{setting}(=True\b)?", option, message)
+        message = re.sub(rf"{word}{setting}(=True\b)?", option, message)
     return ValueError(message)
 
 
@@ -136,11 +150,13 @@ def _config_from_args(args, base=None):
                                              "train_on_inputs", "skip_malformed", "progress", "packing",
                                              "activation_offload"]
                if getattr(args, f, None) is not None}
-    if getattr(args, "target_modules", None):
-        changes["target_modules"] = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
+    if getattr(args, "target_modules", None) is not None:  # a comma-separated string, split by TrainConfig
+        changes["target_modules"] = args.target_modules
     for f in ("max_steps", "output_dir"):
         if getattr(args, f, None) is not None:
             changes[f] = str(getattr(args, f)) if f == "output_dir" else getattr(args, f)
+    if getattr(args, "config", None) and config.lora_r == 0 and "lora_r" not in changes:  # as the file's own errors
+        raise ValueError(f"{args.config}: lora_r must be a positive integer to train adapters, got 0")
     try:
         if isinstance(changes.get("lora_r"), int) and changes["lora_r"] < 1:  # 0 is "no adapters": nothing to train
             raise ValueError(f"lora_r must be a positive integer, got {changes['lora_r']}")
@@ -208,7 +224,8 @@ def add_parser(subparsers) -> None:
                    "[default: 64]")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0; 0: greedy [default]")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] [default: 1]")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the sampling, an integer from 0 to 2**64-1 "
+                   "[default: 0]")
     g.add_argument("--quant-type", default="nf4", help="nf4 [default], fp4, int4, fp4_e3m0 (int4 and fp4_e3m0: "
                    "--backend ref only), or none (float32 weights)")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template")
@@ -293,15 +310,24 @@ def add_parser(subparsers) -> None:
     q.set_defaults(func=run_quantize)
 
 
-def check_quant_option(value: str) -> str:
+def check_quant_option(value: str, special: tuple[str, ...] = ("trained", "none")) -> str:
     """``--quant-type`` of ``evaluate`` and ``merge``: ``trained`` (the adapter's recipe), ``none`` (the weights as
-    stored) or a 4-bit data type."""
+    stored) or a 4-bit data type; of ``generate`` (``special`` ``("none",)``): no ``trained``."""
     from qlora_ref.checks import REFERENCE_QUANT_TYPES_4BIT
 
-    choices = ("trained", "none", *REFERENCE_QUANT_TYPES_4BIT)
+    choices = (*special, *REFERENCE_QUANT_TYPES_4BIT)
     if value not in choices:
         raise ValueError(f"--quant-type must be one of {', '.join(choices)}, got {value!r}")
     return value
+
+
+def check_backend(backend: str) -> None:
+    """``--backend``: one of the installed backends (``qlora_ref.backends``), before anything is read or loaded."""
+    from qlora_ref.backends import available_backends
+
+    backends = sorted({"ref", *available_backends()})
+    if backend not in backends:
+        raise ValueError(f"--backend must be one of {', '.join(backends)}, got {backend!r}")
 
 
 def check_backend_quant_type(backend: str, quant_type) -> None:
@@ -362,6 +388,7 @@ def run_finetune(args) -> int:
     from qlora_ref.train.launch import check_nproc, check_sharded_recipe, launched_by_torchrun, process_rank
 
     config = _config_from_args(args)
+    check_backend(args.backend)
     check_backend_quant_type(args.backend, config.quant_type)
     if args.nproc is not None:
         check_nproc_backend(args)  # before check_writable_dir creates the folder, and before N processes load
@@ -379,8 +406,10 @@ def run_finetune(args) -> int:
             run = finetune(args.model, args.data, config, backend=args.backend, eval_data=args.eval_data,
                            output_dir=args.output_dir, resume=args.resume, sharded=launched_by_torchrun(),
                            cpu_offload=args.cpu_offload)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (``qlora_ref.cli.main`` turns it into this)
         raise KeyboardInterrupt(_kept_after_interrupt(args)) from None
+    except ValueError as e:  # the library's checks of its own arguments (cpu_offload, output_dir): name the options
+        raise named_by_option(e, {"activation_offload", "cpu_offload", "output_dir"}) from None
     if process_rank() != 0:  # one report, from rank 0
         return 0
     r = run.result
@@ -437,7 +466,6 @@ def launch_processes(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- demo
 def run_demo(args) -> int:
-    from qlora_ref.backends import available_backends
     from qlora_ref.demo import demo_config, demo_model
     from qlora_ref.paths import new_run_dir
 
@@ -445,9 +473,7 @@ def run_demo(args) -> int:
         config = demo_config(args.max_steps, args.output_dir, packing=bool(getattr(args, "packing", False)))
     except ValueError as e:
         raise named_by_option(e, {"max_steps", "output_dir"}) from None
-    backends = sorted({"ref", *available_backends()})
-    if args.backend not in backends:
-        raise ValueError(f"--backend must be one of {', '.join(backends)}, got {args.backend!r}")
+    check_backend(args.backend)
     compile_off_on_cpu(args.backend)
     with new_run_dir(args.output_dir, "--output-dir"):
         return _run_demo(args, config, demo_model())
@@ -510,7 +536,7 @@ def _run_demo(args, config, model_path) -> int:
     question, reference = eval_ex[0].messages[0]["content"], eval_ex[0].messages[1]["content"]
     n_eval = min(len(eval_ds), config.eval_batches * config.micro_batch_size)
     print(f"data: {len(train_ds)} training pairs, {len(eval_ds)} held out (perplexity on the first {n_eval})")
-    before = evaluate(trainer, eval_ds, config.micro_batch_size, config.eval_batches)
+    before = evaluate(trainer, eval_ds, config.micro_batch_size, config.eval_batches, progress=config.progress)
     ans_before = answer(trainer, tokenizer, question)
     print(f"before: held-out perplexity {before['eval_perplexity']:.3f} ({time.perf_counter() - t0:.0f} s so far)")
     print(f"  Q: {question}\n  A: {ans_before}")
@@ -519,7 +545,7 @@ def _run_demo(args, config, model_path) -> int:
                    base_model=str(model_path))
     seconds = time.perf_counter() - t1
     after = result.eval if result.eval is not None else evaluate(trainer, eval_ds, config.micro_batch_size,
-                                                                 config.eval_batches)
+                                                                 config.eval_batches, progress=config.progress)
     ans_after = answer(trainer, tokenizer, question)
     print(f"after {result.step} steps ({seconds:.0f} s, {result.tokens_per_second:.0f} tokens/s): held-out "
           f"perplexity {after['eval_perplexity']:.3f}")
@@ -539,15 +565,15 @@ def run_generate(args) -> int:
     from qlora_ref.model.config import QuantConfig
     from qlora_ref.model.generate import answer, check_generation, reply
     from qlora_ref.model.loading import load_model
+    from qlora_ref.train.api import load_tokenizer
 
     # every argument checked before the model is loaded
     try:
-        check_generation(None, args.max_new_tokens, args.temperature, args.top_p)
+        check_generation(None, args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
     except ValueError as e:  # the library names its arguments: name the options
-        message = str(e)
-        for name in ("max_new_tokens", "temperature", "top_p"):
-            message = message.replace(name, "--" + name.replace("_", "-"))
-        raise ValueError(message) from None
+        raise named_by_option(e, GENERATE_OPTIONS, GENERATE_OPTIONS) from None
+    check_backend(args.backend)
+    check_quant_option(args.quant_type, special=("none",))
     check_backend_quant_type(args.backend, args.quant_type)
     args.model = model_or_adapter_base(args)
     if args.chat and (args.prompt is not None or args.raw):
@@ -561,17 +587,17 @@ def run_generate(args) -> int:
     lora = read_adapter_lora_config(args.adapter) if args.adapter else None
     quant = None if args.quant_type == "none" else QuantConfig(quant_type=args.quant_type)
     compile_off_on_cpu(args.backend)
+    tok = load_tokenizer(args.model)  # before the model (minutes at scale), as finetune reads its data first
+    if tok is None:
+        raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
     if args.backend == "ref":
-        model = load_model(args.model, quant=quant, lora=lora)
+        model = load_model(args.model, quant=quant, lora=lora, tokenizer=False)
     else:
         model = load_backend(args.backend).load(args.model, quant, lora, gradient_checkpointing=False,
-                                                progress=False)
+                                                progress=False, tokenizer=False)
     if args.adapter:
         load_adapter(model, args.adapter)
     model.eval()
-    tok = model.tokenizer
-    if tok is None:
-        raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
     sampling = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     if not args.chat:
         print(answer(model, tok, prompt, args.max_new_tokens, raw=args.raw, **sampling))
@@ -603,6 +629,7 @@ def run_evaluate(args) -> int:
         check_output_file(args.json, "--json")
     if args.split not in SPLITS:
         raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
+    check_backend(args.backend)
     check_quant_option(args.quant_type)
     if args.config is not None:
         config = TrainConfig.from_json(args.config)
@@ -640,11 +667,16 @@ def run_evaluate(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- merge
 def run_merge(args) -> int:
-    from qlora_ref.export import describe_quant, merge_adapter
+    from qlora_ref.export import check_merge_dtype, describe_quant, merge_adapter
     from qlora_ref.memory import format_bytes
     from qlora_ref.model.config import QuantConfig
 
     special = {"trained": "trained", "none": None}
+    try:
+        check_merge_dtype(args.dtype)  # merge_adapter's own check, named by the option
+    except ValueError as e:
+        raise named_by_option(e, {"dtype"}, {"dtype": "--dtype"}) from None
+    check_backend(args.backend)
     quant_type = check_quant_option(args.quant_type)
     check_backend_quant_type(args.backend, quant_type)
     quant = special[quant_type] if quant_type in special else QuantConfig(quant_type=quant_type)
@@ -672,8 +704,11 @@ def run_quantize(args) -> int:
     if args.quant_type not in QUANT_TYPES_4BIT:
         raise ValueError(f"--quant-type must be one of {', '.join(QUANT_TYPES_4BIT)} (what bitsandbytes loads), "
                          f"got {args.quant_type!r}")
-    quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
-                        compute_dtype=args.compute_dtype)
+    try:
+        quant = QuantConfig(quant_type=args.quant_type, blocksize=args.blocksize, double_quant=args.double_quant,
+                            compute_dtype=args.compute_dtype)
+    except ValueError as e:  # QuantConfig names its fields: name the options
+        raise named_by_option(e, QUANTIZE_OPTIONS, QUANTIZE_OPTIONS) from None
     t0 = time.perf_counter()
     info = quantize_hf_folder(args.in_dir, args.out_dir, quant, overwrite=args.overwrite)
     print(f"quantized {args.in_dir} -> {args.out_dir}: {format_bytes(info['bytes_in'])} -> "

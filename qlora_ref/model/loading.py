@@ -339,6 +339,28 @@ def not_a_model(path: Path, what: str) -> str:
     return f"{path}: {what}"
 
 
+def read_config_json(config_file) -> dict:
+    """The object in a Hugging Face ``config.json``; a ``CheckpointError`` naming the file if it is not one."""
+    config_file = Path(config_file)
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_folder_config(folder) -> ModelConfig:
+    """The ``ModelConfig`` of a Hugging Face folder's config.json (``read_config_json``); every error a
+    ``CheckpointError`` naming the file. Both backends read a folder's config through this."""
+    config_file = Path(folder) / "config.json"
+    try:
+        return ModelConfig.from_hf_dict(read_config_json(config_file), str(config_file))
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
     """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
     for building several models from one read (e.g. ``qlora reproduce table2``)."""
@@ -376,15 +398,7 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
         weights = collect_weights(config, tensors, str(gguf_file), transform)
         tok = Tokenizer.from_gguf_metadata(meta, str(gguf_file)) if tokenizer else None
     else:
-        config_file = path / "config.json"
-        try:
-            raw = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
-        try:
-            config = ModelConfig.from_hf_dict(raw, str(config_file))
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
+        config = read_folder_config(path)
         tensors = folder_tensors(path)
         weights = collect_weights(config, tensors, str(path))
         tok = Tokenizer.from_folder(path) if tokenizer else None

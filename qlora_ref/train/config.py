@@ -60,6 +60,22 @@ _FIELD_TYPES = [
 ]
 
 
+def target_module_names(value) -> tuple[str, ...]:
+    """``target_modules`` as a tuple of names: a list of strings, or one string of comma-separated names as
+    ``--target-modules`` takes them (``"q_proj,v_proj"``; ``"all-linear"``, peft's word for all seven). A name
+    given twice counts once, in the order first given (peft keeps a set); none at all is an error."""
+    if isinstance(value, str):
+        names = [t.strip() for t in value.split(",") if t.strip()]
+    elif isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
+        names = list(value)
+    else:
+        raise ValueError(f"target_modules must be a list of strings (or one comma-separated string), got {value!r}")
+    if not names:
+        raise ValueError(f"target_modules must name at least one of {', '.join(LINEAR_MODULES)} (or all-linear), "
+                         f"got {value!r}")
+    return tuple(dict.fromkeys(names))
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run. See the module docstring for where each default comes from."""
@@ -131,7 +147,7 @@ class TrainConfig:
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}")
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
-            raise ValueError(f"lora_alpha must be positive, got {self.lora_alpha!r}")
+            raise ValueError(f"lora_alpha must be a finite positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         for name in ("adam_beta1", "adam_beta2"):
@@ -159,6 +175,7 @@ class TrainConfig:
         from ..optim import canonical_optimizer_name
 
         object.__setattr__(self, "optimizer", canonical_optimizer_name(self.optimizer))
+        object.__setattr__(self, "target_modules", target_module_names(self.target_modules))
         # the model package validates these (one place for each rule); re-raised naming our fields
         try:
             lora = self.lora_config()
@@ -200,10 +217,7 @@ class TrainConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        d = dict(d)
-        if "target_modules" in d and not isinstance(d["target_modules"], str):
-            d["target_modules"] = tuple(d["target_modules"])
-        return cls(**d)
+        return cls(**d)  # target_modules: a JSON list, or a comma-separated string (``target_module_names``)
 
     @classmethod
     def from_json(cls, path) -> TrainConfig:

@@ -187,9 +187,9 @@ def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 
     per_rank = -(-len(batches) // world.world_size)
     steps = range(per_rank)
     if progress and world.rank == 0:
-        from tqdm.auto import tqdm
+        from .progress import progress_iter  # a bar on a terminal, plain lines in a log
 
-        steps = tqdm(steps, desc="evaluate", unit="batch", dynamic_ncols=True)
+        steps = progress_iter(steps, per_rank, desc="evaluate", unit="batch")
     for j in steps:
         i = world.rank + j * world.world_size
         nll, n = backend.eval_loss(batch_of(dataset, batches[i] if i < len(batches) else batches[0]))
