@@ -98,8 +98,9 @@ def test_packed_training_resumes_bit_for_bit(tiny, tmp_path, pack_length):
     assert full.log_history[0]["tokens"] > 2 * 2 * int(np.max(data.lengths)) * (3 if pack_length else 1)
 
 
-def test_cli_options_reach_the_config(tmp_path, capsys):
+def test_cli_options_reach_the_config(tmp_path, capsys, monkeypatch):
     from qlora_ref.cli import main
+    from qlora_ref.train import api
 
     write_tiny_model(tmp_path / "model", seed=5)
     write_jsonl(tmp_path / "train.jsonl", qa_records(16, seed=0))
@@ -112,9 +113,11 @@ def test_cli_options_reach_the_config(tmp_path, capsys):
     saved = json.loads((out / "train_config.json").read_text())
     assert saved["packing"] is True and saved["loss_chunk_size"] == 8 and saved["activation_offload"] is False
     assert saved["pack_length"] == 1024
-    assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
-                 "--output-dir", str(tmp_path / "r2"), "--max-steps", "1", "--no-progress",
-                 "--activation-offload"]) == 2
+    with monkeypatch.context() as m:  # refused before the model loads
+        m.setattr(api, "make_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+        assert main(["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+                     "--output-dir", str(tmp_path / "r2"), "--max-steps", "1", "--no-progress",
+                     "--activation-offload"]) == 2
     assert "--activation-offload is a GPU-backend feature" in capsys.readouterr().err
     # a field that a --no- option turns off is named as that option's absence, not as the option
     assert main(["finetune", "--backend", "gpu", "--model", str(tmp_path / "model"), "--data",

@@ -160,6 +160,10 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         config = config.replace(eval_fraction=0.0)
     if config.lora_r == 0:
         raise ValueError("lora_r must be a positive integer to train adapters, got 0")
+    if backend == "ref":
+        from .reference import check_reference_config
+
+        check_reference_config(config)
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")

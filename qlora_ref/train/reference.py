@@ -29,15 +29,20 @@ def build_optimizer(name: str, config: TrainConfig, **extra):
                           eps=config.adam_epsilon, weight_decay=config.weight_decay, **extra)
 
 
+def check_reference_config(config: TrainConfig) -> None:
+    """What the reference cannot do, refused before any work (``finetune`` calls this before the model loads)."""
+    if config.activation_offload:
+        raise ValueError("activation_offload is a GPU-backend feature (pinned host memory, CUDA streams: "
+                         "qlora_gpu.offload); the reference has no device memory to relieve")
+
+
 class RefTrainer:
     """Train the adapters of a reference ``LlamaModel`` (built with ``config.lora_config()``)."""
 
     def __init__(self, model, config: TrainConfig, optimizer=None):
         if model.lora is None or not model.lora_parameters():
             raise ValueError("the model carries no LoRA adapters: build it with lora=config.lora_config()")
-        if config.activation_offload:
-            raise ValueError("activation_offload is a GPU-backend feature (pinned host memory, CUDA streams: "
-                             "qlora_gpu.offload); the reference has no device memory to relieve")
+        check_reference_config(config)
         self.model = model
         self.lora = model.lora
         self.config = config
