@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def run_table2(args) -> int:
     from qlora_ref.model.llama import LlamaModel
     from qlora_ref.model.loading import find_smollm2_gguf, read_checkpoint
     from qlora_ref.paths import check_figure_file, check_output_file
+    from qlora_ref.train.progress import is_terminal
 
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")
@@ -63,15 +65,23 @@ def run_table2(args) -> int:
     linear_names = [n for n in weights if n.endswith("_proj.weight") and n.startswith("model.layers.")]
     print(f"Table 2 on {Path(path).name}: {len(ids)} held-out tokens (--max-tokens {args.max_tokens}) of "
           f"{HELD_OUT_SOURCE}, {len(linear_names)} linear weights quantized (blocksize 64), float32 compute")
-    with tqdm(total=len(table2.VARIANTS), unit="data type") as bar:
-        def progress(label):  # called as each data type starts: the previous one is done
-            if bar.desc:
-                bar.update(1)
-            bar.set_description(label)
+    def build(w):
+        return LlamaModel.from_weights(config, w)
 
-        rows = table2.table2(lambda w: LlamaModel.from_weights(config, w), weights, linear_names, ids,
-                             args.window, progress=progress)
-        bar.update(len(table2.VARIANTS) - bar.n)
+    if not is_terminal(sys.stderr):  # a log: one plain line per data type, not a bar redrawn with carriage returns
+        def line(label):
+            print(f"table2: {label} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+        rows = table2.table2(build, weights, linear_names, ids, args.window, progress=line)
+    else:
+        with tqdm(total=len(table2.VARIANTS), unit="data type") as bar:
+            def progress(label):  # called as each data type starts: the previous one is done
+                if bar.desc:
+                    bar.update(1)
+                bar.set_description(label)
+
+            rows = table2.table2(build, weights, linear_names, ids, args.window, progress=progress)
+            bar.update(len(table2.VARIANTS) - bar.n)
     print(table2.format_table(rows))
     holds = table2.paper_ordering_holds(rows)
     print(f"paper's ordering Int4 > FP4 (E2M1) > FP4 (E3M0) > NF4 + DQ in perplexity: "

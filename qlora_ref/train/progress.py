@@ -31,7 +31,7 @@ def peak_rss_bytes() -> int | None:
 LOG_INTERVAL_S = 30.0
 
 
-def _is_terminal(file) -> bool:
+def is_terminal(file) -> bool:
     """A terminal, or a Jupyter kernel's output stream (which draws tqdm's bar in place, though not a TTY)."""
     if type(file).__module__.startswith("ipykernel"):
         return True
@@ -47,7 +47,7 @@ def progress_iter(items, total: int | None = None, desc: str = "", unit: str = "
     first item, then at most one every ``LOG_INTERVAL_S`` seconds, and after the last. ``unit``: one item, in the
     singular (``"batch"``, ``"tensor"``): a line reads ``merge: tensor 12/22 (3 s)``."""
     file = file if file is not None else sys.stderr
-    if _is_terminal(file):
+    if is_terminal(file):
         from tqdm.auto import tqdm
 
         yield from tqdm(items, total=total, desc=desc, unit=unit, file=file, dynamic_ncols=True)
@@ -86,7 +86,7 @@ class Progress:
         self._t0 = None
         self._tokens = 0
         self.tokens_per_second = 0.0
-        self.plain = enabled and not _is_terminal(self.file)  # lines, not a redrawn bar
+        self.plain = enabled and not is_terminal(self.file)  # lines, not a redrawn bar
         self._last_line = None
 
     def __enter__(self) -> Progress:
