@@ -276,6 +276,28 @@ def test_resume_refuses_a_checkpoint_of_another_process_count(tiny, cpu_world, t
         ShardedTrainer(sharded.model, config.replace(optimizer="paged_adamw_8bit"), cpu_world)
 
 
+def test_a_sharded_trainer_starts_from_an_init_adapter(tiny, cpu_world, tmp_path):
+    """``init_adapter`` into a sharded model: each rank keeps its shard of the adapter's tensors, gathered whole
+    they are the file's, bit for bit."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.init_adapter import load_init_adapter
+    from qlora_ref.train.loop import train
+
+    folder, train_ds, _ = tiny
+    config = small_config(max_steps=1)
+    one, _ = make_trainer(folder, config, "gpu")
+    train(one, train_ds, config, output_dir=tmp_path / "one")
+    config = config.replace(init_adapter=str(tmp_path / "one"))
+    sharded = ShardedTrainer.from_pretrained(folder, config, world=cpu_world)
+    load_init_adapter(sharded, config)
+    weights, _ = read_adapter_files(tmp_path / "one")
+    state = sharded.adapter_state()
+    assert len(state) == len(weights)
+    for key, value in weights.items():
+        np.testing.assert_array_equal(state[key.removeprefix("base_model.model.")], value)
+
+
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.fixture
 def gpu_world(monkeypatch):

@@ -93,6 +93,10 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
                    help="pack several examples into each row of --max-length tokens, attention kept inside each")
     g.add_argument("--activation-offload", dest="activation_offload", action="store_true", default=None,
                    help="gpu backend: keep the checkpointed block inputs in host memory until the backward pass")
+    g.add_argument("--init-adapter", default=None, metavar="DIR",
+                   help="start the adapters from this PEFT adapter folder (ours, from either backend, or peft's) "
+                   "instead of LoRA's B = 0; sets --lora-r, --lora-alpha and --target-modules to its own. The "
+                   "optimizer, schedule and data order start afresh (to continue a run exactly, resume it)")
     g.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig; options given here override it")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
 
@@ -102,7 +106,7 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
 OTHER_OPTION_FIELDS = {"max_steps": "--max-steps", "output_dir": "--output-dir", "target_modules": "--target-modules",
                        "double_quant": "--no-double-quant", "gradient_checkpointing": "--no-gradient-checkpointing",
                        "train_on_inputs": "--train-on-inputs", "skip_malformed": "--skip-malformed",
-                       "packing": "--packing",
+                       "packing": "--packing", "init_adapter": "--init-adapter",
                        "activation_offload": "--activation-offload", "cpu_offload": "--cpu-offload"}
 
 #: ``qlora generate``'s arguments of ``check_generation``, and their options
@@ -155,6 +159,8 @@ def _config_from_args(args, base=None):
     for f in ("max_steps", "output_dir"):
         if getattr(args, f, None) is not None:
             changes[f] = str(getattr(args, f)) if f == "output_dir" else getattr(args, f)
+    if getattr(args, "init_adapter", None) is not None:
+        changes.update(_init_adapter_changes(args.init_adapter, changes))
     if getattr(args, "config", None) and config.lora_r == 0 and "lora_r" not in changes:  # as the file's own errors
         raise ValueError(f"{args.config}: lora_r must be a positive integer to train adapters, got 0")
     try:
@@ -164,6 +170,19 @@ def _config_from_args(args, base=None):
     except ValueError as e:
         raise named_by_option(e, changes) from None
     return config
+
+
+def _init_adapter_changes(folder: str, changes: dict) -> dict:
+    """``--init-adapter``: its absolute path (a resume from another folder names the same adapter), and the
+    adapter's r, alpha and layers for the options not given (one given otherwise fails the recipe's check)."""
+    from qlora_ref.train.init_adapter import adapter_shape_settings
+
+    try:
+        settings = adapter_shape_settings(folder)
+    except ValueError as e:
+        raise named_by_option(e, {"init_adapter"}) from None
+    return {"init_adapter": str(Path(folder).resolve()),
+            **{field: value for field, value in settings.items() if field not in changes}}
 
 
 def add_parser(subparsers) -> None:
@@ -409,7 +428,7 @@ def run_finetune(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (``qlora_ref.cli.main`` turns it into this)
         raise KeyboardInterrupt(_kept_after_interrupt(args)) from None
     except ValueError as e:  # the library's checks of its own arguments (cpu_offload, output_dir): name the options
-        raise named_by_option(e, {"activation_offload", "cpu_offload", "output_dir"}) from None
+        raise named_by_option(e, {"activation_offload", "cpu_offload", "output_dir", "init_adapter"}) from None
     if process_rank() != 0:  # one report, from rank 0
         return 0
     r = run.result

@@ -21,6 +21,7 @@ import numpy as np
 from ..data import DataReport, build_dataset, load_examples
 from .checkpoint import check_not_locked, check_resume_backend, new_run_id
 from .config import TrainConfig
+from .init_adapter import check_init_adapter
 from .launch import launched_by_torchrun, process_rank
 from .loop import TrainResult, check_no_foreign_checkpoints, train
 
@@ -164,6 +165,7 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         from .reference import check_reference_config
 
         check_reference_config(config)
+    check_init_adapter(config)  # a missing folder or a misfit adapter, before the model loads
     output_dir = output_dir if output_dir is not None else config.output_dir
     if output_dir is not None:
         check_writable_dir(output_dir, "output_dir")

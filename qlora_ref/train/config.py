@@ -15,7 +15,8 @@ scripts) for models up to 13B parameters:
 - loss on the responses only ("train on target"), gradient checkpointing on.
 
 Off by default, for long sequences and short examples (docs/long_context.md): ``packing``, ``loss_chunk_size``,
-``activation_offload`` (the GPU backend only).
+``activation_offload`` (the GPU backend only). ``init_adapter``: a trained PEFT adapter the adapters start from,
+instead of LoRA's B = 0 (``qlora_ref.train.init_adapter``).
 
 A config is a plain frozen dataclass; ``to_dict``/``from_dict`` round-trip it through JSON (it is stored in every
 checkpoint so that a resume can check it continues the same run).
@@ -44,7 +45,9 @@ RESUMABLE_CHANGES = frozenset({"max_steps", "eval_every", "save_every", "eval_ba
                                # how memory is spent, not what is computed: a run that ran out of memory resumes
                                # with them (recomputation and offload give the same values; chunks of the loss
                                # round differently, at float32's last place)
-                               "gradient_checkpointing", "activation_offload", "loss_chunk_size"})
+                               "gradient_checkpointing", "activation_offload", "loss_chunk_size",
+                               # where the adapters started: a resumed run starts from its checkpoint's
+                               "init_adapter"})
 
 
 #: fields whose type is checked first (a JSON config may hold anything), so every rule below compares like with like
@@ -55,7 +58,7 @@ _FIELD_TYPES = [
     *((name, (str,), "a string") for name in ("quant_type", "compute_dtype", "optimizer", "lr_scheduler")),
     *((name, (bool,), "true or false") for name in ("double_quant", "gradient_checkpointing", "train_on_inputs",
                                                      "skip_malformed", "progress")),
-    ("output_dir", (str, type(None)), "a path or null"),
+    *((name, (str, type(None)), "a path or null") for name in ("output_dir", "init_adapter")),
     ("fast", (bool, type(None)), "true, false or null"),
 ]
 
@@ -85,6 +88,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.1
     target_modules: tuple[str, ...] = field(default=LINEAR_MODULES)
+    init_adapter: str | None = None  # a PEFT adapter folder the adapters start from (qlora_ref.train.init_adapter)
     # -- 4-bit storage (section 3) ----------------------------------------------------------------------------
     quant_type: str = "nf4"
     double_quant: bool = True

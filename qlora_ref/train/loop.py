@@ -66,6 +66,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TRAIN_CONFIG_FILE, TrainConfig
+from .init_adapter import load_init_adapter
 from .progress import Progress
 
 
@@ -452,6 +453,8 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
         restored[:] = restore_checkpoint(backend, ckpt, config, fingerprint)
 
     ckpt = find_resume_checkpoint(output_dir, resume, use)
+    if ckpt is None:  # a new run: its adapters start from init_adapter's, if given (a resumed one, its checkpoint's)
+        load_init_adapter(backend, config, run["base_model_fingerprint"])
     last_saved = None
     if ckpt is not None:
         pos, tokens_seen, log_history = restored
