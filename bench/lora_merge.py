@@ -5,7 +5,7 @@ merge (NF4 + double quantization, the base weight's settings), for adapters of g
 
 The base weight is N(0, 0.02²); B is drawn so that ||ΔW||_F / ||W||_F = rho (ΔW = s·B A, A as PEFT initialises
 it). Errors are of the outputs on N(0, 1) inputs, relative to the adapter's contribution (0: the fine-tuning is
-kept; 1: as if the adapter were dropped): ``qlora_ref.lora.merge_error``.
+kept; 1: as if the adapter were dropped): ``qlora_ref.lora_merge.merge_error``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     import qlora_ref
-    from qlora_ref.lora import QLoRALinear, merge_error
+    from qlora_ref.lora import QLoRALinear
+    from qlora_ref.lora_merge import merge_error
 
     rng = np.random.default_rng(0)
     n = args.size

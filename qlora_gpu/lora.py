@@ -10,8 +10,8 @@ never stored dequantized.
 
 The arithmetic is the reference's, operation for operation: with ``compute_dtype="bfloat16"`` every step is a
 bfloat16 torch operation (float32 accumulation, one rounding), so the two backends differ only by the summation
-order inside matrix products. The rules — argument checks, scaling, initialisation, the dropout factor — are
-imported from ``qlora_ref.lora``.
+order inside matrix products. The rules — argument checks (``qlora_ref.lora_checks``), scaling, initialisation, the
+dropout factor (``qlora_ref.lora``) — are imported from the reference.
 
 ``qlora_gpu.fast`` computes the same values in fewer kernels (host time at batch 1, docs/benchmarks.md): a layer
 with ``fast`` set (``qlora_gpu.fast.enable`` sets it on a model's layers) or ``kernel="triton"`` (the fused
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from qlora_ref import lora as ref
+from qlora_ref import lora_checks as rules
 from qlora_ref.checks import FLOAT_DTYPES, QUANT_TYPES_4BIT, check_float_input
 from qlora_ref.quantize import Quantized4bit as RefQuantized4bit
 
@@ -114,13 +115,13 @@ class QLoRALinear(nn.Module):
                  compute_dtype: str = "bfloat16", use_rslora: bool = False, seed: int = 0, device=None,
                  kernel: str = "bnb", out_dtype: str | None = None):
         super().__init__()
-        ref.check_lora_config(r, alpha, dropout)  # before any work on the weight
-        self.compute_dtype = ref.check_compute_dtype(compute_dtype)
+        rules.check_lora_config(r, alpha, dropout)  # before any work on the weight
+        self.compute_dtype = rules.check_compute_dtype(compute_dtype)
         self.out_dtype = out_dtype
         if isinstance(weight, RefQuantized4bit):
             if not isinstance(weight, Quantized4bit):  # a NumPy state: through the shared state-dict format
                 weight = Quantized4bit.from_state_dict(weight.state_dict())
-            self.out_features, self.in_features = ref.check_weight_shape(weight.shape)
+            self.out_features, self.in_features = rules.check_weight_shape(weight.shape)
             weight = weight.to(device) if device is not None else weight
             self.weight = bnb.nn.Params4bit(
                 weight.packed, requires_grad=False, quant_state=weight.to_bnb(), blocksize=weight.blocksize,
@@ -128,11 +129,11 @@ class QLoRALinear(nn.Module):
             )
         else:
             weight = _float_tensor(weight, "weight", device)
-            self.out_features, self.in_features = ref.check_weight_shape(weight.shape)
+            self.out_features, self.in_features = rules.check_weight_shape(weight.shape)
             self.register_buffer("weight", weight.float())
         if bias is not None:
             bias = _float_tensor(bias, "bias", device)
-            ref.check_bias_shape(tuple(bias.shape), self.out_features)
+            rules.check_bias_shape(tuple(bias.shape), self.out_features)
             bias = bias.float()
         self.register_buffer("bias", bias)
         self.register_parameter("lora_A", None)
@@ -156,7 +157,7 @@ class QLoRALinear(nn.Module):
             if dname not in FLOAT_DTYPES:
                 check_float_input("W", dname, 1, True)
         W = _float_tensor(W, "W", device)
-        ref.check_weight_shape(W.shape)
+        rules.check_weight_shape(W.shape)
         check_kernel(kernel, quant_type)  # before quantizing: a bad choice fails fast
         weight = W if quant_type is None else quantize_4bit(W, quant_type, blocksize, double_quant)
         return cls(weight, r, alpha, dropout=dropout, bias=bias, compute_dtype=compute_dtype, use_rslora=use_rslora,
@@ -186,7 +187,7 @@ class QLoRALinear(nn.Module):
     def _attach(self, r: int | None, alpha: float, dropout: float, use_rslora: bool, seed: int) -> None:
         """The adapter's settings and its initial ``lora_A``/``lora_B`` on the weight's device (none for
         ``r=None``), as ``qlora_ref.lora.QLoRALinear._attach``; a fresh dropout generator."""
-        self.r, self.alpha, self.dropout = ref.check_lora_config(r, alpha, dropout)
+        self.r, self.alpha, self.dropout = rules.check_lora_config(r, alpha, dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = ref.lora_scaling(self.alpha, self.r, self.use_rslora)
         self.seed = seed
@@ -198,7 +199,7 @@ class QLoRALinear(nn.Module):
 
     def __setattr__(self, name, value):
         if name in ("lora_A", "lora_B") and self.__dict__.get("_initialized") and value is not None:
-            ref.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
+            rules.check_adapter_shape(name, tuple(value.shape), self.in_features, self.out_features, self.r)
         if name == "kernel":
             value = check_kernel(value, self.quant_type)
         if name in ("kernel", "fast"):  # the forward call's path, chosen here rather than at every call
@@ -253,7 +254,7 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        ref.check_input_shape(tuple(x.shape), self.in_features)
+        rules.check_input_shape(tuple(x.shape), self.in_features)
         cdt = getattr(torch, self.compute_dtype)
         xc = x.reshape(-1, self.in_features).to(cdt)
         keep = self._dropout_keep(x, xc, dropout_mask)
@@ -277,7 +278,7 @@ class QLoRALinear(nn.Module):
         mask."""
         staged = self.__dict__.pop(STAGED_MASK, None)
         if dropout_mask is not None:
-            ref.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
+            rules.check_dropout_mask(tuple(dropout_mask.shape), tuple(x.shape), self.dropout_active)
             return dropout_mask.reshape(-1, self.in_features).to(device=xc.device, dtype=torch.bool)
         if not self.dropout_active:
             return None

@@ -50,13 +50,15 @@ with its own values): ``"fused"`` (default) dequantizes tile by tile inside the 
 (``qlora_ref.fused_matmul``), ``"naive"`` dequantizes the whole weight first — the readable definition; they give
 the same bits. ``set_kernel(model, kernel)`` switches every layer of a model. (``matmul=`` is the option's old
 name: still accepted, with a ``DeprecationWarning``.)
+
+The layer's argument rules, shared with ``qlora_gpu``, are ``qlora_ref.lora_checks``; what merging an adapter into
+the 4-bit weight loses, ``qlora_ref.lora_merge``.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from numbers import Real
 
 import numpy as np
 
@@ -64,80 +66,31 @@ from . import fused_matmul, lora_kernels
 from .checks import FLOAT_DTYPES, check_float_input
 from .dropout import draw_keep
 from .dtypes import round_to, round_to_definition
+from .lora_checks import (
+    COMPUTE_DTYPES,
+    KERNELS,
+    MATMUL_RENAMED,
+    check_adapter_shape,
+    check_bias_shape,
+    check_compute_dtype,
+    check_dropout_mask,
+    check_grad_shape,
+    check_input_shape,
+    check_kernel,
+    check_lora_config,
+    check_weight_shape,
+    float_array,
+    renamed_kernel,
+)
 from .quantize import Quantized4bit, dequantize_4bit, quantize_4bit
 
-#: the computation data types: bfloat16 (QLoRA's) and float32 (exact)
-COMPUTE_DTYPES = ("float32", "bfloat16")
-#: the implementations of the frozen-weight products (module docstring); "fused" is the default
-KERNELS = ("fused", "naive")
 _NO_BIAS = np.empty(0, np.float32)  # placeholders for the kernels' optional arrays
 _NO_KEEP = np.empty((0, 0), bool)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Configuration rules shared with qlora_gpu (checks take plain facts — numbers and shapes — never arrays)
+# The LoRA update's scale and initialisation (LoRA, Hu et al. 2021; PEFT)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def check_lora_config(r, alpha, dropout) -> tuple[int | None, float, float]:
-    """Validate (r, alpha, dropout). ``r=None`` means a frozen layer without adapter (alpha is then unused)."""
-    if r is not None:
-        if isinstance(r, bool) or not isinstance(r, int | np.integer) or r <= 0:
-            raise ValueError(f"r (the LoRA rank) must be a positive integer, or None for a layer without adapter; "
-                             f"got {r!r}")
-        r = int(r)
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a finite positive number (the update is scaled by alpha / r), got {alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, Real) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
-    return r, float(alpha), float(dropout)
-
-
-def check_compute_dtype(compute_dtype) -> str:
-    name = str(compute_dtype).removeprefix("torch.")
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    return name
-
-
-def check_weight_shape(shape) -> tuple[int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 2 or min(shape) <= 0:
-        raise ValueError(f"the base weight must be a non-empty 2-D (out_features, in_features) matrix, got shape "
-                         f"{shape}")
-    return shape
-
-
-def check_bias_shape(shape, out_features: int) -> None:
-    if tuple(shape) != (out_features,):
-        raise ValueError(f"bias must have shape ({out_features},) (out_features), got {tuple(shape)}")
-
-
-def check_adapter_shape(name: str, shape, in_features: int, out_features: int, r: int | None) -> None:
-    """``lora_A`` must be (r, in_features), ``lora_B`` (out_features, r); a layer with r=None has neither."""
-    if r is None:
-        raise ValueError(f"this layer has no adapter (r=None): cannot set {name}")
-    expected = (r, in_features) if name == "lora_A" else (out_features, r)
-    if tuple(shape) != expected:
-        what = "(r, in_features)" if name == "lora_A" else "(out_features, r)"
-        raise ValueError(f"{name} must have shape {what} = {expected}, got {tuple(shape)}")
-
-
-def check_input_shape(shape, in_features: int) -> None:
-    if len(shape) == 0 or shape[-1] != in_features:
-        raise ValueError(f"input must have last dimension in_features={in_features}, got shape {tuple(shape)}")
-
-
-def check_grad_shape(shape, expected) -> None:
-    if tuple(shape) != tuple(expected):
-        raise ValueError(f"grad_y must have the shape of the forward output {tuple(expected)}, got {tuple(shape)}")
-
-
-def check_dropout_mask(mask_shape, x_shape, active: bool) -> None:
-    if not active:
-        raise ValueError("dropout_mask was given but dropout is inactive (dropout=0, no adapter, or eval mode)")
-    if tuple(mask_shape) != tuple(x_shape):
-        raise ValueError(f"dropout_mask must have the input's shape {tuple(x_shape)}, got {tuple(mask_shape)}")
 
 
 def lora_scaling(alpha: float, r: int | None, use_rslora: bool = False) -> float:
@@ -200,13 +153,13 @@ class QLoRALinear:
             self.weight = weight
             self._weight_c = None  # dequantized on the fly, in every forward and backward
         else:
-            weight = _float_array(weight, "weight")
+            weight = float_array(weight, "weight")
             self.out_features, self.in_features = check_weight_shape(weight.shape)
             self.weight = weight.astype(np.float32)
             self._weight_c = round_to(self.weight, self.compute_dtype)  # frozen: round once
         self.bias = None
         if bias is not None:
-            bias = _float_array(bias, "bias")
+            bias = float_array(bias, "bias")
             check_bias_shape(bias.shape, self.out_features)
             self.bias = bias.astype(np.float32)
         self.r = None
@@ -243,7 +196,7 @@ class QLoRALinear:
                     seed: int = 0, *, use_rslora: bool = False, kernel: str = "fused",
                     tile: int | None = None, matmul: str | None = None) -> QLoRALinear:
         """Quantize ``W`` (out, in) with ``quant_type`` (``None`` keeps it float32) and attach an adapter."""
-        W = _float_array(W, "W")
+        W = float_array(W, "W")
         check_weight_shape(W.shape)
         if quant_type is not None and W.dtype.name not in FLOAT_DTYPES:  # the quantizer's check, naming W
             check_float_input("W", W.dtype.name, W.size, True)
@@ -275,12 +228,12 @@ class QLoRALinear:
     @property
     def matmul(self) -> str:
         """Deprecated name of ``kernel``."""
-        warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
+        warnings.warn(MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
         return self.kernel
 
     @matmul.setter
     def matmul(self, value: str) -> None:
-        warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
+        warnings.warn(MATMUL_RENAMED, DeprecationWarning, stacklevel=2)
         self.kernel = value
 
     # ---------------------------------------------------------------- parameters
@@ -301,7 +254,7 @@ class QLoRALinear:
         self._lora_B = self._adapter("lora_B", value)
 
     def _adapter(self, name, value) -> np.ndarray:
-        value = _float_array(value, name)
+        value = float_array(value, name)
         check_adapter_shape(name, value.shape, self.in_features, self.out_features, self.r)
         return np.ascontiguousarray(value, dtype=np.float32)
 
@@ -361,7 +314,7 @@ class QLoRALinear:
         ``dropout_mask``: an explicit boolean keep-mask of x's shape (True keeps), used instead of the layer's
         generator — so that two implementations can be run with the same mask. Only while dropout is active.
         """
-        x = _float_array(x, "x")
+        x = float_array(x, "x")
         check_input_shape(x.shape, self.in_features)
         keep = None if self.r is None else self._dropout_keep(x.shape, dropout_mask)
         x2 = x.reshape(-1, self.in_features)
@@ -380,7 +333,7 @@ class QLoRALinear:
         if self._cache is None:
             raise RuntimeError("backward() needs a forward() first (or the cache was cleared)")
         shape = self._cache["shape"]
-        grad_y = _float_array(grad_y, "grad_y")
+        grad_y = float_array(grad_y, "grad_y")
         check_grad_shape(grad_y.shape, (*shape[:-1], self.out_features))
         g2 = grad_y.reshape(-1, self.out_features)
         gx, grads = (self._backward_definition if self.kernel == "naive" else self._backward_fast)(g2, self._cache)
@@ -523,24 +476,6 @@ class QLoRALinear:
                 f"compute_dtype={self.compute_dtype!r}, kernel={self.kernel!r})")
 
 
-_MATMUL_RENAMED = "QLoRALinear's matmul option is now named kernel (the same values: 'fused', 'naive')"
-
-
-def check_kernel(kernel) -> str:
-    """``kernel`` is one of ``KERNELS``."""
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel
-
-
-def renamed_kernel(kernel: str, matmul: str | None) -> str:
-    """``kernel``, or the value given under its deprecated name ``matmul`` (with a ``DeprecationWarning``)."""
-    if matmul is None:
-        return kernel
-    warnings.warn(_MATMUL_RENAMED, DeprecationWarning, stacklevel=3)
-    return matmul
-
-
 def set_kernel(model, kernel: str) -> int:
     """Set ``kernel`` (one of ``KERNELS``) on every ``QLoRALinear`` of ``model`` (a ``LlamaModel``, or a layer
     itself); returns how many layers were set. Checked first: a ValueError leaves the model unchanged.
@@ -559,65 +494,18 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def merge_error(layer: QLoRALinear, x) -> dict[str, float]:
-    """How much merging loses, measured exactly (float64) on inputs ``x`` (..., in).
-
-    The adapted layer computes with W + ΔW, W the dequantized base weight and ΔW = s·B A. For each way to merge —
-    ``"float32"`` (``merge()``), ``"bfloat16"`` (``merge()`` rounded to bfloat16, how merged models are usually
-    saved) and ``"requantized"`` (``merge()`` quantized again with the base weight's settings) — the error of the
-    merged weight M relative to the adapter's own contribution::
-
-        ||x Mᵀ − x (W + ΔW)ᵀ|| / ||x ΔWᵀ||      0: the fine-tuning is kept; 1: as if the adapter were dropped
-
-    plus, for the re-quantized weight, ``"retained"`` = ⟨M − W, ΔW⟩ / ||ΔW||² (the share of ΔW that survives) and
-    ``"codes_changed"``, the fraction of 4-bit codes that differ from the base weight's.
-    """
-    if layer.r is None or not isinstance(layer.weight, Quantized4bit):
-        raise ValueError("merge_error needs a layer with an adapter and a quantized base weight")
-    x = _float_array(x, "x").reshape(-1, layer.in_features).astype(np.float64)
-    w = dequantize_4bit(layer.weight, "float32").astype(np.float64)
-    delta = np.float64(layer.scaling) * (layer.lora_B.astype(np.float64) @ layer.lora_A.astype(np.float64))
-    adapted = x @ (w + delta).T
-    norm = np.linalg.norm(x @ delta.T)
-    merged = layer.merge()
-    q = layer.weight
-    requantized = quantize_4bit(merged, q.quant_type, q.blocksize, q.double_quant)
-    weights = {
-        "float32": merged,
-        "bfloat16": round_to(merged, "bfloat16"),
-        "requantized": dequantize_4bit(requantized, "float32"),
-    }
-    out = {k: float(np.linalg.norm(x @ m.astype(np.float64).T - adapted) / norm) for k, m in weights.items()}
-    out["retained"] = float(np.sum((weights["requantized"] - w) * delta) / np.sum(delta * delta))
-    out["codes_changed"] = float(np.mean(requantized.codes() != q.codes()))
-    return out
-
-
 def _rounded(a: np.ndarray, compute_dtype: str) -> np.ndarray:
     """``a`` (a new float32 array, e.g. a matrix product) rounded to the compute dtype in place."""
     return round_to(a, compute_dtype, out=a)
-
-
-def _float_array(a, name: str) -> np.ndarray:
-    """``a`` as a NumPy float array (float16, bfloat16, float32 or float64; not converted yet)."""
-    try:
-        arr = np.asarray(a)
-    except Exception as e:  # e.g. a torch tensor that needs .numpy() on another device
-        raise ValueError(f"{name} must be a NumPy float array, got {type(a).__name__}") from e
-    if arr.dtype.kind != "f" and arr.dtype.name != "bfloat16":
-        raise ValueError(f"{name} must be a float array, got dtype {arr.dtype}")
-    return arr
 
 
 __all__ = [
     "COMPUTE_DTYPES",
     "KERNELS",
     "QLoRALinear",
-    "check_lora_config",
     "dropout_scale",
     "init_lora_weights",
     "lora_a_init_bound",
     "lora_scaling",
-    "merge_error",
     "set_kernel",
 ]

@@ -14,7 +14,8 @@ from numba.core.runtime import _nrt_python, rtsys
 import qlora_ref
 from qlora_ref import fused_matmul
 from qlora_ref.dtypes import round_to
-from qlora_ref.lora import QLoRALinear, dropout_scale, lora_scaling, merge_error
+from qlora_ref.lora import QLoRALinear, dropout_scale, lora_scaling
+from qlora_ref.lora_merge import merge_error
 
 
 def make_layer(out_f=24, in_f=80, r=6, alpha=12.0, p=0.0, bias=True, quant="nf4", compute_dtype="float32", seed=0,

@@ -232,7 +232,7 @@ class QuantConfig:
     def __post_init__(self):
         # the same checks, and messages, as quantize_4bit and QLoRALinear
         from ..checks import REFERENCE_QUANT_TYPES_4BIT, check_blocksize, check_bool, check_quant_type
-        from ..lora import check_compute_dtype
+        from ..lora_checks import check_compute_dtype
 
         check_quant_type(self.quant_type, REFERENCE_QUANT_TYPES_4BIT)
         object.__setattr__(self, "blocksize", check_blocksize(self.blocksize))
