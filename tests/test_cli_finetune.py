@@ -498,7 +498,7 @@ def test_the_model_folder_is_refused_as_output_and_a_run_without_checkpoints_say
     assert "is the base model's folder" in capsys.readouterr().err
     assert sorted(p.name for p in model.iterdir()) == before  # nothing written among the weights
     assert main([*base, "--output-dir", str(tmp_path / "a")]) == 0
-    assert "checkpoints: none before step 2 (save_every 0)" in capsys.readouterr().err
+    assert "checkpoints: none before step 2 (save_every 250)" in capsys.readouterr().err
     assert main([*base, "--output-dir", str(tmp_path / "b"), "--save-every", "1"]) == 0
     assert "checkpoints: none before" not in capsys.readouterr().err
 

@@ -194,9 +194,10 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         n_eval = 0 if eval_ds is None else len(eval_ds)
         print(f"data: {report.summary()}; {len(train_ds)} training / {n_eval} held-out examples", file=sys.stderr,
               flush=True)
-        if output_dir is not None and config.save_every == 0 and config.max_steps > 1:
-            print(f"checkpoints: none before step {config.max_steps} (save_every 0), so a run stopped before then "
-                  "starts over; --save-every N keeps one every N steps", file=sys.stderr, flush=True)
+        if output_dir is not None and config.max_steps > 1 and not 0 < config.save_every < config.max_steps:
+            print(f"checkpoints: none before step {config.max_steps} (save_every {config.save_every}), so a run "
+                  "stopped before then starts over; --save-every N keeps one every N steps", file=sys.stderr,
+                  flush=True)
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
                    base_model=base_model_name(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)

@@ -122,7 +122,7 @@ class TrainConfig:
     eval_batches: int = 0  # 0: evaluate on the whole held-out set
     # -- bookkeeping ----------------------------------------------------------------------------------------------
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    save_every: int = 250  # optimizer steps between checkpoints (the paper's qlora.py: 250; 0: only at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept (older ones are deleted); 0 keeps all
     progress: bool = True
     output_dir: str | None = None
