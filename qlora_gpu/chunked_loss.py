@@ -15,6 +15,8 @@ unchunked one up to the order of the float32 sums (tests/test_chunked_loss.py).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -73,8 +75,9 @@ def chunked_nll_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """(summed next-token cross entropy over the counted targets, their number) of the logits ``hidden @ weight.T``
     for ``labels`` [B, T] (-100: no loss; position t predicts the label at t + 1), computed in chunks of
     ``chunk_size`` counted positions (``ChunkedLMHeadLoss``)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    chunk_size = int(chunk_size)  # a NumPy integer too, as the reference takes it
     targets = torch.full_like(labels, IGNORE_INDEX)
     targets[:, :-1] = labels[:, 1:]
     targets = targets.reshape(-1)

@@ -493,6 +493,9 @@ class QLoRAModel(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, value: bool) -> None:
+        if not value and self.activation_offload:  # offload hooks only the checkpointed inputs: it would do nothing
+            raise ValueError("activation offload is on and moves the checkpointed block inputs: switch it off "
+                             "first (activation_offload = False), then gradient checkpointing")
         self._gradient_checkpointing = bool(value)
         for layer in self.hf.model.layers:
             layer.__dict__[CHECKPOINTED] = bool(value)

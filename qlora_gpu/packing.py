@@ -44,8 +44,13 @@ def cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _sliding_window(module) -> int | None:
+    """The attention module's own window where it keeps one — None on the full-attention layers of a model that
+    mixes the two (Qwen2's ``max_window_layers``, Gemma's ``layer_types``) — else its config's (Mistral)."""
     config = getattr(module, "config", None)
-    window = getattr(module, "sliding_window", None) or getattr(config, "sliding_window", None)
+    if hasattr(module, "sliding_window"):
+        window = module.sliding_window
+    else:
+        window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True) is False:  # Qwen2 keeps a value unused
         return None
     return window

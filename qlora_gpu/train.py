@@ -81,6 +81,7 @@ class GpuTrainer:
         self.lora = model.lora
         self.config = config
         self.device = model.hf.model.embed_tokens.weight.device
+        model.activation_offload = None  # off first: the model may come with it on, and the recipe without checkpoints
         model.gradient_checkpointing = config.gradient_checkpointing
         model.activation_offload = config.activation_offload
         fast = config.fast if config.fast is not None else (True if fast_by_default(self.device) else None)

@@ -165,8 +165,12 @@ def test_gpu_chunked_gradcheck():
 
 def test_gpu_chunked_refuses_a_bad_chunk():
     hidden, weight, labels = (tt(a) for a in case(8))
-    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
-        chunked_nll_sum(hidden, weight, labels, 0)
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+            chunked_nll_sum(hidden, weight, labels, bad)
+    # a NumPy integer is an integer, as the reference takes it
+    assert torch.equal(chunked_nll_sum(hidden, weight, labels, np.int64(3))[0],
+                       chunked_nll_sum(hidden, weight, labels, 3)[0])
 
 
 def test_reference_and_gpu_chunked_agree():

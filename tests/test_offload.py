@@ -83,6 +83,11 @@ def test_offload_needs_gradient_checkpointing(checkpoint):
         model.activation_offload = True
     with pytest.raises(ValueError, match="activation_offload .* needs gradient_checkpointing=True"):
         TrainConfig(activation_offload=True, gradient_checkpointing=False)
+    model.gradient_checkpointing = True
+    model.activation_offload = True
+    with pytest.raises(ValueError, match="switch it off first"):  # the other order: offload would do nothing
+        model.gradient_checkpointing = False
+    assert model.gradient_checkpointing and model.activation_offload
 
 
 def test_reference_trainer_refuses_offload(tmp_path):

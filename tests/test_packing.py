@@ -458,6 +458,28 @@ def test_cu_seqlens_cut_the_flattened_batch_at_every_example():
     assert cu_seqlens(torch.arange(4)[None].expand(2, 4)).tolist() == [0, 4, 8]
 
 
+@pytest.mark.parametrize("arch, window", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # layer 0 full, layer 1 windowed
+    ("mistral", dict(sliding_window=4)),  # every layer windowed, the window on the config only
+])
+def test_varlen_attention_keeps_each_layers_own_window(arch, window):
+    """One example longer than the window: VARLEN attention gives the logits of transformers' eager attention,
+    which windows only the layers whose attention has a window (a full-attention layer of Qwen2 must not take the
+    config's)."""
+    from model_helpers import make_hf_model
+
+    from qlora_gpu.patches import use_varlen_attention
+
+    hf = make_hf_model(arch, vocab_size=61, hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, **window).eval()
+    ids = torch.randint(0, 61, (1, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = hf(input_ids=ids, use_cache=False).logits
+        assert use_varlen_attention(hf)
+        varlen = hf(input_ids=ids, position_ids=torch.arange(10)[None], use_cache=False).logits
+    torch.testing.assert_close(varlen, eager, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's variable-length kernel)")
 def test_varlen_kernel_equals_per_example_sdpa_on_cuda():

@@ -43,7 +43,8 @@ TRAIN_OPTIONS = {
                                         "the data report"),
     "eval_fraction": ("--eval-fraction", float, "held-out fraction of --data when no --eval-data is given"),
     "eval_every": ("--eval-every", int, "steps between held-out evaluations (0: only at the end)"),
-    "eval_batches": ("--eval-batches", int, "micro-batches per held-out evaluation (0: all)"),
+    "eval_batches": ("--eval-batches", int, "batches of --batch-size examples per held-out evaluation, unpacked "
+                                             "also with --packing (0: all)"),
     "save_every": ("--save-every", int, "steps between checkpoints (paper's qlora.py: 250; 0: only at the end)"),
     "quant_type": ("--quant-type", str, "4-bit data type of the frozen weights: nf4 (paper), fp4, int4, fp4_e3m0 "
                                         "(int4 and fp4_e3m0: --backend ref only), or none (float32 weights: plain "
