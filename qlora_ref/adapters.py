@@ -25,7 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from .dtypes import host_array
-from .files import atomic_save_safetensors, atomic_write_json, check_finite, load_safetensors, model_fingerprint
+from .files import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_finite,
+    load_safetensors,
+    model_fingerprint,
+    tensors_sha256,
+)
 from .model.config import LINEAR_MODULES, LoraConfig
 from .model.linear import add_adapters
 
@@ -33,6 +40,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: the metadata key of ``adapter_model.safetensors`` that holds the base model's fingerprint
 BASE_FINGERPRINT_KEY = "qlora.base_model_fingerprint"
+#: the weights file's metadata key for ``files.tensors_sha256`` of its tensors (peft ignores it; peft's re-save drops
+#: it, and a file without it is read unchecked)
+TENSORS_SHA256_KEY = "qlora.tensors_sha256"
 #: present while ``qlora finetune`` replaces a folder's final files one by one (``loop.train``): a folder holding it
 #: may mix two runs' files (a kill in between), so it is refused until a finished run removes it
 INCOMPLETE_FILE = "qlora_write_incomplete.json"
@@ -186,12 +196,14 @@ def write_adapter_files(folder, params: Mapping[str, np.ndarray], adapter_config
     """``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` (each written atomically). Weights
     holding NaN or Inf are refused: a diverged run never replaces a good adapter with a broken one.
     base_fingerprint: the base model's ``files.model_fingerprint``, kept in the weights file's metadata (which
-    peft ignores; an unknown key in ``adapter_config.json`` would make it warn) for ``load_adapter`` to compare."""
+    peft ignores; an unknown key in ``adapter_config.json`` would make it warn) for ``load_adapter`` to compare;
+    beside it the tensors' SHA-256, which ``read_adapter_files`` checks."""
     folder = Path(folder)
     tensors = to_peft_keys(params)
     check_finite(tensors, f"{folder / ADAPTER_WEIGHTS}: not written")
     folder.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt"} | ({BASE_FINGERPRINT_KEY: base_fingerprint} if base_fingerprint else {})
+    metadata = {"format": "pt", TENSORS_SHA256_KEY: tensors_sha256(tensors)}
+    metadata |= {BASE_FINGERPRINT_KEY: base_fingerprint} if base_fingerprint else {}
     atomic_save_safetensors(tensors, folder / ADAPTER_WEIGHTS, metadata=metadata)
     atomic_write_json(folder / ADAPTER_CONFIG, adapter_config)
     return folder
@@ -227,7 +239,9 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
         hint = f" (adapter_model.bin is {_NO_PICKLE}: convert it to safetensors)" if (
             Path(folder) / "adapter_model.bin").exists() else ""
         raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}{hint}")
-    weights = from_peft_keys(load_safetensors(w_path), str(w_path))
+    tensors = load_safetensors(w_path)
+    check_tensors_sha256(w_path, tensors)
+    weights = from_peft_keys(tensors, str(w_path))
     if not weights:
         raise ValueError(f"{w_path}: holds no LoRA weights")
     check_finite(weights, str(w_path))
@@ -235,6 +249,20 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     if ranks != {cfg["r"]}:
         raise ValueError(f"{w_path}: lora_A ranks {sorted(ranks)} do not match r={cfg['r']} in {ADAPTER_CONFIG}")
     return weights, cfg
+
+
+def check_tensors_sha256(path, tensors: Mapping[str, np.ndarray]) -> None:
+    """The tensors read from the weights file at ``path`` are those written there (the SHA-256 its metadata keeps,
+    where ours wrote one): a bit flipped on a disk or in a copy is an error, not silently different outputs."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        expected = (f.metadata() or {}).get(TENSORS_SHA256_KEY)
+    if expected is not None and tensors_sha256(tensors) != expected:
+        raise ValueError(f"{path}: its tensors changed since they were written (their sha256 is not the "
+                         f"{expected[:12]}... its metadata keeps): a damaged copy? Copy the adapter again from "
+                         f"where it was trained (a deliberate edit: save the file without the {TENSORS_SHA256_KEY} "
+                         "metadata)")
 
 
 def save_adapter(model, folder, base_model_name_or_path: str | None = None) -> Path:

@@ -160,6 +160,18 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors) -> str:
+    """The SHA-256 of named arrays — each name, dtype, shape and bytes, in name order: what a safetensors file
+    holds, whatever its header's layout. Kept in an adapter file's metadata, it catches a bit flipped in a weight,
+    which no structural check can."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 #: model_fingerprint: files up to this size are hashed whole; larger ones by their first MiB (the header) and a
 #: 4 KiB sample every 8 MiB, so that a 140 GB model costs about 70 MB of reads, not 140 GB
 _WHOLE, _HEAD, _SAMPLE, _STRIDE = 64 << 20, 1 << 20, 4 << 10, 8 << 20

@@ -260,6 +260,28 @@ def test_bad_adapter_files_are_refused_clearly(folder, tmp_path):
         load_adapter(ref, tmp_path)
 
 
+def test_a_bit_flipped_in_an_adapter_file_is_caught(folder, tmp_path):
+    """The weights file keeps its tensors' SHA-256: one float32 weight moved by one ulp (the lowest byte of the
+    first tensor's data, past the header) fails the load, naming the file; a file without the digest (peft's,
+    or ours re-saved by peft) loads as before."""
+    import struct
+
+    ref = load_model(folder, quant=None, lora=LoraConfig(r=4, alpha=8.0), tokenizer=False)
+    randomize_adapters(ref)
+    save_adapter(ref, tmp_path)
+    path = tmp_path / ADAPTER_WEIGHTS
+    data = bytearray(path.read_bytes())
+    start = 8 + struct.unpack("<Q", data[:8])[0]
+    data[start] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{ADAPTER_WEIGHTS}: its tensors changed since they were written"):
+        load_adapter(ref, tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file(load_file(path), path, metadata={"format": "pt"})  # the same bytes, without our metadata
+    load_adapter(ref, tmp_path)
+
+
 def test_merge_into_a_16bit_hf_folder(folder, tmp_path):
     """W + (alpha/r) B A on the dequantized NF4 weight, exported as a Hugging Face folder: in float32,
     transformers' logits equal the adapted 4-bit model's to round-off; in bfloat16 (the default) every tensor is
