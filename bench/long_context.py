@@ -33,12 +33,13 @@ Time: every run has a slice of ``--budget`` (default 520 s, about 9 minutes of d
 80 s, 8b:ours 190 s, 70b:baseline 80 s, 70b:ours 150 s; process start, imports and the build — 2 s at 8B, 8 s at
 70B on 2026-11-30's H200 — come out of the slice), so the invocation ends within the budget whatever the card.
 ``--plan-only`` prints where each search starts and what its first try should cost. On an 80 GB H100 at an
-assumed 300 TFLOP/s: 8b:baseline starts at 41,984 tokens (~13 s a try) and converges; 8b:ours starts at 121,856
-(~77 s) and doubling would cost ~270 s, so it ends time-limited with a lower bound; 70b:baseline starts at 7,168
-(~11 s); 70b:ours at 29,696 (~59 s), time-limited too. The calculator expects ours full at 287,744 tokens at 8B
-(80 GB) — the block being recomputed holds its MLP's intermediates, 4 x 14,336 values a token — so Unsloth's
-342,733 is out of reach of this design on 80 GB (docs/long_context.md); a single try costs ~5-8 minutes at that
-length: ``--runs 8b:ours@290816 --budget 560`` in a session of its own.
+assumed 300 TFLOP/s (80 x 10^9 bytes): 8b:baseline starts at 33,792 tokens (~10 s a try) and converges; 8b:ours
+starts at 120,832 (~76 s) and doubling would cost ~266 s, so it ends time-limited with a lower bound; 70b:baseline
+starts at 5,120 (~8 s); 70b:ours at 27,648 (~53 s), time-limited too. The calculator expects ours full at 181,248
+tokens at 8B (80 GB; the float32 residual stream of ``prepare_model``) — the block being recomputed holds its MLP's
+intermediates, 4 x 14,336 values a token, three of them float32 — so Unsloth's 342,733 is out of reach of this
+design on 80 GB (docs/long_context.md); a single try at the predicted limit costs ~2.6 minutes:
+``--runs 8b:ours@182272 --budget 560`` in a session of its own.
 
 Without CUDA only ``--tiny`` runs: a 2-block model of the 8B layout's kind with a simulated memory cap (a try
 longer than ``--tiny-cap`` tokens raises ``torch.OutOfMemoryError`` before its step), which checks the search,

@@ -2,11 +2,11 @@
 pass, and brought back, one block ahead, for the recomputation.
 
 With gradient checkpointing a decoder block keeps only its input — the residual stream, (batch, seq, hidden) in
-the compute dtype — from its forward pass to its backward pass, where it runs the block again from it
-(``qlora_ref.model.block``). At long context those inputs are most of what a step holds on the GPU: L blocks x
-tokens x hidden x 2 bytes, 32 x 131,072 x 4,096 x 2 = 34 GB for Llama-3.1-8B at 128k tokens
-(``qlora_ref.memory.offloaded_bytes``). Offloaded, the GPU holds at most two of them at once: the one being
-recomputed and the next, already on its way back.
+the stream's dtype (float32 as ``prepare_model`` builds it by default) — from its forward pass to its backward
+pass, where it runs the block again from it (``qlora_ref.model.block``). At long context those inputs are most of
+what a step holds on the GPU: L blocks x tokens x hidden x 4 bytes, 32 x 131,072 x 4,096 x 4 = 69 GB for
+Llama-3.1-8B at 128k tokens (``qlora_ref.memory.offloaded_bytes``). Offloaded, the GPU holds at most two of them
+at once: the one being recomputed and the next, already on its way back.
 
 How: torch's non-reentrant checkpoint saves a block's inputs through autograd's saved-tensor machinery (its
 ``_NoopSaveInputs`` node), outside the hooks it installs inside the block. ``ActivationOffload.hooks()`` — a
@@ -60,7 +60,7 @@ class ActivationOffload:
     """Saved-tensor hooks that move checkpointed block inputs to host memory (see the module docstring).
     ``min_bytes``: smaller tensors stay where they are. ``max_host_bytes``: once a step has sent this much to the
     host, the later blocks' inputs stay on the device (pinned memory is the host's RAM, which a long sequence of
-    a large model can exceed: 80 blocks x 89k tokens x 8,192 x 2 bytes = 117 GB at 70B)."""
+    a large model can exceed: 80 blocks x 89k tokens x 8,192 x 4 bytes = 233 GB at 70B)."""
 
     def __init__(self, min_bytes: int = 0, max_host_bytes: int | None = None):
         self.min_bytes, self.max_host_bytes = min_bytes, max_host_bytes

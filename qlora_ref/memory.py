@@ -16,7 +16,8 @@ keeps in memory, so those figures can be reproduced and any other configuration 
                         (section 2, "Memory Requirement of Parameter-Efficient Finetuning"), including the float32
                         logits of the loss (``logits_bytes``: all positions at once, or one chunk with a chunked
                         loss) and less the block inputs moved to host memory by activation offload
-                        (``offloaded_bytes``)
+                        (``offloaded_bytes``); the residual stream — each block's input, which checkpointing keeps
+                        and offload moves — in its own dtype (``residual_dtype``, float32 by default)
 
 For long sequences and short examples (docs/long_context.md), three more settings: ``packing`` with an
 ``example_length`` (how many of a step's token slots are useful, ``step_tokens``), ``loss_chunk`` and ``offload``.
@@ -83,6 +84,13 @@ LLAMA3_CONFIGS = {
     "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                           num_key_value_heads=8, vocab_size=128256),
 }
+
+#: the residual stream's dtype by default: float32, the standard stack's (transformers + peft's
+#: ``prepare_model_for_kbit_training`` under autocast, and the paper's qlora.py, whose float32 norms widen the stream)
+#: and ``qlora_gpu.prepare.prepare_model``'s (``residual_dtype="float32"``; docs/training.md, "Precision of the
+#: residual stream"): the block inputs, the norms' inputs and the residual additions are float32 while the matrix
+#: products compute in the compute dtype
+RESIDUAL_DTYPE = "float32"
 
 #: how many checkpointed block inputs activation offload leaves on the device at once: the block being recomputed
 #: and the one before it, already on its way back (``qlora_gpu.offload``)
@@ -360,20 +368,28 @@ def quantized_tensor_bytes(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def layer_activation_bytes_per_token(shape: ModelShape, seq: int, attention: str, act_bytes: int) -> int:
+def layer_activation_bytes_per_token(shape: ModelShape, seq: int, attention: str, act_bytes: int,
+                                     residual_bytes: int | None = None) -> int:
     """Bytes one decoder layer keeps for its backward pass, per token, without LoRA.
 
     Each tensor a Llama decoder layer's backward pass reads, counted once (a tensor read by two operations, like
-    the normed input shared by q/k/v_proj, is one tensor), all in the compute dtype:
+    the normed input shared by q/k/v_proj, is one tensor), in the compute dtype (``act_bytes``) except those
+    marked *, which have the residual stream's dtype (``residual_bytes``, default ``act_bytes``):
 
     attention half                                       MLP half
-      layer input (the RMSNorm's input)       h            RMSNorm input                      h
+      layer input (the RMSNorm's input)       h*           RMSNorm input                      h*
       normed input (q/k/v_proj's input)       h            normed input (gate/up_proj's)      h
-      q and k after rotary embedding     q + kv            gate output (SiLU's input)         f
-      v                                      kv            SiLU output and up output         2f
+      q and k after rotary embedding     q + kv            gate output (SiLU's input)         f*
+      v                                      kv            SiLU output and up output         2f*
       softmax probabilities         heads x seq  (eager)   their product (down_proj's input)  f
       attention output (o_proj's input)       q
 
+    * A float32 stream (the standard stack's and ``qlora_gpu.prepare.prepare_model``'s; docs/training.md,
+    "Precision of the residual stream"): the norms' inputs are the stream itself (the layer input is the block's
+    checkpoint; the residual additions keep nothing), and gate and up return the stream's dtype (bitsandbytes'
+    ``Linear4bit`` returns its float32 input's dtype; ``qlora_gpu.model.WIDENED_OUTPUTS``), so SiLU and the
+    gating product keep float32 values; down_proj keeps its input cast to the compute dtype, and q and k, widened
+    too, reach attention cast back to it (``torch.autocast``), which is what attention keeps.
     With "flash" attention the (seq x seq) probabilities are recomputed in the backward pass and only one float32
     log-sum-exp per head and token is kept. The same tensors are kept for full fine-tuning (they give the weight
     gradients) and for (Q)LoRA (the frozen layers still pass gradients to their inputs, and the 4-bit matmul keeps
@@ -383,12 +399,13 @@ def layer_activation_bytes_per_token(shape: ModelShape, seq: int, attention: str
     f = shape.intermediate_size
     q = shape.num_heads * shape.head_dim
     kv = shape.num_kv_heads * shape.head_dim
-    attention_half = (2 * h + q + kv + kv + q) * act_bytes
+    stream = act_bytes if residual_bytes is None else residual_bytes
+    attention_half = h * stream + (h + q + kv + kv + q) * act_bytes
     if attention == "eager":
         attention_half += shape.num_heads * seq * act_bytes
     else:
         attention_half += shape.num_heads * 4
-    mlp_half = (2 * h + 4 * f) * act_bytes
+    mlp_half = (h + 3 * f) * stream + (h + f) * act_bytes
     return attention_half + mlp_half
 
 
@@ -412,10 +429,11 @@ def lora_activation_bytes_per_token(
     return extra, inputs * act_bytes + rank_part
 
 
-def head_activation_bytes_per_token(shape: ModelShape, act_bytes: int) -> int:
+def head_activation_bytes_per_token(shape: ModelShape, act_bytes: int, residual_bytes: int | None = None) -> int:
     """Bytes the final norm and the LM head keep per token (never checkpointed), the logits aside
-    (``logits_bytes``): the final RMSNorm's input and the LM head's input (h values each, compute dtype)."""
-    return 2 * shape.hidden_size * act_bytes
+    (``logits_bytes``): the final RMSNorm's input, the residual stream (h values, ``residual_bytes``, default
+    ``act_bytes``), and the LM head's input (h values, compute dtype)."""
+    return shape.hidden_size * ((act_bytes if residual_bytes is None else residual_bytes) + act_bytes)
 
 
 def logits_bytes(shape: ModelShape, tokens: int, loss_chunk: int = 0) -> int:
@@ -432,10 +450,12 @@ def logits_bytes(shape: ModelShape, tokens: int, loss_chunk: int = 0) -> int:
     return 2 * min(loss_chunk, tokens) * shape.vocab_size * 4 + tokens * 4
 
 
-def offloaded_bytes(shape: ModelShape, tokens: int, act_bytes: int) -> int:
+def offloaded_bytes(shape: ModelShape, tokens: int, residual_bytes: int) -> int:
     """Bytes activation offload keeps in host memory: every decoder block's checkpointed input, the residual
-    stream (hidden values per token, compute dtype) — L x tokens x hidden x bytes (``qlora_gpu.offload``)."""
-    return shape.num_layers * tokens * shape.hidden_size * act_bytes
+    stream (hidden values per token in the stream's dtype, ``residual_bytes``: 4 for the float32 stream of
+    ``qlora_gpu.prepare.prepare_model`` and the standard stack) — L x tokens x hidden x residual_bytes
+    (``qlora_gpu.offload``: its ``OffloadStats.bytes_to_host`` for one step)."""
+    return shape.num_layers * tokens * shape.hidden_size * residual_bytes
 
 
 def step_tokens(batch: int, seq: int, packing: bool = False, example_length: int | None = None) -> tuple[int, int]:
@@ -580,6 +600,7 @@ def estimate_memory(
     example_length: int | None = None,
     loss_chunk: int = 0,
     offload: bool = False,
+    residual_dtype: str = RESIDUAL_DTYPE,
 ) -> MemoryBreakdown:
     """The memory one training step of ``method`` needs on ``shape``, part by part.
 
@@ -595,7 +616,10 @@ def estimate_memory(
     leaves them in. Long context (docs/long_context.md): ``packing`` and ``example_length`` count the useful
     tokens (``step_tokens``), ``loss_chunk`` > 0 computes the loss in chunks of that many tokens
     (``logits_bytes``), ``offload`` keeps the checkpointed block inputs in host memory (``offloaded_bytes``; it
-    needs gradient checkpointing).
+    needs gradient checkpointing). ``residual_dtype`` is the residual stream's dtype — the block inputs
+    (checkpointed or offloaded) and the norms' inputs: float32 by default (``RESIDUAL_DTYPE``: the standard stack,
+    the paper's script and ``qlora_gpu.prepare.prepare_model``), the compute dtype for a model kept in it
+    throughout (``prepare_model(residual_dtype=None)`` with a 16-bit ``dtype``).
     """
     shape = load_model_shape(shape)
     if method not in METHODS:
@@ -607,10 +631,14 @@ def estimate_memory(
         check_positive_int("example_length", example_length)
     if isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk < 0:
         raise ValueError(f"loss_chunk must be a non-negative integer (0: no chunks), got {loss_chunk!r}")
+    if packing and example_length is None:
+        raise ValueError("packing=True needs example_length=N, the tokens of each example: it counts the whole "
+                         "examples that fit a sequence (the useful tokens) and moves no memory by itself")
     if offload and not gradient_checkpointing:
         raise ValueError("offload moves the checkpointed block inputs to host memory: it needs gradient checkpointing")
-    if compute_dtype not in DTYPE_BYTES:
-        raise ValueError(f"compute_dtype must be one of {', '.join(DTYPE_BYTES)}, got {compute_dtype!r}")
+    for arg, value in (("compute_dtype", compute_dtype), ("residual_dtype", residual_dtype)):
+        if value not in DTYPE_BYTES:
+            raise ValueError(f"{arg} must be one of {', '.join(DTYPE_BYTES)}, got {value!r}")
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
     optimizer = default_optimizer(method) if optimizer is None else optimizer
@@ -631,6 +659,7 @@ def estimate_memory(
             raise ValueError(f"unquantized_dtype must be one of {', '.join(DTYPE_BYTES)}, got {unquantized_dtype!r}")
 
     c = DTYPE_BYTES[compute_dtype]  # bytes of a 16-bit (or 32-bit) weight, activation or gradient
+    s = DTYPE_BYTES[residual_dtype]  # bytes of a value of the residual stream (a block's input)
     L = shape.num_layers
     n_unquantized = shape.n_embedding_params + shape.n_norm_params  # never quantized
 
@@ -673,23 +702,23 @@ def estimate_memory(
 
     # --- activations (section 2, "Memory Requirement of Parameter-Efficient Finetuning"; Appendix G) ------------
     tokens, useful_tokens = step_tokens(batch, seq, packing, example_length)
-    per_layer = layer_activation_bytes_per_token(shape, seq, attention, c)
+    per_layer = layer_activation_bytes_per_token(shape, seq, attention, c, s)
     if uses_lora:
         lora_extra, lora_in = lora_activation_bytes_per_token(shape, r, targets, lora_dropout, c)
     else:
         lora_extra = lora_in = 0
     per_layer += lora_extra
-    head = head_activation_bytes_per_token(shape, c)
+    head = head_activation_bytes_per_token(shape, c, s)
     logits = logits_bytes(shape, tokens, loss_chunk)
     # Without checkpointing every layer keeps everything until its backward pass.
     no_ckpt = tokens * (L * per_layer + head) + logits
     # With checkpointing (one segment per decoder layer, as Hugging Face does) only each layer's input, the
-    # residual stream (h values), is kept; in the backward pass one layer at a time is recomputed, so one layer's
-    # activations are live on top of the checkpoints (its input is the checkpoint itself, hence - h).
-    layer_input = shape.hidden_size * c
+    # residual stream (h values in its dtype), is kept; in the backward pass one layer at a time is recomputed, so
+    # one layer's activations are live on top of the checkpoints (its input is the checkpoint itself, hence - h).
+    layer_input = shape.hidden_size * s
     ckpt = tokens * (L * layer_input + (per_layer - layer_input) + head) + logits
     # Offload moves the checkpoints to host memory; at most OFFLOAD_RESIDENT_BLOCKS of them are on the device.
-    offloaded = offloaded_bytes(shape, tokens, c) if offload else 0
+    offloaded = offloaded_bytes(shape, tokens, s) if offload else 0
     if offload:
         ckpt -= offloaded - tokens * min(L, OFFLOAD_RESIDENT_BLOCKS) * layer_input
     activations = ckpt if gradient_checkpointing else no_ckpt
@@ -703,6 +732,7 @@ def estimate_memory(
         "gradient_checkpointing": bool(gradient_checkpointing),
         "optimizer": optimizer,
         "compute_dtype": compute_dtype,
+        "residual_dtype": residual_dtype,
         "attention": attention,
         "packing": bool(packing),
         "example_length": example_length,

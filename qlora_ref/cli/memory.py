@@ -25,6 +25,7 @@ from qlora_ref.memory import (
     MODEL_SHAPES,
     OPTIMIZERS,
     QUANT_TYPES_4BIT,
+    RESIDUAL_DTYPE,
     TARGET_PRESETS,
     MemoryBreakdown,
     estimate_memory,
@@ -63,7 +64,7 @@ MEMORY_OPTIONS = {"model": "--model", "method": "--method", "batch": "--batch", 
                   "compute_dtype": "--compute-dtype", "adapter_dtype": "--adapter-dtype",
                   "unquantized_dtype": "--unquantized-dtype", "attention": "--attention", "gpus": "--gpus",
                   "packing": "--packing", "example_length": "--example-length", "loss_chunk": "--loss-chunk",
-                  "offload": "--offload"}
+                  "offload": "--offload", "residual_dtype": "--residual-dtype"}
 
 #: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card
 GPU_LINES_GB = (24, 48, 80)
@@ -106,6 +107,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="default: paged_adamw for qlora, adamw otherwise")
     p.add_argument("--compute-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
                    help="dtype of 16-bit weights, activations and gradients (default: bfloat16)")
+    p.add_argument("--residual-dtype", choices=tuple(DTYPE_BYTES), default=RESIDUAL_DTYPE,
+                   help="dtype of the residual stream: the block inputs gradient checkpointing keeps (and --offload "
+                   "moves) and the norms' inputs (default: float32, as qlora_gpu's prepare_model and "
+                   "transformers + peft keep it)")
     p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
                    help="dtype of the LoRA weights and their gradients (default: bfloat16)")
     p.add_argument("--unquantized-dtype", choices=tuple(DTYPE_BYTES), default=None,
@@ -116,8 +121,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="QLoRA sharded over N GPUs with FSDP2 (qlora finetune --nproc N): the memory of each GPU, "
                    "with and without CPU offload; --batch is each GPU's micro-batch (docs/sharded.md)")
-    p.add_argument("--packing", action="store_true", help="with --example-length: pack whole examples into each "
-                   "sequence (counts the useful tokens; docs/long_context.md)")
+    p.add_argument("--packing", action="store_true", help="with --example-length (needed): pack whole examples into "
+                   "each sequence (counts the useful tokens, moves no memory; docs/long_context.md)")
     p.add_argument("--example-length", type=int, default=None, help="tokens per training example: how many of a "
                    "step's batch x seq token slots are useful, packed or not (default: all of them)")
     p.add_argument("--loss-chunk", type=int, default=0, help="compute the LM head and the loss this many tokens at "
@@ -152,6 +157,7 @@ def _estimate_kwargs(args) -> dict:
         example_length=args.example_length,
         loss_chunk=args.loss_chunk,
         offload=args.offload,
+        residual_dtype=args.residual_dtype,
     )
 
 
@@ -238,8 +244,9 @@ def _describe(b: MemoryBreakdown) -> list[str]:
             f"{b.n_trainable:,} trainable ({100 * b.n_trainable / b.n_params:.3g} % of the weights)"
         )
     lines.append(
-        f"  batch {s['batch']} x seq {s['seq']}, {s['optimizer']}, {s['compute_dtype']} compute, "
-        f"{s['attention']} attention, gradient checkpointing {'on' if s['gradient_checkpointing'] else 'off'}"
+        f"  batch {s['batch']} x seq {s['seq']}, {s['optimizer']}, {s['compute_dtype']} compute "
+        f"({s['residual_dtype']} residual stream), {s['attention']} attention, gradient checkpointing "
+        f"{'on' if s['gradient_checkpointing'] else 'off'}"
     )
     if s.get("example_length") is not None:
         lines.append(f"  examples of {s['example_length']} tokens, {'packed' if s['packing'] else 'one per sequence'}: "
