@@ -172,11 +172,6 @@ class ShardedTrainer(GpuTrainer):
             raise ValueError("the model is not sharded: build it with qlora_gpu.fsdp.shard_model first")
         check_sharded_recipe(config.optimizer, world.world_size)
         params = model.lora_parameters()
-        narrow = sorted({p.shape[0] for p in params.values() if p.shape[0] < world.world_size})
-        if narrow:
-            raise ValueError(f"lora_r={config.lora_r}: FSDP splits each adapter by rows, and a tensor of {narrow[0]} "
-                             f"rows leaves some of the {world.world_size} ranks nothing; use lora_r >= the number "
-                             "of processes")
         for m in model.named_linears().values():  # dropout masks independent across ranks, rank 0's unchanged
             if m.r is not None:
                 m.seed = rank_seed(m.seed, world.rank)

@@ -47,7 +47,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
 
 def train_runs(rank: int, folder: str, runs: list[dict]) -> None:
     """Each run: ``config`` (``TrainConfig`` fields), ``out`` (output folder), optional ``cpu_offload``,
-    ``die_at`` (rank 1 exits abruptly when it is about to take that optimizer step, as a killed process would).
+    ``die_at`` (rank 1 exits abruptly when it is about to take that optimizer step, as a killed process would),
+    ``sizes`` (rank -> numbers of training and held-out examples: 48 and 12 where not given).
     Rank 0 writes ``result.json`` (losses, held-out result, log) into ``out``."""
     from test_train import qa_dataset
 
@@ -57,8 +58,9 @@ def train_runs(rank: int, folder: str, runs: list[dict]) -> None:
     from qlora_ref.train.loop import train
 
     tok = load_tokenizer(folder)
-    train_ds, eval_ds = qa_dataset(tok, 48, seed=0), qa_dataset(tok, 12, seed=1)
     for run in runs:
+        n_train, n_eval = run.get("sizes", {}).get(rank, (48, 12))
+        train_ds, eval_ds = qa_dataset(tok, n_train, seed=0), qa_dataset(tok, n_eval, seed=1)
         config = TrainConfig(**run["config"])
         trainer = ShardedTrainer.from_pretrained(folder, config, cpu_offload=run.get("cpu_offload", False))
         die_at = run.get("die_at")

@@ -21,6 +21,8 @@ Resume after a rank is killed is exact (same number of ranks), bit for bit, LoRA
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -45,6 +47,8 @@ CLIPPED = dict(max_steps=10, micro_batch_size=2, gradient_accumulation_steps=4, 
                compute_dtype="float32", learning_rate=3e-3)
 #: EXACT with the LM head and the loss in chunks of 5 positions: the embedding and head reached outside forward()
 CHUNKED = dict(EXACT, loss_chunk_size=5)
+#: EXACT at rank 1: every lora_A has one row, so rank 1's shard of it is empty (FSDP2 cuts as torch.chunk does)
+NARROW = dict(EXACT, lora_r=1, lora_alpha=16.0, learning_rate=3e-3)
 RTOL = 1e-5
 #: LoRA dropout on (random state per rank), a checkpoint every 2 steps; rank 1 is killed before step 6
 RESUMED = dict(max_steps=8, micro_batch_size=2, gradient_accumulation_steps=2, lora_dropout=0.1, save_every=2,
@@ -73,14 +77,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single(tiny, tmp_path_factory, one_thread):
-    """One process (``GpuTrainer``) in the EXACT, CLIPPED and CHUNKED settings: (output folder, result, its
+    """One process (``GpuTrainer``) in the EXACT, CLIPPED, CHUNKED and NARROW settings: (output folder, result, its
     adapters)."""
     from qlora_ref.train.api import make_trainer
     from qlora_ref.train.loop import train
 
     folder, train_ds, eval_ds = tiny
     found = {}
-    for name, fields in (("exact", EXACT), ("clipped", CLIPPED), ("chunked", CHUNKED)):
+    for name, fields in (("exact", EXACT), ("clipped", CLIPPED), ("chunked", CHUNKED), ("narrow", NARROW)):
         out = tmp_path_factory.mktemp(f"single_{name}")
         config = small_config(**fields)
         trainer, _ = make_trainer(folder, config, "gpu")
@@ -94,20 +98,21 @@ def without_norms(log: list[dict]) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sharded(tiny, tmp_path_factory, one_thread):
-    """Four two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED, CHUNKED."""
+    """Five two-rank runs in one launch: EXACT, the same with CPU offload, CLIPPED, CHUNKED, NARROW."""
     folder = tiny[0]
     base = tmp_path_factory.mktemp("sharded")
     runs = {"exact": dict(config=small_config(**EXACT).to_dict()),
             "offload": dict(config=small_config(**EXACT).to_dict(), cpu_offload=True),
             "clipped": dict(config=small_config(**CLIPPED).to_dict()),
-            "chunked": dict(config=small_config(**CHUNKED).to_dict())}
+            "chunked": dict(config=small_config(**CHUNKED).to_dict()),
+            "narrow": dict(config=small_config(**NARROW).to_dict())}
     for name, run in runs.items():
         run["out"] = str(base / name)
     run_ranks(train_runs, 2, str(folder), list(runs.values()))
     return {name: (base / name, json.loads((base / name / "result.json").read_text())) for name in runs}
 
 
-@pytest.mark.parametrize("name", ["exact", "offload", "chunked"])
+@pytest.mark.parametrize("name", ["exact", "offload", "chunked", "narrow"])
 def test_two_ranks_train_bit_for_bit_as_one_process(single, sharded, name):
     one_dir, one, _ = single["exact" if name == "offload" else name]
     out, two = sharded[name]
@@ -176,6 +181,30 @@ def test_a_killed_rank_resumes_to_the_uninterrupted_result(tiny, tmp_path):
         assert (full / f).read_bytes() == (cut / f).read_bytes(), f
     mine, theirs = load_checkpoint(full).optimizer_state, load_checkpoint(cut).optimizer_state
     assert all(np.array_equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_ranks_given_different_data_refuse_instead_of_hanging(tiny, tmp_path):
+    """Rank 1 holds out 10 examples where rank 0 holds out 12: their evaluations would enter different numbers of
+    collectives (a hang until gloo's 30-minute timeout). Both refuse before the first step, naming the data."""
+    config = small_config(max_steps=2).to_dict()
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="read different held-out data: rank 1"):
+        run_ranks(train_runs, 2, str(tiny[0]), [dict(config=config, out=str(tmp_path), sizes={1: (48, 10)})])
+    assert not list_checkpoints(tmp_path)
+
+
+def test_the_same_inputs_and_resume_step_on_every_rank():
+    from qlora_ref.train.loop import check_same_inputs_on_every_rank, check_same_resume_on_every_rank
+
+    a = {"examples": 48, "tokens": 900, "sha256": "a"}
+    b = dict(a, sha256="b")
+    check_same_inputs_on_every_rank([(a, None), (a, None)])
+    with pytest.raises(ValueError, match="different training data: rank 2 has 48 examples, 900 tokens"):
+        check_same_inputs_on_every_rank([(a, a), (a, a), (b, a)])
+    with pytest.raises(ValueError, match="different held-out data: rank 1 has none"):
+        check_same_inputs_on_every_rank([(a, a), (a, None)])
+    check_same_resume_on_every_rank([4, 4])
+    with pytest.raises(ValueError, match="rank 1 from a new run, rank 0 from checkpoint-4"):
+        check_same_resume_on_every_rank([4, None])
 
 
 # ---------------------------------------------------------------------------------------------- one process
@@ -345,7 +374,15 @@ def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, ca
     from qlora_ref.cli import main
 
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda cmd: calls.append(cmd) or 0)
+
+    class Launched:  # torchrun, not started
+        def __init__(self, cmd, **kwargs):
+            calls.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Launched)
     args = finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "out", "--max-steps", "3")
     assert main([*args[:1], "--nproc", "2", *args[1:]]) == 0
     assert main([*args, "--nproc=3", "--cpu-offload", "--grad-accum", "3"]) == 0
@@ -362,9 +399,7 @@ def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, ca
                          (["--nproc", "2", "--grad-accum", "3"], "--grad-accum=3 micro-batches per step cannot be "
                                                                  "shared equally by 2 processes"),
                          (["--nproc", "2", "--optimizer", "paged_adamw_8bit"], "'paged_adamw_8bit' cannot be "
-                                                                               "sharded"),
-                         (["--nproc", "4", "--lora-r", "2", "--grad-accum", "4"], "--lora-r=2: FSDP splits each adapter"
-                                                                                  " by rows")):
+                                                                               "sharded")):
         assert main([*args, *bad]) == 2
         assert message in capsys.readouterr().err
     assert len(calls) == 3  # none of them launched
@@ -374,6 +409,55 @@ def test_nproc_reruns_the_command_under_torchrun(tiny, tmp_path, monkeypatch, ca
         monkeypatch.setenv(k, v)
     assert main([*args, "--nproc", "2"]) == 2
     assert "under torchrun leave it out" in capsys.readouterr().err
+
+
+#: the launcher of ``--nproc`` with torchrun replaced by CHILD (argv: the test's folder), which says when it runs
+#: and what stopped it
+LAUNCHER = """
+import sys
+from qlora_ref.train import launch
+launch.torchrun_command = lambda n, args: [sys.executable, "-c", CHILD, FOLDER]
+from qlora_ref.cli import main
+sys.exit(main(ARGS))
+"""
+CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+folder = Path(sys.argv[1])
+def stopped(signum, frame):
+    (folder / "stopped").write_text(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+(folder / "pid").write_text(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_launcher_stops_torchrun(tiny, tmp_path, signum):
+    """``kill`` (SIGTERM) or Ctrl-C (SIGINT) reaching the ``--nproc`` launcher alone: torchrun (a stand-in here)
+    receives SIGTERM, which it passes on to its processes, and the launcher ends with the shell's status, saying
+    what the run kept (were: the launcher died, torchrun and the ranks trained on without it)."""
+    import subprocess
+    import sys
+    import time
+
+    args = [*finetune_args(tiny[0], tmp_path / "d.jsonl", tmp_path / "out"), "--nproc", "2"]
+    script = LAUNCHER.replace("CHILD", repr(CHILD)).replace("FOLDER", repr(str(tmp_path))).replace("ARGS", repr(args))
+    launcher = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "pid").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()
+            time.sleep(0.1)
+        launcher.send_signal(signum)
+        assert launcher.wait(timeout=60) == 128 + signum
+        assert (tmp_path / "stopped").read_text() == "SIGTERM"
+        assert "interrupted: no checkpoint was written" in launcher.stderr.read()
+    finally:
+        launcher.kill()
+        if (tmp_path / "pid").exists() and not (tmp_path / "stopped").exists():
+            os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
 
 
 def rank_pid(output_dir, rank: int) -> int:

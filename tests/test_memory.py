@@ -585,7 +585,11 @@ def test_cli_gpus_prints_both_offload_settings(capsys):
     assert main(["memory", "--method", "full", "--gpus", "2"]) == 2
     assert "--gpus estimates QLoRA" in capsys.readouterr().err
     assert main(["memory", "--gpus", "2", "--optimizer", "adamw_8bit"]) == 2  # what finetune --nproc refuses
-    assert "'adamw_8bit' cannot be sharded" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: --optimizer 'adamw_8bit' cannot be sharded (8-bit states" in err and err.count("--optimizer") == 1
+    assert main(["memory", "--gpus", "2", "--optimizer", "sgd"]) == 2  # not a training optimizer: said so
+    assert "--optimizer 'sgd' cannot be sharded (sharded training steps with AdamW)" in capsys.readouterr().err
+    assert main(["memory", "--gpus", "4", "--r", "2"]) == 0  # an adapter narrower than the GPUs: as finetune takes
 
 
 def test_quant_types_are_the_one_set_of_the_checks():

@@ -13,6 +13,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..train.launch import launched_by_torchrun
+
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
 SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.plot",
                                    "qlora_ref.cli.reproduce", "qlora_ref.cli.doctor"]
@@ -114,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     terminated = None
     try:
-        # not for ``finetune --nproc N``, which only waits for torchrun (a KeyboardInterrupt there would kill it
-        # at once): torchrun passes SIGTERM on to the processes it started, which run this command and so end as
-        # after Ctrl-C, each releasing what it holds
+        # not for ``finetune --nproc N``, which passes the signal on to torchrun itself (``launch_processes``),
+        # nor for a process torchrun started: torchrun stops those with SIGTERM, and a handler would run only once
+        # the rank leaves a collective it may be waiting in for good (torchrun's SIGKILL 30 s later); the default
+        # action ends it at once, its lock (``flock``) released and its checkpoints whole (written atomically)
         launcher = getattr(args, "nproc", None) is not None
         with _warnings_as_messages(args.command, enabled=command_line), _sigterm_as_interrupt(
-                command_line and args.command in TERMINATED_AS_INTERRUPTED and not launcher) as terminated:
+                command_line and args.command in TERMINATED_AS_INTERRUPTED and not launcher
+                and not launched_by_torchrun()) as terminated:
             return int(args.func(args) or 0)
     except ValueError as e:
         print(f"qlora {args.command}: error: {e}", file=sys.stderr)

@@ -414,9 +414,9 @@ def run_finetune(args) -> int:
         check_nproc_backend(args)  # before check_writable_dir creates the folder, and before N processes load
         check_nproc(args.nproc)
         try:
-            check_sharded_recipe(config.optimizer, args.nproc, config.gradient_accumulation_steps, config.lora_r)
+            check_sharded_recipe(config.optimizer, args.nproc, config.gradient_accumulation_steps)
         except ValueError as e:
-            raise named_by_option(e, {"optimizer", "gradient_accumulation_steps", "lora_r"}) from None
+            raise named_by_option(e, {"optimizer", "gradient_accumulation_steps"}) from None
         check_writable_dir(args.output_dir, "--output-dir")
         return launch_processes(args)
     t0 = time.perf_counter()
@@ -471,7 +471,13 @@ def _kept_after_interrupt(args) -> str:
 
 
 def launch_processes(args) -> int:
-    """``--nproc N``: this very command (less ``--nproc``) as N processes under torchrun; its exit status."""
+    """``--nproc N``: this very command (less ``--nproc``) as N processes under torchrun; its exit status.
+
+    torchrun runs in a session of its own, and a SIGTERM or Ctrl-C (SIGINT) reaching this process is passed on to
+    it as SIGTERM, which torchrun passes on to its processes: one path whatever was signalled (the launcher alone,
+    as ``kill`` does, or the terminal's whole foreground group), so that no rank trains on after its launcher is
+    gone. Then what the run kept, and the shell's status (130 for Ctrl-C, 143 for SIGTERM)."""
+    import signal
     import subprocess
 
     from qlora_ref.train.launch import launched_by_torchrun, torchrun_command, without_option
@@ -481,7 +487,23 @@ def launch_processes(args) -> int:
     check_nproc_backend(args)
     command = torchrun_command(args.nproc, without_option(args.argv, "--nproc", shortest=len("--np")))
     print(f"qlora finetune: {args.nproc} processes: {' '.join(command)}", file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    child = subprocess.Popen(command, start_new_session=True)
+    received: list[int] = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if received:
+        print(f"qlora finetune: interrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
+        return 128 + received[0]
+    return code
 
 
 # ---------------------------------------------------------------------------------------------- demo

@@ -237,6 +237,35 @@ def data_fingerprint(dataset) -> dict:
     return {"examples": len(dataset), "tokens": tokens, "sha256": digest.hexdigest()}
 
 
+def check_same_inputs_on_every_rank(fingerprints: list[tuple[dict, dict | None]]) -> None:
+    """Every rank of a sharded run reads the same training and held-out data (their ``data_fingerprint``, in rank
+    order): each draws its micro-batches from the same seeded order and its evaluation batches by the same
+    count, so a rank with other data would train on the wrong examples, or wait forever in a collective the
+    others never enter. Raised on every rank alike, from the gathered list."""
+    for what, index in (("training", 0), ("held-out", 1)):
+        theirs = [f[index] for f in fingerprints]
+        odd = [rank for rank, f in enumerate(theirs) if f != theirs[0]]
+        if odd:
+            def shown(f):
+                return "none" if f is None else f"{f['examples']} examples, {f['tokens']} tokens"
+
+            raise ValueError(f"the processes read different {what} data: rank {odd[0]} has {shown(theirs[odd[0]])}, "
+                             f"rank 0 {shown(theirs[0])}; every process must be given the same data files (on a "
+                             "file system all machines see)")
+
+
+def check_same_resume_on_every_rank(steps: list[int | None]) -> None:
+    """Every rank resumes from the same checkpoint step (None: a new run), in rank order: ranks that see different
+    output folders (not one shared file system) would otherwise continue different runs."""
+    odd = [rank for rank, s in enumerate(steps) if s != steps[0]]
+    if odd:
+        def shown(s):
+            return "a new run" if s is None else f"checkpoint-{s}"
+
+        raise ValueError(f"the processes resume differently: rank {odd[0]} from {shown(steps[odd[0]])}, rank 0 from "
+                         f"{shown(steps[0])}; the output folder must be one all processes (all machines) see")
+
+
 def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream: BatchStream, tokens_seen: int,
                     log_history: list[dict], base_model: str | None, run: dict) -> Checkpoint:
     """``run``: the run's ``run_id``, ``run_started`` and ``data_fingerprint``, stored with the state."""
@@ -443,7 +472,10 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
     run = {"run_id": new_run_id(), "run_started": time.time(), "data_fingerprint": fingerprint,
            "base_model_fingerprint": model_fingerprint(base_model) if base_model is not None else None}
     if world.world_size > 1:  # one identity for the run, rank 0's: the one its checkpoints carry
-        run = world.gather_objects(run)[0]
+        held_out = data_fingerprint(eval_data) if eval_data is not None else None
+        runs = world.gather_objects((run, held_out))
+        check_same_inputs_on_every_rank([(r["data_fingerprint"], h) for r, h in runs])  # on all alike: no hang
+        run = runs[0][0]
     restored = []
 
     def use(ckpt):  # refusals (ValueError) stop the run; a damaged checkpoint falls back to the one before
@@ -453,6 +485,8 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
         restored[:] = restore_checkpoint(backend, ckpt, config, fingerprint)
 
     ckpt = find_resume_checkpoint(output_dir, resume, use)
+    if world.world_size > 1:
+        check_same_resume_on_every_rank(world.gather_objects(None if ckpt is None else ckpt.step))
     if ckpt is None:  # a new run: its adapters start from init_adapter's, if given (a resumed one, its checkpoint's)
         load_init_adapter(backend, config, run["base_model_fingerprint"])
     last_saved = None
