@@ -803,7 +803,7 @@ def test_generate_without_a_tokenizer_is_refused_before_the_model_loads(files, t
 #: ``python -c SIGTERM_RUN qlora-args...``: the ``qlora`` command itself (``main()`` reading sys.argv, as the
 #: installed script runs it), with the demo's body replaced by one that waits to be terminated
 SIGTERM_RUN = """
-import os, signal, subprocess, sys, time
+import sys, time
 import qlora_ref.cli.finetune as commands
 
 def wait(args):
@@ -812,16 +812,14 @@ def wait(args):
     return 0
 
 commands.run_demo = wait
-subprocess.call = lambda command: os.kill(os.getpid(), signal.SIGTERM) or time.sleep(60) or 0  # --nproc's launch
 from qlora_ref.cli import main
 sys.argv = ["qlora", *sys.argv[1:]]
 sys.exit(main())
 """
 
 
-def _terminated_run(argv, until=None, timeout=300):
-    """``qlora argv`` in a fresh process, sent SIGTERM once ``until(proc)`` holds (None: it sends its own);
-    (exit status, stderr)."""
+def _terminated_run(argv, until, timeout=300):
+    """``qlora argv`` in a fresh process, sent SIGTERM once ``until(proc)`` holds; (exit status, stderr)."""
     import os
     import signal
     import subprocess
@@ -832,11 +830,10 @@ def _terminated_run(argv, until=None, timeout=300):
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     try:
         deadline = time.monotonic() + timeout
-        while until is not None and not until(proc) and proc.poll() is None and time.monotonic() < deadline:
+        while not until(proc) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        if until is not None:
-            assert proc.poll() is None, f"the run ended before it was terminated: {proc.communicate()}"
-            proc.send_signal(signal.SIGTERM)
+        assert proc.poll() is None, f"the run ended before it was terminated: {proc.communicate()}"
+        proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -859,10 +856,9 @@ def test_sigterm_ends_finetune_as_ctrl_c_does(files, tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
 
 
-def test_sigterm_ends_the_demo_as_ctrl_c_does_but_not_the_nproc_launcher(tmp_path):
-    """The demo too; ``finetune --nproc N`` only waits for torchrun, which passes SIGTERM on to the processes it
-    started (each a ``qlora finetune`` that ends as above): the launcher keeps SIGTERM's default."""
-    import signal
+def test_sigterm_ends_the_demo_as_ctrl_c_does(tmp_path):
+    """The demo too (``finetune --nproc N`` passes it on to torchrun: tests/test_fsdp.py,
+    ``test_a_signal_to_the_launcher_stops_torchrun``)."""
 
     class Ready:
         def __call__(self, proc):
@@ -870,8 +866,3 @@ def test_sigterm_ends_the_demo_as_ctrl_c_does_but_not_the_nproc_launcher(tmp_pat
 
     rc, err = _terminated_run(["demo", "--output-dir", str(tmp_path / "demo")], until=Ready())
     assert rc == 143 and err.strip() == "qlora demo: interrupted", err
-    pytest.importorskip("bitsandbytes")
-    rc, err = _terminated_run(["finetune", "--backend", "gpu", "--nproc", "2", "--model", str(tmp_path / "m"),
-                               "--data", str(tmp_path / "d.jsonl"), "--output-dir", str(tmp_path / "o"),
-                               "--grad-accum", "2", "--lora-r", "8"])  # the patched launch sends SIGTERM
-    assert rc == -signal.SIGTERM and "interrupted" not in err, err
