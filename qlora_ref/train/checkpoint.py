@@ -321,16 +321,16 @@ def load_checkpoint(path) -> Checkpoint:
     missing = [k for k in STATE_KEYS if k not in state]
     if missing:
         raise ValueError(f"{path / STATE_FILE}: incomplete trainer state (no {', '.join(missing)})")
+    marker = read_marker(path)
+    check_checksums(path, marker)  # first: a changed file is named as the checkpoint's damage, whatever reads it
     adapter, adapter_config = read_adapter_files(path)
     optimizer_state = load_safetensors(path / OPTIMIZER_FILE)
     check_finite(optimizer_state, str(path / OPTIMIZER_FILE))
     rng_arrays = load_safetensors(path / RNG_FILE)  # save_checkpoint always writes it (empty on the reference)
-    marker = read_marker(path)
     for key in ("step", "run_id"):  # the marker is checked against the folder's name; the state must agree with it
         if state[key] != marker[key]:
             raise ValueError(f"{path / STATE_FILE}: {key} {state[key]!r} disagrees with {marker[key]!r} in "
                              f"{MARKER_FILE} (an edited or damaged file)")
-    check_checksums(path, marker)
     return Checkpoint(step=int(state["step"]), adapter=adapter, adapter_config=adapter_config,
                       optimizer_state=optimizer_state, state=state, rng_arrays=rng_arrays, path=path)
 
