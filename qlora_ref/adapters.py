@@ -231,8 +231,10 @@ def read_adapter_config(folder) -> dict:
     return cfg
 
 
-def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
-    """(in-memory-named weights, adapter config) from a PEFT adapter folder; clear errors for bad files."""
+def read_adapter_files(folder, check_sha256: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """(in-memory-named weights, adapter config) from a PEFT adapter folder; clear errors for bad files.
+    ``check_sha256``: the tensors against the SHA-256 the file keeps (False where the file's bytes were checked
+    already: a checkpoint's, against its marker)."""
     cfg = read_adapter_config(folder)
     w_path = Path(folder) / ADAPTER_WEIGHTS
     if not w_path.is_file():
@@ -240,7 +242,8 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
             Path(folder) / "adapter_model.bin").exists() else ""
         raise ValueError(f"{folder}: no {ADAPTER_WEIGHTS}{hint}")
     tensors = load_safetensors(w_path)
-    check_tensors_sha256(w_path, tensors)
+    if check_sha256:
+        check_tensors_sha256(w_path, tensors)
     weights = from_peft_keys(tensors, str(w_path))
     if not weights:
         raise ValueError(f"{w_path}: holds no LoRA weights")
@@ -251,13 +254,22 @@ def read_adapter_files(folder) -> tuple[dict[str, np.ndarray], dict]:
     return weights, cfg
 
 
+def weights_metadata(folder) -> dict[str, str]:
+    """The metadata of the adapter's weights file in ``folder`` (ours: the base model's fingerprint and the
+    tensors' SHA-256; peft's: ``format`` only); {} where the file cannot be read (its reader names it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="numpy") as f:
+            return dict(f.metadata() or {})
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types
+        return {}
+
+
 def check_tensors_sha256(path, tensors: Mapping[str, np.ndarray]) -> None:
     """The tensors read from the weights file at ``path`` are those written there (the SHA-256 its metadata keeps,
     where ours wrote one): a bit flipped on a disk or in a copy is an error, not silently different outputs."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        expected = (f.metadata() or {}).get(TENSORS_SHA256_KEY)
+    expected = weights_metadata(Path(path).parent).get(TENSORS_SHA256_KEY)
     if expected is not None and tensors_sha256(tensors) != expected:
         raise ValueError(f"{path}: its tensors changed since they were written (their sha256 is not the "
                          f"{expected[:12]}... its metadata keeps): a damaged copy? Copy the adapter again from "
@@ -283,13 +295,7 @@ def check_adapter_base(model, folder) -> None:
     """Warn when the adapter in ``folder`` was trained on other base model weights than ``model`` was loaded from
     (their ``files.model_fingerprint`` differ): it still loads — peft applies an adapter to any base of the right
     shapes — but its outputs are not those it was trained to give. Silent where either fingerprint is unknown."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="numpy") as f:
-            theirs = (f.metadata() or {}).get(BASE_FINGERPRINT_KEY)
-    except Exception:  # unreadable: read_adapter_files has named the file already
-        return
+    theirs = weights_metadata(folder).get(BASE_FINGERPRINT_KEY)
     base = getattr(model, "name_or_path", None)
     try:
         mine = model_fingerprint(base) if theirs and base else None

@@ -15,8 +15,14 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from ..adapters import ADAPTER_CONFIG, BASE_FINGERPRINT_KEY, lora_config_from_adapter, read_adapter_files
-from ..model.config import LoraConfig
+from ..adapters import (
+    ADAPTER_CONFIG,
+    BASE_FINGERPRINT_KEY,
+    lora_config_from_adapter,
+    read_adapter_files,
+    weights_metadata,
+)
+from ..model.config import LINEAR_MODULES, LoraConfig
 
 #: the recipe's fields an adapter fixes, and the ``LoraConfig`` member each is compared with
 SHAPE_FIELDS = {"lora_r": "r", "lora_alpha": "alpha", "target_modules": "target_modules"}
@@ -48,18 +54,20 @@ def check_init_adapter(config) -> dict | None:
     if config.init_adapter is None:
         return None
     weights, lora = read_init_adapter(config.init_adapter)
-    mine = config.lora_config()
-    def shown(member, value):  # layers as --target-modules takes them
-        return ",".join(value) if member == "target_modules" else repr(value)
-
-    differ = [f"{field}={shown(member, getattr(lora, member))} (the recipe: {shown(member, getattr(mine, member))})"
-              for field, member in SHAPE_FIELDS.items()
-              if (set(getattr(lora, member)) != set(getattr(mine, member)) if member == "target_modules"
-                  else getattr(lora, member) != getattr(mine, member))]
+    theirs, mine = _shape(lora), _shape(config.lora_config())
+    differ = [f"{field}={theirs[field]} (the recipe: {mine[field]})" for field in SHAPE_FIELDS
+              if theirs[field] != mine[field]]
     if differ:
         raise ValueError(f"init_adapter {config.init_adapter}: the adapter has {'; '.join(differ)}; train with the "
                          "adapter's settings (qlora finetune takes them where their options are left out)")
     return weights
+
+
+def _shape(lora: LoraConfig) -> dict[str, str]:
+    """``SHAPE_FIELDS`` of ``lora`` as compared and shown: the layers in ``LINEAR_MODULES``' order, comma-separated
+    as ``--target-modules`` takes them (peft keeps them as a set)."""
+    layers = ",".join(m for m in LINEAR_MODULES if m in lora.target_modules)
+    return {"lora_r": repr(lora.r), "lora_alpha": repr(lora.alpha), "target_modules": layers}
 
 
 def load_init_adapter(backend, config, base_fingerprint: str | None = None) -> None:
@@ -76,22 +84,12 @@ def load_init_adapter(backend, config, base_fingerprint: str | None = None) -> N
     if missing or extra:
         raise ValueError(f"init_adapter {config.init_adapter}: its tensors do not match the model's adapters "
                          f"(missing {missing[:3]}, unexpected {extra[:3]})")
-    theirs = _trained_on(config.init_adapter)
+    theirs = weights_metadata(config.init_adapter).get(BASE_FINGERPRINT_KEY)  # ours record it; peft's do not
     if base_fingerprint and theirs and theirs != base_fingerprint:
         warnings.warn(f"init_adapter {config.init_adapter}: the adapter was trained on other base model weights "
                       f"(fingerprint {theirs[-12:]}) than this run's (fingerprint {base_fingerprint[-12:]}): "
                       "training starts from what it learned on that model", stacklevel=3)
     backend.load_adapter_state(weights)
-
-
-def _trained_on(folder) -> str | None:
-    """The base model fingerprint the adapter's file records (ours write it; peft's do not)."""
-    from safetensors import safe_open
-
-    from ..adapters import ADAPTER_WEIGHTS
-
-    with safe_open(str(Path(folder) / ADAPTER_WEIGHTS), framework="numpy") as f:
-        return (f.metadata() or {}).get(BASE_FINGERPRINT_KEY)
 
 
 __all__ = ["adapter_shape_settings", "check_init_adapter", "load_init_adapter", "read_init_adapter"]

@@ -242,14 +242,13 @@ def check_same_inputs_on_every_rank(fingerprints: list[tuple[dict, dict | None]]
     order): each draws its micro-batches from the same seeded order and its evaluation batches by the same
     count, so a rank with other data would train on the wrong examples, or wait forever in a collective the
     others never enter. Raised on every rank alike, from the gathered list."""
+    def shown(f):
+        return "none" if f is None else f"{f['examples']} examples, {f['tokens']} tokens"
+
     for what, index in (("training", 0), ("held-out", 1)):
         theirs = [f[index] for f in fingerprints]
-        odd = [rank for rank, f in enumerate(theirs) if f != theirs[0]]
-        if odd:
-            def shown(f):
-                return "none" if f is None else f"{f['examples']} examples, {f['tokens']} tokens"
-
-            raise ValueError(f"the processes read different {what} data: rank {odd[0]} has {shown(theirs[odd[0]])}, "
+        if (rank := _first_differing_rank(theirs)) is not None:
+            raise ValueError(f"the processes read different {what} data: rank {rank} has {shown(theirs[rank])}, "
                              f"rank 0 {shown(theirs[0])}; every process must be given the same data files (on a "
                              "file system all machines see)")
 
@@ -257,13 +256,17 @@ def check_same_inputs_on_every_rank(fingerprints: list[tuple[dict, dict | None]]
 def check_same_resume_on_every_rank(steps: list[int | None]) -> None:
     """Every rank resumes from the same checkpoint step (None: a new run), in rank order: ranks that see different
     output folders (not one shared file system) would otherwise continue different runs."""
-    odd = [rank for rank, s in enumerate(steps) if s != steps[0]]
-    if odd:
-        def shown(s):
-            return "a new run" if s is None else f"checkpoint-{s}"
+    def shown(s):
+        return "a new run" if s is None else f"checkpoint-{s}"
 
-        raise ValueError(f"the processes resume differently: rank {odd[0]} from {shown(steps[odd[0]])}, rank 0 from "
+    if (rank := _first_differing_rank(steps)) is not None:
+        raise ValueError(f"the processes resume differently: rank {rank} from {shown(steps[rank])}, rank 0 from "
                          f"{shown(steps[0])}; the output folder must be one all processes (all machines) see")
+
+
+def _first_differing_rank(values: list) -> int | None:
+    """The first rank whose value (gathered in rank order) is not rank 0's; None where all agree."""
+    return next((rank for rank, v in enumerate(values) if v != values[0]), None)
 
 
 def make_checkpoint(backend: StepBackend, config: TrainConfig, step: int, stream: BatchStream, tokens_seen: int,
