@@ -213,7 +213,8 @@ class ShardedTrainer(GpuTrainer):
         norm = clip_grad_norm(grads, max_grad_norm if max_grad_norm > 0 else float("inf"),
                               combine=self._global_norm)
         self.optimizer.lr = lr
-        self.optimizer.step(self.params, grads)
+        if math.isfinite(norm):  # the global norm, the same on every rank: all step or none
+            self.optimizer.step(self.params, grads)
         self.optimizer.zero_grad(self.params)
         self._pending_optimizer_state = None
         return norm

@@ -40,6 +40,7 @@ from collections.abc import Mapping
 import torch
 
 from qlora_ref.optim import canonical_optimizer_name
+from qlora_ref.optim.base import check_hparams
 
 _BNB_CLASSES = {"paged_adamw": "PagedAdamW", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
 #: optimizers whose update is elementwise over 32-bit states, so that one flat buffer changes no arithmetic
@@ -89,6 +90,7 @@ class TorchOptimizer:
     def __init__(self, name: str, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, flat: bool | None = None, paged: bool = True, **kwargs):
         self.name = canonical_optimizer_name(name)
+        betas = check_hparams(lr, betas, eps, weight_decay)  # when built, as the reference (torch: at the 1st step)
         if flat not in (None, True, False):
             raise ValueError(f"flat must be None, True or False, got {flat!r}")
         if flat and self.name not in FLAT_OPTIMIZERS:

@@ -18,6 +18,8 @@ kernel launches.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -58,11 +60,13 @@ def build_optimizer(config: TrainConfig, **options):
 def optimizer_step(optimizer, params: dict[str, torch.Tensor], lr: float, max_grad_norm: float) -> float:
     """After the backward passes: clip the gradients to ``max_grad_norm`` (0: only measure), one step of
     ``optimizer`` (the reference's interface) at ``lr``, the gradients cleared; returns the norm before clipping.
+    A non-finite norm skips the step (the parameters stay those of the last step; the training loop then stops).
     A ``qlora_gpu.optim`` optimizer zeroes its flat gradient buffer in place (autograd accumulates there)."""
     grads = {k: p.grad for k, p in params.items()}
     norm = clip_grad_norm(grads, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.lr = lr
-    optimizer.step(params, grads)
+    if math.isfinite(norm):
+        optimizer.step(params, grads)
     if hasattr(optimizer, "zero_grad"):
         optimizer.zero_grad(params)
     else:

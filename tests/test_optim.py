@@ -621,6 +621,13 @@ def test_the_papers_constant_schedule_has_no_warmup():
     assert get_lr("constant_with_warmup", 0, 2e-4, 1875, 0.03) == 0.0
 
 
+@pytest.mark.parametrize("name", ["Constant", "cosine_with_restarts", "typo"])
+def test_get_lr_refuses_an_unknown_schedule_during_warmup_too(name):
+    for step in (0, 5, 50):  # the name was checked after the warmup branch: warmup rates for any name
+        with pytest.raises(ValueError, match="schedule must be one of"):
+            get_lr(name, step, 2e-4, 100, 0.1)
+
+
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_schedules_match_transformers(name):
     transformers = pytest.importorskip("transformers")
@@ -710,6 +717,23 @@ def test_gpu_clip_grad_norm_matches_reference():
     assert clip_gpu(gt, 0.3) == pytest.approx(clip_grad_norm(g, 0.3), rel=1e-6)
     for k in g:
         np.testing.assert_allclose(g[k], gt[k].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(0.9, 1.0)), dict(betas=(0.9,)), dict(betas=0.9),
+                                dict(eps=-1e-8), dict(weight_decay=-0.1)],
+                         ids=["lr", "beta2", "one_beta", "beta_scalar", "eps", "weight_decay"])
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw", "adamw_8bit"])
+def test_both_backends_refuse_bad_hyperparameters_when_the_optimizer_is_built(name, kw):
+    """The same rule and message when built (torch and bitsandbytes check at the first step, in their words; a
+    single beta was an IndexError)."""
+    from qlora_gpu.optim import make_optimizer as make_gpu
+
+    arg = next(iter(kw))
+    with pytest.raises(ValueError, match=f"^{arg}") as ref:
+        make_optimizer(name, **kw)
+    with pytest.raises(ValueError, match=f"^{arg}") as gpu_err:
+        make_gpu(name, **kw)
+    assert str(ref.value) == str(gpu_err.value)
 
 
 def test_gpu_make_optimizer_refuses_simulation_options():

@@ -132,7 +132,8 @@ def test_defaults_are_the_papers_recipe():
     ("micro_batch_size", 0), ("gradient_accumulation_steps", 1.5), ("max_steps", 0), ("max_grad_norm", -0.1),
     ("warmup_ratio", 1.5), ("lr_scheduler", "exponential"), ("optimizer", "sgd"), ("quant_type", "nf3"),
     ("compute_dtype", "float8"), ("blocksize", 48), ("target_modules", ("q_proj", "lm_head")), ("adam_beta2", 1.0),
-    ("eval_fraction", 1.0), ("max_length", 1),
+    ("eval_fraction", 1.0), ("max_length", 1), ("adam_epsilon", 0.0), ("adam_epsilon", float("inf")),
+    ("weight_decay", float("inf")), ("weight_decay", 1e4),
 ])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ValueError) as e:
@@ -199,6 +200,42 @@ def test_schedule_clipping_and_accounting_in_the_log(tiny):
     assert math.isclose(log[-1]["eval_perplexity"], math.exp(log[-1]["eval_loss"]))
     assert 0 < log[0]["tokens"] < log[1]["tokens"] < log[-1]["tokens"]  # cumulative non-padding tokens
     assert result.train_losses == [e["loss"] for e in log]
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"])
+def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_adapters(tiny, backend):
+    """One gradient element overflows at step 2 (the loss stays finite): the run stops naming the norm, and the
+    adapters in memory are still step 1's (the step was applied before the check; clipping then scaled every
+    gradient by inf * 0 and Adam moved the adapters with its old momentum, one of them to NaN)."""
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import TrainingDivergedError, train
+
+    folder, _, train_ds, _ = tiny
+    config = small_config(max_steps=3)
+    trainer, _ = make_trainer(folder, config, backend)
+    forward_backward, optimizer_step, calls, before = trainer.forward_backward, trainer.optimizer_step, [], {}
+
+    def overflowing(batch, num_items):
+        loss = forward_backward(batch, num_items)
+        calls.append(1)
+        if len(calls) == 3:  # the first micro-batch of step 2
+            if backend == "ref":
+                next(iter(trainer.grads.values())).flat[0] = np.inf
+            else:
+                next(iter(trainer.params.values())).grad.view(-1)[0] = float("inf")
+        return loss
+
+    def step(lr, max_grad_norm):
+        before.update(trainer.adapter_state())
+        return optimizer_step(lr, max_grad_norm)
+
+    trainer.forward_backward, trainer.optimizer_step = overflowing, step
+    with pytest.raises(TrainingDivergedError, match=r"^step 2: training diverged \(the gradient norm is"):
+        train(trainer, train_ds, config)
+    after = trainer.adapter_state()
+    assert after.keys() == before.keys()
+    for name in after:
+        np.testing.assert_array_equal(after[name], before[name], err_msg=name)
 
 
 def test_training_lowers_the_loss(tiny):

@@ -37,7 +37,14 @@ class StateSpec:
         return tuple(param_shape) if self.per == 1 else (self.numel(n),)
 
 
-def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+def check_hparams(lr: float, betas, eps: float, weight_decay: float) -> tuple[float, float]:
+    """AdamW's hyperparameters as torch accepts them (``betas`` two numbers in [0, 1)), refused with a
+    ``ValueError`` naming the argument when built — one rule for both backends' optimizers. Returns ``betas`` as
+    a pair of floats."""
+    try:
+        betas = tuple(float(b) for b in betas)
+    except (TypeError, ValueError):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}") from None
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
@@ -46,14 +53,14 @@ def _check_hparams(lr: float, betas: tuple[float, float], eps: float, weight_dec
         raise ValueError(f"eps must be >= 0, got {eps}")
     if not weight_decay >= 0.0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    return betas
 
 
 class Optimizer:
     """Base class: hyperparameters, lazily created per-parameter state, the step loop and the flat state dict."""
 
     def __init__(self, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
-        betas = (float(betas[0]), float(betas[1]))
-        _check_hparams(lr, betas, eps, weight_decay)
+        betas = check_hparams(lr, betas, eps, weight_decay)
         self.lr = float(lr)
         self.betas = betas
         self.eps = float(eps)

@@ -49,6 +49,8 @@ def get_lr(name: str, step: int, base_lr: float, total_steps: int, warmup_ratio:
            n_warmup: int | None = None) -> float:
     """``name``: "constant" (the paper's: no warmup, as transformers ignores it there), "constant_with_warmup",
     "linear" or "cosine" (decay to 0 after warmup)."""
+    if name not in SCHEDULES:  # checked first: an unknown name must not return warmup rates
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
     if name == "constant":
         return base_lr
     n_warmup = warmup_steps(total_steps, warmup_ratio) if n_warmup is None else n_warmup
@@ -60,6 +62,4 @@ def get_lr(name: str, step: int, base_lr: float, total_steps: int, warmup_ratio:
     progress = (step - n_warmup) / max(1, total_steps - n_warmup)
     if name == "linear":
         return base_lr * max(0.0, (total_steps - step) / max(1, total_steps - n_warmup))
-    if name == "cosine":
-        return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {name!r}")
+    return base_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine

@@ -157,10 +157,14 @@ class TrainConfig:
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if not self.adam_epsilon >= 0:
-            raise ValueError(f"adam_epsilon must be >= 0, got {self.adam_epsilon!r}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+            # the optimizers take eps = 0 (as torch does); a LoRA run cannot: B = 0 gives lora_A a zero gradient
+            # at the first step, and AdamW's update of it is then 0 / 0
+            raise ValueError(f"adam_epsilon must be a finite number > 0 (lora_A's first gradient is 0, since B "
+                             f"starts at 0, and AdamW's update of it with eps = 0 is 0/0), got {self.adam_epsilon!r}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay * self.learning_rate < 1):
+            raise ValueError(f"weight_decay must be >= 0 with learning_rate * weight_decay < 1 (AdamW multiplies "
+                             f"the weights by 1 - lr * weight_decay each step), got {self.weight_decay!r}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):

@@ -13,6 +13,7 @@ loss run a chunk of positions at a time (``qlora_ref.loss.chunked_lm_head_loss``
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 
@@ -78,7 +79,8 @@ class RefTrainer:
     def optimizer_step(self, lr: float, max_grad_norm: float) -> float:
         norm = clip_grad_norm(self.grads, max_grad_norm) if max_grad_norm > 0 else grad_norm(self.grads)
         self.optimizer.lr = lr
-        self.optimizer.step(self.params, self.grads)
+        if math.isfinite(norm):  # otherwise no step: the loop stops with the adapters of the last step
+            self.optimizer.step(self.params, self.grads)
         for g in self.grads.values():
             g[...] = 0
         return float(norm)
