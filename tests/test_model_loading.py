@@ -92,6 +92,15 @@ def test_shape_disagreeing_with_config_names_file_and_tensor(llama, tmp_path):
         load_model(tmp_path)
 
 
+def test_a_tensor_in_two_loose_safetensors_files_is_refused(llama, tmp_path):
+    """Without an index, a second file holding the same names (a stale copy, another export) decided the weights
+    by file name order, silently (logits 0.145 off)."""
+    folder = write_folder(tmp_path / "m", llama.config.to_dict(), state_dict_np(llama))
+    save_file({k: np.zeros_like(v) for k, v in state_dict_np(llama).items()}, str(folder / "old.safetensors"))
+    with pytest.raises(CheckpointError, match=r"tensor '.*' is in both model\.safetensors and old\.safetensors"):
+        load_model(folder)
+
+
 def test_missing_tensor_names_it(llama, tmp_path):
     tensors = state_dict_np(llama)
     del tensors["model.layers.1.self_attn.v_proj.weight"]
@@ -246,7 +255,9 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'
                  "{% endif %}")
 
 
-def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
+def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True, extra_meta=None, extra_tensors=None):
+    """``hf`` as llama.cpp's converter writes it; ``extra_meta`` (key -> float or str) and ``extra_tensors``
+    (GGUF name -> array) added as they are."""
     import gguf
 
     cfg = hf.config
@@ -262,6 +273,8 @@ def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_dimension_count(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
     writer.add_vocab_size(cfg.vocab_size)
+    for key, value in (extra_meta or {}).items():
+        (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
     if with_tokenizer:
         tokens, merges, types = tiny_vocab()
         writer.add_tokenizer_model("gpt2")
@@ -277,7 +290,7 @@ def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
              "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
              "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
-             "self_attn.v_proj.bias": "attn_v.bias",
+             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.o_proj.bias": "attn_output.bias",
              "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
              "mlp.down_proj.weight": "ffn_down.weight"}
     if cfg.tie_word_embeddings:  # llama.cpp writes no output.weight for a tied head
@@ -286,9 +299,9 @@ def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
         if name.startswith("model.layers."):
             i, rest = name.removeprefix("model.layers.").split(".", 1)
             gname = f"blk.{i}.{block[rest]}"
-            if arch == "llama" and rest == "self_attn.q_proj.weight":
+            if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.q_proj.bias"):
                 w = llama_cpp_permute(w, cfg.num_attention_heads)
-            elif arch == "llama" and rest == "self_attn.k_proj.weight":
+            elif arch == "llama" and rest in ("self_attn.k_proj.weight", "self_attn.k_proj.bias"):
                 w = llama_cpp_permute(w, cfg.num_key_value_heads)
         else:
             gname = names[name]
@@ -297,6 +310,8 @@ def write_gguf(hf, path, arch="llama", dtype="F32", with_tokenizer=True):
                               raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             writer.add_tensor(gname, w)
+    for gname, w in (extra_tensors or {}).items():
+        writer.add_tensor(gname, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -313,6 +328,77 @@ def test_gguf_logits_equal_transformers(name, tmp_path):
     ids = ids_for(hf.config.vocab_size)
     assert max_rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-5
     assert model.tokenizer is None
+
+
+def llama_cpp_rope_freqs(inv_freq, factor, low=1.0, high=4.0, old_context=8192):
+    """The factors llama.cpp's converter writes as ``rope_freqs.weight`` for a Llama 3.1+ model
+    (``LlamaModel.generate_extra_tensors`` in convert_hf_to_gguf.py), written out here independently."""
+    out = []
+    for f in inv_freq:
+        wavelen = 2 * np.pi / f
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+LLAMA3_GGUF = dict(vocab_size=61, hidden_size=64, intermediate_size=50, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, rope_theta=500000.0)
+
+
+def test_gguf_llama3_rope_scaling_from_rope_freqs_equals_transformers(tmp_path):
+    """llama.cpp writes Llama 3.1+'s rope scaling as a tensor of per-frequency factors and no metadata; it was
+    skipped (plain rope, 9.4e-5 off at 16 tokens with Llama 3.2's settings, growing with length). Head dim 16 at
+    theta 5e5 puts frequencies in all three of llama3's bands (kept, interpolated, divided)."""
+    from model_helpers import make_hf_model
+
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    hf = make_hf_model("llama", rope_scaling=dict(scaling), max_position_embeddings=16384, **LLAMA3_GGUF)
+    inv_freq = 1 / 500000.0 ** (np.arange(0, 16, 2) / 16)
+    factors = llama_cpp_rope_freqs(inv_freq, 32.0)
+    assert 1.0 in factors and 32.0 in factors and ((factors > 1) & (factors < 32)).any()
+    path = write_gguf(hf, tmp_path / "l3.gguf", with_tokenizer=False, extra_tensors={"rope_freqs.weight": factors})
+    model = load_model(path)
+    assert model.config.rope_scaling == scaling
+    ids = np.random.default_rng(0).integers(0, 61, size=(1, 300))  # plain rope: 1e-3 off here
+    assert max_rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["rope_freqs_not_llama3", "yarn", "unknown_tensor"])
+def test_gguf_features_the_reference_does_not_compute_are_refused(tmp_path, case):
+    """Never run a model other than the file's: other per-frequency factors, a rope scaling type but linear, a
+    tensor of no supported architecture (a mixture of experts' router here) — each named."""
+    from model_helpers import make_hf_model
+
+    hf = make_hf_model("llama", **LLAMA3_GGUF)
+    extra_meta, extra_tensors, match = {}, {}, case
+    if case == "rope_freqs_not_llama3":
+        extra_tensors["rope_freqs.weight"], match = np.linspace(1, 3, 8, dtype=np.float32), "rope_freqs.weight"
+    elif case == "yarn":
+        extra_meta = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
+    else:
+        extra_tensors["blk.0.ffn_gate_inp.weight"], match = np.ones((4, 64), np.float32), "blk.0.ffn_gate_inp.weight"
+    path = write_gguf(hf, tmp_path / "m.gguf", with_tokenizer=False, extra_meta=extra_meta,
+                      extra_tensors=extra_tensors)
+    with pytest.raises(CheckpointError, match=rf"m\.gguf: .*{match}.*not supported"):
+        load_model(path)
+
+
+def test_gguf_llama_with_attention_biases_equals_transformers(tmp_path):
+    """llama.cpp's llama architecture carries q/k/v/o biases when the model has them (the q/k ones permuted like
+    the weights); they were dropped (logits 1.63 off, relative)."""
+    from model_helpers import make_hf_model
+
+    hf = make_hf_model("llama", attention_bias=True, **LLAMA3_GGUF)
+    model = load_model(write_gguf(hf, tmp_path / "b.gguf", with_tokenizer=False))
+    assert model.config.qkv_bias and model.config.o_bias
+    ids = ids_for(61)
+    assert max_rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-5
 
 
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):

@@ -162,8 +162,12 @@ class ModelConfig:
                 raise ConfigError(f"{source}: missing metadata {arch}.vocab_size and tokenizer.ggml.tokens")
             vocab = len(tokens)
         scaling = None
-        if get("rope.scaling.type", "none", required=False) == "linear":
+        scaling_type = get("rope.scaling.type", "none", required=False)
+        if scaling_type == "linear":
             scaling = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+        elif scaling_type != "none":  # yarn and the rest change every rotation: refused, never run unscaled
+            raise ConfigError(f"{source}: {arch}.rope.scaling.type={scaling_type!r} is not supported (none, linear; "
+                              f"Llama 3's scaling comes as the tensor rope_freqs.weight)")
         try:
             return cls(
                 model_type=arch,

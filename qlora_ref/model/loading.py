@@ -25,8 +25,9 @@ import numpy as np
 from ..checks import QUANT_TYPES_4BIT
 from ..dtypes import bfloat16
 from ..lora import set_kernel
-from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
+from .config import SUPPORTED_MODEL_TYPES, ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
 from .llama import LlamaModel, expected_tensors
+from .rope import LLAMA3_ROPE_DEFAULTS, llama3_scaling_from_rope_freqs
 from .tokenizer import Tokenizer
 
 
@@ -171,9 +172,13 @@ def folder_tensors(folder: Path) -> dict[str, TensorRef]:
         hint = (f" ({', '.join(pickles)}: PyTorch's pickle format, never unpickled here: unpickling can run code; "
                 "safetensors only: convert it)") if pickles else ""
         raise CheckpointError(f"{folder}: no model.safetensors, shards or model.safetensors.index.json{hint}")
-    tensors = {}
+    tensors, where = {}, {}
     for f in files:
-        tensors.update(read_safetensors_index(f))
+        for name, ref in read_safetensors_index(f).items():
+            if name in tensors:  # a stale copy or a second export beside the model: which is meant is unknowable
+                raise CheckpointError(f"{folder}: tensor {name!r} is in both {where[name]} and {f.name} (with no "
+                                      f"model.safetensors.index.json to say which shard holds it): remove one")
+            tensors[name], where[name] = ref, f.name
     return tensors
 
 
@@ -192,6 +197,7 @@ _GGUF_NAMES = {
     "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
     "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
@@ -231,16 +237,55 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, TensorRef]]:
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors: dict[str, TensorRef] = {}
     for t in reader.tensors:
-        hf = gguf_to_hf_name(t.name)
-        if hf is None:
-            continue
+        # rope_freqs.weight: llama.cpp's Llama 3.1+ rope scaling, read into the config by the loader
+        hf = ROPE_FREQS if t.name == ROPE_FREQS else gguf_to_hf_name(t.name)
+        if hf is None:  # a tensor no supported architecture has changes the computation: never skipped
+            raise CheckpointError(f"{path}: tensor {t.name!r} is not part of a {'/'.join(SUPPORTED_MODEL_TYPES)} "
+                                  f"model as qlora reads one (a mixture of experts, biases on the MLP, another "
+                                  f"architecture's layer?): not supported")
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dimensions innermost first
 
-        def load(t=t, shape=shape):
-            return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False).reshape(shape)
+        def load(t=t, shape=shape, path=path):
+            try:
+                array = gguf.quants.dequantize(t.data, t.tensor_type)
+            except NotImplementedError as e:
+                raise CheckpointError(f"{path}: tensor {t.name!r} is stored as GGML type {t.tensor_type.name}, "
+                                      f"which gguf cannot dequantize ({e})") from None
+            return array.astype(np.float32, copy=False).reshape(shape)
 
         tensors[hf] = TensorRef(Path(path), shape, load)
     return meta, tensors
+
+
+#: the GGUF tensor of per-frequency rope factors (llama.cpp's form of Llama 3.1+'s rope scaling)
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_config(meta: dict, tensors: dict[str, TensorRef], source: str) -> ModelConfig:
+    """The model's config from a GGUF file's metadata and what its tensors show: tied embeddings (no
+    ``output.weight``), attention biases (present or not), Llama 3's rope scaling (``rope_freqs.weight``)."""
+    try:
+        config = ModelConfig.from_gguf_metadata(meta, source)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    changes = {"tie_word_embeddings": "lm_head.weight" not in tensors}
+    if config.model_type != "qwen2":  # Qwen2 always has q/k/v biases; llama.cpp's llama writes them when present
+        changes["qkv_bias"] = "model.layers.0.self_attn.q_proj.bias" in tensors
+        changes["o_bias"] = "model.layers.0.self_attn.o_proj.bias" in tensors
+    if ROPE_FREQS in tensors:
+        factors = tensors[ROPE_FREQS].load()
+        scaling = llama3_scaling_from_rope_freqs(factors, config.head_dim, config.rope_theta)
+        if scaling is None:
+            raise CheckpointError(f"{source}: tensor {ROPE_FREQS!r} holds per-frequency rope factors that are not "
+                                  f"Llama 3's scaling with Meta's values ({LLAMA3_ROPE_DEFAULTS}): not supported")
+        if config.rope_scaling is not None:
+            raise CheckpointError(f"{source}: both {ROPE_FREQS!r} and rope scaling metadata "
+                                  f"({config.rope_scaling}): which applies is ambiguous, not supported")
+        changes["rope_scaling"] = scaling
+    try:
+        return dataclasses.replace(config, **changes)
+    except ConfigError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -381,17 +426,13 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
 
     if gguf_file is not None:
         meta, tensors = read_gguf(gguf_file)
-        try:
-            config = ModelConfig.from_gguf_metadata(meta, str(gguf_file))
-        except ConfigError as e:
-            raise CheckpointError(str(e)) from None
-        config = dataclasses.replace(config, tie_word_embeddings="lm_head.weight" not in tensors)
+        config = gguf_config(meta, tensors, str(gguf_file))
         permute = config.model_type == "llama"
 
-        def transform(name, w):
-            if permute and name.endswith("self_attn.q_proj.weight"):
+        def transform(name, w):  # the converter permuted the rows of Q and K, weights and biases alike
+            if permute and name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
                 return unpermute_qk(w, config.num_attention_heads)
-            if permute and name.endswith("self_attn.k_proj.weight"):
+            if permute and name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
                 return unpermute_qk(w, config.num_key_value_heads)
             return w
 

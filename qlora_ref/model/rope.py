@@ -48,6 +48,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
     raise ValueError(f"unknown rope_type {rope_type!r}")
 
 
+#: Meta's Llama 3.1-3.3 scaling beside its factor (8 or 32); llama.cpp's converter assumes the same values when it
+#: writes the scaling into a GGUF file as per-frequency factors (``rope_freqs.weight``), and stores none of them
+LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_scaling_from_rope_freqs(rope_freqs: np.ndarray, head_dim: int, theta: float) -> dict | None:
+    """The ``rope_scaling`` of a GGUF file's ``rope_freqs.weight`` — llama.cpp divides each inverse frequency by
+    its factor, so the factors are ``inv_freq / inv_freq_scaled`` — when they are Llama 3's scaling with Meta's
+    values (``LLAMA3_ROPE_DEFAULTS``, the factor their largest); None when they are anything else."""
+    factors = np.asarray(rope_freqs, dtype=np.float64).reshape(-1)
+    if factors.shape != (head_dim // 2,) or not np.all(np.isfinite(factors)) or factors.min() <= 0:
+        return None
+    scaling = {"rope_type": "llama3", "factor": float(factors.max()), **LLAMA3_ROPE_DEFAULTS}
+    expected = rope_inv_freq(head_dim, theta).astype(np.float64) / rope_inv_freq(head_dim, theta, scaling)
+    return scaling if np.allclose(factors, expected, rtol=1e-5, atol=0) else None
+
+
 class RotaryEmbedding:
     """Cosine and sine tables for given positions; ``apply``/``backward`` rotate head vectors."""
 
