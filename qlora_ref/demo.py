@@ -44,7 +44,8 @@ def demo_model() -> Path:
 
 
 def held_out_text(seed: int = 0, eval_fraction: float = 0.05) -> str:
-    """The held-out chatterbot-corpus pairs (the same seeded split ``qlora demo`` and ``qlora finetune`` hold out,
-    so a model fine-tuned there never saw them), as plain "question answer" lines."""
-    _, held = split_examples(load_examples("chatterbot"), eval_fraction, seed)
+    """The held-out chatterbot-corpus pairs (the seeded split ``qlora demo`` holds out, and ``qlora finetune
+    --data chatterbot --seed 0``; the corpus's copies are dropped at load, so a model fine-tuned there never saw
+    them), as plain "question answer" lines."""
+    _, held = split_examples(load_examples("chatterbot:english"), eval_fraction, seed)
     return "\n".join(" ".join(m["content"] for m in e.messages if m["role"] != "system") for e in held)

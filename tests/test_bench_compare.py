@@ -4,6 +4,7 @@ stamp (bench/stamp.py), the interleaved speed comparison and the loss-curve comp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -24,7 +25,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not suppor
 # ---------------------------------------------------------------------------------------------- data
 def test_the_shipped_corpus_is_chatterbots_english_conversations():
     convs = corpus.conversations()
-    assert len(convs) == 2025  # load_chatterbot_corpus("english"), the malformed record dropped
+    assert len({tuple(c) for c in convs}) == len(convs)  # the corpus's copies dropped (tech_support.yml: 10 x 105)
+    if importlib.util.find_spec("chatterbot_corpus"):  # written from it by `python bench/corpus.py --write`
+        from qlora_ref.data import load_chatterbot_corpus
+
+        assert convs == [[m["content"] for m in e.messages] for e in load_chatterbot_corpus("english")]
     assert ["What is AI?", "Artificial Intelligence is the branch of engineering and science devoted to "
             "constructing machines that think."] in convs
     assert all(len(c) >= 2 and all(isinstance(t, str) and t for t in c) for c in convs)

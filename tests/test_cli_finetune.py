@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 
 import numpy as np
@@ -350,8 +351,16 @@ def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
     assert summary["perplexity_after"] < summary["perplexity_before"]
     assert np.isfinite(summary["perplexity_after"])
     assert (tmp_path / "adapter_model.safetensors").is_file()
+    out = capsys.readouterr().out
+    # what the data lost is said (pairs longer than the demo's 128 tokens, the corpus's copies), and kept counts
+    # both parts (the held-out pairs dropped went without a word, and "kept" counted them as kept)
+    data = next(line for line in out.splitlines() if line.startswith("data: "))
+    assert "dropped: longer than max_length=128 tokens" in data and "dropped: a copy of an earlier entry" in data
+    kept, train, held = (int(re.search(pattern, data).group(1)) for pattern in
+                         (r"(\d+) examples kept", r"(\d+) training pairs", r"(\d+) held out"))
+    assert kept == train + held
     # the command the demo suggests repeats its held-out perplexity, the base model found through the adapter
-    assert f"qlora evaluate --adapter {tmp_path} --data chatterbot:english --split held-out" in capsys.readouterr().out
+    assert f"qlora evaluate --adapter {tmp_path} --data chatterbot:english --split held-out" in out
     assert main(["evaluate", "--adapter", str(tmp_path), "--data", "chatterbot:english", "--split", "held-out",
                  "--json", str(tmp_path / "ev.json")]) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["eval_perplexity"] == summary["perplexity_after"]

@@ -441,6 +441,45 @@ def test_gguf_tokenizer_and_chat_template(tmp_path):
     assert theirs.encode(text, add_special_tokens=False) == chat_ids
 
 
+#: the split rules of Llama 3's and Qwen2's tokenizer.json (pre_tokenizer: Split(Regex, isolated) + ByteLevel)
+HF_SPLITS = {
+    "llama-bpe": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_gguf_tokenizers_split_as_llama3_and_qwen2_do(pre):
+    """A GGUF names its split rule in tokenizer.ggml.pre; every rule but SmolLM's was read as GPT-2's, so Llama 3
+    and Qwen2 files got other token ids (digit groups, ":\n", "DON'T", a tab before a word). A BPE trained here
+    with the model's own pre-tokenizer, written as GGUF metadata and read back, must encode as the original."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from qlora_ref.model.tokenizer import Tokenizer
+
+    theirs = HFTokenizer(models.BPE())
+    theirs.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(HF_SPLITS[pre]), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    theirs.decoder = decoders.ByteLevel()
+    texts = ["In 2024, 12345 people said:\n\n  I DON'T know.", "it's 1000000 dollars\n\n\n", " 2024 and 345\tok!"]
+    theirs.train_from_iterator(texts * 30, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]))
+    spec = json.loads(theirs.to_str())["model"]
+    tokens = sorted(spec["vocab"], key=spec["vocab"].get)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in spec["merges"]]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+            "tokenizer.ggml.merges": merges, "tokenizer.ggml.token_type": [3] + [1] * (len(tokens) - 1)}
+    ours = Tokenizer.from_gguf_metadata(meta, "m.gguf")
+    for text in texts:
+        assert ours.encode(text, add_special_tokens=False) == theirs.encode(text).ids, text
+    with pytest.raises(ValueError, match=r"m\.gguf: tokenizer\.ggml\.pre='falcon' is not supported"):
+        Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "falcon"}, "m.gguf")
+
+
 def test_gguf_unknown_architecture(tmp_path):
     import gguf
 

@@ -113,8 +113,10 @@ def test_prepare_model_streams_the_exported_folder_like_the_whole_checkpoint_pat
     folder = export_hf_folder(tmp_path / "smollm2", config, weights, "bfloat16", tokenizer=tok)
     lora = LoraConfig(r=8, alpha=16.0)
     ids = torch.tensor([tok.encode(HELD_OUT, add_special_tokens=False)[:48]])
+    # residual_dtype=None: from_pretrained's arithmetic (the default float32 stream runs attention under bfloat16
+    # autocast, as the transformers + peft stack does; the "fast" model below takes the defaults)
     streamed = prepare_model(folder, lora=lora, device="cpu", dtype="float32", attn_implementation="eager",
-                             progress=False)
+                             residual_dtype=None, progress=False)
     whole = QLoRAModel.from_pretrained(folder, lora=lora)
     for (name, a), b in zip(streamed.named_linears().items(), whole.named_linears().values(), strict=True):
         assert torch.equal(a.weight, b.weight) and torch.equal(a.lora_A, b.lora_A), name

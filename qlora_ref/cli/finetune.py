@@ -407,6 +407,7 @@ def run_finetune(args) -> int:
     from qlora_ref.train.api import finetune
     from qlora_ref.train.launch import check_nproc, check_sharded_recipe, launched_by_torchrun, process_rank
 
+    check_eval_options(args)
     config = _config_from_args(args)
     check_backend(args.backend)
     check_backend_quant_type(args.backend, config.quant_type)
@@ -452,6 +453,14 @@ def run_finetune(args) -> int:
     print(f"next:\n  qlora plot {q(out)}\n  qlora evaluate --adapter {q(out)} {held_out}\n"
           f"  qlora merge --adapter {q(out)} --output-dir {q(f'{out}-merged')}")
     return 0
+
+
+def check_eval_options(args) -> None:
+    """``--eval-data`` replaces the held-out part of ``--data``, so an ``--eval-fraction`` beside it would be
+    ignored (and recorded as 0): refused rather than dropped without a word."""
+    if args.eval_data is not None and args.eval_fraction is not None:
+        raise ValueError(f"--eval-fraction {args.eval_fraction} and --eval-data {args.eval_data} were both given: "
+                         "--eval-data is the held-out set, so nothing of --data is held out; give one of them")
 
 
 def check_nproc_backend(args) -> None:
@@ -574,10 +583,11 @@ def _run_demo(args, config, model_path) -> int:
     examples = load_examples("chatterbot:english", report)
     train_ex, eval_ex = split_examples(examples, config.eval_fraction, config.seed)
     train_ds = build_dataset(train_ex, tokenizer, config.max_length, report=report, warn=False)
-    eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, warn=False)
+    eval_ds = build_dataset(eval_ex, tokenizer, config.max_length, report=report, warn=False)
     question, reference = eval_ex[0].messages[0]["content"], eval_ex[0].messages[1]["content"]
     n_eval = min(len(eval_ds), config.eval_batches * config.micro_batch_size)
-    print(f"data: {len(train_ds)} training pairs, {len(eval_ds)} held out (perplexity on the first {n_eval})")
+    print(f"data: {report.summary()}; {len(train_ds)} training pairs, {len(eval_ds)} held out (perplexity on the "
+          f"first {n_eval})")
     before = evaluate(trainer, eval_ds, config.micro_batch_size, config.eval_batches, progress=config.progress)
     ans_before = answer(trainer, tokenizer, question)
     print(f"before: held-out perplexity {before['eval_perplexity']:.3f} ({time.perf_counter() - t0:.0f} s so far)")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 #: where the scored text comes from (``qlora_ref.demo.held_out_text``), as the output names it
-HELD_OUT_SOURCE = "the chatterbot-corpus English pairs that qlora demo and qlora finetune hold out"
+HELD_OUT_SOURCE = "the chatterbot-corpus English pairs that qlora demo holds out (seed 0)"
 
 
 def add_parser(subparsers) -> None:

@@ -12,12 +12,15 @@ Accepted records (one JSON object per line of a ``.jsonl`` file):
 and the chatterbot-corpus YAML files (``conversations:`` lists of alternating question/answer strings).
 
 A malformed record raises :class:`MalformedRecordError` naming the file and line. Harmless irregularities —
-an unanswered last turn, a one-line chatterbot conversation — are counted in a :class:`DataReport`, never lost
-silently.
+an unanswered last turn, a one-line chatterbot conversation, a key the record's format does not read (metadata
+such as ``id``), a file of a folder that is not data — are counted in a :class:`DataReport`, never lost silently.
 """
 
 from __future__ import annotations
 
+import codecs
+import difflib
+import functools
 import json
 import os
 import re
@@ -54,13 +57,16 @@ class Example:
 @dataclass
 class DataReport:
     """What happened to the records: how many were read and kept, and each reason something was left out
-    (``dropped``: whole examples, ``trimmed``: turns), with the first few sources for each reason."""
+    (``dropped``: whole examples, ``trimmed``: turns, ``ignored``: keys of kept records that their format does not
+    read, by key, ``skipped``: files of a data folder that were not read), with the first few sources for each."""
 
     records: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
     trimmed: Counter = field(default_factory=Counter)
     where: dict = field(default_factory=dict)
+    ignored: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
 
     def drop(self, reason: str, source: str) -> None:
         self.dropped[reason] += 1
@@ -69,6 +75,14 @@ class DataReport:
     def trim(self, reason: str, source: str) -> None:
         self.trimmed[reason] += 1
         self._note(reason, source)
+
+    def ignore(self, key: str, source: str) -> None:
+        self.ignored[key] += 1
+        self._note(_ignored_reason(key), source)
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped[reason] += 1
+        self._note(reason, path)
 
     def _note(self, reason: str, source: str) -> None:
         sources = self.where.setdefault(reason, [])
@@ -79,12 +93,26 @@ class DataReport:
     def n_dropped(self) -> int:
         return sum(self.dropped.values())
 
+    @property
+    def left_out(self) -> bool:
+        """Whether anything read was not used whole: an example dropped, a key ignored, a file skipped (a trimmed
+        unanswered turn is not: nothing to learn from was lost)."""
+        return bool(self.n_dropped or self.ignored or self.skipped)
+
     def summary(self) -> str:
+        def eg(reason):
+            return ", ".join(self.where.get(reason, []))
+
         parts = [f"{self.records} records read, {self.kept} examples kept"]
+        for reason, n in sorted(self.skipped.items()):
+            parts.append(f"{n} skipped: {reason} (e.g. {eg(reason)})")
         for reason, n in sorted(self.dropped.items()):
-            parts.append(f"{n} dropped: {reason} (e.g. {', '.join(self.where.get(reason, []))})")
+            parts.append(f"{n} dropped: {reason} (e.g. {eg(reason)})")
         for reason, n in sorted(self.trimmed.items()):
-            parts.append(f"{n} trimmed: {reason} (e.g. {', '.join(self.where.get(reason, []))})")
+            parts.append(f"{n} trimmed: {reason} (e.g. {eg(reason)})")
+        for key, n in sorted(self.ignored.items()):
+            reason = _ignored_reason(key)
+            parts.append(f"{reason} in {n} record{'' if n == 1 else 's'} (e.g. {eg(reason)})")
         return "; ".join(parts)
 
     def merge(self, other: DataReport) -> None:
@@ -92,8 +120,14 @@ class DataReport:
         self.kept += other.kept
         self.dropped.update(other.dropped)
         self.trimmed.update(other.trimmed)
+        self.ignored.update(other.ignored)
+        self.skipped.update(other.skipped)
         for k, v in other.where.items():
             self.where[k] = (self.where.get(k, []) + v)[:5]
+
+
+def _ignored_reason(key: str) -> str:
+    return f"ignored key {key!r}"
 
 
 # ------------------------------------------------------------------------------------------------ records
@@ -150,41 +184,117 @@ def _guanaco(text: str, source: str, report: DataReport) -> list[dict]:
     return _check_roles(messages, source, report)
 
 
+#: the keys each format reads, in the order the formats are recognised; any other key of a record is ignored
+#: (counted in the report: metadata such as ``id`` or ``source``), unless it plainly misspells a key that would have
+#: been read (``inptu``), which is an error
+FORMAT_KEYS = {"messages": ("messages",), "conversations": ("conversations",),
+               "Alpaca": ("instruction", "input", "output"), "input/output": ("input", "output"), "text": ("text",)}
+_KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys})
+
+
+def _readable_keys(fmt: str) -> set[str]:
+    """The keys that a record of format ``fmt`` reads, or that would make it a format recognised before it."""
+    formats = list(FORMAT_KEYS)
+    return set(FORMAT_KEYS[fmt]) | {FORMAT_KEYS[f][0] for f in formats[:formats.index(fmt)]}
+
+
+@functools.lru_cache(maxsize=1024)
+def _near_keys(key: str) -> tuple[str, ...]:
+    """The known keys that ``key`` plainly misspells (any case; ``difflib``'s similarity of at least 0.8: a swapped
+    pair, a letter more or less)."""
+    return tuple(difflib.get_close_matches(key.lower(), [k for k in _KNOWN_KEYS if k != key], n=3, cutoff=0.8))
+
+
+def _misspelt(record: dict, keys, readable=_KNOWN_KEYS) -> tuple[str, str] | None:
+    """``(key, known key it misspells)`` for the first of ``keys`` that misspells a ``readable`` key the record
+    lacks."""
+    for key in keys:
+        near = [k for k in _near_keys(key) if k in readable and k not in record]
+        if near:
+            return key, near[0]
+    return None
+
+
+def _unused_keys(record: dict, fmt: str, source: str) -> list[str]:
+    """The record's keys that its format does not read; a misspelling among them is an error."""
+    unused = sorted(set(record) - set(FORMAT_KEYS[fmt]))
+    if (typo := _misspelt(record, unused, _readable_keys(fmt))) is not None:
+        raise MalformedRecordError(
+            source, f"unknown key {typo[0]!r}: did you mean {typo[1]!r}? (the {fmt} format reads "
+                    f"{', '.join(map(repr, FORMAT_KEYS[fmt]))}; other keys are ignored and counted in the report)")
+    return unused
+
+
 def record_to_example(record, source: str, report: DataReport | None = None) -> Example:
-    """Normalize one parsed record (see the module docstring for the formats)."""
+    """Normalize one parsed record (see the module docstring for the formats). Keys its format does not read are
+    counted in the report as ignored (where a wrong name would otherwise lose a field without a word); one that
+    misspells a key the format reads is an error."""
     report = report if report is not None else DataReport()
     if not isinstance(record, dict):
         raise MalformedRecordError(source, f"a record must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        return Example(_turns(record["messages"], source, "role", "content", report), source)
-    if "conversations" in record:
+        fmt = "messages"
+    elif "conversations" in record:
+        fmt = "conversations"
+    elif "instruction" in record:
+        fmt = "Alpaca"
+    elif "input" in record and "output" in record:
+        fmt = "input/output"
+    elif "text" in record:
+        fmt = "text"
+    else:
+        typo = _misspelt(record, sorted(record))
+        hint = f" ({typo[0]!r}: did you mean {typo[1]!r}?)" if typo else ""
+        raise MalformedRecordError(
+            source, f"unrecognised record with keys {sorted(record)}{hint}; expected 'instruction'/'input'/'output' "
+                    "(Alpaca), 'input'/'output', 'messages', 'conversations', or a '### Human:' 'text'")
+    unused = _unused_keys(record, fmt, source)
+    if fmt == "messages":
+        example = Example(_turns(record["messages"], source, "role", "content", report), source)
+    elif fmt == "conversations":
         turns = record["conversations"]
         sharegpt = isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]
         keys = ("from", "value") if sharegpt else ("role", "content")
-        return Example(_turns(turns, source, *keys, report), source)
-    if "instruction" in record:
+        example = Example(_turns(turns, source, *keys, report), source)
+    elif fmt == "Alpaca":
         if "output" not in record:
             raise MalformedRecordError(source, "an Alpaca record needs 'output'")
         instruction = _text(record["instruction"], "'instruction'", source)
-        extra = _text(record.get("input") or "", "'input'", source)
+        extra = record.get("input")  # only a missing, null or empty input is no input: 0 or [] is an error
+        extra = "" if extra is None else _text(extra, "'input'", source)
         output = _text(record["output"], "'output'", source)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        return Example([{"role": "user", "content": user}, {"role": "assistant", "content": output}], source,
-                       alpaca=(instruction, extra))
-    if "input" in record and "output" in record:
-        return Example([{"role": "user", "content": _text(record["input"], "'input'", source)},
-                        {"role": "assistant", "content": _text(record["output"], "'output'", source)}], source)
-    if "text" in record:
-        return Example(_guanaco(_text(record["text"], "'text'", source), source, report), source)
-    raise MalformedRecordError(
-        source, f"unrecognised record with keys {sorted(record)}; expected 'instruction'/'input'/'output' "
-                "(Alpaca), 'input'/'output', 'messages', 'conversations', or a '### Human:' 'text'")
+        example = Example([{"role": "user", "content": user}, {"role": "assistant", "content": output}], source,
+                          alpaca=(instruction, extra))
+    elif fmt == "input/output":
+        example = Example([{"role": "user", "content": _text(record["input"], "'input'", source)},
+                           {"role": "assistant", "content": _text(record["output"], "'output'", source)}], source)
+    else:
+        example = Example(_guanaco(_text(record["text"], "'text'", source), source, report), source)
+    for key in unused:
+        report.ignore(key, source)
+    return example
 
 
 # ------------------------------------------------------------------------------------------------ files
 def _check_on_malformed(on_malformed: str) -> None:
     if on_malformed not in ("error", "drop"):
         raise ValueError(f"on_malformed must be 'error' or 'drop', got {on_malformed!r}")
+
+
+def _byte_lines(f):
+    """The lines of a binary file, split where text mode splits them (``\\n``, ``\\r\\n`` or ``\\r``), without
+    their ends."""
+    for chunk in f:
+        yield from chunk.splitlines()
+
+
+def _decode(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MalformedRecordError(source, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the "
+                                           "line): save the file as UTF-8") from None
 
 
 def read_jsonl(path: str | os.PathLike, report: DataReport | None = None, on_malformed: str = "error"
@@ -196,13 +306,16 @@ def read_jsonl(path: str | os.PathLike, report: DataReport | None = None, on_mal
     report = report if report is not None else DataReport()
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:  # decoded line by line, so that a non-UTF-8 byte is an error naming its line
+        for lineno, raw in enumerate(_byte_lines(f), start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors save "UTF-8"
+                raw = raw[len(codecs.BOM_UTF8):]
+            if not raw.strip():
                 continue
             source = f"{path}:{lineno}"
             report.records += 1
             try:
+                line = _decode(raw, source)
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
@@ -229,7 +342,14 @@ def read_chatterbot_yaml(path: str | os.PathLike, report: DataReport | None = No
     except ImportError as e:  # pragma: no cover - PyYAML comes with the demo extra
         raise ImportError("reading chatterbot-corpus YAML needs PyYAML: pip install pyyaml") from e
     report = report if report is not None else DataReport()
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # named by its line, as a JSONL file's
+        start = data.rfind(b"\n", 0, e.start) + 1
+        lineno = data.count(b"\n", 0, start) + 1
+        _decode(data[start:e.end], f"{name}:{lineno}")
+        raise  # pragma: no cover - _decode raised
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
@@ -282,9 +402,12 @@ def load_chatterbot_corpus(language: str = "english", categories: list[str] | No
     """The question/answer pairs of the chatterbot-corpus package (PyPI ``chatterbot-corpus``, BSD-3),
     e.g. ``load_chatterbot_corpus("english", ["greetings", "ai"])``; files in sorted order.
 
-    The shipped corpus has a flaw we cannot fix (chatterbot-corpus 1.3.3, ``english/trivia.yml`` line 35: a
-    missing "- " turns one question/answer pair into a single string), so by default malformed entries are
-    dropped and counted in the report with their file and line; ``on_malformed="error"`` raises instead."""
+    The shipped corpus has two flaws we cannot fix upstream (chatterbot-corpus 1.3.3). ``english/trivia.yml`` line
+    35: a missing "- " turns one question/answer pair into a single string, so by default malformed entries are
+    dropped and counted in the report with their file and line (``on_malformed="error"`` raises instead). And
+    entries repeat: ``english/tech_support.yml`` is 10 conversations written 105 times over, ``coding.yml`` holds
+    some three times; a copy would put the same pair on both sides of the held-out split (a "held-out" loss on
+    examples the model trained on), so every copy after the first is dropped and counted, naming both places."""
     data = chatterbot_data_dir()
     if data is None:
         raise ImportError("the chatterbot corpus is not installed: pip install 'qlora[demo]' "
@@ -301,33 +424,65 @@ def load_chatterbot_corpus(language: str = "english", categories: list[str] | No
             raise ValueError(f"no chatterbot categories {sorted(missing)} for {language!r}; "
                              f"available: {sorted(f.stem for f in folder.glob('*.yml'))}")
     report = report if report is not None else DataReport()
-    examples = []
+    examples, first = [], {}
     for f in files:
-        examples += read_chatterbot_yaml(f, report, on_malformed, display_name=f"chatterbot_corpus/{language}/{f.name}")
+        for ex in read_chatterbot_yaml(f, report, on_malformed, display_name=f"chatterbot_corpus/{language}/{f.name}"):
+            key = tuple((m["role"], m["content"]) for m in ex.messages)
+            if key in first:  # a copy would land on both sides of the held-out split
+                report.kept -= 1
+                report.drop("a copy of an earlier entry", f"{ex.source} = {first[key]}")
+            else:
+                first[key] = ex.source
+                examples.append(ex)
     return examples
+
+
+DATA_SUFFIXES = (".jsonl", ".yml", ".yaml")
+
+
+def is_corpus_spec(spec) -> bool:
+    """Whether ``spec`` names the shipped chatterbot corpus (``chatterbot[:language[:categories]]``). A file or
+    folder of the same name is refused rather than shadowed (or read where the README's commands mean the corpus):
+    the message says how to name either."""
+    s = str(spec)
+    if not (s == "chatterbot" or s.startswith("chatterbot:")):
+        return False
+    if Path(s).exists():
+        kind = "folder" if Path(s).is_dir() else "file"
+        corpus = "chatterbot:english for the corpus" if s == "chatterbot" else "rename the local one to read the corpus"
+        raise ValueError(f"{s!r} names both a local {kind} and the shipped chatterbot corpus: write ./{s} for the "
+                         f"{kind}, or {corpus}")
+    return True
 
 
 def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
                   ) -> list[Example]:
-    """Examples from ``spec``: a ``.jsonl`` file, a chatterbot-style ``.yml``/``.yaml`` file, a folder of those,
-    or ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"``.
-    ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each source's own default (a user's
-    file is an error, the shipped corpus's few irregular entries are dropped)."""
+    """Examples from ``spec``: a ``.jsonl`` file, a chatterbot-style ``.yml``/``.yaml`` file, a folder of those
+    (any case of the suffix; its other files and sub-folders are skipped and counted in the report), or
+    ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"`` (see
+    :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each
+    source's own default (a user's file is an error, the shipped corpus's few irregular entries are dropped)."""
     report = report if report is not None else DataReport()
     if on_malformed is not None:
         _check_on_malformed(on_malformed)
     s = str(spec)
-    if s == "chatterbot" or s.startswith("chatterbot:"):
+    if is_corpus_spec(s):
         parts = s.split(":")
         language = parts[1] if len(parts) > 1 and parts[1] else "english"
         categories = parts[2].split(",") if len(parts) > 2 and parts[2] else None
         return load_chatterbot_corpus(language, categories, report, on_malformed or "drop")
     path = Path(spec)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".yml", ".yaml"))
+        files = []
+        for p in sorted(path.iterdir()):
+            if p.is_file() and p.suffix.lower() in DATA_SUFFIXES:
+                files.append(p)
+            else:
+                report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.yml/.yaml file", str(p))
         return [ex for f in files for ex in load_examples(f, report, on_malformed)]
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return read_jsonl(path, report, on_malformed or "error")
-    if path.suffix in (".yml", ".yaml"):
+    if suffix in (".yml", ".yaml"):
         return read_chatterbot_yaml(path, report, on_malformed or "error")
     raise ValueError(f"cannot read {s!r}: expected a .jsonl or .yml file, a folder, or 'chatterbot[:language]'")

@@ -184,12 +184,26 @@ def pad_token_id_of(tokenizer) -> int:
     return 0
 
 
+def no_stop_token(tokenizer) -> str | None:
+    """Why a model trained with ``tokenizer`` would not learn to stop, or None: without a chat template the
+    responses end with EOS, and a tokenizer without one (e.g. a folder whose special tokens are missing) leaves
+    them open-ended, which nothing else would show."""
+    if has_chat_template(tokenizer) or getattr(tokenizer, "eos_token_id", None) is not None:
+        return None
+    return ("the tokenizer has no chat template and no EOS token, so responses get no end-of-sequence token and the "
+            "model will not learn to stop (name an eos_token in the model's tokenizer_config.json or "
+            "special_tokens_map.json)")
+
+
 def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_source: bool = False,
                   report: DataReport | None = None, warn: bool = True) -> TokenizedDataset:
     """Tokenize ``examples``; drop (and count) those longer than ``max_length`` tokens or without a response
-    token. ``report`` (e.g. the one the loader filled) is extended; a warning summarises any drops."""
+    token. ``report`` (e.g. the one the loader filled) is extended; with ``warn``, a warning summarises anything
+    left out, and another says when responses get no EOS (:func:`no_stop_token`)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if warn and examples and (why := no_stop_token(tokenizer)) is not None:
+        warnings.warn(why, stacklevel=2)
     report = report if report is not None else DataReport(records=len(examples), kept=len(examples))
     ids_out, labels_out, sources = [], [], []
     for ex in examples:
@@ -205,7 +219,7 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_
         labels_out.append(np.asarray(labels, dtype=np.int64))
         sources.append(ex.source)
     report.kept = report.kept - (len(examples) - len(ids_out))
-    if warn and report.n_dropped:
+    if warn and report.left_out:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     return TokenizedDataset(ids_out, labels_out, sources, max_length, pad_token_id_of(tokenizer), report)
 

@@ -20,14 +20,42 @@ def _import_tokenizers():
     return tokenizers
 
 
+#: llama.cpp's split rules (``llama-vocab.cpp``) by ``tokenizer.ggml.pre``, as the models' own tokenizer.json
+#: writes them: a BPE never merges across a split, so another rule gives other token ids (digit groups, ":\n",
+#: "DON'T", a tab before a word), silently
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_PRE_TOKENIZERS = {None: "gpt2", "gpt-2": "gpt2", "smollm": "smollm", "llama-bpe": _LLAMA3_SPLIT,
+                       "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+
+
+def _gguf_pre_tokenizer(pre: str | None, source: str):
+    """The pre-tokenizer of a GGUF byte-level BPE: GPT-2's rule (also for files that name none), SmolLM's (digits
+    one by one, then GPT-2's), or Llama 3's / Qwen2's split; any other name is refused rather than guessed."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre not in GGUF_PRE_TOKENIZERS:
+        names = ", ".join(repr(k) for k in GGUF_PRE_TOKENIZERS if k)
+        raise ValueError(f"{source}: tokenizer.ggml.pre={pre!r} is not supported (its split rule is not implemented "
+                         f"here, and another rule gives other token ids); supported: {names}")
+    rule = GGUF_PRE_TOKENIZERS[pre]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=rule in ("gpt2", "smollm"))
+    if rule == "gpt2":
+        return byte_level
+    if rule == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False), byte_level])
+
+
 class Tokenizer:
     """encode / decode / apply_chat_template around a ``tokenizers.Tokenizer``."""
 
     def __init__(self, backend, chat_template: str | None = None, bos_token: str | None = None,
-                 eos_token: str | None = None, add_bos_token: bool = False):
+                 eos_token: str | None = None, add_bos_token: bool = False, pad_token: str | None = None):
         self.backend = backend
         self.chat_template = chat_template
-        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.add_bos_token = add_bos_token
 
     @property
@@ -44,6 +72,10 @@ class Tokenizer:
     @property
     def eos_token_id(self) -> int | None:
         return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -69,24 +101,30 @@ class Tokenizer:
     # ----------------------------------------------------------------- sources
     @classmethod
     def from_folder(cls, folder) -> Tokenizer | None:
-        """From tokenizer.json (+ tokenizer_config.json / chat_template.jinja); None if the folder has none."""
+        """From tokenizer.json (+ tokenizer_config.json / chat_template.jinja); None if the folder has none. The
+        BOS, EOS and pad tokens come from tokenizer_config.json, else from special_tokens_map.json, where many
+        repositories (those older transformers saved) keep them and ``AutoTokenizer`` finds them: without its EOS
+        the template-less format would train responses that never end."""
         folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             return None
         tokenizers = _import_tokenizers()
         backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg = {}
+        cfg, special = {}, {}
         if (folder / "tokenizer_config.json").exists():
             cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        if (folder / "special_tokens_map.json").exists():
+            special = json.loads((folder / "special_tokens_map.json").read_text())
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
 
-        def token(value):
+        def token(name):
+            value = cfg.get(name) or (special.get(name) if isinstance(special, dict) else None)
             return value.get("content") if isinstance(value, dict) else value
 
-        return cls(backend, template, token(cfg.get("bos_token")), token(cfg.get("eos_token")),
-                   bool(cfg.get("add_bos_token", False)))
+        return cls(backend, template, token("bos_token"), token("eos_token"), bool(cfg.get("add_bos_token", False)),
+                   pad_token=token("pad_token"))
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "model.gguf") -> Tokenizer | None:
@@ -97,16 +135,12 @@ class Tokenizer:
         if model != "gpt2":
             raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported (only byte-level BPE 'gpt2')")
         tokenizers = _import_tokenizers()
-        from tokenizers import decoders, models, pre_tokenizers
+        from tokenizers import decoders, models
 
         tokens = list(meta["tokenizer.ggml.tokens"])
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         backend = tokenizers.Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if meta.get("tokenizer.ggml.pre") == "smollm":  # llama.cpp's SmolLM pre-tokenizer: digits one by one
-            backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-        else:
-            backend.pre_tokenizer = byte_level
+        backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
         backend.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or []
         control = [tok for tok, kind in zip(tokens, types, strict=False) if kind == 3]  # 3 = CONTROL in llama.cpp

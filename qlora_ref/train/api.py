@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..data import DataReport, build_dataset, load_examples
+from ..data.formats import is_corpus_spec
+from ..data.pipeline import no_stop_token
 from .checkpoint import check_not_locked, check_resume_backend, new_run_id
 from .config import TrainConfig
 from .init_adapter import check_init_adapter
@@ -98,8 +100,9 @@ def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[lis
 
 
 def check_data_spec(spec) -> None:
-    """A data file or folder that exists, or a ``chatterbot[...]`` spec (None passes: no data given)."""
-    if spec is not None and not str(spec).startswith("chatterbot") and not Path(spec).exists():
+    """A data file or folder that exists, or a ``chatterbot[...]`` spec that no local path shadows
+    (``is_corpus_spec``, as ``load_examples`` reads it); None passes: no data given."""
+    if spec is not None and not is_corpus_spec(spec) and not Path(spec).exists():
         raise ValueError(f"{spec}: data file does not exist")
 
 
@@ -115,6 +118,8 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
     examples = load_examples(data, report, on_malformed)
     if not examples:
         raise ValueError(f"{data}: no examples ({report.summary()})")
+    if (why := no_stop_token(tokenizer)) is not None and process_rank() == 0:  # once, not per part
+        warnings.warn(why, stacklevel=2)
     build = lambda ex, rep: build_dataset(ex, tokenizer, config.max_length, config.train_on_inputs, rep,  # noqa: E731
                                           warn=False)
     if eval_data is not None:  # a file of its own: its own report, and it must give something to evaluate
@@ -123,7 +128,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
         eval_ds = build(eval_ex, eval_report)
         if len(eval_ds) == 0:
             raise ValueError(f"{eval_data}: no usable held-out example ({eval_report.summary()})")
-        if eval_report.n_dropped and process_rank() == 0:  # every rank reads the data; one says so
+        if eval_report.left_out and process_rank() == 0:  # every rank reads the data; one says so
             warnings.warn(f"held-out data {eval_data}: {eval_report.summary()}", stacklevel=2)
         train_ds = build(examples, report)
     else:  # a split of --data: one report over both parts, so that kept = training + held-out
@@ -135,7 +140,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
                           "no held-out evaluation", stacklevel=2)
         if eval_ex and len(eval_ds) == 0:
             eval_ds = None
-    if report.n_dropped and process_rank() == 0:
+    if report.left_out and process_rank() == 0:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     if len(train_ds) == 0:
         held = f"; the {len(eval_ds)} left are held out" if eval_ds is not None and len(eval_ds) else ""
@@ -190,6 +195,8 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     else:
         trainer, tokenizer = trainer
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+    if process_rank() == 0:
+        warn_beyond_context(trainer, config, train_ds, eval_ds)
     if config.progress and process_rank() == 0:  # beside the bar, before it: what the run trains and evaluates on
         n_eval = 0 if eval_ds is None else len(eval_ds)
         print(f"data: {report.summary()}; {len(train_ds)} training / {n_eval} held-out examples", file=sys.stderr,
@@ -201,6 +208,22 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     result = train(trainer, train_ds, config, eval_data=eval_ds, output_dir=output_dir, resume=resume,
                    base_model=base_model_name(model), stop_after=stop_after)
     return FinetuneRun(result, trainer, tokenizer, train_ds, eval_ds, report)
+
+
+def warn_beyond_context(trainer, config: TrainConfig, *datasets) -> None:
+    """Warn when examples are longer than the model's context (``max_position_embeddings``): ``max_length`` let
+    them through, and positions past the context were never trained, so they teach little and cost the most. Only
+    the examples' lengths matter: packed rows restart the positions with every example, so a ``pack_length``
+    beyond the context is harmless."""
+    context = getattr(getattr(getattr(trainer, "model", None), "config", None), "max_position_embeddings", None)
+    if not isinstance(context, int) or config.max_length <= context:
+        return
+    longer = sum(int((d.lengths > context).sum()) for d in datasets if d is not None)
+    if longer:
+        warnings.warn(f"max_length={config.max_length} is more than the model's context of {context} tokens "
+                      f"(max_position_embeddings): {longer} example{'s are' if longer > 1 else ' is'} longer than "
+                      f"{context} tokens, at positions the model was never trained on; max_length={context} drops "
+                      "them", stacklevel=3)
 
 
 def base_model_name(model) -> str:

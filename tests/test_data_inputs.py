@@ -1,0 +1,234 @@
+"""What users' data and model folders bring that the formats do not foresee: special tokens kept in
+special_tokens_map.json, keys a format does not read (misspelt or metadata), non-string inputs, files that are not
+UTF-8, folders with other files, a local folder named like the shipped corpus, examples longer than the model's
+context, and the CLI's held-out options. Each is an error naming where, or counted and reported: never silent."""
+
+from __future__ import annotations
+
+import json
+import types
+import warnings
+
+import numpy as np
+import pytest
+
+from qlora_ref.data import (
+    IGNORE_INDEX,
+    ByteTokenizer,
+    DataReport,
+    MalformedRecordError,
+    build_dataset,
+    load_examples,
+    read_chatterbot_yaml,
+    read_jsonl,
+    record_to_example,
+    tokenize_example,
+)
+from qlora_ref.train.config import TrainConfig
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def _user_warnings(record) -> list[str]:
+    return [str(w.message) for w in record if issubclass(w.category, UserWarning)]
+
+
+class _NoEos(ByteTokenizer):
+    """A template-less tokenizer without EOS (as a folder whose special tokens were not found)."""
+
+    eos_token_id = None
+
+
+# ------------------------------------------------------------------------------------------------ special tokens
+def _folder_with_special_tokens_map(folder):
+    """A byte-level tokenizer.json, special tokens only in special_tokens_map.json, no chat template (a base model
+    saved by older transformers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({c: i for i, c in enumerate(alphabet)}, []))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<pad>", "<s>", "</s>"])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": {"content": "</s>", "lstrip": False}, "pad_token": "<pad>"}))
+    return folder
+
+
+def test_special_tokens_come_from_special_tokens_map_when_the_config_lacks_them(tmp_path):
+    pytest.importorskip("tokenizers")
+    from qlora_ref.model.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_folder(_folder_with_special_tokens_map(tmp_path / "model"))
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (257, 258, 256)  # as AutoTokenizer reads them
+    ids, labels = tokenize_example(record_to_example({"instruction": "Name a colour.", "output": "Blue."}, "x:1"), tok)
+    assert ids[0] == 257 and labels[-1] == 258  # the response ends with EOS: the model learns to stop
+    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "Blue.</s>"
+
+
+def test_no_eos_without_a_template_is_warned_once(tmp_path):
+    from qlora_ref.train.api import prepare_data
+
+    ex = record_to_example({"instruction": "q", "output": "a"}, "x:1")
+    with pytest.warns(UserWarning, match="no end-of-sequence token.*will not learn to stop"):
+        build_dataset([ex], _NoEos(), max_length=1000)
+    with warnings.catch_warnings():  # a tokenizer with EOS (or a chat template) says nothing
+        warnings.simplefilter("error")
+        build_dataset([ex], ByteTokenizer(), max_length=1000)
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"q{i}", "output": "a"} for i in range(20)])
+    with warnings.catch_warnings(record=True) as w:  # the training and the held-out part: one warning
+        warnings.simplefilter("always")
+        prepare_data(str(data), _NoEos(), TrainConfig(eval_fraction=0.2))
+    assert sum("will not learn to stop" in m for m in _user_warnings(w)) == 1
+
+
+# ------------------------------------------------------------------------------------------------ keys
+def test_a_misspelt_key_is_an_error_naming_it_and_the_key_meant(tmp_path):
+    path = _write_jsonl(tmp_path / "typo.jsonl", [{"instruction": "Translate", "output": "fromage"},
+                                                  {"instruction": "Translate", "inptu": "cheese", "output": "fromage"}])
+    with pytest.raises(MalformedRecordError, match=r"typo.jsonl:2: unknown key 'inptu': did you mean 'input'\?"):
+        read_jsonl(path)
+    report = DataReport()
+    assert len(read_jsonl(path, report, on_malformed="drop")) == 1 and report.dropped["malformed record"] == 1
+    for record, meant in [({"Instruction": "x", "output": "y"}, "instruction"),  # case, a swap, one letter more
+                          ({"instruction": "x", "ouptut": "y", "output": "z"}, None),
+                          ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                            "txet": "x"}, None),
+                          ({"instructions": "x", "input": "i", "output": "y"}, "instruction")]:
+        if meant is None:  # a near miss of a key the record has (or a far one) is only ignored
+            record_to_example(record, "x:1")
+            continue
+        with pytest.raises(MalformedRecordError, match=f"did you mean '{meant}'"):
+            record_to_example(record, "x:1")
+
+
+def test_keys_a_format_does_not_read_are_counted_and_named(tmp_path):
+    from qlora_ref.train.api import prepare_data
+
+    messages = [{"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}]
+    path = _write_jsonl(tmp_path / "d.jsonl", [
+        {"id": 1, "instruction": "Say hi", "output": "hi"},
+        {"instruction": "Say hi", "output": "hi", "system": "Be brief.", "id": 2},
+        {"messages": messages, "instruction": "dropped", "output": "dropped"},
+    ])
+    report = DataReport()
+    examples = read_jsonl(path, report)
+    assert len(examples) == 3 and examples[2].messages == messages
+    assert report.ignored == {"id": 2, "system": 1, "instruction": 1, "output": 1}
+    summary = report.summary()
+    assert f"ignored key 'system' in 1 record (e.g. {path}:2)" in summary
+    assert f"ignored key 'id' in 2 records (e.g. {path}:1, {path}:2)" in summary
+    assert report.n_dropped == 0 and report.records == report.kept  # nothing dropped: the keys only
+    # a fine-tune says so (qlora finetune prints the same summary)
+    with pytest.warns(UserWarning, match=r"ignored key 'system' in 1 record"):
+        prepare_data(str(path), ByteTokenizer(), TrainConfig(eval_fraction=0.0))
+
+
+@pytest.mark.parametrize("value", [0, [], False, {}, 5])
+def test_a_non_string_input_is_refused_whatever_its_truth(value):
+    with pytest.raises(MalformedRecordError, match="x:1: 'input' must be a string"):
+        record_to_example({"instruction": "Add one to", "input": value, "output": "1"}, "x:1")
+
+
+@pytest.mark.parametrize("record", [{"instruction": "i", "output": "o"}, {"instruction": "i", "input": None,
+                                                                       "output": "o"},
+                                    {"instruction": "i", "input": "", "output": "o"}])
+def test_a_missing_null_or_empty_input_is_no_input(record):
+    assert record_to_example(record, "x:1").alpaca == ("i", "")
+
+
+# ------------------------------------------------------------------------------------------------ encodings
+def test_a_file_that_is_not_utf8_names_file_and_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "ok", "output": "fine"}\n'
+                     + '{"instruction": "caf\u00e9", "output": "yes"}\n'.encode("latin-1"))
+    with pytest.raises(MalformedRecordError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_jsonl(path)
+    report = DataReport()
+    assert [e.source for e in read_jsonl(path, report, on_malformed="drop")] == [f"{path}:1"]
+    assert report.dropped["malformed record"] == 1 and f"{path}:2" in report.summary()
+
+    yml = tmp_path / "latin1.yml"
+    yml.write_bytes("conversations:\n- - Hello\n  - Caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(MalformedRecordError, match=r"latin1.yml:3: not UTF-8 text"):
+        read_chatterbot_yaml(yml)
+
+
+def test_a_utf8_bom_and_windows_line_ends_are_read(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "a", "output": "b"}\r\n\r\n{"input": "c", "output": "d"}\r\n')
+    assert [e.source for e in read_jsonl(path)] == [f"{path}:1", f"{path}:3"]
+
+
+# ------------------------------------------------------------------------------------------------ folders, specs
+def test_a_folder_reads_any_case_of_the_suffix_and_counts_what_it_skips(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write_jsonl(folder / "a.jsonl", [{"instruction": "a", "output": "b"}])
+    _write_jsonl(folder / "B.JSONL", [{"instruction": "c", "output": "d"}])
+    (folder / "c.json").write_text(json.dumps([{"instruction": "e", "output": "f"}]))
+    (folder / "sub").mkdir()
+    _write_jsonl(folder / "sub" / "x.jsonl", [{"instruction": "g", "output": "h"}])
+    report = DataReport()
+    examples = load_examples(folder, report)
+    assert [e.source for e in examples] == [f"{folder / 'B.JSONL'}:1", f"{folder / 'a.jsonl'}:1"]
+    assert report.skipped == {"not a .jsonl/.yml/.yaml file": 1, "a sub-folder, not read": 1}
+    assert str(folder / "c.json") in report.summary() and str(folder / "sub") in report.summary()
+    assert len(load_examples(folder / "B.JSONL")) == 1
+
+
+def test_a_local_path_named_like_the_corpus_is_refused_not_shadowed(tmp_path, monkeypatch):
+    from qlora_ref.train.api import check_data_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chatterbot").mkdir()
+    _write_jsonl(tmp_path / "chatterbot" / "mine.jsonl", [{"instruction": "a", "output": "b"}])
+    for read in (load_examples, check_data_spec):
+        with pytest.raises(ValueError, match=r"write \./chatterbot for the folder, or chatterbot:english for the "
+                                             "corpus"):
+            read("chatterbot")
+    assert len(load_examples("./chatterbot")) == 1
+    check_data_spec("./chatterbot")
+    # a file whose name only starts with "chatterbot" is a file, checked as one
+    with pytest.raises(ValueError, match="chatterbot_train.jsonl: data file does not exist"):
+        check_data_spec("chatterbot_train.jsonl")
+
+
+# ------------------------------------------------------------------------------------------------ context
+def test_examples_longer_than_the_models_context_are_warned_about(tmp_path, monkeypatch):
+    from qlora_ref.train import api
+
+    data = _write_jsonl(tmp_path / "d.jsonl", [{"instruction": f"what is {i} plus 1", "output": "x" * 80}
+                                               for i in range(10)])
+    model = types.SimpleNamespace(config=types.SimpleNamespace(max_position_embeddings=64))
+    trainer = types.SimpleNamespace(model=model)
+    monkeypatch.setattr(api, "train", lambda *a, **k: None)  # the data step only
+    config = TrainConfig(eval_fraction=0.0, progress=False, max_length=512)
+    with pytest.warns(UserWarning, match=r"max_length=512 is more than the model's context of 64 tokens "
+                                         r"\(max_position_embeddings\): 10 examples are longer"):
+        api.finetune("model", str(data), config, trainer=(trainer, ByteTokenizer()))
+    with warnings.catch_warnings():  # examples within the context, or a max_length that drops the longer ones
+        warnings.simplefilter("error")
+        api.warn_beyond_context(trainer, config, build_dataset(read_jsonl(data)[:1], ByteTokenizer(), 60, warn=False))
+        api.warn_beyond_context(trainer, config.replace(max_length=64),
+                                build_dataset(read_jsonl(data), ByteTokenizer(), 512, warn=False))
+    assert np.all(build_dataset(read_jsonl(data), ByteTokenizer(), 512, warn=False).lengths > 64)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_eval_fraction_beside_eval_data_is_refused_naming_both(tmp_path, capsys):
+    from qlora_ref.cli import main
+
+    data = _write_jsonl(tmp_path / "t.jsonl", [{"instruction": "a", "output": "b"}])
+    rc = main(["finetune", "--model", str(tmp_path / "model"), "--data", str(data), "--eval-data", str(data),
+               "--eval-fraction", "0.3", "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "qlora finetune: error: --eval-fraction 0.3 and --eval-data" in err and "give one of them" in err
+    assert not (tmp_path / "out").exists()  # refused before anything is made
