@@ -50,7 +50,7 @@ SECTIONS = [
     ("docs/benchmarks.md", "packing-2026-12-06-gpu-backend",
      "Packing on the demo, 2026-12-06, the qlora_gpu backend on the same CPU",
      [f"{R}/2026-12-06-cpu/packing_throughput_gpu_backend.json"]),
-    ("docs/training.md", "merge-perplexity", None, [f"{R}/2026-12-06-cpu/merge_perplexity.json"]),
+    ("docs/training.md", "merge-perplexity", None, [f"{R}/2026-12-07-cpu/merge_perplexity.json"]),
 ]
 
 

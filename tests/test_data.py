@@ -84,6 +84,21 @@ def test_alpaca_prompt_without_template_is_the_papers(tmp_path):
     assert TOK.decode(ids) == "<s>" + ALPACA_PROMPT_NO_INPUT.format(instruction="Say hi.") + "Hi</s>"
 
 
+def test_pairs_and_guanaco_text_take_the_alpaca_prompt_not_qlora_pys_layout():
+    """The documented divergence (docs/divergences.md): without a chat template, qlora.py's input-output format
+    prompts with the raw input ("<s>q" + "a</s>") and its oasst1 format trains on the whole "### Human: ...
+    ### Assistant: ..." text; here both become messages rendered with the Alpaca prompt, loss on the response."""
+    pair = record_to_example({"input": "q", "output": "a"}, "x:1")
+    guanaco = record_to_example({"text": "### Human: q### Assistant: a"}, "x:2")
+    alpaca = ALPACA_PROMPT_NO_INPUT.format(instruction="q")
+    for ex in (pair, guanaco):
+        ids, labels = tokenize_example(ex, TOK)
+        assert ids == [TOK.bos_token_id, *alpaca.encode(), *b"a", TOK.eos_token_id]
+        assert ids != [TOK.bos_token_id, *b"q", *b"a", TOK.eos_token_id]  # qlora.py's input-output layout
+        assert b"### Human:" not in TOK.decode(ids).encode()  # qlora.py's oasst1 text
+        assert labels == [IGNORE_INDEX] * (1 + len(alpaca.encode())) + [*b"a", TOK.eos_token_id]
+
+
 def test_labels_mask_the_prompt_and_train_on_source_does_not():
     ex = record_to_example({"input": "question?", "output": "answer."}, "x:1")
     for tok, response in ((TOK, "answer.</s>"), (CHAT, "answer.<|im_end|>\n")):
