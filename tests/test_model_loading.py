@@ -83,6 +83,29 @@ def test_unknown_or_missing_architecture(llama, tmp_path):
         load_model(tmp_path / "b")
 
 
+def test_a_folder_of_another_quantizer_is_refused_naming_it(llama, tmp_path):
+    """A GPTQ folder (qweight/qzeros/scales) was refused as a "missing tensor ... q_proj.weight": the symptom, not
+    the cause."""
+    config = {**llama.config.to_dict(), "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    write_folder(tmp_path / "g", config, {"model.layers.0.self_attn.q_proj.qweight": np.zeros((2, 2), np.float32)})
+    with pytest.raises(CheckpointError, match=r"config\.json: weights stored by quantization_config\.quant_method="
+                                              r"'gptq' are not supported"):
+        load_model(tmp_path / "g")
+
+
+def test_a_mistral_config_without_sliding_window_takes_transformers_default():
+    """transformers' MistralConfig gives 4096 when the key is missing; the reference gave None (full attention),
+    which differs past 4096 tokens."""
+    from transformers import MistralConfig
+
+    from qlora_ref.model.config import ModelConfig
+
+    d = {"model_type": "mistral", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+         "num_hidden_layers": 1, "num_attention_heads": 2}
+    assert ModelConfig.from_hf_dict(d).sliding_window == MistralConfig(**d).sliding_window
+    assert ModelConfig.from_hf_dict({**d, "sliding_window": None}).sliding_window is None
+
+
 def test_shape_disagreeing_with_config_names_file_and_tensor(llama, tmp_path):
     config = llama.config.to_dict()
     config["intermediate_size"] += 1

@@ -106,9 +106,13 @@ class ModelConfig:
             scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "default"))
             if scaling["rope_type"] == "default":
                 scaling = None
+        quantizer = (d.get("quantization_config") or {}).get("quant_method")
+        if quantizer not in (None, "bitsandbytes"):  # GPTQ, AWQ, FP8...: their tensors are not weights we can read
+            raise ConfigError(f"{source}: weights stored by quantization_config.quant_method={quantizer!r} are not "
+                              f"supported: use the 16-bit model, or a bitsandbytes 4-bit folder (qlora quantize)")
         sliding = None
-        if model_type == "mistral":
-            sliding = d.get("sliding_window")
+        if model_type == "mistral":  # a config without the key: transformers' MistralConfig default, 4096
+            sliding = d.get("sliding_window", 4096)
         elif model_type == "qwen2" and d.get("use_sliding_window"):
             raise ConfigError(f"{source}: Qwen2 use_sliding_window=true is not supported by the reference")
         qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
