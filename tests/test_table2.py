@@ -135,10 +135,10 @@ def test_reproduce_table2_on_smollm2(tmp_path):
     assert set(rows) == {v[0] for v in table2.VARIANTS}
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows.values())
     # the ordering. The paper's main claim for Table 2, which docs/table2.md reports holds on SmolLM2 too: NF4, with
-    # or without DQ, is clearly the best 4-bit type (docs: 11 % below Int4 at 2,048 tokens; measured at these 300
-    # tokens: NF4 18.45 and NF4 + DQ 18.39 against 23.1-33.6, 20 % below), so at least 10 % below each of the
-    # others; and DQ costs nothing measurable (it moves the mean weight error by 0.2 %; measured 0.3 % in
-    # perplexity here, 0.1 % at 2,048 tokens), so NF4 + DQ is within 2 % of NF4
+    # or without DQ, is clearly the best 4-bit type (docs: 15 % below Int4 over the 1,007 held-out tokens; before
+    # the corpus's copies were dropped, 20 % below at these 300 tokens), so at least 10 % below each of the
+    # others; and DQ costs nothing measurable (it moves the mean weight error by 0.2 %; 0.1 % in perplexity over
+    # the 1,007 tokens), so NF4 + DQ is within 2 % of NF4
     ppl = {label: r["perplexity"] for label, r in rows.items()}
     for nf4 in ("NF4", "NF4 + DQ"):
         for other in ("Int4", "FP4 (E2M1)", "FP4 (E3M0)"):
