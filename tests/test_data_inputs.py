@@ -72,6 +72,42 @@ def test_special_tokens_come_from_special_tokens_map_when_the_config_lacks_them(
     assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "Blue.</s>"
 
 
+@pytest.mark.parametrize("decoder", [False, True], ids=["legacy_config", "added_tokens_decoder"])
+def test_special_tokens_named_twice_are_read_as_auto_tokenizer_reads_them(tmp_path, decoder):
+    """tokenizer_config.json and special_tokens_map.json disagreeing on EOS (the token the template-less format
+    trains responses to end with): the one transformers' AutoTokenizer takes, the oracle here."""
+    transformers = pytest.importorskip("transformers")
+    from qlora_ref.model.tokenizer import Tokenizer
+
+    folder = _folder_with_special_tokens_map(tmp_path / "model")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<pad>", "bos_token": "</s>"}
+    if decoder:
+        config["added_tokens_decoder"] = {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                     "special": True} for i, t in ((256, "<pad>"), (257, "<s>"), (258, "</s>"))}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ours = Tokenizer.from_folder(folder)
+    assert (ours.eos_token, ours.bos_token) == (theirs.eos_token, theirs.bos_token)
+    assert ours.eos_token_id == theirs.eos_token_id
+
+
+def test_lines_of_unicode_spaces_are_blank(tmp_path):
+    """Read as bytes, a line of no-break spaces was no longer blank (invalid JSON); text mode had skipped it."""
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"input": "q", "output": "a"}\n\u00a0\n\u3000 \n', encoding="utf-8")
+    assert len(read_jsonl(path)) == 1
+
+
+def test_a_broken_tokenizer_file_is_named(tmp_path):
+    from qlora_ref.model.tokenizer import Tokenizer
+
+    folder = _folder_with_special_tokens_map(tmp_path / "model")
+    (folder / "special_tokens_map.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json: not a readable JSON file"):
+        Tokenizer.from_folder(folder)
+
+
 def test_no_eos_without_a_template_is_warned_once(tmp_path):
     from qlora_ref.train.api import prepare_data
 
@@ -100,7 +136,9 @@ def test_a_misspelt_key_is_an_error_naming_it_and_the_key_meant(tmp_path):
                           ({"instruction": "x", "ouptut": "y", "output": "z"}, None),
                           ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
                             "txet": "x"}, None),
-                          ({"instructions": "x", "input": "i", "output": "y"}, "instruction")]:
+                          ({"instructions": "x", "input": "i", "output": "y"}, "instruction"),
+                          ({"text": "### Human: q### Assistant: a", "conversation_id": "7"}, None),  # metadata
+                          ({"instruction": "x", "output": "y", "conversation_id": "7"}, None)]:
         if meant is None:  # a near miss of a key the record has (or a far one) is only ignored
             record_to_example(record, "x:1")
             continue

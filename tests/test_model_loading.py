@@ -392,7 +392,7 @@ def test_gguf_llama3_rope_scaling_from_rope_freqs_equals_transformers(tmp_path):
     assert max_rel_err(model.forward(ids), hf_logits(hf, ids)) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["rope_freqs_not_llama3", "yarn", "unknown_tensor"])
+@pytest.mark.parametrize("case", ["rope_freqs_not_llama3", "yarn", "unknown_tensor", "k_bias_only"])
 def test_gguf_features_the_reference_does_not_compute_are_refused(tmp_path, case):
     """Never run a model other than the file's: other per-frequency factors, a rope scaling type but linear, a
     tensor of no supported architecture (a mixture of experts' router here) — each named."""
@@ -404,8 +404,11 @@ def test_gguf_features_the_reference_does_not_compute_are_refused(tmp_path, case
         extra_tensors["rope_freqs.weight"], match = np.linspace(1, 3, 8, dtype=np.float32), "rope_freqs.weight"
     elif case == "yarn":
         extra_meta = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0}
-    else:
+    elif case == "unknown_tensor":
         extra_tensors["blk.0.ffn_gate_inp.weight"], match = np.ones((4, 64), np.float32), "blk.0.ffn_gate_inp.weight"
+    else:  # a name the loader maps, but a bias this model (no q bias in block 0) has no place for: was dropped
+        extra_tensors["blk.0.attn_k.bias"] = np.ones(32, np.float32)
+        match = "model.layers.0.self_attn.k_proj.bias"
     path = write_gguf(hf, tmp_path / "m.gguf", with_tokenizer=False, extra_meta=extra_meta,
                       extra_tensors=extra_tensors)
     with pytest.raises(CheckpointError, match=rf"m\.gguf: .*{match}.*not supported"):
@@ -509,6 +512,7 @@ def test_gguf_unknown_architecture(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "gpt2")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.add_tensor("position_embd.weight", np.zeros((4, 2), np.float32))  # GPT-2's own: the architecture named
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -200,9 +200,10 @@ def _readable_keys(fmt: str) -> set[str]:
 
 @functools.lru_cache(maxsize=1024)
 def _near_keys(key: str) -> tuple[str, ...]:
-    """The known keys that ``key`` plainly misspells (any case; ``difflib``'s similarity of at least 0.8: a swapped
-    pair, a letter more or less)."""
-    return tuple(difflib.get_close_matches(key.lower(), [k for k in _KNOWN_KEYS if k != key], n=3, cutoff=0.8))
+    """The known keys that ``key`` plainly misspells (any case; ``difflib``'s similarity of at least 0.8 and at most
+    one letter more or less: a swapped pair, a letter wrong, missing or extra — not ``conversation_id``)."""
+    near = [k for k in _KNOWN_KEYS if k != key and abs(len(k) - len(key)) <= 1]
+    return tuple(difflib.get_close_matches(key.lower(), near, n=3, cutoff=0.8))
 
 
 def _misspelt(record: dict, keys, readable=_KNOWN_KEYS) -> tuple[str, str] | None:
@@ -310,7 +311,7 @@ def read_jsonl(path: str | os.PathLike, report: DataReport | None = None, on_mal
         for lineno, raw in enumerate(_byte_lines(f), start=1):
             if lineno == 1 and raw.startswith(codecs.BOM_UTF8):  # as Windows editors save "UTF-8"
                 raw = raw[len(codecs.BOM_UTF8):]
-            if not raw.strip():
+            if not raw.decode("utf-8", "replace").strip():  # blank, Unicode spaces included (as text mode read it)
                 continue
             source = f"{path}:{lineno}"
             report.records += 1

@@ -25,7 +25,7 @@ import numpy as np
 from ..checks import QUANT_TYPES_4BIT
 from ..dtypes import bfloat16
 from ..lora import set_kernel
-from .config import SUPPORTED_MODEL_TYPES, ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
+from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
 from .llama import LlamaModel, expected_tensors
 from .rope import LLAMA3_ROPE_DEFAULTS, llama3_scaling_from_rope_freqs
 from .tokenizer import Tokenizer
@@ -237,12 +237,9 @@ def read_gguf(path: Path) -> tuple[dict, dict[str, TensorRef]]:
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     tensors: dict[str, TensorRef] = {}
     for t in reader.tensors:
-        # rope_freqs.weight: llama.cpp's Llama 3.1+ rope scaling, read into the config by the loader
-        hf = ROPE_FREQS if t.name == ROPE_FREQS else gguf_to_hf_name(t.name)
-        if hf is None:  # a tensor no supported architecture has changes the computation: never skipped
-            raise CheckpointError(f"{path}: tensor {t.name!r} is not part of a {'/'.join(SUPPORTED_MODEL_TYPES)} "
-                                  f"model as qlora reads one (a mixture of experts, biases on the MLP, another "
-                                  f"architecture's layer?): not supported")
+        # rope_freqs.weight (llama.cpp's Llama 3.1+ rope scaling) and tensors no supported architecture has keep
+        # their GGUF names: gguf_config reads the first and refuses the others (after the architecture's check)
+        hf = gguf_to_hf_name(t.name) or t.name
         shape = tuple(int(s) for s in reversed(t.shape))  # GGUF lists dimensions innermost first
 
         def load(t=t, shape=shape, path=path):
@@ -263,7 +260,9 @@ ROPE_FREQS = "rope_freqs.weight"
 
 def gguf_config(meta: dict, tensors: dict[str, TensorRef], source: str) -> ModelConfig:
     """The model's config from a GGUF file's metadata and what its tensors show: tied embeddings (no
-    ``output.weight``), attention biases (present or not), Llama 3's rope scaling (``rope_freqs.weight``)."""
+    ``output.weight``), attention biases (present or not), Llama 3's rope scaling (``rope_freqs.weight``). Every
+    other tensor must have its place in that model: one that does not changes the computation, and is refused
+    rather than skipped."""
     try:
         config = ModelConfig.from_gguf_metadata(meta, source)
     except ConfigError as e:
@@ -283,9 +282,16 @@ def gguf_config(meta: dict, tensors: dict[str, TensorRef], source: str) -> Model
                                   f"({config.rope_scaling}): which applies is ambiguous, not supported")
         changes["rope_scaling"] = scaling
     try:
-        return dataclasses.replace(config, **changes)
+        config = dataclasses.replace(config, **changes)
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from None
+    unplaced = sorted(set(tensors) - set(expected_tensors(config)) - {ROPE_FREQS})
+    if unplaced:
+        more = f" (and {len(unplaced) - 1} more)" if len(unplaced) > 1 else ""
+        raise CheckpointError(f"{source}: tensor {unplaced[0]!r}{more} has no place in this {config.model_type} model "
+                              f"as qlora reads one (a mixture of experts, biases on the MLP, a bias in some blocks "
+                              f"only, another architecture's layer?): not supported")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- building
@@ -436,8 +442,8 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
                 return unpermute_qk(w, config.num_key_value_heads)
             return w
 
+        tok = Tokenizer.from_gguf_metadata(meta, str(gguf_file)) if tokenizer else None  # refused before the weights
         weights = collect_weights(config, tensors, str(gguf_file), transform)
-        tok = Tokenizer.from_gguf_metadata(meta, str(gguf_file)) if tokenizer else None
     else:
         config = read_folder_config(path)
         tensors = folder_tensors(path)

@@ -48,6 +48,19 @@ def _gguf_pre_tokenizer(pre: str | None, source: str):
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(rule), behavior="isolated", invert=False), byte_level])
 
 
+def _json_object(path: Path) -> dict:
+    """A tokenizer file's JSON object ({} when the file is absent); a broken one is named."""
+    if not path.exists():
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 class Tokenizer:
     """encode / decode / apply_chat_template around a ``tokenizers.Tokenizer``."""
 
@@ -102,25 +115,23 @@ class Tokenizer:
     @classmethod
     def from_folder(cls, folder) -> Tokenizer | None:
         """From tokenizer.json (+ tokenizer_config.json / chat_template.jinja); None if the folder has none. The
-        BOS, EOS and pad tokens come from tokenizer_config.json, else from special_tokens_map.json, where many
-        repositories (those older transformers saved) keep them and ``AutoTokenizer`` finds them: without its EOS
-        the template-less format would train responses that never end."""
+        BOS, EOS and pad tokens come from tokenizer_config.json and special_tokens_map.json, where many repositories
+        (those older transformers saved) keep them: without its EOS the template-less format would train responses
+        that never end. Where both name one, the map wins unless the config lists ``added_tokens_decoder`` (a
+        folder of transformers >= 4.34), as ``AutoTokenizer`` decides."""
         folder = Path(folder)
         if not (folder / "tokenizer.json").exists():
             return None
         tokenizers = _import_tokenizers()
         backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg, special = {}, {}
-        if (folder / "tokenizer_config.json").exists():
-            cfg = json.loads((folder / "tokenizer_config.json").read_text())
-        if (folder / "special_tokens_map.json").exists():
-            special = json.loads((folder / "special_tokens_map.json").read_text())
+        cfg, special = (_json_object(folder / name) for name in ("tokenizer_config.json", "special_tokens_map.json"))
+        first, second = (cfg, special) if "added_tokens_decoder" in cfg else (special, cfg)
         template = cfg.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
 
         def token(name):
-            value = cfg.get(name) or (special.get(name) if isinstance(special, dict) else None)
+            value = first.get(name) or second.get(name)
             return value.get("content") if isinstance(value, dict) else value
 
         return cls(backend, template, token("bos_token"), token("eos_token"), bool(cfg.get("add_bos_token", False)),
