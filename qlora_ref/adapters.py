@@ -16,7 +16,6 @@ In memory both backends name the adapters without PEFT's ``base_model.model.`` p
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -31,6 +30,7 @@ from .files import (
     check_finite,
     load_safetensors,
     model_fingerprint,
+    read_json_object,
     tensors_sha256,
 )
 from .model.config import LINEAR_MODULES, LoraConfig
@@ -223,10 +223,7 @@ def read_adapter_config(folder) -> dict:
         raise ValueError(f"{folder / INCOMPLETE_FILE}: a qlora finetune run was stopped while replacing this "
                          "folder's adapter files, which may now mix two runs; run that finetune command again, "
                          "without --no-resume (it resumes from its last checkpoint and rewrites them)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    cfg = read_json_object(cfg_path)
     _check_adapter_config(cfg, str(cfg_path))
     return cfg
 

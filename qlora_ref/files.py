@@ -214,6 +214,22 @@ def model_fingerprint(path) -> str | None:
     return "sampled-sha256:" + h.hexdigest()
 
 
+def read_json_object(path) -> dict:
+    """The JSON object in the file ``path``; a ``ValueError`` naming the file when it cannot be read, is not UTF-8
+    JSON, or holds something other than an object. Every configuration file a user brings (config.json, tokenizer
+    files, adapter_config.json, a training config) is read through this."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 def load_safetensors(path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as NumPy arrays; a ValueError naming the file if it is unreadable."""
     from safetensors.numpy import load_file

@@ -31,13 +31,13 @@ sharded over several GPUs is ``qlora_ref.memory_sharded``'s.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import QUANT_TYPES_4BIT, check_blocksize, check_quant_type
+from .files import read_json_object
 from .model.config import ATTENTION_MODULES, LINEAR_MODULES, MLP_MODULES, ModelConfig, linear_shapes
 
 MB = 10**6
@@ -306,9 +306,9 @@ def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
             + (f" ({path} does not exist)" if path != Path(model) else "")
         )
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"model: cannot read {path} as JSON ({e})") from e
+        config = read_json_object(path)
+    except ValueError as e:
+        raise ValueError(f"model: {e}") from None
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
     return shape_from_hf_config(config, name=name)
 

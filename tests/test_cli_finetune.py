@@ -875,3 +875,40 @@ def test_sigterm_ends_the_demo_as_ctrl_c_does(tmp_path):
 
     rc, err = _terminated_run(["demo", "--output-dir", str(tmp_path / "demo")], until=Ready())
     assert rc == 143 and err.strip() == "qlora demo: interrupted", err
+
+
+def test_a_config_files_eval_fraction_gives_way_to_eval_data_with_a_warning(tmp_path):
+    """--eval-data is the held-out set: a --config file's eval_fraction is not used, and the user is told (it was
+    dropped without a word); a recipe that holds nothing out, or one without the field, gives no warning."""
+    import argparse
+    import warnings
+
+    from qlora_ref.cli.finetune import check_eval_options
+
+    recipe = tmp_path / "recipe.json"
+    args = argparse.Namespace(eval_data="held.jsonl", eval_fraction=None, config=str(recipe))
+    recipe.write_text(json.dumps({"eval_fraction": 0.2, "lora_r": 4}))
+    with pytest.warns(UserWarning, match=r"recipe\.json: eval_fraction 0\.2 is not used: --eval-data held\.jsonl"):
+        check_eval_options(args)
+    for body in ({"eval_fraction": 0.0}, {"lora_r": 4}):
+        recipe.write_text(json.dumps(body))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            check_eval_options(args)
+
+
+def test_a_model_the_loader_refuses_is_named_before_the_data_is_read(files, tmp_path, capsys):
+    """The model's config.json is checked first: an unsupported architecture is the error, not the data's broken
+    record that a user would fix only to meet the architecture's refusal next (the data was read first)."""
+    import shutil
+
+    model = tmp_path / "gpt2"
+    shutil.copytree(files / "model", model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"instruction": "hi", "output": "ho"}\n{not json\n')
+    assert main(["finetune", "--backend", "ref", "--model", str(model), "--data", str(data), "--output-dir",
+                 str(tmp_path / "run"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture model_type='gpt2'" in err and "broken.jsonl" not in err

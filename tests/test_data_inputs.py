@@ -20,6 +20,7 @@ from qlora_ref.data import (
     build_dataset,
     load_examples,
     read_chatterbot_yaml,
+    read_json,
     read_jsonl,
     record_to_example,
     tokenize_example,
@@ -104,7 +105,7 @@ def test_a_broken_tokenizer_file_is_named(tmp_path):
 
     folder = _folder_with_special_tokens_map(tmp_path / "model")
     (folder / "special_tokens_map.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"special_tokens_map\.json: not a readable JSON file"):
+    with pytest.raises(ValueError, match=r"special_tokens_map\.json: not valid JSON"):
         Tokenizer.from_folder(folder)
 
 
@@ -211,13 +212,15 @@ def test_a_folder_reads_any_case_of_the_suffix_and_counts_what_it_skips(tmp_path
     _write_jsonl(folder / "a.jsonl", [{"instruction": "a", "output": "b"}])
     _write_jsonl(folder / "B.JSONL", [{"instruction": "c", "output": "d"}])
     (folder / "c.json").write_text(json.dumps([{"instruction": "e", "output": "f"}]))
+    (folder / "notes.txt").write_text("not data")
     (folder / "sub").mkdir()
     _write_jsonl(folder / "sub" / "x.jsonl", [{"instruction": "g", "output": "h"}])
     report = DataReport()
     examples = load_examples(folder, report)
-    assert [e.source for e in examples] == [f"{folder / 'B.JSONL'}:1", f"{folder / 'a.jsonl'}:1"]
-    assert report.skipped == {"not a .jsonl/.yml/.yaml file": 1, "a sub-folder, not read": 1}
-    assert str(folder / "c.json") in report.summary() and str(folder / "sub") in report.summary()
+    assert [e.source for e in examples] == [f"{folder / 'B.JSONL'}:1", f"{folder / 'a.jsonl'}:1",
+                                            f"{folder / 'c.json'}:1"]
+    assert report.skipped == {"not a .jsonl/.json/.yml/.yaml file": 1, "a sub-folder, not read": 1}
+    assert str(folder / "notes.txt") in report.summary() and str(folder / "sub") in report.summary()
     assert len(load_examples(folder / "B.JSONL")) == 1
 
 
@@ -270,3 +273,65 @@ def test_eval_fraction_beside_eval_data_is_refused_naming_both(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "qlora finetune: error: --eval-fraction 0.3 and --eval-data" in err and "give one of them" in err
     assert not (tmp_path / "out").exists()  # refused before anything is made
+
+
+# --------------------------------------------------------------------------------------------- .json arrays
+ALPACA = [{"instruction": "Name a colour.", "input": "", "output": "Blue."},
+          {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+          {"instruction": "Say hi.", "input": "", "output": "Hi."}]
+
+
+def test_a_json_array_reads_as_its_lines_would(tmp_path):
+    """Alpaca's alpaca_data.json is one JSON array (indented by 4): it reads as the same records one a line in a
+    .jsonl file, each named by the line its record starts on; a .json file of one record a line reads too (as
+    datasets' json loader reads both); an empty array is no record."""
+    array = tmp_path / "alpaca_data.json"
+    array.write_text(json.dumps(ALPACA, indent=4), encoding="utf-8")
+    lines = _write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
+    report = DataReport()
+    from_array, from_lines = read_json(array, report), read_jsonl(lines)
+    assert [e.messages for e in from_array] == [e.messages for e in from_lines]
+    starts = [i + 1 for i, line in enumerate(array.read_text().splitlines()) if line.strip() == "{"]
+    assert [e.source for e in from_array] == [f"{array}:{n}" for n in starts] and len(starts) == 3
+    assert (report.records, report.kept) == (3, 3)
+    assert [e.messages for e in load_examples(_write_jsonl(tmp_path / "lines.json", ALPACA))] == \
+        [e.messages for e in from_lines]
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    assert read_json(tmp_path / "empty.json") == []
+
+
+@pytest.mark.parametrize("body, line, message", [
+    ('[{"instruction": "a", "output": "b"}\n {"instruction": "c", "output": "d"}]', 2, "expected ',' or ']'"),
+    ('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": ', 2, "Expecting value"),
+    ('[{"instruction": "a", "output": "b"}', 1, "the array is not closed"),
+    ('[{"instruction": "a", "output": "b"}]\n[]', 2, "extra data after the array"),
+    ('{\n  "instruction": "a",\n  "output": "b"\n}', 1, "one JSON object spread over lines"),
+])
+def test_broken_json_array_syntax_is_an_error_naming_the_line_even_when_dropping(tmp_path, body, line, message):
+    """Broken syntax cannot be skipped record by record (nothing after it can be read), so --skip-malformed does
+    not hide it."""
+    path = tmp_path / "data.json"
+    path.write_text(body)
+    for on_malformed in ("error", "drop"):
+        with pytest.raises(MalformedRecordError, match=f"^{path}:{line}: .*{message}"):
+            read_json(path, on_malformed=on_malformed)
+
+
+def test_a_json_array_record_of_the_wrong_form_is_dropped_and_counted_on_request(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([ALPACA[0], {"instruction": "x", "outptu": "y"}, 7, ALPACA[2]], indent=2))
+    with pytest.raises(MalformedRecordError, match=f"^{path}:7: unknown key 'outptu'"):
+        read_json(path)
+    report = DataReport()
+    kept = read_json(path, report, on_malformed="drop")
+    assert [e.messages[-1]["content"] for e in kept] == ["Blue.", "Hi."]
+    assert (report.records, report.kept, report.dropped["malformed record"]) == (4, 2, 2)
+
+
+def test_a_json_array_that_is_not_utf8_names_its_line_and_a_bom_is_accepted(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_bytes(b'[\n{"instruction": "caf\xe9", "output": "b"}]')
+    with pytest.raises(MalformedRecordError, match=f"^{path}:2: not UTF-8 text \\(byte 0xe9\\)"):
+        read_json(path, on_malformed="drop")
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
+    assert len(read_json(path)) == 3

@@ -460,6 +460,48 @@ def test_a_signal_to_the_launcher_stops_torchrun(tiny, tmp_path, signum):
             os.kill(int((tmp_path / "pid").read_text()), signal.SIGKILL)
 
 
+#: torchrun's stand-in: runs ``python -m qlora_ref ARGS`` as each rank in turn, with torchrun's environment, and
+#: exits as torchrun does: 1 if any process failed, whatever its status
+FAKE_TORCHRUN = """
+import os, subprocess, sys
+codes = [subprocess.call([sys.executable, "-m", "qlora_ref", *sys.argv[2:]],
+                         env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": sys.argv[1],
+                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+         for r in range(int(sys.argv[1]))]
+sys.exit(1 if any(codes) else 0)
+"""
+
+
+def test_nproc_exits_with_the_failed_ranks_status_not_torchruns(tiny, tmp_path):
+    """torchrun exits 1 whatever its processes exited with; ``--nproc``'s launcher returns the lowest failed
+    rank's own status, 2 for a model the loader refuses, as the same command without ``--nproc`` does (was 1)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from qlora_ref.cli.finetune import failed_rank_status
+
+    model = tmp_path / "gpt2"
+    shutil.copytree(tiny[0], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    args = [*finetune_args(model, tmp_path / "d.jsonl", tmp_path / "out"), "--nproc", "2"]
+    script = LAUNCHER.replace("[sys.executable, \"-c\", CHILD, FOLDER]",
+                              "[sys.executable, \"-c\", STAND_IN, str(n), *args]")
+    script = script.replace("STAND_IN", repr(FAKE_TORCHRUN)).replace("ARGS", repr(args))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count("unknown architecture model_type='gpt2'") == 2  # each rank said why
+    for left, expected in (({}, 1), ({"rank-0": "0", "rank-1": "2"}, 2), ({"rank-0": "3", "rank-1": "2"}, 3)):
+        folder = tmp_path / f"statuses-{len(left)}-{expected}"
+        folder.mkdir()
+        for name, text in left.items():
+            (folder / name).write_text(text)
+        assert failed_rank_status(folder, 2, 1) == expected  # none left (killed): torchrun's own status
+    assert failed_rank_status(tmp_path, 2, 0) == 0
+
+
 def rank_pid(output_dir, rank: int) -> int:
     """The process id of the training process of ``rank`` writing to ``output_dir`` (Linux: /proc)."""
     from pathlib import Path

@@ -217,6 +217,38 @@ def test_fuzz_jsonl_records(tmp_path):
     run_property("JSONL records", _jsonl_property, tmp_path)
 
 
+def _outcome(read, path):
+    """(messages of every example, None) or (None, the error's message after its "file:line: ")."""
+    from qlora_ref.data import MalformedRecordError
+
+    try:
+        return [ex.messages for ex in read(path)], None
+    except MalformedRecordError as e:
+        return None, str(e).removeprefix(f"{path}:").split(": ", 1)[1]
+
+
+@scaled(5)
+@given(lines=st.lists(records(), min_size=1, max_size=4), indent=st.sampled_from([None, 0, 2, 4]))
+@counted("JSON arrays")
+def _json_array_property(folder, lines, indent):
+    """The records of a .jsonl file written as one .json array (any indent) read the same: the same examples, or
+    the same error for the same record."""
+    from qlora_ref.data import read_json, read_jsonl
+
+    try:
+        values = [json.loads(line) for line in lines]
+    except json.JSONDecodeError:
+        CASES["JSON arrays skipped"] += 1
+        return  # not a record a .json array can hold: the .jsonl property covers broken lines
+    (folder / "fuzz.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (folder / "fuzz.json").write_text(json.dumps(values, indent=indent), encoding="utf-8")
+    assert _outcome(read_json, folder / "fuzz.json") == _outcome(read_jsonl, folder / "fuzz.jsonl")
+
+
+def test_fuzz_json_arrays(tmp_path):
+    run_property("JSON arrays", _json_array_property, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------- adapters
 ADAPTER_KEYS = st.sampled_from(["r", "lora_alpha", "lora_dropout", "target_modules", "peft_type", "use_dora",
                                 "use_rslora", "bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",

@@ -320,7 +320,7 @@ def test_unknown_model_is_a_clear_error(tmp_path):
         load_model_shape(tmp_path)  # a folder without config.json
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(ValueError, match=r"^model: .*config\.json: not valid JSON"):
         load_model_shape(bad)
     bad.write_text(json.dumps({"n_embd": 768, "n_layer": 12}))  # a GPT-2 config
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):

@@ -151,9 +151,26 @@ def test_config_json_round_trip_and_errors(tmp_path):
     p.write_text(json.dumps({"lora_r": 8, "lora_rank": 4}))
     with pytest.raises(ValueError, match="unknown TrainConfig fields.*lora_rank"):
         TrainConfig.from_json(p)
-    p.write_text("{not json")
-    with pytest.raises(ValueError, match="not a readable JSON"):
-        TrainConfig.from_json(p)
+    for body, expected in ((b"{not json", "not valid JSON"), (b'{"lora_r": "\xff"}', "not valid JSON"),
+                           (b"[8]", "expected a JSON object, got list")):
+        p.write_bytes(body)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(p))}: {expected}"):
+            TrainConfig.from_json(p)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))}: cannot be read"):
+        TrainConfig.from_json(tmp_path)  # a folder, not a file
+
+
+def test_adapter_config_errors_name_the_file(tmp_path):
+    """adapter_config.json is read through the same reader: a broken, non-UTF-8 or non-object file is named (a
+    non-UTF-8 file was an uncaught UnicodeDecodeError, a JSON list a TypeError deeper in)."""
+    from qlora_ref.adapters import read_adapter_config
+
+    path = tmp_path / "adapter_config.json"
+    for body, expected in ((b"{not json", "not valid JSON"), (b'{"r": "\xff"}', "not valid JSON"),
+                           (b"[8]", "expected a JSON object, got list")):
+        path.write_bytes(body)
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: {expected}"):
+            read_adapter_config(tmp_path)
 
 
 def test_target_modules_given_twice_count_once_and_none_is_refused():

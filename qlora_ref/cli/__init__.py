@@ -13,7 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..train.launch import launched_by_torchrun
+from ..train.launch import launched_by_torchrun, process_rank
 
 #: modules that contribute a subcommand, in the order ``qlora --help`` lists them
 SUBCOMMAND_MODULES: list[str] = ["qlora_ref.cli.memory", "qlora_ref.cli.finetune", "qlora_ref.cli.plot",
@@ -105,7 +105,21 @@ def _sigterm_as_interrupt(enabled: bool):
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+#: where ``finetune --nproc N`` asks each process torchrun starts to leave its exit status (torchrun itself exits
+#: 1 whatever its processes exited with, so a usage error, 2, would reach the shell as 1)
+RANK_STATUS_DIR = "QLORA_RANK_STATUS_DIR"
+
+
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    folder = os.environ.get(RANK_STATUS_DIR)
+    if folder and launched_by_torchrun():
+        with contextlib.suppress(OSError):  # the launcher then reports torchrun's own status
+            Path(folder, f"rank-{process_rank()}").write_text(str(code))
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)

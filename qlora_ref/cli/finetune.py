@@ -21,6 +21,7 @@ import re
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 #: command-line option -> TrainConfig field (the option's default is the field's default)
@@ -199,8 +200,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, type=model_path, help="a Hugging Face folder or a .gguf file"
                    + SHIPPED_HELP)
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
-                   "input/output, messages, conversations or a '### Human:' text), a chatterbot .yml file, a folder "
-                   "of those, or chatterbot[:language]")
+                   "input/output, messages, conversations or a '### Human:' text), a .json array of such records "
+                   "(as Alpaca's alpaca_data.json), a chatterbot .yml file, a folder of those, or "
+                   "chatterbot[:language]")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
     p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "
@@ -264,8 +266,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--model", default=None, type=model_path, help="a Hugging Face folder, a bitsandbytes 4-bit "
                    "folder or a .gguf file" + SHIPPED_HELP + " "
                    "[default: the adapter's base_model_name_or_path, if that path exists here]")
-    e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .yml file, a folder of them, or "
-                   "chatterbot[:language]")
+    e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .json / .yml file, a folder of "
+                   "them, or chatterbot[:language]")
     e.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's) [default: none, the base "
                    "model]")
     e.add_argument("--split", default="all", help="all [default] of --data, or held-out: the part qlora finetune "
@@ -457,10 +459,21 @@ def run_finetune(args) -> int:
 
 def check_eval_options(args) -> None:
     """``--eval-data`` replaces the held-out part of ``--data``, so an ``--eval-fraction`` beside it would be
-    ignored (and recorded as 0): refused rather than dropped without a word."""
-    if args.eval_data is not None and args.eval_fraction is not None:
+    ignored (and recorded as 0): refused rather than dropped without a word. A ``--config`` file's eval_fraction
+    gives way to ``--eval-data`` as its other fields give way to flags, with a warning (a recipe saved by an earlier
+    run names every field, so refusing would make it unusable with a held-out file)."""
+    if args.eval_data is None:
+        return
+    if args.eval_fraction is not None:
         raise ValueError(f"--eval-fraction {args.eval_fraction} and --eval-data {args.eval_data} were both given: "
                          "--eval-data is the held-out set, so nothing of --data is held out; give one of them")
+    if getattr(args, "config", None):
+        from qlora_ref.files import read_json_object
+
+        fraction = read_json_object(args.config).get("eval_fraction")
+        if fraction:
+            warnings.warn(f"{args.config}: eval_fraction {fraction} is not used: --eval-data {args.eval_data} is "
+                          "the held-out set, so nothing of --data is held out", stacklevel=2)
 
 
 def check_nproc_backend(args) -> None:
@@ -485,10 +498,17 @@ def launch_processes(args) -> int:
     torchrun runs in a session of its own, and a SIGTERM or Ctrl-C (SIGINT) reaching this process is passed on to
     it as SIGTERM, which torchrun passes on to its processes: one path whatever was signalled (the launcher alone,
     as ``kill`` does, or the terminal's whole foreground group), so that no rank trains on after its launcher is
-    gone. Then what the run kept, and the shell's status (130 for Ctrl-C, 143 for SIGTERM)."""
+    gone. Then what the run kept, and the shell's status (130 for Ctrl-C, 143 for SIGTERM).
+
+    torchrun exits 1 when a process fails, whatever it exited with; each process leaves its own status in a
+    temporary folder (``RANK_STATUS_DIR``), and the lowest failed rank's is returned (2 for an error of usage or
+    data, as without ``--nproc``)."""
+    import os
     import signal
     import subprocess
+    import tempfile
 
+    from qlora_ref.cli import RANK_STATUS_DIR
     from qlora_ref.train.launch import launched_by_torchrun, torchrun_command, without_option
 
     if launched_by_torchrun():
@@ -496,22 +516,38 @@ def launch_processes(args) -> int:
     check_nproc_backend(args)
     command = torchrun_command(args.nproc, without_option(args.argv, "--nproc", shortest=len("--np")))
     print(f"qlora finetune: {args.nproc} processes: {' '.join(command)}", file=sys.stderr, flush=True)
-    child = subprocess.Popen(command, start_new_session=True)
-    received: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="qlora-ranks-") as statuses:
+        child = subprocess.Popen(command, start_new_session=True, env={**os.environ, RANK_STATUS_DIR: statuses})
+        received: list[int] = []
 
-    def stop(signum, frame):
-        received.append(signum)
-        child.send_signal(signal.SIGTERM)
+        def stop(signum, frame):
+            received.append(signum)
+            child.send_signal(signal.SIGTERM)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        code = child.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if received:
-        print(f"qlora finetune: interrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
-        return 128 + received[0]
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            code = child.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        if received:
+            print(f"qlora finetune: interrupted: {_kept_after_interrupt(args)}", file=sys.stderr)
+            return 128 + received[0]
+        return failed_rank_status(Path(statuses), args.nproc, code)
+
+
+def failed_rank_status(folder: Path, nproc: int, code: int) -> int:
+    """torchrun's exit status ``code``, or where it failed, the status the lowest failed rank left in ``folder``
+    (none left: it ended without returning, e.g. killed, and torchrun's status stands)."""
+    if code == 0:
+        return 0
+    for rank in range(nproc):
+        try:
+            status = int((folder / f"rank-{rank}").read_text())
+        except (OSError, ValueError):
+            continue
+        if status != 0:
+            return status
     return code
 
 

@@ -17,6 +17,7 @@ from .formats import (
     load_chatterbot_corpus,
     load_examples,
     read_chatterbot_yaml,
+    read_json,
     read_jsonl,
     record_to_example,
 )
@@ -50,6 +51,6 @@ __all__ = [
     "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode", "format_example",
     "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
     "load_chatterbot_corpus", "load_examples", "pack_examples", "packed_batch_indices", "pad_token_id_of",
-    "prompt_ids", "read_chatterbot_yaml", "read_jsonl", "record_to_example", "render_chat_template", "token_segments",
-    "tokenize_example",
+    "prompt_ids", "read_chatterbot_yaml", "read_json", "read_jsonl", "record_to_example", "render_chat_template",
+    "token_segments", "tokenize_example",
 ]

@@ -1,6 +1,6 @@
 """Reading instruction data into one normalized form: a list of chat messages per example.
 
-Accepted records (one JSON object per line of a ``.jsonl`` file):
+Accepted records (one JSON object per line of a ``.jsonl`` file, or a ``.json`` file's array of them):
 
 - Alpaca: ``{"instruction": ..., "input": ... (optional), "output": ...}``
 - plain pairs: ``{"input": ..., "output": ...}``
@@ -330,6 +330,76 @@ def read_jsonl(path: str | os.PathLike, report: DataReport | None = None, on_mal
     return examples
 
 
+def read_json(path: str | os.PathLike, report: DataReport | None = None, on_malformed: str = "error"
+              ) -> list[Example]:
+    """The records of a ``.json`` file, read as Hugging Face ``datasets``' json loader reads one: a JSON array of
+    records (Alpaca's ``alpaca_data.json``), or else one record a line (:func:`read_jsonl`). A record is named by
+    the line it starts on; a record of the wrong form is dropped with ``on_malformed="drop"``, but broken JSON
+    syntax or a non-UTF-8 byte is always an error (an array cannot be read past it)."""
+    _check_on_malformed(on_malformed)
+    report = report if report is not None else DataReport()
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise MalformedRecordError(f"{path}:{line}", f"not UTF-8 text (byte 0x{raw[e.start]:02x}): save the file "
+                                                     "as UTF-8") from None
+    if not text.lstrip().startswith("["):
+        if "\n" in text.strip() and _is_json_object(text):  # read line by line, each line would be broken
+            raise MalformedRecordError(f"{path}:1", "one JSON object spread over lines: expected an array of "
+                                                    "records ([{...}, {...}]) or one record a line")
+        return read_jsonl(path, report, on_malformed)
+    examples = []
+    decoder, end = json.JSONDecoder(), len(text)
+
+    def skip_space(i: int) -> int:
+        while i < end and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def syntax_error(i: int, what: str) -> MalformedRecordError:
+        line = text.count("\n", 0, i) + 1
+        return MalformedRecordError(f"{path}:{line}", f"invalid JSON array ({what} at column "
+                                                      f"{i - text.rfind(chr(10), 0, i)})")
+
+    i = skip_space(text.index("[") + 1)
+    while i < end and text[i] != "]":
+        source = f"{path}:{text.count(chr(10), 0, i) + 1}"
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise syntax_error(e.pos, e.msg) from None
+        report.records += 1
+        try:
+            examples.append(record_to_example(record, source, report))
+        except MalformedRecordError as e:
+            if on_malformed == "error":
+                raise
+            report.drop("malformed record", str(e))
+        i = skip_space(i)
+        if i < end and text[i] == ",":
+            i = skip_space(i + 1)
+        elif i < end and text[i] != "]":
+            raise syntax_error(i, "expected ',' or ']'")
+    if i >= end:
+        raise syntax_error(end, "the array is not closed by ']'")
+    if skip_space(i + 1) < end:
+        raise syntax_error(skip_space(i + 1), "extra data after the array")
+    report.kept += len(examples)
+    return examples
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
 def read_chatterbot_yaml(path: str | os.PathLike, report: DataReport | None = None, on_malformed: str = "error",
                         display_name: str | None = None) -> list[Example]:
     """One chatterbot-corpus YAML file: each entry of ``conversations:`` is a list of alternating user and
@@ -438,7 +508,7 @@ def load_chatterbot_corpus(language: str = "english", categories: list[str] | No
     return examples
 
 
-DATA_SUFFIXES = (".jsonl", ".yml", ".yaml")
+DATA_SUFFIXES = (".jsonl", ".json", ".yml", ".yaml")
 
 
 def is_corpus_spec(spec) -> bool:
@@ -458,8 +528,9 @@ def is_corpus_spec(spec) -> bool:
 
 def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
                   ) -> list[Example]:
-    """Examples from ``spec``: a ``.jsonl`` file, a chatterbot-style ``.yml``/``.yaml`` file, a folder of those
-    (any case of the suffix; its other files and sub-folders are skipped and counted in the report), or
+    """Examples from ``spec``: a ``.jsonl`` file, a ``.json`` file (an array of records, or one a line), a
+    chatterbot-style ``.yml``/``.yaml`` file, a folder of those (any case of the suffix; its other files and
+    sub-folders are skipped and counted in the report), or
     ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"`` (see
     :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each
     source's own default (a user's file is an error, the shipped corpus's few irregular entries are dropped)."""
@@ -479,11 +550,13 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
             if p.is_file() and p.suffix.lower() in DATA_SUFFIXES:
                 files.append(p)
             else:
-                report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.yml/.yaml file", str(p))
+                report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.json/.yml/.yaml file", str(p))
         return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, report, on_malformed or "error")
+    if suffix == ".json":
+        return read_json(path, report, on_malformed or "error")
     if suffix in (".yml", ".yaml"):
         return read_chatterbot_yaml(path, report, on_malformed or "error")
-    raise ValueError(f"cannot read {s!r}: expected a .jsonl or .yml file, a folder, or 'chatterbot[:language]'")
+    raise ValueError(f"cannot read {s!r}: expected a .jsonl, .json or .yml file, a folder, or 'chatterbot[:language]'")

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..checks import QUANT_TYPES_4BIT
 from ..dtypes import bfloat16
+from ..files import read_json_object
 from ..lora import set_kernel
 from .config import ConfigError, LoraConfig, ModelConfig, QuantConfig, linear_shapes
 from .llama import LlamaModel, expected_tensors
@@ -392,14 +393,10 @@ def not_a_model(path: Path, what: str) -> str:
 
 def read_config_json(config_file) -> dict:
     """The object in a Hugging Face ``config.json``; a ``CheckpointError`` naming the file if it is not one."""
-    config_file = Path(config_file)
     try:
-        raw = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{config_file}: not valid JSON ({e})") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{config_file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
+        return read_json_object(config_file)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_folder_config(folder) -> ModelConfig:
@@ -412,24 +409,40 @@ def read_folder_config(folder) -> ModelConfig:
         raise CheckpointError(str(e)) from None
 
 
-def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
-    """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
-    for building several models from one read (e.g. ``qlora reproduce table2``)."""
+def model_source(path) -> tuple[Path, Path | None]:
+    """(path, its GGUF file or None) of a model path: a Hugging Face folder (config.json), a .gguf file, or a
+    folder holding exactly one .gguf file; a ``CheckpointError`` saying which it is not."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
-    gguf_file = None
     if path.is_file():
         if path.suffix != ".gguf":
             raise CheckpointError(f"{path}: expected a Hugging Face folder or a .gguf file")
-        gguf_file = path
-    elif not (path / "config.json").exists():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise CheckpointError(not_a_model(path, "no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs
-                                                                       else "")))
-        gguf_file = ggufs[0]
+        return path, path
+    if (path / "config.json").exists():
+        return path, None
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) != 1:
+        raise CheckpointError(not_a_model(path, "no config.json" + (f" and {len(ggufs)} .gguf files" if ggufs
+                                                                   else "")))
+    return path, ggufs[0]
 
+
+def read_model_config(path) -> ModelConfig:
+    """The ``ModelConfig`` of a model path (``model_source``) from its config.json or GGUF metadata, no weight
+    read: a model the loader refuses (architecture, rope scaling, quantizer, a tensor with no place) is named in
+    milliseconds, before the data is read or the weights are loaded."""
+    _, gguf_file = model_source(path)
+    if gguf_file is None:
+        return read_folder_config(path)
+    meta, tensors = read_gguf(gguf_file)
+    return gguf_config(meta, tensors, str(gguf_file))
+
+
+def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
+    """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
+    for building several models from one read (e.g. ``qlora reproduce table2``)."""
+    path, gguf_file = model_source(path)
     if gguf_file is not None:
         meta, tensors = read_gguf(gguf_file)
         config = gguf_config(meta, tensors, str(gguf_file))

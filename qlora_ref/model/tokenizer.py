@@ -8,8 +8,9 @@ or the GGUF key ``tokenizer.chat_template``) is rendered the way transformers re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ..files import read_json_object
 
 
 def _import_tokenizers():
@@ -50,15 +51,7 @@ def _gguf_pre_tokenizer(pre: str | None, source: str):
 
 def _json_object(path: Path) -> dict:
     """A tokenizer file's JSON object ({} when the file is absent); a broken one is named."""
-    if not path.exists():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a readable JSON file ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
+    return read_json_object(path) if path.exists() else {}
 
 
 class Tokenizer:

@@ -41,18 +41,12 @@ class FinetuneRun:
 def load_tokenizer(path):
     """The tokenizer of a Hugging Face folder (tokenizer.json) or a GGUF file; None if the model has none; a
     ``CheckpointError`` if ``path`` is neither."""
-    from ..model.loading import CheckpointError, not_a_model, read_gguf
+    from ..model.loading import model_source, read_gguf
     from ..model.tokenizer import Tokenizer
 
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir() and (path / "config.json").exists():
-        return Tokenizer.from_folder(path)
-    gguf = path if path.is_file() else next(iter(sorted(path.glob("*.gguf"))), None)
+    path, gguf = model_source(path)
     if gguf is None:
-        raise CheckpointError(not_a_model(path, "no config.json and no .gguf file: not a model folder"))
-
+        return Tokenizer.from_folder(path)
     meta, _ = read_gguf(gguf)
     return Tokenizer.from_gguf_metadata(meta, str(gguf))
 
@@ -189,6 +183,9 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
     if output_dir is not None and process_rank() == 0:  # the lock's holder, named before the model loads
         check_not_locked(output_dir)
     if trainer is None:
+        from ..model.loading import read_model_config
+
+        read_model_config(model)  # a model the loader refuses is named before the data is read
         tokenizer = load_tokenizer(model)
         train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
         trainer, _ = make_trainer(model, config, backend, sharded=sharded, cpu_offload=cpu_offload)

@@ -25,11 +25,11 @@ checkpoint so that a resume can check it continues the same run).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import read_json_object
 from ..model.config import LINEAR_MODULES, LoraConfig, QuantConfig
 from ..optim.schedule import SCHEDULES as _SCHEDULES
 
@@ -230,12 +230,7 @@ class TrainConfig:
     @classmethod
     def from_json(cls, path) -> TrainConfig:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path}: not a readable JSON training config ({e})") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a training config must be a JSON object, got {type(d).__name__}")
+        d = read_json_object(path)
         try:
             return cls.from_dict(d)
         except (TypeError, ValueError) as e:
