@@ -510,6 +510,8 @@ class QLoRAModel(nn.Module):
         nucleus sampling (the reference's arguments, checked by the reference's rules; the random stream
         differs). ``stream`` is called with each new token id as it is produced. Eval mode; training mode is
         restored."""
+        from transformers import GenerationConfig
+
         from qlora_ref.model.generate import check_generation
 
         input_ids = [int(t) for t in input_ids]
@@ -520,14 +522,17 @@ class QLoRAModel(nn.Module):
             device = self.hf.model.embed_tokens.weight.device
             ids = torch.tensor([list(input_ids)], device=device)
             eos = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+            # every setting spelled out, top_k=0 (none) among them: one left unset takes transformers' default,
+            # and its top_k=50 cut the reference's nucleus to 50 tokens
             sample = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
-                dict(do_sample=False)
+                dict(do_sample=False, temperature=None, top_p=None)
+            generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                          pad_token_id=eos if isinstance(eos, int) else 0, top_k=0, **sample)
             if seed is not None:
                 torch.manual_seed(seed)
             streamer = None if stream is None else _TokenStream(stream)
-            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else 0,
-                                   streamer=streamer, **sample)
+            out = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=generation,
+                                   streamer=streamer)
             return out[0].tolist()
         finally:
             self.train(was_training)

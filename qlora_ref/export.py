@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .dtypes import dtype_name, to_numpy_dtype
-from .files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json
+from .files import atomic_save_safetensors, atomic_write_bytes, atomic_write_json, fsync_dir
 from .model.config import ModelConfig, QuantConfig
 from .model.llama import expected_tensors, has_bias, linear_shapes
 from .model.loading import CheckpointError, check_tensor, folder_tensors, read_config_json
@@ -43,7 +43,22 @@ def _check_model_folder_target(out_dir, what: str, overwrite: bool, sources: Map
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ValueError(f"{out_dir}: {what} exists and is not empty; choose a new folder or pass --overwrite "
                          "(which replaces its weights and removes every *.safetensors and index there)")
+    if out_dir.is_dir() and (kept := _not_a_model_folder(out_dir)):
+        raise ValueError(f"{out_dir}: {what} holds {kept}, which --overwrite would destroy (it removes every "
+                         "*.safetensors there) and the model would not load beside; choose another folder")
     return out_dir
+
+
+def _not_a_model_folder(folder: Path) -> str | None:
+    """What makes ``folder`` something other than a model folder to overwrite: a PEFT adapter (its
+    adapter_model.safetensors; transformers takes a folder with adapter_config.json for an adapter) or a
+    ``qlora finetune`` run (its checkpoints); None if neither."""
+    for name in ("adapter_config.json", "adapter_model.safetensors", "train_config.json"):
+        if (folder / name).exists():
+            return f"{name} (a PEFT adapter or a qlora finetune run)"
+    if next(folder.glob("checkpoint-*"), None) is not None:
+        return "checkpoint folders (a qlora finetune run)"
+    return None
 
 
 def check_new_model_folder(out_dir, what: str, overwrite: bool, sources: Mapping[str, Path] | None = None) -> Path:
@@ -154,16 +169,30 @@ def export_hf_folder(folder, model_config, tensors: Mapping[str, np.ndarray], dt
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model_config.to_hf_dict()
     cfg["torch_dtype"] = dtype_name(dtype)
-    atomic_save_safetensors(dict(tensors), folder / "model.safetensors", metadata={"format": "pt"})
-    atomic_write_json(folder / "config.json", cfg)
-    written = {"model.safetensors", "config.json"}
-    if tokenizer_source is not None and Path(tokenizer_source).is_dir():
-        written |= _copy_tokenizer_files(Path(tokenizer_source), folder)
-    if "tokenizer.json" not in written and tokenizer is not None:
-        save_tokenizer(tokenizer, folder)
-        written |= {"tokenizer.json", "tokenizer_config.json"}
-    _remove_stale_files(folder, written)
+
+    def write_tokenizer() -> set[str]:
+        written = _copy_tokenizer_files(Path(tokenizer_source), folder) if (
+            tokenizer_source is not None and Path(tokenizer_source).is_dir()) else set()
+        if "tokenizer.json" not in written and tokenizer is not None:
+            save_tokenizer(tokenizer, folder)
+            written |= {"tokenizer.json", "tokenizer_config.json"}
+        return written
+
+    _write_model_folder(folder, cfg, tensors, write_tokenizer)
     return folder
+
+
+def _write_model_folder(folder: Path, hf_config: dict, tensors: Mapping[str, np.ndarray], write_tokenizer) -> None:
+    """``model.safetensors``, the tokenizer's files (``write_tokenizer()``: their names) and ``config.json`` into
+    ``folder``, what an earlier model left there removed (``_remove_stale_files``). config.json is removed first
+    and written last, so that a write stopped midway (killed, a full disk) leaves a folder without one, which
+    neither transformers nor this package loads: never new weights read under an old folder's config."""
+    (folder / "config.json").unlink(missing_ok=True)
+    fsync_dir(folder)
+    atomic_save_safetensors(dict(tensors), folder / "model.safetensors", metadata={"format": "pt"})
+    written = {"model.safetensors", "config.json"} | write_tokenizer()
+    _remove_stale_files(folder, written)
+    atomic_write_json(folder / "config.json", hf_config)
 
 
 def _copy_tokenizer_files(source: Path, folder: Path) -> set[str]:
@@ -332,9 +361,6 @@ def _quantize_into(in_dir: Path, out_dir: Path, quant: QuantConfig) -> dict:
             out.update({k: np.asarray(v) for k, v in q.state_dict(name[: -len("weight")]).items()})
         else:
             out[name] = np.ascontiguousarray(array)
-    atomic_save_safetensors(out, out_dir / "model.safetensors", metadata={"format": "pt"})
-    raw = dict(raw, quantization_config=bnb_quantization_config(quant))
-    atomic_write_json(out_dir / "config.json", raw)
-    copied = _copy_tokenizer_files(in_dir, out_dir)
-    _remove_stale_files(out_dir, {"model.safetensors", "config.json"} | copied)
+    _write_model_folder(out_dir, dict(raw, quantization_config=bnb_quantization_config(quant)), out,
+                        lambda: _copy_tokenizer_files(in_dir, out_dir))
     return {"tensors": len(expected), "bytes_in": bytes_in, "bytes_out": sum(v.nbytes for v in out.values())}

@@ -32,6 +32,7 @@ sharded over several GPUs is ``qlora_ref.memory_sharded``'s.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,8 @@ from .model.config import ATTENTION_MODULES, LINEAR_MODULES, MLP_MODULES, ModelC
 
 MB = 10**6
 GB = 10**9
+#: a GPU's memory is sold in binary units: a card sold as "24 GB" holds 24 GiB = 25.77e9 bytes
+GIB = 2**30
 
 #: the fine-tuning methods of the paper's Figure 1
 METHODS = ("full", "lora", "qlora")
@@ -243,11 +246,28 @@ OTHER_SHAPES: dict[str, ModelShape] = {
 MODEL_SHAPES: dict[str, ModelShape] = {**LLAMA_SHAPES, **OTHER_SHAPES}
 
 
-def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
+#: config.json keys of a mixture-of-experts model (Mixtral, Qwen2-MoE, DeepSeek-MoE, Phi-MoE, ...), whose
+#: experts multiply the MLP's parameters: a dense estimate of one would be several times too small
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+def shape_from_hf_config(config: dict, name: str = "custom", source: str | None = None) -> ModelShape:
     """A ``ModelShape`` from the dictionary of a Hugging Face ``config.json`` of a Llama-style model
-    (Llama, Mistral, SmolLM2, ...: the keys of ``transformers.LlamaConfig``)."""
+    (Llama, Mistral, SmolLM2, ...: the keys of ``transformers.LlamaConfig``). A ``model_type`` the loaders do not
+    build, or any mixture-of-experts key, is refused; errors are prefixed with ``source`` (the file) and use the
+    config.json key names."""
+    from .model.config import SUPPORTED_MODEL_TYPES
+
+    where = f"{source}: " if source else ""
     if not isinstance(config, dict):
         raise ValueError(f"config must be a JSON object (a dict), got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type is not None and model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{where}model_type {model_type!r} is not one the calculator estimates (it counts the "
+                         f"dense decoder of {', '.join(SUPPORTED_MODEL_TYPES)}, as the loaders build)")
+    if moe := [k for k in MOE_KEYS if config.get(k)]:
+        raise ValueError(f"{where}{moe[0]}={config[moe[0]]!r}: a mixture-of-experts model, whose experts the "
+                         "calculator does not count (an estimate as a dense model would be several times too small)")
     required = {
         "hidden_size": "hidden_size",
         "intermediate_size": "intermediate_size",
@@ -258,17 +278,25 @@ def shape_from_hf_config(config: dict, name: str = "custom") -> ModelShape:
     missing = [k for k in required if k not in config]
     if missing:
         raise ValueError(
-            f"config for model {name!r} lacks {', '.join(repr(k) for k in missing)}: the memory calculator needs "
+            f"{where or f'config for model {name!r} '}lacks {', '.join(repr(k) for k in missing)}: the memory "
+            "calculator needs "
             f"the keys of a Llama-style config.json ({', '.join(required)})"
         )
     kwargs = {ours: config[theirs] for theirs, ours in required.items()}
-    return ModelShape(
-        name=name,
-        num_kv_heads=config.get("num_key_value_heads"),
-        head_dim=config.get("head_dim"),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **kwargs,
-    )
+    try:
+        return ModelShape(
+            name=name,
+            num_kv_heads=config.get("num_key_value_heads"),
+            head_dim=config.get("head_dim"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            **kwargs,
+        )
+    except ValueError as e:  # ModelShape's field names, said as config.json's keys
+        message = str(e)
+        for theirs, ours in (*required.items(), ("num_key_value_heads", "num_kv_heads")):
+            if theirs != ours:
+                message = re.sub(rf"\b{ours}\b", theirs, message)
+        raise ValueError(f"{where}{message}") from None
 
 
 def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
@@ -310,7 +338,7 @@ def load_model_shape(model: str | Path | ModelShape) -> ModelShape:
     except ValueError as e:
         raise ValueError(f"model: {e}") from None
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
-    return shape_from_hf_config(config, name=name)
+    return shape_from_hf_config(config, name=name, source=str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,57 @@ def test_overwrite_leaves_nothing_of_the_old_model(run, tmp_path):
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "notes.md", *tokenizer}
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert rel_err(hf_logits(hf, IDS), model.eval().forward(IDS)) < 1e-4
+
+
+def test_overwrite_refuses_an_adapter_or_run_folder(run, tmp_path, capsys):
+    """``qlora merge --adapter run/checkpoint-4 --output-dir run --overwrite`` deleted the run's final
+    adapter_model.safetensors and left adapter_config.json beside the merged weights (transformers then takes the
+    folder for an adapter whose weights are gone); such folders are refused, untouched."""
+    import shutil
+
+    base, adapter, _ = run
+    folder = tmp_path / "run"
+    shutil.copytree(adapter, folder)
+    shutil.copytree(adapter, folder / "checkpoint-4")
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert main(["merge", "--adapter", str(folder / "checkpoint-4"), "--model", str(base), "--output-dir",
+                 str(folder), "--overwrite"]) == 2
+    assert f"{folder}: the output folder holds adapter_config.json" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    runs = tmp_path / "runs"  # a run folder whose adapter files are not written yet: its checkpoints
+    (runs / "checkpoint-2").mkdir(parents=True)
+    assert main(["merge", "--adapter", str(adapter), "--output-dir", str(runs), "--overwrite"]) == 2
+    assert "holds checkpoint folders (a qlora finetune run)" in capsys.readouterr().err
+
+
+def test_a_merge_stopped_midway_leaves_no_loadable_folder(run, tmp_path, monkeypatch):
+    """config.json goes last: a write killed after the new weights left them under the old folder's config.json,
+    which transformers loaded without a word (relative error 0.46); now the folder has no config.json."""
+    import qlora_ref.export as export
+
+    base, adapter, _ = run
+    out = tmp_path / "m"
+    assert main(["merge", "--adapter", str(adapter), "--output-dir", str(out), "--dtype", "float32"]) == 0
+    old = (out / "config.json").read_text()
+    written = []
+
+    def stop_at_config(path, obj):  # the process dies as config.json would be written
+        if Path(path).name == "config.json":
+            raise KeyboardInterrupt
+        written.append(Path(path).name)
+        return atomic_write_json(path, obj)
+
+    atomic_write_json = export.atomic_write_json
+    monkeypatch.setattr(export, "atomic_write_json", stop_at_config)
+    cfg = json.loads(old)
+    monkeypatch.setattr(export.ModelConfig, "to_hf_dict", lambda self: dict(cfg, rms_norm_eps=0.5))
+    with pytest.raises(KeyboardInterrupt):
+        export.merge_and_export(load_model(base), out, "float32", tokenizer_source=base)
+    assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
+    with pytest.raises(ValueError, match="Unrecognized model"):  # transformers finds no config.json to read
+        __import__("transformers").AutoModelForCausalLM.from_pretrained(out)
+    with pytest.raises(ValueError, match="no config.json"):
+        load_model(out)
 
 
 def test_merge_on_the_torch_backend_writes_the_same_folder(run, tmp_path):

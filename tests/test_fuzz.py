@@ -385,7 +385,8 @@ def _generate_property(max_new, temperature, top_p, prompt, seed):
             return None
 
     n, t, p, s = value(max_new, int), value(temperature, float), value(top_p, float), value(seed, int)
-    valid = (n is not None and n >= 1 and t is not None and math.isfinite(t) and t >= 0 and p is not None
+    valid = (n is not None and n >= 1 and t is not None and math.isfinite(t) and (t == 0 or t >= 1e-4)
+             and p is not None
              and 0 < p <= 1 and prompt.strip() != "" and s is not None and 0 <= s < 2**64)
     if valid:
         assert rc == "accepted", err  # reached the model load

@@ -240,6 +240,40 @@ def test_generate_returns_the_prompt_and_the_new_ids_in_both_backends(checkpoint
     assert outs["ref"] == outs["gpu"]  # float32 weights, greedy: the same tokens
 
 
+@pytest.mark.parametrize("temperature, top_p", [(5.0, 1.0), (3.0, 0.95), (0.7, 0.5)])
+def test_both_backends_sample_from_the_same_distribution(checkpoint, monkeypatch, temperature, top_p):
+    """The first sampled token's distribution on the torch backend (what transformers hands torch.multinomial)
+    is the reference's softmax(logits / temperature) after its top-p filter, support and values: nothing of
+    transformers' defaults is added (its top_k=50 cut the 97-token nucleus to 50 tokens)."""
+    import torch
+
+    from qlora_ref.model.generate import top_p_filter
+
+    prompt = [3, 14, 15, 9, 2, 6]
+    ref = qlora_ref.load_model(checkpoint)
+    z = np.asarray(ref.forward(np.array([prompt]))[0, -1], dtype=np.float64) / temperature
+    expected = top_p_filter(np.exp(z - z.max()) / np.exp(z - z.max()).sum(), top_p)
+    seen = []
+    multinomial = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, *a, **k: seen.append(p.detach().clone()) or
+                        multinomial(p, *a, **k))
+    qlora_gpu.load_model(checkpoint, device="cpu").generate(prompt, max_new_tokens=1, temperature=temperature,
+                                                            top_p=top_p, eos_token_id=[], seed=0)
+    got = seen[0].double().numpy().reshape(-1)
+    assert np.array_equal(got > 0, expected > 0), (int((got > 0).sum()), int((expected > 0).sum()))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_a_temperature_too_small_to_sample_is_refused_by_both_backends(checkpoint):
+    """Below 1e-4 sampling is greedy up to rounding, and transformers' float32 logits / temperature overflow on the
+    torch backend (1e-300 was a RuntimeError inside torch.multinomial there, greedy in the reference)."""
+    for model in (qlora_ref.load_model(checkpoint), qlora_gpu.load_model(checkpoint, device="cpu")):
+        for temperature in (1e-300, 5e-324, 9.9e-5):
+            with pytest.raises(ValueError, match=r"temperature must be 0 \(greedy\) or at least 0\.0001"):
+                model.generate([3, 14], max_new_tokens=1, temperature=temperature)
+        assert len(model.generate([3, 14], max_new_tokens=2, temperature=1e-4, seed=0)) == 4
+
+
 def test_kernel_is_the_option_of_both_backends_and_matmul_still_works():
     w = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
     assert qlora_ref.KERNELS == ("fused", "naive") and qlora_gpu.KERNELS == ("bnb", "triton")

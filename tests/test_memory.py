@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from qlora_ref.cli import main
 from qlora_ref.cli import memory as memory_cli
 from qlora_ref.memory import (
     GB,
+    GIB,
     LLAMA_SHAPES,
     MB,
     MemoryBreakdown,
@@ -168,10 +170,25 @@ def test_7b_lora_input_gradients_567_mb_and_18_mb_with_checkpointing():
     assert no_ckpt.lora_inputs > 20 * no_ckpt.adapters
 
 
-def test_33b_needs_paging_on_a_24_gb_gpu():
-    # Appendix G: the 33B model "does not quite fit into a 24 GB" GPU; paged optimizers make it fit
+def test_33b_on_a_24_gb_gpu_is_close_in_the_cards_own_unit():
+    """Appendix G: the 33B model "does not quite fit into a 24 GB" GPU, paging makes it fit. A card sold as 24 GB
+    holds 24 GiB: the tensors counted here come to 24.53e9 bytes, over 24e9 but 1.15 GiB under 24 GiB, a margin
+    the CUDA context and the allocator's cache (not counted) take much of. docs/memory.md says so rather than
+    claim the row (it was asserted against 24e9 bytes)."""
     b = estimate_memory("llama-33b", "qlora")
-    assert b.total_bytes > 24 * GB > b.device_min_bytes
+    assert 24 * GB < b.total_bytes < 24 * GIB and 24 * GIB - b.total_bytes < 1.2 * GIB
+    assert b.device_min_bytes < 20 * GIB  # the paged states out: room to spare
+
+
+def test_the_table_gives_the_total_in_the_cards_unit_and_names_the_trainers_dtypes(capsys):
+    """A GPU's memory is sold in GiB; the paper's dtypes (bfloat16 adapters and embeddings) are not those of
+    ``qlora finetune --backend gpu`` (float32 both), which the table says, with the options that estimate it."""
+    assert main(["memory", "--model", "65b"]) == 0
+    out = capsys.readouterr().out
+    assert "45.92 GB   = 42.77 GiB" in out and "--adapter-dtype float32 --unquantized-dtype float32" in out
+    assert main(["memory", "--model", "65b", "--adapter-dtype", "float32", "--unquantized-dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "50.17 GB   = 46.72 GiB" in out and "--adapter-dtype float32" not in out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -325,6 +342,37 @@ def test_unknown_model_is_a_clear_error(tmp_path):
     bad.write_text(json.dumps({"n_embd": 768, "n_layer": 12}))  # a GPT-2 config
     with pytest.raises(ValueError, match="lacks 'hidden_size'"):
         load_model_shape(bad)
+
+
+#: Mixtral-8x7B-v0.1's published config.json (the keys that matter here): 46.7 B parameters, 8 experts a layer
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+
+
+def test_a_mixture_of_experts_or_another_architecture_is_refused_not_estimated_as_dense(tmp_path, capsys):
+    """Mixtral's config has the five dense keys: it was estimated as a 7.24 B dense model (46.7 B real, every part
+    about 6x too small). An architecture the loaders do not build, or any expert key without a model_type, is
+    refused naming the file and the key; the error of a config.json names its keys, not ModelShape's fields."""
+    folder = tmp_path / "mixtral"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(MIXTRAL))
+    assert main(["memory", "--model", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"{folder / 'config.json'}: model_type 'mixtral' is not one the calculator estimates" in err
+    path = tmp_path / "config.json"
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        path.write_text(json.dumps({**{k: v for k, v in MIXTRAL.items() if k not in ("model_type",
+                                                                                    "num_local_experts")}, key: 8}))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: {key}=8: a mixture-of-experts model"):
+            load_model_shape(path)
+    dense = {k: v for k, v in MIXTRAL.items() if k != "num_local_experts"} | {"model_type": "mistral"}
+    path.write_text(json.dumps(dense))
+    assert load_model_shape(path).num_kv_heads == 8  # the same shape as a dense Mistral is estimated
+    path.write_text(json.dumps({**dense, "num_key_value_heads": 3}))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: num_attention_heads \(32\) must be a multiple of "
+                                         r"num_key_value_heads \(3\)$"):
+        load_model_shape(path)
 
 
 def test_bad_shapes_are_named_in_the_error():
@@ -528,10 +576,10 @@ def test_sharded_70b_on_two_gpus_matches_the_hand_count():
                                   attention="flash")
     assert off.host_bytes == sum(m.shards.values()) and off.device_bytes == m.device_bytes - off.host_bytes
     assert off.paged == 0
-    # the issue's goal, 70B on 2 x 24 GB: with CPU offload; without it, 4 GPUs and more
-    assert off.device_bytes < 24 * GB < m.device_min_bytes
+    # the issue's goal, 70B on 2 x 24 GB cards (24 GiB each): with CPU offload; without it, 4 GPUs and more
+    assert off.device_bytes < 24 * GIB < m.device_min_bytes
     assert estimate_sharded_memory("llama-2-70b", 4, seq=2048, adapter_dtype="float32",
-                                   attention="flash").device_bytes < 24 * GB
+                                   attention="flash").device_bytes < 24 * GIB
 
 
 def test_sharding_pads_each_tensor_to_the_largest_chunk():

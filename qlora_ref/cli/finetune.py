@@ -244,7 +244,8 @@ def add_parser(subparsers) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64,
                    help="at most this many new tokens (> 0; prompt + new tokens must fit the model's context) "
                    "[default: 64]")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature >= 0; 0: greedy [default]")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature: 0 (greedy) [default], or from 1e-4 up")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] [default: 1]")
     g.add_argument("--seed", type=int, default=0, help="seed of the sampling, an integer from 0 to 2**64-1 "
                    "[default: 0]")

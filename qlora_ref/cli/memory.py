@@ -18,6 +18,7 @@ from qlora_ref.memory import (
     ATTENTION_IMPLS,
     DTYPE_BYTES,
     GB,
+    GIB,
     LLAMA3_CONFIGS,
     LLAMA_SHAPES,
     MB,
@@ -66,8 +67,9 @@ MEMORY_OPTIONS = {"model": "--model", "method": "--method", "batch": "--batch", 
                   "packing": "--packing", "example_length": "--example-length", "loss_chunk": "--loss-chunk",
                   "offload": "--offload", "residual_dtype": "--residual-dtype"}
 
-#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card
-GPU_LINES_GB = (24, 48, 80)
+#: GPU memory sizes drawn as reference lines: consumer 24 GB, the paper's 48 GB, an 80 GB data-centre card; a card
+#: sold as "N GB" holds N GiB (nvidia-smi: 24576 MiB), so each line is drawn at N x 2^30 bytes
+GPU_LINES_GIB = (24, 48, 80)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -112,9 +114,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "moves) and the norms' inputs (default: float32, as qlora_gpu's prepare_model and "
                    "transformers + peft keep it)")
     p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default="bfloat16",
-                   help="dtype of the LoRA weights and their gradients (default: bfloat16)")
+                   help="dtype of the LoRA weights and their gradients (default: bfloat16, the paper's script; "
+                   "qlora finetune --backend gpu: float32)")
     p.add_argument("--unquantized-dtype", choices=tuple(DTYPE_BYTES), default=None,
-                   help="QLoRA: dtype of the embeddings, LM head and norms (default: the compute dtype)")
+                   help="QLoRA: dtype of the embeddings, LM head and norms (default: the compute dtype, the paper's "
+                   "script; qlora finetune --backend gpu: float32)")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="eager",
                    help="eager keeps the seq x seq softmax for the backward pass; flash recomputes it "
                    "(default: eager)")
@@ -278,12 +282,19 @@ def format_table(b: MemoryBreakdown) -> str:
         note = f"   {notes[name]}" if name in notes else ""
         lines.append(f"  {PART_LABELS[name]:<{width}}  {format_bytes(value):>12}{note}")
     lines.append(f"  {'-' * width}  {'-' * 12}")
-    lines.append(f"  {'total':<{width}}  {format_bytes(b.total_bytes):>12}")
+    lines.append(f"  {'total':<{width}}  {format_bytes(b.total_bytes):>12}   = {b.total_bytes / GIB:.2f} GiB "
+                 "(a GPU sold as 'N GB' holds N GiB)")
     if b.paged:
         lines.append(f"  {'of which paged':<{width}}  {format_bytes(b.paged):>12}")
-        lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(b.device_min_bytes):>12}")
+        lines.append(f"  {'GPU, all pages out':<{width}}  {format_bytes(b.device_min_bytes):>12}   = "
+                     f"{b.device_min_bytes / GIB:.2f} GiB")
     if b.offloaded:
         lines.append(f"  {'host: offloaded':<{width}}  {format_bytes(b.offloaded):>12}   checkpointed block inputs")
+    s = b.settings
+    if b.method == "qlora" and (s["adapter_dtype"], s["unquantized_dtype"]) != ("float32", "float32"):
+        lines.append(f"\n  {s['adapter_dtype']} adapters, {s['unquantized_dtype']} embeddings and LM head are the "
+                     "paper's script's;\n  qlora finetune --backend gpu keeps both in float32: "
+                     "--adapter-dtype float32 --unquantized-dtype float32 estimates its run")
     return "\n".join(lines)
 
 
@@ -324,7 +335,8 @@ def format_sharded_table(b: MemoryBreakdown, plain: ShardedMemory, offload: Shar
 def write_plot(path: str, shape, method: str, kwargs: dict) -> None:
     """Two panels of stacked bars, one segment per part (paged optimizer states hatched):
     left, full / LoRA / QLoRA on ``shape`` (the paper's Figure 1 in numbers); right, ``method`` on LLaMA
-    7B-65B with the 24/48/80 GB GPU sizes (the paper's memory-footprint figure, Appendix G)."""
+    7B-65B with the 24/48/80 GB GPU sizes, in GiB as the cards hold them (the paper's memory-footprint figure,
+    Appendix G)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -344,10 +356,11 @@ def write_plot(path: str, shape, method: str, kwargs: dict) -> None:
     _stacked_bars(ax_s, [b.model.removeprefix("llama-").upper() for b in by_size], by_size, label_segments=True)
     ax_s.set_title(f"{method} on LLaMA (segments in MB)")
     top = max(b.total_bytes for b in by_size) / GB
-    for gb in GPU_LINES_GB:
-        if gb < 1.15 * top:
-            ax_s.axhline(gb, color="grey", linestyle="--", linewidth=0.8)
-            ax_s.text(-0.45, gb, f"{gb} GB GPU", va="bottom", fontsize=8, color="grey")
+    lines = [(gib, gib * GIB / GB) for gib in GPU_LINES_GIB if gib * GIB / GB < 1.15 * top]
+    for gib, at in lines:
+        ax_s.axhline(at, color="grey", linestyle="--", linewidth=0.8)
+        ax_s.text(-0.45, at, f"{gib} GB GPU ({gib} GiB = {at:.1f} GB)", va="bottom", fontsize=8, color="grey")
+    ax_s.set_ylim(0, max([1.08 * top] + [1.06 * at for _, at in lines]))  # every line and its label inside
     s = kwargs
     fig.suptitle(
         f"Fine-tuning memory: batch {s['batch']}, sequence {s['seq']}, r={s['r']}, gradient checkpointing "

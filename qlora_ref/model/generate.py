@@ -41,11 +41,20 @@ def check_seed(seed) -> None:
         raise ValueError(f"seed must be an integer from 0 to 2**64-1, got {seed!r}")
 
 
+#: the smallest sampling temperature: below it sampling is greedy decoding up to float rounding, and the torch
+#: backend's float32 logits / temperature overflow (transformers' temperature warper divides before the softmax)
+MIN_TEMPERATURE = 1e-4
+
+
 def check_sampling(temperature: float, top_p: float) -> None:
-    """temperature: a finite number >= 0 (0: greedy); top_p: in (0, 1]. Shared by both backends."""
+    """temperature: 0 (greedy) or a finite number >= ``MIN_TEMPERATURE``; top_p: in (0, 1]. Shared by both
+    backends."""
     if isinstance(temperature, bool) or not isinstance(temperature, Real) or not (
             math.isfinite(temperature) and temperature >= 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}: a "
+                         "smaller one samples as greedy decoding does, up to float rounding, and overflows float32")
     if isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1: no nucleus filtering), got {top_p!r}")
 
