@@ -8,6 +8,7 @@ import torch
 from model_helpers import SMALL_CONFIGS, max_rel_err, small_hf_model
 
 from qlora_ref.model import LoraConfig, QuantConfig, load_model
+from qlora_ref.model.loading import CheckpointError
 from qlora_ref.quantize import dequantize_4bit, quantize_4bit
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -211,6 +212,48 @@ def test_gradient_checkpointing_saves_activation_memory(tmp_path):
         peaks[ckpt] = tracemalloc.get_traced_memory()[1] - base
         tracemalloc.stop()
     assert peaks[True] < 0.5 * peaks[False], peaks
+
+
+@pytest.mark.parametrize("max_window_layers, window", [(0, 4), (2, None), (5, None)])
+def test_qwen2_sliding_windows_in_every_layer_or_none_load(tmp_path, max_window_layers, window):
+    """Qwen2 with use_sliding_window (refused as a whole before): transformers windows layer i when i >=
+    max_window_layers. Every layer windowed (0) is the reference's one window, none (2 or more of 2 layers: Qwen2.5's
+    released configs) is full attention; the logits equal transformers' either way, and the folder the reference
+    writes back (to_hf_dict) reads in transformers as the same layers. A mixture is refused naming the layer."""
+    import transformers
+    from model_helpers import make_hf_model
+
+    hf = make_hf_model("qwen2", vocab_size=71, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                       max_window_layers=max_window_layers)
+    hf.save_pretrained(tmp_path)
+    ref = load_model(tmp_path)
+    assert ref.config.sliding_window == window
+    ids = input_ids(71)
+    assert max_rel_err(ref.forward(ids), hf_logits(hf, ids)) <= 1e-5
+    back = transformers.Qwen2Config(**ref.config.to_hf_dict())
+    assert back.layer_types == hf.config.layer_types
+    mixed = make_hf_model("qwen2", vocab_size=71, hidden_size=32, intermediate_size=45, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=1)
+    mixed.save_pretrained(tmp_path / "mixed")
+    with pytest.raises(CheckpointError, match=r"sliding-window attention in layers 1 and above only"):
+        load_model(tmp_path / "mixed")
+
+
+def test_a_swish_activation_is_silu(tmp_path):
+    """transformers' ACT2FN maps hidden_act 'swish' to torch's SiLU: such a config loads (it was refused) and gives
+    transformers' logits."""
+    import json
+
+    from model_helpers import small_hf_model
+
+    hf = small_hf_model("llama-gqa")
+    hf.config.hidden_act = "swish"
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_act"] == "swish"
+    ids = input_ids(97)
+    assert max_rel_err(load_model(tmp_path).forward(ids), hf_logits(hf, ids)) <= 1e-5
 
 
 def test_mistral_sliding_window_logits(tmp_path):

@@ -90,8 +90,8 @@ class ModelConfig:
             raise ConfigError(f"{source}: unknown architecture model_type={model_type!r} "
                               f"(architectures: {d.get('architectures')}); supported: {SUPPORTED_MODEL_TYPES}")
         act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"{source}: hidden_act must be 'silu' (SwiGLU), got {act!r}")
+        if act not in ("silu", "swish"):  # transformers' ACT2FN maps both to torch's SiLU
+            raise ConfigError(f"{source}: hidden_act must be 'silu' (SwiGLU; 'swish' is the same), got {act!r}")
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in d]
         if missing:
@@ -114,7 +114,7 @@ class ModelConfig:
         if model_type == "mistral":  # a config without the key: transformers' MistralConfig default, 4096
             sliding = d.get("sliding_window", 4096)
         elif model_type == "qwen2" and d.get("use_sliding_window"):
-            raise ConfigError(f"{source}: Qwen2 use_sliding_window=true is not supported by the reference")
+            sliding = _qwen2_window(d, source)
         qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
         try:
             return cls(
@@ -209,9 +209,32 @@ class ModelConfig:
             d[f.name] = getattr(self, f.name)
         if self.model_type == "llama":
             d["attention_bias"] = self.qkv_bias
+        if self.model_type == "qwen2" and self.sliding_window is not None:  # every layer windowed (_qwen2_window)
+            d.update(use_sliding_window=True, max_window_layers=0)
         if self.rope_scaling is not None:
             d["rope_scaling"] = dict(self.rope_scaling)
         return d
+
+
+def _qwen2_window(d: dict, source: str) -> int | None:
+    """The one sliding window of a Qwen2 config with ``use_sliding_window``, as transformers' Qwen2Config reads it:
+    layer i slides when ``sliding_window`` is set and i >= ``max_window_layers`` (default 28), or as its
+    ``layer_types`` say. None when no layer slides (full attention, as Qwen2.5's released configs: windows off past
+    their 28 layers or more); a window when every layer slides; a mixture is refused (the reference has one
+    window for all layers)."""
+    window, n = d.get("sliding_window", 4096), d["num_hidden_layers"]
+    if window is None:
+        return None
+    types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", 28) else "full_attention"
+                                     for i in range(n)]
+    sliding = [t == "sliding_attention" for t in types]
+    if not any(sliding):
+        return None
+    if all(sliding):
+        return window
+    raise ConfigError(f"{source}: Qwen2 with sliding-window attention in layers {sliding.index(True)} and above only "
+                      "(use_sliding_window, max_window_layers) is not supported: the reference gives every layer the "
+                      "same attention")
 
 
 def linear_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
