@@ -122,3 +122,76 @@ def test_the_library_refuses_a_recipe_of_another_rank(trained):
     config = TrainConfig(**dict(RECIPE, lora_r=8), init_adapter=str(trained / "adapter"))
     with pytest.raises(ValueError, match=r"lora_r=4 \(the recipe: 8\)"):
         finetune(trained / "model", trained / "train.jsonl", config)
+
+
+def _finetune_cli(trained, out, *extra) -> list[str]:
+    return ["finetune", "--model", str(trained / "model"), "--data", str(trained / "train.jsonl"), "--output-dir",
+            str(out), "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-3", "--quant-type", "nf4",
+            "--eval-fraction", "0", "--no-progress", *extra]
+
+
+def test_a_config_file_and_the_option_name_the_start_adapter_alike(trained, tmp_path, capsys, monkeypatch):
+    """The --config file's lora_r that differs from the adapter's is refused as the same --lora-r is (it was
+    replaced by the adapter's without a word); init_adapter in the file takes the adapter's shape where nothing
+    sets it (it was refused naming --init-adapter, which the user never typed) and is read relative to the file's
+    folder, recorded absolute."""
+    import shutil
+
+    import qlora_ref.train.api as api
+
+    monkeypatch.setattr(api, "make_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    recipe = tmp_path / "recipes" / "r.json"
+    recipe.parent.mkdir()
+    shutil.copytree(trained / "adapter", tmp_path / "recipes" / "start")
+    recipe.write_text(json.dumps({"lora_r": 8}))
+    assert main(_finetune_cli(trained, tmp_path / "a", "--config", str(recipe), "--init-adapter",
+                              str(trained / "adapter"))) == 2
+    assert "lora_r=4 (the recipe: 8)" in capsys.readouterr().err.replace("--lora-r", "lora_r")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # not the file's folder
+    recipe.write_text(json.dumps({"init_adapter": "start", "max_steps": 1}))
+    assert main(_finetune_cli(trained, tmp_path / "b", "--config", str(recipe))) == 0
+    saved = json.loads((tmp_path / "b" / "train_config.json").read_text())
+    assert (saved["lora_r"], saved["lora_alpha"]) == (4, 8.0)
+    assert saved["init_adapter"] == str((tmp_path / "recipes" / "start").resolve())
+    recipe.write_text(json.dumps({"init_adapter": "gone"}))
+    assert main(_finetune_cli(trained, tmp_path / "c", "--config", str(recipe))) == 2
+    assert f"{recipe}: init_adapter: " in capsys.readouterr().err
+
+
+def test_a_run_from_an_adapter_resumes_after_the_adapter_is_gone(trained, tmp_path, capsys):
+    """The documented resume (the same command again) no longer needs the start adapter: the checkpoint holds
+    the adapters and the recipe (it was refused: 'adapter folder does not exist')."""
+    import shutil
+
+    start = tmp_path / "start"
+    shutil.copytree(trained / "adapter", start)
+    command = _finetune_cli(trained, tmp_path / "run", "--init-adapter", str(start), "--save-every", "1")
+    assert main([*command, "--max-steps", "1"]) == 0
+    shutil.rmtree(start)
+    capsys.readouterr()
+    assert main([*command, "--max-steps", "2"]) == 0
+    assert "trained to step 2 (1 step in this run)" in capsys.readouterr().out
+    assert main(_finetune_cli(trained, tmp_path / "new", "--init-adapter", str(start), "--max-steps", "1")) == 2
+    assert "adapter folder does not exist" in capsys.readouterr().err  # a new run still needs it
+
+
+def test_the_output_folder_is_neither_the_start_adapter_nor_another_adapter(trained, tmp_path, capsys, monkeypatch):
+    """--init-adapter DIR --output-dir DIR resumed DIR's own run (its optimizer and schedule) instead of starting
+    from its adapter; a folder that holds an adapter and no checkpoint (peft's, a copy, a run whose checkpoints
+    were deleted) was overwritten without a word. Both are refused before the model loads, the folder untouched."""
+    import shutil
+
+    import qlora_ref.train.api as api
+
+    monkeypatch.setattr(api, "make_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    run = tmp_path / "run"
+    shutil.copytree(trained / "adapter", run)
+    assert main(_finetune_cli(trained, run, "--init-adapter", str(run), "--max-steps", "4")) == 2
+    assert "is the output folder: a run there would resume that folder's own run" in capsys.readouterr().err
+    for checkpoint in run.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    assert main(_finetune_cli(trained, run, "--lora-r", "8", "--max-steps", "1")) == 2
+    assert f"{run}: holds an adapter (adapter_config.json) and no checkpoint" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before

@@ -149,9 +149,11 @@ def named_by_option(error: ValueError, fields, options: dict[str, str] | None = 
 
 
 def _config_from_args(args, base=None):
+    from qlora_ref.files import read_json_object
     from qlora_ref.train.config import TrainConfig
 
-    config = TrainConfig.from_json(args.config) if getattr(args, "config", None) else (base or TrainConfig())
+    from_file = getattr(args, "config", None)
+    config = TrainConfig.from_json(from_file) if from_file else (base or TrainConfig())
     changes = {f: getattr(args, f) for f in [*TRAIN_OPTIONS, "double_quant", "gradient_checkpointing",
                                              "train_on_inputs", "skip_malformed", "progress", "packing",
                                              "activation_offload"]
@@ -162,9 +164,16 @@ def _config_from_args(args, base=None):
         if getattr(args, f, None) is not None:
             changes[f] = str(getattr(args, f)) if f == "output_dir" else getattr(args, f)
     if getattr(args, "init_adapter", None) is not None:
-        changes.update(_init_adapter_changes(args.init_adapter, changes))
-    if getattr(args, "config", None) and config.lora_r == 0 and "lora_r" not in changes:  # as the file's own errors
-        raise ValueError(f"{args.config}: lora_r must be a positive integer to train adapters, got 0")
+        init, source = Path(args.init_adapter), None
+    elif from_file and config.init_adapter is not None:  # relative to the file's folder, as the file was written
+        init, source = Path(from_file).parent / config.init_adapter, from_file
+    else:
+        init = None
+    if init is not None:
+        given = {**dict.fromkeys(read_json_object(from_file) if from_file else ()), **changes}
+        changes.update(_init_adapter_changes(init, given, changes.get("output_dir", config.output_dir), source))
+    if from_file and config.lora_r == 0 and "lora_r" not in changes:  # as the file's own errors
+        raise ValueError(f"{from_file}: lora_r must be a positive integer to train adapters, got 0")
     try:
         if isinstance(changes.get("lora_r"), int) and changes["lora_r"] < 1:  # 0 is "no adapters": nothing to train
             raise ValueError(f"lora_r must be a positive integer, got {changes['lora_r']}")
@@ -174,17 +183,33 @@ def _config_from_args(args, base=None):
     return config
 
 
-def _init_adapter_changes(folder: str, changes: dict) -> dict:
-    """``--init-adapter``: its absolute path (a resume from another folder names the same adapter), and the
-    adapter's r, alpha and layers for the options not given (one given otherwise fails the recipe's check)."""
+def _init_adapter_changes(folder: Path, given: dict, output_dir, source: str | None) -> dict:
+    """The start adapter (``--init-adapter``, or ``init_adapter`` in the ``--config`` file ``source``): its
+    absolute path (a resume from another folder names the same adapter), and its r, alpha and layers for the
+    fields that neither an option nor the file sets (``given``; one set otherwise is checked against the adapter
+    and refused if it differs, whichever way it was given). An adapter folder gone since the run began is not
+    needed to resume it: the shape is then its newest checkpoint's (a resumed run starts from that checkpoint)."""
     from qlora_ref.train.init_adapter import adapter_shape_settings
 
     try:
         settings = adapter_shape_settings(folder)
     except ValueError as e:
-        raise named_by_option(e, {"init_adapter"}) from None
-    return {"init_adapter": str(Path(folder).resolve()),
-            **{field: value for field, value in settings.items() if field not in changes}}
+        settings = _resumed_shape(output_dir) if not folder.exists() else None
+        if settings is None:
+            raise (ValueError(f"{source}: {e}") if source else named_by_option(e, {"init_adapter"})) from None
+    return {"init_adapter": str(folder.resolve()),
+            **{field: value for field, value in settings.items() if field not in given}}
+
+
+def _resumed_shape(output_dir) -> dict | None:
+    """``SHAPE_FIELDS`` of the recipe of the checkpoint a run in ``output_dir`` would resume; None if none."""
+    from qlora_ref.train.checkpoint import latest_checkpoint
+    from qlora_ref.train.init_adapter import SHAPE_FIELDS
+    from qlora_ref.train.loop import checkpoint_recipe
+
+    latest = latest_checkpoint(output_dir) if output_dir is not None else None
+    recipe = checkpoint_recipe(latest) if latest is not None else None
+    return None if recipe is None else {field: getattr(recipe, field) for field in SHAPE_FIELDS}
 
 
 def add_parser(subparsers) -> None:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..adapters import ADAPTER_CONFIG
 from ..data import DataReport, build_dataset, load_examples
 from ..data.formats import is_corpus_spec
 from ..data.pipeline import no_stop_token
-from .checkpoint import check_not_locked, check_resume_backend, new_run_id
+from .checkpoint import check_not_locked, check_resume_backend, latest_checkpoint, list_checkpoints, new_run_id
 from .config import TrainConfig
 from .init_adapter import check_init_adapter
 from .launch import launched_by_torchrun, process_rank
@@ -142,6 +143,24 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
     return train_ds, eval_ds, report
 
 
+def check_output_dir_adapter(output_dir: Path, config: TrainConfig, resuming: bool) -> None:
+    """Refuse an output folder whose adapter this run would replace without having written it: one that holds an
+    adapter (``adapter_config.json`` / ``adapter_model.safetensors``: peft's, a copy, a run whose checkpoints are
+    gone) and no checkpoint to resume; or the start adapter's own folder (its run would be resumed, not a new one
+    started from the adapter)."""
+    init = config.init_adapter
+    if init is not None and output_dir.exists() and Path(init).exists() and os.path.samefile(init, output_dir):
+        raise ValueError(f"init_adapter {config.init_adapter} is the output folder: a run there would resume that "
+                         "folder's own run rather than start from its adapter; choose another output folder")
+    if resuming or not output_dir.is_dir() or list_checkpoints(output_dir):  # checkpoints: check_no_foreign_...
+        return
+    for name in (ADAPTER_CONFIG, "adapter_model.safetensors"):
+        if (output_dir / name).exists():
+            raise ValueError(f"{output_dir}: holds an adapter ({name}) and no checkpoint of a run to resume, so this "
+                             "run would replace it; nothing was changed: choose another output folder or move the "
+                             "adapter away")
+
+
 def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "ref", eval_data=None,
              output_dir=None, resume=True, stop_after: int | None = None, trainer=None, sharded: bool | None = None,
              cpu_offload: bool = False) -> FinetuneRun:
@@ -164,9 +183,13 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
         from .reference import check_reference_config
 
         check_reference_config(config)
-    check_init_adapter(config)  # a missing folder or a misfit adapter, before the model loads
     output_dir = output_dir if output_dir is not None else config.output_dir
+    resuming = output_dir is not None and resume is not False and (
+        not isinstance(resume, bool) or latest_checkpoint(output_dir) is not None)
+    if not resuming:  # a resumed run starts from its checkpoint: the start adapter need not be there any more
+        check_init_adapter(config)  # a missing folder or a misfit adapter, before the model loads
     if output_dir is not None:
+        check_output_dir_adapter(Path(output_dir), config, resuming)
         check_writable_dir(output_dir, "output_dir")
         if Path(model).is_dir() and os.path.samefile(model, output_dir):
             raise ValueError(f"output_dir {output_dir} is the base model's folder: the adapter and checkpoints would "

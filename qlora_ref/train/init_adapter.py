@@ -59,7 +59,8 @@ def check_init_adapter(config) -> dict | None:
               if theirs[field] != mine[field]]
     if differ:
         raise ValueError(f"init_adapter {config.init_adapter}: the adapter has {'; '.join(differ)}; train with the "
-                         "adapter's settings (qlora finetune takes them where their options are left out)")
+                         "adapter's settings (qlora finetune takes them where neither an option nor the --config "
+                         "file sets them)")
     return weights
 
 

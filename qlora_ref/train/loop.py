@@ -394,13 +394,18 @@ def _colliding_checkpoints(output_dir: Path, run_id: str, step: int, last: int, 
     return sorted(out)
 
 
+def checkpoint_recipe(folder: Path) -> TrainConfig | None:
+    """The ``TrainConfig`` the qlora checkpoint ``folder`` was trained with (None if unreadable)."""
+    try:
+        return TrainConfig.from_dict(json.loads((Path(folder) / STATE_FILE).read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _same_recipe(folder: Path, config: TrainConfig) -> bool:
     """Whether the qlora checkpoint ``folder`` was trained with ``config``'s recipe (False if unreadable)."""
-    try:
-        saved = TrainConfig.from_dict(json.loads((folder / STATE_FILE).read_text())["config"])
-        return not config.resume_mismatches(saved)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    saved = checkpoint_recipe(folder)
+    return saved is not None and not config.resume_mismatches(saved)
 
 
 def check_no_foreign_checkpoints(output_dir: Path, run_id: str, step: int, last: int, config: TrainConfig,
