@@ -912,3 +912,58 @@ def test_a_model_the_loader_refuses_is_named_before_the_data_is_read(files, tmp_
                  str(tmp_path / "run"), *FAST]) == 2
     err = capsys.readouterr().err
     assert "unknown architecture model_type='gpt2'" in err and "broken.jsonl" not in err
+
+
+def test_no_held_out_command_is_printed_when_nothing_was_held_out(files, tmp_path, capsys):
+    """With --eval-fraction 0 the printed `qlora evaluate ... --split held-out` failed when pasted; it is left out,
+    and evaluate's refusal names its option (--split held-out, not split='held-out')."""
+    out = tmp_path / "run"
+    assert main(["finetune", "--backend", "ref", "--model", str(files / "model"), "--data",
+                 str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "1", "--eval-fraction", "0",
+                 *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "0 held-out examples" in printed and "qlora evaluate" not in printed and "qlora merge" in printed
+    assert main(["evaluate", "--adapter", str(out), "--data", str(files / "train.jsonl"), "--split",
+                 "held-out"]) == 2
+    err = capsys.readouterr().err
+    assert "--split held-out: the recipe's eval_fraction is 0" in err and "with --split all" in err
+    assert "split='" not in err
+
+
+def test_a_demo_of_another_recipe_in_the_folder_is_refused_before_the_model_loads(files, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """``qlora demo --packing`` on a folder holding a demo trained without it: refused at once, naming the option
+    (the resume refused it after ~30 s of loading and evaluating, naming micro_batch_size and packing)."""
+    from qlora_ref import demo
+    from qlora_ref.train import api
+    from qlora_ref.train.api import finetune
+
+    out = tmp_path / "demo"
+    finetune(files / "model", files / "train.jsonl", demo.demo_config(1, out).replace(progress=False),
+             output_dir=out)
+    monkeypatch.setattr(demo, "find_smollm2_gguf", lambda: tmp_path / "SmolLM2.gguf")
+    monkeypatch.setattr(api, "make_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    capsys.readouterr()
+    assert main(["demo", "--packing", "--output-dir", str(out), "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out}: holds a demo trained without --packing" in err and "leave out --packing to continue it" in err
+
+
+def test_a_switch_a_config_file_turns_on_can_be_turned_off_on_the_command_line(tmp_path):
+    """A previous run's train_config.json is the natural --config; its switches could not be undone (there was no
+    --no-packing, --double-quant, ...: 'unrecognized arguments')."""
+    from qlora_ref.cli import build_parser
+    from qlora_ref.cli.finetune import _config_from_args
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"packing": True, "train_on_inputs": True, "double_quant": False,
+                                  "gradient_checkpointing": False, "skip_malformed": True, "progress": False}))
+    base = ["finetune", "--model", "m", "--data", "d.jsonl", "--output-dir", "o", "--config", str(recipe)]
+    kept = _config_from_args(build_parser().parse_args(base))
+    assert (kept.packing, kept.train_on_inputs, kept.double_quant, kept.gradient_checkpointing,
+            kept.skip_malformed, kept.progress) == (True, True, False, False, True, False)
+    undone = _config_from_args(build_parser().parse_args([
+        *base, "--no-packing", "--no-train-on-inputs", "--double-quant", "--gradient-checkpointing",
+        "--no-skip-malformed", "--progress"]))
+    assert (undone.packing, undone.train_on_inputs, undone.double_quant, undone.gradient_checkpointing,
+            undone.skip_malformed, undone.progress) == (False, False, True, True, False, True)

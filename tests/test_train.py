@@ -622,3 +622,22 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny, backend):
     for name, g in expected.items():
         np.testing.assert_allclose(at_step[name], g, rtol=0, atol=n_rows * 2.0**-24 * np.abs(g).max(),
                                    err_msg=name)
+
+
+def test_the_training_seed_is_bounded_so_every_backend_takes_it(capsys, monkeypatch):
+    """A seed above 2**32-1 was accepted, and on the torch backend with dropout failed at the first step, after the
+    model load ('Overflow when unpacking long long': seed x 1,000,003 left torch's 64 bits); it is refused at once,
+    by the option's name."""
+    from qlora_ref.cli import main
+    from qlora_ref.model.config import LoraConfig
+    from qlora_ref.model.linear import lora_seed
+
+    assert TrainConfig(seed=2**32 - 1).seed == 2**32 - 1
+    assert lora_seed(LoraConfig(seed=2**32 - 1), 10**6, "down_proj") < 2**64  # torch.Generator.manual_seed's range
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*32-1 = 4294967295, got 4294967296"):
+        TrainConfig(seed=2**32)
+    import qlora_ref.train.api as api
+
+    monkeypatch.setattr(api, "make_trainer", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["finetune", "--model", "m", "--data", "d.jsonl", "--output-dir", "o", "--seed", str(2**63)]) == 2
+    assert "--seed must be an integer from 0 to 2**32-1" in capsys.readouterr().err

@@ -82,25 +82,30 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
         g.add_argument(flag, dest=field, type=typ, default=None, help=f"{help_} [default: {getattr(defaults, field)}]")
     g.add_argument("--target-modules", default=None,
                    help="comma-separated linear layers with adapters [default: all seven, as in the paper]")
-    g.add_argument("--no-double-quant", dest="double_quant", action="store_false", default=None,
-                   help="do not quantize the quantization constants")
-    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false", default=None,
-                   help="keep all activations instead of recomputing them")
-    g.add_argument("--train-on-inputs", dest="train_on_inputs", action="store_true", default=None,
-                   help="take the loss on the prompt too (paper: responses only)")
-    g.add_argument("--skip-malformed", dest="skip_malformed", action="store_true", default=None,
+    # each switch both ways (--packing / --no-packing), default None: a --config file's setting stands unless
+    # the command line turns it the other way
+    switch = dict(action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--double-quant", dest="double_quant", **switch,
+                   help="quantize the quantization constants [default: on]")
+    g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", **switch,
+                   help="recompute activations in the backward pass instead of keeping them [default: on]")
+    g.add_argument("--train-on-inputs", dest="train_on_inputs", **switch,
+                   help="take the loss on the prompt too (paper: responses only) [default: off]")
+    g.add_argument("--skip-malformed", dest="skip_malformed", **switch,
                    help="drop a malformed record of the data (counted in the data report, with its file and line) "
-                   "instead of stopping at it")
-    g.add_argument("--packing", dest="packing", action="store_true", default=None,
-                   help="pack several examples into each row of --max-length tokens, attention kept inside each")
-    g.add_argument("--activation-offload", dest="activation_offload", action="store_true", default=None,
-                   help="gpu backend: keep the checkpointed block inputs in host memory until the backward pass")
+                   "instead of stopping at it [default: off]")
+    g.add_argument("--packing", dest="packing", **switch,
+                   help="pack several examples into each row of --max-length tokens, attention kept inside each "
+                   "[default: off]")
+    g.add_argument("--activation-offload", dest="activation_offload", **switch,
+                   help="gpu backend: keep the checkpointed block inputs in host memory until the backward pass "
+                   "[default: off]")
     g.add_argument("--init-adapter", default=None, metavar="DIR",
                    help="start the adapters from this PEFT adapter folder (ours, from either backend, or peft's) "
                    "instead of LoRA's B = 0; sets --lora-r, --lora-alpha and --target-modules to its own. The "
                    "optimizer, schedule and data order start afresh (to continue a run exactly, resume it)")
     g.add_argument("--config", type=Path, default=None, help="a JSON TrainConfig; options given here override it")
-    g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    g.add_argument("--progress", dest="progress", **switch, help="progress bars [default: on]")
 
 
 #: TrainConfig fields (and ``finetune``'s ``cpu_offload``) set by options outside TRAIN_OPTIONS, and the option
@@ -478,8 +483,9 @@ def run_finetune(args) -> int:
 
     print(f"adapter: {out}/adapter_config.json + adapter_model.safetensors (PEFT format)")
     held_out = f"--data {q(args.eval_data)}" if args.eval_data else f"--data {q(args.data)} --split held-out"
-    print(f"next:\n  qlora plot {q(out)}\n  qlora evaluate --adapter {q(out)} {held_out}\n"
-          f"  qlora merge --adapter {q(out)} --output-dir {q(f'{out}-merged')}")
+    evaluate = f"  qlora evaluate --adapter {q(out)} {held_out}\n" if n_eval else ""  # nothing held out: no line
+    print(f"next:\n  qlora plot {q(out)}\n{evaluate}  qlora merge --adapter {q(out)} --output-dir "
+          f"{q(f'{out}-merged')}")
     return 0
 
 
@@ -622,6 +628,28 @@ def _finished_demo(out: Path, config) -> dict | None:
     return summary
 
 
+def check_demo_resume(out: Path, config, backend: str) -> None:
+    """Refuse at once a demo whose output folder holds a demo of another recipe (with or without ``--packing``)
+    or backend: the resume would refuse it only after the model load and the "before" evaluation."""
+    from qlora_ref.train.checkpoint import check_resume_backend, latest_checkpoint
+    from qlora_ref.train.loop import checkpoint_recipe
+
+    latest = latest_checkpoint(out) if out.is_dir() else None
+    saved = checkpoint_recipe(latest) if latest is not None else None
+    if saved is None:
+        return
+    check_resume_backend(out, "ref" if backend == "ref" else "gpu")
+    differ = config.resume_mismatches(saved)
+    if not differ:
+        return
+    if saved.packing != config.packing:
+        was = "with --packing" if saved.packing else "without --packing"
+        raise ValueError(f"{out}: holds a demo trained {was}, which this one cannot continue; give another "
+                         f"--output-dir, or {'add' if saved.packing else 'leave out'} --packing to continue it")
+    raise ValueError(f"{out}: holds a demo trained with other settings ({', '.join(differ)}; an older version of "
+                     "the demo?), which this one cannot continue; give another --output-dir")
+
+
 def _run_demo(args, config, model_path) -> int:
     from qlora_ref.data import DataReport, build_dataset, load_examples
     from qlora_ref.files import atomic_write_json
@@ -637,6 +665,7 @@ def _run_demo(args, config, model_path) -> int:
         print(f"  Q: {done['question']}\n  A: {done['answer_after']}")
         print(_demo_next_steps(args.output_dir, model_path, done["question"]))
         return 0
+    check_demo_resume(Path(args.output_dir), config, args.backend)  # before ~30 s of loading and evaluating
     print(f"QLoRA demo: {model_path.name} on the chatterbot-corpus English Q/A pairs, {args.backend} backend")
     t0 = time.perf_counter()
     trainer, tokenizer = make_trainer(model_path, config, args.backend)
@@ -765,9 +794,12 @@ def run_evaluate(args) -> int:
     args.model = model_or_adapter_base(args)
     t0 = time.perf_counter()
     compile_off_on_cpu(args.backend)
-    with skip_malformed_hint():
-        r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend,
-                           split=args.split, progress=args.progress)
+    try:
+        with skip_malformed_hint():
+            r = evaluate_model(args.model, args.data, config, adapter=args.adapter, backend=args.backend,
+                               split=args.split, progress=args.progress)
+    except ValueError as e:  # evaluate_model names its arguments (split='held-out'): name the options instead
+        raise ValueError(re.sub(r"\bsplit='([\w-]+)'", r"--split \1", str(e))) from None
     what = f"{args.model}" + (f" + {args.adapter}" if args.adapter else "")
     print(f"{what}, {describe_quant(r['config'].quant_config())}: loss {r['eval_loss']:.4f}, perplexity "
           f"{r['eval_perplexity']:.3f} on {r['examples']} examples ({r['eval_targets']} target tokens) of "

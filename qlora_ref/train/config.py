@@ -79,6 +79,12 @@ def target_module_names(value) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+#: the largest training seed: what transformers' ``set_seed`` (numpy's legacy seed) accepts, and small enough that
+#: every adapter's seed derived from it (``model.linear.lora_seed``: seed x 1,000,003 + ...) stays within the 64
+#: bits torch's generators take (a larger one failed on the torch backend at the first step, after the model load)
+MAX_TRAIN_SEED = 2**32 - 1
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One fine-tuning run. See the module docstring for where each default comes from."""
@@ -143,6 +149,8 @@ class TrainConfig:
         for name in ("lora_r", "eval_batches", "eval_every", "save_every", "keep_checkpoints", "seed",
                      "loss_chunk_size"):
             positive_int(name, allow_zero=True)
+        if self.seed > MAX_TRAIN_SEED:
+            raise ValueError(f"seed must be an integer from 0 to 2**32-1 = {MAX_TRAIN_SEED}, got {self.seed}")
         if self.activation_offload and not self.gradient_checkpointing:
             raise ValueError("activation_offload moves the checkpointed block inputs to host memory: it needs "
                              "gradient_checkpointing=True")
