@@ -967,3 +967,31 @@ def test_a_switch_a_config_file_turns_on_can_be_turned_off_on_the_command_line(t
         "--no-skip-malformed", "--progress"]))
     assert (undone.packing, undone.train_on_inputs, undone.double_quant, undone.gradient_checkpointing,
             undone.skip_malformed, undone.progress) == (False, False, True, True, False, True)
+
+
+def test_options_without_effect_are_said_and_the_reference_refuses_fast(files, tmp_path, capsys):
+    """--warmup-ratio under the constant schedule and --eval-every with nothing held out were accepted and ignored
+    without a word; fast=true from a --config file was recorded on the reference, which has no fast path."""
+    import argparse
+    import warnings
+
+    from qlora_ref.cli import build_parser
+    from qlora_ref.cli.finetune import _config_from_args, _kept_after_interrupt
+
+    base = ["finetune", "--model", "m", "--data", "d.jsonl", "--output-dir", "o"]
+    with pytest.warns(UserWarning, match=r"--warmup-ratio 0\.5 has no effect with --schedule constant"):
+        _config_from_args(build_parser().parse_args([*base, "--warmup-ratio", "0.5"]))
+    with pytest.warns(UserWarning, match=r"--eval-every and --eval-batches have no effect: nothing is held out"):
+        _config_from_args(build_parser().parse_args([*base, "--eval-fraction", "0", "--eval-every", "1",
+                                                     "--eval-batches", "3"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same options where they act: no warning
+        _config_from_args(build_parser().parse_args([*base, "--warmup-ratio", "0.5", "--schedule",
+                                                     "constant_with_warmup", "--eval-every", "1"]))
+    recipe = tmp_path / "fast.json"
+    recipe.write_text(json.dumps({"fast": True}))
+    assert main(["finetune", "--backend", "ref", "--model", str(files / "model"), "--data",
+                 str(files / "train.jsonl"), "--output-dir", str(tmp_path / "run"), "--config", str(recipe)]) == 2
+    assert "fast=True is a GPU-backend setting" in capsys.readouterr().err
+    stopped = argparse.Namespace(output_dir=str(tmp_path / "none"), resume=True, save_every=1)
+    assert _kept_after_interrupt(stopped) == "no checkpoint was written"  # --save-every was given: no advice

@@ -185,7 +185,22 @@ def _config_from_args(args, base=None):
         config = config.replace(**changes)
     except ValueError as e:
         raise named_by_option(e, changes) from None
+    _warn_unused_options(changes, config, getattr(args, "eval_data", None))
     return config
+
+
+def _warn_unused_options(given: dict, config, eval_data) -> None:
+    """A warning for an option given on the command line that the recipe leaves without effect (accepted and
+    ignored without a word before)."""
+    if config.warmup_ratio > 0 and config.lr_scheduler == "constant" and "warmup_ratio" in given:
+        warnings.warn(f"--warmup-ratio {config.warmup_ratio} has no effect with --schedule constant (as in "
+                      "transformers, and the paper's scripts); --schedule constant_with_warmup warms up", stacklevel=3)
+    if config.eval_fraction == 0 and eval_data is None:
+        unused = [option_of(f) for f in ("eval_every", "eval_batches") if f in given]
+        if unused:
+            verb = "have" if len(unused) > 1 else "has"
+            warnings.warn(f"{' and '.join(unused)} {verb} no effect: nothing is held out (--eval-fraction 0, no "
+                          "--eval-data)", stacklevel=3)
 
 
 def _init_adapter_changes(folder: Path, given: dict, output_dir, source: str | None) -> dict:
@@ -232,7 +247,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
                    "input/output, messages, conversations or a '### Human:' text), a .json array of such records "
                    "(as Alpaca's alpaca_data.json), a chatterbot .yml file, a folder of those, or "
-                   "chatterbot[:language]")
+                   "chatterbot[:language[:categories]]")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
     p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "
@@ -519,7 +534,8 @@ def _kept_after_interrupt(args) -> str:
 
     latest = latest_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
     if latest is None:
-        return "no checkpoint was written (--save-every N writes one every N steps)"
+        every = getattr(args, "save_every", None)
+        return "no checkpoint was written" + ("" if every else " (--save-every N writes one every N steps)")
     return (f"the newest checkpoint is {latest}; run the same command{'' if args.resume else ' without --no-resume'}"
             " to resume from it")
 
@@ -593,6 +609,9 @@ def run_demo(args) -> int:
     except ValueError as e:
         raise named_by_option(e, {"max_steps", "output_dir"}) from None
     check_backend(args.backend)
+    if config.max_steps == 1:  # warmup's first update is at lr 0 (as transformers' Trainer's)
+        warnings.warn("--max-steps 1 trains nothing: the only step is the warmup's first, at learning rate 0 (as "
+                      "with transformers' Trainer); give 2 or more", stacklevel=2)
     compile_off_on_cpu(args.backend)
     with new_run_dir(args.output_dir, "--output-dir"):
         return _run_demo(args, config, demo_model())

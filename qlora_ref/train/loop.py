@@ -488,7 +488,9 @@ def _train(backend: StepBackend, train_data, config: TrainConfig, *, eval_data=N
 
     def use(ckpt):  # refusals (ValueError) stop the run; a damaged checkpoint falls back to the one before
         if ckpt.step > config.max_steps:
-            raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}")
+            raise ValueError(f"{ckpt.path}: checkpoint is at step {ckpt.step}, beyond max_steps={config.max_steps}: "
+                             f"give max_steps={ckpt.step} or more to continue it, or another output folder for a "
+                             "shorter run (an earlier checkpoint's adapter is in its folder)")
         check_same_base_model(ckpt, base_model, run["base_model_fingerprint"])
         restored[:] = restore_checkpoint(backend, ckpt, config, fingerprint)
 

@@ -35,6 +35,9 @@ def check_reference_config(config: TrainConfig) -> None:
     if config.activation_offload:
         raise ValueError("activation_offload is a GPU-backend feature (pinned host memory, CUDA streams: "
                          "qlora_gpu.offload); the reference has no device memory to relieve")
+    if config.fast:
+        raise ValueError("fast=True is a GPU-backend setting (qlora_gpu.fast: the same values in fewer kernel "
+                         "launches); the reference has one path: leave fast out (null)")
 
 
 class RefTrainer:
