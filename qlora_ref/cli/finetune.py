@@ -39,7 +39,7 @@ TRAIN_OPTIONS = {
     "lr_scheduler": ("--schedule", str, "constant (paper, no warmup), constant_with_warmup, linear or cosine"),
     "optimizer": ("--optimizer", str, "paged_adamw (paper), adamw, adamw_8bit, paged_adamw_8bit"),
     "weight_decay": ("--weight-decay", float, "decoupled weight decay (paper: 0)"),
-    "seed": ("--seed", int, "seed for adapters' init, dropout and data order"),
+    "seed": ("--seed", int, "seed for adapters' init, dropout and data order, 0 to 2**32-1"),
     "max_length": ("--max-length", int, "tokens per example; longer examples are dropped whole and counted in "
                                         "the data report"),
     "eval_fraction": ("--eval-fraction", float, "held-out fraction of --data when no --eval-data is given"),
