@@ -701,3 +701,16 @@ def test_output_cut_short_by_the_reader_is_no_traceback():
     stderr = qlora.stderr.read().decode()
     qlora.wait(timeout=60)
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_options_another_method_ignores_are_said(capsys):
+    """--method full --r 8 --quant-type fp4 printed the same table as --method full, without a word."""
+    with pytest.warns(UserWarning, match=r"^--quant-type, --r have no effect with --method full$"):
+        assert main(["memory", "--method", "full", "--r", "8", "--quant-type", "fp4"]) == 0
+    with pytest.warns(UserWarning, match=r"^--no-double-quant has no effect with --method lora$"):
+        assert main(["memory", "--method", "lora", "--r", "8", "--no-double-quant"]) == 0
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each option where it acts: no warning
+        assert main(["memory", "--method", "qlora", "--r", "8", "--quant-type", "fp4", "--no-double-quant"]) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from qlora_ref.memory import (
     ATTENTION_IMPLS,
@@ -197,6 +198,8 @@ def _run(args) -> int:
     if args.gpus is not None:
         return run_sharded(args, shape, kwargs)
     breakdown = estimate_memory(shape, args.method, **kwargs)
+    if not args.plot:  # the figure shows every method: there each option acts
+        _warn_other_methods_options(args)
     if args.plot:
         write_plot(args.plot, shape, args.method, kwargs)
     if args.json:
@@ -206,6 +209,21 @@ def _run(args) -> int:
         if args.plot:
             print(f"\nplot written to {args.plot}")
     return 0
+
+
+#: options that act only on LoRA and QLoRA, and only on QLoRA (``estimate_memory``'s docstring)
+LORA_ONLY = ("r", "targets", "lora_dropout", "adapter_dtype")
+QLORA_ONLY = ("quant_type", "blocksize", "double_quant", "unquantized_dtype")
+
+
+def _warn_other_methods_options(args) -> None:
+    """A warning naming the options given that ``--method`` leaves without effect (accepted and ignored without a
+    word before: ``--method full --r 8`` printed the same table as without it)."""
+    ignored = (*LORA_ONLY, *QLORA_ONLY) if args.method == "full" else QLORA_ONLY if args.method == "lora" else ()
+    unused = sorted(MEMORY_OPTIONS[f] for f in _options_given(args) if f in ignored)
+    if unused:
+        warnings.warn(f"{', '.join(unused)} {'have' if len(unused) > 1 else 'has'} no effect with --method "
+                      f"{args.method}", stacklevel=3)
 
 
 def run_sharded(args, shape, kwargs) -> int:
