@@ -995,3 +995,24 @@ def test_options_without_effect_are_said_and_the_reference_refuses_fast(files, t
     assert "fast=True is a GPU-backend setting" in capsys.readouterr().err
     stopped = argparse.Namespace(output_dir=str(tmp_path / "none"), resume=True, save_every=1)
     assert _kept_after_interrupt(stopped) == "no checkpoint was written"  # --save-every was given: no advice
+
+
+def test_the_data_report_is_said_once_beside_the_progress(files, tmp_path, capsys):
+    """With progress on, the report of what was left out was said twice before the first step (a warning, then the
+    progress line with the same summary); now the progress line alone says it, and without progress the warning."""
+    import warnings
+
+    from qlora_ref.train.api import finetune
+    from qlora_ref.train.config import TrainConfig
+
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [*qa_records(8), {"instruction": "x" * 400, "output": "y"}])
+    config = TrainConfig(max_steps=1, max_length=64, lora_r=4, eval_fraction=0.0, quant_type="nf4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(files / "model", data, config, output_dir=tmp_path / "a")
+    said = [str(w.message) for w in caught if str(w.message).startswith("data: ")]
+    err = capsys.readouterr().err
+    assert said == [] and err.count("dropped: longer than max_length=64 tokens") == 1
+    with pytest.warns(UserWarning, match=r"^data: .*dropped: longer than max_length=64 tokens"):
+        finetune(files / "model", data, config.replace(progress=False), output_dir=tmp_path / "b")

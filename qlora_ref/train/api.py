@@ -103,8 +103,10 @@ def check_data_spec(spec) -> None:
         raise ValueError(f"{spec}: data file does not exist")
 
 
-def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
-    """(train dataset, held-out dataset or None, report) from data specs (``qlora_ref.data.load_examples``)."""
+def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left_out: bool = True):
+    """(train dataset, held-out dataset or None, report) from data specs (``qlora_ref.data.load_examples``).
+    ``warn_left_out``: warn with the report when it left something out (``finetune`` prints the report itself
+    when it shows progress, and then does not warn it a second time)."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json in its folder, or GGUF tokenizer metadata), "
                          "so text data cannot be tokenized")
@@ -137,7 +139,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None):
                           "no held-out evaluation", stacklevel=2)
         if eval_ex and len(eval_ds) == 0:
             eval_ds = None
-    if report.left_out and process_rank() == 0:
+    if report.left_out and warn_left_out and process_rank() == 0:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     if len(train_ds) == 0:
         held = f"; the {len(eval_ds)} left are held out" if eval_ds is not None and len(eval_ds) else ""
@@ -212,11 +214,11 @@ def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "
 
         read_model_config(model)  # a model the loader refuses is named before the data is read
         tokenizer = load_tokenizer(model)
-        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data, not config.progress)
         trainer, _ = make_trainer(model, config, backend, sharded=sharded, cpu_offload=cpu_offload)
     else:
         trainer, tokenizer = trainer
-        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data)
+        train_ds, eval_ds, report = prepare_data(data, tokenizer, config, eval_data, not config.progress)
     if process_rank() == 0:
         warn_beyond_context(trainer, config, train_ds, eval_ds)
     if config.progress and process_rank() == 0:  # beside the bar, before it: what the run trains and evaluates on
