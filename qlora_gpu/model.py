@@ -357,12 +357,13 @@ class QLoRAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, quant: QuantConfig | None = _NF4, lora: LoraConfig | None = None,
                         gradient_checkpointing: bool = False, device=None, attn_implementation: str = "eager",
-                        tokenizer: bool = True) -> QLoRAModel:
+                        tokenizer: bool = True, progress: bool = False) -> QLoRAModel:
         """Load ``path`` (HF folder, GGUF, bitsandbytes 4-bit folder) with the reference loader and build the
-        torch model. ``quant`` None keeps float32 weights (plain LoRA, the exactness mode)."""
+        torch model. ``quant`` None keeps float32 weights (plain LoRA, the exactness mode); ``progress``: the
+        reference loader's bar."""
         from qlora_ref.model.loading import load_model
 
-        ref = load_model(path, quant=None, lora=lora, tokenizer=tokenizer)
+        ref = load_model(path, quant=None, lora=lora, tokenizer=tokenizer, progress=progress)
         return cls.from_reference(ref, quant, lora, gradient_checkpointing, device, attn_implementation)
 
     @classmethod

@@ -252,7 +252,7 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
          **kwargs) -> QLoRAModel:
     """Any checkpoint the reference loads: a Hugging Face folder through ``prepare_model`` (``kwargs`` go there),
     a GGUF file through the reference loader (``QLoRAModel.from_pretrained``, float32 on the host first; of
-    ``kwargs`` only ``gradient_checkpointing``, ``kernel`` and ``fast`` apply there).
+    ``kwargs`` only ``gradient_checkpointing``, ``kernel``, ``fast`` and ``progress`` apply there).
     The embedding and LM head default to bfloat16 on CUDA and float32 on the CPU (where bfloat16 arithmetic is
     slow)."""
     device = default_device(device)
@@ -262,7 +262,8 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
         model.name_or_path = str(Path(path).resolve())  # what a saved adapter records as its base model
         return model
     model = QLoRAModel.from_pretrained(path, quant, lora, device=device, tokenizer=kwargs.get("tokenizer", True),
-                                       gradient_checkpointing=kwargs.get("gradient_checkpointing", False))
+                                       gradient_checkpointing=kwargs.get("gradient_checkpointing", False),
+                                       progress=kwargs.get("progress", True))
     model.name_or_path = str(Path(path).resolve())
     set_kernel(model, kwargs.get("kernel", "bnb"))
     if fast_by_default(device) if kwargs.get("fast") is None else kwargs["fast"]:
@@ -274,15 +275,15 @@ def load(path, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraConfig | None
 
 def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
                gradient_checkpointing: bool = False, tokenizer: bool = True, *, adapter=None, kernel: str = "bnb",
-               device=None, **options) -> QLoRAModel:
+               progress: bool = True, device=None, **options) -> QLoRAModel:
     """``qlora_ref.load_model`` on this backend: the same arguments with the same defaults (float32 weights unless
     ``quant`` says otherwise, no adapters unless ``lora`` or ``adapter`` brings them) and the same meaning.
     adapter: a PEFT adapter folder loaded into the model (``QLoRAModel.load_adapter``: with ``lora`` None the
     adapters are built from its ``adapter_config.json`` and the model comes back in eval mode, as the reference's
-    does). kernel: one of ``qlora_gpu.lora.KERNELS``. device:
+    does). kernel: one of ``qlora_gpu.lora.KERNELS``. progress: bars on stderr while the model loads. device:
     CUDA when present, else the CPU; ``options`` go to ``prepare_model`` for a Hugging Face folder (``load``)."""
     model = load(path, quant, lora, device=device, gradient_checkpointing=gradient_checkpointing,
-                 tokenizer=tokenizer, kernel=kernel, **options)
+                 tokenizer=tokenizer, kernel=kernel, progress=progress, **options)
     if adapter is not None:
         model.load_adapter(adapter)
         if lora is None:  # loaded for inference: eval mode (no LoRA dropout), as peft's from_pretrained returns

@@ -273,11 +273,9 @@ def merge_adapter(adapter_dir, out_dir, model_path=None, *, quant="trained", dty
     source = "given"
     if quant == "trained":
         quant, source = trained_quant_config(adapter_dir)
-    # the GPU backend's loader draws its own bar ("quantizing layers"); the reference's draws none
-    options = {} if backend == "ref" else {"progress": progress}
     with new_model_folder(out_dir, "the output folder", overwrite,
                           sources={"the base model": model_path, "the adapter folder": adapter_dir}):
-        model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir, **options)
+        model = load_backend(backend).load_model(model_path, quant=quant, adapter=adapter_dir, progress=progress)
         tokenizer_source = model_path if model_path.is_dir() else None
         if hasattr(model, "merge_and_export"):  # a backend's own (qlora_gpu's QLoRAModel)
             folder = model.merge_and_export(out_dir, dtype, tokenizer_source=tokenizer_source, progress=progress)

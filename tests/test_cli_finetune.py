@@ -50,6 +50,21 @@ def test_finetune_writes_a_peft_adapter_and_resumes(files, tmp_path, capsys):
     assert [e["step"] for e in log] == [1, 2, 3, 4, 5]
 
 
+def test_a_resume_on_other_data_names_the_options_that_moved_it(files, tmp_path, capsys):
+    """Another --eval-fraction moves examples between the splits: the refusal names the options a user can
+    change back, not TrainConfig's fields."""
+    out = tmp_path / "run"
+    args = ["finetune", "--backend", "ref", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+            "--output-dir", str(out), "--max-steps", "1", *FAST]
+    assert main([*args, "--eval-fraction", "0.25"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--max-steps", "2", "--eval-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume, the training data differ" in err
+    assert "(--eval-fraction, --eval-data), tokenizer and --max-length" in err
+    assert "eval_fraction" not in err and "max_length" not in err
+
+
 def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
@@ -59,6 +74,20 @@ def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
     assert "trained to step 2" in written.out
     assert "quantizing layers" not in written.err  # --no-progress hides the loader's bar too
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_reference_loader_shows_its_progress_as_the_gpu_loader_does(files, tmp_path, capsys):
+    """Reading a GGUF file and quantizing take most of a reference load (tens of seconds for SmolLM2): both are
+    shown, as plain lines here where stderr is captured, and --no-progress hides them."""
+    args = ["finetune", "--backend", "ref", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
+            "--max-steps", "1", *[a for a in FAST if a != "--no-progress"]]
+    assert main([*args, "--output-dir", str(tmp_path / "shown")]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"reading weights: tensor (\d+)/\1 \(", err), err
+    assert "quantizing layers: layer 2/2 (" in err and "\r" not in err
+    assert main([*args, "--output-dir", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "reading weights" not in err and "quantizing layers" not in err
 
 
 def test_generate_with_and_without_adapter(files, tmp_path, capsys):

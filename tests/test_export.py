@@ -321,7 +321,7 @@ def test_merge_progress_follows_no_progress_and_the_log_file_rule(run, tmp_path,
         err = capsys.readouterr().err
         assert "\r" not in err
         assert f"merge: tensor 1/{n} (" in err and f"merge: tensor {n}/{n} (" in err, err
-        assert ("quantizing layers: layer 2/2 (" in err) == (backend == "gpu"), err
+        assert "quantizing layers: layer 2/2 (" in err, err  # the loader's bar, on either backend
 
 
 def test_merge_bar_on_a_terminal_has_a_total(run, tmp_path, monkeypatch):

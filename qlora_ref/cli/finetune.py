@@ -108,13 +108,14 @@ def _add_train_options(p: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--progress", dest="progress", **switch, help="progress bars [default: on]")
 
 
-#: TrainConfig fields (and ``finetune``'s ``cpu_offload``) set by options outside TRAIN_OPTIONS, and the option
-#: that sets each
+#: TrainConfig fields (and ``finetune``'s ``cpu_offload`` and ``eval_data``) set by options outside TRAIN_OPTIONS,
+#: and the option that sets each
 OTHER_OPTION_FIELDS = {"max_steps": "--max-steps", "output_dir": "--output-dir", "target_modules": "--target-modules",
                        "double_quant": "--no-double-quant", "gradient_checkpointing": "--no-gradient-checkpointing",
                        "train_on_inputs": "--train-on-inputs", "skip_malformed": "--skip-malformed",
                        "packing": "--packing", "init_adapter": "--init-adapter",
-                       "activation_offload": "--activation-offload", "cpu_offload": "--cpu-offload"}
+                       "activation_offload": "--activation-offload", "cpu_offload": "--cpu-offload",
+                       "eval_data": "--eval-data"}
 
 #: ``qlora generate``'s arguments of ``check_generation``, and their options
 GENERATE_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
@@ -477,8 +478,10 @@ def run_finetune(args) -> int:
                            cpu_offload=args.cpu_offload)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (``qlora_ref.cli.main`` turns it into this)
         raise KeyboardInterrupt(_kept_after_interrupt(args)) from None
-    except ValueError as e:  # the library's checks of its own arguments (cpu_offload, output_dir): name the options
-        raise named_by_option(e, {"activation_offload", "cpu_offload", "output_dir", "init_adapter"}) from None
+    except ValueError as e:  # the library's checks of its own arguments (cpu_offload, output_dir) and a resume's
+        # refusal of other data (eval_fraction, eval_data, max_length): name the options
+        raise named_by_option(e, {"activation_offload", "cpu_offload", "output_dir", "init_adapter", "eval_fraction",
+                                  "eval_data", "max_length"}) from None
     if process_rank() != 0:  # one report, from rank 0
         return 0
     r = run.result
@@ -753,7 +756,7 @@ def run_generate(args) -> int:
     if tok is None:
         raise ValueError(f"{args.model}: no tokenizer (tokenizer.json or GGUF metadata) to encode the prompt")
     if args.backend == "ref":
-        model = load_model(args.model, quant=quant, lora=lora, tokenizer=False)
+        model = load_model(args.model, quant=quant, lora=lora, tokenizer=False, progress=False)
     else:
         model = load_backend(args.backend).load(args.model, quant, lora, gradient_checkpointing=False,
                                                 progress=False, tokenizer=False)

