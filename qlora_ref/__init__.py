@@ -5,7 +5,7 @@
   quantization and the bitsandbytes storage format);
 - ``lora`` (the QLoRA linear layer, eq. 5-6, with its hand-derived backward), ``model`` (a Llama-style decoder with
   manual backprop through every layer);
-- ``data``, ``loss``, ``optim`` (AdamW, the simulated paged AdamW), ``train`` (the seed walk-through's Algorithm 2),
+- ``data``, ``loss``, ``optim`` (AdamW, the simulated paged AdamW), ``train`` (the fine-tuning loop),
   ``adapters`` (PEFT files), ``export`` (merged 16-bit and bitsandbytes 4-bit folders), ``files`` (atomic writes);
 - ``memory`` (the memory calculator) and ``table2`` (the paper's Table 2 on a real model);
 - ``cli`` (the ``qlora`` command, on top of everything else; docs/api.md, "Package layout").

@@ -1,4 +1,4 @@
-r"""The QLoRA linear layer (paper, section 2 eq. 3 and section 3 eq. 5-6; Algorithm 1 of the seed walk-through).
+r"""The QLoRA linear layer (paper, section 2 eq. 3 and section 3 eq. 5-6).
 
 Symbols. The paper writes Y = XW; PEFT stores every matrix transposed, and this module uses PEFT's names and shapes:
 

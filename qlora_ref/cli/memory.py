@@ -134,7 +134,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "a time, so the float32 logits never exist whole (default: 0, all at once)")
     p.add_argument("--offload", action="store_true", help="keep the checkpointed block inputs in host memory "
                    "(activation offload; needs gradient checkpointing)")
-    p.add_argument("--json", action="store_true", help="print a JSON object (total_bytes, parts, details)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON object (total_bytes, parts, and every other figure the table shows)")
     p.add_argument("--plot", metavar="FILE.png", default=None,
                    help="also write a stacked-bar figure: the three methods on this model, and this method on "
                    "the four LLaMA sizes (needs matplotlib)")

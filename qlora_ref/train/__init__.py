@@ -1,4 +1,4 @@
-"""QLoRA fine-tuning (Algorithm 2 of the seed walk-through), shared by both backends: ``TrainConfig`` (the
+"""QLoRA fine-tuning (paper, section 4's recipe), shared by both backends: ``TrainConfig`` (the
 paper's recipe), the loop (``loop.train``), checkpoints with exact resume (``checkpoint``), the progress bar,
 and the reference backend (``reference.RefTrainer``). ``qlora_ref.train.api.finetune`` runs it all from paths.
 

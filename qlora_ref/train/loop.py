@@ -1,5 +1,5 @@
-"""The QLoRA fine-tuning loop (Algorithm 2 of the seed walk-through, shared/seeds/001; the paper has no algorithms;
-FA4T's DTraining with a frozen 4-bit base), written once for both backends.
+"""The QLoRA fine-tuning loop (the paper has no algorithms: this is Phuong & Hutter's Formal Algorithms for
+Transformers, Algorithm 13 DTraining, with a frozen 4-bit base), written once for both backends.
 
     freeze(W_NF4); opt <- PagedAdamW(Theta_LoRA, lr)
     for each optimizer step:

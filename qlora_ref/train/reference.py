@@ -1,10 +1,11 @@
 """The reference backend of the training loop: NumPy forward, hand-written backward, NumPy optimizers.
 
 ``RefTrainer`` is the ``StepBackend`` of ``qlora_ref.train.loop`` for a ``qlora_ref.model.LlamaModel``. One micro-batch
-(the seed walk-through's Algorithm 2, lines 7-9): logits from the frozen 4-bit model with LoRA adapters, the causal-LM
-cross entropy of the response tokens (``qlora_ref.loss``), its gradient backpropagated through every block into the LoRA
-matrices only. The gradients of the micro-batches are summed here in float32; the optimizer step clips them to the
-global norm (``qlora_ref.optim.clip_grad_norm``) and applies (paged) AdamW (the walk-through's Algorithm 3).
+(the inner lines of the loop in ``qlora_ref.train.loop``'s docstring): logits from the frozen 4-bit model with LoRA
+adapters, the causal-LM cross entropy of the response tokens (``qlora_ref.loss``), its gradient backpropagated
+through every block into the LoRA matrices only. The gradients of the micro-batches are summed here in float32; the
+optimizer step clips them to the global norm (``qlora_ref.optim.clip_grad_norm``) and applies (paged) AdamW
+(paper, section 3, "Paged Optimizers").
 
 A packed batch (``position_ids``) keeps attention inside each example; with ``loss_chunk_size`` the LM head and the
 loss run a chunk of positions at a time (``qlora_ref.loss.chunked_lm_head_loss``), so the logits never exist whole.
