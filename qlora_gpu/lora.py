@@ -122,7 +122,7 @@ class QLoRALinear(nn.Module):
             if not isinstance(weight, Quantized4bit):  # a NumPy state: through the shared state-dict format
                 weight = Quantized4bit.from_state_dict(weight.state_dict())
             self.out_features, self.in_features = rules.check_weight_shape(weight.shape)
-            weight = weight.to(device) if device is not None else weight
+            weight = (weight.to(device) if device is not None else weight).for_matmul_4bit()
             self.weight = bnb.nn.Params4bit(
                 weight.packed, requires_grad=False, quant_state=weight.to_bnb(), blocksize=weight.blocksize,
                 compress_statistics=weight.double_quant, quant_type=weight.quant_type, bnb_quantized=True,

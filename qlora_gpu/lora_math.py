@@ -13,6 +13,7 @@ import torch
 
 from qlora_ref import lora as ref
 
+from .product_check import bnb_product_trusted
 from .quantize import cpu_dequantize_trusted, dequantize_packed
 
 
@@ -85,12 +86,15 @@ def keep_scale(p: float) -> float:
 
 def frozen_product(x: torch.Tensor, weight: torch.Tensor, quant_state, bias: torch.Tensor | None) -> torch.Tensor:
     """x Wᵀ + b for the frozen W: for a 4-bit W ``bitsandbytes.matmul_4bit`` (W dequantized into x's dtype, then
-    one GEMM), or on the CPU, where bitsandbytes' dequantization kernel is wrong for W's shape, the same two steps
-    with the contract's dequantization (``qlora_gpu.quantize.cpu_dequantize_trusted``); an unquantized (float32)
-    W is rounded to x's dtype, here and again in backward."""
+    one GEMM; for few rows on CUDA bitsandbytes' fused kernel), or the same two steps here — with the contract's
+    dequantization on the CPU where bitsandbytes' kernel is wrong for W's shape
+    (``qlora_gpu.quantize.cpu_dequantize_trusted``), with bitsandbytes' dequantization where its product failed
+    its probe on this device and dtype (``qlora_gpu.product_check``); an unquantized (float32) W is rounded to
+    x's dtype, here and again in backward."""
     if quant_state is None:
         return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
-    if x.device.type == "cpu" and not cpu_dequantize_trusted(tuple(quant_state.shape), quant_state.blocksize):
+    if (x.device.type == "cpu" and not cpu_dequantize_trusted(tuple(quant_state.shape), quant_state.blocksize)) \
+            or not bnb_product_trusted(x.device, x.dtype):
         return torch.nn.functional.linear(x, dequantize_packed(weight, quant_state, x.dtype), bias)
     return bnb.matmul_4bit(x, weight, quant_state=quant_state, bias=bias)
 

@@ -100,6 +100,17 @@ class Quantized4bit(ref.Quantized4bit):
             state2=self._bnb_state2() if nested else None,
         )
 
+    def for_matmul_4bit(self) -> Quantized4bit:
+        """This weight in a form bitsandbytes' ``matmul_4bit`` computes: itself, or where its scales are
+        double-quantized in blocks other than the 256 that bitsandbytes writes (a size the format allows and the
+        reference reads; bitsandbytes 0.50's ``matmul_4bit`` raises ``NotImplementedError`` for it at the first
+        forward), the same weight with those scales decoded once to float32 — the values bitsandbytes'
+        ``dequantize_4bit`` decodes, so the layer computes the same weight."""
+        if self.state2 is None or self.state2.blocksize == ref.DOUBLE_QUANT_BLOCKSIZE:
+            return self
+        return Quantized4bit(self.packed, self.absmax_float32(), self.shape, self.dtype, self.blocksize,
+                             self.quant_type, self.code)
+
     @classmethod
     def from_bnb(cls, packed: torch.Tensor, state: bnbf.QuantState) -> Quantized4bit:
         """Wrap bitsandbytes' packed data and ``QuantState``."""

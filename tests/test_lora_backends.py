@@ -356,3 +356,31 @@ def test_on_cuda_a_power_of_two_scaling_inside_the_products_gives_the_same_bits(
     """The same on CUDA: cuBLAS applies alpha to the float32 accumulator before its one rounding (exact for
     s = ±2ᵏ), and torch.add computes base + alpha · P in float32 and rounds once."""
     _assert_scaling_inside_is_bit_identical("cuda", monkeypatch)
+
+
+def test_scales_double_quantized_in_other_blocks_than_256_load_and_compute_the_same_weight():
+    """The format allows any 8-bit block size for the second-level constants; bitsandbytes writes 256 and its
+    matmul_4bit computes no other (0.50: NotImplementedError at the first forward). The GPU layer decodes such
+    scales once to float32, the values the reference decodes: the same weight, and the same products."""
+    from qlora_gpu.quantize import dequantize_packed
+    from qlora_ref.quantize import Quantized4bit as RefQ4
+    from qlora_ref.quantize import quantize_4bit, quantize_blockwise_8bit
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((64, 512)).astype(np.float32)
+    plain = quantize_4bit(W, "nf4", 64, double_quant=False)
+    offset = np.float32(plain.absmax.astype(np.float64).mean())
+    state2 = quantize_blockwise_8bit(plain.absmax - offset, 128)
+    q = RefQ4(plain.packed, state2.codes, plain.shape, "float32", 64, "nf4", plain.code, float(offset), state2)
+    q = RefQ4.from_state_dict(q.state_dict())  # through the file format: nested_blocksize 128 is read
+    assert q.state2.blocksize == 128
+    ref_layer = qlora_ref.QLoRALinear.from_quantized(q, 4, 8.0, compute_dtype="float32")
+    x = rng.standard_normal((3, 512)).astype(np.float32)
+    for fast in (False, True):
+        gpu_layer = qlora_gpu.QLoRALinear.from_quantized(q, 4, 8.0, compute_dtype="float32")
+        gpu_layer.fast = fast
+        packed, state = gpu_layer.frozen_weight()
+        w = dequantize_packed(packed, state, torch.float32)
+        assert np.array_equal(w.numpy(), ref_layer.dequantized_weight())
+        y = gpu_layer(torch.from_numpy(x)).detach().numpy()
+        np.testing.assert_allclose(y, ref_layer.forward(x), rtol=1e-5, atol=1e-5)

@@ -425,7 +425,8 @@ def compile_off_on_cpu(backend: str) -> None:
     os.environ["TORCH_COMPILE_DISABLE"] = "1"  # for anything that reads it later (a child process)
     import torch._dynamo
 
-    torch._dynamo.config.disable = True  # the setting the variable sets when torch is imported
+    if hasattr(torch._dynamo.config, "disable"):  # the setting the variable sets when torch is imported; a torch
+        torch._dynamo.config.disable = True  # without it (internal) still gets the variable, for child processes
 
 
 def model_or_adapter_base(args):
