@@ -58,12 +58,12 @@ def bnb_product_trusted(device: torch.device, dtype: torch.dtype) -> bool:
     mode = _MODE["mode"]
     if mode != "auto":
         return mode == "bitsandbytes"
-    return _probed(str(torch.device(device)), dtype)
+    return _probed(torch.device(device), dtype)
 
 
 @functools.cache
-def _probed(device: str, dtype: torch.dtype) -> bool:
-    return probe_matmul_4bit(bnb.matmul_4bit, torch.device(device), dtype)
+def _probed(device: torch.device, dtype: torch.dtype) -> bool:
+    return probe_matmul_4bit(bnb.matmul_4bit, device, dtype)
 
 
 def probe_matmul_4bit(matmul, device: torch.device, dtype: torch.dtype) -> bool:
@@ -110,8 +110,9 @@ def frozen_product_status() -> dict[str, str]:
             for device, dtype in _probed_keys()}
 
 
-def _probed_keys() -> list[tuple[str, torch.dtype]]:
-    keys = [("cpu", torch.bfloat16), ("cpu", torch.float32)]
+def _probed_keys() -> list[tuple[torch.device, torch.dtype]]:
+    cpu = torch.device("cpu")
+    keys = [(cpu, torch.bfloat16), (cpu, torch.float32)]
     if torch.cuda.is_available():
-        keys += [(f"cuda:{i}", torch.bfloat16) for i in range(torch.cuda.device_count())]
+        keys += [(torch.device("cuda", i), torch.bfloat16) for i in range(torch.cuda.device_count())]
     return keys
