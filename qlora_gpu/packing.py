@@ -23,7 +23,9 @@ tiny packed batch and switches a model to it.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,57 @@ def _varlen_kernel():
     return varlen_attn, causal, "enable_gqa" in params, "scale" in params
 
 
+def _call_varlen(kernel, q, k, v, cu: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """``kernel`` (``_varlen_kernel()``'s tuple) on flattened (N, H, D) queries and (N, Hkv, D) keys/values, cut
+    at ``cu``: causal attention inside each piece."""
+    varlen_attn, causal, gqa, has_scale = kernel
+    if not gqa and k.shape[1] != q.shape[1]:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    extra = dict(causal, **({"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}))
+    if has_scale:
+        extra["scale"] = scaling
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+
+
+def probe_varlen_kernel(kernel, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``kernel`` (``_varlen_kernel()``'s tuple) attends causally inside each example, and only there:
+    three examples (lengths 5, 1, 7) with grouped-query heads, against one float32 SDPA call per example
+    (``_per_example``). Each output row is a convex combination of value rows, so two correct kernels differ by a
+    few roundings of the 16-bit output (within 4u·max|v|, u = 2⁻⁸ for bfloat16); attending across an example or
+    to later tokens moves rows by O(|v|). From a generator of its own (the global streams are left as they were).
+    Any exception counts as a failure."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 6, 13], dtype=torch.int32, device=device)
+    q, k, v = (torch.randn(13, heads, 16, generator=g).to(device=device, dtype=dtype) for heads in (4, 2, 2))
+    try:
+        with torch.no_grad():
+            theirs = _call_varlen(kernel, q, k, v, cu, 16 ** -0.5).float()
+            ours = _per_example(q.float(), k.float(), v.float(), cu.tolist(), 16 ** -0.5, 0.0, None)
+        u = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+        return theirs.shape == ours.shape and bool(((theirs - ours).abs() <= 4 * u * v.float().abs().max()).all())
+    except Exception:  # noqa: BLE001 - a kernel that cannot even run the probe is not trusted
+        return False
+
+
+@functools.cache
+def varlen_kernel_trusted(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's variable-length kernel passed ``probe_varlen_kernel`` on ``device`` in ``dtype`` (probed once
+    per process): a prototype API whose arguments have moved between torch versions, used only on CUDA, which the
+    check of ``qlora_gpu.patches.register_varlen_attention`` (a tiny model on the CPU) never reaches. Where it
+    fails, packed batches take one SDPA call per example: slower, the same attention (and a warning says so)."""
+    kernel = _varlen_kernel()
+    if kernel is None:
+        return False
+    if probe_varlen_kernel(kernel, device, dtype):
+        return True
+    warnings.warn(f"torch {torch.__version__}'s variable-length attention kernel failed its check on {device} in "
+                  f"{str(dtype).removeprefix('torch.')} (attention across examples or to later tokens, or a call "
+                  "that fails): packed batches take one SDPA call per example instead (slower, correct)",
+                  stacklevel=2)
+    return False
+
+
 def _per_example(q, k, v, bounds: list[int], scaling: float | None, dropout: float, window: int | None):
     """(B*T, H, D) queries, (B*T, Hkv, D) keys/values: one causal SDPA call per example, concatenated."""
     gqa = q.shape[1] != k.shape[1]
@@ -104,19 +157,14 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     cu = cu_seqlens(position_ids.expand(b, t))
     q, k, v = (x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (query, key, value))
     window = _sliding_window(module)
-    kernel = _varlen_kernel() if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) else None
+    kernel = None
+    if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_trusted(query.device,
+                                                                                                query.dtype):
+        kernel = _varlen_kernel()
     if kernel is not None and not kernel[3] and scaling is not None and scaling != d ** -0.5:
         kernel = None  # a version without ``scale`` applies 1/sqrt(D) only
     if kernel is not None and window is None and dropout == 0.0:
-        varlen_attn, causal, gqa, has_scale = kernel
-        if not gqa and k.shape[1] != q.shape[1]:
-            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
-        extra = dict(causal, **({"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}))
-        if has_scale:
-            extra["scale"] = scaling
-        lengths = cu[1:] - cu[:-1]
-        max_len = int(lengths.max())
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, **extra)
+        out = _call_varlen(kernel, q, k, v, cu, scaling)
     else:
         out = _per_example(q, k, v, cu.tolist(), scaling, dropout, window)
     return out.reshape(b, t, h, d), None

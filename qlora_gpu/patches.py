@@ -1,7 +1,8 @@
 """Every place where qlora_gpu replaces a function of transformers, each behind a check.
 
 qlora_gpu runs transformers' own decoder with three of its pieces swapped for cheaper equivalents (fewer kernel
-launches, the same bits; docs/benchmarks.md): the rotary embedding (``qlora_gpu.rope``), the RMSNorm
+launches, the same bits — on CUDA the fused RMSNorm reduces in another order, within one bfloat16 step,
+docs/divergences.md; docs/benchmarks.md): the rotary embedding (``qlora_gpu.rope``), the RMSNorm
 (``qlora_gpu.rms_norm.rms_norm``) and, for CUDA-graph capture, SDPA attention under a name that builds no mask.
 Each of them rests on transformers' code being the code it was written against, and transformers changes weekly.
 So each install first verifies its target — the signature, and the values on a tiny input against our
@@ -245,7 +246,9 @@ def use_fused_rms_norm(hf: nn.Module, out_dtype: torch.dtype | None = None, fina
 
 
 # ----------------------------------------------------------------------------------------------- causal SDPA
-#: transformers' SDPA attention under a name transformers builds no mask for: causal through ``is_causal``
+#: transformers' SDPA attention under a name transformers builds no mask for: causal through ``is_causal``. It
+#: ignores a padding mask and packed position ids alike (no error), so only unpadded, unpacked batches may use it:
+#: ``qlora_gpu.fast.graphs.GraphedStep`` refuses both while it does
 CAUSAL_SDPA = "qlora_causal_sdpa"
 
 

@@ -509,6 +509,52 @@ def test_varlen_kernel_equals_per_example_sdpa_on_cuda():
         assert max_rel_err(a.float().transpose(1, 2).reshape(r.shape).cpu(), r.float().cpu()) <= 2 ** -6
 
 
+def _fake_varlen(mode: str):
+    """A stand-in for torch's variable-length kernel on the CPU (``_varlen_kernel()``'s tuple): correct, or with
+    one of the faults the CUDA probe must catch."""
+    import torch.nn.functional as F
+
+    def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, enable_gqa=False, scale=None):
+        bounds = [0, len(q)] if mode == "across examples" else cu_q.tolist()
+        outs = []
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+            qs, ks, vs = (x[s:e].transpose(0, 1)[None] for x in (q, k, v))
+            causal = is_causal and mode != "not causal"
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
+                                                       enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    return varlen_attn, {"is_causal": True}, True, True
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_varlen_kernel_probe_catches_attention_across_examples_or_to_later_tokens(dtype):
+    """``varlen_kernel_trusted`` runs this probe on CUDA before a packed batch uses torch's prototype kernel; here
+    on the CPU with stand-ins: the correct one passes, the two ways of leaking attention fail."""
+    from qlora_gpu import packing
+
+    cpu = torch.device("cpu")
+    assert packing.probe_varlen_kernel(_fake_varlen("correct"), cpu, dtype)
+    assert not packing.probe_varlen_kernel(_fake_varlen("not causal"), cpu, dtype)
+    assert not packing.probe_varlen_kernel(_fake_varlen("across examples"), cpu, dtype)
+    broken = (lambda *a, **k: 1 / 0, {"is_causal": True}, True, True)
+    assert not packing.probe_varlen_kernel(broken, cpu, dtype)
+
+
+def test_a_varlen_kernel_that_fails_its_probe_is_not_used_and_said(monkeypatch):
+    from qlora_gpu import packing
+
+    monkeypatch.setattr(packing, "_varlen_kernel", lambda: _fake_varlen("across examples"))
+    packing.varlen_kernel_trusted.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="variable-length attention kernel failed its check on cpu in bfloat16"):
+            assert not packing.varlen_kernel_trusted(torch.device("cpu"), torch.bfloat16)
+        monkeypatch.setattr(packing, "_varlen_kernel", lambda: _fake_varlen("correct"))
+        assert packing.varlen_kernel_trusted(torch.device("cpu"), torch.float16)
+    finally:
+        packing.varlen_kernel_trusted.cache_clear()
+
+
 def test_gpu_varlen_model_still_generates_like_eager(checkpoint):
     """A model switched to VARLEN attention for packed training generates as before: the prompt pass is one
     example, the cached steps go to transformers' SDPA."""
