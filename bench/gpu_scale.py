@@ -419,12 +419,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def backward(loss: torch.Tensor) -> None:
+    """``loss.backward()`` as qlora's training step runs it (``GpuTrainer.forward_backward``): the fast path's
+    adapter gradients deferred into the flat buffer (``qlora_gpu.fast.deferred_grads.allowed``); a stack without
+    qlora's layers is unaffected."""
+    from qlora_gpu.fast import deferred_grads
+
+    with deferred_grads.allowed():
+        loss.backward()
+
+
 def train_step(loss_fn, update, ids: torch.Tensor) -> float:
     """Forward, loss, backward, then ``update()`` (clipping, optimizer step, gradients cleared): one step. A
     ``loss_fn`` with ``runs_backward`` (``qlora_gpu.fast.graphs.GraphedStep``) has run the backward pass itself."""
     loss = loss_fn(ids)
     if not getattr(loss_fn, "runs_backward", False):
-        loss.backward()
+        backward(loss)
     update()
     return float(loss.detach())
 
@@ -436,7 +446,7 @@ def timed_train_step(loss_fn, update, ids: torch.Tensor, device: torch.device) -
     t0 = time.perf_counter()
     loss = loss_fn(ids)
     if not getattr(loss_fn, "runs_backward", False):
-        loss.backward()
+        backward(loss)
     _sync(device)
     t1 = time.perf_counter()
     update()

@@ -260,8 +260,11 @@ def _nothing() -> None:
 
 def draws_global_rng(layer: nn.Module) -> bool:
     """Whether a block in training draws from torch's own generators: attention dropout, an ``nn.Dropout``.
-    Runs at every block call: the attribute is looked up where it can be (instance or class) before it is read,
-    because ``nn.Module.__getattr__`` raising for each module without one cost tens of µs per block call."""
+    Attention dropout is read from the module's ``attention_dropout`` and from its config's, so that a
+    transformers version reading the config inside ``forward`` still counts (else the recomputation would draw
+    other masks, and the gradients be wrong with no error). Runs at every block call: each attribute is looked up
+    where it can be (instance or class) before it is read, because ``nn.Module.__getattr__`` raising for each
+    module without one cost tens of µs per block call."""
     for m in layer.modules():
         if not m.training:
             continue
@@ -269,6 +272,8 @@ def draws_global_rng(layer: nn.Module) -> bool:
             if m.p > 0:
                 return True
         elif ("attention_dropout" in m.__dict__ or hasattr(type(m), "attention_dropout")) and m.attention_dropout > 0:
+            return True
+        elif (getattr(m.__dict__.get("config"), "attention_dropout", 0) or 0) > 0:
             return True
     return False
 

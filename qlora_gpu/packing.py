@@ -126,6 +126,18 @@ def varlen_kernel_trusted(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
+def varlen_kernel_status() -> str:
+    """One line for ``qlora doctor``: whether packed batches on CUDA use torch's variable-length kernel."""
+    if _varlen_kernel() is None:
+        return f"none in torch {torch.__version__} (one SDPA call per example)"
+    if not torch.cuda.is_available():
+        return "present; checked on a CUDA device at first use (none here)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # said here instead
+        ok = varlen_kernel_trusted(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
+    return "passed its check (bfloat16)" if ok else "failed its check: one SDPA call per example instead"
+
+
 def _per_example(q, k, v, bounds: list[int], scaling: float | None, dropout: float, window: int | None):
     """(B*T, H, D) queries, (B*T, Hkv, D) keys/values: one causal SDPA call per example, concatenated."""
     gqa = q.shape[1] != k.shape[1]

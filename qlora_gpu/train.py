@@ -31,6 +31,7 @@ from qlora_ref.train.checkpoint import check_rng_backend
 from qlora_ref.train.config import TrainConfig
 from qlora_ref.train.progress import peak_rss_bytes
 
+from .fast import deferred_grads
 from .model import QLoRAModel, default_device, fast_by_default
 from .optim import clip_grad_norm, make_optimizer
 from .patches import use_varlen_attention
@@ -142,7 +143,8 @@ class GpuTrainer:
         self.model.train()
         nll, _ = self._nll(batch)
         loss = nll / num_items
-        loss.backward()
+        with deferred_grads.allowed():  # this step owns its backward pass (qlora_gpu.fast.deferred_grads)
+            loss.backward()
         return float(loss.detach())
 
     def optimizer_step(self, lr: float, max_grad_norm: float) -> float:

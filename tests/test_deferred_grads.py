@@ -4,14 +4,18 @@ where autograd launches a cast and an addition per tensor. Checked on CPU with a
 bit-identical to autograd's (fresh and accumulated over two passes, with and without checkpointing), the operators
 saved are counted exactly, and every case where it would not be AccumulateGrad's arithmetic falls back to it:
 ``torch.autograd.grad``, ``backward(inputs=...)``, ``create_graph``, a hook, a ``.grad`` replaced, a layer called
-twice, no optimizer alive."""
+twice, no optimizer alive. It defers only inside ``dg.allowed()``, which GpuTrainer's step enters (the tests of the
+deferral enter it too): a user's own backward pass is autograd's, and hooks on the AccumulateGrad nodes (DDP's) see
+the gradients; nor without the torch internals it reads."""
 
 from __future__ import annotations
 
 import collections
 
+import numpy as np
 import pytest
 import torch
+from torch.autograd.graph import get_gradient_edge
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qlora_gpu.fast.deferred_grads as dg
@@ -19,7 +23,9 @@ from qlora_gpu.lora import QLoRALinear
 from qlora_gpu.lora_math import unused_input
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
+from qlora_gpu.train import GpuTrainer
 from qlora_ref.model.config import LoraConfig, ModelConfig
+from qlora_ref.train.config import TrainConfig
 
 TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
@@ -78,10 +84,11 @@ def _passes(monkeypatch, deferred: bool, checkpointing: bool, device: str = "cpu
             mp.setattr(dg, "slot", lambda param, dtype: None)
         m, _opt = build(checkpointing, device)
         loss = loss_of(m)
-        with _Ops() as ops:
-            loss.backward()
-        first = grads(m)
-        loss_of(m, IDS.flip(-1)).backward()
+        with dg.allowed():
+            with _Ops() as ops:
+                loss.backward()
+            first = grads(m)
+            loss_of(m, IDS.flip(-1)).backward()
         return first, grads(m), ops.n, m
 
 
@@ -103,7 +110,8 @@ def test_deferred_gradients_are_autograds_bit_for_bit_with_fewer_operators(monke
 
 def test_the_gaps_of_the_gradient_buffer_stay_zero():
     m, opt = build()
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     flat = opt._flat
     mask = torch.ones(flat.param.numel(), dtype=torch.bool)
     for sl in flat.slices:
@@ -138,7 +146,8 @@ def test_autograd_grad_returns_the_gradients_and_leaves_grad_alone(monkeypatch):
     m, _opt = build()
     given = _spy(monkeypatch)
     params = m.lora_parameters()
-    out = torch.autograd.grad(loss_of(m), list(params.values()))
+    with dg.allowed():
+        out = torch.autograd.grad(loss_of(m), list(params.values()))
     assert given and all(s is None for s in given)
     assert_equal(dict(zip(params, out, strict=True)), ref)
     assert all(not g.any() for g in m.lora_grads().values())
@@ -150,7 +159,8 @@ def test_backward_with_inputs_leaving_some_out(monkeypatch):
     given = _spy(monkeypatch)
     params = m.lora_parameters()
     some = [n for n in params if ".0." in n]
-    loss_of(m).backward(inputs=[params[n] for n in some])
+    with dg.allowed():
+        loss_of(m).backward(inputs=[params[n] for n in some])
     assert all(s is None for s in given)
     got = m.lora_grads()
     for n in params:
@@ -166,7 +176,8 @@ def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
     ref = _reference()
     given = _spy(monkeypatch)
     m, _opt = build()
-    loss_of(m).backward(create_graph=True)
+    with dg.allowed():
+        loss_of(m).backward(create_graph=True)
     assert all(s is None for s in given)
     assert_equal({k: g.detach() for k, g in grads(m).items()}, with_graph)
 
@@ -174,7 +185,8 @@ def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
     m, _opt = build()
     name, p = next(iter(m.lora_parameters().items()))
     p.register_hook(lambda g: g * 2)
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     assert all(s is None for s in given)
     assert torch.equal(m.lora_grads()[name], 2 * ref[name])
 
@@ -182,7 +194,8 @@ def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
     m, _opt = build()
     p = next(iter(m.lora_parameters().values()))
     p.grad = torch.zeros_like(p)  # not its slice of the flat buffer any more
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     assert all(s is None for s in given)
     assert_equal(m.lora_grads(), ref)
 
@@ -190,12 +203,14 @@ def test_create_graph_a_hook_or_a_replaced_grad_fall_back(monkeypatch):
 def test_deferred_when_all_hold_and_not_once_the_optimizer_is_gone(monkeypatch):
     given = _spy(monkeypatch)
     m, opt = build()
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     assert given and all(s is not None for s in given)
     given.clear()
     del opt
     m.zero_grad()
-    loss_of(m).backward()  # the flat buffer went with its optimizer
+    with dg.allowed():
+        loss_of(m).backward()  # the flat buffer went with its optimizer
     assert not given
 
 
@@ -214,7 +229,8 @@ def test_a_layer_called_twice_gets_both_contributions():
         opt = make_optimizer("paged_adamw", lr=1e-4)
         if bound:
             opt.bind({"a": layer.lora_A, "b": layer.lora_B})
-        (layer(x1).float().sum() + layer(x2).float().pow(2).sum()).backward()
+        with dg.allowed():
+            (layer(x1).float().sum() + layer(x2).float().pow(2).sum()).backward()
         return layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
     with pytest.MonkeyPatch.context() as mp:
@@ -229,20 +245,89 @@ def test_the_nodes_are_kept_until_released_then_looked_up_in_the_next_pass(monke
     from pass to pass until ``release_nodes``; the next pass then looks up its own graph's (the nodes marked before
     are gone) and still defers. A node runs on the CUDA stream current at its creation, so
     ``qlora_gpu.fast.graphs`` releases them before its capture."""
-    from torch.autograd.graph import get_gradient_edge
-
     given = _spy(monkeypatch)
     m, _opt = build()
     params = list(m.lora_parameters().values())
-    loss_of(m).backward()  # the first deferred pass looks the nodes up
+    with dg.allowed():
+        loss_of(m).backward()  # the first deferred pass looks the nodes up
     for p in params:
         get_gradient_edge(p).node.metadata["from_binding"] = True
     m.zero_grad(set_to_none=False)
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     assert all("from_binding" in get_gradient_edge(p).node.metadata for p in params)  # kept
     dg.release_nodes(params)
     given.clear()
     m.zero_grad(set_to_none=False)
-    loss_of(m).backward()
+    with dg.allowed():
+        loss_of(m).backward()
     assert given and all(s is not None for s in given)
     assert not any("from_binding" in get_gradient_edge(p).node.metadata for p in params)
+
+
+def test_a_users_own_backward_is_autograds_and_node_hooks_see_the_gradients(monkeypatch):
+    """Outside ``dg.allowed()`` (a user's ``loss.backward()``, DDP, accelerate) the layers return their gradients
+    to autograd: a hook on a parameter's AccumulateGrad node, where DDP's reducer reads ``.grad``, sees the pass's
+    gradient — deferred, it would read the zeros left until the end-of-pass addition."""
+    ref = _reference()
+    given = _spy(monkeypatch)
+    m, _opt = build()
+    seen, nodes = {}, []  # a node lives as long as something holds it, and its hooks with it
+
+    def read_grad(name, p):
+        def hook(grad_in, grad_out):  # after the node has accumulated: what DDP's reducer reads
+            seen[name] = p.grad.clone()
+        return hook
+
+    for name, p in m.lora_parameters().items():
+        nodes.append(get_gradient_edge(p).node)
+        nodes[-1].register_hook(read_grad(name, p))
+    loss_of(m).backward()
+    assert not given
+    assert_equal(seen, ref)
+    assert_equal(grads(m), ref)
+    assert any(g.abs().sum() > 0 for g in ref.values())
+
+
+def _trainer_step(monkeypatch, checkpointing: bool = True) -> tuple[dict[str, torch.Tensor], int]:
+    """The LoRA gradients after one ``GpuTrainer.forward_backward`` of the tiny model on the fast path, and how
+    many end-of-pass additions of deferred gradients ran."""
+    flushes = []
+    flush = dg.DeferredGrads._flush
+    monkeypatch.setattr(dg.DeferredGrads, "_flush", lambda self, low: (flushes.append(1), flush(self, low)))
+    m, _opt = build()
+    trainer = GpuTrainer(m, TrainConfig(lora_r=3, lora_alpha=12.0, gradient_checkpointing=checkpointing, fast=True,
+                                        progress=False))
+    ids = IDS.numpy()
+    trainer.forward_backward(dict(input_ids=ids, attention_mask=np.ones_like(ids), labels=ids), ids.size - 1)
+    return grads(m), len(flushes)
+
+
+def _autograd_trainer_step(checkpointing: bool = True) -> dict[str, torch.Tensor]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dg, "slot", lambda param, dtype: None)
+        return _trainer_step(mp, checkpointing)[0]
+
+
+def test_the_training_step_defers(monkeypatch):
+    """GpuTrainer's step owns its backward pass and enters ``dg.allowed()``: one end-of-pass addition, autograd's
+    gradients bit for bit."""
+    ref = _autograd_trainer_step()
+    got, flushes = _trainer_step(monkeypatch)
+    assert flushes == 1
+    assert_equal(got, ref)
+    assert any(g.abs().sum() > 0 for g in ref.values())
+
+
+@pytest.mark.parametrize("name", ["_current_graph_task_id", "_will_engine_execute_node"])
+def test_a_torch_without_an_internal_trains_through_autograd(monkeypatch, name):
+    """A torch that renamed one of the private names read here: ``SUPPORTED`` is false at import, nothing is
+    deferred and the step's gradients are autograd's (no AttributeError naming a torch internal). Without
+    checkpointing: torch's own checkpoint reads ``_current_graph_task_id``."""
+    ref = _autograd_trainer_step(checkpointing=False)
+    monkeypatch.delattr(torch._C, name)
+    monkeypatch.setattr(dg, "SUPPORTED", dg._has_internals())
+    assert not dg.SUPPORTED and dg.status().startswith("off")
+    got, flushes = _trainer_step(monkeypatch, checkpointing=False)
+    assert flushes == 0
+    assert_equal(got, ref)

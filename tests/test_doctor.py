@@ -110,13 +110,15 @@ def test_without_torch_it_reports_and_succeeds(capsys, monkeypatch):
 
 
 def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
-    from qlora_gpu import bnb_import, hardware, patches, quantize
+    from qlora_gpu import bnb_import, hardware, packing, patches, product_check, quantize
 
     report = json.loads(doctor(capsys, "--json"))["qlora_gpu"]
     assert report["cpu_dequantize"] == quantize.cpu_dequantize_status()
     assert report["bf16_gemm"] == hardware.bf16_gemm_status()
     assert report["dynamic_map"] == hardware.dynamic_map_status()
     assert report["hub_kernel"] == bnb_import.hub_kernel_status()
+    assert report["frozen_product"] == product_check.frozen_product_status()
+    assert report["packed_kernel"] == packing.varlen_kernel_status()
     status = patches.status()
     assert {"rotary embedding", "RMSNorm", "causal SDPA"} <= status.keys()
     assert report["patches"] == status
@@ -125,11 +127,14 @@ def test_the_paths_are_those_qlora_gpu_reports(capsys, monkeypatch):
     monkeypatch.setattr(patches, "_STATUS", dict(patches._STATUS))
     monkeypatch.setattr(patches, "use_fused_rope", lambda hf: patches._record("rotary embedding", False, "simulated"))
     quantize.set_cpu_dequantize("spec")
+    product_check.set_frozen_product("dequantize")
     try:
         text = doctor(capsys)
     finally:
         quantize.set_cpu_dequantize("auto")
+        product_check.set_frozen_product("auto")
     assert "CPU dequantize, ragged last dim: spec (forced by set_cpu_dequantize)" in text
+    assert "4-bit product, all devices: dequantize (forced by set_frozen_product)" in text
     assert "rotary embedding (probed on a tiny Llama): fallback: simulated" in text
     assert "RMSNorm (probed on a tiny Llama): active" in text
     assert f"bf16 GEMM on CPU: {hardware.bf16_gemm_status()}" in text

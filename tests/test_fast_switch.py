@@ -13,12 +13,14 @@ float32 residual stream). Both draw the block's dropout masks by the same rule (
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qlora_gpu import fast
+from qlora_gpu.fast import deferred_grads
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
 from qlora_gpu.train import GpuTrainer, optimizer_step
@@ -27,6 +29,10 @@ from qlora_ref.train.config import TrainConfig
 
 TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+#: the architectures the fast path serves (``staging.SHARED_INPUTS``, ``LAST_LINEAR``): Qwen2 with its q/k/v biases,
+#: Mistral with a sliding window shorter than the batch
+ARCHS = {"llama": TINY, "qwen2": dataclasses.replace(TINY, model_type="qwen2", qkv_bias=True),
+         "mistral": dataclasses.replace(TINY, model_type="mistral", sliding_window=8)}
 STEPS, MICRO = 3, 2  # optimizer steps, micro-batches per step
 
 
@@ -46,9 +52,9 @@ def _batch(i: int) -> torch.Tensor:
     return (torch.arange(20)[None] * (3 + 2 * i) + i) % TINY.vocab_size
 
 
-def _train(use_fast: bool, checkpointing: bool):
+def _train(use_fast: bool, checkpointing: bool, arch: str = "llama"):
     """(losses, LoRA gradients before each step, final adapters, operators per micro-batch) of a few steps."""
-    m = prepare_model(TINY, lora=LoraConfig(r=4, alpha=8.0, dropout=0.1), device="cpu", dtype="bfloat16",
+    m = prepare_model(ARCHS[arch], lora=LoraConfig(r=4, alpha=8.0, dropout=0.1), device="cpu", dtype="bfloat16",
                       gradient_checkpointing=checkpointing, progress=False, tokenizer=False, seed=3,
                       attn_implementation="eager", fast=use_fast)
     assert fast.is_enabled(m) == use_fast
@@ -62,7 +68,8 @@ def _train(use_fast: bool, checkpointing: bool):
             with _Ops() as counted:
                 logits = m(ids)
                 loss = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]) / MICRO
-                loss.backward()
+                with deferred_grads.allowed():  # as GpuTrainer's step: the fast path defers into the flat buffer
+                    loss.backward()
             ops[micro] += counted.n
             losses.append(loss.detach())
         grads.append({k: p.grad.clone() for k, p in params.items()})
@@ -70,10 +77,11 @@ def _train(use_fast: bool, checkpointing: bool):
     return losses, grads, {k: p.detach().clone() for k, p in params.items()}, ops
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("checkpointing", [True, False])
-def test_plain_core_and_fast_path_train_bit_for_bit_alike(checkpointing):
-    p_losses, p_grads, p_final, p_ops = _train(False, checkpointing)
-    f_losses, f_grads, f_final, f_ops = _train(True, checkpointing)
+def test_plain_core_and_fast_path_train_bit_for_bit_alike(checkpointing, arch):
+    p_losses, p_grads, p_final, p_ops = _train(False, checkpointing, arch)
+    f_losses, f_grads, f_final, f_ops = _train(True, checkpointing, arch)
     for i, (a, b) in enumerate(zip(p_losses, f_losses, strict=True)):
         assert torch.equal(a, b), f"micro-batch {i}: loss {a.item()} (plain) != {b.item()} (fast)"
     for step, (a, b) in enumerate(zip(p_grads, f_grads, strict=True)):

@@ -295,6 +295,30 @@ def test_the_warm_up_is_undone_and_the_capture_draws_through_the_twins(warmup, c
     assert step.graph.replays == 2
 
 
+@pytest.mark.parametrize("name", ["position_ids", "attention_mask"])
+@pytest.mark.parametrize("call", ["model", "decoder by position"])
+def test_a_loss_fn_passing_a_mask_or_positions_is_refused(name, call):
+    """``CAUSAL_SDPA`` builds no mask, so a padding mask or packed positions would be ignored in silence (logits
+    off by several hundredths): while it is in use (warm-up and capture) either one given to the model is refused,
+    by name — keyword or positional, through ``QLoRAModel`` or its decoder. Afterwards the model takes them again,
+    on its own attention."""
+    m, _ = build()
+    value = torch.tensor([[0, 1, 2, 3, 0, 1, 2]]) if name == "position_ids" else torch.ones(1, 7, dtype=torch.long)
+    by_position = (value,) if name == "attention_mask" else (None, value)  # after input_ids, in the decoder
+
+    def f(ids):
+        ids = ids[:, :7]
+        if call == "model":
+            return torch.nn.functional.cross_entropy(m(ids, **{name: value})[0, :-1], ids[0, 1:])
+        return m.hf.model(ids, *by_position).last_hidden_state.float().square().mean()
+
+    hooks = len(m.hf.model._forward_pre_hooks)
+    with pytest.raises(ValueError, match=f"loss_fn: passes {name} to the model.*without {name}"):
+        _CPUGraphedStep(m, f)(IDS)
+    assert m.hf.config._attn_implementation == "sdpa" and len(m.hf.model._forward_pre_hooks) == hooks
+    f(IDS).backward()
+
+
 def test_a_torch_that_cannot_register_generators_is_refused_with_dropout_only():
     class OldCuda(_StandInCuda):
         class CUDAGraph:  # torch < 2.5

@@ -94,8 +94,9 @@ METHODS = {
         gpu={"frozen_weight", "out_torch_dtype", "quant_type", "quantized", "stage_mask", "staged_mask", "unstage"},
     ),
     "trainer": dict(ref=set(), gpu={"from_pretrained"}),  # the reference's is built by make_trainer only
-    # the GPU state holds torch tensors and moves between devices and to bitsandbytes' QuantState
-    "Quantized4bit": dict(ref=set(), gpu={"device", "from_bnb", "to", "to_bnb"}),
+    # the GPU state holds torch tensors and moves between devices and to bitsandbytes' QuantState (in the form its
+    # matmul_4bit computes: for_matmul_4bit)
+    "Quantized4bit": dict(ref=set(), gpu={"device", "for_matmul_4bit", "from_bnb", "to", "to_bnb"}),
 }
 
 CLASSES = {

@@ -18,16 +18,59 @@ each gradient written once in the pass. Otherwise the layers return their gradie
 layer called twice in one pass: its second gradient goes to autograd, which adds it before the end-of-pass
 addition; autograd alone would sum the two first. Into a zeroed ``.grad`` the two orders agree exactly; into an
 accumulated one they may differ in the last bit of float32.)
+
+And it runs only inside ``allowed()``, which qlora's own training steps enter around their backward pass
+(``GpuTrainer.forward_backward``, ``GraphedStep``), whose parameters carry no hook of others: a hook on a
+parameter's AccumulateGrad node (DDP's reducer, accelerate; ``get_gradient_edge(p).node.register_hook``) reads
+``.grad`` when the node has run, before the end-of-pass addition, and the tensor does not show it. A user's own
+``loss.backward()`` gets autograd's path, the same values. Nor where this torch lacks one of the private names
+read here (``SUPPORTED``, ``qlora doctor``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch.autograd.graph import get_gradient_edge
 
 from ..optim import FLAT_BUFFER
+
+
+def _has_internals() -> bool:
+    """Whether this torch has the private names the deferral reads; any release may rename one, and then every
+    backward pass through the layers would fail on it."""
+    engine = getattr(getattr(torch.autograd, "Variable", None), "_execution_engine", None)
+    return all(hasattr(owner, name) for owner, name in (
+        (torch._C, "_current_graph_task_id"), (torch._C, "_will_engine_execute_node"), (engine, "queue_callback"),
+        (torch.Tensor, "_backward_hooks"), (torch.Tensor, "_post_accumulate_grad_hooks")))
+
+
+#: checked at import: without these internals every gradient goes to autograd (the same values, more kernels)
+SUPPORTED = _has_internals()
+
+#: how many ``allowed()`` are entered. A module-wide count, not a context variable: the engine runs a CUDA pass's
+#: backward functions on its own threads
+_entered = 0
+
+
+@contextlib.contextmanager
+def allowed():
+    """The backward passes run inside may defer (module docstring): qlora's training steps, which own theirs."""
+    global _entered
+    _entered += 1
+    try:
+        yield
+    finally:
+        _entered -= 1
+
+
+def status() -> str:
+    """One line for ``qlora doctor``."""
+    if SUPPORTED:
+        return "on in qlora's training steps (one widening addition per backward pass)"
+    return f"off: torch {torch.__version__} lacks an autograd internal it reads (autograd adds each gradient)"
 
 
 class DeferredGrads:
@@ -127,9 +170,10 @@ def release_nodes(params) -> None:
 
 def slot(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """Where a layer writes ``param``'s gradient (in ``dtype``) in the current backward pass instead of returning
-    it to autograd; None when ``param`` is not in a flat buffer or the pass does not allow it (module docstring)."""
+    it to autograd; None when ``param`` is not in a flat buffer, outside ``allowed()``, or the pass does not allow it
+    (module docstring)."""
     entry = param.__dict__.get(FLAT_BUFFER)
-    if entry is None:
+    if entry is None or not (_entered and SUPPORTED):
         return None
     flat = entry[0]()
     return None if flat is None else DeferredGrads.of(flat).slot(entry[1], dtype)

@@ -13,7 +13,9 @@ What capture needs, checked where it can be (``GraphedStep``):
 - a causal attention without an attention mask, through torch's SDPA (``is_causal``). Under capture transformers
   cannot test whether a batch is padded or packed (that reads the GPU), so it would build an explicit mask and
   SDPA would leave its flash kernels; the step therefore runs with ``CAUSAL_SDPA``, transformers' own SDPA
-  function registered under a name for which transformers builds no mask. A padded batch cannot be a graph;
+  function registered under a name for which transformers builds no mask — nor reads one: it would drop a padding
+  mask or packed positions in silence, so while it is in use an ``attention_mask`` or ``position_ids`` given to
+  the model is refused (``_refuse_masks``). A padded or packed batch cannot be a graph;
 - no draws from torch's global generators inside the step (attention dropout, an ``nn.Dropout``): torch's
   checkpoint would save and restore their state, a host operation;
 - gradients that stay where they are: the graph adds into the ``.grad`` tensors it captured, so they are zeroed in
@@ -34,6 +36,8 @@ replaces ``loss_fn(ids).backward()``, and the optimizer runs after it as before.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -41,6 +45,7 @@ from torch import nn
 
 from ..model import RECOMPUTE_GENERATOR, draws_global_rng, lora_linears
 from ..patches import CAUSAL_SDPA, register_causal_sdpa
+from .deferred_grads import allowed as deferral_allowed
 from .deferred_grads import release_nodes
 
 
@@ -69,7 +74,8 @@ class GraphedStep:
     loss, a tensor the next call overwrites. Gradients accumulate into the adapters' ``.grad`` as after an eager
     backward pass; the optimizer step follows outside.
 
-    ``loss_fn(input_ids)`` is the model's forward pass and loss (no attention mask); ``warmup`` eager passes run
+    ``loss_fn(input_ids)`` is the model's forward pass and loss (no attention mask or position ids: refused with
+    a ValueError at the first call, as ``CAUSAL_SDPA`` would ignore them); ``warmup`` eager passes run
     on a side stream before the capture (lazy initialisations stay out of the graph) and are undone: their
     gradients zeroed, the dropout generators set back. Build it between optimizer steps, with the gradients
     zero and bound where they stay (``qlora_gpu.optim``'s flat buffer); another batch shape needs another
@@ -138,7 +144,7 @@ class GraphedStep:
             raise RuntimeError(f"model: {len(twins)} LoRA layers draw dropout masks, and this torch "
                                f"({torch.__version__}) cannot register their generators with a CUDA graph "
                                "(CUDAGraph.register_generator_state, torch >= 2.5)")
-        with self._causal_sdpa():
+        with self._causal_sdpa(), deferral_allowed():  # the step owns its backward passes
             side = cuda.Stream(device)
             side.wait_stream(cuda.current_stream(device))
             with cuda.stream(side):
@@ -168,12 +174,17 @@ class GraphedStep:
 
     @contextlib.contextmanager
     def _causal_sdpa(self):
-        config = self.model.hf.config
+        """The model on ``CAUSAL_SDPA`` for the warm-up and the capture, with ``_refuse_masks`` guarding its
+        decoder (``hf.model``: the causal LM's forward and ``QLoRAModel.hidden_states`` both go through it)."""
+        config, inner = self.model.hf.config, self.model.hf.model
         before = config._attn_implementation
         config._attn_implementation = register_causal_sdpa()  # "sdpa" where transformers' API has moved
+        names = list(inspect.signature(inner.forward).parameters)  # for arguments passed by position
+        guard = inner.register_forward_pre_hook(functools.partial(_refuse_masks, names), with_kwargs=True)
         try:
             yield
         finally:
+            guard.remove()
             config._attn_implementation = before
 
     # ------------------------------------------------------------------------------------------ replay
@@ -193,6 +204,21 @@ class GraphedStep:
     @staticmethod
     def _same_state(g: torch.Generator, twin: torch.Generator) -> bool:
         return twin.get_offset() == g.get_offset() and twin.initial_seed() == g.initial_seed()  # host reads
+
+
+def _refuse_masks(names: list, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder while ``CAUSAL_SDPA`` is in use: transformers builds no mask for that name,
+    so it would ignore a padding mask and the packed examples' positions, and the step would train on wrong
+    logits with no error. The rule is the simplest safe one: any ``attention_mask`` or ``position_ids`` that is
+    not None is refused — an all-ones mask or ``arange`` positions included, which change nothing and can be
+    dropped. Only ``is None`` is looked at: nothing is read from the GPU, so the check is as capture-safe as it is
+    cheap."""
+    given = dict(zip(names, args, strict=False)) | kwargs  # args: the first of the names
+    for name in ("attention_mask", "position_ids"):
+        if given.get(name) is not None:
+            raise ValueError(f"loss_fn: passes {name} to the model, which a captured step cannot honour (its causal "
+                             "attention builds no mask and restarts no positions): a graph step takes unpadded, "
+                             f"unpacked batches, called without {name}")
 
 
 @contextlib.contextmanager

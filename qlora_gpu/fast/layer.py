@@ -7,7 +7,7 @@ kernels and less host time, using what its decoder block prepared for the whole 
 - the double-quantized scales already decoded for the whole block (``qlora_gpu.fast.block_scales``);
 - x_d = x ⊙ M/(1-p) already computed together with the layers reading the same input (``drop_together``);
 - ``output_unused``: in the recomputation under checkpointing, the block's last linear computes only what its
-  backward pass saves (``qlora_gpu.fast.staging.LAST_LINEAR``);
+  backward pass saves, its output NaN (``qlora_gpu.fast.staging.LAST_LINEAR``);
 - the adapters' gradients written into the flat optimizer's deferred buffer (``qlora_gpu.fast.deferred_grads``).
 
 ``TritonQLoRAFunction`` runs the frozen path (and the adapter's up-projection and input gradient) in the fused
@@ -106,9 +106,11 @@ class FastQLoRAFunction(torch.autograd.Function):
                 scales=None, xd=None, output_unused=False, out_dtype=None):
         absmax, keep_absmax = scales or (None, False)
         ctx.compute_dtype = x.dtype
-        if output_unused:  # only what backward saves is needed (qlora_gpu.fast.staging.LAST_LINEAR): y unwritten
+        if output_unused:  # only what backward saves is needed (qlora_gpu.fast.staging.LAST_LINEAR): y not computed
             out = quant_state.shape[0] if quant_state is not None else weight.shape[0]
-            base = x.new_empty((x.shape[0], out), dtype=out_dtype or x.dtype)
+            # NaN, not uninitialised memory: should transformers or torch's checkpoint ever read this output, the
+            # loss turns NaN instead of silently taking garbage (one fill kernel, where the product is a GEMM)
+            base = x.new_full((x.shape[0], out), float("nan"), dtype=out_dtype or x.dtype)
         else:
             base = frozen_product(x, weight, decoded(quant_state, absmax), bias)
         ctx.weight, ctx.quant_state, ctx.scaling, ctx.keep_scale = weight, quant_state, scaling, scale

@@ -32,7 +32,8 @@ SHARED_INPUTS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj
 #: the backward pass needs — the residual addition after it saves nothing, and the block's output is the next
 #: block's input, which that block's checkpoint keeps — so there it computes only what its backward pass saves:
 #: no dequantization, frozen product, up-projection or addition (4 kernels per block and step; LLaMA, Mistral
-#: and Qwen2 end their blocks alike)
+#: and Qwen2 end their blocks alike). Both facts belong to transformers and torch; its output is NaN there, so a
+#: change that reads it shows as a NaN loss
 LAST_LINEAR = ("mlp", "down_proj")
 #: on a decoder layer: the handles of the hooks ``install`` registered
 HOOKS = "_qlora_fast_hooks"
@@ -119,8 +120,9 @@ def drop_shared_input(parent: nn.Module, names: tuple, x: torch.Tensor) -> None:
 
 
 def skip_last_output(layer: nn.Module):
-    """The layer's ``ON_RECOMPUTE`` (``qlora_gpu.model``): its last linear (``LAST_LINEAR``) leaves its output
-    unwritten in the recomputation; returns the undoing function."""
+    """The layer's ``ON_RECOMPUTE`` (``qlora_gpu.model``): its last linear (``LAST_LINEAR``) returns NaN for its
+    output in the recomputation (``qlora_gpu.fast.layer``), so that a library that starts reading it gives a NaN
+    loss rather than silently wrong gradients; returns the undoing function."""
     last = getattr(getattr(layer, LAST_LINEAR[0], None), LAST_LINEAR[1], None)
     if not isinstance(last, QLoRALinear):
         return _nothing

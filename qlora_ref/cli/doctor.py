@@ -144,6 +144,9 @@ def gpu_paths() -> dict:
         return dict(error=str(e))
     return dict(cpu_dequantize=gpu.quantize.cpu_dequantize_status(), bf16_gemm=hardware.bf16_gemm_status(),
                 dynamic_map=hardware.dynamic_map_status(), hub_kernel=gpu.bnb_import.hub_kernel_status(),
+                deferred_grads=gpu.fast.deferred_grads.status(),
+                frozen_product=import_module(".product_check", gpu.__name__).frozen_product_status(),
+                packed_kernel=import_module(".packing", gpu.__name__).varlen_kernel_status(),
                 patches=gpu.patches.probe())
 
 
@@ -183,6 +186,9 @@ def format_text(r: dict) -> str:
         lines.append(f"  bf16 GEMM on CPU: {g['bf16_gemm']}")
         lines.append(f"  bitsandbytes' dynamic 8-bit map: {g['dynamic_map']}")
         lines.append(f"  bitsandbytes' Hub CPU kernel: {g['hub_kernel']}")
+        lines.append(f"  deferred adapter gradients: {g['deferred_grads']}")
+        lines += [f"  4-bit product, {k}: {v}" for k, v in g["frozen_product"].items()]
+        lines.append(f"  packed attention's variable-length kernel (CUDA): {g['packed_kernel']}")
         lines += [f"  {k} (probed on a tiny Llama): {v}" for k, v in g["patches"].items()]
     return "\n".join(lines)
 
