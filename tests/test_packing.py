@@ -555,6 +555,17 @@ def test_a_varlen_kernel_that_fails_its_probe_is_not_used_and_said(monkeypatch):
         packing.varlen_kernel_trusted.cache_clear()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention's variable-length kernel)")
+def test_on_cuda_the_varlen_kernel_passes_its_probe():
+    from qlora_gpu import packing
+
+    if packing._varlen_kernel() is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    for dtype in (torch.bfloat16, torch.float16):
+        assert packing.probe_varlen_kernel(packing._varlen_kernel(), torch.device("cuda"), dtype)
+
+
 def test_gpu_varlen_model_still_generates_like_eager(checkpoint):
     """A model switched to VARLEN attention for packed training generates as before: the prompt pass is one
     example, the cached steps go to transformers' SDPA."""

@@ -69,3 +69,12 @@ def test_set_frozen_product_checks_its_argument_and_forces_the_path():
     finally:
         product_check.set_frozen_product("auto")
     assert product_check.bnb_product_trusted(CPU, torch.bfloat16)  # bitsandbytes' CPU product passes here
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_on_cuda_bitsandbytes_fused_product_is_within_the_bound(dtype):
+    """The check this module exists for: on a GPU, bitsandbytes' product at 1 to 64 rows (its fused cgemm_4bit
+    kernel for the fewest) is the product of the dequantized weight within the derived bound. A failure here is a
+    finding about bitsandbytes (qlora routes around it), to be written down in docs/divergences.md."""
+    assert product_check.probe_matmul_4bit(bnb.matmul_4bit, torch.device("cuda"), dtype)
