@@ -208,7 +208,7 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         hf.lm_head.weight = nn.Parameter(source.tensor("lm_head.weight", tdtype), requires_grad=False)
     compute = quant.compute_dtype if quant is not None else "float32"
 
-    from qlora_ref.train.progress import progress_iter  # a bar on a terminal, plain lines in a log
+    from qlora_ref.bars import progress_iter  # a bar on a terminal, plain lines in a log
 
     adapters = _AdapterPlaces(source, cfg, lora, getattr(torch, adapter_dtype), device) if layer_hook is None else None
     layers = hf.model.layers

@@ -95,13 +95,13 @@ def merge_weights(base: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarra
     """``W + scaling * B @ A`` for every adapted ``<layer>.weight`` of ``base`` (Hugging Face names, float
     arrays; a mapping or ``(name, array)`` pairs, taken one at a time), computed in float32 and rounded once to
     ``dtype``; unadapted tensors are only cast. ``progress``: a bar over the tensors (plain lines where stderr is
-    not a terminal: ``qlora_ref.train.progress.progress_iter``), out of ``total`` (default: a mapping's length)."""
+    not a terminal: ``qlora_ref.bars.progress_iter``), out of ``total`` (default: a mapping's length)."""
     out_dtype = to_numpy_dtype(dtype)
     out = {}
     adapted = set()
     items = base.items() if isinstance(base, Mapping) else base
     if progress:
-        from .train.progress import progress_iter
+        from .bars import progress_iter
 
         total = len(base) if total is None and isinstance(base, Mapping) else total
         items = progress_iter(items, total, desc="merge", unit="tensor")

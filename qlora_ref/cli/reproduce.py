@@ -33,12 +33,12 @@ def run_table2(args) -> int:
     from tqdm import tqdm
 
     from qlora_ref import table2
+    from qlora_ref.bars import is_terminal
     from qlora_ref.demo import held_out_text
     from qlora_ref.files import atomic_write_json
     from qlora_ref.model.llama import LlamaModel
     from qlora_ref.model.loading import find_smollm2_gguf, read_checkpoint
     from qlora_ref.paths import check_figure_file, check_output_file
-    from qlora_ref.train.progress import is_terminal
 
     if args.max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {args.max_tokens}")

@@ -79,7 +79,7 @@ class LlamaModel:
         Shapes are checked by the loader (``loading.py``), which knows which file each tensor came from.
         ``progress``: a bar over the blocks while ``quant`` quantizes them.
         """
-        from ..train.progress import progress_iter
+        from ..bars import progress_iter
 
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         embed = Embedding(f32(weights["model.embed_tokens.weight"]))

@@ -323,8 +323,8 @@ def collect_weights(config: ModelConfig, tensors: dict[str, TensorRef], source: 
                     transform: Callable[[str, np.ndarray], np.ndarray] | None = None, progress: bool = False) -> dict:
     """The tensors the model needs, shape-checked; bitsandbytes 4-bit weights become ``Quantized4bit``.
     ``progress``: a bar over the tensors (reading a GGUF file dequantizes each: most of a load's time)."""
+    from ..bars import progress_iter
     from ..quantize import Quantized4bit
-    from ..train.progress import progress_iter
 
     linear_names = tuple(linear_shapes(config))
     weights = {}
@@ -368,7 +368,7 @@ def load_model(path, quant: QuantConfig | None = None, lora: LoraConfig | None =
     no LoRA dropout, as peft's ``PeftModel.from_pretrained`` does; ``model.train()`` before training it).
     kernel: the block linears' frozen-weight products (``qlora_ref.lora.KERNELS``). ``qlora_gpu.load_model`` takes
     the same arguments (its own kernels).
-    progress: bars on stderr while the weights are read and quantized (``qlora_ref.train.progress.progress_iter``).
+    progress: bars on stderr while the weights are read and quantized (``qlora_ref.bars.progress_iter``).
     """
     config, weights, tok = read_checkpoint(path, tokenizer, progress)
     model = LlamaModel.from_weights(config, weights, quant=quant, lora=lora,

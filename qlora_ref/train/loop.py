@@ -188,7 +188,7 @@ def evaluate(backend: StepBackend, dataset, batch_size: int, max_batches: int = 
     per_rank = -(-len(batches) // world.world_size)
     steps = range(per_rank)
     if progress and world.rank == 0:
-        from .progress import progress_iter  # a bar on a terminal, plain lines in a log
+        from ..bars import progress_iter  # a bar on a terminal, plain lines in a log
 
         steps = progress_iter(steps, per_rank, desc="evaluate", unit="batch")
     for j in steps:
