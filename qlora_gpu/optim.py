@@ -112,6 +112,7 @@ class TorchOptimizer:
         self._opt: torch.optim.Optimizer | None = None
         self._names: list[str] = []
         self._pending_state: dict | None = None
+        self._loaded = False  # a state was loaded: its keys are bitsandbytes' layout of the version that wrote it
 
     # -- lr -------------------------------------------------------------------------------------------------------
     @property
@@ -203,6 +204,11 @@ class TorchOptimizer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
                 self._opt.step()
+        except KeyError as e:
+            if not self._loaded:
+                raise
+            raise self._layout_error({k for s in self._opt.state.values() for k in s} - {"step"}, repr(e.args[0])) \
+                from None
         finally:
             for name, p in params.items():
                 p.grad = saved[name]
@@ -217,6 +223,14 @@ class TorchOptimizer:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
             self._opt.step()
+
+    def _layout_error(self, loaded: set, reads: str) -> ValueError:
+        """A loaded state whose keys are not those this optimizer class reads: written under another layout of
+        bitsandbytes' state (a release that renamed a key), refused by name rather than a bare KeyError."""
+        return ValueError(f"the loaded optimizer state holds {sorted(map(str, loaded))}, where "
+                          f"{type(self._opt).__name__} of this bitsandbytes reads {reads}: the checkpoint was written "
+                          "with another layout of the optimizer's state; resume with the bitsandbytes that wrote it "
+                          "(constraints.txt) or start afresh")
 
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -275,6 +289,7 @@ class TorchOptimizer:
             else:
                 state["step"] = step
             self._opt.state[p] = state
+            self._loaded = True
         unknown = sorted(set(sd) - known)
         if unknown:
             raise KeyError(f"unknown optimizer state keys: {unknown[:5]}")
@@ -297,6 +312,9 @@ class TorchOptimizer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
                 self._opt.init_state(self._opt.param_groups[0], p, 0, 0)
+        reads = {k for k in state if k != "step"}  # what this bitsandbytes allocated, hence reads
+        if keys != reads:
+            raise self._layout_error(keys, str(sorted(reads)))
         for key in keys:
             for name, sl in zip(self._names, self._flat.slices, strict=True):
                 state[key][sl].copy_(sd[f"{name}.{key}"].reshape(-1))

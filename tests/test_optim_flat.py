@@ -109,6 +109,24 @@ def test_state_dicts_move_between_flat_and_per_parameter_optimizers():
             assert torch.equal(a[k], b[k]), (src_flat, k)
 
 
+@pytest.mark.parametrize("name, flat", [("paged_adamw", True), ("paged_adamw", False), ("adamw_8bit", False)])
+def test_a_state_in_another_layout_of_bitsandbytes_is_refused_by_name(name, flat):
+    """A checkpoint whose optimizer keys are not those bitsandbytes reads (a release that renamed ``state1``)
+    is refused naming the key and what the state holds, not with a bare KeyError inside bitsandbytes' step."""
+    shapes = [(64, 80), (2,)]
+    kw = dict(KW, min_8bit_size=1000) if "8bit" in name else dict(KW, flat=flat)
+    a = _params(shapes, 1)
+    o_a = make_optimizer(name, **kw)
+    _train(a, o_a, 1, 5)
+    renamed = {k.replace(".state1", ".exp_avg"): v for k, v in o_a.state_dict().items()}
+    o_b = make_optimizer(name, **kw)
+    b = {k: torch.nn.Parameter(v.detach().clone()) for k, v in a.items()}
+    with pytest.raises(ValueError, match=r"the loaded optimizer state holds \[.*'exp_avg'.*\], where \w+ of "
+                                         r"this bitsandbytes reads .*'state1'.*resume with the bitsandbytes that"):
+        o_b.load_state_dict(renamed)
+        _train(b, o_b, 1, 6)
+
+
 def test_a_parameter_given_new_storage_is_adopted_with_its_values():
     params = _params([(4, 4)], 2)
     opt = make_optimizer("paged_adamw", **KW)
