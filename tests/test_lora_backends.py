@@ -383,4 +383,6 @@ def test_scales_double_quantized_in_other_blocks_than_256_load_and_compute_the_s
         w = dequantize_packed(packed, state, torch.float32)
         assert np.array_equal(w.numpy(), ref_layer.dequantized_weight())
         y = gpu_layer(torch.from_numpy(x)).detach().numpy()
-        np.testing.assert_allclose(y, ref_layer.forward(x), rtol=1e-5, atol=1e-5)
+        # the same weight, summed in another order: within the float32 bound of the other tests here
+        m = magnitudes(x, ref_layer.dequantized_weight(), None, None, None, np.zeros((3, 64)), 2.0, None)
+        assert_within_bound("y", ref_layer.forward(x), y, m["y"], "float32", 3, 512, 64, 4)
