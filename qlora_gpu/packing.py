@@ -58,9 +58,11 @@ def _sliding_window(module) -> int | None:
     return window
 
 
+@functools.cache
 def _varlen_kernel():
     """torch's FlashAttention variable-length function and how this torch version asks it for causal attention
-    and grouped-query heads, or None (torch < 2.9; the signature changed between versions, so it is read)."""
+    and grouped-query heads, or None (torch < 2.9; the signature changed between versions, so it is read, once per
+    process: not at every attention call)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
         params = inspect.signature(varlen_attn).parameters
@@ -172,7 +174,7 @@ def varlen_attention_forward(module, query: torch.Tensor, key: torch.Tensor, val
     kernel = None
     if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and varlen_kernel_trusted(query.device,
                                                                                                 query.dtype):
-        kernel = _varlen_kernel()
+        kernel = _varlen_kernel()  # cached: the one the probe checked
     if kernel is not None and not kernel[3] and scaling is not None and scaling != d ** -0.5:
         kernel = None  # a version without ``scale`` applies 1/sqrt(D) only
     if kernel is not None and window is None and dropout == 0.0:

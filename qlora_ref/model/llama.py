@@ -73,7 +73,7 @@ class LlamaModel:
     @classmethod
     def from_weights(cls, config: ModelConfig, weights: Mapping, quant: QuantConfig | None = None,
                      lora: LoraConfig | None = None, gradient_checkpointing: bool = False,
-                   progress: bool = False) -> LlamaModel:
+                     progress: bool = False) -> LlamaModel:
         """Build from Hugging Face-named tensors (float arrays, or ``Quantized4bit`` for the block linears).
 
         Shapes are checked by the loader (``loading.py``), which knows which file each tensor came from.
