@@ -689,23 +689,49 @@ def test_gpu_backend_optimizers_agree_with_the_reference(name):
             np.testing.assert_allclose(rp[k], gp[k].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def _assert_one_step_agrees(name, p_ref, p_gpu, p_old, s_ref, s_gpu):
+    """One step of both backends from the same state: each rounds the new parameter once (u|p| apiece) and computes
+    the update in about six float32 operations (sqrt, division, the learning rate, weight decay: 6u|update| apiece),
+    so they differ by at most 2u|p| + 12u|update|; an 8-bit state requantized from the same float32 values lands on
+    the same code or, where bitsandbytes' lookup table rounds a value near the midpoint the other way, its
+    neighbour."""
+    u = 2.0**-24
+    for k in SHAPES:
+        new, other = p_ref[k], p_gpu[k].numpy()
+        bound = 2 * u * np.abs(new) + 12 * u * np.abs(new - p_old[k])
+        assert np.all(np.abs(new - other) <= bound), (name, k, float(np.max(np.abs(new - other) - bound)))
+    for k, v in s_ref.items():
+        if np.asarray(v).dtype == np.uint8:
+            codes = np.abs(np.asarray(v).astype(int) - s_gpu[k].numpy().astype(int))
+            assert codes.max() <= 1 and codes.mean() <= 0.01, k
+
+
 @pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
-@pytest.mark.parametrize("name", ["adamw", "paged_adamw"])
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"])
 def test_checkpoints_move_between_backends(name):
-    """A reference state dict loads into the GPU backend's optimizer and continues the same run."""
+    """A reference state dict (8-bit codes, block absmax and maps included) loads into the GPU backend's optimizer
+    and continues the same run; the GPU backend's loads back into the reference and continues it too."""
     from qlora_gpu.optim import make_optimizer as make_gpu
 
-    ref, _, rp, _ = _both(name, lr=1e-2)
-    gpu = make_gpu(name, lr=1e-2)
-    gpu.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ref.state_dict().items()})
-    gp = {k: torch.from_numpy(v.copy()) for k, v in rp.items()}
-    g = _grads(np.random.default_rng(3), SHAPES, 0.1)
-    ref.step(rp, g)
-    gpu.step(gp, {k: torch.from_numpy(v.copy()) for k, v in g.items()})
-    for k in SHAPES:
-        np.testing.assert_allclose(rp[k], gp[k].numpy(), rtol=1e-5, atol=1e-6)
-    back = make_optimizer(name, lr=1e-2)
-    back.load_state_dict({k: v.numpy() for k, v in gpu.state_dict().items()})
+    kw = dict(lr=1e-2, min_8bit_size=1000) if "8bit" in name else dict(lr=1e-2)
+    ref, _, rp, _ = _both(name, **kw)
+    rng = np.random.default_rng(3)
+    for direction in ("ref -> gpu", "gpu -> ref"):
+        gpu = make_gpu(name, **kw)
+        gpu.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ref.state_dict().items()})
+        gp = {k: torch.from_numpy(v.copy()) for k, v in rp.items()}
+        old = {k: v.copy() for k, v in rp.items()}
+        g = _grads(rng, SHAPES, 0.1)
+        if direction == "gpu -> ref":  # one step on the GPU backend alone, then both continue from its state
+            gpu.step(gp, {k: torch.from_numpy(v.copy()) for k, v in g.items()})
+            ref = make_optimizer(name, **kw)
+            ref.load_state_dict({k: v.numpy() for k, v in gpu.state_dict().items()})
+            rp = {k: v.numpy().copy() for k, v in gp.items()}
+            old = {k: v.copy() for k, v in rp.items()}
+            g = _grads(rng, SHAPES, 0.1)
+        ref.step(rp, g)
+        gpu.step(gp, {k: torch.from_numpy(v.copy()) for k, v in g.items()})
+        _assert_one_step_agrees(name, rp, gp, old, ref.state_dict(), gpu.state_dict())
 
 
 def test_gpu_clip_grad_norm_matches_reference():
