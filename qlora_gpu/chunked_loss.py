@@ -65,8 +65,8 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
             g = (g * grad_total).to(z.dtype)  # as autograd rounds the float32 gradient back to the logits' dtype
             if want_h:
                 grad_h[start:end] = g @ weight
-            if want_w:
-                grad_w += g.t() @ h
+            if want_w:  # every chunk's share summed in float32: one rounding at the end, as autograd's one product
+                grad_w.addmm_(_wide(g).t(), _wide(h))
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
 
 

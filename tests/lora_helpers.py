@@ -96,3 +96,55 @@ def bf16_bit_identity_holds(name: str, n_tokens: int, in_features: int, out_feat
     from qlora_gpu.hardware import bf16_gemm_is_float32
 
     return all(bf16_gemm_is_float32(*s) for s in gemm_shapes(n_tokens, in_features, out_features, r)[name])
+
+
+# ------------------------------------------------------------------ bfloat16 rounding steps, checked bit for bit
+def small_integer_layer_inputs(n_tokens: int, in_features: int, out_features: int, r: int, seed: int = 0):
+    """W, x, ∂L/∂y, A, B with integer entries |v| <= 15 (4 significant bits) and a dropout keep-mask: every float32
+    product and partial sum of a layer on them is an exact integer below 2**24, so its value does not depend on the
+    summation order, and bit identity with :func:`bf16_stepwise_oracle` is provable on any CPU and BLAS."""
+    rng = np.random.default_rng(seed)
+
+    def ints(*shape):
+        return rng.integers(-15, 16, shape).astype(np.float32)
+
+    W, x, gy = ints(out_features, in_features), ints(n_tokens, in_features), ints(n_tokens, out_features)
+    A, B = ints(r, in_features), ints(out_features, r)
+    return W, x, gy, A, B, rng.random((n_tokens, in_features)) >= 0.5
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """Round to the nearest bfloat16 (ties to even) with torch's conversion — independent of ml_dtypes and of the
+    Numba kernel that qlora_ref rounds with. ``a`` must be exact in float32 (checked), so one rounding happens."""
+    import torch
+
+    a32 = np.asarray(a).astype(np.float32)
+    assert np.array_equal(a32, a), "the oracle's value is not exact in float32"
+    return torch.from_numpy(a32).to(torch.bfloat16).to(torch.float64).numpy()
+
+
+def exact_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b in float64 on integer-valued inputs whose every partial sum is an integer below 2**24 in magnitude, so
+    the float32 product a layer computes is exact in any summation order and equals this one (checked)."""
+    assert np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))
+    assert (np.abs(a) @ np.abs(b)).max() < 2.0**24
+    return a.astype(np.float64) @ b.astype(np.float64)
+
+
+def bf16_stepwise_oracle(x, W, A, B, gy, keep, s: float, drop: float, round_gh: bool = True):
+    """The QLoRA layer in bfloat16 (eq. 5 and its backward, docs/lora_backprop.md), one explicit rounding after each
+    step, in float64 on the inputs of :func:`small_integer_layer_inputs`: y, ∂L/∂x, ∂L/∂A, ∂L/∂B. The scaling s
+    multiplies the rounded adapter product (forward) and the upstream gradient (backward); ∂L/∂H = (s G) B is
+    rounded before its two uses unless ``round_gh`` is False (the mutant the tests show to differ)."""
+    xd = bf16(x * keep * drop)
+    h = bf16(exact_dot(xd, A.T))
+    y = bf16(bf16(exact_dot(x, W.T)) + bf16(bf16(exact_dot(h, B.T)) * s))
+    gs = bf16(gy * s)
+    grad_b = bf16(exact_dot(gs.T, h))
+    gh = exact_dot(gs, B)
+    if round_gh:
+        gh = bf16(gh)
+    grad_a = bf16(exact_dot(gh.T, xd))
+    gxd = bf16(bf16(exact_dot(gh, A)) * keep * drop)
+    gx = bf16(bf16(exact_dot(gy, W)) + gxd)
+    return y, gx, grad_a, grad_b

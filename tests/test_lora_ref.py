@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from lora_helpers import assert_within_bound, magnitudes
+from lora_helpers import assert_within_bound, bf16_stepwise_oracle, magnitudes, small_integer_layer_inputs
 from numba.core.runtime import _nrt_python, rtsys
 
 import qlora_ref
@@ -144,67 +144,29 @@ def test_gradients_match_finite_differences(quant, p, kernel):
             assert abs(fd - analytic) <= bound, (name, fd, analytic, bound)
 
 
-def _bf16(a: np.ndarray) -> np.ndarray:
-    """Round to the nearest bfloat16 (ties to even) with torch's conversion — independent of ml_dtypes and of the
-    Numba kernel that qlora_ref rounds with. ``a`` must be exact in float32 (checked), so one rounding happens."""
-    a32 = np.asarray(a).astype(np.float32)
-    assert np.array_equal(a32, a), "the oracle's value is not exact in float32"
-    return torch.from_numpy(a32).to(torch.bfloat16).to(torch.float64).numpy()
-
-
-def _exact_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b in float64 on integer-valued inputs whose every partial sum is an integer below 2**24 in magnitude, so
-    the float32 product the layer computes is exact in any summation order and equals this one (checked)."""
-    assert np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))
-    assert (np.abs(a) @ np.abs(b)).max() < 2.0**24
-    return a.astype(np.float64) @ b.astype(np.float64)
-
-
+@pytest.mark.parametrize("alpha", [8.0, 12.0])  # s = 2 (a power of two) and s = 3 (one more rounding)
 @pytest.mark.parametrize("kernel", ["naive", "fused"])
-def test_bfloat16_rounding_steps_are_bit_exact_against_a_stepwise_oracle(kernel):
+def test_bfloat16_rounding_steps_are_bit_exact_against_a_stepwise_oracle(kernel, alpha):
     """QLoRA computes in bfloat16: every matmul's output is a bfloat16 tensor, so the reference rounds each one —
-    in particular ∂L/∂H = s G B before it is used in ∂L/∂A and ∂L/∂x. Oracle: the same steps in float64 with an
-    explicit bfloat16 rounding (torch's) after each. Inputs are small integers (|v| <= 15, 4 significant bits), the
-    scaling s = 2 and the dropout multiplier 2 are powers of two, so every float32 product and sum in the layer is
-    an exact integer below 2**24 (asserted by ``_exact_dot``) — whatever the BLAS order — and the layer must agree
-    bit for bit on any CPU. The sums have up to about 12 significant bits, so bfloat16 rounding changes many of them:
-    the oracle without the ∂L/∂H rounding is shown to differ, so the test fails if that rounding is removed."""
+    in particular ∂L/∂H = s G B before it is used in ∂L/∂A and ∂L/∂x. Oracle (``lora_helpers.bf16_stepwise_oracle``):
+    the same steps in float64 with an explicit bfloat16 rounding (torch's) after each, on small-integer inputs whose
+    every float32 product and sum is exact whatever the BLAS order, so the layer must agree bit for bit on any CPU.
+    The oracle without the ∂L/∂H rounding is shown to differ, so the test fails if that rounding is removed."""
     n, d_in, d_out, r = 6, 40, 24, 4
-    rng = np.random.default_rng(0)
-
-    def ints(*shape):
-        return rng.integers(-15, 16, shape).astype(np.float32)
-
-    W, x, gy, A, B = ints(d_out, d_in), ints(n, d_in), ints(n, d_out), ints(r, d_in), ints(d_out, r)
-    keep = rng.random((n, d_in)) >= 0.5
-    layer = QLoRALinear.from_weight(W, r, 8.0, dropout=0.5, quant_type=None, compute_dtype="bfloat16",
+    W, x, gy, A, B, keep = small_integer_layer_inputs(n, d_in, d_out, r)
+    layer = QLoRALinear.from_weight(W, r, alpha, dropout=0.5, quant_type=None, compute_dtype="bfloat16",
                                     kernel=kernel)
     layer.lora_A, layer.lora_B = A, B
-    s, drop = 2.0, 2.0
+    s, drop = alpha / r, 2.0
     assert layer.scaling == s and dropout_scale(0.5) == drop
     y = layer.forward(x, dropout_mask=keep)
     gx = layer.backward(gy)
-
-    def oracle(round_gh=True):
-        xd = _bf16(x * keep * drop)
-        h = _bf16(_exact_dot(xd, A.T))
-        y = _bf16(_bf16(_exact_dot(x, W.T)) + _bf16(_bf16(_exact_dot(h, B.T)) * s))
-        gs = _bf16(gy * s)
-        grad_b = _bf16(_exact_dot(gs.T, h))
-        gh = _exact_dot(gs, B)
-        if round_gh:
-            gh = _bf16(gh)
-        grad_a = _bf16(_exact_dot(gh.T, xd))
-        gxd = _bf16(_bf16(_exact_dot(gh, A)) * keep * drop)
-        gx = _bf16(_bf16(_exact_dot(gy, W)) + gxd)
-        return y, gx, grad_a, grad_b
-
-    y_o, gx_o, ga_o, gb_o = oracle()
+    y_o, gx_o, ga_o, gb_o = bf16_stepwise_oracle(x, W, A, B, gy, keep, s, drop)
     np.testing.assert_array_equal(y, y_o)
     np.testing.assert_array_equal(gx, gx_o)
     np.testing.assert_array_equal(layer.grads["lora_A"], ga_o)
     np.testing.assert_array_equal(layer.grads["lora_B"], gb_o)
-    _, gx_unrounded, ga_unrounded, _ = oracle(round_gh=False)
+    _, gx_unrounded, ga_unrounded, _ = bf16_stepwise_oracle(x, W, A, B, gy, keep, s, drop, round_gh=False)
     assert not np.array_equal(gx_unrounded, gx_o) and not np.array_equal(ga_unrounded, ga_o)
 
 
