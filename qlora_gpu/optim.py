@@ -147,7 +147,7 @@ class TorchOptimizer:
         elif list(params) != self._names:
             raise ValueError("bind() must get the parameter names the optimizer was built with, in that order")
         if self._flat is not None:
-            self._flat.adopt(list(params.values()))
+            self._flat.adopt(list(params.values()), list(params))
             self._flat.link_grads(list(params.values()), keep=True)
 
     def _build(self, params: Mapping[str, torch.Tensor]) -> None:
@@ -193,6 +193,7 @@ class TorchOptimizer:
         if self._flat is not None:
             self._flat_step(params, grads)
             return
+        self._adopt(params)
         saved = {}
         for name, p in params.items():
             saved[name] = p.grad
@@ -213,12 +214,29 @@ class TorchOptimizer:
             for name, p in params.items():
                 p.grad = saved[name]
 
+    def _adopt(self, params: Mapping[str, torch.Tensor]) -> None:
+        """Update the tensors given, as the reference does: a tensor other than the one the optimizer was built over
+        (a copy, a reloaded model) takes that one's place and its state; the optimizer would otherwise go on
+        updating the old tensor and leave the given one unchanged, silently."""
+        held = self._opt.param_groups[0]["params"]
+        for i, (name, t) in enumerate(params.items()):
+            old = held[i]
+            if t is old:
+                continue
+            if t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
+                raise ValueError(f"parameter {name!r} changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
+                                 f"optimizer was built for {tuple(old.shape)} {old.dtype} on {old.device}: build a "
+                                 "new optimizer (or move the model before building it)")
+            held[i] = t
+            if old in self._opt.state:
+                self._opt.state[t] = self._opt.state.pop(old)
+
     def _flat_step(self, params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor | None]) -> None:
         missing = [name for name in self._names if grads.get(name) is None]
         if missing:  # one shared state and step count: a parameter cannot sit a step out
             raise ValueError(f"a flat optimizer updates every parameter at each step; no gradient for {missing[:3]}"
                              f" ({len(missing)} in all): build it with flat=False to skip parameters")
-        self._flat.adopt(list(params.values()))
+        self._flat.adopt(list(params.values()), list(params))
         self._flat.load_grads([grads[name] for name in self._names], self._names)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
@@ -373,14 +391,15 @@ class FlatBuffer:
             if t.requires_grad:
                 t.__dict__[FLAT_BUFFER] = (me, i)
 
-    def adopt(self, tensors: list[torch.Tensor]) -> None:
+    def adopt(self, tensors: list[torch.Tensor], names: list[str] | None = None) -> None:
         """Point each tensor at its slice, keeping its values: at the build, and again for one given new storage
         since (``module.to(...)``, ``p.data = ...``), whose values would otherwise stop being updated."""
-        for t, view, ptr in zip(tensors, self.views, self._ptrs, strict=True):
+        names = names or [f"#{i}" for i in range(len(tensors))]
+        for t, view, ptr, name in zip(tensors, self.views, self._ptrs, names, strict=True):
             if t.data_ptr() == ptr:
                 continue
             if t.shape != view.shape or t.dtype != view.dtype or t.device != view.device:
-                raise ValueError(f"a parameter changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
+                raise ValueError(f"parameter {name!r} changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
                                  f"optimizer was built for {tuple(view.shape)} {view.dtype} on {view.device}: build "
                                  "a new optimizer (or move the model before building it)")
             view.copy_(t.detach())

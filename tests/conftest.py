@@ -9,6 +9,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # before any test initialises cuBLAS
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+import importlib
+import platform
 import sys
 from pathlib import Path
 
@@ -25,6 +27,21 @@ if not torch.cuda.is_available():
     # Triton reads this when its kernels are defined (first import of qlora_gpu.fast.triton_kernels): without CUDA they
     # run in Triton's CPU interpreter, whichever test module imports them first
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The test extra (pyproject.toml: `pip install -e ".[test]"`) is required, not optional: a library of it that is
+# missing or fails to import (a torch/bitsandbytes ABI break, an error in qlora_gpu's import of bitsandbytes) stops
+# the run here, named, instead of turning every test that needs it into a skip. qlora_gpu first: it imports
+# bitsandbytes the way it means to (qlora_gpu/bnb_import.py). Triton is in the extra on x86-64 Linux only.
+_TEST_EXTRA = ["qlora_gpu", "bitsandbytes", "transformers", "peft", "accelerate", "gguf", "tokenizers", "yaml",
+               "jinja2", "chatterbot_corpus", "matplotlib"]
+if sys.platform == "linux" and platform.machine() == "x86_64":
+    _TEST_EXTRA.append("triton")
+for _name in _TEST_EXTRA:
+    try:
+        importlib.import_module(_name)
+    except Exception as _error:
+        raise ImportError(f"the tests need {_name!r} (the test extra: pip install torch==2.13.0 && pip install -e "
+                          f"'.[test]' -c constraints.txt), and importing it failed: {_error!r}") from _error
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, derandomize=True, print_blob=True,

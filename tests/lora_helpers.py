@@ -78,26 +78,6 @@ def assert_within_bound(name, got, expected, m, compute_dtype, n_tokens, in_feat
     )
 
 
-def gemm_shapes(n_tokens: int, in_features: int, out_features: int, r: int) -> dict:
-    """(m, k, n) of the matrix products on the path to each output (the table of docs/lora_backprop.md)."""
-    n, i, o = n_tokens, in_features, out_features
-    return {"y": [(n, i, o), (n, i, r), (n, r, o)],                   # x Wᵀ, H = x_d Aᵀ, H Bᵀ
-            "x": [(n, o, i), (n, o, r), (n, r, i)],                   # G W, (s G) B, (..) A
-            "lora_A": [(n, o, r), (r, n, i)],                         # (s G) B, (..)ᵀ x_d
-            "lora_B": [(n, i, r), (o, n, r)]}                         # H, (s G)ᵀ H
-
-
-def bf16_bit_identity_holds(name: str, n_tokens: int, in_features: int, out_features: int, r: int) -> bool:
-    """Whether every bfloat16 product on the path to ``name`` runs, in torch on this CPU, the reference's
-    arithmetic (float32 sums rounded once: ``qlora_gpu.hardware.bf16_gemm_is_float32``, detected per shape).
-    Where it does, the two compute the same sums of the same exact products and agree bit for bit (up to the
-    float32 summation order, which at these sizes does not reach a bfloat16 rounding); elsewhere only the bound
-    holds."""
-    from qlora_gpu.hardware import bf16_gemm_is_float32
-
-    return all(bf16_gemm_is_float32(*s) for s in gemm_shapes(n_tokens, in_features, out_features, r)[name])
-
-
 # ------------------------------------------------------------------ bfloat16 rounding steps, checked bit for bit
 def small_integer_layer_inputs(n_tokens: int, in_features: int, out_features: int, r: int, seed: int = 0):
     """W, x, ∂L/∂y, A, B with integer entries |v| <= 15 (4 significant bits) and a dropout keep-mask: every float32

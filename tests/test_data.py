@@ -271,8 +271,8 @@ def test_length_grouping_groups_similar_lengths_longest_first_and_is_determinist
 
 def test_length_grouped_order_matches_transformers_algorithm():
     """Same algorithm as transformers' get_length_grouped_indices, given the same permutation."""
-    trainer_pt_utils = pytest.importorskip("transformers.trainer_pt_utils")
-    torch = pytest.importorskip("torch")
+    import torch
+    from transformers import trainer_pt_utils
     lengths = list(np.random.default_rng(0).integers(1, 100, size=300))
     g = torch.Generator().manual_seed(0)
     theirs = trainer_pt_utils.get_length_grouped_indices(lengths, batch_size=4, generator=g)
@@ -318,7 +318,6 @@ def test_chatterbot_corpus_loads():
 
 
 def test_chatterbot_style_yaml_file_errors_name_file_and_line(tmp_path):
-    pytest.importorskip("yaml")
     path = tmp_path / "mine.yml"
     path.write_text("categories:\n- mine\nconversations:\n- - Hello\n  - Hi\n- - Lonely\n- - a\n  - - nested\n",
                     encoding="utf-8")

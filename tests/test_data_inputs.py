@@ -63,7 +63,6 @@ def _folder_with_special_tokens_map(folder):
 
 
 def test_special_tokens_come_from_special_tokens_map_when_the_config_lacks_them(tmp_path):
-    pytest.importorskip("tokenizers")
     from qlora_ref.model.tokenizer import Tokenizer
 
     tok = Tokenizer.from_folder(_folder_with_special_tokens_map(tmp_path / "model"))
@@ -77,7 +76,8 @@ def test_special_tokens_come_from_special_tokens_map_when_the_config_lacks_them(
 def test_special_tokens_named_twice_are_read_as_auto_tokenizer_reads_them(tmp_path, decoder):
     """tokenizer_config.json and special_tokens_map.json disagreeing on EOS (the token the template-less format
     trains responses to end with): the one transformers' AutoTokenizer takes, the oracle here."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from qlora_ref.model.tokenizer import Tokenizer
 
     folder = _folder_with_special_tokens_map(tmp_path / "model")

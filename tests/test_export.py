@@ -214,7 +214,6 @@ def test_a_merge_stopped_midway_leaves_no_loadable_folder(run, tmp_path, monkeyp
 
 
 def test_merge_on_the_torch_backend_writes_the_same_folder(run, tmp_path):
-    pytest.importorskip("bitsandbytes")
     base, adapter, _ = run
     for backend in ("ref", "gpu"):
         assert main(["merge", "--adapter", str(adapter), "--output-dir", str(tmp_path / backend), "--backend",
@@ -308,7 +307,6 @@ def test_merge_progress_follows_no_progress_and_the_log_file_rule(run, tmp_path,
     """``--no-progress`` hides every bar, the GPU loader's too; otherwise, where stderr is not a terminal (here:
     captured), progress comes as plain lines with the total, as training's does (docs/training.md), never as
     tqdm's carriage-return bars."""
-    pytest.importorskip("bitsandbytes")
     _, adapter, _ = run
     assert main(["merge", "--adapter", str(adapter), "--output-dir", str(tmp_path / "quiet"), "--backend", "gpu",
                  "--no-progress"]) == 0

@@ -26,9 +26,8 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 
-pytest.importorskip("bitsandbytes")
-torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("this torch has no torch.distributed", allow_module_level=True)

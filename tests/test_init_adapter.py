@@ -31,14 +31,8 @@ def trained(tmp_path_factory):
     return root
 
 
-def _gpu(backend):
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_adapters_start_as_the_init_adapters_weights(trained, backend):
-    _gpu(backend)
     config = TrainConfig(**RECIPE, init_adapter=str(trained / "adapter"))
     trainer, _ = make_trainer(trained / "model", config, backend)
     fresh = trainer.adapter_state()
@@ -55,7 +49,6 @@ def test_the_adapters_start_as_the_init_adapters_weights(trained, backend):
 def test_the_first_step_trains_from_the_init_adapter(trained, tmp_path, backend):
     """One example, one micro-batch, no dropout: the first step's loss is that example's loss under the model the
     step starts from — the base model with the init adapter (``evaluate_model``'s), not the base model alone."""
-    _gpu(backend)
     one = dict(RECIPE, micro_batch_size=1, gradient_accumulation_steps=1, lora_dropout=0.0,
                gradient_checkpointing=False)
     config = TrainConfig(**one, max_steps=1, init_adapter=str(trained / "adapter"))
@@ -82,7 +75,6 @@ def test_a_resumed_run_continues_from_its_checkpoint_not_the_init_adapter(traine
 
 
 def test_the_command_takes_the_adapters_shape_and_continues_on_the_gpu_backend(trained, tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
     out = tmp_path / "gpu-run"
     assert main(["finetune", "--backend", "gpu", "--model", str(trained / "model"), "--data",
                  str(trained / "train.jsonl"), "--output-dir", str(out), "--max-steps", "1", "--init-adapter",

@@ -12,15 +12,12 @@ import warnings
 
 import numpy as np
 import pytest
+from torch import nn
 
+import qlora_gpu
 import qlora_ref
-
-pytest.importorskip("bitsandbytes")
-from torch import nn  # noqa: E402
-
-import qlora_gpu  # noqa: E402
-from qlora_gpu.train import GpuTrainer  # noqa: E402
-from qlora_ref.train.reference import RefTrainer  # noqa: E402
+from qlora_gpu.train import GpuTrainer
+from qlora_ref.train.reference import RefTrainer
 
 # ------------------------------------------------------------------------------------------------ intended differences
 #: top-level names only the reference exports

@@ -17,8 +17,6 @@ if str(BENCH) not in sys.path:
 
 import long_context as lc  # noqa: E402  (bench/long_context.py)
 
-pytest.importorskip("bitsandbytes")
-
 
 class FakeStack:
     """Trains up to ``limit`` tokens; a step takes ``per_token`` seconds a token (a clock the search reads)."""

@@ -17,8 +17,6 @@ from test_train import qa_dataset, qa_records, small_config, write_jsonl, write_
 from qlora_ref.data import batch_of, pack_examples
 from qlora_ref.train.loop import n_targets, n_tokens
 
-pytest.importorskip("bitsandbytes")
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -495,7 +495,6 @@ def test_cli_errors_name_the_option_given(capsys, argv, message):
 
 
 def test_cli_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
     out = tmp_path / "memory.png"
     assert main(["memory", "--model", "llama-7b", "--plot", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -508,7 +507,6 @@ def test_cli_plot(tmp_path, capsys):
 @pytest.mark.parametrize("suffix", FIGURE_FORMATS)
 def test_every_accepted_picture_format_is_written(tmp_path, suffix):
     """The formats ``check_figure_file`` lets through are the ones matplotlib writes here."""
-    pytest.importorskip("matplotlib")
     out = tmp_path / f"memory.{suffix}"
     assert main(["memory", "--plot", str(out)]) == 0
     assert out.stat().st_size > 0

@@ -97,7 +97,8 @@ def test_offloaded_bytes_are_what_qlora_gpu_offloads(residual_dtype, stream):
     bfloat16 compute and head; its default float32 residual stream, or ``residual_dtype=None``: the stream in
     bfloat16) with activation offload: the bytes it sends to the host are the calculator's ``offloaded``, exactly,
     for the same shape, tokens and stream dtype."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from qlora_gpu.offload import ActivationOffload
     from qlora_gpu.prepare import prepare_model
     from qlora_ref.model.config import LoraConfig

@@ -203,7 +203,6 @@ def test_checkpoint_saved_by_transformers_bitsandbytes(tmp_path):
     """A folder written by transformers for a model loaded in 4 bits by bitsandbytes (NF4 + double quantization):
     the reference reads the stored codes and gives bitsandbytes' own logits. Every in_features is a multiple of
     64, away from bitsandbytes' CPU dequantization bug on ragged rows (docs/quantization.md)."""
-    pytest.importorskip("bitsandbytes")
     from model_helpers import make_hf_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -227,7 +226,7 @@ def test_bitsandbytes_eval_on_an_avx512_bf16_cpu_computes_in_bfloat16():
     """bitsandbytes 0.50.2's ``Linear4bit.forward`` in eval mode without gradients, on a CPU with AVX512-BF16,
     repacks the weight for its CPU kernel — the block scales rounded to bfloat16 — and computes in bfloat16, the
     ``compute_dtype=float32`` asked for notwithstanding (docs/divergences.md). Elsewhere eval and training agree."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
     from bitsandbytes.functional import has_avx512bf16
 
     torch.manual_seed(0)

@@ -442,15 +442,6 @@ def test_keep_v_positive_never_stores_a_positive_v_as_zero():
         assert (v[1] > 0) == keep
 
 
-def _bnb_available():
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # pragma: no cover - depends on the environment
-        return str(e)
-    return None
-
-
-@pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
 def test_dynamic_maps_are_bitsandbytes_maps():
     import bitsandbytes.functional as F
 
@@ -468,7 +459,6 @@ def test_dynamic_maps_are_bitsandbytes_maps():
         assert F.create_dynamic_map(signed=signed).numpy().tobytes() == dynamic_map(signed, fused=fused).tobytes()
 
 
-@pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
 @pytest.mark.parametrize("seed", [0, 3])
 def test_adamw8bit_vs_bitsandbytes_on_cpu(seed):
     """bitsandbytes 0.50's AdamW8bit runs on CPU (dequantize, update in float32, requantize through a lookup
@@ -502,7 +492,38 @@ def test_adamw8bit_vs_bitsandbytes_on_cpu(seed):
     assert state["state1"].dtype == torch.uint8 and state["absmax1"].shape == o.state["x"]["absmax1"].shape
 
 
-@pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
+@pytest.mark.parametrize("seed", [0, 3])
+def test_adamw8bit_every_step_matches_bitsandbytes_from_the_same_state(seed):
+    """The derived one-step bound at each of 100 steps on the quadratic: before every step bitsandbytes' AdamW8bit
+    is given our parameters and states (codes, block absmax), so each step starts from the same state and the two
+    may differ only by float32 round-off and a code rounded to its neighbour (``_assert_one_step_agrees``)."""
+    import bitsandbytes as bnb
+
+    n = 4096
+    grad, _ = _quadratic(n, seed)
+    ours = {"x": np.zeros(n, np.float32)}
+    theirs = torch.nn.Parameter(torch.zeros(n))
+    o = AdamW8bit(lr=1e-2, weight_decay=0.01)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = bnb.optim.AdamW8bit([theirs], lr=1e-2, weight_decay=0.01)
+        for step in range(100):
+            with torch.no_grad():
+                theirs.copy_(torch.from_numpy(ours["x"]))
+            if step:
+                for key in ("state1", "state2", "absmax1", "absmax2"):
+                    b.state[theirs][key].copy_(torch.from_numpy(o.state["x"][key]))
+            old = {"x": ours["x"].copy()}
+            g = grad(ours["x"])
+            o.step(ours, {"x": g})
+            theirs.grad = torch.from_numpy(g.copy())
+            b.step()
+            keys = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+            s_ref = {f"x.{k}": o.state_dict()[f"x.{k}"] for k in keys}
+            s_bnb = {f"x.{k}": b.state[theirs][k] for k in keys}
+            _assert_one_step_agrees("bitsandbytes", ours, {"x": theirs.detach()}, old, s_ref, s_bnb, keys=("x",))
+
+
 def test_adamw8bit_first_step_matches_bitsandbytes_closely():
     """After one step from zero state both hold the same m and v up to one code (the lookup table), and the
     parameters agree to float32 round-off (the update uses the unquantized states in both)."""
@@ -630,7 +651,7 @@ def test_get_lr_refuses_an_unknown_schedule_during_warmup_too(name):
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
 def test_schedules_match_transformers(name):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     total, ratio, base = 200, 0.03, 2e-4
     n_warmup = warmup_steps(total, ratio)
     t = torch.nn.Parameter(torch.zeros(1))
@@ -659,54 +680,73 @@ def _both(name, steps=5, seed=0, **kw):
     return ref, gpu, ref_params, gpu_params
 
 
-@pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
 @pytest.mark.parametrize("name", ["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"])
 def test_gpu_backend_optimizers_agree_with_the_reference(name):
-    """Same names, same state keys, same updates: float32 round-off for the 32-bit optimizers (bitsandbytes'
-    32-bit CPU update is the same formula written differently), and for 8-bit the lookup-table rounding of a few
-    codes. 8-bit bounds, measured rather than derived (a code rounded differently moves that element's state by a
-    whole code step, a discontinuity no round-off argument bounds; the first step, where both start from the same
-    state, is exact up to one code: test_adamw8bit_first_step_matches_bitsandbytes_closely): at most 1.5 % of each
-    state's codes differ (measured <= 0.7 %), at most 6 % of the parameters differ by more than 1e-6 (measured
-    3.5 %), and by at most 2e-3 (measured 7.3e-4; each element moves about lr = 1e-2 per step), 1e-5 on average
-    (measured 2.1e-6)."""
+    """Same names, same state keys, same updates, step by step: before each of six steps (warmup included) the GPU
+    backend's optimizer takes the reference's state (the first step: both from zero state), and every step agrees
+    within the derived one-step bound (``_assert_one_step_agrees``). Step by step, not whole trajectories: an 8-bit
+    code the two round to neighbours moves that element's state by a code step, a discontinuity no round-off
+    argument bounds once later steps carry it on."""
+    from qlora_gpu.optim import make_optimizer as make_gpu
+
     kw = dict(lr=1e-2, weight_decay=0.01)
     if "8bit" in name:
         kw["min_8bit_size"] = 1000
-    ref, gpu, rp, gp = _both(name, **kw)
-    sd_ref, sd_gpu = ref.state_dict(), gpu.state_dict()
-    assert sd_ref.keys() == sd_gpu.keys()
-    for k, v in sd_ref.items():
-        assert tuple(sd_gpu[k].shape) == v.shape, k
-    for k in SHAPES:
-        diff = np.abs(rp[k] - gp[k].numpy())
-        if "8bit" in name and SHAPES[k][0] * (SHAPES[k][1] if len(SHAPES[k]) > 1 else 1) >= 1000:
-            assert diff.max() <= 2e-3 and diff.mean() <= 1e-5 and np.mean(diff > 1e-6) <= 0.06, k
-            for s in ("state1", "state2"):
-                codes_ref, codes_gpu = np.asarray(sd_ref[f"{k}.{s}"]), np.asarray(sd_gpu[f"{k}.{s}"])
-                assert codes_ref.dtype == np.uint8 and np.mean(codes_ref != codes_gpu) <= 0.015, (k, s)
-        else:
-            np.testing.assert_allclose(rp[k], gp[k].numpy(), rtol=1e-5, atol=1e-6)
+    rng = np.random.default_rng(0)
+    rp = {k: rng.standard_normal(s).astype(np.float32) for k, s in SHAPES.items()}
+    ref, gpu, steps = make_optimizer(name, **kw), make_gpu(name, **kw), 6
+    for step in range(steps):
+        if step:
+            gpu.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in ref.state_dict().items()})
+        ref.lr = gpu.lr = constant_with_warmup(step, kw["lr"], total_steps=steps, warmup_ratio=0.2)
+        gp = {k: torch.from_numpy(v.copy()) for k, v in rp.items()}
+        old = {k: v.copy() for k, v in rp.items()}
+        g = _grads(rng, SHAPES, 0.1)
+        ref.step(rp, g)
+        gpu.step(gp, {k: torch.from_numpy(v.copy()) for k, v in g.items()})
+        sd_ref, sd_gpu = ref.state_dict(), gpu.state_dict()
+        assert sd_ref.keys() == sd_gpu.keys()
+        for k, v in sd_ref.items():
+            assert tuple(sd_gpu[k].shape) == np.shape(v), k
+        _assert_one_step_agrees(name, rp, gp, old, sd_ref, sd_gpu)
 
 
-def _assert_one_step_agrees(name, p_ref, p_gpu, p_old, s_ref, s_gpu):
-    """One step of both backends from the same state: each rounds the new parameter once (u|p| apiece) and computes
-    the update in about six float32 operations (sqrt, division, the learning rate, weight decay: 6u|update| apiece),
-    so they differ by at most 2u|p| + 12u|update|; an 8-bit state requantized from the same float32 values lands on
-    the same code or, where bitsandbytes' lookup table rounds a value near the midpoint the other way, its
-    neighbour."""
+#: bitsandbytes' CPU kernel finds 8-bit codes through a lookup table, not the nearest code: its code's error exceeds
+#: the nearest one's by at most this fraction of the block absmax (measured: 3.0e-5 over values spanning 20 orders of
+#: magnitude, where up to half the codes of the dense end of the map are 1-7 steps off; docs/quantization.md)
+BNB_LUT_SLACK = 2.0**-15
+
+
+def _assert_one_step_agrees(name, p_ref, p_gpu, p_old, s_ref, s_gpu, keys=tuple(SHAPES)):
+    """One step of both backends from the same state. Parameters: each computes p(1 - lr wd) and adds the update
+    (at most two roundings at the parameter's magnitude apiece: 4u|p| between them) and forms the update in about
+    eight float32 operations (two moments, two bias corrections, sqrt, epsilon, division, the learning rate:
+    16u|update| between them). 8-bit states, compared as the values they stand for: the reference's code is the
+    nearest (at most half the gap to a neighbour away from the float32 state, which itself agrees to round-off),
+    bitsandbytes' lookup table adds at most BNB_LUT_SLACK of the block absmax."""
     u = 2.0**-24
-    for k in SHAPES:
+    for k in keys:
         new, other = p_ref[k], p_gpu[k].numpy()
-        bound = 2 * u * np.abs(new) + 12 * u * np.abs(new - p_old[k])
+        bound = 4 * u * np.abs(new) + 16 * u * np.abs(new - p_old[k])
         assert np.all(np.abs(new - other) <= bound), (name, k, float(np.max(np.abs(new - other) - bound)))
-    for k, v in s_ref.items():
-        if np.asarray(v).dtype == np.uint8:
-            codes = np.abs(np.asarray(v).astype(int) - s_gpu[k].numpy().astype(int))
-            assert codes.max() <= 1 and codes.mean() <= 0.01, k
+    for key, v in s_ref.items():
+        if np.asarray(v).dtype != np.uint8:
+            continue
+        prefix, which = key.rsplit(".", 1)  # "<param>.state1" / "<param>.state2"
+        n = which[-1]
+        qmap = np.asarray(s_ref[f"{prefix}.qmap{n}"], np.float64)
+        values = []
+        for sd in (s_ref, s_gpu):
+            codes = np.asarray(sd[key]).astype(np.int64).reshape(-1)
+            absmax = np.repeat(np.asarray(sd[f"{prefix}.absmax{n}"], np.float64).reshape(-1), 256)[:codes.size]
+            values.append((qmap[codes], absmax))
+        (v_ref, am), (v_gpu, am_gpu) = values
+        c = np.asarray(v).astype(np.int64).reshape(-1)
+        half_gap = np.maximum(np.diff(qmap, prepend=qmap[0])[c], np.diff(qmap, append=qmap[-1])[c]) / 2
+        bound = (2 * half_gap + BNB_LUT_SLACK) * am + 4 * u * np.abs(am - am_gpu) + 4 * u * am
+        assert np.all(np.abs(v_ref * am - v_gpu * am_gpu) <= bound), (name, key)
 
 
-@pytest.mark.skipif(_bnb_available() is not None, reason="bitsandbytes is not importable")
 @pytest.mark.parametrize("name", ["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"])
 def test_checkpoints_move_between_backends(name):
     """A reference state dict (8-bit codes, block absmax and maps included) loads into the GPU backend's optimizer
@@ -807,3 +847,27 @@ def test_adamw_fast_falls_back_to_the_definition_off_its_layout():
         adamw_update(*a, 5, 1e-3, 0.9, 0.999, 1e-8, 0.01)
         adamw_update_fast(*b, 5, 1e-3, 0.9, 0.999, 1e-8, 0.01)
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("name", ["adamw", "paged_adamw", "adamw_8bit"])
+def test_gpu_optimizer_updates_the_tensors_it_is_given(name):
+    """As the reference does, whatever tensors hold the parameters: a tensor other than the one the optimizer was
+    built over (a copy, a reloaded model) is updated, with the state it had. The optimizer used to go on updating
+    the old tensor and leave the given one unchanged, silently; a changed shape is refused by name."""
+    from qlora_gpu.optim import make_optimizer as make_gpu
+
+    kw = dict(lr=1e-2, min_8bit_size=1000) if "8bit" in name else dict(lr=1e-2)
+    rng = np.random.default_rng(4)
+    first = {k: torch.from_numpy(rng.standard_normal(s).astype(np.float32)) for k, s in SHAPES.items()}
+    twin = {k: v.clone() for k, v in first.items()}
+    a, b = make_gpu(name, **kw), make_gpu(name, **kw)
+    for _ in range(2):
+        g = {k: torch.from_numpy(v) for k, v in _grads(rng, SHAPES, 0.1).items()}
+        a.step(first, g)
+        b.step(twin, g)
+        twin = {k: v.clone() for k, v in twin.items()}  # new tensors, the same values: b must update these
+    for k in SHAPES:
+        assert torch.equal(first[k], twin[k]), k
+    with pytest.raises(ValueError, match="'w2' changed to"):
+        wrong = {**twin, "w2": torch.zeros(3)}
+        b.step(wrong, {k: torch.zeros_like(v) for k, v in wrong.items()})

@@ -9,8 +9,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("bitsandbytes")
-
 from qlora_gpu.optim import make_optimizer  # noqa: E402
 from qlora_gpu.train import optimizer_step  # noqa: E402
 

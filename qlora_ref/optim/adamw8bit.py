@@ -29,9 +29,10 @@ The quantization is the project's quantization core (``qlora_ref.blockwise`` wit
 ``qlora_ref.codebooks.dynamic_map``; for the signed map it is ``quantize_blockwise_8bit``), so values go to the
 exactly nearest code. Where this differs from bitsandbytes 0.50 (checked on its CPU backend):
 
-- bitsandbytes' CPU kernel finds codes through a lookup table that is not exact-nearest (a small fraction of
-  codes are one or more steps off), so states — and through them parameters — differ slightly; the test states
-  the bound. Its CUDA kernel quantizes inside the fused update kernel; the maps, blocks and formula are the same.
+- bitsandbytes' CPU kernel finds codes through a lookup table that is not exact-nearest (its code's error
+  exceeds the nearest one's by up to about 2^-15 of the block absmax: a small fraction of codes one or more steps
+  off for Gaussian states, up to half of them where ``v`` spans many orders of magnitude and the map is finer than
+  the table), so states — and through them parameters — differ slightly; the tests state the bound per step. Its CUDA kernel quantizes inside the fused update kernel; the maps, blocks and formula are the same.
 - bitsandbytes' CUDA kernel nudges an ``m`` whose code would have the wrong sign (a tiny negative value
   rounded to the zero code) to the neighbouring negative code; the reference keeps the exactly nearest code.
 - bitsandbytes updates ``m`` as ``m * beta1 + g * (1 - beta1)``, the reference as torch's lerp (one rounding
