@@ -35,7 +35,7 @@ def _train(params, opt, steps, seed, micro=1, max_norm=0.3):
     return norms
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=max(15, settings.default.max_examples // 4), deadline=None)
 @given(shapes=shapes_st, steps=st.integers(1, 4), micro=st.integers(1, 2), bind=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
 def test_flat_is_bit_identical_to_one_update_per_parameter(shapes, steps, micro, bind, dtype, seed):
@@ -74,7 +74,7 @@ def test_parameters_and_gradients_live_in_the_buffer():
 
 
 @given(shapes=shapes_st, dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=max(20, settings.default.max_examples // 3), deadline=None)
 def test_each_slice_starts_where_a_separate_tensor_would(shapes, dtype):
     """CUDA kernels pick vectorised paths by address (``_foreach_norm`` then sums in another order): every slice
     starts on a 512-byte boundary of the buffer, in order, with gaps shorter than 512 bytes."""
