@@ -712,3 +712,36 @@ def test_options_another_method_ignores_are_said(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # each option where it acts: no warning
         assert main(["memory", "--method", "qlora", "--r", "8", "--quant-type", "fp4", "--no-double-quant"]) == 0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw", "adamw_8bit", "paged_adamw_8bit"])
+def test_optimizer_state_bytes_are_the_states_the_optimizers_allocate(optimizer):
+    """The calculator's bytes per trainable parameter (``OPTIMIZERS``) against the states the optimizers really
+    allocate: torch's AdamW (``adamw``) and bitsandbytes' classes, stepped once on the CPU over a parameter of
+    256 x 20 elements (at least bitsandbytes' ``min_8bit_size`` of 4096, under which it keeps 32-bit states; a
+    whole number of its 256-element blocks), every state tensor counted; and the estimate charges exactly that."""
+    import warnings
+
+    import bitsandbytes as bnb
+    import torch
+
+    from qlora_ref.memory import OPTIMIZERS
+
+    n = 256 * 20
+    p = torch.nn.Parameter(torch.zeros(n))
+    cls = {"adamw": torch.optim.AdamW, "paged_adamw": bnb.optim.PagedAdamW, "adamw_8bit": bnb.optim.AdamW8bit,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optimizer]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes' paged classes on a machine without CUDA
+        opt = cls([p], lr=1e-3)
+        p.grad = torch.ones(n)
+        opt.step()
+    # the moments and their block scales; not the step counter, nor the 256-value maps shared by every parameter
+    state = {k: v for k, v in opt.state[p].items() if torch.is_tensor(v) and v.numel() > 1 and not k.startswith("qmap")}
+    assert set(state) in ({"exp_avg", "exp_avg_sq"}, {"state1", "state2"},
+                          {"state1", "state2", "absmax1", "absmax2"}), set(state)
+    per_param = sum(v.numel() * v.element_size() for v in state.values()) / n
+    assert per_param == OPTIMIZERS[optimizer][0]
+    est = estimate_memory("llama-7b", optimizer=optimizer)
+    assert est.optimizer_states == math.ceil(est.n_trainable * per_param)
+    assert est.paged == (est.optimizer_states if optimizer.startswith("paged") else 0)

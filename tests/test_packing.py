@@ -65,19 +65,22 @@ def test_packs_hold_every_example_once_within_max_length(lengths, max_length):
 TOK = ByteTokenizer()
 
 
-def _dataset(n=30, seed=0, max_length=600):
-    """Alpaca-formatted examples of 140 to 200 byte tokens (the prompt's preamble is most of it): 3 or 4 a pack."""
+def _dataset(n=30, seed=0, max_length=600, train_on_source=False):
+    """Alpaca-formatted examples of 140 to 200 byte tokens (the prompt's preamble is most of it): 3 or 4 a pack.
+    ``train_on_source``: the prompt's tokens are targets too (the paper's ablation), so an example's first label is
+    a token, which packing alone must mask."""
     rng = np.random.default_rng(seed)
     examples = [record_to_example({"input": "q" * int(rng.integers(1, 40)), "output": "a" * int(rng.integers(1, 20))},
                                   f"x:{i}") for i in range(n)]
-    data = build_dataset(examples, TOK, max_length=max_length)
+    data = build_dataset(examples, TOK, max_length=max_length, train_on_source=train_on_source)
     assert len(data) == n
     return data
 
 
+@pytest.mark.parametrize("train_on_source", [False, True])
 @pytest.mark.parametrize("pack_length", [None, 1500])
-def test_packed_batches_restart_positions_and_mask_the_first_label(pack_length):
-    data = _dataset()
+def test_packed_batches_restart_positions_and_mask_the_first_label(pack_length, train_on_source):
+    data = _dataset(train_on_source=train_on_source)
     seen = []
     for batch in iterate_packed_batches(data, batch_size=2, seed=1, pack_length=pack_length):
         ids, labels, pos, mask = batch["input_ids"], batch["labels"], batch["position_ids"], batch["attention_mask"]
@@ -122,8 +125,11 @@ def test_pack_length_is_checked():
         TrainConfig(packing=True, max_length=128, pack_length=100)
 
 
-def test_packed_batch_has_the_targets_and_tokens_of_the_unpacked_examples():
-    data = _dataset(n=12)
+@pytest.mark.parametrize("train_on_source", [False, True])
+def test_packed_batch_has_the_targets_and_tokens_of_the_unpacked_examples(train_on_source):
+    """A packed batch has exactly the targets of the same examples unpadded: with the prompt trained on too, one
+    more target per example after a pack's first would be its last token predicting the next example's first."""
+    data = _dataset(n=12, train_on_source=train_on_source)
     packs = pack_examples(data.lengths, data.max_length)
     packed = collate_packed([[data.input_ids[i] for i in p] for p in packs],
                             [[data.labels[i] for i in p] for p in packs], data.pad_token_id)
