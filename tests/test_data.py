@@ -215,6 +215,18 @@ def test_dropped_for_length_are_counted_and_reported(tmp_path):
     assert all(len(x) <= 300 for x in data.input_ids)
 
 
+def test_an_example_of_exactly_max_length_tokens_is_kept_and_one_more_is_dropped():
+    """The boundary of the length filter: only examples *longer* than max_length are dropped. Dropping at
+    ``>=`` passed every test and would silently lose every example that exactly fills the context."""
+    ex = record_to_example({"input": "q" * 20, "output": "a" * 5}, "x:1")
+    n = len(tokenize_example(ex, TOK)[0])
+    kept = build_dataset([ex], TOK, max_length=n)
+    assert len(kept) == 1 and len(kept.input_ids[0]) == n and not kept.report.dropped
+    with pytest.warns(UserWarning, match=f"1 dropped: longer than max_length={n - 1}"):
+        dropped = build_dataset([ex], TOK, max_length=n - 1)
+    assert len(dropped) == 0 and dropped.report.dropped[f"longer than max_length={n - 1} tokens"] == 1
+
+
 def test_no_response_token_is_dropped_and_counted():
     ex = record_to_example({"input": "q", "output": ""}, "x:1")
     tok = ByteTokenizer()

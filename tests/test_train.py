@@ -219,6 +219,71 @@ def test_schedule_clipping_and_accounting_in_the_log(tiny):
     assert result.train_losses == [e["loss"] for e in log]
 
 
+def _run_recording_optimizer_steps(tiny, config):
+    """Train ``config`` on the reference backend, recording what the loop passes to each ``optimizer_step`` (the
+    arguments, the gradients as accumulated, the adapters before and after, the returned norm); the step itself
+    is the backend's own."""
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import train
+
+    folder, _, train_ds, _ = tiny
+    trainer, _ = make_trainer(folder, config, "ref")
+    optimizer_step, steps = trainer.optimizer_step, []
+
+    def recording_optimizer_step(lr, max_grad_norm):
+        seen = {"args": (lr, max_grad_norm), "grads": {k: g.copy() for k, g in trainer.grads.items()},
+                "before": trainer.adapter_state()}
+        seen["norm"] = optimizer_step(lr, max_grad_norm)
+        seen["after"] = trainer.adapter_state()
+        steps.append(seen)
+        return seen["norm"]
+
+    trainer.optimizer_step = recording_optimizer_step
+    train(trainer, train_ds, config)
+    return steps
+
+
+def test_the_optimizer_is_given_the_scheduled_lr_and_the_clip_threshold(tiny):
+    """The log's lr is the loop's own variable, and its grad_norm the pre-clip norm: neither shows what reached the
+    optimizer. A constant lr (warmup and decay lost) or no clipping trained without any test noticing. Exact: the
+    loop calls the same ``get_lr`` with the same arguments."""
+    config = small_config(max_steps=4, warmup_ratio=0.5, max_grad_norm=0.05, lr_scheduler="cosine")
+    steps = _run_recording_optimizer_steps(tiny, config)
+    n_warm = warmup_steps(4, 0.5)
+    expected = [(get_lr("cosine", s, 1e-3, 4, 0.5, n_warm), 0.05) for s in range(4)]
+    assert [s["args"] for s in steps] == expected
+    assert expected[0][0] == 0.0 and 0 < expected[-1][0] < 1e-3  # warmup from 0, then decay
+
+
+def test_the_reference_step_applies_the_gradient_clipped_to_max_grad_norm(tiny):
+    """Each step's adapters equal a fresh AdamW's, fed the step's accumulated gradients clipped by hand to the
+    config's max_grad_norm at the scheduled lr. Exact: the same NumPy calls in the same order on the same arrays
+    (``clip_grad_norm``'s float32 coefficient, then AdamW). Unclipped gradients differ from step 2 on, where the
+    clip factors of the steps differ and so m/sqrt(v) changes."""
+    from qlora_ref.optim import AdamW, grad_norm
+
+    c = 0.05
+    config = small_config(max_steps=4, warmup_ratio=0.5, max_grad_norm=c, lr_scheduler="cosine", optimizer="adamw")
+    steps = _run_recording_optimizer_steps(tiny, config)
+    n_warm = warmup_steps(4, 0.5)
+    optimizer = AdamW(lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon,
+                      weight_decay=config.weight_decay)
+    params = {k: v.copy() for k, v in steps[0]["before"].items()}
+    factors = []
+    for s, seen in enumerate(steps):
+        grads = seen["grads"]
+        norm = grad_norm(grads)
+        assert seen["norm"] == norm  # the pre-clip norm
+        factor = min(np.float32(np.float32(c) / (np.float32(norm) + np.float32(1e-6))), np.float32(1.0))
+        factors.append(float(factor))
+        optimizer.lr = get_lr("cosine", s, config.learning_rate, 4, 0.5, n_warm)
+        optimizer.step(params, {k: g * factor for k, g in grads.items()})
+        assert params.keys() == seen["after"].keys()
+        for name in params:
+            np.testing.assert_array_equal(seen["after"][name], params[name], err_msg=f"step {s + 1}: {name}")
+    assert len(set(factors[1:])) > 1 and max(factors[1:]) < 1  # clipping acted, by different factors
+
+
 @pytest.mark.parametrize("backend", ["ref", "gpu"])
 def test_a_non_finite_gradient_stops_the_run_before_it_reaches_the_adapters(tiny, backend):
     """One gradient element overflows at step 2 (the loss stays finite): the run stops naming the norm, and the
@@ -264,6 +329,81 @@ def test_training_lowers_the_loss(tiny):
     before = evaluate(trainer, eval_ds, 4)["eval_loss"]
     _, result = run(folder, train_ds, config, eval_data=eval_ds)
     assert result.eval["eval_loss"] < before - 0.5, (before, result.eval)
+
+
+class _CountingBackend:
+    """A backend whose held-out "loss" of a batch is the sum of its target label ids (integers, so every sum of
+    them is exact in float64) with the batch's target count; it records the batches it is given."""
+
+    def __init__(self, world=None):
+        self.world, self.seen = world, []
+
+    def eval_loss(self, batch):
+        from qlora_ref.loss import count_targets
+
+        self.seen.append(batch["labels"])
+        targets = batch["labels"][:, 1:]
+        return float(targets[targets != -100].sum()), count_targets(batch["labels"])
+
+
+class _FakeRank:
+    """Rank ``rank`` of 2 (the interface of ``loop.SingleProcess``), one process: ``sum`` records what this rank
+    contributes and adds the other rank's ``theirs``, as an all-reduce would."""
+
+    world_size = 2
+
+    def __init__(self, rank, theirs):
+        self.rank, self.theirs, self.mine = rank, theirs, None
+
+    def sum(self, values):
+        self.mine = list(values)
+        return [a + b for a, b in zip(values, self.theirs, strict=True)]
+
+    def barrier(self):
+        pass
+
+
+def test_sharded_evaluation_of_an_odd_number_of_batches_equals_one_process(tiny):
+    """3 batches over 2 ranks: rank 1 runs a repeat of batch 0 to keep step with rank 0, and must not count it.
+    Every other sharded test divides evenly, so counting the repeat went unnoticed (an eval_loss biased towards
+    batch 0, too many eval_targets). Exact: integer-valued float sums."""
+    from qlora_ref.train.loop import evaluate
+
+    _, _, _, eval_ds = tiny
+    batch_size = 5  # 12 examples: batches of 5, 5, 2
+    single = evaluate(_CountingBackend(), eval_ds, batch_size)
+    first = [_FakeRank(r, [0.0, 0]) for r in range(2)]  # what each rank contributes
+    backends = [_CountingBackend(w) for w in first]
+    for b in backends:
+        evaluate(b, eval_ds, batch_size)
+    assert [len(b.seen) for b in backends] == [2, 2]  # the same number of forward passes on every rank
+    np.testing.assert_array_equal(backends[1].seen[1], backends[0].seen[0])  # rank 1's repeat of batch 0
+    targets = [y[1:][y[1:] != -100] for y in eval_ds.labels]  # per example: independent of the batching
+    expected = [float(sum(t.sum() for t in targets)), sum(t.size for t in targets)]
+    assert [first[0].mine[k] + first[1].mine[k] for k in range(2)] == expected
+    assert single["eval_targets"] == expected[1] and single["eval_loss"] == expected[0] / expected[1]
+    results = [evaluate(_CountingBackend(_FakeRank(r, first[1 - r].mine)), eval_ds, batch_size) for r in range(2)]
+    assert results == [single, single]
+
+
+def test_evaluate_max_batches_counts_exactly_the_first_batches(tiny):
+    """``max_batches`` (the recipe's eval_batches, ``qlora evaluate --max-batches``) takes the first N batches in
+    file order, no more: with N+1 the held-out numbers silently covered another subset. The count is exact integer
+    counting; the loss is bit-identical to evaluating just those examples (the same calls on the same batches)."""
+    from dataclasses import replace
+
+    from qlora_ref.train.api import make_trainer
+    from qlora_ref.train.loop import evaluate
+
+    folder, _, _, eval_ds = tiny
+    trainer, _ = make_trainer(folder, small_config(max_steps=1), "ref")
+    first_four = replace(eval_ds, input_ids=eval_ds.input_ids[:4], labels=eval_ds.labels[:4],
+                         sources=eval_ds.sources[:4])
+    result = evaluate(trainer, eval_ds, batch_size=2, max_batches=2)
+    assert result["eval_targets"] == sum(int((y[1:] != -100).sum()) for y in eval_ds.labels[:4])
+    assert result == evaluate(trainer, first_four, batch_size=2)
+    more = evaluate(_CountingBackend(), eval_ds, batch_size=2, max_batches=3)["eval_targets"]
+    assert result["eval_targets"] < more  # the third batch has targets: one batch too many would show
 
 
 @pytest.mark.parametrize("compute_dtype,double_quant,rel_tol", [
