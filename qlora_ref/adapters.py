@@ -327,8 +327,12 @@ def load_adapter(model, folder) -> dict:
                          f"{' ...' if len(missing) > 4 else ''}")
     model_lora = getattr(model, "lora", None)
     if model_lora is not None and abs(model_lora.scaling - lora.scaling) > 0:
-        raise ValueError(f"{folder}: adapter scaling alpha/r = {lora.alpha}/{lora.r} differs from the model's "
-                         f"{model_lora.alpha}/{model_lora.r}; build the model with the adapter's LoraConfig")
+        def scaling(c) -> str:  # rsLoRA divides by sqrt(r): the same alpha and r can scale differently
+            return f"alpha/{'sqrt(r)' if c.use_rslora else 'r'} = {c.alpha}/{'sqrt(' if c.use_rslora else ''}{c.r}" \
+                   f"{')' if c.use_rslora else ''} = {c.scaling:g}"
+
+        raise ValueError(f"{folder}: adapter scaling {scaling(lora)} differs from the model's {scaling(model_lora)}; "
+                         "build the model with the adapter's LoraConfig")
     try:
         model.load_lora_parameters(weights)
     except (KeyError, ValueError) as e:

@@ -116,6 +116,13 @@ def test_peft_adapter_loads_into_both_backends(folder, tmp_path, use_rslora):
     gpu.save_adapter(tmp_path / "again")
     a, b = read_adapter_files(tmp_path / "peft_ad")[0], read_adapter_files(tmp_path / "again")[0]
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # the re-saved adapter_config.json decides the scale PEFT applies: rsLoRA must survive the round trip, or
+    # PEFT silently runs the adapters √3 too weak
+    for again in ("again_ref", "again"):
+        assert read_adapter_lora_config(tmp_path / again) == lora
+        fresh = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        reloaded = peft.PeftModel.from_pretrained(fresh, tmp_path / again).eval()
+        assert rel_err(hf_logits(reloaded, IDS), expected) < TOL, again
 
 
 def test_adapters_move_between_backends_on_a_4bit_model(folder, tmp_path):
@@ -130,6 +137,26 @@ def test_adapters_move_between_backends_on_a_4bit_model(folder, tmp_path):
     gpu.load_adapter(tmp_path / "ad")
     with torch.no_grad():
         assert rel_err(gpu.eval()(IDS).numpy(), ref.eval().forward(IDS)) < TOL
+
+
+@pytest.mark.parametrize("saved", [LoraConfig(r=4, alpha=16.0), LoraConfig(r=4, alpha=8.0, use_rslora=True)],
+                         ids=["alpha", "rslora"])
+def test_an_adapter_of_another_scaling_is_refused(folder, tmp_path, saved):
+    """Same r, so every shape matches and only the scale differs (2x; √4 = 2x for rsLoRA): nothing but this check
+    stops the adapter running at the wrong strength, on either backend."""
+    from qlora_gpu.model import QLoRAModel
+
+    ref = load_model(folder, quant=None, lora=saved, tokenizer=False)
+    randomize_adapters(ref)
+    save_adapter(ref, tmp_path / "ad")
+    plain = LoraConfig(r=4, alpha=8.0)
+    assert plain.scaling != saved.scaling
+    theirs = r"alpha/sqrt\(r\) = 8.0/sqrt\(4\) = 4" if saved.use_rslora else r"alpha/r = 16.0/4 = 4"
+    match = rf"adapter scaling {theirs} differs from the model's alpha/r = 8.0/4 = 2;"
+    for model in (load_model(folder, quant=None, lora=plain, tokenizer=False),
+                  QLoRAModel.from_pretrained(folder, quant=None, lora=plain)):
+        with pytest.raises(ValueError, match=match):
+            load_adapter(model, tmp_path / "ad")
 
 
 def test_model_fingerprint_is_of_the_weights_not_the_path(folder, tmp_path, monkeypatch):
@@ -346,3 +373,30 @@ def test_quantize_hf_folder_loads_in_transformers_and_the_reference(folder, tmp_
     np.testing.assert_array_equal(stored.forward(IDS), fresh.forward(IDS))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_hf_folder(tmp_path / "q4", tmp_path / "q4b")
+
+
+@pytest.mark.parametrize("backend", ["ref", "gpu"])
+def test_merging_a_model_with_biases_keeps_them(tmp_path, backend):
+    """Qwen2's q/k/v biases: transformers loads a merged folder that lacks them with zero biases and only a log
+    line, so the names are checked exactly (a merge changes values, never names) and the logits to the file's
+    float32 round-off TOL (the biases are 0.2-scale, far above it)."""
+    import transformers
+
+    from qlora_gpu.model import QLoRAModel
+
+    original = tmp_path / "qwen2"
+    write_tiny_model(original, arch="qwen2", seed=4)
+    names = set(load_file(original / "model.safetensors"))
+    assert any(k.endswith("q_proj.bias") for k in names)
+    lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
+    ref = load_model(original, quant=quant, lora=lora)
+    randomize_adapters(ref, seed=5)
+    if backend == "ref":
+        merge_and_export(ref, tmp_path / "merged", dtype="float32")
+    else:
+        gpu = QLoRAModel.from_pretrained(original, quant=quant, lora=lora)
+        gpu.load_lora_parameters(ref.lora_parameters())
+        gpu.merge_and_export(tmp_path / "merged", dtype="float32")
+    assert set(load_file(tmp_path / "merged" / "model.safetensors")) == names
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert rel_err(hf_logits(hf, IDS), ref.eval().forward(IDS)) < TOL

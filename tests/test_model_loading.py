@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_helpers import max_rel_err, small_hf_model
+from model_helpers import make_hf_model, max_rel_err, small_hf_model
 from safetensors.numpy import save_file
 
 from qlora_ref.model import CheckpointError, QuantConfig, load_model
@@ -104,6 +104,27 @@ def test_a_mistral_config_without_sliding_window_takes_transformers_default():
          "num_hidden_layers": 1, "num_attention_heads": 2}
     assert ModelConfig.from_hf_dict(d).sliding_window == MistralConfig(**d).sliding_window
     assert ModelConfig.from_hf_dict({**d, "sliding_window": None}).sliding_window is None
+
+
+@pytest.mark.parametrize("missing", [lambda d: d.pop("num_key_value_heads"),
+                                     lambda d: d.update(num_key_value_heads=None)], ids=["absent", "null"])
+def test_a_config_without_num_key_value_heads_is_multi_head(tmp_path, missing):
+    """Older Llama configs (transformers < 4.31) lack the key; transformers' LlamaConfig reads it as
+    num_attention_heads (plain multi-head attention). Read as anything else (1, MQA), such a folder fails to load,
+    and ``qlora memory`` on its config.json silently under-counts the K/V cache."""
+    from transformers import LlamaConfig
+
+    from qlora_ref.model.config import ModelConfig
+
+    hf = make_hf_model("llama", vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=4)
+    d = hf.config.to_dict()
+    missing(d)
+    assert ModelConfig.from_hf_dict(d).num_key_value_heads == LlamaConfig(**d).num_key_value_heads == 4
+    hf.save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    ids = ids_for(53)
+    assert max_rel_err(load_model(tmp_path).forward(ids), hf_logits(hf, ids)) <= 1e-5
 
 
 def test_shape_disagreeing_with_config_names_file_and_tensor(llama, tmp_path):

@@ -32,7 +32,8 @@ exactly nearest code. Where this differs from bitsandbytes 0.50 (checked on its 
 - bitsandbytes' CPU kernel finds codes through a lookup table that is not exact-nearest (its code's error
   exceeds the nearest one's by up to about 2^-15 of the block absmax: a small fraction of codes one or more steps
   off for Gaussian states, up to half of them where ``v`` spans many orders of magnitude and the map is finer than
-  the table), so states — and through them parameters — differ slightly; the tests state the bound per step. Its CUDA kernel quantizes inside the fused update kernel; the maps, blocks and formula are the same.
+  the table), so states — and through them parameters — differ slightly; the tests state the bound per step.
+  Its CUDA kernel quantizes inside the fused update kernel; the maps, blocks and formula are the same.
 - bitsandbytes' CUDA kernel nudges an ``m`` whose code would have the wrong sign (a tiny negative value
   rounded to the zero code) to the neighbouring negative code; the reference keeps the exactly nearest code.
 - bitsandbytes updates ``m`` as ``m * beta1 + g * (1 - beta1)``, the reference as torch's lerp (one rounding
