@@ -137,7 +137,7 @@ def test_two_ranks_with_accumulation_and_clipping_agree_within_float32_reorderin
     assert len(b) == 10 and a[-1] < a[0] - 0.5
     np.testing.assert_allclose(b, a, rtol=RTOL, atol=0)
     norms = [e["grad_norm"] for e in two["log_history"]]
-    assert max(norms) > 0.3  # clipping acted
+    assert max(norms) > 0.3  # the pre-clip norm passes the threshold: the ranks' clipping is in play
     np.testing.assert_allclose(norms, [e["grad_norm"] for e in one.log_history], rtol=RTOL)
     theirs = read_adapter_files(out)[0]
     assert mine.keys() == theirs.keys()
