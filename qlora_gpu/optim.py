@@ -56,6 +56,15 @@ FLAT_MAX_NUMEL = 2**31 - 1
 FLAT_ALIGN_BYTES = 512
 
 
+def _check_unchanged(name: str, t: torch.Tensor, built: torch.Tensor) -> None:
+    """A parameter handed to the optimizer in place of the one it was built over must have its shape, dtype and
+    device; anything else needs a new optimizer."""
+    if t.shape != built.shape or t.dtype != built.dtype or t.device != built.device:
+        raise ValueError(f"parameter {name!r} changed to {tuple(t.shape)} {t.dtype} on {t.device} after the optimizer "
+                         f"was built for {tuple(built.shape)} {built.dtype} on {built.device}: build a new optimizer "
+                         "(or move the model before building it)")
+
+
 def flat_layout(numels: list[int], element_size: int) -> tuple[list[int], int]:
     """Where each tensor of ``numels`` elements starts in the flat buffer (in elements, each start aligned to
     ``FLAT_ALIGN_BYTES``) and the buffer's length. The gaps (under 512 bytes each) stay zero, and AdamW keeps a
@@ -223,10 +232,7 @@ class TorchOptimizer:
             old = held[i]
             if t is old:
                 continue
-            if t.shape != old.shape or t.dtype != old.dtype or t.device != old.device:
-                raise ValueError(f"parameter {name!r} changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
-                                 f"optimizer was built for {tuple(old.shape)} {old.dtype} on {old.device}: build a "
-                                 "new optimizer (or move the model before building it)")
+            _check_unchanged(name, t, old)
             held[i] = t
             if old in self._opt.state:
                 self._opt.state[t] = self._opt.state.pop(old)
@@ -398,10 +404,7 @@ class FlatBuffer:
         for t, view, ptr, name in zip(tensors, self.views, self._ptrs, names, strict=True):
             if t.data_ptr() == ptr:
                 continue
-            if t.shape != view.shape or t.dtype != view.dtype or t.device != view.device:
-                raise ValueError(f"parameter {name!r} changed to {tuple(t.shape)} {t.dtype} on {t.device} after the "
-                                 f"optimizer was built for {tuple(view.shape)} {view.dtype} on {view.device}: build "
-                                 "a new optimizer (or move the model before building it)")
+            _check_unchanged(name, t, view)
             view.copy_(t.detach())
             t.data = view
 

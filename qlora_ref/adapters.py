@@ -328,8 +328,8 @@ def load_adapter(model, folder) -> dict:
     model_lora = getattr(model, "lora", None)
     if model_lora is not None and abs(model_lora.scaling - lora.scaling) > 0:
         def scaling(c) -> str:  # rsLoRA divides by sqrt(r): the same alpha and r can scale differently
-            return f"alpha/{'sqrt(r)' if c.use_rslora else 'r'} = {c.alpha}/{'sqrt(' if c.use_rslora else ''}{c.r}" \
-                   f"{')' if c.use_rslora else ''} = {c.scaling:g}"
+            r = ("sqrt(r)", f"sqrt({c.r})") if c.use_rslora else ("r", c.r)
+            return f"alpha/{r[0]} = {c.alpha}/{r[1]} = {c.scaling:g}"
 
         raise ValueError(f"{folder}: adapter scaling {scaling(lora)} differs from the model's {scaling(model_lora)}; "
                          "build the model with the adapter's LoraConfig")
