@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 
@@ -51,7 +53,7 @@ def check_finite_differences(f, x, grad_out, grad_x, rng, eps=1e-6, n_dirs=3):
     for _ in range(n_dirs):
         v = rng.standard_normal(x.shape)
 
-        def central(h):
+        def central(h, v=v):
             return (np.sum(f(x + h * v) * grad_out) - np.sum(f(x - h * v) * grad_out)) / (2 * h)
 
         numeric, numeric_2h = central(eps), central(2 * eps)
@@ -74,6 +76,12 @@ SMALL_CONFIGS = {
     # Qwen2: q/k/v biases, tied embeddings
     "qwen2": dict(arch="qwen2", vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen2 extended by YaRN (as Qwen2.5's model cards add it for long inputs): theta 100 and an original context
+    # of 1024 put the ramp over dimensions 2-7, so head dims 12 hold kept, blended and interpolated frequencies
+    "qwen2-yarn": dict(arch="qwen2", vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=100.0,
+                       max_position_embeddings=4096,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}),
 }
 
 
@@ -107,7 +115,7 @@ def make_hf_model(arch="llama", seed=0, **kwargs):
 
 
 def small_hf_model(name, seed=0):
-    kwargs = dict(SMALL_CONFIGS[name])
+    kwargs = copy.deepcopy(SMALL_CONFIGS[name])  # transformers 5 writes rope_theta into the rope_scaling it is given
     return make_hf_model(kwargs.pop("arch"), seed=seed, **kwargs)
 
 

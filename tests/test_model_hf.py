@@ -41,6 +41,20 @@ def test_logits_equal_transformers_float32(hf_checkpoint):
     assert max_rel_err(logits, hf_logits(hf, ids)) <= 1e-5
 
 
+def test_the_gpu_backend_computes_the_reference_logits_under_yarn(tmp_path):
+    """YaRN's attention factor scales cos and sin in both backends (qlora_gpu through transformers' rotary
+    embedding and its own fused rope); float32 weights, so only the order of float32 sums differs."""
+    import qlora_gpu
+
+    small_hf_model("qwen2-yarn").save_pretrained(tmp_path)
+    ids = input_ids(83, shape=(1, 23), seed=2)
+    ours = load_model(tmp_path, progress=False).forward(ids)
+    gpu = qlora_gpu.load_model(tmp_path, device="cpu", progress=False)
+    with torch.no_grad():
+        theirs = gpu(torch.from_numpy(ids)).float().numpy()
+    assert max_rel_err(ours, theirs) <= 1e-5
+
+
 def test_nf4_logits_equal_transformers_on_dequantized_weights(hf_checkpoint):
     """quant=QuantConfig(nf4, float32 compute): the same as transformers running the dequantized weights."""
     name, hf, path = hf_checkpoint

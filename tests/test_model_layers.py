@@ -13,7 +13,7 @@ from qlora_ref.model.block import DecoderBlock
 from qlora_ref.model.embedding import Embedding
 from qlora_ref.model.mlp import SwiGLU
 from qlora_ref.model.rmsnorm import RMSNorm
-from qlora_ref.model.rope import RotaryEmbedding, apply_rope, apply_rope_backward, rope_inv_freq
+from qlora_ref.model.rope import RotaryEmbedding, apply_rope, apply_rope_backward, rope_attention_factor, rope_inv_freq
 
 tt = torch.from_numpy
 
@@ -127,22 +127,59 @@ def test_rmsnorm_weight_gradient_finite_differences():
     {"rope_type": "linear", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64},
+    # the ramp over dimensions 3-8 (of 16) at theta 5e5, rounded outwards; then unrounded, other betas, a given
+    # attention factor; DeepSeek's mscale ratio
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 4096, "beta_fast": 16.0,
+     "beta_slow": 2.0, "truncate": False, "attention_factor": 1.5},
+    {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "mscale": 0.707,
+     "mscale_all_dim": 1.0},
 ])
 def test_rope_inv_freq_matches_transformers(scaling):
+    """The frequencies within 2e-7 (numpy's and torch's float32 pow may differ by an ulp; each later step is one
+    float32 operation on either side) and the attention factor cos and sin are scaled by."""
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0,
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=500000.0, max_position_embeddings=16384,
                       rope_scaling=dict(scaling) if scaling else None)
     rope_type = scaling["rope_type"] if scaling else "default"
     if rope_type == "default":
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-        expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
+        expected, factor = LlamaRotaryEmbedding.compute_default_rope_parameters(cfg)
     else:
-        expected, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+        expected, factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
     got = rope_inv_freq(32, 500000.0, scaling)
     np.testing.assert_allclose(got, expected.numpy(), rtol=2e-7)
+    assert rope_attention_factor(scaling) == factor
+    if rope_type == "yarn":  # kept, blended and interpolated frequencies all occur
+        ratio = rope_inv_freq(32, 500000.0) / got
+        assert ratio[0] == 1 and np.isclose(ratio[-1], scaling["factor"], rtol=1e-6)
+        assert np.any((ratio > 1.01) & (ratio < scaling["factor"] * 0.99))
+
+
+def test_yarn_scales_cos_and_sin_as_transformers_does():
+    """transformers multiplies cos and sin by the attention factor in float32 (so every q·k by its square): exactly
+    that product here. Against transformers' tables, positions within and beyond the original context: each side's
+    float32 cos is within an ulp (numpy's libm, torch's own), so the unscaled tables differ by at most 2^-23, the
+    scaled ones by factor·2^-23 plus a rounding of the product on each side, factor·2^-22 in all."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=2, rope_theta=100.0, max_position_embeddings=256,
+                      rope_scaling=dict(scaling))
+    positions = np.array([0, 1, 63, 64, 200])
+    ours, plain = RotaryEmbedding(32, 100.0, scaling), RotaryEmbedding(32, 100.0)
+    ours.inv_freq = plain.inv_freq = LlamaRotaryEmbedding(cfg).inv_freq.numpy()  # frequencies are compared above
+    factor = 0.1 * np.log(4.0) + 1
+    assert ours.attention_factor == pytest.approx(factor, rel=1e-15)
+    for scaled, unscaled in zip(ours.cos_sin(positions), plain.cos_sin(positions), strict=True):
+        assert np.array_equal(scaled, unscaled * np.float32(factor))
+    theirs = LlamaRotaryEmbedding(cfg)(torch.zeros(1, 5, 32), torch.from_numpy(positions)[None])
+    for table, their_table in zip(ours.cos_sin(positions), theirs, strict=True):
+        assert np.max(np.abs(table - their_table[0].numpy())) <= factor * 2.0**-22
 
 
 def test_rope_apply_and_backward_vs_transformers():

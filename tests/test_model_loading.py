@@ -573,7 +573,7 @@ def test_folder_tokenizer_and_chat_template(llama, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- configs
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-llama3", "qwen2"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-llama3", "qwen2", "qwen2-yarn"])
 def test_model_config_round_trips_through_hf_dict(name):
     from model_helpers import SMALL_CONFIGS
 
@@ -585,9 +585,10 @@ def test_model_config_round_trips_through_hf_dict(name):
     expected = SMALL_CONFIGS[name]
     assert config.num_key_value_heads == expected["num_key_value_heads"]
     assert config.tie_word_embeddings == expected["tie_word_embeddings"]
-    assert config.qkv_bias == (name == "qwen2")
-    if "rope_scaling" in expected:
-        assert config.rope_scaling["rope_type"] == "llama3" and config.rope_theta == 500000.0
+    assert config.qkv_bias == (expected["arch"] == "qwen2")
+    if "rope_scaling" in expected:  # as given (transformers 5 moves it into rope_parameters, with the theta)
+        assert {k: config.rope_scaling[k] for k in expected["rope_scaling"]} == expected["rope_scaling"]
+        assert config.rope_theta == expected["rope_theta"]
 
 
 def test_config_validation():
@@ -614,6 +615,15 @@ def test_config_validation():
         ModelConfig.from_hf_dict({"model_type": "llama", "hidden_act": "gelu"}, "x/config.json")
     with pytest.raises(ConfigError, match=r"x/config\.json: missing keys \['vocab_size'"):
         ModelConfig.from_hf_dict({"model_type": "llama"}, "x/config.json")
+    mha = dict(base, num_key_value_heads=4)
+    with pytest.raises(ConfigError, match=r"rope_scaling type 'yarn' needs \['factor'\]"):
+        ModelConfig(**mha, rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 64})
+    with pytest.raises(ConfigError, match="rope_scaling type must be one of .* got 'longrope'"):
+        ModelConfig(**mha, rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    # YaRN without the context it extends: the config's own, as transformers' standardize_rope_params takes it
+    d = dict(mha, max_position_embeddings=512, rope_scaling={"type": "yarn", "factor": 2.0})
+    assert ModelConfig.from_hf_dict(d).rope_scaling == {"rope_type": "yarn", "factor": 2.0,
+                                                        "original_max_position_embeddings": 512}
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2"])  # an untied and a tied head

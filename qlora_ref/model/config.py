@@ -19,7 +19,7 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LINEAR_MODULES = ATTENTION_MODULES + MLP_MODULES
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class ConfigError(ValueError):
@@ -41,7 +41,8 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     #: None, or {"rope_type": "linear", "factor": f} or {"rope_type": "llama3", "factor", "low_freq_factor",
-    #: "high_freq_factor", "original_max_position_embeddings"}
+    #: "high_freq_factor", "original_max_position_embeddings"} or {"rope_type": "yarn", "factor",
+    #: "original_max_position_embeddings", optional "attention_factor", "beta_fast", "beta_slow", "truncate"}
     rope_scaling: dict | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
@@ -71,6 +72,11 @@ class ModelConfig:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if rope_type not in ROPE_TYPES:
                 raise ConfigError(f"rope_scaling type must be one of {ROPE_TYPES}, got {rope_type!r}")
+            needed = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"),
+                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+            missing = [k for k in needed.get(rope_type, ()) if self.rope_scaling.get(k) is None]
+            if missing:
+                raise ConfigError(f"rope_scaling type {rope_type!r} needs {missing}, got {self.rope_scaling}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -106,6 +112,9 @@ class ModelConfig:
             scaling["rope_type"] = scaling.pop("type", scaling.get("rope_type", "default"))
             if scaling["rope_type"] == "default":
                 scaling = None
+            elif scaling["rope_type"] == "yarn" and scaling.get("original_max_position_embeddings") is None:
+                # transformers' standardize_rope_params: the context YaRN extends is then the config's own
+                scaling["original_max_position_embeddings"] = d.get("max_position_embeddings", 2048)
         quantizer = (d.get("quantization_config") or {}).get("quant_method")
         if quantizer not in (None, "bitsandbytes"):  # GPTQ, AWQ, FP8...: their tensors are not weights we can read
             raise ConfigError(f"{source}: weights stored by quantization_config.quant_method={quantizer!r} are not "

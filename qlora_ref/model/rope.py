@@ -10,8 +10,13 @@ Backward: the rotation is orthogonal, so the gradient is rotated back by -p * in
 linear map R with R^T = -R, hence dx = g * cos + R^T (g * sin) = g * cos - rotate_half(g * sin).
 
 inv_freq[i] = 1 / theta^(2i / D); the Llama 3 scaling (``rope_type="llama3"``) divides the low frequencies by
-``factor``, keeps the high ones and interpolates between; ``"linear"`` divides all of them by ``factor``.
-These follow transformers' ``modeling_rope_utils`` and are computed in float32 as it does.
+``factor``, keeps the high ones and interpolates between; ``"linear"`` divides all of them by ``factor``. YaRN
+(``"yarn"``, Peng et al. 2023, "YaRN: Efficient Context Window Extension", section 3.2 "NTK-by-parts" and eq. 21)
+does the same by dimension rather than wavelength — dimensions that turn more than ``beta_fast`` times over the
+original context are kept, those turning fewer than ``beta_slow`` times are divided by ``factor``, a linear ramp
+between — and scales cos and sin by an attention factor (0.1 ln(factor) + 1 unless given), which multiplies
+every attention logit q·k by its square. These follow transformers' ``modeling_rope_utils`` and are computed in
+float32 as it does.
 """
 
 from __future__ import annotations
@@ -45,7 +50,54 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
+    if rope_type == "yarn":
+        return _yarn_inv_freq(head_dim, theta, scaling, inv_freq)
     raise ValueError(f"unknown rope_type {rope_type!r}")
+
+
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, inv_freq: np.ndarray) -> np.ndarray:
+    """YaRN's "NTK-by-parts" frequencies (Peng et al. 2023, section 3.2): dimension d turns
+    r(d) = L / (2 pi theta^(2d/D)) times over the original context L; solving r(d) = beta for d gives the ramp's
+    ends, rounded outwards (``truncate``, transformers' default). Below the ramp (fast dimensions) inv_freq is
+    kept, above it divided by ``factor``."""
+    factor = float(scaling["factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_turning(turns):  # the d with r(d) = turns
+        return head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(beta_fast), dim_turning(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    keep = (np.float32(1) - ramp.astype(np.float32)).astype(np.float32)
+    # transformers builds both from theta^(2d/D) in float32: 1/x kept, 1/(factor x) interpolated
+    powers = np.power(np.float32(theta), np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                      / np.float32(head_dim)).astype(np.float32)
+    interpolated = (np.float32(1) / (np.float32(factor) * powers)).astype(np.float32)
+    return (interpolated * (np.float32(1) - keep) + (np.float32(1) / powers) * keep).astype(np.float32)
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor cos and sin are multiplied by: 1, except under YaRN (Peng et al. 2023, eq. 21):
+    ``attention_factor`` if given, else 0.1 ln(factor) + 1 — or, with DeepSeek's ``mscale`` and ``mscale_all_dim``,
+    the ratio of (0.1 m ln(factor) + 1) for the two — as transformers computes it (1 for factor <= 1)."""
+    if scaling is None or scaling.get("rope_type") != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor = float(scaling["factor"])
+
+    def mscale(m=1.0):
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return float(mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]))
+    return mscale()
 
 
 #: Meta's Llama 3.1-3.3 scaling beside its factor (8 or 32); llama.cpp's converter assumes the same values when it
@@ -71,12 +123,16 @@ class RotaryEmbedding:
     def __init__(self, head_dim: int, theta: float = 10000.0, scaling: dict | None = None):
         self.head_dim = head_dim
         self.inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def cos_sin(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """cos, sin of shape positions.shape + (head_dim,), float32."""
+        """cos, sin of shape positions.shape + (head_dim,), float32, times the attention factor (1 but for YaRN)."""
         freqs = np.asarray(positions, dtype=np.float32)[..., None] * self.inv_freq
         emb = np.concatenate([freqs, freqs], axis=-1)
-        return np.cos(emb), np.sin(emb)
+        cos, sin = np.cos(emb), np.sin(emb)
+        if self.attention_factor != 1.0:  # float32 products, as transformers' ``emb.cos() * attention_scaling``
+            cos, sin = cos * np.float32(self.attention_factor), sin * np.float32(self.attention_factor)
+        return cos, sin
 
 
 def rotate_half(x: np.ndarray) -> np.ndarray:
