@@ -49,7 +49,7 @@ from .quantize import Quantized4bit, dequantize_4bit
 _NF4 = QuantConfig()  # the paper's storage: NF4 + double quantization, bfloat16 compute
 #: the transformers (config, model) classes of each supported ``model_type``
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
-              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM")}
 
 
 def default_device(device=None) -> torch.device:
@@ -390,6 +390,10 @@ class QLoRAModel(nn.Module):
             layer.input_layernorm.weight = nn.Parameter(f32(ref_layer.input_layernorm.weight), requires_grad=False)
             layer.post_attention_layernorm.weight = nn.Parameter(f32(ref_layer.post_attention_layernorm.weight),
                                                                  requires_grad=False)
+            if config.qk_norm:
+                for n in ("q_norm", "k_norm"):
+                    getattr(layer.self_attn, n).weight = nn.Parameter(f32(getattr(ref_layer.self_attn, n).weight),
+                                                                      requires_grad=False)
             ref_linears = ref_layer.linears()
             for name in LINEAR_MODULES:
                 r_lin = ref_linears[module_path(name)]

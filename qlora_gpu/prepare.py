@@ -218,6 +218,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
         p = f"model.layers.{i}."
         _set_norm(layer.input_layernorm, source.tensor(p + "input_layernorm.weight", torch.float32))
         _set_norm(layer.post_attention_layernorm, source.tensor(p + "post_attention_layernorm.weight", torch.float32))
+        if cfg.qk_norm:
+            for n in ("q_norm", "k_norm"):
+                _set_norm(getattr(layer.self_attn, n), source.tensor(f"{p}self_attn.{n}.weight", torch.float32))
         for name in LINEAR_MODULES:
             path = p + module_path(name)
             lin = _build_linear(source, cfg, path, name, quant, lora, compute, seed=lora_seed(lora, i, name))

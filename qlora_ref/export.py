@@ -137,6 +137,9 @@ def base_float_weights(model) -> Iterator[tuple[str, np.ndarray]]:
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", np.asarray(layer.input_layernorm.weight, f32)
         yield p + "post_attention_layernorm.weight", np.asarray(layer.post_attention_layernorm.weight, f32)
+        if cfg.qk_norm:
+            yield p + "self_attn.q_norm.weight", np.asarray(layer.self_attn.q_norm.weight, f32)
+            yield p + "self_attn.k_norm.weight", np.asarray(layer.self_attn.k_norm.weight, f32)
         for path, lin in layer.linears().items():
             w = lin.weight
             yield f"{p}{path}.weight", (dequantize_4bit(w, "float32") if isinstance(w, Quantized4bit)

@@ -135,7 +135,8 @@ class ModelShape:
     """The sizes of a Llama-style decoder (pre-norm RMSNorm, rotary attention, SwiGLU MLP, no biases).
 
     ``num_kv_heads`` < ``num_heads`` describes grouped-query attention (k_proj and v_proj are narrower);
-    ``tie_word_embeddings`` shares one matrix between the input embedding and the LM head.
+    ``tie_word_embeddings`` shares one matrix between the input embedding and the LM head; ``qk_norm``: Qwen3's
+    per-head RMSNorms on queries and keys (two weight vectors of ``head_dim`` per layer).
     """
 
     name: str
@@ -147,6 +148,7 @@ class ModelShape:
     num_kv_heads: int | None = None
     head_dim: int | None = None
     tie_word_embeddings: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         for arg in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "vocab_size"):
@@ -172,13 +174,15 @@ class ModelShape:
         return cls(name=name, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
                    num_layers=config.num_hidden_layers, num_heads=config.num_attention_heads,
                    vocab_size=config.vocab_size, num_kv_heads=config.num_key_value_heads, head_dim=config.head_dim,
-                   tie_word_embeddings=config.tie_word_embeddings)
+                   tie_word_embeddings=config.tie_word_embeddings, qk_norm=config.qk_norm)
 
     @property
     def config(self) -> ModelConfig:
-        """This shape as a Llama ``ModelConfig``: the definition the reference model builds from."""
-        return ModelConfig(model_type="llama", vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+        """This shape as a Llama (or, with ``qk_norm``, Qwen3) ``ModelConfig``: the definition the reference model
+        builds from."""
+        return ModelConfig(model_type="qwen3" if self.qk_norm else "llama", vocab_size=self.vocab_size,
+                           hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                           num_hidden_layers=self.num_layers,
                            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
                            head_dim=self.head_dim, tie_word_embeddings=self.tie_word_embeddings)
 
@@ -201,8 +205,8 @@ class ModelShape:
 
     @property
     def n_norm_params(self) -> int:
-        """Two RMSNorm weight vectors per decoder layer plus the final norm."""
-        return (2 * self.num_layers + 1) * self.hidden_size
+        """Two RMSNorm weight vectors per decoder layer plus the final norm (and Qwen3's two per-head ones)."""
+        return (2 * self.num_layers + 1) * self.hidden_size + self.qk_norm * 2 * self.num_layers * self.head_dim
 
     @property
     def n_params(self) -> int:
@@ -289,6 +293,7 @@ def shape_from_hf_config(config: dict, name: str = "custom", source: str | None 
             num_kv_heads=config.get("num_key_value_heads"),
             head_dim=config.get("head_dim"),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            qk_norm=model_type == "qwen3",
             **kwargs,
         )
     except ValueError as e:  # ModelShape's field names, said as config.json's keys

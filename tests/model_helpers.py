@@ -76,6 +76,9 @@ SMALL_CONFIGS = {
     # Qwen2: q/k/v biases, tied embeddings
     "qwen2": dict(arch="qwen2", vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
                   num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True),
+    # Qwen3: each head's query and key normalized before the rotation, head_dim given (query width 64 != hidden 40)
+    "qwen3": dict(arch="qwen3", vocab_size=89, hidden_size=40, intermediate_size=56, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
     # Qwen2 extended by YaRN (as Qwen2.5's model cards add it for long inputs): theta 100 and an original context
     # of 1024 put the ramp over dimensions 2-7, so head dims 12 hold kept, blended and interpolated frequencies
     "qwen2-yarn": dict(arch="qwen2", vocab_size=83, hidden_size=48, intermediate_size=72, num_hidden_layers=2,
@@ -93,6 +96,7 @@ def make_hf_model(arch="llama", seed=0, **kwargs):
 
     cls_cfg, cls_model = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                          "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[arch]
     kwargs.setdefault("rms_norm_eps", 1e-5)
     kwargs.setdefault("max_position_embeddings", 128)

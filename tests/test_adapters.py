@@ -376,18 +376,19 @@ def test_quantize_hf_folder_loads_in_transformers_and_the_reference(folder, tmp_
 
 
 @pytest.mark.parametrize("backend", ["ref", "gpu"])
-def test_merging_a_model_with_biases_keeps_them(tmp_path, backend):
-    """Qwen2's q/k/v biases: transformers loads a merged folder that lacks them with zero biases and only a log
-    line, so the names are checked exactly (a merge changes values, never names) and the logits to the file's
-    float32 round-off TOL (the biases are 0.2-scale, far above it)."""
+@pytest.mark.parametrize("arch, extra", [("qwen2", "q_proj.bias"), ("qwen3", "q_norm.weight")])
+def test_merging_a_model_keeps_its_biases_and_norms(tmp_path, backend, arch, extra):
+    """Qwen2's q/k/v biases, Qwen3's query/key norms: transformers loads a merged folder that lacks them with zero
+    biases or unit norms and only a log line, so the names are checked exactly (a merge changes values, never
+    names) and the logits to the file's float32 round-off TOL (biases are 0.2-scale, norm weights 1 ± 0.2)."""
     import transformers
 
     from qlora_gpu.model import QLoRAModel
 
-    original = tmp_path / "qwen2"
-    write_tiny_model(original, arch="qwen2", seed=4)
+    original = tmp_path / arch
+    write_tiny_model(original, arch=arch, seed=4)
     names = set(load_file(original / "model.safetensors"))
-    assert any(k.endswith("q_proj.bias") for k in names)
+    assert any(k.endswith(extra) for k in names)
     lora, quant = LoraConfig(r=4, alpha=16.0), QuantConfig(compute_dtype="float32", double_quant=False)
     ref = load_model(original, quant=quant, lora=lora)
     randomize_adapters(ref, seed=5)

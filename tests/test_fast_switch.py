@@ -30,9 +30,10 @@ from qlora_ref.train.config import TrainConfig
 TINY = ModelConfig(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 #: the architectures the fast path serves (``staging.SHARED_INPUTS``, ``LAST_LINEAR``): Qwen2 with its q/k/v biases,
-#: Mistral with a sliding window shorter than the batch
+#: Mistral with a sliding window shorter than the batch, Qwen3 with its query/key norms between q/k_proj and rope
 ARCHS = {"llama": TINY, "qwen2": dataclasses.replace(TINY, model_type="qwen2", qkv_bias=True),
-         "mistral": dataclasses.replace(TINY, model_type="mistral", sliding_window=8)}
+         "mistral": dataclasses.replace(TINY, model_type="mistral", sliding_window=8),
+         "qwen3": dataclasses.replace(TINY, model_type="qwen3")}
 STEPS, MICRO = 3, 2  # optimizer steps, micro-batches per step
 
 

@@ -41,18 +41,23 @@ def test_logits_equal_transformers_float32(hf_checkpoint):
     assert max_rel_err(logits, hf_logits(hf, ids)) <= 1e-5
 
 
-def test_the_gpu_backend_computes_the_reference_logits_under_yarn(tmp_path):
-    """YaRN's attention factor scales cos and sin in both backends (qlora_gpu through transformers' rotary
-    embedding and its own fused rope); float32 weights, so only the order of float32 sums differs."""
+@pytest.mark.parametrize("name", ["qwen2-yarn", "qwen3"])
+def test_the_gpu_backend_computes_the_reference_logits(name, tmp_path):
+    """What these configs add runs in both backends: YaRN's attention factor on cos and sin (qlora_gpu through
+    transformers' rotary embedding and its own fused rope), Qwen3's query/key norms (their weights placed by the
+    streaming build and by ``from_pretrained``, through qlora_gpu's fused RMSNorm). Float32 weights: only the
+    order of float32 sums differs."""
     import qlora_gpu
+    from qlora_gpu.model import QLoRAModel
 
-    small_hf_model("qwen2-yarn").save_pretrained(tmp_path)
-    ids = input_ids(83, shape=(1, 23), seed=2)
+    small_hf_model(name).save_pretrained(tmp_path)
+    ids = input_ids(SMALL_CONFIGS[name]["vocab_size"], shape=(1, 23), seed=2)
     ours = load_model(tmp_path, progress=False).forward(ids)
-    gpu = qlora_gpu.load_model(tmp_path, device="cpu", progress=False)
-    with torch.no_grad():
-        theirs = gpu(torch.from_numpy(ids)).float().numpy()
-    assert max_rel_err(ours, theirs) <= 1e-5
+    for gpu in (qlora_gpu.load_model(tmp_path, device="cpu", progress=False),
+                QLoRAModel.from_pretrained(tmp_path, quant=None, device="cpu")):
+        with torch.no_grad():
+            theirs = gpu(torch.from_numpy(ids)).float().numpy()
+        assert max_rel_err(ours, theirs) <= 1e-5
 
 
 def test_nf4_logits_equal_transformers_on_dequantized_weights(hf_checkpoint):

@@ -210,11 +210,17 @@ def test_rope_finite_differences():
 
 
 # ----------------------------------------------------------------------------------------------- attention
-def make_attention(rng, d=12, heads=6, kv_heads=2, head_dim=4, bias=False, dtype=np.float64, window=None):
+def make_attention(rng, d=12, heads=6, kv_heads=2, head_dim=4, bias=False, dtype=np.float64, window=None,
+                   qk_norm=False):
+    """``qk_norm``: Qwen3's RMSNorm over each head's query and key, weights around 1."""
     q, kv = heads * head_dim, kv_heads * head_dim
+    norms = None
+    if qk_norm:
+        norms = tuple(RMSNorm((1 + 0.3 * rng.standard_normal(head_dim)).astype(dtype), 1e-6) for _ in range(2))
     projs = [random_linear(rng, q, d, bias, dtype), random_linear(rng, kv, d, bias, dtype),
              random_linear(rng, kv, d, bias, dtype), random_linear(rng, d, q, False, dtype)]
-    return Attention(*projs, heads, kv_heads, head_dim, RotaryEmbedding(head_dim, 10000.0), sliding_window=window)
+    return Attention(*projs, heads, kv_heads, head_dim, RotaryEmbedding(head_dim, 10000.0), sliding_window=window,
+                     qk_norms=norms)
 
 
 def torch_attention(attn, x, positions=None):
@@ -231,6 +237,8 @@ def torch_attention(attn, x, positions=None):
 
     q = lin(attn.q_proj, x).view(B, T, H, D).transpose(1, 2)
     k = lin(attn.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)
+    if attn.q_norm is not None:  # Qwen3
+        q, k = torch_rmsnorm(q, tt(attn.q_norm.weight), 1e-6), torch_rmsnorm(k, tt(attn.k_norm.weight), 1e-6)
     v = lin(attn.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)
     cos, sin = attn.rope.cos_sin(np.arange(T)[None] if positions is None else positions)  # (1 or B, T, D)
     q, k = apply_rotary_pos_emb(q, k, tt(cos).to(x.dtype), tt(sin).to(x.dtype))
@@ -248,10 +256,12 @@ def torch_attention(attn, x, positions=None):
     return lin(attn.o_proj, o.transpose(1, 2).reshape(B, T, H * D))
 
 
-@pytest.mark.parametrize("bias,kv_heads,window", [(False, 2, None), (True, 3, None), (False, 6, None), (False, 1, 3)])
-def test_attention_vs_autograd(bias, kv_heads, window):
+@pytest.mark.parametrize("bias,kv_heads,window,qk_norm", [(False, 2, None, False), (True, 3, None, False),
+                                                          (False, 6, None, False), (False, 1, 3, False),
+                                                          (False, 2, None, True)])
+def test_attention_vs_autograd(bias, kv_heads, window, qk_norm):
     rng = np.random.default_rng(5)
-    attn = make_attention(rng, kv_heads=kv_heads, bias=bias, dtype=np.float32, window=window)
+    attn = make_attention(rng, kv_heads=kv_heads, bias=bias, dtype=np.float32, window=window, qk_norm=qk_norm)
     x = rng.standard_normal((2, 7, 12)).astype(np.float32)
     g = rng.standard_normal((2, 7, 12)).astype(np.float32)
     y = attn.forward(x)
@@ -263,9 +273,10 @@ def test_attention_vs_autograd(bias, kv_heads, window):
     grads_close(dx, tx.grad.numpy(), 1e-5)
 
 
-def test_attention_finite_differences():
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_attention_finite_differences(qk_norm):
     rng = np.random.default_rng(6)
-    attn = make_attention(rng, bias=True)
+    attn = make_attention(rng, bias=True, qk_norm=qk_norm)
     x = rng.standard_normal((2, 5, 12))
     g = rng.standard_normal(x.shape)
     attn.forward(x)

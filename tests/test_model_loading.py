@@ -526,10 +526,11 @@ def test_gguf_tokenizers_split_as_llama3_and_qwen2_do(pre):
         Tokenizer.from_gguf_metadata({**meta, "tokenizer.ggml.pre": "falcon"}, "m.gguf")
 
 
-def test_gguf_unknown_architecture(tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "qwen3"])  # Qwen3 loads from its folder only (its GGUF names untested)
+def test_gguf_unknown_architecture(tmp_path, arch):
     import gguf
 
-    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "gpt2")
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), arch)
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
     writer.add_tensor("position_embd.weight", np.zeros((4, 2), np.float32))  # GPT-2's own: the architecture named
@@ -537,7 +538,8 @@ def test_gguf_unknown_architecture(tmp_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match=r"bad\.gguf: unknown architecture.*gpt2"):
+    with pytest.raises(CheckpointError, match=rf"bad\.gguf: unknown architecture.*{arch}.*supported: \('llama', "
+                                              r"'mistral', 'qwen2'\)"):
         load_model(tmp_path / "bad.gguf")
 
 
@@ -640,3 +642,16 @@ def test_memory_calculator_reads_a_gguf_as_its_config(name, tmp_path):
     assert dataclasses.replace(gguf_shape, name="x") == dataclasses.replace(json_shape, name="x")
     assert gguf_shape.tie_word_embeddings == hf.config.tie_word_embeddings
     assert gguf_shape.n_params == sum(p.numel() for n, p in hf.named_parameters() if not n.endswith("bias"))
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3"])
+def test_memory_calculator_counts_every_weight_of_a_folder(name, tmp_path):
+    """``qlora memory --model folder``: every weight transformers builds is counted (Qwen3's query/key norms too),
+    biases aside (Qwen2's are left out by design: docs/memory.md)."""
+    from qlora_ref.memory import load_model_shape
+
+    hf = small_hf_model(name)
+    hf.config.save_pretrained(tmp_path)
+    shape = load_model_shape(tmp_path)
+    assert shape.n_params == sum(p.numel() for n, p in hf.named_parameters() if not n.endswith("bias"))
+    assert shape.config.qk_norm == (name == "qwen3")

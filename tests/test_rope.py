@@ -156,7 +156,7 @@ def _step(m):
     return lora_step(m, IDS)[1:]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_model_loss_and_lora_gradients_are_unchanged_bit_for_bit(model_type, attn, checkpointing,

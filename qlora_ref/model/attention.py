@@ -14,6 +14,9 @@ Backward, with dO the gradient of O (derivation in docs/transformer.md):
 
 then the rotations are undone (``apply_rope_backward``) and the q/k/v projections' backward sum into dx.
 
+Qwen3 normalizes each head's query and key (an RMSNorm over the head's D values, one weight vector for all heads)
+between the projection and the rotation; its backward (``RMSNorm.backward``) runs between the two in reverse.
+
 Packed sequences (``position_ids``, (B, T), restarting at 0 with every example; ``qlora_ref.data.collate_packed``):
 each token is rotated by its position inside its own example, and no example attends to another — M is
 block-diagonal causal (``packed_causal_mask``). The scores of a row are computed one example at a time
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .rmsnorm import RMSNorm
 from .rope import RotaryEmbedding, apply_rope, apply_rope_backward
 
 
@@ -132,8 +136,10 @@ class Attention:
     Derivation of the backward: docs/transformer.md#causal-grouped-query-attention."""
 
     def __init__(self, q_proj, k_proj, v_proj, o_proj, num_heads: int, num_kv_heads: int, head_dim: int,
-                 rope: RotaryEmbedding, layer_idx: int = 0, sliding_window: int | None = None):
+                 rope: RotaryEmbedding, layer_idx: int = 0, sliding_window: int | None = None,
+                 qk_norms: tuple[RMSNorm, RMSNorm] | None = None):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.q_norm, self.k_norm = qk_norms if qk_norms is not None else (None, None)  # Qwen3
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.groups = num_heads // num_kv_heads
         self.scale = head_dim ** -0.5
@@ -160,6 +166,8 @@ class Attention:
         q = self.q_proj.forward(x).reshape(B, T, Hkv, G, D).transpose(0, 2, 3, 1, 4)
         k = self.k_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
         v = self.v_proj.forward(x).reshape(B, T, Hkv, D).transpose(0, 2, 1, 3)
+        if self.q_norm is not None:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         q = apply_rope(q, cos, sin).reshape(B, Hkv, G * T, D)  # a group's queries stacked: one matmul per kv head
         k = apply_rope(k[:, :, None], cos, sin)[:, :, 0]  # as one group of queries, so that both tables broadcast
         if kv_cache is not None:
@@ -208,8 +216,11 @@ class Attention:
                 self._queries(dq, b, s, e, dq_ex)
 
         dq = apply_rope_backward(dq.reshape(B, Hkv, G, T, D), cos, sin)
+        dk = apply_rope_backward(dk[:, :, None], cos, sin)[:, :, 0]
+        if self.q_norm is not None:
+            dq, dk = self.q_norm.backward(dq), self.k_norm.backward(dk)
         dq = dq.transpose(0, 3, 1, 2, 4).reshape(B, T, Hkv * G * D)
-        dk = apply_rope_backward(dk[:, :, None], cos, sin)[:, :, 0].transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
+        dk = dk.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         dv = dv.transpose(0, 2, 1, 3).reshape(B, T, Hkv * D)
         dx = self.q_proj.backward(dq)  # a new array: the other two paths are added in place, in the same order
         dx += self.k_proj.backward(dk)
@@ -218,3 +229,6 @@ class Attention:
 
     def clear_cache(self) -> None:
         self._cache = None
+        if self.q_norm is not None:
+            self.q_norm.clear_cache()
+            self.k_norm.clear_cache()

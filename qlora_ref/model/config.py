@@ -12,7 +12,9 @@ import math
 from dataclasses import dataclass, field, fields
 
 #: model_type in config.json -> the architecture the reference implements
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: the architectures a GGUF file may name (llama.cpp's names; its Qwen3 files are not read yet)
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 #: the linear layers of a decoder block, by their Hugging Face / PEFT names
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -28,7 +30,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+    """The shape of a Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2)."""
 
     model_type: str
     vocab_size: int
@@ -79,6 +81,11 @@ class ModelConfig:
                 raise ConfigError(f"rope_scaling type {rope_type!r} needs {missing}, got {self.rope_scaling}")
 
     @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's query and key (weights of head_dim), before the rotation."""
+        return self.model_type == "qwen3"
+
+    @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
             return []
@@ -122,7 +129,7 @@ class ModelConfig:
         sliding = None
         if model_type == "mistral":  # a config without the key: transformers' MistralConfig default, 4096
             sliding = d.get("sliding_window", 4096)
-        elif model_type == "qwen2" and d.get("use_sliding_window"):
+        elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
             sliding = _qwen2_window(d, source)
         qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
         try:
@@ -154,9 +161,9 @@ class ModelConfig:
     def from_gguf_metadata(cls, meta: dict, source: str = "model.gguf") -> ModelConfig:
         """From GGUF key/value metadata (``general.architecture`` and ``{arch}.*`` keys)."""
         arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_MODEL_TYPES:
+        if arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: unknown architecture general.architecture={arch!r}; "
-                              f"supported: {SUPPORTED_MODEL_TYPES}")
+                              f"supported: {GGUF_ARCHITECTURES}")
 
         def get(key, default=None, required=True):
             full = f"{arch}.{key}"
@@ -209,16 +216,16 @@ class ModelConfig:
         d = {
             "model_type": self.model_type,
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
+                               "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]],
             "hidden_act": "silu",
         }
         for f in fields(self):
             if f.name in ("model_type", "rope_scaling", "qkv_bias", "o_bias"):
                 continue
             d[f.name] = getattr(self, f.name)
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             d["attention_bias"] = self.qkv_bias
-        if self.model_type == "qwen2" and self.sliding_window is not None:  # every layer windowed (_qwen2_window)
+        if self.model_type in ("qwen2", "qwen3") and self.sliding_window is not None:  # all windowed (_qwen2_window)
             d.update(use_sliding_window=True, max_window_layers=0)
         if self.rope_scaling is not None:
             d["rope_scaling"] = dict(self.rope_scaling)

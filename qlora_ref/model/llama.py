@@ -1,4 +1,4 @@
-"""The decoder: token embedding, N decoder blocks, final RMSNorm, LM head (Llama, Mistral, Qwen2, SmolLM2).
+"""The decoder: token embedding, N decoder blocks, final RMSNorm, LM head (Llama, Mistral, Qwen2, Qwen3, SmolLM2).
 
 ``forward(input_ids)`` returns float32 logits (batch, seq, vocab); ``backward(grad_logits)`` runs every block's
 hand-written backward in reverse and leaves the LoRA gradients in the linear layers, readable with
@@ -47,6 +47,8 @@ def expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = (d,)
         out[p + "post_attention_layernorm.weight"] = (d,)
+        if config.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = out[p + "self_attn.k_norm.weight"] = (config.head_dim,)
         for name, shape in linear_shapes(config).items():
             out[f"{p}{module_path(name)}.weight"] = shape
             if has_bias(config, name):
@@ -97,9 +99,13 @@ class LlamaModel:
                 w = weights[path + ".weight"]
                 w = w if not isinstance(w, np.ndarray) else f32(w)
                 linears[name] = make_linear(w, bias, name=name, quant=quant, lora=lora, seed=lora_seed(lora, i, name))
+            qk_norms = None
+            if config.qk_norm:
+                qk_norms = tuple(RMSNorm(f32(weights[f"{p}self_attn.{n}.weight"]), config.rms_norm_eps)
+                                 for n in ("q_norm", "k_norm"))
             attn = Attention(linears["q_proj"], linears["k_proj"], linears["v_proj"], linears["o_proj"],
                              config.num_attention_heads, config.num_key_value_heads, config.head_dim, rope,
-                             layer_idx=i, sliding_window=config.sliding_window)
+                             layer_idx=i, sliding_window=config.sliding_window, qk_norms=qk_norms)
             mlp = SwiGLU(linears["gate_proj"], linears["up_proj"], linears["down_proj"])
             layers.append(DecoderBlock(RMSNorm(f32(weights[p + "input_layernorm.weight"]), config.rms_norm_eps), attn,
                                        RMSNorm(f32(weights[p + "post_attention_layernorm.weight"]),
