@@ -75,6 +75,35 @@ def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
     assert (out / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("backend", ["ref", "gpu"])
+def test_a_qwen3_model_finetunes_and_peft_loads_its_adapter(files, tmp_path, capsys, backend):
+    """A Qwen3 folder end to end: ``qlora finetune`` trains it (the query/key norms in every block), and peft,
+    given the adapter on transformers' Qwen3ForCausalLM, computes the reference's logits with that adapter (float32
+    weights: ``--quant none``) — and not the base model's."""
+    import peft
+    import torch
+    import transformers
+    from test_train import write_tiny_model
+
+    from qlora_ref.model import load_model
+
+    write_tiny_model(tmp_path / "qwen3", arch="qwen3", seed=6)
+    out = tmp_path / "run"
+    assert main(["finetune", "--backend", backend, "--model", str(tmp_path / "qwen3"), "--data",
+                 str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "3", "--quant-type", "none",
+                 *FAST[:-3], "--lr", "1e-2", "--no-progress"]) == 0
+    assert "trained to step 3" in capsys.readouterr().out
+    ids = np.arange(1, 12)[None] * 7 % 256
+    ours = load_model(tmp_path / "qwen3", adapter=out, progress=False).forward(ids)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3", dtype=torch.float32).eval()
+    assert type(base).__name__ == "Qwen3ForCausalLM"
+    with torch.no_grad():
+        without = base(torch.from_numpy(ids)).logits.numpy()
+        theirs = peft.PeftModel.from_pretrained(base, out).eval()(torch.from_numpy(ids)).logits.numpy()
+    scale = np.abs(theirs).max()
+    assert np.abs(ours - theirs).max() <= 1e-5 * scale < np.abs(ours - without).max()
+
+
 def test_the_reference_loader_shows_its_progress_as_the_gpu_loader_does(files, tmp_path, capsys):
     """Reading a GGUF file and quantizing take most of a reference load (tens of seconds for SmolLM2): both are
     shown, as plain lines here where stderr is captured, and --no-progress hides them."""
