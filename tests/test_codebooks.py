@@ -216,3 +216,31 @@ def test_fp4_and_int4_layouts():
     assert np.array_equal(codebook("int4")[:8], np.arange(7, -1, -1, dtype=np.float32) / np.float32(7))
     e3m0 = codebook("fp4_e3m0")
     assert set(np.abs(e3m0[e3m0 != 0]).tolist()) == {2.0**-e for e in range(7)}
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 6, 7, 8])
+def test_k_bit_normal_float_levels_are_the_quantiles_of_the_documented_construction(k):
+    """NF-k for k ≠ 4 (this project's extension, normal_float_codebook): δ = ½((1 - 1/(2(2ᵏ-1))) + (1 - 1/(2·2ᵏ))),
+    2ᵏ⁻¹ positive levels Φ⁻¹(p) at p evenly spaced from δ down to (not including) ½, 2ᵏ⁻¹ - 1 negative ones at
+    spacing (δ - ½)/(2ᵏ⁻¹ - 1), and 0, all divided by Φ⁻¹(δ). Computed here in float64; the reference rounds the
+    probabilities to float32 (≤ 1 ulp of 1 = 2⁻²³ each), which moves a level by at most 2⁻²³·(Φ⁻¹)'(δ) / Φ⁻¹(δ),
+    plus the float32 rounding of the level itself."""
+    n, half = 2**k, 2 ** (k - 1)
+    delta = 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
+    assert abs(normal_float_offset(k) - delta) < 1e-15
+    top = norm.ppf(delta)
+    positive = norm.ppf(delta - np.arange(half) * (delta - 0.5) / half) / top
+    negative = -norm.ppf(delta - np.arange(half - 1) * (delta - 0.5) / (half - 1)) / top
+    want = np.sort(np.concatenate([positive, [0.0], negative]))
+    bound = 2 * 2.0**-23 / norm.pdf(top) / top + 2 * 2.0**-24
+    assert np.max(np.abs(normal_float_codebook(k).astype(np.float64) - want)) <= bound
+
+
+def test_fp4_e3m0_layout_and_its_zeros_are_positive():
+    """E3M0 by nibble: sign bit, then exponent e = 0..7 standing for 0 and 2^(e-7); nibble 8 (sign set, exponent 0)
+    is +0.0 like bitsandbytes' FP4 table, so a zero never dequantizes to -0.0."""
+    e3m0 = codebook("fp4_e3m0")
+    magnitudes = np.array([0.0] + [2.0 ** (e - 7) for e in range(1, 8)], np.float32)
+    assert np.array_equal(e3m0[:8], magnitudes) and np.array_equal(e3m0[8:], -magnitudes)
+    assert not np.signbit(e3m0).any(where=e3m0 == 0)
+    assert not np.signbit(codebook("fp4")[[0, 8]]).any()

@@ -200,3 +200,20 @@ def test_inconsistent_state_dicts_are_rejected(mutate, match):
     mutate(d)
     with pytest.raises(ValueError, match=match):
         qlora_ref.Quantized4bit.from_state_dict(d)
+
+
+def test_double_quant_offset_is_the_correctly_rounded_mean_of_the_block_scales():
+    """The offset is the exact mean of the block absmaxes rounded once to float32 (quantize.double_quantize). Seven
+    blocks, one with absmax 1 and six with absmax 2⁻²⁵ (a quarter ulp of 1): the exact sum 1 + 1.5 ulp is no float32.
+    A float32 sum drops every 2⁻²⁵ (sum 1), a float64 sum rounded to float32 first ties to 1 + 2 ulp; either way
+    the offset lands one float32 ulp from the correctly rounded (1 + 6·2⁻²⁵)/7, on opposite sides."""
+    from fractions import Fraction
+
+    x = np.zeros((7, 64), np.float32)
+    x[0, 0] = 1.0
+    x[1:, 5] = np.float32(2.0**-25)
+    exact = (Fraction(1) + 6 * Fraction(2) ** -25) / 7
+    want = np.float32(float(exact))  # float64 holds the fraction to 2⁻⁵³ relative: far inside a float32 half-ulp
+    assert want != np.float32(1.0) / np.float32(7.0) and want != np.float32(1.0 + 2.0**-22) / np.float32(7.0)
+    q = qlora_ref.quantize_4bit(x, "nf4", 64, True)
+    assert np.float32(q.offset) == want

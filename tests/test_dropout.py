@@ -65,3 +65,18 @@ def test_a_generator_state_of_another_form_takes_the_definition(monkeypatch):
 def test_keep_rate(p):
     keep = draw_keep(np.random.default_rng(1), (512, 512), p)
     assert abs(keep.mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / keep.size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_uniform_draw_equal_to_p_is_kept(seed):
+    """M = (U >= p): a draw U exactly equal to float32(p) is kept (P(keep) = 1 - p needs the closed side there).
+    p is taken equal to one of the generator's own draws, so the tie is certain, on the definition and on the
+    word path alike."""
+    shape = (4, 16)
+    u = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    k = int(np.argmax((u > 0.05) & (u < 0.95)))  # a draw in a usual dropout range
+    p = float(u.flat[k])
+    for draw in (keep_mask_definition, draw_keep):
+        keep = draw(np.random.default_rng(seed), shape, p)
+        assert keep.flat[k]
+        assert np.array_equal(keep, u >= np.float32(p))

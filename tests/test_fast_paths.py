@@ -265,16 +265,21 @@ def test_layer_fast_path_equals_its_definition(args):
     assert y1[0].shape == (*lead, layer.out_features) and g1[0].shape == x.shape
 
 
-def test_layer_fast_path_keeps_the_callers_input():
-    """In float32 the rounded input is the caller's array: the fast path copies it before keeping it for backward."""
-    layer = QLoRALinear.from_weight(np.ones((4, 8), np.float32), 2, 1.0, quant_type=None, compute_dtype="float32")
+@pytest.mark.parametrize("kernel", ["fused", "naive"])
+def test_layer_keeps_the_callers_input_for_the_gradient_of_A(kernel):
+    """In float32 the rounded input is the caller's array: the fast path copies it before keeping it for backward.
+    The kept input x_d enters only ∂L/∂A = (s G B)ᵀ x_d (∂L/∂B = s Gᵀ H reads H, a new array, and cannot show it):
+    changing the caller's x between forward and backward must not change ∂L/∂A. All ones and
+    s = α/r = 1/2: ∂L/∂H = s · G B = ½ · 4 = 2 per entry, so ∂L/∂A = 2 · (3 tokens) · 1 = 6 exactly (30 with the
+    changed x)."""
+    layer = QLoRALinear.from_weight(np.ones((4, 8), np.float32), 2, 1.0, quant_type=None, compute_dtype="float32",
+                                    kernel=kernel)
     layer.lora_B = np.ones((4, 2), np.float32)
     x = np.ones((3, 8), np.float32)
     layer.forward(x)
     x[...] = 5.0
     layer.backward(np.ones((3, 4), np.float32))
-    # ∂L/∂B = s Gᵀ H with H = x Aᵀ from the x of the forward pass (ones), not the changed one
-    assert np.allclose(layer.grads["lora_B"], layer.scaling * 3 * layer.lora_A.sum(axis=1))
+    assert np.array_equal(layer.grads["lora_A"], np.full((2, 8), 6.0, np.float32))
 
 
 # ---------------------------------------------------------------------------------------------- attention, MLP
@@ -334,3 +339,4 @@ def test_grad_norm_2_equals_the_general_expression():
         kept = g.copy()
         assert _power_sum(g, 2.0) == np.sum(np.abs(g.astype(np.float64)) ** 2.0)
         assert (g == kept).all()  # the gradient is left alone
+

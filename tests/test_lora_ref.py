@@ -396,3 +396,19 @@ def test_bad_input_gives_value_errors():
         fresh.backward(np.zeros((3, 24), np.float32))
     with pytest.raises(ValueError, match="no adapter"):
         make_layer(r=None)[0].lora_A = np.zeros((1, 80), np.float32)
+
+
+@pytest.mark.parametrize("quant_type, blocksize, double_quant", [("nf4", 32, False), ("nf4", 128, True)])
+def test_requantized_merge_keeps_the_base_weights_settings(quant_type, blocksize, double_quant):
+    """merged_layer(requantize=True) and merge_error quantize again with the base weight's data type, block size
+    and double quantization. Requantizing a dequantized weight with its own settings is idempotent (every value
+    sits on a code, each block's absmax is reproduced exactly by the value that attained it), so with B = 0 the merge
+    is the base weight and not one code may change; other block sizes would rescale most blocks."""
+    layer, rng = make_layer(quant=quant_type, blocksize=blocksize, double_quant=double_quant)
+    layer.lora_B = np.zeros_like(layer.lora_B)
+    requant = layer.merged_layer(requantize=True).weight
+    assert (requant.quant_type, requant.blocksize, requant.double_quant) == (quant_type, blocksize, double_quant)
+    assert np.array_equal(requant.codes(), layer.weight.codes())
+    layer.lora_B[0, 0] = 1e-30  # ΔW ≠ 0 (merge_error divides by ||x ΔWᵀ||), far below any code gap
+    x = rng.standard_normal((4, layer.in_features)).astype(np.float32)
+    assert merge_error(layer, x)["codes_changed"] == 0.0

@@ -613,3 +613,15 @@ def test_packing_benchmark_counts_slots_and_estimates_epochs():
         "command": "x", "examples": 30, "max_length": 200, "backend": "ref", "rounds_run": 2, "steps": 1,
         "load_average": [[0, 0, 0], [0, 0, 0]], "stamp": {}, "modes": list(pt.MODES), "epochs": epochs,
         "summary": s, "rounds": rounds})
+
+
+def test_segment_ids_start_an_example_wherever_positions_break_not_only_at_zero():
+    """An example begins wherever a position does not follow the one before by one (transformers'
+    find_packed_sequence_indices), also when it does not restart at 0 (a row or example cut from the middle of a
+    longer text): 3 4 5 | 0 1 | 7 8 9 | 2 3."""
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    pos = np.array([[3, 4, 5, 0, 1, 7, 8, 9, 2, 3]])
+    np.testing.assert_array_equal(segment_ids(pos)[0], [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    np.testing.assert_array_equal(segment_ids(pos), find_packed_sequence_indices(tt(pos)).numpy())
+    assert [(s, e) for _, s, e in example_spans(pos)] == [(0, 3), (3, 5), (5, 8), (8, 10)]

@@ -394,3 +394,16 @@ def test_an_edited_state_dict_is_refused_naming_the_key(package, case):
         sd = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
     with pytest.raises(ValueError, match=error):
         package.Quantized4bit.from_state_dict(sd)
+
+
+def test_bits_per_parameter_counts_every_stored_bit_exactly():
+    """bits_per_parameter is the stored bits over the element count, the double-quantization mean included: the
+    0.127 of section 3 plus one float32 offset per tensor. 1024 x 1024 at blocksize 64: 4 bits per weight, one 8-bit
+    code per block of 64, one float32 per 256 blocks, and 32 bits for the mean: (2²² + 2¹⁷ + 2¹¹ + 2⁵) / 2²⁰. Odd
+    sizes count whole bytes and whole blocks: 101 weights are 51 bytes, 2 codes, 1 second-level float32 and the
+    mean = (408 + 16 + 32 + 32) / 101."""
+    x = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
+    assert qlora_ref.quantize_4bit(x, double_quant=True).bits_per_parameter() == 4 + 8 / 64 + 32 / (64 * 256) + 2.0**-15
+    y = np.random.default_rng(1).standard_normal(101).astype(np.float32)
+    assert qlora_ref.quantize_4bit(y, double_quant=True).bits_per_parameter() == (8 * 51 + 8 * 2 + 32 + 32) / 101
+    assert qlora_ref.quantize_4bit(y, double_quant=False).bits_per_parameter() == (8 * 51 + 32 * 2) / 101
