@@ -19,6 +19,7 @@ from qlora_gpu.fast import staging
 from qlora_gpu.lora import QLoRALinear
 from qlora_gpu.optim import make_optimizer
 from qlora_gpu.prepare import prepare_model
+from qlora_gpu.product_check import bnb_product_trusted
 from qlora_ref.model.config import LINEAR_MODULES, LoraConfig, ModelConfig
 
 # head_dim × heads == hidden: q, k, v, o, gate, up read 64 columns, down reads 96 (two widths per block)
@@ -63,7 +64,10 @@ def loss_of(m, ids: torch.Tensor = IDS) -> torch.Tensor:
 
 
 def step(m, ids: torch.Tensor = IDS) -> tuple[torch.Tensor, dict, collections.Counter, collections.Counter]:
-    """Loss, LoRA gradients, and the operators of the forward and of the backward pass."""
+    """Loss, LoRA gradients, and the operators of the forward and of the backward pass — the step's own: the
+    one-time probe of bitsandbytes' 4-bit product on this device (``qlora_gpu.product_check``), which the first
+    product in a process runs, is run before counting (the counts depended on which test ran first)."""
+    bnb_product_trusted(m.hf.model.embed_tokens.weight.device, torch.bfloat16)
     with _Ops() as fwd:
         loss = loss_of(m, ids)
     with _Ops() as bwd:
