@@ -225,3 +225,30 @@ def test_gpu_chunked_peak_memory_on_cuda():
         torch.cuda.synchronize()
         peaks[name] = torch.cuda.max_memory_allocated() - base
     assert peaks["chunked"] < 0.25 * peaks["unchunked"], peaks
+
+
+def test_gpu_chunked_bfloat16_rounds_a_scaled_gradient_once():
+    """The training loss is nll / n (``GpuTrainer.forward_backward``): the backward pass gets grad_total = 1/n. The
+    unchunked path computes the float32 gradient of the logits, times 1/n, and rounds it once to bfloat16; so must
+    each chunk. n = 3: 1/3 is no power of two, so rounding G to bfloat16 before scaling it (two roundings) moves
+    many entries of G by a bfloat16 step. Same bound and same rate of differing elements as the unscaled test."""
+    scale = 1.0 / 3.0
+    hidden, weight, labels = case(6, B=2, T=12, d=64, V=80)
+    hidden, weight, labels = tt(hidden).bfloat16(), tt(weight).bfloat16(), tt(labels)
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours, _ = chunked_nll_sum(h1, w1, labels, 5)
+    (ours * scale).backward()
+    theirs = torch_unchunked(h2, w2, labels)
+    (theirs * scale).backward()
+    logits = F.linear(hidden, weight).float()[:, :-1]
+    counted = (labels[:, 1:] != IGNORE_INDEX).unsqueeze(-1)
+    g = scale * (logits.softmax(-1) - F.one_hot(labels[:, 1:].clamp(min=0), logits.shape[-1])) * counted
+    h_prev = hidden.float()[:, :-1]
+    sums = {"hidden": (h1.grad[:, :-1], h2.grad[:, :-1], g.abs() @ weight.float().abs(), logits.shape[-1]),
+            "weight": (w1.grad, w2.grad, torch.einsum("btv,btd->vd", g.abs(), h_prev.abs()), g.shape[0] * g.shape[1])}
+    for name, (got, want, m, k) in sums.items():
+        got, want = got.float(), want.float()
+        bound = 2**-7 * want.abs() + (2**-7 + 2 * k * 2**-24) * m
+        assert torch.all((got - want).abs() <= bound), name
+        assert (got != want).float().mean() <= 0.05, name

@@ -214,14 +214,24 @@ def test_deferred_when_all_hold_and_not_once_the_optimizer_is_gone(monkeypatch):
     assert not given
 
 
-def test_a_layer_called_twice_gets_both_contributions():
-    """The second gradient of the same tensor in one pass goes to autograd (its slot is taken); starting from
-    zero, the two float32 additions commute, so the result is autograd's exactly."""
+def test_a_fast_layer_called_twice_in_one_pass_gets_both_contributions(monkeypatch):
+    """The second gradient of the same tensor in one pass goes to autograd (its slot is taken, not overwritten);
+    starting from zero, the two float32 additions commute, so the result is autograd's exactly. Through the fast
+    path's layer, the one that writes into the deferred buffer (the plain layer never asks for a slot; this test
+    used it until 2026-12-07 and so checked nothing of the deferral)."""
     torch.manual_seed(0)
     layer = QLoRALinear.from_weight(torch.randn(8, 6), 2, 4.0, quant_type=None, compute_dtype="bfloat16")
+    layer.fast = True
     with torch.no_grad():
         layer.lora_B.normal_()
     x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
+    slots = []
+    real_slot = dg.slot
+
+    def spy(param, dtype):
+        out = real_slot(param, dtype)
+        slots.append(out is not None)
+        return out
 
     def run(bound: bool):
         for p in (layer.lora_A, layer.lora_B):
@@ -233,10 +243,12 @@ def test_a_layer_called_twice_gets_both_contributions():
             (layer(x1).float().sum() + layer(x2).float().pow(2).sum()).backward()
         return layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
 
-    with pytest.MonkeyPatch.context() as mp:
+    with monkeypatch.context() as mp:
         mp.setattr(dg, "slot", lambda param, dtype: None)
         ref = run(False)
+    monkeypatch.setattr(dg, "slot", spy)
     got = run(True)
+    assert slots == [True, True, False, False]  # the first backward call deferred, the second handed to autograd
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
@@ -331,3 +343,4 @@ def test_a_torch_without_an_internal_trains_through_autograd(monkeypatch, name):
     got, flushes = _trainer_step(monkeypatch, checkpointing=False)
     assert flushes == 0
     assert_equal(got, ref)
+

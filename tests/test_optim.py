@@ -871,3 +871,20 @@ def test_gpu_optimizer_updates_the_tensors_it_is_given(name):
     with pytest.raises(ValueError, match="'w2' changed to"):
         wrong = {**twin, "w2": torch.zeros(3)}
         b.step(wrong, {k: torch.zeros_like(v) for k, v in wrong.items()})
+
+
+def test_gpu_clip_grad_norm_adds_the_epsilon_to_a_small_norm():
+    """coef = max_norm / (total + 1e-6), as the reference and torch's clip_grad_norm_ compute it. At a norm of
+    5e-4 the 1e-6 moves the coefficient by 2e-3 relative, far above the float32 agreement bound of a two-element
+    norm ((n + 12)·u relative, n = 2, u = 2⁻²⁴: test_clip_grad_norm_matches_torch)."""
+    from qlora_gpu.optim import clip_grad_norm as clip_gpu
+
+    g = {"a": np.array([3e-4, 4e-4], np.float32)}
+    gt = {"a": torch.from_numpy(g["a"].copy())}
+    total = clip_gpu(gt, 1e-4)
+    ref_total = clip_grad_norm(g, 1e-4)
+    exact = np.array([3e-4, 4e-4]) * (1e-4 / (5e-4 + 1e-6))  # float64, from first principles
+    u = 2.0**-24
+    assert abs(total - 5e-4) <= 14 * u * 5e-4
+    assert np.all(np.abs(gt["a"].numpy() - exact) <= 14 * u * np.abs(exact))
+    assert np.all(np.abs(gt["a"].numpy() - g["a"]) <= 14 * u * np.abs(g["a"])), (ref_total, total)

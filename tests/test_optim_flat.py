@@ -195,3 +195,42 @@ def test_flat_on_cuda_is_bit_identical_and_paged():
     s_per, s_flat = o_per.state_dict(), o_flat.state_dict()
     for k in s_per:
         assert torch.equal(s_per[k].cpu(), s_flat[k].cpu()), k
+
+
+def test_a_gradient_computed_before_bind_is_kept():
+    """bind() after a backward pass: the gradient already in ``.grad`` is copied into the flat buffer (not
+    dropped), so the step is the per-parameter optimizer's, bit for bit."""
+    shapes = [(3, 4), (5,)]
+    per, flat = _params(shapes, 0), _params(shapes, 0)
+    o_per, o_flat = make_optimizer("paged_adamw", flat=False, **KW), make_optimizer("paged_adamw", **KW)
+    for params in (per, flat):
+        g = torch.Generator().manual_seed(1)
+        sum((torch.randn(p.shape, generator=g) * p).pow(2).sum() for p in params.values()).backward()
+    before = {k: p.grad.clone() for k, p in flat.items()}
+    o_flat.bind(flat)
+    for k, p in flat.items():
+        assert torch.equal(p.grad, before[k]), k
+        assert torch.count_nonzero(p.grad) > 0, k
+    assert optimizer_step(o_per, per, KW["lr"], 0.3) == optimizer_step(o_flat, flat, KW["lr"], 0.3)
+    for k in per:
+        assert torch.equal(per[k], flat[k]), k
+
+
+@pytest.mark.parametrize("max_norm, clipped", [(0.0, False), (0.5, True)])
+def test_optimizer_step_clips_to_max_grad_norm_and_zero_only_measures(max_norm, clipped):
+    """``optimizer_step``'s ``max_grad_norm``: 0 measures the norm and leaves the gradients as they are (the
+    reference's "no clipping"); a positive value scales them by max_norm / (norm + 1e-6). Gradients of norm 5
+    (3 and 4), seen by the optimizer's step."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([3.0, 4.0])
+    seen = {}
+
+    class Spy:
+        def step(self, params, grads):
+            seen.update({k: g.clone() for k, g in grads.items()})
+
+    norm = optimizer_step(Spy(), {"p": p}, 1e-3, max_norm)
+    assert norm == pytest.approx(5.0, rel=2**-22)
+    want = torch.tensor([3.0, 4.0]) * (max_norm / (5.0 + 1e-6) if clipped else 1.0)
+    assert torch.allclose(seen["p"], want, rtol=2**-21, atol=0)
+    assert p.grad is None  # cleared after the step

@@ -625,3 +625,19 @@ def test_segment_ids_start_an_example_wherever_positions_break_not_only_at_zero(
     np.testing.assert_array_equal(segment_ids(pos)[0], [0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
     np.testing.assert_array_equal(segment_ids(pos), find_packed_sequence_indices(tt(pos)).numpy())
     assert [(s, e) for _, s, e in example_spans(pos)] == [(0, 3), (3, 5), (5, 8), (8, 10)]
+
+
+def test_cu_seqlens_cut_wherever_a_position_does_not_follow_by_one():
+    """The reference's rule (``qlora_ref.model.attention.segment_ids``, transformers' find_packed_sequence_indices),
+    not "a position 0 starts an example": an example may begin at a position other than 0 (a continued document)
+    and then starts wherever its first position does not follow the one before by one."""
+    from qlora_gpu.packing import cu_seqlens
+    from qlora_ref.model.attention import segment_ids
+
+    pos = torch.tensor([[0, 1, 2, 5, 6, 7, 2, 3], [3, 4, 0, 1, 2, 3, 9, 10]])
+    # row 0: 5 does not follow 2, 2 does not follow 7; row 1 (from 8): 0 does not follow 4, 9 does not follow 3
+    assert cu_seqlens(pos).tolist() == [0, 3, 6, 8, 10, 14, 16]
+    seg = segment_ids(pos.numpy())
+    starts = np.ones(seg.shape, bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    assert cu_seqlens(pos).tolist()[:-1] == np.flatnonzero(starts.reshape(-1)).tolist()

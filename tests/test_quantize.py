@@ -407,3 +407,14 @@ def test_bits_per_parameter_counts_every_stored_bit_exactly():
     y = np.random.default_rng(1).standard_normal(101).astype(np.float32)
     assert qlora_ref.quantize_4bit(y, double_quant=True).bits_per_parameter() == (8 * 51 + 8 * 2 + 32 + 32) / 101
     assert qlora_ref.quantize_4bit(y, double_quant=False).bits_per_parameter() == (8 * 51 + 32 * 2) / 101
+
+
+def test_gpu_codes_read_the_high_nibble_first():
+    """``qlora_gpu.Quantized4bit.codes()``: element i in the high nibble of byte i // 2 when i is even (the
+    contract's layout, docs/quantization.md): the FP4 example above, whose nibbles are known (8, 0, 0, 3), and an
+    odd length whose last byte holds one code."""
+    x = np.array([1e-6, -1e-6, 0.0, 1.0], np.float32)
+    q = qlora_gpu.quantize_4bit(torch.from_numpy(x), "fp4", 32, double_quant=False)
+    assert q.codes().tolist() == [8, 0, 0, 3]
+    odd = qlora_gpu.quantize_4bit(torch.from_numpy(x[[0, 1, 3]]), "fp4", 32, double_quant=False)
+    assert odd.codes().tolist() == [8, 0, 3]

@@ -22,7 +22,7 @@ def _layer(out_dtype, seed=0, dropout=0.0):
     return m
 
 
-def _peft_twin(ours: QLoRALinear):
+def _peft_twin(ours: QLoRALinear, alpha=ALPHA):
     """peft's LoRA layer around a bitsandbytes ``Linear4bit`` holding our 4-bit weight and our adapter."""
     import bitsandbytes as bnb
     from peft import LoraConfig
@@ -31,8 +31,8 @@ def _peft_twin(ours: QLoRALinear):
     base = bnb.nn.Linear4bit(IN, OUT, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(ours.weight.data, requires_grad=False, quant_state=ours.weight.quant_state,
                                     quant_type="nf4", bnb_quantized=True)
-    config = LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0)
-    layer = PeftLinear4bit(base, "default", config, r=R, lora_alpha=ALPHA, lora_dropout=0.0)
+    config = LoraConfig(r=R, lora_alpha=alpha, lora_dropout=0.0)
+    layer = PeftLinear4bit(base, "default", config, r=R, lora_alpha=alpha, lora_dropout=0.0)
     with torch.no_grad():
         layer.lora_A["default"].weight.copy_(ours.lora_A)
         layer.lora_B["default"].weight.copy_(ours.lora_B)
@@ -107,3 +107,22 @@ def test_bad_out_dtype_is_named():
     m.out_dtype = "float32"
     assert m(torch.zeros(2, IN, dtype=torch.bfloat16)).dtype == torch.float32
     assert "out_dtype='float32'" in repr(m)
+
+
+@pytest.mark.parametrize("alpha", [24.0, 12.0])  # s = 3, 1.5: not powers of two, the separate multiplication
+def test_float32_output_with_a_scaling_not_a_power_of_two_is_peft_layers_output(x, alpha):
+    """With s not ±2ᵏ, s · P is a multiplication of its own: peft rounds it to bfloat16 (lora_B's output times
+    the scaling under autocast) before the float32 addition, y = f32(base) + f32(rnd(s · P)) (add_adapter)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(OUT, IN, generator=g) * 0.2
+    ours = QLoRALinear.from_weight(w, R, alpha, compute_dtype="bfloat16", out_dtype="float32")
+    with torch.no_grad():
+        ours.lora_B.copy_(torch.randn(OUT, R, generator=g) * 1e-1)
+    assert ours.scaling == alpha / R
+    theirs = _peft_twin(ours, alpha)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = theirs(x)
+    with torch.no_grad():
+        y = ours(x.to(torch.bfloat16))
+    assert y.dtype == expected.dtype == torch.float32
+    assert torch.equal(y, expected)

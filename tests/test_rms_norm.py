@@ -141,3 +141,15 @@ def test_on_cuda_it_is_one_kernel_and_within_one_bfloat16_step():
             assert kernels <= most, kernels
         else:
             assert kernels >= 7, kernels
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_out_dtype_is_transformers_output_cast_once(trainable):
+    """A float32 stream with bfloat16 compute: ``out_dtype`` bfloat16 is transformers' float32 output rounded once
+    to bfloat16 (the cast the next layers' bfloat16 products make), for a frozen norm and a trainable one alike."""
+    norm = _norm(64)
+    norm.weight.requires_grad_(trainable)
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
+    y = rms_norm(norm, x, torch.bfloat16)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, LlamaRMSNorm.forward(norm, x).detach().to(torch.bfloat16))
