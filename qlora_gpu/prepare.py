@@ -193,8 +193,9 @@ def prepare_model(model, quant: QuantConfig | None = _PAPER_QUANT, lora: LoraCon
     device = default_device(device)
     fast = fast_by_default(device) if fast is None else bool(fast)
     folder = Path(model) if isinstance(model, str | Path) and Path(model).is_dir() else None
-    if init_std is None:
-        init_std = float(getattr(model, "initializer_range", 0.02))
+    if init_std is None:  # a config.json dict's or a transformers config's (the others have none)
+        init_std = float(model.get("initializer_range", 0.02) if isinstance(model, dict)
+                         else getattr(model, "initializer_range", 0.02))
     source = _Source(cfg, folder, seed, init_std, device)
     tdtype = getattr(torch, dtype)
 

@@ -401,3 +401,25 @@ def test_merging_a_model_keeps_its_biases_and_norms(tmp_path, backend, arch, ext
     assert set(load_file(tmp_path / "merged" / "model.safetensors")) == names
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     assert rel_err(hf_logits(hf, IDS), ref.eval().forward(IDS)) < TOL
+
+
+def test_the_gpu_merge_scales_rank_stabilized_adapters_as_the_reference(folder, tmp_path):
+    """rsLoRA (s = alpha / sqrt(r) = 8 here, not alpha / r = 4): the GPU backend's ``merge_and_export`` writes the
+    reference's merged tensors, and the merged folder computes the adapted model's logits."""
+    import transformers
+
+    from qlora_gpu.model import QLoRAModel
+
+    lora = LoraConfig(r=4, alpha=16.0, use_rslora=True)
+    ref = load_model(folder, quant=None, lora=lora)
+    randomize_adapters(ref, seed=2)
+    merge_and_export(ref, tmp_path / "ref", dtype="float32")
+    gpu = QLoRAModel.from_pretrained(folder, quant=None, lora=lora)
+    gpu.load_lora_parameters(ref.lora_parameters())
+    gpu.merge_and_export(tmp_path / "gpu", dtype="float32")
+    r, g = load_file(tmp_path / "ref" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
+    assert g.keys() == r.keys()
+    for k in r:
+        assert rel_err(g[k], r[k]) <= 1e-6, k  # B @ A in float32: summation order only
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpu", dtype=torch.float32).eval()
+    assert rel_err(hf_logits(hf, IDS), ref.eval().forward(IDS)) < TOL

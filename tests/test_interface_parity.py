@@ -419,3 +419,21 @@ def test_lora_dropout_masks_differ_between_the_backends(tmp_path):
     assert rel[0.1][0] <= 1e-5  # step 1: lora_B is zero, the masks do not reach the loss
     assert rel[0.1][1:].max() > 1e-5  # other masks: observed ≈ 2e-4
     assert rel[0.1].max() <= 2.0**-8
+
+
+def test_generate_stops_after_the_configs_eos_and_keeps_the_mode(checkpoint):
+    """qlora_gpu's ``generate`` without ``eos_token_id``: the model config's eos ends generation (included, as
+    transformers and the reference return it) — the greedy continuation cut after that token's first appearance.
+    The model is left in the mode (eval or training) it had before."""
+    import dataclasses
+
+    prompt = [3, 14, 15, 9, 2, 6]
+    model = qlora_gpu.load_model(checkpoint, device="cpu")
+    for training in (False, True):
+        model.train(training)
+        full = model.generate(prompt, max_new_tokens=8, eos_token_id=[])
+        assert model.training is training
+    new = full[len(prompt):]
+    k = max(i for i in range(len(new) - 1) if new[i] not in new[:i])  # not the last: 8 tokens either way
+    model.config = dataclasses.replace(model.config, eos_token_id=new[k])
+    assert model.generate(prompt, max_new_tokens=8) == prompt + new[:k + 1]

@@ -655,3 +655,41 @@ def test_memory_calculator_counts_every_weight_of_a_folder(name, tmp_path):
     shape = load_model_shape(tmp_path)
     assert shape.n_params == sum(p.numel() for n, p in hf.named_parameters() if not n.endswith("bias"))
     assert shape.config.qk_norm == (name == "qwen3")
+
+
+@pytest.mark.parametrize("want", [True, False, None])
+def test_load_honours_fast_for_a_gguf_file(tmp_path, want):
+    """``qlora_gpu.prepare.load`` of a GGUF file (the reference loader's path) takes ``fast`` as a folder does:
+    True and False decide, None is the device's default (off on the CPU: ``fast_by_default``)."""
+    from qlora_gpu import fast
+    from qlora_gpu.prepare import load
+    from qlora_ref.model.config import LoraConfig
+
+    path = write_gguf(small_hf_model("llama-gqa"), tmp_path / "tiny.gguf", with_tokenizer=False)
+    m = load(path, quant=None, lora=LoraConfig(r=2, alpha=4.0), device="cpu", progress=False, tokenizer=False,
+             fast=want)
+    assert fast.is_enabled(m) is bool(want)
+
+
+def test_from_reference_takes_the_references_loaded_adapters(tmp_path):
+    """``QLoRAModel.from_reference`` copies the reference model's adapters, whatever they hold (here non-zero
+    lora_A and lora_B, as after loading an adapter): the same tensors, and the reference's float32 logits."""
+    from test_train import write_tiny_model
+
+    from qlora_gpu.model import QLoRAModel
+    from qlora_ref.model.config import LoraConfig
+
+    write_tiny_model(tmp_path / "tiny")
+    lora = LoraConfig(r=4, alpha=8.0)
+    ref = load_model(tmp_path / "tiny", lora=lora, tokenizer=False, progress=False)
+    rng = np.random.default_rng(0)
+    ref.load_lora_parameters({k: (rng.standard_normal(np.shape(v)) * 0.1).astype(np.float32)
+                              for k, v in ref.lora_parameters().items()})
+    ref.eval()
+    m = QLoRAModel.from_reference(ref, None, lora).eval()
+    got = m.lora_state_numpy()
+    for k, v in ref.lora_parameters().items():
+        assert np.array_equal(got[k], np.asarray(v, dtype=np.float32)), k
+    ids = np.arange(12)[None] * 5 % ref.config.vocab_size
+    with torch.no_grad():
+        assert max_rel_err(m(torch.as_tensor(ids)).numpy(), ref.forward(ids)) <= 1e-5

@@ -379,3 +379,37 @@ def test_status_after_a_normal_setup_says_active_for_each(monkeypatch):
     status = patches.status()
     status["RMSNorm"] = "changed"  # a copy: the record is not the caller's to change
     assert patches.status()["RMSNorm"] == "active"
+
+
+def _input_dtype_forward(self, hidden_states):
+    """LlamaRMSNorm computed in its input's dtype (no float32 upcast): transformers' values for a float32 input,
+    others for a bfloat16 one."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight.to(hidden_states.dtype) * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def test_a_norm_that_differs_only_on_bfloat16_inputs_is_left_in_place(monkeypatch):
+    """The probe checks both input dtypes the stream has: a forward equal to transformers' in float32, bit for bit,
+    but computing a bfloat16 input in bfloat16 is not replaced (one warning, the fallback in ``status()``)."""
+    norm = modeling_llama.LlamaRMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+        x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(1)) * 3
+        assert torch.equal(_input_dtype_forward(norm, x), rms_norm(norm, x))  # float32: the same bits
+        assert not torch.equal(_input_dtype_forward(norm, x.bfloat16()), rms_norm(norm, x.bfloat16()))
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _input_dtype_forward)
+    with pytest.warns(patches.PatchFallbackWarning, match="LlamaRMSNorm.forward is not"):
+        assert not patches.use_fused_rms_norm(torch.nn.Sequential(modeling_llama.LlamaRMSNorm(64)))
+    assert patches.status()["RMSNorm"].startswith("fallback: LlamaRMSNorm.forward is not")
+
+
+def test_the_self_checks_leave_a_random_state_of_the_callers_own_alone():
+    """The same check from a state no self-check can have left behind: run after another test's ``_tiny_llama``,
+    the global generator may already sit where ``manual_seed(0)`` plus the tiny model's init leaves it, and a
+    check that reseeded without forking would then go unnoticed."""
+    torch.manual_seed(12345)
+    before = torch.random.get_rng_state()
+    patches._tiny_llama()
+    patches.register_causal_sdpa()
+    patches.register_varlen_attention()
+    assert torch.equal(torch.random.get_rng_state(), before)

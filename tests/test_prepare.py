@@ -366,3 +366,74 @@ def test_cuda_build_matches_cpu_build(folder):
         assert torch.equal(x.weight.cpu(), y.weight), n
         assert torch.equal(x.lora_A.cpu(), y.lora_A), n
 
+
+
+def test_none_is_accepted_for_the_residual_dtype_alone(folder):
+    """None means "the stream in ``dtype``" for ``residual_dtype`` only: for ``dtype`` and ``adapter_dtype`` it is
+    refused by name before the build, like any value outside ("bfloat16", "float16", "float32"); a bad
+    ``residual_dtype`` is named with its extra choice."""
+    for arg in ("dtype", "adapter_dtype"):
+        with pytest.raises(ValueError, match=f"^{arg} must be one of .*got None"):
+            build(folder, **{arg: None})
+    with pytest.raises(ValueError, match=r"^residual_dtype must be one of .* or None, got 'int8'"):
+        build(folder, residual_dtype="int8")
+
+
+def test_folder_build_and_reference_loader_give_every_lora_layer_the_same_dropout_seed(folder):
+    """Both ways of building from a folder seed each LoRA layer's dropout generator with the reference's per-layer
+    seed (``qlora_ref.model.linear.lora_seed``, distinct for every linear): with the same non-zero adapters and
+    dropout, the same logits bit for bit (the same masks; a shared seed would give every layer the same masks)."""
+    from qlora_ref.model.config import LINEAR_MODULES
+    from qlora_ref.model.linear import lora_seed
+    from qlora_ref.model.llama import module_path
+
+    lora = LoraConfig(r=4, alpha=8.0, dropout=0.25)
+    a = build(folder, lora=lora, dtype="float32", attn_implementation="eager", gradient_checkpointing=False,
+              residual_dtype=None)
+    b = QLoRAModel.from_pretrained(folder, lora=lora)
+    layers = a.config.num_hidden_layers
+    expected = {f"model.layers.{i}.{module_path(n)}": lora_seed(lora, i, n) for i in range(layers)
+                for n in LINEAR_MODULES}
+    assert len(set(expected.values())) == len(expected)
+    assert {n: lin.seed for n, lin in a.named_linears().items()} == expected
+    assert {n: lin.seed for n, lin in b.named_linears().items()} == expected
+    rng = np.random.default_rng(0)
+    adapters = {k: rng.standard_normal(tuple(p.shape)).astype(np.float32) * 0.1
+                for k, p in a.lora_parameters().items()}
+    a.load_lora_parameters(adapters)
+    b.load_lora_parameters(adapters)
+    assert a.training and b.training
+    assert torch.equal(a(IDS), b(IDS))
+
+
+def test_a_float32_head_reads_the_final_norm_in_float32(folder):
+    """dtype="float32" (``load``'s default on the CPU) with bfloat16 products: the final norm hands the float32 LM
+    head float32 values — x / rms(x) · w computed in float32, not rounded to bfloat16 (2⁻⁹ relative) on the way."""
+    m = build(folder, dtype="float32")
+    seen = {}
+    m.hf.model.norm.register_forward_hook(lambda mod, args, out: seen.update(x=args[0], out=out))
+    logits = m(IDS)
+    x, out = seen["x"], seen["out"]
+    assert x.dtype == torch.float32 and out.dtype == torch.float32
+    w, eps = m.hf.model.norm.weight, m.hf.model.norm.variance_epsilon
+    expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+    assert torch.allclose(out, expected, rtol=2.0**-16, atol=0)  # float32 rounding only, far below bfloat16's 2⁻⁹
+    assert torch.allclose(logits, out @ m.hf.lm_head.weight.T, rtol=1e-5, atol=1e-5)
+
+
+def test_init_std_defaults_to_the_configs_initializer_range_in_every_form():
+    """The docstring's "init_std default: the config's initializer_range, else 0.02", for a config.json dict as
+    for a transformers config (the dict's was ignored: weights drawn at 0.02 whatever it said). The same draws
+    (``init_weight`` depends on name, seed and std only), so the same bits; and their spread is 0.2: 3,072 draws
+    of N(0, 0.2²) have a sample std within 5 % of 0.2 at 3.9 standard errors (2^-0.5 / sqrt(3072) = 1.3 %)."""
+    from transformers import LlamaConfig
+
+    d = dict(model_type="llama", vocab_size=101, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
+             num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2)
+    from_dict, from_config = (build(c, quant=None, lora=None, dtype="float32", tokenizer=False)
+                              for c in (d, LlamaConfig(**d)))
+    a, b = from_dict.named_linears(), from_config.named_linears()
+    for name in a:
+        assert torch.equal(a[name].weight, b[name].weight), name
+    w = a["model.layers.0.mlp.up_proj"].weight
+    assert w.numel() == 3072 and abs(float(w.std()) / 0.2 - 1) < 0.05

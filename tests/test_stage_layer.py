@@ -334,3 +334,43 @@ def test_the_recomputation_skips_the_last_linears_output(early_stop, device, mon
         assert torch.equal(grads[k], own_grads[k]), k
     assert own_bwd["gemm_4bit"] - bwd["gemm_4bit"] == LAYERS
     assert own_bwd["mm"] - bwd["mm"] == LAYERS
+
+
+def _grads_with_an_nn_dropout(checkpointing: bool) -> dict:
+    """LoRA dropout plus an ``nn.Dropout`` after each MLP activation (drawn from torch's global generator)."""
+    m = build(0.1, checkpointing)
+    for layer in m.hf.model.layers:
+        layer.mlp.act_fn = torch.nn.Sequential(layer.mlp.act_fn, torch.nn.Dropout(0.2))
+    torch.manual_seed(0)
+    _, grads, _, _ = step(m)
+    return grads
+
+
+def test_an_nn_dropout_in_a_block_is_replayed_by_the_recomputation():
+    """``draws_global_rng``'s other case than attention dropout: a block holding an ``nn.Dropout`` with p > 0 draws
+    from torch's generators, which the checkpoint must then save and restore — the gradients are the
+    uncheckpointed model's (the recomputation drawing other masks would change them with no error)."""
+    plain = _grads_with_an_nn_dropout(False)
+    checkpointed = _grads_with_an_nn_dropout(True)
+    assert any(bool(g.ne(0).any()) for g in plain.values())
+    for k in plain:
+        assert torch.equal(plain[k], checkpointed[k]), k
+
+
+def test_attention_dropout_read_from_the_config_counts_as_drawing():
+    """A transformers version that reads ``attention_dropout`` from the module's config inside ``forward`` (no
+    attribute of its own) still draws from torch's generators when the config's rate is above 0; in eval mode,
+    or at rate 0, nothing is drawn."""
+    from qlora_gpu.model import draws_global_rng
+
+    m = build(0.1)
+    layer = m.hf.model.layers[0]
+    attn = layer.self_attn
+    attn.__dict__.pop("attention_dropout", None)  # read from the config instead, as such a version does
+    assert not hasattr(type(attn), "attention_dropout")
+    attn.config.attention_dropout = 0.0
+    assert not draws_global_rng(layer)
+    attn.config.attention_dropout = 0.1
+    assert draws_global_rng(layer)
+    layer.eval()
+    assert not draws_global_rng(layer)
