@@ -29,7 +29,8 @@ import numpy as np
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """The D/2 inverse frequencies, float32, with the configured scaling applied."""
     exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / np.power(np.float32(theta), exponents)).astype(np.float32)
+    powers = np.power(np.float32(theta), exponents).astype(np.float32)  # theta^(2i/D)
+    inv_freq = (np.float32(1.0) / powers).astype(np.float32)
     rope_type = None if scaling is None else scaling.get("rope_type", "default")
     if rope_type in (None, "default"):
         return inv_freq
@@ -51,11 +52,11 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
         medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
         return np.where(medium, smoothed, scaled).astype(np.float32)
     if rope_type == "yarn":
-        return _yarn_inv_freq(head_dim, theta, scaling, inv_freq)
+        return _yarn_inv_freq(head_dim, theta, scaling, powers)
     raise ValueError(f"unknown rope_type {rope_type!r}")
 
 
-def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, inv_freq: np.ndarray) -> np.ndarray:
+def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, powers: np.ndarray) -> np.ndarray:
     """YaRN's "NTK-by-parts" frequencies (Peng et al. 2023, section 3.2): dimension d turns
     r(d) = L / (2 pi theta^(2d/D)) times over the original context L; solving r(d) = beta for d gives the ramp's
     ends, rounded outwards (``truncate``, transformers' default). Below the ramp (fast dimensions) inv_freq is
@@ -75,9 +76,7 @@ def _yarn_inv_freq(head_dim: int, theta: float, scaling: dict, inv_freq: np.ndar
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
     keep = (np.float32(1) - ramp.astype(np.float32)).astype(np.float32)
-    # transformers builds both from theta^(2d/D) in float32: 1/x kept, 1/(factor x) interpolated
-    powers = np.power(np.float32(theta), np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                      / np.float32(head_dim)).astype(np.float32)
+    # transformers builds both from the float32 powers theta^(2d/D): 1/x kept, 1/(factor x) interpolated
     interpolated = (np.float32(1) / (np.float32(factor) * powers)).astype(np.float32)
     return (interpolated * (np.float32(1) - keep) + (np.float32(1) / powers) * keep).astype(np.float32)
 
