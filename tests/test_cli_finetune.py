@@ -79,20 +79,30 @@ def test_finetune_on_the_torch_backend(files, tmp_path, capsys):
 def test_a_qwen3_model_finetunes_and_peft_loads_its_adapter(files, tmp_path, capsys, backend):
     """A Qwen3 folder end to end: ``qlora finetune`` trains it (the query/key norms in every block), and peft,
     given the adapter on transformers' Qwen3ForCausalLM, computes the reference's logits with that adapter (float32
-    weights: ``--quant none``) — and not the base model's."""
+    weights: ``--quant none``) — and not the base model's. With a chat template that, like Qwen3's, re-renders the
+    history, its two-turn conversations train as one example per turn."""
     import peft
     import torch
     import transformers
+    from test_data import REWRITING
     from test_train import write_tiny_model
 
     from qlora_ref.model import load_model
 
-    write_tiny_model(tmp_path / "qwen3", arch="qwen3", seed=6)
+    model = tmp_path / "qwen3"
+    write_tiny_model(model, arch="qwen3", seed=6)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": REWRITING}))
+    turns = lambda r: [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]  # noqa: E731
+    records = [{"messages": [*turns(r), *turns(r)]} for r in qa_records(8)]
+    write_jsonl(tmp_path / "chats.jsonl", records)
     out = tmp_path / "run"
-    assert main(["finetune", "--backend", backend, "--model", str(tmp_path / "qwen3"), "--data",
-                 str(files / "train.jsonl"), "--output-dir", str(out), "--max-steps", "3", "--quant-type", "none",
+    assert main(["finetune", "--backend", backend, "--model", str(model), "--data", str(tmp_path / "chats.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "3", "--quant-type", "none", "--eval-fraction", "0",
                  *FAST[:-3], "--lr", "1e-2", "--no-progress"]) == 0
-    assert "trained to step 3" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "8 conversations split into 16 examples" in printed and "16 training / 0 held-out" in printed, printed
+    assert "trained to step 3" in printed
     ids = np.arange(1, 12)[None] * 7 % 256
     ours = load_model(tmp_path / "qwen3", adapter=out, progress=False).forward(ids)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3", dtype=torch.float32).eval()

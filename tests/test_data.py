@@ -21,6 +21,7 @@ from qlora_ref.data import (
     build_dataset,
     chatterbot_data_dir,
     collate,
+    format_example,
     iterate_batches,
     length_grouped_order,
     load_chatterbot_corpus,
@@ -30,6 +31,7 @@ from qlora_ref.data import (
     read_jsonl,
     record_to_example,
     render_chat_template,
+    split_turns,
     tokenize_example,
 )
 
@@ -149,6 +151,71 @@ def test_a_template_that_is_not_prefix_consistent_is_refused():
     ex = record_to_example({"input": "q", "output": "a"}, "f.jsonl:3")
     with pytest.raises(ChatTemplateError, match="f.jsonl:3"):
         tokenize_example(ex, ByteTokenizer(odd))
+
+
+#: written for these tests after Qwen3's template (Qwen/Qwen3-8B tokenizer_config.json): an assistant turn after
+#: the last user message opens with a reasoning block (here always empty), earlier ones without — so the history
+#: is rendered differently once a new user message follows it
+REWRITING = (
+    "{%- set ns = namespace(last_user=-1) %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last_user %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_template_that_rewrites_history_trains_each_turn_as_it_is_answered():
+    """Qwen3-style: one example per assistant turn, its prompt the conversation before it with the generation
+    prompt (what ``prompt_ids`` gives the model at inference), trained on that turn alone."""
+    tok = ByteTokenizer(REWRITING)
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"},
+            {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q3"},
+            {"role": "assistant", "content": "A3"}]
+    conversation = record_to_example({"messages": msgs}, "x:1")
+    report = DataReport(records=2, kept=2)
+    with pytest.warns(UserWarning, match="1 conversation split into 3 examples, one per assistant turn"):
+        data = build_dataset([conversation, record_to_example({"input": "q", "output": "a"}, "x:2")], tok, 400,
+                             report=report)
+    assert data.sources == ["x:1 (turn 1)", "x:1 (turn 2)", "x:1 (turn 3)", "x:2"]
+    assert (report.split, report.split_examples, report.kept) == (1, 3, 4)
+    assert report.records + report.split_examples - report.split == report.kept + report.n_dropped
+    for k, end in enumerate((2, 4, 6)):
+        ids, labels = data.input_ids[k].tolist(), data.labels[k].tolist()
+        assert tok.decode(ids) == render_chat_template(REWRITING, msgs[: end + 1])
+        answer = msgs[end]["content"]
+        assert _response_text(tok, ids, labels) == f"<think>\n\n</think>\n\n{answer}<|im_end|>\n"
+        n_prompt = labels.index(next(lab for lab in labels if lab != IGNORE_INDEX))
+        assert ids[:n_prompt] == prompt_ids(tok, msgs[:end])  # the inference prompt, history without <think>
+    assert tok.decode(data.input_ids[2].tolist()).count("<think>") == 1
+    # a turn too long with its history is dropped alone; the turns before it stay
+    report = DataReport(records=1, kept=1)
+    short = build_dataset([conversation], tok, len(data.input_ids[1]), report=report, warn=False)
+    assert short.sources == ["x:1 (turn 1)", "x:1 (turn 2)"] and report.dropped[
+        f"longer than max_length={len(data.input_ids[1])} tokens"] == 1 and "x:1 (turn 3)" in report.summary()
+    # train_on_source: each turn's sequence trained whole
+    whole = build_dataset([conversation], tok, 400, train_on_source=True, warn=False)
+    assert all((y == x).all() for x, y in zip(whole.input_ids, whole.labels, strict=True))
+    # a prefix-consistent template keeps the conversation one sequence
+    one = build_dataset([conversation], CHAT, 400, warn=False)
+    assert one.sources == ["x:1"] and one.report.split == 0
+
+
+def test_split_turns_follow_the_generation_prompt_of_transformers():
+    """The split turns' texts are transformers' own renderings of the same template."""
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=REWRITING)
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    turns = split_turns(record_to_example({"messages": msgs}, "x:1"))
+    for turn, end in zip(turns, (1, 3), strict=True):
+        (prompt, _), (response, _) = format_example(turn, ByteTokenizer(REWRITING))
+        assert prompt == hf.apply_chat_template(msgs[:end], tokenize=False, add_generation_prompt=True)
+        assert prompt + response == hf.apply_chat_template(msgs[: end + 1], tokenize=False)
 
 
 def test_hf_style_tokenizer_is_used_through_the_interface():

@@ -26,6 +26,7 @@ from .pipeline import (
     ALPACA_PROMPT_NO_INPUT,
     IGNORE_INDEX,
     ChatTemplateError,
+    TemplateRewritesHistory,
     TokenizedDataset,
     batch_indices,
     batch_of,
@@ -40,6 +41,7 @@ from .pipeline import (
     packed_batch_indices,
     pad_token_id_of,
     prompt_ids,
+    split_turns,
     token_segments,
     tokenize_example,
 )
@@ -47,10 +49,10 @@ from .tokenizer import CHATML_TEMPLATE, ByteTokenizer, encode, has_chat_template
 
 __all__ = [
     "ALPACA_PROMPT_INPUT", "ALPACA_PROMPT_NO_INPUT", "ByteTokenizer", "CHATML_TEMPLATE", "ChatTemplateError",
-    "DataReport", "Example", "IGNORE_INDEX", "MalformedRecordError", "TokenizedDataset", "batch_indices", "batch_of",
-    "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode", "format_example",
-    "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
+    "DataReport", "Example", "IGNORE_INDEX", "MalformedRecordError", "TemplateRewritesHistory", "TokenizedDataset",
+    "batch_indices", "batch_of", "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode",
+    "format_example", "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
     "load_chatterbot_corpus", "load_examples", "pack_examples", "packed_batch_indices", "pad_token_id_of",
     "prompt_ids", "read_chatterbot_yaml", "read_json", "read_jsonl", "record_to_example", "render_chat_template",
-    "token_segments", "tokenize_example",
+    "split_turns", "token_segments", "tokenize_example",
 ]

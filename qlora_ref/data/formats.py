@@ -47,18 +47,23 @@ class MalformedRecordError(ValueError):
 class Example:
     """One training example: ``messages`` (role "system" | "user" | "assistant", content str), ending with an
     assistant turn; ``source`` ("file:line") for messages and reports; ``alpaca`` (instruction, input) when the
-    record was Alpaca, so the template-less fallback can use the exact Alpaca prompt."""
+    record was Alpaca, so the template-less fallback can use the exact Alpaca prompt. ``last_turn_only``: one turn
+    of a conversation split by ``pipeline.split_turns`` — the turns before the last are its prompt, rendered as the
+    chat template renders history when the model answers that turn."""
 
     messages: list[dict]
     source: str
     alpaca: tuple[str, str] | None = None
+    last_turn_only: bool = False
 
 
 @dataclass
 class DataReport:
     """What happened to the records: how many were read and kept, and each reason something was left out
     (``dropped``: whole examples, ``trimmed``: turns, ``ignored``: keys of kept records that their format does not
-    read, by key, ``skipped``: files of a data folder that were not read), with the first few sources for each."""
+    read, by key, ``skipped``: files of a data folder that were not read), with the first few sources for each.
+    ``split``: conversations split into one example per assistant turn (``pipeline.split_turns``), and
+    ``split_examples`` the examples they became, so that ``records + split_examples - split == kept + n_dropped``."""
 
     records: int = 0
     kept: int = 0
@@ -67,6 +72,8 @@ class DataReport:
     where: dict = field(default_factory=dict)
     ignored: Counter = field(default_factory=Counter)
     skipped: Counter = field(default_factory=Counter)
+    split: int = 0
+    split_examples: int = 0
 
     def drop(self, reason: str, source: str) -> None:
         self.dropped[reason] += 1
@@ -84,6 +91,11 @@ class DataReport:
         self.skipped[reason] += 1
         self._note(reason, path)
 
+    def split_into(self, n: int, source: str) -> None:
+        self.split += 1
+        self.split_examples += n
+        self._note(SPLIT_REASON, source)
+
     def _note(self, reason: str, source: str) -> None:
         sources = self.where.setdefault(reason, [])
         if len(sources) < 5:
@@ -99,6 +111,11 @@ class DataReport:
         unanswered turn is not: nothing to learn from was lost)."""
         return bool(self.n_dropped or self.ignored or self.skipped)
 
+    @property
+    def noteworthy(self) -> bool:
+        """Whether the report says more than "read and kept": something left out, or a conversation split."""
+        return self.left_out or bool(self.split)
+
     def summary(self) -> str:
         def eg(reason):
             return ", ".join(self.where.get(reason, []))
@@ -108,6 +125,9 @@ class DataReport:
             parts.append(f"{n} skipped: {reason} (e.g. {eg(reason)})")
         for reason, n in sorted(self.dropped.items()):
             parts.append(f"{n} dropped: {reason} (e.g. {eg(reason)})")
+        if self.split:
+            parts.append(f"{self.split} conversation{'' if self.split == 1 else 's'} split into "
+                         f"{self.split_examples} examples, {SPLIT_REASON} (e.g. {eg(SPLIT_REASON)})")
         for reason, n in sorted(self.trimmed.items()):
             parts.append(f"{n} trimmed: {reason} (e.g. {eg(reason)})")
         for key, n in sorted(self.ignored.items()):
@@ -122,8 +142,15 @@ class DataReport:
         self.trimmed.update(other.trimmed)
         self.ignored.update(other.ignored)
         self.skipped.update(other.skipped)
+        self.split += other.split
+        self.split_examples += other.split_examples
         for k, v in other.where.items():
             self.where[k] = (self.where.get(k, []) + v)[:5]
+
+
+#: why a conversation becomes one example per assistant turn (``pipeline.split_turns``)
+SPLIT_REASON = ("one per assistant turn: the chat template renders earlier turns differently once the conversation "
+                "goes on (as Qwen3's drops their reasoning), so one sequence cannot hold every turn as it was answered")
 
 
 def _ignored_reason(key: str) -> str:

@@ -3,11 +3,15 @@ filtering, length-grouped batching, padding.
 
 Formatting. With a chat template (the model's, e.g. SmolLM2-Instruct's ChatML) each assistant turn's boundary
 is found by rendering the conversation up to it twice — with ``add_generation_prompt=True`` (the prompt) and
-with the turn (prompt + response) — so the text between is the response, end-of-turn marker included. The
-template must be prefix-consistent (each rendering extends the previous one), which ChatML, Llama-2/3 and most
-templates are; otherwise a clear error. Without a template the Alpaca format of the paper's scripts is used
-(``qlora.py``'s ``ALPACA_PROMPT_DICT``): BOS + "Below is an instruction ... ### Response: " as the prompt, the
-output + EOS as the response.
+with the turn (prompt + response) — so the text between is the response, end-of-turn marker included. Each
+response must extend its own prompt (a template where it does not is refused). A conversation is one sequence
+when the template is prefix-consistent over it (each rendering extends the previous one), which ChatML,
+Llama-2/3 and most templates are; a template that re-renders earlier turns as the conversation grows (Qwen3's
+shows an assistant turn's reasoning block only after the last user message) gets one sequence per assistant turn
+instead (:func:`split_turns`), the turns before it rendered as the model sees them when it answers it.
+
+Without a template the Alpaca format of the paper's scripts is used (``qlora.py``'s ``ALPACA_PROMPT_DICT``): BOS +
+"Below is an instruction ... ### Response: " as the prompt, the output + EOS as the response.
 
 Labels. ``labels`` is a copy of ``input_ids`` with ``-100`` on prompt tokens (the paper trains on responses
 only; ``train_on_source=True`` is its ablation, loss on everything) and on padding, Hugging Face's convention,
@@ -60,29 +64,58 @@ ALPACA_NEXT_TURN = "\n\n### Instruction:\n{instruction}\n\n### Response: "
 
 
 # ------------------------------------------------------------------------------------------------ formatting
+class TemplateRewritesHistory(ChatTemplateError):
+    """The chat template renders an earlier turn differently once the conversation goes on, so no one sequence holds
+    every turn as the model saw it when answering (handled by :func:`split_turns`)."""
+
+
+def _turn(tokenizer, msgs: list[dict], i: int, source: str) -> tuple[str, str]:
+    """(prompt, prompt + response) of assistant turn ``i``: the conversation before it with the generation prompt,
+    and up to it. The response must extend its prompt, or it cannot be located at all."""
+    prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise ChatTemplateError(f"{source}: the chat template is not prefix-consistent (turn {i} does not extend "
+                                "the generation prompt before it), so the response cannot be located")
+    return prompt, full
+
+
 def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     msgs = example.messages
+    if example.last_turn_only:  # the turns before the last are the prompt, as a whole
+        if msgs[-1]["role"] != "assistant":
+            return [(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False)]
+        prompt, full = _turn(tokenizer, msgs, len(msgs) - 1, example.source)
+        return [(prompt, False), (full[len(prompt):], True)]
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False, add_generation_prompt=False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
-            raise ChatTemplateError(
-                f"{example.source}: the chat template is not prefix-consistent (rendering the conversation up to "
-                f"turn {i} does not extend the rendering before it), so the response cannot be located")
+        prompt, full = _turn(tokenizer, msgs, i, example.source)
+        if not prompt.startswith(done):
+            raise TemplateRewritesHistory(f"{example.source}: the chat template renders the turns before turn {i} "
+                                          "differently from the rendering that ended at them")
         segments.append((prompt[len(done):], False))
         segments.append((full[len(prompt):], True))
         done = full
     if msgs and msgs[-1]["role"] != "assistant":  # a prompt for generation: up to where the answer begins
         prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         if not prompt.startswith(done):
-            raise ChatTemplateError(f"{example.source}: the chat template is not prefix-consistent (the generation "
-                                    "prompt does not extend the conversation before it)")
+            raise TemplateRewritesHistory(f"{example.source}: the chat template renders the conversation differently "
+                                          "once the generation prompt follows it")
         segments.append((prompt[len(done):], False))
     return segments
+
+
+def split_turns(example: Example) -> list[Example]:
+    """One example per assistant turn of ``example``: the conversation up to that turn, trained on that turn alone
+    (``last_turn_only``), the turns before it rendered as the chat template renders them when the model answers it
+    — what the model sees at inference. For templates that re-render history (:class:`TemplateRewritesHistory`);
+    the cost is a prompt that grows with every turn."""
+    ends = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
+    return [Example(example.messages[: i + 1], f"{example.source} (turn {k})", example.alpaca, last_turn_only=True)
+            for k, i in enumerate(ends, 1)]
 
 
 def _alpaca_segments(example: Example) -> list[tuple[str, bool]]:
@@ -151,7 +184,11 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     generation prompt, or BOS + the Alpaca prompt of the paper's scripts without a template)."""
     if not messages or messages[-1].get("role") == "assistant":
         raise ValueError("messages must end with a user (or system) turn: the prompt for the assistant's answer")
-    return [t for seg, _ in token_segments(Example(list(messages), "prompt"), tokenizer) for t in seg]
+    try:
+        segments = token_segments(Example(list(messages), "prompt"), tokenizer)
+    except TemplateRewritesHistory:  # as a turn of a split conversation is prompted (split_turns)
+        segments = token_segments(Example(list(messages), "prompt", last_turn_only=True), tokenizer)
+    return [t for seg, _ in segments for t in seg]
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -199,15 +236,22 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_
                   report: DataReport | None = None, warn: bool = True) -> TokenizedDataset:
     """Tokenize ``examples``; drop (and count) those longer than ``max_length`` tokens or without a response
     token. ``report`` (e.g. the one the loader filled) is extended; with ``warn``, a warning summarises anything
-    left out, and another says when responses get no EOS (:func:`no_stop_token`)."""
+    left out or split (:func:`split_turns`), and another says when responses get no EOS (:func:`no_stop_token`)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if warn and examples and (why := no_stop_token(tokenizer)) is not None:
         warnings.warn(why, stacklevel=2)
     report = report if report is not None else DataReport(records=len(examples), kept=len(examples))
     ids_out, labels_out, sources = [], [], []
+    parts = []
     for ex in examples:
-        ids, labels = tokenize_example(ex, tokenizer, train_on_source)
+        try:
+            parts.append((ex, tokenize_example(ex, tokenizer, train_on_source)))
+        except TemplateRewritesHistory:
+            turns = split_turns(ex)
+            report.split_into(len(turns), ex.source)
+            parts.extend((turn, tokenize_example(turn, tokenizer, train_on_source)) for turn in turns)
+    for ex, (ids, labels) in parts:
         if len(ids) > max_length:
             report.drop(f"longer than max_length={max_length} tokens", ex.source)
             continue
@@ -218,8 +262,8 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_
         ids_out.append(np.asarray(ids, dtype=np.int64))
         labels_out.append(np.asarray(labels, dtype=np.int64))
         sources.append(ex.source)
-    report.kept = report.kept - (len(examples) - len(ids_out))
-    if warn and report.left_out:
+    report.kept = report.kept - (len(examples) - len(ids_out))  # a split conversation counts as its turns
+    if warn and report.noteworthy:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     return TokenizedDataset(ids_out, labels_out, sources, max_length, pad_token_id_of(tokenizer), report)
 

@@ -103,8 +103,8 @@ def check_data_spec(spec) -> None:
 
 def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left_out: bool = True):
     """(train dataset, held-out dataset or None, report) from data specs (``qlora_ref.data.load_examples``).
-    ``warn_left_out``: warn with the report when it left something out (``finetune`` prints the report itself
-    when it shows progress, and then does not warn it a second time)."""
+    ``warn_left_out``: warn with the report when it left something out or split a conversation (``finetune``
+    prints the report itself when it shows progress, and then does not warn it a second time)."""
     if tokenizer is None:
         raise ValueError("the model has no tokenizer (tokenizer.json in its folder, or GGUF tokenizer metadata), "
                          "so text data cannot be tokenized")
@@ -125,7 +125,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left
         eval_ds = build(eval_ex, eval_report)
         if len(eval_ds) == 0:
             raise ValueError(f"{eval_data}: no usable held-out example ({eval_report.summary()})")
-        if eval_report.left_out and process_rank() == 0:  # every rank reads the data; one says so
+        if eval_report.noteworthy and process_rank() == 0:  # every rank reads the data; one says so
             warnings.warn(f"held-out data {eval_data}: {eval_report.summary()}", stacklevel=2)
         train_ds = build(examples, report)
     else:  # a split of --data: one report over both parts, so that kept = training + held-out
@@ -137,7 +137,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left
                           "no held-out evaluation", stacklevel=2)
         if eval_ex and len(eval_ds) == 0:
             eval_ds = None
-    if report.left_out and warn_left_out and process_rank() == 0:
+    if report.noteworthy and warn_left_out and process_rank() == 0:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
     if len(train_ds) == 0:
         held = f"; the {len(eval_ds)} left are held out" if eval_ds is not None and len(eval_ds) else ""
