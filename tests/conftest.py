@@ -33,7 +33,7 @@ if not torch.cuda.is_available():
 # the run here, named, instead of turning every test that needs it into a skip. qlora_gpu first: it imports
 # bitsandbytes the way it means to (qlora_gpu/bnb_import.py). Triton is in the extra on x86-64 Linux only.
 _TEST_EXTRA = ["qlora_gpu", "bitsandbytes", "transformers", "peft", "accelerate", "gguf", "tokenizers", "yaml",
-               "jinja2", "chatterbot_corpus", "matplotlib"]
+               "jinja2", "chatterbot_corpus", "matplotlib", "sentencepiece"]
 if sys.platform == "linux" and platform.machine() == "x86_64":
     _TEST_EXTRA.append("triton")
 for _name in _TEST_EXTRA:

@@ -1,8 +1,9 @@
 """The model's own tokenizer and chat template, from a Hugging Face folder or a GGUF file.
 
 Built on the ``tokenizers`` package (the ``demo`` extra): a folder's ``tokenizer.json`` is read as it is; a GGUF
-file's byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``: tokens, merges, control tokens) is turned
-into the same kind of tokenizer. The chat template (Jinja, from ``tokenizer_config.json``, ``chat_template.jinja``
+file's vocabulary is turned into the same kind of tokenizer: a byte-level BPE (``tokenizer.ggml.model == "gpt2"``:
+tokens, merges, control tokens) as it is, a SentencePiece one (``"llama"``: tokens, scores, token types) as a BPE
+whose merges replay llama.cpp's rule. The chat template (Jinja, from ``tokenizer_config.json``, ``chat_template.jinja``
 or the GGUF key ``tokenizer.chat_template``) is rendered the way transformers renders it.
 """
 
@@ -20,6 +21,9 @@ def _import_tokenizers():
         raise ImportError("loading a tokenizer needs the 'tokenizers' package: pip install 'qlora[demo]'") from e
     return tokenizers
 
+
+#: llama.cpp's token types (``tokenizer.ggml.token_type``)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 #: llama.cpp's split rules (``llama-vocab.cpp``) by ``tokenizer.ggml.pre``, as the models' own tokenizer.json
 #: writes them: a BPE never merges across a split, so another rule gives other token ids (digit groups, ":\n",
@@ -132,12 +136,16 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict, source: str = "model.gguf") -> Tokenizer | None:
-        """A byte-level BPE tokenizer from GGUF metadata; None if the file carries no tokenizer."""
+        """The tokenizer a GGUF file describes (byte-level BPE ``"gpt2"`` or SentencePiece ``"llama"``); None if the
+        file carries no tokenizer; any other ``tokenizer.ggml.model`` is refused."""
         model = meta.get("tokenizer.ggml.model")
         if model is None:
             return None
+        if model == "llama":
+            return cls._from_gguf_spm(meta, source)
         if model != "gpt2":
-            raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported (only byte-level BPE 'gpt2')")
+            raise ValueError(f"{source}: tokenizer.ggml.model={model!r} is not supported (supported: byte-level BPE "
+                             f"'gpt2', SentencePiece 'llama')")
         tokenizers = _import_tokenizers()
         from tokenizers import decoders, models
 
@@ -147,7 +155,7 @@ class Tokenizer:
         backend.pre_tokenizer = _gguf_pre_tokenizer(meta.get("tokenizer.ggml.pre"), source)
         backend.decoder = decoders.ByteLevel()
         types = meta.get("tokenizer.ggml.token_type") or []
-        control = [tok for tok, kind in zip(tokens, types, strict=False) if kind == 3]  # 3 = CONTROL in llama.cpp
+        control = [tok for tok, kind in zip(tokens, types, strict=False) if kind == CONTROL]
         backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False) for t in control])
 
         def tok(key):
@@ -156,3 +164,62 @@ class Tokenizer:
 
         return cls(backend, meta.get("tokenizer.chat_template"), tok("tokenizer.ggml.bos_token_id"),
                    tok("tokenizer.ggml.eos_token_id"), bool(meta.get("tokenizer.ggml.add_bos_token", False)))
+
+    @classmethod
+    def _from_gguf_spm(cls, meta: dict, source: str) -> Tokenizer:
+        """A SentencePiece vocabulary as llama.cpp tokenizes it (``llm_tokenizer_spm``): text between special
+        tokens gets a leading space (``tokenizer.ggml.add_space_prefix``, default true) and every space becomes
+        "▁"; from its characters, the adjacent pair whose join is the best-scored token is merged, again and again;
+        a character the vocabulary lacks becomes its UTF-8 bytes' ``<0xXX>`` tokens. That is a ``tokenizers`` BPE
+        with byte fallback whose merges are ranked by the merged token's score (``_spm_merges``), under the
+        normalizer of Llama 2's own tokenizer.json (Prepend "▁", Replace " " → "▁", applied to each stretch of
+        text between added tokens, as llama.cpp prefixes the text after each special token). Control and unknown
+        tokens are special added tokens, user-defined ones plain added tokens, all matched in the raw text as
+        llama.cpp matches them. BOS is added unless ``tokenizer.ggml.add_bos_token`` is false; the BOS / EOS /
+        unknown ids default to 1 / 2 / 0, as in llama.cpp."""
+        tokenizers = _import_tokenizers()
+        from tokenizers import decoders, models, normalizers
+
+        tokens = list(meta["tokenizer.ggml.tokens"])
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None or len(scores) != len(tokens):
+            raise ValueError(f"{source}: a SentencePiece vocabulary (tokenizer.ggml.model='llama') needs "
+                             f"tokenizer.ggml.scores, one float per token ({len(tokens)}), which order its merges; "
+                             f"got {'none' if scores is None else len(scores)}")
+        types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+        if len(types) != len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries, expected one per token "
+                             f"({len(tokens)})")
+
+        def token_id(key, default):
+            i = int(meta.get(key, default))
+            return i if 0 <= i < len(tokens) else None
+
+        bos, eos, unk = (token_id(f"tokenizer.ggml.{name}_token_id", d) for name, d in
+                         (("bos", 1), ("eos", 2), ("unknown", 0)))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        backend = tokenizers.Tokenizer(models.BPE(vocab, _spm_merges(tokens, scores, types, vocab), fuse_unk=True,
+                                                  byte_fallback=True, unk_token=None if unk is None else tokens[unk]))
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        replace = normalizers.Replace(" ", "▁")
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prefix else replace
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if prefix else steps)
+        backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                    for t, kind in zip(tokens, types, strict=True) if kind in (CONTROL, UNKNOWN)])
+        backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False)
+                            for t, kind in zip(tokens, types, strict=True) if kind == USER_DEFINED])
+        return cls(backend, meta.get("tokenizer.chat_template"), None if bos is None else tokens[bos],
+                   None if eos is None else tokens[eos], bool(meta.get("tokenizer.ggml.add_bos_token", True)))
+
+
+def _spm_merges(tokens: list[str], scores, types, vocab: dict[str, int]) -> list[tuple[str, str]]:
+    """Every split of a normal token into two vocabulary tokens, ranked by the token's score (highest first). A BPE
+    applies the best-ranked pair present, as llama.cpp and sentencepiece merge the pair whose join scores best. Two
+    tokens of equal score keep their vocabulary order, where llama.cpp takes the leftmost pair: the same ids unless
+    a vocabulary repeats a score among its normal tokens (sentencepiece's BPE training gives each its own). Only
+    normal tokens are targets, as in sentencepiece (control, byte, unused and user-defined tokens come from no
+    merge; llama.cpp would merge into any token that two current symbols spell)."""
+    ranked = sorted((i for i, kind in enumerate(types) if kind == NORMAL), key=lambda i: -float(scores[i]))
+    return [(t[:k], t[k:]) for t in (tokens[i] for i in ranked) for k in range(1, len(t))
+            if t[:k] in vocab and t[k:] in vocab]
