@@ -22,6 +22,7 @@ from qlora_ref.data import (
     read_chatterbot_yaml,
     read_json,
     read_jsonl,
+    read_parquet,
     record_to_example,
     tokenize_example,
 )
@@ -31,6 +32,13 @@ from qlora_ref.train.config import TrainConfig
 def _write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
+
+
+TOK = ByteTokenizer()
+
+
+def _response(tok, ids, labels) -> str:
+    return tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
 def _user_warnings(record) -> list[str]:
@@ -219,7 +227,7 @@ def test_a_folder_reads_any_case_of_the_suffix_and_counts_what_it_skips(tmp_path
     examples = load_examples(folder, report)
     assert [e.source for e in examples] == [f"{folder / 'B.JSONL'}:1", f"{folder / 'a.jsonl'}:1",
                                             f"{folder / 'c.json'}:1"]
-    assert report.skipped == {"not a .jsonl/.json/.yml/.yaml file": 1, "a sub-folder, not read": 1}
+    assert report.skipped == {"not a .jsonl/.json/.parquet/.yml/.yaml file": 1, "a sub-folder, not read": 1}
     assert str(folder / "notes.txt") in report.summary() and str(folder / "sub") in report.summary()
     assert len(load_examples(folder / "B.JSONL")) == 1
 
@@ -335,3 +343,90 @@ def test_a_json_array_that_is_not_utf8_names_its_line_and_a_bom_is_accepted(tmp_
         read_json(path, on_malformed="drop")
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ALPACA).encode())
     assert len(read_json(path)) == 3
+
+
+# ------------------------------------------------------------------------------------------------ Parquet
+def _write_parquet(path, records):
+    """``records`` as a Parquet file, its schema inferred by pyarrow as ``datasets`` writes a Hub data set (a
+    key some records lack is a null there)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=2)  # several row groups
+    return path
+
+
+def test_a_parquet_file_reads_as_its_records_would_as_json_lines(tmp_path):
+    """A Hugging Face Hub data set's Parquet rows: chat ``messages`` (a list of structs), Alpaca rows whose
+    ``input`` is null or empty, an ``id`` column (ignored and counted); each row named ``file:row N``."""
+    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"q{i}"},
+                                          {"role": "assistant", "content": f"a{i}"}]} for i in range(3)]
+    path = _write_parquet(tmp_path / "train-00000-of-00001.parquet", chats)
+    report = DataReport()
+    read = load_examples(path, report)
+    assert [e.messages for e in read] == [e.messages for e in read_jsonl(_write_jsonl(tmp_path / "c.jsonl", chats))]
+    assert [e.source for e in read] == [f"{path}:row {n}" for n in (1, 2, 3)]
+    assert (report.records, report.kept, report.ignored["id"]) == (3, 3, 3)
+    alpaca = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Hi.", "output": "Hi!"},
+              {"instruction": "Bye.", "input": "", "output": "Bye!"}]
+    rows = read_parquet(_write_parquet(tmp_path / "alpaca.parquet", alpaca))
+    assert [e.messages for e in rows] == [record_to_example(r, "x").messages for r in alpaca]
+    assert [e.alpaca for e in rows] == [("Add.", "2 and 3"), ("Hi.", ""), ("Bye.", "")]
+    # a folder holding Parquet beside JSON lines reads both
+    both = load_examples(tmp_path)
+    assert len(both) == 3 + 3 + 3
+
+
+def test_a_malformed_parquet_row_is_named_and_can_be_dropped_and_a_broken_file_is_named(tmp_path):
+    path = _write_parquet(tmp_path / "d.parquet", [{"instruction": "a", "output": "b"},
+                                                   {"instruction": "c", "output": None},
+                                                   {"instruction": "e", "output": "f"}])
+    with pytest.raises(MalformedRecordError, match=f"^{path}:row 2: an Alpaca record needs 'output'"):
+        read_parquet(path)
+    report = DataReport()
+    assert [e.messages[-1]["content"] for e in read_parquet(path, report, on_malformed="drop")] == ["b", "f"]
+    assert (report.records, report.kept, report.dropped["malformed record"]) == (3, 2, 1)
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(MalformedRecordError, match="broken.parquet: not a readable Parquet file"):
+        load_examples(tmp_path / "broken.parquet")
+
+
+# ------------------------------------------------------------------------------------------------ prompt-completion
+def test_prompt_completion_records_train_the_completion_alone():
+    """TRL's SFT format: strings are a user turn and its answer; lists are the prompt's turns and the completion's
+    assistant turn, and only the completion is trained (TRL's completion_only_loss), the prompt's earlier answers
+    being context — with a chat template and without one."""
+    from qlora_ref.data import CHATML_TEMPLATE, render_chat_template
+
+    chat = ByteTokenizer(CHATML_TEMPLATE)
+    plain = record_to_example({"prompt": "What is 2+3?", "completion": "5"}, "x:1")
+    assert plain.messages == [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"}]
+    same = record_to_example({"input": "What is 2+3?", "output": "5"}, "x:1")
+    for tok in (chat, TOK):  # one turn: what the input/output pair gives
+        assert tokenize_example(plain, tok) == tokenize_example(same, tok)
+    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+              {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    turns = record_to_example({"prompt": prompt, "completion": [{"role": "assistant", "content": "A2"}]}, "x:2")
+    assert turns.messages == [*prompt, {"role": "assistant", "content": "A2"}]
+    ids, labels = tokenize_example(turns, chat)
+    assert chat.decode(ids) == render_chat_template(CHATML_TEMPLATE, turns.messages)
+    assert _response(chat, ids, labels) == "A2<|im_end|>\n"
+    ids, labels = tokenize_example(turns, TOK)
+    assert _response(TOK, ids, labels) == "A2</s>" and "A1</s>" in TOK.decode(ids)
+    # the same conversation as "messages" trains both answers
+    ids, labels = tokenize_example(record_to_example({"messages": turns.messages}, "x:3"), chat)
+    assert _response(chat, ids, labels) == "A1<|im_end|>\nA2<|im_end|>\n"
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "completion": [{"role": "assistant", "content": "a"}]}, "must both be strings or both lists"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": []}, "'completion' must be one assistant message"),
+    ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "a"}]},
+     "'completion' must be one assistant message"),
+    ({"prompt": [{"role": "assistant", "content": "q"}], "completion": [{"role": "assistant", "content": "a"}]},
+     "turn 0 is 'assistant' where 'user' was expected"),
+    ({"prompt": "q", "completoin": "a"}, "did you mean 'completion'"),
+])
+def test_a_malformed_prompt_completion_record_is_named(record, message):
+    with pytest.raises(MalformedRecordError, match=f"^f.jsonl:4: .*{message}"):
+        record_to_example(record, "f.jsonl:4")

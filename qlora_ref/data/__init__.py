@@ -19,6 +19,7 @@ from .formats import (
     read_chatterbot_yaml,
     read_json,
     read_jsonl,
+    read_parquet,
     record_to_example,
 )
 from .pipeline import (
@@ -53,6 +54,6 @@ __all__ = [
     "batch_indices", "batch_of", "build_dataset", "chatterbot_data_dir", "collate", "collate_packed", "encode",
     "format_example", "has_chat_template", "iterate_batches", "iterate_packed_batches", "length_grouped_order",
     "load_chatterbot_corpus", "load_examples", "pack_examples", "packed_batch_indices", "pad_token_id_of",
-    "prompt_ids", "read_chatterbot_yaml", "read_json", "read_jsonl", "record_to_example", "render_chat_template",
-    "split_turns", "token_segments", "tokenize_example",
+    "prompt_ids", "read_chatterbot_yaml", "read_json", "read_jsonl", "read_parquet", "record_to_example",
+    "render_chat_template", "split_turns", "token_segments", "tokenize_example",
 ]

@@ -1,12 +1,16 @@
 """Reading instruction data into one normalized form: a list of chat messages per example.
 
-Accepted records (one JSON object per line of a ``.jsonl`` file, or a ``.json`` file's array of them):
+Accepted records (one JSON object per line of a ``.jsonl`` file, a ``.json`` file's array of them, or the rows of a
+``.parquet`` file, as the Hugging Face Hub serves data sets):
 
 - Alpaca: ``{"instruction": ..., "input": ... (optional), "output": ...}``
 - plain pairs: ``{"input": ..., "output": ...}``
 - conversations as lists of turns: ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}``
   (OpenAI / Hugging Face chat style; OpenAssistant's ``"prompter"`` is a user) or ShareGPT's
   ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
+- prompt-completion (TRL's SFT format): ``{"prompt": ..., "completion": ...}``, both strings (a user turn and
+  its answer) or both lists of messages (the prompt's turns, then the completion's assistant turn); only the
+  completion is trained, as TRL trains it, even where the prompt holds earlier assistant turns
 - OpenAssistant-Guanaco text (the paper's main data set): ``{"text": "### Human: ...### Assistant: ..."}``
 
 and the chatterbot-corpus YAML files (``conversations:`` lists of alternating question/answer strings).
@@ -47,9 +51,10 @@ class MalformedRecordError(ValueError):
 class Example:
     """One training example: ``messages`` (role "system" | "user" | "assistant", content str), ending with an
     assistant turn; ``source`` ("file:line") for messages and reports; ``alpaca`` (instruction, input) when the
-    record was Alpaca, so the template-less fallback can use the exact Alpaca prompt. ``last_turn_only``: one turn
-    of a conversation split by ``pipeline.split_turns`` — the turns before the last are its prompt, rendered as the
-    chat template renders history when the model answers that turn."""
+    record was Alpaca, so the template-less fallback can use the exact Alpaca prompt. ``last_turn_only``: only the
+    last assistant turn is trained, the turns before it are its prompt, rendered as a whole as the chat template
+    renders history when the model answers that turn (a turn of a conversation split by ``pipeline.split_turns``,
+    or a prompt-completion record)."""
 
     messages: list[dict]
     source: str
@@ -199,6 +204,22 @@ def _check_roles(messages: list[dict], source: str, report: DataReport) -> list[
     return messages
 
 
+def _prompt_completion(prompt, completion, source: str, report: DataReport) -> Example:
+    """TRL's prompt-completion record: the completion alone is trained (``last_turn_only``), as TRL's
+    ``completion_only_loss`` trains it — assistant turns inside the prompt are context."""
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}], source,
+                       last_turn_only=True)
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise MalformedRecordError(source, f"'prompt' and 'completion' must both be strings or both lists of "
+                                           f"messages, got {type(prompt).__name__} and {type(completion).__name__}")
+    if len(completion) != 1 or not isinstance(completion[0], dict) or completion[0].get("role") != "assistant":
+        raise MalformedRecordError(source, "'completion' must be one assistant message "
+                                           "([{\"role\": \"assistant\", \"content\": ...}])")
+    messages = _turns(prompt + completion, source, "role", "content", report)
+    return Example(messages, source, last_turn_only=True)
+
+
 _GUANACO = re.compile(r"### (Human|Assistant):")
 
 
@@ -215,7 +236,8 @@ def _guanaco(text: str, source: str, report: DataReport) -> list[dict]:
 #: (counted in the report: metadata such as ``id`` or ``source``), unless it plainly misspells a key that would have
 #: been read (``inptu``), which is an error
 FORMAT_KEYS = {"messages": ("messages",), "conversations": ("conversations",),
-               "Alpaca": ("instruction", "input", "output"), "input/output": ("input", "output"), "text": ("text",)}
+               "Alpaca": ("instruction", "input", "output"), "input/output": ("input", "output"),
+               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
 _KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys})
 
 
@@ -268,6 +290,8 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
         fmt = "Alpaca"
     elif "input" in record and "output" in record:
         fmt = "input/output"
+    elif "prompt" in record and "completion" in record:
+        fmt = "prompt/completion"
     elif "text" in record:
         fmt = "text"
     else:
@@ -275,7 +299,8 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
         hint = f" ({typo[0]!r}: did you mean {typo[1]!r}?)" if typo else ""
         raise MalformedRecordError(
             source, f"unrecognised record with keys {sorted(record)}{hint}; expected 'instruction'/'input'/'output' "
-                    "(Alpaca), 'input'/'output', 'messages', 'conversations', or a '### Human:' 'text'")
+                    "(Alpaca), 'input'/'output', 'prompt'/'completion', 'messages', 'conversations', or a '### Human:' "
+                    "'text'")
     unused = _unused_keys(record, fmt, source)
     if fmt == "messages":
         example = Example(_turns(record["messages"], source, "role", "content", report), source)
@@ -297,6 +322,8 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
     elif fmt == "input/output":
         example = Example([{"role": "user", "content": _text(record["input"], "'input'", source)},
                            {"role": "assistant", "content": _text(record["output"], "'output'", source)}], source)
+    elif fmt == "prompt/completion":
+        example = _prompt_completion(record["prompt"], record["completion"], source, report)
     else:
         example = Example(_guanaco(_text(record["text"], "'text'", source), source, report), source)
     for key in unused:
@@ -401,12 +428,7 @@ def read_json(path: str | os.PathLike, report: DataReport | None = None, on_malf
         except json.JSONDecodeError as e:
             raise syntax_error(e.pos, e.msg) from None
         report.records += 1
-        try:
-            examples.append(record_to_example(record, source, report))
-        except MalformedRecordError as e:
-            if on_malformed == "error":
-                raise
-            report.drop("malformed record", str(e))
+        _append(examples, record, source, report, on_malformed)
         i = skip_space(i)
         if i < end and text[i] == ",":
             i = skip_space(i + 1)
@@ -416,6 +438,46 @@ def read_json(path: str | os.PathLike, report: DataReport | None = None, on_malf
         raise syntax_error(end, "the array is not closed by ']'")
     if skip_space(i + 1) < end:
         raise syntax_error(skip_space(i + 1), "extra data after the array")
+    report.kept += len(examples)
+    return examples
+
+
+def _append(examples: list[Example], record, source: str, report: DataReport, on_malformed: str) -> None:
+    """``record`` as an example onto ``examples``; a malformed one raises, or is counted and dropped."""
+    try:
+        examples.append(record_to_example(record, source, report))
+    except MalformedRecordError as e:
+        if on_malformed == "error":
+            raise
+        report.drop("malformed record", str(e))
+
+
+def read_parquet(path: str | os.PathLike, report: DataReport | None = None, on_malformed: str = "error"
+                 ) -> list[Example]:
+    """The rows of a Parquet file as records — the form the Hugging Face Hub serves a data set in
+    (``data/train-00000-of-00001.parquet``): its columns are the record's keys (nested lists of structs are
+    ``messages``), a null is a missing value. A row is named ``file:row N`` (from 1). Read with ``pyarrow`` (the
+    ``demo`` extra), one row group at a time."""
+    _check_on_malformed(on_malformed)
+    report = report if report is not None else DataReport()
+    path = Path(path)
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{path}: reading Parquet needs the 'pyarrow' package: pip install 'qlora[demo]'") from e
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise MalformedRecordError(str(path), f"not a readable Parquet file ({e})") from None
+    examples: list[Example] = []
+    row = 0
+    for batch in file.iter_batches():
+        for record in batch.to_pylist():
+            row += 1
+            report.records += 1
+            record = {k: v for k, v in record.items() if v is not None}  # a column this row has no value in
+            _append(examples, record, f"{path}:row {row}", report, on_malformed)
     report.kept += len(examples)
     return examples
 
@@ -535,7 +597,7 @@ def load_chatterbot_corpus(language: str = "english", categories: list[str] | No
     return examples
 
 
-DATA_SUFFIXES = (".jsonl", ".json", ".yml", ".yaml")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".yml", ".yaml")
 
 
 def is_corpus_spec(spec) -> bool:
@@ -556,8 +618,8 @@ def is_corpus_spec(spec) -> bool:
 def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
                   ) -> list[Example]:
     """Examples from ``spec``: a ``.jsonl`` file, a ``.json`` file (an array of records, or one a line), a
-    chatterbot-style ``.yml``/``.yaml`` file, a folder of those (any case of the suffix; its other files and
-    sub-folders are skipped and counted in the report), or
+    ``.parquet`` file (a Hugging Face Hub data set's), a chatterbot-style ``.yml``/``.yaml`` file, a folder of
+    those (any case of the suffix; its other files and sub-folders are skipped and counted in the report), or
     ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"`` (see
     :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each
     source's own default (a user's file is an error, the shipped corpus's few irregular entries are dropped)."""
@@ -577,13 +639,17 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
             if p.is_file() and p.suffix.lower() in DATA_SUFFIXES:
                 files.append(p)
             else:
-                report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.json/.yml/.yaml file", str(p))
+                report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.json/.parquet/.yml/.yaml file",
+                            str(p))
         return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, report, on_malformed or "error")
     if suffix == ".json":
         return read_json(path, report, on_malformed or "error")
+    if suffix == ".parquet":
+        return read_parquet(path, report, on_malformed or "error")
     if suffix in (".yml", ".yaml"):
         return read_chatterbot_yaml(path, report, on_malformed or "error")
-    raise ValueError(f"cannot read {s!r}: expected a .jsonl, .json or .yml file, a folder, or 'chatterbot[:language]'")
+    raise ValueError(f"cannot read {s!r}: expected a .jsonl, .json, .parquet or .yml file, a folder, or "
+                     "'chatterbot[:language]'")

@@ -144,27 +144,41 @@ def _alpaca_segments(example: Example) -> list[tuple[str, bool]]:
     return segments
 
 
-def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
-    """The example as text segments ``(text, is_response)``, in order (without BOS/EOS tokens)."""
+def _answer_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The example as text segments ``(text, is_answer)``, every assistant answer marked."""
     if has_chat_template(tokenizer):
         return _template_segments(example, tokenizer)
     return _alpaca_segments(example)
 
 
+def _trained(example: Example, segments: list[tuple]) -> list[tuple]:
+    """``segments`` with only the last answer marked as a response where the example trains its last turn only
+    (``last_turn_only``: the answers before are context)."""
+    if not example.last_turn_only:
+        return segments
+    last = max((i for i, (_, is_answer) in enumerate(segments) if is_answer), default=None)
+    return [(part, i == last) for i, (part, _) in enumerate(segments)]
+
+
+def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
+    """The example as text segments ``(text, is_response)``, in order (without BOS/EOS tokens)."""
+    return _trained(example, _answer_segments(example, tokenizer))
+
+
 def token_segments(example: Example, tokenizer) -> list[tuple[list[int], bool]]:
     """``format_example``'s segments as token ids ``(ids, is_response)``. Segments are tokenized separately, as the
     paper's scripts tokenize source and target separately. Without a chat template, BOS starts the sequence (a
-    prompt segment of its own) and EOS ends every response (if the tokenizer has them)."""
+    prompt segment of its own) and EOS ends every answer, trained or context (if the tokenizer has them)."""
     templated = has_chat_template(tokenizer)
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     segments = [([int(bos)], False)] if not templated and bos is not None else []
-    for text, is_response in format_example(example, tokenizer):
+    for text, is_answer in _answer_segments(example, tokenizer):
         seg = encode(tokenizer, text)
-        if is_response and not templated and eos is not None:
+        if is_answer and not templated and eos is not None:
             seg = seg + [int(eos)]
-        segments.append((seg, is_response))
-    return segments
+        segments.append((seg, is_answer))
+    return _trained(example, segments)
 
 
 def tokenize_example(example: Example, tokenizer, train_on_source: bool = False) -> tuple[list[int], list[int]]:
