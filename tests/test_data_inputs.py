@@ -391,6 +391,44 @@ def test_a_malformed_parquet_row_is_named_and_can_be_dropped_and_a_broken_file_i
         load_examples(tmp_path / "broken.parquet")
 
 
+def test_a_hub_data_set_folder_of_several_splits_is_refused_and_a_pattern_names_one(tmp_path):
+    """A downloaded Hub data set holds train and test shards side by side: read whole, the test split would be
+    trained on, so the folder is refused naming the splits and a pattern that reads one; the pattern reads its
+    shards in order (as does a pattern through ``qlora finetune``'s data check), and one that matches nothing, or
+    matches files that are not data, is named."""
+    from qlora_ref.train.api import check_data_spec
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(6)]
+    for k in range(2):
+        _write_parquet(data / f"train-0000{k}-of-00002.parquet", rows[3 * k:3 * k + 3])
+    _write_parquet(data / "test-00000-of-00001.parquet", [{"prompt": "t", "completion": "u"}])
+    with pytest.raises(ValueError, match=r"holds several splits of a data set \(test, train\).*"
+                                         r"--data '.*train-\*\.parquet'"):
+        load_examples(data)
+    pattern = str(data / "train-*.parquet")
+    check_data_spec(pattern)
+    read = load_examples(pattern)
+    assert [e.messages[-1]["content"] for e in read] == [f"a{i}" for i in range(6)]
+    assert read[3].source == f"{data / 'train-00001-of-00002.parquet'}:row 1"
+    for bad, message in ((str(data / "dev-*.parquet"), "no file matches the pattern"),
+                         (str(tmp_path / "*"), "matches files that are not")):
+        (tmp_path / "notes.txt").write_text("x")
+        for read_it in (load_examples, check_data_spec):
+            with pytest.raises(ValueError, match=message):
+                read_it(bad)
+    # plain split files too; files that name no split (or one) read together as before
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _write_jsonl(plain / "train.jsonl", rows[:2])
+    _write_jsonl(plain / "extra.jsonl", rows[2:3])
+    assert len(load_examples(plain)) == 3
+    _write_jsonl(plain / "Validation.JSONL", rows[3:4])
+    with pytest.raises(ValueError, match=r"\(train, validation\).*--data '.*train\.jsonl'"):
+        load_examples(plain)
+
+
 # ------------------------------------------------------------------------------------------------ prompt-completion
 def test_prompt_completion_records_train_the_completion_alone():
     """TRL's SFT format: strings are a user turn and its answer; lists are the prompt's turns and the completion's

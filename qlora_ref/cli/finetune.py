@@ -248,7 +248,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
                    "input/output, messages, conversations, prompt/completion or a '### Human:' text), a .json array "
                    "of such records (as Alpaca's alpaca_data.json), a .parquet file of them (a Hugging Face Hub data "
-                   "set's), a chatterbot .yml file, a folder of those, or chatterbot[:language[:categories]]")
+                   "set's), a chatterbot .yml file, a folder of those (one split of a data set), a pattern such as "
+                   "'data/train-*.parquet', or chatterbot[:language[:categories]]")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
     p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "
@@ -314,7 +315,7 @@ def add_parser(subparsers) -> None:
                    "folder or a .gguf file" + SHIPPED_HELP + " "
                    "[default: the adapter's base_model_name_or_path, if that path exists here]")
     e.add_argument("--data", required=True, help="as for qlora finetune: a .jsonl / .json / .parquet / .yml file, a "
-                   "folder of them, or chatterbot[:language]")
+                   "folder of them, a pattern such as 'data/test-*.parquet', or chatterbot[:language]")
     e.add_argument("--adapter", default=None, help="a PEFT adapter folder (ours or peft's) [default: none, the base "
                    "model]")
     e.add_argument("--split", default="all", help="all [default] of --data, or held-out: the part qlora finetune "

@@ -615,11 +615,60 @@ def is_corpus_spec(spec) -> bool:
     return True
 
 
+#: a shard of a Hugging Face data set's split: ``train-00000-of-00003.parquet``
+_SHARD = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}\.[^.]+$")
+#: file names (without suffix) that name a split of a data set, as ``datasets`` recognises them
+SPLIT_NAMES = ("train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval")
+
+
+def _split_of(file: Path) -> str | None:
+    """The split a data file holds by its name (``train-00000-of-00002.parquet``, ``test.jsonl``), or None."""
+    m = _SHARD.match(file.name)
+    if m:
+        return m["split"]
+    return file.stem.lower() if file.stem.lower() in SPLIT_NAMES else None
+
+
+def is_glob(spec: str) -> bool:
+    """Whether a data spec is a file pattern (``data/train-*.parquet``) rather than one path."""
+    return any(c in spec for c in "*?[")
+
+
+def matching_files(pattern: str) -> list[Path]:
+    """The data files a pattern names, sorted; a pattern that names none, or names a file that is not data, is an
+    error naming it."""
+    import glob
+
+    files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+    if not files:
+        raise ValueError(f"{pattern}: no file matches the pattern")
+    other = [str(f) for f in files if f.suffix.lower() not in DATA_SUFFIXES]
+    if other:
+        raise ValueError(f"{pattern}: matches files that are not .jsonl/.json/.parquet/.yml/.yaml: {other[:3]}")
+    return files
+
+
+def _check_one_split(folder: Path, files: list[Path]) -> None:
+    """A folder holding several splits of a data set (``train.jsonl`` and ``test.jsonl``, or a Hugging Face data
+    set's ``train-…`` and ``test-…`` shards) is refused: read whole, the held-out split would be trained on."""
+    splits = {}
+    for f in files:
+        if (split := _split_of(f)) is not None:
+            splits.setdefault(split, f)
+    if len(splits) > 1:
+        first = splits.get("train", next(iter(splits.values())))
+        pattern = folder / (f"{_split_of(first)}-*{first.suffix}" if _SHARD.match(first.name) else first.name)
+        raise ValueError(f"{folder}: holds several splits of a data set ({', '.join(sorted(splits))}), which would "
+                         f"all be read as training data; name one, e.g. --data '{pattern}' (and another as "
+                         "--eval-data)")
+
+
 def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
                   ) -> list[Example]:
     """Examples from ``spec``: a ``.jsonl`` file, a ``.json`` file (an array of records, or one a line), a
     ``.parquet`` file (a Hugging Face Hub data set's), a chatterbot-style ``.yml``/``.yaml`` file, a folder of
-    those (any case of the suffix; its other files and sub-folders are skipped and counted in the report), or
+    those (any case of the suffix; its other files and sub-folders are skipped and counted in the report; the
+    shards of several splits are refused), a file pattern (``data/train-*.parquet``, in sorted order), or
     ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"`` (see
     :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each
     source's own default (a user's file is an error, the shipped corpus's few irregular entries are dropped)."""
@@ -633,6 +682,9 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
         categories = parts[2].split(",") if len(parts) > 2 and parts[2] else None
         return load_chatterbot_corpus(language, categories, report, on_malformed or "drop")
     path = Path(spec)
+    if not path.exists() and is_glob(s):
+        files = matching_files(s)
+        return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     if path.is_dir():
         files = []
         for p in sorted(path.iterdir()):
@@ -641,6 +693,7 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
             else:
                 report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.json/.parquet/.yml/.yaml file",
                             str(p))
+        _check_one_split(path, files)
         return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     suffix = path.suffix.lower()
     if suffix == ".jsonl":

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..adapters import ADAPTER_CONFIG
 from ..data import DataReport, build_dataset, load_examples
-from ..data.formats import is_corpus_spec
+from ..data.formats import is_corpus_spec, is_glob, matching_files
 from ..data.pipeline import no_stop_token
 from .checkpoint import check_not_locked, check_resume_backend, latest_checkpoint, list_checkpoints, new_run_id
 from .config import TrainConfig
@@ -95,10 +95,13 @@ def split_examples(examples: list, eval_fraction: float, seed: int) -> tuple[lis
 
 
 def check_data_spec(spec) -> None:
-    """A data file or folder that exists, or a ``chatterbot[...]`` spec that no local path shadows
-    (``is_corpus_spec``, as ``load_examples`` reads it); None passes: no data given."""
-    if spec is not None and not is_corpus_spec(spec) and not Path(spec).exists():
+    """A data file or folder that exists, a pattern that matches data files, or a ``chatterbot[...]`` spec that no
+    local path shadows (``is_corpus_spec``, as ``load_examples`` reads it); None passes: no data given."""
+    if spec is None or is_corpus_spec(spec) or Path(spec).exists():
+        return
+    if not is_glob(str(spec)):
         raise ValueError(f"{spec}: data file does not exist")
+    matching_files(str(spec))
 
 
 def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left_out: bool = True):
