@@ -173,8 +173,9 @@ class ShardedTrainer(GpuTrainer):
         check_sharded_recipe(config.optimizer, world.world_size)
         params = model.lora_parameters()
         for m in model.named_linears().values():  # dropout masks independent across ranks, rank 0's unchanged
-            if m.r is not None:
-                m.seed = rank_seed(m.seed, world.rank)
+            if m.r is not None:  # from the one-process seed, so that a second trainer on the model moves nothing
+                m.one_process_seed = getattr(m, "one_process_seed", m.seed)
+                m.seed = rank_seed(m.one_process_seed, world.rank)
                 m._generators.clear()
         inner = build_optimizer(config, flat=False, paged=not cpu_offload)
         super().__init__(model, config, optimizer=ShardedOptimizer(inner, params, world))

@@ -4,6 +4,7 @@ process would spend most of a test importing them)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import multiprocessing
 import os
@@ -15,6 +16,10 @@ import torch.multiprocessing as tmp
 
 PRELOAD = ["torch", "bitsandbytes", "transformers.models.llama.modeling_llama", "qlora_gpu.fsdp_train",
            "fsdp_helpers"]
+
+
+#: how long a rank waits in a collective for the others (a training step here takes well under a second)
+RANK_TIMEOUT_S = 300
 
 
 def free_port() -> int:
@@ -38,6 +43,9 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # as the test process computes its references: the same GEMM blocking
+    # the group init_distributed then finds, with a collective timeout of minutes, not gloo's 30: ranks that
+    # disagree (a bug under test) fail the test instead of holding CI
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
     try:
         fn(rank, *args)
     finally:
@@ -46,9 +54,9 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
 
 
 def train_runs(rank: int, folder: str, runs: list[dict]) -> None:
-    """Each run: ``config`` (``TrainConfig`` fields), ``out`` (output folder), optional ``cpu_offload``,
-    ``die_at`` (rank 1 exits abruptly when it is about to take that optimizer step, as a killed process would),
-    ``sizes`` (rank -> numbers of training and held-out examples: 48 and 12 where not given).
+    """Each run, on the CPU (gloo) on any machine: ``config`` (``TrainConfig`` fields), ``out`` (output folder),
+    optional ``cpu_offload``, ``die_at`` (rank 1 exits abruptly when it is about to take that optimizer step, as a
+    killed process would), ``sizes`` (rank -> numbers of training and held-out examples: 48 and 12 where not given).
     Rank 0 writes ``result.json`` (losses, held-out result, log) into ``out``."""
     from test_train import qa_dataset
 
@@ -62,7 +70,7 @@ def train_runs(rank: int, folder: str, runs: list[dict]) -> None:
         n_train, n_eval = run.get("sizes", {}).get(rank, (48, 12))
         train_ds, eval_ds = qa_dataset(tok, n_train, seed=0), qa_dataset(tok, n_eval, seed=1)
         config = TrainConfig(**run["config"])
-        trainer = ShardedTrainer.from_pretrained(folder, config, cpu_offload=run.get("cpu_offload", False))
+        trainer = ShardedTrainer.from_pretrained(folder, config, "cpu", cpu_offload=run.get("cpu_offload", False))
         die_at = run.get("die_at")
         if die_at is not None and rank == 1:
             step_once, done = trainer.optimizer_step, []

@@ -21,6 +21,7 @@ Resume after a rank is killed is exact (same number of ranks), bit for bit, LoRA
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -616,3 +617,211 @@ def test_bench_plan_and_its_memory_run_on_the_cpu():
     assert shape["shards"]["adapters"] == estimate_sharded_memory(
         fsdp_memory.prediction_shape("tiny"), 2, seq=32, r=8, lora_dropout=0.05, adapter_dtype="float32",
         unquantized_dtype="bfloat16", attention="flash").shards["adapters"]
+
+# ---------------------------------------------------------------------------------------------- audit additions
+
+
+def _build(folder, **lora):
+    from qlora_gpu.prepare import load
+    from qlora_ref.model.config import LoraConfig, QuantConfig
+
+    return load(folder, QuantConfig(), LoraConfig(r=8, alpha=16.0, **lora), dtype="float32")
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_reshard_after_forward_is_applied_to_every_block(tiny, cpu_world, reshard):
+    """``shard_model(..., reshard_after_forward=...)`` reaches every decoder block: between a training forward pass
+    and its backward pass a block's parameters are shards (True: gathered again for backward) or stay gathered
+    (False: ZeRO-2, no second all-gather); after backward they are shards either way."""
+    from qlora_gpu.fsdp import is_sharded, shard_model
+
+    model = shard_model(_build(tiny[0]), cpu_world.mesh, reshard_after_forward=reshard)
+    model.train()
+    ids = torch.as_tensor(np.array([tiny[1].input_ids[0][:24]]))
+    logits = model(ids)
+    for layer in model.hf.model.layers:
+        lin = layer.mlp.down_proj
+        assert is_sharded(lin.weight) == reshard and is_sharded(lin.lora_A) == reshard
+    logits.float().square().mean().backward()
+    for layer in model.hf.model.layers:
+        assert is_sharded(layer.mlp.down_proj.weight) and is_sharded(layer.mlp.down_proj.lora_A)
+
+
+def test_cpu_offload_reaches_every_unit_and_unpages_the_optimizer(tiny, cpu_world):
+    """``cpu_offload=True``: every FSDP unit (each block and the root) has FSDP2's CPUOffloadPolicy, and the optimizer
+    is the unpaged variant of the recipe's (states in host memory, not unified memory); without it, neither."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+
+    from qlora_gpu.fsdp_train import ShardedTrainer
+
+    config = small_config(max_steps=1)  # optimizer "paged_adamw"
+    for offload in (False, True):
+        trainer = ShardedTrainer.from_pretrained(tiny[0], config, cpu_offload=offload, world=cpu_world)
+        units = [m for m in trainer.model.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == 1 + len(trainer.model.hf.model.layers)
+        for unit in units:
+            policy = fully_shard.state(unit)._fsdp_param_group.offload_policy
+            assert isinstance(policy, CPUOffloadPolicy) == offload, unit.__class__.__name__
+        assert ("Paged" in trainer.optimizer.inner._cls.__name__) == (not offload)
+
+
+def test_lora_dropout_seeds_rank_zero_as_one_process_other_ranks_apart(tiny, cpu_world):
+    """Rank 0's LoRA dropout seeds are the one-process run's (its masks are a one-process run's), every other rank's
+    are apart from them and from each other, a generator drawn before sharding does not keep the old seed, and a
+    second trainer built on the same model keeps them."""
+    from qlora_gpu.fsdp import shard_model
+    from qlora_gpu.fsdp_train import ShardedTrainer, rank_seed
+
+    config = small_config(max_steps=1, lora_dropout=0.1)
+    one = {k: m.seed for k, m in _build(tiny[0], dropout=0.1).named_linears().items() if m.r is not None}
+    assert len(set(one.values())) == len(one) > 1
+    for s in one.values():
+        assert rank_seed(s, 0) == s
+    by_rank = [{rank_seed(s, r) for s in one.values()} for r in range(8)]
+    assert len(set().union(*by_rank)) == 8 * len(one)  # no rank shares a seed with another, in no layer
+    for rank in (0, 1, 3):
+        model = shard_model(_build(tiny[0], dropout=0.1), cpu_world.mesh)
+        lins = {k: m for k, m in model.named_linears().items() if m.r is not None}
+        for m in lins.values():  # a generator made already (a forward pass before training), seeded the old way
+            m._generator(torch.device("cpu"))
+        cpu_world.rank = rank  # the seeds are all ShardedTrainer reads of the rank
+        try:
+            ShardedTrainer(model, config, cpu_world)
+            ShardedTrainer(model, config, cpu_world)  # a second trainer on the model: the seeds stay (rank 2r's else)
+        finally:
+            cpu_world.rank = 0
+        for k, m in lins.items():
+            assert m.seed == rank_seed(one[k], rank) and (m.seed == one[k]) == (rank == 0), k
+            assert m._generator(torch.device("cpu")).initial_seed() == m.seed, k
+
+
+def test_a_non_finite_gradient_norm_leaves_the_adapters_and_optimizer_untouched(tiny, cpu_world):
+    """As ``GpuTrainer``: a non-finite global norm skips the step on every rank (the loop then stops with the
+    adapters of the last step, which a diverged run's message points back to)."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.loop import batch_of
+
+    folder, train_ds, _ = tiny
+    config = small_config(max_steps=1)
+    trainer = ShardedTrainer.from_pretrained(folder, config, world=cpu_world)
+    batch = batch_of(train_ds, [0, 1])
+    trainer.forward_backward(batch, 10)
+    assert math.isfinite(trainer.optimizer_step(1e-3, 0.3))  # one good step: the optimizer has states
+    before, states = trainer.adapter_state(), trainer.optimizer_state()
+    trainer.forward_backward(batch, 10)
+    next(iter(trainer.params.values())).grad.to_local()[0].fill_(float("nan"))
+    assert not math.isfinite(trainer.optimizer_step(1e-3, 0.3))
+    after = trainer.adapter_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    now = trainer.optimizer_state()
+    assert now.keys() == states.keys() and all(np.array_equal(states[k], now[k]) for k in states)
+    assert all(p.grad is None for p in trainer.params.values())
+
+
+def test_the_optimizer_state_is_gathered_on_rank_zero_only(tiny, cpu_world):
+    """``ShardedOptimizer.state_dict``: the whole state on rank 0, {} on the other ranks (each rank would otherwise
+    hold a full copy of the optimizer states the sharding exists to split)."""
+    from qlora_gpu.fsdp_train import ShardedTrainer
+    from qlora_ref.train.loop import batch_of
+
+    folder, train_ds, _ = tiny
+    trainer = ShardedTrainer.from_pretrained(folder, small_config(max_steps=1), world=cpu_world)
+    trainer.forward_backward(batch_of(train_ds, [0, 1]), 10)
+    trainer.optimizer_step(1e-3, 0.3)
+    assert trainer.optimizer.state_dict()
+    cpu_world.rank = 1
+    try:
+        assert trainer.optimizer.state_dict() == {}
+    finally:
+        cpu_world.rank = 0
+
+
+def _shards_as_fsdp_cuts(rank: int, shapes: list) -> None:
+    """Under two ranks: for each shape, FSDP2's shard of a parameter, ``shard_of`` of the whole tensor and
+    ``full_tensor`` of the shard agree (rank 1's shard of a one-row tensor is empty)."""
+    from torch import nn
+    from torch.distributed.fsdp import fully_shard
+
+    from qlora_gpu.fsdp import full_tensor, shard_of
+    from qlora_gpu.fsdp_train import init_distributed
+
+    world = init_distributed("cpu")
+    for shape in shapes:
+        whole = torch.arange(math.prod(shape), dtype=torch.float32).reshape(shape) + 0.5
+        holder = nn.Module()
+        holder.p = nn.Parameter(whole.clone())
+        fully_shard(holder, mesh=world.mesh)
+        local = holder.p.to_local()
+        mine = shard_of(whole, holder.p)
+        assert mine.shape == local.shape and torch.equal(mine, local), (rank, shape)
+        assert (local.shape[0] == 0) == (shape[0] == 1 and rank == 1), (rank, shape)
+        assert torch.equal(full_tensor(holder.p, world.device), whole), (rank, shape)
+
+
+def test_shard_of_cuts_as_fsdp_on_every_rank(one_thread):
+    """``shard_of`` (loading an optimizer state, an init adapter, a resumed adapter) on two ranks: each rank's own
+    rows, the empty shard past the last chunk included (lora_A of rank 1, as NARROW trains but never resumes)."""
+    run_ranks(_shards_as_fsdp_cuts, 2, [(1, 64), (8, 64), (5, 3), (64, 8)])
+
+
+def test_a_killed_rank_resumes_exactly_with_an_empty_shard(tiny, tmp_path):
+    """The resume of test_a_killed_rank_resumes_to_the_uninterrupted_result with lora_r=1: rank 1's shard of every
+    lora_A (and of its optimizer states) is empty, and loading the checkpoint must give it the empty share."""
+    import json
+
+    from qlora_ref.train.checkpoint import list_checkpoints
+
+    config = small_config(**dict(RESUMED, lora_r=1, lora_alpha=16.0, max_steps=6, eval_every=3)).to_dict()
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_ranks(train_runs, 2, str(tiny[0]), [dict(config=config, out=str(full))])
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="exit code 17"):
+        run_ranks(train_runs, 2, str(tiny[0]), [dict(config=config, out=str(cut), die_at=4)])
+    assert [s for s, _ in list_checkpoints(cut)] == [2]
+    run_ranks(train_runs, 2, str(tiny[0]), [dict(config=config, out=str(cut))])
+    a, b = (json.loads((d / "result.json").read_text()) for d in (full, cut))
+    assert b["losses"] == a["losses"][2:] and b["log_history"] == a["log_history"]
+    assert (full / "adapter_model.safetensors").read_bytes() == (cut / "adapter_model.safetensors").read_bytes()
+
+
+def test_a_sharded_checkpoint_resumes_only_with_its_number_of_ranks(tiny, cpu_world):
+    """The random state of a sharded checkpoint holds each of its ranks' generators: a run with another number of
+    ranks refuses it (OtherBackendError, a ValueError), whichever the numbers; the same number restores it."""
+    from qlora_gpu.fsdp_train import SHARDED_BACKEND, ShardedTrainer
+    from qlora_ref.train.checkpoint import OtherBackendError
+
+    trainer = ShardedTrainer.from_pretrained(tiny[0], small_config(max_steps=1, lora_dropout=0.1), world=cpu_world)
+    state, arrays = trainer.rng_state()
+    assert state["backend"] == SHARDED_BACKEND and state["world_size"] == 1 and arrays
+    assert all(k.startswith("rank0.") for k in arrays)
+    trainer.set_rng_state(state, arrays)
+    for other in (2, 4):
+        with pytest.raises(OtherBackendError, match=f"comes from {other} process"):
+            trainer.set_rng_state({**state, "world_size": other}, {**arrays, **{f"rank1.{k[6:]}": v
+                                                                                for k, v in arrays.items()}})
+
+
+def _train_recording_writers(rank: int, folder: str, runs: list[dict], record: str) -> None:
+    """``train_runs``, with every call of the checkpoint and adapter writers recorded as a line '<rank> <what>'."""
+    import qlora_ref.adapters as adapters
+    import qlora_ref.train.loop as loop
+
+    def recorded(what, fn):
+        def wrapper(*args, **kwargs):
+            with open(record, "a") as f:
+                f.write(f"{rank} {what}\n")
+            return fn(*args, **kwargs)
+        return wrapper
+
+    loop.save_checkpoint = recorded("checkpoint", loop.save_checkpoint)
+    adapters.write_adapter_files = recorded("adapter", adapters.write_adapter_files)
+    train_runs(rank, folder, runs)
+
+
+def test_only_rank_zero_writes_checkpoints_and_the_adapter(tiny, tmp_path):
+    """Two ranks, a checkpoint every 2 of 4 steps: rank 0 writes each checkpoint and the adapter, once; rank 1
+    writes nothing (two writers of one folder race on its files and on the deletion of old checkpoints)."""
+    config = small_config(max_steps=4, save_every=2).to_dict()
+    record = tmp_path / "writers.txt"
+    run_ranks(_train_recording_writers, 2, str(tiny[0]), [dict(config=config, out=str(tmp_path / "out"))],
+              str(record))
+    assert record.read_text().splitlines() == ["0 checkpoint", "0 checkpoint", "0 adapter"]
