@@ -257,25 +257,24 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_
         warnings.warn(why, stacklevel=2)
     report = report if report is not None else DataReport(records=len(examples), kept=len(examples))
     ids_out, labels_out, sources = [], [], []
-    parts = []
-    for ex in examples:
+    for example in examples:  # one at a time: token lists are Python ints, 36 bytes each
         try:
-            parts.append((ex, tokenize_example(ex, tokenizer, train_on_source)))
+            parts = [(example, tokenize_example(example, tokenizer, train_on_source))]
         except TemplateRewritesHistory:
-            turns = split_turns(ex)
-            report.split_into(len(turns), ex.source)
-            parts.extend((turn, tokenize_example(turn, tokenizer, train_on_source)) for turn in turns)
-    for ex, (ids, labels) in parts:
-        if len(ids) > max_length:
-            report.drop(f"longer than max_length={max_length} tokens", ex.source)
-            continue
-        # labels[0] is never a target (nothing predicts the first token)
-        if all(lab == IGNORE_INDEX for lab in labels[1:]):
-            report.drop("no response token", ex.source)
-            continue
-        ids_out.append(np.asarray(ids, dtype=np.int64))
-        labels_out.append(np.asarray(labels, dtype=np.int64))
-        sources.append(ex.source)
+            turns = split_turns(example)
+            report.split_into(len(turns), example.source)
+            parts = [(turn, tokenize_example(turn, tokenizer, train_on_source)) for turn in turns]
+        for ex, (ids, labels) in parts:
+            if len(ids) > max_length:
+                report.drop(f"longer than max_length={max_length} tokens", ex.source)
+                continue
+            # labels[0] is never a target (nothing predicts the first token)
+            if all(lab == IGNORE_INDEX for lab in labels[1:]):
+                report.drop("no response token", ex.source)
+                continue
+            ids_out.append(np.asarray(ids, dtype=np.int64))
+            labels_out.append(np.asarray(labels, dtype=np.int64))
+            sources.append(ex.source)
     report.kept = report.kept - (len(examples) - len(ids_out))  # a split conversation counts as its turns
     if warn and report.noteworthy:
         warnings.warn(f"data: {report.summary()}", stacklevel=2)
