@@ -6,8 +6,10 @@ context, and the CLI's held-out options. Each is an error naming where, or count
 from __future__ import annotations
 
 import json
+import re
 import types
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,7 +149,12 @@ def test_a_misspelt_key_is_an_error_naming_it_and_the_key_meant(tmp_path):
                             "txet": "x"}, None),
                           ({"instructions": "x", "input": "i", "output": "y"}, "instruction"),
                           ({"text": "### Human: q### Assistant: a", "conversation_id": "7"}, None),  # metadata
-                          ({"instruction": "x", "output": "y", "conversation_id": "7"}, None)]:
+                          ({"instruction": "x", "output": "y", "conversation_id": "7"}, None),
+                          # "prompt" alone would not make it prompt-completion: "prompts" is only ignored...
+                          ({"text": "### Human: q### Assistant: a", "prompts": "x"}, None),
+                          # ...but beside a "completion" it would have
+                          ({"text": "### Human: q### Assistant: a", "promt": "x", "completion": "y"}, "prompt"),
+                          ({"text": "### Human: q### Assistant: a", "inptu": "x", "output": "y"}, "input")]:
         if meant is None:  # a near miss of a key the record has (or a far one) is only ignored
             record_to_example(record, "x:1")
             continue
@@ -394,8 +401,8 @@ def test_a_malformed_parquet_row_is_named_and_can_be_dropped_and_a_broken_file_i
 def test_a_hub_data_set_folder_of_several_splits_is_refused_and_a_pattern_names_one(tmp_path):
     """A downloaded Hub data set holds train and test shards side by side: read whole, the test split would be
     trained on, so the folder is refused naming the splits and a pattern that reads one; the pattern reads its
-    shards in order (as does a pattern through ``qlora finetune``'s data check), and one that matches nothing, or
-    matches files that are not data, is named."""
+    shards in order (as does a pattern through ``qlora finetune``'s data check), and one that matches nothing, only
+    folders, files that are not data, or a held-out split beside other files, is named."""
     from qlora_ref.train.api import check_data_spec
 
     data = tmp_path / "data"
@@ -404,29 +411,57 @@ def test_a_hub_data_set_folder_of_several_splits_is_refused_and_a_pattern_names_
     for k in range(2):
         _write_parquet(data / f"train-0000{k}-of-00002.parquet", rows[3 * k:3 * k + 3])
     _write_parquet(data / "test-00000-of-00001.parquet", [{"prompt": "t", "completion": "u"}])
-    with pytest.raises(ValueError, match=r"holds several splits of a data set \(test, train\).*"
-                                         r"--data '.*train-\*\.parquet'"):
+    refused = r"holds several splits of a data set \(test, train; held out: test-00000-of-00001.parquet\)"
+    with pytest.raises(ValueError, match=refused + r".*--data '.*train-\*\.parquet'"):
         load_examples(data)
+    for read_it in (load_examples, check_data_spec):  # a pattern over both splits too
+        with pytest.raises(ValueError, match=refused):
+            read_it(str(data / "*.parquet"))
     pattern = str(data / "train-*.parquet")
     check_data_spec(pattern)
     read = load_examples(pattern)
     assert [e.messages[-1]["content"] for e in read] == [f"a{i}" for i in range(6)]
     assert read[3].source == f"{data / 'train-00001-of-00002.parquet'}:row 1"
-    for bad, message in ((str(data / "dev-*.parquet"), "no file matches the pattern"),
+    assert len(load_examples(str(tmp_path / "**" / "test-*.parquet"))) == 1  # ** crosses folders; one split passes
+    (tmp_path / "notes.txt").write_text("x")
+    for bad, message in ((str(data / "dev-*.parquet"), "no file matches the pattern$"),
+                         (str(tmp_path / "da*"), r"no file matches the pattern \(only folders: .*name a folder"),
                          (str(tmp_path / "*"), "matches files that are not")):
-        (tmp_path / "notes.txt").write_text("x")
         for read_it in (load_examples, check_data_spec):
             with pytest.raises(ValueError, match=message):
                 read_it(bad)
-    # plain split files too; files that name no split (or one) read together as before
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    _write_jsonl(plain / "train.jsonl", rows[:2])
-    _write_jsonl(plain / "extra.jsonl", rows[2:3])
-    assert len(load_examples(plain)) == 3
-    _write_jsonl(plain / "Validation.JSONL", rows[3:4])
-    with pytest.raises(ValueError, match=r"\(train, validation\).*--data '.*train\.jsonl'"):
-        load_examples(plain)
+
+
+@pytest.mark.parametrize("names, held", [
+    (["train-00000-of-00001-a09b74b3ef9c3b56.parquet", "test-00000-of-00001-0ab1c2d3e4f56789.parquet"], True),
+    (["data.jsonl", "test.jsonl"], True),
+    (["train.jsonl", "Validation.JSONL"], True),
+    (["train_sft-00000-of-00001.parquet", "test_sft-00000-of-00001.parquet"], True),
+    (["train.jsonl", "dev.json"], True),
+    (["test.jsonl", "validation.jsonl"], True),
+    (["train.jsonl", "training.jsonl"], False),
+    (["alpaca-00000-of-00002.jsonl", "dolly-00000-of-00001.jsonl"], False),
+    (["Train-00000-of-00001.jsonl", "train.jsonl"], False),
+    (["test-00000-of-00002.jsonl", "test-00001-of-00002.jsonl"], False),
+    (["contest.jsonl", "attestation.jsonl", "train.jsonl"], False),
+])
+def test_which_folders_hold_a_held_out_split_beside_other_data(tmp_path, names, held):
+    """Hashed shard names of older ``datasets`` releases, a held-out file beside unnamed data, any case, split
+    names with a suffix (UltraChat's test_sft): refused, the hint naming a training file; two names of the training
+    split, two data sets' shards, one split's shards, words that merely contain "test": read."""
+    for i, name in enumerate(names):
+        path = tmp_path / name
+        if name.endswith(".parquet"):
+            _write_parquet(path, [{"prompt": f"q{i}", "completion": f"a{i}"}])
+        else:
+            _write_jsonl(path, [{"prompt": f"q{i}", "completion": f"a{i}"}])
+    if held:
+        with pytest.raises(ValueError, match="holds several splits of a data set") as e:
+            load_examples(tmp_path)
+        hint = Path(str(e.value).split("--data '")[1].split("'")[0]).name
+        assert not re.match(r"(?i)(test|dev|val)", hint) or names == ["test.jsonl", "validation.jsonl"], hint
+    else:
+        assert len(load_examples(tmp_path)) == len(names)
 
 
 # ------------------------------------------------------------------------------------------------ prompt-completion

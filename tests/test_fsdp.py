@@ -793,7 +793,9 @@ def test_a_sharded_checkpoint_resumes_only_with_its_number_of_ranks(tiny, cpu_wo
     state, arrays = trainer.rng_state()
     assert state["backend"] == SHARDED_BACKEND and state["world_size"] == 1 and arrays
     assert all(k.startswith("rank0.") for k in arrays)
-    trainer.set_rng_state(state, arrays)
+    first = torch.rand(4)
+    trainer.set_rng_state(state, arrays)  # the same number of ranks: the streams continue from the checkpoint
+    assert torch.equal(torch.rand(4), first)
     for other in (2, 4):
         with pytest.raises(OtherBackendError, match=f"comes from {other} process"):
             trainer.set_rng_state({**state, "world_size": other}, {**arrays, **{f"rank1.{k[6:]}": v

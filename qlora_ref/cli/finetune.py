@@ -249,7 +249,7 @@ def add_parser(subparsers) -> None:
                    "input/output, messages, conversations, prompt/completion or a '### Human:' text), a .json array "
                    "of such records (as Alpaca's alpaca_data.json), a .parquet file of them (a Hugging Face Hub data "
                    "set's), a chatterbot .yml file, a folder of those (one split of a data set), a pattern such as "
-                   "'data/train-*.parquet', or chatterbot[:language[:categories]]")
+                   "'data/train-*.parquet' (quoted: the shell leaves it), or chatterbot[:language[:categories]]")
     p.add_argument("--eval-data", default=None, help="held-out data file (default: a split of --data)")
     p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps [default: {defaults.max_steps}]")
     p.add_argument("--output-dir", required=True, type=Path, help="adapter, checkpoints and logs go here (checked "

@@ -241,10 +241,18 @@ FORMAT_KEYS = {"messages": ("messages",), "conversations": ("conversations",),
 _KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys})
 
 
-def _readable_keys(fmt: str) -> set[str]:
-    """The keys that a record of format ``fmt`` reads, or that would make it a format recognised before it."""
+#: the keys that make a record each format (with all of them it is that format, unless an earlier one)
+_TRIGGERS = {"messages": ("messages",), "conversations": ("conversations",), "Alpaca": ("instruction",),
+             "input/output": ("input", "output"), "prompt/completion": ("prompt", "completion"), "text": ("text",)}
+
+
+def _readable_keys(fmt: str, record: dict) -> set[str]:
+    """The keys that a record of format ``fmt`` reads, or that, with the record's other keys, would make it a format
+    recognised before it (``prompt`` beside a ``completion``; not ``prompt`` alone)."""
     formats = list(FORMAT_KEYS)
-    return set(FORMAT_KEYS[fmt]) | {FORMAT_KEYS[f][0] for f in formats[:formats.index(fmt)]}
+    earlier = {k for f in formats[:formats.index(fmt)] for k in _TRIGGERS[f]
+               if all(other in record for other in _TRIGGERS[f] if other != k)}
+    return set(FORMAT_KEYS[fmt]) | earlier
 
 
 @functools.lru_cache(maxsize=1024)
@@ -268,7 +276,7 @@ def _misspelt(record: dict, keys, readable=_KNOWN_KEYS) -> tuple[str, str] | Non
 def _unused_keys(record: dict, fmt: str, source: str) -> list[str]:
     """The record's keys that its format does not read; a misspelling among them is an error."""
     unused = sorted(set(record) - set(FORMAT_KEYS[fmt]))
-    if (typo := _misspelt(record, unused, _readable_keys(fmt))) is not None:
+    if (typo := _misspelt(record, unused, _readable_keys(fmt, record))) is not None:
         raise MalformedRecordError(
             source, f"unknown key {typo[0]!r}: did you mean {typo[1]!r}? (the {fmt} format reads "
                     f"{', '.join(map(repr, FORMAT_KEYS[fmt]))}; other keys are ignored and counted in the report)")
@@ -472,7 +480,14 @@ def read_parquet(path: str | os.PathLike, report: DataReport | None = None, on_m
         raise MalformedRecordError(str(path), f"not a readable Parquet file ({e})") from None
     examples: list[Example] = []
     row = 0
-    for batch in file.iter_batches():
+    batches = file.iter_batches()
+    while True:
+        try:  # a damaged page shows only when read
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise MalformedRecordError(f"{path}:row {row + 1}", f"unreadable Parquet data ({e})") from None
+        if batch is None:
+            break
         for record in batch.to_pylist():
             row += 1
             report.records += 1
@@ -615,18 +630,24 @@ def is_corpus_spec(spec) -> bool:
     return True
 
 
-#: a shard of a Hugging Face data set's split: ``train-00000-of-00003.parquet``
-_SHARD = re.compile(r"^(?P<split>.+)-\d{5}-of-\d{5}\.[^.]+$")
-#: file names (without suffix) that name a split of a data set, as ``datasets`` recognises them
-SPLIT_NAMES = ("train", "training", "test", "testing", "validation", "valid", "val", "dev", "eval")
+#: a shard of a Hugging Face data set's split: ``train-00000-of-00003.parquet`` (older ``datasets`` releases add a
+#: hash: ``train-00000-of-00001-a09b74b3ef9c3b56.parquet``)
+_SHARD = re.compile(r"^(?P<name>.+?)-\d{5}-of-\d{5}(?:-[0-9a-f]{8,})?\.[^.]+$", re.IGNORECASE)
+#: a file name that begins with a split's name (``test.jsonl``, ``test_sft-…``, ``validation-…``), and the split
+_SPLIT = re.compile(r"^(train|training|test|testing|eval|evaluation|validation|valid|val|dev)(?:[-._ 0-9]|$)",
+                    re.IGNORECASE)
+_SPLIT_OF = {"training": "train", "testing": "test", "eval": "test", "evaluation": "test", "valid": "validation",
+             "val": "validation", "dev": "validation"}
+#: the splits a fine-tune must not train on
+HELD_OUT_SPLITS = ("test", "validation")
 
 
 def _split_of(file: Path) -> str | None:
-    """The split a data file holds by its name (``train-00000-of-00002.parquet``, ``test.jsonl``), or None."""
+    """The split a data file holds by its name (``train-00000-of-00002.parquet``, ``test.jsonl``, ``dev_v2.json``:
+    train, test, validation), or None."""
     m = _SHARD.match(file.name)
-    if m:
-        return m["split"]
-    return file.stem.lower() if file.stem.lower() in SPLIT_NAMES else None
+    k = _SPLIT.match(m["name"] if m else file.stem)
+    return None if k is None else _SPLIT_OF.get(k[1].lower(), k[1].lower())
 
 
 def is_glob(spec: str) -> bool:
@@ -635,32 +656,38 @@ def is_glob(spec: str) -> bool:
 
 
 def matching_files(pattern: str) -> list[Path]:
-    """The data files a pattern names, sorted; a pattern that names none, or names a file that is not data, is an
-    error naming it."""
+    """The data files a pattern names (``**`` crosses folders), sorted; a pattern that names none, names only
+    folders, or names a file that is not data, is an error naming it; so is one that mixes a held-out split with
+    other files (:func:`check_one_split`)."""
     import glob
 
-    files = sorted(Path(p) for p in glob.glob(pattern) if Path(p).is_file())
+    matches = [Path(p) for p in glob.glob(pattern, recursive=True)]
+    files = sorted(p for p in matches if p.is_file())
     if not files:
-        raise ValueError(f"{pattern}: no file matches the pattern")
+        folders = f" (only folders: {[str(p) for p in matches[:3]]}; name a folder itself)" if matches else ""
+        raise ValueError(f"{pattern}: no file matches the pattern{folders}")
     other = [str(f) for f in files if f.suffix.lower() not in DATA_SUFFIXES]
     if other:
         raise ValueError(f"{pattern}: matches files that are not .jsonl/.json/.parquet/.yml/.yaml: {other[:3]}")
+    check_one_split(pattern, files)
     return files
 
 
-def _check_one_split(folder: Path, files: list[Path]) -> None:
-    """A folder holding several splits of a data set (``train.jsonl`` and ``test.jsonl``, or a Hugging Face data
-    set's ``train-…`` and ``test-…`` shards) is refused: read whole, the held-out split would be trained on."""
-    splits = {}
-    for f in files:
-        if (split := _split_of(f)) is not None:
-            splits.setdefault(split, f)
-    if len(splits) > 1:
-        first = splits.get("train", next(iter(splits.values())))
-        pattern = folder / (f"{_split_of(first)}-*{first.suffix}" if _SHARD.match(first.name) else first.name)
-        raise ValueError(f"{folder}: holds several splits of a data set ({', '.join(sorted(splits))}), which would "
-                         f"all be read as training data; name one, e.g. --data '{pattern}' (and another as "
-                         "--eval-data)")
+def check_one_split(where, files: list[Path]) -> None:
+    """Data files read as one training set must not hold a held-out split beside other data (``train.jsonl`` and
+    ``test.jsonl``, a Hub data set's ``train-…`` and ``validation-…`` shards): read whole, the held-out split would
+    be trained on. Files of one split only (all test files, for ``--eval-data``) pass, as do names that say no
+    split."""
+    held = [f for f in files if _split_of(f) in HELD_OUT_SPLITS]
+    if not held or (len(held) == len(files) and len({_split_of(f) for f in held}) == 1):
+        return
+    keep = next((f for f in files if _split_of(f) == "train"), next((f for f in files if f not in held), held[0]))
+    m = _SHARD.match(keep.name)
+    hint = keep.parent / (f"{m['name']}-*{keep.suffix}" if m else keep.name)
+    splits = sorted({_split_of(f) or "unnamed" for f in files})
+    raise ValueError(f"{where}: holds several splits of a data set ({', '.join(splits)}; held out: "
+                     f"{', '.join(f.name for f in held[:3])}), which would all be read as training data; name one, "
+                     f"e.g. --data '{hint}' (and the held-out one as --eval-data)")
 
 
 def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_malformed: str | None = None
@@ -693,7 +720,7 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
             else:
                 report.skip("a sub-folder, not read" if p.is_dir() else "not a .jsonl/.json/.parquet/.yml/.yaml file",
                             str(p))
-        _check_one_split(path, files)
+        check_one_split(path, files)
         return [ex for f in files for ex in load_examples(f, report, on_malformed)]
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
@@ -704,5 +731,5 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
         return read_parquet(path, report, on_malformed or "error")
     if suffix in (".yml", ".yaml"):
         return read_chatterbot_yaml(path, report, on_malformed or "error")
-    raise ValueError(f"cannot read {s!r}: expected a .jsonl, .json, .parquet or .yml file, a folder, or "
-                     "'chatterbot[:language]'")
+    raise ValueError(f"cannot read {s!r}: expected a .jsonl, .json, .parquet, .yml or .yaml file, a folder, a file "
+                     "pattern, or 'chatterbot[:language]'")

@@ -169,9 +169,10 @@ def check_output_dir_adapter(output_dir: Path, config: TrainConfig, resuming: bo
 def finetune(model, data, config: TrainConfig | None = None, *, backend: str = "ref", eval_data=None,
              output_dir=None, resume=True, stop_after: int | None = None, trainer=None, sharded: bool | None = None,
              cpu_offload: bool = False) -> FinetuneRun:
-    """Fine-tune the model at ``model`` (HF folder or GGUF) on ``data`` (a .jsonl / .yml file, a folder, or
-    ``"chatterbot[:language]"``). The held-out set is ``eval_data`` if given, else ``config.eval_fraction`` of
-    ``data`` (a seeded split). ``trainer``: an already built ``(trainer, tokenizer)`` from :func:`make_trainer`.
+    """Fine-tune the model at ``model`` (HF folder or GGUF) on ``data`` (a .jsonl / .json / .parquet / .yml file, a
+    folder, a file pattern, or ``"chatterbot[:language]"``: ``qlora_ref.data.load_examples``). The held-out set
+    is ``eval_data`` if given, else ``config.eval_fraction`` of ``data`` (a seeded split). ``trainer``: an already
+    built ``(trainer, tokenizer)`` from :func:`make_trainer`.
     ``sharded`` (None: when torchrun started this process) and ``cpu_offload``: see :func:`make_trainer`.
 
     The output folder and the data are checked before the model is loaded, so that a bad path or record costs
