@@ -115,6 +115,29 @@ def test_spm_chat_template_renders_and_tokenizes_as_llama_cpp(spm):
     assert (tok.bos_token, tok.eos_token, tok.bos_token_id, tok.eos_token_id) == ("<s>", "</s>", 1, 2)
 
 
+def test_a_templated_example_is_tokenized_whole_as_llama_cpp_tokenizes_the_conversation(spm):
+    """The training sequence of a chat is the rendered conversation tokenized once — what llama.cpp and
+    transformers feed the model — cut at the answers: tokenized segment by segment, SentencePiece's "▁" before
+    every text would open each answer with a token of its own. The generation prompt is the same prefix."""
+    from qlora_ref.data import IGNORE_INDEX, format_example, prompt_ids, record_to_example, tokenize_example
+
+    sp, _ = spm
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tok = Tokenizer.from_gguf_metadata({**gguf_metadata(sp), "tokenizer.chat_template": template}, "m.gguf")
+    chat = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "quick fox"},
+            {"role": "user", "content": "lazy dog"}, {"role": "assistant", "content": "jumps over"}]
+    example = record_to_example({"messages": chat}, "x:1")
+    ids, labels = tokenize_example(example, tok)
+    assert ids == tok.apply_chat_template(chat, tokenize=True) == [
+        1, *sp.encode("[INST] hello world [/INST] quick fox"), 2, *sp.encode("[INST] lazy dog [/INST] jumps over"), 2]
+    answers = [i for i, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX]
+    assert answers == [*sp.encode("quick fox"), 2, *sp.encode("jumps over"), 2]  # "▁quick": the space is the answer's
+    assert prompt_ids(tok, chat[:3]) == ids[:len(ids) - len(sp.encode("jumps over")) - 1]
+    separately = [i for text, _ in format_example(example, tok) for i in tok.encode(text, add_special_tokens=False)]
+    assert separately != ids  # why: each segment would get a "▁" of its own
+
+
 def test_spm_merges_by_score_worked_by_hand():
     """llama.cpp's rule on a vocabulary built for it: "abc" is "▁abc" after the space prefix; the candidate joins
     are "▁a" (score -5), "ab" (-2), "bc" (-1): "bc" first, then "abc" (-3) beats "▁a"; "▁abc" is no token, so

@@ -13,6 +13,10 @@ instead (:func:`split_turns`), the turns before it rendered as the model sees th
 Without a template the Alpaca format of the paper's scripts is used (``qlora.py``'s ``ALPACA_PROMPT_DICT``): BOS +
 "Below is an instruction ... ### Response: " as the prompt, the output + EOS as the response.
 
+Tokenization. With a chat template the rendered conversation is tokenized once, as transformers and llama.cpp
+tokenize it, and cut at the segments' ends; without one, segments are tokenized apart, as the paper's scripts
+tokenize source and target.
+
 Labels. ``labels`` is a copy of ``input_ids`` with ``-100`` on prompt tokens (the paper trains on responses
 only; ``train_on_source=True`` is its ablation, loss on everything) and on padding, Hugging Face's convention,
 consumed by ``qlora_ref.loss`` and by transformers alike.
@@ -165,17 +169,37 @@ def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
     return _trained(example, _answer_segments(example, tokenizer))
 
 
+def _whole_text_segments(tokenizer, texts: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
+    """The rendered conversation tokenized once, as transformers, TRL and llama.cpp tokenize it, and cut where each
+    segment's text ends: at the tokens that the text up to there and the whole text share (a token that spans a
+    boundary goes to the later segment). Tokenizing segments apart would differ where a tokenizer treats the start
+    of a text specially: SentencePiece's "▁" before every text would open each answer with a token of its own."""
+    if not texts:
+        return []
+    whole = encode(tokenizer, "".join(text for text, _ in texts))
+    cuts, done = [0], ""
+    for text, _ in texts[:-1]:
+        done += text
+        ids = encode(tokenizer, done)[: len(whole)]
+        shared = next((i for i, (a, b) in enumerate(zip(ids, whole[: len(ids)], strict=True)) if a != b), len(ids))
+        cuts.append(max(shared, cuts[-1]))
+    cuts.append(len(whole))
+    return [(whole[a:b], is_answer) for a, b, (_, is_answer) in zip(cuts[:-1], cuts[1:], texts, strict=True)]
+
+
 def token_segments(example: Example, tokenizer) -> list[tuple[list[int], bool]]:
-    """``format_example``'s segments as token ids ``(ids, is_response)``. Segments are tokenized separately, as the
-    paper's scripts tokenize source and target separately. Without a chat template, BOS starts the sequence (a
+    """``format_example``'s segments as token ids ``(ids, is_response)``. With a chat template the rendered text is
+    tokenized whole and cut at the segments' ends (:func:`_whole_text_segments`). Without one, segments are
+    tokenized separately, as the paper's scripts tokenize source and target separately; BOS starts the sequence (a
     prompt segment of its own) and EOS ends every answer, trained or context (if the tokenizer has them)."""
-    templated = has_chat_template(tokenizer)
+    if has_chat_template(tokenizer):
+        return _trained(example, _whole_text_segments(tokenizer, _answer_segments(example, tokenizer)))
     bos = getattr(tokenizer, "bos_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
-    segments = [([int(bos)], False)] if not templated and bos is not None else []
+    segments = [([int(bos)], False)] if bos is not None else []
     for text, is_answer in _answer_segments(example, tokenizer):
         seg = encode(tokenizer, text)
-        if is_answer and not templated and eos is not None:
+        if is_answer and eos is not None:
             seg = seg + [int(eos)]
         segments.append((seg, is_answer))
     return _trained(example, segments)
