@@ -678,13 +678,14 @@ def check_one_split(where, files: list[Path]) -> None:
     ``test.jsonl``, a Hub data set's ``train-…`` and ``validation-…`` shards): read whole, the held-out split would
     be trained on. Files of one split only (all test files, for ``--eval-data``) pass, as do names that say no
     split."""
-    held = [f for f in files if _split_of(f) in HELD_OUT_SPLITS]
-    if not held or (len(held) == len(files) and len({_split_of(f) for f in held}) == 1):
+    split = {f: _split_of(f) for f in files}
+    held = [f for f in files if split[f] in HELD_OUT_SPLITS]
+    if not held or (len(held) == len(files) and len({split[f] for f in held}) == 1):
         return
-    keep = next((f for f in files if _split_of(f) == "train"), next((f for f in files if f not in held), held[0]))
+    keep = next((f for f in files if split[f] == "train"), next((f for f in files if f not in held), held[0]))
     m = _SHARD.match(keep.name)
     hint = keep.parent / (f"{m['name']}-*{keep.suffix}" if m else keep.name)
-    splits = sorted({_split_of(f) or "unnamed" for f in files})
+    splits = sorted({s or "unnamed" for s in split.values()})
     raise ValueError(f"{where}: holds several splits of a data set ({', '.join(splits)}; held out: "
                      f"{', '.join(f.name for f in held[:3])}), which would all be read as training data; name one, "
                      f"e.g. --data '{hint}' (and the held-out one as --eval-data)")
@@ -694,11 +695,12 @@ def load_examples(spec: str | os.PathLike, report: DataReport | None = None, on_
                   ) -> list[Example]:
     """Examples from ``spec``: a ``.jsonl`` file, a ``.json`` file (an array of records, or one a line), a
     ``.parquet`` file (a Hugging Face Hub data set's), a chatterbot-style ``.yml``/``.yaml`` file, a folder of
-    those (any case of the suffix; its other files and sub-folders are skipped and counted in the report; the
-    shards of several splits are refused), a file pattern (``data/train-*.parquet``, in sorted order), or
-    ``"chatterbot"`` / ``"chatterbot:<language>"`` / ``"chatterbot:<language>:<cat1>,<cat2>"`` (see
-    :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or ``"drop"`` (counted in the report); None: each
-    source's own default (a user's file is an error, the shipped corpus's few irregular entries are dropped)."""
+    those (any case of the suffix; its other files and sub-folders are skipped and counted in the report; a
+    held-out split beside other data is refused: :func:`check_one_split`), a file pattern
+    (``data/train-*.parquet``, in sorted order), or ``"chatterbot"`` / ``"chatterbot:<language>"`` /
+    ``"chatterbot:<language>:<cat1>,<cat2>"`` (see :func:`is_corpus_spec`). ``on_malformed``: ``"error"`` or
+    ``"drop"`` (counted in the report); None: each source's own default (a user's file is an error, the shipped
+    corpus's few irregular entries are dropped)."""
     report = report if report is not None else DataReport()
     if on_malformed is not None:
         _check_on_malformed(on_malformed)
