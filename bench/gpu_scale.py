@@ -270,6 +270,9 @@ def build_baseline(config: ModelConfig, device, rec: dict, seed: int = 0, progre
         p = f"model.layers.{i}."
         set_param(layer.input_layernorm, "weight", weight(p + "input_layernorm.weight", bf16))
         set_param(layer.post_attention_layernorm, "weight", weight(p + "post_attention_layernorm.weight", bf16))
+        for n in ("q_norm", "k_norm"):  # Qwen3
+            if getattr(layer.self_attn, n, None) is not None:
+                set_param(getattr(layer.self_attn, n), "weight", weight(f"{p}self_attn.{n}.weight", bf16))
         for name in LINEAR_MODULES:
             parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
             lin = getattr(parent, name)

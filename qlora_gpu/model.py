@@ -106,6 +106,11 @@ WIDENED_OUTPUTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("mlp", "ga
                    ("mlp", "down_proj"))
 
 
+def qk_norms(attn: nn.Module) -> list[nn.Module]:
+    """An attention module's query and key norms (Qwen3), or none."""
+    return [m for m in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)) if m is not None]
+
+
 def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -> None:
     """Keep a transformers model's residual stream and its adapters' contributions in ``residual_dtype``
     (float32) while the frozen matrix products and attention compute in ``compute_dtype`` (bfloat16): the
@@ -115,7 +120,9 @@ def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -
 
     - the embedding's output is widened (the embedding is stored in ``dtype``, bfloat16: half the memory);
     - each norm computes in float32 and returns the compute dtype (one rounding, the one the next products'
-      cast of a float32 output would make), the final one the LM head's dtype;
+      cast of a float32 output would make), the final one the LM head's dtype, Qwen3's query/key norms (between
+      q/k_proj and the rotary embedding) their float32 input's — the standard stack rounds q and k once, at
+      attention, not before the rotation too;
     - the block linears whose output feeds float32 arithmetic there (``WIDENED_OUTPUTS``: q, k, gate, up, down)
       return ``residual_dtype``, their adapter's output added to the widened frozen output in that dtype
       (``QLoRALinear.out_dtype``, ``qlora_gpu.lora._add_adapter``): rotary embedding, SiLU and the gating product,
@@ -137,8 +144,11 @@ def set_residual_dtype(hf: nn.Module, residual_dtype: str, compute_dtype: str) -
         embed.register_forward_hook(functools.partial(_widen_output, wide))
         embed._qlora_widened = True
     head = hf.get_output_embeddings()
-    # the final norm feeds the LM head: its dtype (bfloat16, or float32 with dtype="float32")
-    use_fused_rms_norm(hf, narrow, final=(hf.model.norm, head.weight.dtype if head is not None else narrow))
+    # the final norm feeds the LM head: its dtype (bfloat16, or float32 with dtype="float32"); Qwen3's query/key
+    # norms read q/k_proj's widened output and feed the rotary embedding: float32 in, float32 out, as there
+    own = {hf.model.norm: head.weight.dtype if head is not None else narrow}
+    own.update((norm, None) for layer in hf.model.layers for norm in qk_norms(layer.self_attn))
+    use_fused_rms_norm(hf, narrow, own=own)
     for layer in hf.model.layers:
         for parent, name in WIDENED_OUTPUTS:
             m = getattr(getattr(layer, parent, None), name, None)

@@ -222,18 +222,19 @@ def _own_forward_in_stream_dtype(norm: nn.Module, hidden: torch.Tensor, out_dtyp
     return type(norm).forward(norm, hidden).to(out_dtype or hidden.dtype)
 
 
-def use_fused_rms_norm(hf: nn.Module, out_dtype: torch.dtype | None = None, final=None) -> bool:
+def use_fused_rms_norm(hf: nn.Module, out_dtype: torch.dtype | None = None, own: dict | None = None) -> bool:
     """Route every RMSNorm of a transformers model through ``qlora_gpu.rms_norm.rms_norm`` (an instance
     ``forward``, so forward hooks still run), returning ``out_dtype`` (None: the stream's dtype), where its class
-    passes ``_probe_rms_norm`` (checked once per class and forward); ``final``: ``(norm, dtype)``, a norm whose
-    output has its own dtype (the last norm, feeding the LM head). False and a warning where some did not — a class
+    passes ``_probe_rms_norm`` (checked once per class and forward); ``own``: ``{norm: dtype}``, norms whose output
+    has its own dtype (None: their input's) — the last norm, feeding the LM head; Qwen3's query/key norms, feeding
+    the rotary embedding. False and a warning where some did not — a class
     named ``*RMSNorm`` of another form included, rather than skipped in silence: those run their class's own
     forward, cast the same way (``_own_forward_in_stream_dtype``)."""
     why = ""
     for module in hf.modules():
         if not type(module).__name__.endswith("RMSNorm"):
             continue
-        dtype = final[1] if final is not None and module is final[0] else out_dtype
+        dtype = own[module] if own and module in own else out_dtype
         key = type(module), type(module).forward
         if key not in _RMS_NORM_CHECKED:
             _RMS_NORM_CHECKED[key] = _probe_rms_norm(module)
