@@ -583,7 +583,7 @@ def _output_dtypes(layer: torch.nn.Module, run) -> dict[str, torch.dtype]:
     return seen
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_block_module_returns_the_standard_stacks_dtype_but_the_documented_ones(model_type):
     """Every module of a block that both stacks have returns the dtype the standard stack's returns, but the
     documented narrowings (``NARROWED``). Qwen3's query/key norms read q/k_proj's float32 output and hand it to the
@@ -592,7 +592,7 @@ def test_every_block_module_returns_the_standard_stacks_dtype_but_the_documented
     logits stay within the derived bound of ``test_first_step_logits_and_losses_agree_within_the_bf16_bound``."""
     import dataclasses
 
-    config = dataclasses.replace(TINY, model_type=model_type)
+    config = dataclasses.replace(TINY, model_type=model_type, qkv_bias=model_type == "qwen2")
     rec = gpu_scale.recipe("tiny")
     ours, _, _ = gpu_scale.build_ours(config, "cpu", rec, progress=False)
     base, _, _ = gpu_scale.build_baseline(config, "cpu", rec, progress=False)
