@@ -73,13 +73,13 @@ def dataset(n: int = 24, seed: int = 0) -> TokenizedDataset:
     return TokenizedDataset(input_ids=ids, labels=labels, sources=["synthetic"] * n, max_length=64, pad_token_id=0)
 
 
-def build_ours(config: TrainConfig, **prepare_kwargs):
+def build_ours(config: TrainConfig, model_config: ModelConfig = CONFIG, **prepare_kwargs):
     from qlora_gpu.prepare import prepare_model
 
     kwargs = dict(dtype="bfloat16", attn_implementation="sdpa", seed=0, init_std=INIT_STD, progress=False,
                   tokenizer=False, gradient_checkpointing=config.gradient_checkpointing)
     kwargs.update(prepare_kwargs)
-    return prepare_model(CONFIG, quant=config.quant_config(), lora=config.lora_config(), device="cpu", **kwargs)
+    return prepare_model(model_config, quant=config.quant_config(), lora=config.lora_config(), device="cpu", **kwargs)
 
 
 class MaskRecorder:
@@ -102,17 +102,17 @@ class MaskRecorder:
 
 
 def train_ours(config: TrainConfig, data, record_masks: bool = True, stop_after: int | None = None,
-               **prepare_kwargs):
+               model_config: ModelConfig = CONFIG, **prepare_kwargs):
     """(per-step losses, log history, initial adapters, masks per layer and call) of ``qlora_gpu``'s training on
     ``data`` (``stop_after``: that many optimizer steps of the run, as an interruption would end it)."""
     from qlora_gpu.train import GpuTrainer
     from qlora_ref.train.loop import train
 
     torch.manual_seed(0)
-    model = build_ours(config, **prepare_kwargs)
-    recorder = MaskRecorder(model) if record_masks else None
-    init = {k: v.detach().clone() for k, v in model.lora_parameters().items()}
-    trainer = GpuTrainer(model, config)
+    built = build_ours(config, model_config, **prepare_kwargs)
+    recorder = MaskRecorder(built) if record_masks else None
+    init = {k: v.detach().clone() for k, v in built.lora_parameters().items()}
+    trainer = GpuTrainer(built, config)
     result = train(trainer, data, config, stop_after=stop_after)
     return dict(losses=np.array(result.train_losses), log=result.log_history, init=init,
                 masks=recorder.calls if recorder else None, trainer=trainer)
@@ -135,7 +135,7 @@ class _ReplayedDropout(torch.nn.Module):
 
 
 def train_baseline(config: TrainConfig, data, init: dict, masks: dict | None, autocast: bool = True,
-                   round_dropout_input: bool = False):
+                   round_dropout_input: bool = False, model_config: ModelConfig = CONFIG):
     """Per-step losses of transformers + peft + bitsandbytes trained as HF Trainer trains (module docstring), from
     the adapters ``init`` (ours' names) and with ``masks`` (layer -> one mask per micro-batch) for dropout."""
     import bitsandbytes as bnb
@@ -143,7 +143,7 @@ def train_baseline(config: TrainConfig, data, init: dict, masks: dict | None, au
 
     rec = dict(gpu_scale.recipe("tiny"), r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                lr=config.learning_rate, max_grad_norm=config.max_grad_norm)
-    model, params, _ = gpu_scale.build_baseline(CONFIG, "cpu", rec, progress=False, init_std=INIT_STD)
+    model, params, _ = gpu_scale.build_baseline(model_config, "cpu", rec, progress=False, init_std=INIT_STD)
     if not config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     named = dict(model.named_parameters())

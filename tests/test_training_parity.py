@@ -27,6 +27,8 @@ transformers trains without warmup) each leave ours lagging the baseline by more
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 
 import numpy as np
@@ -42,27 +44,39 @@ pytestmark = [pytest.mark.filterwarnings("ignore:Paged optimizers are not suppor
 SHORT = 20
 
 
-@pytest.fixture(scope="module")
-def runs():
-    """Ours, the baseline and the baseline with its dropout rounded as ours (Δ₁), 50 steps each; ours with the
-    reference's rounding of the adapters and ours with a warmup, 20 steps each. One thread: torch's CPU kernels
-    then sum in one order, and on a shared 2-core machine two threads wait on each other (10 ms per tiny GEMM)."""
+@contextlib.contextmanager
+def _one_thread():
+    """One thread: torch's CPU kernels then sum in one order, and on a shared 2-core machine two threads wait on
+    each other (10 ms per tiny GEMM)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         H.gpu_scale.cpu_setup()
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _three_runs(config, data, model_config=H.CONFIG) -> dict:
+    """Ours, the baseline and the baseline with its dropout rounded as ours (Δ₁), ``config.max_steps`` each."""
+    ours = H.train_ours(config, data, model_config=model_config)
+    masks = H.first_calls(ours["masks"], per_micro=2)
+    base = H.train_baseline(config, data, ours["init"], masks, model_config=model_config)
+    base_rounded = H.train_baseline(config, data, ours["init"], masks, round_dropout_input=True,
+                                    model_config=model_config)
+    return dict(config=config, ours=ours, base=base, base_rounded=base_rounded)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """``_three_runs`` of 50 steps; ours with the reference's rounding of the adapters and ours with a warmup, 20
+    steps each."""
+    with _one_thread():
         config, data = H.recipe_config(), H.dataset()
-        ours = H.train_ours(config, data)
-        masks = H.first_calls(ours["masks"], per_micro=2)
-        base = H.train_baseline(config, data, ours["init"], masks)
-        base_rounded = H.train_baseline(config, data, ours["init"], masks, round_dropout_input=True)
         old = H.train_ours(config, data, record_masks=False, stop_after=SHORT, residual_dtype=None)
         warm = H.train_ours(config.replace(lr_scheduler="constant_with_warmup"), data, record_masks=False,
                             stop_after=SHORT)
-        return dict(config=config, ours=ours, base=base, base_rounded=base_rounded, old=old["losses"],
-                    warm=warm["losses"])
-    finally:
-        torch.set_num_threads(threads)
+        return dict(_three_runs(config, data), old=old["losses"], warm=warm["losses"])
 
 
 def _tolerance(runs) -> float:
@@ -71,7 +85,7 @@ def _tolerance(runs) -> float:
     return math.sqrt(4) * delta1
 
 
-def test_loss_curves_agree_over_50_steps_with_accumulation(runs):
+def _assert_curves_agree(runs) -> None:
     ours, base = runs["ours"]["losses"], runs["base"]
     assert len(ours) == len(base) == runs["config"].max_steps == 50
     assert runs["config"].gradient_accumulation_steps == 4
@@ -79,7 +93,22 @@ def test_loss_curves_agree_over_50_steps_with_accumulation(runs):
     tol = _tolerance(runs)
     diff = np.abs(ours - base)
     assert diff.max() <= tol, f"step {int(diff.argmax()) + 1}: |ours - baseline| {diff.max():.4f} > {tol:.4f}"
-    assert abs(float((ours - base).mean())) <= tol / math.sqrt(len(ours))  # and no drift either way
+    drift = abs(float((ours - base).mean()))
+    assert drift <= tol / math.sqrt(len(ours)), f"mean difference {drift:.5f}"  # and no drift either way
+
+
+def test_loss_curves_agree_over_50_steps_with_accumulation(runs):
+    _assert_curves_agree(runs)
+
+
+def test_qwen3_loss_curves_agree_too():
+    """Qwen3 (query/key norms between q/k_proj and the rotary embedding): the same agreement. Measured on this
+    CPU (AMD EPYC, AVX-512) when the norms returned bfloat16 — q and k rounded once more before the rotation than
+    in the standard stack: ours lagged, its loss 0.0014 above the baseline's on average, over the bound 0.0011
+    (max 0.0069 within 0.0080); with the float32 norms 0.0003 (max 0.0053)."""
+    with _one_thread():
+        _assert_curves_agree(_three_runs(H.recipe_config(), H.dataset(),
+                                         dataclasses.replace(H.CONFIG, model_type="qwen3")))
 
 
 def test_the_reference_rounding_of_the_adapters_lags_beyond_the_tolerance(runs):
