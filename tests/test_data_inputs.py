@@ -503,3 +503,117 @@ def test_prompt_completion_records_train_the_completion_alone():
 def test_a_malformed_prompt_completion_record_is_named(record, message):
     with pytest.raises(MalformedRecordError, match=f"^f.jsonl:4: .*{message}"):
         record_to_example(record, "f.jsonl:4")
+
+
+# ------------------------------------------------------------------------------------------------ tool calls
+#: written for these tests after the Hermes / Qwen2.5 convention: the tools' schemas in the system turn, each call
+#: as JSON inside <tool_call> tags in the assistant's turn, results as user turns inside <tool_response> tags
+TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}{%- for t in tools %}{{- '\\n' + (t | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}"
+    "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}{{- '<|im_start|>assistant\\n' + m.content }}"
+    "{%- for c in m.tool_calls or [] %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' + c.function.name + '\", \"arguments\": ' + (c.function.arguments | tojson)"
+    " + '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{{- '<|im_start|>user\\n<tool_response>\\n' + m.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+TOOL_CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "Weather in Paris?"},
+             {"role": "assistant", "content": "", "tool_calls": [CALL]},
+             {"role": "tool", "content": "18 C, sunny"}, {"role": "assistant", "content": "18 C and sunny."}]
+
+
+def test_tool_calls_are_trained_and_their_results_are_context():
+    """A conversation with tool calls, as OpenAI, TRL and transformers write it: the template gets the tools and
+    the calls, and renders what transformers renders; the assistant's calls and its answer are trained, the
+    tools' schemas and the results are not."""
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=TOOLS_TEMPLATE)
+    tok = ByteTokenizer(TOOLS_TEMPLATE)
+    example = record_to_example({"messages": TOOL_CHAT, "tools": [WEATHER]}, "x:1")
+    assert example.messages == TOOL_CHAT and example.tools == [WEATHER]
+    data = build_dataset([example], tok, 2000, warn=False)
+    assert data.sources == ["x:1"]  # the template is prefix-consistent: one sequence
+    ids, labels = data.input_ids[0].tolist(), data.labels[0].tolist()
+    assert tok.decode(ids) == hf.apply_chat_template(TOOL_CHAT, tools=[WEATHER], tokenize=False)
+    call = '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+    assert _response(tok, ids, labels) == call + "18 C and sunny.<|im_end|>\n"
+    prompt = tok.decode([i for i, lab in zip(ids, labels, strict=True) if lab == IGNORE_INDEX])
+    assert '"description": "Weather in a city"' in prompt and "<tool_response>\n18 C, sunny" in prompt
+    # the same data as TRL's prompt-completion record, tools as JSON text: the final answer alone is trained
+    pc = record_to_example({"prompt": TOOL_CHAT[:-1], "completion": TOOL_CHAT[-1:], "tools": json.dumps([WEATHER])},
+                           "x:2")
+    assert pc.tools == [WEATHER]
+    ids, labels = tokenize_example(pc, tok)
+    assert tok.decode(ids) == hf.apply_chat_template(TOOL_CHAT, tools=[WEATHER], tokenize=False)
+    assert _response(tok, ids, labels) == "18 C and sunny.<|im_end|>\n"
+
+
+def test_sharegpt_function_call_and_observation_turns_are_tool_calls_and_results():
+    """LLaMA-Factory's ShareGPT form with tools: a ``function_call`` turn holds the call as JSON text, an
+    ``observation`` turn its result — the same example as the OpenAI-style record; a null content beside tool
+    calls is an empty one, and a result nobody reads is trimmed and counted."""
+    sharegpt = {"conversations": [
+        {"from": "system", "value": "S"}, {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "18 C, sunny"}, {"from": "gpt", "value": "18 C and sunny."}],
+        "tools": json.dumps([WEATHER])}
+    assert record_to_example(sharegpt, "x:1") == record_to_example({"messages": TOOL_CHAT, "tools": [WEATHER]}, "x:1")
+    nulled = [dict(m, content=None) if "tool_calls" in m else m for m in TOOL_CHAT]
+    assert record_to_example({"messages": nulled}, "x:2").messages == TOOL_CHAT
+    report = DataReport()
+    trailing = record_to_example({"messages": TOOL_CHAT[:4]}, "x:3", report)
+    assert trailing.messages == TOOL_CHAT[:3] and "unanswered last tool turn" in report.summary()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "q", "tool_calls": [CALL]}, {"role": "assistant", "content": "a"}]},
+     "turn 0's 'tool_calls' must be a non-empty list of objects, on an assistant turn"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": CALL}]},
+     "turn 1's 'tool_calls' must be a non-empty list"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
+     "turn 1 is 'tool' where 'assistant' was expected"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
+                   {"role": "user", "content": "q2"}]}, "turn 2 is 'user' where 'tool' was expected"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}, "turn 1 must be an object with"),
+    ({"messages": TOOL_CHAT, "tools": {"name": "f"}}, "'tools' must be a list of JSON schemas"),
+    ({"messages": TOOL_CHAT, "tools": "[{"}, "'tools' is a string but not JSON"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather()"}]},
+     "turn 1 \\('function_call'\\) must hold the JSON text"),
+])
+def test_malformed_tool_calls_are_named(record, message):
+    with pytest.raises(MalformedRecordError, match=f"^f.jsonl:4: .*{message}"):
+        record_to_example(record, "f.jsonl:4")
+
+
+def test_a_template_without_tool_calling_and_the_alpaca_fallback_refuse_tool_calls():
+    """A template that drops the calls would train the turn to say nothing, one that drops the tools would train
+    calls of functions the prompt never showed: both are refused naming the function; so is the template-less
+    Alpaca fallback, which has no place for them."""
+    from qlora_ref.data import CHATML_TEMPLATE
+    from qlora_ref.data.tokenizer import ChatTemplateError
+
+    with_tools = record_to_example({"messages": TOOL_CHAT, "tools": [WEATHER]}, "x:1")
+    calls_only = record_to_example({"messages": TOOL_CHAT}, "x:2")
+    with pytest.raises(ChatTemplateError, match="^x:2: the chat template renders no 'get_weather' in turn 2"):
+        tokenize_example(calls_only, ByteTokenizer(CHATML_TEMPLATE))
+    ignores_tools = TOOLS_TEMPLATE.replace("{%- if tools %}", "{%- if false %}")
+    with pytest.raises(ChatTemplateError, match="^x:1: the chat template renders no 'get_weather'"):
+        tokenize_example(with_tools, ByteTokenizer(ignores_tools))
+    tokenize_example(calls_only, ByteTokenizer(ignores_tools))  # calls without tools: nothing to miss
+    for example in (with_tools, calls_only):
+        with pytest.raises(ChatTemplateError, match="tool calls need the model's chat template"):
+            tokenize_example(example, TOK)

@@ -246,7 +246,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, type=model_path, help="a Hugging Face folder or a .gguf file"
                    + SHIPPED_HELP)
     p.add_argument("--data", required=True, help="a .jsonl file (one record a line: instruction/input/output, "
-                   "input/output, messages, conversations, prompt/completion or a '### Human:' text), a .json array "
+                   "input/output, messages, conversations, prompt/completion — with tool calls or without — or a "
+                   "'### Human:' text), a .json array "
                    "of such records (as Alpaca's alpaca_data.json), a .parquet file of them (a Hugging Face Hub data "
                    "set's), a chatterbot .yml file, a folder of those (one split of a data set), a pattern such as "
                    "'data/train-*.parquet' (quoted: the shell leaves it), or chatterbot[:language[:categories]]")

@@ -7,7 +7,10 @@ Accepted records (one JSON object per line of a ``.jsonl`` file, a ``.json`` fil
 - plain pairs: ``{"input": ..., "output": ...}``
 - conversations as lists of turns: ``{"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}``
   (OpenAI / Hugging Face chat style; OpenAssistant's ``"prompter"`` is a user) or ShareGPT's
-  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``
+  ``{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}``; with tool calls as OpenAI, TRL and
+  transformers write them: an assistant turn's ``"tool_calls"`` (its content may then be empty or null), the
+  results as ``"tool"`` turns, and the record's ``"tools"`` (the functions' JSON schemas, handed to the chat
+  template, as TRL's ``tools`` column is)
 - prompt-completion (TRL's SFT format): ``{"prompt": ..., "completion": ...}``, both strings (a user turn and
   its answer) or both lists of messages (the prompt's turns, then the completion's assistant turn); only the
   completion is trained, as TRL trains it, even where the prompt holds earlier assistant turns
@@ -36,7 +39,11 @@ ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
     "system": "system",
+    "tool": "tool", "function": "tool", "observation": "tool",
 }
+#: a turn's keys handed to the chat template besides role and content: tool calls and their results' ids, and the
+#: reasoning of Qwen3/DeepSeek-R1-style templates
+TURN_EXTRAS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
 
 
 class MalformedRecordError(ValueError):
@@ -49,9 +56,11 @@ class MalformedRecordError(ValueError):
 
 @dataclass
 class Example:
-    """One training example: ``messages`` (role "system" | "user" | "assistant", content str), ending with an
-    assistant turn; ``source`` ("file:line") for messages and reports; ``alpaca`` (instruction, input) when the
-    record was Alpaca, so the template-less fallback can use the exact Alpaca prompt. ``last_turn_only``: only the
+    """One training example: ``messages`` (role "system" | "user" | "assistant" | "tool", content str; an assistant
+    turn's ``tool_calls`` and the other ``TURN_EXTRAS`` kept), ending with an assistant turn; ``source``
+    ("file:line") for messages and reports; ``alpaca`` (instruction, input) when the record was Alpaca, so the
+    template-less fallback can use the exact Alpaca prompt; ``tools``: the functions the conversation may call
+    (JSON schemas, handed to the chat template), or None. ``last_turn_only``: only the
     last assistant turn is trained, the turns before it are its prompt, rendered as a whole as the chat template
     renders history when the model answers that turn (a turn of a conversation split by ``pipeline.split_turns``,
     or a prompt-completion record)."""
@@ -60,6 +69,7 @@ class Example:
     source: str
     alpaca: tuple[str, str] | None = None
     last_turn_only: bool = False
+    tools: list | None = None
 
 
 @dataclass
@@ -174,28 +184,66 @@ def _turns(turns, source: str, role_key: str, content_key: str, report: DataRepo
         raise MalformedRecordError(source, "a conversation must be a non-empty list of turns")
     messages = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or role_key not in turn or content_key not in turn:
+        if not isinstance(turn, dict) or role_key not in turn:
             raise MalformedRecordError(source, f"turn {i} must be an object with {role_key!r} and {content_key!r}")
+        if str(turn[role_key]).lower() == "function_call":  # ShareGPT with tools (LLaMA-Factory): a call as JSON text
+            turn = {role_key: "assistant", "tool_calls": _function_calls(turn.get(content_key), i, source)}
         role = ROLE_ALIASES.get(str(turn[role_key]).lower())
         if role is None:
             raise MalformedRecordError(source, f"turn {i} has unknown role {turn[role_key]!r} "
                                                f"(known: {sorted(ROLE_ALIASES)})")
-        messages.append({"role": role, "content": _text(turn[content_key], f"turn {i}'s {content_key!r}", source)})
+        message = {"role": role}
+        message.update((k, turn[k]) for k in TURN_EXTRAS if turn.get(k) is not None)
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise MalformedRecordError(source, f"turn {i}'s 'tool_calls' must be a non-empty list of objects, on an "
+                                               f"assistant turn (got {type(calls).__name__} on a {role} turn)")
+        content = turn.get(content_key)
+        if content is None and calls is None:  # a tool call's turn may say nothing else
+            raise MalformedRecordError(source, f"turn {i} must be an object with {role_key!r} and {content_key!r}")
+        message["content"] = "" if content is None else _text(content, f"turn {i}'s {content_key!r}", source)
+        messages.append(message)
     return _check_roles(messages, source, report)
 
 
+def _function_calls(value, i: int, source: str) -> list[dict]:
+    """A ShareGPT ``function_call`` turn's value — the JSON text of ``{"name", "arguments"}`` or a list of them —
+    as OpenAI-style ``tool_calls``."""
+    try:
+        calls = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        calls = None
+    calls = [calls] if isinstance(calls, dict) else calls
+    if not calls or not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
+        raise MalformedRecordError(source, f"turn {i} ('function_call') must hold the JSON text of "
+                                           '{"name": ..., "arguments": ...} or a list of them')
+    return [{"type": "function", "function": c} for c in calls]
+
+
+#: the role each role may be followed by, in a conversation after its system turns (an assistant turn with tool
+#: calls: by their results, a result by another or by the assistant's next turn)
+_NEXT = {"user": ("assistant",), "assistant": ("user",), "calls": ("tool",), "tool": ("tool", "assistant")}
+
+
 def _check_roles(messages: list[dict], source: str, report: DataReport) -> list[dict]:
-    """System turns first, then user and assistant alternating from a user turn; an unanswered last user turn
-    is trimmed (and counted)."""
+    """System turns first, then user and assistant alternating from a user turn — an assistant turn with
+    ``tool_calls`` followed by one or more ``tool`` turns (the results) and then the assistant again; an
+    unanswered last user turn, and results no assistant turn reads, are trimmed (and counted)."""
     i = 0
     while i < len(messages) and messages[i]["role"] == "system":
         i += 1
-    expected = "user"
+    expected = ("user",)
     for j in range(i, len(messages)):
-        if messages[j]["role"] != expected:
-            raise MalformedRecordError(source, f"turn {j} is {messages[j]['role']!r} where {expected!r} was expected "
-                                               "(after system turns, user and assistant must alternate)")
-        expected = "assistant" if expected == "user" else "user"
+        role = messages[j]["role"]
+        if role not in expected:
+            raise MalformedRecordError(source, f"turn {j} is {role!r} where {' or '.join(map(repr, expected))} was "
+                                               "expected (after system turns, user and assistant must alternate, an "
+                                               "assistant's tool calls answered by tool turns)")
+        expected = _NEXT["calls" if "tool_calls" in messages[j] else role]
+    while messages and messages[-1]["role"] == "tool":
+        messages = messages[:-1]
+        report.trim("unanswered last tool turn", source)
     if messages and messages[-1]["role"] == "user":
         messages = messages[:-1]
         report.trim("unanswered last user turn", source)
@@ -235,9 +283,9 @@ def _guanaco(text: str, source: str, report: DataReport) -> list[dict]:
 #: the keys each format reads, in the order the formats are recognised; any other key of a record is ignored
 #: (counted in the report: metadata such as ``id`` or ``source``), unless it plainly misspells a key that would have
 #: been read (``inptu``), which is an error
-FORMAT_KEYS = {"messages": ("messages",), "conversations": ("conversations",),
+FORMAT_KEYS = {"messages": ("messages", "tools"), "conversations": ("conversations", "tools"),
                "Alpaca": ("instruction", "input", "output"), "input/output": ("input", "output"),
-               "prompt/completion": ("prompt", "completion"), "text": ("text",)}
+               "prompt/completion": ("prompt", "completion", "tools"), "text": ("text",)}
 _KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys})
 
 
@@ -281,6 +329,21 @@ def _unused_keys(record: dict, fmt: str, source: str) -> list[str]:
             source, f"unknown key {typo[0]!r}: did you mean {typo[1]!r}? (the {fmt} format reads "
                     f"{', '.join(map(repr, FORMAT_KEYS[fmt]))}; other keys are ignored and counted in the report)")
     return unused
+
+
+def _tools(tools, source: str) -> list | None:
+    """The record's ``tools``: a list of JSON schemas, or the JSON text of one (as some Hub data sets store it)."""
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise MalformedRecordError(source, f"'tools' is a string but not JSON ({e})") from None
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise MalformedRecordError(source, "'tools' must be a list of JSON schemas (objects), or the JSON text of "
+                                           f"one, got {type(tools).__name__}")
+    return tools
 
 
 def record_to_example(record, source: str, report: DataReport | None = None) -> Example:
@@ -334,6 +397,7 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
         example = _prompt_completion(record["prompt"], record["completion"], source, report)
     else:
         example = Example(_guanaco(_text(record["text"], "'text'", source), source, report), source)
+    example.tools = _tools(record.get("tools"), source)
     for key in unused:
         report.ignore(key, source)
     return example

@@ -73,14 +73,35 @@ class TemplateRewritesHistory(ChatTemplateError):
     every turn as the model saw it when answering (handled by :func:`split_turns`)."""
 
 
-def _turn(tokenizer, msgs: list[dict], i: int, source: str) -> tuple[str, str]:
+def _render(tokenizer, example: Example, end: int, generation: bool) -> str:
+    """The chat template's rendering of the example's turns before ``end`` (``tools`` passed only where there are
+    some: a tokenizer of the interface need not take them)."""
+    tools = {} if example.tools is None else {"tools": example.tools}
+    return tokenizer.apply_chat_template(example.messages[:end], tokenize=False, add_generation_prompt=generation,
+                                         **tools)
+
+
+def _names(items: list[dict]) -> list[str]:
+    """The function names of OpenAI-style tool calls or tool schemas (``{"function": {"name": ...}}`` or flat)."""
+    return [str((item.get("function") if isinstance(item.get("function"), dict) else item).get("name", ""))
+            for item in items]
+
+
+def _turn(tokenizer, example: Example, i: int) -> tuple[str, str]:
     """(prompt, prompt + response) of assistant turn ``i``: the conversation before it with the generation prompt,
-    and up to it. The response must extend its prompt, or it cannot be located at all."""
-    prompt = tokenizer.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(msgs[: i + 1], tokenize=False, add_generation_prompt=False)
+    and up to it. The response must extend its prompt, or it cannot be located at all; a turn's tool calls must be
+    in its response, and the conversation's tools in its prompt — a template without tool calling drops them, and
+    the turn would teach the model to answer with nothing."""
+    prompt, full = _render(tokenizer, example, i, True), _render(tokenizer, example, i + 1, False)
     if not full.startswith(prompt):
-        raise ChatTemplateError(f"{source}: the chat template is not prefix-consistent (turn {i} does not extend "
-                                "the generation prompt before it), so the response cannot be located")
+        raise ChatTemplateError(f"{example.source}: the chat template is not prefix-consistent (turn {i} does not "
+                                "extend the generation prompt before it), so the response cannot be located")
+    missing = [n for n in _names(example.messages[i].get("tool_calls", [])) if n not in full[len(prompt):]]
+    missing = missing or [n for n in _names(example.tools or []) if n not in prompt]
+    if missing:
+        raise ChatTemplateError(f"{example.source}: the chat template renders no {missing[0]!r} in turn {i} or the "
+                                "prompt before it: it does not render tool calls or tools (this model's template "
+                                "has no tool calling)")
     return prompt, full
 
 
@@ -88,15 +109,15 @@ def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     msgs = example.messages
     if example.last_turn_only:  # the turns before the last are the prompt, as a whole
         if msgs[-1]["role"] != "assistant":
-            return [(tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True), False)]
-        prompt, full = _turn(tokenizer, msgs, len(msgs) - 1, example.source)
+            return [(_render(tokenizer, example, len(msgs), True), False)]
+        prompt, full = _turn(tokenizer, example, len(msgs) - 1)
         return [(prompt, False), (full[len(prompt):], True)]
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt, full = _turn(tokenizer, msgs, i, example.source)
+        prompt, full = _turn(tokenizer, example, i)
         if not prompt.startswith(done):
             raise TemplateRewritesHistory(f"{example.source}: the chat template renders the turns before turn {i} "
                                           "differently from the rendering that ended at them")
@@ -104,7 +125,7 @@ def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         segments.append((full[len(prompt):], True))
         done = full
     if msgs and msgs[-1]["role"] != "assistant":  # a prompt for generation: up to where the answer begins
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prompt = _render(tokenizer, example, len(msgs), True)
         if not prompt.startswith(done):
             raise TemplateRewritesHistory(f"{example.source}: the chat template renders the conversation differently "
                                           "once the generation prompt follows it")
@@ -118,11 +139,15 @@ def split_turns(example: Example) -> list[Example]:
     — what the model sees at inference. For templates that re-render history (:class:`TemplateRewritesHistory`);
     the cost is a prompt that grows with every turn."""
     ends = [i for i, m in enumerate(example.messages) if m["role"] == "assistant"]
-    return [Example(example.messages[: i + 1], f"{example.source} (turn {k})", example.alpaca, last_turn_only=True)
+    return [Example(example.messages[: i + 1], f"{example.source} (turn {k})", example.alpaca, last_turn_only=True,
+                    tools=example.tools)
             for k, i in enumerate(ends, 1)]
 
 
 def _alpaca_segments(example: Example) -> list[tuple[str, bool]]:
+    if example.tools is not None or any(m["role"] == "tool" or "tool_calls" in m for m in example.messages):
+        raise ChatTemplateError(f"{example.source}: tool calls need the model's chat template, and this tokenizer "
+                                "has none (the Alpaca prompt of the fallback has no place for tools)")
     segments: list[tuple[str, bool]] = []
     msgs = list(example.messages)
     system = ""

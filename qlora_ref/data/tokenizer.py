@@ -7,10 +7,10 @@ A tokenizer is any object with
   adds BOS/EOS itself),
 - optionally ``eos_token_id``, ``bos_token_id``, ``pad_token_id`` (ints or None), ``eos_token``/``bos_token``
   (strings), and
-- optionally ``apply_chat_template(messages, tokenize=False, add_generation_prompt=False) -> str`` — a Hugging
-  Face tokenizer has it; so does :class:`ByteTokenizer` when given a template, through
-  :func:`render_chat_template` (which any tokenizer carrying a jinja2 template string, e.g. one read from a
-  GGUF file's ``tokenizer.chat_template``, can use).
+- optionally ``apply_chat_template(messages, tokenize=False, add_generation_prompt=False) -> str`` (and
+  ``tools=`` for conversations with tool calls) — a Hugging Face tokenizer has it; so does :class:`ByteTokenizer`
+  when given a template, through :func:`render_chat_template` (which any tokenizer carrying a jinja2 template
+  string, e.g. one read from a GGUF file's ``tokenizer.chat_template``, can use).
 """
 
 from __future__ import annotations
@@ -133,9 +133,10 @@ def _compile(template: str):
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
-                         **special_tokens) -> str:
-    """Render a jinja2 chat template (Hugging Face's conventions: ``messages``, ``add_generation_prompt``,
-    ``raise_exception``, ``tojson``, and special tokens such as ``bos_token``/``eos_token`` as variables).
+                         tools: list | None = None, **special_tokens) -> str:
+    """Render a jinja2 chat template (Hugging Face's conventions: ``messages``, ``add_generation_prompt``, ``tools``
+    (None without), ``raise_exception``, ``tojson``, and special tokens such as ``bos_token``/``eos_token`` as
+    variables).
 
     Sandboxed (jinja2's immutable sandbox, as transformers renders templates) and bounded: at most
     ``TEMPLATE_MAX_ITERATIONS`` loop steps, ``TEMPLATE_MAX_SECONDS`` and ``TEMPLATE_MAX_CHARS`` characters. Any
@@ -145,7 +146,7 @@ def render_chat_template(template: str, messages: list[dict], add_generation_pro
     token = _BUDGET.set(_Budget())
     try:
         parts, size = [], 0
-        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt,
+        for chunk in compiled.generate(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                        **special_tokens):
             size += len(chunk)
             if size > TEMPLATE_MAX_CHARS:
@@ -193,8 +194,9 @@ class ByteTokenizer:
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False):
-        text = render_chat_template(self.chat_template, messages, add_generation_prompt,
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False,
+                            tools: list | None = None):
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
                                     bos_token=self.bos_token, eos_token=self.eos_token)
         return self.encode(text) if tokenize else text
 

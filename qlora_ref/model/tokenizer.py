@@ -97,14 +97,14 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False):
+                            tokenize: bool = False, tools: list | None = None):
         """Render the conversation with the model's template (a string, or token ids with ``tokenize``): sandboxed
         and bounded (``qlora_ref.data.render_chat_template``); a failing template is a ``ChatTemplateError``."""
         from ..data.tokenizer import render_chat_template
 
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template")
-        text = render_chat_template(self.chat_template, messages, add_generation_prompt,
+        text = render_chat_template(self.chat_template, messages, add_generation_prompt, tools,
                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
