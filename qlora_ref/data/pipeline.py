@@ -42,9 +42,14 @@ and the loss, summed over them and divided by their number, is the same.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
+import weakref
+from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 
@@ -197,19 +202,128 @@ def format_example(example: Example, tokenizer) -> list[tuple[str, bool]]:
 def _whole_text_segments(tokenizer, texts: list[tuple[str, bool]]) -> list[tuple[list[int], bool]]:
     """The rendered conversation tokenized once, as transformers, TRL and llama.cpp tokenize it, and cut where each
     segment's text ends: at the tokens that the text up to there and the whole text share (a token that spans a
-    boundary goes to the later segment). Tokenizing segments apart would differ where a tokenizer treats the start
-    of a text specially: SentencePiece's "▁" before every text would open each answer with a token of its own."""
+    boundary goes to the later segment; :func:`_tokens_shared`). Tokenizing segments apart would differ where a
+    tokenizer treats the start of a text specially: SentencePiece's "▁" before every text would open each answer
+    with a token of its own."""
+    return _cut(tokenizer, texts, _checked_offset_encoder(tokenizer))
+
+
+def _cut(tokenizer, texts: list[tuple[str, bool]], fast) -> list[tuple[list[int], bool]]:
+    """:func:`_whole_text_segments` with ``fast``, an :func:`_offset_encoder` (None: every prefix re-encoded)."""
     if not texts:
         return []
-    whole = encode(tokenizer, "".join(text for text, _ in texts))
-    cuts, done = [0], ""
-    for text, _ in texts[:-1]:
-        done += text
-        ids = encode(tokenizer, done)[: len(whole)]
-        shared = next((i for i, (a, b) in enumerate(zip(ids, whole[: len(ids)], strict=True)) if a != b), len(ids))
-        cuts.append(max(shared, cuts[-1]))
+    whole, shared = _tokens_shared(tokenizer, "".join(part for part, _ in texts), fast)
+    cuts = [0]
+    for end in accumulate(len(part) for part, _ in texts[:-1]):
+        cuts.append(max(shared(end), cuts[-1]))
     cuts.append(len(whole))
     return [(whole[a:b], is_answer) for a, b, (_, is_answer) in zip(cuts[:-1], cuts[1:], texts, strict=True)]
+
+
+def _tokens_shared(tokenizer, text: str, fast):
+    """``(ids, shared)``: the token ids of ``text``, and ``shared(c)``: how many of them lead the ids of
+    ``text[:c]`` too.
+
+    Found by tokenizing ``text[:c]`` — quadratic in the number of turns over a conversation — except with ``fast``,
+    for a ``tokenizers`` tokenizer (:func:`_offset_encoder`), which cuts a text at its added tokens
+    (``<|im_start|>``, ``</s>``) before anything else and tokenizes each stretch between them on its own; the whole
+    text's offsets show where its added tokens are (those not normalized, whose offsets span their text). Where
+    ``c`` starts or ends an added token of the whole text, ``text[:c]`` is tokenized as the whole is up to there;
+    elsewhere, as the whole up to the last added token before ``c``, followed by the rest up to ``c`` on its own
+    (tokenized here: a few characters after a chat template's role marker). Counting the tokens that end by ``c``
+    would not do: a stretch cut short can tokenize differently before the cut too ("x  y" is "x", " ", " y" by
+    GPT-2's split rule, "x  " is "x", "  "; a BPE without word splits may merge across the cut first)."""
+    if fast is None:
+        whole = encode(tokenizer, text)
+        return whole, lambda c: _shared(encode(tokenizer, text[:c]), whole)
+    with_offsets, added = fast
+    whole, offsets = with_offsets(text)
+    # character position -> how many tokens of the whole precede it: at either end of an added token (edges), and
+    # where a stretch starts (starts: the text's start, an added token's end)
+    edges, starts = {0: 0}, {0: 0}
+    for i, (t, (a, b)) in enumerate(zip(whole, offsets, strict=True)):
+        if t in added and text[a:b] == added[t]:  # an added token matched in the text
+            edges[a] = i
+            edges[b] = starts[b] = i + 1
+    positions = sorted(starts)
+
+    def shared(c: int) -> int:
+        if c in edges:
+            return edges[c]
+        s = positions[bisect_right(positions, c) - 1]
+        return starts[s] + _shared(encode(tokenizer, text[s:c]), whole[starts[s]:])
+
+    return whole, shared
+
+
+#: the methods a transformers tokenizer encodes text through (v4 and v5)
+_HF_ENCODE = ("encode", "__call__", "encode_plus", "_call_one", "_encode_plus", "_batch_encode_plus")
+
+
+def _offset_encoder(tokenizer):
+    """``(text -> (ids, character offsets), {id: text} of the added tokens matched in the raw text)`` for a tokenizer
+    whose ``encode`` is a ``tokenizers.Tokenizer``'s — this project's :class:`~qlora_ref.model.tokenizer.Tokenizer`
+    or a plain transformers fast tokenizer — and whose added tokens match as plain strings (no lstrip, rstrip or
+    single-word rule, special tokens not read as text, no truncation or padding); None for any other."""
+    from ..model.tokenizer import Tokenizer
+
+    transformers = sys.modules.get("transformers")
+    if type(tokenizer).encode is Tokenizer.encode:
+        backend = tokenizer.backend
+        plain = not (backend.encode_special_tokens or backend.truncation or backend.padding)
+
+        def with_offsets(text):
+            enc = backend.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+    elif transformers is not None and isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
+        backend = tokenizer.backend_tokenizer
+        base = transformers.PreTrainedTokenizerFast
+        plain = not tokenizer.split_special_tokens and all(  # not e.g. CodeLlama's, which cuts at its fill token
+            getattr(type(tokenizer), f, None) is getattr(base, f, None) for f in _HF_ENCODE)
+
+        def with_offsets(text):
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+    else:
+        return None
+    added = backend.get_added_tokens_decoder()
+    if not plain or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+        return None
+    return with_offsets, {i: t.content for i, t in added.items() if not t.normalized}
+
+
+#: each tokenizer's offset encoder, or None where it has none or failed its check
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _checked_offset_encoder(tokenizer):
+    """:func:`_offset_encoder`, once per tokenizer checked to cut as re-encoding every prefix does on a text of its
+    own added tokens, whitespace runs and words cut everywhere — where the assumption about how ``tokenizers``
+    splits at added tokens no longer held (another release, another tokenizer), a warning and the slow path."""
+    try:
+        return _CHECKED[tokenizer]
+    except (KeyError, TypeError):  # TypeError: an object without weak references, checked each time
+        pass
+    fast = _offset_encoder(tokenizer)
+    if fast is not None:
+        marks = sorted(set(fast[1].values()))[:4] or [""]
+        text = "".join(f"{m}user\nHello  world{m} x  \n\n{i}é 🙂{m}" for i, m in enumerate(marks))
+        for c in range(len(text) + 1):
+            parts = [(text[:c], False), (text[c:], True)]
+            if _cut(tokenizer, parts, None) != _cut(tokenizer, parts, fast):
+                warnings.warn(f"{type(tokenizer).__name__}: cutting a conversation at its segments by the tokens' "
+                              "offsets disagrees with re-encoding each prefix here; the slower way is used",
+                              stacklevel=2)
+                fast = None
+                break
+    with contextlib.suppress(TypeError):
+        _CHECKED[tokenizer] = fast
+    return fast
+
+
+def _shared(ids: list[int], whole: list[int]) -> int:
+    """How many leading tokens ``ids`` shares with ``whole``."""
+    return next((i for i, (a, b) in enumerate(zip(ids, whole, strict=False)) if a != b), min(len(ids), len(whole)))
 
 
 def token_segments(example: Example, tokenizer) -> list[tuple[list[int], bool]]:
