@@ -55,6 +55,24 @@ def conversations(n: int, sentences: list[str], seed: int = 0):
     return out
 
 
+def markdown(res: dict) -> str:
+    """The result as docs/benchmarks.md shows it (``bench/render_docs.py``)."""
+    code, host, iv = res["stamp"].get("code", {}), res["stamp"].get("host", {}), res["ratio"]
+    interval = (f", interval [{iv['low']:.2f}, {iv['high']:.2f}] ({iv['coverage']:.1%} coverage)"
+                if iv["low"] is not None else "")
+    lines = [f"    python {res['command']}", "",
+             f"{res['settings']['conversations']:,} synthetic conversations, {res['tokens']:,} tokens (SmolLM2's "
+             f"tokenizer and ChatML template); {len(res['ratios'])} repeats, the order alternating. Commit "
+             f"{str(code.get('commit'))[:10]} ({'uncommitted changes' if code.get('dirty') else 'clean'}), "
+             f"{res['stamp'].get('time_utc')}; {host.get('cpu', '?')}, {host.get('cores', '?')} cores.", "",
+             "| cut at the segments by | build_dataset, median s | min | max |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {sorted(t)[len(t) // 2]:.2f} | {min(t):.2f} | {max(t):.2f} |"
+              for name, t in res["times_s"].items()]
+    lines += ["", f"Re-encoding every prefix over offsets, per repeat: median **{iv['median']:.2f}×**{interval}; "
+              f"the same ids, labels and sources from both: {res['identical']}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--conversations", type=int, default=2000)

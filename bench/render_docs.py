@@ -5,8 +5,8 @@ comes from which files, so that no figure in a marked section is retyped (issue 
     python bench/render_docs.py --check    # exit 1, naming the sections, if any differs from its rendering
 
 A section lies between ``<!-- generated: <slug> begin -->`` and ``<!-- generated: <slug> end -->``;
-``bench/model_step_report.py`` renders model-step, demo and packing results, ``bench/merge_perplexity.py`` its own.
-A new marked section is added here with its files.
+``bench/model_step_report.py`` renders model-step, demo and packing results, ``bench/merge_perplexity.py`` and
+``bench/data_prep.py`` their own. A new marked section is added here with its files.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
+import data_prep  # noqa: E402
 import merge_perplexity  # noqa: E402
 import model_step_report  # noqa: E402
 
@@ -54,6 +55,7 @@ SECTIONS = [
      "Packing on the demo, 2026-12-06, the qlora_gpu backend on the same CPU",
      [f"{R}/2026-12-06-cpu/packing_throughput_gpu_backend.json"]),
     ("docs/training.md", "merge-perplexity", None, [f"{R}/2026-12-07-cpu/merge_perplexity.json"]),
+    ("docs/benchmarks.md", "data-prep-2026-12-07", None, [f"{R}/2026-12-07-cpu/data_prep.json"]),
 ]
 
 
@@ -69,6 +71,8 @@ def rendering(slug: str, title: str | None, files: list[str]) -> str:
     results = [json.loads((ROOT / f).read_text()) for f in files]
     if slug == "merge-perplexity":
         return merge_perplexity.markdown(results[0]) + "\n"
+    if slug.startswith("data-prep"):
+        return data_prep.markdown(results[0]) + "\n"
     return model_step_report.section(results, title)
 
 
