@@ -572,6 +572,8 @@ def test_sharegpt_function_call_and_observation_turns_are_tool_calls_and_results
         {"from": "observation", "value": "18 C, sunny"}, {"from": "gpt", "value": "18 C and sunny."}],
         "tools": json.dumps([WEATHER])}
     assert record_to_example(sharegpt, "x:1") == record_to_example({"messages": TOOL_CHAT, "tools": [WEATHER]}, "x:1")
+    llama31 = [dict(m, role="ipython") if m["role"] == "tool" else m for m in TOOL_CHAT]  # its role for results
+    assert record_to_example({"messages": llama31}, "x:2").messages == TOOL_CHAT
     nulled = [dict(m, content=None) if "tool_calls" in m else m for m in TOOL_CHAT]
     assert record_to_example({"messages": nulled}, "x:2").messages == TOOL_CHAT
     report = DataReport()

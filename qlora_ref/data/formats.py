@@ -39,7 +39,7 @@ ROLE_ALIASES = {
     "user": "user", "human": "user", "prompter": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant", "chatgpt": "assistant",
     "system": "system",
-    "tool": "tool", "function": "tool", "observation": "tool",
+    "tool": "tool", "function": "tool", "observation": "tool", "ipython": "tool",  # Llama 3.1 writes "ipython"
 }
 #: a turn's keys handed to the chat template besides role and content: tool calls and their results' ids, and the
 #: reasoning of Qwen3/DeepSeek-R1-style templates
