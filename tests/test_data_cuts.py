@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_gguf_spm_tokenizer import gguf_metadata, train_spm
 
 from qlora_ref.data import CHATML_TEMPLATE, ByteTokenizer, record_to_example, tokenize_example
-from qlora_ref.data.pipeline import _offset_encoder, _whole_text_segments
+from qlora_ref.data.pipeline import _cut, _offset_encoder, _whole_text_segments
 from qlora_ref.model import find_smollm2_gguf
 from qlora_ref.model.tokenizer import Tokenizer
 
@@ -76,7 +76,23 @@ def trimmed():
     return Tokenizer(backend, CHATML_TEMPLATE)
 
 
-@pytest.fixture(scope="module", params=["smollm2", "spm", "trimmed", "transformers-smollm2", "transformers-spm"])
+@pytest.fixture(scope="module")
+def metaspace_first(spm):
+    """transformers' non-legacy Llama / Mistral conversion of the same SentencePiece model: "▁" before the text's
+    first stretch only (``Metaspace(prepend_scheme="first")``, no normalizer), so a stretch after an added token has
+    none — nor may its re-encoding."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import pre_tokenizers
+
+    backend = Backend.from_str(spm.backend.to_str())
+    backend.normalizer = None
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    assert backend.encode("hi</s>hi", add_special_tokens=False).tokens[-1:] != ["▁"]
+    return Tokenizer(backend, spm.chat_template, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module", params=["smollm2", "spm", "trimmed", "metaspace_first", "transformers-smollm2",
+                                        "transformers-spm"])
 def tokenizer(request):
     kind = request.param.removeprefix("transformers-")
     tok = request.getfixturevalue(kind)
@@ -111,9 +127,11 @@ def segments(draw) -> list[str]:
 @example(segments=["hi <|im_", "start|> you <", "s> x"])  # boundaries inside added tokens
 @example(segments=["a [/INST]", "b assistant", "\nc"])  # offsets trimmed to " [/INST]"'s "[/INST]", "assistant"
 def test_cuts_equal_reencoding_every_prefix(tokenizer, segments):
-    assert _offset_encoder(tokenizer) is not None
+    """The offset path itself (not behind its run-time check, which would fall back to the slow path)."""
+    fast = _offset_encoder(tokenizer)
+    assert fast is not None
     texts = [(text, i % 2 == 1) for i, text in enumerate(segments)]
-    assert _whole_text_segments(tokenizer, texts) == _whole_text_segments(Plain(tokenizer), texts)
+    assert _cut(tokenizer, texts, fast) == _whole_text_segments(Plain(tokenizer), texts)
 
 
 @given(turns=st.lists(st.lists(PIECES, max_size=5).map("".join), min_size=2, max_size=8))
@@ -186,10 +204,19 @@ def test_a_tokenizer_whose_offsets_mislead_is_checked_once_warned_about_and_cut_
     fresh = Plain(smollm2)  # a new object: not yet checked
     with pytest.warns(UserWarning, match="disagrees with re-encoding each prefix"):
         assert pipeline._whole_text_segments(fresh, texts) == expected
-    assert pipeline._CHECKED[fresh] is None
+    assert pipeline._CHECKED[fresh] is False
     # the real encoder passes its check, once
     monkeypatch.setattr(pipeline, "_offset_encoder", lambda tok: good)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert pipeline._whole_text_segments(smollm2, texts) == expected
-    assert pipeline._CHECKED[smollm2] is good
+        assert pipeline._whole_text_segments(smollm2, texts) == expected  # checked once: the flag is read
+    assert pipeline._CHECKED[smollm2] is True
+
+
+def test_every_tokenizer_here_passes_the_run_time_check_without_a_warning(tokenizer):
+    from qlora_ref.data.pipeline import _checked_offset_encoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _checked_offset_encoder(tokenizer) is not None

@@ -583,9 +583,15 @@ def test_sharegpt_function_call_and_observation_turns_are_tool_calls_and_results
 
 @pytest.mark.parametrize("record, message", [
     ({"messages": [{"role": "user", "content": "q", "tool_calls": [CALL]}, {"role": "assistant", "content": "a"}]},
-     "turn 0's 'tool_calls' must be a non-empty list of objects, on an assistant turn"),
+     "turn 0's 'tool_calls' must be a list of objects, on an assistant turn"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": CALL}]},
-     "turn 1's 'tool_calls' must be a non-empty list"),
+     "turn 1's 'tool_calls' must be a list of objects"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"function": {"arguments": {}}}]}]},
+     "turn 1's tool calls must each name their function"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": None}}]}]},
+     "turn 1's tool calls must each name their function"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]},
      "turn 1 is 'tool' where 'assistant' was expected"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [CALL]},
@@ -603,19 +609,77 @@ def test_malformed_tool_calls_are_named(record, message):
 
 def test_a_template_without_tool_calling_and_the_alpaca_fallback_refuse_tool_calls():
     """A template that drops the calls would train the turn to say nothing, one that drops the tools would train
-    calls of functions the prompt never showed: both are refused naming the function; so is the template-less
-    Alpaca fallback, which has no place for them."""
+    calls of functions the prompt never showed: both are refused naming the turn — even where the function's name
+    stands in the text anyway; so is the template-less Alpaca fallback, which has no place for them. Under
+    ``--skip-malformed`` (``skip_unrenderable``) such an example is dropped and counted instead, as such a record
+    was before tool calls were read."""
     from qlora_ref.data import CHATML_TEMPLATE
+    from qlora_ref.data.pipeline import UNRENDERABLE
     from qlora_ref.data.tokenizer import ChatTemplateError
 
     with_tools = record_to_example({"messages": TOOL_CHAT, "tools": [WEATHER]}, "x:1")
     calls_only = record_to_example({"messages": TOOL_CHAT}, "x:2")
-    with pytest.raises(ChatTemplateError, match="^x:2: the chat template renders no 'get_weather' in turn 2"):
-        tokenize_example(calls_only, ByteTokenizer(CHATML_TEMPLATE))
+    chatml = ByteTokenizer(CHATML_TEMPLATE)
+    with pytest.raises(ChatTemplateError, match="^x:2: the chat template renders turn 2 the same without its tool "
+                                                "calls"):
+        tokenize_example(calls_only, chatml)
+    says_it = [*TOOL_CHAT[:2], dict(TOOL_CHAT[2], content="Let me get_weather for Paris."), *TOOL_CHAT[3:]]
+    with pytest.raises(ChatTemplateError, match="^x:3: .* without its tool calls"):
+        tokenize_example(record_to_example({"messages": says_it}, "x:3"), chatml)
     ignores_tools = TOOLS_TEMPLATE.replace("{%- if tools %}", "{%- if false %}")
-    with pytest.raises(ChatTemplateError, match="^x:1: the chat template renders no 'get_weather'"):
+    with pytest.raises(ChatTemplateError, match="^x:1: .* the same without the record's 'tools'"):
         tokenize_example(with_tools, ByteTokenizer(ignores_tools))
     tokenize_example(calls_only, ByteTokenizer(ignores_tools))  # calls without tools: nothing to miss
     for example in (with_tools, calls_only):
         with pytest.raises(ChatTemplateError, match="tool calls need the model's chat template"):
             tokenize_example(example, TOK)
+    plain = record_to_example({"input": "q", "output": "a"}, "x:4")
+    report = DataReport(records=2, kept=2)
+    data = build_dataset([calls_only, plain], chatml, 2000, report=report, warn=False, skip_unrenderable=True)
+    assert data.sources == ["x:4"] and report.dropped[UNRENDERABLE] == 1 and report.kept == 1
+
+
+def test_a_template_that_fails_on_tool_turns_names_the_example():
+    """A template that raises on roles it does not know (strict alternation) fails naming the record, whichever
+    renderer runs it (ours, or a transformers tokenizer's)."""
+    from qlora_ref.data.tokenizer import ChatTemplateError
+
+    strict = ("{%- for m in messages %}{%- if m.role not in ['user', 'assistant'] or 'tool_calls' in m %}"
+              "{{- raise_exception('Only user and assistant roles are supported!') }}{%- endif %}"
+              "{{- m.role + ': ' + m.content + '\n' }}{%- endfor %}")
+    example = record_to_example({"messages": TOOL_CHAT[1:]}, "x:9")
+    with pytest.raises(ChatTemplateError, match="^x:9: the chat template failed: .*Only user and assistant"):
+        tokenize_example(example, ByteTokenizer(strict))
+    transformers, tokenizers = pytest.importorskip("transformers"), pytest.importorskip("tokenizers")
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0}, unk_token="<unk>"))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=strict)
+    with pytest.raises(ChatTemplateError, match="^x:9: the chat template failed: .*Only user and assistant"):
+        tokenize_example(example, hf)
+
+
+def test_empty_tool_calls_and_tools_are_none_and_other_formats_leave_tools_alone():
+    """vLLM writes ``"tool_calls": []`` on every message: no calls. ``tools`` is read by the chat formats only:
+    beside an Alpaca record it is metadata, ignored and counted, whatever it holds; a ``tool`` key is metadata
+    too, not a misspelt ``tools``."""
+    msgs = [{"role": "user", "content": "hi", "tool_calls": []}, {"role": "assistant", "content": "hello",
+                                                                   "tool_calls": []}]
+    assert record_to_example({"messages": msgs, "tools": []}, "x:1").messages == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    report = DataReport()
+    alpaca = record_to_example({"instruction": "Fix the shelf", "output": "ok", "tools": "hammer, saw"}, "x:2",
+                               report)
+    assert alpaca.tools is None and "ignored key 'tools'" in report.summary()
+    assert record_to_example({"messages": msgs, "tool": "calculator"}, "x:3", report).tools is None
+    assert "ignored key 'tool'" in report.summary()
+
+
+def test_tool_calls_from_parquet_keep_only_their_own_arguments(tmp_path):
+    """Parquet gives every row every field of a struct column, so one row's call arguments carry ``null`` for the
+    keys of another row's: nulls at any depth are keys the row does not have, and each call reads as written."""
+    search = {"type": "function", "function": {"name": "search", "arguments": {"query": "x"}}}
+    rows = [{"messages": TOOL_CHAT},
+            {"messages": [TOOL_CHAT[1], dict(TOOL_CHAT[2], tool_calls=[search]), TOOL_CHAT[3], TOOL_CHAT[4]]}]
+    path = _write_parquet(tmp_path / "calls.parquet", rows)
+    first, second = read_parquet(path)
+    assert first.messages == TOOL_CHAT
+    assert second.messages[1]["tool_calls"] == [search]

@@ -193,18 +193,30 @@ def _turns(turns, source: str, role_key: str, content_key: str, report: DataRepo
             raise MalformedRecordError(source, f"turn {i} has unknown role {turn[role_key]!r} "
                                                f"(known: {sorted(ROLE_ALIASES)})")
         message = {"role": role}
-        message.update((k, turn[k]) for k in TURN_EXTRAS if turn.get(k) is not None)
+        # an empty list of calls is none (vLLM's server writes "tool_calls": [] on every message)
+        message.update((k, turn[k]) for k in TURN_EXTRAS if turn.get(k) is not None and turn[k] != [])
         calls = message.get("tool_calls")
-        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls
+        if calls is not None and (role != "assistant" or not isinstance(calls, list)
                                   or not all(isinstance(c, dict) for c in calls)):
-            raise MalformedRecordError(source, f"turn {i}'s 'tool_calls' must be a non-empty list of objects, on an "
-                                               f"assistant turn (got {type(calls).__name__} on a {role} turn)")
+            raise MalformedRecordError(source, f"turn {i}'s 'tool_calls' must be a list of objects, on an assistant "
+                                               f"turn (got {type(calls).__name__} on a {role} turn)")
+        if calls is not None and not all(_call_name(c) for c in calls):
+            raise MalformedRecordError(source, f"turn {i}'s tool calls must each name their function "
+                                               "({\"function\": {\"name\": ..., \"arguments\": ...}})")
         content = turn.get(content_key)
         if content is None and calls is None:  # a tool call's turn may say nothing else
             raise MalformedRecordError(source, f"turn {i} must be an object with {role_key!r} and {content_key!r}")
         message["content"] = "" if content is None else _text(content, f"turn {i}'s {content_key!r}", source)
         messages.append(message)
     return _check_roles(messages, source, report)
+
+
+def _call_name(item: dict) -> str | None:
+    """The function name of an OpenAI-style tool call or tool schema (``{"function": {"name": ...}}`` or flat), or
+    None where it has none that is a non-empty string."""
+    inner = item.get("function") if isinstance(item.get("function"), dict) else item
+    name = inner.get("name")
+    return name if isinstance(name, str) and name else None
 
 
 def _function_calls(value, i: int, source: str) -> list[dict]:
@@ -286,7 +298,8 @@ def _guanaco(text: str, source: str, report: DataReport) -> list[dict]:
 FORMAT_KEYS = {"messages": ("messages", "tools"), "conversations": ("conversations", "tools"),
                "Alpaca": ("instruction", "input", "output"), "input/output": ("input", "output"),
                "prompt/completion": ("prompt", "completion", "tools"), "text": ("text",)}
-_KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys})
+#: ("tools" is optional: a near name, such as a "tool" of metadata, is ignored and counted, not taken for a typo)
+_KNOWN_KEYS = sorted({k for keys in FORMAT_KEYS.values() for k in keys} - {"tools"})
 
 
 #: the keys that make a record each format (with all of them it is that format, unless an earlier one)
@@ -397,7 +410,8 @@ def record_to_example(record, source: str, report: DataReport | None = None) -> 
         example = _prompt_completion(record["prompt"], record["completion"], source, report)
     else:
         example = Example(_guanaco(_text(record["text"], "'text'", source), source, report), source)
-    example.tools = _tools(record.get("tools"), source)
+    if "tools" in FORMAT_KEYS[fmt]:
+        example.tools = _tools(record.get("tools"), source)
     for key in unused:
         report.ignore(key, source)
     return example
@@ -528,8 +542,8 @@ def read_parquet(path: str | os.PathLike, report: DataReport | None = None, on_m
                  ) -> list[Example]:
     """The rows of a Parquet file as records — the form the Hugging Face Hub serves a data set in
     (``data/train-00000-of-00001.parquet``): its columns are the record's keys (nested lists of structs are
-    ``messages``), a null is a missing value. A row is named ``file:row N`` (from 1). Read with ``pyarrow`` (the
-    ``demo`` extra), one row group at a time."""
+    ``messages``), a null is a missing value, at any depth. A row is named ``file:row N`` (from 1). Read with
+    ``pyarrow`` (the ``demo`` extra), one row group at a time."""
     _check_on_malformed(on_malformed)
     report = report if report is not None else DataReport()
     path = Path(path)
@@ -555,10 +569,21 @@ def read_parquet(path: str | os.PathLike, report: DataReport | None = None, on_m
         for record in batch.to_pylist():
             row += 1
             report.records += 1
-            record = {k: v for k, v in record.items() if v is not None}  # a column this row has no value in
+            record = _without_nulls(record)  # a column or struct field this row has no value in
             _append(examples, record, f"{path}:row {row}", report, on_malformed)
     report.kept += len(examples)
     return examples
+
+
+def _without_nulls(value):
+    """``value`` without the null entries of its objects, at any depth: Parquet gives every row every field of a
+    struct column (a tool call's ``arguments`` gets ``null`` for the keys of other rows' calls), so a null there is
+    a key the row does not have."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _is_json_object(text: str) -> bool:

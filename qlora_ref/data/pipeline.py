@@ -78,35 +78,41 @@ class TemplateRewritesHistory(ChatTemplateError):
     every turn as the model saw it when answering (handled by :func:`split_turns`)."""
 
 
-def _render(tokenizer, example: Example, end: int, generation: bool) -> str:
-    """The chat template's rendering of the example's turns before ``end`` (``tools`` passed only where there are
-    some: a tokenizer of the interface need not take them)."""
-    tools = {} if example.tools is None else {"tools": example.tools}
-    return tokenizer.apply_chat_template(example.messages[:end], tokenize=False, add_generation_prompt=generation,
-                                         **tools)
-
-
-def _names(items: list[dict]) -> list[str]:
-    """The function names of OpenAI-style tool calls or tool schemas (``{"function": {"name": ...}}`` or flat)."""
-    return [str((item.get("function") if isinstance(item.get("function"), dict) else item).get("name", ""))
-            for item in items]
+def _render(tokenizer, example: Example, end: int, generation: bool, messages: list[dict] | None = None,
+            tools: list | None | bool = True) -> str:
+    """The chat template's rendering of the example's turns before ``end`` (or of ``messages``), with its tools
+    (``tools=None``: without; passed only where there are some: a tokenizer of the interface need not take them).
+    A template's failure names the example."""
+    tools = example.tools if tools is True else tools
+    try:
+        return tokenizer.apply_chat_template(example.messages[:end] if messages is None else messages,
+                                             tokenize=False, add_generation_prompt=generation,
+                                             **({} if tools is None else {"tools": tools}))
+    except ChatTemplateError as e:
+        raise ChatTemplateError(f"{example.source}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a tokenizer's own renderer (transformers': jinja2's errors)
+        raise ChatTemplateError(f"{example.source}: the chat template failed: {type(e).__name__}: {e}") from None
 
 
 def _turn(tokenizer, example: Example, i: int) -> tuple[str, str]:
     """(prompt, prompt + response) of assistant turn ``i``: the conversation before it with the generation prompt,
-    and up to it. The response must extend its prompt, or it cannot be located at all; a turn's tool calls must be
-    in its response, and the conversation's tools in its prompt — a template without tool calling drops them, and
-    the turn would teach the model to answer with nothing."""
+    and up to it. The response must extend its prompt, or it cannot be located at all. A turn's tool calls, and the
+    conversation's tools, must change what the template renders — a template without tool calling drops them, and
+    the turn would teach the model to answer with nothing, or to call functions its prompt never showed."""
     prompt, full = _render(tokenizer, example, i, True), _render(tokenizer, example, i + 1, False)
     if not full.startswith(prompt):
         raise ChatTemplateError(f"{example.source}: the chat template is not prefix-consistent (turn {i} does not "
                                 "extend the generation prompt before it), so the response cannot be located")
-    missing = [n for n in _names(example.messages[i].get("tool_calls", [])) if n not in full[len(prompt):]]
-    missing = missing or [n for n in _names(example.tools or []) if n not in prompt]
-    if missing:
-        raise ChatTemplateError(f"{example.source}: the chat template renders no {missing[0]!r} in turn {i} or the "
-                                "prompt before it: it does not render tool calls or tools (this model's template "
-                                "has no tool calling)")
+    msgs = example.messages
+    if "tool_calls" in msgs[i]:
+        without = [*msgs[:i], {k: v for k, v in msgs[i].items() if k != "tool_calls"}]
+        if _render(tokenizer, example, 0, False, messages=without) == full:
+            raise ChatTemplateError(f"{example.source}: the chat template renders turn {i} the same without its tool "
+                                    "calls: it has no tool calling (this model's template drops them)")
+    if example.tools is not None and _render(tokenizer, example, i, True, tools=None) == prompt:
+        raise ChatTemplateError(f"{example.source}: the chat template renders the prompt of turn {i} the same "
+                                "without the record's 'tools': it ignores them (this model's template has no tool "
+                                "calling)")
     return prompt, full
 
 
@@ -239,19 +245,24 @@ def _tokens_shared(tokenizer, text: str, fast):
     with_offsets, added = fast
     whole, offsets = with_offsets(text)
     # character position -> how many tokens of the whole precede it: at either end of an added token (edges), and
-    # where a stretch starts (starts: the text's start, an added token's end)
-    edges, starts = {0: 0}, {0: 0}
+    # where a stretch starts (starts: the text's start, an added token's end; opened: where that added token began)
+    edges, starts, opened = {0: 0}, {0: 0}, {}
     for i, (t, (a, b)) in enumerate(zip(whole, offsets, strict=True)):
         if t in added and text[a:b] == added[t]:  # an added token matched in the text
             edges[a] = i
             edges[b] = starts[b] = i + 1
+            opened[b] = a
     positions = sorted(starts)
 
     def shared(c: int) -> int:
         if c in edges:
             return edges[c]
         s = positions[bisect_right(positions, c) - 1]
-        return starts[s] + _shared(encode(tokenizer, text[s:c]), whole[starts[s]:])
+        # from the added token before the stretch: a stretch that does not open the text is tokenized as such
+        # (Metaspace's prepend_scheme="first" puts "▁" before the text's first stretch only)
+        a = opened.get(s, s)
+        k = starts[s] - (a != s)
+        return k + _shared(encode(tokenizer, text[a:c]), whole[k:])
 
     return whole, shared
 
@@ -292,7 +303,7 @@ def _offset_encoder(tokenizer):
     return with_offsets, {i: t.content for i, t in added.items() if not t.normalized}
 
 
-#: each tokenizer's offset encoder, or None where it has none or failed its check
+#: whether each tokenizer's offset encoder passed its check (the encoder itself is not kept: it holds the tokenizer)
 _CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -300,11 +311,11 @@ def _checked_offset_encoder(tokenizer):
     """:func:`_offset_encoder`, once per tokenizer checked to cut as re-encoding every prefix does on a text of its
     own added tokens, whitespace runs and words cut everywhere — where the assumption about how ``tokenizers``
     splits at added tokens no longer held (another release, another tokenizer), a warning and the slow path."""
+    fast = _offset_encoder(tokenizer)
     try:
-        return _CHECKED[tokenizer]
+        return fast if _CHECKED[tokenizer] else None
     except (KeyError, TypeError):  # TypeError: an object without weak references, checked each time
         pass
-    fast = _offset_encoder(tokenizer)
     if fast is not None:
         marks = sorted(set(fast[1].values()))[:4] or [""]
         text = "".join(f"{m}user\nHello  world{m} x  \n\n{i}é 🙂{m}" for i, m in enumerate(marks))
@@ -317,7 +328,7 @@ def _checked_offset_encoder(tokenizer):
                 fast = None
                 break
     with contextlib.suppress(TypeError):
-        _CHECKED[tokenizer] = fast
+        _CHECKED[tokenizer] = fast is not None
     return fast
 
 
@@ -409,11 +420,18 @@ def no_stop_token(tokenizer) -> str | None:
             "special_tokens_map.json)")
 
 
+#: the report's reason for an example dropped with ``skip_unrenderable``
+UNRENDERABLE = "not renderable by the chat template (tool calls it has no place for, or its own error)"
+
+
 def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_source: bool = False,
-                  report: DataReport | None = None, warn: bool = True) -> TokenizedDataset:
+                  report: DataReport | None = None, warn: bool = True, skip_unrenderable: bool = False
+                  ) -> TokenizedDataset:
     """Tokenize ``examples``; drop (and count) those longer than ``max_length`` tokens or without a response
-    token. ``report`` (e.g. the one the loader filled) is extended; with ``warn``, a warning summarises anything
-    left out or split (:func:`split_turns`), and another says when responses get no EOS (:func:`no_stop_token`)."""
+    token, and with ``skip_unrenderable`` (``--skip-malformed``) those the chat template cannot render (a
+    ``ChatTemplateError``: an error otherwise). ``report`` (e.g. the one the loader filled) is extended; with
+    ``warn``, a warning summarises anything left out or split (:func:`split_turns`), and another says when
+    responses get no EOS (:func:`no_stop_token`)."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     if warn and examples and (why := no_stop_token(tokenizer)) is not None:
@@ -422,11 +440,17 @@ def build_dataset(examples: list[Example], tokenizer, max_length: int, train_on_
     ids_out, labels_out, sources = [], [], []
     for example in examples:  # one at a time: token lists are Python ints, 36 bytes each
         try:
-            parts = [(example, tokenize_example(example, tokenizer, train_on_source))]
-        except TemplateRewritesHistory:
-            turns = split_turns(example)
-            report.split_into(len(turns), example.source)
-            parts = [(turn, tokenize_example(turn, tokenizer, train_on_source)) for turn in turns]
+            try:
+                parts = [(example, tokenize_example(example, tokenizer, train_on_source))]
+            except TemplateRewritesHistory:
+                turns = split_turns(example)
+                parts = [(turn, tokenize_example(turn, tokenizer, train_on_source)) for turn in turns]
+                report.split_into(len(turns), example.source)
+        except ChatTemplateError:
+            if not skip_unrenderable:
+                raise
+            report.drop(UNRENDERABLE, example.source)
+            continue
         for ex, (ids, labels) in parts:
             if len(ids) > max_length:
                 report.drop(f"longer than max_length={max_length} tokens", ex.source)

@@ -121,7 +121,7 @@ def prepare_data(data, tokenizer, config: TrainConfig, eval_data=None, warn_left
     if (why := no_stop_token(tokenizer)) is not None and process_rank() == 0:  # once, not per part
         warnings.warn(why, stacklevel=2)
     build = lambda ex, rep: build_dataset(ex, tokenizer, config.max_length, config.train_on_inputs, rep,  # noqa: E731
-                                          warn=False)
+                                          warn=False, skip_unrenderable=config.skip_malformed)
     if eval_data is not None:  # a file of its own: its own report, and it must give something to evaluate
         eval_report = DataReport()
         eval_ex = load_examples(eval_data, eval_report, on_malformed)
@@ -303,7 +303,8 @@ def evaluate_model(model, data, config: TrainConfig | None = None, *, adapter=No
                              f"{data} (it was given separate held-out data, or none); evaluate a separate file with "
                              "split='all'")
         _, examples = split_examples(examples, config.eval_fraction, config.seed)
-    dataset = build_dataset(examples, tokenizer, config.max_length, config.train_on_inputs, report, warn=False)
+    dataset = build_dataset(examples, tokenizer, config.max_length, config.train_on_inputs, report, warn=False,
+                            skip_unrenderable=config.skip_malformed)
     if len(dataset) == 0:
         raise ValueError(f"{data}: no example to evaluate ({report.summary()})")
     trainer, _ = make_trainer(model, config, backend)
