@@ -235,8 +235,9 @@ def _tokens_shared(tokenizer, text: str, fast):
     (``<|im_start|>``, ``</s>``) before anything else and tokenizes each stretch between them on its own; the whole
     text's offsets show where its added tokens are (those not normalized, whose offsets span their text). Where
     ``c`` starts or ends an added token of the whole text, ``text[:c]`` is tokenized as the whole is up to there;
-    elsewhere, as the whole up to the last added token before ``c``, followed by the rest up to ``c`` on its own
-    (tokenized here: a few characters after a chat template's role marker). Counting the tokens that end by ``c``
+    elsewhere, as the whole up to the last added token before ``c``, followed by that token and the rest up to ``c``
+    (encoded here together, so that the stretch is not taken for the text's first: a few characters after a chat
+    template's role marker). Counting the tokens that end by ``c``
     would not do: a stretch cut short can tokenize differently before the cut too ("x  y" is "x", " ", " y" by
     GPT-2's split rule, "x  " is "x", "  "; a BPE without word splits may merge across the cut first)."""
     if fast is None:
@@ -281,7 +282,7 @@ def _offset_encoder(tokenizer):
     transformers = sys.modules.get("transformers")
     if type(tokenizer).encode is Tokenizer.encode:
         backend = tokenizer.backend
-        plain = not (backend.encode_special_tokens or backend.truncation or backend.padding)
+        plain = not (getattr(backend, "encode_special_tokens", False) or backend.truncation or backend.padding)
 
         def with_offsets(text):
             enc = backend.encode(text, add_special_tokens=False)
@@ -289,7 +290,8 @@ def _offset_encoder(tokenizer):
     elif transformers is not None and isinstance(tokenizer, transformers.PreTrainedTokenizerFast):
         backend = tokenizer.backend_tokenizer
         base = transformers.PreTrainedTokenizerFast
-        plain = not tokenizer.split_special_tokens and all(  # not e.g. CodeLlama's, which cuts at its fill token
+        # a class with its own encoding is not plain: e.g. CodeLlama's, which cuts at its fill token
+        plain = not getattr(tokenizer, "split_special_tokens", False) and all(
             getattr(type(tokenizer), f, None) is getattr(base, f, None) for f in _HF_ENCODE)
 
         def with_offsets(text):
@@ -297,10 +299,13 @@ def _offset_encoder(tokenizer):
             return enc["input_ids"], enc["offset_mapping"]
     else:
         return None
-    added = backend.get_added_tokens_decoder()
-    if not plain or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+    try:
+        added = backend.get_added_tokens_decoder()
+        if not plain or any(t.lstrip or t.rstrip or t.single_word for t in added.values()):
+            return None
+        return with_offsets, {i: t.content for i, t in added.items() if not t.normalized}
+    except AttributeError:  # a tokenizers release without these: the slow path
         return None
-    return with_offsets, {i: t.content for i, t in added.items() if not t.normalized}
 
 
 #: whether each tokenizer's offset encoder passed its check (the encoder itself is not kept: it holds the tokenizer)
