@@ -1,5 +1,5 @@
 """The cut of a tokenized conversation into its segments (``_whole_text_segments``): for a ``tokenizers`` tokenizer
-it re-encodes only the text after the last added token before each boundary; the cuts must be exactly those of
+it re-encodes only the text from the last added token before each boundary; the cuts must be exactly those of
 re-encoding the whole text up to every boundary, the path any other tokenizer takes."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from data_prep import WithoutOffsets as Plain  # bench/data_prep.py: encode and template alone, no offsets
 from hypothesis import example, given
 from hypothesis import strategies as st
 from test_gguf_spm_tokenizer import gguf_metadata, train_spm
@@ -15,19 +16,6 @@ from qlora_ref.data import CHATML_TEMPLATE, ByteTokenizer, record_to_example, to
 from qlora_ref.data.pipeline import _cut, _offset_encoder, _whole_text_segments
 from qlora_ref.model import find_smollm2_gguf
 from qlora_ref.model.tokenizer import Tokenizer
-
-
-class Plain:
-    """``tok``'s encode (and chat template) alone: no offsets, so every boundary's prefix is re-encoded."""
-
-    def __init__(self, tok):
-        self.tok, self.chat_template = tok, tok.chat_template
-
-    def encode(self, text, add_special_tokens=True):
-        return self.tok.encode(text, add_special_tokens=add_special_tokens)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        return self.tok.apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt)
 
 
 def _hf(tok: Tokenizer):

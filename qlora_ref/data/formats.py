@@ -227,7 +227,7 @@ def _function_calls(value, i: int, source: str) -> list[dict]:
     except json.JSONDecodeError:
         calls = None
     calls = [calls] if isinstance(calls, dict) else calls
-    if not calls or not isinstance(calls, list) or not all(isinstance(c, dict) and "name" in c for c in calls):
+    if not calls or not isinstance(calls, list) or not all(isinstance(c, dict) and _call_name(c) for c in calls):
         raise MalformedRecordError(source, f"turn {i} ('function_call') must hold the JSON text of "
                                            '{"name": ..., "arguments": ...} or a list of them')
     return [{"type": "function", "function": c} for c in calls]

@@ -78,16 +78,13 @@ class TemplateRewritesHistory(ChatTemplateError):
     every turn as the model saw it when answering (handled by :func:`split_turns`)."""
 
 
-def _render(tokenizer, example: Example, end: int, generation: bool, messages: list[dict] | None = None,
-            tools: list | None | bool = True) -> str:
-    """The chat template's rendering of the example's turns before ``end`` (or of ``messages``), with its tools
-    (``tools=None``: without; passed only where there are some: a tokenizer of the interface need not take them).
+def _render(tokenizer, example: Example, messages: list[dict], generation: bool, tools: bool = True) -> str:
+    """The chat template's rendering of ``messages`` (the example's, or some of them) with the example's tools
+    (``tools=False``: without; passed only where there are some: a tokenizer of the interface need not take them).
     A template's failure names the example."""
-    tools = example.tools if tools is True else tools
+    kwargs = {"tools": example.tools} if tools and example.tools is not None else {}
     try:
-        return tokenizer.apply_chat_template(example.messages[:end] if messages is None else messages,
-                                             tokenize=False, add_generation_prompt=generation,
-                                             **({} if tools is None else {"tools": tools}))
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation, **kwargs)
     except ChatTemplateError as e:
         raise ChatTemplateError(f"{example.source}: {e}") from None
     except Exception as e:  # noqa: BLE001 - a tokenizer's own renderer (transformers': jinja2's errors)
@@ -96,31 +93,40 @@ def _render(tokenizer, example: Example, end: int, generation: bool, messages: l
 
 def _turn(tokenizer, example: Example, i: int) -> tuple[str, str]:
     """(prompt, prompt + response) of assistant turn ``i``: the conversation before it with the generation prompt,
-    and up to it. The response must extend its prompt, or it cannot be located at all. A turn's tool calls, and the
-    conversation's tools, must change what the template renders — a template without tool calling drops them, and
-    the turn would teach the model to answer with nothing, or to call functions its prompt never showed."""
-    prompt, full = _render(tokenizer, example, i, True), _render(tokenizer, example, i + 1, False)
+    and up to it. The response must extend its prompt, or it cannot be located at all. A turn's tool calls must
+    change what the template renders — a template without tool calling drops them, and the turn would teach the
+    model to answer with nothing."""
+    msgs = example.messages
+    prompt, full = _render(tokenizer, example, msgs[:i], True), _render(tokenizer, example, msgs[: i + 1], False)
     if not full.startswith(prompt):
         raise ChatTemplateError(f"{example.source}: the chat template is not prefix-consistent (turn {i} does not "
                                 "extend the generation prompt before it), so the response cannot be located")
-    msgs = example.messages
     if "tool_calls" in msgs[i]:
         without = [*msgs[:i], {k: v for k, v in msgs[i].items() if k != "tool_calls"}]
-        if _render(tokenizer, example, 0, False, messages=without) == full:
+        if _render(tokenizer, example, without, False) == full:
             raise ChatTemplateError(f"{example.source}: the chat template renders turn {i} the same without its tool "
                                     "calls: it has no tool calling (this model's template drops them)")
-    if example.tools is not None and _render(tokenizer, example, i, True, tools=None) == prompt:
+    return prompt, full
+
+
+def _check_tools(tokenizer, example: Example) -> None:
+    """The record's tools must change the prompt of its first answer: a template that ignores them would teach
+    calls of functions the prompt never showed."""
+    i = next((i for i, m in enumerate(example.messages) if m["role"] == "assistant"), len(example.messages))
+    before = example.messages[:i]
+    if _render(tokenizer, example, before, True) == _render(tokenizer, example, before, True, tools=False):
         raise ChatTemplateError(f"{example.source}: the chat template renders the prompt of turn {i} the same "
                                 "without the record's 'tools': it ignores them (this model's template has no tool "
                                 "calling)")
-    return prompt, full
 
 
 def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
     msgs = example.messages
+    if example.tools is not None:
+        _check_tools(tokenizer, example)
     if example.last_turn_only:  # the turns before the last are the prompt, as a whole
         if msgs[-1]["role"] != "assistant":
-            return [(_render(tokenizer, example, len(msgs), True), False)]
+            return [(_render(tokenizer, example, msgs, True), False)]
         prompt, full = _turn(tokenizer, example, len(msgs) - 1)
         return [(prompt, False), (full[len(prompt):], True)]
     segments: list[tuple[str, bool]] = []
@@ -136,7 +142,7 @@ def _template_segments(example: Example, tokenizer) -> list[tuple[str, bool]]:
         segments.append((full[len(prompt):], True))
         done = full
     if msgs and msgs[-1]["role"] != "assistant":  # a prompt for generation: up to where the answer begins
-        prompt = _render(tokenizer, example, len(msgs), True)
+        prompt = _render(tokenizer, example, msgs, True)
         if not prompt.startswith(done):
             raise TemplateRewritesHistory(f"{example.source}: the chat template renders the conversation differently "
                                           "once the generation prompt follows it")
